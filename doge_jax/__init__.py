@@ -1,0 +1,17 @@
+"""doge_jax: the Doge causal LM in JAX/Flax NNX (model, training, generation).
+
+`doge_jax.config`, `doge_jax.hf_names` and `doge_jax.hf_io` import neither JAX nor torch, so doge_torch and
+the converters share them; the model itself is loaded lazily.
+"""
+
+from .config import ConfigError, DogeConfig
+
+__all__ = ["DogeConfig", "ConfigError", "DogeForCausalLM"]
+
+
+def __getattr__(name: str):
+    if name == "DogeForCausalLM":
+        from .model import DogeForCausalLM
+
+        return DogeForCausalLM
+    raise AttributeError(name)

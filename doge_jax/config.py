@@ -1,0 +1,254 @@
+"""DogeConfig: the one configuration used by doge_jax, doge_torch and convert (spec §1).
+
+Plain data (a frozen dataclass), no JAX or torch import, so every package can use it. Reads and writes
+Hugging Face `config.json` (both the 5.x `rope_parameters` form and the legacy `rope_theta`/`rope_scaling`,
+`hidden_bias`, `dynamic_mask_ratio` keys) and our YAML configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+VARIANTS = ("native", "small_doge")
+ROPE_TYPES = ("default", "dynamic")
+# Keys of old Hub configs that carry no meaning any more (spec §1.1); accepted and dropped.
+_DEAD_HF_KEYS = {
+    "expert_retrieval_size", "num_cdmmoe_experts", "num_cdmmoe_heads", "num_cdmmoe_experts_per_head",
+    "num_cdmoe_experts", "num_cdmoe_heads", "num_cdmoe_experts_per_head", "patch_size", "num_channels",
+}
+# Generic transformers PretrainedConfig keys we do not model; accepted and dropped when reading config.json.
+_HF_GENERIC_KEYS = {
+    "_name_or_path", "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
+    "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder", "output_attentions",
+    "output_hidden_states", "problem_type", "return_dict", "tie_encoder_decoder", "use_return_dict",
+    "add_cross_attention", "cross_attention_hidden_size", "decoder_start_token_id", "finetuning_task",
+    "tokenizer_class", "prefix", "sep_token_id", "task_specific_params", "torchscript", "pruned_heads",
+    "is_decoder", "tf_legacy_loss", "use_bfloat16", "_attn_implementation_autoset", "attn_implementation",
+    "rope_theta", "rope_scaling", "hidden_bias", "dynamic_mask_ratio", "doge_variant", "use_sliding_window",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration field has a bad value; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DogeConfig:
+    """Every field of spec §1.1 (same names and defaults as transformers' DogeConfig) plus the variant."""
+
+    vocab_size: int = 32768
+    hidden_size: int = 1024
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 32
+    hidden_dropout: float = 0.0
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float | None = None  # dynamic NTK factor (rope_type "dynamic")
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None  # None -> num_attention_heads
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    keep_window_size: int = 2048
+    is_moe: bool = False
+    num_experts: int = 16384
+    num_experts_per_tok: int = 64
+    norm_topk_prob: bool = False
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # lists are stored as tuples (hashable config)
+    # "native" = transformers DogeForCausalLM (q/k norm, dynamic-mask heads = kv heads);
+    # "small_doge" = small-doge remote code (no q/k norm, dynamic-mask heads = query heads). Spec §2.
+    variant: str = "native"
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if isinstance(self.eos_token_id, list | tuple):
+            object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
+        self.validate()
+
+    # ---- derived quantities -------------------------------------------------------------------------------
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_keys(self) -> int:
+        """Number of product keys of CDMoE (spec §3.8)."""
+        return math.isqrt(self.num_experts)
+
+    @property
+    def num_dt_heads(self) -> int:
+        """Heads of the dynamic-mask bias: kv heads (native) or query heads (small_doge), spec §2.1."""
+        return self.num_key_value_heads if self.variant == "native" else self.num_attention_heads
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else [self.eos_token_id]
+
+    # ---- validation -----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def bad(field: str, why: str) -> None:
+            raise ConfigError(f"DogeConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(f, "must be a positive integer")
+        if not isinstance(self.keep_window_size, int) or self.keep_window_size < 1:
+            bad("keep_window_size", "must be an integer >= 1")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            bad("hidden_size", f"must be a multiple of num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 2):
+            bad("head_dim", "must be an integer >= 2")
+        if self.head_size % 2:
+            bad("head_dim", f"head size {self.head_size} must be even for rotary embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        for f in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= float(getattr(self, f)) < 1.0:
+                bad(f, "must be in [0, 1)")
+        if self.hidden_act != "silu":
+            bad("hidden_act", "only 'silu' is supported")
+        if not self.rms_norm_eps > 0:
+            bad("rms_norm_eps", "must be > 0")
+        if not self.rope_theta > 0:
+            bad("rope_theta", "must be > 0")
+        if self.rope_type not in ROPE_TYPES:
+            bad("rope_type", f"must be one of {ROPE_TYPES}")
+        if self.rope_type == "dynamic" and (self.rope_factor is None or not self.rope_factor >= 1.0):
+            bad("rope_factor", "dynamic RoPE needs a factor >= 1")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            bad("sliding_window", "must be None or an integer >= 1")
+        if self.variant not in VARIANTS:
+            bad("variant", f"must be one of {VARIANTS}")
+        if self.is_moe:
+            if self.num_experts < 1 or math.isqrt(self.num_experts) ** 2 != self.num_experts:
+                bad("num_experts", "must be a perfect square (CDMoE product keys, spec §3.8)")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                bad("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
+        for f in ("pad_token_id", "bos_token_id"):
+            v = getattr(self, f)
+            if v is not None and not 0 <= v < self.vocab_size:
+                bad(f, f"must be in [0, vocab_size={self.vocab_size})")
+        for e in self.eos_token_ids:
+            if not 0 <= e < self.vocab_size:
+                bad("eos_token_id", f"must be in [0, vocab_size={self.vocab_size})")
+
+    def replace(self, **changes: Any) -> DogeConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- plain dict / YAML ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DogeConfig:
+        """Build from our own field names; an unknown key is an error that names it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown DogeConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> DogeConfig:
+        """Read the `model:` section of one of our YAML configs (or a flat YAML of fields)."""
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if "model" in data:
+            data = data["model"]
+        return cls.from_dict(data)
+
+    # ---- Hugging Face config.json ---------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], variant: str | None = None) -> DogeConfig:
+        """Read a transformers/small-doge `config.json` dict (5.x or legacy keys)."""
+        d = dict(d)
+        mt = d.get("model_type", "doge")
+        if mt not in ("doge", None):
+            raise ConfigError(f"config.json model_type={mt!r}: not a Doge checkpoint")
+        out: dict[str, Any] = {}
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_type", "rope_factor", "variant"}
+        for k in names:
+            if k in d:
+                out[k] = d[k]
+        # RoPE: 5.x `rope_parameters`, else legacy rope_theta/rope_scaling.
+        rp = d.get("rope_parameters")
+        if rp is None:
+            rp = dict(d.get("rope_scaling") or {})
+            if "type" in rp and "rope_type" not in rp:
+                rp["rope_type"] = rp.pop("type")
+            rp.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rp.get("rope_type", "default")
+        out["rope_theta"] = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
+        out["rope_type"] = rope_type
+        if rope_type == "dynamic":
+            out["rope_factor"] = float(rp.get("factor", 1.0))
+        elif rope_type not in ROPE_TYPES:
+            raise ConfigError(f"config.json rope type {rope_type!r} is not supported (default, dynamic)")
+        # Legacy (variant c) keys: hidden_bias means biases everywhere (spec §1.1).
+        if d.get("hidden_bias"):
+            out["attention_bias"] = True
+            out["mlp_bias"] = True
+        if variant is None:
+            variant = d.get("doge_variant")
+            if variant is None:
+                legacy = "hidden_bias" in d or "dynamic_mask_ratio" in d or "auto_map" in d
+                variant = "small_doge" if legacy else "native"
+        out["variant"] = variant
+        if out.get("attention_dropout") is None:
+            out["attention_dropout"] = 0.0
+        return cls(**out)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A `config.json` dict that transformers 5.23 reads (native) and older readers understand too."""
+        d = self.to_dict()
+        for k in ("rope_theta", "rope_type", "rope_factor", "variant", "head_dim"):
+            d.pop(k)
+        if self.head_dim is not None:
+            d["head_dim"] = self.head_dim
+        rp: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "dynamic":
+            rp["factor"] = self.rope_factor
+        d["rope_parameters"] = rp
+        if isinstance(self.eos_token_id, tuple):
+            d["eos_token_id"] = list(self.eos_token_id)
+        d["model_type"] = "doge"
+        d["architectures"] = ["DogeForCausalLM"]
+        if self.variant != "native":
+            d["doge_variant"] = self.variant
+        return d
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, variant: str | None = None) -> DogeConfig:
+        with open(path) as f:
+            return cls.from_hf_dict(json.load(f), variant=variant)
+
+    def save_json(self, path: str | os.PathLike, dtype: str | None = None) -> None:
+        d = self.to_hf_dict()
+        if dtype is not None:
+            d["dtype"] = dtype
+        with open(path, "w") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+            f.write("\n")

@@ -1,0 +1,222 @@
+"""Reading and writing Hugging Face checkpoint directories, for both packages and the converters.
+
+Framework-neutral: tensors are numpy arrays (`framework="np"`, bfloat16 via ml_dtypes) or torch tensors
+(`framework="pt"`). Writes are atomic: everything goes to a temporary sibling directory that is renamed into
+place at the end, so a failed or killed save leaves no partial output (issue 2, item 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+from .config import DogeConfig
+from .hf_names import CheckpointError, detect_variant, rename_legacy
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+DEFAULT_SHARD_SIZE = "5GB"
+# Files other than weights that a checkpoint directory may carry and that we copy along.
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"bad size {size!r}: use e.g. 5GB, 500MB or a byte count")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
+    """Yield a temporary directory that replaces `path` only if the block finishes without an exception."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_safetensors(out_dir: str, tensors: dict, framework: str, max_shard_size: int | str = DEFAULT_SHARD_SIZE
+                      ) -> list[str]:
+    """Write `tensors` (name -> array) as model.safetensors, or as shards plus an index above max_shard_size."""
+    if framework == "pt":
+        from safetensors.torch import save_file
+    else:
+        from safetensors.numpy import save_file
+    limit = parse_size(max_shard_size)
+    shards: list[dict] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = int(t.nbytes)
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(_contiguous(shards[0], framework), os.path.join(out_dir, SAFE_SINGLE), metadata=meta)
+        return [SAFE_SINGLE]
+    files, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(_contiguous(shard, framework), os.path.join(out_dir, fname), metadata=meta)
+        files.append(fname)
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += int(t.nbytes)
+    with open(os.path.join(out_dir, SAFE_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    return files + [SAFE_INDEX]
+
+
+def _contiguous(shard: dict, framework: str) -> dict:
+    if framework == "pt":
+        return {k: v.detach().contiguous() for k, v in shard.items()}
+    import numpy as np
+
+    return {k: np.ascontiguousarray(v) for k, v in shard.items()}
+
+
+def weight_files(path: str) -> list[str]:
+    """The weight files of an HF directory: the single file, the shards of the index, or pytorch_model.bin."""
+    if os.path.isfile(os.path.join(path, SAFE_INDEX)):
+        try:
+            with open(os.path.join(path, SAFE_INDEX)) as f:
+                index = json.load(f)
+            names = sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}/{SAFE_INDEX}: unreadable index ({e})") from None
+        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise CheckpointError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
+        return [os.path.join(path, n) for n in names]
+    if os.path.isfile(os.path.join(path, SAFE_SINGLE)):
+        return [os.path.join(path, SAFE_SINGLE)]
+    if os.path.isfile(os.path.join(path, TORCH_BIN)):
+        return [os.path.join(path, TORCH_BIN)]
+    raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX} or {TORCH_BIN} found")
+
+
+def iter_tensors(files: list[str], framework: str = "np") -> Iterator[tuple[str, object]]:
+    """Yield (name, tensor) one at a time (streaming); corrupt files give a CheckpointError naming the file."""
+    from safetensors import safe_open
+
+    for fname in files:
+        if fname.endswith(".bin") or fname.endswith(".pt"):
+            yield from _iter_torch_file(fname, framework)
+            continue
+        try:
+            with safe_open(fname, framework=framework) as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises SafetensorError / OSError on truncated or bad headers
+            raise CheckpointError(f"{fname}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _iter_torch_file(fname: str, framework: str) -> Iterator[tuple[str, object]]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{fname}: reading a PyTorch .bin/.pt file needs torch installed") from None
+    try:
+        sd = torch.load(fname, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{fname}: not a readable PyTorch state dict ({e})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{fname}: expected a state dict, got {type(sd).__name__}")
+    for name in list(sd):
+        t = sd.pop(name)
+        if framework == "pt":
+            yield name, t
+        else:
+            yield name, torch_to_numpy(t)
+
+
+def torch_to_numpy(t):
+    """A torch tensor as a numpy array, bfloat16 included (bit-exact, via ml_dtypes)."""
+    import ml_dtypes
+    import numpy as np
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy() if t.is_contiguous() else np.ascontiguousarray(t.numpy())
+
+
+def tensor_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor without loading the data (safetensors) or by loading (.bin)."""
+    from safetensors import safe_open
+
+    out = {}
+    for fname in files:
+        if fname.endswith((".bin", ".pt")):
+            out.update({k: tuple(v.shape) for k, v in _iter_torch_file(fname, "pt")})
+            continue
+        try:
+            with safe_open(fname, framework="np") as f:
+                for name in f.keys():
+                    out[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as e:
+            raise CheckpointError(f"{fname}: corrupt or truncated safetensors file ({e})") from None
+    return out
+
+
+def read_config(path: str, variant: str | None = None, keys: list[str] | None = None) -> DogeConfig:
+    """The DogeConfig of an HF directory, its variant detected from the weight names when given (spec §2.3)."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise CheckpointError(f"{path}: no config.json")
+    with open(cfg_file) as f:
+        raw = json.load(f)
+    if variant is None and keys is not None:
+        detected = detect_variant(keys)
+        variant = "small_doge" if detected == "legacy" else detected
+    return DogeConfig.from_hf_dict(raw, variant=variant)
+
+
+def current_name(key: str, legacy: bool) -> str | None:
+    """The current HF key for a checkpoint key (legacy names renamed; None = dropped)."""
+    return rename_legacy(key) if legacy else key
+
+
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy generation config and tokenizer files from src to dst when present."""
+    copied = []
+    for name in SIDE_FILES:
+        p = os.path.join(src, name)
+        if os.path.isfile(p):
+            shutil.copy2(p, os.path.join(dst, name))
+            copied.append(name)
+    return copied

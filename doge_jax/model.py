@@ -1,0 +1,402 @@
+"""Doge causal LM in Flax NNX (spec §3-§5), module names equal to the Hugging Face ones.
+
+Read top to bottom: RMSNorm, rotary, attention, MLP, CDMoE, decoder layer, model, LM head + loss. Layers are
+stacked on a leading axis and run under `jax.lax.scan` (one compiled layer body).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .attention import attention
+from .config import DogeConfig
+
+
+def softplus_torch(x: jax.Array) -> jax.Array:
+    """torch's softplus (threshold 20), not jax.nn.softplus (spec §9.3)."""
+    return jnp.where(x > 20, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20))))
+
+
+def silu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(x)
+
+
+def _normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def _linear(cfg: DogeConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=_normal(cfg.initializer_range),
+                      bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((size,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Spec §3.1 / §9.7: upcast, normalise, cast back to the input dtype, then multiply by the weight.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: DogeConfig, rope_len: jax.Array | int) -> jax.Array:
+    """float32 inverse frequencies for a sequence length: default, or dynamic NTK above max_position (spec §3.3)."""
+    dim = cfg.head_size
+    exps = jnp.arange(0, dim, 2, dtype=jnp.int32).astype(jnp.float32) / dim
+    default = 1.0 / (jnp.float32(cfg.rope_theta) ** exps)
+    if cfg.rope_type != "dynamic":
+        return default
+    s = jnp.asarray(rope_len, jnp.float32)
+    f = jnp.float32(cfg.rope_factor)
+    base = jnp.float32(cfg.rope_theta) * ((f * s / cfg.max_position_embeddings) - (f - 1)) ** jnp.float32(
+        dim / (dim - 2))
+    return jnp.where(rope_len > cfg.max_position_embeddings, 1.0 / (base ** exps), default)
+
+
+def rotary_cos_sin(cfg: DogeConfig, position_ids: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, S, D] (rotate-half layout); dynamic RoPE uses max(position_ids) + 1 as the length."""
+    inv_freq = rope_inv_freq(cfg, jnp.max(position_ids) + 1)
+    freqs = position_ids[..., None].astype(jnp.float32) * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    h = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """Fixed-capacity cache of one layer (or all layers, stacked on axis 0): k after norm+RoPE and v
+    [B, G, C, D], dynamic-mask dt [B, n_dt, C] (cached per key, design.md §3)."""
+
+    k: jax.Array
+    v: jax.Array
+    dt: jax.Array
+
+
+@flax.struct.dataclass
+class DogeCache:
+    """KV cache for all layers plus the slot bookkeeping: `index` = slots filled, `key_mask` [B, C] = slot holds
+    a real (non-padding) token."""
+
+    layers: LayerCache
+    index: jax.Array
+    key_mask: jax.Array
+
+    @classmethod
+    def init(cls, cfg: DogeConfig, batch: int, capacity: int, dtype=jnp.float32) -> DogeCache:
+        L, G, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_size
+        kv = jnp.zeros((L, batch, G, capacity, D), dtype)
+        return cls(LayerCache(kv, kv, jnp.zeros((L, batch, cfg.num_dt_heads, capacity), dtype)),
+                   jnp.zeros((), jnp.int32), jnp.zeros((batch, capacity), bool))
+
+    @property
+    def capacity(self) -> int:
+        return self.key_mask.shape[1]
+
+
+class DogeAttention(nnx.Module):
+    def __init__(self, cfg: DogeConfig, rngs: nnx.Rngs):
+        H, G, D, d, b = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.hidden_size,
+                         cfg.attention_bias)
+        self.cfg = cfg
+        self.q_proj = _linear(cfg, d, H * D, b, rngs)
+        self.k_proj = _linear(cfg, d, G * D, b, rngs)
+        self.v_proj = _linear(cfg, d, G * D, b, rngs)
+        self.A = nnx.Param(jnp.zeros((cfg.num_dt_heads,), jnp.float32))
+        self.dt_proj = _linear(cfg, G * D, cfg.num_dt_heads, b, rngs)
+        self.o_proj = _linear(cfg, H * D, d, b, rngs)
+        if cfg.variant == "native":
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def __call__(self, x, cos, sin, allowed, cache: LayerCache | None = None, index=None,
+                 dropout_rng=None) -> tuple[jax.Array, LayerCache | None]:
+        cfg = self.cfg
+        B, S, _ = x.shape
+        H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        q = self.q_proj(x).reshape(B, S, H, D)
+        k = self.k_proj(x).reshape(B, S, G, D)
+        v_flat = self.v_proj(x)
+        if cfg.variant == "native":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        v = v_flat.reshape(B, S, G, D).transpose(0, 2, 1, 3)
+        c, s = cos[:, None], sin[:, None]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        # Spec §3.4: dt = exp(A * softplus(dt_proj(v))), one value per key and dt-head.
+        dt = jnp.exp(self.A[...] * softplus_torch(self.dt_proj(v_flat))).transpose(0, 2, 1).astype(x.dtype)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), index, axis=2)
+            dt = jax.lax.dynamic_update_slice_in_dim(cache.dt, dt.astype(cache.dt.dtype), index, axis=2)
+            cache = LayerCache(k, v, dt)
+        rate = cfg.attention_dropout if dropout_rng is not None else 0.0
+        o = attention(q, k, v, dt, allowed, cfg.keep_window_size, dropout_rate=rate, dropout_rng=dropout_rng)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, S, H * D)), cache
+
+
+class DogeMLP(nnx.Module):
+    def __init__(self, cfg: DogeConfig, rngs: nnx.Rngs):
+        d, inter, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = _linear(cfg, d, inter, b, rngs)
+        self.up_proj = _linear(cfg, d, inter, b, rngs)
+        self.down_proj = _linear(cfg, inter, d, b, rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x)), None
+
+
+def route(router_logits: jax.Array, num_keys: int, top_k: int):
+    """Product-key routing (spec §3.8 steps 2-4): [2, N, K] -> (scores [N,k], experts [N,k], all_scores [N,K²],
+    all_idx [N,K²]). lax.top_k keeps the lower index on ties, like doge_torch's stable sort."""
+    sx, ix = jax.lax.top_k(router_logits[0], num_keys)
+    sy, iy = jax.lax.top_k(router_logits[1], num_keys)
+    N = sx.shape[0]
+    all_scores = (sx[:, :, None] + sy[:, None, :]).reshape(N, -1)
+    all_idx = (ix[:, :, None] * num_keys + iy[:, None, :]).reshape(N, -1)
+    scores, pos = jax.lax.top_k(all_scores, top_k)
+    return scores, jnp.take_along_axis(all_idx, pos, axis=-1), all_scores, all_idx
+
+
+class DogeCDMoE(DogeMLP):
+    """Shared SwiGLU expert + product-key routed single-neuron experts (spec §3.8)."""
+
+    def __init__(self, cfg: DogeConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs)
+        self.cfg = cfg
+        init = _normal(cfg.initializer_range)
+        self.router_gate = _linear(cfg, cfg.hidden_size, 2 * cfg.num_keys, False, rngs)
+        self.down_embed = nnx.Embed(cfg.num_experts, cfg.hidden_size, embedding_init=init, rngs=rngs)
+        self.up_embed = nnx.Embed(cfg.num_experts, cfg.hidden_size, embedding_init=init, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        B, S, d = x.shape
+        N = B * S
+        # Quirk kept on purpose (spec §3.8 step 1): [B, S, 2K] reinterpreted in memory order as [2, N, K].
+        router_logits = self.router_gate(x).reshape(2, N, cfg.num_keys)
+        scores, experts, _, _ = route(router_logits, cfg.num_keys, cfg.num_experts_per_tok)
+        w = jax.nn.softmax(scores, axis=-1)
+        if cfg.norm_topk_prob:
+            w = w / jnp.sum(w, axis=-1, keepdims=True)
+        dvec = self.down_embed.embedding[...][experts]  # [N, k, d]
+        uvec = self.up_embed.embedding[...][experts]
+        a = jnp.einsum("nkd,nd->nk", dvec, x.reshape(N, d))
+        a = silu(a) * w
+        routed = jnp.einsum("nk,nkd->nd", a, uvec).reshape(B, S, d)
+        shared, _ = super().__call__(x)
+        return shared + routed, router_logits
+
+
+class DogeDecoderLayer(nnx.Module):
+    def __init__(self, cfg: DogeConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.cfg = cfg
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.self_attn = DogeAttention(cfg, rngs)
+        self.input_residual = nnx.Param(jnp.ones((d,), jnp.float32))
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.mlp = DogeCDMoE(cfg, rngs) if cfg.is_moe else DogeMLP(cfg, rngs)
+        self.post_attention_residual = nnx.Param(jnp.ones((d,), jnp.float32))
+
+    def __call__(self, x, cos, sin, allowed, cache=None, index=None, dropout_rng=None):
+        p = self.cfg.hidden_dropout
+        keys = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None, None, None)
+        y, cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache, index, keys[0])
+        x = self.input_residual[...] * x + _dropout(y, p, keys[1])
+        y, router_logits = self.mlp(self.post_attention_layernorm(x))
+        x = self.post_attention_residual[...] * x + _dropout(y, p, keys[2])
+        return x, cache, router_logits
+
+
+def _dropout(x: jax.Array, rate: float, rng) -> jax.Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class DogeModel(nnx.Module):
+    def __init__(self, cfg: DogeConfig, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
+                                      embedding_init=_embed_init(cfg), rngs=rngs)
+        # One layer module whose parameters carry a leading [num_hidden_layers] axis (run under lax.scan).
+        layers = [nnx.split(DogeDecoderLayer(cfg, rngs)) for _ in range(cfg.num_hidden_layers)]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in layers])
+        self.layers = nnx.merge(layers[0][0], stacked)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def _embed_init(cfg: DogeConfig):
+    base = _normal(cfg.initializer_range)
+
+    def init(key, shape, dtype=jnp.float32):
+        w = base(key, shape, dtype)
+        return w if cfg.pad_token_id is None else w.at[cfg.pad_token_id].set(0)  # spec §5: pad row zero
+
+    return init
+
+
+@flax.struct.dataclass
+class DogeOutput:
+    logits: jax.Array
+    loss: jax.Array | None = None
+    aux_loss: jax.Array | None = None
+    router_logits: jax.Array | None = None  # [L, 2, N, K] when requested
+    cache: DogeCache | None = None
+
+
+def allowed_mask(cfg: DogeConfig, S: int, T: int, start, key_mask: jax.Array | None) -> jax.Array:
+    """[B or 1, 1, S, T] bool: key slot j visible from query slot start+i (causal, sliding window, padding)."""
+    qi = start + jnp.arange(S)[:, None]
+    kj = jnp.arange(T)[None, :]
+    ok = kj <= qi
+    if cfg.sliding_window is not None:
+        ok = ok & (qi - kj < cfg.sliding_window)
+    ok = ok[None, None]
+    if key_mask is not None:
+        ok = ok & key_mask[:, None, None, :].astype(bool)
+    return ok
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array, num_items_in_batch=None) -> jax.Array:
+    """Shifted cross-entropy in float32 with -100 ignored; mean, or sum / num_items_in_batch (spec §3.9)."""
+    logits = logits.astype(jnp.float32)
+    target = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], -100)], axis=1)
+    valid = target != -100
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
+    total = jnp.sum(jnp.where(valid, logz - picked, 0.0))
+    denom = jnp.sum(valid) if num_items_in_batch is None else num_items_in_batch
+    return total / jnp.asarray(denom, jnp.float32)
+
+
+def load_balancing_loss(router_logits: jax.Array, cfg: DogeConfig, attention_mask: jax.Array | None = None
+                        ) -> jax.Array:
+    """MoE aux loss, transformers 5.23 semantics (router probs scattered to expert order, spec §3.9).
+    router_logits [L, 2, N, K]; attention_mask [B, S] with B*S = N."""
+    E, K, k = cfg.num_experts, cfg.num_keys, cfg.num_experts_per_tok
+    L, _, N, _ = router_logits.shape
+    _, experts, all_scores, all_idx = jax.vmap(lambda r: route(r, K, k))(router_logits)  # [L, N, ...]
+    probs = jax.nn.softmax(all_scores, axis=-1)
+    dense = jnp.zeros((L, N, E), probs.dtype)
+    dense = jax.vmap(jax.vmap(lambda z, i, p: z.at[i].set(p)))(dense, all_idx, probs)
+    m = jnp.ones((N,), probs.dtype) if attention_mask is None else attention_mask.reshape(N).astype(probs.dtype)
+    counts = jnp.zeros((E,), probs.dtype).at[experts.reshape(-1)].add(
+        jnp.broadcast_to(m[None, :, None], experts.shape).reshape(-1))
+    f = counts / (L * k * jnp.sum(m))
+    p_mean = jnp.sum(dense * m[None, :, None], axis=(0, 1)) / (L * jnp.sum(m))
+    return jnp.sum(f * p_mean) * E
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """Token ids outside [0, vocab) raise (JAX would clamp the gather silently). No-op on traced values."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(f"input_ids contain ids outside [0, vocab_size={vocab_size}): {bad[:10].tolist()}")
+
+
+class DogeForCausalLM(nnx.Module):
+    """The Doge causal LM. `model(input_ids, attention_mask=None, logits_to_keep=0).logits`."""
+
+    def __init__(self, config: DogeConfig, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.model = DogeModel(config, rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, cache: DogeCache | None = None,
+                 labels: jax.Array | None = None, logits_to_keep: int = 0, num_items_in_batch=None,
+                 output_router_logits: bool | None = None, dropout_rng: jax.Array | None = None) -> DogeOutput:
+        """Forward pass. attention_mask is [B, S] (new tokens) or [B, past + S] (HF style, last S used with a
+        cache). dropout_rng enables dropout (training mode). With a cache the new tokens are written at slot
+        `cache.index`."""
+        cfg = self.config
+        check_token_ids(input_ids, cfg.vocab_size)
+        input_ids = jnp.asarray(input_ids)
+        B, S = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        start = cache.index if cache is not None else 0
+        if position_ids is None:
+            position_ids = (start + jnp.arange(S))[None]
+        new_mask = None if attention_mask is None else jnp.asarray(attention_mask)[:, -S:].astype(bool)
+        if cache is not None:
+            col = new_mask if new_mask is not None else jnp.ones((B, S), bool)
+            key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, col, start, axis=1)
+            allowed = allowed_mask(cfg, S, cache.capacity, start, key_mask)
+        else:
+            key_mask = None
+            allowed = allowed_mask(cfg, S, S, 0, None if attention_mask is None else jnp.asarray(attention_mask))
+        cos, sin = rotary_cos_sin(cfg, position_ids, x.dtype)
+
+        graphdef, layer_state = nnx.split(self.model.layers)
+        rngs = (jax.random.split(dropout_rng, cfg.num_hidden_layers) if dropout_rng is not None else None)
+
+        def body(h, xs):
+            state, lcache, rng = xs
+            layer = nnx.merge(graphdef, state)
+            h, lcache, router = layer(h, cos, sin, allowed, lcache, start, rng)
+            return h, (lcache, router)
+
+        x, (layer_caches, router) = jax.lax.scan(
+            body, x, (layer_state, cache.layers if cache is not None else None, rngs))
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_logits(x)
+        out = DogeOutput(logits=logits)
+        if cache is not None:
+            out = out.replace(cache=DogeCache(layer_caches, cache.index + S, key_mask))
+        if labels is not None:
+            out = out.replace(loss=causal_lm_loss(logits, jnp.asarray(labels), num_items_in_batch))
+        want = cfg.output_router_logits if output_router_logits is None else output_router_logits
+        if want and cfg.is_moe:
+            aux = load_balancing_loss(router, cfg, new_mask)
+            out = out.replace(router_logits=router, aux_loss=aux)
+            if out.loss is not None:
+                out = out.replace(loss=out.loss + cfg.router_aux_loss_coef * aux)
+        return out
+
+    def lm_logits(self, x: jax.Array) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            return jnp.matmul(x, self.model.embed_tokens.embedding[...].T)
+        return self.lm_head(x)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None):
+        """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate)."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
+                        use_cache=use_cache, pad_token_id=pad_token_id)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,
+                        config: DogeConfig | None = None) -> DogeForCausalLM:
+        from .hf import from_pretrained
+
+        return from_pretrained(path, dtype=dtype, variant=variant, config=config)
+
+    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", overwrite: bool = True) -> None:
+        from .hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, overwrite=overwrite)
+

@@ -1,0 +1,68 @@
+"""Incremental decoding for doge_torch: greedy or sampled, KV cache, left padding, EOS (spec §4)."""
+
+from __future__ import annotations
+
+import torch
+
+from .model import DogeCache
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+                gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from float32 logits [B, V] (temperature, then top-k, then top-p, as transformers)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - top_p)
+        remove[..., -1:] = False
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None
+             ) -> torch.Tensor:
+    """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS)."""
+    cfg = model.config
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be > 0 (use do_sample=False for greedy)")
+    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
+                                                         else (eos[0] if eos else 0))
+    gen = torch.Generator().manual_seed(seed) if do_sample else None
+    B = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.long()
+    ids = input_ids
+    done = torch.zeros(B, dtype=torch.bool)
+    cache = DogeCache(cfg.num_hidden_layers) if use_cache else None
+    step_ids, step_mask = ids, attention_mask
+    eos_t = torch.tensor(eos, dtype=ids.dtype)
+    for _ in range(max_new_tokens):
+        # transformers: positions from the attention mask (cumsum - 1, padding at 0)
+        pos = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        if use_cache:
+            out = model(step_ids, attention_mask=attention_mask, position_ids=pos[:, -step_ids.shape[1]:],
+                        past_key_values=cache, logits_to_keep=1)
+        else:
+            out = model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1)
+        nxt = sample_next(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, gen)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], 1)
+        if len(eos):
+            done = done | torch.isin(nxt, eos_t)
+        step_ids, step_mask = nxt[:, None], attention_mask
+        if bool(done.all()):
+            break
+    return ids

@@ -1,0 +1,80 @@
+"""from_pretrained / save_pretrained for doge_torch: an HF directory *is* a doge_torch checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from doge_jax import hf_io
+from doge_jax.config import DogeConfig
+from doge_jax.hf_names import CheckpointError, check_keys, expected_hf_shapes, is_legacy, rename_legacy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_hf_state(path: str, variant: str | None = None, config: DogeConfig | None = None):
+    """(config, state dict with current HF names) of an HF directory; legacy names are renamed (spec §2.2 c)."""
+    files = hf_io.weight_files(path)
+    shapes = hf_io.tensor_shapes(files)
+    legacy = is_legacy(shapes)
+    if config is None:
+        config = hf_io.read_config(path, variant=variant, keys=list(shapes))
+    state = {}
+    for name, t in hf_io.iter_tensors(files, framework="pt"):
+        new = rename_legacy(name) if legacy else name
+        if new is not None:
+            state[new] = t
+    return config, state
+
+
+def from_pretrained(cls, path: str, dtype=None, variant: str | None = None, config: DogeConfig | None = None):
+    """Build `cls(config)` and load the weights of an HF directory strictly (errors list missing/unexpected keys)."""
+    config, state = load_hf_state(path, variant, config)
+    expected = expected_hf_shapes(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, where=path)
+    dtype = resolve_dtype(dtype)
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=False)
+    return model
+
+
+def state_for_hf(model) -> dict[str, torch.Tensor]:
+    sd = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def write_generation_config(out_dir: str, cfg: DogeConfig) -> None:
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2, sort_keys=True)
+
+
+def save_pretrained(model, path: str, max_shard_size="5GB", overwrite: bool = True) -> None:
+    """Write config.json, generation_config.json and safetensors (sharded above max_shard_size), atomically."""
+    sd = state_for_hf(model)
+    dtype = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    with hf_io.atomic_output_dir(path, overwrite=overwrite) as tmp:
+        model.config.save_json(os.path.join(tmp, "config.json"), dtype=dtype)
+        write_generation_config(tmp, model.config)
+        hf_io.write_safetensors(tmp, sd, framework="pt", max_shard_size=max_shard_size)
+
+
+__all__ = ["from_pretrained", "save_pretrained", "load_hf_state", "CheckpointError"]

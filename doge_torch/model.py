@@ -1,0 +1,392 @@
+"""Doge causal LM in PyTorch: the spec's function (spec §3-§4), with parameter names equal to the HF keys.
+
+Read top to bottom: RMSNorm, rotary, attention (dynamic mask), MLP, CDMoE, decoder layer, model, LM head + loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from doge_jax.config import DogeConfig
+
+
+def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest k along the last axis, sorted, ties broken by lower index (the rule doge_jax uses, spec §9.1)."""
+    values, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], idx[..., :k]
+
+
+def torch_softplus(x: torch.Tensor) -> torch.Tensor:
+    return F.softplus(x)  # threshold 20: x if x > 20 else log1p(exp(x)) (spec §9.3)
+
+
+class DogeRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Spec §3.1 / §9.7: upcast, normalise, cast back, then multiply by the weight.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: DogeConfig, seq_len: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Inverse frequencies for a sequence length (default or dynamic NTK RoPE, spec §3.3), float32."""
+    dim = cfg.head_size
+    exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if cfg.rope_type == "dynamic" and seq_len is not None and int(seq_len) > cfg.max_position_embeddings:
+        s = torch.as_tensor(seq_len, dtype=torch.int64)
+        base = cfg.rope_theta * ((cfg.rope_factor * s / cfg.max_position_embeddings) - (cfg.rope_factor - 1)) ** (
+            dim / (dim - 2))
+        return 1.0 / (base ** exps)
+    return 1.0 / (cfg.rope_theta ** exps)
+
+
+def rotary_cos_sin(cfg: DogeConfig, position_ids: torch.Tensor, dtype: torch.dtype, rope_len: int | None = None):
+    """cos/sin [B or 1, S, D] for the positions; dynamic RoPE uses max(position)+1 unless rope_len is given."""
+    if rope_len is None:
+        rope_len = int(position_ids.max()) + 1
+    inv_freq = rope_inv_freq(cfg, rope_len).to(position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@dataclass
+class LayerCache:
+    """Per layer: keys (after q/k-norm and RoPE) and values [B, G, T, D], dynamic-mask bias dt [B, n_dt, T]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    dt: torch.Tensor
+
+
+class DogeCache:
+    """A growing KV cache; dt is cached per key because it depends only on that key's value (design.md §3)."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list[LayerCache | None] = [None] * num_layers
+
+    def get_seq_length(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0].k.shape[2]
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> LayerCache:
+        old = self.layers[i]
+        if old is not None:
+            k, v, dt = torch.cat([old.k, k], 2), torch.cat([old.v, v], 2), torch.cat([old.dt, dt], 2)
+        self.layers[i] = LayerCache(k, v, dt)
+        return self.layers[i]
+
+
+def dynamic_mask_bias(dt: torch.Tensor, allowed: torch.Tensor, keep_window: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention bias of spec §3.5: dt where allowed, finfo.min elsewhere, top-keep_window per row.
+
+    dt [B, n, T]; allowed [B, 1, S, T] bool. Returns [B, n, S, T]. Ties in the keep-window top-k keep the lower
+    key index.
+    """
+    min_v = torch.finfo(dtype).min
+    bias = dt[:, :, None, :].masked_fill(~allowed, min_v)
+    if bias.shape[-1] > keep_window:
+        _, idx = stable_topk(bias, keep_window)
+        keep = torch.zeros_like(bias, dtype=torch.bool).scatter(-1, idx, True)
+        bias = bias.masked_fill(~keep, min_v)
+    return bias
+
+
+class DogeAttention(nn.Module):
+    def __init__(self, cfg: DogeConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        H, G, D, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, cfg.hidden_size
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(d, H * D, bias=b)
+        self.k_proj = nn.Linear(d, G * D, bias=b)
+        self.v_proj = nn.Linear(d, G * D, bias=b)
+        self.A = nn.Parameter(torch.zeros(cfg.num_dt_heads))
+        self.dt_proj = nn.Linear(G * D, cfg.num_dt_heads, bias=b)
+        self.o_proj = nn.Linear(H * D, d, bias=b)
+        if cfg.variant == "native":
+            self.q_norm = DogeRMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = DogeRMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, allowed: torch.Tensor,
+                cache: DogeCache | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        B, S, _ = x.shape
+        H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        q = self.q_proj(x).view(B, S, H, D)
+        k = self.k_proj(x).view(B, S, G, D)
+        v_flat = self.v_proj(x)
+        v = v_flat.view(B, S, G, D).transpose(1, 2)
+        if cfg.variant == "native":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        c, s = cos[:, None], sin[:, None]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        # Dynamic-mask source (spec §3.4): dt = exp(A * softplus(dt_proj(v))), one value per key and dt-head.
+        dt = torch.exp(self.A * torch_softplus(self.dt_proj(v_flat))).transpose(1, 2)
+        if cache is not None:
+            lc = cache.update(self.layer_idx, k, v, dt)
+            k, v, dt = lc.k, lc.v, lc.dt
+        bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, x.dtype)
+        r = H // G
+        if cfg.variant == "native" and r > 1:
+            bias = bias.repeat_interleave(r, dim=1)  # head h uses kv-group h // r
+        k = k.repeat_interleave(r, dim=1) if r > 1 else k
+        v = v.repeat_interleave(r, dim=1) if r > 1 else v
+        w = torch.matmul(q, k.transpose(2, 3)) * (D ** -0.5) + bias
+        p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        p = F.dropout(p, p=cfg.attention_dropout, training=self.training)
+        o = torch.matmul(p, v).transpose(1, 2).reshape(B, S, H * D)
+        return self.o_proj(o)
+
+
+class DogeMLP(nn.Module):
+    def __init__(self, cfg: DogeConfig):
+        super().__init__()
+        d, inter, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(d, inter, bias=b)
+        self.up_proj = nn.Linear(d, inter, bias=b)
+        self.down_proj = nn.Linear(inter, d, bias=b)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
+
+
+def route(router_logits: torch.Tensor, num_keys: int, top_k: int):
+    """Product-key routing (spec §3.8 steps 2-4): router logits [2, N, K] -> (scores [N,k], experts [N,k],
+    all_scores [N,K²], all_idx [N,K²])."""
+    sx, ix = stable_topk(router_logits[0], num_keys)
+    sy, iy = stable_topk(router_logits[1], num_keys)
+    all_scores = (sx[:, :, None] + sy[:, None, :]).flatten(1)
+    all_idx = (ix[:, :, None] * num_keys + iy[:, None, :]).flatten(1)
+    scores, pos = stable_topk(all_scores, top_k)
+    return scores, all_idx.gather(-1, pos), all_scores, all_idx
+
+
+class DogeCDMoE(DogeMLP):
+    """Shared SwiGLU expert + product-key routed single-neuron experts (spec §3.8)."""
+
+    def __init__(self, cfg: DogeConfig):
+        super().__init__(cfg)
+        self.cfg = cfg
+        self.router_gate = nn.Linear(cfg.hidden_size, 2 * cfg.num_keys, bias=False)
+        self.down_embed = nn.Embedding(cfg.num_experts, cfg.hidden_size)
+        self.up_embed = nn.Embedding(cfg.num_experts, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, d = x.shape
+        N = B * S
+        # Quirk kept on purpose (spec §3.8 step 1): reinterpret [B, S, 2K] in memory order as [2, N, K].
+        router_logits = self.router_gate(x).reshape(2, N, -1)
+        scores, experts, _, _ = route(router_logits, self.cfg.num_keys, self.cfg.num_experts_per_tok)
+        w = F.softmax(scores, dim=-1)
+        if self.cfg.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        dvec, uvec = self.down_embed(experts), self.up_embed(experts)  # [N, k, d]
+        a = torch.matmul(dvec, x.reshape(N, d, 1)).view(N, -1)
+        a = F.silu(a) * w
+        routed = torch.matmul(a.view(N, 1, -1), uvec).view(B, S, d)
+        shared, _ = super().forward(x)
+        return shared + routed, router_logits
+
+
+class DogeDecoderLayer(nn.Module):
+    def __init__(self, cfg: DogeConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.input_layernorm = DogeRMSNorm(d, cfg.rms_norm_eps)
+        self.self_attn = DogeAttention(cfg, layer_idx)
+        self.input_residual = nn.Parameter(torch.ones(d))
+        self.post_attention_layernorm = DogeRMSNorm(d, cfg.rms_norm_eps)
+        self.mlp = DogeCDMoE(cfg) if cfg.is_moe else DogeMLP(cfg)
+        self.post_attention_residual = nn.Parameter(torch.ones(d))
+
+    def forward(self, x, cos, sin, allowed, cache=None):
+        p = self.cfg.hidden_dropout
+        y = self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache)
+        x = self.input_residual * x + F.dropout(y, p=p, training=self.training)
+        y, router_logits = self.mlp(self.post_attention_layernorm(x))
+        x = self.post_attention_residual * x + F.dropout(y, p=p, training=self.training)
+        return x, router_logits
+
+
+class DogeModel(nn.Module):
+    def __init__(self, cfg: DogeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, cfg.pad_token_id)
+        self.layers = nn.ModuleList([DogeDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = DogeRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def allowed_mask(cfg: DogeConfig, B: int, S: int, past: int, attention_mask: torch.Tensor | None,
+                 device) -> torch.Tensor:
+    """[B, 1, S, T] bool: key slot j visible from query slot past+i (causal, sliding window, padding)."""
+    T = past + S
+    qi = torch.arange(past, T, device=device)[:, None]
+    kj = torch.arange(T, device=device)[None, :]
+    ok = kj <= qi
+    if cfg.sliding_window is not None:
+        ok = ok & (qi - kj < cfg.sliding_window)
+    ok = ok[None, None].expand(B, 1, S, T)
+    if attention_mask is not None:
+        ok = ok & attention_mask[:, None, None, :T].bool()
+    return ok
+
+
+@dataclass
+class DogeOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    past_key_values: DogeCache | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Shifted cross-entropy in float32, -100 ignored; mean, or sum / num_items_in_batch (spec §3.9)."""
+    logits = logits.float()
+    target = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                           reduction="sum" if num_items_in_batch is not None else "mean")
+    if num_items_in_batch is not None:
+        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+    return loss
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], cfg: DogeConfig,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MoE aux loss with transformers 5.23 semantics: router probabilities scattered to expert order (spec §3.9)."""
+    E, K, k = cfg.num_experts, cfg.num_keys, cfg.num_experts_per_tok
+    experts, probs = [], []
+    for rl in router_logits:
+        _, ex, all_scores, all_idx = route(rl, K, k)
+        experts.append(ex)
+        probs.append(torch.zeros_like(all_scores).scatter(-1, all_idx, F.softmax(all_scores, dim=-1)))
+    experts, probs = torch.cat(experts), torch.cat(probs)
+    dtype = probs.dtype
+    if attention_mask is None:
+        counts = torch.zeros(E, dtype=dtype, device=probs.device).scatter_add_(
+            0, experts.reshape(-1), torch.ones(experts.numel(), dtype=dtype, device=probs.device))
+        f = counts / experts.numel()
+        p_mean = probs.mean(0)
+    else:
+        m = attention_mask.reshape(1, -1).expand(len(router_logits), -1).reshape(-1).to(dtype)  # [L*N]
+        sel = experts[m.bool()].reshape(-1)
+        counts = torch.zeros(E, dtype=dtype, device=probs.device).scatter_add_(
+            0, sel, torch.ones(sel.numel(), dtype=dtype, device=probs.device))
+        f = counts / (m.sum() * k)
+        p_mean = (probs * m[:, None]).sum(0) / m.sum()
+    return (f * p_mean).sum() * E
+
+
+class DogeForCausalLM(nn.Module):
+    """The Doge causal LM. `model(input_ids, attention_mask=None, logits_to_keep=0).logits`."""
+
+    def __init__(self, config: DogeConfig):
+        super().__init__()
+        self.config = config
+        self.model = DogeModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Spec §5: normal(0, initializer_range) for Linear/Embedding, zero pad row, biases 0, norms/residuals 1,
+        A 0."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith(".A") or name.endswith(".bias"):
+                p.zero_()
+            elif "norm" in name.rsplit(".", 2)[-2] or name.endswith("_residual"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * std)
+        if self.config.pad_token_id is not None:
+            self.model.embed_tokens.weight[self.config.pad_token_id].zero_()
+
+    def lm_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: DogeCache | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0, num_items_in_batch=None,
+                output_router_logits: bool | None = None, use_cache: bool = False) -> DogeOutput:
+        cfg = self.config
+        check_token_ids(input_ids, cfg.vocab_size)
+        B, S = input_ids.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DogeCache(cfg.num_hidden_layers)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = (past + torch.arange(S, device=input_ids.device))[None]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(cfg, position_ids, x.dtype)
+        allowed = allowed_mask(cfg, B, S, past, attention_mask, x.device)
+        router = []
+        for layer in self.model.layers:
+            x, rl = layer(x, cos, sin, allowed, past_key_values)
+            router.append(rl)
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = F.linear(x, self.lm_weight())
+        out = DogeOutput(logits=logits, past_key_values=past_key_values)
+        if labels is not None:
+            out.loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        want_router = (cfg.output_router_logits if output_router_logits is None else output_router_logits)
+        if want_router and cfg.is_moe:
+            out.router_logits = tuple(router)
+            mask2d = attention_mask[:, -S:] if attention_mask is not None else None
+            out.aux_loss = load_balancing_loss(out.router_logits, cfg, mask2d)
+            if out.loss is not None:
+                out.loss = out.loss + cfg.router_aux_loss_coef * out.aux_loss
+        return out
+
+    # generation and checkpoint I/O live in their own modules; bound here for the expected API
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id=None, seed: int = 0, use_cache: bool = True) -> torch.Tensor:
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
+                        use_cache=use_cache)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,
+                        config: DogeConfig | None = None) -> DogeForCausalLM:
+        from .io import from_pretrained
+
+        return from_pretrained(cls, path, dtype=dtype, variant=variant, config=config)
+
+    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", overwrite: bool = True) -> None:
+        from .io import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids outside [0, vocab) are an error, not silent garbage."""
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+        raise ValueError(f"input_ids contain ids outside [0, vocab_size={vocab_size}): {bad[:10].tolist()}")
+
