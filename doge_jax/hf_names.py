@@ -138,5 +138,6 @@ def check_keys(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, .
         lines = [f"{where} does not match the model config:"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:50]) + (" ..." if len(items) > 50 else ""))
+                more = " ..." if len(items) > 50 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:50]) + more)
         raise CheckpointError("\n".join(lines))

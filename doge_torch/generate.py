@@ -46,7 +46,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool)
     cache = DogeCache(cfg.num_hidden_layers) if use_cache else None
-    step_ids, step_mask = ids, attention_mask
+    step_ids = ids
     eos_t = torch.tensor(eos, dtype=ids.dtype)
     for _ in range(max_new_tokens):
         # transformers: positions from the attention mask (cumsum - 1, padding at 0)
@@ -62,7 +62,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], 1)
         if len(eos):
             done = done | torch.isin(nxt, eos_t)
-        step_ids, step_mask = nxt[:, None], attention_mask
+        step_ids = nxt[:, None]
         if bool(done.all()):
             break
     return ids
