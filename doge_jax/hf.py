@@ -95,8 +95,13 @@ def from_pretrained(path: str, dtype=None, variant: str | None = None, config: D
 
 def hf_state_dict(model) -> dict[str, np.ndarray]:
     """{HF key: numpy array (torch layout)} of a doge_jax model; tied lm_head omitted, as transformers does."""
+    return to_hf_arrays(flat_params(model))
+
+
+def to_hf_arrays(flat: dict[tuple[str, ...], jax.Array]) -> dict[str, np.ndarray]:
+    """{Flax path: array} (parameters, or gradients of them) -> {HF key: numpy array in torch layout}."""
     out = {}
-    for fpath, a in flat_params(model).items():
+    for fpath, a in flat.items():
         a = np.asarray(jax.device_get(a))
         if fpath[:2] == ("model", "layers"):
             for i in range(a.shape[0]):

@@ -332,7 +332,7 @@ class DogeForCausalLM(nnx.Module):
         check_token_ids(input_ids, cfg.vocab_size)
         input_ids = jnp.asarray(input_ids)
         B, S = input_ids.shape
-        x = self.model.embed_tokens(input_ids)
+        x = jnp.take(self.model.embed_tokens.embedding[...], input_ids, axis=0)
         start = cache.index if cache is not None else 0
         if position_ids is None:
             position_ids = (start + jnp.arange(S))[None]

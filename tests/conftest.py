@@ -1,0 +1,161 @@
+"""Shared helpers and fixtures for the parity tests (torch and JAX).
+
+Reference models are tiny random `transformers.DogeForCausalLM`s (eager attention, float32, seeded) whose
+parameters are pushed away from their init values (random nonzero A, perturbed norms/residuals/biases), so that
+every part of the function is exercised. Inputs are numpy arrays, so the JAX tests can use the same helpers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+# Tiny shapes shared by every parity test: D = 64 / 4 = 16, GQA with 2 kv heads.
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    keep_window_size=64,
+)
+# A small CDMoE: K = 4 product keys, 4 experts per token.
+TINY_MOE = dict(is_moe=True, num_experts=16, num_experts_per_tok=4)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def seed_all(seed: int = 0) -> None:
+    """Seed python, numpy and torch (only if something already imported it: JAX-only runs stay torch-free)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+
+
+def _limit_torch_threads() -> None:
+    """One intra-op thread for torch (env DOGE_TEST_TORCH_THREADS overrides).
+
+    The test models are tiny, so a second thread buys nothing; on a shared 2-core machine every matmul's thread
+    barrier then waits for a descheduled sibling, which made a 0.03 s generation take 10+ s. One thread also
+    fixes the reduction order, so results do not depend on the core count.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        n = int(os.environ.get("DOGE_TEST_TORCH_THREADS", "1"))
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    """Every test starts from the same seeds, whatever ran before it, with torch on one thread."""
+    _limit_torch_threads()
+    seed_all(0)
+    yield
+
+
+def perturb_(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Move a torch Doge model (transformers or doge_torch, any variant) away from its init, in place.
+
+    A ~ N(0, 1) (nonzero, so dt varies per key and the keep-window top-k has no ties on unique tokens);
+    RMSNorm weights and residual scales ~ 1 + N(0, scale); biases ~ N(0, scale / 5). Weights keep their init.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 12345)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+            if name.endswith(".A"):
+                p.copy_(noise)
+            elif name.endswith("norm.weight") or name.endswith("_residual"):
+                p.copy_(1.0 + scale * noise)
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * scale * noise)
+
+
+def make_hf_model(seed: int = 0, perturb: bool = True, dtype=None, **overrides):
+    """A tiny random transformers DogeForCausalLM (TINY shapes updated by `overrides`), eval mode, float32."""
+    import torch
+    import transformers
+
+    kwargs = {**TINY, **overrides}
+    kwargs.setdefault("attn_implementation", "eager")
+    cfg = transformers.DogeConfig(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.DogeForCausalLM(cfg)
+    if perturb:
+        perturb_(model, seed)
+    model = model.eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def save_hf(model, path) -> str:
+    """`model.save_pretrained(path)` (transformers or doge_torch); returns the path as a string."""
+    path = os.fspath(path)
+    model.save_pretrained(path)
+    return path
+
+
+def unique_ids(B: int, T: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """[B, T] int64 token ids, each row a prefix of a random permutation (no repeated id within a row).
+
+    Repeated ids give repeated layer-0 values and therefore tied dt; unique ids keep the keep-window top-k
+    (T > keep_window_size) free of ties, so any top-k implementation picks the same keys.
+    """
+    if T > vocab:
+        raise ValueError(f"unique_ids: T={T} > vocab={vocab}")
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(vocab)[:T] for _ in range(B)]).astype(np.int64)
+
+
+def random_ids(B: int, T: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """[B, T] int64 token ids drawn uniformly (repeats allowed)."""
+    return np.random.default_rng(seed).integers(0, vocab, size=(B, T), dtype=np.int64)
+
+
+def left_pad_mask(B: int, T: int, pad_lens) -> np.ndarray:
+    """[B, T] int64 attention mask with pad_lens[b] leading zeros in row b."""
+    mask = np.ones((B, T), dtype=np.int64)
+    for b, n in enumerate(pad_lens):
+        mask[b, :n] = 0
+    return mask
+
+
+def hf_config_dict(model) -> dict:
+    """The config.json dict of a transformers model (what `save_pretrained` writes)."""
+    return model.config.to_dict()
+
+
+def hf_state_numpy(model) -> dict[str, np.ndarray]:
+    """A transformers model's state dict as float32 numpy arrays (tied lm_head included, as in state_dict())."""
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def hf_logits(model, ids, attention_mask=None, **kwargs) -> np.ndarray:
+    """float32 numpy logits of a transformers model for numpy (or torch) inputs."""
+    import torch
+
+    ids = torch.as_tensor(np.asarray(ids))
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(np.asarray(attention_mask))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attention_mask, **kwargs)
+    return out.logits.float().numpy()
+
+
+def max_abs_diff(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b))) if a.size else 0.0

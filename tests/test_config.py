@@ -1,0 +1,180 @@
+"""DogeConfig (spec §1): validation, config.json round trips, agreement with transformers, legacy configs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import transformers
+from conftest import TINY, TINY_MOE
+
+from doge_jax.config import ConfigError, DogeConfig
+
+# ---- validation: every error names the offending field ----------------------------------------------------------
+
+BAD_FIELDS = [
+    ("hidden_size", dict(hidden_size=66, num_attention_heads=4)),
+    ("num_experts", dict(is_moe=True, num_experts=15, num_experts_per_tok=4)),
+    ("keep_window_size", dict(keep_window_size=0)),
+    ("keep_window_size", dict(keep_window_size=-3)),
+    ("variant", dict(variant="legacy")),
+    ("rope_type", dict(rope_type="yarn")),
+    ("rope_factor", dict(rope_type="dynamic")),
+    ("num_key_value_heads", dict(num_attention_heads=4, num_key_value_heads=3)),
+    ("vocab_size", dict(vocab_size=0)),
+    ("num_experts_per_tok", dict(is_moe=True, num_experts=16, num_experts_per_tok=17)),
+    ("sliding_window", dict(sliding_window=0)),
+    ("eos_token_id", dict(vocab_size=128, eos_token_id=128)),
+    ("pad_token_id", dict(vocab_size=128, pad_token_id=-1)),
+    ("hidden_dropout", dict(hidden_dropout=1.5)),
+    ("hidden_act", dict(hidden_act="gelu")),
+    ("head_dim", dict(head_dim=15)),
+]
+
+
+@pytest.mark.parametrize("field,kwargs", BAD_FIELDS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_FIELDS)])
+def test_validation_names_field(field, kwargs):
+    with pytest.raises(ConfigError, match=field):
+        DogeConfig(**{**TINY, **kwargs})
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_replace_validates():
+    cfg = DogeConfig(**TINY)
+    with pytest.raises(ConfigError, match="keep_window_size"):
+        cfg.replace(keep_window_size=0)
+
+
+def test_from_dict_unknown_field():
+    with pytest.raises(ConfigError, match="hidden_szie"):
+        DogeConfig.from_dict({**TINY, "hidden_szie": 64})
+    cfg = DogeConfig(**TINY, **TINY_MOE)
+    assert DogeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_from_hf_dict_bad_rope_type():
+    d = DogeConfig(**TINY).to_hf_dict()
+    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(ConfigError, match="rope"):
+        DogeConfig.from_hf_dict(d)
+    with pytest.raises(ConfigError, match="model_type"):
+        DogeConfig.from_hf_dict({**DogeConfig(**TINY).to_hf_dict(), "model_type": "llama"})
+
+
+def test_defaults_match_transformers():
+    ours, theirs = DogeConfig(), transformers.DogeConfig()
+    for k, v in ours.to_hf_dict().items():
+        if k in ("architectures", "rope_parameters"):
+            continue
+        assert getattr(theirs, k) == v, k
+    assert ours.num_dt_heads == ours.num_key_value_heads == 8 and ours.head_size == 128
+
+
+# ---- config.json round trips ------------------------------------------------------------------------------------
+
+CONFIGS = {
+    "tiny": dict(TINY),
+    "moe": dict(TINY, **TINY_MOE, norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.01),
+    "dynamic_rope": dict(TINY, rope_type="dynamic", rope_factor=4.0, rope_theta=40000.0),
+    "small_doge": dict(TINY, variant="small_doge", tie_word_embeddings=True, bos_token_id=0, eos_token_id=1,
+                       pad_token_id=2),
+    "misc": dict(TINY, attention_bias=True, mlp_bias=True, sliding_window=7, head_dim=32, hidden_dropout=0.1,
+                 attention_dropout=0.05, eos_token_id=[1, 2], rms_norm_eps=1e-5, use_cache=False),
+    "doge_20m": dict(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, rope_type="dynamic",
+                     rope_factor=4.0, bos_token_id=0, eos_token_id=1, pad_token_id=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_hf_dict_roundtrip(name, tmp_path):
+    cfg = DogeConfig(**CONFIGS[name])
+    assert DogeConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    # through a file, as config.json (JSON turns nothing into something else)
+    cfg.save_json(tmp_path / "config.json", dtype="float32")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
+    assert DogeConfig.from_json_file(tmp_path / "config.json") == cfg
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_transformers_accepts_hf_dict(name):
+    cfg = DogeConfig(**CONFIGS[name])
+    d = cfg.to_hf_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.DogeConfig(**d)
+    for k, v in d.items():
+        assert getattr(theirs, k) == v, k
+    # the fields transformers derives agree with ours
+    assert theirs.num_key_value_heads == cfg.num_key_value_heads
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+    assert head_dim == cfg.head_size
+    assert theirs.rope_parameters["rope_type"] == cfg.rope_type
+    assert theirs.rope_parameters["rope_theta"] == cfg.rope_theta
+    if cfg.rope_type == "dynamic":
+        assert theirs.rope_parameters["factor"] == cfg.rope_factor
+    # and transformers' own config.json dict reads back to the same config (variant hint kept)
+    assert DogeConfig.from_hf_dict(theirs.to_dict()) == cfg
+
+
+def test_transformers_config_dict_reads_back():
+    """A config.json written by transformers (no hint) is the native variant with the same fields."""
+    theirs = transformers.DogeConfig(**TINY, **TINY_MOE, tie_word_embeddings=True,
+                                     rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5e4})
+    cfg = DogeConfig.from_hf_dict(theirs.to_dict())
+    assert cfg == DogeConfig(**TINY, **TINY_MOE, tie_word_embeddings=True, rope_type="dynamic", rope_factor=2.0,
+                             rope_theta=5e4)
+    assert cfg.variant == "native"
+
+
+# ---- legacy (small-doge remote code) config.json ----------------------------------------------------------------
+
+def legacy_dict(**changes) -> dict:
+    """A config.json of the published base models (SD@8eec8cc configuration_doge.py keys), tiny sizes."""
+    d = {
+        "architectures": ["DogeForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_doge.DogeConfig",
+                     "AutoModelForCausalLM": "modeling_doge.DogeForCausalLM"},
+        "model_type": "doge", "transformers_version": "4.47.1", "torch_dtype": "float32",
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "hidden_bias": True, "hidden_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
+        "rms_norm_eps": 1e-06, "use_cache": True, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
+        "tie_word_embeddings": True, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 2048},
+        "num_attention_heads": 4, "num_key_value_heads": 2, "attention_dropout": 0.0, "keep_window_size": 2048,
+        "dynamic_mask_ratio": 0.0, "is_moe": False, "num_experts": 16384, "num_experts_per_tok": 64,
+        "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
+        # dead keys of very old configs (spec §1.1)
+        "expert_retrieval_size": 64, "num_cdmoe_experts": 16348, "num_cdmoe_heads": 4,
+    }
+    d.update(changes)
+    return d
+
+
+def test_legacy_config_fields():
+    cfg = DogeConfig.from_hf_dict(legacy_dict())
+    assert cfg.variant == "small_doge"
+    assert cfg.attention_bias and cfg.mlp_bias  # hidden_bias -> both
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta) == ("dynamic", 4.0, 10000.0)
+    assert cfg.max_position_embeddings == 2048  # original_max_position_embeddings is ignored (spec §3.3)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (0, 1, 2)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_key_value_heads, cfg.tie_word_embeddings) == (128, 64, 2, True)
+    assert cfg.num_dt_heads == cfg.num_attention_heads == 4
+    # transformers 5.23 folds the same legacy keys into the same RoPE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.DogeConfig(**legacy_dict())
+    assert theirs.rope_parameters["rope_type"] == cfg.rope_type
+    assert theirs.rope_parameters["factor"] == cfg.rope_factor
+    assert theirs.rope_parameters["rope_theta"] == cfg.rope_theta
+
+
+def test_legacy_config_variants():
+    cfg = DogeConfig.from_hf_dict(legacy_dict(hidden_bias=False, rope_scaling=None, rope_theta=40000.0))
+    assert not cfg.attention_bias and not cfg.mlp_bias
+    assert (cfg.rope_type, cfg.rope_factor, cfg.rope_theta) == ("default", None, 40000.0)
+    # an explicit variant wins over the hints
+    assert DogeConfig.from_hf_dict(legacy_dict(), variant="native").variant == "native"
+    # a legacy config re-saved by us is a current one with the same fields
+    assert DogeConfig.from_hf_dict(cfg.to_hf_dict()) == cfg

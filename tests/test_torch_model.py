@@ -1,0 +1,545 @@
+"""doge_torch against transformers' DogeForCausalLM (spec §2-§4): logits, losses, generation, checkpoint I/O."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers
+from conftest import (
+    TINY,
+    TINY_MOE,
+    left_pad_mask,
+    make_hf_model,
+    max_abs_diff,
+    perturb_,
+    random_ids,
+    save_hf,
+    unique_ids,
+)
+
+from doge_jax.hf_names import CheckpointError, rename_legacy
+from doge_torch import DogeConfig, DogeForCausalLM
+from doge_torch.generate import generate
+from doge_torch.model import dynamic_mask_bias
+
+TOL = 1e-5
+DYNAMIC_ROPE = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+
+
+def ours_from_hf(hf, **overrides) -> DogeForCausalLM:
+    """doge_torch model with the config and (in-memory) weights of a transformers model."""
+    cfg = DogeConfig.from_hf_dict(hf.config.to_dict()).replace(**overrides)
+    model = DogeForCausalLM(cfg)
+    sd = dict(hf.state_dict())
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def both_logits(hf, ours, ids, mask=None):
+    ids_t = torch.as_tensor(ids)
+    mask_t = None if mask is None else torch.as_tensor(mask)
+    with torch.no_grad():
+        a = hf(input_ids=ids_t, attention_mask=mask_t).logits
+        b = ours(ids_t, attention_mask=mask_t).logits
+    return a.float().numpy(), b.float().numpy()
+
+
+def ours_logits(model, ids, mask=None) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids), attention_mask=None if mask is None else torch.as_tensor(mask)
+                     ).logits.float().numpy()
+
+
+# ---- logits -----------------------------------------------------------------------------------------------------
+
+LOGIT_CASES = {
+    "gqa": dict(),
+    "mha": dict(num_key_value_heads=4),
+    "moe": dict(TINY_MOE),
+    "moe_norm_topk": dict(TINY_MOE, norm_topk_prob=True),
+    "tied": dict(tie_word_embeddings=True),
+    "untied_moe_mha": dict(TINY_MOE, num_key_value_heads=4, tie_word_embeddings=False),
+    "biases": dict(attention_bias=True, mlp_bias=True),
+    "head_dim": dict(head_dim=32),  # H*D = 128 != hidden_size
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOGIT_CASES))
+def test_logits_match_transformers(case):
+    hf = make_hf_model(**LOGIT_CASES[case])
+    ours = ours_from_hf(hf)
+    assert ours.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    a, b = both_logits(hf, ours, random_ids(2, 16, TINY["vocab_size"], seed=1))
+    assert max_abs_diff(a, b) <= TOL
+
+
+def test_left_padding_all_positions():
+    """Fully masked (pad) query rows are uniform softmaxes in both models: every position is compared."""
+    hf = make_hf_model()
+    ours = ours_from_hf(hf)
+    ids = random_ids(3, 12, TINY["vocab_size"], seed=2)
+    mask = left_pad_mask(3, 12, [0, 4, 11])
+    a, b = both_logits(hf, ours, ids, mask)
+    assert max_abs_diff(a, b) <= TOL
+    # the mask matters: the non-padded positions of padded rows differ from the unmasked forward
+    c = ours_logits(ours, ids)
+    assert max_abs_diff(b[1, 4:], c[1, 4:]) > 1e-4
+
+
+def test_dynamic_rope_past_max_positions():
+    T = 2 * TINY["max_position_embeddings"]
+    hf = make_hf_model(rope_parameters=DYNAMIC_ROPE, keep_window_size=4 * T)
+    ours = ours_from_hf(hf)
+    assert ours.config.rope_type == "dynamic" and ours.config.rope_factor == 4.0
+    ids = random_ids(1, T, TINY["vocab_size"], seed=3)
+    a, b = both_logits(hf, ours, ids)
+    assert max_abs_diff(a, b) <= TOL
+    plain = ours_logits(ours_from_hf(hf, rope_type="default", rope_factor=None), ids)
+    assert max_abs_diff(b, plain) > 1e-4  # the NTK rescaling is active
+
+
+def test_keep_window_topk():
+    """T > keep_window_size: unique ids and random nonzero A, so the top-k has no ties (spec §9.1)."""
+    hf = make_hf_model(keep_window_size=8)
+    assert all(bool((layer.self_attn.A != 0).all()) for layer in hf.model.layers)
+    ours = ours_from_hf(hf)
+    ids = unique_ids(2, 24, TINY["vocab_size"], seed=4)
+    a, b = both_logits(hf, ours, ids)
+    assert max_abs_diff(a, b) <= TOL
+    no_window = ours_logits(ours_from_hf(hf, keep_window_size=64), ids)
+    assert max_abs_diff(b[:, :8], no_window[:, :8]) <= TOL  # T <= 8 rows keep every key
+    assert max_abs_diff(b, no_window) > 1e-4  # the window is active
+
+
+def test_sliding_window():
+    hf = make_hf_model(sliding_window=5)
+    ours = ours_from_hf(hf)
+    ids = random_ids(2, 16, TINY["vocab_size"], seed=5)
+    mask = left_pad_mask(2, 16, [0, 3])
+    a, b = both_logits(hf, ours, ids, mask)
+    assert max_abs_diff(a, b) <= TOL
+    assert max_abs_diff(b, ours_logits(ours_from_hf(hf, sliding_window=None), ids, mask)) > 1e-4
+
+
+def test_keep_window_ties_keep_lower_index():
+    """Our own deterministic tie rule (spec §9.1): among equal dt the lower key index is kept."""
+    T, W = 10, 4
+    dt = torch.ones(1, 2, T)
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    bias = dynamic_mask_bias(dt, allowed, W, torch.float32)
+    kept = bias > torch.finfo(torch.float32).min
+    expect = allowed[0, 0] & (torch.arange(T)[None, :] < W)
+    assert torch.equal(kept[0, 0], expect) and torch.equal(kept[0, 1], expect)
+    assert torch.equal(bias[kept], torch.ones(int(kept.sum())))
+
+
+# ---- losses -----------------------------------------------------------------------------------------------------
+
+def _labels(ids: np.ndarray) -> torch.Tensor:
+    labels = torch.as_tensor(ids).clone()
+    labels[0, 3:6] = -100
+    labels[1, :2] = -100
+    labels[1, -1] = -100
+    return labels
+
+
+@pytest.mark.parametrize("num_items", [None, 37, "tensor"])
+def test_loss_matches_transformers(num_items):
+    hf = make_hf_model()
+    ours = ours_from_hf(hf)
+    ids = random_ids(2, 14, TINY["vocab_size"], seed=6)
+    labels = _labels(ids)
+    kw = {}
+    if num_items is not None:
+        kw["num_items_in_batch"] = torch.tensor(37) if num_items == "tensor" else num_items
+    with torch.no_grad():
+        a = hf(input_ids=torch.as_tensor(ids), labels=labels, **kw).loss
+        b = ours(torch.as_tensor(ids), labels=labels, **kw).loss
+    assert abs(a.item() - b.item()) <= TOL * max(1.0, abs(a.item()))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_moe_aux_loss(masked):
+    hf = make_hf_model(**TINY_MOE)
+    ours = ours_from_hf(hf)
+    ids = torch.as_tensor(random_ids(2, 12, TINY["vocab_size"], seed=7))
+    mask = torch.as_tensor(left_pad_mask(2, 12, [0, 5])) if masked else None
+    labels = _labels(ids.numpy())
+    with torch.no_grad():
+        a = hf(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        b = ours(ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        no_aux = ours(ids, attention_mask=mask, labels=labels)
+    assert a.aux_loss is not None and b.aux_loss is not None and no_aux.aux_loss is None
+    assert abs(a.aux_loss.item() - b.aux_loss.item()) <= TOL
+    assert abs(a.loss.item() - b.loss.item()) <= TOL
+    coef = hf.config.router_aux_loss_coef
+    assert abs(b.loss.item() - (no_aux.loss.item() + coef * b.aux_loss.item())) <= TOL
+    assert max_abs_diff(a.logits, b.logits) <= TOL
+
+
+# ---- generation -------------------------------------------------------------------------------------------------
+
+GEN_CASES = {
+    "dense": dict(),
+    "moe": dict(TINY_MOE),
+    # prompt 48 + 32 new tokens runs past max_position_embeddings=64: NTK frequencies change every step
+    "dynamic_rope": dict(rope_parameters=DYNAMIC_ROPE, keep_window_size=1024),
+    # transformers keeps a sliding-window cache (only the last keys); we keep all keys and mask (same function)
+    "sliding_window": dict(sliding_window=6),
+}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("case", sorted(GEN_CASES))
+def test_greedy_generation_matches_transformers(case, use_cache):
+    hf = make_hf_model(**GEN_CASES[case])
+    ours = ours_from_hf(hf)
+    P = 48 if case == "dynamic_rope" else 10
+    ids = torch.as_tensor(random_ids(2, P, TINY["vocab_size"], seed=8))
+    mask = torch.as_tensor(left_pad_mask(2, P, [0, 3]))
+    # eos/pad are None in the config; pad_token_id only silences transformers (no row ever finishes)
+    ref = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32, pad_token_id=0,
+                      use_cache=use_cache)
+    got = generate(ours, ids, mask, max_new_tokens=32, use_cache=use_cache)
+    assert ref.shape == (2, P + 32)
+    assert torch.equal(got, ref), (got[:, P:], ref[:, P:])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_eos_matches_transformers(use_cache):
+    """Rows that emit EOS are padded with pad_token_id; generation stops when every row is done."""
+    hf = make_hf_model()
+    ours = ours_from_hf(hf)
+    ids = torch.as_tensor(random_ids(2, 10, TINY["vocab_size"], seed=8))
+    mask = torch.as_tensor(left_pad_mask(2, 10, [0, 3]))
+    free = generate(ours, ids, mask, max_new_tokens=32)
+    eos = int(free[0, 13])  # the 4th new token of row 0
+    ref = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=32, pad_token_id=0,
+                      eos_token_id=eos, use_cache=use_cache)
+    got = generate(ours, ids, mask, max_new_tokens=32, eos_token_id=eos, pad_token_id=0, use_cache=use_cache)
+    assert torch.equal(got, ref), (got[:, 10:], ref[:, 10:])
+    assert bool((got[0, 14:] == 0).all())
+    # the bound method (pad falls back to EOS) stops once the single row is done
+    one = ours.generate(ids[:1], max_new_tokens=32, eos_token_id=eos)
+    first = int((free[0, 10:] == eos).nonzero()[0, 0]) + 10
+    assert torch.equal(one, free[:1, : first + 1])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 10, 0.9), (1.3, None, 0.5), (1.0, 5, None), (0.5, 0, 1.0)])
+def test_sampling_distribution_matches_transformers_warpers(monkeypatch, temperature, top_k, top_p):
+    """do_sample: the distribution handed to multinomial equals transformers' temperature -> top-k -> top-p."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from doge_torch.generate import sample_next
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    seen = {}
+    real = torch.multinomial
+
+    def spy(probs, n, generator=None):
+        seen["p"] = probs
+        return real(probs, n, generator=generator)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    tok = sample_next(logits, True, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    procs = [TemperatureLogitsWarper(temperature)]
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p))
+    ref = LogitsProcessorList(procs)(None, logits.clone()).softmax(-1)
+    assert max_abs_diff(seen["p"], ref) <= 1e-7
+    assert bool((ref.gather(-1, tok[:, None]) > 0).all())
+
+
+def test_sampling_is_seeded():
+    ours = ours_from_hf(make_hf_model())
+    ids = torch.as_tensor(random_ids(2, 6, TINY["vocab_size"], seed=3))
+    a = ours.generate(ids, max_new_tokens=12, do_sample=True, seed=1)
+    assert torch.equal(a, ours.generate(ids, max_new_tokens=12, do_sample=True, seed=1))
+    assert not torch.equal(a, ours.generate(ids, max_new_tokens=12, do_sample=True, seed=2))
+    greedy = ours.generate(ids, max_new_tokens=12)
+    assert torch.equal(greedy, ours.generate(ids, max_new_tokens=12, do_sample=True, top_k=1, seed=5))
+
+
+def test_gradients_match_transformers():
+    """Training-mode backward of CE + aux loss through MoE, biases and the keep-window top-k (unique ids)."""
+    hf = make_hf_model(**TINY_MOE, attention_bias=True, mlp_bias=True, keep_window_size=8)
+    ours = ours_from_hf(hf)
+    hf.train()
+    ours.train()
+    ids = torch.as_tensor(unique_ids(2, 16, TINY["vocab_size"], seed=2))
+    mask = torch.as_tensor(left_pad_mask(2, 16, [0, 3]))
+    la = hf(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True).loss
+    lb = ours(ids, attention_mask=mask, labels=ids, output_router_logits=True).loss
+    la.backward()
+    lb.backward()
+    assert abs(la.item() - lb.item()) <= TOL
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None, name
+        assert max_abs_diff(p.grad, theirs[name].grad) <= TOL, name
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["tied", "moe_dynamic"])
+def test_save_load_roundtrip_with_transformers(tmp_path, case):
+    over = dict(tie_word_embeddings=True) if case == "tied" else dict(TINY_MOE, rope_parameters=DYNAMIC_ROPE)
+    hf = make_hf_model(**over)
+    ids = random_ids(2, 12, TINY["vocab_size"], seed=10)
+    ref = ours_logits(ours_from_hf(hf), ids)
+    # transformers -> doge_torch
+    ours = DogeForCausalLM.from_pretrained(save_hf(hf, tmp_path / "hf"))
+    assert max_abs_diff(ours_logits(ours, ids), ref) <= TOL
+    # doge_torch -> transformers
+    ours.save_pretrained(str(tmp_path / "ours"))
+    files = set(os.listdir(tmp_path / "ours"))
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= files
+    hf2 = transformers.DogeForCausalLM.from_pretrained(str(tmp_path / "ours"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        got = hf2(input_ids=torch.as_tensor(ids)).logits.numpy()
+    assert max_abs_diff(got, ref) <= TOL
+    assert hf2.config.rope_parameters["rope_type"] == ("dynamic" if case == "moe_dynamic" else "default")
+    if case == "tied":
+        with safetensors.safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in f.keys()
+
+
+def test_sharded_save(tmp_path):
+    hf = make_hf_model()
+    ours = ours_from_hf(hf)
+    out = tmp_path / "sharded"
+    ours.save_pretrained(str(out), max_shard_size="40KB")
+    files = sorted(os.listdir(out))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files and len(shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ours.state_dict()) and set(index["weight_map"].values()) == set(shards)
+    back = DogeForCausalLM.from_pretrained(str(out))
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    hf2 = transformers.DogeForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    ids = random_ids(2, 10, TINY["vocab_size"], seed=11)
+    assert max_abs_diff(ours_logits(back, ids), ours_logits(ours, ids)) <= TOL
+    assert max_abs_diff(both_logits(hf2, back, ids)[0], ours_logits(ours, ids)) <= TOL
+    os.remove(out / shards[-1])
+    with pytest.raises(CheckpointError, match=shards[-1]):
+        DogeForCausalLM.from_pretrained(str(out))
+
+
+def _failing_writer(*args, **kwargs):
+    """Stands in for safetensors' save_file: writes a partial file, then fails like a full disk."""
+    filename = args[1] if len(args) > 1 else kwargs["filename"]
+    with open(filename, "wb") as f:
+        f.write(b"\x00" * 64)
+    raise OSError("simulated write failure")
+
+
+def test_failed_save_is_atomic(tmp_path, monkeypatch):
+    ours = ours_from_hf(make_hf_model())
+    existing = tmp_path / "existing"
+    ours.save_pretrained(str(existing))
+    before = {f: (existing / f).read_bytes() for f in os.listdir(existing)}
+    monkeypatch.setattr(safetensors.torch, "save_file", _failing_writer)
+    with pytest.raises(OSError, match="simulated"):
+        ours.save_pretrained(str(tmp_path / "fresh"))
+    with pytest.raises(OSError, match="simulated"):
+        ours.save_pretrained(str(existing))
+    with pytest.raises(OSError, match="simulated"):
+        ours.save_pretrained(str(tmp_path / "fresh_sharded"), max_shard_size="40KB")
+    assert sorted(os.listdir(tmp_path)) == ["existing"]  # no partial or temporary directories
+    assert {f: (existing / f).read_bytes() for f in os.listdir(existing)} == before
+    monkeypatch.undo()
+    assert max_abs_diff(ours_logits(DogeForCausalLM.from_pretrained(str(existing)), [[1, 2, 3]]),
+                        ours_logits(ours, [[1, 2, 3]])) == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1, TINY["vocab_size"], 10**6])
+def test_bad_token_ids(bad):
+    ours = ours_from_hf(make_hf_model())
+    ids = torch.tensor([[1, 2, bad, 3]])
+    with pytest.raises(ValueError, match="vocab"):
+        ours(ids)
+    with pytest.raises(ValueError, match="vocab"):
+        ours.generate(ids, max_new_tokens=2)
+
+
+def _rewrite_weights(path, edit) -> None:
+    f = os.path.join(path, "model.safetensors")
+    sd = safetensors.torch.load_file(f)
+    edit(sd)
+    safetensors.torch.save_file(sd, f, metadata={"format": "pt"})
+
+
+def test_checkpoint_key_errors(tmp_path):
+    path = save_hf(make_hf_model(), tmp_path / "ck")
+
+    def edit(sd):
+        del sd["model.layers.1.self_attn.k_norm.weight"]
+        sd["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)
+        sd["model.layers.0.self_attn.A"] = torch.zeros(5)
+
+    _rewrite_weights(path, edit)
+    with pytest.raises(CheckpointError) as e:
+        DogeForCausalLM.from_pretrained(path)
+    msg = str(e.value)
+    assert "missing keys" in msg and "model.layers.1.self_attn.k_norm.weight" in msg
+    assert "unexpected keys" in msg and "model.layers.0.self_attn.extra.weight" in msg
+    assert "wrong shapes" in msg and "model.layers.0.self_attn.A" in msg and "(2,)" in msg and "(5,)" in msg
+
+
+@pytest.mark.parametrize("keep", [0.5, 16])
+def test_truncated_safetensors(tmp_path, keep):
+    path = save_hf(make_hf_model(), tmp_path / "ck")
+    f = os.path.join(path, "model.safetensors")
+    size = os.path.getsize(f)
+    n = int(size * keep) if isinstance(keep, float) else keep
+    with open(f, "r+b") as fh:
+        fh.truncate(n)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        DogeForCausalLM.from_pretrained(path)
+
+
+def test_native_checkpoint_refuses_small_doge_variant(tmp_path):
+    path = save_hf(make_hf_model(), tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="q_norm"):
+        DogeForCausalLM.from_pretrained(path, variant="small_doge")
+
+
+# ---- small-doge variant (spec §2.1 b) and legacy names (§2.2 c) -------------------------------------------------
+
+def make_small_doge(seed: int = 0, **overrides) -> DogeForCausalLM:
+    cfg = DogeConfig(**{**TINY, **overrides, "variant": "small_doge"})
+    torch.manual_seed(seed)
+    model = DogeForCausalLM(cfg)
+    model.init_weights(seed=seed)
+    perturb_(model, seed)
+    return model.eval()
+
+
+def test_small_doge_shapes():
+    m = make_small_doge()
+    H, G, D = TINY["num_attention_heads"], TINY["num_key_value_heads"], TINY["hidden_size"] // 4
+    attn = m.model.layers[0].self_attn
+    assert attn.A.shape == (H,)
+    assert attn.dt_proj.weight.shape == (H, G * D)
+    assert not hasattr(attn, "q_norm") and not hasattr(attn, "k_norm")
+    assert not any("q_norm" in k or "k_norm" in k for k in m.state_dict())
+    native = ours_from_hf(make_hf_model())
+    assert native.model.layers[0].self_attn.A.shape == (G,)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_small_doge_roundtrip(tmp_path, moe):
+    m = make_small_doge(**(TINY_MOE if moe else {}))
+    ids = random_ids(2, 12, TINY["vocab_size"], seed=12)
+    m.save_pretrained(str(tmp_path / "sd"))
+    cfg_json = json.loads((tmp_path / "sd" / "config.json").read_text())
+    back = DogeForCausalLM.from_pretrained(str(tmp_path / "sd"))
+    assert back.config == m.config
+    assert max_abs_diff(ours_logits(back, ids), ours_logits(m, ids)) == 0.0
+    # detection from the weight names alone (config.json without our variant hint)
+    cfg_json.pop("doge_variant")
+    (tmp_path / "sd" / "config.json").write_text(json.dumps(cfg_json))
+    assert DogeForCausalLM.from_pretrained(str(tmp_path / "sd")).config.variant == "small_doge"
+
+
+LEGACY_PATTERNS = (
+    ("model.embed_tokens.weight", "model.word_embed.weight"),
+    ("model.norm.weight", "model.final_layernorm.weight"),
+    (".input_layernorm.weight", ".pre_layernorm.weight"),
+    (".input_residual", ".pre_residual.weight"),
+    (".post_attention_layernorm.weight", ".post_layernorm.weight"),
+    (".post_attention_residual", ".post_residual.weight"),
+    (".mlp.", ".feed_forward."),
+)
+
+
+def to_legacy_name(key: str) -> str:
+    for new, old in LEGACY_PATTERNS:
+        if key == new or (new.startswith(".") and new in key):
+            return key.replace(new, old)
+    return key
+
+
+def test_legacy_checkpoint_loads_as_small_doge(tmp_path):
+    m = make_small_doge(rope_type="dynamic", rope_factor=4.0, tie_word_embeddings=True, **TINY_MOE)
+    sd = {to_legacy_name(k): v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+    assert all(rename_legacy(k) in m.state_dict() for k in sd)  # our renaming is the inverse of the table
+    assert "model.layers.0.feed_forward.router_gate.weight" in sd and "model.layers.1.pre_residual.weight" in sd
+    for i in range(TINY["num_hidden_layers"]):  # Mar-Apr 2025 MoE checkpoints carried a router bias
+        sd[f"model.layers.{i}.feed_forward.router_gate.bias"] = torch.randn(8)
+    out = tmp_path / "legacy"
+    out.mkdir()
+    safetensors.torch.save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    legacy_cfg = {
+        "architectures": ["DogeForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_doge.DogeConfig",
+                     "AutoModelForCausalLM": "modeling_doge.DogeForCausalLM"},
+        "model_type": "doge", "transformers_version": "4.47.1", "torch_dtype": "float32",
+        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
+        "hidden_bias": False, "dynamic_mask_ratio": 0.0, "hidden_dropout": 0.0, "hidden_act": "silu",
+        "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True, "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 2048},
+        "attention_dropout": 0.0, "norm_topk_prob": False, "output_router_logits": False,
+        "router_aux_loss_coef": 0.001,
+        **{k: v for k, v in TINY.items()}, **TINY_MOE,
+    }
+    (out / "config.json").write_text(json.dumps(legacy_cfg))
+    loaded = DogeForCausalLM.from_pretrained(str(out))
+    c = loaded.config
+    assert c.variant == "small_doge" and c.rope_type == "dynamic" and c.rope_factor == 4.0
+    assert not c.attention_bias and not c.mlp_bias and c.is_moe and c.tie_word_embeddings
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (0, 1, 2)
+    for T in (12, 2 * TINY["max_position_embeddings"]):  # T=128 also exercises the dynamic RoPE
+        ids = random_ids(2, T, TINY["vocab_size"], seed=13)
+        assert max_abs_diff(ours_logits(loaded, ids), ours_logits(m, ids)) == 0.0
+
+
+# ---- training-mode dropout, bf16 --------------------------------------------------------------------------------
+
+def test_dropout_train_vs_eval():
+    hf = make_hf_model(hidden_dropout=0.1)
+    ours = ours_from_hf(hf)
+    ids = random_ids(2, 10, TINY["vocab_size"], seed=14)
+    ours.train()
+    assert max_abs_diff(ours_logits(ours, ids), ours_logits(ours, ids)) > 1e-4
+    ours.eval()
+    assert max_abs_diff(ours_logits(ours, ids), ours_logits(ours, ids)) == 0.0
+    a, b = both_logits(hf, ours, ids)
+    assert max_abs_diff(a, b) <= TOL
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_bf16(tmp_path, moe):
+    path = save_hf(make_hf_model(**(TINY_MOE if moe else {})), tmp_path / "ck")
+    ids = torch.as_tensor(random_ids(2, 16, TINY["vocab_size"], seed=15))
+    ours32 = DogeForCausalLM.from_pretrained(path)
+    ours16 = DogeForCausalLM.from_pretrained(path, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in ours16.parameters())
+    hf16 = transformers.DogeForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                        dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        l32 = ours32(ids).logits
+        l16 = ours16(ids).logits
+        ref16 = hf16(input_ids=ids).logits
+    assert l16.dtype == torch.bfloat16 and ref16.dtype == torch.bfloat16
+    # same ops in the same order as transformers: bf16 results agree to fp32 round-off of the few fp32 steps
+    assert max_abs_diff(l16.float().numpy(), ref16.float().numpy()) <= TOL
+    # bf16 vs fp32: a few bf16 ulps (2^-8 relative) of the logit scale
+    scale = float(l32.abs().max())
+    assert max_abs_diff(l16.float().numpy(), l32.numpy()) <= 3e-2 * scale
