@@ -64,6 +64,6 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, dt: jax.Array,
 def attention(q, k, v, dt, allowed, keep_window: int, impl: str = "reference", dropout_rate: float = 0.0,
               dropout_rng=None, num_keys=None) -> jax.Array:
     """Dispatch to an attention implementation (only `reference` so far)."""
-    if impl != "reference":
+    if impl not in ("reference", "auto"):
         raise ValueError(f"attention impl {impl!r} is not available (have: reference)")
     return attention_reference(q, k, v, dt, allowed, keep_window, dropout_rate, dropout_rng, num_keys)

@@ -15,6 +15,7 @@ from typing import Any
 
 VARIANTS = ("native", "small_doge")
 ROPE_TYPES = ("default", "dynamic")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "fused")
 # Keys of old Hub configs that carry no meaning any more (spec §1.1); accepted and dropped.
 _DEAD_HF_KEYS = {
     "expert_retrieval_size", "num_cdmmoe_experts", "num_cdmmoe_heads", "num_cdmmoe_experts_per_head",
@@ -74,6 +75,8 @@ class DogeConfig:
     # "native" = transformers DogeForCausalLM (q/k norm, dynamic-mask heads = kv heads);
     # "small_doge" = small-doge remote code (no q/k norm, dynamic-mask heads = query heads). Spec §2.
     variant: str = "native"
+    # Runtime choice, not part of the checkpoint: reference | blockwise | fused | auto (issue 5).
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -138,6 +141,8 @@ class DogeConfig:
             bad("rope_factor", "dynamic RoPE needs a factor >= 1")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             bad("sliding_window", "must be None or an integer >= 1")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            bad("attention_impl", f"must be one of {ATTENTION_IMPLS}")
         if self.variant not in VARIANTS:
             bad("variant", f"must be one of {VARIANTS}")
         if self.is_moe:
@@ -189,7 +194,8 @@ class DogeConfig:
         if mt not in ("doge", None):
             raise ConfigError(f"config.json model_type={mt!r}: not a Doge checkpoint")
         out: dict[str, Any] = {}
-        names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_type", "rope_factor", "variant"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_type", "rope_factor", "variant",
+                                                             "attention_impl"}
         for k in names:
             if k in d:
                 out[k] = d[k]
@@ -224,7 +230,7 @@ class DogeConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A `config.json` dict that transformers 5.23 reads (native) and older readers understand too."""
         d = self.to_dict()
-        for k in ("rope_theta", "rope_type", "rope_factor", "variant", "head_dim"):
+        for k in ("rope_theta", "rope_type", "rope_factor", "variant", "head_dim", "attention_impl"):
             d.pop(k)
         if self.head_dim is not None:
             d["head_dim"] = self.head_dim

@@ -142,7 +142,8 @@ class DogeAttention(nnx.Module):
             dt = jax.lax.dynamic_update_slice_in_dim(cache.dt, dt.astype(cache.dt.dtype), index, axis=2)
             cache = LayerCache(k, v, dt)
         rate = cfg.attention_dropout if dropout_rng is not None else 0.0
-        o = attention(q, k, v, dt, allowed, cfg.keep_window_size, dropout_rate=rate, dropout_rng=dropout_rng,
+        o = attention(q, k, v, dt, allowed, cfg.keep_window_size, impl=cfg.attention_impl, dropout_rate=rate,
+                      dropout_rng=dropout_rng,
                       num_keys=None if cache is None else index + S)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, S, H * D)), cache
 
