@@ -78,7 +78,12 @@ def load_hf_arrays(path: str, variant: str | None = None, config: DogeConfig | N
 
 
 def from_pretrained(path: str, dtype=None, variant: str | None = None, config: DogeConfig | None = None):
-    """Load a doge_jax DogeForCausalLM from an HF directory (native, small_doge or legacy names)."""
+    """Load a doge_jax DogeForCausalLM from an HF directory (native, small_doge or legacy names) or an orbax
+    checkpoint (model-only, training run directory (latest step) or step directory)."""
+    from . import checkpoint
+
+    if checkpoint.is_orbax_checkpoint(path):
+        return checkpoint.load_model(path, dtype=resolve_dtype(dtype))
     config, arrays = load_hf_arrays(path, variant, config)
     dtype = resolve_dtype(dtype)
     model = abstract_model(config)

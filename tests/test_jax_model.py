@@ -395,3 +395,16 @@ def test_init_follows_spec():
     assert np.all(np.asarray(p[("model", "layers", "input_residual")]) == 1)
     q = np.asarray(p[("model", "layers", "self_attn", "q_proj", "kernel")])
     assert q.shape == (3, 32, 32) and not np.array_equal(q[0], q[1])  # layers initialised independently
+
+
+def test_orbax_checkpoint_roundtrip(tmp_path):
+    from doge_jax.checkpoint import save_model
+
+    model = _load(make_hf_model(**TINY_MOE), tmp_path)
+    save_model(model, str(tmp_path / "orbax"))
+    again = DogeForCausalLM.from_pretrained(str(tmp_path / "orbax"))
+    assert again.config == model.config
+    for k, a in flat_params(model).items():
+        assert np.array_equal(np.asarray(a), np.asarray(flat_params(again)[k])), k
+    half = DogeForCausalLM.from_pretrained(str(tmp_path / "orbax"), dtype="bfloat16")
+    assert all(a.dtype == jnp.bfloat16 for a in flat_params(half).values())
