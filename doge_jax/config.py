@@ -16,6 +16,7 @@ from typing import Any
 VARIANTS = ("native", "small_doge")
 ROPE_TYPES = ("default", "dynamic")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "fused")
+REMAT_POLICIES = ("none", "full", "dots_saveable")
 # Keys of old Hub configs that carry no meaning any more (spec §1.1); accepted and dropped.
 _DEAD_HF_KEYS = {
     "expert_retrieval_size", "num_cdmmoe_experts", "num_cdmmoe_heads", "num_cdmmoe_experts_per_head",
@@ -77,6 +78,8 @@ class DogeConfig:
     variant: str = "native"
     # Runtime choice, not part of the checkpoint: reference | blockwise | fused | auto (issue 5).
     attention_impl: str = "auto"
+    # Runtime choice: rematerialise each layer in the backward pass (none | full | dots_saveable).
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -143,6 +146,8 @@ class DogeConfig:
             bad("sliding_window", "must be None or an integer >= 1")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad("attention_impl", f"must be one of {ATTENTION_IMPLS}")
+        if self.remat not in REMAT_POLICIES:
+            bad("remat", f"must be one of {REMAT_POLICIES}")
         if self.variant not in VARIANTS:
             bad("variant", f"must be one of {VARIANTS}")
         if self.is_moe:
@@ -195,7 +200,7 @@ class DogeConfig:
             raise ConfigError(f"config.json model_type={mt!r}: not a Doge checkpoint")
         out: dict[str, Any] = {}
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_type", "rope_factor", "variant",
-                                                             "attention_impl"}
+                                                             "attention_impl", "remat"}
         for k in names:
             if k in d:
                 out[k] = d[k]
@@ -230,7 +235,7 @@ class DogeConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A `config.json` dict that transformers 5.23 reads (native) and older readers understand too."""
         d = self.to_dict()
-        for k in ("rope_theta", "rope_type", "rope_factor", "variant", "head_dim", "attention_impl"):
+        for k in ("rope_theta", "rope_type", "rope_factor", "variant", "head_dim", "attention_impl", "remat"):
             d.pop(k)
         if self.head_dim is not None:
             d["head_dim"] = self.head_dim

@@ -356,6 +356,9 @@ class DogeForCausalLM(nnx.Module):
             h, lcache, router = layer(h, cos, sin, allowed, lcache, start, rng)
             return h, (lcache, router)
 
+        if cfg.remat != "none":
+            policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots_saveable" else None
+            body = jax.checkpoint(body, policy=policy)
         x, (layer_caches, router) = jax.lax.scan(
             body, x, (layer_state, cache.layers if cache is not None else None, rngs))
         x = self.model.norm(x)

@@ -51,12 +51,13 @@ def test_all_configs_present():
 def test_loads_with_exact_fields(path):
     raw = _raw(path)
     assert set(raw) == {"model", "train"}
-    # every checkpoint field spelled out; attention_impl is a runtime choice and may be left to "auto"
-    fields = [f.name for f in dataclasses.fields(DogeConfig) if f.name != "attention_impl"]
-    assert sorted(set(raw["model"]) - {"attention_impl"}) == sorted(fields), "model: keys must be the DogeConfig fields"
+    # every checkpoint field spelled out; attention_impl and remat are runtime choices with defaults
+    runtime = {"attention_impl", "remat"}
+    fields = [f.name for f in dataclasses.fields(DogeConfig) if f.name not in runtime]
+    assert sorted(set(raw["model"]) - runtime) == sorted(fields), "model: keys must be the DogeConfig fields"
     cfg = DogeConfig.from_yaml(path)
     # nothing defaulted, nothing coerced (e.g. "1e4" read as a string)
-    assert cfg.to_dict() == {"attention_impl": "auto", **raw["model"]}
+    assert cfg.to_dict() == {"attention_impl": "auto", "remat": "none", **raw["model"]}
     assert cfg.variant == EXPECTED_VARIANT[path.name]
     assert cfg.tie_word_embeddings
 

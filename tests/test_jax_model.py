@@ -408,3 +408,14 @@ def test_orbax_checkpoint_roundtrip(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(flat_params(again)[k])), k
     half = DogeForCausalLM.from_pretrained(str(tmp_path / "orbax"), dtype="bfloat16")
     assert all(a.dtype == jnp.bfloat16 for a in flat_params(half).values())
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_gives_same_gradients(tmp_path, remat):
+    path = save_hf(make_hf_model(), tmp_path / "m")
+    ids = unique_ids(2, 16, 128, seed=16)
+    plain = _jax_grads(DogeForCausalLM.from_pretrained(path), ids, ids)
+    cfg = DogeForCausalLM.from_pretrained(path).config.replace(remat=remat)
+    again = _jax_grads(DogeForCausalLM.from_pretrained(path, config=cfg), ids, ids)
+    for k, g in plain.items():
+        assert _rel(again[k], g) <= 1e-6, k
