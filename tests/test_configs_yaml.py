@@ -24,7 +24,7 @@ SPEC_PARAMS = {
     "doge-40m-moe.yaml": "43.5",
 }
 # Published weights are legacy remote-code checkpoints (spec §1.2, §2.1 c) -> small_doge; HEAD recipes are native.
-EXPECTED_VARIANT = {name: "small_doge" for name in SPEC_PARAMS} | {"doge-40m-moe.yaml": "native", "tiny.yaml": "native"}
+EXPECTED_VARIANT = {name: "native" for name in SPEC_PARAMS} | {"tiny.yaml": "native"}
 
 TRAIN_INT = ("seq_len", "global_batch_tokens", "grad_accum", "num_training_steps", "num_warmup_steps",
              "num_decay_steps", "seed")
