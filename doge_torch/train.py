@@ -1,0 +1,230 @@
+"""Training doge_torch with the Hugging Face recipe (spec §6): the step, and a minimal command-line loop.
+
+`train_step` is one optimizer step with gradient accumulation as the transformers 5.23 Trainer does it: every
+micro-batch loss is CE_sum / num_items_in_batch, where num_items_in_batch counts the non-ignored shifted labels
+of *all* micro-batches of the step, so the step gradient is that of the token mean over the whole step; then
+torch's global-norm clipping, AdamW and the LR scheduler.
+
+    python -m doge_torch.train --config configs/tiny.yaml --data tokens.npy [--bf16] [--compile] [--out DIR]
+
+reads the same YAML as doge_jax (`model:` -> DogeConfig, `train:` -> optimizer and WSD schedule). Data: 1-D
+pre-tokenized `.npy` files, or text files with `--tokenizer tokenizer.json`; all tokens are concatenated and cut
+into rows of `seq_len` (packing without document masking, spec §6.4), shuffled with the train seed. With `--out`,
+metrics go to OUT/metrics.jsonl and the final model to OUT/final. No checkpoint/resume: doge_jax owns long runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from doge_jax.config import DogeConfig
+
+from .model import DogeForCausalLM
+from .optim import clip_grad_norm, make_optimizer, wsd_scheduler
+
+IGNORE_INDEX = -100
+
+
+def _as_batch(mb: Any) -> dict[str, torch.Tensor]:
+    """A micro-batch given as a dict (input_ids, optional labels / attention_mask), an (ids, labels) pair or ids."""
+    if isinstance(mb, dict):
+        batch = dict(mb)
+    elif isinstance(mb, (tuple, list)):
+        batch = {"input_ids": mb[0], "labels": mb[1]}
+    else:
+        batch = {"input_ids": mb}
+    batch.setdefault("labels", batch["input_ids"])
+    return batch
+
+
+def count_items(micro_batches: Sequence[Any]) -> torch.Tensor:
+    """num_items_in_batch: labels[..., 1:] != -100 summed over every micro-batch of the step (spec §6.2)."""
+    return sum((_as_batch(mb)["labels"][..., 1:] != IGNORE_INDEX).sum() for mb in micro_batches)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None, micro_batches: Sequence[Any],
+               max_grad_norm: float | None = 1.0, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """One optimizer step over `micro_batches` (gradient accumulation); returns loss, grad_norm, lr, num_items.
+
+    `loss` is the sum of the micro-batch losses, i.e. the token-mean loss of the whole step (plus the MoE aux term
+    of every micro-batch when the config enables it). `lr` is the learning rate this update used; `grad_norm` the
+    global norm before clipping. `autocast_dtype` (e.g. torch.bfloat16) runs the forward under autocast.
+    """
+    batches = [_as_batch(mb) for mb in micro_batches]
+    if not batches:
+        raise ValueError("train_step: no micro-batches")
+    device = next(model.parameters()).device
+    num_items = count_items(batches).to(device)
+    if int(num_items) == 0:
+        raise ValueError("train_step: every label of the step is -100 (num_items_in_batch would be 0)")
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for b in batches:
+        mask = b.get("attention_mask")
+        with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+              else contextlib.nullcontext()):
+            out = model(b["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device),
+                        labels=b["labels"].to(device), num_items_in_batch=num_items)
+        out.loss.backward()
+        total += out.loss.detach().float()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = clip_grad_norm(params, max_grad_norm if max_grad_norm is not None else math.inf)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return {"loss": float(total), "grad_norm": float(norm), "lr": float(lr), "num_items": int(num_items)}
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None) -> np.ndarray:
+    """All tokens of `files` as one int64 stream: `.npy` files hold 1-D token ids; any other file is text,
+    tokenized with `tokenizer` (a tokenizer.json) plus EOS when the config has one and it is not already last."""
+    parts = []
+    tok = None
+    for path in files:
+        if path.endswith(".npy"):
+            arr = np.load(path, mmap_mode="r")
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"{path}: expected a 1-D integer token array, got {arr.dtype}{list(arr.shape)}")
+            parts.append(np.asarray(arr, dtype=np.int64))
+            continue
+        if tokenizer is None:
+            raise ValueError(f"{path}: text data needs --tokenizer PATH/tokenizer.json (or pass pre-tokenized .npy)")
+        if tok is None:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(tokenizer)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            ids = tok.encode(f.read()).ids
+        if eos_token_id is not None and (not ids or ids[-1] != eos_token_id):
+            ids.append(eos_token_id)
+        parts.append(np.asarray(ids, dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def batches(tokens: np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: int,
+            pad_token_id: int | None = None) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Endless optimizer steps: `grad_accum` micro-batches of [rows, seq_len] chunks of the stream, in a seeded
+    shuffled order (reshuffled every epoch). Labels = input_ids, with pad tokens ignored (collator rule)."""
+    n = len(tokens) // seq_len
+    if n < rows * grad_accum:
+        raise ValueError(f"data has {len(tokens)} tokens = {n} rows of seq_len={seq_len}; a step needs "
+                         f"{rows * grad_accum} (rows {rows} x grad_accum {grad_accum})")
+    chunks = torch.from_numpy(np.ascontiguousarray(tokens[:n * seq_len]).reshape(n, seq_len))
+    gen = torch.Generator().manual_seed(seed)
+    order, pos = torch.randperm(n, generator=gen), 0
+    while True:
+        step = []
+        for _ in range(grad_accum):
+            if pos + rows > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            ids = chunks[order[pos:pos + rows]]
+            pos += rows
+            labels = ids.clone()
+            if pad_token_id is not None:
+                labels[ids == pad_token_id] = IGNORE_INDEX
+            step.append({"input_ids": ids, "labels": labels})
+        yield step
+
+
+# ---- command line -------------------------------------------------------------------------------------------------
+def read_train_section(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return dict(data.get("train") or {})
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
+    ap = argparse.ArgumentParser(prog="python -m doge_torch.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="YAML with model: and train: sections (configs/*.yaml)")
+    ap.add_argument("--data", nargs="+", required=True, help=".npy token files, or text files with --tokenizer")
+    ap.add_argument("--tokenizer", help="tokenizer.json for text data")
+    ap.add_argument("--init-from", help="start from this HF directory instead of a fresh init")
+    ap.add_argument("--max-steps", type=int, help="stop after this many steps (schedule unchanged)")
+    ap.add_argument("--out", help="write metrics.jsonl and the final model (OUT/final, an HF directory) here")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 parameters and optimizer)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--log-every", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    cfg = DogeConfig.from_yaml(args.config)
+    tr = read_train_section(args.config)
+    seq_len, grad_accum = int(tr.get("seq_len", 2048)), int(tr.get("grad_accum", 1))
+    rows = int(tr.get("global_batch_tokens", seq_len * grad_accum)) // (seq_len * grad_accum)
+    if rows < 1:
+        raise SystemExit(f"train.global_batch_tokens is less than seq_len x grad_accum = {seq_len * grad_accum}")
+    steps = int(tr["num_training_steps"])
+    max_steps = min(steps, args.max_steps) if args.max_steps is not None else steps
+    seed = int(tr.get("seed", 233))
+
+    torch.manual_seed(seed)
+    device = torch.device(args.device)
+    if args.init_from:
+        model = DogeForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        cfg = model.config
+    else:
+        model = DogeForCausalLM(cfg)
+    model = model.to(device).train()
+    optimizer = make_optimizer(model, float(tr.get("peak_lr", 1e-3)), weight_decay=float(tr.get("weight_decay", 0.01)),
+                               b1=float(tr.get("adam_b1", 0.9)), b2=float(tr.get("adam_b2", 0.95)),
+                               eps=float(tr.get("adam_eps", 1e-8)))
+    scheduler = wsd_scheduler(optimizer, int(tr.get("num_warmup_steps", 0)), int(tr.get("num_decay_steps", 0)),
+                              steps, warmup_type=tr.get("warmup_type", "linear"),
+                              decay_type=tr.get("decay_type", "linear"), min_lr_ratio=float(tr.get("min_lr_ratio", 0)))
+    step_model = torch.compile(model) if args.compile else model
+
+    eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+    tokens = load_tokens(args.data, args.tokenizer, eos)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise SystemExit(f"token ids span [{tokens.min()}, {tokens.max()}] but vocab_size is {cfg.vocab_size}")
+    data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id)
+    autocast = torch.bfloat16 if args.bf16 else None
+    max_norm = float(tr.get("max_grad_norm", 1.0))
+    print(f"doge_torch.train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(tokens)} tokens, "
+          f"{max_steps} steps of {grad_accum} x [{rows}, {seq_len}] on {device}"
+          f"{' bf16' if args.bf16 else ''}{' compiled' if args.compile else ''}", flush=True)
+
+    metrics_file = None
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+    history = []
+    try:
+        for step in range(max_steps):
+            t0 = time.perf_counter()
+            m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast)
+            m.update(step=step, tokens_per_s=grad_accum * rows * seq_len / (time.perf_counter() - t0))
+            history.append(m)
+            if metrics_file:
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
+            if step % args.log_every == 0 or step == max_steps - 1:
+                print(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
+                      f"{m['tokens_per_s']:.0f} tok/s", flush=True)
+            if not math.isfinite(m["loss"]):
+                raise SystemExit(f"non-finite loss at step {step}")
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    if args.out:
+        model.save_pretrained(os.path.join(args.out, "final"))
+    return history
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
