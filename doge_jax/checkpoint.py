@@ -151,3 +151,135 @@ def save_model(model, path: str, overwrite: bool = True) -> None:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS), params)
             ckptr.wait_until_finished()
+
+
+# ---- streaming access for the converters (convert/) ------------------------------------------------------------
+
+def param_metadata(path: str, step: int | None = None) -> tuple[str, str, dict[tuple[str, ...], tuple]]:
+    """(params directory, config.json path, {Flax path: (shape, dtype)}) without reading any array."""
+    import orbax.checkpoint as ocp
+
+    params_dir, cfg_path = resolve(path, step)
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(params_dir)
+    except Exception as e:
+        raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: {e})") from None
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    out = {}
+    for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out[tuple(str(getattr(k, "key", k)) for k in p)] = (tuple(v.shape), v.dtype)
+    return params_dir, cfg_path, out
+
+
+def _nest(path: tuple[str, ...], leaf) -> dict:
+    tree = leaf
+    for k in reversed(path):
+        tree = {k: tree}
+    return tree
+
+
+def read_param(params_dir: str, path: tuple[str, ...]):
+    """One parameter array (numpy) of an orbax parameter tree, restoring only that leaf."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+                item=_nest(path, 0), restore_args=_nest(path, ocp.RestoreArgs(restore_type=np.ndarray)),
+                partial_restore=True))
+    except Exception as e:
+        raise CheckpointError(f"{params_dir}: cannot restore {'.'.join(path)} ({type(e).__name__}: {e})") from None
+    for k in path:
+        out = out[k]
+    return out
+
+
+def save_param_tree(params_dir: str, tree: dict, concurrent_gb: float = 0.25) -> None:
+    """Write a parameter tree (nested dicts of numpy or JAX arrays) as the `params/` item of a model-only
+    checkpoint; `params_dir` must not exist (callers wrap the whole checkpoint in hf_io.atomic_output_dir).
+
+    Same layout as save_model (orbax PyTree, OCDBT; load_params reads both), but numpy leaves are written from
+    the caller's arrays (orbax's default numpy handler deep-copies every array first) and uncompressed (zstd
+    buffers of whole arrays cost ~1x more memory and save ~8% on float weights), so saving adds little to the
+    tree's own memory (issue 4: Doge-320M HF -> jax peaks at ~1.2x the checkpoint).
+    """
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry((np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+                                               (jax.Array, th.ArrayHandler()))
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=concurrent_gb, type_handler_registry=registry,
+                                          use_compression=False)
+    with ocp.Checkpointer(handler) as ckptr:
+        ckptr.save(os.path.abspath(params_dir), args=ocp.args.PyTreeSave(tree))
+
+
+# ---- training checkpoints ---------------------------------------------------------------------------------------
+ITEMS = ("params", "opt_state", "data", "meta")
+QUARANTINE = "corrupt_checkpoints"
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager over RUN/checkpoints/<step>/{params,opt_state,data,meta}/.
+
+    Saves are async (optional) and atomic: orbax writes a temporary directory and renames it when complete, and
+    deletes old steps (keep N) only after a newer one is finished, so a failed or interrupted save never damages
+    an earlier checkpoint. `params/` is what `load_params`/`from_pretrained` read."""
+
+    def __init__(self, run_dir: str, keep: int = 3, async_save: bool = True):
+        import orbax.checkpoint as ocp
+
+        self.run_dir = run_dir
+        self.directory = os.path.abspath(os.path.join(run_dir, CHECKPOINTS))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def save(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
+        import orbax.checkpoint as ocp
+
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                                  data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+        self.mngr.save(step, args=args, force=True)
+
+    def restore_latest(self, abstract_params, abstract_opt_state):
+        """(step, params, opt_state, data_state, meta) of the newest checkpoint that restores, or None.
+
+        A partial or corrupt step is skipped with a warning and moved to RUN/corrupt_checkpoints/ (so that the
+        resumed run can save that step again)."""
+        import warnings
+
+        import orbax.checkpoint as ocp
+
+        for step in sorted(self.mngr.all_steps(), reverse=True):
+            args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
+                                      opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                                      data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+            try:
+                r = self.mngr.restore(step, args=args)
+                return step, r["params"], r["opt_state"], r["data"], r["meta"]
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                warnings.warn(f"checkpoint step {step} in {self.directory} is partial or corrupt "
+                              f"({type(e).__name__}: {str(e)[:200]}); skipping it", stacklevel=2)
+                self._quarantine(step)
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        import shutil
+        import time
+
+        dest = os.path.join(self.run_dir, QUARANTINE)
+        os.makedirs(dest, exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), os.path.join(dest, f"{step}-{int(time.time())}"))
+        self.mngr.reload()
+
+    def wait(self) -> None:
+        self.mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()

@@ -49,6 +49,9 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterat
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output should get the usual directory mode
     try:
         yield tmp
         if os.path.exists(path):

@@ -1,0 +1,86 @@
+"""The `python -m convert` command line."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from doge_jax.config import ConfigError
+from doge_jax.hf_names import CheckpointError
+
+from .plan import DTYPES, TARGETS
+from .variants import VARIANT_CHOICES
+
+EPILOG = """\
+source formats (detected):
+  HF directory        config.json + model.safetensors | sharded safetensors + index | pytorch_model.bin
+  orbax model         DIR/config.json + DIR/params/            (doge_jax save_model / convert --to jax)
+  orbax training run  RUN/config.json + RUN/checkpoints/<step>/ (--step N, default latest; optimizer dropped)
+  orbax step dir      RUN/checkpoints/<step>/                   (config.json from RUN/)
+  state-dict file     FILE.pt/.bin/.pth/.safetensors with config.json beside it (or --config)
+
+output layouts (DST is a directory; every target gets config.json, generation_config.json, tokenizer files):
+  hf     model.safetensors (or shards + model.safetensors.index.json above --shard-size)
+  torch  pytorch_model.bin: torch.load(...) gives doge_torch's state_dict (no lm_head.weight when tied);
+         DST also loads with from_pretrained in doge_torch and transformers
+  jax    params/ (orbax): doge_jax.DogeForCausalLM.from_pretrained(DST)
+
+variants: native (transformers) and small_doge (remote code; legacy names are renamed to it) are different
+functions; converting between them is refused. Tensors are copied bit for bit unless --dtype casts them.
+
+examples:
+  python -m convert SmallDoge-Doge-20M/ doge20m-jax --to jax
+  python -m convert runs/tiny doge-tiny-hf --to hf --step 400 --dtype bfloat16
+  python -m convert weights.pt out --to hf --config config.json --shard-size 500MB
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m convert", description="Convert Doge checkpoints between HF, JAX (orbax) and PyTorch, "
+        "streaming tensor by tensor, written atomically.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="source checkpoint (directory or state-dict file)")
+    p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="output format")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep source dtypes)")
+    p.add_argument("--variant", choices=VARIANT_CHOICES,
+                   help="the source's variant where detection is ambiguous (a contradiction with the weights is "
+                        "refused: native <-> small_doge is not a conversion)")
+    p.add_argument("--step", type=int, help="step of a training run directory (default: the latest)")
+    p.add_argument("--config", help="config.json (or our YAML) for a state-dict file or to override SRC's")
+    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard for --to hf (default 5GB)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and name mapping, write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    return p
+
+
+def _sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through atomic_output_dir, which removes its temporary directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .core import convert
+
+    old = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
+    try:
+        convert(args.src, args.dst, args.to, dtype=args.dtype, variant=args.variant, step=args.step,
+                config=args.config, shard_size=args.shard_size, dry_run=args.dry_run, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError, FileExistsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

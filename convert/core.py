@@ -1,0 +1,68 @@
+"""convert(): open the source, plan, check, then stream every tensor into the target inside an atomic directory."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from doge_jax import hf_io
+from doge_jax.hf_names import CheckpointError
+
+from .plan import build_plan, cast, describe
+from .sinks import SINKS, output_files
+from .sources import open_source
+
+
+def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: str | None = None,
+            step: int | None = None, config: str | None = None, shard_size="5GB", dry_run: bool = False,
+            overwrite: bool = False, log=None) -> dict:
+    """Convert the checkpoint SRC into DST in the `to` format ("hf" | "jax" | "torch"); see convert/__init__.py.
+
+    Returns a summary (target files, tensor count, bytes, seconds). Raises CheckpointError / ConfigError /
+    FileExistsError with a message naming what is wrong; DST is never left half-written.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.perf_counter()
+    dst = os.path.abspath(dst)
+    if os.path.abspath(src) == dst:
+        raise FileExistsError(f"{dst}: DST is the source; write to another directory")
+    source = open_source(src, config=config, variant=variant, step=step)
+    plan = build_plan(source, to, dtype)
+    files = output_files(plan, shard_size)
+    if dry_run:
+        print(describe(plan, dst, files))
+        if os.path.exists(dst) and not overwrite:
+            print(f"note   : {dst} exists; the real run needs --overwrite")
+        print("dry run: nothing written")
+        return {"files": files, "tensors": len(plan.entries), "bytes": plan.nbytes, "seconds": 0.0, "dry_run": True}
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    with hf_io.atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        sink = SINKS[to](plan, tmp, shard_size)
+        seen = set()
+        for name, arr in source.tensors():
+            e = plan.entries.get(name)
+            if e is None:
+                continue  # tied lm_head, dropped legacy keys
+            if tuple(arr.shape) != e.shape:
+                raise CheckpointError(f"{source.path}: {e.src}: shape {arr.shape}, expected {e.shape}")
+            sink.put(name, cast(arr, e.dtype))
+            seen.add(name)
+            del arr
+        missing = sorted(set(plan.entries) - seen)
+        if missing:
+            raise CheckpointError(f"{source.path}: tensors listed but never read: {', '.join(missing)}")
+        sink.finish()
+        _chmod_like_mkdir(tmp)
+    secs = time.perf_counter() - t0
+    log(f"wrote {dst} ({to}: {len(plan.entries)} tensors, {plan.nbytes / 1e6:.1f} MB, {plan.dtype_name}) "
+        f"in {secs:.1f} s")
+    return {"files": files, "tensors": len(plan.entries), "bytes": plan.nbytes, "seconds": secs, "dry_run": False}
+
+
+def _chmod_like_mkdir(path: str) -> None:
+    """The temporary directory is created 0700 (mkdtemp); give DST the mode a plain mkdir would (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)

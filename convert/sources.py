@@ -1,0 +1,212 @@
+"""Checkpoint sources: detect the format of SRC, read its config and tensor list, stream its tensors.
+
+Every source presents the same view: current HF names (legacy names renamed, spec §2.2 c), torch layout
+([out, in] Linear weights, one tensor per layer), numpy arrays (bfloat16 via ml_dtypes), one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from doge_jax import hf_io
+from doge_jax.config import DogeConfig
+from doge_jax.hf_names import CheckpointError, detect_variant, flax_to_hf, rename_legacy
+
+from . import safetensors_io
+from .variants import resolve_variant
+
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclasses.dataclass
+class TensorRef:
+    name: str  # current HF name
+    src: str  # the name in the source (legacy key, Flax path, ...)
+    shape: tuple[int, ...]  # torch layout
+    dtype: np.dtype
+
+
+@dataclasses.dataclass
+class Source:
+    kind: str  # e.g. "HF directory (sharded safetensors)"
+    path: str
+    config: DogeConfig
+    detected: str  # legacy | native | small_doge, from the tensor names
+    refs: dict[str, TensorRef]  # current HF name -> tensor
+    dropped: list[str]  # source keys that have no current name (legacy router bias)
+    side_dir: str | None  # where generation_config.json / tokenizer files may be
+    _stream: object = None  # () -> iterator of (current HF name, array)
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        return self._stream()
+
+
+def load_config_file(path: str, variant: str | None) -> DogeConfig:
+    """A DogeConfig from a config.json (or a directory holding one) or one of our YAML configs; `variant`
+    overrides what a config.json implies (HF configs do not reliably say, the weights do)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: config not found")
+    if path.endswith((".yaml", ".yml")):
+        return DogeConfig.from_yaml(path)  # names its variant explicitly; callers check it against the weights
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    return DogeConfig.from_hf_dict(raw, variant=variant)
+
+
+def open_source(src: str, config: str | None = None, variant: str | None = None, step: int | None = None) -> Source:
+    """Detect SRC's format (HF directory, orbax checkpoint, or a single state-dict file) and open it."""
+    from doge_jax import checkpoint
+
+    src = os.path.abspath(src)
+    if not os.path.exists(src):
+        raise CheckpointError(f"{src}: no such file or directory")
+    if os.path.isdir(src) and checkpoint.is_orbax_checkpoint(src):
+        return _orbax_source(src, config, variant, step)
+    if step is not None:
+        raise CheckpointError(f"{src}: --step only applies to a training run directory")
+    if os.path.isfile(src):
+        if not src.endswith((".pt", ".bin", ".pth", ".safetensors")):
+            raise CheckpointError(f"{src}: expected a .pt/.bin/.pth state dict or a .safetensors file")
+        cfg_path = config or os.path.join(os.path.dirname(src), "config.json")
+        if not os.path.exists(cfg_path):
+            raise CheckpointError(f"{src}: no config.json beside the file; pass --config PATH")
+        kind = "safetensors file" if src.endswith(".safetensors") else "PyTorch state-dict file"
+        return _file_source(src, [src], kind, cfg_path, variant, os.path.dirname(src))
+    files, kind = _hf_files(src)
+    return _file_source(src, files, f"HF directory ({kind})", config or os.path.join(src, "config.json"), variant, src)
+
+
+def _hf_files(path: str) -> tuple[list[str], str]:
+    if os.path.isfile(os.path.join(path, TORCH_INDEX)) and not os.path.isfile(os.path.join(path, hf_io.SAFE_INDEX)) \
+            and not os.path.isfile(os.path.join(path, hf_io.SAFE_SINGLE)):
+        try:
+            with open(os.path.join(path, TORCH_INDEX)) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}/{TORCH_INDEX}: unreadable index ({e})") from None
+        files = [os.path.join(path, n) for n in names]
+        missing = [n for n, f in zip(names, files) if not os.path.isfile(f)]
+        if missing:
+            raise CheckpointError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
+        return files, "sharded pytorch_model.bin"
+    try:
+        files = hf_io.weight_files(path)
+    except CheckpointError:
+        raise CheckpointError(f"{path}: not a checkpoint: no model.safetensors(.index.json), pytorch_model.bin, "
+                              "params/ (orbax model) or checkpoints/ (training run)") from None
+    if files[0].endswith(".bin"):
+        return files, "pytorch_model.bin"
+    return files, "sharded safetensors" if len(files) > 1 else "safetensors"
+
+
+def _file_meta(files: list[str]) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:
+    """{key: (file, shape, dtype)} without reading tensor data (.bin files are memory-mapped)."""
+    out = {}
+    for fname in files:
+        if fname.endswith(".safetensors"):
+            header, _ = safetensors_io.read_header(fname)
+            out.update({k: (fname, v[0], v[1]) for k, v in header.items()})
+        else:
+            for k, t in _torch_items(fname):
+                out[k] = (fname, tuple(t.shape), t.dtype)
+    return out
+
+
+def _torch_items(fname: str):
+    """(key, numpy view) of a PyTorch state dict, memory-mapped (torch.load weights_only, mmap)."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{fname}: reading a PyTorch .bin/.pt file needs torch installed") from None
+    try:
+        sd = torch.load(fname, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"{fname}: not a readable PyTorch state dict ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{fname}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    for k in list(sd):
+        yield k, hf_io.torch_to_numpy(sd.pop(k))
+
+
+def _file_source(path, files, kind, cfg_path, variant, side_dir) -> Source:
+    meta = _file_meta(files)
+    detected = detect_variant(meta)
+    chosen = resolve_variant(variant, detected, path, cfg_hint=None)
+    config = load_config_file(cfg_path, chosen)
+    if config.variant != chosen:
+        resolve_variant(config.variant, detected, path, cfg_hint=cfg_path)
+    legacy = detected == "legacy"
+    refs, dropped, by_file = {}, [], {}
+    for key, (fname, shape, dtype) in meta.items():
+        new = rename_legacy(key) if legacy else key
+        if new is None:
+            dropped.append(key)
+            continue
+        refs[new] = TensorRef(new, key, shape, np.dtype(dtype))
+        by_file.setdefault(fname, {})[key] = new
+
+    def stream():
+        for fname in files:
+            wanted = by_file.get(fname, {})
+            if fname.endswith(".safetensors"):
+                items = safetensors_io.read_tensors(fname, wanted)
+            else:
+                items = ((k, a) for k, a in _torch_items(fname) if k in wanted)
+            for key, arr in items:
+                yield wanted[key], arr
+
+    return Source(kind, path, config, detected, refs, dropped, side_dir, stream)
+
+
+def _orbax_source(path, config, variant, step) -> Source:
+    from doge_jax import checkpoint
+
+    params_dir, cfg_path, meta = checkpoint.param_metadata(path, step)
+    detected = "native" if any("q_norm" in p for p in meta) else "small_doge"
+    cfg = load_config_file(config or cfg_path, None)
+    chosen = resolve_variant(variant, detected, path, cfg_hint=None)
+    if cfg.variant != chosen:
+        resolve_variant(cfg.variant, detected, path, cfg_hint=config or cfg_path)
+    refs = {}
+    for fpath, (shape, dtype) in meta.items():
+        for i, name, transpose in _unstack(fpath, shape):
+            s = shape[1:] if i is not None else shape
+            refs[name] = TensorRef(name, ".".join(fpath) + (f"[{i}]" if i is not None else ""),
+                                   tuple(reversed(s)) if transpose else tuple(s), np.dtype(dtype))
+
+    def stream():
+        for fpath, (shape, _) in meta.items():
+            arr = checkpoint.read_param(params_dir, fpath)
+            for i, name, transpose in _unstack(fpath, shape):
+                a = arr[i] if i is not None else arr
+                yield name, np.ascontiguousarray(a.T if transpose else a)
+            del arr
+
+    if step is None and os.path.isdir(os.path.join(path, checkpoint.CHECKPOINTS)):
+        step = checkpoint.list_steps(path)[-1]
+    kind = "orbax model checkpoint" if os.path.isdir(os.path.join(path, checkpoint.PARAMS)) else \
+        f"orbax training run (step {step}; optimizer state dropped)"
+    if os.path.basename(os.path.dirname(path)) == checkpoint.CHECKPOINTS:
+        kind = "orbax training-run step directory (optimizer state dropped)"
+    return Source(kind, path, cfg, detected, refs, [], os.path.dirname(cfg_path), stream)
+
+
+def _unstack(fpath: tuple[str, ...], shape: tuple[int, ...]):
+    if fpath[:2] == ("model", "layers"):
+        for i in range(shape[0] if shape else 0):
+            name, transpose = flax_to_hf(fpath, i)
+            yield i, name, transpose
+    else:
+        name, transpose = flax_to_hf(fpath)
+        yield None, name, transpose
