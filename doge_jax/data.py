@@ -1,0 +1,251 @@
+"""Training data for doge_jax (design.md §4, spec §6.4): files -> tokenizer -> cached token array -> grain.
+
+- `default_corpus()`: the embedded default corpus, the running interpreter's standard-library `.py` sources
+  (non-test files, sorted), so a run needs no download.
+- `resolve_paths`: files, directories and globs; a missing one is an error that names it.
+- `load_tokenizer` / `train_bpe`: a given `tokenizer.json` or HF tokenizer directory, or a byte-level BPE trained
+  on the corpus (special tokens <|begin_of_text|>=0, <|end_of_text|>=1, <|pad|>=2, as the published models).
+- `tokenize_corpus`: documents -> one flat token array (EOS appended per document), held-out validation documents
+  split off, cached on disk as .npy (memory-mapped on reload) keyed by the corpus and tokenizer.
+- `pack`: "wrapped" packing (TRL `pack_dataset(strategy="wrapped")`): concatenate and cut into consecutive
+  seq_len chunks. We pack the whole stream at once and drop the final partial chunk (fixed shapes), where TRL
+  packs per 1000-example map batch and keeps a short last chunk per batch.
+- `train_dataset`: grain MapDataset of packed rows, shuffled (per epoch), repeated, sharded per host and batched
+  to one optimizer step [grad_accum, rows, seq_len]; its iterator state is plain JSON (`get_state`/`set_state`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
+_EOS_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
+_PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
+_TEXT_EXT = (".txt", ".md", ".py", ".rst", ".jsonl", ".json", ".text")
+
+
+class DataError(ValueError):
+    """Bad data input (missing path, empty corpus, token ids out of range); the message names it."""
+
+
+# ---- corpus ------------------------------------------------------------------------------------------------------
+def default_corpus() -> list[str]:
+    """The interpreter's stdlib `.py` sources without tests (test*/ directories, test_*.py, idlelib), sorted."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("test") and d not in
+                             ("tests", "idlelib", "__pycache__", "site-packages", "dist-packages"))
+        files += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py") and not f.startswith("test")]
+    return sorted(files)
+
+
+def resolve_paths(specs: list[str] | str) -> list[str]:
+    """Expand files, directories (text-like files below them) and globs, sorted and de-duplicated."""
+    if isinstance(specs, str):
+        specs = [specs]
+    out: list[str] = []
+    for spec in specs:
+        spec = os.path.expanduser(spec)
+        if glob.has_magic(spec):
+            hits = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not hits:
+                raise DataError(f"data path {spec!r}: the glob matches no file")
+            out += hits
+        elif os.path.isdir(spec):
+            hits = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(spec) for f in fs if f.endswith(_TEXT_EXT))
+            if not hits:
+                raise DataError(f"data path {spec!r}: directory holds no text file ({', '.join(_TEXT_EXT)})")
+            out += hits
+        elif os.path.isfile(spec):
+            out.append(spec)
+        else:
+            raise DataError(f"data path {spec!r} does not exist")
+    return sorted(dict.fromkeys(os.path.abspath(p) for p in out))
+
+
+def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
+    """One document per text file; one per line (its `text_field`) of a .jsonl file."""
+    for path in paths:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    if text_field not in row:
+                        raise DataError(f"{path}:{n}: no field {text_field!r} (set --train.text_field)")
+                    yield str(row[text_field])
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read()
+
+
+def corpus_fingerprint(paths: list[str], *extra: str) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for e in extra:
+        h.update(e.encode())
+    return h.hexdigest()[:20]
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------------
+def train_bpe(paths: list[str], vocab_size: int, text_field: str = "text"):
+    """A byte-level BPE (tokenizers) trained on the corpus, with SPECIAL_TOKENS at ids 0, 1, 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(iter_documents(paths, text_field), trainer)
+    return tok
+
+
+def load_tokenizer(path: str):
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or an HF tokenizer directory."""
+    from tokenizers import Tokenizer
+
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise DataError(f"tokenizer {path!r}: no tokenizer.json there")
+    return Tokenizer.from_file(file)
+
+
+def special_ids(tok, tokenizer_dir: str | None = None) -> dict[str, int | None]:
+    """bos/eos/pad ids of a tokenizer: from tokenizer_config.json / special_tokens_map.json if present, else by
+    the usual token names."""
+    names: dict[str, str] = {}
+    for fname in ("special_tokens_map.json", "tokenizer_config.json"):
+        p = os.path.join(tokenizer_dir, fname) if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
+        if p and os.path.isfile(p):
+            with open(p) as f:
+                d = json.load(f)
+            for k in ("bos", "eos", "pad"):
+                v = d.get(f"{k}_token")
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str):
+                    names.setdefault(k, v)
+    out: dict[str, int | None] = {}
+    for k, cands in (("bos", _BOS_NAMES), ("eos", _EOS_NAMES), ("pad", _PAD_NAMES)):
+        ids = [tok.token_to_id(n) for n in ([names[k]] if k in names else []) + list(cands)]
+        out[k] = next((i for i in ids if i is not None), None)
+    return out
+
+
+# ---- tokenization + cache ------------------------------------------------------------------------------------------
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Bool [n_docs]: True for held-out validation documents (a seeded choice, at least one when n_docs > 1)."""
+    is_val = np.zeros(n_docs, bool)
+    if val_fraction <= 0 or n_docs < 2:
+        return is_val
+    n_val = min(n_docs - 1, max(1, round(n_docs * val_fraction)))
+    is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+    return is_val
+
+
+def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, text_field: str = "text",
+                    val_fraction: float = 0.01, seed: int = 233, progress: bool = True,
+                    batch_docs: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(train tokens, validation tokens): flat arrays of all documents, EOS appended to each (unless it already
+    ends with EOS), validation documents held out. Cached under cache_dir (keyed by files, tokenizer, split)."""
+    key = corpus_fingerprint(paths, tok.to_str(), text_field, str(eos_id), f"{val_fraction}:{seed}")
+    cdir = os.path.join(os.path.expanduser(cache_dir), key) if cache_dir else None
+    if cdir and os.path.isfile(os.path.join(cdir, "done")):
+        return (np.load(os.path.join(cdir, "train.npy"), mmap_mode="r"),
+                np.load(os.path.join(cdir, "val.npy"), mmap_mode="r"))
+    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
+    docs: list[np.ndarray] = []
+    bar = _progress(total=len(paths), desc="tokenizing", unit="file", enabled=progress)
+    batch: list[str] = []
+
+    def flush():
+        for enc in tok.encode_batch(batch):
+            ids = enc.ids
+            if not ids or ids[-1] != eos_id:
+                ids = ids + [eos_id]
+            docs.append(np.asarray(ids, dtype))
+        batch.clear()
+
+    for path in paths:
+        for text in iter_documents([path], text_field):
+            batch.append(text)
+            if len(batch) >= batch_docs:
+                flush()
+        bar.update(1)
+    flush()
+    bar.close()
+    if not docs:
+        raise DataError("the corpus holds no document")
+    is_val = split_documents(len(docs), val_fraction, seed)
+    empty = np.zeros(0, dtype)
+    train = np.concatenate([d for d, v in zip(docs, is_val) if not v] or [empty])
+    val = np.concatenate([d for d, v in zip(docs, is_val) if v] or [empty])
+    if cdir:
+        tmp = f"{cdir}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        np.save(os.path.join(tmp, "train.npy"), train)
+        np.save(os.path.join(tmp, "val.npy"), val)
+        open(os.path.join(tmp, "done"), "w").close()
+        try:
+            os.replace(tmp, cdir)
+        except OSError:  # another process finished first: keep theirs
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return train, val
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int, what: str) -> None:
+    """Token ids must be < vocab_size: JAX would clamp the embedding gather silently."""
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{what}: token id {int(tokens.max())} >= model vocab_size={vocab_size} "
+                        "(use a smaller tokenizer or --model.vocab_size)")
+
+
+# ---- packing + grain -----------------------------------------------------------------------------------------------
+def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Wrapped packing: consecutive seq_len chunks [n, seq_len] of the stream; the last partial chunk dropped."""
+    n = len(tokens) // seq_len
+    return np.asarray(tokens[: n * seq_len]).reshape(n, seq_len)
+
+
+def train_dataset(rows: np.ndarray, grad_accum: int, rows_per_micro: int, seed: int,
+                  shard_index: int = 0, shard_count: int = 1):
+    """grain IterDataset yielding one optimizer step of int32 ids [grad_accum, rows_per_micro, seq_len].
+
+    Rows are reshuffled every epoch (grain derives each epoch's permutation from the seed)."""
+    import grain
+
+    per_step = grad_accum * rows_per_micro
+    ds = grain.MapDataset.source(rows)[shard_index::shard_count]
+    if len(ds) < per_step:
+        raise DataError(f"training data has {len(ds)} packed rows, fewer than one step needs ({per_step}); "
+                        "use more data or a smaller batch/seq_len")
+    ds = ds.shuffle(seed=seed).repeat(None)  # shuffle first: a new permutation per epoch
+    ds = ds.batch(per_step, drop_remainder=True)
+    ds = ds.map(lambda b: np.asarray(b, np.int32).reshape(grad_accum, rows_per_micro, -1))
+    return ds.to_iter_dataset()
+
+
+def val_batches(rows: np.ndarray, rows_per_batch: int, max_batches: int) -> list[np.ndarray]:
+    """The first validation rows as fixed int32 batches [rows_per_batch, seq_len] (same every evaluation)."""
+    n = min(len(rows) // rows_per_batch, max_batches)
+    return [np.asarray(rows[i * rows_per_batch:(i + 1) * rows_per_batch], np.int32) for i in range(n)]
+
+
+def _progress(total: int, desc: str, unit: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)

@@ -1,0 +1,135 @@
+"""Training metrics: FLOPs/MFU, metrics.jsonl + TensorBoard logging, and the loss-curve plot.
+
+MFU = achieved model FLOP/s / (peak FLOP/s per device x devices), where the model FLOPs per trained token are
+
+    6 * N_matmul                      (forward 2 + backward 4 FLOPs per weight of every matmul a token uses:
+                                       the decoder layers' projections, incl. dt_proj and the MoE router and the
+                                       k routed experts' 2 * d weights, and the lm_head d * V, tied or not;
+                                       embedding lookups and norms/residual scales are not counted)
+  + 6 * L * H * D * S              (causal attention: QK^T and PV are 2 * 2 * H * D FLOPs per (query, key)
+                                       pair forward, S / 2 keys per query on average, x3 for training)
+
+with L layers, H query heads, head size D and sequence length S (PaLM appendix B, halved for causality).
+Remat recomputation is not counted (model FLOPs, not hardware FLOPs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+# Peak dense FLOP/s per device for MFU, by (platform or device kind, dtype). CPU: ~470 GFLOP/s is what XLA's
+# own matmuls reach on the 2-core development machine (design.md §7), used as its "peak". Override with
+# --train.peak_flops.
+PEAK_FLOPS = {
+    ("cpu", "float32"): 4.7e11, ("cpu", "bfloat16"): 4.7e11,
+    ("h100", "bfloat16"): 989e12, ("h100", "float32"): 494e12,  # float32 matmuls run as TF32 by default
+    ("h200", "bfloat16"): 989e12, ("h200", "float32"): 494e12,
+    ("a100", "bfloat16"): 312e12, ("a100", "float32"): 156e12,
+    ("l4", "bfloat16"): 121e12, ("l4", "float32"): 60e12,
+    ("gpu", "bfloat16"): 312e12, ("gpu", "float32"): 156e12,  # unknown GPU: A100 numbers
+    ("tpu", "bfloat16"): 197e12, ("tpu", "float32"): 197e12,  # v5e
+}
+
+
+def matmul_params_per_token(cfg) -> int:
+    """Weights of every matmul one token passes through (see the module docstring)."""
+    d, H, G, D, L = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, \
+        cfg.num_hidden_layers
+    attn = d * H * D + 2 * d * G * D + G * D * cfg.num_dt_heads + H * D * d
+    mlp = 3 * d * cfg.intermediate_size
+    if cfg.is_moe:
+        mlp += d * 2 * cfg.num_keys + 2 * cfg.num_experts_per_tok * d
+    return L * (attn + mlp) + d * cfg.vocab_size
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N_matmul + 6 L H D S (causal attention)."""
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_size * seq_len
+    return 6.0 * matmul_params_per_token(cfg) + attn
+
+
+def peak_flops(device, dtype: str, override: float | None = None) -> float:
+    """Peak FLOP/s of one device for `dtype`, from the override or the PEAK_FLOPS table."""
+    if override:
+        return float(override)
+    kind = str(getattr(device, "device_kind", "")).lower()
+    for name in ("h200", "h100", "a100", "l4"):
+        if name in kind:
+            return PEAK_FLOPS[(name, dtype)]
+    return PEAK_FLOPS.get((device.platform, dtype), PEAK_FLOPS[("cpu", dtype)])
+
+
+class MetricsLogger:
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard event files under RUN/tb."""
+
+    def __init__(self, run_dir: str, resume_step: int = 0):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._truncate_after(resume_step)
+        self.file = open(self.path, "a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps after the restored checkpoint (they are trained again)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip()]
+        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    self.tb.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss(run_dir: str) -> str:
+    """RUN/loss.png: training loss per step and validation loss at each evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(os.path.basename(os.path.abspath(run_dir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = os.path.join(run_dir, "loss.png")
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,260 @@
+"""Configuration of `python -m doge_jax.train`: the `train:` section (TrainConfig), YAML loading and
+command-line overrides (`--model.hidden_size 256`, `--train.peak_lr=1e-3`, `train.seed=1`).
+
+Every field of DogeConfig and TrainConfig can be overridden; an unknown key, a bad value or a missing file fails
+at start-up and names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, DogeConfig
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - dataclass field with a help text
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # recipe (spec §6): the keys of the configs/*.yaml train: sections
+    seq_len: int = _f(256, "tokens per packed row")
+    global_batch_tokens: int = _f(4096, "tokens per optimizer step = grad_accum x rows x seq_len")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (loss normalised by the whole step's tokens)")
+    peak_lr: float = _f(3e-3, "peak learning rate of the WSD schedule")
+    num_training_steps: int = _f(400, "optimizer steps")
+    num_warmup_steps: int = _f(40, "WSD warmup steps")
+    num_decay_steps: int = _f(80, "WSD decay steps")
+    warmup_type: str = _f("linear", "linear | cosine | 1-sqrt")
+    decay_type: str = _f("linear", "linear | cosine | 1-sqrt")
+    min_lr_ratio: float = _f(0.0, "final lr / peak lr")
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay (HF-Trainer mask: norms and biases excluded)")
+    adam_b1: float = _f(0.9, "AdamW beta1")
+    adam_b2: float = _f(0.95, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "global-norm gradient clipping (torch rule)")
+    seed: int = _f(233, "seed of init, data shuffle and validation split")
+    # data
+    data: list = _f([], "text/jsonl files, directories or globs; empty = the embedded stdlib corpus")
+    text_field: str = _f("text", "field of a .jsonl row holding the document")
+    tokenizer: str | None = _f(None, "tokenizer.json or HF tokenizer dir; null = train a byte-level BPE")
+    val_fraction: float = _f(0.01, "fraction of documents held out for validation")
+    cache_dir: str = _f("~/.cache/doge_jax", "token/tokenizer cache and JAX compilation cache root")
+    # run
+    name: str | None = _f(None, "run name (default: the config file's stem)")
+    runs_dir: str = _f("runs", "parent of the run directory")
+    out_dir: str | None = _f(None, "run directory (default: runs_dir/name)")
+    checkpoint_every: int = _f(100, "save a checkpoint every K steps (and at the end, and on SIGTERM/SIGINT)")
+    keep_checkpoints: int = _f(3, "keep the N newest checkpoints")
+    async_checkpoint: bool = _f(True, "write checkpoints in the background")
+    eval_every: int = _f(100, "validation loss/perplexity every N steps (and at the end); 0 = only at the end")
+    eval_batches: int = _f(8, "validation batches (of rows-per-micro-batch rows) per evaluation")
+    log_every: int = _f(1, "write metrics every N steps")
+    stop_after: int | None = _f(None, "stop (with a checkpoint) after this step, as if preempted")
+    compute_dtype: str = _f("float32", "float32 | bfloat16 (params and optimizer stay float32)")
+    loss_chunk: int = _f(1024, "tokens per chunk of the chunked cross-entropy; 0 = plain logits loss")
+    peak_flops: float | None = _f(None, "peak FLOP/s of one device for MFU (default: per-platform table)")
+    progress: bool = _f(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(field: str, why: str) -> None:
+            raise ConfigError(f"train.{field}={getattr(self, field)!r}: {why}")
+
+        for f in ("seq_len", "global_batch_tokens", "grad_accum", "num_training_steps", "checkpoint_every",
+                  "keep_checkpoints", "log_every", "eval_batches"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                bad(f, "must be a positive integer")
+        for f in ("num_warmup_steps", "num_decay_steps", "eval_every", "seed", "loss_chunk"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
+                bad(f, "must be an integer >= 0")
+        if self.global_batch_tokens % (self.grad_accum * self.seq_len):
+            bad("global_batch_tokens", f"must be a multiple of grad_accum x seq_len = {self.grad_accum * self.seq_len}")
+        if self.num_warmup_steps + self.num_decay_steps > self.num_training_steps:
+            bad("num_training_steps", "must be >= num_warmup_steps + num_decay_steps")
+        for f in ("warmup_type", "decay_type"):
+            if getattr(self, f) not in ("linear", "cosine", "1-sqrt"):
+                bad(f, "must be linear | cosine | 1-sqrt")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            bad("compute_dtype", "must be float32 | bfloat16")
+        if not 0.0 <= self.val_fraction < 1.0:
+            bad("val_fraction", "must be in [0, 1)")
+        if not self.peak_lr > 0:
+            bad("peak_lr", "must be > 0")
+        if self.stop_after is not None and self.stop_after < 1:
+            bad("stop_after", "must be None or >= 1")
+
+    @property
+    def rows_per_micro(self) -> int:
+        return self.global_batch_tokens // (self.grad_accum * self.seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+MODEL_FIELDS = {f.name: f for f in dataclasses.fields(DogeConfig)}
+
+
+def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
+    """A YAML-parsed command-line value converted to the field's type (e.g. '1e-3' -> 1e-3 for a float)."""
+    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~"):
+        return None
+    try:
+        if "float" in annotation and isinstance(value, str | int) and not isinstance(value, bool):
+            return float(value)
+        if annotation.startswith("int") and isinstance(value, str):
+            return int(value)
+        if annotation.startswith("list") and not isinstance(value, list):
+            return [str(value)]
+    except ValueError:
+        raise ConfigError(f"{section}.{key}={value!r}: expected {annotation}") from None
+    if annotation.startswith("bool") and not isinstance(value, bool):
+        raise ConfigError(f"{section}.{key}={value!r}: expected true/false")
+    return value
+
+
+def _unknown(section: str, key: str, names) -> ConfigError:
+    near = difflib.get_close_matches(key, list(names), n=3)
+    hint = f" (did you mean {', '.join(section + '.' + n for n in near)}?)" if near else ""
+    return ConfigError(f"unknown config key {section}.{key}{hint}")
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
+    """['--model.x', 'v', 'train.y=w', '--train.z=u'] -> [(section, key, yaml value)]. `--data a b` feeds
+    train.data; `--name N` and `--out_dir D` are shorthands."""
+    out: list[tuple[str, str, Any]] = []
+    i = 0
+    shorthands = {"data": "train.data", "name": "train.name", "out_dir": "train.out_dir"}
+    while i < len(args):
+        a = args[i]
+        key, value = (a[2:] if a.startswith("--") else a), None
+        if "=" in key:
+            key, value = key.split("=", 1)
+        key = shorthands.get(key, key)
+        if "." not in key:
+            raise ConfigError(f"unknown argument {a!r}: overrides are --model.FIELD VALUE or --train.FIELD VALUE "
+                              "(see --help)")
+        if value is None:
+            if key == "train.data":  # a list: every following non-option argument
+                j = i + 1
+                while j < len(args) and not args[j].startswith("--") and "=" not in args[j]:
+                    j += 1
+                if j == i + 1:
+                    raise ConfigError(f"{a}: missing value")
+                out.append(("train", "data", args[i + 1:j]))
+                i = j
+                continue
+            if i + 1 >= len(args):
+                raise ConfigError(f"{a}: missing value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        section, field = key.split(".", 1)
+        if section not in ("model", "train"):
+            raise ConfigError(f"unknown config section {section!r} in {a!r} (model or train)")
+        parsed = value if isinstance(value, list) else yaml.safe_load(value) if value != "" else ""
+        out.append((section, field, parsed))
+    return out
+
+
+def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]]) -> tuple[DogeConfig, TrainConfig]:
+    """(model config, train config) from a YAML file (model: + train:) plus command-line overrides."""
+    path = config_path or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    extra = set(raw) - {"model", "train"}
+    if extra:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(extra)} (expected model:, train:)")
+    model = dict(raw.get("model") or {})
+    train = dict(raw.get("train") or {})
+    for key in model:
+        if key not in MODEL_FIELDS:
+            raise _unknown("model", key, MODEL_FIELDS)
+    for key in train:
+        if key not in TRAIN_FIELDS:
+            raise _unknown("train", key, TRAIN_FIELDS)
+    for section, key, value in overrides:
+        fields, target = (MODEL_FIELDS, model) if section == "model" else (TRAIN_FIELDS, train)
+        if key not in fields:
+            raise _unknown(section, key, fields)
+        target[key] = _coerce(section, key, value, str(fields[key].type))
+    for key in list(train):
+        train[key] = _coerce("train", key, train[key], str(TRAIN_FIELDS[key].type))
+    for key in list(model):
+        model[key] = _coerce("model", key, model[key], str(MODEL_FIELDS[key].type))
+    train.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    try:
+        tcfg = TrainConfig(**train)
+    except TypeError as e:
+        raise ConfigError(f"train: {e}") from None
+    return DogeConfig.from_dict(model), tcfg
+
+
+def help_text(prog: str = "python -m doge_jax.train") -> str:
+    lines = [
+        f"usage: {prog} [--config FILE.yaml] [--data PATH ...] [--model.FIELD VALUE] [--train.FIELD VALUE] ...",
+        "",
+        "Pretrain (or continue) a Doge model. With no argument: configs/tiny.yaml on the embedded corpus (this",
+        "interpreter's standard-library sources) with a byte-level BPE trained on it; run dir ./runs/tiny.",
+        "Re-running the same command resumes from the newest good checkpoint.",
+        "",
+        "Overrides: --section.field VALUE, --section.field=VALUE or section.field=VALUE (VALUE is YAML:",
+        "1e-3, true, null, [a, b]). Shorthands: --data PATH... = train.data, --name = train.name,",
+        "--out_dir = train.out_dir. Unknown keys fail at start-up.",
+        "",
+        "options:",
+        f"  --config FILE      YAML with model: and train: sections (default {os.path.relpath(DEFAULT_CONFIG)})",
+        "  -h, --help         show this help",
+        "",
+        "train fields (defaults; a config's train: section overrides them):",
+    ]
+    for name, f in TRAIN_FIELDS.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  --train.{name:<20} {f.metadata.get('help', '')} [{default!r}]")
+    lines += ["", "model fields (DogeConfig, spec §1.1; defaults as in transformers, the config file sets them):"]
+    names = list(MODEL_FIELDS)
+    for i in range(0, len(names), 4):
+        lines.append("  " + "  ".join(f"--model.{n}" for n in names[i:i + 4]))
+    lines += ["", "Runtime model fields: --model.remat none|full|dots_saveable, --model.attention_impl."]
+    return "\n".join(lines)
+
+
+def parse_argv(argv: list[str] | None) -> tuple[DogeConfig, TrainConfig, str]:
+    """Command line -> (model config, train config, config path). Prints help and exits on -h/--help."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        raise SystemExit(0)
+    config_path = None
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" or argv[i].startswith("--config="):
+            if "=" in argv[i]:
+                config_path = argv[i].split("=", 1)[1]
+            elif i + 1 < len(argv):
+                config_path = argv[i + 1]
+                i += 1
+            else:
+                raise ConfigError("--config: missing value")
+        else:
+            rest.append(argv[i])
+        i += 1
+    model, train = load_configs(config_path, parse_overrides(rest))
+    return model, train, config_path or DEFAULT_CONFIG

@@ -1,0 +1,136 @@
+"""Tests for doge_jax.data: paths, documents, tokenizer, EOS, validation split, cache, packing, grain state."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from doge_jax import data as D
+
+
+def _corpus(tmp_path, n: int = 12) -> str:
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(n):
+        words = " ".join(f"word{(i * 7 + j) % 23} token{j % 5}" for j in range(40 + 3 * i))
+        (d / f"doc{i:02d}.txt").write_text(f"document {i}: {words}\n")
+    with open(d / "rows.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"text": f"json row {i} " * 10, "id": i}) + "\n")
+    return str(d)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return _corpus(tmp_path)
+
+
+def test_default_corpus_is_stdlib_sources():
+    files = D.default_corpus()
+    assert len(files) > 100 and files == sorted(files)
+    assert all(f.endswith(".py") for f in files)
+    assert not any(os.path.basename(f).startswith("test") or f"{os.sep}test" in f for f in files)
+
+
+def test_resolve_paths(corpus, tmp_path):
+    files = D.resolve_paths([corpus])
+    assert len(files) == 13 and files == sorted(files)
+    assert D.resolve_paths(os.path.join(corpus, "doc0*.txt")) == files[:10]
+    assert D.resolve_paths([files[0], files[0]]) == [files[0]]
+    with pytest.raises(D.DataError, match="nope.txt"):
+        D.resolve_paths([str(tmp_path / "nope.txt")])
+    with pytest.raises(D.DataError, match="matches no file"):
+        D.resolve_paths([str(tmp_path / "*.parquet")])
+
+
+def test_iter_documents_jsonl(corpus, tmp_path):
+    docs = list(D.iter_documents([os.path.join(corpus, "rows.jsonl")]))
+    assert docs == [f"json row {i} " * 10 for i in range(4)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(D.DataError, match="no field 'text'"):
+        list(D.iter_documents([str(bad)]))
+
+
+def test_bpe_special_ids_and_eos_per_document(corpus, tmp_path):
+    files = D.resolve_paths([corpus])
+    tok = D.train_bpe(files, 300)
+    assert tok.get_vocab_size() <= 300
+    ids = D.special_ids(tok)
+    assert (ids["bos"], ids["eos"], ids["pad"]) == (0, 1, 2)
+    train, val = D.tokenize_corpus(files, tok, 1, None, val_fraction=0.0, progress=False)
+    assert len(val) == 0
+    n_docs = len(files) - 1 + 4  # the jsonl file holds 4 documents
+    assert int(np.sum(train == 1)) == n_docs and train[-1] == 1
+    # every document's tokens are followed by exactly one EOS
+    first = tok.encode(open(files[0]).read()).ids
+    assert train[: len(first) + 1].tolist() == first + [1]
+
+
+def test_validation_split_and_cache(corpus, tmp_path):
+    files = D.resolve_paths([corpus])
+    tok = D.train_bpe(files, 300)
+    cache = str(tmp_path / "cache")
+    train, val = D.tokenize_corpus(files, tok, 1, cache, val_fraction=0.25, seed=3, progress=False)
+    assert int(np.sum(val == 1)) == 4 and int(np.sum(train == 1)) == 12  # 16 documents, 4 held out
+    total, _ = D.tokenize_corpus(files, tok, 1, None, val_fraction=0.0, progress=False)
+    assert len(train) + len(val) == len(total)
+    # cached: the second call memory-maps the same arrays
+    train2, val2 = D.tokenize_corpus(files, tok, 1, cache, val_fraction=0.25, seed=3, progress=False)
+    assert isinstance(train2, np.memmap) and np.array_equal(train, train2) and np.array_equal(val, val2)
+    assert len(os.listdir(cache)) == 1
+    # another seed holds out other documents
+    _, val3 = D.tokenize_corpus(files, tok, 1, cache, val_fraction=0.25, seed=4, progress=False)
+    assert not np.array_equal(val, val3)
+    assert D.split_documents(10, 0.01, 0).sum() == 1 and D.split_documents(1, 0.5, 0).sum() == 0
+
+
+def test_check_vocab():
+    D.check_vocab(np.array([0, 5, 9], np.uint16), 10, "x")
+    with pytest.raises(D.DataError, match="token id 10 >= model vocab_size=10"):
+        D.check_vocab(np.array([0, 10], np.uint16), 10, "training data")
+
+
+def test_pack_wrapped():
+    rows = D.pack(np.arange(23), 5)
+    assert rows.shape == (4, 5) and rows.ravel().tolist() == list(range(20))
+
+
+def test_train_dataset_epochs_and_state():
+    rows = np.arange(12 * 4).reshape(12, 4)
+    ds = D.train_dataset(rows, grad_accum=2, rows_per_micro=3, seed=1)
+    it = iter(ds)
+    batches = [next(it) for _ in range(6)]
+    assert batches[0].shape == (2, 3, 4) and batches[0].dtype == np.int32
+    firsts = [b[:, :, 0].ravel() // 4 for b in batches]
+    # each epoch (2 steps = 12 rows) is a permutation of all rows, and epochs differ
+    assert sorted(np.concatenate(firsts[:2]).tolist()) == list(range(12))
+    assert sorted(np.concatenate(firsts[2:4]).tolist()) == list(range(12))
+    assert not np.array_equal(np.concatenate(firsts[:2]), np.concatenate(firsts[2:4]))
+    # a fresh iterator restored from a saved state yields exactly the following batches
+    it2 = iter(D.train_dataset(rows, 2, 3, seed=1))
+    it2.set_state(json.loads(json.dumps(_state_after(ds, 3))))
+    for b in batches[3:]:
+        assert np.array_equal(next(it2), b)
+    # same seed, same stream; other seed, other stream
+    assert np.array_equal(next(iter(D.train_dataset(rows, 2, 3, seed=1))), batches[0])
+    assert not np.array_equal(next(iter(D.train_dataset(rows, 2, 3, seed=2))), batches[0])
+    with pytest.raises(D.DataError, match="fewer than one step"):
+        D.train_dataset(rows[:5], 2, 3, seed=1)
+
+
+def _state_after(ds, n: int) -> dict:
+    it = iter(ds)
+    for _ in range(n):
+        next(it)
+    return it.get_state()
+
+
+def test_val_batches():
+    rows = np.arange(7 * 3).reshape(7, 3)
+    vb = D.val_batches(rows, 2, 10)
+    assert len(vb) == 3 and np.array_equal(vb[1], rows[2:4])
+    assert len(D.val_batches(rows, 2, 2)) == 2
