@@ -5,6 +5,7 @@ Read top to bottom: RMSNorm, rotary, attention (dynamic mask), MLP, CDMoE, decod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,19 +92,86 @@ class DogeCache:
         return self.layers[i]
 
 
-def dynamic_mask_bias(dt: torch.Tensor, allowed: torch.Tensor, keep_window: int, dtype: torch.dtype) -> torch.Tensor:
+def _kth_smallest_in_prefix(seq: torch.Tensor, prefix: torch.Tensor, k: int) -> torch.Tensor:
+    """seq [N, T]: rows are permutations of 0..T-1; prefix [N, T]. Per query, the k-th smallest (1-based) value of
+    seq[n, :prefix] (garbage where prefix < k): a wavelet matrix, log2(T) stable partitions (as doge_jax)."""
+    N, T = seq.shape
+    bits = max(1, math.ceil(math.log2(T)))
+    idx = torch.arange(T, device=seq.device)
+    zeros, cur = [], seq
+    for b in reversed(range(bits)):
+        bit = (cur >> b) & 1
+        z = F.pad(torch.cumsum(1 - bit, dim=1), (1, 0))
+        nz = z[:, -1:]
+        pos = torch.where(bit == 0, z[:, :-1], nz + idx - z[:, :-1])
+        zeros.append(z)
+        cur = torch.empty_like(cur).scatter_(1, pos, cur)
+    lo, hi = torch.zeros_like(prefix), prefix.clone()
+    kk = torch.full_like(prefix, k - 1)
+    res = torch.zeros_like(prefix)
+    for z, b in zip(zeros, reversed(range(bits))):
+        nz = z[:, -1:]
+        zl, zh = z.gather(1, lo), z.gather(1, hi)
+        c0 = zh - zl
+        go0 = kk < c0
+        res = torch.where(go0, res, res | (1 << b))
+        kk = torch.where(go0, kk, kk - c0)
+        lo = torch.where(go0, zl, nz + lo - zl)
+        hi = torch.where(go0, zh, nz + hi - zh)
+    return res
+
+
+NEVER = torch.iinfo(torch.int64).max
+
+
+def key_expiry(dt: torch.Tensor, valid: torch.Tensor, keep_window: int) -> torch.Tensor:
+    """dt [B, n, T], valid [B, T] bool -> e [B, n, T] int64: key j is among the keep_window best allowed keys of
+    query slot i (no sliding window) iff j <= i < e_j; e_j = slot of the k-th valid key beating j (larger dt, lower
+    index on ties), NEVER if fewer do, 0 for invalid keys (design.md §3)."""
+    B, n, T = dt.shape
+    ok = valid[:, None, :].expand(B, n, T).reshape(B * n, T)
+    key = torch.where(ok, -dt.detach().reshape(B * n, T).float(), torch.inf)
+    perm = torch.sort(key, dim=-1, stable=True).indices  # best first, invalid keys last
+    rank = torch.empty_like(perm).scatter_(1, perm, torch.arange(T, device=dt.device).expand(B * n, T))
+    e = _kth_smallest_in_prefix(perm, rank, keep_window)
+    e = torch.where(rank >= keep_window, e, NEVER)
+    return torch.where(ok, e, 0).view(B, n, T)
+
+
+def dynamic_mask_bias(dt: torch.Tensor, allowed: torch.Tensor, keep_window: int, dtype: torch.dtype,
+                      expiry: bool = False) -> torch.Tensor:
     """The additive attention bias of spec §3.5: dt where allowed, finfo.min elsewhere, top-keep_window per row.
 
     dt [B, n, T]; allowed [B, 1, S, T] bool. Returns [B, n, S, T]. Ties in the keep-window top-k keep the lower
-    key index.
+    key index. `expiry=True` (only valid without a sliding window wider than keep_window) applies the same rule
+    in its key-expiry form (j kept by query i iff j <= i < e_j), with no sort over the [S, T] rows.
     """
     min_v = torch.finfo(dtype).min
+    T = dt.shape[-1]
+    if T > keep_window and expiry:
+        S = allowed.shape[2]
+        valid = allowed[:, 0, -1, :]  # the last query slot (T - 1) sees every valid key when nothing slides
+        e = key_expiry(dt, valid, keep_window)
+        qi = torch.arange(T - S, T, device=dt.device)
+        keep = allowed & (qi[:, None] < e[:, :, None, :])
+        return dt[:, :, None, :].masked_fill(~keep, min_v)
     bias = dt[:, :, None, :].masked_fill(~allowed, min_v)
-    if bias.shape[-1] > keep_window:
+    if T > keep_window:
         _, idx = stable_topk(bias, keep_window)
         keep = torch.zeros_like(bias, dtype=torch.bool).scatter(-1, idx, True)
         bias = bias.masked_fill(~keep, min_v)
     return bias
+
+
+def use_sdpa(cfg: DogeConfig, dtype: torch.dtype, device: torch.device) -> bool:
+    """`attention_impl` for doge_torch: reference -> eager (transformers' op order); blockwise / fused -> sdpa;
+    auto -> sdpa, except reduced precision on CPU, where eager keeps transformers' bf16 rounding (and sdpa is
+    not faster)."""
+    if cfg.attention_impl == "reference":
+        return False
+    if cfg.attention_impl == "auto":
+        return dtype == torch.float32 or device.type == "cuda"
+    return True
 
 
 class DogeAttention(nn.Module):
@@ -142,10 +210,20 @@ class DogeAttention(nn.Module):
         if cache is not None:
             lc = cache.update(self.layer_idx, k, v, dt)
             k, v, dt = lc.k, lc.v, lc.dt
-        bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, x.dtype)
+        expiry = cfg.sliding_window is None or cfg.sliding_window <= cfg.keep_window_size
+        bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, x.dtype, expiry=expiry)
         r = H // G
-        if cfg.variant == "native" and r > 1:
+        if cfg.variant == "native" and r > 1 and G > 1:
             bias = bias.repeat_interleave(r, dim=1)  # head h uses kv-group h // r
+        if use_sdpa(cfg, q.dtype, q.device):
+            # The bias carries the causal, padding and keep-window masks (finfo.min): causal is always applied
+            # (spec §3.5.2), and fully-masked rows come out uniform as in the eager path.
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=D ** -0.5,
+                                               dropout_p=cfg.attention_dropout if self.training else 0.0,
+                                               enable_gqa=r > 1)
+            return self.o_proj(o.transpose(1, 2).reshape(B, S, H * D))
+        if cfg.variant == "native" and r > 1 and G == 1:
+            bias = bias.expand(-1, H, -1, -1)
         k = k.repeat_interleave(r, dim=1) if r > 1 else k
         v = v.repeat_interleave(r, dim=1) if r > 1 else v
         w = torch.matmul(q, k.transpose(2, 3)) * (D ** -0.5) + bias

@@ -1,0 +1,171 @@
+"""Dynamic Mask Attention implementations (doge_jax.attention): blockwise and fused against the dense reference
+(forward and gradients, float32, `highest` precision), the key-expiry rule against its definition, and whole
+models with each implementation against transformers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY_MOE, hf_logits, left_pad_mask, make_hf_model, max_abs_diff, save_hf, unique_ids
+from flax import nnx
+
+from doge_jax.attention import (
+    MaskInfo,
+    attention,
+    attention_blockwise,
+    attention_fused,
+    attention_reference,
+    choose_impl,
+    key_expiry,
+)
+from doge_jax.model import DogeCache, DogeForCausalLM, with_attention_impl
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _inputs(B=2, H=4, G=2, n=2, S=70, T=70, D=8, ties=False, pad=(0, 5), seed=0):
+    r = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(r.normal(size=s), jnp.float32) for s in ((B, H, S, D), (B, G, T, D), (B, G, T, D)))
+    dt = r.normal(size=(B, n, T))
+    if ties:  # many equal dt values: the lower index must win, in every implementation
+        dt = np.round(dt * 2) / 2
+    dt = jnp.asarray(np.exp(dt), jnp.float32)
+    km = np.ones((B, T), bool)
+    for b, p in enumerate(pad):
+        km[b, :p] = False
+    w = jnp.asarray(r.normal(size=(B, H, S, D)), jnp.float32)
+    return (q, k, v, dt), jnp.asarray(km), w
+
+
+def _compare(f_new, args, mask, w, kw):
+    def ref(*a):
+        return attention_reference(*a, mask, kw)
+
+    o_ref, o_new = ref(*args), jax.jit(f_new)(*args)
+    assert max_abs_diff(o_new, o_ref) <= 2e-6
+    g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2, 3))(*args)
+    g_new = jax.jit(jax.grad(lambda *a: jnp.sum(f_new(*a) * w), argnums=(0, 1, 2, 3)))(*args)
+    for name, a, b in zip("q k v dt".split(), g_new, g_ref):
+        scale = float(jnp.max(jnp.abs(b))) + 1e-6
+        assert max_abs_diff(a, b) <= 2e-6 * max(scale, 1.0), name
+
+
+# (n, S, T, keep_window, ties, q_offset, num_keys, sliding_window, pad)
+BLOCK_CASES = {
+    "native_expiry": (2, 70, 70, 16, False, 0, None, None, (0, 5)),
+    "small_doge_ties_pad": (4, 70, 70, 16, True, 0, None, None, (3, 20)),
+    "ties_all_rows": (2, 100, 100, 7, True, 0, None, None, (10, 0)),
+    "no_expiry": (2, 70, 70, 100, False, 0, None, None, (0, 5)),
+    "fully_padded_row": (2, 70, 70, 16, False, 0, None, None, (0, 70)),
+    "window_le_keep": (2, 70, 70, 16, True, 0, None, 8, (0, 5)),
+    "window_short_seq": (2, 70, 70, 100, True, 0, None, 20, (0, 5)),
+    "cache_decode": (2, 1, 64, 16, False, 40, 41, None, (0, 3)),
+    "cache_chunk_ties": (4, 5, 64, 8, True, 40, 45, None, (0, 3)),
+    "cache_prefill": (2, 64, 64, 8, True, 0, 30, None, (0, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_blockwise_equals_reference(case):
+    n, S, T, kw, ties, off, nk, win, pad = BLOCK_CASES[case]
+    args, km, w = _inputs(n=n, S=S, T=T, ties=ties, pad=pad)
+    mask = MaskInfo(km, off, nk, win)
+    # small tiles, so that several query and key blocks (and skipped dead tiles) are exercised
+    _compare(lambda *a: attention_blockwise(*a, mask, kw, block_q=16, block_k=16), args, mask, w, kw)
+
+
+@pytest.mark.parametrize("n,win,pad", [(2, None, (0, 5)), (4, 9, (3, 70))])
+def test_fused_equals_reference(n, win, pad):
+    args, km, w = _inputs(n=n, pad=pad)
+    mask = MaskInfo(km, 0, None, win)
+    _compare(lambda *a: attention_fused(*a, mask, 100), args, mask, w, 100)
+
+
+def _expiry_brute(dt, valid, k):
+    """e_j by definition: the smallest query slot i at which k valid keys <= i beat key j."""
+    B, n, T = dt.shape
+    e = np.zeros((B, n, T), np.int64)
+    for b in range(B):
+        for h in range(n):
+            d = dt[b, h]
+            for j in range(T):
+                if not valid[b, j]:
+                    continue
+                beats = [i for i in range(T) if valid[b, i] and (d[i] > d[j] or (d[i] == d[j] and i < j))]
+                e[b, h, j] = beats[k - 1] if len(beats) >= k else np.iinfo(np.int32).max
+    return e
+
+
+def test_key_expiry_matches_definition():
+    r = np.random.default_rng(1)
+    dt = np.round(r.normal(size=(2, 3, 45)), 1).astype(np.float32)  # plenty of ties
+    valid = r.random((2, 45)) > 0.2
+    for k in (1, 4, 9):
+        np.testing.assert_array_equal(np.asarray(key_expiry(jnp.asarray(dt), jnp.asarray(valid), k)),
+                                      _expiry_brute(dt, valid, k))
+
+
+def test_choose_impl():
+    m = MaskInfo()
+    assert choose_impl("auto", 64, 64, 2048, m, False) == "reference"
+    assert choose_impl("auto", 8192, 8192, 2048, m, False) == "blockwise"
+    assert choose_impl("blockwise", 64, 64, 2048, m, True) == "reference"  # dropout: reference only
+    assert choose_impl("fused", 64, 64, 16, m, False) == "blockwise"  # beyond keep_window
+    assert choose_impl("fused", 1, 64, 2048, MaskInfo(None, 10, 11), False) == "blockwise"  # cache
+    wide = MaskInfo(None, 0, None, 32)
+    assert choose_impl("blockwise", 64, 64, 16, wide, False) == "reference"  # window > keep_window < T
+    with pytest.raises(ValueError, match="impl"):
+        choose_impl("flash", 64, 64, 16, m, False)
+
+
+def test_dispatch_accepts_dense_mask():
+    args, km, _ = _inputs()
+    mask = MaskInfo(km)
+    dense = mask.dense(2, 70, 70)
+    np.testing.assert_array_equal(attention(*args, dense, 16), attention(*args, mask, 16, impl="reference"))
+
+
+# ---- whole models against transformers ------------------------------------------------------------------------
+
+MODEL_CASES = {
+    "gqa_pad": (dict(), 20, [0, 5]),
+    "moe_pad": (TINY_MOE, 20, [0, 7]),
+    "keep_window_pad": (dict(keep_window_size=8), 40, [0, 3]),
+    "keep_window_moe": (dict(keep_window_size=8, **TINY_MOE), 40, [0, 3]),
+    "sliding": (dict(sliding_window=6, keep_window_size=8), 30, [0, 4]),
+}
+
+
+@pytest.mark.parametrize("case,impl", [(c, "blockwise") for c in MODEL_CASES] + [("gqa_pad", "fused"),
+                                                                                ("moe_pad", "fused")])
+def test_model_logits_match_transformers(tmp_path, case, impl):
+    overrides, T, pads = MODEL_CASES[case]
+    hf = make_hf_model(**overrides)
+    model = with_attention_impl(DogeForCausalLM.from_pretrained(save_hf(hf, tmp_path / "m")), impl)
+    ids, mask = unique_ids(2, T, 128, seed=4), left_pad_mask(2, T, pads)
+    assert max_abs_diff(model(ids, attention_mask=mask).logits, hf_logits(hf, ids, mask)) <= 1e-4
+
+
+def test_blockwise_cache_decode_equals_full_forward(tmp_path):
+    hf = make_hf_model(keep_window_size=8)
+    model = with_attention_impl(DogeForCausalLM.from_pretrained(save_hf(hf, tmp_path / "m")), "blockwise")
+    ids = unique_ids(2, 20, 128, seed=10)
+    full = hf_logits(hf, ids)
+    step = nnx.jit(lambda m, x, c: m(x, cache=c))
+    out = step(model, jnp.asarray(ids[:, :12]), DogeCache.init(model.config, 2, 64))
+    parts = [np.asarray(out.logits)]
+    for t in range(12, 20):
+        out = step(model, jnp.asarray(ids[:, t:t + 1]), out.cache)
+        parts.append(np.asarray(out.logits))
+    assert max_abs_diff(np.concatenate(parts, axis=1), full) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2])
+def test_blockwise_long_sequence(n):
+    """Several 512-blocks, expiry active, left padding: default tiles against the dense reference."""
+    args, km, w = _inputs(B=1, H=2, G=1, n=n, S=2100, T=2100, D=16, ties=True, pad=(37,))
+    mask = MaskInfo(km)
+    _compare(lambda *a: attention_blockwise(*a, mask, 300), args, mask, w, 300)
