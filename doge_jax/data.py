@@ -29,7 +29,7 @@ SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
 _EOS_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 _PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
-_TEXT_EXT = (".txt", ".md", ".py", ".rst", ".jsonl", ".json", ".text")
+_TEXT_EXT = (".txt", ".md", ".py", ".rst", ".jsonl", ".json", ".text", ".parquet")
 
 
 class DataError(ValueError):
@@ -73,9 +73,12 @@ def resolve_paths(specs: list[str] | str) -> list[str]:
 
 
 def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
-    """One document per text file; one per line (its `text_field`) of a .jsonl file."""
+    """One document per text file; one per line (its `text_field`) of a .jsonl file; one per row (its `text_field`
+    column) of a .parquet file, read a row group at a time."""
     for path in paths:
-        if path.endswith(".jsonl"):
+        if path.endswith(".parquet"):
+            yield from _iter_parquet(path, text_field)
+        elif path.endswith(".jsonl"):
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
@@ -87,6 +90,24 @@ def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
         else:
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield f.read()
+
+
+def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if text_field not in f.schema_arrow.names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(f.schema_arrow.names[:10])}; "
+                        "set --train.text_field)")
+    for i in range(f.num_row_groups):
+        for text in f.read_row_group(i, columns=[text_field]).column(0).to_pylist():
+            if text is not None:
+                yield str(text)
 
 
 def corpus_fingerprint(paths: list[str], *extra: str) -> str:
@@ -249,3 +270,11 @@ def _progress(total: int, desc: str, unit: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
+
+
+if __name__ == "__main__":  # python -m doge_jax.data: pre-tokenize a corpus (doge_jax.corpora)
+    import sys
+
+    from .corpora import main
+
+    sys.exit(main())

@@ -64,8 +64,12 @@ def peak_flops(device, dtype: str, override: float | None = None) -> float:
 class MetricsLogger:
     """metrics.jsonl (one JSON object per logged step) + TensorBoard event files under RUN/tb."""
 
-    def __init__(self, run_dir: str, resume_step: int = 0):
+    def __init__(self, run_dir: str, resume_step: int = 0, enabled: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = enabled  # False on the non-primary hosts of a multi-host run: log() does nothing
+        if not enabled:
+            self.file = self.tb = None
+            return
         self._truncate_after(resume_step)
         self.file = open(self.path, "a")
         try:
@@ -86,6 +90,8 @@ class MetricsLogger:
             f.writelines(keep)
 
     def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -95,7 +101,8 @@ class MetricsLogger:
                     self.tb.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -17,12 +17,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import yaml
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from . import corpora as C
 from . import data as D
+from . import init as I
+from . import sharding as S
 from .checkpoint import TrainCheckpointer
 from .config import ConfigError, DogeConfig
 from .hf_names import CheckpointError
@@ -60,8 +63,9 @@ def setup_compilation_cache(cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run_dir: str):
-    """(tokenizer, model config with bos/eos/pad filled in). The run's tokenizer.json wins on resume."""
+def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run_dir: str, primary: bool = True):
+    """(tokenizer, model config with bos/eos/pad filled in). The run's tokenizer.json wins on resume. Only the
+    primary host writes files."""
     saved = os.path.join(run_dir, "tokenizer.json")
     if os.path.isfile(saved):
         tok, src = D.load_tokenizer(saved), run_dir
@@ -76,8 +80,8 @@ def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run
             log(f"training a byte-level BPE (vocab {mcfg.vocab_size}) on {len(paths)} files")
             tok = D.train_bpe(paths, mcfg.vocab_size, tcfg.text_field)
             os.makedirs(cache, exist_ok=True)
-            tok.save(file + ".tmp")
-            os.replace(file + ".tmp", file)
+            tok.save(f"{file}.tmp-{os.getpid()}")
+            os.replace(f"{file}.tmp-{os.getpid()}", file)
         src = None
     ids = D.special_ids(tok, src)
     changes = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")
@@ -87,6 +91,8 @@ def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run
         raise ConfigError("model.eos_token_id: the tokenizer has no known EOS token; set --model.eos_token_id")
     if tok.get_vocab_size() > mcfg.vocab_size:
         log(f"warning: tokenizer vocabulary {tok.get_vocab_size()} > model vocab_size {mcfg.vocab_size}")
+    if not primary:
+        return tok, mcfg
     tok.save(saved)
     names = {k: tok.id_to_token(getattr(mcfg, f"{k}_token_id")) for k in ("bos", "pad")
              if getattr(mcfg, f"{k}_token_id") is not None}
@@ -111,12 +117,16 @@ def check_same_model(run_dir: str, mcfg: DogeConfig) -> None:
 
 
 # ---- compiled steps -------------------------------------------------------------------------------------------------
-def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig):
+def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig, mesh=None, param_sh=None, opt_sh=None):
     """(train_step, grads_fn, eval_step). train_step(params, opt_state, batch [GA, R, S], step) -> (params,
-    opt_state, {loss, grad_norm}); the loss of each micro-batch is CE_sum / (valid targets of the whole step)."""
+    opt_state, {loss, grad_norm}); the loss of each micro-batch is CE_sum / (valid targets of the whole step).
+
+    With a mesh (and the parameter / optimizer-state shardings of doge_jax.sharding) the steps are jitted with
+    those in/out shardings, batches split over every device along the rows axis; without, a plain jit."""
     cdtype = jnp.bfloat16 if tcfg.compute_dtype == "bfloat16" else jnp.float32
     pad = mcfg.pad_token_id
     dropout = mcfg.hidden_dropout > 0 or mcfg.attention_dropout > 0
+    freeze = tcfg.moe_freeze_steps
 
     def labels_of(ids):
         return ids if pad is None else jnp.where(ids == pad, IGNORE, ids)  # spec §6.4: pad labels ignored
@@ -135,6 +145,9 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig):
             loss = loss + mcfg.router_aux_loss_coef * out.aux_loss
         return loss
 
+    def constrain(grads):
+        return grads if param_sh is None else jax.lax.with_sharding_constraint(grads, param_sh)
+
     def grads_fn(params, batch, step):
         num_items = jnp.sum(shift_targets(labels_of(batch)) != IGNORE)
         rngs = jax.random.split(jax.random.fold_in(jax.random.key(tcfg.seed), step), batch.shape[0])
@@ -142,14 +155,16 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig):
         def micro(carry, xs):
             ids, rng = xs
             loss, g = jax.value_and_grad(ce)(params, ids, num_items, rng)
-            return jax.tree.map(jnp.add, carry, (loss, g)), None
+            return jax.tree.map(jnp.add, carry, (loss, constrain(g))), None
 
-        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        zero = (jnp.zeros((), jnp.float32), constrain(jax.tree.map(jnp.zeros_like, params)))
         (loss, grads), _ = jax.lax.scan(micro, zero, (batch, rngs))
         return loss, grads
 
     def train_step(params, opt_state, batch, step):
         loss, grads = grads_fn(params, batch, step)
+        if freeze:  # MoE warm-up: frozen parameters have no gradient (nor a share of the clipping norm)
+            grads = I.mask_frozen_grads(grads, step, freeze)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -160,7 +175,14 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig):
         total = causal_lm_loss_chunked(model(ids).logits, w, labels, 1, vocab_major, tcfg.loss_chunk or 1024)
         return total, jnp.sum(shift_targets(labels) != IGNORE)
 
-    return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(grads_fn), jax.jit(eval_step)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(grads_fn), jax.jit(eval_step)
+    rep = NamedSharding(mesh, PartitionSpec())
+    b3, b2 = S.batch_sharding(mesh, 1, 3), S.batch_sharding(mesh, 0, 2)
+    return (jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(param_sh, opt_sh, b3, rep),
+                    out_shardings=(param_sh, opt_sh, rep)),
+            jax.jit(grads_fn, in_shardings=(param_sh, b3, rep), out_shardings=(rep, param_sh)),
+            jax.jit(eval_step, in_shardings=(param_sh, b2), out_shardings=(rep, rep)))
 
 
 def evaluate(eval_step, params, batches) -> tuple[float, float] | None:
@@ -174,60 +196,126 @@ def evaluate(eval_step, params, batches) -> tuple[float, float] | None:
     return loss, math.exp(min(loss, 80.0))
 
 
+# ---- mesh and run checks --------------------------------------------------------------------------------------------
+def make_mesh(tcfg: TrainConfig):
+    """The device mesh of train.mesh; the global batch must split over its devices and the hosts."""
+    try:
+        mesh = S.make_mesh(tcfg.mesh)
+    except ValueError as e:
+        raise ConfigError(f"train.{e}") from None
+    R = tcfg.rows_per_micro
+    if R % mesh.size or R % jax.process_count():
+        raise ConfigError(f"train.global_batch_tokens={tcfg.global_batch_tokens}: {R} rows per micro-batch do not "
+                          f"split over the {mesh.size} devices of mesh {S.describe(mesh)} and "
+                          f"{jax.process_count()} host(s); use a multiple of {mesh.size * jax.process_count()} rows")
+    return mesh
+
+
+def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
+    """Train settings that change the optimizer-state layout must not change on resume."""
+    path = os.path.join(run_dir, "train_config.yaml")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        old = (yaml.safe_load(f) or {}).get("train") or {}
+    if bool(old.get("moe_freeze_steps", 0)) != bool(tcfg.moe_freeze_steps):
+        raise ConfigError(f"train.moe_freeze_steps={tcfg.moe_freeze_steps}: {run_dir} was started with "
+                          f"moe_freeze_steps={old.get('moe_freeze_steps', 0)} (the optimizer state differs); use the "
+                          "original value or another --out_dir")
+
+
 # ---- the run --------------------------------------------------------------------------------------------------------
 def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -> TrainResult:
     run_dir = os.path.abspath(tcfg.out_dir or os.path.join(tcfg.runs_dir, tcfg.name or "run"))
-    paths = D.resolve_paths(tcfg.data) if tcfg.data else D.default_corpus()  # missing paths fail here
+    sources = C.parse_sources(tcfg.data) if tcfg.data else [C.Source("stdlib", D.default_corpus())]  # paths checked
+    paths = [p for s in sources for p in s.paths]
     if tcfg.seq_len > mcfg.max_position_embeddings:
         raise ConfigError(f"train.seq_len={tcfg.seq_len} > model.max_position_embeddings="
                           f"{mcfg.max_position_embeddings}")
+    if tcfg.moe_freeze_steps and not mcfg.is_moe:
+        raise ConfigError(f"train.moe_freeze_steps={tcfg.moe_freeze_steps}: needs a MoE model (model.is_moe true)")
+    mesh = make_mesh(tcfg)
+    if tcfg.init_from:
+        base = I.checkpoint_config(tcfg.init_from)
+        changes = I.config_changes(base, mcfg)
+        log(f"init from {tcfg.init_from}" + (f"; model config changes: {'; '.join(changes)}" if changes else ""))
+        if tcfg.tokenizer is None:  # the checkpoint's own tokenizer, never a freshly trained one
+            tok_dir = I.find_tokenizer(tcfg.init_from)
+            if tok_dir is None:
+                raise ConfigError(f"train.init_from={tcfg.init_from!r}: no tokenizer.json there; set --train.tokenizer")
+            tcfg = dataclasses.replace(tcfg, tokenizer=tok_dir)
+    pretok = [s.pretokenized for s in sources if s.pretokenized]
+    if tcfg.tokenizer is None and pretok:  # pre-tokenized data carries its tokenizer
+        tcfg = dataclasses.replace(tcfg, tokenizer=pretok[0])
     os.makedirs(run_dir, exist_ok=True)
+    check_run_config(run_dir, tcfg)
     setup_compilation_cache(tcfg.cache_dir)
-    tok, mcfg = prepare_tokenizer(mcfg, tcfg, paths, run_dir)
+    primary = jax.process_index() == 0  # the host that writes the run directory's files (orbax: every host)
+    tok, mcfg = prepare_tokenizer(mcfg, tcfg, paths, run_dir, primary)
     check_same_model(run_dir, mcfg)
-    train_tok, val_tok = D.tokenize_corpus(paths, tok, mcfg.eos_token_ids[0], os.path.join(tcfg.cache_dir, "tokens"),
-                                           tcfg.text_field, tcfg.val_fraction, tcfg.seed, tcfg.progress)
-    D.check_vocab(train_tok, mcfg.vocab_size, "training data")
-    D.check_vocab(val_tok, mcfg.vocab_size, "validation data")
-    rows, val_rows = D.pack(train_tok, tcfg.seq_len), D.pack(val_tok, tcfg.seq_len)
-    R, GA = tcfg.rows_per_micro, tcfg.grad_accum
-    dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), jax.process_count())
+    data = C.training_data(sources, tok, mcfg.eos_token_ids[0], mcfg.vocab_size, tcfg.seq_len,
+                           os.path.join(tcfg.cache_dir, "tokens"), tcfg.text_field, tcfg.val_fraction, tcfg.seed,
+                           tcfg.progress)
+    rows, val_rows = data.rows, data.val_rows
+    R, GA, hosts = tcfg.rows_per_micro, tcfg.grad_accum, jax.process_count()
+    # grain sharded per host: host i reads rows i::hosts and feeds R / hosts rows of every micro-batch
+    dataset = D.train_dataset(rows, GA, R // hosts, tcfg.seed, jax.process_index(), hosts)
     val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
-    mcfg.save_json(os.path.join(run_dir, "config.json"))
-    with open(os.path.join(run_dir, "train_config.yaml"), "w") as f:
-        yaml.safe_dump({"config_file": config_path, "model": mcfg.to_dict(), "train": tcfg.to_dict(),
-                        "data_files": len(paths), "train_tokens": int(len(train_tok)),
-                        "val_tokens": int(len(val_tok))}, f, sort_keys=False)
-    log(f"run {run_dir}: {len(paths)} files, {len(train_tok):,} train / {len(val_tok):,} val tokens, "
-        f"{len(rows):,} rows of {tcfg.seq_len}; {len(val_batches)} val batches")
+    if primary:
+        mcfg.save_json(os.path.join(run_dir, "config.json"))
+        with open(os.path.join(run_dir, "train_config.yaml"), "w") as f:
+            yaml.safe_dump({"config_file": config_path, "model": mcfg.to_dict(), "train": tcfg.to_dict(),
+                            "data_files": data.files, "train_tokens": data.train_tokens,
+                            "val_tokens": data.val_tokens}, f, sort_keys=False)
+    log(f"run {run_dir}: {data.files} files in {len(sources)} source(s), {data.train_tokens:,} train / "
+        f"{data.val_tokens:,} val tokens, "
+        f"{len(rows):,} rows of {tcfg.seq_len}; {len(val_batches)} val batches; mesh {S.describe(mesh)}")
 
-    model = DogeTrunk(mcfg, rngs=nnx.Rngs(tcfg.seed))
-    graphdef, state = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(state)
-    del model, state
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DogeTrunk(mcfg, rngs=nnx.Rngs(tcfg.seed))), nnx.Param)
+    abstract = nnx.to_pure_dict(abstract)
     schedule = wsd_schedule(tcfg.peak_lr, tcfg.num_warmup_steps, tcfg.num_decay_steps, tcfg.num_training_steps,
                             warmup_type=tcfg.warmup_type, decay_type=tcfg.decay_type, min_lr_ratio=tcfg.min_lr_ratio)
-    tx = make_optimizer(schedule, tcfg.weight_decay, tcfg.adam_b1, tcfg.adam_b2, tcfg.adam_eps, tcfg.max_grad_norm,
-                        mask=decay_mask)
-    opt_state = tx.init(params)
+    opt_args = (tcfg.weight_decay, tcfg.adam_b1, tcfg.adam_b2, tcfg.adam_eps, tcfg.max_grad_norm)
+    if tcfg.moe_freeze_steps:
+        tx = I.freeze_optimizer(schedule, tcfg.moe_freeze_steps, *opt_args, decay_mask=decay_mask)
+    else:
+        tx = make_optimizer(schedule, *opt_args, mask=decay_mask)
+    psh = S.param_shardings(abstract, mesh)
+    osh = S.opt_state_shardings(jax.eval_shape(tx.init, abstract), psh, mesh)
     ckpt = TrainCheckpointer(run_dir, tcfg.keep_checkpoints, tcfg.async_checkpoint)
     it = iter(dataset)
     step = 0
-    restored = ckpt.restore_latest(jax.eval_shape(lambda: params), jax.eval_shape(lambda: opt_state))
+    restored = ckpt.restore_latest(S.abstract_sharded(abstract, psh),
+                                   S.abstract_sharded(jax.eval_shape(tx.init, abstract), osh))
     if restored is not None:
         step, params, opt_state, data_state, _ = restored
         it.set_state(data_state)
         log(f"resumed from checkpoint step {step}")
-    train_step, _, eval_step = make_steps(graphdef, tx, mcfg, tcfg)
-    metrics = MetricsLogger(run_dir, step)
+    else:
+        if tcfg.init_from:
+            params = I.init_params(tcfg.init_from, mcfg, tcfg.seed)
+            log(f"initialised from {tcfg.init_from} (fresh optimizer state)")
+        else:
+            params = nnx.to_pure_dict(nnx.split(DogeTrunk(mcfg, rngs=nnx.Rngs(tcfg.seed)), nnx.Param)[1])
+        params, _ = S.shard_params(params, mesh)
+        opt_state, _ = S.init_opt_state(tx, params, psh, mesh)
+    train_step, _, eval_step = make_steps(graphdef, tx, mcfg, tcfg, mesh, psh, osh)
+    metrics = MetricsLogger(run_dir, step, enabled=primary)
     tokens_per_step = GA * R * tcfg.seq_len
     flops = flops_per_token(mcfg, tcfg.seq_len) * tokens_per_step
     peak = peak_flops(jax.devices()[0], tcfg.compute_dtype, tcfg.peak_flops) * jax.device_count()
-    meta = {"model_config": mcfg.to_hf_dict(), "train_config": tcfg.to_dict()}
+    meta = {"model_config": mcfg.to_hf_dict(), "train_config": tcfg.to_dict(), "mesh": dict(mesh.shape)}
 
     def save(s: int) -> None:
-        host = jax.tree.map(np.array, (params, opt_state))  # copies: the next step donates the device buffers
-        ckpt.save(s, host[0], host[1], it.get_state(), {"step": s, **meta})
+        # jax arrays as they are (sharded): orbax copies them to host before save() returns, so the next step may
+        # donate the buffers; every host writes its own shards
+        ckpt.save(s, params, opt_state, it.get_state(), {"step": s, **meta})
+
+    def to_device(batch, axis):  # this host's rows -> the global batch array on the mesh
+        return S.shard_batch(batch, mesh, batch_axis=axis)
+
+    n, i = jax.process_count(), jax.process_index()  # every host holds all val rows; each feeds its slice
+    val_batches = [to_device(b[i * (R // n):(i + 1) * (R // n)], 0) for b in val_batches]
 
     stop_signal: list[int] = []
     handlers = {}
@@ -242,14 +330,15 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
             handlers[s] = signal.signal(s, on_signal)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=tcfg.num_training_steps, initial=step, desc="train", unit="step", disable=not tcfg.progress,
+    bar = tqdm(total=tcfg.num_training_steps, initial=step, desc="train", unit="step",
+               disable=not (tcfg.progress and primary),
                dynamic_ncols=True)
     status, val = "finished", None
     t_start = time.perf_counter()
     try:
         if step < tcfg.num_training_steps:
             t0 = time.perf_counter()
-            batch = next(it)
+            batch = to_device(next(it), 1)
             train_step = train_step.lower(params, opt_state, batch, step).compile()
             log(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
         else:
@@ -290,14 +379,15 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                 log(f"{status} at step {step}; checkpoint saved. Re-run the same command to resume.")
                 break
             if not done:
-                batch = next(it)
+                batch = to_device(next(it), 1)
     finally:
         bar.close()
         ckpt.close()
         metrics.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-    plot_loss(run_dir)
+    if primary:
+        plot_loss(run_dir)
     if status == "finished":
         log(f"finished {step} steps; run directory {run_dir}")
     return TrainResult(status, step, run_dir, None if val is None else val[0])
@@ -305,6 +395,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        S.init_distributed()  # multi-host (JAX_COORDINATOR_ADDRESS / SLURM) before anything touches a device
         mcfg, tcfg, path = parse_argv(argv)
         result = train(mcfg, tcfg, path)
     except (ConfigError, D.DataError, CheckpointError) as e:

@@ -21,8 +21,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - dataclass field with a help text
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
 
@@ -46,11 +46,18 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "global-norm gradient clipping (torch rule)")
     seed: int = _f(233, "seed of init, data shuffle and validation split")
     # data
-    data: list = _f([], "text/jsonl files, directories or globs; empty = the embedded stdlib corpus")
-    text_field: str = _f("text", "field of a .jsonl row holding the document")
+    data: list = _f([], "text/jsonl/parquet files, directories, globs or pre-tokenized dirs; PATH:WEIGHT (or "
+                    "{path: P, weight: W}) entries form a mixture; empty = the embedded stdlib corpus")
+    text_field: str = _f("text", "field of a .jsonl row / column of a .parquet file holding the document")
     tokenizer: str | None = _f(None, "tokenizer.json or HF tokenizer dir; null = train a byte-level BPE")
     val_fraction: float = _f(0.01, "fraction of documents held out for validation")
     cache_dir: str = _f("~/.cache/doge_jax", "token/tokenizer cache and JAX compilation cache root")
+    # continue training (spec §7)
+    init_from: str | None = _f(None, "start from these weights (HF dir or orbax model/run/step dir; fresh optimizer); "
+                               "model config from the checkpoint, --model.* overrides where shapes allow")
+    moe_freeze_steps: int = _f(0, "MoE warm-up: train only router_gate/down_embed/up_embed for the first N steps")
+    # devices
+    mesh: dict = _f({"data": -1, "fsdp": 1}, "device mesh axes {data, fsdp}; -1 = all remaining devices")
     # run
     name: str | None = _f(None, "run name (default: the config file's stem)")
     runs_dir: str = _f("runs", "parent of the run directory")
@@ -78,7 +85,7 @@ class TrainConfig:
                   "keep_checkpoints", "log_every", "eval_batches"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 bad(f, "must be a positive integer")
-        for f in ("num_warmup_steps", "num_decay_steps", "eval_every", "seed", "loss_chunk"):
+        for f in ("num_warmup_steps", "num_decay_steps", "eval_every", "seed", "loss_chunk", "moe_freeze_steps"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
                 bad(f, "must be an integer >= 0")
         if self.global_batch_tokens % (self.grad_accum * self.seq_len):
@@ -96,6 +103,9 @@ class TrainConfig:
             bad("peak_lr", "must be > 0")
         if self.stop_after is not None and self.stop_after < 1:
             bad("stop_after", "must be None or >= 1")
+        if not isinstance(self.mesh, dict) or set(self.mesh) - {"data", "fsdp"} or not all(
+                isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1) for v in self.mesh.values()):
+            bad("mesh", "must be a mapping {data: N, fsdp: M} of positive integers or -1 (e.g. {data: -1, fsdp: 1})")
 
     @property
     def rows_per_micro(self) -> int:
@@ -138,7 +148,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
     train.data; `--name N` and `--out_dir D` are shorthands."""
     out: list[tuple[str, str, Any]] = []
     i = 0
-    shorthands = {"data": "train.data", "name": "train.name", "out_dir": "train.out_dir"}
+    shorthands = {"data": "train.data", "name": "train.name", "out_dir": "train.out_dir",
+                  "init-from": "train.init_from", "init_from": "train.init_from"}
     while i < len(args):
         a = args[i]
         key, value = (a[2:] if a.startswith("--") else a), None
@@ -203,6 +214,13 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]])
         tcfg = TrainConfig(**train)
     except TypeError as e:
         raise ConfigError(f"train: {e}") from None
+    if tcfg.init_from:
+        # The model config comes from the checkpoint; the fields asked for explicitly (command line, and the model:
+        # section of a config file given with --config) are applied on top where shapes allow.
+        from .init import checkpoint_config, merge_config
+
+        keys = (set(raw.get("model") or {}) if config_path else set()) | {k for s, k, _ in overrides if s == "model"}
+        return merge_config(checkpoint_config(tcfg.init_from), {k: model[k] for k in keys}), tcfg
     return DogeConfig.from_dict(model), tcfg
 
 
@@ -216,7 +234,8 @@ def help_text(prog: str = "python -m doge_jax.train") -> str:
         "",
         "Overrides: --section.field VALUE, --section.field=VALUE or section.field=VALUE (VALUE is YAML:",
         "1e-3, true, null, [a, b]). Shorthands: --data PATH... = train.data, --name = train.name,",
-        "--out_dir = train.out_dir. Unknown keys fail at start-up.",
+        "--out_dir = train.out_dir, --init-from PATH = train.init_from. Unknown keys fail at start-up.",
+        "--data entries: FILE | DIR | GLOB | pre-tokenized DIR, each optionally PATH:WEIGHT for a mixture.",
         "",
         "options:",
         f"  --config FILE      YAML with model: and train: sections (default {os.path.relpath(DEFAULT_CONFIG)})",

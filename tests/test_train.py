@@ -156,6 +156,8 @@ def test_nan_loss_stops_and_keeps_last_good(corpus, cache, tmp_path, capsys):
     (["--data", "/nonexistent/data.txt"], "data path '/nonexistent/data.txt' does not exist"),
     (["--train.tokenizer", "/nonexistent"], "tokenizer '/nonexistent'"),
     (["stray"], "unknown argument 'stray'"),
+    (["--train.mesh", "{data: 3}"], "train.mesh.data: data=3 x fsdp=1 = 3 devices, but 1 are available"),
+    (["--train.mesh", "{tensor: 2}"], "train.mesh={'tensor': 2}: must be a mapping"),
 ])
 def test_startup_errors_name_the_problem(corpus, cache, tmp_path, capsys, args, message):
     code = run(corpus, cache, tmp_path / "run", *args)
@@ -326,3 +328,45 @@ def test_mfu_formula():
     assert flops_per_token(cfg, 10) == 6 * (2 * per_layer + 800) + 6 * 2 * 2 * D * 10
     with pytest.raises(ConfigError):
         TrainConfig(global_batch_tokens=100, seq_len=32)
+
+
+# ---- many devices (issue 6 item 2): data parallel + FSDP over 8 simulated CPU devices -----------------------------
+MESH_ARGS = ["--train.global_batch_tokens", "512", "--train.grad_accum", "2", "--train.num_training_steps", "4",
+             "--train.eval_every", "0", "--train.checkpoint_every", "100"]  # 2 micro-batches of 8 rows per step
+
+
+def _run_8_devices(corpus, cache, out, *extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    args = [sys.executable, "-m", "doge_jax.train", *TINY_ARGS, *MESH_ARGS, "--data", corpus, "--out_dir", str(out),
+            "--train.cache_dir", cache, "--train.mesh", "{data: 2, fsdp: 4}", *extra]
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_mesh_8_devices_matches_1_and_checkpoints_move(corpus, cache, tmp_path):
+    """Losses on a data 2 x fsdp 4 mesh equal the 1-device run within float32 noise (1e-6 relative: only the order
+    of the sums differs, cf. tests/test_sharding.py), and a run checkpointed on 8 devices resumes on 1 and the reverse
+    (same data iterator position, same parameters up to that noise)."""
+    def losses(out):
+        rows = read_metrics(str(out))
+        return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+
+    ref = tmp_path / "ref"
+    assert run(corpus, cache, ref, *MESH_ARGS) == 0
+    ref_loss, ref_val = losses(ref)
+    assert len(ref_loss) == 4 and len(set(ref_loss)) == 4
+    a, b = tmp_path / "8to1", tmp_path / "1to8"
+    err = _run_8_devices(corpus, cache, a, "--train.stop_after", "2")  # steps 1-2 on 8 devices ...
+    assert "mesh data=2 x fsdp=4" in err
+    assert run(corpus, cache, a, *MESH_ARGS) == 0  # ... 3-4 on 1
+    assert run(corpus, cache, b, *MESH_ARGS, "--train.stop_after", "2") == 0  # steps 1-2 on 1 device ...
+    err = _run_8_devices(corpus, cache, b)  # ... 3-4 on 8
+    assert "resumed from checkpoint step 2" in err
+    la, va = losses(a)
+    lb, vb = losses(b)
+    np.testing.assert_allclose(la, ref_loss, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(lb, ref_loss, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(vb, ref_val, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(va, ref_val, rtol=1e-6, atol=0)

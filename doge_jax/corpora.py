@@ -1,0 +1,387 @@
+"""Real corpora for training (issue 6 item 1): data sources and mixtures, pre-tokenized token shards read memory-mapped.
+
+Sources: `--data` entries (or `train.data` in YAML) are files, directories, globs (text, .jsonl with a `text` field,
+.parquet with a `text` column) or directories written by `python -m doge_jax.data` (pre-tokenized). An entry
+`PATH:WEIGHT` (YAML: `{path: PATH, weight: WEIGHT}`) makes a mixture; then every entry needs a weight.
+
+Mixing (spec §6.4, in rows): each source is packed to seq_len rows on its own; with T = total rows of all sources,
+source i contributes int(T * w_i / sum(w)) rows, its first rows in order, repeated cyclically if it has fewer
+(truncated if more). The concatenation is one epoch; grain reshuffles it every epoch. Validation rows are mixed the
+same way (from each source's held-out documents) and sampled with a seeded permutation.
+
+Pre-tokenization: `python -m doge_jax.data --data ... --tokenizer TOK --out DIR` writes one shard per input file
+(`NNNNN.train.bin`, `NNNNN.val.bin`: raw uint16/uint32 tokens, EOS after every document; documents held out for
+validation by a seeded coin per document) in parallel over files, with a progress bar; a shard is finished when its
+`NNNNN.json` exists (written last, atomically), so an interrupted run resumes where it stopped. `corpus.json` (the
+manifest) is written when every shard is done; the trainer reads the shards with np.memmap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from . import data as D
+
+MANIFEST = "corpus.json"
+FORMAT = 1
+
+
+# ---- sources ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Source:
+    spec: str
+    paths: list[str]  # raw document files (empty for a pre-tokenized directory)
+    pretokenized: str | None = None
+    weight: float | None = None
+
+
+def is_pretokenized(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def _split_weight(entry: Any) -> tuple[str, float | None]:
+    if isinstance(entry, dict):
+        extra = set(entry) - {"path", "weight"}
+        if "path" not in entry or extra:
+            raise D.DataError(f"train.data entry {entry!r}: expected {{path: P, weight: W}}")
+        path, weight = str(entry["path"]), entry.get("weight")
+    else:
+        path, weight = str(entry), None
+        head, sep, tail = path.rpartition(":")
+        if sep and head:
+            try:
+                path, weight = head, float(tail)
+            except ValueError:
+                pass
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            raise D.DataError(f"data entry {entry!r}: the weight must be a number > 0")
+        weight = float(weight)
+    return path, weight
+
+
+def parse_sources(specs: list) -> list[Source]:
+    """`train.data` -> sources. Without weights all raw files form one source (plain concatenation); each
+    pre-tokenized directory is a source of its own. With weights every entry is one source of the mixture."""
+    entries = [_split_weight(e) for e in specs]
+    weighted = [w is not None for _, w in entries]
+    if any(weighted) and not all(weighted):
+        missing = next(p for p, w in entries if w is None)
+        raise D.DataError(f"data entry {missing!r} has no weight: give every entry of a mixture one (PATH:WEIGHT)")
+    sources = []
+    for path, w in entries:
+        if os.path.isdir(os.path.expanduser(path)) and is_pretokenized(os.path.expanduser(path)):
+            sources.append(Source(path, [], os.path.abspath(os.path.expanduser(path)), w))
+        else:
+            sources.append(Source(path, D.resolve_paths([path]), None, w))
+    if not any(weighted):
+        raw = [s for s in sources if s.pretokenized is None]
+        merged = [Source(", ".join(s.spec for s in raw), sorted(dict.fromkeys(p for s in raw for p in s.paths)))]
+        sources = (merged if raw else []) + [s for s in sources if s.pretokenized is not None]
+    return sources
+
+
+# ---- random-access rows ----------------------------------------------------------------------------------------------
+class _Rows(collections.abc.Sequence):
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            idx = range(*i.indices(len(self)))
+            return np.stack([self._row(j) for j in idx]) if len(idx) else np.zeros((0, self.seq_len), np.int32)
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._row(i)
+
+
+class PackedRows(_Rows):
+    """Wrapped packing over a concatenation of 1-D token arrays (memory maps): row i = tokens [i*S, (i+1)*S) of
+    the stream (rows may span two arrays); the last partial row dropped."""
+
+    def __init__(self, arrays: list[np.ndarray], seq_len: int):
+        self.arrays = [a for a in arrays if len(a)]
+        self.seq_len = seq_len
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.n = int(self.starts[-1]) // seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _row(self, i: int) -> np.ndarray:
+        lo, hi = i * self.seq_len, (i + 1) * self.seq_len
+        k = int(np.searchsorted(self.starts, lo, side="right")) - 1
+        parts = []
+        while lo < hi:
+            a0 = int(self.starts[k])
+            take = min(hi, int(self.starts[k + 1])) - lo
+            parts.append(self.arrays[k][lo - a0:lo - a0 + take])
+            lo += take
+            k += 1
+        return np.concatenate(parts).astype(np.int32) if len(parts) > 1 else np.asarray(parts[0], np.int32)
+
+
+class MixedRows(_Rows):
+    """Source i contributes counts[i] rows: its rows 0, 1, ... cyclically (spec §6.4 mixing)."""
+
+    def __init__(self, sources: list, weights: list[float] | None, total: int | None = None):
+        self.sources = sources
+        self.seq_len = getattr(sources[0], "seq_len", None) or np.shape(sources[0])[1]
+        sizes = [len(s) for s in sources]
+        if weights is None:
+            counts = sizes
+        else:
+            total = sum(sizes) if total is None else total
+            counts = [int(total * w / sum(weights)) for w in weights]
+            for s, n, c in zip(sources, sizes, counts):
+                if c and not n:
+                    raise D.DataError(f"data source has no packed row but weight > 0 ({getattr(s, 'name', '?')})")
+        self.counts = counts
+        self.starts = np.cumsum([0] + list(counts))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _row(self, i: int) -> np.ndarray:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        src = self.sources[k]
+        return np.asarray(src[(i - int(self.starts[k])) % len(src)], np.int32)
+
+
+class TakeRows(_Rows):
+    def __init__(self, rows, index: np.ndarray):
+        self.rows, self.index, self.seq_len = rows, np.asarray(index), rows.seq_len
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _row(self, i: int) -> np.ndarray:
+        return self.rows[int(self.index[i])]
+
+
+# ---- pre-tokenized directories ---------------------------------------------------------------------------------------
+def tokenizer_sha(tok) -> str:
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()[:20]
+
+
+def read_manifest(path: str) -> dict:
+    with open(os.path.join(path, MANIFEST)) as f:
+        m = json.load(f)
+    if m.get("format") != FORMAT:
+        raise D.DataError(f"{path}: unknown pre-tokenized format {m.get('format')!r} (expected {FORMAT})")
+    return m
+
+
+def load_pretokenized(path: str, tok=None) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
+    """(train arrays, val arrays, manifest) of a pre-tokenized directory, memory-mapped."""
+    m = read_manifest(path)
+    if tok is not None and m["tokenizer_sha"] != tokenizer_sha(tok):
+        raise D.DataError(f"{path}: pre-tokenized with another tokenizer than the run's (use its tokenizer.json: "
+                          f"--train.tokenizer {path})")
+    dtype = np.dtype(m["dtype"])
+
+    def arr(name, n):
+        file = os.path.join(path, name)
+        if os.path.getsize(file) != n * dtype.itemsize:
+            raise D.DataError(f"{file}: size does not match {MANIFEST} (re-run python -m doge_jax.data)")
+        return np.memmap(file, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+
+    train = [arr(s["train"], s["train_tokens"]) for s in m["shards"]]
+    val = [arr(s["val"], s["val_tokens"]) for s in m["shards"]]
+    return train, val, m
+
+
+def _write_atomic_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _shard_job(job: tuple) -> dict:
+    """Tokenize one file into NNNNN.{train,val}.bin + NNNNN.json (a worker process)."""
+    index, path, out, text_field, val_fraction, seed, eos_id, dtype, key = job
+    tok = D.load_tokenizer(os.path.join(out, "tokenizer.json"))
+    name = f"{index:05d}"
+    files = {k: os.path.join(out, f"{name}.{k}.bin") for k in ("train", "val")}
+    tmp = {k: f"{v}.tmp-{os.getpid()}" for k, v in files.items()}
+    counts = {"train": 0, "val": 0}
+    docs, max_id = 0, -1
+    rng = np.random.default_rng([seed, index])
+    with open(tmp["train"], "wb") as ft, open(tmp["val"], "wb") as fv:
+        batch: list[str] = []
+
+        def flush():
+            nonlocal docs, max_id
+            for enc in tok.encode_batch(batch):
+                ids = enc.ids
+                if not ids or ids[-1] != eos_id:
+                    ids = ids + [eos_id]
+                a = np.asarray(ids, dtype)
+                max_id = max(max_id, int(a.max()))
+                split = "val" if rng.random() < val_fraction else "train"
+                a.tofile(fv if split == "val" else ft)
+                counts[split] += len(a)
+                docs += 1
+            batch.clear()
+
+        for text in D.iter_documents([path], text_field):
+            batch.append(text)
+            if len(batch) >= 256:
+                flush()
+        flush()
+    for k in files:
+        os.replace(tmp[k], files[k])
+    meta = {"source": path, "key": key, "train": f"{name}.train.bin", "val": f"{name}.val.bin", "documents": docs,
+            "train_tokens": counts["train"], "val_tokens": counts["val"], "max_id": max_id}
+    _write_atomic_json(os.path.join(out, f"{name}.json"), meta)
+    return meta
+
+
+def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: str = "text",
+                val_fraction: float = 0.01, seed: int = 233, workers: int | None = None, progress: bool = True,
+                vocab_size: int | None = None) -> dict:
+    """Write token shards of every input file to `out` (see the module docstring); returns the manifest."""
+    import multiprocessing
+
+    paths = D.resolve_paths([_split_weight(s)[0] for s in specs])
+    os.makedirs(out, exist_ok=True)
+    tok_file = os.path.join(out, "tokenizer.json")
+    if tokenizer:
+        tok = D.load_tokenizer(tokenizer)
+        src_dir = tokenizer if os.path.isdir(tokenizer) else None
+    elif os.path.isfile(tok_file):
+        tok, src_dir = D.load_tokenizer(tok_file), None
+    elif vocab_size:
+        tok, src_dir = D.train_bpe(paths, vocab_size, text_field), None
+    else:
+        raise D.DataError("--tokenizer (a tokenizer.json or HF tokenizer dir) or --vocab-size (train a BPE) needed")
+    ids = D.special_ids(tok, src_dir)
+    if ids["eos"] is None:
+        raise D.DataError("the tokenizer has no known EOS token")
+    if not os.path.isfile(tok_file) or D.load_tokenizer(tok_file).to_str() != tok.to_str():
+        tok.save(tok_file + ".tmp")
+        os.replace(tok_file + ".tmp", tok_file)
+    for f in os.listdir(out):  # partial shard files of an interrupted run
+        if ".tmp-" in f:
+            os.remove(os.path.join(out, f))
+    dtype = "uint16" if tok.get_vocab_size() <= 65536 else "uint32"
+    sha = tokenizer_sha(tok)
+    jobs, done = [], {}
+    for i, p in enumerate(paths):
+        key = D.corpus_fingerprint([p], sha, text_field, f"{val_fraction}:{seed}:{i}")
+        side = os.path.join(out, f"{i:05d}.json")
+        if os.path.isfile(side):
+            with open(side) as f:
+                meta = json.load(f)
+            if meta.get("key") == key:
+                done[i] = meta
+                continue
+        jobs.append((i, p, out, text_field, val_fraction, seed, ids["eos"], dtype, key))
+    bar = D._progress(total=len(paths), desc="pre-tokenizing", unit="file", enabled=progress)
+    bar.update(len(done))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    if jobs:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if workers == 1:
+            results = map(_shard_job, jobs)
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(workers)
+            results = pool.imap_unordered(_shard_job, jobs)
+        tokens = 0
+        for meta in results:
+            done[int(meta["train"][:5])] = meta
+            tokens += meta["train_tokens"] + meta["val_tokens"]
+            bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+            bar.update(1)
+        if workers > 1:
+            pool.close()
+            pool.join()
+    bar.close()
+    shards = [done[i] for i in range(len(paths))]
+    manifest = {"format": FORMAT, "dtype": dtype, "tokenizer_sha": sha, "eos_token_id": ids["eos"],
+                "vocab_size": tok.get_vocab_size(), "text_field": text_field, "val_fraction": val_fraction,
+                "seed": seed, "max_id": max((s["max_id"] for s in shards), default=-1),
+                "train_tokens": sum(s["train_tokens"] for s in shards),
+                "val_tokens": sum(s["val_tokens"] for s in shards), "shards": shards}
+    _write_atomic_json(os.path.join(out, MANIFEST), manifest)
+    return manifest
+
+
+# ---- what the trainer reads ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainingData:
+    rows: Any  # packed training rows (np.ndarray or a random-access Sequence of [seq_len] int32 rows)
+    val_rows: Any
+    train_tokens: int
+    val_tokens: int
+    files: int
+
+
+def training_data(sources: list[Source], tok, eos_id: int, vocab_size: int, seq_len: int, cache_dir: str | None,
+                  text_field: str, val_fraction: float, seed: int, progress: bool) -> TrainingData:
+    """Packed train/validation rows of the sources (see the module docstring for the mixing rule)."""
+    trains, vals, files = [], [], 0
+    for s in sources:
+        if s.pretokenized:
+            t, v, m = load_pretokenized(s.pretokenized, tok)
+            if m["eos_token_id"] != eos_id:
+                raise D.DataError(f"{s.pretokenized}: documents end with EOS id {m['eos_token_id']}, the run uses "
+                                  f"{eos_id} (set --model.eos_token_id or re-tokenize)")
+            if m["max_id"] >= vocab_size:
+                raise D.DataError(f"{s.pretokenized}: token id {m['max_id']} >= model vocab_size={vocab_size}")
+            files += len(m["shards"])
+        else:
+            t, v = D.tokenize_corpus(s.paths, tok, eos_id, cache_dir, text_field, val_fraction, seed, progress)
+            D.check_vocab(t, vocab_size, "training data")
+            D.check_vocab(v, vocab_size, "validation data")
+            t, v, files = [t], [v], files + len(s.paths)
+        trains.append(t)
+        vals.append(v)
+    n_train = sum(len(a) for t in trains for a in t)
+    n_val = sum(len(a) for v in vals for a in v)
+    weights = [s.weight for s in sources]
+    if len(sources) == 1 and sources[0].pretokenized is None:  # the plain path: one in-memory token array
+        return TrainingData(D.pack(trains[0][0], seq_len), D.pack(vals[0][0], seq_len), n_train, n_val, files)
+    if weights[0] is None:  # concatenation
+        return TrainingData(PackedRows([a for t in trains for a in t], seq_len),
+                            PackedRows([a for v in vals for a in v], seq_len), n_train, n_val, files)
+    rows = MixedRows([PackedRows(t, seq_len) for t in trains], weights)
+    val = MixedRows([PackedRows(v, seq_len) for v in vals], weights)
+    val = TakeRows(val, np.random.default_rng(seed).permutation(len(val)))  # every source in the first batches
+    return TrainingData(rows, val, n_train, n_val, files)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m doge_jax.data", description=(
+        "Pre-tokenize a corpus into memory-mapped token shards for python -m doge_jax.train --data DIR. One shard "
+        "per input file, written in parallel; re-running resumes (finished shards are skipped)."))
+    ap.add_argument("--data", nargs="+", required=True, help="text/.jsonl/.parquet files, directories or globs")
+    ap.add_argument("--tokenizer", help="tokenizer.json or HF tokenizer directory")
+    ap.add_argument("--vocab-size", type=int, help="without --tokenizer: train a byte-level BPE of this size")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--text-field", default="text", help="jsonl field / parquet column (default: text)")
+    ap.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
+    ap.add_argument("--seed", type=int, default=233, help="seed of the validation split")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        m = pretokenize(a.data, a.tokenizer, a.out, a.text_field, a.val_fraction, a.seed, a.workers,
+                        not a.no_progress, a.vocab_size)
+    except D.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.out}: {len(m['shards'])} shards, {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens "
+          f"({m['dtype']})", file=sys.stderr)
+    return 0

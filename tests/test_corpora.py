@@ -1,0 +1,156 @@
+"""Real corpora (issue 6 item 1): parquet/jsonl documents, mixtures with weights (spec §6.4), the pre-tokenization
+command (parallel, resumable, memory-mapped shards), grain per-host sharding and exact iterator state."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_train import TINY_ARGS, cache  # noqa: F401 - fixture
+
+from doge_jax import corpora as C
+from doge_jax import data as D
+from doge_jax import train as T
+from doge_jax.checkpoint import load_params
+from doge_jax.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = [f"w{i}" for i in range(60)] + ["def", "return", "(", ")", ":", "\n"]
+
+
+def _texts(seed: int, n: int, size: int = 120) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=size)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two parquet files, one jsonl file (a `text` field) and a tokenizer trained on them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("corpora")
+    for i in range(2):
+        pq.write_table(pa.table({"id": list(range(30)), "text": _texts(i, 30)}), d / f"part{i}.parquet",
+                       row_group_size=7)
+    with open(d / "rows.jsonl", "w") as f:
+        for t in _texts(9, 25):
+            f.write(json.dumps({"text": t, "meta": 1}) + "\n")
+    tok = D.train_bpe(D.resolve_paths([str(d)]), 320)
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+def test_parquet_and_jsonl_documents(files, tmp_path):
+    docs = list(D.iter_documents([str(files / "part0.parquet")]))
+    assert docs == _texts(0, 30)  # every row, in order, across row groups
+    assert list(D.iter_documents([str(files / "rows.jsonl")])) == _texts(9, 25)
+    with pytest.raises(D.DataError, match="no column 'body'"):
+        list(D.iter_documents([str(files / "part0.parquet")], "body"))
+    assert str(files / "part1.parquet") in D.resolve_paths([str(files)])
+
+
+def test_parse_sources(files):
+    p0, p1, js = str(files / "part0.parquet"), str(files / "part1.parquet"), str(files / "rows.jsonl")
+    (one,) = C.parse_sources([p0, js])  # no weights: one source, plain concatenation (as before)
+    assert one.weight is None and one.paths == sorted([p0, js])
+    a, b = C.parse_sources([f"{p0}:0.7", {"path": js, "weight": 0.3}])
+    assert (a.paths, a.weight, b.paths, b.weight) == ([p0], 0.7, [js], 0.3)
+    (g,) = C.parse_sources([str(files / "part*.parquet") + ":2"])
+    assert g.paths == [p0, p1] and g.weight == 2.0
+    with pytest.raises(D.DataError, match="has no weight"):
+        C.parse_sources([f"{p0}:0.7", js])
+    with pytest.raises(D.DataError, match="weight must be a number > 0"):
+        C.parse_sources([{"path": p0, "weight": 0}])
+
+
+def test_packed_and_mixed_rows():
+    stream = np.arange(100, dtype=np.uint16)
+    parts = [stream[:13], stream[13:13], stream[13:50], stream[50:]]
+    rows = C.PackedRows(parts, 8)  # rows spanning array boundaries = packing the concatenation
+    assert len(rows) == 12 and np.array_equal(rows[:], D.pack(stream, 8)) and rows[-1].dtype == np.int32
+    a = np.full((10, 4), 1) + np.arange(10)[:, None] * 10  # source A: 10 rows; B: 2 rows
+    b = np.full((2, 4), 7) + np.arange(2)[:, None] * 100
+    m = C.MixedRows([a, b], [0.75, 0.25])
+    # T = 12 rows: A gives int(12 * 0.75) = 9 (its first 9: truncated), B int(12 * 0.25) = 3 (cyclic: 0, 1, 0)
+    assert m.counts == [9, 3] and len(m) == 12
+    assert np.array_equal(m[:], np.concatenate([a[:9], b[[0, 1, 0]]]))
+
+
+def test_grain_sharded_per_host_and_state_exact():
+    unique = np.arange(46)[:, None] * np.ones((1, 3), int)  # row r holds r
+    seen = []
+    for host in range(2):  # one epoch per host: disjoint halves that cover every row
+        it = iter(D.train_dataset(unique, 1, 1, seed=5, shard_index=host, shard_count=2))
+        seen.append([int(next(it)[0, 0, 0]) for _ in range(23)])
+    assert sorted(seen[0]) == list(range(0, 46, 2)) and sorted(seen[1]) == list(range(1, 46, 2))
+    rows = C.MixedRows([unique[:40], 1000 + unique[:6]], [0.5, 0.5])  # 23 + 23 rows, B repeated cyclically
+    for host in range(2):  # exact resume: get_state after k steps, set_state on a fresh iterator
+        ds = D.train_dataset(rows, 2, 3, seed=5, shard_index=host, shard_count=2)
+        it = iter(ds)
+        for _ in range(5):  # past an epoch boundary (11-12 rows per host, 6 per step)
+            next(it)
+        state = it.get_state()
+        want = [next(it) for _ in range(4)]
+        it2 = iter(ds)
+        it2.set_state(json.loads(json.dumps(state)))
+        assert all(np.array_equal(x, next(it2)) for x in want)
+
+
+def _pretokenize(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "doge_jax.data", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_pretokenize_command_parallel_resumable(files, tmp_path):
+    out = tmp_path / "tok"
+    args = ["--data", files / "part*.parquet", files / "rows.jsonl", "--tokenizer", files / "tokenizer.json",
+            "--out", out, "--workers", "2", "--val-fraction", "0.2"]
+    proc = _pretokenize(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = C.read_manifest(str(out))
+    assert m["dtype"] == "uint16" and len(m["shards"]) == 3 and m["eos_token_id"] == 1
+    tok = D.load_tokenizer(str(files / "tokenizer.json"))
+    train, val, _ = C.load_pretokenized(str(out), tok)
+    assert isinstance(train[0], np.memmap)
+    # every document of a file, EOS-terminated, lands in that file's train or val shard (order kept)
+    for i, path in enumerate(D.resolve_paths([str(files / "part*.parquet"), str(files / "rows.jsonl")])):
+        docs = [np.asarray(e.ids + [1]) for e in tok.encode_batch(list(D.iter_documents([path])))]
+        assert m["shards"][i]["documents"] == len(docs)
+        assert len(train[i]) + len(val[i]) == sum(map(len, docs)) and len(val[i]) > 0
+        assert np.array_equal(np.concatenate([train[i], val[i]]).max(), max(d.max() for d in docs))
+    # resumable: an interrupted shard (no sidecar, a stale partial file) is redone, the finished ones skipped
+    mtimes = {f: os.stat(out / f).st_mtime_ns for f in ("00000.train.bin", "00002.train.bin")}
+    before = (out / "00001.train.bin").read_bytes()
+    os.remove(out / "00001.json")
+    (out / "00001.train.bin.tmp-999").write_bytes(b"partial")
+    proc = _pretokenize(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {f: os.stat(out / f).st_mtime_ns for f in mtimes} == mtimes
+    assert (out / "00001.train.bin").read_bytes() == before and not list(out.glob("*.tmp-*"))
+    assert C.read_manifest(str(out)) == m
+
+
+def test_train_on_pretokenized_mixture_resumes_exactly(files, cache, tmp_path):  # noqa: F811
+    out = tmp_path / "tok"
+    assert _pretokenize("--data", files / "part*.parquet", "--tokenizer", files / "tokenizer.json", "--out", out,
+                        "--workers", "1", "--val-fraction", "0.2").returncode == 0
+    data = ["--data", f"{out}:0.7", f"{files / 'rows.jsonl'}:0.3", "--train.cache_dir", cache,
+            "--train.checkpoint_every", "100"]
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    assert T.main([*TINY_ARGS, *data, "--out_dir", str(straight)]) == 0
+    assert T.main([*TINY_ARGS, *data, "--out_dir", str(resumed), "--train.stop_after", "3"]) == 0
+    assert T.main([*TINY_ARGS, *data, "--out_dir", str(resumed)]) == 0
+    la = [r["loss"] for r in read_metrics(str(straight)) if "loss" in r]
+    assert la == [r["loss"] for r in read_metrics(str(resumed)) if "loss" in r] and len(la) == 6
+    import jax
+
+    for a, b in zip(jax.tree.leaves(load_params(str(straight))[1]), jax.tree.leaves(load_params(str(resumed))[1])):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with open(straight / "tokenizer.json") as a, open(files / "tokenizer.json") as b:
+        assert a.read() == b.read()  # the pre-tokenized data's tokenizer was used

@@ -1,0 +1,182 @@
+"""`--init-from` (continue training from existing weights) and dense -> MoE continuation with the MoE warm-up freeze
+(issue 6 items 3-4, spec §7).
+
+The trick used throughout: with num_warmup_steps >= 1 the first update runs at lr * λ(0) = 0 (spec §6.1), so the
+checkpoint after step 1 holds exactly the initial parameters of the run."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_train import TINY_ARGS, cache, corpus  # noqa: F401 - fixtures
+
+from doge_jax import train as T
+from doge_jax.checkpoint import load_params, model_from_params
+from doge_jax.config import ConfigError, DogeConfig
+from doge_jax.init import merge_config
+from doge_jax.metrics import read_metrics
+from doge_jax.model import DogeCDMoE, DogeForCausalLM, DogeMLP
+
+MOE = ["--model.is_moe", "true", "--model.num_experts", "16", "--model.num_experts_per_tok", "4"]
+NEW = ("router_gate", "down_embed", "up_embed")
+
+
+def run(corpus, cache, out, *extra) -> int:  # noqa: F811
+    return T.main([*TINY_ARGS, "--data", corpus, "--out_dir", str(out), "--train.cache_dir", cache, *extra])
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def is_new(key: str) -> bool:
+    return any(f"['{n}']" in key for n in NEW)
+
+
+@pytest.fixture(scope="module")
+def dense(corpus, cache, tmp_path_factory):  # noqa: F811
+    """A finished 6-step dense run (the checkpoint to continue from) and its final parameters."""
+    out = tmp_path_factory.mktemp("dense") / "run"
+    assert run(corpus, cache, out) == 0
+    return out, flat(load_params(str(out))[1])
+
+
+@pytest.mark.parametrize("source", ["run_dir", "hf_dir"])
+def test_init_from_starts_at_the_checkpoint(corpus, cache, dense, tmp_path, source):  # noqa: F811
+    src, want = dense
+    if source == "hf_dir":  # the same weights as an HF directory (with the run's tokenizer next to them)
+        hf = tmp_path / "hf"
+        DogeForCausalLM.from_pretrained(str(src)).save_pretrained(str(hf))
+        shutil.copy(src / "tokenizer.json", hf / "tokenizer.json")
+        src = hf
+    out = tmp_path / "cont"
+    assert run(corpus, cache, out, "--init-from", str(src), "--train.peak_lr", "1e-3", "--train.stop_after", "1") == 0
+    cfg, params = load_params(str(out), step=1)
+    assert cfg == DogeConfig.from_json_file(dense[0] / "config.json")
+    got = flat(params)
+    assert got.keys() == want.keys()
+    for k in want:  # step 0 ran at lr 0: the checkpoint's weights, bit for bit
+        assert np.array_equal(got[k], want[k]), k
+    with open(out / "tokenizer.json") as a, open(dense[0] / "tokenizer.json") as b:
+        assert a.read() == b.read()  # the checkpoint's tokenizer, not a new one
+    # a fresh optimizer at the configured schedule, and a model that has already learnt something
+    assert run(corpus, cache, out, "--init-from", str(src), "--train.peak_lr", "1e-3") == 0
+    cont = [r for r in read_metrics(str(out)) if "loss" in r]
+    fresh = [r for r in read_metrics(str(dense[0])) if "loss" in r]
+    assert [r["step"] for r in cont] == [1, 2, 3, 4, 5, 6] and cont[1]["lr"] == pytest.approx(5e-4)
+    assert cont[0]["loss"] < fresh[0]["loss"] - 0.5
+
+
+def test_init_from_refuses_shape_changes(corpus, cache, dense, tmp_path, capsys):  # noqa: F811
+    code = run(corpus, cache, tmp_path / "x", "--init-from", str(dense[0]), "--model.intermediate_size", "96")
+    assert code == 2
+    assert "model.intermediate_size=96: --init-from checkpoint has intermediate_size=64" in capsys.readouterr().err
+    assert run(corpus, cache, tmp_path / "y", "--init-from", str(tmp_path / "nope")) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_merge_config_rules():
+    base = DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32, keep_window_size=32)
+    m = merge_config(base, {"hidden_dropout": 0.1, "attention_dropout": 0.05, "max_position_embeddings": 64,
+                            "eos_token_id": None, "num_experts": 9})
+    assert (m.hidden_dropout, m.attention_dropout, m.max_position_embeddings) == (0.1, 0.05, 64)
+    assert m.num_experts == base.num_experts  # irrelevant for a dense model: kept
+    assert merge_config(base, {"num_key_value_heads": 1, "head_dim": 16}) == base  # same effective shapes
+    for field, value in (("hidden_size", 64), ("num_hidden_layers", 3), ("vocab_size", 65), ("variant", "small_doge"),
+                         ("tie_word_embeddings", True), ("num_key_value_heads", 2)):
+        with pytest.raises(ConfigError, match=f"model.{field}="):
+            merge_config(base, {field: value})
+    moe = merge_config(base, {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4})
+    assert (moe.is_moe, moe.num_experts, moe.num_experts_per_tok) == (True, 16, 4)
+    with pytest.raises(ConfigError, match="model.num_experts=64"):
+        merge_config(moe, {"num_experts": 64})
+    with pytest.raises(ConfigError, match="model.is_moe=false"):
+        merge_config(moe, {"is_moe": False})
+    assert merge_config(moe, {"num_experts_per_tok": 2}).num_experts_per_tok == 2
+
+
+def _routed_reference(x, router, down, up, top_k):
+    """Spec §3.8 steps 1-6 in float64 numpy: the routed-experts term for x [B, S, d]."""
+    B, S, d = x.shape
+    N, K = B * S, router.shape[1] // 2
+    xs = x.reshape(N, d).astype(np.float64)
+    R = (xs @ router.astype(np.float64)).reshape(2, N, K)  # the memory-order quirk: flatten, reshape [2, N, K]
+    out = np.zeros((N, d))
+    for n in range(N):
+        ix, iy = np.argsort(-R[0, n], kind="stable"), np.argsort(-R[1, n], kind="stable")
+        scores = (R[0, n][ix][:, None] + R[1, n][iy][None, :]).ravel()
+        idx = (ix[:, None] * K + iy[None, :]).ravel()
+        pos = np.argsort(-scores, kind="stable")[:top_k]
+        w = np.exp(scores[pos] - scores[pos].max())
+        w /= w.sum()
+        a = down[idx[pos]].astype(np.float64) @ xs[n]
+        out[n] = (a / (1 + np.exp(-a)) * w) @ up[idx[pos]].astype(np.float64)
+    return out.reshape(B, S, d)
+
+
+def _layer0(params: dict, names) -> dict:
+    return {n: jax.tree.map(lambda a: a[0], params["model"]["layers"]["mlp"][n]) for n in names}
+
+
+def test_dense_to_moe_init_and_freeze(corpus, cache, dense, tmp_path):  # noqa: F811
+    src, want = dense
+    out = tmp_path / "moe"
+    args = ["--init-from", str(src), *MOE, "--train.moe_freeze_steps", "2"]
+    for stop in (1, 2, 3):  # the same command, stopped (and resumed) after steps 1, 2 and 3
+        assert run(corpus, cache, out, *args, "--train.stop_after", str(stop)) == 0
+    cfg, p1 = load_params(str(out), step=1)
+    assert (cfg.is_moe, cfg.num_experts, cfg.num_experts_per_tok) == (True, 16, 4)
+    dense_cfg = DogeConfig.from_json_file(src / "config.json")
+    assert cfg == dense_cfg.replace(is_moe=True, num_experts=16, num_experts_per_tok=4)
+    f1 = flat(p1)
+    assert {k for k in f1 if k not in want} == {k for k in f1 if is_new(k)} and len(f1) == len(want) + 3
+    for k in want:  # attention, norms, residuals, embeddings and the MLP (-> shared expert) copied exactly
+        assert np.array_equal(f1[k], want[k]), k
+    for k in (k for k in f1 if is_new(k)):  # fresh Normal(0, initializer_range)
+        assert abs(f1[k].std() - cfg.initializer_range) < 0.1 * cfg.initializer_range and abs(f1[k].mean()) < 3e-3
+
+    # step-0 model = dense model + the routed term
+    dense_model, moe_model = DogeForCausalLM.from_pretrained(str(src)), model_from_params(cfg, p1)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 24)), jnp.int32)
+    zeroed = jax.tree.map(lambda a: a, p1)
+    zeroed["model"]["layers"]["mlp"]["up_embed"]["embedding"] = jnp.zeros_like(
+        p1["model"]["layers"]["mlp"]["up_embed"]["embedding"])
+    # up_embed = 0 removes the routed term: exactly the dense logits
+    np.testing.assert_array_equal(model_from_params(cfg, zeroed)(ids).logits, dense_model(ids).logits)
+    assert np.max(np.abs(moe_model(ids).logits - dense_model(ids).logits)) > 1e-4  # the routed term is not zero
+    # one CDMoE layer = the dense MLP + the routed term computed independently from spec §3.8
+    x = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, cfg.hidden_size)))
+    mlp = DogeMLP(dense_cfg, rngs=nnx.Rngs(0))
+    nnx.update(mlp, _layer0(load_params(str(src))[1], ("gate_proj", "up_proj", "down_proj")))
+    cdmoe = DogeCDMoE(cfg, rngs=nnx.Rngs(0))
+    nnx.update(cdmoe, _layer0(p1, ("gate_proj", "up_proj", "down_proj", *NEW)))
+    new = _layer0(p1, NEW)
+    routed = _routed_reference(x, np.asarray(new["router_gate"]["kernel"]), np.asarray(new["down_embed"]["embedding"]),
+                               np.asarray(new["up_embed"]["embedding"]), cfg.num_experts_per_tok)
+    got = np.asarray(cdmoe(jnp.asarray(x))[0]) - np.asarray(mlp(jnp.asarray(x))[0])
+    # float32 vs float64 on terms of size ~1e-3: observed ~1e-9 absolute
+    np.testing.assert_allclose(got, routed, rtol=0, atol=1e-6 * max(1.0, np.abs(routed).max()))
+    assert np.abs(routed).max() > 1e-4
+
+    # freeze: after steps 1-2 only the new parameters moved (no update, no weight decay for the others) ...
+    f2 = flat(load_params(str(out), step=2)[1])
+    for k in f2:
+        if is_new(k):
+            assert not np.array_equal(f2[k], f1[k]), k
+        else:
+            assert np.array_equal(f2[k], want[k]), k
+    # ... and from step 3 on everything trains
+    f3 = flat(load_params(str(out), step=3)[1])
+    for k in f3:
+        assert not np.array_equal(f3[k], f2[k]), k
+
+
+def test_freeze_needs_moe(corpus, cache, tmp_path, capsys):  # noqa: F811
+    assert run(corpus, cache, tmp_path / "x", "--train.moe_freeze_steps", "2") == 2
+    assert "train.moe_freeze_steps=2: needs a MoE model" in capsys.readouterr().err
