@@ -9,6 +9,8 @@ The parameter tree is the Flax path dict of `nnx.to_pure_dict(nnx.state(model, n
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import jax
@@ -75,6 +77,19 @@ def read_config(cfg_path: str) -> DogeConfig:
     return DogeConfig.from_json_file(cfg_path)
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """Orbax logs a warning for item directories written by CheckpointManager (their metadata file lives one
+    level up); it is harmless here, so hide it from users."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def load_params(path: str, step: int | None = None, dtype=None) -> tuple[DogeConfig, dict]:
     """(config, parameter tree) of an orbax checkpoint in any of the three layouts."""
     import orbax.checkpoint as ocp
@@ -84,7 +99,8 @@ def load_params(path: str, step: int | None = None, dtype=None) -> tuple[DogeCon
     target = abstract_params(cfg)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(params_dir)
+            with _quiet_absl():
+                meta = ckptr.metadata(params_dir)
             tree = getattr(meta, "item_metadata", meta)
             stored = {tuple(str(getattr(k, "key", k)) for k in p): v for p, v in
                       jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -162,7 +178,8 @@ def param_metadata(path: str, step: int | None = None) -> tuple[str, str, dict[t
     params_dir, cfg_path = resolve(path, step)
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
-            meta = ckptr.metadata(params_dir)
+            with _quiet_absl():
+                meta = ckptr.metadata(params_dir)
     except Exception as e:
         raise CheckpointError(f"{params_dir}: unreadable orbax metadata ({type(e).__name__}: {e})") from None
     tree = getattr(meta, "item_metadata", meta)
