@@ -40,21 +40,33 @@ class DogeRMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: DogeConfig, seq_len: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Inverse frequencies for a sequence length (default or dynamic NTK RoPE, spec §3.3), float32."""
+    """Inverse frequencies for a sequence length (default or dynamic NTK RoPE, spec §3.3), float32.
+
+    `seq_len` may be a tensor (dynamic RoPE with data-dependent positions): the choice between the default and
+    the NTK-scaled frequencies is then a `torch.where`, with no host sync (torch.compile-friendly)."""
     dim = cfg.head_size
-    exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    if cfg.rope_type == "dynamic" and seq_len is not None and int(seq_len) > cfg.max_position_embeddings:
-        s = torch.as_tensor(seq_len, dtype=torch.int64)
-        base = cfg.rope_theta * ((cfg.rope_factor * s / cfg.max_position_embeddings) - (cfg.rope_factor - 1)) ** (
-            dim / (dim - 2))
-        return 1.0 / (base ** exps)
-    return 1.0 / (cfg.rope_theta ** exps)
+    device = seq_len.device if isinstance(seq_len, torch.Tensor) else None
+    exps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    default = 1.0 / (cfg.rope_theta ** exps)
+    if cfg.rope_type != "dynamic" or seq_len is None:
+        return default
+    if not isinstance(seq_len, torch.Tensor) and int(seq_len) <= cfg.max_position_embeddings:
+        return default
+    s = torch.as_tensor(seq_len, dtype=torch.int64)
+    base = cfg.rope_theta * ((cfg.rope_factor * s / cfg.max_position_embeddings) - (cfg.rope_factor - 1)) ** (
+        dim / (dim - 2))
+    scaled = 1.0 / (base ** exps)
+    if not isinstance(seq_len, torch.Tensor):
+        return scaled
+    return torch.where(s > cfg.max_position_embeddings, scaled, default)  # NaN in `scaled` for short s is unused
 
 
-def rotary_cos_sin(cfg: DogeConfig, position_ids: torch.Tensor, dtype: torch.dtype, rope_len: int | None = None):
-    """cos/sin [B or 1, S, D] for the positions; dynamic RoPE uses max(position)+1 unless rope_len is given."""
-    if rope_len is None:
-        rope_len = int(position_ids.max()) + 1
+def rotary_cos_sin(cfg: DogeConfig, position_ids: torch.Tensor, dtype: torch.dtype,
+                   rope_len: torch.Tensor | int | None = None):
+    """cos/sin [B or 1, S, D] for the positions. Dynamic RoPE scales by max(position)+1 (a tensor, no host sync)
+    unless rope_len is given; the default RoPE ignores it."""
+    if rope_len is None and cfg.rope_type == "dynamic":
+        rope_len = position_ids.max() + 1
     inv_freq = rope_inv_freq(cfg, rope_len).to(position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -205,32 +217,53 @@ class DogeAttention(nn.Module):
         c, s = cos[:, None], sin[:, None]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
-        # Dynamic-mask source (spec §3.4): dt = exp(A * softplus(dt_proj(v))), one value per key and dt-head.
-        dt = torch.exp(self.A * torch_softplus(self.dt_proj(v_flat))).transpose(1, 2)
+        dt = self.dynamic_dt(v_flat)
         if cache is not None:
             lc = cache.update(self.layer_idx, k, v, dt)
             k, v, dt = lc.k, lc.v, lc.dt
-        expiry = cfg.sliding_window is None or cfg.sliding_window <= cfg.keep_window_size
-        bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, x.dtype, expiry=expiry)
-        r = H // G
-        if cfg.variant == "native" and r > 1 and G > 1:
-            bias = bias.repeat_interleave(r, dim=1)  # head h uses kv-group h // r
-        if use_sdpa(cfg, q.dtype, q.device):
-            # The bias carries the causal, padding and keep-window masks (finfo.min): causal is always applied
-            # (spec §3.5.2), and fully-masked rows come out uniform as in the eager path.
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=D ** -0.5,
-                                               dropout_p=cfg.attention_dropout if self.training else 0.0,
-                                               enable_gqa=r > 1)
-            return self.o_proj(o.transpose(1, 2).reshape(B, S, H * D))
-        if cfg.variant == "native" and r > 1 and G == 1:
-            bias = bias.expand(-1, H, -1, -1)
-        k = k.repeat_interleave(r, dim=1) if r > 1 else k
-        v = v.repeat_interleave(r, dim=1) if r > 1 else v
-        w = torch.matmul(q, k.transpose(2, 3)) * (D ** -0.5) + bias
-        p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-        p = F.dropout(p, p=cfg.attention_dropout, training=self.training)
-        o = torch.matmul(p, v).transpose(1, 2).reshape(B, S, H * D)
-        return self.o_proj(o)
+        dropout = cfg.attention_dropout if self.training else 0.0
+        o = dma_attention(cfg, q, k, v, dt, allowed, x.dtype, dropout)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, H * D))
+
+    def dynamic_dt(self, v_flat: torch.Tensor) -> torch.Tensor:
+        """Dynamic-mask source (spec §3.4): dt = exp(A * softplus(dt_proj(v))) [B, n_dt, T], one value per key and
+        dt-head. A is a float32 parameter, so under bf16 autocast A * softplus(.) promotes to float32 and dt stays
+        float32 (spec §9.9); in a model cast to bf16 everything runs in bf16, as in transformers."""
+        return torch.exp(self.A * torch_softplus(self.dt_proj(v_flat))).transpose(1, 2)
+
+
+def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+                  allowed: torch.Tensor, mask_dtype: torch.dtype, dropout: float = 0.0) -> torch.Tensor:
+    """Dynamic Mask Attention (spec §3.5): q [B, H, S, D], k/v [B, G, T, D], dt [B, n_dt, T], allowed [B, 1, S, T].
+    Returns [B, H, S, D]. `mask_dtype` is the hidden-state dtype whose finfo.min marks masked entries (spec §9.5).
+
+    sdpa path: the bias (dt, finfo.min where masked: causal always applied, padding, keep window in its key-expiry
+    form) is the float attn_mask. Under bf16 autocast sdpa runs in bf16 while the hidden states (and so the mask)
+    are float32; the mask is then clamped to bf16's finfo.min before the cast (float32's min rounds to -inf in
+    bf16, and sdpa returns 0, not the uniform average, for a row that is all -inf)."""
+    H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    expiry = cfg.sliding_window is None or cfg.sliding_window <= cfg.keep_window_size
+    bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, mask_dtype, expiry=expiry)
+    r = H // G
+    if cfg.variant == "native" and r > 1 and G > 1:
+        bias = bias.repeat_interleave(r, dim=1)  # head h uses kv-group h // r
+    dev = q.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    if use_sdpa(cfg, compute, q.device):
+        # The bias carries the causal, padding and keep-window masks (finfo.min): causal is always applied
+        # (spec §3.5.2), and fully-masked rows come out uniform as in the eager path.
+        if bias.dtype != compute:
+            bias = bias.clamp_min(torch.finfo(compute).min).to(compute)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=D ** -0.5, dropout_p=dropout,
+                                              enable_gqa=r > 1)
+    if cfg.variant == "native" and r > 1 and G == 1:
+        bias = bias.expand(-1, H, -1, -1)
+    k = k.repeat_interleave(r, dim=1) if r > 1 else k
+    v = v.repeat_interleave(r, dim=1) if r > 1 else v
+    w = torch.matmul(q, k.transpose(2, 3)) * (D ** -0.5) + bias
+    p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    p = F.dropout(p, p=dropout, training=dropout > 0)
+    return torch.matmul(p, v)
 
 
 class DogeMLP(nn.Module):
@@ -414,10 +447,12 @@ class DogeForCausalLM(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = DogeCache(cfg.num_hidden_layers)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        rope_len = None
         if position_ids is None:
             position_ids = (past + torch.arange(S, device=input_ids.device))[None]
+            rope_len = past + S  # = max(position) + 1, known statically (no host sync)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(cfg, position_ids, x.dtype)
+        cos, sin = rotary_cos_sin(cfg, position_ids, x.dtype, rope_len)
         allowed = allowed_mask(cfg, B, S, past, attention_mask, x.device)
         router = []
         for layer in self.model.layers:
@@ -442,12 +477,13 @@ class DogeForCausalLM(nn.Module):
     # generation and checkpoint I/O live in their own modules; bound here for the expected API
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id=None, seed: int = 0, use_cache: bool = True) -> torch.Tensor:
+                 eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None
+                 ) -> torch.Tensor:
         from .generate import generate
 
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
-                        use_cache=use_cache)
+                        use_cache=use_cache, pad_token_id=pad_token_id)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,
@@ -463,7 +499,10 @@ class DogeForCausalLM(nn.Module):
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Token ids outside [0, vocab) are an error, not silent garbage."""
+    """Token ids outside [0, vocab) are an error, not silent garbage. Skipped while torch.compile traces (the check
+    is a host sync and a graph break); eager calls and the training CLI's data loading still validate."""
+    if torch.compiler.is_compiling():
+        return
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
         raise ValueError(f"input_ids contain ids outside [0, vocab_size={vocab_size}): {bad[:10].tolist()}")

@@ -543,3 +543,127 @@ def test_bf16(tmp_path, moe):
     # bf16 vs fp32: a few bf16 ulps (2^-8 relative) of the logit scale
     scale = float(l32.abs().max())
     assert max_abs_diff(l16.float().numpy(), l32.numpy()) <= 3e-2 * scale
+
+
+# ---- torch.compile, autocast (CUDA readiness; exercised on CPU) ------------------------------------------------
+
+def _compile_case():
+    """Tiny model exercising the keep-window expiry mask (T > keep_window), dynamic RoPE past max positions and
+    GQA; unique token ids so no dt ties."""
+    cfg = DogeConfig(**{**TINY, "keep_window_size": 8, "max_position_embeddings": 8, "rope_type": "dynamic",
+                        "rope_factor": 4.0})
+    torch.manual_seed(0)
+    model = DogeForCausalLM(cfg)
+    perturb_(model)
+    ids = torch.as_tensor(unique_ids(2, 16, TINY["vocab_size"], seed=21))
+    return model.train(), ids
+
+
+def test_compile_fullgraph_no_graph_breaks():
+    """The whole forward (+ loss) traces as ONE graph, with and without explicit position_ids (dynamic RoPE from
+    max(position) without a host sync); dynamo's eager backend runs it with the same results as eager."""
+    import torch._dynamo
+
+    model, ids = _compile_case()
+    pos = torch.arange(16)[None].expand(2, 16) + 3
+
+    def fwd(ids, pos):
+        out = model(ids, labels=ids, position_ids=pos)
+        return out.logits, out.loss
+
+    for p in (None, pos):
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(fwd)(ids, p)
+        assert ex.graph_break_count == 0 and ex.graph_count == 1, [b.reason for b in ex.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for p in (None, pos):
+        out = compiled(ids, labels=ids, position_ids=p)
+        out.loss.backward()
+        got = {n: q.grad.clone() for n, q in model.named_parameters()}
+        model.zero_grad()
+        ref = model(ids, labels=ids, position_ids=p)
+        ref.loss.backward()
+        assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+        assert all(torch.equal(got[n], q.grad) for n, q in model.named_parameters())
+        model.zero_grad()
+
+
+def test_compile_still_validates_token_ids_in_eager():
+    model, ids = _compile_case()
+    with pytest.raises(ValueError, match="outside"):
+        model(ids + 1000)
+
+
+@pytest.mark.slow
+def test_compile_inductor_fullgraph_matches_eager():
+    """torch.compile(model, fullgraph=True) with inductor (~2 minutes on 2 cores): logits and the loss gradient
+    equal eager to float32 reordering noise."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model, ids = _compile_case()
+    out = torch.compile(model, fullgraph=True)(ids, labels=ids)
+    out.loss.backward()
+    got = torch.cat([q.grad.flatten() for q in model.parameters()])
+    model.zero_grad()
+    ref = model(ids, labels=ids)
+    ref.loss.backward()
+    want = torch.cat([q.grad.flatten() for q in model.parameters()])
+    assert max_abs_diff(out.logits.detach().numpy(), ref.logits.detach().numpy()) <= TOL
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+
+
+def test_rope_tensor_length_equals_int_length():
+    """Dynamic RoPE with a tensor length (no host sync) gives the same bits as the Python-int path, both below and
+    past max_position_embeddings."""
+    from doge_torch.model import rope_inv_freq
+
+    cfg = DogeConfig(**{**TINY, "rope_type": "dynamic", "rope_factor": 4.0})
+    for n in (1, 63, 64, 65, 128, 1000):
+        assert torch.equal(rope_inv_freq(cfg, torch.tensor(n)), rope_inv_freq(cfg, n)), n
+    assert not torch.equal(rope_inv_freq(cfg, 65), rope_inv_freq(cfg, 64))
+
+
+def test_autocast_bf16_keeps_A_and_dt_float32():
+    """Spec §9.9: under bf16 autocast A stays float32, so dt = exp(A * softplus(dt_proj v)) is float32."""
+    model, ids = _compile_case()
+    model = ours_from_hf(make_hf_model(), attention_impl="reference")  # T <= keep_window: no top-k flips in bf16
+    attn = model.model.layers[0].self_attn
+    v = torch.randn(2, 16, TINY["num_key_value_heads"] * 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn.dt_proj(v).dtype == torch.bfloat16
+        dt = attn.dynamic_dt(v)
+        logits = model(ids).logits
+    assert attn.A.dtype == torch.float32 and dt.dtype == torch.float32
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert max_abs_diff(logits.detach().float().numpy(), ref.numpy()) <= 2e-2 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("impl", ["reference", "blockwise"])
+def test_autocast_bf16_fully_masked_rows_are_finite(impl):
+    """Left padding under bf16 autocast: q is bf16 while the hidden states (and the mask's finfo.min) are float32.
+    The sdpa path clamps the mask to bf16's finfo.min (float32 min rounds to -inf, and sdpa makes such rows 0
+    instead of uniform); the padded rows are uniform and every row agrees with the float32 reference."""
+    hf = make_hf_model()
+    ids = torch.as_tensor(random_ids(2, 12, TINY["vocab_size"], seed=22))
+    mask = torch.as_tensor(left_pad_mask(2, 12, [4, 0]))
+    ours = ours_from_hf(hf, attention_impl=impl)
+    ref = ours_from_hf(hf, attention_impl="reference")
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours(ids, attention_mask=mask).logits.float()
+        want = ref(ids, attention_mask=mask).logits
+    assert torch.isfinite(got).all()
+    assert max_abs_diff(got.numpy(), want.numpy()) <= 2e-2 * float(want.abs().max())
+
+
+def test_model_generate_passes_pad_token_id():
+    hf = make_hf_model()
+    ours = ours_from_hf(hf)
+    ids = torch.as_tensor(unique_ids(2, 6, TINY["vocab_size"], seed=23))
+    first = ours.generate(ids, max_new_tokens=1)[:, -1]
+    assert first[0] != first[1]
+    out = ours.generate(ids, max_new_tokens=4, eos_token_id=int(first[0]), pad_token_id=7)
+    assert out[0, 6] == first[0] and (out[0, 7:] == 7).all() and (out[1, 7:] != 7).any()

@@ -1,0 +1,697 @@
+"""One script that checks and times everything GPU-specific in doge_jax and doge_torch (issue 7), in < 8 minutes.
+
+On a lent GPU machine (device tool `run`, one H100/H200), from the repository root:
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py 2>&1 | tee $OUT/gpu_check.log      # timeout_s 540
+
+It needs only the GPU image's packages (torch 2.11+cu130, jax 0.11.2 + cuda13 plugin, flax, optax, numpy, yaml,
+safetensors, ml_dtypes; see the device tool's KINDS.md): nothing to carry but the working tree. It does not
+import grain, tensorboardX, matplotlib or transformers; `doge_jax.train.make_steps` is used when importable, else
+an equivalent step is built from doge_jax.loss + doge_jax.optim. It writes no files except the RESULTS.md append
+(and torch/jax compile caches under /tmp). `--sections parity,train` runs a subset; `--regional` compiles the
+torch model layer by layer (use it if whole-model inductor compiles of Doge-160M eat the budget); `--budget 420`
+(the default) is the total
+wall-clock budget in seconds (each section has its share; an item that would not fit is printed as SKIP).
+
+Sections (one table at the end, one row per check):
+  parity     a tiny random doge_torch model (random nonzero A, perturbed norms, dynamic RoPE past max positions,
+             T > keep_window, a left-padded row) saved with save_pretrained and loaded by both frameworks; logits
+             (and loss gradients) on the device against doge_torch's float32 eager reference on the CPU.
+             float32: |diff| <= 1e-4 (TF32 off in torch, `highest` matmul precision in JAX). bf16 (torch autocast,
+             JAX bf16 compute = the training step's parameter cast): |diff| <= 2e-2 * max|logit|, on inputs with
+             T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
+  train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (16 rows) and Doge-160M (4 rows):
+             doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE), doge_torch bf16
+             autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
+  attention  forward+backward (grads of q, k, v, dt) at 2k/8k/16k/32k keys, batch 1, Doge-160M heads (H 6, G 3,
+             D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x baseline), doge_torch DMA
+             (sdpa + dense bias with the key-expiry mask; eager and compiled), doge_jax blockwise / fused, and
+             JAX cuDNN plain causal for reference.
+  generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8),
+             and doge_torch eager generate at batch 1 for comparison.
+
+Status: PASS/FAIL (correctness), MET/MISSED (performance targets: Doge-160M >= 40% MFU, Doge-20M >= 400k tokens/s,
+DMA fwd+bwd at 16k <= 1.5x causal flash), ERROR (the check raised), SKIP (budget), '-' (information). The exit
+code is 1 if any row is FAIL or ERROR (MISSED targets do not fail it).
+
+Without a GPU (or with --cpu) the same code paths run at tiny sizes (configs/tiny.yaml, seq 128, 2 timed steps,
+attention at 256/512 keys with keep_window 128, 16 new tokens) in well under a minute; torch.compile then uses
+dynamo's `eager` backend (the fullgraph capture is the same; inductor codegen takes minutes on 2 cores). The
+device column says "cpu-fallback" and nothing is appended to RESULTS.md unless --append.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SECTIONS = ("parity", "train", "attention", "generate")
+SHARE = {"parity": 0.2, "train": 0.5, "attention": 0.2, "generate": 0.1}
+F32_TOL = 1e-4
+BF16_REL_TOL = 2e-2
+GRAD_REL_TOL = 1e-4
+TARGET_MFU_160M = 0.40
+TARGET_TOKS_20M = 400e3
+TARGET_DMA_16K = 1.5
+
+
+class Budget:
+    def __init__(self, total: float):
+        self.t0, self.total = time.perf_counter(), total
+        self.section_end = self.t0 + total
+
+    def start(self, share: float, remaining_shares: float) -> None:
+        now = time.perf_counter()
+        left = self.t0 + self.total - now
+        self.section_end = now + left * share / max(remaining_shares, share)
+
+    def left(self) -> float:
+        return self.section_end - time.perf_counter()
+
+
+class Report:
+    def __init__(self, device: str):
+        self.rows: list[list[str]] = []
+        self.device = device
+
+    def add(self, section: str, check: str, measured: str, target: str = "", status: str = "-",
+            device: str | None = None) -> None:
+        row = [str(x).replace("|", "/") for x in (section, check, device or self.device, measured, target, status)]
+        self.rows.append(row)
+        print(f"  [{status}] {section}: {check}: {measured} {('(target ' + target + ')') if target else ''}",
+              flush=True)
+
+    def failed(self) -> bool:
+        return any(r[5] in ("FAIL", "ERROR") for r in self.rows)
+
+    def table(self) -> str:
+        head = ["section", "check", "device", "measured", "target", "status"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def guarded(report: Report, section: str, check: str):
+    """Context manager: an exception becomes an ERROR row (section goes on with its next item)."""
+
+    @contextlib.contextmanager
+    def cm():
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - report every failure, keep going
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if "out of memory" in str(e).lower() or "RESOURCE_EXHAUSTED" in str(e):
+                report.add(section, check, "out of memory", status="OOM")
+            else:
+                traceback.print_exc()
+                report.add(section, check, msg.replace("|", "/"), status="ERROR")
+
+    return cm()
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+def tiny_parity_config():
+    from doge_jax.config import DogeConfig
+
+    return DogeConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, keep_window_size=32,
+                      rope_type="dynamic", rope_factor=4.0, tie_word_embeddings=False, pad_token_id=None,
+                      bos_token_id=None, eos_token_id=None)
+
+
+def perturb_(model, seed: int = 0, scale: float = 0.1) -> None:
+    """As tests/conftest.perturb_: A ~ N(0, 1), norms/residuals ~ 1 + N(0, scale), biases ~ N(0, scale/5)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 12345)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith(".A"):
+                p.copy_(noise)
+            elif name.endswith("norm.weight") or name.endswith("_residual"):
+                p.copy_(1.0 + scale * noise)
+
+
+def unique_ids(B: int, T: int, vocab: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(vocab)[:T] for _ in range(B)]).astype(np.int64)
+
+
+def max_abs(a, b) -> float:
+    import numpy as np
+
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def rel_norm(got: dict, want: dict) -> float:
+    import numpy as np
+
+    keys = sorted(want)
+    missing = [k for k in keys if k not in got]
+    if missing:
+        raise KeyError(f"gradient keys missing: {missing[:3]}")
+    g = np.concatenate([np.asarray(got[k], np.float64).ravel() for k in keys])
+    w = np.concatenate([np.asarray(want[k], np.float64).ravel() for k in keys])
+    return float(np.linalg.norm(g - w) / np.linalg.norm(w))
+
+
+def tcompile(model_or_fn, cpu: bool, **kw):
+    import torch
+
+    return torch.compile(model_or_fn, fullgraph=True, backend="eager" if cpu else "inductor", **kw)
+
+
+def sync(x=None):
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if x is not None and hasattr(x, "block_until_ready"):
+        x.block_until_ready()
+
+
+def time_fn(fn, reps: int, warmup: int = 1) -> float:
+    """Median seconds of fn() (which must return something to block on, or sync itself)."""
+    for _ in range(warmup):
+        out = fn()
+        sync(out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ---- (a) parity ---------------------------------------------------------------------------------------------------
+def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: str) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    import doge_jax
+    import doge_torch
+    from doge_jax.hf import to_hf_arrays
+    from doge_jax.model import with_attention_impl
+
+    S = "parity"
+    cfg = tiny_parity_config()
+    torch.manual_seed(0)
+    src = doge_torch.DogeForCausalLM(cfg)
+    perturb_(src)
+    tmp = tempfile.mkdtemp(prefix="gpu_check_")
+    src.save_pretrained(tmp)
+
+    # fp32 input: T = 48 > keep_window 32 (key expiry) and > max_position_embeddings 32 (dynamic RoPE), row 1
+    # left-padded; bf16 input: T = 32 <= keep_window.
+    ids_a = unique_ids(2, 48, cfg.vocab_size, 1)
+    mask_a = np.ones_like(ids_a)
+    mask_a[1, :5] = 0
+    labels_a = np.where(mask_a == 1, ids_a, -100)
+    ids_b = unique_ids(2, 32, cfg.vocab_size, 2)
+
+    ref = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="reference")).eval()
+    ta, tm, tl, tb = (torch.as_tensor(x) for x in (ids_a, mask_a, labels_a, ids_b))
+    out = ref(ta, attention_mask=tm, labels=tl)
+    out.loss.backward()
+    ref_grads = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
+    ref_a = out.logits.detach().numpy()
+    with torch.no_grad():
+        ref_b = ref(tb).logits.numpy()
+    scale_b = float(np.abs(ref_b).max())
+    f32_t = f"<= {F32_TOL:g}"
+    bf16_t = f"<= {BF16_REL_TOL:g}"
+
+    def f32_row(check, diff):
+        report.add(S, check, f"max abs diff {diff:.2e}", f32_t, "PASS" if diff <= F32_TOL else "FAIL")
+
+    def bf16_row(check, diff):
+        report.add(S, check, f"max abs diff / max abs logit {diff / scale_b:.2e}", bf16_t,
+                   "PASS" if diff <= BF16_REL_TOL * scale_b else "FAIL")
+
+    def grad_row(check, rel):
+        report.add(S, check, f"rel. L2 grad error {rel:.2e}", f"<= {GRAD_REL_TOL:g}",
+                   "PASS" if rel <= GRAD_REL_TOL else "FAIL")
+
+    # -- doge_torch on the device
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    tmodel = doge_torch.DogeForCausalLM.from_pretrained(tmp).to(tdev).eval()  # attention_impl auto: sdpa
+    dev = lambda x: x.to(tdev)  # noqa: E731
+    with guarded(report, S, "doge_torch fp32 sdpa logits + grads"):
+        o = tmodel(dev(ta), attention_mask=dev(tm), labels=dev(tl))
+        o.loss.backward()
+        f32_row("doge_torch fp32 sdpa logits (T>keep_window, padding, dynamic RoPE)", max_abs(o.logits.detach().cpu(),
+                                                                                             ref_a))
+        grad_row("doge_torch fp32 sdpa loss gradients", rel_norm(
+            {n: p.grad.cpu().numpy() for n, p in tmodel.named_parameters()}, ref_grads))
+        tmodel.zero_grad(set_to_none=True)
+    if budget.left() > (3 if cpu else 20):
+        with guarded(report, S, "doge_torch fp32 compiled"):
+            cm = tcompile(tmodel, cpu)
+            o = cm(dev(ta), attention_mask=dev(tm), labels=dev(tl))
+            o.loss.backward()
+            f32_row("doge_torch fp32 torch.compile(fullgraph) logits", max_abs(o.logits.detach().cpu(), ref_a))
+            grad_row("doge_torch fp32 torch.compile(fullgraph) gradients", rel_norm(
+                {n: p.grad.cpu().numpy() for n, p in tmodel.named_parameters()}, ref_grads))
+            tmodel.zero_grad(set_to_none=True)
+    else:
+        report.add(S, "doge_torch fp32 compiled", "budget", status="SKIP")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    with guarded(report, S, "doge_torch bf16 autocast"):
+        with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
+            lb = tmodel(dev(tb)).logits.float().cpu().numpy()
+        bf16_row("doge_torch bf16 autocast (sdpa) logits", max_abs(lb, ref_b))
+    with guarded(report, S, "doge_torch pure bf16"):
+        m16 = doge_torch.DogeForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(tdev).eval()
+        with torch.no_grad():
+            lb = m16(dev(tb)).logits.float().cpu().numpy()
+        bf16_row("doge_torch bf16 weights logits", max_abs(lb, ref_b))
+
+    # -- doge_jax on the device
+    jmodel = doge_jax.DogeForCausalLM.from_pretrained(tmp)
+    graphdef, state = nnx.split(jmodel, nnx.Param)
+    ja, jm, jl, jb = (jnp.asarray(x) for x in (ids_a, mask_a, labels_a, ids_b))
+    with jax.default_matmul_precision("highest"):
+        for impl in ("reference", "blockwise", "auto"):
+            with guarded(report, S, f"doge_jax fp32 {impl}"):
+                m = with_attention_impl(nnx.merge(graphdef, state), impl)
+                lg = nnx.jit(lambda m, i, k: m(i, attention_mask=k).logits)(m, ja, jm)
+                f32_row(f"doge_jax fp32 {impl} logits (T>keep_window, padding)", max_abs(lg, ref_a))
+        with guarded(report, S, "doge_jax fp32 fused"):
+            m = with_attention_impl(nnx.merge(graphdef, state), "fused")
+            lg = nnx.jit(lambda m, i: m(i).logits)(m, jb)
+            f32_row("doge_jax fp32 fused logits (T<=keep_window)", max_abs(lg, ref_b))
+        with guarded(report, S, "doge_jax fp32 gradients"):
+            gd = nnx.split(with_attention_impl(nnx.merge(graphdef, state), "blockwise"), nnx.Param)[0]
+
+            def loss(st):
+                return nnx.merge(gd, st)(ja, attention_mask=jm, labels=jl).loss
+
+            grads = jax.jit(jax.grad(loss))(state)
+            flat = {tuple(str(p) for p in path): (v[...] if hasattr(v, "__getitem__") else v.value)
+                    for path, v in nnx.to_flat_state(grads)}
+            grad_row("doge_jax fp32 blockwise loss gradients", rel_norm(to_hf_arrays(flat), ref_grads))
+    for impl in ("fused", "blockwise"):
+        with guarded(report, S, f"doge_jax bf16 {impl}"):
+            st16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                state)
+            m = with_attention_impl(nnx.merge(graphdef, st16), impl)
+            lg = nnx.jit(lambda m, i: m(i).logits.astype(jnp.float32))(m, jb)
+            bf16_row(f"doge_jax bf16 compute {impl} logits", max_abs(lg, ref_b))
+
+
+# ---- (b) training throughput --------------------------------------------------------------------------------------
+def train_configs(cpu: bool):
+    from doge_jax.config import DogeConfig
+
+    if cpu:
+        tiny = DogeConfig.from_yaml(os.path.join(ROOT, "configs", "tiny.yaml"))
+        return [("tiny (as Doge-20M)", tiny, 128, 2, "20m"), ("tiny (as Doge-160M)", tiny, 128, 2, "160m")]
+    return [("Doge-20M", DogeConfig.from_yaml(os.path.join(ROOT, "configs", "doge-20m.yaml")), 2048, 16, "20m"),
+            ("Doge-160M", DogeConfig.from_yaml(os.path.join(ROOT, "configs", "doge-160m.yaml")), 2048, 4, "160m")]
+
+
+def _jax_step(cfg, seq: int, rows: int):
+    """(step(params, opt_state, batch) -> (params, opt_state, metrics), params, opt_state): bf16 compute."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from doge_jax.loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
+    from doge_jax.optim import decay_mask, make_optimizer
+
+    graphdef, state = nnx.split(DogeTrunk(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(state)
+    tx = make_optimizer(optax.constant_schedule(1e-3), mask=decay_mask)
+    opt_state = tx.init(params)
+    try:
+        from doge_jax.train import make_steps
+        from doge_jax.train_config import TrainConfig
+
+        tcfg = TrainConfig(seq_len=seq, global_batch_tokens=seq * rows, compute_dtype="bfloat16")
+        step = make_steps(graphdef, tx, cfg, tcfg)[0]
+        return (lambda p, o, b: step(p, o, b, 0)), params, opt_state, "make_steps"
+    except Exception as e:  # noqa: BLE001 - doge_jax.train unimportable here: the same step, built directly
+        print(f"  (doge_jax.train.make_steps unavailable: {type(e).__name__}: {e}; using the built-in step)")
+
+    def loss_fn(p, ids, num_items):
+        p = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
+        model = nnx.merge(graphdef, p)
+        h = model(ids).logits
+        w, vocab_major = model.head_weight()
+        labels = ids if cfg.pad_token_id is None else jnp.where(ids == cfg.pad_token_id, IGNORE, ids)
+        return causal_lm_loss_chunked(h, w, labels, num_items, vocab_major, 1024)
+
+    def step(p, o, batch):
+        ids = batch[0]
+        num_items = jnp.sum(shift_targets(ids) != IGNORE)
+        loss, g = jax.value_and_grad(loss_fn)(p, ids, num_items)
+        updates, o = tx.update(g, o, p)
+        return optax.apply_updates(p, updates), o, {"loss": loss}
+
+    return jax.jit(step, donate_argnums=(0, 1)), params, opt_state, "built-in step"
+
+
+def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, regional: bool) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from doge_jax.metrics import flops_per_token
+    from doge_torch.model import DogeForCausalLM
+    from doge_torch.optim import make_optimizer
+    from doge_torch.train import train_step
+
+    S = "train"
+    warm, timed = (1, 2) if cpu else (2, 6)
+
+    def one(label, base, seq, rows, kind):
+        fpt = flops_per_token(base, seq)
+        tokens = seq * rows
+        batch = np.random.default_rng(0).integers(3, base.vocab_size, (rows, seq), dtype=np.int64)
+
+        def row(framework: str, sec: float, note: str):
+            tps = tokens / sec
+            mfu = tps * fpt / peak
+            measured = f"{tps:,.0f} tok/s, MFU {100 * mfu:.1f}% ({note})"
+            if kind == "160m":
+                status = "MET" if mfu >= TARGET_MFU_160M else "MISSED"
+                target = f">= {100 * TARGET_MFU_160M:.0f}% MFU"
+            else:
+                status = "MET" if tps >= TARGET_TOKS_20M else "MISSED"
+                target = f">= {TARGET_TOKS_20M / 1e3:.0f}k tok/s"
+            report.add(S, f"{label} {framework} seq {seq} x {rows} rows", measured, target,
+                       "-" if cpu else status)
+
+        if budget.left() < (5 if cpu else 40):
+            report.add(S, f"{label} doge_jax", "budget", status="SKIP")
+        else:
+            with guarded(report, S, f"{label} doge_jax"):
+                cfg = base.replace(attention_impl="fused")
+                step, params, opt_state, how = _jax_step(cfg, seq, rows)
+                jb = jnp.asarray(batch, jnp.int32)[None]
+                holder = {"p": params, "o": opt_state}
+
+                def run():
+                    holder["p"], holder["o"], m = step(holder["p"], holder["o"], jb)
+                    return m["loss"]
+
+                t0 = time.perf_counter()
+                loss0 = float(run())
+                comp = time.perf_counter() - t0
+                sec = time_fn(run, timed, warmup=warm - 1)
+                if not math.isfinite(loss0):
+                    raise FloatingPointError(f"loss {loss0}")
+                row("doge_jax bf16 fused", sec, f"{how}, compile {comp:.0f}s, loss {loss0:.2f}")
+        jax.clear_caches()
+
+        if budget.left() < (5 if cpu else 60):
+            report.add(S, f"{label} doge_torch", "budget", status="SKIP")
+            return
+        with guarded(report, S, f"{label} doge_torch"):
+            torch.manual_seed(0)
+            model = DogeForCausalLM(base).to(tdev).train()
+            opt = make_optimizer(model, 1e-3)  # fused AdamW when the parameters are on CUDA
+            if regional:  # one compiled graph shared by the (identical) decoder layers: shorter compile
+                for layer in model.model.layers:
+                    layer.compile(fullgraph=True, backend="eager" if cpu else "inductor")
+                cm = model
+            else:
+                cm = tcompile(model, cpu)
+            tb = torch.as_tensor(batch)
+            mb = [{"input_ids": tb, "labels": tb}]
+
+            def trun():
+                return train_step(cm, opt, None, mb, 1.0, torch.bfloat16)
+
+            t0 = time.perf_counter()
+            m0 = trun()
+            comp = time.perf_counter() - t0
+            sec = time_fn(trun, timed, warmup=warm - 1)
+            fused = "fused AdamW" if opt.defaults.get("fused") else "AdamW"
+            row("doge_torch bf16 autocast compiled" + (" (regional)" if regional else ""), sec,
+                f"{fused}, compile {comp:.0f}s, loss {m0['loss']:.2f}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    for args in train_configs(cpu):
+        one(*args)
+
+
+# ---- (c) attention ------------------------------------------------------------------------------------------------
+def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from doge_jax.attention import MaskInfo, attention
+    from doge_jax.config import DogeConfig
+    from doge_torch.model import allowed_mask, dma_attention
+
+    S = "attention"
+    B, H, G, D = 1, 6, 3, 128
+    keep = 128 if cpu else 2048
+    sizes = (256, 512) if cpu else (2048, 8192, 16384, 32768)
+    cfg = DogeConfig(vocab_size=256, hidden_size=H * D, intermediate_size=256, num_hidden_layers=1,
+                     num_attention_heads=H, num_key_value_heads=G, keep_window_size=keep,
+                     max_position_embeddings=keep)
+    on_gpu = jax.default_backend() == "gpu"
+    dma_compiled = tcompile(functools.partial(dma_attention, cfg), cpu, dynamic=False)
+    def one(T):
+        reps = 2 if cpu else (5 if T <= 8192 else 3)
+        rng = np.random.default_rng(T)
+        qn = rng.standard_normal((B, H, T, D)).astype(np.float32)
+        kn = rng.standard_normal((B, G, T, D)).astype(np.float32)
+        vn = rng.standard_normal((B, G, T, D)).astype(np.float32)
+        dtn = np.exp(rng.standard_normal((B, G, T))).astype(np.float32)
+        don = rng.standard_normal((B, H, T, D)).astype(np.float32)
+        times: dict[str, float] = {}
+        tags = {}
+
+        def cell(name, fn):
+            if budget.left() < (2 if cpu else 15):
+                report.add(S, f"T={T} {name}", "budget", status="SKIP")
+                return
+            try:
+                with guarded(report, S, f"T={T} {name}"):
+                    times[name] = time_fn(fn, reps)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+        # torch
+        bf = torch.bfloat16
+        q = torch.tensor(qn, dtype=bf, device=tdev, requires_grad=True)
+        k = torch.tensor(kn, dtype=bf, device=tdev, requires_grad=True)
+        v = torch.tensor(vn, dtype=bf, device=tdev, requires_grad=True)
+        dt = torch.tensor(dtn, device=tdev, requires_grad=True)  # float32, as under autocast (spec §9.9)
+        do = torch.tensor(don, dtype=bf, device=tdev)
+
+        def t_causal(q=q, k=k, v=v, do=do):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return torch.autograd.grad(o, (q, k, v), do)[0]
+
+        def t_dma(fn, q=q, k=k, v=v, dt=dt, do=do, T=T):
+            allowed = allowed_mask(cfg, B, T, 0, None, q.device)
+            o = fn(q, k, v, dt, allowed, torch.float32)
+            return torch.autograd.grad(o, (q, k, v, dt), do)[0]
+
+        cell("torch sdpa causal (flash)", t_causal)
+        tags["torch sdpa causal (flash)"] = "baseline"
+        cell("doge_torch DMA sdpa+bias (eager)", functools.partial(t_dma, functools.partial(dma_attention, cfg)))
+        cell("doge_torch DMA sdpa+bias (compiled)", functools.partial(t_dma, dma_compiled))
+        del q, k, v, dt, do
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+        # jax
+        jq, jk, jv = (jnp.asarray(x, jnp.bfloat16) for x in (qn, kn, vn))
+        jdt, jdo = jnp.asarray(dtn, jnp.bfloat16), jnp.asarray(don, jnp.bfloat16)
+
+        def jgrad(impl):
+            def f(q, k, v, dt):
+                o = attention(q, k, v, dt, MaskInfo(), keep, impl=impl)
+                return jnp.sum(o.astype(jnp.float32) * jdo.astype(jnp.float32))
+
+            g = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+            return lambda: g(jq, jk, jv, jdt)[0]
+
+        def jcausal():
+            impl = "cudnn" if on_gpu else None
+            tq, tk, tv = (x.transpose(0, 2, 1, 3) for x in (jq, jk, jv))
+
+            def f(q, k, v):
+                o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+                return jnp.sum(o.astype(jnp.float32) * jdo.transpose(0, 2, 1, 3).astype(jnp.float32))
+
+            g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+            return lambda: g(tq, tk, tv)[0]
+
+        cell("jax causal (cudnn)" if on_gpu else "jax causal (xla)", jcausal())
+        cell("doge_jax DMA blockwise", jgrad("blockwise"))
+        if T <= keep:
+            cell("doge_jax DMA fused", jgrad("fused"))
+        jax.clear_caches()
+
+        base = times.get("torch sdpa causal (flash)")
+        for name, sec in times.items():
+            ratio = f", {sec / base:.2f}x causal flash" if base else ""
+            target, status = "", "-"
+            if T == 16384 and "DMA" in name and base:
+                target = f"<= {TARGET_DMA_16K}x"
+                status = "MET" if sec / base <= TARGET_DMA_16K else "MISSED"
+            report.add(S, f"T={T} {name} fwd+bwd", f"{1e3 * sec:.2f} ms{ratio}", target,
+                       "-" if cpu else status)
+
+    for T in sizes:
+        one(T)
+
+
+# ---- (d) generation -----------------------------------------------------------------------------------------------
+def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    import doge_jax
+    import doge_torch
+    from doge_jax.config import DogeConfig
+
+    S = "generate"
+    name = "tiny.yaml" if cpu else "doge-20m.yaml"
+    cfg = DogeConfig.from_yaml(os.path.join(ROOT, "configs", name))
+    prompt, new = (16, 16) if cpu else (32, 128)
+    model = doge_jax.DogeForCausalLM(cfg, rngs=nnx.Rngs(0))
+    for B in (1, 8):
+        if budget.left() < (2 if cpu else 10):
+            report.add(S, f"doge_jax batch {B}", "budget", status="SKIP")
+            continue
+        with guarded(report, S, f"doge_jax batch {B}"):
+            ids = np.random.default_rng(B).integers(3, cfg.vocab_size, (B, prompt))
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new, eos_token_id=-1)
+            first = time.perf_counter() - t0
+            assert out.shape == (B, prompt + new), out.shape
+            sec = time_fn(lambda ids=ids: model.generate(ids, max_new_tokens=new, eos_token_id=-1), 2, warmup=0)
+            report.add(S, f"doge_jax fp32 batch {B}, {prompt}+{new} tokens",
+                       f"{B * new / sec:,.0f} tok/s (first call {first:.1f}s)")
+    if budget.left() < (2 if cpu else 10):
+        report.add(S, "doge_torch batch 1", "budget", status="SKIP")
+        return
+    with guarded(report, S, "doge_torch batch 1"):
+        torch.manual_seed(0)
+        tm = doge_torch.DogeForCausalLM(cfg).to(tdev).eval()
+        ids = torch.as_tensor(np.random.default_rng(1).integers(3, cfg.vocab_size, (1, prompt))).to(tdev)
+        sec = time_fn(lambda: tm.generate(ids, max_new_tokens=new, eos_token_id=-1), 1)
+        report.add(S, f"doge_torch fp32 eager batch 1, {prompt}+{new} tokens", f"{new / sec:,.0f} tok/s")
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu", action="store_true", help="tiny CPU fallback even if a GPU is present")
+    ap.add_argument("--append", action="store_true", help="append to RESULTS.md also in the CPU fallback")
+    ap.add_argument("--no-append", action="store_true", help="never append to RESULTS.md")
+    ap.add_argument("--budget", type=float, default=None, help="total seconds (default 450 GPU, 60 CPU)")
+    ap.add_argument("--regional", action="store_true",
+                    help="torch training rows: compile each decoder layer instead of the whole model")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    args = ap.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
+
+    if args.cpu:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # share the GPU with torch: JAX allocates on demand, up to half the card (its BFC pool is never returned)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    import jax
+    import torch
+
+    gpu = torch.cuda.is_available() and not args.cpu
+    cpu = not gpu
+    budget = Budget(args.budget if args.budget is not None else (60.0 if cpu else 420.0))
+    tdev = torch.device("cuda" if gpu else "cpu")
+    if gpu:
+        card = torch.cuda.get_device_name(0)
+        jkind = jax.devices()[0].device_kind
+        device = card
+    else:
+        torch.set_num_threads(1)  # JAX's thread pool in the same process starves a multi-threaded torch
+        card = jkind = "cpu"
+        device = "cpu-fallback"
+    report = Report(device)
+
+    class _Dev:  # for doge_jax.metrics.peak_flops
+        platform = "gpu" if gpu else "cpu"
+        device_kind = card
+
+    from doge_jax.metrics import peak_flops
+
+    peak = peak_flops(_Dev, "bfloat16")
+    print(f"gpu_check: torch {torch.__version__} on {card}; jax {jax.__version__} on {jax.default_backend()} "
+          f"({jkind}); peak bf16 {peak / 1e12:.0f} TFLOP/s; budget {budget.total:.0f}s; sections {sections}",
+          flush=True)
+    if gpu and jax.default_backend() != "gpu":
+        report.add("setup", "jax sees the GPU", f"jax backend {jax.default_backend()}", "gpu", "FAIL")
+
+    funcs = {"parity": lambda: section_parity(report, budget, cpu, tdev, jkind),
+             "train": lambda: section_train(report, budget, cpu, tdev, peak, args.regional),
+             "attention": lambda: section_attention(report, budget, cpu, tdev),
+             "generate": lambda: section_generate(report, budget, cpu, tdev)}
+    for i, name in enumerate(sections):
+        budget.start(SHARE[name], sum(SHARE[s] for s in sections[i:]))
+        t0 = time.perf_counter()
+        print(f"== {name} (budget {budget.left():.0f}s)", flush=True)
+        with guarded(report, name, "section"):
+            funcs[name]()
+        print(f"== {name} done in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    total = time.perf_counter() - budget.t0
+    table = report.table()
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    title = (f"## gpu_check.py — {stamp} — {card} (torch {torch.__version__}, jax {jax.__version__} "
+             f"on {jkind})")
+    print(f"\n{title}\n\n{table}\n\ntotal {total:.0f}s; {'FAILED' if report.failed() else 'all checks passed'}")
+    if (gpu or args.append) and not args.no_append:
+        path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+        with open(path, "a") as f:
+            f.write(f"\n{title}\n\nbenchmarks/gpu_check.py, total {total:.0f}s. Targets (issue 7): Doge-160M >= 40% "
+                    "MFU, Doge-20M >= 400k tokens/s, DMA fwd+bwd at 16k <= 1.5x causal flash. MFU = "
+                    "6N_matmul + 6LHDS FLOPs/token over the card's bf16 peak (doge_jax.metrics).\n\n"
+                    f"{table}\n")
+        print(f"appended to {path}")
+    return 1 if report.failed() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""benchmarks/gpu_check.py: its CPU fallback runs every section's code path at tiny sizes (issue 7)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
+
+
+def test_gpu_check_cpu_fallback():
+    results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+    before = open(results).read() if os.path.exists(results) else None
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu"], capture_output=True, text=True, timeout=170,
+                          cwd=ROOT, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
+    table = out[out.index("| section | check | device | measured | target | status |"):]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert all(r[2] == "cpu-fallback" for r in rows)
+    parity = [r for r in rows if r[0] == "| parity"]
+    assert len(parity) >= 12 and all(r[-1] == "PASS |" for r in parity), parity
+    for section in ("train", "attention", "generate"):
+        got = [r for r in rows if r[0] == f"| {section}"]
+        assert got and all(r[-1] in ("- |", "MET |", "MISSED |") for r in got), (section, got)
+    assert "all checks passed" in out
+    after = open(results).read() if os.path.exists(results) else None
+    assert after == before, "the CPU fallback must not append to RESULTS.md without --append"
