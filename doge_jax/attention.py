@@ -440,10 +440,19 @@ def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
     bias = dt if dt.shape[1] == H else jnp.repeat(dt, H // G, axis=1)
     m = None if mask.key_mask is None else mask.key_mask.astype(bool)[:, None, None, :]
     w = mask.sliding_window
-    o = jax.nn.dot_product_attention(
-        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-        bias=bias[:, :, None, :].astype(q.dtype), mask=m, is_causal=True,
-        local_window_size=None if w is None else (w - 1, 0))
+    args = (q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    kwargs = dict(bias=bias[:, :, None, :].astype(q.dtype), mask=m, is_causal=True,
+                  local_window_size=None if w is None else (w - 1, 0))
+    o = None
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        # implementation=None always means XLA in this JAX; ask for cuDNN's fused kernel explicitly and fall back
+        # when it refuses the shapes (it checks them at trace time). Unmeasured: no GPU session yet.
+        try:
+            o = jax.nn.dot_product_attention(*args, implementation="cudnn", **kwargs)
+        except (ValueError, NotImplementedError, TypeError, RuntimeError):
+            o = None
+    if o is None:
+        o = jax.nn.dot_product_attention(*args, **kwargs)
     o = o.transpose(0, 2, 1, 3).reshape(B, G, H // G, S, D)
     return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
 
