@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .model import DogeCache, check_token_ids, split_layers
+from .decode import DecodeCache, decode_step, prepare_decode
+from .model import DogeCache, check_token_ids
 
 CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths share compiled programs
 PROMPT_BUCKET = 32  # dense-model prompts are left-padded to a multiple of this (same reason)
@@ -63,18 +64,16 @@ def _emit(step, tokens):
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
                      temperature: float, top_k, top_p, stream: bool = False):
     """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps)."""
-    graphdef, state = nnx.split(model)
     B = ids.shape[0]
-    # Sliced once, outside the loop: per-layer weights and caches (unrolled layers, design.md §7).
-    layer_params = split_layers(model)
-
-    def forward(tok, m, p, c):
-        out = nnx.merge(graphdef, state)(tok, attention_mask=m, position_ids=p, cache=c, logits_to_keep=1,
-                                         layer_params=layer_params)
-        return out.logits[:, -1], out.cache
-
-    logits, cache = forward(ids, mask, pos, cache.unstacked())
-    rng, sub = jax.random.split(rng)
+    # Built once per call, outside the loop: joined q/k/v and gate/up weights, the RoPE table (decode.py).
+    prep = prepare_decode(model, cache.capacity)
+    out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
+                layer_params=prep["states"])
+    logits, cache = out.logits[:, -1], DecodeCache.from_cache(out.cache)
+    if do_sample:
+        rng, sub = jax.random.split(rng)
+    else:
+        sub = rng
     tok = _next_token(logits, sub, do_sample, temperature, top_k, top_p)
     done = jnp.isin(tok, eos)
     if stream:
@@ -88,9 +87,10 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
 
     def body(carry):
         step, tok, next_pos, cache, done, rng, out = carry
-        logits, cache = forward(tok[:, None], jnp.ones((B, 1), bool), next_pos[:, None], cache)
-        rng, sub = jax.random.split(rng)
-        new = _next_token(logits, sub, do_sample, temperature, top_k, top_p)
+        logits, cache = decode_step(model, prep, tok, next_pos, cache)
+        if do_sample:  # greedy decoding needs no random numbers (threefry is ~40 ops per step)
+            rng, sub = jax.random.split(rng)
+        new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p)
         new = jnp.where(done, pad, new)
         out = out.at[:, step].set(new)
         if stream:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MOE, make_hf_model, save_hf, unique_ids
+from conftest import TINY, TINY_MOE, left_pad_mask, make_hf_model, save_hf, unique_ids
 
 from doge_jax.generate import main
 from doge_jax.model import DogeForCausalLM
@@ -50,6 +50,115 @@ def test_cli_prompt_ids_and_missing_tokenizer(model_dir, capsys):
     with pytest.raises(SystemExit):
         main(["--model", model_dir, "--prompt", "hello"])
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+# ---- the lean decode step (doge_jax/decode.py) --------------------------------------------------------------------
+
+def _random_jax_model(**overrides):
+    """A tiny doge_jax model with random nonzero A, biases and norm weights (no transformers needed)."""
+    import jax
+    from flax import nnx
+
+    from doge_jax.config import DogeConfig
+
+    model = DogeForCausalLM(DogeConfig(**{**TINY, **overrides}), nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+
+    def perturb(path, v):
+        name = str(path[-1])
+        noise = jax.random.normal(next(keys), v.shape, v.dtype)
+        if name == "A":
+            return noise
+        if name == "bias":
+            return noise * 0.02
+        if name in ("weight", "input_residual", "post_attention_residual"):
+            return v + 0.1 * noise
+        return v
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(perturb, state))
+    return model
+
+
+@pytest.mark.parametrize("overrides, B", [
+    (dict(keep_window_size=8), 2),  # GQA, keep-window top-k beyond 8 keys, left padding
+    (dict(num_key_value_heads=1), 1),  # B * G = 1: the cache layout without a leading axis
+    (dict(variant="small_doge", attention_bias=True, mlp_bias=True, keep_window_size=8), 2),
+    (dict(sliding_window=6, keep_window_size=4), 2),
+    (dict(rope_type="dynamic", rope_factor=4.0, max_position_embeddings=16), 2),  # no RoPE table (NTK switches on)
+    (dict(rope_type="dynamic", rope_factor=4.0), 1),  # RoPE table
+    (dict(tie_word_embeddings=True, **TINY_MOE), 2),
+])
+def test_decode_step_equals_cached_forward(overrides, B):
+    """decode_step (joined q/k/v and gate/up matmuls, RoPE table, transposed flat key cache) gives the logits and
+    cache of the model's own cached forward, step by step."""
+    import jax.numpy as jnp
+
+    from doge_jax.decode import DecodeCache, _flat_heads, decode_step, prepare_decode
+    from doge_jax.model import DogeCache
+
+    model = _random_jax_model(**overrides)
+    cfg = model.config
+    P, N, C = 7, 17, 32
+    ids = unique_ids(B, P + N, 128, seed=5)
+    mask = left_pad_mask(B, P, [0, 3][:B]).astype(bool)
+    pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0)
+    ref = model(ids[:, :P], attention_mask=mask, position_ids=pos, cache=DogeCache.init(cfg, B, C).unstacked())
+    cache = ref.cache
+    prep = prepare_decode(model, C)
+    assert (prep["rope"] is None) == (cfg.rope_type == "dynamic" and C > cfg.max_position_embeddings)
+    dec = DecodeCache.from_cache(cache)
+    next_pos = pos.max(axis=1) + 1
+    for t in range(P, P + N):
+        tok = jnp.asarray(ids[:, t])
+        ref = model(tok[:, None], attention_mask=np.ones((B, 1), bool), position_ids=next_pos[:, None], cache=cache)
+        cache = ref.cache
+        logits, dec = decode_step(model, prep, tok, jnp.asarray(next_pos), dec)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref.logits[:, -1]), rtol=0, atol=1e-5)
+        next_pos = next_pos + 1
+    assert int(dec.index) == int(cache.index) and np.array_equal(dec.key_mask, cache.key_mask)
+    for (k_t, v, dt), lc in zip(dec.layers, cache.layers):
+        np.testing.assert_allclose(k_t, _flat_heads(jnp.swapaxes(lc.k, -1, -2)), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(v, _flat_heads(lc.v), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(dt, lc.dt, rtol=0, atol=1e-6)
+
+
+def test_batch1_single_kv_head_greedy_matches_transformers(tmp_path):
+    """Batch 1 with one kv head (the Doge-20M layout, cache without a leading axis) against transformers."""
+    hf = make_hf_model(num_key_value_heads=1, keep_window_size=16)
+    model = DogeForCausalLM.from_pretrained(save_hf(hf, tmp_path / "m"))
+    ids = unique_ids(1, 9, 128, seed=4)
+    with torch.no_grad():
+        ref = hf.generate(torch.as_tensor(ids), attention_mask=torch.ones(1, 9, dtype=torch.long), do_sample=False,
+                          max_new_tokens=24, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(model.generate(ids, max_new_tokens=24), ref)
+
+
+def test_generate_loop_has_no_cache_copies():
+    """The compiled decode loop updates the caches in place (a degenerate [B, G] cache layout made XLA copy the
+    value cache three times per layer and step)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from doge_jax.generate import _generate_cached
+    from doge_jax.model import DogeCache
+
+    model = _random_jax_model(num_key_value_heads=1)
+    cfg = model.config
+    ids = jnp.zeros((1, 32), jnp.int32)
+    hlo = _generate_cached.lower(model, ids, jnp.ones((1, 32), bool), jnp.arange(32, dtype=jnp.int32)[None],
+                                 DogeCache.init(cfg, 1, 128), jnp.asarray([-1], jnp.int32), jnp.int32(0),
+                                 jax.random.key(0), max_new_tokens=8, do_sample=False, temperature=1.0, top_k=None,
+                                 top_p=None).compile().as_text()
+    body = re.search(r"body=(%?[\w.\-]+)", hlo).group(1)
+    text = hlo[hlo.index(f"\n{body} "):]
+    text = text[: text.index("\n}\n")]
+    D, C = cfg.head_size, 128
+    cache_shape = re.compile(rf"\[(\d+,)*({C},{D}|{D},{C})\]")
+    big_copies = [ln for ln in text.splitlines() if " copy(" in ln and cache_shape.search(ln)]
+    assert not big_copies, big_copies[:3]
 
 
 # ---- doge_torch: sdpa and the key-expiry mask ---------------------------------------------------------------------
