@@ -29,8 +29,17 @@ def _normal(std: float):
     return nnx.initializers.normal(stddev=std)
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear applied as one 2-D matmul over all leading axes: XLA:CPU runs the backward of a [B, S, d]
+    dot_general 2-3x slower than the same product on [B*S, d] (measured: Doge-20M MLP grad 33 ms vs 14 ms)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+
+
 def _linear(cfg: DogeConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=_normal(cfg.initializer_range),
+    return Linear(n_in, n_out, use_bias=bias, kernel_init=_normal(cfg.initializer_range),
                       bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
 
