@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import re
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,12 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULE_TYPES = ("linear", "cosine", "1-sqrt")
+from .recipe import SCHEDULE_TYPES, hf_name_decayed, wsd_phases  # noqa: F401 (re-exported)
 
-# Parameters whose lowercase dotted name matches one of these get no weight decay (HF Trainer rule).
-_NO_DECAY_PATTERNS = tuple(
-    re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
-)
 # Flax leaf names -> the Hugging Face parameter name.
 _HF_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
 
@@ -54,26 +48,8 @@ def wsd_schedule(
     warning), else stable = training - warmup - decay. After the decay phase the multiplier stays `min_lr_ratio`.
     The returned callable is jit-traceable and computes in float32.
     """
-    if num_training_steps is None and num_stable_steps is None:
-        raise ValueError("wsd_schedule: either num_training_steps or num_stable_steps must be given")
-    if num_training_steps is not None and num_stable_steps is not None:
-        warnings.warn("wsd_schedule: both num_training_steps and num_stable_steps given; using num_stable_steps",
-                      stacklevel=2)
-    for arg, value in (("warmup_type", warmup_type), ("decay_type", decay_type)):
-        if value not in SCHEDULE_TYPES:
-            raise ValueError(f"wsd_schedule: unknown {arg} {value!r}, expected one of {SCHEDULE_TYPES}")
-    if num_stable_steps is None:
-        num_stable_steps = num_training_steps - num_warmup_steps - num_decay_steps
-        if num_stable_steps < 0:
-            raise ValueError(
-                f"wsd_schedule: num_training_steps={num_training_steps} is less than num_warmup_steps="
-                f"{num_warmup_steps} + num_decay_steps={num_decay_steps} (stable phase would be {num_stable_steps})")
-    for arg, value in (("num_warmup_steps", num_warmup_steps), ("num_decay_steps", num_decay_steps),
-                       ("num_stable_steps", num_stable_steps)):
-        if value < 0:
-            raise ValueError(f"wsd_schedule: {arg} must be >= 0, got {value}")
-
-    warmup, stable, decay = int(num_warmup_steps), int(num_stable_steps), int(num_decay_steps)
+    warmup, stable, decay = wsd_phases("wsd_schedule", num_warmup_steps, num_decay_steps, num_training_steps,
+                                       num_stable_steps, warmup_type, decay_type)
     f32 = jnp.float32
     rho = f32(min_lr_ratio)
 
@@ -107,12 +83,6 @@ def wsd_schedule(
         return f32(peak_lr) * lam
 
     return schedule
-
-
-def hf_name_decayed(name: str) -> bool:
-    """Whether the HF Trainer applies weight decay to the parameter with this dotted name (e.g. 'model.norm.weight')."""
-    lowered = name.lower()
-    return not any(p.search(lowered) for p in _NO_DECAY_PATTERNS)
 
 
 def _key_name(key: Any) -> str:

@@ -2,33 +2,20 @@
 
 - `wsd_lambda` / `wsd_scheduler`: the warmup-stable-decay multiplier of `transformers.get_wsd_schedule`, pure
   Python (float64), as a `torch.optim.lr_scheduler.LambdaLR`.
-- `hf_name_decayed` / `param_groups`: which parameters get weight decay, by the HF Trainer's name rule (the same
-  regexes as doge_jax.optim, repeated here so doge_torch never imports JAX).
+- `hf_name_decayed` / `param_groups`: which parameters get weight decay, by the HF Trainer's name rule
+  (doge_jax.recipe, shared with doge_jax.optim and free of JAX imports).
 - `make_optimizer`: `torch.optim.AdamW` over those two groups; `clip_grad_norm` is torch's global-norm clipping.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-SCHEDULE_TYPES = ("linear", "cosine", "1-sqrt")
-
-# Same patterns as doge_jax.optim._NO_DECAY_PATTERNS (tests check the two rules agree name by name).
-_NO_DECAY_PATTERNS = tuple(
-    re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
-)
-
-
-def hf_name_decayed(name: str) -> bool:
-    """Whether the HF Trainer applies weight decay to the parameter with this dotted name (e.g. 'model.norm.weight')."""
-    lowered = name.lower()
-    return not any(p.search(lowered) for p in _NO_DECAY_PATTERNS)
+from doge_jax.recipe import SCHEDULE_TYPES, hf_name_decayed, wsd_phases  # noqa: F401 (re-exported)
 
 
 def decayed_parameter_names(model: nn.Module) -> set[str]:
@@ -63,25 +50,8 @@ def wsd_lambda(
 ) -> Callable[[int], float]:
     """The multiplier λ(step) of `transformers.get_wsd_schedule` (spec §6.1), same arguments and checks as
     doge_jax.optim.wsd_schedule (which returns `peak_lr * λ` in float32); computed here in Python floats."""
-    if num_training_steps is None and num_stable_steps is None:
-        raise ValueError("wsd_lambda: either num_training_steps or num_stable_steps must be given")
-    if num_training_steps is not None and num_stable_steps is not None:
-        warnings.warn("wsd_lambda: both num_training_steps and num_stable_steps given; using num_stable_steps",
-                      stacklevel=2)
-    for arg, value in (("warmup_type", warmup_type), ("decay_type", decay_type)):
-        if value not in SCHEDULE_TYPES:
-            raise ValueError(f"wsd_lambda: unknown {arg} {value!r}, expected one of {SCHEDULE_TYPES}")
-    if num_stable_steps is None:
-        num_stable_steps = num_training_steps - num_warmup_steps - num_decay_steps
-        if num_stable_steps < 0:
-            raise ValueError(
-                f"wsd_lambda: num_training_steps={num_training_steps} is less than num_warmup_steps="
-                f"{num_warmup_steps} + num_decay_steps={num_decay_steps} (stable phase would be {num_stable_steps})")
-    for arg, value in (("num_warmup_steps", num_warmup_steps), ("num_decay_steps", num_decay_steps),
-                       ("num_stable_steps", num_stable_steps)):
-        if value < 0:
-            raise ValueError(f"wsd_lambda: {arg} must be >= 0, got {value}")
-    warmup, stable, decay = int(num_warmup_steps), int(num_stable_steps), int(num_decay_steps)
+    warmup, stable, decay = wsd_phases("wsd_lambda", num_warmup_steps, num_decay_steps, num_training_steps,
+                                       num_stable_steps, warmup_type, decay_type)
     rho = float(min_lr_ratio)
 
     def lr_lambda(step: int) -> float:
