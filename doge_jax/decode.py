@@ -15,9 +15,11 @@ step by step), with fewer XLA ops and no cache copies per step:
   [B, G, C, D] value cache and G = 1 it copied the value cache three times per layer and step);
 - greedy decoding draws no random numbers (generate.py).
 
-Attention is the dense reference for one query (`_decode_attention`: the same dynamic bias, keep-window top-k
-when the capacity exceeds keep_window_size, sliding window and padding; the other attention_impl choices compute
-the same function). CDMoE layers call the model's own MLP module.
+Attention is the dense reference for one query (`_decode_attention`: the same dynamic bias, sliding window and
+padding; the other attention_impl choices compute the same function). When the capacity exceeds keep_window_size
+the keep-window rule runs on per-key "beaten-by" counters kept in the cache (design.md §3): a key stays alive while
+fewer than keep_window valid keys beat it; each step updates the counts in O(C) instead of a top-k over the
+cache (with a sliding window wider than keep_window the top-k stays). CDMoE layers call the model's own MLP module.
 """
 
 from __future__ import annotations
@@ -89,12 +91,41 @@ class DecodeCache:
     layers: tuple
     index: jax.Array
     key_mask: jax.Array
+    counts: tuple | None = None  # per layer [B, n, C] int32 "beaten-by" counts, when keep-window counters are used
 
     @classmethod
-    def from_cache(cls, cache: DogeCache) -> DecodeCache:
+    def from_cache(cls, cache: DogeCache, counters: bool = False) -> DecodeCache:
         layers = cache.unstacked().layers
+        counts = tuple(beaten_by(lc.dt, cache.key_mask) for lc in layers) if counters else None
         return cls(tuple((_flat_heads(jnp.swapaxes(lc.k, -1, -2)), _flat_heads(lc.v), lc.dt) for lc in layers),
-                   cache.index, cache.key_mask)
+                   cache.index, cache.key_mask, counts)
+
+
+def use_counters(cfg, capacity: int) -> bool:
+    """Keep-window counters replace the per-step top-k when the cache can hold more than keep_window keys and
+    the allowed keys only grow (no sliding window); with a window <= keep_window nothing is ever dropped, and a
+    wider window keeps the top-k (a key can leave the window, so counts are not monotone)."""
+    return capacity > cfg.keep_window_size and cfg.sliding_window is None
+
+
+def beaten_by(dt: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, n, C] int32: for each valid key, how many valid keys beat it (larger dt, lower index on ties, spec
+    §9.1), i.e. its rank in that order; a key is kept by the keep-window rule while this is < keep_window."""
+    key = jnp.where(valid[:, None, :], -dt.astype(jnp.float32), jnp.inf)
+    order = jnp.argsort(key, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
+
+
+def update_beaten_by(counts: jax.Array, dt_cache: jax.Array, valid: jax.Array, dt_new: jax.Array, index
+                     ) -> jax.Array:
+    """Counts after a new key (dt_new [B, n]) is written at slot `index`: every valid key it beats (strictly larger
+    dt; ties go to the older, lower-index key) counts one more beater; the new key's count is the number of valid
+    keys with dt >= its own. O(C) per step instead of a top-k over the cache."""
+    v = valid[:, None, :]
+    d = dt_new[..., None].astype(dt_cache.dtype)
+    counts = counts + (v & (d > dt_cache)).astype(jnp.int32)
+    new = jnp.sum(v & (dt_cache >= d), axis=-1, dtype=jnp.int32)[..., None]
+    return jax.lax.dynamic_update_slice_in_dim(counts, new, index, axis=2)
 
 
 def _flat_heads(a: jax.Array) -> jax.Array:
@@ -105,7 +136,7 @@ def _flat_heads(a: jax.Array) -> jax.Array:
     return a[0] if a.shape[0] == 1 else a
 
 
-def _decode_attention(q, k_t, v, dt, allowed, num_keys, keep_window: int, G: int) -> jax.Array:
+def _decode_attention(q, k_t, v, dt, allowed, num_keys, keep_window: int, G: int, counts=None) -> jax.Array:
     """attention_reference for one query per row, with the cache in DecodeCache layout (k_t [B*G, D, T],
     v [B*G, T, D], leading axis dropped when B*G = 1). Same operations in the same order: the dynamic bias (with
     the keep-window top-k when T > keep_window), grouped score matmul, float32 softmax, value matmul.
@@ -114,7 +145,12 @@ def _decode_attention(q, k_t, v, dt, allowed, num_keys, keep_window: int, G: int
     T = v.shape[-2]
     r = H // G
     lead = (B * G,) if B * G > 1 else ()
-    bias = dynamic_bias(dt, allowed, keep_window, q.dtype, num_keys)  # [B, n, 1, T]
+    if counts is None:
+        bias = dynamic_bias(dt, allowed, keep_window, q.dtype, num_keys)  # [B, n, 1, T]
+    else:  # the same bias, with the top-k replaced by the keep-window counters
+        alive = allowed & (counts < keep_window)[:, :, None, :]
+        bias = jnp.where(alive, dt[:, :, None, :], jnp.finfo(q.dtype).min).astype(dt.dtype)
+        bias = jnp.where(jnp.arange(T) < num_keys, bias, -jnp.inf).astype(dt.dtype)
     bias = bias[:, :, None] if bias.shape[1] == G else bias.reshape(B, G, r, S, T)
     w = jnp.matmul(q.reshape(lead + (r * S, D)), k_t) * jnp.asarray(D ** -0.5, q.dtype)
     w = w.reshape(B, G, r, S, T) + bias
@@ -122,7 +158,7 @@ def _decode_attention(q, k_t, v, dt, allowed, num_keys, keep_window: int, G: int
     return jnp.matmul(p.reshape(lead + (r * S, T)), v).reshape(B, H, S, D)
 
 
-def _attention_step(cfg, entry, x, cos, sin, allowed, lc, index):
+def _attention_step(cfg, entry, x, cos, sin, allowed, lc, index, counts=None, valid=None):
     """DogeAttention.__call__ for S = 1 with a cache, q/k/v from one matmul."""
     attn = entry["layer"].self_attn
     B, S, _ = x.shape
@@ -142,9 +178,11 @@ def _attention_step(cfg, entry, x, cos, sin, allowed, lc, index):
     k_cache, v_cache, dt_cache = lc
     k_t = jax.lax.dynamic_update_slice_in_dim(k_cache, _flat_heads(k).astype(k_cache.dtype), index, axis=-1)
     v = jax.lax.dynamic_update_slice_in_dim(v_cache, _flat_heads(v).astype(v_cache.dtype), index, axis=-2)
+    if counts is not None:
+        counts = update_beaten_by(counts, dt_cache, valid, dt[..., 0], index)
     dt = jax.lax.dynamic_update_slice_in_dim(dt_cache, dt.astype(dt_cache.dtype), index, axis=2)
-    o = _decode_attention(q, k_t, v, dt, allowed, index + 1, cfg.keep_window_size, G)
-    return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, S, H * D)), (k_t, v, dt)
+    o = _decode_attention(q, k_t, v, dt, allowed, index + 1, cfg.keep_window_size, G, counts)
+    return attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, S, H * D)), (k_t, v, dt), counts
 
 
 def rotate_half(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -176,12 +214,16 @@ def decode_step(model, prep: dict, tok: jax.Array, pos: jax.Array, cache: Decode
         cos, sin = (jnp.take(t, pos, axis=0)[:, None] for t in prep["rope"])  # [B, 1, D]
     else:
         cos, sin = rotary_cos_sin(cfg, pos[:, None], x.dtype)
-    new_layers = []
-    for entry, lc in zip(prep["layers"], cache.layers):
+    new_layers, new_counts = [], []
+    counts = cache.counts if cache.counts is not None else (None,) * len(cache.layers)
+    for entry, lc, cnt in zip(prep["layers"], cache.layers, counts):
         layer = entry["layer"]
-        y, lc = _attention_step(cfg, entry, layer.input_layernorm(x), cos, sin, allowed, lc, index)
+        y, lc, cnt = _attention_step(cfg, entry, layer.input_layernorm(x), cos, sin, allowed, lc, index, cnt,
+                                     cache.key_mask)
         x = layer.input_residual[...] * x + y
         x = layer.post_attention_residual[...] * x + _mlp_step(cfg, entry, layer.post_attention_layernorm(x))
         new_layers.append(lc)
+        new_counts.append(cnt)
     logits = model.lm_logits(model.model.norm(x))[:, -1]
-    return logits, DecodeCache(tuple(new_layers), index + 1, key_mask)
+    counts = tuple(new_counts) if cache.counts is not None else None
+    return logits, DecodeCache(tuple(new_layers), index + 1, key_mask, counts)

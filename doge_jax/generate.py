@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .decode import DecodeCache, decode_step, prepare_decode
+from .decode import DecodeCache, decode_step, prepare_decode, use_counters
 from .model import DogeCache, check_token_ids
 
 CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths share compiled programs
@@ -69,7 +69,7 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
     prep = prepare_decode(model, cache.capacity)
     out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
                 layer_params=prep["states"])
-    logits, cache = out.logits[:, -1], DecodeCache.from_cache(out.cache)
+    logits, cache = out.logits[:, -1], DecodeCache.from_cache(out.cache, use_counters(model.config, cache.capacity))
     if do_sample:
         rng, sub = jax.random.split(rng)
     else:

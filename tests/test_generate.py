@@ -195,3 +195,30 @@ def test_torch_sdpa_equals_eager(overrides, tmp_path):
     assert float((a - b).abs().max()) <= 1e-5
     np.testing.assert_array_equal(sdpa.generate(ids[:, :6], max_new_tokens=8).numpy(),
                                   eager.generate(ids[:, :6], max_new_tokens=8).numpy())
+
+
+def test_keep_window_counters_equal_top_k_with_ties_and_padding():
+    """Decode-time keep-window counters (doge_jax.decode) keep exactly the keys the top-k rule keeps, step by
+    step, including tied dt values (lower index wins) and padded keys."""
+    import jax.numpy as jnp
+
+    from doge_jax.attention import keep_top_k
+    from doge_jax.decode import beaten_by, update_beaten_by
+
+    rng = np.random.default_rng(0)
+    B, n, C, P, k = 3, 2, 40, 12, 5
+    dt = jnp.asarray(rng.choice([0.5, 1.0, 1.5, 2.0], size=(B, n, C)).astype(np.float32))  # many ties
+    valid = np.zeros((B, C), bool)
+    valid[:, :P] = True
+    valid[1, :4] = False  # left padding
+    valid[2, :P] = False  # a fully padded prompt
+    counts = beaten_by(dt, jnp.asarray(valid))
+    for i in range(P, C):
+        counts = update_beaten_by(counts, dt, jnp.asarray(valid), dt[:, :, i], i)
+        valid[:, i] = True
+        allowed = jnp.asarray(valid)[:, None, :]  # row i sees every valid key <= i
+        min_v = jnp.finfo(jnp.float32).min
+        bias = jnp.where(allowed, dt, min_v)[:, :, None, : i + 1]
+        expect = keep_top_k(bias, k)[:, :, 0] & allowed[..., : i + 1]
+        got = (counts < k)[..., : i + 1] & allowed[..., : i + 1]
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expect), err_msg=f"step {i}")
