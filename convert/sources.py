@@ -117,26 +117,9 @@ def _file_meta(files: list[str]) -> dict[str, tuple[str, tuple[int, ...], np.dty
             header, _ = safetensors_io.read_header(fname)
             out.update({k: (fname, v[0], v[1]) for k, v in header.items()})
         else:
-            for k, t in _torch_items(fname):
+            for k, t in hf_io.iter_torch_file(fname):
                 out[k] = (fname, tuple(t.shape), t.dtype)
     return out
-
-
-def _torch_items(fname: str):
-    """(key, numpy view) of a PyTorch state dict, memory-mapped (torch.load weights_only, mmap)."""
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{fname}: reading a PyTorch .bin/.pt file needs torch installed") from None
-    try:
-        sd = torch.load(fname, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"{fname}: not a readable PyTorch state dict ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{fname}: expected a state dict (name -> tensor), got {type(sd).__name__}")
-    for k in list(sd):
-        yield k, hf_io.torch_to_numpy(sd.pop(k))
 
 
 def _file_source(path, files, kind, cfg_path, variant, side_dir) -> Source:
@@ -162,7 +145,7 @@ def _file_source(path, files, kind, cfg_path, variant, side_dir) -> Source:
             if fname.endswith(".safetensors"):
                 items = safetensors_io.read_tensors(fname, wanted)
             else:
-                items = ((k, a) for k, a in _torch_items(fname) if k in wanted)
+                items = ((k, a) for k, a in hf_io.iter_torch_file(fname) if k in wanted)
             for key, arr in items:
                 yield wanted[key], arr
 

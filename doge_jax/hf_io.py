@@ -135,7 +135,7 @@ def iter_tensors(files: list[str], framework: str = "np") -> Iterator[tuple[str,
 
     for fname in files:
         if fname.endswith(".bin") or fname.endswith(".pt"):
-            yield from _iter_torch_file(fname, framework)
+            yield from iter_torch_file(fname, framework)
             continue
         try:
             with safe_open(fname, framework=framework) as f:
@@ -147,7 +147,9 @@ def iter_tensors(files: list[str], framework: str = "np") -> Iterator[tuple[str,
             raise CheckpointError(f"{fname}: corrupt or truncated safetensors file ({e})") from None
 
 
-def _iter_torch_file(fname: str, framework: str) -> Iterator[tuple[str, object]]:
+def iter_torch_file(fname: str, framework: str = "np") -> Iterator[tuple[str, object]]:
+    """(name, tensor) of a PyTorch state-dict file, memory-mapped and released one tensor at a time; numpy arrays
+    (bfloat16 bit-exact) for framework "np", torch tensors for "pt"."""
     try:
         import torch
     except ImportError:
@@ -155,15 +157,13 @@ def _iter_torch_file(fname: str, framework: str) -> Iterator[tuple[str, object]]
     try:
         sd = torch.load(fname, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise CheckpointError(f"{fname}: not a readable PyTorch state dict ({e})") from None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{fname}: expected a state dict, got {type(sd).__name__}")
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"{fname}: not a readable PyTorch state dict ({type(e).__name__}: {first})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{fname}: expected a state dict (name -> tensor), got {type(sd).__name__}")
     for name in list(sd):
         t = sd.pop(name)
-        if framework == "pt":
-            yield name, t
-        else:
-            yield name, torch_to_numpy(t)
+        yield name, (t if framework == "pt" else torch_to_numpy(t))
 
 
 def torch_to_numpy(t):
@@ -185,7 +185,7 @@ def tensor_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
     out = {}
     for fname in files:
         if fname.endswith((".bin", ".pt")):
-            out.update({k: tuple(v.shape) for k, v in _iter_torch_file(fname, "pt")})
+            out.update({k: tuple(v.shape) for k, v in iter_torch_file(fname, "pt")})
             continue
         try:
             with safe_open(fname, framework="np") as f:

@@ -159,3 +159,49 @@ def max_abs_diff(a, b) -> float:
     b = np.asarray(b, dtype=np.float64)
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+# Current HF name -> legacy small-doge remote-code name (spec §2.2 c): the inverse of doge_jax.hf_names.LEGACY_RENAMES.
+LEGACY_PATTERNS = (
+    ("model.embed_tokens.weight", "model.word_embed.weight"),
+    ("model.norm.weight", "model.final_layernorm.weight"),
+    (".input_layernorm.weight", ".pre_layernorm.weight"),
+    (".input_residual", ".pre_residual.weight"),
+    (".post_attention_layernorm.weight", ".post_layernorm.weight"),
+    (".post_attention_residual", ".post_residual.weight"),
+    (".mlp.", ".feed_forward."),
+)
+
+
+def to_legacy_name(key: str) -> str:
+    for new, old in LEGACY_PATTERNS:
+        if key == new or (new.startswith(".") and new in key):
+            return key.replace(new, old)
+    return key
+
+
+def write_legacy_checkpoint(tmodel, path, extra_config: dict | None = None) -> str:
+    """Save a small_doge doge_torch model as a legacy remote-code checkpoint: legacy key names, a router bias per
+    MoE layer (dropped on load), no tied lm_head, and a legacy config.json (rope_theta/rope_scaling, hidden_bias,
+    dynamic_mask_ratio)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = tmodel.config
+    sd = {to_legacy_name(k): v.detach().contiguous() for k, v in tmodel.state_dict().items()
+          if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    if cfg.is_moe:
+        for i in range(cfg.num_hidden_layers):
+            sd[f"model.layers.{i}.feed_forward.router_gate.bias"] = torch.zeros(2 * cfg.num_keys)
+    os.makedirs(path, exist_ok=True)
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    raw = cfg.to_hf_dict()
+    raw.pop("rope_parameters")
+    raw.pop("doge_variant")
+    raw.update(rope_theta=cfg.rope_theta, rope_scaling=None, hidden_bias=False, dynamic_mask_ratio=0.0)
+    raw.update(extra_config or {})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(raw, f)
+    return os.fspath(path)

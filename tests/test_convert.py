@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MOE, hf_logits, make_hf_model, max_abs_diff, save_hf, unique_ids
+from conftest import TINY_MOE, hf_logits, make_hf_model, max_abs_diff, save_hf, unique_ids, write_legacy_checkpoint
 from safetensors import safe_open
 
 from convert import main
@@ -215,7 +215,6 @@ def test_training_run_and_step_dirs(tmp_path, capsys):
 
 def _small_doge_and_legacy(tmp_path):
     """A small_doge doge_torch model saved as HF, and the same weights under legacy names (+ a router bias)."""
-    from safetensors.torch import save_file
 
     import doge_torch
 
@@ -228,28 +227,9 @@ def _small_doge_and_legacy(tmp_path):
             if n.endswith(".A"):
                 p.normal_()
     sd_dir = save_hf(tmodel, tmp_path / "sd")
-    inverse = {"model.embed_tokens.weight": "model.word_embed.weight",
-               "model.norm.weight": "model.final_layernorm.weight"}
-    sd = {}
-    for k, v in tmodel.state_dict().items():
-        if k == "lm_head.weight":
-            continue
-        new = inverse.get(k, k).replace(".input_layernorm.", ".pre_layernorm.")
-        new = new.replace(".post_attention_layernorm.", ".post_layernorm.")
-        new = new.replace(".input_residual", ".pre_residual.weight").replace(
-            ".post_attention_residual", ".post_residual.weight").replace(".mlp.", ".feed_forward.")
-        sd[new] = v.contiguous()
-    sd["model.layers.0.feed_forward.router_gate.bias"] = torch.zeros(8)
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    save_file(sd, str(legacy / "model.safetensors"), metadata={"format": "pt"})
-    raw = cfg.to_hf_dict()
-    raw.pop("rope_parameters")
-    raw.pop("doge_variant")
-    raw.update(rope_theta=10000.0, rope_scaling=None, hidden_bias=False, dynamic_mask_ratio=0.0,
-               auto_map={"AutoConfig": "configuration_doge.DogeConfig"})
-    json.dump(raw, open(legacy / "config.json", "w"))
-    return tmodel, sd_dir, str(legacy)
+    legacy = write_legacy_checkpoint(tmodel, tmp_path / "legacy",
+                                     {"auto_map": {"AutoConfig": "configuration_doge.DogeConfig"}})
+    return tmodel, sd_dir, legacy
 
 
 def test_legacy_renames_to_small_doge(tmp_path, capsys):

@@ -11,7 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MOE, hf_logits, left_pad_mask, make_hf_model, max_abs_diff, save_hf, unique_ids
+from conftest import (
+    TINY_MOE,
+    hf_logits,
+    left_pad_mask,
+    make_hf_model,
+    max_abs_diff,
+    save_hf,
+    unique_ids,
+    write_legacy_checkpoint,
+)
 from flax import nnx
 
 from doge_jax import DogeConfig
@@ -277,10 +286,8 @@ def test_bf16_load(tmp_path):
 
 
 def test_small_doge_and_legacy_match_doge_torch(tmp_path):
-    from safetensors.torch import save_file
 
     import doge_torch
-    from doge_jax.hf_names import LEGACY_RENAMES
 
     cfg = DogeConfig(variant="small_doge", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, keep_window_size=8,
@@ -298,30 +305,9 @@ def test_small_doge_and_legacy_match_doge_torch(tmp_path):
     with torch.no_grad():
         ref = tmodel(torch.as_tensor(ids)).logits.numpy()
     assert max_abs_diff(model(ids).logits, ref) <= TOL
-    # legacy names (spec §2.2 c): invert the rename table by renaming every key back, plus a dropped router bias
-    inverse = {"model.embed_tokens.weight": "model.word_embed.weight",
-               "model.norm.weight": "model.final_layernorm.weight"}
-    sd = {}
-    for k, v in tmodel.state_dict().items():
-        if k == "lm_head.weight":
-            continue
-        new = inverse.get(k, k)
-        new = new.replace(".input_layernorm.", ".pre_layernorm.")
-        new = new.replace(".post_attention_layernorm.", ".post_layernorm.")
-        new = new.replace(".input_residual", ".pre_residual.weight").replace(
-            ".post_attention_residual", ".post_residual.weight").replace(".mlp.", ".feed_forward.")
-        sd[new] = v.contiguous()
-    sd["model.layers.0.feed_forward.router_gate.bias"] = torch.zeros(8)
-    assert len(LEGACY_RENAMES) == 8
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    save_file(sd, str(legacy / "model.safetensors"), metadata={"format": "pt"})
-    raw = cfg.to_hf_dict()
-    raw.pop("rope_parameters")
-    raw.pop("doge_variant")
-    raw.update(rope_theta=10000.0, rope_scaling=None, hidden_bias=False, dynamic_mask_ratio=0.0)
-    json.dump(raw, open(legacy / "config.json", "w"))
-    lmodel = DogeForCausalLM.from_pretrained(str(legacy))
+    # legacy names (spec §2.2 c), plus a router bias per layer that loading drops
+    legacy = write_legacy_checkpoint(tmodel, tmp_path / "legacy")
+    lmodel = DogeForCausalLM.from_pretrained(legacy)
     assert lmodel.config.variant == "small_doge"
     assert max_abs_diff(lmodel(ids).logits, model(ids).logits) == 0.0
 

@@ -19,6 +19,7 @@ from conftest import (
     perturb_,
     random_ids,
     save_hf,
+    to_legacy_name,
     unique_ids,
 )
 
@@ -455,24 +456,6 @@ def test_small_doge_roundtrip(tmp_path, moe):
     cfg_json.pop("doge_variant")
     (tmp_path / "sd" / "config.json").write_text(json.dumps(cfg_json))
     assert DogeForCausalLM.from_pretrained(str(tmp_path / "sd")).config.variant == "small_doge"
-
-
-LEGACY_PATTERNS = (
-    ("model.embed_tokens.weight", "model.word_embed.weight"),
-    ("model.norm.weight", "model.final_layernorm.weight"),
-    (".input_layernorm.weight", ".pre_layernorm.weight"),
-    (".input_residual", ".pre_residual.weight"),
-    (".post_attention_layernorm.weight", ".post_layernorm.weight"),
-    (".post_attention_residual", ".post_residual.weight"),
-    (".mlp.", ".feed_forward."),
-)
-
-
-def to_legacy_name(key: str) -> str:
-    for new, old in LEGACY_PATTERNS:
-        if key == new or (new.startswith(".") and new in key):
-            return key.replace(new, old)
-    return key
 
 
 def test_legacy_checkpoint_loads_as_small_doge(tmp_path):
