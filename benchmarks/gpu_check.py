@@ -16,17 +16,20 @@ wall-clock budget in seconds (each section has its share; an item that would not
 Sections (one table at the end, one row per check):
   parity     a tiny random doge_torch model (random nonzero A, perturbed norms, dynamic RoPE past max positions,
              T > keep_window, a left-padded row) saved with save_pretrained and loaded by both frameworks; logits
-             (and loss gradients) on the device against doge_torch's float32 eager reference on the CPU.
+             (and loss gradients) on the device against doge_torch's float32 eager reference on the CPU; also
+             doge_torch's fast paths on unpadded input: folded-bias causal sdpa (T <= keep_window) and
+             FlexAttention (T > keep_window, logits and gradients: its backward exists only on CUDA).
              float32: |diff| <= 1e-4 (TF32 off in torch, `highest` matmul precision in JAX). bf16 (torch autocast,
              JAX bf16 compute = the training step's parameter cast): |diff| <= 2e-2 * max|logit|, on inputs with
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
-  train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (16 rows) and Doge-160M (4 rows):
+  train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows):
              doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE), doge_torch bf16
              autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
-  attention  forward+backward (grads of q, k, v, dt) at 2k/8k/16k/32k keys, batch 1, Doge-160M heads (H 6, G 3,
-             D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x baseline), doge_torch DMA
-             (sdpa + dense bias with the key-expiry mask; eager and compiled), doge_jax blockwise / fused, and
-             JAX cuDNN plain causal for reference.
+  attention  forward+backward (grads of q, k, v, dt) at 16k (the target, first), 2k, 8k, 32k keys, batch 1,
+             Doge-160M heads (H 6, G 3, D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x
+             baseline), doge_torch DMA's fast path (compiled: folded-bias causal sdpa at T <= keep_window,
+             FlexAttention with the key-expiry block mask beyond) and its dense-bias sdpa path (eager), doge_jax
+             blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain causal for reference.
   generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8),
              and doge_torch eager generate at batch 1 for comparison.
 
@@ -57,7 +60,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SECTIONS = ("parity", "train", "attention", "generate")
-SHARE = {"parity": 0.2, "train": 0.5, "attention": 0.2, "generate": 0.1}
+SHARE = {"parity": 0.15, "train": 0.45, "attention": 0.3, "generate": 0.1}
 F32_TOL = 1e-4
 BF16_REL_TOL = 2e-2
 GRAD_REL_TOL = 1e-4
@@ -210,6 +213,7 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     import doge_torch
     from doge_jax.hf import to_hf_arrays
     from doge_jax.model import with_attention_impl
+    from doge_torch.model import flex_available
 
     S = "parity"
     cfg = tiny_parity_config()
@@ -233,6 +237,13 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     out.loss.backward()
     ref_grads = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
     ref_a = out.logits.detach().numpy()
+    # unpadded T = 48 > keep_window: doge_torch's FlexAttention path on CUDA (the dense-bias path elsewhere)
+    ids_c = unique_ids(2, 48, cfg.vocab_size, 3)
+    ref.zero_grad(set_to_none=True)
+    out_c = ref(torch.as_tensor(ids_c), labels=torch.as_tensor(ids_c))
+    out_c.loss.backward()
+    ref_grads_c = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
+    ref_c = out_c.logits.detach().numpy()
     with torch.no_grad():
         ref_b = ref(tb).logits.numpy()
     scale_b = float(np.abs(ref_b).max())
@@ -262,6 +273,20 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
                                                                                              ref_a))
         grad_row("doge_torch fp32 sdpa loss gradients", rel_norm(
             {n: p.grad.cpu().numpy() for n, p in tmodel.named_parameters()}, ref_grads))
+        tmodel.zero_grad(set_to_none=True)
+    with guarded(report, S, "doge_torch fp32 folded causal sdpa"):
+        with torch.no_grad():
+            lb = tmodel(dev(tb)).logits.cpu().numpy()
+        f32_row("doge_torch fp32 folded-bias causal sdpa logits (T<=keep_window)", max_abs(lb, ref_b))
+    flex = "FlexAttention" if flex_available(tdev) else "sdpa+bias"
+    with guarded(report, S, f"doge_torch fp32 {flex}"):
+        tc = dev(torch.as_tensor(ids_c))
+        o = tmodel(tc, labels=tc)
+        o.loss.backward()
+        f32_row(f"doge_torch fp32 {flex} logits (T>keep_window, no padding)", max_abs(o.logits.detach().cpu(),
+                                                                                      ref_c))
+        grad_row(f"doge_torch fp32 {flex} loss gradients", rel_norm(
+            {n: p.grad.cpu().numpy() for n, p in tmodel.named_parameters()}, ref_grads_c))
         tmodel.zero_grad(set_to_none=True)
     if budget.left() > (3 if cpu else 20):
         with guarded(report, S, "doge_torch fp32 compiled"):
@@ -326,8 +351,9 @@ def train_configs(cpu: bool):
     if cpu:
         tiny = DogeConfig.from_yaml(os.path.join(ROOT, "configs", "tiny.yaml"))
         return [("tiny (as Doge-20M)", tiny, 128, 2, "20m"), ("tiny (as Doge-160M)", tiny, 128, 2, "160m")]
-    return [("Doge-20M", DogeConfig.from_yaml(os.path.join(ROOT, "configs", "doge-20m.yaml")), 2048, 16, "20m"),
-            ("Doge-160M", DogeConfig.from_yaml(os.path.join(ROOT, "configs", "doge-160m.yaml")), 2048, 4, "160m")]
+    # micro-batches of 64k / 32k tokens: a sensible size for one GPU (the recipe's 1.5M-token step accumulates them)
+    return [("Doge-20M", DogeConfig.from_yaml(os.path.join(ROOT, "configs", "doge-20m.yaml")), 2048, 32, "20m"),
+            ("Doge-160M", DogeConfig.from_yaml(os.path.join(ROOT, "configs", "doge-160m.yaml")), 2048, 16, "160m")]
 
 
 def _jax_step(cfg, seq: int, rows: int):
@@ -471,17 +497,17 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
 
     from doge_jax.attention import MaskInfo, attention
     from doge_jax.config import DogeConfig
-    from doge_torch.model import allowed_mask, dma_attention
+    from doge_torch.model import allowed_mask, dma_attention, flex_available
 
     S = "attention"
     B, H, G, D = 1, 6, 3, 128
     keep = 128 if cpu else 2048
-    sizes = (256, 512) if cpu else (2048, 8192, 16384, 32768)
+    sizes = (256, 512) if cpu else (16384, 2048, 8192, 32768)  # the target size first
     cfg = DogeConfig(vocab_size=256, hidden_size=H * D, intermediate_size=256, num_hidden_layers=1,
                      num_attention_heads=H, num_key_value_heads=G, keep_window_size=keep,
                      max_position_embeddings=keep)
     on_gpu = jax.default_backend() == "gpu"
-    dma_compiled = tcompile(functools.partial(dma_attention, cfg), cpu, dynamic=False)
+    dma_fast = tcompile(functools.partial(dma_attention, cfg), cpu, dynamic=False)
     def one(T):
         reps = 2 if cpu else (5 if T <= 8192 else 3)
         rng = np.random.default_rng(T)
@@ -491,7 +517,6 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         dtn = np.exp(rng.standard_normal((B, G, T))).astype(np.float32)
         don = rng.standard_normal((B, H, T, D)).astype(np.float32)
         times: dict[str, float] = {}
-        tags = {}
 
         def cell(name, fn):
             if budget.left() < (2 if cpu else 15):
@@ -521,10 +546,14 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             o = fn(q, k, v, dt, allowed, torch.float32)
             return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
+        def t_fast(q=q, k=k, v=v, dt=dt, do=do):  # allowed None: folded-bias flash (T <= keep) / FlexAttention
+            o = dma_fast(q, k, v, dt, None, torch.float32)
+            return torch.autograd.grad(o, (q, k, v, dt), do)[0]
+
+        fast = "folded causal sdpa" if T <= keep else ("FlexAttention" if flex_available(q.device) else "sdpa+bias")
         cell("torch sdpa causal (flash)", t_causal)
-        tags["torch sdpa causal (flash)"] = "baseline"
+        cell(f"doge_torch DMA {fast} (compiled)", t_fast)
         cell("doge_torch DMA sdpa+bias (eager)", functools.partial(t_dma, functools.partial(dma_attention, cfg)))
-        cell("doge_torch DMA sdpa+bias (compiled)", functools.partial(t_dma, dma_compiled))
         del q, k, v, dt, do
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

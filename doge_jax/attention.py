@@ -7,7 +7,8 @@
 - `blockwise`: flash-style online softmax over [block_q x block_k] tiles; never materialises S x T. The
   keep-window top-k is applied in its *key-expiry* form (below); tiles with no live key are skipped. Gradients
   via `jax.custom_vjp` (a recomputing blockwise backward).
-- `fused`: T <= keep_window and no cache: causal attention plus a per-key bias, `jax.nn.dot_product_attention`.
+- `fused`: T <= keep_window and no cache: causal attention plus a per-key bias, the bias folded into one extra head
+  dimension so that `jax.nn.dot_product_attention` runs it as plain causal attention (cuDNN flash on GPU).
 
 Masks are passed as structure (`MaskInfo`: key padding, query offset, sliding window, number of existing cache
 slots), never as a dense [S, T] tensor; the reference builds its dense mask from it.
@@ -430,30 +431,57 @@ def fused_supported(S: int, T: int, keep_window: int, mask: MaskInfo) -> bool:
     return T <= keep_window and S == T and mask.num_keys is None and static_zero
 
 
-def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
-    """T <= keep_window, no cache: DMA is causal attention plus a per-key bias (the bias of masked entries does not
-    matter: they are replaced by a large negative number, so a fully-masked row is uniform, as in the reference)."""
+# Large negative logit offset for padding keys in the folded bias column: exp() of it underflows to 0 in any
+# dtype, and it stays finite in bf16/fp16 accumulations (cuDNN's own mask value is -2**41).
+_PAD_BIAS = -(2.0 ** 40)
+
+
+def fold_bias(q, k, v, dt, valid=None):
+    """Fold the per-key bias into one extra head dimension (design.md §3): q' = [q * scale, 1, 0...],
+    k' = [k, b, 0...], v' = [v, 0...], padded to a multiple of 8, so that q'.k' = q.k * scale + b_j and plain
+    causal attention with scale 1 computes DMA (gradients included: dk'[..., D] is d(dt)). b = dt, or a large
+    negative number for padding keys (`valid` [B, T] bool). q [B, H, S, D]; k, v [B, G, T, D]; dt [B, n, T] with
+    n = G or H (kv heads are repeated to the query heads when n = H > G). Returns (q', k', v')."""
     B, H, S, D = q.shape
     G, T = k.shape[1], k.shape[2]
-    if not fused_supported(S, T, keep_window, mask):
+    if dt.shape[1] != G:
+        k, v = jnp.repeat(k, H // G, axis=1), jnp.repeat(v, H // G, axis=1)
+        G = H
+    b = dt.astype(q.dtype)
+    if valid is not None:
+        b = jnp.where(valid[:, None, :], b, jnp.asarray(_PAD_BIAS, q.dtype))
+    pad = _round_up(D + 1, 8) - D - 1
+    qa = jnp.concatenate([q * jnp.asarray(D ** -0.5, q.dtype), jnp.ones((B, H, S, 1), q.dtype),
+                          jnp.zeros((B, H, S, pad), q.dtype)], axis=-1)
+    ka = jnp.concatenate([k, b[..., None], jnp.zeros((B, G, T, pad), k.dtype)], axis=-1)
+    va = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, pad + 1)))
+    return qa, ka, va
+
+
+def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
+    """T <= keep_window, no cache: DMA is causal attention plus a per-key bias, folded into the head dimension
+    (`fold_bias`) so that a plain causal flash kernel runs it (cuDNN on GPU). Padding keys get a large negative
+    bias; rows with no key at all are replaced by the reference's uniform rows."""
+    B, H, S, D = q.shape
+    G = k.shape[1]
+    if not fused_supported(S, k.shape[2], keep_window, mask):
         raise ValueError("fused attention needs T <= keep_window and no cache (S == T, q_offset 0)")
-    bias = dt if dt.shape[1] == H else jnp.repeat(dt, H // G, axis=1)
-    m = None if mask.key_mask is None else mask.key_mask.astype(bool)[:, None, None, :]
+    valid = None if mask.key_mask is None else mask.key_mask.astype(bool)
+    qa, ka, va = fold_bias(q, k, v, dt, valid)
     w = mask.sliding_window
-    args = (q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-    kwargs = dict(bias=bias[:, :, None, :].astype(q.dtype), mask=m, is_causal=True,
-                  local_window_size=None if w is None else (w - 1, 0))
+    args = tuple(x.transpose(0, 2, 1, 3) for x in (qa, ka, va))  # BNTH -> BTNH
+    kwargs = dict(is_causal=True, scale=1.0, local_window_size=None if w is None else (w - 1, 0))
     o = None
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        # implementation=None always means XLA in this JAX; ask for cuDNN's fused kernel explicitly and fall back
-        # when it refuses the shapes (it checks them at trace time). Unmeasured: no GPU session yet.
+        # implementation=None always means XLA in this JAX; ask for cuDNN's flash kernel explicitly and fall back
+        # to XLA when it refuses the shapes (it checks them at trace time).
         try:
             o = jax.nn.dot_product_attention(*args, implementation="cudnn", **kwargs)
         except (ValueError, NotImplementedError, TypeError, RuntimeError):
             o = None
     if o is None:
         o = jax.nn.dot_product_attention(*args, **kwargs)
-    o = o.transpose(0, 2, 1, 3).reshape(B, G, H // G, S, D)
+    o = o[..., :D].transpose(0, 2, 1, 3).reshape(B, G, H // G, S, D)
     return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
 
 

@@ -14,6 +14,14 @@ from torch import nn
 
 from doge_jax.config import DogeConfig
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    # compiled lazily, on first use; inside an already-compiled model dynamo inlines it
+    _flex_compiled = torch.compile(flex_attention, dynamic=False)
+except ImportError:  # torch without FlexAttention: the dense-bias sdpa path serves every length
+    BlockMask = flex_attention = _flex_compiled = None
+
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest k along the last axis, sorted, ties broken by lower index (the rule doge_jax uses, spec §9.1)."""
@@ -232,24 +240,125 @@ class DogeAttention(nn.Module):
         return torch.exp(self.A * torch_softplus(self.dt_proj(v_flat))).transpose(1, 2)
 
 
-def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
-                  allowed: torch.Tensor, mask_dtype: torch.dtype, dropout: float = 0.0) -> torch.Tensor:
-    """Dynamic Mask Attention (spec §3.5): q [B, H, S, D], k/v [B, G, T, D], dt [B, n_dt, T], allowed [B, 1, S, T].
-    Returns [B, H, S, D]. `mask_dtype` is the hidden-state dtype whose finfo.min marks masked entries (spec §9.5).
+def fold_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor):
+    """Fold the per-key bias into one extra head dimension (design.md §3, as doge_jax.attention.fold_bias):
+    q' = [q * scale, 1, 0...], k' = [k, dt, 0...], v' = [v, 0...], padded to a multiple of 8, so q'.k' =
+    q.k * scale + dt_j and plain causal attention with scale 1 computes DMA for T <= keep_window (d(dt) is
+    dk'[..., D]). dt [B, n, T] with n = G or H (kv heads repeated to the query heads when n = H > G)."""
+    B, H, S, D = q.shape
+    G = k.shape[1]
+    if dt.shape[1] != G:
+        k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    pad = -(-(D + 1) // 8) * 8 - D - 1
+    qa = torch.cat([q * D ** -0.5, q.new_ones(B, H, S, 1), q.new_zeros(B, H, S, pad)], dim=-1)
+    ka = torch.cat([k, dt.to(k.dtype)[..., None], k.new_zeros(*k.shape[:3], pad)], dim=-1)
+    return qa, ka, F.pad(v, (0, pad + 1))
 
-    sdpa path: the bias (dt, finfo.min where masked: causal always applied, padding, keep window in its key-expiry
-    form) is the float attn_mask. Under bf16 autocast sdpa runs in bf16 while the hidden states (and so the mask)
-    are float32; the mask is then clamped to bf16's finfo.min before the cast (float32's min rounds to -inf in
-    bf16, and sdpa returns 0, not the uniform average, for a row that is all -inf)."""
+
+FLEX_BLOCK = 128
+
+
+def flex_available(device: torch.device) -> bool:
+    """FlexAttention runs DMA beyond keep_window on CUDA (torch has no FlexAttention backward on CPU)."""
+    return device.type == "cuda" and flex_attention is not None
+
+
+def expiry_block_mask(e: torch.Tensor, H: int, S: int, T: int, block: int = FLEX_BLOCK):
+    """The FlexAttention BlockMask of the keep-window rule in key-expiry form (no padding, no cache): query i sees
+    key j iff j <= i < e[b, h // r, j]. e [B, n, T] int. Built from per-key-block max/min of e in O((T/block)^2)
+    per head, no [S, T] tensor: a (query block, key block) tile is live iff some key of the block can be alive
+    for some query of the block, and full (mask_mod skipped) iff every key of a complete block below the
+    diagonal is alive for every query of the block."""
+    B, n, _ = e.shape
+    nq, nk = -(-S // block), -(-T // block)
+    Tp = nk * block
+    e = F.pad(e.to(torch.int32), (0, Tp - T))  # keys past T: never alive
+    j = torch.arange(Tp, device=e.device, dtype=torch.int32)
+    eb = e.view(B, n, nk, block)
+    live_end = torch.where(eb > j.view(nk, block), eb, 0).amax(-1)  # [B, n, nk]
+    e_min = eb.amin(-1)
+    qs = torch.arange(nq, device=e.device) * block
+    qe = (qs + block).clamp_max(S) - 1
+    ks = torch.arange(nk, device=e.device) * block
+    ke = ks + block - 1
+    live = (ks[None, :] <= qe[:, None]) & (live_end[..., None, :] > qs[:, None])  # [B, n, nq, nk]
+    full = (ke[None, :] < qs[:, None]) & (ke[None, :] < T) & (e_min[..., None, :] > qe[:, None]) & live
+    part = live & ~full
+    r = H // n
+    if r > 1:
+        part, full = part.repeat_interleave(r, dim=1), full.repeat_interleave(r, dim=1)
+
+    def lists(m):  # the listed blocks first, in index order
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return m.sum(-1, dtype=torch.int32), order
+
+    kv_num, kv_idx = lists(part)
+    full_num, full_idx = lists(full)
+
+    def mask_mod(b, h, qi, kj):
+        return (kj <= qi) & (qi < e[b, h // r, kj])
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_kv_num_blocks=full_num, full_kv_indices=full_idx,
+                                    BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(S, T))
+
+
+def flex_dma(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+             compute: torch.dtype | None = None) -> torch.Tensor:
+    """DMA with no padding, no cache and no sliding window at any T, as FlexAttention: the bias is a score_mod
+    (dt[b, head, j] in float32, differentiable) and the keep window the block mask of `expiry_block_mask`, so no
+    [S, T] tensor exists and tiles with no live key are skipped. q, k, v run in `compute` (the autocast dtype:
+    FlexAttention is not autocast-aware, and RoPE leaves q, k in float32 under autocast)."""
+    if compute is not None:
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    B, H, S, D = q.shape
+    G, T = k.shape[1], k.shape[2]
+    n = dt.shape[1]
+    r = H // n
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    e = key_expiry(dt, valid, cfg.keep_window_size).clamp_max(T)
+    block_mask = expiry_block_mask(e, H, S, T)
+    bias = F.pad(dt.float(), (0, block_mask.kv_indices.shape[-1] * FLEX_BLOCK - T))
+
+    def score_mod(score, b, h, qi, kj):
+        return score + bias[b, h // r, kj]
+
+    fn = flex_attention if q.device.type == "cpu" else _flex_compiled
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=D ** -0.5, enable_gqa=G != H)
+
+
+def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+                  allowed: torch.Tensor | None, mask_dtype: torch.dtype, dropout: float = 0.0) -> torch.Tensor:
+    """Dynamic Mask Attention (spec §3.5): q [B, H, S, D], k/v [B, G, T, D], dt [B, n_dt, T], allowed [B, 1, S, T]
+    (None: plain causal, no padding, no cache, no sliding window). Returns [B, H, S, D]. `mask_dtype` is the
+    hidden-state dtype whose finfo.min marks masked entries (spec §9.5).
+
+    sdpa paths. With allowed None and T <= keep_window the bias is folded into the head dimension (`fold_bias`) and
+    sdpa runs plain causal attention (a flash kernel on CUDA); beyond keep_window on CUDA, FlexAttention
+    (`flex_dma`). Otherwise the bias (dt, finfo.min where masked: causal always applied, padding, keep window in
+    its key-expiry form) is sdpa's float attn_mask. Under bf16 autocast sdpa runs in bf16 while the hidden states
+    (and so the mask) are float32; the mask is then clamped to bf16's finfo.min before the cast (float32's min
+    rounds to -inf in bf16, and sdpa returns 0, not the uniform average, for a row that is all -inf)."""
     H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
-    expiry = cfg.sliding_window is None or cfg.sliding_window <= cfg.keep_window_size
-    bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, mask_dtype, expiry=expiry)
+    B, _, S, _ = q.shape
+    T = k.shape[2]
     r = H // G
-    if cfg.variant == "native" and r > 1 and G > 1:
-        bias = bias.repeat_interleave(r, dim=1)  # head h uses kv-group h // r
     dev = q.device.type
     compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
-    if use_sdpa(cfg, compute, q.device):
+    sdpa = use_sdpa(cfg, compute, q.device)
+    if allowed is None:
+        if sdpa and T <= cfg.keep_window_size:
+            qa, ka, va = fold_bias(q, k, v, dt)
+            o = F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=1.0, dropout_p=dropout,
+                                               enable_gqa=ka.shape[1] != H)
+            return o[..., :D]
+        if sdpa and dropout == 0.0 and flex_available(q.device):
+            return flex_dma(cfg, q, k, v, dt, compute).to(q.dtype)
+        allowed = allowed_mask(cfg, B, S, T - S, None, q.device)
+    expiry = cfg.sliding_window is None or cfg.sliding_window <= cfg.keep_window_size
+    bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, mask_dtype, expiry=expiry)
+    if cfg.variant == "native" and r > 1 and G > 1:
+        bias = bias.repeat_interleave(r, dim=1)  # head h uses kv-group h // r
+    if sdpa:
         # The bias carries the causal, padding and keep-window masks (finfo.min): causal is always applied
         # (spec §3.5.2), and fully-masked rows come out uniform as in the eager path.
         if bias.dtype != compute:
@@ -453,7 +562,9 @@ class DogeForCausalLM(nn.Module):
             rope_len = past + S  # = max(position) + 1, known statically (no host sync)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(cfg, position_ids, x.dtype, rope_len)
-        allowed = allowed_mask(cfg, B, S, past, attention_mask, x.device)
+        # None = plain causal (no padding, no cache, no sliding window): the attention's fast paths
+        plain = attention_mask is None and past == 0 and cfg.sliding_window is None
+        allowed = None if plain else allowed_mask(cfg, B, S, past, attention_mask, x.device)
         router = []
         for layer in self.model.layers:
             x, rl = layer(x, cos, sin, allowed, past_key_values)

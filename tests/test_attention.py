@@ -76,10 +76,11 @@ def test_blockwise_equals_reference(case):
     _compare(lambda *a: attention_blockwise(*a, mask, kw, block_q=16, block_k=16), args, mask, w, kw)
 
 
-@pytest.mark.parametrize("n,win,pad", [(2, None, (0, 5)), (4, 9, (3, 70))])
+@pytest.mark.parametrize("n,win,pad", [(2, None, (0, 5)), (4, 9, (3, 70)), (2, None, None), (4, 30, None)])
 def test_fused_equals_reference(n, win, pad):
-    args, km, w = _inputs(n=n, pad=pad)
-    mask = MaskInfo(km, 0, None, win)
+    """The folded-bias causal attention (padding as a large negative bias, fully padded rows uniform) = reference."""
+    args, km, w = _inputs(n=n, pad=pad or (0, 0))
+    mask = MaskInfo(None if pad is None else km, 0, None, win)
     _compare(lambda *a: attention_fused(*a, mask, 100), args, mask, w, 100)
 
 

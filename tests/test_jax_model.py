@@ -26,7 +26,7 @@ from flax import nnx
 from doge_jax import DogeConfig
 from doge_jax.hf import flat_params, to_hf_arrays
 from doge_jax.hf_names import CheckpointError
-from doge_jax.model import DogeCache, DogeForCausalLM
+from doge_jax.model import DogeCache, DogeForCausalLM, with_attention_impl
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -212,10 +212,12 @@ def test_gradients_match_doge_torch(tmp_path, case):
     """float32 loss gradients of every parameter, doge_jax vs doge_torch, relative error <= 1e-4.
 
     The gradients of A and dt_proj.bias are ill-conditioned: they sum dL/dbias over keys, and those sum to zero
-    in every query row (softmax), so float32 rounding alone moves them by ~1e-4 relative (torch float32 vs torch
-    float64 differs by 5e-5 on these inputs). Every parameter is therefore held to 1e-4 against doge_torch
-    float32, or, where float32 itself cannot resolve 1e-4, to no more than 3x torch's own float32 error against
-    the float64 truth.
+    in every query row (softmax), so float32 rounding alone moves them by 1e-5..1e-3 relative, depending on the
+    order of operations. Every parameter is therefore held to 1e-4 against doge_torch float32, or, where float32
+    itself cannot resolve 1e-4, to no more than 3x the float32 error against the float64 truth of the same
+    algorithm in torch: doge_jax here runs its reference attention (transformers' op order, what `auto` picks at
+    these sizes on CPU), so the yardstick is doge_torch's eager reference path (doge_torch's default folded-bias
+    sdpa is a different, sometimes more accurate, rounding of the same function).
     The float64 test below holds every parameter, A included, to 1e-4."""
     import doge_torch
 
@@ -223,13 +225,15 @@ def test_gradients_match_doge_torch(tmp_path, case):
     tmodel = doge_torch.DogeForCausalLM.from_pretrained(path)
     t32 = _torch_grads(tmodel, ids, labels)
     t64 = _torch_grads(tmodel.double(), ids, labels)
-    ours = _jax_grads(DogeForCausalLM.from_pretrained(path), ids, labels)
+    tref = doge_torch.DogeForCausalLM.from_pretrained(path, config=tmodel.config.replace(attention_impl="reference"))
+    ref32 = _torch_grads(tref, ids, labels)
+    ours = _jax_grads(with_attention_impl(DogeForCausalLM.from_pretrained(path), "reference"), ids, labels)
     assert set(ours) == set(t32)
     loose = []
     for k, g in t32.items():
         rel = _rel(ours[k], g)
         if rel > 1e-4:
-            torch_err = _rel(g, t64[k])
+            torch_err = _rel(ref32[k], t64[k])
             assert torch_err > 3e-5 and _rel(ours[k], t64[k]) <= 3 * torch_err, (k, rel, torch_err)
             loose.append(k)
     assert all(k.endswith((".A", ".dt_proj.bias")) for k in loose), loose

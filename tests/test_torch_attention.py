@@ -1,0 +1,107 @@
+"""doge_torch attention fast paths against the dense-bias path: the folded-bias causal sdpa (T <= keep_window) and
+FlexAttention's block mask in key-expiry form (T > keep_window). FlexAttention has no backward on CPU, so here the
+forward and the block structure are tested; benchmarks/gpu_check.py checks its gradients on a GPU."""
+
+import pytest
+import torch
+
+from doge_jax.config import DogeConfig
+from doge_torch.model import allowed_mask, dma_attention, expiry_block_mask, flex_dma, fold_bias, key_expiry
+
+
+def _cfg(H, G, D, keep, variant="native"):
+    return DogeConfig(vocab_size=64, hidden_size=H * D, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=H, num_key_value_heads=G, keep_window_size=keep, variant=variant)
+
+
+def _inputs(B, H, G, n, T, D, dt_kind="random", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((B, H, T, D), (B, G, T, D), (B, G, T, D)))
+    if dt_kind == "increasing":  # each key is beaten by every later one: keys expire keep_window slots later
+        dt = torch.linspace(0.1, 3.0, T, dtype=torch.float64).expand(B, n, T).clone()
+    else:
+        dt = torch.randn(B, n, T, generator=g, dtype=torch.float64).exp()
+    return q, k, v, dt
+
+
+def _dense_keep(dt, H, T, keep):
+    """[B, H, T, T] bool: the keep-window rule by definition (top-keep of the causal row, lower index on ties)."""
+    B, n, _ = dt.shape
+    bias = dt[:, :, None, :].expand(B, n, T, T).clone()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    bias = bias.masked_fill(~causal, float("-inf"))
+    k = min(keep, T)
+    order = torch.sort(-bias, dim=-1, stable=True).indices[..., :k]
+    m = torch.zeros_like(bias, dtype=torch.bool).scatter(-1, order, True) & causal
+    return m.repeat_interleave(H // n, dim=1)
+
+
+@pytest.mark.parametrize("variant,H,G", [("native", 4, 2), ("small_doge", 4, 2), ("native", 2, 2)])
+def test_fold_bias_equals_dense_bias(variant, H, G):
+    """Folded-bias causal sdpa = sdpa with the explicit dt bias, in value and in the gradients (dt included)."""
+    D, T = 12, 33
+    cfg = _cfg(H, G, D, 64, variant)
+    n = cfg.num_dt_heads
+    args = [x.requires_grad_() for x in _inputs(2, H, G, n, T, D)]
+    allowed = allowed_mask(cfg, 2, T, 0, None, torch.device("cpu"))
+    got = dma_attention(cfg, *args, None, torch.float64)
+    want = dma_attention(cfg, *args, allowed, torch.float64)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    w = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * w).sum(), args)
+    g_want = torch.autograd.grad((want * w).sum(), args)
+    for name, a, b in zip("q k v dt".split(), g_got, g_want):
+        assert torch.allclose(a, b, atol=1e-11, rtol=0), name
+    qa, ka, va = fold_bias(*args)
+    assert qa.shape[-1] % 8 == 0 and qa.shape[-1] > D and ka.shape[-1] == va.shape[-1] == qa.shape[-1]
+
+
+@pytest.mark.parametrize("T,keep,block,dt_kind", [(300, 40, 32, "random"), (256, 32, 16, "increasing"),
+                                                 (200, 150, 16, "random"), (64, 8, 16, "increasing")])
+@pytest.mark.parametrize("n_eq_h", [False, True])
+def test_expiry_block_mask_covers_the_rule(T, keep, block, dt_kind, n_eq_h):
+    """Every allowed (query, key) lies in a listed tile; full tiles hold only allowed entries; and the tests include
+    skipped tiles and full tiles (increasing dt: keys live exactly keep_window slots, a diagonal band)."""
+    B, H, G = 2, 4, 2
+    n = H if n_eq_h else G
+    _, _, _, dt = _inputs(B, H, G, n, T, 8, dt_kind)
+    e = key_expiry(dt, torch.ones(B, T, dtype=torch.bool), keep).clamp_max(T)
+    bm = expiry_block_mask(e, H, T, T, block=block)
+    want = _dense_keep(dt, H, T, keep)
+    nb = -(-T // block)
+    pad = nb * block - T
+    wp = torch.nn.functional.pad(want, (0, pad, 0, pad)).view(B, H, nb, block, nb, block)
+    any_tile = wp.any(dim=(3, 5))  # [B, H, nq, nk]
+    listed = torch.zeros_like(any_tile)
+    full = torch.zeros_like(any_tile)
+    for b in range(B):
+        for h in range(H):
+            for qb in range(nb):
+                listed[b, h, qb, bm.kv_indices[b, h, qb, : bm.kv_num_blocks[b, h, qb]].long()] = True
+                full[b, h, qb, bm.full_kv_indices[b, h, qb, : bm.full_kv_num_blocks[b, h, qb]].long()] = True
+    assert not (listed & full).any()
+    assert not (any_tile & ~(listed | full)).any(), "an allowed entry lies in a skipped tile"
+    all_tile = wp.all(dim=(3, 5))
+    assert not (full & ~all_tile).any(), "a full tile holds a masked entry"
+    # the mask_mod on the listed tiles gives exactly the rule
+    qi = torch.arange(T)[:, None]
+    kj = torch.arange(T)[None, :]
+    for b in range(B):
+        for h in range(H):
+            got = bm.mask_mod(torch.tensor(b), torch.tensor(h), qi, kj)
+            assert torch.equal(got, want[b, h])
+    if dt_kind == "increasing":  # a band keep_window wide: tiles far below the diagonal are skipped
+        assert (~(listed | full)).tril(-1).any()
+        assert full.any() == (keep >= 2 * block)
+
+
+@pytest.mark.parametrize("variant", ["native", "small_doge"])
+def test_flex_forward_equals_dense_bias(variant):
+    """FlexAttention DMA (score_mod bias + expiry block mask) = the dense-bias path beyond keep_window (forward:
+    torch has no FlexAttention backward on CPU)."""
+    H, G, D, T, keep = 4, 2, 16, 300, 40
+    cfg = _cfg(H, G, D, keep, variant)
+    q, k, v, dt = (x.float() for x in _inputs(2, H, G, cfg.num_dt_heads, T, D))
+    got = flex_dma(cfg, q, k, v, dt)
+    want = dma_attention(cfg, q, k, v, dt, allowed_mask(cfg, 2, T, 0, None, q.device), torch.float32)
+    assert (got - want).abs().max().item() <= 1e-5
