@@ -29,7 +29,7 @@ Sections (one table at the end, one row per check):
              Doge-160M heads (H 6, G 3, D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x
              baseline), doge_torch DMA's fast path (compiled: folded-bias causal sdpa at T <= keep_window,
              FlexAttention with the key-expiry block mask beyond) and its dense-bias sdpa path (eager), doge_jax
-             blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain causal for reference.
+             pallas (Triton kernel) / blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain causal.
   generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8),
              and doge_torch eager generate at batch 1 for comparison.
 
@@ -316,7 +316,7 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     graphdef, state = nnx.split(jmodel, nnx.Param)
     ja, jm, jl, jb = (jnp.asarray(x) for x in (ids_a, mask_a, labels_a, ids_b))
     with jax.default_matmul_precision("highest"):
-        for impl in ("reference", "blockwise", "auto"):
+        for impl in ("reference", "blockwise", "pallas", "auto"):
             with guarded(report, S, f"doge_jax fp32 {impl}"):
                 m = with_attention_impl(nnx.merge(graphdef, state), impl)
                 lg = nnx.jit(lambda m, i, k: m(i, attention_mask=k).logits)(m, ja, jm)
@@ -325,17 +325,18 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
             m = with_attention_impl(nnx.merge(graphdef, state), "fused")
             lg = nnx.jit(lambda m, i: m(i).logits)(m, jb)
             f32_row("doge_jax fp32 fused logits (T<=keep_window)", max_abs(lg, ref_b))
-        with guarded(report, S, "doge_jax fp32 gradients"):
-            gd = nnx.split(with_attention_impl(nnx.merge(graphdef, state), "blockwise"), nnx.Param)[0]
+        for impl in ("blockwise", "pallas"):
+            with guarded(report, S, f"doge_jax fp32 {impl} gradients"):
+                gd = nnx.split(with_attention_impl(nnx.merge(graphdef, state), impl), nnx.Param)[0]
 
-            def loss(st):
-                return nnx.merge(gd, st)(ja, attention_mask=jm, labels=jl).loss
+                def loss(st, gd=gd):
+                    return nnx.merge(gd, st)(ja, attention_mask=jm, labels=jl).loss
 
-            grads = jax.jit(jax.grad(loss))(state)
-            flat = {tuple(str(p) for p in path): (v[...] if hasattr(v, "__getitem__") else v.value)
-                    for path, v in nnx.to_flat_state(grads)}
-            grad_row("doge_jax fp32 blockwise loss gradients", rel_norm(to_hf_arrays(flat), ref_grads))
-    for impl in ("fused", "blockwise"):
+                grads = jax.jit(jax.grad(loss))(state)
+                flat = {tuple(str(p) for p in path): (v[...] if hasattr(v, "__getitem__") else v.value)
+                        for path, v in nnx.to_flat_state(grads)}
+                grad_row(f"doge_jax fp32 {impl} loss gradients", rel_norm(to_hf_arrays(flat), ref_grads))
+    for impl in ("fused", "blockwise", "pallas"):
         with guarded(report, S, f"doge_jax bf16 {impl}"):
             st16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                 state)
@@ -583,6 +584,7 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             return lambda: g(tq, tk, tv)[0]
 
         cell("jax causal (cudnn)" if on_gpu else "jax causal (xla)", jcausal())
+        cell("doge_jax DMA pallas", jgrad("pallas"))
         cell("doge_jax DMA blockwise", jgrad("blockwise"))
         if T <= keep:
             cell("doge_jax DMA fused", jgrad("fused"))

@@ -9,6 +9,8 @@
   via `jax.custom_vjp` (a recomputing blockwise backward).
 - `fused`: T <= keep_window and no cache: causal attention plus a per-key bias, the bias folded into one extra head
   dimension so that `jax.nn.dot_product_attention` runs it as plain causal attention (cuDNN flash on GPU).
+- `pallas`: no cache, any T: a Pallas (Triton) flash kernel with the bias and the key-expiry mask per tile and a
+  FlashAttention-2 backward (doge_jax/pallas_attention.py); for GPUs (interpret mode, slow, elsewhere).
 
 Masks are passed as structure (`MaskInfo`: key padding, query offset, sliding window, number of existing cache
 slots), never as a dense [S, T] tensor; the reference builds its dense mask from it.
@@ -35,7 +37,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "reference", "blockwise", "fused")
+IMPLS = ("auto", "reference", "blockwise", "fused", "pallas")
 BLOCK_Q = 512
 BLOCK_K = 512
 # `auto` uses the dense reference up to this many score entries per (batch, head) on CPU, blockwise above.
@@ -485,17 +487,47 @@ def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
     return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
 
 
+# ---- pallas -------------------------------------------------------------------------------------------------------
+
+def pallas_supported(S: int, T: int, D: int, keep_window: int, mask: MaskInfo) -> bool:
+    static_zero = isinstance(mask.q_offset, int) and mask.q_offset == 0
+    return (S == T and mask.num_keys is None and static_zero and D >= 16 and D & (D - 1) == 0
+            and blockwise_supported(T, keep_window, mask))
+
+
+def attention_pallas(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
+    """No cache (S == T): the Pallas flash kernel of doge_jax.pallas_attention (GPU; interpret mode elsewhere),
+    with the keep window in key-expiry form, padding keys as expired, fully padded rows as in the reference."""
+    from doge_jax.pallas_attention import dma_pallas
+
+    B, H, S, D = q.shape
+    G, T = k.shape[1], k.shape[2]
+    if not pallas_supported(S, T, D, keep_window, mask):
+        raise ValueError("pallas attention needs S == T (no cache), a power-of-two head dim >= 16, and no sliding "
+                         "window wider than keep_window when T > keep_window")
+    valid = mask.valid_keys(B, T)
+    if T > keep_window and mask.sliding_window is None:
+        e = key_expiry(dt, valid, keep_window)
+    else:  # nothing expires: at most keep_window allowed keys per row
+        e = jnp.broadcast_to(jnp.where(valid, _NEVER, 0)[:, None, :], dt.shape).astype(jnp.int32)
+    o = dma_pallas(q, k, v, dt, e, window=mask.sliding_window).reshape(B, G, H // G, S, D)
+    return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
+
+
 # ---- dispatch -----------------------------------------------------------------------------------------------------
 
-def choose_impl(impl: str, S: int, T: int, keep_window: int, mask: MaskInfo, dropout: bool) -> str:
+def choose_impl(impl: str, S: int, T: int, keep_window: int, mask: MaskInfo, dropout: bool,
+                head_dim: int = 128) -> str:
     """Resolve `impl` to the implementation that will run. Explicit choices fall back to the reference only where
     they cannot compute the function (dropout; blockwise with sliding_window > keep_window < T); `fused` beyond
-    its range (T > keep_window, cache) runs blockwise."""
+    its range (T > keep_window, cache) and `pallas` beyond its (cache, head dim) run blockwise."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}: must be one of {IMPLS}")
     if dropout:
         return "reference"
     if impl == "fused" and not fused_supported(S, T, keep_window, mask):
+        impl = "blockwise"
+    if impl == "pallas" and not pallas_supported(S, T, head_dim, keep_window, mask):
         impl = "blockwise"
     if impl == "blockwise" and not blockwise_supported(T, keep_window, mask):
         return "reference"
@@ -516,9 +548,11 @@ def attention(q, k, v, dt, mask, keep_window: int, impl: str = "reference", drop
         return attention_reference(q, k, v, dt, mask, keep_window, dropout_rate, dropout_rng, num_keys)
     S, T = q.shape[2], k.shape[2]
     dropout = dropout_rate > 0.0 and dropout_rng is not None
-    which = choose_impl(impl, S, T, keep_window, mask, dropout)
+    which = choose_impl(impl, S, T, keep_window, mask, dropout, q.shape[-1])
     if which == "reference":
         return attention_reference(q, k, v, dt, mask, keep_window, dropout_rate, dropout_rng)
     if which == "fused":
         return attention_fused(q, k, v, dt, mask, keep_window)
+    if which == "pallas":
+        return attention_pallas(q, k, v, dt, mask, keep_window)
     return attention_blockwise(q, k, v, dt, mask, keep_window)

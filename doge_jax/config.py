@@ -15,7 +15,7 @@ from typing import Any
 
 VARIANTS = ("native", "small_doge")
 ROPE_TYPES = ("default", "dynamic")
-ATTENTION_IMPLS = ("auto", "reference", "blockwise", "fused")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "fused", "pallas")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 # Keys of old Hub configs that carry no meaning any more (spec §1.1); accepted and dropped.
 _DEAD_HF_KEYS = {

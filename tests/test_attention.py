@@ -84,6 +84,58 @@ def test_fused_equals_reference(n, win, pad):
     _compare(lambda *a: attention_fused(*a, mask, 100), args, mask, w, 100)
 
 
+# (n, T, keep_window, ties, sliding_window, pad): interpret mode on CPU, 16x16 tiles (T not a multiple of them)
+PALLAS_CASES = {
+    "native_expiry": (2, 70, 16, False, None, (0, 5)),
+    "small_doge_ties_pad": (4, 70, 16, True, None, (3, 20)),
+    "no_expiry": (2, 40, 64, False, None, (0, 0)),
+    "fully_padded_row": (2, 40, 16, False, None, (0, 40)),
+    "window_le_keep": (2, 70, 16, True, 8, (0, 5)),
+    "increasing_dt": (2, 100, 16, "increasing", None, (0, 5)),  # keys expire kw slots later: early loop exits
+}
+
+
+@pytest.mark.parametrize("case", list(PALLAS_CASES))
+def test_pallas_equals_reference(case):
+    """The Pallas kernel (forward, dq, dk/dv/d(dt) kernels) in interpret mode = the reference, values and grads."""
+    from doge_jax.pallas_attention import dma_pallas
+
+    n, T, kw, ties, win, pad = PALLAS_CASES[case]
+    args, km, w = _inputs(n=n, S=T, T=T, D=16, ties=ties is True, pad=pad)
+    if ties == "increasing":
+        ramp = jnp.linspace(0.5, 3.0, T) + 0.01 * jax.random.uniform(jax.random.key(0), (2, n, T))
+        args = args[:3] + (ramp.astype(jnp.float32),)
+    mask = MaskInfo(km, 0, None, win)
+
+    def f(q, k, v, dt):
+        valid = mask.valid_keys(q.shape[0], T)
+        if T > kw and win is None:
+            e = key_expiry(dt, valid, kw)
+        else:
+            e = jnp.broadcast_to(jnp.where(valid, jnp.iinfo(jnp.int32).max, 0)[:, None, :], dt.shape)
+        o = dma_pallas(q, k, v, dt, e.astype(jnp.int32), window=win, block_q=16, block_k=16)
+        B, H, S, D = q.shape
+        G = k.shape[1]
+        from doge_jax.attention import _fill_masked_rows
+
+        og = _fill_masked_rows(o.reshape(B, G, H // G, S, D), q.reshape(B, G, H // G, S, D), k, v, mask)
+        return og.reshape(B, H, S, D)
+
+    _compare(f, args, mask, w, kw)
+
+
+def test_pallas_through_attention_dispatch():
+    """impl="pallas" runs the kernel for S == T and falls back to blockwise with a cache or an odd head dim."""
+    m = MaskInfo()
+    assert choose_impl("pallas", 64, 64, 16, m, False, head_dim=16) == "pallas"
+    assert choose_impl("pallas", 64, 64, 16, m, False, head_dim=24) == "blockwise"
+    assert choose_impl("pallas", 1, 64, 16, MaskInfo(None, 10, 11), False, head_dim=16) == "blockwise"
+    args, km, w = _inputs(n=2, S=40, T=40, D=16, pad=(0, 3))
+    mask = MaskInfo(km)
+    o = jax.jit(lambda *a: attention(*a, mask, 16, impl="pallas"))(*args)
+    assert max_abs_diff(o, attention_reference(*args, mask, 16)) <= 2e-6
+
+
 def _expiry_brute(dt, valid, k):
     """e_j by definition: the smallest query slot i at which k valid keys <= i beat key j."""
     B, n, T = dt.shape
@@ -140,7 +192,8 @@ MODEL_CASES = {
 
 
 @pytest.mark.parametrize("case,impl", [(c, "blockwise") for c in MODEL_CASES] + [("gqa_pad", "fused"),
-                                                                                ("moe_pad", "fused")])
+                                                                                ("moe_pad", "fused")]
+                         + [("keep_window_moe", "pallas"), ("sliding", "pallas")])
 def test_model_logits_match_transformers(tmp_path, case, impl):
     overrides, T, pads = MODEL_CASES[case]
     hf = make_hf_model(**overrides)
