@@ -60,7 +60,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SECTIONS = ("parity", "attention", "train", "generate")
-SHARE = {"parity": 0.15, "train": 0.45, "attention": 0.3, "generate": 0.1}
+OPT_IN = ("profile",)  # run only when named in --sections
+SHARE = {"parity": 0.15, "train": 0.45, "attention": 0.3, "generate": 0.1, "profile": 0.3}
 F32_TOL = 1e-4
 BF16_REL_TOL = 2e-2
 GRAD_REL_TOL = 1e-4
@@ -643,6 +644,89 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         report.add(S, f"doge_torch fp32 eager batch 1, {prompt}+{new} tokens", f"{new / sec:,.0f} tok/s")
 
 
+# ---- (e) profile (opt-in) -----------------------------------------------------------------------------------------
+def section_profile(report: Report, budget: Budget, cpu: bool, tdev, regional: str) -> None:
+    """Where a Doge-160M training step spends its time (the MFU target): doge_torch under torch.profiler (the top
+    kernels by device time; the full table goes to $OUT/profile_torch.txt when OUT is set), and doge_jax as a
+    breakdown: forward+loss, value_and_grad, full step (optimizer included)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import torch
+    from flax import nnx
+
+    from doge_jax.loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
+    from doge_torch.model import DogeForCausalLM
+    from doge_torch.optim import make_optimizer
+    from doge_torch.train import train_step
+
+    S = "profile"
+    label, base, seq, rows, _ = train_configs(cpu)[1]
+    batch = np.random.default_rng(0).integers(3, base.vocab_size, (rows, seq), dtype=np.int64)
+    reps = 2 if cpu else 5
+    with guarded(report, S, f"{label} doge_jax breakdown"):
+        cfg = base.replace(attention_impl="fused")
+        graphdef, state = nnx.split(DogeTrunk(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        params = nnx.to_pure_dict(state)
+        ids = jnp.asarray(batch, jnp.int32)
+
+        def loss_fn(p):
+            p = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
+            model = nnx.merge(graphdef, p)
+            h = model(ids).logits
+            w, vocab_major = model.head_weight()
+            n = jnp.sum(shift_targets(ids) != IGNORE)
+            return causal_lm_loss_chunked(h, w, ids, n, vocab_major, 1024)
+
+        tx = optax.adamw(1e-4)
+        opt = tx.init(params)
+
+        def step(p, o):
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            u, o = tx.update(g, o, p)
+            return optax.apply_updates(p, u), o, loss
+
+        parts = {"forward+loss": jax.jit(loss_fn), "value_and_grad": jax.jit(jax.value_and_grad(loss_fn))}
+        times = {name: time_fn(lambda f=f: jax.block_until_ready(f(params)), reps) for name, f in parts.items()}
+        jstep = jax.jit(step)
+        times["full step (adamw)"] = time_fn(lambda: jax.block_until_ready(jstep(params, opt)), reps)
+        report.add(S, f"{label} doge_jax bf16 fused seq {seq} x {rows}",
+                   ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items()))
+    jax.clear_caches()
+    if budget.left() < (2 if cpu else 30):
+        report.add(S, f"{label} doge_torch profile", "budget", status="SKIP")
+        return
+    with guarded(report, S, f"{label} doge_torch profile"):
+        torch.manual_seed(0)
+        model = DogeForCausalLM(base).to(tdev).train()
+        opt = make_optimizer(model, 1e-3)
+        if regional in ("160m", "all"):
+            for layer in model.model.layers:
+                layer.compile(fullgraph=True, backend="eager" if cpu else "inductor")
+            cm = model
+        else:
+            cm = tcompile(model, cpu)
+        tb = torch.as_tensor(batch)
+        mb = [{"input_ids": tb, "labels": tb}]
+        for _ in range(2):
+            train_step(cm, opt, None, mb, 1.0, torch.bfloat16)
+        sync()
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if not cpu else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(reps):
+                train_step(cm, opt, None, mb, 1.0, torch.bfloat16)
+            sync()
+        key = "self_cpu_time_total" if cpu else "self_device_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
+        print(table, flush=True)
+        out = os.environ.get("OUT")
+        if out and os.path.isdir(out):
+            with open(os.path.join(out, "profile_torch.txt"), "w") as f:
+                f.write(prof.key_averages().table(sort_by=key, row_limit=200, max_name_column_width=120))
+        report.add(S, f"{label} doge_torch bf16 step profile", f"top kernels printed above ({reps} steps)")
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -653,10 +737,11 @@ def main(argv=None) -> int:
     ap.add_argument("--regional", choices=("none", "160m", "all"), default="160m",
                     help="torch training rows compiled layer by layer instead of as one graph: none, the Doge-160M "
                          "row (default: its whole-model inductor compile took 190 s on an H200), or all")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma list of {SECTIONS + OPT_IN} (default: all but {OPT_IN})")
     args = ap.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
-    unknown = set(sections) - set(SECTIONS)
+    unknown = set(sections) - set(SECTIONS + OPT_IN)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
 
@@ -700,7 +785,8 @@ def main(argv=None) -> int:
     funcs = {"parity": lambda: section_parity(report, budget, cpu, tdev, jkind),
              "train": lambda: section_train(report, budget, cpu, tdev, peak, args.regional),
              "attention": lambda: section_attention(report, budget, cpu, tdev),
-             "generate": lambda: section_generate(report, budget, cpu, tdev)}
+             "generate": lambda: section_generate(report, budget, cpu, tdev),
+             "profile": lambda: section_profile(report, budget, cpu, tdev, args.regional)}
     for i, name in enumerate(sections):
         budget.start(SHARE[name], sum(SHARE[s] for s in sections[i:]))
         t0 = time.perf_counter()

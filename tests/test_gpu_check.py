@@ -14,7 +14,9 @@ def test_gpu_check_cpu_fallback():
     results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     before = open(results).read() if os.path.exists(results) else None
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, SCRIPT, "--cpu"], capture_output=True, text=True, timeout=170,
+    sections = "parity,attention,train,generate,profile"
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", sections], capture_output=True, text=True,
+                          timeout=240,
                           cwd=ROOT, env=env)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
@@ -23,9 +25,10 @@ def test_gpu_check_cpu_fallback():
     assert all(r[2] == "cpu-fallback" for r in rows)
     parity = [r for r in rows if r[0] == "| parity"]
     assert len(parity) >= 12 and all(r[-1] == "PASS |" for r in parity), parity
-    for section in ("train", "attention", "generate"):
+    for section in ("train", "attention", "generate", "profile"):
         got = [r for r in rows if r[0] == f"| {section}"]
         assert got and all(r[-1] in ("- |", "MET |", "MISSED |") for r in got), (section, got)
+    assert any("pallas" in r[1] for r in rows), "the doge_jax Pallas kernel (interpret mode) is checked"
     assert "all checks passed" in out
     after = open(results).read() if os.path.exists(results) else None
     assert after == before, "the CPU fallback must not append to RESULTS.md without --append"
