@@ -215,6 +215,7 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     from doge_jax.hf import to_hf_arrays
     from doge_jax.model import with_attention_impl
     from doge_torch.model import flex_available
+    from doge_torch.triton_attention import triton_available
 
     S = "parity"
     cfg = tiny_parity_config()
@@ -289,6 +290,17 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         grad_row(f"doge_torch fp32 {flex} loss gradients", rel_norm(
             {n: p.grad.cpu().numpy() for n, p in tmodel.named_parameters()}, ref_grads_c))
         tmodel.zero_grad(set_to_none=True)
+    kern = "Triton kernel" if triton_available(tdev) else "sdpa (kernel needs CUDA)"
+    with guarded(report, S, f"doge_torch fp32 {kern}"):
+        km = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="pallas")).to(tdev)
+        tc = dev(torch.as_tensor(ids_c))
+        o = km(tc, labels=tc)
+        o.loss.backward()
+        f32_row(f"doge_torch fp32 {kern} logits (T>keep_window, no padding)", max_abs(o.logits.detach().cpu(),
+                                                                                     ref_c))
+        grad_row(f"doge_torch fp32 {kern} loss gradients", rel_norm(
+            {n: p.grad.cpu().numpy() for n, p in km.named_parameters()}, ref_grads_c))
+        km.zero_grad(set_to_none=True)
     if budget.left() > (3 if cpu else 20):
         with guarded(report, S, "doge_torch fp32 compiled"):
             cm = tcompile(tmodel, cpu)
@@ -306,6 +318,10 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
             lb = tmodel(dev(tb)).logits.float().cpu().numpy()
         bf16_row("doge_torch bf16 autocast (sdpa) logits", max_abs(lb, ref_b))
+    with guarded(report, S, f"doge_torch bf16 autocast {kern}"):
+        with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
+            lb = km(dev(tb)).logits.float().cpu().numpy()
+        bf16_row(f"doge_torch bf16 autocast {kern} logits", max_abs(lb, ref_b))
     with guarded(report, S, "doge_torch pure bf16"):
         m16 = doge_torch.DogeForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(tdev).eval()
         with torch.no_grad():
@@ -436,7 +452,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
             report.add(S, f"{label} doge_jax", "budget", status="SKIP")
         else:
             with guarded(report, S, f"{label} doge_jax"):
-                cfg = base.replace(attention_impl="fused")
+                cfg = base.replace(attention_impl="fused") if base.attention_impl == "auto" else base
                 step, params, opt_state, how = _jax_step(cfg, seq, rows)
                 jb = jnp.asarray(batch, jnp.int32)[None]
                 holder = {"p": params, "o": opt_state}
@@ -451,7 +467,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
                 sec = time_fn(run, timed, warmup=warm - 1)
                 if not math.isfinite(loss0):
                     raise FloatingPointError(f"loss {loss0}")
-                row("doge_jax bf16 fused", sec, f"{how}, compile {comp:.0f}s, loss {loss0:.2f}")
+                row(f"doge_jax bf16 {cfg.attention_impl}", sec, f"{how}, compile {comp:.0f}s, loss {loss0:.2f}")
         jax.clear_caches()
 
         if budget.left() < (5 if cpu else 60):
@@ -484,8 +500,12 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    for args in train_configs(cpu):
+    configs = train_configs(cpu)
+    for args in configs:
         one(*args)
+    # the Triton/Pallas kernels in training (T = keep_window: causal + bias), after the targets, as budget allows
+    label, base, seq, rows, kind = configs[1]
+    one(label + " [pallas/Triton kernels]", base.replace(attention_impl="pallas"), seq, rows, kind)
 
 
 # ---- (c) attention ------------------------------------------------------------------------------------------------
@@ -500,7 +520,13 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
 
     from doge_jax.attention import MaskInfo, attention
     from doge_jax.config import DogeConfig
-    from doge_torch.model import allowed_mask, dma_attention, flex_available
+    from doge_torch import triton_attention
+    from doge_torch.model import allowed_mask, dma_attention, flex_available, key_expiry
+    from doge_torch.triton_attention import dma_triton, triton_available
+
+    # in the CPU fallback the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1 before import)
+    kernel_interpreted = (triton_attention.triton is not None
+                          and type(triton_attention._fwd_kernel).__name__ == "InterpretedFunction")
 
     S = "attention"
     B, H, G, D = 1, 6, 3, 128
@@ -556,6 +582,14 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         fast = "folded causal sdpa" if T <= keep else ("FlexAttention" if flex_available(q.device) else "sdpa+bias")
         cell("torch sdpa causal (flash)", t_causal)
         cell(f"doge_torch DMA {fast} (compiled)", t_fast)
+        if triton_available(q.device) or kernel_interpreted:
+            def t_kernel(q=q, k=k, v=v, dt=dt, do=do, T=T):
+                valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
+                e = key_expiry(dt, valid, keep) if T > keep else torch.full(dt.shape, T, device=q.device)
+                o = dma_triton(q, k, v, dt, e)
+                return torch.autograd.grad(o, (q, k, v, dt), do)[0]
+
+            cell("doge_torch DMA Triton kernel", t_kernel)
         cell("doge_torch DMA sdpa+bias (eager)", functools.partial(t_dma, functools.partial(dma_attention, cfg)))
         del q, k, v, dt, do
         if torch.cuda.is_available():
@@ -733,7 +767,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="tiny CPU fallback even if a GPU is present")
     ap.add_argument("--append", action="store_true", help="append to RESULTS.md also in the CPU fallback")
     ap.add_argument("--no-append", action="store_true", help="never append to RESULTS.md")
-    ap.add_argument("--budget", type=float, default=None, help="total seconds (default 450 GPU, 60 CPU)")
+    ap.add_argument("--budget", type=float, default=None, help="total seconds (default 420 GPU, 90 CPU)")
     ap.add_argument("--regional", choices=("none", "160m", "all"), default="160m",
                     help="torch training rows compiled layer by layer instead of as one graph: none, the Doge-160M "
                          "row (default: its whole-model inductor compile took 190 s on an H200), or all")
@@ -757,7 +791,7 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.is_available() and not args.cpu
     cpu = not gpu
-    budget = Budget(args.budget if args.budget is not None else (60.0 if cpu else 420.0))
+    budget = Budget(args.budget if args.budget is not None else (90.0 if cpu else 420.0))
     tdev = torch.device("cuda" if gpu else "cpu")
     if gpu:
         card = torch.cuda.get_device_name(0)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from doge_jax.config import DogeConfig
+from doge_torch.triton_attention import dma_triton, triton_available
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -185,6 +186,7 @@ def dynamic_mask_bias(dt: torch.Tensor, allowed: torch.Tensor, keep_window: int,
 
 def use_sdpa(cfg: DogeConfig, dtype: torch.dtype, device: torch.device) -> bool:
     """`attention_impl` for doge_torch: reference -> eager (transformers' op order); blockwise / fused -> sdpa;
+    pallas -> the Triton kernel where it applies (CUDA, no padding, no cache, no dropout), sdpa elsewhere;
     auto -> sdpa, except reduced precision on CPU, where eager keeps transformers' bf16 rounding (and sdpa is
     not faster)."""
     if cfg.attention_impl == "reference":
@@ -332,7 +334,9 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     (None: plain causal, no padding, no cache, no sliding window). Returns [B, H, S, D]. `mask_dtype` is the
     hidden-state dtype whose finfo.min marks masked entries (spec §9.5).
 
-    sdpa paths. With allowed None and T <= keep_window the bias is folded into the head dimension (`fold_bias`) and
+    `attention_impl="pallas"` on CUDA with allowed None: the Triton flash kernel of doge_torch.triton_attention (the
+    counterpart of doge_jax's Pallas kernel). sdpa paths. With allowed None and T <= keep_window the bias is folded
+    into the head dimension (`fold_bias`) and
     sdpa runs plain causal attention (a flash kernel on CUDA); beyond keep_window on CUDA, FlexAttention
     (`flex_dma`). Otherwise the bias (dt, finfo.min where masked: causal always applied, padding, keep window in
     its key-expiry form) is sdpa's float attn_mask. Under bf16 autocast sdpa runs in bf16 while the hidden states
@@ -346,6 +350,11 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
     sdpa = use_sdpa(cfg, compute, q.device)
     if allowed is None:
+        if cfg.attention_impl == "pallas" and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
+            valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
+            e = key_expiry(dt, valid, cfg.keep_window_size) if T > cfg.keep_window_size else torch.full(
+                dt.shape, T, dtype=torch.int32, device=q.device)
+            return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e).to(q.dtype)
         if sdpa and T <= cfg.keep_window_size:
             qa, ka, va = fold_bias(q, k, v, dt)
             o = F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=1.0, dropout_p=dropout,

@@ -11,8 +11,13 @@ import os
 import random
 import sys
 
-import numpy as np
-import pytest
+# Triton kernels (doge_torch.triton_attention) run in Triton's interpreter on CPU tensors in these tests. The flag must
+# be set before triton is first imported (importing doge_torch.model already imports it, via torch.compile); nothing
+# else here uses Triton (there is no GPU, and inductor's CPU backend does not).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Tiny shapes shared by every parity test: D = 64 / 4 = 16, GQA with 2 kv heads.
 TINY = dict(

@@ -29,6 +29,7 @@ def test_gpu_check_cpu_fallback():
         got = [r for r in rows if r[0] == f"| {section}"]
         assert got and all(r[-1] in ("- |", "MET |", "MISSED |") for r in got), (section, got)
     assert any("pallas" in r[1] for r in rows), "the doge_jax Pallas kernel (interpret mode) is checked"
+    assert any("Triton kernel" in r[1] for r in rows), "the doge_torch Triton kernel (interpreter) is checked"
     assert "all checks passed" in out
     after = open(results).read() if os.path.exists(results) else None
     assert after == before, "the CPU fallback must not append to RESULTS.md without --append"

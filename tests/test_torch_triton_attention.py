@@ -1,0 +1,176 @@
+"""The Triton DMA kernels (forward, dq, dk/dv/d(dt)) under the Triton interpreter on CPU against a dense float64
+reference written from the definition: values and gradients, GQA with per-kv-head and per-query-head dt, key
+expiry active or not, padding keys and a fully padded batch row, sliding windows, T not a multiple of the blocks,
+unequal blocks. Most cases run the kernels in float64 (tight tolerance), some in float32 (the GPU accumulator).
+conftest.py sets TRITON_INTERPRET=1 before triton is imported."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+import torch  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+import doge_torch.triton_attention as ta  # noqa: E402
+from doge_torch.model import key_expiry  # noqa: E402
+
+if not isinstance(ta._fwd_kernel, interpreter.InterpretedFunction):  # never silently skip the kernel tests
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1: run these tests through tests/conftest.py")
+
+
+
+B, H, G, D = 2, 4, 2, 16
+
+
+def _reference(q, k, v, dt, e, window):
+    """Dense DMA from the definition: o [B, H, T, D] and live [B, H, T] (rows with at least one visible key)."""
+    T = q.shape[2]
+    kk, vv = (x.repeat_interleave(H // x.shape[1], 1) for x in (k, v))
+    dth, eh = (x.repeat_interleave(H // x.shape[1], 1) for x in (dt, e))
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    allowed = (j <= i) & (i < eh[:, :, None, :])
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    live = allowed.any(-1)
+    s = q @ kk.transpose(-1, -2) * q.shape[-1] ** -0.5 + dth[:, :, None, :]
+    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~live[..., None], 0.0)  # dead rows: finite, excluded
+    return torch.softmax(s, -1) @ vv, live
+
+
+def _inputs(T, n, keep, pad, dt_kind, dtype, seed=0):
+    """q, k, v, dt (float64, rounded through `dtype`) and e = key_expiry clamped to T as int32. pad = (b, p): the
+    first p keys of batch row b are padding."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((B, H, T, D), (B, G, T, D), (B, G, T, D)))
+    if dt_kind == "increasing":  # each key is beaten by every later one: keys expire keep slots later
+        dt = torch.linspace(0.5, 3.0, T, dtype=torch.float64) + 0.01 * torch.rand(B, n, T, generator=g,
+                                                                                  dtype=torch.float64)
+    else:
+        dt = torch.randn(B, n, T, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[pad[0], :pad[1]] = False
+    e = key_expiry(dt, valid, keep).clamp(max=T).to(torch.int32)
+    return [x.to(dtype).to(torch.float64) for x in (q, k, v, dt)], e
+
+
+# name: (T, n, keep_window, pad (batch row, leading padding keys), sliding window, dt kind, block_q, block_k, dtype).
+# Expiry with a sliding window is not the keep-window rule (key_expiry assumes none), but is the kernel's function.
+CASES = {
+    "gqa_dt_per_kv_head": (70, G, 16, (1, 5), None, "random", 16, 16, torch.float64),
+    "dt_per_query_head": (70, H, 16, (0, 3), None, "random", 16, 16, torch.float64),
+    "no_expiry": (40, G, 64, (1, 5), None, "random", 16, 16, torch.float64),
+    "fully_padded_row": (40, H, 16, (1, 40), None, "random", 16, 16, torch.float64),
+    "window_and_expiry": (70, G, 16, (1, 5), 8, "random", 16, 16, torch.float64),
+    "window_no_expiry": (70, H, 100, (0, 0), 18, "random", 16, 16, torch.float64),
+    "increasing_dt": (100, G, 16, (1, 5), None, "increasing", 16, 16, torch.float64),
+    "bq_gt_bk": (70, H, 16, (1, 21), 24, "random", 32, 16, torch.float64),  # a whole padding key block
+    "bq_lt_bk": (70, G, 16, (0, 20), None, "increasing", 16, 32, torch.float64),
+    "float32": (70, G, 16, (1, 5), None, "random", 16, 16, torch.float32),
+    "float32_window_per_query_head": (50, H, 16, (0, 7), 12, "increasing", 16, 16, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_equals_reference(case):
+    """Output on rows with a visible key and the q, k, v, dt gradients (upstream gradient zero on dead rows)."""
+    T, n, keep, pad, window, dt_kind, bq, bk, dtype = CASES[case]
+    args, e = _inputs(T, n, keep, pad, dt_kind, dtype)
+    assert ((e > 0) & (e < T)).any() == (keep < T)  # expiry active iff T > keep_window
+    args = [x.requires_grad_() for x in args]
+    want, live = _reference(*args, e, window)
+    assert (~live).any() == (pad[1] > 0)  # padding keys leave dead rows; they are excluded below
+    upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    upstream = (upstream * live[..., None]).to(dtype).to(torch.float64)
+    g_want = torch.autograd.grad((want * upstream).sum(), args)
+
+    targs = [x.detach().to(dtype).requires_grad_() for x in args]
+    got = ta.dma_triton(*targs, e, window=window, block_q=bq, block_k=bk)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert torch.isfinite(got).all()
+    g_got = torch.autograd.grad((got * upstream.to(dtype)).sum(), targs)
+
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    m = live[..., None].expand_as(want)
+    for name, a, b in [("o", got[m], want[m])] + list(zip(("dq", "dk", "dv", "ddt"), g_got, g_want)):
+        assert a.dtype == dtype and torch.isfinite(a).all(), name
+        err = (a.double() - b.detach()).abs().max().item()
+        assert err <= rtol * b.abs().max().item(), (name, err, b.abs().max().item())
+
+
+def test_bad_shapes_and_availability():
+    """Head dims that are not powers of two >= 16 raise; the CPU is never 'available' (compiled kernels only)."""
+    q = torch.zeros(1, 2, 8, 24)
+    e = torch.full((1, 1, 8), 8, dtype=torch.int32)
+    with pytest.raises(ValueError):
+        ta.dma_triton(q, q[:, :1], q[:, :1], torch.zeros(1, 1, 8), e)
+    q8 = torch.zeros(1, 2, 8, 8)
+    with pytest.raises(ValueError):
+        ta.dma_triton(q8, q8[:, :1], q8[:, :1], torch.zeros(1, 1, 8), e)
+    assert not ta.triton_available("cpu")
+
+
+def test_imports_without_triton():
+    """The module imports where triton is missing (CPU wheels), and reports itself unavailable."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import doge_torch.triton_attention as ta\n"
+            "assert ta.triton is None and not ta.triton_available('cpu')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_compiles_fullgraph_as_custom_ops():
+    """torch.compile(fullgraph=True) captures the kernels as two opaque custom ops (no graph break), with the same
+    values and gradients as eager."""
+    T, n, keep = 40, G, 16
+    args, e = _inputs(T, n, keep, (1, 3), "random", torch.float32)
+    args = [x.float() for x in args]
+
+    def f(q, k, v, dt):
+        return ta.dma_triton(q, k, v, dt, e, block_q=16, block_k=16)
+
+    eager = [x.clone().requires_grad_() for x in args]
+    comp = [x.clone().requires_grad_() for x in args]
+    o1 = f(*eager)
+    o2 = torch.compile(f, fullgraph=True, backend="eager")(*comp)
+    assert torch.equal(o1, o2)
+    w = torch.randn(o1.shape, generator=torch.Generator().manual_seed(3))
+    for a, b in zip(torch.autograd.grad((o1 * w).sum(), eager), torch.autograd.grad((o2 * w).sum(), comp)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("T,keep", [(40, 16), (24, 32)])
+def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
+    """doge_torch's model with attention_impl="pallas" routes unpadded batches through the kernel (forced on CPU:
+    the interpreter) and matches the eager reference path in logits and in every parameter gradient."""
+    import doge_torch.model as dm
+    from doge_jax.config import DogeConfig
+
+    cfg = DogeConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, keep_window_size=keep, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = dm.DogeForCausalLM(cfg.replace(attention_impl="reference"))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(".A"):
+                p.normal_()
+    fast = dm.DogeForCausalLM(cfg.replace(attention_impl="pallas"))
+    fast.load_state_dict(ref.state_dict())
+    calls = []
+    real = dm.dma_triton
+    monkeypatch.setattr(dm, "triton_available", lambda device: True)
+    monkeypatch.setattr(dm, "dma_triton", lambda *a, **k: calls.append(1) or real(*a, block_q=16, block_k=16, **k))
+    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
+    out_r, out_f = ref(ids, labels=ids), fast(ids, labels=ids)
+    assert len(calls) == cfg.num_hidden_layers
+    assert (out_f.logits - out_r.logits).abs().max().item() <= 1e-5
+    out_r.loss.backward()
+    out_f.loss.backward()
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        scale = b.grad.abs().max().item()
+        assert (a.grad - b.grad).abs().max().item() <= 1e-4 * max(scale, 1e-3), name
