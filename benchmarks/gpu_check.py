@@ -38,7 +38,7 @@ DMA fwd+bwd at 16k <= 1.5x causal flash), ERROR (the check raised), SKIP (budget
 code is 1 if any row is FAIL or ERROR (MISSED targets do not fail it).
 
 Without a GPU (or with --cpu) the same code paths run at tiny sizes (configs/tiny.yaml, seq 128, 2 timed steps,
-attention at 256/512 keys with keep_window 128, 16 new tokens) in well under a minute; torch.compile then uses
+attention at 256/512 keys with keep_window 128, 16 new tokens) in about a minute; torch.compile then uses
 dynamo's `eager` backend (the fullgraph capture is the same; inductor codegen takes minutes on 2 cores). The
 device column says "cpu-fallback" and nothing is appended to RESULTS.md unless --append.
 """
@@ -268,48 +268,37 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     torch.backends.cudnn.allow_tf32 = False
     tmodel = doge_torch.DogeForCausalLM.from_pretrained(tmp).to(tdev).eval()  # attention_impl auto: sdpa
     dev = lambda x: x.to(tdev)  # noqa: E731
-    with guarded(report, S, "doge_torch fp32 sdpa logits + grads"):
-        o = tmodel(dev(ta), attention_mask=dev(tm), labels=dev(tl))
+    def torch_rows(what, model, ids, want, want_grads, padded=False, owner=None):
+        """Logits and loss gradients of `model` on the device against the CPU float32 reference (`owner` holds the
+        parameters when `model` is a compiled wrapper)."""
+        x = dev(torch.as_tensor(ids))
+        mask, labels = (dev(tm), dev(tl)) if padded else (None, x)
+        o = model(x, attention_mask=mask, labels=labels)
         o.loss.backward()
-        f32_row("doge_torch fp32 sdpa logits (T>keep_window, padding, dynamic RoPE)", max_abs(o.logits.detach().cpu(),
-                                                                                             ref_a))
-        grad_row("doge_torch fp32 sdpa loss gradients", rel_norm(
-            {n: p.grad.cpu().numpy() for n, p in tmodel.named_parameters()}, ref_grads))
-        tmodel.zero_grad(set_to_none=True)
+        owner = owner or model
+        f32_row(f"{what} logits", max_abs(o.logits.detach().cpu(), want))
+        grad_row(f"{what} loss gradients", rel_norm({n: p.grad.cpu().numpy() for n, p in owner.named_parameters()},
+                                                    want_grads))
+        owner.zero_grad(set_to_none=True)
+
+    with guarded(report, S, "doge_torch fp32 sdpa logits + grads"):
+        torch_rows("doge_torch fp32 sdpa (T>keep_window, padding, dynamic RoPE)", tmodel, ids_a, ref_a, ref_grads,
+                   padded=True)
     with guarded(report, S, "doge_torch fp32 folded causal sdpa"):
         with torch.no_grad():
             lb = tmodel(dev(tb)).logits.cpu().numpy()
         f32_row("doge_torch fp32 folded-bias causal sdpa logits (T<=keep_window)", max_abs(lb, ref_b))
     flex = "FlexAttention" if flex_available(tdev) else "sdpa+bias"
     with guarded(report, S, f"doge_torch fp32 {flex}"):
-        tc = dev(torch.as_tensor(ids_c))
-        o = tmodel(tc, labels=tc)
-        o.loss.backward()
-        f32_row(f"doge_torch fp32 {flex} logits (T>keep_window, no padding)", max_abs(o.logits.detach().cpu(),
-                                                                                      ref_c))
-        grad_row(f"doge_torch fp32 {flex} loss gradients", rel_norm(
-            {n: p.grad.cpu().numpy() for n, p in tmodel.named_parameters()}, ref_grads_c))
-        tmodel.zero_grad(set_to_none=True)
+        torch_rows(f"doge_torch fp32 {flex} (T>keep_window, no padding)", tmodel, ids_c, ref_c, ref_grads_c)
     kern = "Triton kernel" if triton_available(tdev) else "sdpa (kernel needs CUDA)"
+    km = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="pallas")).to(tdev)
     with guarded(report, S, f"doge_torch fp32 {kern}"):
-        km = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="pallas")).to(tdev)
-        tc = dev(torch.as_tensor(ids_c))
-        o = km(tc, labels=tc)
-        o.loss.backward()
-        f32_row(f"doge_torch fp32 {kern} logits (T>keep_window, no padding)", max_abs(o.logits.detach().cpu(),
-                                                                                     ref_c))
-        grad_row(f"doge_torch fp32 {kern} loss gradients", rel_norm(
-            {n: p.grad.cpu().numpy() for n, p in km.named_parameters()}, ref_grads_c))
-        km.zero_grad(set_to_none=True)
+        torch_rows(f"doge_torch fp32 {kern} (T>keep_window, no padding)", km, ids_c, ref_c, ref_grads_c)
     if budget.left() > (3 if cpu else 20):
         with guarded(report, S, "doge_torch fp32 compiled"):
-            cm = tcompile(tmodel, cpu)
-            o = cm(dev(ta), attention_mask=dev(tm), labels=dev(tl))
-            o.loss.backward()
-            f32_row("doge_torch fp32 torch.compile(fullgraph) logits", max_abs(o.logits.detach().cpu(), ref_a))
-            grad_row("doge_torch fp32 torch.compile(fullgraph) gradients", rel_norm(
-                {n: p.grad.cpu().numpy() for n, p in tmodel.named_parameters()}, ref_grads))
-            tmodel.zero_grad(set_to_none=True)
+            torch_rows("doge_torch fp32 torch.compile(fullgraph)", tcompile(tmodel, cpu), ids_a, ref_a, ref_grads,
+                       padded=True, owner=tmodel)
     else:
         report.add(S, "doge_torch fp32 compiled", "budget", status="SKIP")
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -28,6 +28,12 @@ BLOCK_Q = 64
 BLOCK_K = 64
 
 
+def _dot(a, b):
+    """A tile product. HIGHEST: float32 inputs get IEEE products (Triton's default for them is TF32); bfloat16
+    inputs are unaffected (bf16 products, float32 accumulation)."""
+    return plgpu.dot(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _acc(dtype):
     """Accumulator dtype: float32 (float64 for float64 inputs, used to check rounding in tests)."""
     return jnp.promote_types(dtype, jnp.float32)
@@ -37,7 +43,7 @@ def _scores(q, k, dt, e, qi, kj, scale, window):
     """Scores of one tile, masked: [bq, bk] float32. Natural-exp domain, as the reference (on GPU Triton's exp is
     an exp2 of a product anyway; rescaling the scores to log2 units here would add a rounding step that the
     ill-conditioned d(dt) amplifies)."""
-    s = plgpu.dot(q, k.T) * scale + dt[None, :]
+    s = _dot(q, k.T) * scale + dt[None, :]
     keep = (kj[None, :] <= qi[:, None]) & (qi[:, None] < e[None, :])
     if window is not None:
         keep = keep & (qi[:, None] - kj[None, :] < window)
@@ -59,7 +65,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, dt_ref, e_ref, o_ref, lse_ref, *, scale, wi
         corr = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = l * corr + jnp.sum(p, axis=1)
-        acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     hi = lax_div_up((qb + 1) * bq, bk)  # causal: no key block past the diagonal
@@ -88,8 +94,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, dt_ref, e_ref, do_ref, lse_ref, delta_ref, d
         k, v = k_ref[sl, :], v_ref[sl, :]
         s = _scores(q, k, dt_ref[sl], e_ref[sl], qi, kb * bk + jnp.arange(bk), scale, window)
         p = jnp.exp(s - lse[:, None])
-        ds = p * (plgpu.dot(do, v.T) - delta[:, None])
-        return dq + plgpu.dot(ds.astype(k.dtype), k)
+        ds = p * (_dot(do, v.T) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
 
     hi = lax_div_up((qb + 1) * bq, bk)
     lo = 0 if window is None else jnp.maximum(qb * bq - window + 1, 0) // bk
@@ -118,9 +124,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dt_ref, e_ref, do_ref, lse_ref, delta_ref, 
             lse, delta = lse_ref[j, sl], delta_ref[j, sl]
             s = _scores(q, k, dt, e, qb * bq + jnp.arange(bq), kj, scale, window)
             p = jnp.exp(s - lse[:, None])
-            dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
-            ds = p * (plgpu.dot(do, v.T) - delta[:, None])
-            dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
+            dv = dv + _dot(p.astype(do.dtype).T, do)
+            ds = p * (_dot(do, v.T) - delta[:, None])
+            dk = dk + _dot(ds.astype(q.dtype).T, q)
             return dk, dv, ddt + jnp.sum(ds, axis=0)
 
         lo = (kb * bk) // bq
