@@ -508,7 +508,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     import torch.nn.functional as F
 
     from doge_jax.attention import MaskInfo, attention
+    from doge_jax.attention import key_expiry as jkey_expiry
     from doge_jax.config import DogeConfig
+    from doge_jax.pallas_attention import dma_pallas
     from doge_torch import triton_attention
     from doge_torch.model import allowed_mask, dma_attention, flex_available, key_expiry
     from doge_torch.triton_attention import dma_triton, triton_available
@@ -572,13 +574,16 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         cell("torch sdpa causal (flash)", t_causal)
         cell(f"doge_torch DMA {fast} (compiled)", t_fast)
         if triton_available(q.device) or kernel_interpreted:
-            def t_kernel(q=q, k=k, v=v, dt=dt, do=do, T=T):
+            def t_kernel(q=q, k=k, v=v, dt=dt, do=do, T=T, blocks=None):
                 valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
                 e = key_expiry(dt, valid, keep) if T > keep else torch.full(dt.shape, T, device=q.device)
-                o = dma_triton(q, k, v, dt, e)
+                o = dma_triton(q, k, v, dt, e, **(blocks or {}))
                 return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
             cell("doge_torch DMA Triton kernel", t_kernel)
+            if T == sizes[0]:  # a block-size probe at the target size: 128-query blocks
+                cell("doge_torch DMA Triton kernel 128x64 blocks",
+                     functools.partial(t_kernel, blocks=dict(block_q=128, block_k=64)))
         cell("doge_torch DMA sdpa+bias (eager)", functools.partial(t_dma, functools.partial(dma_attention, cfg)))
         del q, k, v, dt, do
         if torch.cuda.is_available():
@@ -609,6 +614,17 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
 
         cell("jax causal (cudnn)" if on_gpu else "jax causal (xla)", jcausal())
         cell("doge_jax DMA pallas", jgrad("pallas"))
+        if T == sizes[0]:  # a block-size probe at the target size: 128-query blocks
+            def jpallas(bq, bk):
+                def f(q, k, v, dt):
+                    e = jkey_expiry(dt, jnp.ones((B, T), bool), keep)
+                    o = dma_pallas(q, k, v, dt, e, block_q=bq, block_k=bk)
+                    return jnp.sum(o.astype(jnp.float32) * jdo.astype(jnp.float32))
+
+                g = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+                return lambda: g(jq, jk, jv, jdt)[0]
+
+            cell("doge_jax DMA pallas 128x64 blocks", jpallas(128, 64))
         cell("doge_jax DMA blockwise", jgrad("blockwise"))
         if T <= keep:
             cell("doge_jax DMA fused", jgrad("fused"))
