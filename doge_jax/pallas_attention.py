@@ -26,6 +26,9 @@ from jax.experimental.pallas import triton as plgpu
 MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 BLOCK_Q = 64
 BLOCK_K = 64
+# the dk/dv/d(dt) kernel steps through the queries 32 at a time (as doge_torch's Triton kernel: 64 spills registers
+# at D = 128 there)
+BLOCK_Q_DKV = 32
 
 
 def _dot(a, b):
@@ -197,8 +200,9 @@ def _dma_bwd(scale, window, bq, bk, interpret, res, do):
     group_rows = pl.BlockSpec((None, r, T, D), lambda i, b, g: (b, g, 0, 0))
     group_vec = pl.BlockSpec((None, r, T), lambda i, b, g: (b, g, 0))
     kv_block = pl.BlockSpec((None, None, bk, D), lambda i, b, g: (b, g, i, 0))
+    bq2 = min(bq, BLOCK_Q_DKV)
     dk, dv, ddt = pl.pallas_call(
-        partial(_dkv_kernel, scale=scale, window=window, bq=bq, bk=bk, r=r, nq=T // bq),
+        partial(_dkv_kernel, scale=scale, window=window, bq=bq2, bk=bk, r=r, nq=T // bq2),
         grid=(T // bk, B, G),
         in_specs=[group_rows, kv_block, kv_block, group_vec, group_vec, group_rows, group_vec, group_vec],
         out_specs=[kv_block, kv_block, pl.BlockSpec((None, r, bk), lambda i, b, g: (b, g, i))],

@@ -51,6 +51,9 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
 
 BLOCK_Q = 64
 BLOCK_K = 64
+# The dk/dv/d(dt) kernel steps through the queries 32 at a time: with 64 (D = 128, 8 warps, bf16) ptxas needs 255
+# registers and spills (benchmarks/triton_compile_check.py, sm_90); with 32 it needs 198 and does not.
+BLOCK_Q_DKV = 32
 # masked scores: finite, so a tile whose row is fully masked gives no NaN (rescaled away by any live score)
 _MASK_VALUE = -0.7 * torch.finfo(torch.float32).max
 MASK = tl.constexpr(_MASK_VALUE) if tl is not None else _MASK_VALUE
@@ -249,6 +252,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
     _dq_kernel[(Tp // bq, B, H)](q, k, v, dt, e, do, lse, delta, dq, scale, window, Tp, H, G, n, **kw)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     ddt = torch.empty((B, H, Tp), dtype=f, device=q.device)
+    kw["BQ"] = min(bq, BLOCK_Q_DKV)
     _dkv_kernel[(Tp // bk, B, G)](q, k, v, dt, e, do, lse, delta, dk, dv, ddt, scale, window, Tp, H, G, n, **kw)
     ddt = ddt.view(B, n, H // n, Tp).sum(2)  # query head h uses dt head h // (H // n)
     return dq, dk, dv, ddt.to(dt.dtype)

@@ -142,6 +142,24 @@ def test_pallas_lowers_to_triton_for_cuda(T, window):
     assert text.count("__gpu$xla.gpu.triton") == 3
 
 
+def test_pallas_forward_and_dkv_blocks_differ():
+    """64-query blocks in the forward and dq kernels, 32 in the dk/dv/d(dt) kernel (BLOCK_Q_DKV): same function."""
+    from doge_jax.pallas_attention import dma_pallas
+
+    args, km, w = _inputs(n=2, S=100, T=100, D=16, pad=(0, 5))
+    mask = MaskInfo(km)
+    valid = mask.valid_keys(2, 100)
+
+    def f(q, k, v, dt):
+        from doge_jax.attention import _fill_masked_rows
+
+        o = dma_pallas(q, k, v, dt, key_expiry(dt, valid, 16), block_q=64, block_k=16)
+        return _fill_masked_rows(o.reshape(2, 2, 2, 100, 16), q.reshape(2, 2, 2, 100, 16), k, v, mask).reshape(
+            q.shape)
+
+    _compare(f, args, mask, w, 16)
+
+
 def test_pallas_through_attention_dispatch():
     """impl="pallas" runs the kernel for S == T and falls back to blockwise with a cache or an odd head dim."""
     m = MaskInfo()

@@ -70,6 +70,7 @@ CASES = {
     "increasing_dt": (100, G, 16, (1, 5), None, "increasing", 16, 16, torch.float64),
     "bq_gt_bk": (70, H, 16, (1, 21), 24, "random", 32, 16, torch.float64),  # a whole padding key block
     "bq_lt_bk": (70, G, 16, (0, 20), None, "increasing", 16, 32, torch.float64),
+    "bq64_dkv_bq32": (100, G, 16, (1, 5), None, "increasing", 64, 16, torch.float64),  # dk/dv steps 32 queries
     "float32": (70, G, 16, (1, 5), None, "random", 16, 16, torch.float32),
     "float32_window_per_query_head": (50, H, 16, (0, 7), 12, "increasing", 16, 16, torch.float32),
 }

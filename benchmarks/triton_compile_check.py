@@ -1,0 +1,106 @@
+"""Compile doge_torch's Triton DMA kernels for a Hopper GPU (sm_90) without one, and report registers and spills.
+
+Triton compiles to PTX on any machine, and its wheel ships NVIDIA's `ptxas`; `ptxas -v` then says how many registers
+each kernel needs and whether it spills to local memory. That is the first thing to check when choosing block
+sizes, and it costs no GPU time. Also confirms that the matrix products use Hopper's `wgmma` instructions.
+
+    python benchmarks/triton_compile_check.py                 # the launch configs dma_triton uses (D 128, bf16)
+    python benchmarks/triton_compile_check.py --sweep         # a few alternative block / warp choices
+
+Exit code 1 if a default config fails to compile, spills, or lacks wgmma. Run it without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+POINTERS = {"_fwd_kernel": ["Q", "K", "V", "DT", "E", "O", "LSE"],
+            "_dq_kernel": ["Q", "K", "V", "DT", "E", "DO", "LSE", "DELTA", "DQ"],
+            "_dkv_kernel": ["Q", "K", "V", "DT", "E", "DO", "LSE", "DELTA", "DK", "DV", "DDT"]}
+SCALARS = {"scale": "fp32", "window": "i32", "Tp": "i32", "H": "i32", "G": "i32", "NDT": "i32"}
+
+
+def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, D: int = 128, window: bool = False) -> dict:
+    """Compile one kernel for sm_90 (bf16 q/k/v, float32 dt/lse, GQA 2); returns registers, spill bytes, wgmma."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import doge_torch.triton_attention as ta
+
+    const = dict(R=2, RDT=2, D=D, BQ=bq, BK=bk, HAS_WINDOW=window, ACC=tl.float32, PREC="tf32")
+    sig = {p: "*i32" if p == "E" else "*fp32" if p in ("DT", "LSE", "DELTA", "DDT") else "*bf16"
+           for p in POINTERS[name]}
+    sig.update(SCALARS)
+    sig.update({c: "constexpr" for c in const})
+    kernel = triton.compile(ASTSource(fn=getattr(ta, name), signature=sig, constexprs=const),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    ptx = kernel.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+    return {"kernel": name, "bq": bq, "bk": bk, "warps": warps, "stages": stages, "registers": regs,
+            "spill_bytes": spills, "wgmma": "wgmma" in ptx}
+
+
+def default_configs() -> list[tuple[str, int, int, int, int]]:
+    """The configs dma_triton launches at D = 128 (doge_torch.triton_attention's constants)."""
+    import doge_torch.triton_attention as ta
+
+    warps, stages = 8, 2  # _launch_args for D >= 128
+    return [("_fwd_kernel", ta.BLOCK_Q, ta.BLOCK_K, warps, stages),
+            ("_dq_kernel", ta.BLOCK_Q, ta.BLOCK_K, warps, stages),
+            ("_dkv_kernel", min(ta.BLOCK_Q, ta.BLOCK_Q_DKV), ta.BLOCK_K, warps, stages)]
+
+
+SWEEP = [("_fwd_kernel", 128, 64, 8, 2), ("_fwd_kernel", 128, 64, 8, 3), ("_fwd_kernel", 64, 64, 4, 2),
+         ("_dq_kernel", 128, 32, 8, 2), ("_dq_kernel", 128, 64, 8, 2),
+         ("_dkv_kernel", 64, 64, 8, 2), ("_dkv_kernel", 32, 128, 8, 2), ("_dkv_kernel", 16, 64, 4, 2)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sweep", action="store_true", help="also compile a few alternative configs")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: the interpreter replaces the kernels")
+    rows, bad = [], []
+    for cfg in default_configs() + (SWEEP if args.sweep else []):
+        is_default = cfg in default_configs()
+        try:
+            r = compile_one(*cfg)
+        except Exception as e:  # noqa: BLE001 - report every config
+            r = {"kernel": cfg[0], "bq": cfg[1], "bk": cfg[2], "warps": cfg[3], "stages": cfg[4], "error": str(e)}
+        r["default"] = is_default
+        rows.append(r)
+        if is_default and ("error" in r or r["spill_bytes"] or not r["wgmma"]):
+            bad.append(r)
+    print("| kernel | BQ x BK | warps | stages | registers | spill bytes | wgmma | default |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['kernel']} | {r['bq']}x{r['bk']} | {r['warps']} | {r['stages']} | error: "
+                  f"{r['error'].splitlines()[0][:80]} | | | {r['default']} |")
+        else:
+            print(f"| {r['kernel']} | {r['bq']}x{r['bk']} | {r['warps']} | {r['stages']} | {r['registers']} | "
+                  f"{r['spill_bytes']} | {r['wgmma']} | {r['default']} |")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
