@@ -227,6 +227,9 @@ def dma_pallas(q, k, v, dt, e, window: int | None = None, block_q: int = BLOCK_Q
     n = dt.shape[1]
     if D < 16 or D & (D - 1):
         raise ValueError(f"pallas attention needs a power-of-two head dim >= 16, got {D}")
+    if B * H * (-(-T // max(block_q, block_k)) * max(block_q, block_k)) * D >= 2 ** 31:
+        # the Triton lowering addresses each array with 32-bit offsets
+        raise ValueError(f"pallas attention: B*H*T*D = {B * H * T * D} needs 64-bit offsets; split the batch")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     blk = max(block_q, block_k)

@@ -209,7 +209,10 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int
     return dict(
         R=H // k.shape[1], RDT=H // dt.shape[1], D=D, BQ=bq, BK=bk, HAS_WINDOW=window is not None,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        PREC="ieee" if q.dtype in (torch.float32, torch.float64) else "tf32",  # no tf32 rounding of fp32 inputs
+        # float32 on a GPU: 3xTF32 tensor-core products (about float32 accuracy; IEEE products there run on FMA
+        # units and spill); IEEE under the interpreter and for float64
+        PREC=("tf32x3" if q.dtype == torch.float32 and q.is_cuda else
+              "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"),
         num_warps=8 if D >= 128 else 4, num_stages=2,
     )
 
@@ -232,9 +235,11 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
     return o, lse
 
 
+# fakes describe the real outputs exactly, strides included (the ops make their inputs contiguous): inductor checks
 @_fwd_op.register_fake
 def _(q, k, v, dt, e, window, bq, bk):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype)))
 
 
 @torch.library.custom_op("doge::dma_triton_bwd", mutates_args=())
@@ -260,13 +265,14 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
 
 @_bwd_op.register_fake
 def _(q, k, v, dt, e, o, lse, do, window, bq, bk):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(dt)
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, dt))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, dt, e, window, bq, bk = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, dt, e, o, lse)
+    ctx.mark_non_differentiable(lse)
     ctx.window, ctx.bq, ctx.bk = window, bq, bk
 
 

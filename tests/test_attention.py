@@ -160,6 +160,18 @@ def test_pallas_forward_and_dkv_blocks_differ():
     _compare(f, args, mask, w, 16)
 
 
+def test_pallas_refuses_sizes_past_32bit_offsets():
+    """The Triton lowering addresses arrays with 32-bit offsets: B*H*T*D >= 2**31 is refused, not mis-addressed."""
+    from doge_jax.pallas_attention import dma_pallas
+
+    sds = jax.ShapeDtypeStruct
+    B, H, G, T, D = 16, 12, 6, 131072, 128
+    args = (sds((B, H, T, D), jnp.bfloat16), sds((B, G, T, D), jnp.bfloat16), sds((B, G, T, D), jnp.bfloat16),
+            sds((B, G, T), jnp.float32), sds((B, G, T), jnp.int32))
+    with pytest.raises(ValueError, match="64-bit offsets"):
+        jax.eval_shape(lambda *a: dma_pallas(*a, interpret=False), *args)
+
+
 def test_pallas_through_attention_dispatch():
     """impl="pallas" runs the kernel for S == T and falls back to blockwise with a cache or an odd head dim."""
     m = MaskInfo()

@@ -175,3 +175,17 @@ def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
         scale = b.grad.abs().max().item()
         assert (a.grad - b.grad).abs().max().item() <= 1e-4 * max(scale, 1e-3), name
+
+
+def test_custom_ops_pass_opcheck_on_strided_inputs():
+    """torch.library.opcheck on transposed (non-contiguous) inputs, as the model passes them: the fake kernels give
+    the real outputs' shapes, dtypes and strides (inductor asserts them), autograd registration and AOT dispatch."""
+    T, n, keep = 32, G, 16
+    args, e = _inputs(T, n, keep, (0, 0), "random", torch.float32)
+    q, k, v, dt = (x.float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in args)
+    assert not q.is_contiguous()
+    torch.library.opcheck(torch.ops.doge.dma_triton_fwd.default, (q, k, v, dt, e, 0, 16, 16))
+    o, lse = torch.ops.doge.dma_triton_fwd(q, k, v, dt, e, 0, 16, 16)
+    do = torch.randn_like(o).transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(torch.ops.doge.dma_triton_bwd.default,
+                          (q.detach(), k.detach(), v.detach(), dt.detach(), e, o.detach(), lse, do, 0, 16, 16))
