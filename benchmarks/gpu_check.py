@@ -405,6 +405,25 @@ def _jax_step(cfg, seq: int, rows: int):
     return jax.jit(step, donate_argnums=(0, 1)), params, opt_state, "built-in step"
 
 
+def torch_train_setup(base, tdev, cpu: bool, regional: bool):
+    """(model, the module to call, optimizer) for a doge_torch bf16 training step: fused AdamW on CUDA; the model
+    compiled whole with fullgraph, or layer by layer (`regional`: one graph shared by the identical decoder layers,
+    a much shorter compile)."""
+    import torch
+
+    from doge_torch.model import DogeForCausalLM
+    from doge_torch.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = DogeForCausalLM(base).to(tdev).train()
+    opt = make_optimizer(model, 1e-3)  # fused AdamW when the parameters are on CUDA
+    if not regional:
+        return model, tcompile(model, cpu), opt
+    for layer in model.model.layers:
+        layer.compile(fullgraph=True, backend="eager" if cpu else "inductor")
+    return model, model, opt
+
+
 def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, regional: str) -> None:
     import jax
     import jax.numpy as jnp
@@ -412,8 +431,6 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     import torch
 
     from doge_jax.metrics import flops_per_token
-    from doge_torch.model import DogeForCausalLM
-    from doge_torch.optim import make_optimizer
     from doge_torch.train import train_step
 
     S = "train"
@@ -463,16 +480,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
             report.add(S, f"{label} doge_torch", "budget", status="SKIP")
             return
         with guarded(report, S, f"{label} doge_torch"):
-            torch.manual_seed(0)
-            model = DogeForCausalLM(base).to(tdev).train()
-            opt = make_optimizer(model, 1e-3)  # fused AdamW when the parameters are on CUDA
-            if regional == "all" or (regional == "160m" and kind == "160m"):
-                # one compiled graph shared by the (identical) decoder layers: a much shorter compile
-                for layer in model.model.layers:
-                    layer.compile(fullgraph=True, backend="eager" if cpu else "inductor")
-                cm = model
-            else:
-                cm = tcompile(model, cpu)
+            model, cm, opt = torch_train_setup(base, tdev, cpu, regional == "all" or (regional == "160m"
+                                                                                  and kind == "160m"))
             tb = torch.as_tensor(batch)
             mb = [{"input_ids": tb, "labels": tb}]
 
@@ -696,8 +705,6 @@ def section_profile(report: Report, budget: Budget, cpu: bool, tdev, regional: s
     from flax import nnx
 
     from doge_jax.loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
-    from doge_torch.model import DogeForCausalLM
-    from doge_torch.optim import make_optimizer
     from doge_torch.train import train_step
 
     S = "profile"
@@ -737,15 +744,7 @@ def section_profile(report: Report, budget: Budget, cpu: bool, tdev, regional: s
         report.add(S, f"{label} doge_torch profile", "budget", status="SKIP")
         return
     with guarded(report, S, f"{label} doge_torch profile"):
-        torch.manual_seed(0)
-        model = DogeForCausalLM(base).to(tdev).train()
-        opt = make_optimizer(model, 1e-3)
-        if regional in ("160m", "all"):
-            for layer in model.model.layers:
-                layer.compile(fullgraph=True, backend="eager" if cpu else "inductor")
-            cm = model
-        else:
-            cm = tcompile(model, cpu)
+        _, cm, opt = torch_train_setup(base, tdev, cpu, regional in ("160m", "all"))
         tb = torch.as_tensor(batch)
         mb = [{"input_ids": tb, "labels": tb}]
         for _ in range(2):
