@@ -28,7 +28,7 @@ POINTERS = {"_fwd_kernel": ["Q", "K", "V", "DT", "E", "O", "LSE"],
 SCALARS = {"scale": "fp32", "window": "i32", "Tp": "i32", "H": "i32", "G": "i32", "NDT": "i32"}
 
 
-def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, D: int = 128, window: bool = False) -> dict:
+def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bool = False, D: int = 128) -> dict:
     """Compile one kernel for sm_90 (bf16 q/k/v, float32 dt/lse, GQA 2); returns registers, spill bytes, wgmma."""
     import triton
     import triton.language as tl
@@ -54,23 +54,25 @@ def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, D: int = 1
                               capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
-    return {"kernel": name, "bq": bq, "bk": bk, "warps": warps, "stages": stages, "registers": regs,
-            "spill_bytes": spills, "wgmma": "wgmma" in ptx}
+    return {"kernel": name, "bq": bq, "bk": bk, "warps": warps, "stages": stages, "window": window,
+            "registers": regs, "spill_bytes": spills, "wgmma": "wgmma" in ptx}
 
 
-def default_configs() -> list[tuple[str, int, int, int, int]]:
-    """The configs dma_triton launches at D = 128 (doge_torch.triton_attention's constants)."""
+def default_configs() -> list[tuple[str, int, int, int, int, bool]]:
+    """The configs dma_triton launches at D = 128 (doge_torch.triton_attention's constants), without and with a
+    sliding window."""
     import doge_torch.triton_attention as ta
 
     warps, stages = 8, 2  # _launch_args for D >= 128
-    return [("_fwd_kernel", ta.BLOCK_Q, ta.BLOCK_K, warps, stages),
-            ("_dq_kernel", ta.BLOCK_Q, ta.BLOCK_K, warps, stages),
-            ("_dkv_kernel", min(ta.BLOCK_Q, ta.BLOCK_Q_DKV), ta.BLOCK_K, warps, stages)]
+    return [(name, bq, ta.BLOCK_K, warps, stages, window) for window in (False, True)
+            for name, bq in (("_fwd_kernel", ta.BLOCK_Q), ("_dq_kernel", ta.BLOCK_Q),
+                             ("_dkv_kernel", min(ta.BLOCK_Q, ta.BLOCK_Q_DKV)))]
 
 
-SWEEP = [("_fwd_kernel", 128, 64, 8, 2), ("_fwd_kernel", 128, 64, 8, 3), ("_fwd_kernel", 64, 64, 4, 2),
-         ("_dq_kernel", 128, 32, 8, 2), ("_dq_kernel", 128, 64, 8, 2),
-         ("_dkv_kernel", 64, 64, 8, 2), ("_dkv_kernel", 32, 128, 8, 2), ("_dkv_kernel", 16, 64, 4, 2)]
+SWEEP = [("_fwd_kernel", 128, 64, 8, 2, False), ("_fwd_kernel", 128, 64, 8, 3, False),
+         ("_fwd_kernel", 64, 64, 4, 2, False), ("_dq_kernel", 128, 32, 8, 2, False),
+         ("_dq_kernel", 128, 64, 8, 2, False), ("_dkv_kernel", 64, 64, 8, 2, False),
+         ("_dkv_kernel", 32, 128, 8, 2, False), ("_dkv_kernel", 16, 64, 4, 2, False)]
 
 
 def main(argv=None) -> int:
@@ -85,19 +87,21 @@ def main(argv=None) -> int:
         try:
             r = compile_one(*cfg)
         except Exception as e:  # noqa: BLE001 - report every config
-            r = {"kernel": cfg[0], "bq": cfg[1], "bk": cfg[2], "warps": cfg[3], "stages": cfg[4], "error": str(e)}
+            r = {"kernel": cfg[0], "bq": cfg[1], "bk": cfg[2], "warps": cfg[3], "stages": cfg[4], "window": cfg[5],
+                 "error": str(e)}
         r["default"] = is_default
         rows.append(r)
         if is_default and ("error" in r or r["spill_bytes"] or not r["wgmma"]):
             bad.append(r)
-    print("| kernel | BQ x BK | warps | stages | registers | spill bytes | wgmma | default |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | window | BQ x BK | warps | stages | registers | spill bytes | wgmma | default |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['kernel']} | {r['bq']}x{r['bk']} | {r['warps']} | {r['stages']} | error: "
+            print(f"| {r['kernel']} | {r['window']} | {r['bq']}x{r['bk']} | {r['warps']} | {r['stages']} | error: "
                   f"{r['error'].splitlines()[0][:80]} | | | {r['default']} |")
         else:
-            print(f"| {r['kernel']} | {r['bq']}x{r['bk']} | {r['warps']} | {r['stages']} | {r['registers']} | "
+            print(f"| {r['kernel']} | {r['window']} | {r['bq']}x{r['bk']} | {r['warps']} | {r['stages']} | "
+                  f"{r['registers']} | "
                   f"{r['spill_bytes']} | {r['wgmma']} | {r['default']} |")
     return 1 if bad else 0
 

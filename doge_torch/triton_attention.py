@@ -80,26 +80,33 @@ def _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW: tl.constexpr, P
 
 
 @_jit
-def _fwd_kernel(Q, K, V, DT, E, O, LSE, scale, window, Tp, H, G, NDT,
-                R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """One query block of one query head: o [BQ, D] and lse [BQ] by an online softmax over the key blocks."""
+def _query_block(Tp, H, G, NDT, window, R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr,
+                 BK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """This program's query block (grid: query block, batch, query head): its index, query slots, the base offsets
+    of its query head's rows [Tp] (x D for q-shaped arrays), its kv head's [Tp, D] and its dt/e head's [Tp], and
+    the key blocks it visits (from the first one the window allows to the causal diagonal)."""
     qb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
-    rd = tl.arange(0, D)
     qi = qb * BQ + tl.arange(0, BQ)
-    row = (b * H + h) * Tp
-    kv = (b * G + h // R) * Tp * D
-    dte = (b * NDT + h // RDT) * Tp
-    q = tl.load(Q + row * D + qi[:, None] * D + rd[None, :])
-    m = tl.full((BQ,), float("-inf"), ACC)
-    l = tl.zeros((BQ,), ACC)
-    acc = tl.zeros((BQ, D), ACC)
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(qb * BQ - window + 1, 0) // BK
     hi = ((qb + 1) * BQ + BK - 1) // BK  # causal: no key block past the diagonal
+    return qi, (b * H + h) * Tp, (b * G + h // R) * Tp * D, (b * NDT + h // RDT) * Tp, lo, hi
+
+
+@_jit
+def _fwd_kernel(Q, K, V, DT, E, O, LSE, scale, window, Tp, H, G, NDT,
+                R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One query block of one query head: o [BQ, D] and lse [BQ] by an online softmax over the key blocks."""
+    qi, row, kv, dte, lo, hi = _query_block(Tp, H, G, NDT, window, R, RDT, D, BQ, BK, HAS_WINDOW)
+    rd = tl.arange(0, D)
+    q = tl.load(Q + row * D + qi[:, None] * D + rd[None, :])
+    m = tl.full((BQ,), float("-inf"), ACC)
+    l = tl.zeros((BQ,), ACC)
+    acc = tl.zeros((BQ, D), ACC)
     for kb in range(lo, hi):
         kj = kb * BK + tl.arange(0, BK)
         k = tl.load(K + kv + kj[:, None] * D + rd[None, :])
@@ -122,23 +129,13 @@ def _dq_kernel(Q, K, V, DT, E, DO, LSE, DELTA, DQ, scale, window, Tp, H, G, NDT,
                R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """dq of one query block of one query head, over the same key blocks as the forward."""
-    qb = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)
+    qi, row, kv, dte, lo, hi = _query_block(Tp, H, G, NDT, window, R, RDT, D, BQ, BK, HAS_WINDOW)
     rd = tl.arange(0, D)
-    qi = qb * BQ + tl.arange(0, BQ)
-    row = (b * H + h) * Tp
-    kv = (b * G + h // R) * Tp * D
-    dte = (b * NDT + h // RDT) * Tp
     q = tl.load(Q + row * D + qi[:, None] * D + rd[None, :])
     do = tl.load(DO + row * D + qi[:, None] * D + rd[None, :])
     lse = tl.load(LSE + row + qi)
     delta = tl.load(DELTA + row + qi)
     dq = tl.zeros((BQ, D), ACC)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(qb * BQ - window + 1, 0) // BK
-    hi = ((qb + 1) * BQ + BK - 1) // BK
     for kb in range(lo, hi):
         kj = kb * BK + tl.arange(0, BK)
         k = tl.load(K + kv + kj[:, None] * D + rd[None, :])

@@ -1,5 +1,6 @@
-"""doge_torch's Triton kernels compile for Hopper (sm_90) with their default launch configs: no register spills and
-wgmma matrix instructions (benchmarks/triton_compile_check.py: Triton's compiler and the wheel's ptxas, no GPU)."""
+"""doge_torch's Triton kernels compile for Hopper (sm_90) with their default launch configs, with and without a
+sliding window: no register spills, wgmma matrix instructions (benchmarks/triton_compile_check.py: Triton's
+compiler and the wheel's ptxas, no GPU)."""
 
 import os
 import subprocess
@@ -18,7 +19,8 @@ def test_kernels_compile_for_sm90_without_spills():
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| _")]
-    assert sorted(r.split(" | ")[0] for r in rows) == ["| _dkv_kernel", "| _dq_kernel", "| _fwd_kernel"]
+    names = sorted((c[0], c[1]) for c in ([x.strip() for x in r.strip("|").split("|")] for r in rows))
+    assert names == sorted((k, w) for k in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel") for w in ("False", "True"))
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
-        assert cells[5] == "0" and cells[6] == "True", r  # no spills, wgmma
+        assert cells[6] == "0" and cells[7] == "True", r  # no spills, wgmma
