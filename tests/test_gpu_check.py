@@ -34,3 +34,13 @@ def test_gpu_check_cpu_fallback():
     assert "all checks passed" in out
     after = open(results).read() if os.path.exists(results) else None
     assert after == before, "the CPU fallback must not append to RESULTS.md without --append"
+
+
+def test_kernel_tune_cpu_check():
+    """benchmarks/kernel_tune.py (the GPU block-size sweep of both kernels) runs its tiny CPU check end to end."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_tune.py"), "--reps", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| doge_")]
+    assert len(rows) == 4 and all("error" not in r for r in rows), rows

@@ -1,0 +1,131 @@
+"""Block-size sweep of the two DMA flash kernels (doge_torch Triton, doge_jax Pallas) against flash causal attention.
+
+For a GPU session after gpu_check.py has shown the kernels run: forward and forward+backward times per block
+config at Doge-160M's head shape (batch 1, H 6, G 3, D 128, keep_window 2048, bf16), as ratios to torch's flash
+causal sdpa in the same run. Appends the table to benchmarks/RESULTS.md on a GPU.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernel_tune.py --seq 16384 2>&1 | tee $OUT/tune.log
+
+Without a GPU it runs a tiny CPU check of the same code paths (T 128, D 16; the kernels in Triton's interpreter
+and Pallas interpret mode; set TRITON_INTERPRET=1 before starting it), prints the table and appends nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CONFIGS = ((64, 64), (128, 64), (64, 32), (128, 32), (128, 128))
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", type=int, default=16384)
+    ap.add_argument("--keep", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from doge_jax.attention import key_expiry as jax_key_expiry
+    from doge_jax.pallas_attention import dma_pallas
+    from doge_torch.model import key_expiry
+    from doge_torch.triton_attention import dma_triton
+
+    gpu = torch.cuda.is_available()
+    dev = torch.device("cuda" if gpu else "cpu")
+    B, H, G = 1, 6, 3
+    T, D, keep, configs = (args.seq, 128, args.keep, CONFIGS) if gpu else (128, 16, 32, ((32, 32), (64, 32)))
+    dtype = torch.bfloat16 if gpu else torch.float32
+
+    def sync(x=None):
+        if gpu:
+            torch.cuda.synchronize()
+        if x is not None:
+            jax.block_until_ready(x)
+
+    rng = np.random.default_rng(0)
+    qn, kn, vn = (rng.standard_normal(s).astype(np.float32) for s in ((B, H, T, D), (B, G, T, D), (B, G, T, D)))
+    dtn = np.exp(rng.standard_normal((B, G, T))).astype(np.float32)
+    don = rng.standard_normal((B, H, T, D)).astype(np.float32)
+    q, k, v = (torch.tensor(x, dtype=dtype, device=dev, requires_grad=True) for x in (qn, kn, vn))
+    dt = torch.tensor(dtn, device=dev, requires_grad=True)
+    do = torch.tensor(don, dtype=dtype, device=dev)
+    e = key_expiry(dt.detach(), torch.ones(B, T, dtype=torch.bool, device=dev), keep)
+    rows = []
+
+    def timed(name, fwd, fwdbwd):
+        try:
+            f_ms = median_ms(lambda: (fwd(), sync()), args.reps)
+            b_ms = median_ms(lambda: (fwdbwd(), sync()), args.reps)
+            rows.append((name, f"{f_ms:.3f}", f"{b_ms:.3f}", b_ms))
+        except Exception as ex:  # noqa: BLE001 - a config that does not compile or run is a row, not the end
+            rows.append((name, "error", f"{type(ex).__name__}: {str(ex).splitlines()[0][:80]}", None))
+        print(rows[-1][:3], flush=True)
+
+    timed("torch flash causal sdpa",
+          lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+          lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                                      (q, k, v), do))
+    for bq, bk in configs:
+        timed(f"doge_torch Triton {bq}x{bk}",
+              lambda bq=bq, bk=bk: dma_triton(q, k, v, dt, e, block_q=bq, block_k=bk),
+              lambda bq=bq, bk=bk: torch.autograd.grad(dma_triton(q, k, v, dt, e, block_q=bq, block_k=bk),
+                                                       (q, k, v, dt), do))
+    jdt_type = jnp.bfloat16 if gpu else jnp.float32
+    jq, jk, jv, jdo = (jnp.asarray(x, jdt_type) for x in (qn, kn, vn, don))
+    jdt = jnp.asarray(dtn)
+    je = jax_key_expiry(jdt, jnp.ones((B, T), bool), keep)
+    for bq, bk in configs:
+        fwd = jax.jit(lambda q, k, v, dt, bq=bq, bk=bk: dma_pallas(q, k, v, dt, je, block_q=bq, block_k=bk))
+
+        def loss(q, k, v, dt, bq=bq, bk=bk):
+            o = dma_pallas(q, k, v, dt, je, block_q=bq, block_k=bk)
+            return jnp.sum(o.astype(jnp.float32) * jdo.astype(jnp.float32))
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        timed(f"doge_jax Pallas {bq}x{bk}", lambda fwd=fwd: sync(fwd(jq, jk, jv, jdt)),
+              lambda grad=grad: sync(grad(jq, jk, jv, jdt)))
+
+    base = rows[0][3]
+    card = torch.cuda.get_device_name(0) if gpu else "cpu-check"
+    lines = ["| kernel | fwd ms | fwd+bwd ms | fwd+bwd vs flash |", "|---|---|---|---|"]
+    for name, f_ms, b_ms, b in rows:
+        ratio = f"{b / base:.2f}x" if (b is not None and base) else ""
+        lines.append(f"| {name} | {f_ms} | {b_ms} | {ratio} |")
+    table = "\n".join(lines)
+    dname = str(dtype).replace("torch.", "")
+    title = (f"## kernel_tune.py — {datetime.datetime.now():%Y-%m-%d %H:%M} — {card} (T {T}, B {B}, H {H}, G {G}, "
+             f"D {D}, keep {keep}, {dname}; torch {torch.__version__}, jax {jax.__version__})")
+    print(f"\n{title}\n\n{table}")
+    if gpu and not args.no_append:
+        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a") as f:
+            f.write(f"\n{title}\n\n{table}\n")
+    return 0 if all(r[1] != "error" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
