@@ -97,6 +97,17 @@ def _query_block(Tp, H, G, NDT, window, R: tl.constexpr, RDT: tl.constexpr, D: t
 
 
 @_jit
+def _key_tile(K, V, DT, E, kv, dte, kb, q, qi, rd, scale, window, D: tl.constexpr, BK: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
+    """Key block kb of a query block's loop: its k, v [BK, D] and the masked scores [BQ, BK]."""
+    kj = kb * BK + tl.arange(0, BK)
+    k = tl.load(K + kv + kj[:, None] * D + rd[None, :])
+    v = tl.load(V + kv + kj[:, None] * D + rd[None, :])
+    s = _tile_scores(q, k, tl.load(DT + dte + kj), tl.load(E + dte + kj), qi, kj, scale, window, HAS_WINDOW, PREC)
+    return k, v, s
+
+
+@_jit
 def _fwd_kernel(Q, K, V, DT, E, O, LSE, scale, window, Tp, H, G, NDT,
                 R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
@@ -108,12 +119,7 @@ def _fwd_kernel(Q, K, V, DT, E, O, LSE, scale, window, Tp, H, G, NDT,
     l = tl.zeros((BQ,), ACC)
     acc = tl.zeros((BQ, D), ACC)
     for kb in range(lo, hi):
-        kj = kb * BK + tl.arange(0, BK)
-        k = tl.load(K + kv + kj[:, None] * D + rd[None, :])
-        v = tl.load(V + kv + kj[:, None] * D + rd[None, :])
-        dt = tl.load(DT + dte + kj)
-        e = tl.load(E + dte + kj)
-        s = _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW, PREC)
+        _, v, s = _key_tile(K, V, DT, E, kv, dte, kb, q, qi, rd, scale, window, D, BK, HAS_WINDOW, PREC)
         m_new = tl.maximum(m, tl.max(s, 1))
         corr = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -137,12 +143,7 @@ def _dq_kernel(Q, K, V, DT, E, DO, LSE, DELTA, DQ, scale, window, Tp, H, G, NDT,
     delta = tl.load(DELTA + row + qi)
     dq = tl.zeros((BQ, D), ACC)
     for kb in range(lo, hi):
-        kj = kb * BK + tl.arange(0, BK)
-        k = tl.load(K + kv + kj[:, None] * D + rd[None, :])
-        v = tl.load(V + kv + kj[:, None] * D + rd[None, :])
-        dt = tl.load(DT + dte + kj)
-        e = tl.load(E + dte + kj)
-        s = _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW, PREC)
+        k, v, s = _key_tile(K, V, DT, E, kv, dte, kb, q, qi, rd, scale, window, D, BK, HAS_WINDOW, PREC)
         p = tl.exp(s - lse[:, None])
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
