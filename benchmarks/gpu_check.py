@@ -585,7 +585,7 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         if triton_available(q.device) or kernel_interpreted:
             def t_kernel(q=q, k=k, v=v, dt=dt, do=do, T=T, blocks=None):
                 valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
-                e = key_expiry(dt, valid, keep) if T > keep else torch.full(dt.shape, T, device=q.device)
+                e = key_expiry(dt, valid, keep)
                 o = dma_triton(q, k, v, dt, e, **(blocks or {}))
                 return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 

@@ -192,6 +192,17 @@ def key_expiry(dt: jax.Array, valid: jax.Array, keep_window: int) -> jax.Array:
     return jax.vmap(jax.vmap(one, in_axes=(0, None)))(dt, valid).astype(jnp.int32)
 
 
+def mask_expiry(dt: jax.Array, mask: MaskInfo, keep_window: int) -> jax.Array:
+    """Expiry slots [B, n, T] of the keys under `mask` (0 = padding or nonexistent slot): key_expiry without a
+    sliding window; with one (W <= keep_window, or T <= keep_window) nothing expires: a row has at most
+    keep_window allowed keys."""
+    B, _, T = dt.shape
+    valid = mask.valid_keys(B, T)
+    if mask.sliding_window is None:
+        return key_expiry(dt, valid, keep_window)
+    return jnp.broadcast_to(jnp.where(valid, _NEVER, 0)[:, None, :], dt.shape).astype(jnp.int32)
+
+
 # ---- blockwise ----------------------------------------------------------------------------------------------------
 
 def _tile_scores(qb, kb, dtb, eb, qi, j0, window, scale):
@@ -357,11 +368,7 @@ def attention_blockwise(q, k, v, dt, mask: MaskInfo, keep_window: int, block_q: 
     n = dt.shape[1]
     if not blockwise_supported(T, keep_window, mask):
         raise ValueError("blockwise attention: sliding_window > keep_window with T > keep_window is not supported")
-    valid = mask.valid_keys(B, T)
-    if T > keep_window and mask.sliding_window is None:
-        e = key_expiry(dt, valid, keep_window)
-    else:  # nothing expires: at most keep_window allowed keys per row
-        e = jnp.broadcast_to(jnp.where(valid, _NEVER, 0)[:, None, :], dt.shape).astype(jnp.int32)
+    e = mask_expiry(dt, mask, keep_window)
     bq = min(block_q, _round_up(S, 8))
     bk = min(block_k, _round_up(T, 8))
     Sp, Tp = _round_up(S, bq), _round_up(T, bk)
@@ -505,11 +512,7 @@ def attention_pallas(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array
     if not pallas_supported(S, T, D, keep_window, mask):
         raise ValueError("pallas attention needs S == T (no cache), a power-of-two head dim >= 16, and no sliding "
                          "window wider than keep_window when T > keep_window")
-    valid = mask.valid_keys(B, T)
-    if T > keep_window and mask.sliding_window is None:
-        e = key_expiry(dt, valid, keep_window)
-    else:  # nothing expires: at most keep_window allowed keys per row
-        e = jnp.broadcast_to(jnp.where(valid, _NEVER, 0)[:, None, :], dt.shape).astype(jnp.int32)
+    e = mask_expiry(dt, mask, keep_window)
     o = dma_pallas(q, k, v, dt, e, window=mask.sliding_window).reshape(B, G, H // G, S, D)
     return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
 

@@ -151,6 +151,8 @@ def key_expiry(dt: torch.Tensor, valid: torch.Tensor, keep_window: int) -> torch
     index on ties), NEVER if fewer do, 0 for invalid keys (design.md §3)."""
     B, n, T = dt.shape
     ok = valid[:, None, :].expand(B, n, T).reshape(B * n, T)
+    if T <= keep_window:  # nothing can expire
+        return torch.where(ok, NEVER, 0).view(B, n, T)
     key = torch.where(ok, -dt.detach().reshape(B * n, T).float(), torch.inf)
     perm = torch.sort(key, dim=-1, stable=True).indices  # best first, invalid keys last
     rank = torch.empty_like(perm).scatter_(1, perm, torch.arange(T, device=dt.device).expand(B * n, T))
@@ -351,9 +353,7 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     sdpa = use_sdpa(cfg, compute, q.device)
     if allowed is None:
         if cfg.attention_impl == "pallas" and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
-            valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
-            e = key_expiry(dt, valid, cfg.keep_window_size) if T > cfg.keep_window_size else torch.full(
-                dt.shape, T, dtype=torch.int32, device=q.device)
+            e = key_expiry(dt, torch.ones(B, T, dtype=torch.bool, device=q.device), cfg.keep_window_size)
             return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e).to(q.dtype)
         if sdpa and T <= cfg.keep_window_size:
             qa, ka, va = fold_bias(q, k, v, dt)
