@@ -239,8 +239,9 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     out.loss.backward()
     ref_grads = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
     ref_a = out.logits.detach().numpy()
-    # unpadded T = 48 > keep_window: doge_torch's FlexAttention path on CUDA (the dense-bias path elsewhere)
-    ids_c = unique_ids(2, 48, cfg.vocab_size, 3)
+    # unpadded T = 80 > 2 keep_window: doge_torch's FlexAttention path on CUDA (the dense-bias path elsewhere) and
+    # the sparse Triton kernels with attention_impl="pallas"
+    ids_c = unique_ids(2, 80, cfg.vocab_size, 3)
     ref.zero_grad(set_to_none=True)
     out_c = ref(torch.as_tensor(ids_c), labels=torch.as_tensor(ids_c))
     out_c.loss.backward()
@@ -294,7 +295,8 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     kern = "Triton kernel" if triton_available(tdev) else "sdpa (kernel needs CUDA)"
     km = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="pallas")).to(tdev)
     with guarded(report, S, f"doge_torch fp32 {kern}"):
-        torch_rows(f"doge_torch fp32 {kern} (T>keep_window, no padding)", km, ids_c, ref_c, ref_grads_c)
+        sparse = ": sparse kernels" if triton_available(tdev) else ""
+        torch_rows(f"doge_torch fp32 {kern} (T>2 keep_window{sparse}, no padding)", km, ids_c, ref_c, ref_grads_c)
     if budget.left() > (3 if cpu else 20):
         with guarded(report, S, "doge_torch fp32 compiled"):
             torch_rows("doge_torch fp32 torch.compile(fullgraph)", tcompile(tmodel, cpu), ids_a, ref_a, ref_grads,
@@ -583,16 +585,18 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         cell("torch sdpa causal (flash)", t_causal)
         cell(f"doge_torch DMA {fast} (compiled)", t_fast)
         if triton_available(q.device) or kernel_interpreted:
-            def t_kernel(q=q, k=k, v=v, dt=dt, do=do, T=T, blocks=None):
+            def t_kernel(q=q, k=k, v=v, dt=dt, do=do, T=T, **kw):
                 valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
                 e = key_expiry(dt, valid, keep)
-                o = dma_triton(q, k, v, dt, e, **(blocks or {}))
+                o = dma_triton(q, k, v, dt, e, keep=keep, **kw)
                 return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
-            cell("doge_torch DMA Triton kernel", t_kernel)
+            cell("doge_torch DMA Triton kernel (dense)", functools.partial(t_kernel, sparse=False))
+            if T > keep:  # per-superblock key lists: about keep_window keys per query block instead of all
+                cell("doge_torch DMA Triton kernel (sparse)", functools.partial(t_kernel, sparse=True))
             if T == sizes[0]:  # a block-size probe at the target size: 128-query blocks
-                cell("doge_torch DMA Triton kernel 128x64 blocks",
-                     functools.partial(t_kernel, blocks=dict(block_q=128, block_k=64)))
+                cell("doge_torch DMA Triton kernel (sparse) 128x64 blocks",
+                     functools.partial(t_kernel, sparse=True, block_q=128, block_k=64))
         cell("doge_torch DMA sdpa+bias (eager)", functools.partial(t_dma, functools.partial(dma_attention, cfg)))
         del q, k, v, dt, do
         if torch.cuda.is_available():

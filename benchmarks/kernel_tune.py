@@ -1,4 +1,5 @@
-"""Block-size sweep of the two DMA flash kernels (doge_torch Triton, doge_jax Pallas) against flash causal attention.
+"""Block-size sweep of the two DMA flash kernels (doge_torch Triton, dense and SPARSE; doge_jax Pallas) against flash
+causal attention.
 
 For a GPU session after gpu_check.py has shown the kernels run: forward and forward+backward times per block
 config at Doge-160M's head shape (batch 1, H 6, G 3, D 128, keep_window 2048, bf16), as ratios to torch's flash
@@ -23,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CONFIGS = ((64, 64), (128, 64), (64, 32), (128, 32), (128, 128))
+# the SPARSE Triton kernels (per-superblock key lists): block_q, block_k, superblock
+SPARSE_CONFIGS = ((64, 64, 256), (64, 64, 128), (64, 64, 512), (128, 64, 256), (64, 32, 256))
 
 
 def median_ms(fn, reps: int) -> float:
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available()
     dev = torch.device("cuda" if gpu else "cpu")
     B, H, G = 1, 6, 3
-    T, D, keep, configs = (args.seq, 128, args.keep, CONFIGS) if gpu else (128, 16, 32, ((32, 32), (64, 32)))
+    T, D, keep, configs, sparse_configs = ((args.seq, 128, args.keep, CONFIGS, SPARSE_CONFIGS) if gpu else
+                                           (128, 16, 32, ((32, 32), (64, 32)), ((32, 32, 32), (32, 16, 64))))
     dtype = torch.bfloat16 if gpu else torch.float32
 
     def sync(x=None):
@@ -95,6 +99,11 @@ def main(argv=None) -> int:
               lambda bq=bq, bk=bk: dma_triton(q, k, v, dt, e, block_q=bq, block_k=bk),
               lambda bq=bq, bk=bk: torch.autograd.grad(dma_triton(q, k, v, dt, e, block_q=bq, block_k=bk),
                                                        (q, k, v, dt), do))
+    for bq, bk, sb in sparse_configs:
+        kw = dict(block_q=bq, block_k=bk, keep=keep, sparse=True, superblock=sb)
+        timed(f"doge_torch Triton sparse {bq}x{bk} superblock {sb}",
+              lambda kw=kw: dma_triton(q, k, v, dt, e, **kw),
+              lambda kw=kw: torch.autograd.grad(dma_triton(q, k, v, dt, e, **kw), (q, k, v, dt), do))
     jdt_type = jnp.bfloat16 if gpu else jnp.float32
     jq, jk, jv, jdo = (jnp.asarray(x, jdt_type) for x in (qn, kn, vn, don))
     jdt = jnp.asarray(dtn)

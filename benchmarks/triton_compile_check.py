@@ -22,13 +22,25 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-POINTERS = {"_fwd_kernel": ["Q", "K", "V", "DT", "E", "O", "LSE"],
-            "_dq_kernel": ["Q", "K", "V", "DT", "E", "DO", "LSE", "DELTA", "DQ"],
-            "_dkv_kernel": ["Q", "K", "V", "DT", "E", "DO", "LSE", "DELTA", "DK", "DV", "DDT"]}
-SCALARS = {"scale": "fp32", "window": "i32", "Tp": "i32", "H": "i32", "G": "i32", "NDT": "i32"}
+POINTERS = {"_fwd_kernel": ["Q", "K", "V", "DT", "E", "IDX", "CNTQ", "O", "LSE"],
+            "_dq_kernel": ["Q", "K", "V", "DT", "E", "IDX", "CNTQ", "DO", "LSE", "DELTA", "DQ"],
+            "_dkv_kernel": ["Q", "K", "V", "DT", "E", "DO", "LSE", "DELTA", "DK", "DV", "DDT"],
+            "_dkv_sparse_kernel": ["Q", "K", "V", "DT", "E", "IDX", "CNT", "DO", "LSE", "DELTA", "DK", "DV", "DDT"]}
+SCALARS = {"_fwd_kernel": ["scale", "window", "Tp", "H", "G", "NDT", "NQB", "NS", "LMAX"],
+           "_dq_kernel": ["scale", "window", "Tp", "H", "G", "NDT", "NQB", "NS", "LMAX"],
+           "_dkv_kernel": ["scale", "window", "Tp", "H", "G", "NDT"],
+           "_dkv_sparse_kernel": ["scale", "window", "Tp", "H", "G", "NDT", "NS", "LMAX"]}
+INT_POINTERS = {"E", "IDX", "CNT", "CNTQ"}
+FP32_POINTERS = {"DT", "LSE", "DELTA", "DDT"}
 
 
-def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bool = False, D: int = 128) -> dict:
+def label(name: str, sparse: bool) -> str:
+    """The kernel column: the fwd/dq kernels compile as two variants (dense key blocks, SPARSE key lists)."""
+    return name + ("[sparse]" if sparse and name in ("_fwd_kernel", "_dq_kernel") else "")
+
+
+def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bool = False, sparse: bool = False,
+                D: int = 128) -> dict:
     """Compile one kernel for sm_90 (bf16 q/k/v, float32 dt/lse, GQA 2); returns registers, spill bytes, wgmma."""
     import triton
     import triton.language as tl
@@ -38,9 +50,13 @@ def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bo
     import doge_torch.triton_attention as ta
 
     const = dict(R=2, RDT=2, D=D, BQ=bq, BK=bk, HAS_WINDOW=window, ACC=tl.float32, PREC="tf32")
-    sig = {p: "*i32" if p == "E" else "*fp32" if p in ("DT", "LSE", "DELTA", "DDT") else "*bf16"
-           for p in POINTERS[name]}
-    sig.update(SCALARS)
+    if name != "_dkv_kernel":
+        const["SB"] = ta.SUPERBLOCK
+    if name in ("_fwd_kernel", "_dq_kernel"):
+        const["SPARSE"] = sparse
+    fp32 = FP32_POINTERS | ({"DK", "DV"} if name == "_dkv_sparse_kernel" else set())  # atomic float32 sums
+    sig = {p: "*i32" if p in INT_POINTERS else "*fp32" if p in fp32 else "*bf16" for p in POINTERS[name]}
+    sig.update({a: "fp32" if a == "scale" else "i32" for a in SCALARS[name]})
     sig.update({c: "constexpr" for c in const})
     kernel = triton.compile(ASTSource(fn=getattr(ta, name), signature=sig, constexprs=const),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -54,25 +70,29 @@ def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bo
                               capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
-    return {"kernel": name, "bq": bq, "bk": bk, "warps": warps, "stages": stages, "window": window,
+    return {"kernel": label(name, sparse), "bq": bq, "bk": bk, "warps": warps, "stages": stages, "window": window,
             "registers": regs, "spill_bytes": spills, "wgmma": "wgmma" in ptx}
 
 
-def default_configs() -> list[tuple[str, int, int, int, int, bool]]:
+def default_configs() -> list[tuple[str, int, int, int, int, bool, bool]]:
     """The configs dma_triton launches at D = 128 (doge_torch.triton_attention's constants), without and with a
-    sliding window."""
+    sliding window, dense and SPARSE."""
     import doge_torch.triton_attention as ta
 
     warps, stages = 8, 2  # _launch_args for D >= 128
-    return [(name, bq, ta.BLOCK_K, warps, stages, window) for window in (False, True)
-            for name, bq in (("_fwd_kernel", ta.BLOCK_Q), ("_dq_kernel", ta.BLOCK_Q),
-                             ("_dkv_kernel", min(ta.BLOCK_Q, ta.BLOCK_Q_DKV)))]
+    bqd = min(ta.BLOCK_Q, ta.BLOCK_Q_DKV)
+    return [(name, bq, ta.BLOCK_K, warps, stages, window, sparse) for window in (False, True)
+            for name, bq, sparse in (("_fwd_kernel", ta.BLOCK_Q, False), ("_dq_kernel", ta.BLOCK_Q, False),
+                                     ("_dkv_kernel", bqd, False), ("_fwd_kernel", ta.BLOCK_Q, True),
+                                     ("_dq_kernel", ta.BLOCK_Q, True), ("_dkv_sparse_kernel", bqd, True))]
 
 
-SWEEP = [("_fwd_kernel", 128, 64, 8, 2, False), ("_fwd_kernel", 128, 64, 8, 3, False),
-         ("_fwd_kernel", 64, 64, 4, 2, False), ("_dq_kernel", 128, 32, 8, 2, False),
-         ("_dq_kernel", 128, 64, 8, 2, False), ("_dkv_kernel", 64, 64, 8, 2, False),
-         ("_dkv_kernel", 32, 128, 8, 2, False), ("_dkv_kernel", 16, 64, 4, 2, False)]
+SWEEP = [("_fwd_kernel", 128, 64, 8, 2, False, False), ("_fwd_kernel", 128, 64, 8, 3, False, False),
+         ("_fwd_kernel", 64, 64, 4, 2, False, False), ("_dq_kernel", 128, 32, 8, 2, False, False),
+         ("_dq_kernel", 128, 64, 8, 2, False, False), ("_dkv_kernel", 64, 64, 8, 2, False, False),
+         ("_dkv_kernel", 32, 128, 8, 2, False, False), ("_dkv_kernel", 16, 64, 4, 2, False, False),
+         ("_fwd_kernel", 128, 64, 8, 2, False, True), ("_dq_kernel", 128, 64, 8, 2, False, True),
+         ("_dkv_sparse_kernel", 64, 64, 8, 2, False, True), ("_dkv_sparse_kernel", 32, 128, 8, 2, False, True)]
 
 
 def main(argv=None) -> int:
@@ -87,8 +107,8 @@ def main(argv=None) -> int:
         try:
             r = compile_one(*cfg)
         except Exception as e:  # noqa: BLE001 - report every config
-            r = {"kernel": cfg[0], "bq": cfg[1], "bk": cfg[2], "warps": cfg[3], "stages": cfg[4], "window": cfg[5],
-                 "error": str(e)}
+            r = {"kernel": label(cfg[0], cfg[6]), "bq": cfg[1], "bk": cfg[2], "warps": cfg[3], "stages": cfg[4],
+                 "window": cfg[5], "error": str(e)}
         r["default"] = is_default
         rows.append(r)
         if is_default and ("error" in r or r["spill_bytes"] or not r["wgmma"]):

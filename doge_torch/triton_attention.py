@@ -12,6 +12,14 @@ the key blocks from the first one the window allows to the causal diagonal; the 
 of one kv head and loops over the query heads of its group and the query blocks from the diagonal to the last query
 any of its keys is alive for, so d(dt_j) = sum_i dS_ij is a per-block reduction with no atomics.
 
+SPARSE kernels (T well past keep_window): the keep window leaves each query at most keep_window alive keys, spread
+over the whole prefix (the best dt of it), so whole key blocks rarely expire and the dense loops visit every causal
+tile. Instead, per superblock of queries (SUPERBLOCK), `key_lists` lists the keys alive for any of its queries (at
+most keep_window + SUPERBLOCK - 1), and the forward and dq kernels gather their key tiles from that list: about
+keep_window keys per query block instead of all earlier ones (a quarter of the causal tiles at T = 8 keep_window).
+The key-side kernel takes one list chunk of one superblock and adds its dk, dv, d(dt) atomically into float32 sums
+(a key is listed by every superblock it is alive in). Same per-element rule, so the same function.
+
 Off GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, tests only).
 """
 
@@ -54,6 +62,8 @@ BLOCK_K = 64
 # The dk/dv/d(dt) kernel steps through the queries 32 at a time: with 64 (D = 128, 8 warps, bf16) ptxas needs 255
 # registers and spills (benchmarks/triton_compile_check.py, sm_90); with 32 it needs 198 and does not.
 BLOCK_Q_DKV = 32
+# queries per key list of the SPARSE kernels (a multiple of the query blocks)
+SUPERBLOCK = 256
 # masked scores: finite, so a tile whose row is fully masked gives no NaN (rescaled away by any live score)
 _MASK_VALUE = -0.7 * torch.finfo(torch.float32).max
 MASK = tl.constexpr(_MASK_VALUE) if tl is not None else _MASK_VALUE
@@ -80,70 +90,99 @@ def _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW: tl.constexpr, P
 
 
 @_jit
-def _query_block(Tp, H, G, NDT, window, R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr,
-                 BK: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _query_block(CNTQ, Tp, H, G, NDT, NQB, NS, LMAX, window, R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr,
+                 BQ: tl.constexpr, BK: tl.constexpr, SB: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 SPARSE: tl.constexpr):
     """This program's query block (grid: query block, batch, query head): its index, query slots, the base offsets
     of its query head's rows [Tp] (x D for q-shaped arrays), its kv head's [Tp, D] and its dt/e head's [Tp], and
-    the key blocks it visits (from the first one the window allows to the causal diagonal)."""
+    the key tiles it visits. Dense: the key blocks from the first one the window allows to the causal diagonal.
+    SPARSE: the chunks of its superblock's key list (base offset `lst`) up to its own last query (`cnt` entries)."""
     qb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)
     qi = qb * BQ + tl.arange(0, BQ)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(qb * BQ - window + 1, 0) // BK
-    hi = ((qb + 1) * BQ + BK - 1) // BK  # causal: no key block past the diagonal
-    return qi, (b * H + h) * Tp, (b * G + h // R) * Tp * D, (b * NDT + h // RDT) * Tp, lo, hi
+    m = b * NDT + h // RDT
+    if SPARSE:
+        lst = (m * NS + (qb * BQ) // SB) * LMAX
+        cnt = tl.load(CNTQ + m * NQB + qb)
+        lo = 0
+        hi = (cnt + BK - 1) // BK
+    else:
+        lst = 0
+        cnt = 0
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(qb * BQ - window + 1, 0) // BK
+        hi = ((qb + 1) * BQ + BK - 1) // BK  # causal: no key block past the diagonal
+    return qi, (b * H + h) * Tp, (b * G + h // R) * Tp * D, m * Tp, lst, cnt, lo, hi
 
 
 @_jit
-def _key_tile(K, V, DT, E, kv, dte, kb, q, qi, rd, scale, window, D: tl.constexpr, BK: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
-    """Key block kb of a query block's loop: its k, v [BK, D] and the masked scores [BQ, BK]."""
-    kj = kb * BK + tl.arange(0, BK)
+def _key_tile(K, V, DT, E, IDX, kv, dte, lst, cnt, c, q, qi, rd, scale, window, D: tl.constexpr, BK: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, SPARSE: tl.constexpr, PREC: tl.constexpr):
+    """Key tile c of a query block's loop: its k, v [BK, D] and the masked scores [BQ, BK]. Dense: key block c;
+    SPARSE: entries c * BK.. of the key list (slots past `cnt` read key 0 and are masked as expired)."""
+    if SPARSE:
+        pos = c * BK + tl.arange(0, BK)
+        inb = pos < cnt
+        kj = tl.load(IDX + lst + pos, mask=inb, other=0)
+        e = tl.where(inb, tl.load(E + dte + kj), 0)
+    else:
+        kj = c * BK + tl.arange(0, BK)
+        e = tl.load(E + dte + kj)
     k = tl.load(K + kv + kj[:, None] * D + rd[None, :])
     v = tl.load(V + kv + kj[:, None] * D + rd[None, :])
-    s = _tile_scores(q, k, tl.load(DT + dte + kj), tl.load(E + dte + kj), qi, kj, scale, window, HAS_WINDOW, PREC)
+    s = _tile_scores(q, k, tl.load(DT + dte + kj), e, qi, kj, scale, window, HAS_WINDOW, PREC)
     return k, v, s
 
 
 @_jit
-def _fwd_kernel(Q, K, V, DT, E, O, LSE, scale, window, Tp, H, G, NDT,
+def _fwd_kernel(Q, K, V, DT, E, IDX, CNTQ, O, LSE, scale, window, Tp, H, G, NDT, NQB, NS, LMAX,
                 R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """One query block of one query head: o [BQ, D] and lse [BQ] by an online softmax over the key blocks."""
-    qi, row, kv, dte, lo, hi = _query_block(Tp, H, G, NDT, window, R, RDT, D, BQ, BK, HAS_WINDOW)
+                SB: tl.constexpr, HAS_WINDOW: tl.constexpr, SPARSE: tl.constexpr, ACC: tl.constexpr,
+                PREC: tl.constexpr):
+    """One query block of one query head: o [BQ, D] and lse [BQ] by an online softmax over the key tiles."""
+    qi, row, kv, dte, lst, cnt, lo, hi = _query_block(CNTQ, Tp, H, G, NDT, NQB, NS, LMAX, window, R, RDT, D, BQ, BK,
+                                                      SB, HAS_WINDOW, SPARSE)
     rd = tl.arange(0, D)
     q = tl.load(Q + row * D + qi[:, None] * D + rd[None, :])
     m = tl.full((BQ,), float("-inf"), ACC)
     l = tl.zeros((BQ,), ACC)
     acc = tl.zeros((BQ, D), ACC)
-    for kb in range(lo, hi):
-        _, v, s = _key_tile(K, V, DT, E, kv, dte, kb, q, qi, rd, scale, window, D, BK, HAS_WINDOW, PREC)
+    for c in range(lo, hi):
+        _, v, s = _key_tile(K, V, DT, E, IDX, kv, dte, lst, cnt, c, q, qi, rd, scale, window, D, BK, HAS_WINDOW,
+                            SPARSE, PREC)
         m_new = tl.maximum(m, tl.max(s, 1))
         corr = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * corr + tl.sum(p, 1)
         acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m = m_new
+    # a query block with an empty key list (SPARSE: all its keys padding or expired) visited no tile: o = 0 and an
+    # lse that keeps exp(s - lse) = 0 for masked scores in the backward
+    m = tl.where(l > 0, m, 0.0)
+    l = tl.where(l > 0, l, 1.0)
     tl.store(O + row * D + qi[:, None] * D + rd[None, :], (acc / l[:, None]).to(O.dtype.element_ty))
     tl.store(LSE + row + qi, m + tl.log(l))
 
 
 @_jit
-def _dq_kernel(Q, K, V, DT, E, DO, LSE, DELTA, DQ, scale, window, Tp, H, G, NDT,
+def _dq_kernel(Q, K, V, DT, E, IDX, CNTQ, DO, LSE, DELTA, DQ, scale, window, Tp, H, G, NDT, NQB, NS, LMAX,
                R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """dq of one query block of one query head, over the same key blocks as the forward."""
-    qi, row, kv, dte, lo, hi = _query_block(Tp, H, G, NDT, window, R, RDT, D, BQ, BK, HAS_WINDOW)
+               SB: tl.constexpr, HAS_WINDOW: tl.constexpr, SPARSE: tl.constexpr, ACC: tl.constexpr,
+               PREC: tl.constexpr):
+    """dq of one query block of one query head, over the same key tiles as the forward."""
+    qi, row, kv, dte, lst, cnt, lo, hi = _query_block(CNTQ, Tp, H, G, NDT, NQB, NS, LMAX, window, R, RDT, D, BQ, BK,
+                                                      SB, HAS_WINDOW, SPARSE)
     rd = tl.arange(0, D)
     q = tl.load(Q + row * D + qi[:, None] * D + rd[None, :])
     do = tl.load(DO + row * D + qi[:, None] * D + rd[None, :])
     lse = tl.load(LSE + row + qi)
     delta = tl.load(DELTA + row + qi)
     dq = tl.zeros((BQ, D), ACC)
-    for kb in range(lo, hi):
-        k, v, s = _key_tile(K, V, DT, E, kv, dte, kb, q, qi, rd, scale, window, D, BK, HAS_WINDOW, PREC)
+    for c in range(lo, hi):
+        k, v, s = _key_tile(K, V, DT, E, IDX, kv, dte, lst, cnt, c, q, qi, rd, scale, window, D, BK, HAS_WINDOW,
+                            SPARSE, PREC)
         p = tl.exp(s - lse[:, None])
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -195,17 +234,68 @@ def _dkv_kernel(Q, K, V, DT, E, DO, LSE, DELTA, DK, DV, DDT, scale, window, Tp, 
     tl.store(DV + kv + kj[:, None] * D + rd[None, :], dv.to(DV.dtype.element_ty))
 
 
+@_jit
+def _dkv_sparse_kernel(Q, K, V, DT, E, IDX, CNT, DO, LSE, DELTA, DK, DV, DDT, scale, window, Tp, H, G, NDT, NS, LMAX,
+                       R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                       SB: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """SPARSE backward for keys: one chunk of BK entries of a superblock's key list (grid: chunk, superblock,
+    batch x dt head). dk, dv and d(dt) of those keys over the superblock's queries of every query head using the
+    dt head, added atomically into float32 (accumulator) buffers: a key is listed by every superblock it is alive in."""
+    c = tl.program_id(0)
+    sb = tl.program_id(1)
+    bm = tl.program_id(2).to(tl.int64)
+    b = bm // NDT
+    m = bm % NDT
+    cnt = tl.load(CNT + bm * NS + sb)
+    if c * BK < cnt:
+        rd = tl.arange(0, D)
+        pos = c * BK + tl.arange(0, BK)
+        inb = pos < cnt
+        kj = tl.load(IDX + (bm * NS + sb) * LMAX + pos, mask=inb, other=0)
+        kv = (b * G + (m * RDT) // R) * Tp * D  # the dt head's query heads share one kv head (n = G or n = H)
+        k = tl.load(K + kv + kj[:, None] * D + rd[None, :])
+        v = tl.load(V + kv + kj[:, None] * D + rd[None, :])
+        dt = tl.load(DT + bm * Tp + kj)
+        e = tl.where(inb, tl.load(E + bm * Tp + kj), 0)
+        # queries of the superblock that can see a listed key: from the first key to the last expiry
+        first = tl.maximum(sb * SB, tl.min(tl.where(inb, kj, Tp), 0))
+        last = tl.minimum(tl.max(e, 0), sb * SB + SB)
+        if HAS_WINDOW:
+            last = tl.minimum(last, tl.max(kj, 0) + window)
+        dk = tl.zeros((BK, D), ACC)
+        dv = tl.zeros((BK, D), ACC)
+        ddt = tl.zeros((BK,), ACC)
+        for j in range(RDT):
+            row = (b * H + m * RDT + j) * Tp
+            for qb in range(first // BQ, (last + BQ - 1) // BQ):
+                qi = qb * BQ + tl.arange(0, BQ)
+                q = tl.load(Q + row * D + qi[:, None] * D + rd[None, :])
+                do = tl.load(DO + row * D + qi[:, None] * D + rd[None, :])
+                lse = tl.load(LSE + row + qi)
+                delta = tl.load(DELTA + row + qi)
+                s = _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW, PREC)
+                p = tl.exp(s - lse[:, None])
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+                ddt += tl.sum(ds, 0)
+        tl.atomic_add(DK + kv + kj[:, None] * D + rd[None, :], dk * scale, mask=inb[:, None], sem="relaxed")
+        tl.atomic_add(DV + kv + kj[:, None] * D + rd[None, :], dv, mask=inb[:, None], sem="relaxed")
+        tl.atomic_add(DDT + bm * Tp + kj, ddt, mask=inb, sem="relaxed")
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator dtype: float32 (float64 for float64 inputs, used to check rounding in tests)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int | None, bq: int, bk: int) -> dict:
-    """Constexpr and launch keyword arguments shared by the three kernels."""
+def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int | None, bq: int, bk: int,
+                 sb: int) -> dict:
+    """Constexpr and launch keyword arguments shared by the kernels."""
     H, D = q.shape[1], q.shape[3]
     acc = _acc_dtype(q.dtype)
     return dict(
-        R=H // k.shape[1], RDT=H // dt.shape[1], D=D, BQ=bq, BK=bk, HAS_WINDOW=window is not None,
+        R=H // k.shape[1], RDT=H // dt.shape[1], D=D, BQ=bq, BK=bk, SB=max(sb, bq), HAS_WINDOW=window is not None,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
         # float32 on a GPU: 3xTF32 tensor-core products (about float32 accuracy; IEEE products there run on FMA
         # units and spill); IEEE under the interpreter and for float64
@@ -215,69 +305,120 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int
     )
 
 
+def key_lists(e: torch.Tensor, keep: int, window: int | None, superblock: int, bq: int, bk: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SPARSE kernels' key lists: per (batch, dt head, superblock of `superblock` queries), the keys alive for
+    some query of the superblock, in key order. e [B, n, Tp] int32 expiry slots (<= Tp; 0 marks padding keys);
+    Tp a multiple of bq and superblock of bq. Returns idx [B, n, NS, LMAX] int32 (unused slots 0), cnt [B, n, NS]
+    (listed keys) and cntq [B, n, Tp // bq] (listed keys up to each query block's last query: the list is in key
+    order, so a query block stops there). With at most `keep` keys alive per query (the keep-window rule) a list
+    holds at most keep + superblock - 1 keys: LMAX = that, rounded up to bk and capped at Tp."""
+    B, n, Tp = e.shape
+    ns = -(-Tp // superblock)
+    lmax = min(-(-(keep + superblock) // bk) * bk, Tp)
+    j = torch.arange(Tp, device=e.device, dtype=torch.int32)
+    s0 = torch.arange(ns, device=e.device, dtype=torch.int32)[:, None] * superblock
+    # key j is alive for some query i in [s0, s0 + superblock): j <= i < e_j, i.e. j < s0 + superblock and
+    # e_j > max(s0, j); with a sliding window also i - j < window for i = s0 at the latest
+    live = (j < s0 + superblock) & (e[:, :, None, :] > torch.maximum(s0, j))
+    if window is not None:
+        live = live & (j + window > s0)
+    cs = live.cumsum(-1, dtype=torch.int32)
+    cnt = cs[..., -1]
+    if not torch.compiler.is_compiling() and int(cnt.max()) > lmax:
+        raise ValueError(f"more than keep={keep} keys alive for some query: e does not follow the keep-window rule")
+    slot = torch.where(live, cs - 1, lmax).clamp_max(lmax).long()  # unlisted keys go to a discarded last slot
+    idx = torch.zeros(B, n, ns, lmax + 1, dtype=torch.int32, device=e.device)
+    idx = idx.scatter_(-1, slot, j.expand(B, n, ns, Tp))[..., :lmax].contiguous()
+    qe = torch.arange(bq, Tp + 1, bq, device=e.device) - 1  # each query block's last query
+    cntq = cs[:, :, qe // superblock, qe].contiguous()
+    return idx, cnt.contiguous(), cntq
+
+
+def _sizes(q, k, dt, lists):
+    """Shape arguments of the kernels: Tp, H, G, n, then NQB, NS, LMAX of the key lists (1s when dense)."""
+    B, H, Tp, D = q.shape
+    if lists:
+        idx, _, cntq = lists
+        return Tp, H, k.shape[1], dt.shape[1], cntq.shape[2], idx.shape[2], idx.shape[3]
+    return Tp, H, k.shape[1], dt.shape[1], 1, 1, 1
+
+
 # The kernels as two custom ops (forward -> o, lse; backward -> dq, dk, dv, ddt) with a registered autograd formula:
 # torch.compile(fullgraph=True) sees one opaque op per direction instead of tracing Python launch code.
 # Arguments are the padded tensors (T a multiple of both blocks): q [B, H, Tp, D], k/v [B, G, Tp, D], dt (accumulator
-# dtype) and e (int32) [B, n, Tp]; window 0 means none.
+# dtype) and e (int32) [B, n, Tp]; `lists` is empty (dense kernels) or `key_lists`' (idx, cnt, cntq) (SPARSE
+# kernels, `sb` queries per superblock); window 0 means none.
 @torch.library.custom_op("doge::dma_triton_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, e: torch.Tensor, window: int,
-            bq: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, e: torch.Tensor,
+            lists: list[torch.Tensor], window: int, bq: int, bk: int, sb: int) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, dt, e = (x.contiguous() for x in (q, k, v, dt, e))
     B, H, Tp, D = q.shape
-    G, n = k.shape[1], dt.shape[1]
+    idx, cntq = (lists[0], lists[2]) if lists else (e, e)  # unused by the dense kernels
     o = torch.empty_like(q)
     lse = torch.empty((B, H, Tp), dtype=_acc_dtype(q.dtype), device=q.device)
     scale = D ** -0.5  # a float32 kernel argument (exact for D = 16, 64, 256)
-    _fwd_kernel[(Tp // bq, B, H)](q, k, v, dt, e, o, lse, scale, window, Tp, H, G, n,
-                                  **_launch_args(q, k, dt, window or None, bq, bk))
+    _fwd_kernel[(Tp // bq, B, H)](q, k, v, dt, e, idx, cntq, o, lse, scale, window, *_sizes(q, k, dt, lists),
+                                  SPARSE=bool(lists), **_launch_args(q, k, dt, window or None, bq, bk, sb))
     return o, lse
 
 
 # fakes describe the real outputs exactly, strides included (the ops make their inputs contiguous): inductor checks
 @_fwd_op.register_fake
-def _(q, k, v, dt, e, window, bq, bk):
+def _(q, k, v, dt, e, lists, window, bq, bk, sb):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty(q.shape[:3], dtype=_acc_dtype(q.dtype)))
 
 
 @torch.library.custom_op("doge::dma_triton_bwd", mutates_args=())
-def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, e: torch.Tensor, o: torch.Tensor,
-            lse: torch.Tensor, do: torch.Tensor, window: int, bq: int, bk: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, e: torch.Tensor,
+            lists: list[torch.Tensor], o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor, window: int, bq: int,
+            bk: int, sb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, dt, e, o, lse, do = (x.contiguous() for x in (q, k, v, dt, e, o, lse, do))
     B, H, Tp, D = q.shape
     G, n = k.shape[1], dt.shape[1]
     f = _acc_dtype(q.dtype)
     delta = (o.to(f) * do.to(f)).sum(-1)
     scale = D ** -0.5
-    kw = _launch_args(q, k, dt, window or None, bq, bk)
+    sizes = _sizes(q, k, dt, lists)
+    kw = _launch_args(q, k, dt, window or None, bq, bk, sb)
+    idx, cnt, cntq = lists if lists else (e, e, e)
     dq = torch.empty_like(q)
-    _dq_kernel[(Tp // bq, B, H)](q, k, v, dt, e, do, lse, delta, dq, scale, window, Tp, H, G, n, **kw)
+    _dq_kernel[(Tp // bq, B, H)](q, k, v, dt, e, idx, cntq, do, lse, delta, dq, scale, window, *sizes,
+                                 SPARSE=bool(lists), **kw)
+    kw["BQ"] = min(bq, BLOCK_Q_DKV)
+    if lists:  # keys are listed by several superblocks: atomic float32 sums, then cast
+        dk, dv = torch.zeros(k.shape, dtype=f, device=q.device), torch.zeros(v.shape, dtype=f, device=q.device)
+        ddt = torch.zeros((B, n, Tp), dtype=f, device=q.device)
+        _dkv_sparse_kernel[(idx.shape[3] // bk, idx.shape[2], B * n)](
+            q, k, v, dt, e, idx, cnt, do, lse, delta, dk, dv, ddt, scale, window, Tp, H, G, n, idx.shape[2],
+            idx.shape[3], **kw)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), ddt.to(dt.dtype)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     ddt = torch.empty((B, H, Tp), dtype=f, device=q.device)
-    kw["BQ"] = min(bq, BLOCK_Q_DKV)
+    del kw["SB"]
     _dkv_kernel[(Tp // bk, B, G)](q, k, v, dt, e, do, lse, delta, dk, dv, ddt, scale, window, Tp, H, G, n, **kw)
     ddt = ddt.view(B, n, H // n, Tp).sum(2)  # query head h uses dt head h // (H // n)
     return dq, dk, dv, ddt.to(dt.dtype)
 
 
 @_bwd_op.register_fake
-def _(q, k, v, dt, e, o, lse, do, window, bq, bk):
+def _(q, k, v, dt, e, lists, o, lse, do, window, bq, bk, sb):
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, dt))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, dt, e, window, bq, bk = inputs
+    q, k, v, dt, e, lists, window, bq, bk, sb = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, dt, e, o, lse)
+    ctx.save_for_backward(q, k, v, dt, e, o, lse, *lists)
     ctx.mark_non_differentiable(lse)
-    ctx.window, ctx.bq, ctx.bk = window, bq, bk
+    ctx.window, ctx.bq, ctx.bk, ctx.sb = window, bq, bk, sb
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, dt, e, o, lse = ctx.saved_tensors
-    dq, dk, dv, ddt = _bwd_op(q, k, v, dt, e, o, lse, do, ctx.window, ctx.bq, ctx.bk)
-    return dq, dk, dv, ddt, None, None, None, None
+    q, k, v, dt, e, o, lse, *lists = ctx.saved_tensors
+    dq, dk, dv, ddt = _bwd_op(q, k, v, dt, e, lists, o, lse, do, ctx.window, ctx.bq, ctx.bk, ctx.sb)
+    return dq, dk, dv, ddt, None, [None] * len(lists), None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -287,8 +428,15 @@ def _is_pow2(x: int, at_least: int = 16) -> bool:
     return x >= at_least and x & (x - 1) == 0
 
 
+def use_sparse(T: int, keep: int | None) -> bool:
+    """Whether `dma_triton` takes the SPARSE kernels by default: from T >= 2 * keep_window on (a guess: below it the
+    lists save less than a quarter of the causal tiles; to be tuned on a GPU with benchmarks/kernel_tune.py)."""
+    return keep is not None and T >= 2 * keep
+
+
 def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, e: torch.Tensor,
-               window: int | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> torch.Tensor:
+               window: int | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, keep: int | None = None,
+               sparse: bool | None = None, superblock: int = SUPERBLOCK) -> torch.Tensor:
     """Dynamic Mask Attention by the Triton kernels, for S == T (training, prefill).
 
     q [B, H, T, D], k/v [B, G, T, D] (query head h uses kv head h // (H // G)), dt [B, n, T] float and e [B, n, T]
@@ -296,6 +444,11 @@ def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tens
     never expire). Returns o [B, H, T, D] in q's dtype, differentiable in q, k, v, dt. T is padded to a multiple
     of the blocks; D and the blocks must be powers of two >= 16 (Triton tiles). Rows with no visible key give a
     finite value to be replaced by the caller.
+
+    `keep` (the keep window e was made with: at most `keep` keys alive per query) allows the SPARSE kernels, which
+    visit per query block only the keys alive somewhere in its superblock (`superblock` queries, a multiple of
+    block_q): about keep + superblock keys instead of every earlier key. `sparse` forces them on or off; by
+    default they run from T >= 2 * keep on (`use_sparse`).
     """
     B, H, T, D = q.shape
     G, n = k.shape[1], dt.shape[1]
@@ -309,10 +462,15 @@ def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tens
                          f"dt {tuple(dt.shape)}, e {tuple(e.shape)}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    blk = max(block_q, block_k)  # both powers of two: a multiple of each
+    sparse = use_sparse(T, keep) if sparse is None else sparse
+    if sparse and (keep is None or keep < 1 or superblock % block_q):
+        raise ValueError(f"the sparse kernels need keep >= 1 and a superblock that is a multiple of block_q, got "
+                         f"keep={keep}, superblock={superblock}, block_q={block_q}")
+    blk = max(block_q, block_k)  # both powers of two: a multiple of each (the last superblock may be partial)
     pad = -(-T // blk) * blk - T
     q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
     dt = F.pad(dt.to(_acc_dtype(q.dtype)), (0, pad))
     e = F.pad(e.clamp(max=T + pad).to(torch.int32), (0, pad))  # padding keys: expired before they exist
-    o, _ = _fwd_op(q, k, v, dt, e, window or 0, block_q, block_k)
+    lists = list(key_lists(e, keep, window, superblock, block_q, block_k)) if sparse else []
+    o, _ = _fwd_op(q, k, v, dt, e, lists, window or 0, block_q, block_k, superblock)
     return o[:, :, :T]

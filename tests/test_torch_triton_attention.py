@@ -76,9 +76,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_triton_equals_reference(case):
-    """Output on rows with a visible key and the q, k, v, dt gradients (upstream gradient zero on dead rows)."""
+def test_triton_equals_reference(case, sparse):
+    """Output on rows with a visible key and the q, k, v, dt gradients (upstream gradient zero on dead rows), by the
+    dense kernels and by the SPARSE ones (key lists per superblock of max(32, block_q) queries: several per row)."""
     T, n, keep, pad, window, dt_kind, bq, bk, dtype = CASES[case]
     args, e = _inputs(T, n, keep, pad, dt_kind, dtype)
     assert ((e > 0) & (e < T)).any() == (keep < T)  # expiry active iff T > keep_window
@@ -90,7 +92,8 @@ def test_triton_equals_reference(case):
     g_want = torch.autograd.grad((want * upstream).sum(), args)
 
     targs = [x.detach().to(dtype).requires_grad_() for x in args]
-    got = ta.dma_triton(*targs, e, window=window, block_q=bq, block_k=bk)
+    got = ta.dma_triton(*targs, e, window=window, block_q=bq, block_k=bk, keep=keep, sparse=sparse,
+                        superblock=max(32, bq))
     assert got.shape == want.shape and got.dtype == dtype
     assert torch.isfinite(got).all()
     g_got = torch.autograd.grad((got * upstream.to(dtype)).sum(), targs)
@@ -101,6 +104,39 @@ def test_triton_equals_reference(case):
         assert a.dtype == dtype and torch.isfinite(a).all(), name
         err = (a.double() - b.detach()).abs().max().item()
         assert err <= rtol * b.abs().max().item(), (name, err, b.abs().max().item())
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_key_lists_match_brute_force(window):
+    """Each superblock's list holds exactly the keys some query of the superblock sees, in key order; cntq counts
+    the ones at or before each query block's last query; no list outgrows keep + superblock."""
+    T, keep, sb, bq, bk = 96, 16, 32, 16, 16
+    _, e = _inputs(T, H, keep, (1, 5), "random", torch.float64)
+    idx, cnt, cntq = ta.key_lists(e, keep, window, sb, bq, bk)
+    assert idx.shape[2:] == (T // sb, keep + sb) and cntq.shape[2] == T // bq
+    i = torch.arange(T)
+    for b in range(B):
+        for m in range(H):
+            sees = (i[None, :] <= i[:, None]) & (i[:, None] < e[b, m][None, :])  # [query, key]
+            if window is not None:
+                sees &= i[:, None] - i[None, :] < window
+            for s in range(T // sb):
+                want = sees[s * sb:(s + 1) * sb].any(0).nonzero().flatten()
+                assert cnt[b, m, s] == len(want)
+                assert torch.equal(idx[b, m, s, :len(want)].long(), want)
+                for qb in range(s * sb // bq, (s + 1) * sb // bq):
+                    assert cntq[b, m, qb] == (want <= qb * bq + bq - 1).sum()
+
+
+def test_sparse_refuses_expiry_beyond_keep():
+    """The sparse kernels' lists are sized for `keep`: expiry slots that let more keys live raise, not truncate."""
+    T, keep = 64, 8
+    args, e = _inputs(T, G, T, (0, 0), "random", torch.float64)  # nothing expires: the last list holds 64 keys
+    with pytest.raises(ValueError, match="keep=8"):
+        ta.dma_triton(*args, e, keep=keep, sparse=True, superblock=16, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="superblock"):
+        ta.dma_triton(*args, e, keep=keep, sparse=True, superblock=24, block_q=16, block_k=16)
+    assert not ta.use_sparse(T, None) and not ta.use_sparse(2 * keep - 1, keep) and ta.use_sparse(2 * keep, keep)
 
 
 def test_bad_shapes_and_availability():
@@ -125,15 +161,16 @@ def test_imports_without_triton():
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def test_compiles_fullgraph_as_custom_ops():
-    """torch.compile(fullgraph=True) captures the kernels as two opaque custom ops (no graph break), with the same
-    values and gradients as eager."""
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_compiles_fullgraph_as_custom_ops(sparse):
+    """torch.compile(fullgraph=True) captures the kernels as two opaque custom ops (no graph break; the sparse
+    kernels' key lists are traced torch ops), with the same values and gradients as eager."""
     T, n, keep = 40, G, 16
     args, e = _inputs(T, n, keep, (1, 3), "random", torch.float32)
     args = [x.float() for x in args]
 
     def f(q, k, v, dt):
-        return ta.dma_triton(q, k, v, dt, e, block_q=16, block_k=16)
+        return ta.dma_triton(q, k, v, dt, e, block_q=16, block_k=16, keep=keep, sparse=sparse, superblock=16)
 
     eager = [x.clone().requires_grad_() for x in args]
     comp = [x.clone().requires_grad_() for x in args]
@@ -145,10 +182,11 @@ def test_compiles_fullgraph_as_custom_ops():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("T,keep", [(40, 16), (24, 32)])
+@pytest.mark.parametrize("T,keep", [(40, 16), (24, 32), (40, 24)])
 def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
     """doge_torch's model with attention_impl="pallas" routes unpadded batches through the kernel (forced on CPU:
-    the interpreter) and matches the eager reference path in logits and in every parameter gradient."""
+    the interpreter; the sparse kernels from T >= 2 keep_window on) and matches the eager reference path in logits
+    and in every parameter gradient."""
     import doge_torch.model as dm
     from doge_jax.config import DogeConfig
 
@@ -165,7 +203,8 @@ def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
     calls = []
     real = dm.dma_triton
     monkeypatch.setattr(dm, "triton_available", lambda device: True)
-    monkeypatch.setattr(dm, "dma_triton", lambda *a, **k: calls.append(1) or real(*a, block_q=16, block_k=16, **k))
+    monkeypatch.setattr(dm, "dma_triton",
+                        lambda *a, **k: calls.append(1) or real(*a, block_q=16, block_k=16, superblock=16, **k))
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
     out_r, out_f = ref(ids, labels=ids), fast(ids, labels=ids)
     assert len(calls) == cfg.num_hidden_layers
@@ -184,8 +223,10 @@ def test_custom_ops_pass_opcheck_on_strided_inputs():
     args, e = _inputs(T, n, keep, (0, 0), "random", torch.float32)
     q, k, v, dt = (x.float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in args)
     assert not q.is_contiguous()
-    torch.library.opcheck(torch.ops.doge.dma_triton_fwd.default, (q, k, v, dt, e, 0, 16, 16))
-    o, lse = torch.ops.doge.dma_triton_fwd(q, k, v, dt, e, 0, 16, 16)
-    do = torch.randn_like(o).transpose(1, 2).contiguous().transpose(1, 2)
-    torch.library.opcheck(torch.ops.doge.dma_triton_bwd.default,
-                          (q.detach(), k.detach(), v.detach(), dt.detach(), e, o.detach(), lse, do, 0, 16, 16))
+    for lists in ([], list(ta.key_lists(e, keep, None, 16, 16, 16))):  # dense, sparse
+        torch.library.opcheck(torch.ops.doge.dma_triton_fwd.default, (q, k, v, dt, e, lists, 0, 16, 16, 16))
+        o, lse = torch.ops.doge.dma_triton_fwd(q, k, v, dt, e, lists, 0, 16, 16, 16)
+        do = torch.randn_like(o).transpose(1, 2).contiguous().transpose(1, 2)
+        torch.library.opcheck(torch.ops.doge.dma_triton_bwd.default,
+                              (q.detach(), k.detach(), v.detach(), dt.detach(), e, lists, o.detach(), lse, do, 0, 16,
+                               16, 16))

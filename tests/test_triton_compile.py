@@ -1,6 +1,6 @@
 """doge_torch's Triton kernels compile for Hopper (sm_90) with their default launch configs, with and without a
-sliding window: no register spills, wgmma matrix instructions (benchmarks/triton_compile_check.py: Triton's
-compiler and the wheel's ptxas, no GPU)."""
+sliding window, dense and sparse: no register spills, wgmma matrix instructions (benchmarks/triton_compile_check.py:
+Triton's compiler and the wheel's ptxas, no GPU)."""
 
 import os
 import subprocess
@@ -20,7 +20,9 @@ def test_kernels_compile_for_sm90_without_spills():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| _")]
     names = sorted((c[0], c[1]) for c in ([x.strip() for x in r.strip("|").split("|")] for r in rows))
-    assert names == sorted((k, w) for k in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel") for w in ("False", "True"))
+    kernels = ("_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_fwd_kernel[sparse]", "_dq_kernel[sparse]",
+               "_dkv_sparse_kernel")
+    assert names == sorted((k, w) for k in kernels for w in ("False", "True"))
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert cells[6] == "0" and cells[7] == "True", r  # no spills, wgmma
