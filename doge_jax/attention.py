@@ -513,7 +513,7 @@ def attention_pallas(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array
         raise ValueError("pallas attention needs S == T (no cache), a power-of-two head dim >= 16, and no sliding "
                          "window wider than keep_window when T > keep_window")
     e = mask_expiry(dt, mask, keep_window)
-    o = dma_pallas(q, k, v, dt, e, window=mask.sliding_window).reshape(B, G, H // G, S, D)
+    o = dma_pallas(q, k, v, dt, e, window=mask.sliding_window, keep=keep_window).reshape(B, G, H // G, S, D)
     return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
 
 

@@ -95,9 +95,11 @@ PALLAS_CASES = {
 }
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("case", list(PALLAS_CASES))
-def test_pallas_equals_reference(case):
-    """The Pallas kernel (forward, dq, dk/dv/d(dt) kernels) in interpret mode = the reference, values and grads."""
+def test_pallas_equals_reference(case, sparse):
+    """The Pallas kernel (forward, dq, dk/dv/d(dt) kernels) in interpret mode = the reference, values and grads;
+    dense, and sparse (key lists per superblock of 32 queries: several per row)."""
     from doge_jax.pallas_attention import dma_pallas
 
     n, T, kw, ties, win, pad = PALLAS_CASES[case]
@@ -113,7 +115,8 @@ def test_pallas_equals_reference(case):
             e = key_expiry(dt, valid, kw)
         else:
             e = jnp.broadcast_to(jnp.where(valid, jnp.iinfo(jnp.int32).max, 0)[:, None, :], dt.shape)
-        o = dma_pallas(q, k, v, dt, e.astype(jnp.int32), window=win, block_q=16, block_k=16)
+        o = dma_pallas(q, k, v, dt, e.astype(jnp.int32), window=win, block_q=16, block_k=16, keep=kw,
+                       sparse=sparse, superblock=32)
         B, H, S, D = q.shape
         G = k.shape[1]
         from doge_jax.attention import _fill_masked_rows
@@ -124,21 +127,30 @@ def test_pallas_equals_reference(case):
     _compare(f, args, mask, w, kw)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("T,window", [(4096, None), (3000, 256)])
-def test_pallas_lowers_to_triton_for_cuda(T, window):
-    """The kernels pass Pallas' Triton lowering for CUDA (block shapes, dtypes, loop bounds) at Doge-160M's head
-    shape in bf16, forward and backward, without a GPU: three Triton calls (forward, dq, dk/dv/d(dt))."""
+def test_pallas_lowers_to_triton_for_cuda(T, window, sparse):
+    """The kernels pass Pallas' Triton lowering for CUDA (block shapes, dtypes, loop bounds, gathers, atomics) at
+    Doge-160M's head shape in bf16, forward and backward, without a GPU: three Triton calls (forward, dq,
+    dk/dv/d(dt)), dense or sparse (key lists for keep_window 1024)."""
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
     from doge_jax.pallas_attention import dma_pallas
 
     B, H, G, D = 1, 6, 3, 128
 
     def f(q, k, v, dt, e):
-        return jnp.sum(dma_pallas(q, k, v, dt, e, window=window, interpret=False).astype(jnp.float32))
+        o = dma_pallas(q, k, v, dt, e, window=window, interpret=False, keep=1024, sparse=sparse)
+        return jnp.sum(o.astype(jnp.float32))
 
     sds = jax.ShapeDtypeStruct
     args = (sds((B, H, T, D), jnp.bfloat16), sds((B, G, T, D), jnp.bfloat16), sds((B, G, T, D), jnp.bfloat16),
             sds((B, G, T), jnp.float32), sds((B, G, T), jnp.int32))
-    text = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    # jax >= 0.11 reads the GPU's compute capability from the device (none here): name an H200
+    gpu = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H200", num_cores=None,
+                                                                   platform="cuda"))
+    with use_abstract_mesh(gpu):
+        text = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3
 
 
@@ -158,6 +170,32 @@ def test_pallas_forward_and_dkv_blocks_differ():
             q.shape)
 
     _compare(f, args, mask, w, 16)
+
+
+def test_pallas_sparse_lists_and_bad_expiry():
+    """The key lists equal doge_torch's; an e that lets more than keep keys live raises (concrete) or gives NaN
+    (traced) instead of dropping keys."""
+    import torch
+
+    from doge_jax.pallas_attention import dma_pallas, key_lists
+    from doge_torch.triton_attention import key_lists as torch_key_lists
+
+    T, keep = 96, 16
+    args, km, _ = _inputs(n=2, S=T, T=T, D=16, pad=(0, 5))
+    e = key_expiry(args[3], MaskInfo(km).valid_keys(2, T), keep)
+    e = jnp.repeat(jnp.minimum(e, T), 2, axis=1)  # per query head, as dma_pallas passes it
+    for window in (None, 7):
+        got = key_lists(e, keep, window, 32, 16, 16)
+        want = torch_key_lists(torch.as_tensor(np.array(e)), keep, window, 32, 16, 16)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), b.numpy())
+        assert not got[3].any()
+    never = jnp.full(args[3].shape, T, jnp.int32)  # nothing expires: lists of up to 96 keys > keep + 32
+    with pytest.raises(ValueError, match="keep=16"):
+        dma_pallas(*args, never, keep=keep, sparse=True, superblock=32, block_q=16, block_k=16)
+    o = jax.jit(lambda *a: dma_pallas(*a, keep=keep, sparse=True, superblock=32, block_q=16, block_k=16))(*args,
+                                                                                                          never)
+    assert bool(jnp.isnan(o).all())
 
 
 def test_pallas_refuses_sizes_past_32bit_offsets():
