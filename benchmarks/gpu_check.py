@@ -333,6 +333,15 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
             m = with_attention_impl(nnx.merge(graphdef, state), "fused")
             lg = nnx.jit(lambda m, i: m(i).logits)(m, jb)
             f32_row("doge_jax fp32 fused logits (T<=keep_window)", max_abs(lg, ref_b))
+        with guarded(report, S, "doge_jax fp32 pallas sparse"):  # T = 80 >= 2 keep_window, no padding
+            jc = jnp.asarray(ids_c)
+            gd = nnx.split(with_attention_impl(nnx.merge(graphdef, state), "pallas"), nnx.Param)[0]
+            lg = jax.jit(lambda st: nnx.merge(gd, st)(jc).logits)(state)
+            f32_row("doge_jax fp32 pallas logits (T>2 keep_window: sparse kernels, no padding)", max_abs(lg, ref_c))
+            grads = jax.jit(jax.grad(lambda st: nnx.merge(gd, st)(jc, labels=jc).loss))(state)
+            flat = {tuple(str(p) for p in path): (v[...] if hasattr(v, "__getitem__") else v.value)
+                    for path, v in nnx.to_flat_state(grads)}
+            grad_row("doge_jax fp32 pallas sparse loss gradients", rel_norm(to_hf_arrays(flat), ref_grads_c))
         for impl in ("blockwise", "pallas"):
             with guarded(report, S, f"doge_jax fp32 {impl} gradients"):
                 gd = nnx.split(with_attention_impl(nnx.merge(graphdef, state), impl), nnx.Param)[0]
@@ -539,6 +548,7 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
                      max_position_embeddings=keep)
     on_gpu = jax.default_backend() == "gpu"
     dma_fast = tcompile(functools.partial(dma_attention, cfg), cpu, dynamic=False)
+    dma_kernels = tcompile(functools.partial(dma_attention, cfg.replace(attention_impl="pallas")), cpu, dynamic=False)
     def one(T):
         reps = 2 if cpu else (5 if T <= 8192 else 3)
         rng = np.random.default_rng(T)
@@ -583,20 +593,28 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
 
         fast = "folded causal sdpa" if T <= keep else ("FlexAttention" if flex_available(q.device) else "sdpa+bias")
         cell("torch sdpa causal (flash)", t_causal)
-        cell(f"doge_torch DMA {fast} (compiled)", t_fast)
         if triton_available(q.device) or kernel_interpreted:
-            def t_kernel(q=q, k=k, v=v, dt=dt, do=do, T=T, **kw):
-                valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
-                e = key_expiry(dt, valid, keep)
+            def t_model(q=q, k=k, v=v, dt=dt, do=do):  # the model's path: expiry, key lists, kernels, compiled
+                o = dma_kernels(q, k, v, dt, None, torch.float32)
+                return torch.autograd.grad(o, (q, k, v, dt), do)[0]
+
+            e = key_expiry(dt.detach(), torch.ones(B, T, dtype=torch.bool, device=q.device), keep)
+
+            def t_kernel(q=q, k=k, v=v, dt=dt, do=do, e=e, **kw):  # kernels only (key lists included)
                 o = dma_triton(q, k, v, dt, e, keep=keep, **kw)
                 return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
-            cell("doge_torch DMA Triton kernel (dense)", functools.partial(t_kernel, sparse=False))
+            which = ("Triton kernels (" + ("sparse" if T >= 2 * keep else "dense") if triton_available(q.device)
+                     else "impl pallas (no CUDA: sdpa")
+            cell(f"doge_torch DMA {which}; model path, compiled)", t_model)
             if T > keep:  # per-superblock key lists: about keep_window keys per query block instead of all
-                cell("doge_torch DMA Triton kernel (sparse)", functools.partial(t_kernel, sparse=True))
+                cell("doge_torch DMA Triton sparse (kernels only)", functools.partial(t_kernel, sparse=True))
+            cell("doge_torch DMA Triton dense (kernels only)", functools.partial(t_kernel, sparse=False))
             if T == sizes[0]:  # a block-size probe at the target size: 128-query blocks
-                cell("doge_torch DMA Triton kernel (sparse) 128x64 blocks",
+                cell("doge_torch DMA Triton sparse 128x64 blocks (kernels only)",
                      functools.partial(t_kernel, sparse=True, block_q=128, block_k=64))
+            del e
+        cell(f"doge_torch DMA {fast} (compiled)", t_fast)
         cell("doge_torch DMA sdpa+bias (eager)", functools.partial(t_dma, functools.partial(dma_attention, cfg)))
         del q, k, v, dt, do
         if torch.cuda.is_available():
@@ -626,18 +644,20 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             return lambda: g(tq, tk, tv)[0]
 
         cell("jax causal (cudnn)" if on_gpu else "jax causal (xla)", jcausal())
-        cell("doge_jax DMA pallas", jgrad("pallas"))
+        def jpallas(**kw):
+            def f(q, k, v, dt):
+                e = jkey_expiry(dt, jnp.ones((B, T), bool), keep)
+                o = dma_pallas(q, k, v, dt, e, keep=keep, **kw)
+                return jnp.sum(o.astype(jnp.float32) * jdo.astype(jnp.float32))
+
+            g = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
+            return lambda: g(jq, jk, jv, jdt)[0]
+
+        if T > keep:
+            cell("doge_jax DMA pallas (sparse)", jpallas(sparse=True))
+        cell("doge_jax DMA pallas (dense)", jpallas(sparse=False))
         if T == sizes[0]:  # a block-size probe at the target size: 128-query blocks
-            def jpallas(bq, bk):
-                def f(q, k, v, dt):
-                    e = jkey_expiry(dt, jnp.ones((B, T), bool), keep)
-                    o = dma_pallas(q, k, v, dt, e, block_q=bq, block_k=bk)
-                    return jnp.sum(o.astype(jnp.float32) * jdo.astype(jnp.float32))
-
-                g = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
-                return lambda: g(jq, jk, jv, jdt)[0]
-
-            cell("doge_jax DMA pallas 128x64 blocks", jpallas(128, 64))
+            cell("doge_jax DMA pallas (sparse) 128x64 blocks", jpallas(sparse=True, block_q=128, block_k=64))
         cell("doge_jax DMA blockwise", jgrad("blockwise"))
         if T <= keep:
             cell("doge_jax DMA fused", jgrad("fused"))

@@ -1,4 +1,4 @@
-"""Block-size sweep of the two DMA flash kernels (doge_torch Triton, dense and SPARSE; doge_jax Pallas) against flash
+"""Block-size sweep of the two DMA flash kernels (doge_torch Triton, doge_jax Pallas; dense and sparse) against flash
 causal attention.
 
 For a GPU session after gpu_check.py has shown the kernels run: forward and forward+backward times per block
@@ -117,6 +117,16 @@ def main(argv=None) -> int:
 
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
         timed(f"doge_jax Pallas {bq}x{bk}", lambda fwd=fwd: sync(fwd(jq, jk, jv, jdt)),
+              lambda grad=grad: sync(grad(jq, jk, jv, jdt)))
+    for bq, bk, sb in sparse_configs[:2]:
+        kw = dict(block_q=bq, block_k=bk, keep=keep, sparse=True, superblock=sb)
+        fwd = jax.jit(lambda q, k, v, dt, kw=kw: dma_pallas(q, k, v, dt, je, **kw))
+
+        def loss(q, k, v, dt, kw=kw):
+            return jnp.sum(dma_pallas(q, k, v, dt, je, **kw).astype(jnp.float32) * jdo.astype(jnp.float32))
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+        timed(f"doge_jax Pallas sparse {bq}x{bk} superblock {sb}", lambda fwd=fwd: sync(fwd(jq, jk, jv, jdt)),
               lambda grad=grad: sync(grad(jq, jk, jv, jdt)))
 
     base = rows[0][3]
