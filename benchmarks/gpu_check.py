@@ -22,14 +22,17 @@ Sections (one table at the end, one row per check):
              float32: |diff| <= 1e-4 (TF32 off in torch, `highest` matmul precision in JAX). bf16 (torch autocast,
              JAX bf16 compute = the training step's parameter cast): |diff| <= 2e-2 * max|logit|, on inputs with
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
-  train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows):
+  train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; then
+             with the kernels, and with 32 rows, as budget allows):
              doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE), doge_torch bf16
              autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
   attention  forward+backward (grads of q, k, v, dt) at 16k (the target, first), 2k, 8k, 32k keys, batch 1,
              Doge-160M heads (H 6, G 3, D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x
-             baseline), doge_torch DMA's fast path (compiled: folded-bias causal sdpa at T <= keep_window,
+             baseline), doge_torch's Triton kernels (sparse key lists from T >= 2 keep_window, dense; the model
+             path compiled at 16k), its fast path (compiled: folded-bias causal sdpa at T <= keep_window,
              FlexAttention with the key-expiry block mask beyond) and its dense-bias sdpa path (eager), doge_jax
-             pallas (Triton kernel) / blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain causal.
+             pallas (Triton kernels, sparse and dense) / blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain
+             causal.
   generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8),
              and doge_torch eager generate at batch 1 for comparison.
 
@@ -515,6 +518,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     # the Triton/Pallas kernels in training (T = keep_window: causal + bias), after the targets, as budget allows
     label, base, seq, rows, kind = configs[1]
     one(label + " [pallas/Triton kernels]", base.replace(attention_impl="pallas"), seq, rows, kind)
+    # a micro-batch twice as large: how much of the gap is per-step overhead (launches, optimizer, host syncs)
+    one(label, base, seq, 2 * rows, kind)
 
 
 # ---- (c) attention ------------------------------------------------------------------------------------------------
@@ -606,7 +611,8 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
 
             which = ("Triton kernels (" + ("sparse" if T >= 2 * keep else "dense") if triton_available(q.device)
                      else "impl pallas (no CUDA: sdpa")
-            cell(f"doge_torch DMA {which}; model path, compiled)", t_model)
+            if T == sizes[0]:  # one inductor compile (expiry, key lists, kernels), at the target size
+                cell(f"doge_torch DMA {which}; model path, compiled)", t_model)
             if T > keep:  # per-superblock key lists: about keep_window keys per query block instead of all
                 cell("doge_torch DMA Triton sparse (kernels only)", functools.partial(t_kernel, sparse=True))
             cell("doge_torch DMA Triton dense (kernels only)", functools.partial(t_kernel, sparse=False))
