@@ -10,8 +10,8 @@ import grain, tensorboardX, matplotlib or transformers; `doge_jax.train.make_ste
 an equivalent step is built from doge_jax.loss + doge_jax.optim. It writes no files except the RESULTS.md append
 (and torch/jax compile caches under /tmp). `--sections attention,train` runs a subset; `--regional none|160m|all`
 compiles the torch training model layer by layer instead of as one graph (default: all rows; whole-model inductor
-compiles took 72 s for Doge-20M and 190 s for Doge-160M on an H200); `--budget 420` (the default) is the total wall-clock budget
-in seconds (each section has its share; an item that would not fit is printed as SKIP).
+compiles took 72 s for Doge-20M and 190 s for Doge-160M on an H200); `--budget 420` (the default) is the total
+wall-clock budget in seconds (each section has its share; an item that would not fit is printed as SKIP).
 
 Sections (one table at the end, one row per check):
   parity     a tiny random doge_torch model (random nonzero A, perturbed norms, dynamic RoPE past max positions,
@@ -23,16 +23,16 @@ Sections (one table at the end, one row per check):
              JAX bf16 compute = the training step's parameter cast): |diff| <= 2e-2 * max|logit|, on inputs with
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
   train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; then
-             with the kernels, and with 32 rows, as budget allows):
+             with the kernels, doge_torch with sdpa's cuDNN kernel first, and 32 rows, as budget allows):
              doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE), doge_torch bf16
              autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
   attention  forward+backward (grads of q, k, v, dt) at 16k (the target, first), 2k, 8k, 32k keys, batch 1,
              Doge-160M heads (H 6, G 3, D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x
-             baseline), doge_torch's Triton kernels (sparse key lists from T >= 2 keep_window, dense; the model
-             path compiled at 16k), its fast path (compiled: folded-bias causal sdpa at T <= keep_window,
-             FlexAttention with the key-expiry block mask beyond) and its dense-bias sdpa path (eager), doge_jax
-             pallas (Triton kernels, sparse and dense) / blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain
-             causal.
+             baseline; also cuDNN's, and doge_torch's folded path with cuDNN first), doge_torch's Triton kernels
+             (sparse key lists from T >= 2 keep_window, dense; the model path compiled at 16k), its fast path
+             (compiled: folded-bias causal sdpa at T <= keep_window, FlexAttention with the key-expiry block mask
+             beyond) and its dense-bias sdpa path (eager), doge_jax pallas (Triton kernels, sparse and dense) /
+             blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain causal.
   generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8),
              and doge_torch eager generate at batch 1 for comparison.
 
@@ -438,6 +438,18 @@ def torch_train_setup(base, tdev, cpu: bool, regional: bool):
     return model, model, opt
 
 
+@contextlib.contextmanager
+def torch_sdpa_order(names):
+    """doge_torch's sdpa backend priority (doge_torch.model.set_sdpa_backends) inside the block, if `names`."""
+    from doge_torch.model import set_sdpa_backends
+
+    set_sdpa_backends(names)
+    try:
+        yield
+    finally:
+        set_sdpa_backends(None)
+
+
 def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, regional: str) -> None:
     import jax
     import jax.numpy as jnp
@@ -450,7 +462,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     S = "train"
     warm, timed = (1, 2) if cpu else (2, 6)
 
-    def one(label, base, seq, rows, kind):
+    def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None):
         fpt = flops_per_token(base, seq)
         tokens = seq * rows
         batch = np.random.default_rng(0).integers(3, base.vocab_size, (rows, seq), dtype=np.int64)
@@ -468,7 +480,9 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
             report.add(S, f"{label} {framework} seq {seq} x {rows} rows", measured, target,
                        "-" if cpu else status)
 
-        if budget.left() < (5 if cpu else 40):
+        if not jax_row:
+            pass
+        elif budget.left() < (5 if cpu else 40):
             report.add(S, f"{label} doge_jax", "budget", status="SKIP")
         else:
             with guarded(report, S, f"{label} doge_jax"):
@@ -493,7 +507,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         if budget.left() < (5 if cpu else 60):
             report.add(S, f"{label} doge_torch", "budget", status="SKIP")
             return
-        with guarded(report, S, f"{label} doge_torch"):
+        with guarded(report, S, f"{label} doge_torch"), torch_sdpa_order(sdpa_backends):
             model, cm, opt = torch_train_setup(base, tdev, cpu, regional == "all" or (regional == "160m"
                                                                                   and kind == "160m"))
             tb = torch.as_tensor(batch)
@@ -518,6 +532,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     # the Triton/Pallas kernels in training (T = keep_window: causal + bias), after the targets, as budget allows
     label, base, seq, rows, kind = configs[1]
     one(label + " [pallas/Triton kernels]", base.replace(attention_impl="pallas"), seq, rows, kind)
+    # sdpa's cuDNN kernel first for the folded attention (torch ranks it last; JAX's fused path uses cuDNN)
+    one(label + " [sdpa cuDNN first]", base, seq, rows, kind, jax_row=False, sdpa_backends=["cudnn"])
     # a micro-batch twice as large: how much of the gap is per-step overhead (launches, optimizer, host syncs)
     one(label, base, seq, 2 * rows, kind)
 
@@ -531,13 +547,14 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from doge_jax.attention import MaskInfo, attention
     from doge_jax.attention import key_expiry as jkey_expiry
     from doge_jax.config import DogeConfig
     from doge_jax.pallas_attention import dma_pallas
     from doge_torch import triton_attention
-    from doge_torch.model import allowed_mask, dma_attention, flex_available, key_expiry
+    from doge_torch.model import allowed_mask, dma_attention, flex_available, key_expiry, set_sdpa_backends
     from doge_torch.triton_attention import dma_triton, triton_available
 
     # in the CPU fallback the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1 before import)
@@ -553,6 +570,7 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
                      max_position_embeddings=keep)
     on_gpu = jax.default_backend() == "gpu"
     dma_fast = tcompile(functools.partial(dma_attention, cfg), cpu, dynamic=False)
+    dma_fast_cudnn = tcompile(functools.partial(dma_attention, cfg), cpu, dynamic=False)
     dma_kernels = tcompile(functools.partial(dma_attention, cfg.replace(attention_impl="pallas")), cpu, dynamic=False)
     def one(T):
         reps = 2 if cpu else (5 if T <= 8192 else 3)
@@ -596,8 +614,25 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             o = dma_fast(q, k, v, dt, None, torch.float32)
             return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
+        def t_causal_cudnn(q=q, k=k, v=v, do=do):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return torch.autograd.grad(o, (q, k, v), do)[0]
+
+        def t_fast_cudnn(q=q, k=k, v=v, dt=dt, do=do):  # the folded path with sdpa's cuDNN kernel first
+            set_sdpa_backends(["cudnn"])
+            try:
+                o = dma_fast_cudnn(q, k, v, dt, None, torch.float32)
+            finally:
+                set_sdpa_backends(None)
+            return torch.autograd.grad(o, (q, k, v, dt), do)[0]
+
         fast = "folded causal sdpa" if T <= keep else ("FlexAttention" if flex_available(q.device) else "sdpa+bias")
         cell("torch sdpa causal (flash)", t_causal)
+        if torch.cuda.is_available():  # cuDNN's flash kernel (torch's sdpa ranks it last by default)
+            cell("torch sdpa causal (cuDNN)", t_causal_cudnn)
+            if T <= keep:
+                cell("doge_torch DMA folded causal sdpa, cuDNN first (compiled)", t_fast_cudnn)
         if triton_available(q.device) or kernel_interpreted:
             def t_model(q=q, k=k, v=v, dt=dt, do=do):  # the model's path: expiry, key lists, kernels, compiled
                 o = dma_kernels(q, k, v, dt, None, torch.float32)

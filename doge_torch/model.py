@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig
 from doge_torch.triton_attention import dma_triton, triton_available
@@ -22,6 +23,34 @@ try:
     _flex_compiled = torch.compile(flex_attention, dynamic=False)
 except ImportError:  # torch without FlexAttention: the dense-bias sdpa path serves every length
     BlockMask = flex_attention = _flex_compiled = None
+
+
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+_sdpa_priority: list[SDPBackend] | None = None
+
+
+def set_sdpa_backends(names: list[str] | None) -> None:
+    """Priority order of torch's sdpa kernels in doge_torch's attention, e.g. ["cudnn", "flash"] (names: cudnn,
+    flash, efficient, math; the unnamed ones follow in torch's order); None restores torch's own order (flash
+    first, cuDNN last). Applies from the next call (the next trace, for a compiled model)."""
+    global _sdpa_priority
+    if names is None:
+        _sdpa_priority = None
+        return
+    bad = [n for n in names if n not in SDPA_BACKENDS]
+    if bad or not names:
+        raise ValueError(f"sdpa backends {bad or names}: each must be one of {sorted(SDPA_BACKENDS)}")
+    named = [SDPA_BACKENDS[n] for n in names]
+    _sdpa_priority = named + [b for b in SDPA_BACKENDS.values() if b not in named]
+
+
+def run_sdpa(*args, **kw) -> torch.Tensor:
+    """F.scaled_dot_product_attention under the `set_sdpa_backends` priority order, if one is set."""
+    if _sdpa_priority is None:
+        return F.scaled_dot_product_attention(*args, **kw)
+    with sdpa_kernel(_sdpa_priority, set_priority=True):
+        return F.scaled_dot_product_attention(*args, **kw)
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,8 +387,7 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                               keep=cfg.keep_window_size).to(q.dtype)
         if sdpa and T <= cfg.keep_window_size:
             qa, ka, va = fold_bias(q, k, v, dt)
-            o = F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=1.0, dropout_p=dropout,
-                                               enable_gqa=ka.shape[1] != H)
+            o = run_sdpa(qa, ka, va, is_causal=True, scale=1.0, dropout_p=dropout, enable_gqa=ka.shape[1] != H)
             return o[..., :D]
         if sdpa and dropout == 0.0 and flex_available(q.device):
             return flex_dma(cfg, q, k, v, dt, compute).to(q.dtype)
@@ -373,8 +401,7 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         # (spec §3.5.2), and fully-masked rows come out uniform as in the eager path.
         if bias.dtype != compute:
             bias = bias.clamp_min(torch.finfo(compute).min).to(compute)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=D ** -0.5, dropout_p=dropout,
-                                              enable_gqa=r > 1)
+        return run_sdpa(q, k, v, attn_mask=bias, scale=D ** -0.5, dropout_p=dropout, enable_gqa=r > 1)
     if cfg.variant == "native" and r > 1 and G == 1:
         bias = bias.expand(-1, H, -1, -1)
     k = k.repeat_interleave(r, dim=1) if r > 1 else k

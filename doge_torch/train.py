@@ -31,7 +31,7 @@ import yaml
 
 from doge_jax.config import DogeConfig
 
-from .model import DogeForCausalLM
+from .model import DogeForCausalLM, set_sdpa_backends
 from .optim import clip_grad_norm, make_optimizer, wsd_scheduler
 
 IGNORE_INDEX = -100
@@ -159,8 +159,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 parameters and optimizer)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--sdpa-backends", help="comma list: torch sdpa kernels to prefer, in order (cudnn, flash, "
+                    "efficient, math; default: torch's order, flash first)")
     ap.add_argument("--log-every", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.sdpa_backends:
+        try:
+            set_sdpa_backends(args.sdpa_backends.split(","))
+        except ValueError as e:
+            ap.error(f"--sdpa-backends: {e}")
 
     cfg = DogeConfig.from_yaml(args.config)
     tr = read_train_section(args.config)

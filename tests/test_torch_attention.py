@@ -105,3 +105,38 @@ def test_flex_forward_equals_dense_bias(variant):
     got = flex_dma(cfg, q, k, v, dt)
     want = dma_attention(cfg, q, k, v, dt, allowed_mask(cfg, 2, T, 0, None, q.device), torch.float32)
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_sdpa_backend_priority(monkeypatch):
+    """set_sdpa_backends: unknown names raise naming them; a chosen order is in force inside doge_torch's sdpa calls
+    only (torch's global order is unchanged after them); values are unchanged (no cuDNN on CPU: the next backend
+    runs); None restores torch's own order; the training CLI refuses a bad list."""
+    import torch.nn.functional as F
+
+    import doge_torch.model as dm
+    from doge_torch.train import main
+
+    with pytest.raises(ValueError, match="bogus"):
+        dm.set_sdpa_backends(["cudnn", "bogus"])
+    default = torch._C._get_sdp_priority_order()
+    cfg = _cfg(4, 2, 16, 64)
+    q, k, v, dt = (x.float() for x in _inputs(1, 4, 2, 2, 24, 16))
+    want = dma_attention(cfg, q, k, v, dt, None, torch.float32)
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(torch._C._get_sdp_priority_order()) or real(*a, **kw))
+    try:
+        dm.set_sdpa_backends(["cudnn", "flash"])
+        got = dma_attention(cfg, q, k, v, dt, None, torch.float32)
+    finally:
+        dm.set_sdpa_backends(None)
+    from torch.nn.attention import SDPBackend
+
+    assert [SDPBackend(b) for b in seen[0][:2]] == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    assert torch._C._get_sdp_priority_order() == default
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    dma_attention(cfg, q, k, v, dt, None, torch.float32)
+    assert seen[-1] == default
+    with pytest.raises(SystemExit):
+        main(["--config", "configs/tiny.yaml", "--data", "x.npy", "--sdpa-backends", "cudnn,nope"])
