@@ -306,13 +306,14 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int
 
 
 def key_lists(e: torch.Tensor, keep: int, window: int | None, superblock: int, bq: int, bk: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SPARSE kernels' key lists: per (batch, dt head, superblock of `superblock` queries), the keys alive for
     some query of the superblock, in key order. e [B, n, Tp] int32 expiry slots (<= Tp; 0 marks padding keys);
     Tp a multiple of bq and superblock of bq. Returns idx [B, n, NS, LMAX] int32 (unused slots 0), cnt [B, n, NS]
     (listed keys) and cntq [B, n, Tp // bq] (listed keys up to each query block's last query: the list is in key
-    order, so a query block stops there). With at most `keep` keys alive per query (the keep-window rule) a list
-    holds at most keep + superblock - 1 keys: LMAX = that, rounded up to bk and capped at Tp."""
+    order, so a query block stops there), and overflow [B, n]. With at most `keep` keys alive per query (the
+    keep-window rule) a list holds at most keep + superblock - 1 keys: LMAX = that, rounded up to bk and capped at
+    Tp. An e that breaks the rule raises in eager mode; traced, its lists are cut at LMAX and flagged in overflow."""
     B, n, Tp = e.shape
     ns = -(-Tp // superblock)
     lmax = min(-(-(keep + superblock) // bk) * bk, Tp)
@@ -324,15 +325,16 @@ def key_lists(e: torch.Tensor, keep: int, window: int | None, superblock: int, b
     if window is not None:
         live = live & (j + window > s0)
     cs = live.cumsum(-1, dtype=torch.int32)
-    cnt = cs[..., -1]
-    if not torch.compiler.is_compiling() and int(cnt.max()) > lmax:
+    overflow = (cs[..., -1] > lmax).any(-1)  # [B, n]: a list that does not fit (e breaks the keep-window rule)
+    if not torch.compiler.is_compiling() and bool(overflow.any()):
         raise ValueError(f"more than keep={keep} keys alive for some query: e does not follow the keep-window rule")
+    cs = cs.clamp_max(lmax)  # the kernels never read past a list, even for such an e (the caller poisons its output)
     slot = torch.where(live, cs - 1, lmax).clamp_max(lmax).long()  # unlisted keys go to a discarded last slot
     idx = torch.zeros(B, n, ns, lmax + 1, dtype=torch.int32, device=e.device)
     idx = idx.scatter_(-1, slot, j.expand(B, n, ns, Tp))[..., :lmax].contiguous()
     qe = torch.arange(bq, Tp + 1, bq, device=e.device) - 1  # each query block's last query
     cntq = cs[:, :, qe // superblock, qe].contiguous()
-    return idx, cnt.contiguous(), cntq
+    return idx, cs[..., -1].contiguous(), cntq, overflow
 
 
 def _sizes(q, k, dt, lists):
@@ -448,7 +450,8 @@ def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tens
     `keep` (the keep window e was made with: at most `keep` keys alive per query) allows the SPARSE kernels, which
     visit per query block only the keys alive somewhere in its superblock (`superblock` queries, a multiple of
     block_q): about keep + superblock keys instead of every earlier key. `sparse` forces them on or off; by
-    default they run from T >= 2 * keep on (`use_sparse`).
+    default they run from T >= 2 * keep on (`use_sparse`). An e that lets more than `keep` keys live raises in
+    eager mode and gives NaN outputs under torch.compile.
     """
     B, H, T, D = q.shape
     G, n = k.shape[1], dt.shape[1]
@@ -471,6 +474,13 @@ def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tens
     q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
     dt = F.pad(dt.to(_acc_dtype(q.dtype)), (0, pad))
     e = F.pad(e.clamp(max=T + pad).to(torch.int32), (0, pad))  # padding keys: expired before they exist
+    if sparse and n % G:  # the key-side kernel maps a dt head to one kv head: give each query head its own
+        dt, e = dt.repeat_interleave(H // n, dim=1), e.repeat_interleave(H // n, dim=1)
     lists = list(key_lists(e, keep, window, superblock, block_q, block_k)) if sparse else []
+    overflow = lists.pop() if lists else None
     o, _ = _fwd_op(q, k, v, dt, e, lists, window or 0, block_q, block_k, superblock)
-    return o[:, :, :T]
+    o = o[:, :, :T]
+    if overflow is not None:  # (traced only: eager raised) NaN, never attention over a truncated key list
+        over = overflow.repeat_interleave(H // overflow.shape[1], dim=1)[:, :, None, None]
+        o = torch.where(over, torch.full_like(o, float("nan")), o)
+    return o

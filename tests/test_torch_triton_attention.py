@@ -71,6 +71,7 @@ CASES = {
     "bq_gt_bk": (70, H, 16, (1, 21), 24, "random", 32, 16, torch.float64),  # a whole padding key block
     "bq_lt_bk": (70, G, 16, (0, 20), None, "increasing", 16, 32, torch.float64),
     "bq64_dkv_bq32": (100, G, 16, (1, 5), None, "increasing", 64, 16, torch.float64),  # dk/dv steps 32 queries
+    "dt_shared_by_all_heads": (70, 1, 16, (1, 5), None, "random", 16, 16, torch.float64),  # n = 1 < G
     "float32": (70, G, 16, (1, 5), None, "random", 16, 16, torch.float32),
     "float32_window_per_query_head": (50, H, 16, (0, 7), 12, "increasing", 16, 16, torch.float32),
 }
@@ -112,7 +113,8 @@ def test_key_lists_match_brute_force(window):
     the ones at or before each query block's last query; no list outgrows keep + superblock."""
     T, keep, sb, bq, bk = 96, 16, 32, 16, 16
     _, e = _inputs(T, H, keep, (1, 5), "random", torch.float64)
-    idx, cnt, cntq = ta.key_lists(e, keep, window, sb, bq, bk)
+    idx, cnt, cntq, overflow = ta.key_lists(e, keep, window, sb, bq, bk)
+    assert not overflow.any()
     assert idx.shape[2:] == (T // sb, keep + sb) and cntq.shape[2] == T // bq
     i = torch.arange(T)
     for b in range(B):
@@ -129,11 +131,17 @@ def test_key_lists_match_brute_force(window):
 
 
 def test_sparse_refuses_expiry_beyond_keep():
-    """The sparse kernels' lists are sized for `keep`: expiry slots that let more keys live raise, not truncate."""
+    """The sparse kernels' lists are sized for `keep`: expiry slots that let more keys live raise in eager mode and
+    give NaN under torch.compile (the lists are cut, and the kernels never read past them), never a truncation."""
     T, keep = 64, 8
     args, e = _inputs(T, G, T, (0, 0), "random", torch.float64)  # nothing expires: the last list holds 64 keys
+    kw = dict(keep=keep, sparse=True, superblock=16, block_q=16, block_k=16)
     with pytest.raises(ValueError, match="keep=8"):
-        ta.dma_triton(*args, e, keep=keep, sparse=True, superblock=16, block_q=16, block_k=16)
+        ta.dma_triton(*args, e, **kw)
+    o = torch.compile(lambda *a: ta.dma_triton(*a, e, **kw), fullgraph=True, backend="eager")(*args)
+    assert torch.isnan(o).all()
+    lists = torch.compile(lambda e: ta.key_lists(e, keep, None, 16, 16, 16), fullgraph=True, backend="eager")(e)
+    assert lists[3].all() and lists[1].max() == lists[0].shape[-1] == 32  # flagged; counts cut at LMAX (24 -> 32)
     with pytest.raises(ValueError, match="superblock"):
         ta.dma_triton(*args, e, keep=keep, sparse=True, superblock=24, block_q=16, block_k=16)
     assert not ta.use_sparse(T, None) and not ta.use_sparse(2 * keep - 1, keep) and ta.use_sparse(2 * keep, keep)
@@ -223,7 +231,7 @@ def test_custom_ops_pass_opcheck_on_strided_inputs():
     args, e = _inputs(T, n, keep, (0, 0), "random", torch.float32)
     q, k, v, dt = (x.float().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in args)
     assert not q.is_contiguous()
-    for lists in ([], list(ta.key_lists(e, keep, None, 16, 16, 16))):  # dense, sparse
+    for lists in ([], list(ta.key_lists(e, keep, None, 16, 16, 16))[:3]):  # dense, sparse
         torch.library.opcheck(torch.ops.doge.dma_triton_fwd.default, (q, k, v, dt, e, lists, 0, 16, 16, 16))
         o, lse = torch.ops.doge.dma_triton_fwd(q, k, v, dt, e, lists, 0, 16, 16, 16)
         do = torch.randn_like(o).transpose(1, 2).contiguous().transpose(1, 2)
