@@ -821,13 +821,38 @@ def section_profile(report: Report, budget: Budget, cpu: bool, tdev, regional: s
                 train_step(cm, opt, None, mb, 1.0, torch.bfloat16)
             sync()
         key = "self_cpu_time_total" if cpu else "self_device_time_total"
+        wall = time_fn(lambda: train_step(cm, opt, None, mb, 1.0, torch.bfloat16), reps)
         table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
         print(table, flush=True)
         out = os.environ.get("OUT")
         if out and os.path.isdir(out):
             with open(os.path.join(out, "profile_torch.txt"), "w") as f:
                 f.write(prof.key_averages().table(sort_by=key, row_limit=200, max_name_column_width=120))
-        report.add(S, f"{label} doge_torch bf16 step profile", f"top kernels printed above ({reps} steps)")
+        cats = kernel_categories([(e.key, getattr(e, key)) for e in prof.key_averages()])
+        busy = sum(cats.values()) / 1e6 / reps  # seconds of kernel (CPU: op) time per step
+        report.add(S, f"{label} doge_torch bf16 step profile",
+                   ", ".join(f"{k} {100 * v / max(sum(cats.values()), 1):.0f}%" for k, v in cats.items())
+                   + f"; {'kernels' if not cpu else 'ops'} {1e3 * busy:.1f} ms of a {1e3 * wall:.1f} ms step "
+                   f"(top kernels printed above)")
+
+
+KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of kernel (or, on CPU, op) names
+    ("attention", ("flash", "fmha", "attention", "cudnn", "_fwd_kernel", "_dq_kernel", "_dkv")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy/cast", ("memcpy", "memset", "copy", "cast", "to_copy")),
+    ("inductor fused", ("triton_",)),
+)
+
+
+def kernel_categories(events) -> dict:
+    """Sum (name, self time) pairs into KERNEL_CATEGORIES plus "other", largest first."""
+    out: dict[str, float] = {}
+    for name, t in events:
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+        out[cat] = out.get(cat, 0.0) + t
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
