@@ -140,6 +140,22 @@ def _dq_kernel(q_ref, k_ref, v_ref, dt_ref, e_ref, *refs, scale, window, bq, bk,
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
+def _key_grads(qb, carry, rows, j, k, v, dt, e, kj, scale, window, bq):
+    """The key-side kernels' step: query block qb of one query head (rows = the q, do, lse, delta refs, of its
+    group's head j when j is not None) added to a key tile's (dk unscaled, dv, d(dt))."""
+    dk, dv, ddt = carry
+    q_ref, do_ref, lse_ref, delta_ref = rows
+    at = (pl.ds(qb * bq, bq),) if j is None else (j, pl.ds(qb * bq, bq))  # one indexer: Triton lowering
+    q, do = q_ref[at + (slice(None),)], do_ref[at + (slice(None),)]
+    lse, delta = lse_ref[at], delta_ref[at]
+    s = _scores(q, k, dt, e, qb * bq + jnp.arange(bq), kj, scale, window)
+    p = jnp.exp(s - lse[:, None])
+    dv = dv + _dot(p.astype(do.dtype).T, do)
+    ds = p * (_dot(do, v.T) - delta[:, None])
+    dk = dk + _dot(ds.astype(q.dtype).T, q)
+    return dk, dv, ddt + jnp.sum(ds, axis=0)
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, dt_ref, e_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, ddt_ref, *, scale,
                 window, bq, bk, r, nq):
     """One key block of one kv head: loops over the r query heads of its group and the query blocks that can see
@@ -155,16 +171,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dt_ref, e_ref, do_ref, lse_ref, delta_ref, 
         dt, e = dt_ref[j, sl_k], e_ref[j, sl_k]
 
         def body(qb, carry, j=j, dt=dt, e=e):
-            dk, dv, ddt = carry
-            sl = pl.ds(qb * bq, bq)
-            q, do = q_ref[j, sl, :], do_ref[j, sl, :]
-            lse, delta = lse_ref[j, sl], delta_ref[j, sl]
-            s = _scores(q, k, dt, e, qb * bq + jnp.arange(bq), kj, scale, window)
-            p = jnp.exp(s - lse[:, None])
-            dv = dv + _dot(p.astype(do.dtype).T, do)
-            ds = p * (_dot(do, v.T) - delta[:, None])
-            dk = dk + _dot(ds.astype(q.dtype).T, q)
-            return dk, dv, ddt + jnp.sum(ds, axis=0)
+            return _key_grads(qb, carry, (q_ref, do_ref, lse_ref, delta_ref), j, k, v, dt, e, kj, scale, window, bq)
 
         lo = (kb * bk) // bq
         last = jnp.max(e)  # no query at or past the latest expiry sees this block
@@ -197,16 +204,7 @@ def _dkv_sparse_kernel(q_ref, k_ref, v_ref, dt_ref, e_ref, idx_ref, cnt_ref, do_
         last = jnp.minimum(last, jnp.max(kj) + window)
 
     def body(qb, carry):
-        dk, dv, ddt = carry
-        sl = pl.ds(qb * bq, bq)
-        q, do = q_ref[sl, :], do_ref[sl, :]
-        lse, delta = lse_ref[sl], delta_ref[sl]
-        sc = _scores(q, k, dt, e, qb * bq + jnp.arange(bq), kj, scale, window)
-        p = jnp.exp(sc - lse[:, None])
-        dv = dv + _dot(p.astype(do.dtype).T, do)
-        ds = p * (_dot(do, v.T) - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype).T, q)
-        return dk, dv, ddt + jnp.sum(ds, axis=0)
+        return _key_grads(qb, carry, (q_ref, do_ref, lse_ref, delta_ref), None, k, v, dt, e, kj, scale, window, bq)
 
     lo = first // bq
     hi = jnp.maximum(lax_div_up(jnp.minimum(last, tp), bq), lo)
@@ -255,18 +253,24 @@ def key_lists(e, keep: int, window: int | None, superblock: int, bq: int, bk: in
     return idx, cnt, cntq, overflow
 
 
+def _query_side_lists(lists):
+    """BlockSpecs and arguments of the forward / dq kernels' key lists (idx, cntq of one (batch, head)): none when
+    dense."""
+    if lists is None:
+        return [], []
+    idx, _, cntq = lists
+    specs = [pl.BlockSpec((None, None) + idx.shape[2:], lambda i, b, h: (b, h, 0, 0)),
+             pl.BlockSpec((None, None, cntq.shape[2]), lambda i, b, h: (b, h, 0))]
+    return specs, [idx, cntq]
+
+
 def _forward(q, k, v, dt, e, lists, scale, window, bq, bk, sb, interpret):
     B, H, T, D = q.shape
     G = k.shape[1]
     r = H // G
     full_kv = pl.BlockSpec((None, None, T, D), lambda i, b, h: (b, h // r, 0, 0))
     per_head = pl.BlockSpec((None, None, T), lambda i, b, h: (b, h, 0))
-    list_specs, list_args = [], []
-    if lists is not None:
-        idx, _, cntq = lists
-        list_specs = [pl.BlockSpec((None, None) + idx.shape[2:], lambda i, b, h: (b, h, 0, 0)),
-                      pl.BlockSpec((None, None, cntq.shape[2]), lambda i, b, h: (b, h, 0))]
-        list_args = [idx, cntq]
+    list_specs, list_args = _query_side_lists(lists)
     o, lse = pl.pallas_call(
         partial(_fwd_kernel, scale=scale, window=window, bq=bq, bk=bk, sparse=None if lists is None else sb),
         grid=(T // bq, B, H),
@@ -301,12 +305,7 @@ def _dma_bwd(scale, window, bq, bk, sb, interpret, res, do):
     full_kv = pl.BlockSpec((None, None, T, D), lambda i, b, h: (b, h // r, 0, 0))
     per_head = pl.BlockSpec((None, None, T), lambda i, b, h: (b, h, 0))
     row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    list_specs, list_args = [], []
-    if lists is not None:
-        idx, cnt, cntq = lists
-        list_specs = [pl.BlockSpec((None, None) + idx.shape[2:], lambda i, b, h: (b, h, 0, 0)),
-                      pl.BlockSpec((None, None, cntq.shape[2]), lambda i, b, h: (b, h, 0))]
-        list_args = [idx, cntq]
+    list_specs, list_args = _query_side_lists(lists)
     dq = pl.pallas_call(
         partial(_dq_kernel, scale=scale, window=window, bq=bq, bk=bk, sparse=None if lists is None else sb),
         grid=(T // bq, B, H),

@@ -190,6 +190,24 @@ def _dq_kernel(Q, K, V, DT, E, IDX, CNTQ, DO, LSE, DELTA, DQ, scale, window, Tp,
 
 
 @_jit
+def _key_grads(Q, DO, LSE, DELTA, row, qb, k, v, dt, e, kj, rd, scale, window, dk, dv, ddt, D: tl.constexpr,
+               BQ: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
+    """The key-side kernels' step: query block qb of one query head (rows at `row`) added to a key tile's dk, dv
+    (unscaled) and d(dt)."""
+    qi = qb * BQ + tl.arange(0, BQ)
+    q = tl.load(Q + row * D + qi[:, None] * D + rd[None, :])
+    do = tl.load(DO + row * D + qi[:, None] * D + rd[None, :])
+    lse = tl.load(LSE + row + qi)
+    delta = tl.load(DELTA + row + qi)
+    s = _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW, PREC)
+    p = tl.exp(s - lse[:, None])
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    return dk, dv, ddt + tl.sum(ds, 0)
+
+
+@_jit
 def _dkv_kernel(Q, K, V, DT, E, DO, LSE, DELTA, DK, DV, DDT, scale, window, Tp, H, G, NDT,
                 R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
@@ -218,17 +236,8 @@ def _dkv_kernel(Q, K, V, DT, E, DO, LSE, DELTA, DK, DV, DDT, scale, window, Tp, 
         hi = (tl.minimum(last, Tp) + BQ - 1) // BQ
         ddt = tl.zeros((BK,), ACC)
         for qb in range(lo, hi):
-            qi = qb * BQ + tl.arange(0, BQ)
-            q = tl.load(Q + row * D + qi[:, None] * D + rd[None, :])
-            do = tl.load(DO + row * D + qi[:, None] * D + rd[None, :])
-            lse = tl.load(LSE + row + qi)
-            delta = tl.load(DELTA + row + qi)
-            s = _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW, PREC)
-            p = tl.exp(s - lse[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-            ddt += tl.sum(ds, 0)
+            dk, dv, ddt = _key_grads(Q, DO, LSE, DELTA, row, qb, k, v, dt, e, kj, rd, scale, window, dk, dv, ddt, D,
+                                     BQ, HAS_WINDOW, PREC)
         tl.store(DDT + row + kj, ddt)
     tl.store(DK + kv + kj[:, None] * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + kv + kj[:, None] * D + rd[None, :], dv.to(DV.dtype.element_ty))
@@ -268,17 +277,8 @@ def _dkv_sparse_kernel(Q, K, V, DT, E, IDX, CNT, DO, LSE, DELTA, DK, DV, DDT, sc
         for j in range(RDT):
             row = (b * H + m * RDT + j) * Tp
             for qb in range(first // BQ, (last + BQ - 1) // BQ):
-                qi = qb * BQ + tl.arange(0, BQ)
-                q = tl.load(Q + row * D + qi[:, None] * D + rd[None, :])
-                do = tl.load(DO + row * D + qi[:, None] * D + rd[None, :])
-                lse = tl.load(LSE + row + qi)
-                delta = tl.load(DELTA + row + qi)
-                s = _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW, PREC)
-                p = tl.exp(s - lse[:, None])
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-                ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-                ddt += tl.sum(ds, 0)
+                dk, dv, ddt = _key_grads(Q, DO, LSE, DELTA, row, qb, k, v, dt, e, kj, rd, scale, window, dk, dv,
+                                         ddt, D, BQ, HAS_WINDOW, PREC)
         tl.atomic_add(DK + kv + kj[:, None] * D + rd[None, :], dk * scale, mask=inb[:, None], sem="relaxed")
         tl.atomic_add(DV + kv + kj[:, None] * D + rd[None, :], dv, mask=inb[:, None], sem="relaxed")
         tl.atomic_add(DDT + bm * Tp + kj, ddt, mask=inb, sem="relaxed")
