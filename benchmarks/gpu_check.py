@@ -614,9 +614,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             o = dma_fast(q, k, v, dt, None, torch.float32)
             return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
-        def t_causal_cudnn(q=q, k=k, v=v, do=do):
+        def t_causal_cudnn(q=q, k=k, v=v, do=do):  # kv heads repeated outside: cuDNN may not take enable_gqa
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return torch.autograd.grad(o, (q, k, v), do)[0]
 
         def t_fast_cudnn(q=q, k=k, v=v, dt=dt, do=do):  # the folded path with sdpa's cuDNN kernel first
@@ -630,7 +630,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         fast = "folded causal sdpa" if T <= keep else ("FlexAttention" if flex_available(q.device) else "sdpa+bias")
         cell("torch sdpa causal (flash)", t_causal)
         if torch.cuda.is_available():  # cuDNN's flash kernel (torch's sdpa ranks it last by default)
-            cell("torch sdpa causal (cuDNN)", t_causal_cudnn)
+            kh, vh = (x.detach().repeat_interleave(H // G, 1).requires_grad_() for x in (k, v))
+            cell("torch sdpa causal (cuDNN, kv heads repeated)", functools.partial(t_causal_cudnn, k=kh, v=vh))
+            del kh, vh
             if T <= keep:
                 cell("doge_torch DMA folded causal sdpa, cuDNN first (compiled)", t_fast_cudnn)
         if triton_available(q.device) or kernel_interpreted:
