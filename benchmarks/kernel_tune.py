@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
+    import doge_torch.triton_attention as ta
     from doge_jax.attention import key_expiry as jax_key_expiry
     from doge_jax.pallas_attention import dma_pallas
     from doge_torch.model import key_expiry
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     e = key_expiry(dt.detach(), torch.ones(B, T, dtype=torch.bool, device=dev), keep)
     rows = []
     start = time.perf_counter()
+    default_skip = ta.SKIP_FULL_TILE_MASK
 
     def timed(name, fwd, fwdbwd):
         if args.budget is not None and time.perf_counter() - start > args.budget:
@@ -95,10 +97,20 @@ def main(argv=None) -> int:
                 rows.append((name, "error", f"{type(ex).__name__}: {str(ex).splitlines()[0][:80]}", None))
         print(rows[-1][:3], flush=True)
 
-    def torch_rows(kw_list, label):
+    def torch_rows(kw_list, label, skip=False):
+        """Rows of dma_triton calls; `skip`: with triton_attention.SKIP_FULL_TILE_MASK set during them."""
+        def call(fn, kw):
+            ta.SKIP_FULL_TILE_MASK = skip
+            try:
+                return fn(kw)
+            finally:
+                ta.SKIP_FULL_TILE_MASK = default_skip
+
+        fwd = lambda kw: dma_triton(q, k, v, dt, e, **kw)  # noqa: E731
+        bwd = lambda kw: torch.autograd.grad(dma_triton(q, k, v, dt, e, **kw), (q, k, v, dt), do)  # noqa: E731
         for kw in kw_list:
-            timed(label(kw), lambda kw=kw: dma_triton(q, k, v, dt, e, **kw),
-                  lambda kw=kw: torch.autograd.grad(dma_triton(q, k, v, dt, e, **kw), (q, k, v, dt), do))
+            timed(label(kw) + (" skip-full-tile-mask" if skip else ""), lambda kw=kw: call(fwd, kw),
+                  lambda kw=kw: call(bwd, kw))
 
     jdt_type = jnp.bfloat16 if gpu else jnp.float32
     jq, jk, jv, jdo = (jnp.asarray(x, jdt_type) for x in (qn, kn, vn, don))
@@ -125,8 +137,10 @@ def main(argv=None) -> int:
     sparse_name = "sparse {block_q}x{block_k} superblock {superblock}".format_map
     dense_name = "{block_q}x{block_k}".format_map
     torch_rows(sparse, lambda kw: "doge_torch Triton " + sparse_name(kw))
+    torch_rows(sparse[:1], lambda kw: "doge_torch Triton " + sparse_name(kw), skip=not default_skip)
     jax_rows(sparse[:2], lambda kw: "doge_jax Pallas " + sparse_name(kw))
     torch_rows(dense, lambda kw: "doge_torch Triton " + dense_name(kw))
+    torch_rows(dense[:1], lambda kw: "doge_torch Triton " + dense_name(kw), skip=not default_skip)
     jax_rows(dense, lambda kw: "doge_jax Pallas " + dense_name(kw))
 
     base = rows[0][3]

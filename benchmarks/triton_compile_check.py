@@ -40,7 +40,7 @@ def label(name: str, sparse: bool) -> str:
 
 
 def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bool = False, sparse: bool = False,
-                D: int = 128) -> dict:
+                skip: bool | None = None, D: int = 128) -> dict:
     """Compile one kernel for sm_90 (bf16 q/k/v, float32 dt/lse, GQA 2); returns registers, spill bytes, wgmma."""
     import triton
     import triton.language as tl
@@ -49,7 +49,8 @@ def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bo
 
     import doge_torch.triton_attention as ta
 
-    const = dict(R=2, RDT=2, D=D, BQ=bq, BK=bk, HAS_WINDOW=window, ACC=tl.float32, PREC="tf32")
+    const = dict(R=2, RDT=2, D=D, BQ=bq, BK=bk, HAS_WINDOW=window, ACC=tl.float32, PREC="tf32",
+                 SKIP=ta.SKIP_FULL_TILE_MASK if skip is None else skip)
     if name != "_dkv_kernel":
         const["SB"] = ta.SUPERBLOCK
     if name in ("_fwd_kernel", "_dq_kernel"):
@@ -70,7 +71,8 @@ def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bo
                               capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
-    return {"kernel": label(name, sparse), "bq": bq, "bk": bk, "warps": warps, "stages": stages, "window": window,
+    kernel = label(name, sparse) + (" skip-full" if const["SKIP"] else "")
+    return {"kernel": kernel, "bq": bq, "bk": bk, "warps": warps, "stages": stages, "window": window,
             "registers": regs, "spill_bytes": spills, "wgmma": "wgmma" in ptx}
 
 
@@ -92,7 +94,10 @@ SWEEP = [("_fwd_kernel", 128, 64, 8, 2, False, False), ("_fwd_kernel", 128, 64, 
          ("_dq_kernel", 128, 64, 8, 2, False, False), ("_dkv_kernel", 64, 64, 8, 2, False, False),
          ("_dkv_kernel", 32, 128, 8, 2, False, False), ("_dkv_kernel", 16, 64, 4, 2, False, False),
          ("_fwd_kernel", 128, 64, 8, 2, False, True), ("_dq_kernel", 128, 64, 8, 2, False, True),
-         ("_dkv_sparse_kernel", 64, 64, 8, 2, False, True), ("_dkv_sparse_kernel", 32, 128, 8, 2, False, True)]
+         ("_dkv_sparse_kernel", 64, 64, 8, 2, False, True), ("_dkv_sparse_kernel", 32, 128, 8, 2, False, True),
+         ("_fwd_kernel", 64, 64, 8, 2, False, False, True), ("_dq_kernel", 64, 64, 8, 2, False, False, True),
+         ("_dkv_kernel", 32, 64, 8, 2, False, False, True), ("_fwd_kernel", 64, 64, 8, 2, False, True, True),
+         ("_dq_kernel", 64, 64, 8, 2, False, True, True), ("_dkv_sparse_kernel", 32, 64, 8, 2, False, True, True)]
 
 
 def main(argv=None) -> int:

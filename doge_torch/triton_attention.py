@@ -64,6 +64,10 @@ BLOCK_K = 64
 BLOCK_Q_DKV = 32
 # queries per key list of the SPARSE kernels (a multiple of the query blocks)
 SUPERBLOCK = 256
+# Skip the per-element mask on tiles where every key is visible to every query (a runtime branch per tile). Off until
+# timed on a GPU: the branch removes most of the mask's ALU work but changes how Triton pipelines the loop (on sm_90
+# the forward's static code halves); benchmarks/kernel_tune.py times both.
+SKIP_FULL_TILE_MASK = False
 # masked scores: finite, so a tile whose row is fully masked gives no NaN (rescaled away by any live score)
 _MASK_VALUE = -0.7 * torch.finfo(torch.float32).max
 MASK = tl.constexpr(_MASK_VALUE) if tl is not None else _MASK_VALUE
@@ -80,13 +84,32 @@ def triton_available(device: torch.device | str) -> bool:
 
 
 @_jit
-def _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
-    """Masked scores of one tile [BQ, BK] (natural-exp domain, as the reference)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + dt[None, :]
+def _masked(s, e, qi, kj, window, HAS_WINDOW: tl.constexpr):
+    """Scores with MASK where query i does not see key j (j <= i < e_j, and i - j < window)."""
     keep = (kj[None, :] <= qi[:, None]) & (qi[:, None] < e[None, :])
     if HAS_WINDOW:
         keep = keep & (qi[:, None] - kj[None, :] < window)
     return tl.where(keep, s, MASK)
+
+
+@_jit
+def _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+                 SKIP: tl.constexpr):
+    """Masked scores of one tile [BQ, BK] (natural-exp domain, as the reference)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + dt[None, :]
+    if SKIP:
+        # a tile whose every key is visible to every query (below the diagonal, none expired before its last query,
+        # inside the window) skips the per-element mask: the common case, and the mask costs about as many ALU ops
+        # per score as the exp; but a branch in the loop body changes Triton's pipelining (SKIP_FULL_TILE_MASK)
+        q0 = tl.min(qi, 0)
+        q1 = tl.max(qi, 0)
+        full = (tl.max(kj, 0) <= q0) & (tl.min(e, 0) > q1)
+        if HAS_WINDOW:
+            full = full & (q1 - tl.min(kj, 0) < window)
+        if not full:
+            s = _masked(s, e, qi, kj, window, HAS_WINDOW)
+        return s
+    return _masked(s, e, qi, kj, window, HAS_WINDOW)
 
 
 @_jit
@@ -119,7 +142,7 @@ def _query_block(CNTQ, Tp, H, G, NDT, NQB, NS, LMAX, window, R: tl.constexpr, RD
 
 @_jit
 def _key_tile(K, V, DT, E, IDX, kv, dte, lst, cnt, c, q, qi, rd, scale, window, D: tl.constexpr, BK: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, SPARSE: tl.constexpr, PREC: tl.constexpr):
+              HAS_WINDOW: tl.constexpr, SPARSE: tl.constexpr, PREC: tl.constexpr, SKIP: tl.constexpr):
     """Key tile c of a query block's loop: its k, v [BK, D] and the masked scores [BQ, BK]. Dense: key block c;
     SPARSE: entries c * BK.. of the key list (slots past `cnt` read key 0 and are masked as expired)."""
     if SPARSE:
@@ -132,7 +155,7 @@ def _key_tile(K, V, DT, E, IDX, kv, dte, lst, cnt, c, q, qi, rd, scale, window, 
         e = tl.load(E + dte + kj)
     k = tl.load(K + kv + kj[:, None] * D + rd[None, :])
     v = tl.load(V + kv + kj[:, None] * D + rd[None, :])
-    s = _tile_scores(q, k, tl.load(DT + dte + kj), e, qi, kj, scale, window, HAS_WINDOW, PREC)
+    s = _tile_scores(q, k, tl.load(DT + dte + kj), e, qi, kj, scale, window, HAS_WINDOW, PREC, SKIP)
     return k, v, s
 
 
@@ -140,7 +163,7 @@ def _key_tile(K, V, DT, E, IDX, kv, dte, lst, cnt, c, q, qi, rd, scale, window, 
 def _fwd_kernel(Q, K, V, DT, E, IDX, CNTQ, O, LSE, scale, window, Tp, H, G, NDT, NQB, NS, LMAX,
                 R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                 SB: tl.constexpr, HAS_WINDOW: tl.constexpr, SPARSE: tl.constexpr, ACC: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, SKIP: tl.constexpr):
     """One query block of one query head: o [BQ, D] and lse [BQ] by an online softmax over the key tiles."""
     qi, row, kv, dte, lst, cnt, lo, hi = _query_block(CNTQ, Tp, H, G, NDT, NQB, NS, LMAX, window, R, RDT, D, BQ, BK,
                                                       SB, HAS_WINDOW, SPARSE)
@@ -151,7 +174,7 @@ def _fwd_kernel(Q, K, V, DT, E, IDX, CNTQ, O, LSE, scale, window, Tp, H, G, NDT,
     acc = tl.zeros((BQ, D), ACC)
     for c in range(lo, hi):
         _, v, s = _key_tile(K, V, DT, E, IDX, kv, dte, lst, cnt, c, q, qi, rd, scale, window, D, BK, HAS_WINDOW,
-                            SPARSE, PREC)
+                            SPARSE, PREC, SKIP)
         m_new = tl.maximum(m, tl.max(s, 1))
         corr = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -170,7 +193,7 @@ def _fwd_kernel(Q, K, V, DT, E, IDX, CNTQ, O, LSE, scale, window, Tp, H, G, NDT,
 def _dq_kernel(Q, K, V, DT, E, IDX, CNTQ, DO, LSE, DELTA, DQ, scale, window, Tp, H, G, NDT, NQB, NS, LMAX,
                R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                SB: tl.constexpr, HAS_WINDOW: tl.constexpr, SPARSE: tl.constexpr, ACC: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, SKIP: tl.constexpr):
     """dq of one query block of one query head, over the same key tiles as the forward."""
     qi, row, kv, dte, lst, cnt, lo, hi = _query_block(CNTQ, Tp, H, G, NDT, NQB, NS, LMAX, window, R, RDT, D, BQ, BK,
                                                       SB, HAS_WINDOW, SPARSE)
@@ -182,7 +205,7 @@ def _dq_kernel(Q, K, V, DT, E, IDX, CNTQ, DO, LSE, DELTA, DQ, scale, window, Tp,
     dq = tl.zeros((BQ, D), ACC)
     for c in range(lo, hi):
         k, v, s = _key_tile(K, V, DT, E, IDX, kv, dte, lst, cnt, c, q, qi, rd, scale, window, D, BK, HAS_WINDOW,
-                            SPARSE, PREC)
+                            SPARSE, PREC, SKIP)
         p = tl.exp(s - lse[:, None])
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -191,7 +214,7 @@ def _dq_kernel(Q, K, V, DT, E, IDX, CNTQ, DO, LSE, DELTA, DQ, scale, window, Tp,
 
 @_jit
 def _key_grads(Q, DO, LSE, DELTA, row, qb, k, v, dt, e, kj, rd, scale, window, dk, dv, ddt, D: tl.constexpr,
-               BQ: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
+               BQ: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, SKIP: tl.constexpr):
     """The key-side kernels' step: query block qb of one query head (rows at `row`) added to a key tile's dk, dv
     (unscaled) and d(dt)."""
     qi = qb * BQ + tl.arange(0, BQ)
@@ -199,7 +222,7 @@ def _key_grads(Q, DO, LSE, DELTA, row, qb, k, v, dt, e, kj, rd, scale, window, d
     do = tl.load(DO + row * D + qi[:, None] * D + rd[None, :])
     lse = tl.load(LSE + row + qi)
     delta = tl.load(DELTA + row + qi)
-    s = _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW, PREC)
+    s = _tile_scores(q, k, dt, e, qi, kj, scale, window, HAS_WINDOW, PREC, SKIP)
     p = tl.exp(s - lse[:, None])
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
     ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
@@ -210,7 +233,7 @@ def _key_grads(Q, DO, LSE, DELTA, row, qb, k, v, dt, e, kj, rd, scale, window, d
 @_jit
 def _dkv_kernel(Q, K, V, DT, E, DO, LSE, DELTA, DK, DV, DDT, scale, window, Tp, H, G, NDT,
                 R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SKIP: tl.constexpr):
     """dk, dv of one key block of one kv head and d(dt) per query head of its group: loops over the R query heads
     and the query blocks that can see the block (from the diagonal to the last query any of its keys is alive for)."""
     kb = tl.program_id(0)
@@ -237,7 +260,7 @@ def _dkv_kernel(Q, K, V, DT, E, DO, LSE, DELTA, DK, DV, DDT, scale, window, Tp, 
         ddt = tl.zeros((BK,), ACC)
         for qb in range(lo, hi):
             dk, dv, ddt = _key_grads(Q, DO, LSE, DELTA, row, qb, k, v, dt, e, kj, rd, scale, window, dk, dv, ddt, D,
-                                     BQ, HAS_WINDOW, PREC)
+                                     BQ, HAS_WINDOW, PREC, SKIP)
         tl.store(DDT + row + kj, ddt)
     tl.store(DK + kv + kj[:, None] * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty))
     tl.store(DV + kv + kj[:, None] * D + rd[None, :], dv.to(DV.dtype.element_ty))
@@ -246,7 +269,8 @@ def _dkv_kernel(Q, K, V, DT, E, DO, LSE, DELTA, DK, DV, DDT, scale, window, Tp, 
 @_jit
 def _dkv_sparse_kernel(Q, K, V, DT, E, IDX, CNT, DO, LSE, DELTA, DK, DV, DDT, scale, window, Tp, H, G, NDT, NS, LMAX,
                        R: tl.constexpr, RDT: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                       SB: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                       SB: tl.constexpr, HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                       SKIP: tl.constexpr):
     """SPARSE backward for keys: one chunk of BK entries of a superblock's key list (grid: chunk, superblock,
     batch x dt head). dk, dv and d(dt) of those keys over the superblock's queries of every query head using the
     dt head, added atomically into float32 (accumulator) buffers: a key is listed by every superblock it is alive in."""
@@ -278,7 +302,7 @@ def _dkv_sparse_kernel(Q, K, V, DT, E, IDX, CNT, DO, LSE, DELTA, DK, DV, DDT, sc
             row = (b * H + m * RDT + j) * Tp
             for qb in range(first // BQ, (last + BQ - 1) // BQ):
                 dk, dv, ddt = _key_grads(Q, DO, LSE, DELTA, row, qb, k, v, dt, e, kj, rd, scale, window, dk, dv,
-                                         ddt, D, BQ, HAS_WINDOW, PREC)
+                                         ddt, D, BQ, HAS_WINDOW, PREC, SKIP)
         tl.atomic_add(DK + kv + kj[:, None] * D + rd[None, :], dk * scale, mask=inb[:, None], sem="relaxed")
         tl.atomic_add(DV + kv + kj[:, None] * D + rd[None, :], dv, mask=inb[:, None], sem="relaxed")
         tl.atomic_add(DDT + bm * Tp + kj, ddt, mask=inb, sem="relaxed")
@@ -301,7 +325,7 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int
         # units and spill); IEEE under the interpreter and for float64
         PREC=("tf32x3" if q.dtype == torch.float32 and q.is_cuda else
               "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"),
-        num_warps=8 if D >= 128 else 4, num_stages=2,
+        SKIP=SKIP_FULL_TILE_MASK, num_warps=8 if D >= 128 else 4, num_stages=2,
     )
 
 

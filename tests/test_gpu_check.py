@@ -43,5 +43,5 @@ def test_kernel_tune_cpu_check():
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| doge_")]
-    assert len(rows) == 8 and all("error" not in r for r in rows), rows
-    assert sum("sparse" in r for r in rows) == 4, rows
+    assert len(rows) == 10 and all("error" not in r for r in rows), rows
+    assert sum("sparse" in r for r in rows) == 5 and sum("skip-full-tile-mask" in r for r in rows) == 2, rows

@@ -107,6 +107,15 @@ def test_triton_equals_reference(case, sparse):
         assert err <= rtol * b.abs().max().item(), (name, err, b.abs().max().item())
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("case", ["gqa_dt_per_kv_head", "window_and_expiry", "no_expiry", "bq_gt_bk"])
+def test_skip_full_tile_mask_is_the_same_function(monkeypatch, case, sparse):
+    """SKIP_FULL_TILE_MASK (no per-element mask on tiles where every key is visible to every query): the same
+    values and gradients as the reference, on tiles with and without expiry, windows and padding."""
+    monkeypatch.setattr(ta, "SKIP_FULL_TILE_MASK", True)
+    test_triton_equals_reference(case, sparse)
+
+
 @pytest.mark.parametrize("window", [None, 9])
 def test_key_lists_match_brute_force(window):
     """Each superblock's list holds exactly the keys some query of the superblock sees, in key order; cntq counts
