@@ -224,33 +224,39 @@ def _specs_q(bq, D):
     return pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0))
 
 
-def key_lists(e, keep: int, window: int | None, superblock: int, bq: int, bk: int):
+def key_lists(e, keep: int, window: int | None, superblock: int, bq: int, bk: int, max_elements: int = 1 << 24):
     """The sparse kernels' key lists (as doge_torch.triton_attention.key_lists): per (batch, head, superblock of
     `superblock` queries) the keys alive for some query of it, in key order. e [B, H, Tp] int32 (0 = padding key).
     Returns idx [B, H, NS, LMAX] int32 (unused slots 0), cnt [B, H, NS] and cntq [B, H, Tp // bq] (listed keys up
     to each query block's last query). LMAX = keep + superblock rounded up to bk, capped at Tp: enough when at most
-    `keep` keys are alive per query (the keep-window rule); `overflow` [B, H] says where a list did not fit."""
+    `keep` keys are alive per query (the keep-window rule); `overflow` [B, H] says where a list did not fit.
+    Superblocks are listed a group at a time, so the [B, H, group, Tp] temporaries stay near `max_elements`."""
     B, H, Tp = e.shape
     ns = -(-Tp // superblock)
     lmax = min(-(-(keep + superblock) // bk) * bk, Tp)
+    group = max(1, min(ns, max_elements // (B * H * Tp)))
     j = jnp.arange(Tp, dtype=jnp.int32)
-    s0 = jnp.arange(ns, dtype=jnp.int32)[:, None] * superblock
-    # key j is alive for some query i in [s0, s0 + superblock): j < s0 + superblock and e_j > max(s0, j); with a
-    # sliding window also s0 - j < window
-    live = (j < s0 + superblock) & (e[:, :, None, :] > jnp.maximum(s0, j))
-    if window is not None:
-        live = live & (j + window > s0)
-    cs = jnp.cumsum(live, axis=-1, dtype=jnp.int32)
-    overflow = jnp.any(cs[..., -1] > lmax, axis=-1)
-    cs = jnp.minimum(cs, lmax)  # the kernels never read past a list, even for such an e (dma_pallas poisons it)
-    cnt = cs[..., -1]
-    slot = jnp.where(live, cs - 1, lmax).clip(max=lmax)  # unlisted keys go to a discarded last slot
-    bi, hi, si = jnp.ogrid[:B, :H, :ns, :1][:3]
-    idx = jnp.zeros((B, H, ns, lmax + 1), jnp.int32).at[bi, hi, si, slot].set(
-        jnp.broadcast_to(j, live.shape), mode="drop")[..., :lmax]
-    qe = jnp.arange(bq, Tp + 1, bq) - 1  # each query block's last query
-    cntq = cs[:, :, qe // superblock, qe]
-    return idx, cnt, cntq, overflow
+    idx, cnt, cntq, overflow = [], [], [], []
+    for g0 in range(0, ns, group):
+        g1 = min(g0 + group, ns)
+        s0 = jnp.arange(g0, g1, dtype=jnp.int32)[:, None] * superblock
+        # key j is alive for some query i in [s0, s0 + superblock): j < s0 + superblock and e_j > max(s0, j); with
+        # a sliding window also s0 - j < window
+        live = (j < s0 + superblock) & (e[:, :, None, :] > jnp.maximum(s0, j))
+        if window is not None:
+            live = live & (j + window > s0)
+        cs = jnp.cumsum(live, axis=-1, dtype=jnp.int32)
+        overflow.append(cs[..., -1] > lmax)
+        cs = jnp.minimum(cs, lmax)  # the kernels never read past a list, even for such an e (dma_pallas poisons it)
+        slot = jnp.where(live, cs - 1, lmax).clip(max=lmax)  # unlisted keys go to a discarded last slot
+        bi, hi, si = jnp.ogrid[:B, :H, :g1 - g0, :1][:3]
+        idx.append(jnp.zeros((B, H, g1 - g0, lmax + 1), jnp.int32).at[bi, hi, si, slot].set(
+            jnp.broadcast_to(j, live.shape), mode="drop")[..., :lmax])
+        qe = jnp.arange(g0 * superblock + bq, min(g1 * superblock, Tp) + 1, bq) - 1  # query blocks' last queries
+        cntq.append(cs[:, :, qe // superblock - g0, qe])
+        cnt.append(cs[..., -1])
+    cat = partial(jnp.concatenate, axis=2)
+    return cat(idx), cat(cnt), cat(cntq), jnp.any(cat(overflow), axis=-1)
 
 
 def _query_side_lists(lists):

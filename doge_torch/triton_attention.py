@@ -329,36 +329,43 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int
     )
 
 
-def key_lists(e: torch.Tensor, keep: int, window: int | None, superblock: int, bq: int, bk: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def key_lists(e: torch.Tensor, keep: int, window: int | None, superblock: int, bq: int, bk: int,
+              max_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SPARSE kernels' key lists: per (batch, dt head, superblock of `superblock` queries), the keys alive for
     some query of the superblock, in key order. e [B, n, Tp] int32 expiry slots (<= Tp; 0 marks padding keys);
     Tp a multiple of bq and superblock of bq. Returns idx [B, n, NS, LMAX] int32 (unused slots 0), cnt [B, n, NS]
     (listed keys) and cntq [B, n, Tp // bq] (listed keys up to each query block's last query: the list is in key
     order, so a query block stops there), and overflow [B, n]. With at most `keep` keys alive per query (the
     keep-window rule) a list holds at most keep + superblock - 1 keys: LMAX = that, rounded up to bk and capped at
-    Tp. An e that breaks the rule raises in eager mode; traced, its lists are cut at LMAX and flagged in overflow."""
+    Tp. An e that breaks the rule raises in eager mode; traced, its lists are cut at LMAX and flagged in overflow.
+    Superblocks are listed a group at a time, so the [B, n, group, Tp] temporaries stay near `max_elements`."""
     B, n, Tp = e.shape
     ns = -(-Tp // superblock)
     lmax = min(-(-(keep + superblock) // bk) * bk, Tp)
+    group = max(1, min(ns, max_elements // (B * n * Tp)))
     j = torch.arange(Tp, device=e.device, dtype=torch.int32)
-    s0 = torch.arange(ns, device=e.device, dtype=torch.int32)[:, None] * superblock
-    # key j is alive for some query i in [s0, s0 + superblock): j <= i < e_j, i.e. j < s0 + superblock and
-    # e_j > max(s0, j); with a sliding window also i - j < window for i = s0 at the latest
-    live = (j < s0 + superblock) & (e[:, :, None, :] > torch.maximum(s0, j))
-    if window is not None:
-        live = live & (j + window > s0)
-    cs = live.cumsum(-1, dtype=torch.int32)
-    overflow = (cs[..., -1] > lmax).any(-1)  # [B, n]: a list that does not fit (e breaks the keep-window rule)
-    if not torch.compiler.is_compiling() and bool(overflow.any()):
-        raise ValueError(f"more than keep={keep} keys alive for some query: e does not follow the keep-window rule")
-    cs = cs.clamp_max(lmax)  # the kernels never read past a list, even for such an e (the caller poisons its output)
-    slot = torch.where(live, cs - 1, lmax).clamp_max(lmax).long()  # unlisted keys go to a discarded last slot
     idx = torch.zeros(B, n, ns, lmax + 1, dtype=torch.int32, device=e.device)
-    idx = idx.scatter_(-1, slot, j.expand(B, n, ns, Tp))[..., :lmax].contiguous()
-    qe = torch.arange(bq, Tp + 1, bq, device=e.device) - 1  # each query block's last query
-    cntq = cs[:, :, qe // superblock, qe].contiguous()
-    return idx, cs[..., -1].contiguous(), cntq, overflow
+    cnt, cntq, overflow = [], [], []
+    for g0 in range(0, ns, group):
+        g1 = min(g0 + group, ns)
+        s0 = torch.arange(g0, g1, device=e.device, dtype=torch.int32)[:, None] * superblock
+        # key j is alive for some query i in [s0, s0 + superblock): j <= i < e_j, i.e. j < s0 + superblock and
+        # e_j > max(s0, j); with a sliding window also i - j < window for i = s0 at the latest
+        live = (j < s0 + superblock) & (e[:, :, None, :] > torch.maximum(s0, j))
+        if window is not None:
+            live = live & (j + window > s0)
+        cs = live.cumsum(-1, dtype=torch.int32)
+        overflow.append(cs[..., -1] > lmax)  # a list that does not fit (e breaks the keep-window rule)
+        cs = cs.clamp_max(lmax)  # the kernels never read past a list, even for such an e (the caller poisons it)
+        slot = torch.where(live, cs - 1, lmax).clamp_max(lmax).long()  # unlisted keys go to a discarded last slot
+        idx[:, :, g0:g1].scatter_(-1, slot, j.expand(B, n, g1 - g0, Tp))
+        qe = torch.arange(g0 * superblock + bq, min(g1 * superblock, Tp) + 1, bq, device=e.device) - 1
+        cntq.append(cs[:, :, qe // superblock - g0, qe])  # each query block's last query
+        cnt.append(cs[..., -1])
+    over = torch.cat(overflow, -1).any(-1)  # [B, n]
+    if not torch.compiler.is_compiling() and bool(over.any()):
+        raise ValueError(f"more than keep={keep} keys alive for some query: e does not follow the keep-window rule")
+    return idx[..., :lmax].contiguous(), torch.cat(cnt, -1), torch.cat(cntq, -1), over
 
 
 def _sizes(q, k, dt, lists):

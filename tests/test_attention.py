@@ -186,6 +186,9 @@ def test_pallas_sparse_lists_and_bad_expiry():
     e = jnp.repeat(jnp.minimum(e, T), 2, axis=1)  # per query head, as dma_pallas passes it
     for window in (None, 7):
         got = key_lists(e, keep, window, 32, 16, 16)
+        grouped = key_lists(e, keep, window, 32, 16, 16, max_elements=2 * 4 * T * 2)  # 2 superblocks at a time
+        for a, b in zip(got, grouped):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         want = torch_key_lists(torch.as_tensor(np.array(e)), keep, window, 32, 16, 16)
         for a, b in zip(got, want):
             np.testing.assert_array_equal(np.asarray(a), b.numpy())

@@ -124,6 +124,8 @@ def test_key_lists_match_brute_force(window):
     _, e = _inputs(T, H, keep, (1, 5), "random", torch.float64)
     idx, cnt, cntq, overflow = ta.key_lists(e, keep, window, sb, bq, bk)
     assert not overflow.any()
+    for grouped, whole in zip(ta.key_lists(e, keep, window, sb, bq, bk, max_elements=B * H * T * 2), (idx, cnt, cntq)):
+        assert torch.equal(grouped, whole)  # two superblocks at a time: the same lists
     assert idx.shape[2:] == (T // sb, keep + sb) and cntq.shape[2] == T // bq
     i = torch.arange(T)
     for b in range(B):
