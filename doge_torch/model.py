@@ -18,11 +18,21 @@ from doge_torch.triton_attention import dma_triton, triton_available
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    # compiled lazily, on first use; inside an already-compiled model dynamo inlines it
-    _flex_compiled = torch.compile(flex_attention, dynamic=False)
 except ImportError:  # torch without FlexAttention: the dense-bias sdpa path serves every length
-    BlockMask = flex_attention = _flex_compiled = None
+    BlockMask = flex_attention = None
+_flex_compiled = None
+
+
+def _flex_cuda(*args, **kw):
+    """FlexAttention on CUDA: inside a compiled model dynamo captures the call itself; in eager mode it runs
+    through its own torch.compile wrapper, made on first use (making it at import costs ~1.6 s of dynamo and
+    inductor imports for every user of doge_torch)."""
+    global _flex_compiled
+    if torch.compiler.is_compiling():
+        return flex_attention(*args, **kw)
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(*args, **kw)
 
 
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -355,7 +365,7 @@ def flex_dma(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     def score_mod(score, b, h, qi, kj):
         return score + bias[b, h // r, kj]
 
-    fn = flex_attention if q.device.type == "cpu" else _flex_compiled
+    fn = flex_attention if q.device.type == "cpu" else _flex_cuda
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=D ** -0.5, enable_gqa=G != H)
 
 

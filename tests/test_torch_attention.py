@@ -140,3 +140,26 @@ def test_sdpa_backend_priority(monkeypatch):
     assert seen[-1] == default
     with pytest.raises(SystemExit):
         main(["--config", "configs/tiny.yaml", "--data", "x.npy", "--sdpa-backends", "cudnn,nope"])
+
+
+def test_flex_wrapper_is_built_on_first_use():
+    """Importing doge_torch builds no torch.compile wrapper (that imports dynamo and inductor: ~1.6 s for every
+    user); the eager CUDA-side wrapper is built on first use and equals flex_attention; inside a compiled region
+    flex_attention is called directly."""
+    import subprocess
+    import sys
+
+    code = ("import sys, doge_torch.model as m\n"
+            "assert m._flex_compiled is None\n"
+            "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor imported at import time'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    import doge_torch.model as dm
+
+    q = torch.randn(1, 2, 128, 16, generator=torch.Generator().manual_seed(0))
+    want = dm.flex_attention(q, q, q)
+    torch.testing.assert_close(dm._flex_cuda(q, q, q), want, rtol=1e-5, atol=1e-5)
+    assert dm._flex_compiled is not None
+    traced = torch.compile(lambda q: dm._flex_cuda(q, q, q), fullgraph=True, backend="eager")(q)
+    torch.testing.assert_close(traced, want, rtol=0, atol=0)
