@@ -56,20 +56,26 @@ def count_items(micro_batches: Sequence[Any]) -> torch.Tensor:
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler | None, micro_batches: Sequence[Any],
-               max_grad_norm: float | None = 1.0, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+               max_grad_norm: float | None = 1.0, autocast_dtype: torch.dtype | None = None,
+               sync: bool = True) -> dict[str, Any]:
     """One optimizer step over `micro_batches` (gradient accumulation); returns loss, grad_norm, lr, num_items.
 
     `loss` is the sum of the micro-batch losses, i.e. the token-mean loss of the whole step (plus the MoE aux term
     of every micro-batch when the config enables it). `lr` is the learning rate this update used; `grad_norm` the
     global norm before clipping. `autocast_dtype` (e.g. torch.bfloat16) runs the forward under autocast.
+    `sync=False` returns loss and grad_norm as device tensors instead of floats, so the host does not wait for the
+    step and can queue the next one (micro-batches held on the CPU, as a data loader gives them, then cost no
+    device sync at all).
     """
     batches = [_as_batch(mb) for mb in micro_batches]
     if not batches:
         raise ValueError("train_step: no micro-batches")
     device = next(model.parameters()).device
-    num_items = count_items(batches).to(device)
-    if int(num_items) == 0:
+    num_items = count_items(batches)  # on the batches' device: no sync when they are on the CPU
+    n_items = int(num_items)
+    if n_items == 0:
         raise ValueError("train_step: every label of the step is -100 (num_items_in_batch would be 0)")
+    num_items = num_items.to(device)
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for b in batches:
@@ -86,7 +92,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return {"loss": float(total), "grad_norm": float(norm), "lr": float(lr), "num_items": int(num_items)}
+    if not sync:
+        return {"loss": total, "grad_norm": norm, "lr": float(lr), "num_items": n_items}
+    return {"loss": float(total), "grad_norm": float(norm), "lr": float(lr), "num_items": n_items}
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------

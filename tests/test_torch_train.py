@@ -238,6 +238,25 @@ def test_train_step_accumulation_is_the_token_mean(tmp_path):
         train_step(model, opt, None, [(torch.as_tensor(ids), torch.full_like(torch.as_tensor(ids), -100))])
 
 
+def test_train_step_without_sync_returns_device_tensors(tmp_path):
+    """sync=False: the same step (same parameters after it, same loss and norm), loss and grad_norm left as 0-d
+    tensors on the device for the caller to read later."""
+    path = save_hf(make_hf_model(), tmp_path / "init")
+    ids = torch.as_tensor(random_ids(2, 16, 128, seed=5))
+    outs, params = [], []
+    for sync in (True, False):
+        model = doge_torch.DogeForCausalLM.from_pretrained(path).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        outs.append(train_step(model, opt, None, [(ids, ids)], max_grad_norm=0.5, sync=sync))
+        params.append([p.detach().clone() for p in model.parameters()])
+    synced, lazy = outs
+    assert isinstance(synced["loss"], float) and isinstance(lazy["loss"], torch.Tensor)
+    assert lazy["loss"].ndim == 0 and lazy["grad_norm"].ndim == 0 and lazy["num_items"] == synced["num_items"]
+    assert float(lazy["loss"]) == synced["loss"] and float(lazy["grad_norm"]) == synced["grad_norm"]
+    for a, b in zip(*params):
+        assert torch.equal(a, b)
+
+
 def test_cli_three_steps_npy(tmp_path):
     """`python -m doge_torch.train --config configs/tiny.yaml --data tokens.npy --max-steps 3` trains and saves."""
     tokens = np.random.default_rng(0).integers(0, 4096, size=20_000).astype(np.uint16)
