@@ -75,15 +75,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     n_items = int(num_items)
     if n_items == 0:
         raise ValueError("train_step: every label of the step is -100 (num_items_in_batch would be 0)")
-    num_items = num_items.to(device)
+    num_items = num_items.to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for b in batches:
         mask = b.get("attention_mask")
         with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
               else contextlib.nullcontext()):
-            out = model(b["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device),
-                        labels=b["labels"].to(device), num_items_in_batch=num_items)
+            # non_blocking: a pageable host-to-device copy is staged at once and does not wait for queued work
+            to = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+            out = model(to(b["input_ids"]), attention_mask=None if mask is None else to(mask), labels=to(b["labels"]),
+                        num_items_in_batch=num_items)
         out.loss.backward()
         total += out.loss.detach().float()
     params = [p for g in optimizer.param_groups for p in g["params"]]
