@@ -45,3 +45,16 @@ def test_kernel_tune_cpu_check():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| doge_")]
     assert len(rows) == 10 and all("error" not in r for r in rows), rows
     assert sum("sparse" in r for r in rows) == 5 and sum("skip-full-tile-mask" in r for r in rows) == 2, rows
+
+
+def test_sparse_tiles_counts_less_work_beyond_the_keep_window():
+    """benchmarks/sparse_tiles.py: the sparse kernels' query-side tiles from real key lists; fewer than the dense
+    kernels' at T = 8 keep_window, and every list within keep_window + superblock."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sparse_tiles.py"), "--seq", "1024",
+                           "--keep", "128", "--superblocks", "64", "--no-append"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| 1024 |")]
+    assert len(row) == 1, proc.stdout
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert float(cells[3]) < 0.5 and int(cells[5]) <= 128 + 64, row
