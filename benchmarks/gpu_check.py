@@ -513,7 +513,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
                 sec = time_queued(run, timed, warmup=warm - 1)
                 if not math.isfinite(loss0):
                     raise FloatingPointError(f"loss {loss0}")
-                row(f"doge_jax bf16 {cfg.attention_impl}", sec, f"{how}, compile {comp:.0f}s, loss {loss0:.2f}")
+                row(f"doge_jax bf16 {cfg.attention_impl}", sec,
+                    f"{how}, {timed} queued steps, compile {comp:.0f}s, loss {loss0:.2f}")
         jax.clear_caches()
 
         if budget.left() < (5 if cpu else 60):
@@ -534,7 +535,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
             sec = time_queued(trun, timed, warmup=warm - 1)
             fused = "fused AdamW" if opt.defaults.get("fused") else "AdamW"
             row("doge_torch bf16 autocast compiled" + (" (regional)" if cm is model else ""), sec,
-                f"{fused}, compile {comp:.0f}s, loss {m0['loss']:.2f}")
+                f"{fused}, {timed} queued steps, compile {comp:.0f}s, loss {m0['loss']:.2f}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
