@@ -463,8 +463,10 @@ def _is_pow2(x: int, at_least: int = 16) -> bool:
 
 def use_sparse(T: int, keep: int | None) -> bool:
     """Whether `dma_triton` takes the SPARSE kernels by default: from T >= 2 * keep_window on (a guess: below it the
-    lists save less than a quarter of the causal tiles; to be tuned on a GPU with benchmarks/kernel_tune.py)."""
-    return keep is not None and T >= 2 * keep
+    lists save less than a quarter of the causal tiles; to be tuned on a GPU with benchmarks/kernel_tune.py), and
+    not under torch.use_deterministic_algorithms (their key-side sums are atomic; the dense kernels are
+    deterministic)."""
+    return keep is not None and T >= 2 * keep and not torch.are_deterministic_algorithms_enabled()
 
 
 def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, e: torch.Tensor,

@@ -156,6 +156,11 @@ def test_sparse_refuses_expiry_beyond_keep():
     with pytest.raises(ValueError, match="superblock"):
         ta.dma_triton(*args, e, keep=keep, sparse=True, superblock=24, block_q=16, block_k=16)
     assert not ta.use_sparse(T, None) and not ta.use_sparse(2 * keep - 1, keep) and ta.use_sparse(2 * keep, keep)
+    torch.use_deterministic_algorithms(True)
+    try:  # the sparse kernels' float32 atomics are not deterministic: the dense kernels run instead
+        assert not ta.use_sparse(2 * keep, keep)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_bad_shapes_and_availability():
