@@ -171,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--sdpa-backends", help="comma list: torch sdpa kernels to prefer, in order (cudnn, flash, "
                     "efficient, math; default: torch's order, flash first)")
-    ap.add_argument("--log-every", type=int, default=1)
+    ap.add_argument("--log-every", type=int, default=1,
+                    help="print (and read loss back from the device) every N steps; metrics.jsonl keeps every step")
     args = ap.parse_args(argv)
     if args.sdpa_backends:
         try:
@@ -220,21 +221,32 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
-    history = []
+    history, pending = [], []
+    t_last = time.perf_counter()
     try:
         for step in range(max_steps):
-            t0 = time.perf_counter()
-            m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast)
-            m.update(step=step, tokens_per_s=grad_accum * rows * seq_len / (time.perf_counter() - t0))
-            history.append(m)
-            if metrics_file:
-                metrics_file.write(json.dumps(m) + "\n")
-                metrics_file.flush()
-            if step % args.log_every == 0 or step == max_steps - 1:
-                print(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
-                      f"{m['tokens_per_s']:.0f} tok/s", flush=True)
-            if not math.isfinite(m["loss"]):
-                raise SystemExit(f"non-finite loss at step {step}")
+            # only logged steps wait for the device; the others leave loss/grad_norm there and the host goes on to
+            # queue the next step (read back, with the finiteness check, at the next logged step)
+            log_now = step % args.log_every == 0 or step == max_steps - 1
+            m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast, sync=log_now)
+            m["step"] = step
+            pending.append(m)
+            if not log_now:
+                continue
+            now = time.perf_counter()
+            tps = len(pending) * grad_accum * rows * seq_len / (now - t_last)
+            t_last = now
+            for p in pending:
+                p.update(loss=float(p["loss"]), grad_norm=float(p["grad_norm"]), tokens_per_s=tps)
+                history.append(p)
+                if metrics_file:
+                    metrics_file.write(json.dumps(p) + "\n")
+                    metrics_file.flush()
+                if not math.isfinite(p["loss"]):
+                    raise SystemExit(f"non-finite loss at step {p['step']}")
+            pending = []
+            print(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
+                  f"{tps:.0f} tok/s", flush=True)
     finally:
         if metrics_file:
             metrics_file.close()

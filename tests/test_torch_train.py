@@ -3,6 +3,7 @@ float32 run equal to the same run in doge_jax (issue 6 item 5), and the command-
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -275,6 +276,25 @@ def test_cli_three_steps_npy(tmp_path):
     assert len(lines) == 3
     model = doge_torch.DogeForCausalLM.from_pretrained(str(out / "final"))
     assert model.config.vocab_size == 4096
+
+
+def test_cli_log_every_reads_back_only_logged_steps(tmp_path, capsys):
+    """--log-every 2: steps 0 and 2 are printed (and waited for); step 1's loss is read back at step 2, so the
+    history and metrics.jsonl still hold every step, with float values."""
+    tokens = np.random.default_rng(1).integers(0, 4096, size=20_000).astype(np.uint16)
+    np.save(tmp_path / "tokens.npy", tokens)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
+                   .replace("global_batch_tokens: 4096", "global_batch_tokens: 64"))
+    hist = main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "3", "--log-every",
+                 "2", "--device", "cpu", "--out", str(tmp_path / "run")])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1]) for line in printed] == [0, 2]
+    assert [h["step"] for h in hist] == [0, 1, 2]
+    assert all(isinstance(h["loss"], float) and isinstance(h["grad_norm"], float) and math.isfinite(h["loss"])
+               for h in hist)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1, 2] and lines[1]["loss"] == hist[1]["loss"]
 
 
 def test_cli_text_with_tokenizer(tmp_path):
