@@ -306,10 +306,11 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
     peak = peak_flops(jax.devices()[0], tcfg.compute_dtype, tcfg.peak_flops) * jax.device_count()
     meta = {"model_config": mcfg.to_hf_dict(), "train_config": tcfg.to_dict(), "mesh": dict(mesh.shape)}
 
-    def save(s: int) -> None:
+    def save(s: int, data_state=None) -> None:
         # jax arrays as they are (sharded): orbax copies them to host before save() returns, so the next step may
         # donate the buffers; every host writes its own shards
-        ckpt.save(s, params, opt_state, it.get_state(), {"step": s, **meta})
+        data_state = it.get_state() if data_state is None else data_state
+        ckpt.save(s, params, opt_state, data_state, {"step": s, **meta})
 
     def to_device(batch, axis):  # this host's rows -> the global batch array on the mesh
         return S.shard_batch(batch, mesh, batch_axis=axis)
@@ -347,6 +348,10 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         while step < tcfg.num_training_steps:
             t0 = time.perf_counter()
             params, opt_state, out = train_step(params, opt_state, batch, step)
+            # read and send the next batch while the device runs this step; a checkpoint of this step records the
+            # data position before that read
+            data_state = it.get_state()
+            nxt = to_device(next(it), 1) if step + 1 < tcfg.num_training_steps else None
             out = jax.device_get(out)
             dt = time.perf_counter() - t0
             loss, gnorm, lr = float(out["loss"]), float(out["grad_norm"]), float(schedule(step))
@@ -372,14 +377,13 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                     bar.write(f"step {step}: val_loss {val[0]:.4f}  val_ppl {val[1]:.2f}")
             stopping = bool(stop_signal) or (tcfg.stop_after is not None and step >= tcfg.stop_after)
             if step % tcfg.checkpoint_every == 0 or done or stopping:
-                save(step)
+                save(step, data_state)
                 last_good = step
             if stopping and not done:
                 status = "interrupted" if stop_signal else "stopped"
                 log(f"{status} at step {step}; checkpoint saved. Re-run the same command to resume.")
                 break
-            if not done:
-                batch = to_device(next(it), 1)
+            batch = nxt
     finally:
         bar.close()
         ckpt.close()
