@@ -577,7 +577,7 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     S = "attention"
     B, H, G, D = 1, 6, 3, 128
     keep = 128 if cpu else 2048
-    sizes = (256, 512) if cpu else (16384, 2048, 8192, 32768)  # the target size first
+    sizes = (256, 128, 512) if cpu else (16384, 2048, 8192, 32768)  # the target size first; one T <= keep_window
     cfg = DogeConfig(vocab_size=256, hidden_size=H * D, intermediate_size=256, num_hidden_layers=1,
                      num_attention_heads=H, num_key_value_heads=G, keep_window_size=keep,
                      max_position_embeddings=keep)
@@ -659,6 +659,14 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
                 o = dma_triton(q, k, v, dt, e, keep=keep, **kw)
                 return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
+            def t_kernel_skip(**kw):
+                triton_attention.SKIP_FULL_TILE_MASK = not skip_default
+                try:
+                    return t_kernel(**kw)
+                finally:
+                    triton_attention.SKIP_FULL_TILE_MASK = skip_default
+
+            skip_default = triton_attention.SKIP_FULL_TILE_MASK
             which = ("Triton kernels (" + ("sparse" if T >= 2 * keep else "dense") if triton_available(q.device)
                      else "impl pallas (no CUDA: sdpa")
             if T == sizes[0]:  # one inductor compile (expiry, key lists, kernels), at the target size
@@ -666,6 +674,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             if T > keep:  # per-superblock key lists: about keep_window keys per query block instead of all
                 cell("doge_torch DMA Triton sparse (kernels only)", functools.partial(t_kernel, sparse=True))
             cell("doge_torch DMA Triton dense (kernels only)", functools.partial(t_kernel, sparse=False))
+            if T <= keep:  # the training case: every tile below the diagonal is full (no mask needed)
+                cell(f"doge_torch DMA Triton dense, SKIP_FULL_TILE_MASK={not skip_default} (kernels only)",
+                     functools.partial(t_kernel_skip, sparse=False))
             if T == sizes[0]:  # a block-size probe at the target size: 128-query blocks
                 cell("doge_torch DMA Triton sparse 128x64 blocks (kernels only)",
                      functools.partial(t_kernel, sparse=True, block_q=128, block_k=64))
