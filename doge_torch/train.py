@@ -78,12 +78,14 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     num_items = num_items.to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=torch.float32, device=device)
+
+    def to(x):  # non_blocking: a pageable host-to-device copy is staged at once and does not wait for queued work
+        return x.to(device, non_blocking=True)
+
     for b in batches:
         mask = b.get("attention_mask")
         with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
               else contextlib.nullcontext()):
-            # non_blocking: a pageable host-to-device copy is staged at once and does not wait for queued work
-            to = lambda x: x.to(device, non_blocking=True)  # noqa: E731
             out = model(to(b["input_ids"]), attention_mask=None if mask is None else to(mask), labels=to(b["labels"]),
                         num_items_in_batch=num_items)
         out.loss.backward()
