@@ -345,40 +345,56 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         else:
             batch = None
         last_good = step if restored is not None else None
-        while step < tcfg.num_training_steps:
-            t0 = time.perf_counter()
-            params, opt_state, out = train_step(params, opt_state, batch, step)
-            # read and send the next batch while the device runs this step; a checkpoint of this step records the
-            # data position before that read
-            data_state = it.get_state()
-            nxt = to_device(next(it), 1) if step + 1 < tcfg.num_training_steps else None
+        t_last = time.perf_counter()
+
+        def read_back(s: int, out) -> None:
+            """Wait for step s's metrics, stop on NaN/inf, log. Steady state: s is the step before the one the
+            device is running, so the wait costs nothing and the device never idles on the host."""
+            nonlocal t_last
             out = jax.device_get(out)
-            dt = time.perf_counter() - t0
-            loss, gnorm, lr = float(out["loss"]), float(out["grad_norm"]), float(schedule(step))
-            step += 1
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            loss, gnorm, lr = float(out["loss"]), float(out["grad_norm"]), float(schedule(s - 1))
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
                 where = f"step {last_good}" if last_good is not None else "none saved yet"
-                raise TrainingDiverged(f"non-finite loss/grad norm at step {step} (loss={loss}, grad_norm={gnorm}); "
+                raise TrainingDiverged(f"non-finite loss/grad norm at step {s} (loss={loss}, grad_norm={gnorm}); "
                                        f"stopped without saving; last good checkpoint: {where} in {run_dir}")
             tps = tokens_per_step / dt
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_sec": tps,
-                   "mfu": flops / dt / peak, "tokens": step * tokens_per_step,
-                   "elapsed_s": time.perf_counter() - t_start}
-            if step % tcfg.log_every == 0 or step == tcfg.num_training_steps:
+            rec = {"step": s, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_sec": tps,
+                   "mfu": flops / dt / peak, "tokens": s * tokens_per_step, "elapsed_s": now - t_start}
+            if s % tcfg.log_every == 0 or s == tcfg.num_training_steps:
                 metrics.log(rec)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{rec['mfu']:.1%}",
                             refresh=False)
             bar.update(1)
+
+        pending = None  # (step, metrics on the device) of the last dispatched step, not read yet
+        while step < tcfg.num_training_steps:
+            params, opt_state, out = train_step(params, opt_state, batch, step)
+            step += 1
+            # while the device runs this step: read and send the next batch (a checkpoint of this step records the
+            # data position before that read), then read the previous step's metrics (one step behind)
+            data_state = it.get_state()
+            nxt = to_device(next(it), 1) if step < tcfg.num_training_steps else None
+            if pending is not None:
+                read_back(*pending)
+            pending = (step, out)
             done = step == tcfg.num_training_steps
-            if (tcfg.eval_every and step % tcfg.eval_every == 0) or done:
-                val = evaluate(eval_step, params, val_batches)
-                if val is not None:
-                    metrics.log({"step": step, "val_loss": val[0], "val_ppl": val[1]})
-                    bar.write(f"step {step}: val_loss {val[0]:.4f}  val_ppl {val[1]:.2f}")
             stopping = bool(stop_signal) or (tcfg.stop_after is not None and step >= tcfg.stop_after)
-            if step % tcfg.checkpoint_every == 0 or done or stopping:
-                save(step, data_state)
-                last_good = step
+            evaluating = (tcfg.eval_every and step % tcfg.eval_every == 0) or done
+            saving = step % tcfg.checkpoint_every == 0 or done or stopping
+            if evaluating or saving:  # both need this step's result, checked for NaN first
+                read_back(*pending)
+                pending = None
+                if evaluating:
+                    val = evaluate(eval_step, params, val_batches)
+                    if val is not None:
+                        metrics.log({"step": step, "val_loss": val[0], "val_ppl": val[1]})
+                        bar.write(f"step {step}: val_loss {val[0]:.4f}  val_ppl {val[1]:.2f}")
+                if saving:
+                    save(step, data_state)
+                    last_good = step
+                t_last = time.perf_counter()  # the next step's time excludes eval and save
             if stopping and not done:
                 status = "interrupted" if stop_signal else "stopped"
                 log(f"{status} at step {step}; checkpoint saved. Re-run the same command to resume.")

@@ -144,6 +144,54 @@ def test_nan_loss_stops_and_keeps_last_good(corpus, cache, tmp_path, capsys):
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
+def test_metrics_read_one_step_behind(corpus, cache, tmp_path, monkeypatch):
+    """The loop reads step s's metrics only after dispatching step s + 1 (the device never waits for the host),
+    except where the step's result is needed now: eval, checkpoint, the last step."""
+    events, real_make_steps, real_get = [], T.make_steps, jax.device_get
+
+    def make_steps(*a, **k):
+        train_step, micro, eval_step = real_make_steps(*a, **k)
+
+        class Spy:
+            def lower(self, *args):
+                lowered = train_step.lower(*args)
+
+                class Compiled:
+                    def compile(self):
+                        fn = lowered.compile()
+
+                        def call(*args):
+                            events.append(f"s{int(args[3])}")
+                            return fn(*args)
+                        return call
+                return Compiled()
+        return Spy(), micro, eval_step
+
+    def device_get(x):
+        if isinstance(x, dict) and "loss" in x:
+            events.append("get")
+        return real_get(x)
+
+    monkeypatch.setattr(T, "make_steps", make_steps)
+    monkeypatch.setattr(T.jax, "device_get", device_get)
+    assert run(corpus, cache, tmp_path / "run", "--train.checkpoint_every", "4", "--train.eval_every", "0") == 0
+    assert events == ["s0", "s1", "get", "s2", "get", "s3", "get", "get",  # step 4: read for its checkpoint
+                      "s4", "s5", "get", "get"]  # step 6: the last one
+    assert [r["step"] for r in read_metrics(str(tmp_path / "run")) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = run(corpus, cache, out, "--train.peak_lr", "1e38", "--train.num_warmup_steps", "0",
+               "--train.checkpoint_every", "100", "--train.eval_every", "0")
+    assert code == 3
+    err = capsys.readouterr().err
+    finite = [r for r in read_metrics(str(out)) if "loss" in r]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in finite)
+    assert f"non-finite loss/grad norm at step {len(finite) + 1} " in err and "none saved yet" in err
+    assert list_steps(str(out)) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model.hiden_size", "8"], "unknown config key model.hiden_size (did you mean model.hidden_size"),
     (["--train.bogus", "1"], "unknown config key train.bogus"),
