@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 
@@ -40,6 +41,29 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def _owner() -> str:
+    """host.pid, the part of a temporary directory's name that says who made it."""
+    return f"{socket.gethostname().replace(os.sep, '_').replace('-', '_')}.{os.getpid()}"
+
+
+def _remove_stale(parent: str, base: str) -> None:
+    """Remove temporary siblings of `base` left by a killed writer (SIGKILL, power loss): those made on this host by
+    a process that no longer exists. Directories of live writers, or of other hosts on a shared disk, stay."""
+    if os.name != "posix":  # os.kill(pid, 0) is a liveness probe only on POSIX
+        return
+    host = _owner().rsplit(".", 1)[0]
+    for name in os.listdir(parent):
+        m = re.fullmatch(rf"\.{re.escape(base)}\.(?:tmp|old)-(.+)\.(\d+)-[^-]*", name)
+        if not m or m.group(1) != host:
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except (PermissionError, OverflowError):  # alive (another user's) or not a pid: leave it
+            pass
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
     """Yield a temporary directory that replaces `path` only if the block finishes without an exception."""
@@ -48,14 +72,15 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterat
         raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    _remove_stale(parent, os.path.basename(path))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_owner()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output should get the usual directory mode
     try:
         yield tmp
         if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-{_owner()}-", dir=parent)
             os.rename(path, os.path.join(old, "x"))
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

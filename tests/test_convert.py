@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -357,6 +358,12 @@ def test_killed_mid_write_leaves_no_dst(tmp_path, sig):
     assert p.returncode != 0 and not dst.exists()
     if sig == signal.SIGTERM:  # a catchable signal also removes the temporary directory
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".dst")]
+    else:  # SIGKILL cannot be caught: the next write to the same place removes what the dead writer left
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".dst.tmp-")]
+        live = tmp_path / f".dst.tmp-{socket.gethostname().replace('-', '_')}.{os.getpid()}-x"
+        live.mkdir()  # a live writer's directory (this process) stays
+        assert main([src, str(dst), "--to", "hf"]) == 0
+        assert dst.is_dir() and [n for n in os.listdir(tmp_path) if n.startswith(".dst")] == [live.name]
 
 
 # ---- 320M-sized memory case --------------------------------------------------------------------------------------
