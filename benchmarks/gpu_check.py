@@ -333,6 +333,13 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         with torch.no_grad():
             lb = m16(dev(tb)).logits.float().cpu().numpy()
         bf16_row("doge_torch bf16 weights logits", max_abs(lb, ref_b))
+    with guarded(report, S, "doge_torch train_step(sync=False) host syncs"):
+        what = "doge_torch train_step(sync=False), 2 micro-batches from the CPU: host syncs"
+        n = host_syncs_of_step(tmp, tdev, torch.as_tensor(ids_b))
+        if n is None:
+            report.add(S, what, "sync debug mode needs CUDA (the step ran)", status="SKIP")
+        else:
+            report.add(S, what, f"{n} synchronizing CUDA calls", "0", "PASS" if n == 0 else "FAIL")
 
     # -- doge_jax on the device
     jmodel = doge_jax.DogeForCausalLM.from_pretrained(tmp)
@@ -375,6 +382,37 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
             m = with_attention_impl(nnx.merge(graphdef, st16), impl)
             lg = nnx.jit(lambda m, i: m(i).logits.astype(jnp.float32))(m, jb)
             bf16_row(f"doge_jax bf16 compute {impl} logits", max_abs(lg, ref_b))
+
+
+def host_syncs_of_step(path: str, tdev, ids) -> int | None:
+    """Synchronizing CUDA calls during one doge_torch `train_step(sync=False)` (bf16 autocast, fused AdamW, two
+    micro-batches held on the CPU, after a warm-up step), counted with torch's sync debug mode; None off CUDA."""
+    import warnings
+
+    import torch
+
+    import doge_torch
+    from doge_torch.train import train_step
+
+    model = doge_torch.DogeForCausalLM.from_pretrained(path).to(tdev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=tdev.type == "cuda")
+    mbs = [(ids, ids), (ids.flip(0), ids.flip(0))]
+    step = lambda: train_step(model, opt, None, mbs, 1.0, torch.bfloat16, sync=False)  # noqa: E731
+    out = step()
+    if tdev.type != "cuda":
+        assert isinstance(out["loss"], torch.Tensor)
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        print(f"  sync: {str(w.message).splitlines()[0][:160]}")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 # ---- (b) training throughput --------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Read top to bottom: RMSNorm, rotary, attention (dynamic mask), MLP, CDMoE, decod
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -656,10 +658,25 @@ class DogeForCausalLM(nn.Module):
         save_pretrained(self, path, max_shard_size=max_shard_size, overwrite=overwrite)
 
 
+_IDS_CHECKED = contextvars.ContextVar("doge_torch_ids_checked", default=False)
+
+
+@contextlib.contextmanager
+def token_ids_checked():
+    """Inside this block the model does not check its input_ids: the caller has checked them where they were made
+    (on the host, for free), and on a GPU the model's own check would wait for the device (`train_step`)."""
+    token = _IDS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _IDS_CHECKED.reset(token)
+
+
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Token ids outside [0, vocab) are an error, not silent garbage. Skipped while torch.compile traces (the check
-    is a host sync and a graph break); eager calls and the training CLI's data loading still validate."""
-    if torch.compiler.is_compiling():
+    is a host sync and a graph break) and inside `token_ids_checked()`; eager calls and the training step (on the
+    host copy of the batch) still validate."""
+    if torch.compiler.is_compiling() or _IDS_CHECKED.get():
         return
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]

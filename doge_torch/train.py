@@ -31,7 +31,7 @@ import yaml
 
 from doge_jax.config import DogeConfig
 
-from .model import DogeForCausalLM, set_sdpa_backends
+from .model import DogeForCausalLM, check_token_ids, set_sdpa_backends, token_ids_checked
 from .optim import clip_grad_norm, make_optimizer, wsd_scheduler
 
 IGNORE_INDEX = -100
@@ -65,12 +65,15 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     global norm before clipping. `autocast_dtype` (e.g. torch.bfloat16) runs the forward under autocast.
     `sync=False` returns loss and grad_norm as device tensors instead of floats, so the host does not wait for the
     step and can queue the next one (micro-batches held on the CPU, as a data loader gives them, then cost no
-    device sync at all).
+    device sync at all: their token ids are checked there, and the model skips its own check, a sync on a GPU).
     """
     batches = [_as_batch(mb) for mb in micro_batches]
     if not batches:
         raise ValueError("train_step: no micro-batches")
     device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    for b in batches:  # checked where the batches are (on the CPU: no device sync); the model then skips its check
+        check_token_ids(b["input_ids"], vocab)
     num_items = count_items(batches)  # on the batches' device: no sync when they are on the CPU
     n_items = int(num_items)
     if n_items == 0:
@@ -85,7 +88,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for b in batches:
         mask = b.get("attention_mask")
         with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-              else contextlib.nullcontext()):
+              else contextlib.nullcontext()), token_ids_checked():
             out = model(to(b["input_ids"]), attention_mask=None if mask is None else to(mask), labels=to(b["labels"]),
                         num_items_in_batch=num_items)
         out.loss.backward()

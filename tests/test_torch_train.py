@@ -258,6 +258,29 @@ def test_train_step_without_sync_returns_device_tensors(tmp_path):
         assert torch.equal(a, b)
 
 
+
+def test_train_step_checks_ids_on_the_host_and_the_model_skips_its_check(tmp_path):
+    """train_step validates token ids where the batch lives (the CPU: no device sync) before touching the model,
+    which then skips its own check (on a GPU a sync per micro-batch): bad ids name themselves, nothing changes."""
+    path = save_hf(make_hf_model(), tmp_path / "init")
+    model = doge_torch.DogeForCausalLM.from_pretrained(path).train()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.as_tensor(random_ids(2, 16, 128, seed=5))
+    bad = ids.clone()
+    bad[1, 3] = 128
+    with pytest.raises(ValueError, match=r"outside \[0, vocab_size=128\): \[128\]"):
+        train_step(model, opt, None, [(ids, ids), (bad, ids)])
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="outside"):  # the model's own check, outside the step
+        model(bad)
+    with doge_torch.model.token_ids_checked(), pytest.raises(IndexError):  # skipped: torch's CPU gather complains
+        model(bad)
+    with pytest.raises(ValueError, match="outside"):  # the check is back after the block
+        model(bad)
+
+
 def test_cli_three_steps_npy(tmp_path):
     """`python -m doge_torch.train --config configs/tiny.yaml --data tokens.npy --max-steps 3` trains and saves."""
     tokens = np.random.default_rng(0).integers(0, 4096, size=20_000).astype(np.uint16)
