@@ -330,14 +330,16 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int
 
 
 def key_lists(e: torch.Tensor, keep: int, window: int | None, superblock: int, bq: int, bk: int,
-              max_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              max_elements: int = 1 << 24, check: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SPARSE kernels' key lists: per (batch, dt head, superblock of `superblock` queries), the keys alive for
     some query of the superblock, in key order. e [B, n, Tp] int32 expiry slots (<= Tp; 0 marks padding keys);
     Tp a multiple of bq and superblock of bq. Returns idx [B, n, NS, LMAX] int32 (unused slots 0), cnt [B, n, NS]
     (listed keys) and cntq [B, n, Tp // bq] (listed keys up to each query block's last query: the list is in key
     order, so a query block stops there), and overflow [B, n]. With at most `keep` keys alive per query (the
     keep-window rule) a list holds at most keep + superblock - 1 keys: LMAX = that, rounded up to bk and capped at
-    Tp. An e that breaks the rule raises in eager mode; traced, its lists are cut at LMAX and flagged in overflow.
+    Tp. An e that breaks the rule raises in eager mode with `check` (a host sync); traced or unchecked, its lists
+    are cut at LMAX and flagged in overflow.
     Superblocks are listed a group at a time, so the [B, n, group, Tp] temporaries stay near `max_elements`."""
     B, n, Tp = e.shape
     ns = -(-Tp // superblock)
@@ -363,7 +365,7 @@ def key_lists(e: torch.Tensor, keep: int, window: int | None, superblock: int, b
         cntq.append(cs[:, :, qe // superblock - g0, qe])  # each query block's last query
         cnt.append(cs[..., -1])
     over = torch.cat(overflow, -1).any(-1)  # [B, n]
-    if not torch.compiler.is_compiling() and bool(over.any()):
+    if check and not torch.compiler.is_compiling() and bool(over.any()):
         raise ValueError(f"more than keep={keep} keys alive for some query: e does not follow the keep-window rule")
     return idx[..., :lmax].contiguous(), torch.cat(cnt, -1), torch.cat(cntq, -1), over
 
@@ -471,7 +473,7 @@ def use_sparse(T: int, keep: int | None) -> bool:
 
 def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, e: torch.Tensor,
                window: int | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, keep: int | None = None,
-               sparse: bool | None = None, superblock: int = SUPERBLOCK) -> torch.Tensor:
+               sparse: bool | None = None, superblock: int = SUPERBLOCK, check: bool = True) -> torch.Tensor:
     """Dynamic Mask Attention by the Triton kernels, for S == T (training, prefill).
 
     q [B, H, T, D], k/v [B, G, T, D] (query head h uses kv head h // (H // G)), dt [B, n, T] float and e [B, n, T]
@@ -484,7 +486,8 @@ def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tens
     visit per query block only the keys alive somewhere in its superblock (`superblock` queries, a multiple of
     block_q): about keep + superblock keys instead of every earlier key. `sparse` forces them on or off; by
     default they run from T >= 2 * keep on (`use_sparse`). An e that lets more than `keep` keys live raises in
-    eager mode and gives NaN outputs under torch.compile.
+    eager mode and gives NaN outputs under torch.compile or with `check=False` (for an e made by `key_expiry` with
+    this keep, which cannot break the rule: the eager check waits for the device).
     """
     B, H, T, D = q.shape
     G, n = k.shape[1], dt.shape[1]
@@ -509,11 +512,11 @@ def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tens
     e = F.pad(e.clamp(max=T + pad).to(torch.int32), (0, pad))  # padding keys: expired before they exist
     if sparse and n % G:  # the key-side kernel maps a dt head to one kv head: give each query head its own
         dt, e = dt.repeat_interleave(H // n, dim=1), e.repeat_interleave(H // n, dim=1)
-    lists = list(key_lists(e, keep, window, superblock, block_q, block_k)) if sparse else []
+    lists = list(key_lists(e, keep, window, superblock, block_q, block_k, check=check)) if sparse else []
     overflow = lists.pop() if lists else None
     o, _ = _fwd_op(q, k, v, dt, e, lists, window or 0, block_q, block_k, superblock)
     o = o[:, :, :T]
-    if overflow is not None:  # (traced only: eager raised) NaN, never attention over a truncated key list
+    if overflow is not None:  # (traced or unchecked: eager raised) NaN, never attention over a truncated key list
         over = overflow.repeat_interleave(H // overflow.shape[1], dim=1)[:, :, None, None]
         o = torch.where(over, torch.full_like(o, float("nan")), o)
     return o

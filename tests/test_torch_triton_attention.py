@@ -143,7 +143,8 @@ def test_key_lists_match_brute_force(window):
 
 def test_sparse_refuses_expiry_beyond_keep():
     """The sparse kernels' lists are sized for `keep`: expiry slots that let more keys live raise in eager mode and
-    give NaN under torch.compile (the lists are cut, and the kernels never read past them), never a truncation."""
+    give NaN under torch.compile or unchecked (the lists are cut, the kernels never read past them), never a
+    truncation."""
     T, keep = 64, 8
     args, e = _inputs(T, G, T, (0, 0), "random", torch.float64)  # nothing expires: the last list holds 64 keys
     kw = dict(keep=keep, sparse=True, superblock=16, block_q=16, block_k=16)
@@ -151,6 +152,7 @@ def test_sparse_refuses_expiry_beyond_keep():
         ta.dma_triton(*args, e, **kw)
     o = torch.compile(lambda *a: ta.dma_triton(*a, e, **kw), fullgraph=True, backend="eager")(*args)
     assert torch.isnan(o).all()
+    assert torch.isnan(ta.dma_triton(*args, e, check=False, **kw)).all()  # unchecked eager (no host sync): NaN too
     lists = torch.compile(lambda e: ta.key_lists(e, keep, None, 16, 16, 16), fullgraph=True, backend="eager")(e)
     assert lists[3].all() and lists[1].max() == lists[0].shape[-1] == 32  # flagged; counts cut at LMAX (24 -> 32)
     with pytest.raises(ValueError, match="superblock"):
