@@ -557,9 +557,9 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], cfg: DogeConfig
         p_mean = probs.mean(0)
     else:
         m = attention_mask.reshape(1, -1).expand(len(router_logits), -1).reshape(-1).to(dtype)  # [L*N]
-        sel = experts[m.bool()].reshape(-1)
+        # padding tokens' choices count 0 (weights, not a boolean selection: no device sync)
         counts = torch.zeros(E, dtype=dtype, device=probs.device).scatter_add_(
-            0, sel, torch.ones(sel.numel(), dtype=dtype, device=probs.device))
+            0, experts.reshape(-1), m[:, None].expand(-1, experts.shape[-1]).reshape(-1))
         f = counts / (m.sum() * k)
         p_mean = (probs * m[:, None]).sum(0) / m.sum()
     return (f * p_mean).sum() * E
