@@ -157,9 +157,11 @@ def test_flex_wrapper_is_built_on_first_use():
 
     import doge_torch.model as dm
 
-    q = torch.randn(1, 2, 128, 16, generator=torch.Generator().manual_seed(0))
-    want = dm.flex_attention(q, q, q)
-    torch.testing.assert_close(dm._flex_cuda(q, q, q), want, rtol=1e-5, atol=1e-5)
+    # distinct q, k, v: torch 2.11's CPU flex lowering refuses one buffer passed as all three
+    q, k, v = torch.randn(3, 1, 2, 128, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    q, k, v = q.clone(), k.clone(), v.clone()
+    want = dm.flex_attention(q, k, v)
+    torch.testing.assert_close(dm._flex_cuda(q, k, v), want, rtol=1e-5, atol=1e-5)
     assert dm._flex_compiled is not None
-    traced = torch.compile(lambda q: dm._flex_cuda(q, q, q), fullgraph=True, backend="eager")(q)
+    traced = torch.compile(lambda q: dm._flex_cuda(q, k, v), fullgraph=True, backend="eager")(q)
     torch.testing.assert_close(traced, want, rtol=0, atol=0)
