@@ -6,7 +6,8 @@ On a lent GPU machine (device tool `run`, one H100/H200), from the repository ro
 
 It needs only the GPU image's packages (torch 2.11+cu130, jax 0.11.2 + cuda13 plugin, flax, optax, numpy, yaml,
 safetensors, ml_dtypes; see the device tool's KINDS.md): nothing to carry but the working tree. It does not
-import grain, tensorboardX, matplotlib or transformers; `doge_jax.train.make_steps` is used when importable, else
+import grain, tensorboardX or matplotlib (transformers only as the generation baseline, skipped without it);
+`doge_jax.train.make_steps` is used when importable, else
 an equivalent step is built from doge_jax.loss + doge_jax.optim. It writes no files except the RESULTS.md append
 (and torch/jax compile caches under /tmp). `--sections attention,train` runs a subset; `--regional none|160m|all`
 compiles the torch training model layer by layer instead of as one graph (default: all rows; whole-model inductor
@@ -33,8 +34,9 @@ Sections (one table at the end, one row per check):
              (compiled: folded-bias causal sdpa at T <= keep_window, FlexAttention with the key-expiry block mask
              beyond) and its dense-bias sdpa path (eager), doge_jax pallas (Triton kernels, sparse and dense) /
              blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain causal.
-  generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8),
-             and doge_torch eager generate at batch 1 for comparison.
+  generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8)
+             as a ratio to transformers' generate (sdpa, same checkpoint, same device), and doge_torch eager
+             generate at batch 1.
 
 Status: PASS/FAIL (correctness), MET/MISSED (performance targets: Doge-160M >= 40% MFU, Doge-20M >= 400k tokens/s,
 DMA fwd+bwd at 16k <= 1.5x causal flash), ERROR (the check raised), SKIP (budget), '-' (information). The exit
@@ -783,9 +785,11 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
 
 # ---- (d) generation -----------------------------------------------------------------------------------------------
 def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
+    """Greedy generation tokens/s of one random checkpoint in doge_jax (compiled decode loop), transformers (sdpa,
+    the baseline, when importable) and doge_torch (eager), float32 on the device; doge_jax as a ratio to
+    transformers, and whether their tokens agree (information: random weights can have near-ties)."""
     import numpy as np
     import torch
-    from flax import nnx
 
     import doge_jax
     import doge_torch
@@ -795,29 +799,57 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     name = "tiny.yaml" if cpu else "doge-20m.yaml"
     cfg = DogeConfig.from_yaml(os.path.join(ROOT, "configs", name))
     prompt, new = (16, 16) if cpu else (32, 128)
-    model = doge_jax.DogeForCausalLM(cfg, rngs=nnx.Rngs(0))
+    least = 2 if cpu else 10
+    torch.manual_seed(0)
+    path = tempfile.mkdtemp(prefix="gpu_check_gen_")
+    doge_torch.DogeForCausalLM(cfg).save_pretrained(path)
+    model = doge_jax.DogeForCausalLM.from_pretrained(path)
+    try:
+        import transformers
+
+        hf = transformers.DogeForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(tdev).eval()
+    except Exception as e:  # noqa: BLE001 - the baseline is optional (not in every image)
+        print(f"  (transformers baseline unavailable: {type(e).__name__}: {e})")
+        hf = None
+    hf_rates = {}
     for B in (1, 8):
-        if budget.left() < (2 if cpu else 10):
-            report.add(S, f"doge_jax batch {B}", "budget", status="SKIP")
+        if budget.left() < least:
+            report.add(S, f"batch {B}", "budget", status="SKIP")
             continue
+        ids = np.random.default_rng(B).integers(3, cfg.vocab_size, (B, prompt))
+        hf_rate, hf_out = None, None
+        if hf is not None:
+            with guarded(report, S, f"transformers batch {B}"):
+                t_ids = torch.as_tensor(ids).to(tdev)
+
+                def hf_gen(t_ids=t_ids):
+                    with torch.no_grad():
+                        return hf.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new,
+                                           min_new_tokens=new, do_sample=False, pad_token_id=cfg.pad_token_id)
+                sec = time_fn(hf_gen, 1)
+                hf_out = hf_gen().cpu().numpy()
+                hf_rate = hf_rates[B] = B * new / sec
+                report.add(S, f"transformers {transformers.__version__} sdpa fp32 batch {B}, {prompt}+{new} tokens",
+                           f"{hf_rate:,.0f} tok/s (baseline)")
         with guarded(report, S, f"doge_jax batch {B}"):
-            ids = np.random.default_rng(B).integers(3, cfg.vocab_size, (B, prompt))
             t0 = time.perf_counter()
             out = model.generate(ids, max_new_tokens=new, eos_token_id=-1)
             first = time.perf_counter() - t0
             assert out.shape == (B, prompt + new), out.shape
             sec = time_fn(lambda ids=ids: model.generate(ids, max_new_tokens=new, eos_token_id=-1), 2, warmup=0)
+            vs = "" if hf_rate is None else (f", {B * new / sec / hf_rate:.2f}x transformers, same tokens: "
+                                             f"{'yes' if np.array_equal(np.asarray(out), hf_out) else 'no'}")
             report.add(S, f"doge_jax fp32 batch {B}, {prompt}+{new} tokens",
-                       f"{B * new / sec:,.0f} tok/s (first call {first:.1f}s)")
-    if budget.left() < (2 if cpu else 10):
+                       f"{B * new / sec:,.0f} tok/s (first call {first:.1f}s{vs})")
+    if budget.left() < least:
         report.add(S, "doge_torch batch 1", "budget", status="SKIP")
         return
     with guarded(report, S, "doge_torch batch 1"):
-        torch.manual_seed(0)
-        tm = doge_torch.DogeForCausalLM(cfg).to(tdev).eval()
+        tm = doge_torch.DogeForCausalLM.from_pretrained(path).to(tdev).eval()
         ids = torch.as_tensor(np.random.default_rng(1).integers(3, cfg.vocab_size, (1, prompt))).to(tdev)
         sec = time_fn(lambda: tm.generate(ids, max_new_tokens=new, eos_token_id=-1), 1)
-        report.add(S, f"doge_torch fp32 eager batch 1, {prompt}+{new} tokens", f"{new / sec:,.0f} tok/s")
+        vs = f" ({new / sec / hf_rates[1]:.2f}x transformers)" if 1 in hf_rates else ""
+        report.add(S, f"doge_torch fp32 eager batch 1, {prompt}+{new} tokens", f"{new / sec:,.0f} tok/s{vs}")
 
 
 # ---- (e) profile (opt-in) -----------------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ def test_gpu_check_cpu_fallback():
         got = [r for r in rows if r[0] == f"| {section}"]
         assert got and all(r[-1] in ("- |", "MET |", "MISSED |") for r in got), (section, got)
     assert any("pallas" in r[1] for r in rows), "the doge_jax Pallas kernel (interpret mode) is checked"
+    gen = [r for r in rows if r[0] == "| generate"]
+    assert any(r[1].startswith("transformers") for r in gen), "generation has the transformers baseline"
+    assert all("x transformers" in r[3] for r in gen if r[1].startswith(("doge_jax", "doge_torch"))), gen
     assert any("Triton kernel" in r[1] for r in rows), "the doge_torch Triton kernel (interpreter) is checked"
     assert "all checks passed" in out
     after = open(results).read() if os.path.exists(results) else None
