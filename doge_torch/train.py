@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap.add_argument("--sdpa-backends", help="comma list: torch sdpa kernels to prefer, in order (cudnn, flash, "
                     "efficient, math; default: torch's order, flash first)")
     ap.add_argument("--log-every", type=int, default=1,
-                    help="print (and read loss back from the device) every N steps; metrics.jsonl keeps every step")
+                    help="print every N steps (metrics.jsonl keeps every step; each step's loss is read back one "
+                    "step late, while the device runs the next one)")
     args = ap.parse_args(argv)
     if args.sdpa_backends:
         try:
@@ -226,32 +227,38 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
-    history, pending = [], []
+    history = []
     t_last = time.perf_counter()
+
+    def read_back(m: dict[str, Any]) -> None:
+        """Wait for step m's loss (the step before the one the device is running: no idle device), NaN-check,
+        record, print every --log-every steps."""
+        nonlocal t_last
+        m.update(loss=float(m["loss"]), grad_norm=float(m["grad_norm"]))
+        now = time.perf_counter()
+        m["tokens_per_s"], t_last = grad_accum * rows * seq_len / (now - t_last), now
+        history.append(m)
+        if metrics_file:
+            metrics_file.write(json.dumps(m) + "\n")
+            metrics_file.flush()
+        if not math.isfinite(m["loss"]):
+            raise SystemExit(f"non-finite loss at step {m['step']}")
+        if m["step"] % args.log_every == 0 or m["step"] == max_steps - 1:
+            print(f"step {m['step']:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
+                  f"{m['tokens_per_s']:.0f} tok/s", flush=True)
+
+    pending = None
     try:
         for step in range(max_steps):
-            # only logged steps wait for the device; the others leave loss/grad_norm there and the host goes on to
-            # queue the next step (read back, with the finiteness check, at the next logged step)
-            log_now = step % args.log_every == 0 or step == max_steps - 1
-            m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast, sync=log_now)
+            # queue this step, then read the previous one's loss: one step behind, so the host never makes the
+            # device wait (train_step(sync=False) leaves loss and grad norm on the device)
+            m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast, sync=False)
             m["step"] = step
-            pending.append(m)
-            if not log_now:
-                continue
-            now = time.perf_counter()
-            tps = len(pending) * grad_accum * rows * seq_len / (now - t_last)
-            t_last = now
-            for p in pending:
-                p.update(loss=float(p["loss"]), grad_norm=float(p["grad_norm"]), tokens_per_s=tps)
-                history.append(p)
-                if metrics_file:
-                    metrics_file.write(json.dumps(p) + "\n")
-                    metrics_file.flush()
-                if not math.isfinite(p["loss"]):
-                    raise SystemExit(f"non-finite loss at step {p['step']}")
-            pending = []
-            print(f"step {step:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
-                  f"{tps:.0f} tok/s", flush=True)
+            if pending is not None:
+                read_back(pending)
+            pending = m
+        if pending is not None:
+            read_back(pending)
     finally:
         if metrics_file:
             metrics_file.close()

@@ -301,23 +301,56 @@ def test_cli_three_steps_npy(tmp_path):
     assert model.config.vocab_size == 4096
 
 
-def test_cli_log_every_reads_back_only_logged_steps(tmp_path, capsys):
-    """--log-every 2: steps 0 and 2 are printed (and waited for); step 1's loss is read back at step 2, so the
-    history and metrics.jsonl still hold every step, with float values."""
+def test_cli_reads_each_loss_one_step_behind(tmp_path, capsys, monkeypatch):
+    """Step s's loss is read back (a device sync) only after step s + 1 is queued, so the device never waits for
+    the host; --log-every 2 prints steps 0 and 2 (and the last); history and metrics.jsonl hold every step."""
+    import doge_torch.train as dtt
+
+    events, real = [], dtt.train_step
+
+    class Lazy(float):  # a loss on the "device": reading it is the sync
+        def __float__(self):
+            events.append("read")
+            return float.__float__(self)
+
+    def spy(*a, **k):
+        assert k.get("sync") is False
+        events.append("step")
+        m = real(*a, **k)
+        m["loss"] = Lazy(m["loss"])
+        return m
+
+    monkeypatch.setattr(dtt, "train_step", spy)
     tokens = np.random.default_rng(1).integers(0, 4096, size=20_000).astype(np.uint16)
     np.save(tmp_path / "tokens.npy", tokens)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
                    .replace("global_batch_tokens: 4096", "global_batch_tokens: 64"))
-    hist = main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "3", "--log-every",
+    hist = main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "4", "--log-every",
                  "2", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert events == ["step", "step", "read", "step", "read", "step", "read", "read"]
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    assert [int(line.split()[1]) for line in printed] == [0, 2]
-    assert [h["step"] for h in hist] == [0, 1, 2]
-    assert all(isinstance(h["loss"], float) and isinstance(h["grad_norm"], float) and math.isfinite(h["loss"])
+    assert [int(line.split()[1]) for line in printed] == [0, 2, 3]
+    assert [h["step"] for h in hist] == [0, 1, 2, 3]
+    assert all(type(h["loss"]) is float and isinstance(h["grad_norm"], float) and math.isfinite(h["loss"])
                for h in hist)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [0, 1, 2] and lines[1]["loss"] == hist[1]["loss"]
+    assert [x["step"] for x in lines] == [0, 1, 2, 3] and lines[1]["loss"] == hist[1]["loss"]
+
+
+def test_cli_stops_at_the_first_non_finite_loss(tmp_path):
+    tokens = np.random.default_rng(1).integers(0, 4096, size=20_000).astype(np.uint16)
+    np.save(tmp_path / "tokens.npy", tokens)
+    cfg = tmp_path / "tiny.yaml"
+    text = open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
+    text = text.replace("peak_lr: 3.0e-3", "peak_lr: 1.0e30").replace("num_warmup_steps: 40", "num_warmup_steps: 0")
+    cfg.write_text(text.replace("global_batch_tokens: 4096", "global_batch_tokens: 64"))
+    with pytest.raises(SystemExit, match="non-finite loss at step") as exc:
+        main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "8", "--device", "cpu",
+              "--out", str(tmp_path / "run")])
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first_bad = next(x["step"] for x in lines if not math.isfinite(x["loss"]))
+    assert str(exc.value) == f"non-finite loss at step {first_bad}" and lines[-1]["step"] == first_bad > 0
 
 
 def test_cli_text_with_tokenizer(tmp_path):
