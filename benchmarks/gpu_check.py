@@ -808,6 +808,7 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         import transformers
 
         hf = transformers.DogeForCausalLM.from_pretrained(path, attn_implementation="sdpa").to(tdev).eval()
+        hf.generation_config.eos_token_id = None  # as doge_jax's eos_token_id=-1: EOS is an ordinary token here
     except Exception as e:  # noqa: BLE001 - the baseline is optional (not in every image)
         print(f"  (transformers baseline unavailable: {type(e).__name__}: {e})")
         hf = None
@@ -825,7 +826,7 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
                 def hf_gen(t_ids=t_ids):
                     with torch.no_grad():
                         return hf.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new,
-                                           min_new_tokens=new, do_sample=False, pad_token_id=cfg.pad_token_id)
+                                           do_sample=False, pad_token_id=cfg.pad_token_id)
                 sec = time_fn(hf_gen, 1)
                 hf_out = hf_gen().cpu().numpy()
                 hf_rate = hf_rates[B] = B * new / sec

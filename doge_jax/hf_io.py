@@ -16,6 +16,11 @@ import socket
 import tempfile
 from collections.abc import Iterator
 
+try:
+    import fcntl
+except ImportError:  # Windows: no stale-directory cleanup
+    fcntl = None
+
 from .config import DogeConfig
 from .hf_names import CheckpointError, detect_variant, rename_legacy
 
@@ -43,25 +48,69 @@ def parse_size(size: int | str) -> int:
 
 def _owner() -> str:
     """host.pid, the part of a temporary directory's name that says who made it."""
-    return f"{socket.gethostname().replace(os.sep, '_').replace('-', '_')}.{os.getpid()}"
+    return f"{socket.gethostname().replace(os.sep, '_')}.{os.getpid()}"
+
+
+def _lock(path: str) -> int | None:
+    """Hold an exclusive flock on the directory `path` for as long as the returned descriptor is open. The kernel
+    drops it when the process dies, even by SIGKILL, and it is seen across PID namespaces (containers): how a
+    writer tells a live temporary directory from a stale one. None where there is no flock (Windows)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _held(path: str) -> bool:
+    """Whether a live process holds `path`'s lock (probe: take it without waiting, then let go)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # gone or unreadable: not ours to remove
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _remove_stale(parent: str, base: str) -> None:
-    """Remove temporary siblings of `base` left by a killed writer (SIGKILL, power loss): those made on this host by
-    a process that no longer exists. Directories of live writers, or of other hosts on a shared disk, stay."""
-    if os.name != "posix":  # os.kill(pid, 0) is a liveness probe only on POSIX
+    """Clear what killed writers (SIGKILL, power loss) left next to `base`: temporary directories made on this host
+    whose writer is gone (its pid is not alive here and nobody holds the directory's lock). A writer killed between
+    its two renames left `base` missing and the previous output in `.old-*/x`: that output is put back. Directories
+    of live writers, or of other hosts on a shared disk, stay."""
+    if fcntl is None:
         return
     host = _owner().rsplit(".", 1)[0]
-    for name in os.listdir(parent):
-        m = re.fullmatch(rf"\.{re.escape(base)}\.(?:tmp|old)-(.+)\.(\d+)-[^-]*", name)
-        if not m or m.group(1) != host:
+    path = os.path.join(parent, base)
+    for name in sorted(os.listdir(parent)):
+        m = re.fullmatch(rf"\.{re.escape(base)}\.(tmp|old)-(.+)\.(\d+)-[^-]*", name)
+        if not m or m.group(2) != host:
             continue
-        try:
-            os.kill(int(m.group(2)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-        except (PermissionError, OverflowError):  # alive (another user's) or not a pid: leave it
-            pass
+        full = os.path.join(parent, name)
+        if _pid_alive(int(m.group(3))) or _held(full):
+            continue
+        if m.group(1) == "old" and not os.path.lexists(path) and os.path.isdir(os.path.join(full, "x")):
+            os.rename(os.path.join(full, "x"), path)
+        shutil.rmtree(full, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -74,6 +123,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterat
     os.makedirs(parent, exist_ok=True)
     _remove_stale(parent, os.path.basename(path))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_owner()}-", dir=parent)
+    tmp_lock = _lock(tmp)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output should get the usual directory mode
@@ -81,14 +131,24 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterat
         yield tmp
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-{_owner()}-", dir=parent)
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            old_lock = _lock(old)
+            try:
+                os.rename(path, os.path.join(old, "x"))
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(os.path.join(old, "x"), path)  # the previous output goes back
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                _unlock(old_lock)
         else:
             os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _unlock(tmp_lock)
 
 
 def write_safetensors(out_dir: str, tensors: dict, framework: str, max_shard_size: int | str = DEFAULT_SHARD_SIZE

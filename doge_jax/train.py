@@ -394,7 +394,8 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                 if saving:
                     save(step, data_state)
                     last_good = step
-                t_last = time.perf_counter()  # the next step's time excludes eval and save
+                # the next step's time excludes eval and save (it does include one more batch read than usual)
+                t_last = time.perf_counter()
             if stopping and not done:
                 status = "interrupted" if stop_signal else "stopped"
                 log(f"{status} at step {step}; checkpoint saved. Re-run the same command to resume.")

@@ -71,9 +71,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if not batches:
         raise ValueError("train_step: no micro-batches")
     device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    for b in batches:  # checked where the batches are (on the CPU: no device sync); the model then skips its check
-        check_token_ids(b["input_ids"], vocab)
+    cfg = getattr(getattr(model, "module", model), "config", None)  # DistributedDataParallel keeps it in .module
+    if cfg is not None:  # checked where the batches are (on the CPU: no device sync); the model then skips its check
+        for b in batches:
+            check_token_ids(b["input_ids"], cfg.vocab_size)
+    checked = token_ids_checked if cfg is not None else contextlib.nullcontext
     num_items = count_items(batches)  # on the batches' device: no sync when they are on the CPU
     n_items = int(num_items)
     if n_items == 0:
@@ -88,7 +90,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for b in batches:
         mask = b.get("attention_mask")
         with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-              else contextlib.nullcontext()), token_ids_checked():
+              else contextlib.nullcontext()), checked():
             out = model(to(b["input_ids"]), attention_mask=None if mask is None else to(mask), labels=to(b["labels"]),
                         num_items_in_batch=num_items)
         out.loss.backward()

@@ -360,10 +360,43 @@ def test_killed_mid_write_leaves_no_dst(tmp_path, sig):
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".dst")]
     else:  # SIGKILL cannot be caught: the next write to the same place removes what the dead writer left
         assert [n for n in os.listdir(tmp_path) if n.startswith(".dst.tmp-")]
-        live = tmp_path / f".dst.tmp-{socket.gethostname().replace('-', '_')}.{os.getpid()}-x"
+        live = tmp_path / f".dst.tmp-{socket.gethostname()}.{os.getpid()}-x"
         live.mkdir()  # a live writer's directory (this process) stays
         assert main([src, str(dst), "--to", "hf"]) == 0
         assert dst.is_dir() and [n for n in os.listdir(tmp_path) if n.startswith(".dst")] == [live.name]
+
+
+def test_stale_temporary_dirs_locked_or_restored(tmp_path):
+    """What a dead writer left is judged by its lock, not only its pid (a pid from another PID namespace looks
+    dead here): a locked directory stays; a writer killed between its two renames gets the previous output put
+    back; other hosts' directories are never touched."""
+    from doge_jax import hf_io
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    host = socket.gethostname()
+    locked = tmp_path / f".out.tmp-{host}.{dead}-abc"  # "dead" pid, but a live process (this one) holds the lock
+    locked.mkdir()
+    fd = hf_io._lock(str(locked))
+    stale = tmp_path / f".out.tmp-{host}.{dead}-def"
+    stale.mkdir()
+    old = tmp_path / f".out.old-{host}.{dead}-ghi"  # killed after moving the previous output aside
+    (old / "x").mkdir(parents=True)
+    (old / "x" / "weights").write_text("previous")
+    other = tmp_path / f".out.tmp-{host}x.{dead}-jkl"  # another host's name
+    other.mkdir()
+    try:
+        hf_io._remove_stale(str(tmp_path), "out")
+        assert (tmp_path / "out" / "weights").read_text() == "previous"
+        assert sorted(os.listdir(tmp_path)) == sorted([locked.name, other.name, "out"])
+        with hf_io.atomic_output_dir(tmp_path / "out") as t:
+            open(os.path.join(t, "weights"), "w").write("new")
+        assert (tmp_path / "out" / "weights").read_text() == "new"
+        assert sorted(os.listdir(tmp_path)) == sorted([locked.name, other.name, "out"])
+    finally:
+        hf_io._unlock(fd)
+    hf_io._remove_stale(str(tmp_path), "out")  # unlocked now: its writer is gone
+    assert sorted(os.listdir(tmp_path)) == sorted([other.name, "out"])
 
 
 # ---- 320M-sized memory case --------------------------------------------------------------------------------------
