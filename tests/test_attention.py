@@ -252,6 +252,8 @@ def test_key_expiry_matches_definition():
 def test_choose_impl():
     m = MaskInfo()
     assert choose_impl("auto", 64, 64, 2048, m, False) == "reference"
+    assert choose_impl("auto", 512, 512, 2048, m, False) == "reference"
+    assert choose_impl("auto", 768, 768, 2048, m, False) == ("fused" if jax.default_backend() == "gpu" else "blockwise")
     assert choose_impl("auto", 8192, 8192, 2048, m, False) == "blockwise"
     assert choose_impl("blockwise", 64, 64, 2048, m, True) == "reference"  # dropout: reference only
     assert choose_impl("fused", 64, 64, 16, m, False) == "blockwise"  # beyond keep_window
