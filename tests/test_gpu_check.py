@@ -63,3 +63,16 @@ def test_sparse_tiles_counts_less_work_beyond_the_keep_window():
     assert len(row) == 1, proc.stdout
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert float(cells[3]) < 0.5 and int(cells[5]) <= 128 + 64, row
+
+
+def test_auto_threshold_script_times_both_impls():
+    """benchmarks/auto_threshold.py: a training step per attention impl and the impl `auto` picks at that size."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "auto_threshold.py"), "--config",
+                           os.path.join(ROOT, "configs", "tiny.yaml"), "--sizes", "64x2", "--reps", "1", "--rounds",
+                           "1", "--no-append"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = [line for line in proc.stdout.splitlines() if line.startswith("| 64 x 2 |")]
+    cells = [c.strip() for c in row[-1].strip("|").split("|")]
+    assert float(cells[1].replace(",", "")) > 0 and float(cells[2].replace(",", "")) > 0 and cells[4] == "reference"
+
