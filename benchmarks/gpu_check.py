@@ -15,6 +15,8 @@ compiles took 72 s for Doge-20M and 190 s for Doge-160M on an H200); `--budget 4
 wall-clock budget in seconds (each section has its share; an item that would not fit is printed as SKIP).
 
 Sections (one table at the end, one row per check):
+  (setup)    before parity/attention/train: each framework's DMA kernels once in a child process (a kernel fault
+             poisons the CUDA context); a failure skips that framework's kernel rows, not the whole run.
   parity     a tiny random doge_torch model (random nonzero A, perturbed norms, dynamic RoPE past max positions,
              T > keep_window, a left-padded row) saved with save_pretrained and loaded by both frameworks; logits
              (and loss gradients) on the device against doge_torch's float32 eager reference on the CPU; also
@@ -39,8 +41,8 @@ Sections (one table at the end, one row per check):
              generate at batch 1.
 
 Status: PASS/FAIL (correctness), MET/MISSED (performance targets: Doge-160M >= 40% MFU, Doge-20M >= 400k tokens/s,
-DMA fwd+bwd at 16k <= 1.5x causal flash), ERROR (the check raised), SKIP (budget), '-' (information). The exit
-code is 1 if any row is FAIL or ERROR (MISSED targets do not fail it).
+DMA fwd+bwd at 16k <= 1.5x causal flash), ERROR (the check raised), SKIP (budget, or a failed kernel smoke test),
+'-' (information). The exit code is 1 if any row is FAIL or ERROR (MISSED targets do not fail it).
 
 Without a GPU (or with --cpu) the same code paths run at tiny sizes (configs/tiny.yaml, seq 128, 2 timed steps,
 attention at 256/512 keys with keep_window 128, 16 new tokens) in about a minute; torch.compile then uses
@@ -219,6 +221,104 @@ def time_fn(fn, reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+# ---- kernel smoke tests (child processes) --------------------------------------------------------------------------
+# A fault in a custom kernel (an illegal address) poisons the CUDA context for every later call in the process, JAX's
+# included. So each framework's DMA kernels first run once in a child process; where that fails, this process skips
+# every row that would run them and goes on with the rest. framework -> why.
+KERNEL_FAULTS: dict[str, str] = {}
+
+
+def faulted(report: Report, section: str, check: str, framework: str) -> bool:
+    """True (and a SKIP row) when `framework`'s ("triton" or "pallas") kernels failed their smoke test."""
+    why = KERNEL_FAULTS.get(framework)
+    if why is not None:
+        report.add(section, check, f"not run: the {framework} kernel smoke test failed ({why})", status="SKIP")
+    return why is not None
+
+
+def kernel_smoke(report: Report, cpu: bool, timeout: float) -> None:
+    """Run `--kernel-smoke FW` for both frameworks in child processes; a failure fills KERNEL_FAULTS."""
+    import subprocess
+
+    for fw, what in (("triton", "doge_torch Triton"), ("pallas", "doge_jax Pallas")):
+        check = f"{what} kernels smoke test (own process: dense + sparse, forward + backward)"
+        cmd = [sys.executable, os.path.abspath(__file__), "--kernel-smoke", fw] + (["--cpu"] if cpu else [])
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            ok = [line for line in proc.stdout.splitlines() if line.startswith(f"SMOKE {fw} OK ")]
+            if proc.returncode == 0 and ok:
+                report.add("setup", check, f"{ok[-1].split(' OK ', 1)[1]}, {time.perf_counter() - t0:.0f}s",
+                           status="PASS")
+                continue
+            lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+            why = lines[-1].strip()[:160] if lines else f"exit code {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            why = f"no answer in {timeout:.0f}s"
+        KERNEL_FAULTS[fw] = why
+        report.add("setup", check, why, status="FAIL")
+
+
+def kernel_smoke_child(fw: str, cpu: bool) -> int:
+    """`--kernel-smoke triton|pallas` (a child of `kernel_smoke`): that framework's DMA kernels once, dense and
+    sparse (T >= 2 keep_window), forward and backward, bf16 with GQA and head dim 128 (float32 and tiny under
+    --cpu, in Triton's interpreter / Pallas interpret mode); both must be finite and agree (the same function).
+    Prints 'SMOKE <fw> OK ...'."""
+    import numpy as np
+
+    if os.environ.get("GPU_CHECK_BREAK_KERNELS") == fw:  # tests: a smoke test that fails
+        raise RuntimeError(f"{fw} kernels broken on purpose (GPU_CHECK_BREAK_KERNELS)")
+    B, H, G, D, T, keep = (1, 4, 2, 16, 64, 16) if cpu else (1, 4, 2, 128, 1024, 256)
+    rng = np.random.default_rng(0)
+    qn = rng.standard_normal((B, H, T, D)).astype(np.float32)
+    kn, vn = (rng.standard_normal((B, G, T, D)).astype(np.float32) for _ in range(2))
+    dtn = np.exp(rng.standard_normal((B, G, T))).astype(np.float32)
+    don = rng.standard_normal((B, H, T, D)).astype(np.float32)
+    outs = {}
+    if fw == "triton":
+        if cpu:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        import torch
+
+        from doge_torch.model import key_expiry
+        from doge_torch.triton_attention import dma_triton
+
+        dev, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
+        for sparse in (False, True):
+            q, k, v = (torch.tensor(x, dtype=dtype, device=dev, requires_grad=True) for x in (qn, kn, vn))
+            dt = torch.tensor(dtn, device=dev, requires_grad=True)  # float32, as under autocast
+            e = key_expiry(dt.detach(), torch.ones(B, T, dtype=torch.bool, device=dev), keep)
+            o = dma_triton(q, k, v, dt, e, keep=keep, sparse=sparse)
+            grads = torch.autograd.grad(o, (q, k, v, dt), torch.tensor(don, dtype=dtype, device=dev))
+            outs[sparse] = [x.detach().float().cpu().numpy() for x in (o, *grads)]
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from doge_jax.attention import key_expiry
+        from doge_jax.pallas_attention import dma_pallas
+
+        dtype = jnp.float32 if cpu else jnp.bfloat16
+        q, k, v, dt = (jnp.asarray(x, dtype) for x in (qn, kn, vn, dtn))
+        for sparse in (False, True):
+            def f(q, k, v, dt, sparse=sparse):
+                return dma_pallas(q, k, v, dt, key_expiry(dt, jnp.ones((B, T), bool), keep), keep=keep,
+                                  sparse=sparse)
+
+            o, vjp = jax.vjp(jax.jit(f), q, k, v, dt)
+            outs[sparse] = [np.asarray(x, np.float32) for x in (o, *vjp(jnp.asarray(don, dtype)))]
+    worst = 0.0
+    for name, a, b in zip(("o", "dq", "dk", "dv", "d(dt)"), outs[False], outs[True]):
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise FloatingPointError(f"{name} is not finite")
+        worst = max(worst, float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-6)))
+    tol = 1e-4 if cpu else 5e-2
+    if worst > tol:
+        raise AssertionError(f"sparse and dense kernels differ by {worst:.1e} of max|dense| (> {tol:g})")
+    print(f"SMOKE {fw} OK sparse vs dense kernels {worst:.1e} of max|value|", flush=True)
+    return 0
+
+
 # ---- (a) parity ---------------------------------------------------------------------------------------------------
 def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: str) -> None:
     import jax
@@ -311,9 +411,12 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         torch_rows(f"doge_torch fp32 {flex} (T>keep_window, no padding)", tmodel, ids_c, ref_c, ref_grads_c)
     kern = "Triton kernel" if triton_available(tdev) else "sdpa (kernel needs CUDA)"
     km = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="pallas")).to(tdev)
-    with guarded(report, S, f"doge_torch fp32 {kern}"):
-        sparse = ": sparse kernels" if triton_available(tdev) else ""
-        torch_rows(f"doge_torch fp32 {kern} (T>2 keep_window{sparse}, no padding)", km, ids_c, ref_c, ref_grads_c)
+    uses_triton = triton_available(tdev)
+    if not (uses_triton and faulted(report, S, f"doge_torch fp32 {kern}", "triton")):
+        with guarded(report, S, f"doge_torch fp32 {kern}"):
+            sparse = ": sparse kernels" if uses_triton else ""
+            torch_rows(f"doge_torch fp32 {kern} (T>2 keep_window{sparse}, no padding)", km, ids_c, ref_c,
+                       ref_grads_c)
     if budget.left() > (3 if cpu else 20):
         with guarded(report, S, "doge_torch fp32 compiled"):
             torch_rows("doge_torch fp32 torch.compile(fullgraph)", tcompile(tmodel, cpu), ids_a, ref_a, ref_grads,
@@ -326,10 +429,11 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
             lb = tmodel(dev(tb)).logits.float().cpu().numpy()
         bf16_row("doge_torch bf16 autocast (sdpa) logits", max_abs(lb, ref_b))
-    with guarded(report, S, f"doge_torch bf16 autocast {kern}"):
-        with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
-            lb = km(dev(tb)).logits.float().cpu().numpy()
-        bf16_row(f"doge_torch bf16 autocast {kern} logits", max_abs(lb, ref_b))
+    if not (uses_triton and faulted(report, S, f"doge_torch bf16 autocast {kern}", "triton")):
+        with guarded(report, S, f"doge_torch bf16 autocast {kern}"):
+            with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
+                lb = km(dev(tb)).logits.float().cpu().numpy()
+            bf16_row(f"doge_torch bf16 autocast {kern} logits", max_abs(lb, ref_b))
     with guarded(report, S, "doge_torch pure bf16"):
         m16 = doge_torch.DogeForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to(tdev).eval()
         with torch.no_grad():
@@ -349,6 +453,8 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     ja, jm, jl, jb = (jnp.asarray(x) for x in (ids_a, mask_a, labels_a, ids_b))
     with jax.default_matmul_precision("highest"):
         for impl in ("reference", "blockwise", "pallas", "auto"):
+            if impl == "pallas" and faulted(report, S, f"doge_jax fp32 {impl}", "pallas"):
+                continue
             with guarded(report, S, f"doge_jax fp32 {impl}"):
                 m = with_attention_impl(nnx.merge(graphdef, state), impl)
                 lg = nnx.jit(lambda m, i, k: m(i, attention_mask=k).logits)(m, ja, jm)
@@ -357,16 +463,20 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
             m = with_attention_impl(nnx.merge(graphdef, state), "fused")
             lg = nnx.jit(lambda m, i: m(i).logits)(m, jb)
             f32_row("doge_jax fp32 fused logits (T<=keep_window)", max_abs(lg, ref_b))
-        with guarded(report, S, "doge_jax fp32 pallas sparse"):  # T = 80 >= 2 keep_window, no padding
-            jc = jnp.asarray(ids_c)
-            gd = nnx.split(with_attention_impl(nnx.merge(graphdef, state), "pallas"), nnx.Param)[0]
-            lg = jax.jit(lambda st: nnx.merge(gd, st)(jc).logits)(state)
-            f32_row("doge_jax fp32 pallas logits (T>2 keep_window: sparse kernels, no padding)", max_abs(lg, ref_c))
-            grads = jax.jit(jax.grad(lambda st: nnx.merge(gd, st)(jc, labels=jc).loss))(state)
-            flat = {tuple(str(p) for p in path): (v[...] if hasattr(v, "__getitem__") else v.value)
-                    for path, v in nnx.to_flat_state(grads)}
-            grad_row("doge_jax fp32 pallas sparse loss gradients", rel_norm(to_hf_arrays(flat), ref_grads_c))
+        if not faulted(report, S, "doge_jax fp32 pallas sparse", "pallas"):
+            with guarded(report, S, "doge_jax fp32 pallas sparse"):  # T = 80 >= 2 keep_window, no padding
+                jc = jnp.asarray(ids_c)
+                gd = nnx.split(with_attention_impl(nnx.merge(graphdef, state), "pallas"), nnx.Param)[0]
+                lg = jax.jit(lambda st: nnx.merge(gd, st)(jc).logits)(state)
+                f32_row("doge_jax fp32 pallas logits (T>2 keep_window: sparse kernels, no padding)",
+                        max_abs(lg, ref_c))
+                grads = jax.jit(jax.grad(lambda st: nnx.merge(gd, st)(jc, labels=jc).loss))(state)
+                flat = {tuple(str(p) for p in path): (v[...] if hasattr(v, "__getitem__") else v.value)
+                        for path, v in nnx.to_flat_state(grads)}
+                grad_row("doge_jax fp32 pallas sparse loss gradients", rel_norm(to_hf_arrays(flat), ref_grads_c))
         for impl in ("blockwise", "pallas"):
+            if impl == "pallas" and faulted(report, S, f"doge_jax fp32 {impl} gradients", "pallas"):
+                continue
             with guarded(report, S, f"doge_jax fp32 {impl} gradients"):
                 gd = nnx.split(with_attention_impl(nnx.merge(graphdef, state), impl), nnx.Param)[0]
 
@@ -378,6 +488,8 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
                         for path, v in nnx.to_flat_state(grads)}
                 grad_row(f"doge_jax fp32 {impl} loss gradients", rel_norm(to_hf_arrays(flat), ref_grads))
     for impl in ("fused", "blockwise", "pallas"):
+        if impl == "pallas" and faulted(report, S, f"doge_jax bf16 {impl}", "pallas"):
+            continue
         with guarded(report, S, f"doge_jax bf16 {impl}"):
             st16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                 state)
@@ -532,7 +644,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
             report.add(S, f"{label} {framework} seq {seq} x {rows} rows", measured, target,
                        "-" if cpu else status)
 
-        if not jax_row:
+        kernels = base.attention_impl == "pallas"
+        if not jax_row or (kernels and faulted(report, S, f"{label} doge_jax", "pallas")):
             pass
         elif budget.left() < (5 if cpu else 40):
             report.add(S, f"{label} doge_jax", "budget", status="SKIP")
@@ -557,6 +670,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
                     f"{how}, {timed} queued steps, compile {comp:.0f}s, loss {loss0:.2f}")
         jax.clear_caches()
 
+        if kernels and tdev.type == "cuda" and faulted(report, S, f"{label} doge_torch", "triton"):
+            return
         if budget.left() < (5 if cpu else 60):
             report.add(S, f"{label} doge_torch", "budget", status="SKIP")
             return
@@ -635,6 +750,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         times: dict[str, float] = {}
 
         def cell(name, fn):
+            fw = "triton" if "Triton" in name else ("pallas" if "pallas" in name else None)
+            if fw and faulted(report, S, f"T={T} {name}", fw):
+                return
             if budget.left() < (2 if cpu else 15):
                 report.add(S, f"T={T} {name}", "budget", status="SKIP")
                 return
@@ -962,6 +1080,7 @@ def main(argv=None) -> int:
                     help="torch training rows compiled layer by layer instead of as one graph: none, the Doge-160M "
                          "row, or all (default: whole-model inductor compiles took 72 s (20M) and 190 s (160M) on an "
                          "H200)")
+    ap.add_argument("--kernel-smoke", choices=("triton", "pallas"), help=argparse.SUPPRESS)  # kernel_smoke's child
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {SECTIONS + OPT_IN} (default: all but {OPT_IN})")
     args = ap.parse_args(argv)
@@ -977,6 +1096,8 @@ def main(argv=None) -> int:
     # share the GPU with torch: JAX allocates on demand, up to half the card (its BFC pool is never returned)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    if args.kernel_smoke:
+        return kernel_smoke_child(args.kernel_smoke, args.cpu)
     import jax
     import torch
 
@@ -1006,6 +1127,11 @@ def main(argv=None) -> int:
           flush=True)
     if gpu and jax.default_backend() != "gpu":
         report.add("setup", "jax sees the GPU", f"jax backend {jax.default_backend()}", "gpu", "FAIL")
+
+    if {"parity", "attention", "train"} & set(sections):
+        t0 = time.perf_counter()
+        kernel_smoke(report, cpu, timeout=120.0)
+        print(f"== kernel smoke tests done in {time.perf_counter() - t0:.0f}s", flush=True)
 
     funcs = {"parity": lambda: section_parity(report, budget, cpu, tdev, jkind),
              "train": lambda: section_train(report, budget, cpu, tdev, peak, args.regional),

@@ -24,6 +24,8 @@ def test_gpu_check_cpu_fallback():
     table = out[out.index("| section | check | device | measured | target | status |"):]
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert all(r[2] == "cpu-fallback" for r in rows)
+    smoke = [r for r in rows if r[0] == "| setup"]
+    assert len(smoke) == 2 and all("smoke test" in r[1] and r[-1] == "PASS |" for r in smoke), smoke
     parity = [r for r in rows if r[0] == "| parity" and "host syncs" not in r[1]]
     assert len(parity) >= 12 and all(r[-1] == "PASS |" for r in parity), parity
     syncs = [r for r in rows if r[0] == "| parity" and "host syncs" in r[1]]  # counted on CUDA only
@@ -40,6 +42,26 @@ def test_gpu_check_cpu_fallback():
     after = open(results).read() if os.path.exists(results) else None
     assert after == before, "the CPU fallback must not append to RESULTS.md without --append"
 
+
+
+def test_failed_kernel_smoke_test_skips_only_that_frameworks_rows():
+    """A framework whose kernels fail their smoke test (in a child process; here on purpose) gets a FAIL row and
+    its kernel rows are not run in the main process (on a GPU a kernel fault poisons the CUDA context); the other
+    framework's kernels and everything else still run."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPU_CHECK_BREAK_KERNELS": "triton"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", "attention", "--budget", "3000",
+                           "--no-append"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    out = proc.stdout
+    assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:]  # the FAIL row
+    table = out[out.index("| section | check | device | measured | target | status |"):]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    setup = {r[1]: r for r in rows if r[0] == "| setup"}
+    assert [r[-1] for r in setup.values()] == ["FAIL |", "PASS |"], setup  # triton, pallas
+    assert "broken on purpose" in next(iter(setup.values()))[3]
+    triton = [r for r in rows if r[0] == "| attention" and "Triton" in r[1]]
+    assert triton and all(r[-1] == "SKIP |" and "smoke test failed" in r[3] for r in triton), triton
+    ran = [r for r in rows if r[0] == "| attention" and r[-1] == "- |"]
+    assert any("pallas" in r[1] for r in ran) and any("blockwise" in r[1] for r in ran), ran
 
 def test_kernel_tune_cpu_check():
     """benchmarks/kernel_tune.py (the GPU block-size sweep of both kernels) runs its tiny CPU check end to end."""
