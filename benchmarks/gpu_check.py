@@ -298,6 +298,11 @@ def kernel_smoke_child(fw: str, cpu: bool) -> int:
         from doge_jax.attention import key_expiry
         from doge_jax.pallas_attention import dma_pallas
 
+        # a second run on the same machine (gpu_check split in two calls) reuses the compiled kernels, as
+        # Triton's own cache does for doge_torch's
+        jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "gpu_check_jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
         dtype = jnp.float32 if cpu else jnp.bfloat16
         q, k, v, dt = (jnp.asarray(x, dtype) for x in (qn, kn, vn, dtn))
         for sparse in (False, True):
