@@ -1,13 +1,18 @@
-"""Compile doge_torch's Triton DMA kernels for a Hopper GPU (sm_90) without one, and report registers and spills.
+"""Compile doge_torch's Triton DMA kernels for a Hopper GPU (sm_90) without one; report registers, spills and
+shared memory.
 
 Triton compiles to PTX on any machine, and its wheel ships NVIDIA's `ptxas`; `ptxas -v` then says how many registers
-each kernel needs and whether it spills to local memory. That is the first thing to check when choosing block
-sizes, and it costs no GPU time. Also confirms that the matrix products use Hopper's `wgmma` instructions.
+each kernel needs and whether it spills to local memory, and Triton's metadata how much shared memory a block asks
+for (more than sm_90's 227 KB fails at launch). That is the first thing to check when choosing block sizes, and it
+costs no GPU time. Also confirms that the matrix products use Hopper's `wgmma` instructions.
 
-    python benchmarks/triton_compile_check.py                 # the launch configs dma_triton uses (D 128, bf16)
+    python benchmarks/triton_compile_check.py                 # the launch configs dma_triton uses
     python benchmarks/triton_compile_check.py --sweep         # a few alternative block / warp choices
 
-Exit code 1 if a default config fails to compile, spills, or lacks wgmma. Run it without TRITON_INTERPRET.
+The defaults: bf16 at D 128 (with and without a sliding window), float32 at D 128 and 256, dense and sparse, with
+the blocks and pipelining depths dma_triton picks (`default_blocks`, `num_stages`). Exit code 1 if one of them fails
+to compile, needs more shared memory than sm_90 has, spills (bf16; float32's 3xTF32 products are the accuracy
+path and do spill), or (64-wide blocks) lacks wgmma. Run it without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ def label(name: str, sparse: bool) -> str:
 
 
 def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bool = False, sparse: bool = False,
-                skip: bool | None = None, D: int = 128) -> dict:
-    """Compile one kernel for sm_90 (bf16 q/k/v, float32 dt/lse, GQA 2); returns registers, spill bytes, wgmma."""
+                skip: bool | None = None, D: int = 128, dtype: str = "bf16") -> dict:
+    """Compile one kernel for sm_90 (q/k/v in `dtype`, bf16 or fp32; float32 dt/lse; GQA 2); returns registers,
+    spill bytes, shared memory bytes, wgmma."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -49,14 +55,15 @@ def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bo
 
     import doge_torch.triton_attention as ta
 
-    const = dict(R=2, RDT=2, D=D, BQ=bq, BK=bk, HAS_WINDOW=window, ACC=tl.float32, PREC="tf32",
+    const = dict(R=2, RDT=2, D=D, BQ=bq, BK=bk, HAS_WINDOW=window, ACC=tl.float32,
+                 PREC="tf32x3" if dtype == "fp32" else "tf32",  # as _launch_args on a GPU
                  SKIP=ta.SKIP_FULL_TILE_MASK if skip is None else skip)
     if name != "_dkv_kernel":
         const["SB"] = ta.SUPERBLOCK
     if name in ("_fwd_kernel", "_dq_kernel"):
         const["SPARSE"] = sparse
     fp32 = FP32_POINTERS | ({"DK", "DV"} if name == "_dkv_sparse_kernel" else set())  # atomic float32 sums
-    sig = {p: "*i32" if p in INT_POINTERS else "*fp32" if p in fp32 else "*bf16" for p in POINTERS[name]}
+    sig = {p: "*i32" if p in INT_POINTERS else "*fp32" if p in fp32 else f"*{dtype}" for p in POINTERS[name]}
     sig.update({a: "fp32" if a == "scale" else "i32" for a in SCALARS[name]})
     sig.update({c: "constexpr" for c in const})
     kernel = triton.compile(ASTSource(fn=getattr(ta, name), signature=sig, constexprs=const),
@@ -71,22 +78,30 @@ def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bo
                               capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
-    kernel = label(name, sparse) + (" skip-full" if const["SKIP"] else "")
-    return {"kernel": kernel, "bq": bq, "bk": bk, "warps": warps, "stages": stages, "window": window,
-            "registers": regs, "spill_bytes": spills, "wgmma": "wgmma" in ptx}
+    name_ = label(name, sparse) + (" skip-full" if const["SKIP"] else "")
+    return {"kernel": name_, "bq": bq, "bk": bk, "warps": warps, "stages": stages, "window": window,
+            "registers": regs, "spill_bytes": spills, "wgmma": "wgmma" in ptx, "shared": kernel.metadata.shared,
+            "D": D, "dtype": dtype}
 
 
-def default_configs() -> list[tuple[str, int, int, int, int, bool, bool]]:
-    """The configs dma_triton launches at D = 128 (doge_torch.triton_attention's constants), without and with a
-    sliding window, dense and SPARSE."""
+def default_configs() -> list[tuple]:
+    """The configs dma_triton launches (doge_torch.triton_attention's default_blocks / num_stages / BLOCK_Q_DKV),
+    dense and SPARSE: bf16 at D = 128 without and with a sliding window, float32 at D = 128 and 256."""
     import doge_torch.triton_attention as ta
 
-    warps, stages = 8, 2  # _launch_args for D >= 128
-    bqd = min(ta.BLOCK_Q, ta.BLOCK_Q_DKV)
-    return [(name, bq, ta.BLOCK_K, warps, stages, window, sparse) for window in (False, True)
-            for name, bq, sparse in (("_fwd_kernel", ta.BLOCK_Q, False), ("_dq_kernel", ta.BLOCK_Q, False),
-                                     ("_dkv_kernel", bqd, False), ("_fwd_kernel", ta.BLOCK_Q, True),
-                                     ("_dq_kernel", ta.BLOCK_Q, True), ("_dkv_sparse_kernel", bqd, True))]
+    out = []
+    for dtype, D, windows in (("bf16", 128, (False, True)), ("fp32", 128, (False,)), ("fp32", 256, (False,))):
+        size = 2 if dtype == "bf16" else 4
+        bq, bk = ta.default_blocks(D, size)
+        warps = 8 if D >= 128 else 4  # _launch_args
+        bqd = min(bq, ta.BLOCK_Q_DKV)
+        kernels = (("_fwd_kernel", bq, False, "fwd"), ("_dq_kernel", bq, False, "dq"),
+                   ("_dkv_kernel", bqd, False, "dkv"), ("_fwd_kernel", bq, True, "fwd"),
+                   ("_dq_kernel", bq, True, "dq"), ("_dkv_sparse_kernel", bqd, True, "dkv"))
+        for window in windows:
+            for name, q_block, sparse, kind in kernels:
+                out.append((name, q_block, bk, warps, ta.num_stages(kind, D, size), window, sparse, None, D, dtype))
+    return out
 
 
 SWEEP = [("_fwd_kernel", 128, 64, 8, 2, False, False), ("_fwd_kernel", 128, 64, 8, 3, False, False),
@@ -106,28 +121,35 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the kernels")
+    import doge_torch.triton_attention as ta
+
     rows, bad = [], []
-    for cfg in default_configs() + (SWEEP if args.sweep else []):
-        is_default = cfg in default_configs()
+    defaults = default_configs()
+    for cfg in defaults + (SWEEP if args.sweep else []):
+        is_default = cfg in defaults
         try:
             r = compile_one(*cfg)
         except Exception as e:  # noqa: BLE001 - report every config
             r = {"kernel": label(cfg[0], cfg[6]), "bq": cfg[1], "bk": cfg[2], "warps": cfg[3], "stages": cfg[4],
-                 "window": cfg[5], "error": str(e)}
+                 "window": cfg[5], "error": str(e), "D": cfg[8] if len(cfg) > 8 else 128,
+                 "dtype": cfg[9] if len(cfg) > 9 else "bf16"}
         r["default"] = is_default
         rows.append(r)
-        if is_default and ("error" in r or r["spill_bytes"] or not r["wgmma"]):
+        # float32 (3xTF32 products) is the accuracy path: its spills cost speed only; bf16 must not spill
+        if is_default and ("error" in r or (r["dtype"] == "bf16" and r["spill_bytes"])
+                           or r["shared"] > ta.SMEM_LIMIT_SM90 or (r["bk"] >= 64 and not r["wgmma"])):
             bad.append(r)
-    print("| kernel | window | BQ x BK | warps | stages | registers | spill bytes | wgmma | default |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | dtype | D | window | BQ x BK | warps | stages | registers | spill bytes | shared bytes | wgmma | "
+          "default |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        head = (f"| {r['kernel']} | {r['dtype']} | {r['D']} | {r['window']} | {r['bq']}x{r['bk']} | {r['warps']} | "
+                f"{r['stages']} | ")
         if "error" in r:
-            print(f"| {r['kernel']} | {r['window']} | {r['bq']}x{r['bk']} | {r['warps']} | {r['stages']} | error: "
-                  f"{r['error'].splitlines()[0][:80]} | | | {r['default']} |")
+            print(head + f"error: {r['error'].splitlines()[0][:80]} | | | | {r['default']} |")
         else:
-            print(f"| {r['kernel']} | {r['window']} | {r['bq']}x{r['bk']} | {r['warps']} | {r['stages']} | "
-                  f"{r['registers']} | "
-                  f"{r['spill_bytes']} | {r['wgmma']} | {r['default']} |")
+            print(head + f"{r['registers']} | {r['spill_bytes']} | {r['shared']} | {r['wgmma']} | {r['default']} |")
+    print(f"sm_90 shared memory per block: {ta.SMEM_LIMIT_SM90} bytes")
     return 1 if bad else 0
 
 

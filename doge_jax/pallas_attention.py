@@ -37,6 +37,18 @@ BLOCK_K = 64
 BLOCK_Q_DKV = 32
 
 
+def default_blocks(D: int, itemsize: int) -> tuple[int, int]:
+    """(block_q, block_k): 64 x 64, or 32 x 32 for float32 at D = 256, whose 64-wide tiles do not fit in sm_90's
+    shared memory (measured for doge_torch's Triton kernels, which these mirror)."""
+    return (32, 32) if D * itemsize > 512 else (BLOCK_Q, BLOCK_K)
+
+
+def _params(D: int, itemsize: int) -> plgpu.CompilerParams:
+    """Launch parameters. Float32 tiles at D >= 128 get one pipeline stage: with two, doge_torch's float32 dq
+    kernel needs 257 KB of shared memory on sm_90 (227 KB allowed); these kernels are not measured there."""
+    return plgpu.CompilerParams(num_warps=4 if D <= 64 else 8, num_stages=1 if D * itemsize >= 512 else 2)
+
+
 def _dot(a, b):
     """A tile product. HIGHEST: float32 inputs get IEEE products (Triton's default for them is TF32); bfloat16
     inputs are unaffected (bf16 products, float32 accumulation)."""
@@ -283,7 +295,7 @@ def _forward(q, k, v, dt, e, lists, scale, window, bq, bk, sb, interpret):
         in_specs=[_specs_q(bq, D), full_kv, full_kv, per_head, per_head] + list_specs,
         out_specs=[_specs_q(bq, D), pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), _acc(q.dtype))],
-        compiler_params=plgpu.CompilerParams(num_warps=4 if D <= 64 else 8, num_stages=2),
+        compiler_params=_params(D, q.dtype.itemsize),
         interpret=interpret,
         name="doge_dma_forward",
     )(q, k, v, dt, e, *list_args)
@@ -307,7 +319,7 @@ def _dma_bwd(scale, window, bq, bk, sb, interpret, res, do):
     r = H // G
     f = _acc(q.dtype)
     delta = jnp.sum(o.astype(f) * do.astype(f), axis=-1)
-    params = plgpu.CompilerParams(num_warps=4 if D <= 64 else 8, num_stages=2)
+    params = _params(D, q.dtype.itemsize)
     full_kv = pl.BlockSpec((None, None, T, D), lambda i, b, h: (b, h // r, 0, 0))
     per_head = pl.BlockSpec((None, None, T), lambda i, b, h: (b, h, 0))
     row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
@@ -386,7 +398,7 @@ def use_sparse(T: int, keep: int | None) -> bool:
     return keep is not None and T >= 2 * keep
 
 
-def dma_pallas(q, k, v, dt, e, window: int | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+def dma_pallas(q, k, v, dt, e, window: int | None = None, block_q: int | None = None, block_k: int | None = None,
                interpret: bool | None = None, keep: int | None = None, sparse: bool | None = None,
                superblock: int = SUPERBLOCK) -> jax.Array:
     """q [B, H, T, D], k/v [B, G, T, D], dt [B, n, T] (n = G or H), e [B, n, T] int32 expiry slots (0 = padding
@@ -402,8 +414,12 @@ def dma_pallas(q, k, v, dt, e, window: int | None = None, block_q: int = BLOCK_Q
     n = dt.shape[1]
     if D < 16 or D & (D - 1):
         raise ValueError(f"pallas attention needs a power-of-two head dim >= 16, got {D}")
-    if B * H * (-(-T // max(block_q, block_k)) * max(block_q, block_k)) * D >= 2 ** 31:
-        # the Triton lowering addresses each array with 32-bit offsets
+    dq_, dk_ = default_blocks(D, jnp.dtype(q.dtype).itemsize)
+    block_q, block_k = block_q or dq_, block_k or dk_
+    tp = -(-T // max(block_q, block_k)) * max(block_q, block_k)
+    # the Triton lowering addresses each array with 32-bit offsets: q/o, and the sparse kernels' float32 key-side
+    # sums (kv heads, with a spare row)
+    if max(B * H * tp * D, B * k.shape[1] * (tp + block_k) * D) >= 2 ** 31:
         raise ValueError(f"pallas attention: B*H*T*D = {B * H * T * D} needs 64-bit offsets; split the batch")
     sparse = use_sparse(T, keep) if sparse is None else sparse
     if sparse and (keep is None or keep < 1 or superblock % block_q):
@@ -413,6 +429,8 @@ def dma_pallas(q, k, v, dt, e, window: int | None = None, block_q: int = BLOCK_Q
         interpret = jax.default_backend() != "gpu"
     blk = max(block_q, block_k)
     Tp = -(-T // blk) * blk
+    if window is not None:
+        window = min(window, Tp)  # the same mask; keeps the kernels' int32 index sums from overflowing
     if n != H:
         dt, e = jnp.repeat(dt, H // n, axis=1), jnp.repeat(e, H // n, axis=1)
     pad = ((0, 0), (0, 0), (0, Tp - T))

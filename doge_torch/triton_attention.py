@@ -68,6 +68,21 @@ SUPERBLOCK = 256
 # timed on a GPU: the branch removes most of the mask's ALU work but changes how Triton pipelines the loop (on sm_90
 # the forward's static code halves); benchmarks/kernel_tune.py times both.
 SKIP_FULL_TILE_MASK = False
+# sm_90 gives one block at most 227 KB (232,448 bytes) of shared memory; float32 tiles take twice bf16's.
+# benchmarks/triton_compile_check.py reports each default config's use (bf16 and float32, D 128 and 256).
+SMEM_LIMIT_SM90 = 232448
+
+
+def default_blocks(D: int, itemsize: int) -> tuple[int, int]:
+    """(block_q, block_k) for head dim D and input element size: BLOCK_Q x BLOCK_K, or 32 x 32 where 64-wide tiles
+    would not fit in shared memory (float32 at D = 256)."""
+    return (32, 32) if D * itemsize > 512 else (BLOCK_Q, BLOCK_K)
+
+
+def num_stages(kernel: str, D: int, itemsize: int) -> int:
+    """Software-pipelining depth of `kernel` (fwd, dq, dkv): 2, but 1 for dq with float32 tiles at D >= 128 (two
+    stages of its tiles need 257 KB of shared memory on sm_90)."""
+    return 1 if kernel == "dq" and D * itemsize >= 512 else 2
 # masked scores: finite, so a tile whose row is fully masked gives no NaN (rescaled away by any live score)
 _MASK_VALUE = -0.7 * torch.finfo(torch.float32).max
 MASK = tl.constexpr(_MASK_VALUE) if tl is not None else _MASK_VALUE
@@ -314,7 +329,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int | None, bq: int, bk: int,
-                 sb: int) -> dict:
+                 sb: int, kernel: str = "fwd") -> dict:
     """Constexpr and launch keyword arguments shared by the kernels."""
     H, D = q.shape[1], q.shape[3]
     acc = _acc_dtype(q.dtype)
@@ -325,7 +340,7 @@ def _launch_args(q: torch.Tensor, k: torch.Tensor, dt: torch.Tensor, window: int
         # units and spill); IEEE under the interpreter and for float64
         PREC=("tf32x3" if q.dtype == torch.float32 and q.is_cuda else
               "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"),
-        SKIP=SKIP_FULL_TILE_MASK, num_warps=8 if D >= 128 else 4, num_stages=2,
+        SKIP=SKIP_FULL_TILE_MASK, num_warps=8 if D >= 128 else 4, num_stages=num_stages(kernel, D, q.element_size()),
     )
 
 
@@ -416,12 +431,12 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
     delta = (o.to(f) * do.to(f)).sum(-1)
     scale = D ** -0.5
     sizes = _sizes(q, k, dt, lists)
-    kw = _launch_args(q, k, dt, window or None, bq, bk, sb)
+    kw = _launch_args(q, k, dt, window or None, bq, bk, sb, kernel="dq")
     idx, cnt, cntq = lists if lists else (e, e, e)
     dq = torch.empty_like(q)
     _dq_kernel[(Tp // bq, B, H)](q, k, v, dt, e, idx, cntq, do, lse, delta, dq, scale, window, *sizes,
                                  SPARSE=bool(lists), **kw)
-    kw["BQ"] = min(bq, BLOCK_Q_DKV)
+    kw["BQ"], kw["num_stages"] = min(bq, BLOCK_Q_DKV), num_stages("dkv", D, q.element_size())
     if lists:  # keys are listed by several superblocks: atomic float32 sums, then cast
         dk, dv = torch.zeros(k.shape, dtype=f, device=q.device), torch.zeros(v.shape, dtype=f, device=q.device)
         ddt = torch.zeros((B, n, Tp), dtype=f, device=q.device)
@@ -472,15 +487,17 @@ def use_sparse(T: int, keep: int | None) -> bool:
 
 
 def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, e: torch.Tensor,
-               window: int | None = None, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, keep: int | None = None,
-               sparse: bool | None = None, superblock: int = SUPERBLOCK, check: bool = True) -> torch.Tensor:
+               window: int | None = None, block_q: int | None = None, block_k: int | None = None,
+               keep: int | None = None, sparse: bool | None = None, superblock: int = SUPERBLOCK,
+               check: bool = True) -> torch.Tensor:
     """Dynamic Mask Attention by the Triton kernels, for S == T (training, prefill).
 
     q [B, H, T, D], k/v [B, G, T, D] (query head h uses kv head h // (H // G)), dt [B, n, T] float and e [B, n, T]
     integer expiry slots (n = G or H; query head h uses head h // (H // n); e = 0 marks a padding key, values >= T
     never expire). Returns o [B, H, T, D] in q's dtype, differentiable in q, k, v, dt. T is padded to a multiple
-    of the blocks; D and the blocks must be powers of two >= 16 (Triton tiles). Rows with no visible key give a
-    finite value to be replaced by the caller.
+    of the blocks; D and the blocks must be powers of two >= 16 (Triton tiles; blocks default to `default_blocks`,
+    which keeps every kernel within sm_90's shared memory). Rows with no visible key give a finite value to be
+    replaced by the caller.
 
     `keep` (the keep window e was made with: at most `keep` keys alive per query) allows the SPARSE kernels, which
     visit per query block only the keys alive somewhere in its superblock (`superblock` queries, a multiple of
@@ -493,6 +510,8 @@ def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tens
     G, n = k.shape[1], dt.shape[1]
     if not _is_pow2(D):
         raise ValueError(f"triton attention needs a power-of-two head dim >= 16, got {D}")
+    dq_, dk_ = default_blocks(D, q.element_size())
+    block_q, block_k = block_q or dq_, block_k or dk_
     if not (_is_pow2(block_q) and _is_pow2(block_k)):
         raise ValueError(f"blocks must be powers of two >= 16, got {block_q}, {block_k}")
     kv_ok = k.shape == v.shape and k.shape[::2] == (B, T) and k.shape[3] == D and H % G == 0
@@ -507,6 +526,8 @@ def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tens
                          f"keep={keep}, superblock={superblock}, block_q={block_q}")
     blk = max(block_q, block_k)  # both powers of two: a multiple of each (the last superblock may be partial)
     pad = -(-T // blk) * blk - T
+    if window is not None:
+        window = min(window, T + pad)  # the same mask; keeps the kernels' int32 index sums from overflowing
     q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
     dt = F.pad(dt.to(_acc_dtype(q.dtype)), (0, pad))
     e = F.pad(e.clamp(max=T + pad).to(torch.int32), (0, pad))  # padding keys: expired before they exist

@@ -172,6 +172,18 @@ def test_pallas_forward_and_dkv_blocks_differ():
     _compare(f, args, mask, w, 16)
 
 
+
+def test_pallas_huge_window_is_no_window():
+    """A window wider than the sequence is no window (clamped: no int32 overflow in the kernels' index sums);
+    float32 at head dim 256 gets 32 x 32 tiles by default (sm_90 shared memory), 64 x 64 otherwise."""
+    from doge_jax.pallas_attention import default_blocks, dma_pallas
+
+    (q, k, v, dt), km, _ = _inputs(n=2, S=40, T=40, D=16, pad=(0, 0))
+    e = key_expiry(dt, km, 8)
+    a = dma_pallas(q, k, v, dt, e, window=2 ** 31 - 2, block_q=16, block_k=16)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(dma_pallas(q, k, v, dt, e, block_q=16, block_k=16)))
+    assert default_blocks(128, 4) == default_blocks(256, 2) == (64, 64) and default_blocks(256, 4) == (32, 32)
+
 def test_pallas_sparse_lists_and_bad_expiry():
     """The key lists equal doge_torch's; an e that lets more than keep keys live raises (concrete) or gives NaN
     (traced) instead of dropping keys."""
