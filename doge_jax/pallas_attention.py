@@ -38,15 +38,14 @@ BLOCK_Q_DKV = 32
 
 
 def default_blocks(D: int, itemsize: int) -> tuple[int, int]:
-    """(block_q, block_k): 64 x 64, or 32 x 32 for float32 at D = 256, whose 64-wide tiles do not fit in sm_90's
-    shared memory (measured for doge_torch's Triton kernels, which these mirror)."""
+    """(block_q, block_k): 64 x 64, or 32 x 32 for float32 at D = 256, whose 64-wide dq kernel asks for 262-279 KB
+    of shared memory on sm_90 (227 KB allowed; 32 x 32: 135 KB). benchmarks/pallas_compile_check.py measures."""
     return (32, 32) if D * itemsize > 512 else (BLOCK_Q, BLOCK_K)
 
 
-def _params(D: int, itemsize: int) -> plgpu.CompilerParams:
-    """Launch parameters. Float32 tiles at D >= 128 get one pipeline stage: with two, doge_torch's float32 dq
-    kernel needs 257 KB of shared memory on sm_90 (227 KB allowed); these kernels are not measured there."""
-    return plgpu.CompilerParams(num_warps=4 if D <= 64 else 8, num_stages=1 if D * itemsize >= 512 else 2)
+def _params(D: int) -> plgpu.CompilerParams:
+    """Launch parameters (two pipeline stages fit every default config, float32 included: at most 148 KB)."""
+    return plgpu.CompilerParams(num_warps=4 if D <= 64 else 8, num_stages=2)
 
 
 def _dot(a, b):
@@ -295,7 +294,7 @@ def _forward(q, k, v, dt, e, lists, scale, window, bq, bk, sb, interpret):
         in_specs=[_specs_q(bq, D), full_kv, full_kv, per_head, per_head] + list_specs,
         out_specs=[_specs_q(bq, D), pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), _acc(q.dtype))],
-        compiler_params=_params(D, q.dtype.itemsize),
+        compiler_params=_params(D),
         interpret=interpret,
         name="doge_dma_forward",
     )(q, k, v, dt, e, *list_args)
@@ -319,7 +318,7 @@ def _dma_bwd(scale, window, bq, bk, sb, interpret, res, do):
     r = H // G
     f = _acc(q.dtype)
     delta = jnp.sum(o.astype(f) * do.astype(f), axis=-1)
-    params = _params(D, q.dtype.itemsize)
+    params = _params(D)
     full_kv = pl.BlockSpec((None, None, T, D), lambda i, b, h: (b, h // r, 0, 0))
     per_head = pl.BlockSpec((None, None, T), lambda i, b, h: (b, h, 0))
     row = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
