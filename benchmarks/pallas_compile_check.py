@@ -3,7 +3,8 @@
 JAX lowers each `pallas_call` to a Triton IR module and hands it to XLA, which needs a GPU to go further. This script
 exports the kernels' forward + backward for CUDA on the CPU, catches the modules at `lower_jaxpr_to_triton_module`
 (a JAX internal: the script says so if it moved), and compiles them with the `triton` wheel for sm_90: the shared
-memory a block asks for (more than sm_90's 227 KB fails at launch) and whether the products use `wgmma`. XLA's own
+memory a block asks for (more than sm_90's 227 KB fails at launch), registers and spills (`ptxas -v`), and whether
+the products use `wgmma`. XLA's own
 Triton may pipeline slightly differently; the wheel's is the closest check without a GPU.
 
     python benchmarks/pallas_compile_check.py                            # the default configs (dma_pallas)
@@ -21,6 +22,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_compile_check's ptxas_usage
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 SMEM_LIMIT_SM90 = 232448  # bytes per block (227 KB)
@@ -76,11 +78,12 @@ def main(argv=None) -> int:
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton_compile_check import ptxas_usage
 
     from doge_jax.pallas_attention import _params
 
-    print("| dtype | D | kernels | blocks | kernel | warps | stages | shared bytes | wgmma |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | D | kernels | blocks | kernel | warps | stages | registers | spill bytes | shared bytes | wgmma |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     bad = 0
     for spec in args.configs:
         dtype, D, kind, *blk = spec.split(",")
@@ -96,8 +99,9 @@ def main(argv=None) -> int:
                                    options={"num_warps": params.num_warps, "num_stages": params.num_stages})
                 shared = k.metadata.shared
                 bad += shared > SMEM_LIMIT_SM90
+                regs, spills = ptxas_usage(k.asm["ptx"])
                 print(f"| {dtype} | {D} | {kind} | {block or 'default'} | {name} | {params.num_warps} | "
-                      f"{params.num_stages} | {shared} | {'wgmma' in k.asm['ptx']} |", flush=True)
+                      f"{params.num_stages} | {regs} | {spills} | {shared} | {'wgmma' in k.asm['ptx']} |", flush=True)
     print(f"sm_90 shared memory per block: {SMEM_LIMIT_SM90} bytes")
     return 1 if bad else 0
 

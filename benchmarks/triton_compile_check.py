@@ -44,6 +44,21 @@ def label(name: str, sparse: bool) -> str:
     return name + ("[sparse]" if sparse and name in ("_fwd_kernel", "_dq_kernel") else "")
 
 
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill bytes) of a kernel's PTX for sm_90a, from `ptxas -v` (the triton wheel's)."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    return regs, sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+
+
 def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bool = False, sparse: bool = False,
                 skip: bool | None = None, D: int = 128, dtype: str = "bf16") -> dict:
     """Compile one kernel for sm_90 (q/k/v in `dtype`, bf16 or fp32; float32 dt/lse; GQA 2); returns registers,
@@ -69,15 +84,7 @@ def compile_one(name: str, bq: int, bk: int, warps: int, stages: int, window: bo
     kernel = triton.compile(ASTSource(fn=getattr(ta, name), signature=sig, constexprs=const),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     ptx = kernel.asm["ptx"]
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", info).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+    regs, spills = ptxas_usage(ptx)
     name_ = label(name, sparse) + (" skip-full" if const["SKIP"] else "")
     return {"kernel": name_, "bq": bq, "bk": bk, "warps": warps, "stages": stages, "window": window,
             "registers": regs, "spill_bytes": spills, "wgmma": "wgmma" in ptx, "shared": kernel.metadata.shared,
