@@ -413,12 +413,13 @@ def dma_pallas(q, k, v, dt, e, window: int | None = None, block_q: int | None = 
     n = dt.shape[1]
     if D < 16 or D & (D - 1):
         raise ValueError(f"pallas attention needs a power-of-two head dim >= 16, got {D}")
-    dq_, dk_ = default_blocks(D, jnp.dtype(q.dtype).itemsize)
-    block_q, block_k = block_q or dq_, block_k or dk_
-    tp = -(-T // max(block_q, block_k)) * max(block_q, block_k)
+    bq0, bk0 = default_blocks(D, jnp.dtype(q.dtype).itemsize)
+    block_q, block_k = block_q or bq0, block_k or bk0
+    blk = max(block_q, block_k)
+    Tp = -(-T // blk) * blk
     # the Triton lowering addresses each array with 32-bit offsets: q/o, and the sparse kernels' float32 key-side
     # sums (kv heads, with a spare row)
-    if max(B * H * tp * D, B * k.shape[1] * (tp + block_k) * D) >= 2 ** 31:
+    if max(B * H * Tp * D, B * k.shape[1] * (Tp + block_k) * D) >= 2 ** 31:
         raise ValueError(f"pallas attention: B*H*T*D = {B * H * T * D} needs 64-bit offsets; split the batch")
     sparse = use_sparse(T, keep) if sparse is None else sparse
     if sparse and (keep is None or keep < 1 or superblock % block_q):
@@ -426,8 +427,6 @@ def dma_pallas(q, k, v, dt, e, window: int | None = None, block_q: int | None = 
                          f"keep={keep}, superblock={superblock}, block_q={block_q}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    blk = max(block_q, block_k)
-    Tp = -(-T // blk) * blk
     if window is not None:
         window = min(window, Tp)  # the same mask; keeps the kernels' int32 index sums from overflowing
     if n != H:

@@ -83,6 +83,8 @@ def num_stages(kernel: str, D: int, itemsize: int) -> int:
     """Software-pipelining depth of `kernel` (fwd, dq, dkv): 2, but 1 for dq with float32 tiles at D >= 128 (two
     stages of its tiles need 257 KB of shared memory on sm_90)."""
     return 1 if kernel == "dq" and D * itemsize >= 512 else 2
+
+
 # masked scores: finite, so a tile whose row is fully masked gives no NaN (rescaled away by any live score)
 _MASK_VALUE = -0.7 * torch.finfo(torch.float32).max
 MASK = tl.constexpr(_MASK_VALUE) if tl is not None else _MASK_VALUE
@@ -510,8 +512,8 @@ def dma_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tens
     G, n = k.shape[1], dt.shape[1]
     if not _is_pow2(D):
         raise ValueError(f"triton attention needs a power-of-two head dim >= 16, got {D}")
-    dq_, dk_ = default_blocks(D, q.element_size())
-    block_q, block_k = block_q or dq_, block_k or dk_
+    bq0, bk0 = default_blocks(D, q.element_size())
+    block_q, block_k = block_q or bq0, block_k or bk0
     if not (_is_pow2(block_q) and _is_pow2(block_k)):
         raise ValueError(f"blocks must be powers of two >= 16, got {block_q}, {block_k}")
     kv_ok = k.shape == v.shape and k.shape[::2] == (B, T) and k.shape[3] == D and H % G == 0
