@@ -10,8 +10,9 @@
 - `pack`: "wrapped" packing (TRL `pack_dataset(strategy="wrapped")`): concatenate and cut into consecutive
   seq_len chunks. We pack the whole stream at once and drop the final partial chunk (fixed shapes), where TRL
   packs per 1000-example map batch and keeps a short last chunk per batch.
-- `train_dataset`: grain MapDataset of packed rows, shuffled (per epoch), repeated, sharded per host and batched
-  to one optimizer step [grad_accum, rows, seq_len]; its iterator state is plain JSON (`get_state`/`set_state`).
+- `train_dataset`: grain MapDataset of packed rows, shuffled (per epoch), repeated and batched to one optimizer
+  step [grad_accum, rows, seq_len], of which each host reads its own rows (the same global batches on any number
+  of hosts); its iterator state is plain JSON (`get_state`/`set_state`).
 """
 
 from __future__ import annotations
@@ -244,20 +245,30 @@ def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 def train_dataset(rows: np.ndarray, grad_accum: int, rows_per_micro: int, seed: int,
                   shard_index: int = 0, shard_count: int = 1):
-    """grain IterDataset yielding one optimizer step of int32 ids [grad_accum, rows_per_micro, seq_len].
+    """grain IterDataset yielding this host's share of one optimizer step: int32 ids
+    [grad_accum, rows_per_micro // shard_count, seq_len].
 
-    Rows are reshuffled every epoch (grain derives each epoch's permutation from the seed)."""
+    Every host draws the same global batches (rows reshuffled every epoch; grain derives each epoch's permutation
+    from the seed) and reads only its slice of each micro-batch's rows (host i: the i-th of `shard_count` equal
+    parts, in process order as `doge_jax.sharding.shard_batch` assembles them). So a run sees the same data on any
+    number of hosts, and its iterator state (a step count) resumes on any number of hosts."""
     import grain
 
+    if rows_per_micro % shard_count:
+        raise DataError(f"{rows_per_micro} rows per micro-batch do not split over {shard_count} hosts")
     per_step = grad_accum * rows_per_micro
-    ds = grain.MapDataset.source(rows)[shard_index::shard_count]
-    if len(ds) < per_step:
-        raise DataError(f"training data has {len(ds)} packed rows, fewer than one step needs ({per_step}); "
+    if len(rows) < per_step:
+        raise DataError(f"training data has {len(rows)} packed rows, fewer than one step needs ({per_step}); "
                         "use more data or a smaller batch/seq_len")
-    ds = ds.shuffle(seed=seed).repeat(None)  # shuffle first: a new permutation per epoch
-    ds = ds.batch(per_step, drop_remainder=True)
-    ds = ds.map(lambda b: np.asarray(b, np.int32).reshape(grad_accum, rows_per_micro, -1))
-    return ds.to_iter_dataset()
+    share = rows_per_micro // shard_count
+    lo = shard_index * share
+
+    def read(idx: np.ndarray) -> np.ndarray:  # this host's rows of one step's global row indices
+        mine = idx.reshape(grad_accum, rows_per_micro)[:, lo:lo + share]
+        return np.stack([np.asarray(rows[int(i)], np.int32) for i in mine.reshape(-1)]).reshape(grad_accum, share, -1)
+
+    ds = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat(None)  # a new permutation per epoch
+    return ds.batch(per_step, drop_remainder=True).map(read).to_iter_dataset()
 
 
 def val_batches(rows: np.ndarray, rows_per_batch: int, max_batches: int) -> list[np.ndarray]:

@@ -6,7 +6,8 @@
   split over both axes, so every device sees its own rows.
 - `param_shardings` / `shard_params`, `opt_state_shardings` (optimizer state follows the parameter it mirrors),
   `batch_sharding` / `shard_batch`, `make_train_step` (a jitted step with in/out shardings).
-- `init_distributed()`: `jax.distributed.initialize()` for multi-host runs (env vars or SLURM), else a no-op.
+- `init_distributed()`: `jax.distributed.initialize()` for multi-host runs (env vars or SLURM), else a no-op;
+  `any_process(flag)`: one flag agreed by every process (a stop request seen by one host), read without a wait.
 
 The same code runs on 1 CPU, 8 simulated CPU devices (tests), one GPU or many hosts.
 """
@@ -258,3 +259,19 @@ def init_distributed() -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+_ANY_PROCESS: dict = {}
+
+
+def any_process(flag: bool) -> jax.Array:
+    """Whether any process of the run passed True, as a replicated scalar on the device, without a host wait
+    (read it later). Processes that act on a local event (a SIGTERM on one host) must act together: a host that
+    checkpoints or exits while the others run their next step leaves every host waiting in a collective."""
+    if not _ANY_PROCESS:
+        mesh = Mesh(np.array(jax.devices()), ("all",))
+        _ANY_PROCESS["sharding"] = NamedSharding(mesh, P("all"))
+        _ANY_PROCESS["max"] = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(mesh, P()))
+    local = np.full(jax.local_device_count(), int(flag), np.int32)
+    votes = jax.make_array_from_process_local_data(_ANY_PROCESS["sharding"], local, (jax.device_count(),))
+    return _ANY_PROCESS["max"](votes)

@@ -258,8 +258,8 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                            tcfg.progress)
     rows, val_rows = data.rows, data.val_rows
     R, GA, hosts = tcfg.rows_per_micro, tcfg.grad_accum, jax.process_count()
-    # grain sharded per host: host i reads rows i::hosts and feeds R / hosts rows of every micro-batch
-    dataset = D.train_dataset(rows, GA, R // hosts, tcfg.seed, jax.process_index(), hosts)
+    # the same global batches on any number of hosts: host i reads and feeds its R / hosts rows of each micro-batch
+    dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), hosts)
     val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
     if primary:
         mcfg.save_json(os.path.join(run_dir, "config.json"))
@@ -346,12 +346,16 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
             batch = None
         last_good = step if restored is not None else None
         t_last = time.perf_counter()
+        multi_host = jax.process_count() > 1
+        stop_votes: list[int] = []  # multi-host: steps at which some host had been asked to stop
 
-        def read_back(s: int, out) -> None:
-            """Wait for step s's metrics, stop on NaN/inf, log. Steady state: s is the step before the one the
-            device is running, so the wait costs nothing and the device never idles on the host."""
+        def read_back(s: int, out, vote=None) -> None:
+            """Wait for step s's metrics (and its stop vote), stop on NaN/inf, log. Steady state: s is the step before
+            the one the device is running, so the wait costs nothing and the device never idles on the host."""
             nonlocal t_last
-            out = jax.device_get(out)
+            out, vote = jax.device_get((out, vote))
+            if vote:
+                stop_votes.append(s)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             loss, gnorm, lr = float(out["loss"]), float(out["grad_norm"]), float(schedule(s - 1))
@@ -372,15 +376,19 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         while step < tcfg.num_training_steps:
             params, opt_state, out = train_step(params, opt_state, batch, step)
             step += 1
+            vote = S.any_process(bool(stop_signal)) if multi_host else None
             # while the device runs this step: read and send the next batch (a checkpoint of this step records the
             # data position before that read), then read the previous step's metrics (one step behind)
             data_state = it.get_state()
             nxt = to_device(next(it), 1) if step < tcfg.num_training_steps else None
             if pending is not None:
                 read_back(*pending)
-            pending = (step, out)
+            pending = (step, out, vote)
             done = step == tcfg.num_training_steps
-            stopping = bool(stop_signal) or (tcfg.stop_after is not None and step >= tcfg.stop_after)
+            # every host must stop after the same step (the checkpoint and the exit are collective): one host's
+            # signal reaches the others through the vote of a step already read, i.e. one step later
+            interrupted = any(s < step for s in stop_votes) if multi_host else bool(stop_signal)
+            stopping = interrupted or (tcfg.stop_after is not None and step >= tcfg.stop_after)
             evaluating = (tcfg.eval_every and step % tcfg.eval_every == 0) or done
             saving = step % tcfg.checkpoint_every == 0 or done or stopping
             if evaluating or saving:  # both need this step's result, checked for NaN first
@@ -397,7 +405,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                 # the next step's time excludes eval and save (it does include one more batch read than usual)
                 t_last = time.perf_counter()
             if stopping and not done:
-                status = "interrupted" if stop_signal else "stopped"
+                status = "interrupted" if interrupted else "stopped"
                 log(f"{status} at step {step}; checkpoint saved. Re-run the same command to resume.")
                 break
             batch = nxt

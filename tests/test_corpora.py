@@ -81,18 +81,26 @@ def test_packed_and_mixed_rows():
     assert np.array_equal(m[:], np.concatenate([a[:9], b[[0, 1, 0]]]))
 
 
-def test_grain_sharded_per_host_and_state_exact():
+def test_grain_hosts_share_the_global_batches_and_state_exact():
     unique = np.arange(46)[:, None] * np.ones((1, 3), int)  # row r holds r
+    one = iter(D.train_dataset(unique, 2, 4, seed=5))  # a single host: [2, 4, 3] per step
+    hosts = [iter(D.train_dataset(unique, 2, 4, seed=5, shard_index=h, shard_count=2)) for h in range(2)]
     seen = []
-    for host in range(2):  # one epoch per host: disjoint halves that cover every row
-        it = iter(D.train_dataset(unique, 1, 1, seed=5, shard_index=host, shard_count=2))
-        seen.append([int(next(it)[0, 0, 0]) for _ in range(23)])
-    assert sorted(seen[0]) == list(range(0, 46, 2)) and sorted(seen[1]) == list(range(1, 46, 2))
+    for _ in range(8):  # past an epoch boundary (5 steps of 8 rows per epoch)
+        whole = next(one)
+        parts = [next(it) for it in hosts]
+        assert [p.shape for p in parts] == [(2, 2, 3)] * 2 and parts[0].dtype == np.int32
+        # host h holds the h-th half of every micro-batch's rows: together, exactly the single host's batch
+        assert np.array_equal(np.concatenate(parts, axis=1), whole)
+        seen += list(whole[:, :, 0].reshape(-1))
+    assert sorted(seen[:40]) == sorted(set(seen[:40])) and set(seen[:40]) <= set(range(46))  # epoch 1: no repeats
+    with pytest.raises(D.DataError, match="do not split over 3 hosts"):
+        D.train_dataset(unique, 2, 4, seed=5, shard_index=0, shard_count=3)
     rows = C.MixedRows([unique[:40], 1000 + unique[:6]], [0.5, 0.5])  # 23 + 23 rows, B repeated cyclically
     for host in range(2):  # exact resume: get_state after k steps, set_state on a fresh iterator
-        ds = D.train_dataset(rows, 2, 3, seed=5, shard_index=host, shard_count=2)
+        ds = D.train_dataset(rows, 2, 4, seed=5, shard_index=host, shard_count=2)
         it = iter(ds)
-        for _ in range(5):  # past an epoch boundary (11-12 rows per host, 6 per step)
+        for _ in range(5):  # past an epoch boundary (46 rows, 8 per step)
             next(it)
         state = it.get_state()
         want = [next(it) for _ in range(4)]
