@@ -15,6 +15,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .config import DogeConfig
@@ -240,6 +241,15 @@ ITEMS = ("params", "opt_state", "data", "meta")
 QUARANTINE = "corrupt_checkpoints"
 
 
+def _every_process(ok: bool) -> bool:
+    """Whether `ok` holds on every process of the run (a blocking all-gather on a multi-host run)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager over RUN/checkpoints/<step>/{params,opt_state,data,meta}/.
 
@@ -277,21 +287,31 @@ class TrainCheckpointer:
                                       opt_state=ocp.args.StandardRestore(abstract_opt_state),
                                       data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
             try:
-                r = self.mngr.restore(step, args=args)
-                return step, r["params"], r["opt_state"], r["data"], r["meta"]
+                r, error = self.mngr.restore(step, args=args), None
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                warnings.warn(f"checkpoint step {step} in {self.directory} is partial or corrupt "
-                              f"({type(e).__name__}: {str(e)[:200]}); skipping it", stacklevel=2)
-                self._quarantine(step)
+                r, error = None, e
+            # multi-host: a step counts only if every host restored it (one host's damaged shards included), and
+            # every host moves on to the same earlier step
+            if _every_process(error is None):
+                return step, r["params"], r["opt_state"], r["data"], r["meta"]
+            why = f"{type(error).__name__}: {str(error)[:200]}" if error else "another host could not restore it"
+            warnings.warn(f"checkpoint step {step} in {self.directory} is partial or corrupt ({why}); skipping it",
+                          stacklevel=2)
+            self._quarantine(step)
         return None
 
     def _quarantine(self, step: int) -> None:
         import shutil
         import time
 
-        dest = os.path.join(self.run_dir, QUARANTINE)
-        os.makedirs(dest, exist_ok=True)
-        shutil.move(os.path.join(self.directory, str(step)), os.path.join(dest, f"{step}-{int(time.time())}"))
+        if jax.process_index() == 0:  # one host moves it; the others wait for the move
+            dest = os.path.join(self.run_dir, QUARANTINE)
+            os.makedirs(dest, exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), os.path.join(dest, f"{step}-{int(time.time())}"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"doge_jax quarantined checkpoint {step}")
         self.mngr.reload()
 
     def wait(self) -> None:

@@ -101,3 +101,35 @@ def test_resume_across_host_counts_and_one_signalled_host(corpus, cache, ref, tm
     assert len(stops[0]) == 1 and stops[0] == stops[1], errs
     steps = list_steps(str(out))
     assert len(steps) == 1 and f"interrupted at step {steps[0]};" in stops[0][0]
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_skipped_by_every_host(corpus, cache, ref, tmp_path):  # noqa: F811 - fixtures
+    """Both hosts skip a corrupt step and resume from the one before; one of them moves it aside (before, host 0
+    crashed moving what host 1 had moved, and host 1 waited for it forever). A step one host cannot restore is
+    skipped by all (`_every_process`)."""
+    ref_dir, (ref_loss, ref_val) = ref
+    tok = ref_dir / "tokenizer.json"
+    out = tmp_path / "run"
+    finish(launch(corpus, cache, out, tok, "--train.stop_after", "4", "--train.checkpoint_every", "2"))
+    assert list_steps(str(out)) == [2, 4]
+    for root, _, files in os.walk(out / "checkpoints" / "4" / "opt_state"):
+        for f in files:
+            with open(os.path.join(root, f), "w") as fh:
+                fh.write("garbage")
+    errs = finish(launch(corpus, cache, out, tok, "--train.checkpoint_every", "2"))
+    assert all("step 4" in e and "partial or corrupt" in e and "resumed from checkpoint step 2" in e for e in errs)
+    assert list_steps(str(out)) == [2, 4, 6] and len(os.listdir(out / "corrupt_checkpoints")) == 1
+    loss, val = losses(out)  # steps 1-4, then 3-6 again after the resume from 2
+    np.testing.assert_allclose(loss[-4:], ref_loss[-4:], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(val[-1], ref_val[-1], rtol=1e-6, atol=0)
+
+    script = ("import jax, sys; from doge_jax import sharding as S; S.init_distributed(); "
+              "from doge_jax.checkpoint import _every_process as every; i = jax.process_index(); "
+              "print(every(True), every(i == 1), every(False))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [o[0].splitlines()[-1] for o in outs] == ["True False False"] * 2, outs  # (gloo logs to stdout first)
