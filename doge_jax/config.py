@@ -260,6 +260,8 @@ class DogeConfig:
         d = self.to_hf_dict()
         if dtype is not None:
             d["dtype"] = dtype
-        with open(path, "w") as f:
+        tmp = f"{path}.tmp-{os.getpid()}"  # replaced whole: a reader (another host of the run) never sees half
+        with open(tmp, "w") as f:
             json.dump(d, f, indent=2, sort_keys=True)
             f.write("\n")
+        os.replace(tmp, path)

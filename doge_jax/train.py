@@ -93,7 +93,8 @@ def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run
         log(f"warning: tokenizer vocabulary {tok.get_vocab_size()} > model vocab_size {mcfg.vocab_size}")
     if not primary:
         return tok, mcfg
-    tok.save(saved)
+    tok.save(f"{saved}.tmp-{os.getpid()}")  # replaced whole: the other hosts may be reading it (see above)
+    os.replace(f"{saved}.tmp-{os.getpid()}", saved)
     names = {k: tok.id_to_token(getattr(mcfg, f"{k}_token_id")) for k in ("bos", "pad")
              if getattr(mcfg, f"{k}_token_id") is not None}
     with open(os.path.join(run_dir, "tokenizer_config.json"), "w") as f:
