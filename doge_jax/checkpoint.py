@@ -250,6 +250,17 @@ def _every_process(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
+def _process0_list(steps: list[int]) -> list[int]:
+    """Process 0's list of steps on every host (hosts may list a shared directory differently for a moment)."""
+    if jax.process_count() == 1:
+        return steps
+    from jax.experimental import multihost_utils
+
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    mine = np.array((steps + [-1] * n)[:n], np.int32)  # any host's values of this shape; process 0's are kept
+    return [int(x) for x in multihost_utils.broadcast_one_to_all(mine)] if n else []
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager over RUN/checkpoints/<step>/{params,opt_state,data,meta}/.
 
@@ -277,41 +288,56 @@ class TrainCheckpointer:
         """(step, params, opt_state, data_state, meta) of the newest checkpoint that restores, or None.
 
         A partial or corrupt step is skipped with a warning and moved to RUN/corrupt_checkpoints/ (so that the
-        resumed run can save that step again)."""
+        resumed run can save that step again). Multi-host: the hosts try process 0's steps in order, each reading
+        its own shards with no cross-host barrier; a step counts only if every host read it."""
         import warnings
 
-        import orbax.checkpoint as ocp
-
-        for step in sorted(self.mngr.all_steps(), reverse=True):
-            args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
-                                      opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                                      data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        for step in _process0_list(sorted(self.mngr.all_steps(), reverse=True)):
             try:
-                r, error = self.mngr.restore(step, args=args), None
+                r, error = self._read_step(step, abstract_params, abstract_opt_state), None
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 r, error = None, e
-            # multi-host: a step counts only if every host restored it (one host's damaged shards included), and
-            # every host moves on to the same earlier step
-            if _every_process(error is None):
-                return step, r["params"], r["opt_state"], r["data"], r["meta"]
-            why = f"{type(error).__name__}: {str(error)[:200]}" if error else "another host could not restore it"
+            if _every_process(error is None):  # the one collective per step: every host takes the same branch
+                return (step, *r)
+            why = f"{type(error).__name__}: {str(error)[:200]}" if error else "another host could not read it"
             warnings.warn(f"checkpoint step {step} in {self.directory} is partial or corrupt ({why}); skipping it",
                           stacklevel=2)
             self._quarantine(step)
         return None
 
+    def _read_step(self, step: int, abstract_params, abstract_opt_state) -> tuple:
+        """(params, opt_state, data_state, meta) of one step, read by this host's item handlers. Not through the
+        CheckpointManager: orbax's restore ends in a cross-host barrier that a host whose read raised never
+        reaches, so one host's bad shard would pair that barrier with the other hosts' vote."""
+        import orbax.checkpoint as ocp
+        from etils import epath
+
+        d = epath.Path(self.directory) / str(step)
+        tree, js = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+        try:
+            return (tree.restore(d / "params", args=ocp.args.StandardRestore(abstract_params)),
+                    tree.restore(d / "opt_state", args=ocp.args.StandardRestore(abstract_opt_state)),
+                    js.restore(d / "data", args=ocp.args.JsonRestore()),
+                    js.restore(d / "meta", args=ocp.args.JsonRestore()))
+        finally:
+            tree.close()
+            js.close()
+
     def _quarantine(self, step: int) -> None:
         import shutil
         import time
 
-        if jax.process_index() == 0:  # one host moves it; the others wait for the move
-            dest = os.path.join(self.run_dir, QUARANTINE)
-            os.makedirs(dest, exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), os.path.join(dest, f"{step}-{int(time.time())}"))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"doge_jax quarantined checkpoint {step}")
+        error = None
+        if jax.process_index() == 0:  # one host moves it; the others learn the outcome from the vote
+            try:
+                dest = os.path.join(self.run_dir, QUARANTINE)
+                os.makedirs(dest, exist_ok=True)
+                shutil.move(os.path.join(self.directory, str(step)), os.path.join(dest, f"{step}-{int(time.time())}"))
+            except OSError as e:
+                error = e
+        if not _every_process(error is None):
+            raise CheckpointError(f"could not move the corrupt checkpoint step {step} out of {self.directory}: "
+                                  f"{error or 'it failed on process 0'}")
         self.mngr.reload()
 
     def wait(self) -> None:

@@ -260,8 +260,8 @@ class DogeConfig:
         d = self.to_hf_dict()
         if dtype is not None:
             d["dtype"] = dtype
-        tmp = f"{path}.tmp-{os.getpid()}"  # replaced whole: a reader (another host of the run) never sees half
-        with open(tmp, "w") as f:
+        from .hf_io import atomic_file  # (hf_io imports this module)
+
+        with atomic_file(path) as tmp, open(tmp, "w") as f:  # a reader (another host of a run) never sees half
             json.dump(d, f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, path)

@@ -215,7 +215,9 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
     train = np.concatenate([d for d, v in zip(docs, is_val) if not v] or [empty])
     val = np.concatenate([d for d, v in zip(docs, is_val) if v] or [empty])
     if cdir:
-        tmp = f"{cdir}.tmp-{os.getpid()}"
+        from .hf_io import temp_name
+
+        tmp = temp_name(cdir)
         os.makedirs(tmp, exist_ok=True)
         np.save(os.path.join(tmp, "train.npy"), train)
         np.save(os.path.join(tmp, "val.npy"), val)

@@ -51,6 +51,24 @@ def _owner() -> str:
     return f"{socket.gethostname().replace(os.sep, '_')}.{os.getpid()}"
 
 
+def temp_name(path: str | os.PathLike) -> str:
+    """A temporary sibling of `path` no other process uses, also on a filesystem shared by hosts."""
+    return f"{os.fspath(path)}.tmp-{_owner()}"
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path to write `path`'s new content to, renamed over `path` when the block succeeds: readers (the
+    other hosts of a run) see the old file or the whole new one, never half of it."""
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _lock(path: str) -> int | None:
     """Hold an exclusive flock on the directory `path` for as long as the returned descriptor is open. The kernel
     drops it when the process dies, even by SIGKILL, and it is seen across PID namespaces (containers): how a

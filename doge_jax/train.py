@@ -28,6 +28,7 @@ from . import init as I
 from . import sharding as S
 from .checkpoint import TrainCheckpointer
 from .config import ConfigError, DogeConfig
+from .hf_io import atomic_file
 from .hf_names import CheckpointError
 from .loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
@@ -80,8 +81,8 @@ def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run
             log(f"training a byte-level BPE (vocab {mcfg.vocab_size}) on {len(paths)} files")
             tok = D.train_bpe(paths, mcfg.vocab_size, tcfg.text_field)
             os.makedirs(cache, exist_ok=True)
-            tok.save(f"{file}.tmp-{os.getpid()}")
-            os.replace(f"{file}.tmp-{os.getpid()}", file)
+            with atomic_file(file) as tmp:
+                tok.save(tmp)
         src = None
     ids = D.special_ids(tok, src)
     changes = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")
@@ -93,14 +94,16 @@ def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run
         log(f"warning: tokenizer vocabulary {tok.get_vocab_size()} > model vocab_size {mcfg.vocab_size}")
     if not primary:
         return tok, mcfg
-    tok.save(f"{saved}.tmp-{os.getpid()}")  # replaced whole: the other hosts may be reading it (see above)
-    os.replace(f"{saved}.tmp-{os.getpid()}", saved)
+    # the other hosts may be reading these (above): each file is replaced whole, and tokenizer_config.json (read
+    # once tokenizer.json exists) is written first
     names = {k: tok.id_to_token(getattr(mcfg, f"{k}_token_id")) for k in ("bos", "pad")
              if getattr(mcfg, f"{k}_token_id") is not None}
-    with open(os.path.join(run_dir, "tokenizer_config.json"), "w") as f:
+    with atomic_file(os.path.join(run_dir, "tokenizer_config.json")) as tmp, open(tmp, "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": mcfg.max_position_embeddings,
                    "eos_token": tok.id_to_token(mcfg.eos_token_ids[0]), **{f"{k}_token": v for k, v in names.items()}},
                   f, indent=2)
+    with atomic_file(saved) as tmp:
+        tok.save(tmp)
     return tok, mcfg
 
 
@@ -264,7 +267,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
     val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
     if primary:
         mcfg.save_json(os.path.join(run_dir, "config.json"))
-        with open(os.path.join(run_dir, "train_config.yaml"), "w") as f:
+        with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
             yaml.safe_dump({"config_file": config_path, "model": mcfg.to_dict(), "train": tcfg.to_dict(),
                             "data_files": data.files, "train_tokens": data.train_tokens,
                             "val_tokens": data.val_tokens}, f, sort_keys=False)
@@ -373,17 +376,18 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                             refresh=False)
             bar.update(1)
 
-        pending = None  # (step, metrics on the device) of the last dispatched step, not read yet
+        pending = None  # (step, metrics on the device, stop vote) of the last dispatched step, not read yet
         while step < tcfg.num_training_steps:
             params, opt_state, out = train_step(params, opt_state, batch, step)
             step += 1
-            vote = S.any_process(bool(stop_signal)) if multi_host else None
             # while the device runs this step: read and send the next batch (a checkpoint of this step records the
             # data position before that read), then read the previous step's metrics (one step behind)
             data_state = it.get_state()
             nxt = to_device(next(it), 1) if step < tcfg.num_training_steps else None
             if pending is not None:
                 read_back(*pending)
+            # (after the wait above, so a signal that arrived during it is in this vote)
+            vote = S.any_process(bool(stop_signal)) if multi_host else None
             pending = (step, out, vote)
             done = step == tcfg.num_training_steps
             # every host must stop after the same step (the checkpoint and the exit are collective): one host's

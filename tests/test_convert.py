@@ -399,6 +399,24 @@ def test_stale_temporary_dirs_locked_or_restored(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([other.name, "out"])
 
 
+def test_atomic_file_whole_or_nothing(tmp_path):
+    """Run files other hosts read (config.json, tokenizer files, train_config.yaml): a reader sees the old content
+    or the whole new one; a failed write leaves the old file and no temporary behind."""
+    from doge_jax import hf_io
+
+    path = tmp_path / "config.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), hf_io.atomic_file(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half")
+        assert path.read_text() == "old" and socket.gethostname() in tmp
+        raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
+    with hf_io.atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["config.json"]
+
+
 # ---- 320M-sized memory case --------------------------------------------------------------------------------------
 
 @pytest.mark.slow

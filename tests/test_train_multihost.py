@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -28,22 +30,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(data, cache_dir, out, tokenizer, *extra, processes: int = 2, devices: int = 2) -> list[subprocess.Popen]:
-    """Start the trainer once per 'host' (same command, its own JAX_PROCESS_ID), each with `devices` CPU devices."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes))
-    args = [sys.executable, "-m", "doge_jax.train", *TINY_ARGS, *ARGS, "--data", data, "--out_dir", str(out),
-            "--train.cache_dir", cache_dir, "--train.tokenizer", str(tokenizer), *extra]
-    return [subprocess.Popen(args, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stderr=subprocess.PIPE,
-                             text=True) for i in range(processes)]
+class Hosts:
+    """The trainer started once per 'host' (same command, its own JAX_PROCESS_ID), each with `devices` CPU devices;
+    stderr collected by a thread per process. Killed on exit from the `with` block, so a failing test leaves no
+    trainer running."""
+
+    def __init__(self, data, cache_dir, out, tokenizer, *extra, processes: int = 2, devices: int = 2,
+                 script: str | None = None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes),
+                   PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+        entry = [script] if script else ["-m", "doge_jax.train"]
+        args = [sys.executable, *entry, *TINY_ARGS, *ARGS, "--data", data, "--out_dir", str(out),
+                "--train.cache_dir", cache_dir, "--train.tokenizer", str(tokenizer), *extra]
+        self.procs = [subprocess.Popen(args, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)},
+                                       stderr=subprocess.PIPE, text=True) for i in range(processes)]
+        self.lines: list[list[str]] = [[] for _ in self.procs]
+        self.threads = [threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(processes)]
+        for t in self.threads:
+            t.start()
+
+    def _read(self, i: int) -> None:
+        for line in self.procs[i].stderr:
+            self.lines[i].append(line)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        """Until every host has printed a line containing `text`."""
+        deadline = time.monotonic() + timeout
+        while not all(any(text in line for line in lines) for lines in self.lines):
+            assert time.monotonic() < deadline, f"no {text!r} from every host:\n{self.errs()}"
+            time.sleep(0.1)
+
+    def errs(self) -> list[str]:
+        return ["".join(lines) for lines in self.lines]
+
+    def finish(self, want_rc: int = 0, timeout: float = 300) -> list[str]:
+        for p in self.procs:
+            p.wait(timeout=timeout)
+        for t in self.threads:
+            t.join(timeout=10)
+        errs = self.errs()
+        for p, err in zip(self.procs, errs):
+            assert p.returncode == want_rc, err[-3000:]
+        return errs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
-def finish(procs, want_rc: int = 0) -> list[str]:
-    errs = [p.communicate(timeout=300)[1] for p in procs]
-    for p, err in zip(procs, errs):
-        assert p.returncode == want_rc, err[-3000:]
-    return errs
+def finish(*args, **kw) -> list[str]:
+    """Run the hosts to the end; their stderr."""
+    with Hosts(*args, **kw) as hosts:
+        return hosts.finish()
 
 
 def losses(out):
@@ -62,7 +107,7 @@ def ref(corpus, cache, tmp_path_factory):  # noqa: F811 - fixtures
 def test_two_hosts_train_like_one(corpus, cache, ref, tmp_path):  # noqa: F811 - fixtures
     ref_dir, (ref_loss, ref_val) = ref
     out = tmp_path / "two"
-    errs = finish(launch(corpus, cache, out, ref_dir / "tokenizer.json"))
+    errs = finish(corpus, cache, out, ref_dir / "tokenizer.json")
     assert all("mesh data=4 x fsdp=1" in e and "finished 6 steps" in e for e in errs)
     loss, val = losses(out)  # written by process 0 only: one record per step
     assert len(ref_loss) == 6 and len(set(ref_loss)) == 6 and len(ref_val) == 2
@@ -79,7 +124,7 @@ def test_resume_across_host_counts_and_one_signalled_host(corpus, cache, ref, tm
     tok = ref_dir / "tokenizer.json"
     # steps 1-3 on two hosts, 4-6 on one process with one device: the data position carries over
     out = tmp_path / "moved"
-    finish(launch(corpus, cache, out, tok, "--train.stop_after", "3"))
+    finish(corpus, cache, out, tok, "--train.stop_after", "3")
     assert list_steps(str(out)) == [3]
     assert run(corpus, cache, out, *ARGS, "--train.tokenizer", str(tok)) == 0
     loss, val = losses(out)
@@ -89,14 +134,11 @@ def test_resume_across_host_counts_and_one_signalled_host(corpus, cache, ref, tm
     # SIGTERM to host 1 only: both hosts stop after the same step, save one checkpoint and exit 130 (before, host 0
     # trained on and host 1 waited in the checkpoint's collective: both hung)
     out = tmp_path / "signal"
-    procs = launch(corpus, cache, out, tok, "--train.num_training_steps", "100000", "--train.eval_every", "0",
-                   "--train.checkpoint_every", "100000")
-    for p in procs:
-        for line in p.stderr:
-            if "compiled the train step" in line:
-                break
-    procs[1].send_signal(signal.SIGTERM)
-    errs = finish(procs, want_rc=130)
+    with Hosts(corpus, cache, out, tok, "--train.num_training_steps", "100000", "--train.eval_every", "0",
+               "--train.checkpoint_every", "100000") as hosts:
+        hosts.wait_for("compiled the train step")
+        hosts.procs[1].send_signal(signal.SIGTERM)
+        errs = hosts.finish(want_rc=130)
     stops = [[line for line in e.splitlines() if "interrupted at step" in line] for e in errs]
     assert len(stops[0]) == 1 and stops[0] == stops[1], errs
     steps = list_steps(str(out))
@@ -106,30 +148,42 @@ def test_resume_across_host_counts_and_one_signalled_host(corpus, cache, ref, tm
 @pytest.mark.slow
 def test_corrupt_checkpoint_skipped_by_every_host(corpus, cache, ref, tmp_path):  # noqa: F811 - fixtures
     """Both hosts skip a corrupt step and resume from the one before; one of them moves it aside (before, host 0
-    crashed moving what host 1 had moved, and host 1 waited for it forever). A step one host cannot restore is
-    skipped by all (`_every_process`)."""
+    crashed moving what host 1 had moved, and host 1 waited for it forever). A step one host cannot read is skipped
+    by all (before, orbax's restore barrier on one host met the vote's all-gather on the other: both died)."""
     ref_dir, (ref_loss, ref_val) = ref
     tok = ref_dir / "tokenizer.json"
     out = tmp_path / "run"
-    finish(launch(corpus, cache, out, tok, "--train.stop_after", "4", "--train.checkpoint_every", "2"))
+    finish(corpus, cache, out, tok, "--train.stop_after", "4", "--train.checkpoint_every", "2")
     assert list_steps(str(out)) == [2, 4]
     for root, _, files in os.walk(out / "checkpoints" / "4" / "opt_state"):
         for f in files:
             with open(os.path.join(root, f), "w") as fh:
                 fh.write("garbage")
-    errs = finish(launch(corpus, cache, out, tok, "--train.checkpoint_every", "2"))
+    errs = finish(corpus, cache, out, tok, "--train.checkpoint_every", "2")
     assert all("step 4" in e and "partial or corrupt" in e and "resumed from checkpoint step 2" in e for e in errs)
     assert list_steps(str(out)) == [2, 4, 6] and len(os.listdir(out / "corrupt_checkpoints")) == 1
     loss, val = losses(out)  # steps 1-4, then 3-6 again after the resume from 2
     np.testing.assert_allclose(loss[-4:], ref_loss[-4:], rtol=1e-6, atol=0)
     np.testing.assert_allclose(val[-1], ref_val[-1], rtol=1e-6, atol=0)
 
-    script = ("import jax, sys; from doge_jax import sharding as S; S.init_distributed(); "
-              "from doge_jax.checkpoint import _every_process as every; i = jax.process_index(); "
-              "print(every(True), every(i == 1), every(False))")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
-    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [o[0].splitlines()[-1] for o in outs] == ["True False False"] * 2, outs  # (gloo logs to stdout first)
+    # a read error on one host only (its own shards): both skip the step (one vote, no barrier inside the read)
+    wrapper = tmp_path / "one_host_fails.py"
+    wrapper.write_text(ONE_HOST_FAILS)
+    errs = finish(corpus, cache, out, tok, "--train.checkpoint_every", "2", script=str(wrapper))
+    assert "simulated: host 1 cannot read step 6" in errs[1] and "another host could not read it" in errs[0]
+    assert all("step 6" in e and "resumed from checkpoint step 4" in e and "finished 6 steps" in e for e in errs)
+    assert list_steps(str(out)) == [2, 4, 6] and len(os.listdir(out / "corrupt_checkpoints")) == 2
+
+
+ONE_HOST_FAILS = """import runpy, sys
+import jax
+from doge_jax import checkpoint as C
+read = C.TrainCheckpointer._read_step
+def read_step(self, step, *a):
+    if jax.process_index() == 1 and step == 6:
+        raise OSError("simulated: host 1 cannot read step 6")
+    return read(self, step, *a)
+C.TrainCheckpointer._read_step = read_step
+sys.argv[0] = "doge_jax.train"
+runpy.run_module("doge_jax.train", run_name="__main__", alter_sys=True)
+"""
