@@ -689,13 +689,17 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
             def trun():  # no host sync per step: the timing's final sync waits for the queued steps
                 return train_step(cm, opt, None, mb, 1.0, torch.bfloat16, sync=False)
 
+            if tdev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(tdev)
             t0 = time.perf_counter()
             m0 = {k: float(v) for k, v in trun().items()}
             comp = time.perf_counter() - t0
             sec = time_queued(trun, timed, warmup=warm - 1)
             fused = "fused AdamW" if opt.defaults.get("fused") else "AdamW"
+            # peak memory of the step (the loss stores no [tokens, vocab] logits: doge_torch.loss)
+            peak_gb = f", peak {torch.cuda.max_memory_allocated(tdev) / 2**30:.1f} GiB" if tdev.type == "cuda" else ""
             row("doge_torch bf16 autocast compiled" + (" (regional)" if cm is model else ""), sec,
-                f"{fused}, {timed} queued steps, compile {comp:.0f}s, loss {m0['loss']:.2f}")
+                f"{fused}, {timed} queued steps, compile {comp:.0f}s, loss {m0['loss']:.2f}{peak_gb}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

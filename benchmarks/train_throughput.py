@@ -1,9 +1,11 @@
-"""Training-step throughput: doge_jax vs transformers DogeForCausalLM + torch.optim.AdamW (issue 3 benchmark).
+"""Training-step throughput: doge_jax and doge_torch vs transformers DogeForCausalLM + torch.optim.AdamW.
 
 Doge-20M shapes (configs/doge-20m.yaml `model:`, transformers-native variant since transformers only has that
 one) at seq 512, the same random token batches for both, float32 on CPU. One "step" is a full optimizer step:
 forward, backward, global-norm clipping at 1.0, AdamW. JAX uses the real `doge_jax.train` step (chunked
 cross-entropy, scan over layers); a second JAX column shows the plain-logits loss (`--train.loss_chunk 0`).
+doge_torch runs its training step (eager: `doge_torch.train.train_step`, whose loss stores no logits,
+`doge_torch.loss`) and the same step through the logits (`return_logits=True`).
 The machine is noisy, so the frameworks are timed as interleaved pairs and the median per-pair ratio is reported.
 Prints a table and appends a dated row to benchmarks/RESULTS.md (unless --no-append).
 
@@ -76,6 +78,29 @@ def torch_runner(cfg: DogeConfig):
     return run, model.config._attn_implementation
 
 
+def doge_torch_runner(cfg: DogeConfig, logits: bool):
+    from doge_torch.model import DogeForCausalLM
+    from doge_torch.optim import make_optimizer
+    from doge_torch.train import train_step
+
+    torch.manual_seed(0)
+    model = DogeForCausalLM(cfg).train()
+    opt = make_optimizer(model, 1e-3)
+
+    def run(batch: np.ndarray) -> float:
+        ids = torch.as_tensor(batch, dtype=torch.long)
+        if not logits:
+            return train_step(model, opt, None, [{"input_ids": ids, "labels": ids}], 1.0)["loss"]
+        loss = model(ids, labels=ids).loss  # the same step, through [tokens, vocab] logits
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return run
+
+
 def timed(run, batches) -> float:
     t0 = time.perf_counter()
     for b in batches:
@@ -98,7 +123,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batches = [rng.integers(3, cfg.vocab_size, (args.rows, args.seq), dtype=np.int64) for _ in range(args.steps)]
     runners = {"doge_jax": jax_runner(cfg, args.seq, args.rows, 1024),
-               "doge_jax (plain CE)": jax_runner(cfg, args.seq, args.rows, 0)}
+               "doge_jax (plain CE)": jax_runner(cfg, args.seq, args.rows, 0),
+               "doge_torch train_step": doge_torch_runner(cfg, logits=False),
+               "doge_torch (plain CE)": doge_torch_runner(cfg, logits=True)}
     t_run, attn = torch_runner(cfg)
     runners[f"transformers ({attn}) + AdamW"] = t_run
     for run in runners.values():  # warm up: compile / first allocations

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig
+from doge_torch.loss import causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available
 
 try:
@@ -521,7 +522,7 @@ def allowed_mask(cfg: DogeConfig, B: int, S: int, past: int, attention_mask: tor
 
 @dataclass
 class DogeOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
@@ -598,7 +599,10 @@ class DogeForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: DogeCache | None = None,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0, num_items_in_batch=None,
-                output_router_logits: bool | None = None, use_cache: bool = False) -> DogeOutput:
+                output_router_logits: bool | None = None, use_cache: bool = False,
+                return_logits: bool = True) -> DogeOutput:
+        """transformers' DogeForCausalLM.forward. `return_logits=False` with labels (training): the loss without
+        ever storing the logits (`doge_torch.loss.causal_lm_loss_fused`, the same value), and `logits` None."""
         cfg = self.config
         check_token_ids(input_ids, cfg.vocab_size)
         B, S = input_ids.shape
@@ -619,12 +623,16 @@ class DogeForCausalLM(nn.Module):
             x, rl = layer(x, cos, sin, allowed, past_key_values)
             router.append(rl)
         x = self.model.norm(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = F.linear(x, self.lm_weight())
-        out = DogeOutput(logits=logits, past_key_values=past_key_values)
-        if labels is not None:
-            out.loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        if labels is not None and not return_logits and not logits_to_keep:
+            out = DogeOutput(logits=None, past_key_values=past_key_values,
+                             loss=causal_lm_loss_fused(x, self.lm_weight(), labels, num_items_in_batch))
+        else:
+            if logits_to_keep:
+                x = x[:, -logits_to_keep:]
+            logits = F.linear(x, self.lm_weight())
+            out = DogeOutput(logits=logits, past_key_values=past_key_values)
+            if labels is not None:
+                out.loss = causal_lm_loss(logits, labels, num_items_in_batch)
         want_router = (cfg.output_router_logits if output_router_logits is None else output_router_logits)
         if want_router and cfg.is_moe:
             out.router_logits = tuple(router)

@@ -92,7 +92,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
               else contextlib.nullcontext()), checked():
             out = model(to(b["input_ids"]), attention_mask=None if mask is None else to(mask), labels=to(b["labels"]),
-                        num_items_in_batch=num_items)
+                        num_items_in_batch=num_items, return_logits=False)  # the loss without [tokens, vocab] logits
         out.loss.backward()
         total += out.loss.detach().float()
     params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -542,16 +542,18 @@ def _compile_case():
     return model.train(), ids
 
 
-def test_compile_fullgraph_no_graph_breaks():
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_compile_fullgraph_no_graph_breaks(return_logits):
     """The whole forward (+ loss) traces as ONE graph, with and without explicit position_ids (dynamic RoPE from
-    max(position) without a host sync); dynamo's eager backend runs it with the same results as eager."""
+    max(position) without a host sync), also with the training loss that stores no logits (doge_torch.loss, an
+    autograd.Function); dynamo's eager backend runs it with the same results as eager."""
     import torch._dynamo
 
     model, ids = _compile_case()
     pos = torch.arange(16)[None].expand(2, 16) + 3
 
     def fwd(ids, pos):
-        out = model(ids, labels=ids, position_ids=pos)
+        out = model(ids, labels=ids, position_ids=pos, return_logits=return_logits)
         return out.logits, out.loss
 
     for p in (None, pos):
@@ -561,13 +563,14 @@ def test_compile_fullgraph_no_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     for p in (None, pos):
-        out = compiled(ids, labels=ids, position_ids=p)
+        out = compiled(ids, labels=ids, position_ids=p, return_logits=return_logits)
         out.loss.backward()
         got = {n: q.grad.clone() for n, q in model.named_parameters()}
         model.zero_grad()
-        ref = model(ids, labels=ids, position_ids=p)
+        ref = model(ids, labels=ids, position_ids=p, return_logits=return_logits)
         ref.loss.backward()
-        assert torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+        assert (out.logits is None) == (not return_logits)
+        assert (not return_logits or torch.equal(out.logits, ref.logits)) and torch.equal(out.loss, ref.loss)
         assert all(torch.equal(got[n], q.grad) for n, q in model.named_parameters())
         model.zero_grad()
 
@@ -594,6 +597,12 @@ def test_compile_inductor_fullgraph_matches_eager():
     ref.loss.backward()
     want = torch.cat([q.grad.flatten() for q in model.parameters()])
     assert max_abs_diff(out.logits.detach().numpy(), ref.logits.detach().numpy()) <= TOL
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    model.zero_grad()  # the training loss without logits (doge_torch.loss): inductor compiles its autograd.Function
+    out = torch.compile(model, fullgraph=True)(ids, labels=ids, return_logits=False)
+    out.loss.backward()
+    got = torch.cat([q.grad.flatten() for q in model.parameters()])
+    assert abs(float(out.loss - ref.loss)) <= 1e-6 * float(ref.loss)
     assert float((got - want).norm() / want.norm()) <= 1e-5
 
 
