@@ -4,8 +4,8 @@ Doge-20M shapes (configs/doge-20m.yaml `model:`, transformers-native variant sin
 one) at seq 512, the same random token batches for both, float32 on CPU. One "step" is a full optimizer step:
 forward, backward, global-norm clipping at 1.0, AdamW. JAX uses the real `doge_jax.train` step (chunked
 cross-entropy, scan over layers); a second JAX column shows the plain-logits loss (`--train.loss_chunk 0`).
-doge_torch runs its training step (eager: `doge_torch.train.train_step`, whose loss stores no logits,
-`doge_torch.loss`) and the same step through the logits (`return_logits=True`).
+doge_torch (eager) runs the same step with its training loss, which stores no logits (`doge_torch.loss`, as
+`doge_torch.train.train_step`), and through the logits (`return_logits=True`).
 The machine is noisy, so the frameworks are timed as interleaved pairs and the median per-pair ratio is reported.
 Prints a table and appends a dated row to benchmarks/RESULTS.md (unless --no-append).
 
@@ -81,7 +81,6 @@ def torch_runner(cfg: DogeConfig):
 def doge_torch_runner(cfg: DogeConfig, logits: bool):
     from doge_torch.model import DogeForCausalLM
     from doge_torch.optim import make_optimizer
-    from doge_torch.train import train_step
 
     torch.manual_seed(0)
     model = DogeForCausalLM(cfg).train()
@@ -89,9 +88,7 @@ def doge_torch_runner(cfg: DogeConfig, logits: bool):
 
     def run(batch: np.ndarray) -> float:
         ids = torch.as_tensor(batch, dtype=torch.long)
-        if not logits:
-            return train_step(model, opt, None, [{"input_ids": ids, "labels": ids}], 1.0)["loss"]
-        loss = model(ids, labels=ids).loss  # the same step, through [tokens, vocab] logits
+        loss = model(ids, labels=ids, return_logits=logits).loss  # False: doge_torch.train's loss (no logits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -124,7 +121,7 @@ def main() -> None:
     batches = [rng.integers(3, cfg.vocab_size, (args.rows, args.seq), dtype=np.int64) for _ in range(args.steps)]
     runners = {"doge_jax": jax_runner(cfg, args.seq, args.rows, 1024),
                "doge_jax (plain CE)": jax_runner(cfg, args.seq, args.rows, 0),
-               "doge_torch train_step": doge_torch_runner(cfg, logits=False),
+               "doge_torch": doge_torch_runner(cfg, logits=False),
                "doge_torch (plain CE)": doge_torch_runner(cfg, logits=True)}
     t_run, attn = torch_runner(cfg)
     runners[f"transformers ({attn}) + AdamW"] = t_run

@@ -33,20 +33,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, x.shape[0], chunk):
             xc, tc = x[i:i + chunk], target[i:i + chunk]
             logits = xc @ w.t()  # the autocast dtype under autocast, as F.linear
-            lf = logits.to(f)
-            lse = torch.logsumexp(lf, dim=-1)
+            logp = logits.to(f).log_softmax(-1)
             valid = tc != IGNORE
             safe = torch.where(valid, tc, 0)
-            picked = lf.gather(-1, safe[:, None])[:, 0]
-            total = total + torch.where(valid, lse - picked, 0.0).sum()
+            total = total - torch.where(valid, logp.gather(-1, safe[:, None])[:, 0], 0.0).sum()
             if grads:
-                # d CE / d logits = softmax - onehot(target); zero for ignored targets. Cast to the logits' dtype,
-                # as autograd's backward through F.linear would see it
-                d = torch.exp(lf - lse[:, None])
-                d.scatter_add_(-1, safe[:, None], -valid[:, None].to(d.dtype))
-                d = (d * valid[:, None]).to(logits.dtype)
-                dx[i:i + chunk] = (d @ w.to(d.dtype)).to(x.dtype)
-                dw += (d.t() @ xc.to(d.dtype)).to(f)
+                # d CE / d logits = softmax - onehot(target), cast to the logits' dtype as autograd's backward
+                # through F.linear would see it. Ignored targets: their rows of x and of dx are zeroed instead of
+                # their rows of d (a [chunk, d] pass instead of a [chunk, vocab] one)
+                d = logp.exp_()
+                d.scatter_add_(-1, safe[:, None], torch.full_like(d[:, :1], -1.0))
+                d = d.to(logits.dtype)
+                keep = valid[:, None].to(d.dtype)
+                dx[i:i + chunk] = ((d @ w.to(d.dtype)) * keep).to(x.dtype)
+                dw += (d.t() @ (xc.to(d.dtype) * keep)).to(f)
         if grads:
             ctx.save_for_backward(dx, dw.to(w.dtype))
         return total
