@@ -33,7 +33,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, x.shape[0], chunk):
             xc, tc = x[i:i + chunk], target[i:i + chunk]
             logits = xc @ w.t()  # the autocast dtype under autocast, as F.linear
-            logp = logits.to(f).log_softmax(-1)
+            logp = logits.log_softmax(-1, dtype=f)  # one pass: reads the autocast dtype, writes float32
             valid = tc != IGNORE
             safe = torch.where(valid, tc, 0)
             total = total - torch.where(valid, logp.gather(-1, safe[:, None])[:, 0], 0.0).sum()
