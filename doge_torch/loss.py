@@ -1,17 +1,19 @@
 """Training loss for doge_torch without the [tokens, vocab] logits (the counterpart of doge_jax/loss.py).
 
 `linear_cross_entropy_sum(x, w, target)` equals `F.cross_entropy(x @ w.T, target, reduction="sum")` over targets
-!= -100, in float32, computed a chunk of tokens at a time. The loss is a scalar, so while a chunk's logits are at
-hand the forward pass also forms that chunk's share of d/dx and d/dw (known up to the incoming gradient, which the
-backward pass only multiplies in). Nothing is recomputed, and the temporaries are one chunk's logits instead of
-logits for every token (at Doge-160M's 32768-word vocabulary and 16 x 2048 tokens: chunks of 2048 tokens, 256 MB
-per float32 copy, instead of 2 GB of bf16 logits, their 4 GB float32 copy and their gradients). Under autocast the
-products run in the autocast dtype as the plain `F.linear` would, and the softmax in float32.
+!= -100, in float32 (float64 for float64 inputs), computed a chunk of tokens at a time. The loss is a scalar, so
+while a chunk's logits are at hand the forward pass also forms that chunk's share of d/dx and d/dw (known up to the
+incoming gradient, which the backward pass only multiplies in). Nothing is recomputed, and the temporaries are one
+chunk's logits instead of logits for every token (at Doge-160M's 32768-word vocabulary and 16 x 2048 tokens:
+chunks of 2048 tokens, 256 MB per float32 copy, instead of 2 GB of bf16 logits, their 4 GB float32 copy and their
+gradients). Under autocast the products run in the autocast dtype as the plain `F.linear` would, and the softmax
+in float32.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in float32)
@@ -24,44 +26,60 @@ def chunk_rows(vocab_size: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
-        grads = any(ctx.needs_input_grad[:2])
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, chunk: int, need_x: bool,
+                need_w: bool) -> torch.Tensor:
         f = torch.promote_types(x.dtype, torch.float32)  # float32 (float64 for float64 inputs: gradcheck)
+        dev = x.device.type
+        # the products' dtype: autocast's (which casts float32 and mixed inputs, not float64) as F.linear would run
+        # them, else the inputs'. Cast explicitly, the weight once, with autocast off inside
+        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and f == torch.float32 else x.dtype
         total = torch.zeros((), dtype=f, device=x.device)
-        dx = torch.empty_like(x) if grads else None
-        dw = torch.zeros(w.shape, dtype=f, device=w.device) if grads else None
-        for i in range(0, x.shape[0], chunk):
-            xc, tc = x[i:i + chunk], target[i:i + chunk]
-            logits = xc @ w.t()  # the autocast dtype under autocast, as F.linear
-            logp = logits.log_softmax(-1, dtype=f)  # one pass: reads the autocast dtype, writes float32
-            valid = tc != IGNORE
-            safe = torch.where(valid, tc, 0)
-            total = total - torch.where(valid, logp.gather(-1, safe[:, None])[:, 0], 0.0).sum()
-            if grads:
-                # d CE / d logits = softmax - onehot(target), cast to the logits' dtype as autograd's backward
-                # through F.linear would see it. Ignored targets: their rows of x and of dx are zeroed instead of
-                # their rows of d (a [chunk, d] pass instead of a [chunk, vocab] one)
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.zeros(w.shape, dtype=f, device=w.device) if need_w else None
+        with torch.autocast(dev, enabled=False):
+            wm = w.to(mm)
+            for i, (xc, tc) in enumerate(zip(x.split(chunk), target.split(chunk))):
+                xm = xc.to(mm)
+                logp = (xm @ wm.t()).log_softmax(-1, dtype=f)  # logits rounded to mm as F.linear's, then float32
+                valid = tc != IGNORE
+                safe = torch.where(valid, tc, 0)
+                total = total - torch.where(valid, logp.gather(-1, safe[:, None])[:, 0], 0.0).sum()
+                if not (need_x or need_w):
+                    continue
+                # d CE / d logits = softmax - onehot(target), in mm as autograd's backward through F.linear would
+                # see it. Ignored targets: their rows of x and of dx are zeroed instead of their rows of d (a
+                # [chunk, d] pass instead of a [chunk, vocab] one). Temporaries are dropped as soon as possible
                 d = logp.exp_()
+                del logp
                 d.scatter_add_(-1, safe[:, None], torch.full_like(d[:, :1], -1.0))
-                d = d.to(logits.dtype)
-                keep = valid[:, None].to(d.dtype)
-                dx[i:i + chunk] = ((d @ w.to(d.dtype)) * keep).to(x.dtype)
-                dw += (d.t() @ (xc.to(d.dtype) * keep)).to(f)
-        if grads:
-            ctx.save_for_backward(dx, dw.to(w.dtype))
+                d = d.to(mm)
+                keep = valid[:, None].to(mm)
+                if need_x:
+                    dx[i * chunk:i * chunk + len(xc)] = ((d @ wm) * keep).to(x.dtype)
+                if need_w:
+                    dw += (d.t() @ (xm * keep)).to(f)
+                del d
+        ctx.w_dtype = w.dtype
+        ctx.save_for_backward(dx, dw)  # dw kept in float32: rounded once, after the incoming gradient
         return total
 
     @staticmethod
+    @once_differentiable  # the gradients are constants formed in the forward: no second derivative
     def backward(ctx, g: torch.Tensor):
         dx, dw = ctx.saved_tensors
-        return (dx * g.to(dx.dtype)).to(dx.dtype), (dw * g.to(dw.dtype)).to(dw.dtype), None, None
+        gx = None if dx is None else dx * g.to(dx.dtype)
+        gw = None if dw is None else (dw * g.to(dw.dtype)).to(ctx.w_dtype)
+        return gx, gw, None, None, None, None
 
 
 def linear_cross_entropy_sum(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor,
                              chunk: int | None = None) -> torch.Tensor:
-    """Sum over targets != -100 of the float32 cross-entropy of logits x @ w.T, without storing them. x [N, d];
-    w [V, d] (lm_head's weight or the tied embedding); target [N] int. Differentiable in x and w."""
-    return _LinearCrossEntropy.apply(x, w, target, chunk or chunk_rows(w.shape[0]))
+    """Sum over targets != -100 of the cross-entropy of logits x @ w.T (float32; float64 for float64 inputs),
+    without storing them. x [N, d]; w [V, d] (lm_head's weight or the tied embedding); target [N] int.
+    Differentiable in x and w; their gradients are formed only where needed (none under no_grad)."""
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(x, w, target, chunk or chunk_rows(w.shape[0]), grad and x.requires_grad,
+                                     grad and w.requires_grad)
 
 
 def causal_lm_loss_fused(hidden: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
@@ -71,5 +89,8 @@ def causal_lm_loss_fused(hidden: torch.Tensor, w: torch.Tensor, labels: torch.Te
     target = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
     total = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), w, target)
     if num_items_in_batch is None:
-        return total / (target != IGNORE).sum()
-    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+        denom = (target != IGNORE).sum()
+    else:
+        denom = torch.as_tensor(num_items_in_batch, device=total.device)
+    # no target at all: NaN (0 / 0) as through the logits, and zero gradients there too (not 0 * inf = NaN)
+    return torch.where(denom > 0, total / denom.clamp_min(1), total.detach() / denom)
