@@ -292,6 +292,7 @@ class TrainCheckpointer:
         its own shards with no cross-host barrier; a step counts only if every host read it."""
         import warnings
 
+        self.mngr.wait_until_finished()  # a save still in flight is listed before it is on disk
         for step in _process0_list(sorted(self.mngr.all_steps(), reverse=True)):
             try:
                 r, error = self._read_step(step, abstract_params, abstract_opt_state), None

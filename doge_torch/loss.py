@@ -45,6 +45,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 safe = torch.where(valid, tc, 0)
                 total = total - torch.where(valid, logp.gather(-1, safe[:, None])[:, 0], 0.0).sum()
                 if not (need_x or need_w):
+                    del logp  # (before the next chunk's is made)
                     continue
                 # d CE / d logits = softmax - onehot(target), in mm as autograd's backward through F.linear would
                 # see it. Ignored targets: their rows of x and of dx are zeroed instead of their rows of d (a
@@ -67,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @once_differentiable  # the gradients are constants formed in the forward: no second derivative
     def backward(ctx, g: torch.Tensor):
         dx, dw = ctx.saved_tensors
-        gx = None if dx is None else dx * g.to(dx.dtype)
+        gx = None if dx is None else (dx.to(g.dtype) * g).to(dx.dtype)  # g unrounded (a bf16 model's dx)
         gw = None if dw is None else (dw * g.to(dw.dtype)).to(ctx.w_dtype)
         return gx, gw, None, None, None, None
 
@@ -93,4 +94,4 @@ def causal_lm_loss_fused(hidden: torch.Tensor, w: torch.Tensor, labels: torch.Te
     else:
         denom = torch.as_tensor(num_items_in_batch, device=total.device)
     # no target at all: NaN (0 / 0) as through the logits, and zero gradients there too (not 0 * inf = NaN)
-    return torch.where(denom > 0, total / denom.clamp_min(1), total.detach() / denom)
+    return torch.where(denom > 0, total / torch.where(denom > 0, denom, 1), total.detach() / denom)
