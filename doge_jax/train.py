@@ -52,7 +52,10 @@ class TrainResult:
 
 
 def log(msg: str) -> None:
-    print(f"[doge_jax.train] {msg}", file=sys.stderr, flush=True)
+    """A progress line on stderr; on a multi-host run every host logs, each line saying which host it is."""
+    n = jax.process_count()
+    host = f" host {jax.process_index()}/{n}" if n > 1 else ""
+    print(f"[doge_jax.train{host}] {msg}", file=sys.stderr, flush=True)
 
 
 # ---- setup ----------------------------------------------------------------------------------------------------------
@@ -403,7 +406,8 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                     val = evaluate(eval_step, params, val_batches)
                     if val is not None:
                         metrics.log({"step": step, "val_loss": val[0], "val_ppl": val[1]})
-                        bar.write(f"step {step}: val_loss {val[0]:.4f}  val_ppl {val[1]:.2f}")
+                        if primary:  # (the same value on every host)
+                            bar.write(f"step {step}: val_loss {val[0]:.4f}  val_ppl {val[1]:.2f}")
                 if saving:
                     save(step, data_state)
                     last_good = step

@@ -139,8 +139,9 @@ def test_resume_across_host_counts_and_one_signalled_host(corpus, cache, ref, tm
         hosts.wait_for("compiled the train step")
         hosts.procs[1].send_signal(signal.SIGTERM)
         errs = hosts.finish(want_rc=130)
-    stops = [[line for line in e.splitlines() if "interrupted at step" in line] for e in errs]
+    stops = [[line.split("] ", 1)[1] for line in e.splitlines() if "interrupted at step" in line] for e in errs]
     assert len(stops[0]) == 1 and stops[0] == stops[1], errs
+    assert all(f"[doge_jax.train host {i}/2] interrupted at step" in e for i, e in enumerate(errs))
     steps = list_steps(str(out))
     assert len(steps) == 1 and f"interrupted at step {steps[0]};" in stops[0][0]
 
