@@ -1,4 +1,5 @@
-"""Training loss for doge_torch without the [tokens, vocab] logits (the counterpart of doge_jax/loss.py).
+"""doge_torch's causal-LM loss: through the logits (`causal_lm_loss`, the transformers path) and, for training,
+without the [tokens, vocab] logits (`causal_lm_loss_fused`; the counterpart of doge_jax/loss.py).
 
 `linear_cross_entropy_sum(x, w, target)` equals `F.cross_entropy(x @ w.T, target, reduction="sum")` over targets
 != -100, in float32 (float64 for float64 inputs), computed a chunk of tokens at a time. The loss is a scalar, so
@@ -83,11 +84,27 @@ def linear_cross_entropy_sum(x: torch.Tensor, w: torch.Tensor, target: torch.Ten
                                      grad and w.requires_grad)
 
 
+def shift_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Target at t is labels[t + 1]; the last position is ignored (spec §3.9)."""
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Shifted cross-entropy in float32, -100 ignored; mean, or sum / num_items_in_batch (spec §3.9)."""
+    logits = logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_targets(labels).reshape(-1),
+                                             ignore_index=IGNORE,
+                                             reduction="sum" if num_items_in_batch is not None else "mean")
+    if num_items_in_batch is not None:
+        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+    return loss
+
+
 def causal_lm_loss_fused(hidden: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
                          num_items_in_batch=None) -> torch.Tensor:
-    """`doge_torch.model.causal_lm_loss(hidden @ w.T, labels, num_items_in_batch)` from the final hidden states
-    [B, S, d]: shifted targets, -100 ignored; the mean over valid targets or the sum / num_items_in_batch."""
-    target = torch.nn.functional.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1)
+    """`causal_lm_loss(hidden @ w.T, labels, num_items_in_batch)` from the final hidden states [B, S, d] without
+    the logits: shifted targets, -100 ignored; the mean over valid targets or the sum / num_items_in_batch."""
+    target = shift_targets(labels).reshape(-1)
     total = linear_cross_entropy_sum(hidden.reshape(-1, hidden.shape[-1]), w, target)
     if num_items_in_batch is None:
         denom = (target != IGNORE).sum()

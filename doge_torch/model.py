@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig
-from doge_torch.loss import causal_lm_loss_fused
+from doge_torch.loss import causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available
 
 try:
@@ -527,17 +527,6 @@ class DogeOutput:
     aux_loss: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
     past_key_values: DogeCache | None = None
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Shifted cross-entropy in float32, -100 ignored; mean, or sum / num_items_in_batch (spec §3.9)."""
-    logits = logits.float()
-    target = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                           reduction="sum" if num_items_in_batch is not None else "mean")
-    if num_items_in_batch is not None:
-        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-    return loss
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], cfg: DogeConfig,

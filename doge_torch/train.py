@@ -31,10 +31,11 @@ import yaml
 
 from doge_jax.config import DogeConfig
 
+from .loss import IGNORE
 from .model import DogeForCausalLM, check_token_ids, set_sdpa_backends, token_ids_checked
 from .optim import clip_grad_norm, make_optimizer, wsd_scheduler
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = IGNORE
 
 
 def _as_batch(mb: Any) -> dict[str, torch.Tensor]:
