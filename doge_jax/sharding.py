@@ -14,6 +14,7 @@ The same code runs on 1 CPU, 8 simulated CPU devices (tests), one GPU or many ho
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -275,3 +276,25 @@ def any_process(flag: bool) -> jax.Array:
     local = np.full(jax.local_device_count(), int(flag), np.int32)
     votes = jax.make_array_from_process_local_data(_ANY_PROCESS["sharding"], local, (jax.device_count(),))
     return _ANY_PROCESS["max"](votes)
+
+
+class OtherHostFailed(RuntimeError):
+    """Another process of a multi-host run failed (its own log says why)."""
+
+
+@contextlib.contextmanager
+def all_or_none(what: str):
+    """Run a block that can fail on one host only (its files, its disk) so that every host stops when any does:
+    each host votes once on leaving the block. The failing host re-raises its own error, the others raise
+    OtherHostFailed, instead of waiting in the run's first collective until jax.distributed times out."""
+    if jax.process_count() == 1:
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        jax.device_get(any_process(True))  # waited for: the others must learn of it before this process exits
+        raise
+    if bool(jax.device_get(any_process(False))):
+        raise OtherHostFailed(f"another host failed while {what}; its log says why")
+

@@ -234,46 +234,52 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
 # ---- the run --------------------------------------------------------------------------------------------------------
 def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -> TrainResult:
     run_dir = os.path.abspath(tcfg.out_dir or os.path.join(tcfg.runs_dir, tcfg.name or "run"))
-    sources = C.parse_sources(tcfg.data) if tcfg.data else [C.Source("stdlib", D.default_corpus())]  # paths checked
-    paths = [p for s in sources for p in s.paths]
-    if tcfg.seq_len > mcfg.max_position_embeddings:
-        raise ConfigError(f"train.seq_len={tcfg.seq_len} > model.max_position_embeddings="
-                          f"{mcfg.max_position_embeddings}")
-    if tcfg.moe_freeze_steps and not mcfg.is_moe:
-        raise ConfigError(f"train.moe_freeze_steps={tcfg.moe_freeze_steps}: needs a MoE model (model.is_moe true)")
-    mesh = make_mesh(tcfg)
-    if tcfg.init_from:
-        base = I.checkpoint_config(tcfg.init_from)
-        changes = I.config_changes(base, mcfg)
-        log(f"init from {tcfg.init_from}" + (f"; model config changes: {'; '.join(changes)}" if changes else ""))
-        if tcfg.tokenizer is None:  # the checkpoint's own tokenizer, never a freshly trained one
-            tok_dir = I.find_tokenizer(tcfg.init_from)
-            if tok_dir is None:
-                raise ConfigError(f"train.init_from={tcfg.init_from!r}: no tokenizer.json there; set --train.tokenizer")
-            tcfg = dataclasses.replace(tcfg, tokenizer=tok_dir)
-    pretok = [s.pretokenized for s in sources if s.pretokenized]
-    if tcfg.tokenizer is None and pretok:  # pre-tokenized data carries its tokenizer
-        tcfg = dataclasses.replace(tcfg, tokenizer=pretok[0])
-    os.makedirs(run_dir, exist_ok=True)
-    check_run_config(run_dir, tcfg)
-    setup_compilation_cache(tcfg.cache_dir)
-    primary = jax.process_index() == 0  # the host that writes the run directory's files (orbax: every host)
-    tok, mcfg = prepare_tokenizer(mcfg, tcfg, paths, run_dir, primary)
-    check_same_model(run_dir, mcfg)
-    data = C.training_data(sources, tok, mcfg.eos_token_ids[0], mcfg.vocab_size, tcfg.seq_len,
-                           os.path.join(tcfg.cache_dir, "tokens"), tcfg.text_field, tcfg.val_fraction, tcfg.seed,
-                           tcfg.progress)
-    rows, val_rows = data.rows, data.val_rows
-    R, GA, hosts = tcfg.rows_per_micro, tcfg.grad_accum, jax.process_count()
-    # the same global batches on any number of hosts: host i reads and feeds its R / hosts rows of each micro-batch
-    dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), hosts)
-    val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
-    if primary:
-        mcfg.save_json(os.path.join(run_dir, "config.json"))
-        with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
-            yaml.safe_dump({"config_file": config_path, "model": mcfg.to_dict(), "train": tcfg.to_dict(),
-                            "data_files": data.files, "train_tokens": data.train_tokens,
-                            "val_tokens": data.val_tokens}, f, sort_keys=False)
+    # a data, tokenizer or write error can hit one host only: every host stops with it (not in a collective later)
+    with S.all_or_none("setting up the run (config, tokenizer, data)"):
+        # paths are checked here
+        sources = C.parse_sources(tcfg.data) if tcfg.data else [C.Source("stdlib", D.default_corpus())]
+        paths = [p for s in sources for p in s.paths]
+        if tcfg.seq_len > mcfg.max_position_embeddings:
+            raise ConfigError(f"train.seq_len={tcfg.seq_len} > model.max_position_embeddings="
+                              f"{mcfg.max_position_embeddings}")
+        if tcfg.moe_freeze_steps and not mcfg.is_moe:
+            raise ConfigError(f"train.moe_freeze_steps={tcfg.moe_freeze_steps}: needs a MoE model "
+                              "(model.is_moe true)")
+        mesh = make_mesh(tcfg)
+        if tcfg.init_from:
+            base = I.checkpoint_config(tcfg.init_from)
+            changes = I.config_changes(base, mcfg)
+            log(f"init from {tcfg.init_from}" + (f"; model config changes: {'; '.join(changes)}" if changes else ""))
+            if tcfg.tokenizer is None:  # the checkpoint's own tokenizer, never a freshly trained one
+                tok_dir = I.find_tokenizer(tcfg.init_from)
+                if tok_dir is None:
+                    raise ConfigError(f"train.init_from={tcfg.init_from!r}: no tokenizer.json there; "
+                                      "set --train.tokenizer")
+                tcfg = dataclasses.replace(tcfg, tokenizer=tok_dir)
+        pretok = [s.pretokenized for s in sources if s.pretokenized]
+        if tcfg.tokenizer is None and pretok:  # pre-tokenized data carries its tokenizer
+            tcfg = dataclasses.replace(tcfg, tokenizer=pretok[0])
+        os.makedirs(run_dir, exist_ok=True)
+        check_run_config(run_dir, tcfg)
+        setup_compilation_cache(tcfg.cache_dir)
+        primary = jax.process_index() == 0  # the host that writes the run directory's files (orbax: every host)
+        tok, mcfg = prepare_tokenizer(mcfg, tcfg, paths, run_dir, primary)
+        check_same_model(run_dir, mcfg)
+        data = C.training_data(sources, tok, mcfg.eos_token_ids[0], mcfg.vocab_size, tcfg.seq_len,
+                               os.path.join(tcfg.cache_dir, "tokens"), tcfg.text_field, tcfg.val_fraction, tcfg.seed,
+                               tcfg.progress)
+        rows, val_rows = data.rows, data.val_rows
+        R, GA, hosts = tcfg.rows_per_micro, tcfg.grad_accum, jax.process_count()
+        # the same global batches on any number of hosts: host i reads and feeds its R / hosts rows of each
+        # micro-batch
+        dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), hosts)
+        val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
+        if primary:
+            mcfg.save_json(os.path.join(run_dir, "config.json"))
+            with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
+                yaml.safe_dump({"config_file": config_path, "model": mcfg.to_dict(), "train": tcfg.to_dict(),
+                                "data_files": data.files, "train_tokens": data.train_tokens,
+                                "val_tokens": data.val_tokens}, f, sort_keys=False)
     log(f"run {run_dir}: {data.files} files in {len(sources)} source(s), {data.train_tokens:,} train / "
         f"{data.val_tokens:,} val tokens, "
         f"{len(rows):,} rows of {tcfg.seq_len}; {len(val_batches)} val batches; mesh {S.describe(mesh)}")
@@ -436,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         S.init_distributed()  # multi-host (JAX_COORDINATOR_ADDRESS / SLURM) before anything touches a device
         mcfg, tcfg, path = parse_argv(argv)
         result = train(mcfg, tcfg, path)
-    except (ConfigError, D.DataError, CheckpointError) as e:
+    except (ConfigError, D.DataError, CheckpointError, S.OtherHostFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

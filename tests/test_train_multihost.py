@@ -188,3 +188,28 @@ C.TrainCheckpointer._read_step = read_step
 sys.argv[0] = "doge_jax.train"
 runpy.run_module("doge_jax.train", run_name="__main__", alter_sys=True)
 """
+
+
+def test_setup_error_on_one_host_stops_every_host(corpus, cache, ref, tmp_path):  # noqa: F811 - fixtures
+    """A data error on host 1 only: both hosts exit 2 at once, host 1 with its error and host 0 saying another host
+    failed (before, host 0 went on into the first collective and died 30 s later in a gloo timeout traceback)."""
+    wrapper = tmp_path / "one_host_no_data.py"
+    wrapper.write_text(ONE_HOST_NO_DATA)
+    with Hosts(corpus, cache, tmp_path / "run", ref[0] / "tokenizer.json", script=str(wrapper)) as hosts:
+        errs = hosts.finish(want_rc=2, timeout=25)  # well inside jax.distributed's 30 s key-value timeout
+    assert "error: simulated: host 1 cannot read the data" in errs[1]
+    assert "error: another host failed while setting up the run" in errs[0] and "Traceback" not in errs[0]
+
+
+ONE_HOST_NO_DATA = """import runpy, sys
+import jax
+from doge_jax import corpora as C, data as D
+real = C.training_data
+def training_data(*a, **kw):
+    if jax.process_index() == 1:
+        raise D.DataError("simulated: host 1 cannot read the data")
+    return real(*a, **kw)
+C.training_data = training_data
+sys.argv[0] = "doge_jax.train"
+runpy.run_module("doge_jax.train", run_name="__main__", alter_sys=True)
+"""
