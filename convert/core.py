@@ -25,11 +25,14 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     dst = os.path.abspath(dst)
-    if os.path.abspath(src) == dst:
-        raise FileExistsError(f"{dst}: DST is the source; write to another directory")
+    _check_apart(src, dst, overwrite)
     source = open_source(src, config=config, variant=variant, step=step)
     plan = build_plan(source, to, dtype)
     files = output_files(plan, shard_size)
+    if plan.config.variant != "native" and to in ("hf", "torch"):
+        log(f"note: {dst} will hold the {plan.config.variant} layout (config.json says doge_variant); doge_jax and "
+            "doge_torch load it, but transformers' built-in Doge would load it as the native layout with wrong "
+            "weights (q/k norms missing, dynamic-mask heads differ)")
     if dry_run:
         print(describe(plan, dst, files))
         if os.path.exists(dst) and not overwrite:
@@ -66,3 +69,15 @@ def _chmod_like_mkdir(path: str) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o777 & ~umask)
+
+
+def _check_apart(src: str, dst: str, overwrite: bool) -> None:
+    """DST must not be the source, contain it (replacing DST would delete it), or be an existing part of it."""
+    s, d = os.path.realpath(src), os.path.realpath(dst)
+    if s == d:
+        raise FileExistsError(f"{dst}: DST is the source; write to another directory")
+    if os.path.commonpath([s, d]) == d:
+        raise FileExistsError(f"{dst}: DST contains the source {src}; write to another directory")
+    if os.path.commonpath([s, d]) == s and os.path.lexists(d) and overwrite:
+        raise FileExistsError(f"{dst}: DST is inside the source {src}; replacing it would change the source")
+

@@ -52,6 +52,10 @@ def read_header(path: str) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype, i
     header.pop("__metadata__", None)
     out, data_len = {}, size - 8 - n
     for name, info in header.items():
+        kind = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(kind, str) and kind not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {kind}, which convert does not read "
+                                  f"(supported: {', '.join(sorted(DTYPES))})")
         try:
             dtype = DTYPES[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from doge_jax import hf_io
-from doge_jax.config import DogeConfig
+from doge_jax.config import DogeConfig, read_json
 from doge_jax.hf_names import CheckpointError, detect_variant, flax_to_hf, rename_legacy
 
 from . import safetensors_io
@@ -55,12 +55,7 @@ def load_config_file(path: str, variant: str | None) -> DogeConfig:
         raise CheckpointError(f"{path}: config not found")
     if path.endswith((".yaml", ".yml")):
         return DogeConfig.from_yaml(path)  # names its variant explicitly; callers check it against the weights
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable config ({e})") from None
-    return DogeConfig.from_hf_dict(raw, variant=variant)
+    return DogeConfig.from_hf_dict(read_json(path), variant=variant)
 
 
 def open_source(src: str, config: str | None = None, variant: str | None = None, step: int | None = None) -> Source:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -36,6 +37,36 @@ _HF_GENERIC_KEYS = {
 
 class ConfigError(ValueError):
     """A configuration field has a bad value; the message names the field."""
+
+
+def _has_type(v: Any, annotation: str) -> bool:
+    """Whether `v` fits a field annotation of DogeConfig (int, float, bool, str, X | None, int | tuple[int, ...])."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if v is None:
+        return "None" in kinds
+    if isinstance(v, bool):
+        return "bool" in kinds
+    if isinstance(v, numbers.Integral):
+        return "int" in kinds or "float" in kinds
+    if isinstance(v, numbers.Real):
+        return "float" in kinds
+    if isinstance(v, str):
+        return "str" in kinds
+    if isinstance(v, tuple) and "tuple[int, ...]" in kinds:
+        return all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v)
+    return False
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from a file; unreadable or malformed files give a ConfigError naming the file."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{os.fspath(path)}: unreadable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{os.fspath(path)}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +113,19 @@ class DogeConfig:
     remat: str = "none"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy scalars -> Python numbers (plain data, JSON-serialisable)
+            v = getattr(self, f.name)
+            if not isinstance(v, bool | int | float | str | tuple | list) and callable(getattr(v, "item", None)):
+                try:
+                    object.__setattr__(self, f.name, v.item())
+                except (TypeError, ValueError):  # not a scalar: validate() names the field
+                    pass
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if isinstance(self.eos_token_id, list | tuple):
-            object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
+            eos = tuple(int(e) if isinstance(e, numbers.Integral) and not isinstance(e, bool) else e
+                        for e in self.eos_token_id)
+            object.__setattr__(self, "eos_token_id", eos)
         self.validate()
 
     # ---- derived quantities -------------------------------------------------------------------------------
@@ -113,6 +153,10 @@ class DogeConfig:
     def validate(self) -> None:
         def bad(field: str, why: str) -> None:
             raise ConfigError(f"DogeConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for f in dataclasses.fields(self):  # types first: the checks below compare numbers
+            if not _has_type(getattr(self, f.name), f.type):
+                bad(f.name, f"must be {f.type.replace(' | ', ' or ').replace('tuple[int, ...]', 'a list of int')}")
 
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings"):
@@ -184,10 +228,15 @@ class DogeConfig:
         """Read the `model:` section of one of our YAML configs (or a flat YAML of fields)."""
         import yaml
 
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if "model" in data:
-            data = data["model"]
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{os.fspath(path)}: unreadable YAML ({e})") from None
+        if isinstance(data, dict) and "model" in data:
+            data = data["model"] or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{os.fspath(path)}: expected a mapping of model fields, got {type(data).__name__}")
         return cls.from_dict(data)
 
     # ---- Hugging Face config.json ---------------------------------------------------------------------------
@@ -253,8 +302,7 @@ class DogeConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, variant: str | None = None) -> DogeConfig:
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f), variant=variant)
+        return cls.from_hf_dict(read_json(path), variant=variant)
 
     def save_json(self, path: str | os.PathLike, dtype: str | None = None) -> None:
         d = self.to_hf_dict()

@@ -21,7 +21,7 @@ try:
 except ImportError:  # Windows: no stale-directory cleanup
     fcntl = None
 
-from .config import DogeConfig
+from .config import DogeConfig, read_json
 from .hf_names import CheckpointError, detect_variant, rename_legacy
 
 SAFE_SINGLE = "model.safetensors"
@@ -131,15 +131,57 @@ def _remove_stale(parent: str, base: str) -> None:
         shutil.rmtree(full, ignore_errors=True)
 
 
+# Files a model save produces: when a save replaces a directory, these are the ones it does not carry over from
+# the old directory (stale shards of another shard count would confuse loaders); everything else is kept.
+MODEL_FILES = re.compile(r"(config\.json|generation_config\.json|params|model(-\d+-of-\d+)?\.safetensors|"
+                         r"model\.safetensors\.index\.json|pytorch_model(-\d+-of-\d+)?\.bin|"
+                         r"pytorch_model\.bin\.index\.json)")
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a directory entry is one a model save writes (weights, their index, config, orbax params/)."""
+    return MODEL_FILES.fullmatch(name) is not None
+
+
+def not_model_file(name: str) -> bool:
+    """`keep` for saves: carry everything but the model's own files (tokenizer, README, a run's files...)."""
+    return not is_model_file(name)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: str, new: str, keep) -> None:
+    """Hard-link (or copy) the entries of `old` that `keep` accepts and the writer did not produce into `new`."""
+    for name in os.listdir(old):
+        if not keep(name) or os.path.lexists(os.path.join(new, name)):
+            continue
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
-    """Yield a temporary directory that replaces `path` only if the block finishes without an exception."""
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None) -> Iterator[str]:
+    """Yield a temporary directory that replaces `path` only if the block finishes without an exception.
+
+    overwrite=False: `path` must not exist, also at the end (a writer that finished meanwhile is not replaced).
+    keep: a predicate on the names in an existing `path`; the entries it accepts and the block did not write are
+    carried into the new directory (hard links), as transformers' save_pretrained leaves a tokenizer in place."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    _remove_stale(parent, os.path.basename(path))
+    _remove_stale(parent, os.path.basename(path))  # first: it may put a killed writer's previous output back
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_owner()}-", dir=parent)
     tmp_lock = _lock(tmp)
     umask = os.umask(0)
@@ -147,7 +189,11 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterat
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output should get the usual directory mode
     try:
         yield tmp
-        if os.path.exists(path):
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{path} appeared while writing it (another writer?); nothing replaced")
+        if os.path.lexists(path):
+            if keep is not None and os.path.isdir(path):
+                _carry_over(path, tmp, keep)
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-{_owner()}-", dir=parent)
             old_lock = _lock(old)
             try:
@@ -161,7 +207,13 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterat
             finally:
                 _unlock(old_lock)
         else:
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except OSError as e:  # a directory that appeared since the check above (rename keeps non-empty ones)
+                if os.path.isdir(path) and not overwrite:
+                    raise FileExistsError(f"{path} appeared while writing it (another writer?); nothing replaced"
+                                          ) from None
+                raise e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -304,12 +356,22 @@ def read_config(path: str, variant: str | None = None, keys: list[str] | None = 
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{path}: no config.json")
-    with open(cfg_file) as f:
-        raw = json.load(f)
+    raw = read_json(cfg_file)
     if variant is None and keys is not None:
         detected = detect_variant(keys)
         variant = "small_doge" if detected == "legacy" else detected
     return DogeConfig.from_hf_dict(raw, variant=variant)
+
+
+def config_dtype(path: str) -> str | None:
+    """The weights' dtype a config.json records (`dtype`, or the older `torch_dtype`), if it names one."""
+    try:
+        raw = read_json(os.path.join(path, "config.json"))
+    except Exception:  # noqa: BLE001 - no or bad config: no recorded dtype (read_config reports it)
+        return None
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    name = name.replace("torch.", "") if isinstance(name, str) else None
+    return name if name in ("float32", "float16", "bfloat16") else None
 
 
 def current_name(key: str, legacy: bool) -> str | None:

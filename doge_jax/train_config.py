@@ -177,7 +177,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
         section, field = key.split(".", 1)
         if section not in ("model", "train"):
             raise ConfigError(f"unknown config section {section!r} in {a!r} (model or train)")
-        parsed = value if isinstance(value, list) else yaml.safe_load(value) if value != "" else ""
+        try:
+            parsed = value if isinstance(value, list) else yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{a} {value!r}: not a YAML value ({str(e).splitlines()[0]})") from None
         out.append((section, field, parsed))
     return out
 
@@ -187,8 +190,13 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]])
     path = config_path or DEFAULT_CONFIG
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: unreadable YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected model: and train: sections, got {type(raw).__name__}")
     extra = set(raw) - {"model", "train"}
     if extra:
         raise ConfigError(f"{path}: unknown section(s) {sorted(extra)} (expected model:, train:)")

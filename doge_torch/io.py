@@ -45,8 +45,11 @@ def from_pretrained(cls, path: str, dtype=None, variant: str | None = None, conf
         state.pop("lm_head.weight", None)
     check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, where=path)
     dtype = resolve_dtype(dtype)
+    if dtype is None:  # as transformers: the config's dtype, else the widest floating dtype stored (never downcast)
+        dtype = resolve_dtype(hf_io.config_dtype(path))
     if dtype is None:
-        dtype = next(iter(state.values())).dtype
+        floats = [v.dtype for v in state.values() if v.is_floating_point()]
+        dtype = max(floats, key=lambda d: (torch.finfo(d).bits, d == torch.bfloat16), default=torch.float32)
     with torch.device("meta"):
         model = cls(config)
     model = model.to_empty(device="cpu").to(dtype)
@@ -68,10 +71,11 @@ def write_generation_config(out_dir: str, cfg: DogeConfig) -> None:
 
 
 def save_pretrained(model, path: str, max_shard_size="5GB", overwrite: bool = True) -> None:
-    """Write config.json, generation_config.json and safetensors (sharded above max_shard_size), atomically."""
+    """Write config.json, generation_config.json and safetensors (sharded above max_shard_size) atomically. In an
+    existing directory the other files (tokenizer, README...) stay and old weight files go, as in transformers."""
     sd = state_for_hf(model)
     dtype = str(next(iter(sd.values())).dtype).replace("torch.", "")
-    with hf_io.atomic_output_dir(path, overwrite=overwrite) as tmp:
+    with hf_io.atomic_output_dir(path, overwrite=overwrite, keep=hf_io.not_model_file) as tmp:
         model.config.save_json(os.path.join(tmp, "config.json"), dtype=dtype)
         write_generation_config(tmp, model.config)
         hf_io.write_safetensors(tmp, sd, framework="pt", max_shard_size=max_shard_size)

@@ -30,6 +30,15 @@ BAD_FIELDS = [
     ("hidden_dropout", dict(hidden_dropout=1.5)),
     ("hidden_act", dict(hidden_act="gelu")),
     ("head_dim", dict(head_dim=15)),
+    # wrong types name the field too (before: a TypeError from the comparisons)
+    ("rms_norm_eps", dict(rms_norm_eps=None)),
+    ("hidden_dropout", dict(hidden_dropout=None)),
+    ("rope_theta", dict(rope_theta="1e4")),
+    ("num_experts_per_tok", dict(num_experts_per_tok=None)),
+    ("tie_word_embeddings", dict(tie_word_embeddings="yes")),
+    ("vocab_size", dict(vocab_size=128.0)),
+    ("eos_token_id", dict(eos_token_id=[1, None])),
+    ("is_moe", dict(is_moe=1)),
 ]
 
 
@@ -38,6 +47,33 @@ def test_validation_names_field(field, kwargs):
     with pytest.raises(ConfigError, match=field):
         DogeConfig(**{**TINY, **kwargs})
     assert issubclass(ConfigError, ValueError)
+
+
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+
+    cfg = DogeConfig(**{**TINY, "vocab_size": np.int64(128), "rope_theta": np.float32(1e4),
+                        "eos_token_id": [np.int32(1)], "is_moe": np.bool_(False)})
+    assert cfg.vocab_size == 128 and cfg.eos_token_id == (1,) and type(cfg.eos_token_id[0]) is int
+    assert type(cfg.vocab_size) is int and type(cfg.rope_theta) is float
+    json.dumps(cfg.to_hf_dict())
+
+
+def test_unreadable_files_named(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=f"{p}: expected a JSON object, got list"):
+        DogeConfig.from_json_file(p)
+    p.write_text("{")
+    with pytest.raises(ConfigError, match=f"{p}: unreadable JSON"):
+        DogeConfig.from_json_file(p)
+    y = tmp_path / "c.yaml"
+    y.write_text("model: [1, 2")
+    with pytest.raises(ConfigError, match=f"{y}: unreadable YAML"):
+        DogeConfig.from_yaml(y)
+    y.write_text("model: [1, 2]")
+    with pytest.raises(ConfigError, match=f"{y}: expected a mapping of model fields, got list"):
+        DogeConfig.from_yaml(y)
 
 
 def test_replace_validates():

@@ -417,6 +417,145 @@ def test_atomic_file_whole_or_nothing(tmp_path):
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["config.json"]
 
 
+def test_save_pretrained_keeps_other_files(tmp_path):
+    """As transformers' save_pretrained: saving into a directory keeps its tokenizer and other files and drops old
+    weight files (here 2 shards + index that the new single file replaces); before, the directory was replaced
+    whole and the tokenizer lost."""
+    import doge_torch
+    from doge_jax import DogeForCausalLM
+    from doge_jax.checkpoint import save_model
+
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    want = _tensors(src)
+    for name, load in (("jax", DogeForCausalLM.from_pretrained), ("torch", doge_torch.DogeForCausalLM.from_pretrained)):
+        d = tmp_path / name
+        make_hf_model().save_pretrained(str(d), max_shard_size="100KB")  # shards + index
+        assert "model.safetensors.index.json" in os.listdir(d)
+        _add_tokenizer_files(d)
+        (d / "README.md").write_text("card")
+        (d / "notes").mkdir()
+        (d / "notes" / "a.txt").write_text("a")
+        load(src).save_pretrained(str(d))
+        assert sorted(os.listdir(d)) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                                         "notes", "tokenizer.json", "tokenizer_config.json"], name
+        assert (d / "notes" / "a.txt").read_text() == "a" and (d / "README.md").read_text() == "card"
+        _assert_bit_equal(want, _tensors(d))
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(f".{name}")]
+    # an orbax save into an HF directory keeps the tokenizer and drops the HF weights
+    save_model(DogeForCausalLM.from_pretrained(src), str(tmp_path / "jax"))
+    assert sorted(os.listdir(tmp_path / "jax")) == ["README.md", "config.json", "notes", "params", "tokenizer.json",
+                                                    "tokenizer_config.json"]
+
+
+def test_dst_containing_the_source_refused(tmp_path, capsys):
+    """--overwrite of a DST that holds the source would delete the source after reading it (before: it did)."""
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    run, _ = _training_run(tmp_path, src)
+    before = sorted(os.listdir(run))
+    assert _run(run / "checkpoints" / "10", run, "--to", "hf", "--overwrite") == 1
+    assert "DST contains the source" in capsys.readouterr().err and sorted(os.listdir(run)) == before
+    assert _run(src, src, "--to", "hf", "--overwrite") == 1
+    assert "DST is the source" in capsys.readouterr().err
+    assert _run(src, tmp_path / "j", "--to", "torch") == 0
+    assert _run(tmp_path / "j" / "pytorch_model.bin", tmp_path / "j", "--to", "hf", "--overwrite") == 1
+    assert "DST contains the source" in capsys.readouterr().err and (tmp_path / "j" / "pytorch_model.bin").is_file()
+    assert _run(run, run / "checkpoints", "--to", "hf", "--overwrite") == 1  # an existing part of the source
+    assert "DST is inside the source" in capsys.readouterr().err and sorted(os.listdir(run)) == before
+    assert _run(src, os.path.join(src, "jax"), "--to", "jax") == 0  # a new directory inside it is fine
+
+
+def test_no_overwrite_never_replaces(tmp_path):
+    """overwrite=False holds at the end of the write too: a killed writer's previous output that the cleanup puts
+    back, or a directory another writer finished meanwhile, is not replaced (before: both were deleted)."""
+    from doge_jax import hf_io
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    old = tmp_path / f".out.old-{socket.gethostname()}.{dead}-abc"
+    (old / "x").mkdir(parents=True)
+    (old / "x" / "weights").write_text("previous")
+    with pytest.raises(FileExistsError, match="exists"), hf_io.atomic_output_dir(tmp_path / "out", overwrite=False):
+        pass
+    assert (tmp_path / "out" / "weights").read_text() == "previous"
+    with pytest.raises(FileExistsError, match="appeared while writing"):
+        with hf_io.atomic_output_dir(tmp_path / "new", overwrite=False) as t:
+            open(os.path.join(t, "weights"), "w").write("mine")
+            (tmp_path / "new").mkdir()
+            (tmp_path / "new" / "weights").write_text("theirs")
+    assert (tmp_path / "new" / "weights").read_text() == "theirs"
+    assert sorted(os.listdir(tmp_path)) == ["new", "out"]
+
+
+def test_torch_from_pretrained_keeps_the_recorded_dtype(tmp_path):
+    """dtype=None: the config's dtype (as transformers), else the widest stored; before, the first tensor's dtype
+    (here bf16) silently downcast float32 weights."""
+    from safetensors.torch import load_file, save_file
+
+    import doge_torch
+
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    f = os.path.join(src, "model.safetensors")
+    sd = load_file(f)
+    want = {k: v.clone() for k, v in sd.items()}
+    sd = {k: (v.to(torch.bfloat16) if k.startswith("model.layers.") and v.ndim == 2 else v) for k, v in sd.items()}
+    save_file(sd, f, metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    assert cfg.get("dtype", "float32") == "float32"
+    m = doge_torch.DogeForCausalLM.from_pretrained(src)
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    assert torch.equal(m.state_dict()["model.norm.weight"], want["model.norm.weight"])
+    cfg.pop("dtype", None)
+    cfg.pop("torch_dtype", None)
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    m = doge_torch.DogeForCausalLM.from_pretrained(src)
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    cfg["dtype"] = "bfloat16"
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    assert {p.dtype for p in doge_torch.DogeForCausalLM.from_pretrained(src).parameters()} == {torch.bfloat16}
+
+
+def test_unreadable_configs_and_dtypes_named(tmp_path, capsys):
+    """One-line errors naming the file or field (before: TypeError / JSONDecodeError / YAML tracebacks)."""
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    cfg_file = os.path.join(src, "config.json")
+    good = json.load(open(cfg_file))
+    for bad, want in ((dict(good, rms_norm_eps=None), "DogeConfig.rms_norm_eps=None: must be float"),
+                      (dict(good, num_experts_per_tok=None), "DogeConfig.num_experts_per_tok=None: must be int"),
+                      (dict(good, eos_token_id=[1, "x"]), "DogeConfig.eos_token_id=(1, 'x'): must be int or a list"),
+                      ([good], "expected a JSON object, got list")):
+        json.dump(bad, open(cfg_file, "w"))
+        assert _run(src, tmp_path / "out", "--to", "jax") == 1
+        assert want in capsys.readouterr().err
+    open(cfg_file, "w").write('{"vocab_size": 12')
+    assert _run(src, tmp_path / "out", "--to", "jax") == 1
+    assert f"{cfg_file}: unreadable JSON" in capsys.readouterr().err
+    yml = tmp_path / "c.yaml"
+    yml.write_text("model: {vocab_size: [1, 2\n")
+    json.dump(good, open(cfg_file, "w"))
+    assert _run(src, tmp_path / "out", "--to", "jax", "--config", yml) == 1
+    assert f"{yml}: unreadable YAML" in capsys.readouterr().err
+    # a valid safetensors file with a dtype convert does not read
+    f = os.path.join(src, "model.safetensors")
+    raw = open(f, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["model.norm.weight"]["dtype"] = "F8_E4M3"
+    header["model.norm.weight"]["data_offsets"][1] = header["model.norm.weight"]["data_offsets"][0] + 64
+    h = json.dumps(header).encode()
+    open(f, "wb").write(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+    assert _run(src, tmp_path / "out", "--to", "hf") == 1
+    assert "tensor 'model.norm.weight' has dtype F8_E4M3, which convert does not read" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_small_doge_output_for_transformers_gets_a_note(tmp_path, capsys):
+    _, sd_dir, _ = _small_doge_and_legacy(tmp_path)
+    assert _run(sd_dir, tmp_path / "out", "--to", "hf") == 0
+    assert "transformers' built-in Doge would load it as the native layout" in capsys.readouterr().err
+    assert _run(sd_dir, tmp_path / "j", "--to", "jax") == 0
+    assert "built-in Doge" not in capsys.readouterr().err
+
+
 # ---- 320M-sized memory case --------------------------------------------------------------------------------------
 
 @pytest.mark.slow
