@@ -107,39 +107,66 @@ def _last_logits(model, ids, mask, pos):
     return model(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
 
 
+def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens) -> None:
+    """The generation arguments transformers would refuse, named (shared with doge_torch.generate)."""
+    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+    if not do_sample:  # greedy: the sampling knobs are ignored, as in transformers
+        return
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature}: must be > 0 when sampling (do_sample=False for greedy)")
+    if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r}: must be an integer >= 0 (0 or None: no top-k)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+
+
+def output_pad(pad_token_id, cfg, eos: list[int]) -> int:
+    """The id written after a row's EOS: pad_token_id, else the config's pad id, else its first valid EOS, else
+    0. An explicit pad id must be a token of the vocabulary (it is fed back like any generated token)."""
+    V = cfg.vocab_size
+    if pad_token_id is not None:
+        if not 0 <= int(pad_token_id) < V:
+            raise ValueError(f"pad_token_id={pad_token_id}: must be in [0, vocab_size={V})")
+        return int(pad_token_id)
+    if cfg.pad_token_id is not None:
+        return cfg.pad_token_id
+    return next((e for e in eos if 0 <= e < V), 0)
+
+
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+             temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None, eos_token_id=None,
              seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
+    Sampling defaults follow transformers' GenerationConfig (temperature 1, top_k 50, no top-p).
 
     `on_token(step, tokens [B])` (cached path) is called from inside the compiled loop as each token is made.
     Dense models left-pad the prompt to a multiple of PROMPT_BUCKET (masked, so the function is unchanged) to
     share compiled programs; CDMoE routing mixes positions (spec §3.8), so MoE prompts keep their exact length.
     `use_cache=False` recomputes the whole sequence each step (one compile per length; for checking only)."""
     cfg = model.config
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}: must be > 0 (use do_sample=False for greedy)")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    ids = np.asarray(input_ids, dtype=np.int32)
+    check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
+    ids = np.asarray(input_ids)
+    check_token_ids(ids, cfg.vocab_size)  # before the cast: 2**32 + 7 or 7.9 must not become 7
+    ids = ids.astype(np.int32)
     if ids.ndim == 1:
         ids = ids[None]
-    check_token_ids(ids, cfg.vocab_size)
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids shape {ids.shape}: expected [batch, length >= 1] (or [length])")
     B, P = ids.shape
     mask = np.ones((B, P), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.ndim == 1:
+        mask = mask[None]
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
     eos = [] if eos is None else ([int(eos)] if np.ndim(eos) == 0 else [int(e) for e in eos])
-    pad = pad_token_id if pad_token_id is not None else (
-        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    pad = output_pad(pad_token_id, cfg, eos)
     pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
     if use_cache:
         extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET
-        p_ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad)
+        p_ids = np.pad(ids, ((0, 0), (extra, 0)))  # masked slots: any valid id
         p_mask, p_pos = np.pad(mask, ((0, 0), (extra, 0))), np.pad(pos, ((0, 0), (extra, 0)))
         capacity = -(-(P + extra + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET
         dtype = model.model.embed_tokens.embedding[...].dtype
@@ -224,13 +251,18 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: the model directory)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--temperature", type=float, default=1.0, help="with --do-sample: > 0 (ignored when greedy)")
+    ap.add_argument("--top-k", type=int, default=50, help="with --do-sample: keep the k most likely tokens "
+                    "(default 50, as transformers; 0: no top-k)")
+    ap.add_argument("--top-p", type=float, default=None, help="with --do-sample: nucleus sampling, in (0, 1]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--no-eos", action="store_true", help="ignore EOS (always make max-new-tokens tokens)")
     args = ap.parse_args(argv)
+    try:
+        check_sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    except ValueError as e:
+        ap.error(str(e))
 
     import os
 
@@ -250,25 +282,37 @@ def main(argv=None) -> int:
     ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.prompt_ids
     if not ids:
         ap.error("the prompt is empty after tokenization")
+    bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        ap.error(f"prompt ids outside [0, vocab_size={model.config.vocab_size}): {bad[:10]}")
     new: list[int] = []
     times: list[float] = []
-    printed = [""]
     out = sys.stdout
+    # the continuation is the decoded prompt + new tokens minus the decoded prompt: decoding the new tokens alone
+    # would drop a SentencePiece/Metaspace word boundary between them
+    base = tokenizer.decode(ids) if tokenizer is not None else ""
+    printed = [base]
+
+    def show(final: bool = False) -> None:
+        text = tokenizer.decode(ids + new)
+        if text.endswith("\ufffd") and not final:  # wait for the rest of a multi-byte character
+            return
+        out.write(text[len(printed[0]):] if text.startswith(printed[0]) else "\n" + text)
+        printed[0] = text
 
     def on_token(step, toks):
         times.append(time.perf_counter())
         new.append(int(toks[0]))
         if tokenizer is not None:
-            text = tokenizer.decode(new)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                out.write(text[len(printed[0]):] if text.startswith(printed[0]) else "\n" + text)
-                printed[0] = text
+            show()
         else:
             out.write(f" {new[-1]}")
         out.flush()
 
-    if tokenizer is not None:
+    if args.prompt is not None:
         out.write(args.prompt)
+    elif tokenizer is not None:
+        out.write(base)
     else:
         out.write(" ".join(str(i) for i in ids) + " |")
     out.flush()
@@ -276,6 +320,8 @@ def main(argv=None) -> int:
     generate(model, np.asarray([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
              eos_token_id=-1 if args.no_eos else None, on_token=on_token)
+    if tokenizer is not None and new:
+        show(final=True)  # a tail held back for a multi-byte character that never completed
     t1 = time.perf_counter()
     n = len(new)
     rate = (n - 1) / (times[-1] - times[0]) if n > 1 and times[-1] > times[0] else float("nan")

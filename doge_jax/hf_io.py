@@ -21,7 +21,7 @@ try:
 except ImportError:  # Windows: no stale-directory cleanup
     fcntl = None
 
-from .config import DogeConfig, read_json
+from .config import ConfigError, DogeConfig, read_json
 from .hf_names import CheckpointError, detect_variant, rename_legacy
 
 SAFE_SINGLE = "model.safetensors"
@@ -360,7 +360,17 @@ def read_config(path: str, variant: str | None = None, keys: list[str] | None = 
     if variant is None and keys is not None:
         detected = detect_variant(keys)
         variant = "small_doge" if detected == "legacy" else detected
-    return DogeConfig.from_hf_dict(raw, variant=variant)
+    cfg = DogeConfig.from_hf_dict(raw, variant=variant)
+    gen_file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_file):  # what transformers' generate uses: its special ids win over config.json's
+        gen = read_json(gen_file)
+        ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.get(k) is not None}
+        if ids:
+            try:
+                cfg = cfg.replace(**ids)
+            except ConfigError as e:
+                raise ConfigError(f"{gen_file}: {e}") from None
+    return cfg
 
 
 def config_dtype(path: str) -> str | None:

@@ -328,6 +328,8 @@ def check_token_ids(input_ids, vocab_size: int) -> None:
     if isinstance(input_ids, jax.core.Tracer):
         return
     ids = np.asarray(input_ids)
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = ids[(ids < 0) | (ids >= vocab_size)]
         raise ValueError(f"input_ids contain ids outside [0, vocab_size={vocab_size}): {bad[:10].tolist()}")
@@ -361,6 +363,9 @@ class DogeForCausalLM(nnx.Module):
         B, S = input_ids.shape
         x = jnp.take(self.model.embed_tokens.embedding[...], input_ids, axis=0)
         start = cache.index if cache is not None else 0
+        if cache is not None and not isinstance(start, jax.core.Tracer) and int(start) + S > cache.capacity:
+            raise ValueError(f"cache overflow: {int(start)} cached + {S} new tokens > capacity {cache.capacity} "
+                             "(DogeCache.init with a larger capacity)")
         if position_ids is None:
             position_ids = (start + jnp.arange(S))[None]
         new_mask = None if attention_mask is None else jnp.asarray(attention_mask)[:, -S:].astype(bool)
@@ -431,7 +436,7 @@ class DogeForCausalLM(nnx.Module):
         return self.lm_head(x)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
                  on_token=None):
         """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate)."""

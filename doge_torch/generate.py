@@ -27,27 +27,38 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None,
              eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None
              ) -> torch.Tensor:
-    """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS)."""
+    """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Sampling
+    defaults follow transformers' GenerationConfig (temperature 1, top_k 50, no top-p); the sampling generator
+    lives on the model's device, seeded by `seed`."""
+    from doge_jax.generate import check_sampling, output_pad
+
     cfg = model.config
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}: must be > 0 (use do_sample=False for greedy)")
+    check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, length >= 1] (or [length])")
     eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
-                                                         else (eos[0] if eos else 0))
-    gen = torch.Generator().manual_seed(seed) if do_sample else None
+    eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    pad = output_pad(pad_token_id, cfg, eos)
+    device = input_ids.device
+    gen = torch.Generator(device=device).manual_seed(seed) if do_sample else None
     B = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
     attention_mask = attention_mask.long()
     ids = input_ids
-    done = torch.zeros(B, dtype=torch.bool)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = DogeCache(cfg.num_hidden_layers) if use_cache else None
     step_ids = ids
-    eos_t = torch.tensor(eos, dtype=ids.dtype)
+    eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
     for _ in range(max_new_tokens):
         # transformers: positions from the attention mask (cumsum - 1, padding at 0)
         pos = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)

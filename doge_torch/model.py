@@ -633,7 +633,7 @@ class DogeForCausalLM(nn.Module):
 
     # generation and checkpoint I/O live in their own modules; bound here for the expected API
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None
                  ) -> torch.Tensor:
         from .generate import generate

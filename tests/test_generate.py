@@ -52,6 +52,113 @@ def test_cli_prompt_ids_and_missing_tokenizer(model_dir, capsys):
     assert "no tokenizer.json" in capsys.readouterr().err
 
 
+def _word_tokenizer(path, metaspace: bool = False):
+    """A WordLevel tokenizer over ids 0..127 ("w0".."w127"); Metaspace = the SentencePiece word-boundary style."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"\u2581w{i}" if metaspace else f"w{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="\u2581w0" if metaspace else "w0"))
+    if metaspace:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return tok
+
+
+def test_cli_prompt_ids_with_a_tokenizer_and_metaspace_stream(model_dir, tmp_path, capsys):
+    """--prompt-ids next to a tokenizer.json printed the (absent) text prompt and crashed; the streamed text of a
+    SentencePiece-style tokenizer lost the space between prompt and continuation."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    tok = _word_tokenizer(d / "tokenizer.json", metaspace=True)
+    assert main(["--model", str(d), "--prompt-ids", "5", "6", "7", "--max-new-tokens", "5", "--no-eos"]) == 0
+    out = capsys.readouterr().out
+    ids = DogeForCausalLM.from_pretrained(str(d)).generate(np.array([[5, 6, 7]]), max_new_tokens=5,
+                                                           eos_token_id=-1)[0].tolist()
+    assert out.rstrip("\n") == tok.decode(ids) and out.startswith("w5 w6 w7 w")
+    assert main(["--model", str(d), "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--no-eos"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(ids)
+
+
+def test_cli_rejects_bad_arguments_cleanly(model_dir, capsys):
+    for argv, want in ((["--prompt-ids", "5", "999"], "prompt ids outside [0, vocab_size=128): [999]"),
+                       (["--prompt-ids", "5", "--max-new-tokens", "0"], "max_new_tokens=0: must be an integer >= 1"),
+                       (["--prompt-ids", "5", "--do-sample", "--temperature", "0"], "temperature=0.0: must be > 0"),
+                       (["--prompt-ids", "5", "--do-sample", "--top-k", "-3"], "top_k=-3")):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", model_dir, *argv])
+        assert e.value.code == 2 and want in capsys.readouterr().err
+    # greedy ignores the temperature, as transformers does
+    assert main(["--model", model_dir, "--prompt-ids", "5", "--temperature", "0", "--max-new-tokens", "2"]) == 0
+
+
+def test_generate_input_checks_and_pads(model_dir):
+    """Ids are checked before the int32 cast (2**32 + 7 and 7.9 became 7); an out-of-range pad id raises; without a
+    valid pad or EOS the prompt padding and finished rows still use a real token (before: NaN logits and id V)."""
+    model = DogeForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="outside"):
+        model.generate(np.array([[5, 6, 2**32 + 7]], np.int64), max_new_tokens=2)
+    with pytest.raises(ValueError, match="integer token ids"):
+        model.generate(np.array([[5.0, 6.0, 7.9]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="pad_token_id=500"):
+        model.generate(np.array([[5, 6, 7]]), max_new_tokens=2, pad_token_id=500)
+    with pytest.raises(ValueError, match=r"expected \[batch, length >= 1\]"):
+        model.generate(np.zeros((1, 0), np.int32), max_new_tokens=2)
+    ids, mask = unique_ids(2, 5, 128, seed=1), left_pad_mask(2, 5, [0, 2])
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=-1)
+    assert want.max() < 128
+    # eos -1 (no EOS, as --no-eos) and a config without pad id: the prompt bucket padding is masked anyway
+    np.testing.assert_array_equal(want, model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[-1],
+                                                       pad_token_id=None))
+    # a 1-D prompt with a 1-D mask
+    np.testing.assert_array_equal(model.generate(ids[1], attention_mask=mask[1], max_new_tokens=3),
+                                  model.generate(ids[1:], attention_mask=mask[1:], max_new_tokens=3))
+
+
+def test_eos_of_generation_config_json_stops(tmp_path):
+    """transformers stops at generation_config.json's EOS; so do both our loaders (before: config.json only)."""
+    import json
+
+    import doge_torch
+
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    model = DogeForCausalLM.from_pretrained(d)
+    ids = unique_ids(1, 6, 128, seed=2)
+    free = model.generate(ids, max_new_tokens=8, eos_token_id=-1)[0, 6:].tolist()
+    eos = free[3]
+    gen = json.load(open(f"{d}/generation_config.json"))
+    json.dump({**gen, "eos_token_id": eos}, open(f"{d}/generation_config.json", "w"))
+    first = free.index(eos)
+    got = DogeForCausalLM.from_pretrained(d).generate(ids, max_new_tokens=8)[0, 6:].tolist()
+    assert got == free[:first + 1]
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+    assert tm.config.eos_token_id == eos
+    assert tm.generate(torch.as_tensor(ids), max_new_tokens=8)[0, 6:].tolist() == free[:first + 1]
+
+
+def test_sampling_defaults_follow_transformers(model_dir):
+    """do_sample with no other knob: top_k 50 as transformers' GenerationConfig (before: the whole vocabulary)."""
+    model = DogeForCausalLM.from_pretrained(model_dir)
+    ids = unique_ids(1, 6, 128, seed=2)
+    a = model.generate(ids, max_new_tokens=10, do_sample=True, seed=7)
+    np.testing.assert_array_equal(a, model.generate(ids, max_new_tokens=10, do_sample=True, seed=7, top_k=50))
+    assert not np.array_equal(a, model.generate(ids, max_new_tokens=10, do_sample=True, seed=7, top_k=0))
+
+
+def test_cache_overflow_raises(model_dir):
+    from doge_jax.model import DogeCache
+
+    model = DogeForCausalLM.from_pretrained(model_dir)
+    cache = DogeCache.init(model.config, 1, 8, np.float32)
+    out = model(unique_ids(1, 6, 128), cache=cache)
+    with pytest.raises(ValueError, match=r"cache overflow: 6 cached \+ 4 new tokens > capacity 8"):
+        model(unique_ids(1, 4, 128), cache=out.cache)
+
+
 # ---- the lean decode step (doge_jax/decode.py) --------------------------------------------------------------------
 
 def _random_jax_model(**overrides):
@@ -222,3 +329,16 @@ def test_keep_window_counters_equal_top_k_with_ties_and_padding():
         expect = keep_top_k(bias, k)[:, :, 0] & allowed[..., : i + 1]
         got = (counts < k)[..., : i + 1] & allowed[..., : i + 1]
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expect), err_msg=f"step {i}")
+
+
+def test_torch_generate_input_checks(model_dir):
+    import doge_torch
+
+    tm = doge_torch.DogeForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.as_tensor(unique_ids(1, 5, 128, seed=4))
+    assert torch.equal(tm.generate(ids[0], max_new_tokens=3), tm.generate(ids, max_new_tokens=3))
+    with pytest.raises(ValueError, match="pad_token_id=500"):
+        tm.generate(ids, max_new_tokens=2, pad_token_id=500)
+    with pytest.raises(ValueError, match="top_p=1.5"):
+        tm.generate(ids, max_new_tokens=2, do_sample=True, top_p=1.5)
+    assert tm.generate(ids, max_new_tokens=2, temperature=0.0).shape == (1, 7)  # greedy ignores it
