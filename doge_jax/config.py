@@ -39,8 +39,9 @@ class ConfigError(ValueError):
     """A configuration field has a bad value; the message names the field."""
 
 
-def _has_type(v: Any, annotation: str) -> bool:
-    """Whether `v` fits a field annotation of DogeConfig (int, float, bool, str, X | None, int | tuple[int, ...])."""
+def has_type(v: Any, annotation: str) -> bool:
+    """Whether `v` fits a config field annotation (int, float, bool, str, list, dict, X | None,
+    int | tuple[int, ...]); ints pass for floats, bools never pass for numbers."""
     kinds = [k.strip() for k in annotation.split("|")]
     if v is None:
         return "None" in kinds
@@ -54,7 +55,7 @@ def _has_type(v: Any, annotation: str) -> bool:
         return "str" in kinds
     if isinstance(v, tuple) and "tuple[int, ...]" in kinds:
         return all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v)
-    return False
+    return (isinstance(v, list) and "list" in kinds) or (isinstance(v, dict) and "dict" in kinds)
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -155,7 +156,7 @@ class DogeConfig:
             raise ConfigError(f"DogeConfig.{field}={getattr(self, field)!r}: {why}")
 
         for f in dataclasses.fields(self):  # types first: the checks below compare numbers
-            if not _has_type(getattr(self, f.name), f.type):
+            if not has_type(getattr(self, f.name), f.type):
                 bad(f.name, f"must be {f.type.replace(' | ', ' or ').replace('tuple[int, ...]', 'a list of int')}")
 
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -282,7 +283,8 @@ class DogeConfig:
         return cls(**out)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A `config.json` dict that transformers 5.23 reads (native) and older readers understand too."""
+        """A `config.json` dict that transformers 5.23 reads (native) and older readers understand too (RoPE in both
+        the 5.x `rope_parameters` and the legacy `rope_theta`/`rope_scaling` keys)."""
         d = self.to_dict()
         for k in ("rope_theta", "rope_type", "rope_factor", "variant", "head_dim", "attention_impl", "remat"):
             d.pop(k)
@@ -292,6 +294,11 @@ class DogeConfig:
         if self.rope_type == "dynamic":
             rp["factor"] = self.rope_factor
         d["rope_parameters"] = rp
+        # the same RoPE in the legacy keys, for transformers < 5 and the small-doge remote code (5.23 reads both
+        # forms alike; ours prefers rope_parameters)
+        d["rope_theta"] = self.rope_theta
+        dynamic = self.rope_type == "dynamic"
+        d["rope_scaling"] = {"rope_type": "dynamic", "factor": self.rope_factor} if dynamic else None
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
         d["model_type"] = "doge"

@@ -45,7 +45,14 @@ class Source:
 
 
 def is_pretokenized(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
+    """A finished `python -m doge_jax.data` output directory; an unfinished one raises (it would otherwise be read
+    as text: its tokenizer.json and shard metadata)."""
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return True
+    if os.path.isdir(path) and any(n.endswith((".train.bin", ".val.bin")) for n in os.listdir(path)):
+        raise D.DataError(f"{path}: unfinished pre-tokenization (token shards but no {MANIFEST}); re-run "
+                          "python -m doge_jax.data with the same arguments to finish it")
+    return False
 
 
 def _split_weight(entry: Any) -> tuple[str, float | None]:
@@ -133,7 +140,8 @@ class PackedRows(_Rows):
 class MixedRows(_Rows):
     """Source i contributes counts[i] rows: its rows 0, 1, ... cyclically (spec §6.4 mixing)."""
 
-    def __init__(self, sources: list, weights: list[float] | None, total: int | None = None):
+    def __init__(self, sources: list, weights: list[float] | None, total: int | None = None,
+                 names: list[str] | None = None):
         self.sources = sources
         self.seq_len = getattr(sources[0], "seq_len", None) or np.shape(sources[0])[1]
         sizes = [len(s) for s in sources]
@@ -142,9 +150,11 @@ class MixedRows(_Rows):
         else:
             total = sum(sizes) if total is None else total
             counts = [int(total * w / sum(weights)) for w in weights]
-            for s, n, c in zip(sources, sizes, counts):
+            for i, (n, c) in enumerate(zip(sizes, counts)):
                 if c and not n:
-                    raise D.DataError(f"data source has no packed row but weight > 0 ({getattr(s, 'name', '?')})")
+                    name = names[i] if names else f"source {i}"
+                    raise D.DataError(f"data source {name!r} has no packed row of {self.seq_len} tokens but weight "
+                                      "> 0 (too little text for one row)")
         self.counts = counts
         self.starts = np.cumsum([0] + list(counts))
 
@@ -355,8 +365,18 @@ def training_data(sources: list[Source], tok, eos_id: int, vocab_size: int, seq_
     if weights[0] is None:  # concatenation
         return TrainingData(PackedRows([a for t in trains for a in t], seq_len),
                             PackedRows([a for v in vals for a in v], seq_len), n_train, n_val, files)
-    rows = MixedRows([PackedRows(t, seq_len) for t in trains], weights)
-    val = MixedRows([PackedRows(v, seq_len) for v in vals], weights)
+    names = [s.spec for s in sources]
+    rows = MixedRows([PackedRows(t, seq_len) for t in trains], weights, names=names)
+    # validation: a small source may hold out too few documents for one row; it is left out of validation only
+    val_parts = [(PackedRows(v, seq_len), w, n) for v, w, n in zip(vals, weights, names)]
+    short = [n for r, _, n in val_parts if not len(r)]
+    if short:
+        print(f"warning: no validation row of {seq_len} tokens from {', '.join(short)}; validating on the other "
+              "sources", file=sys.stderr)
+    val_parts = [p for p in val_parts if len(p[0])]
+    if not val_parts:
+        return TrainingData(rows, np.zeros((0, seq_len), np.int32), n_train, n_val, files)
+    val = MixedRows([p[0] for p in val_parts], [p[1] for p in val_parts], names=[p[2] for p in val_parts])
     val = TakeRows(val, np.random.default_rng(seed).permutation(len(val)))  # every source in the first batches
     return TrainingData(rows, val, n_train, n_val, files)
 

@@ -67,12 +67,16 @@ def setup_compilation_cache(cache_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run_dir: str, primary: bool = True):
-    """(tokenizer, model config with bos/eos/pad filled in). The run's tokenizer.json wins on resume. Only the
-    primary host writes files."""
+def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run_dir: str):
+    """(tokenizer, model config with bos/eos/pad filled in); nothing is written (write_tokenizer does, once the run
+    has passed its checks). An existing run's tokenizer.json wins on resume; a different --train.tokenizer is
+    refused."""
     saved = os.path.join(run_dir, "tokenizer.json")
-    if os.path.isfile(saved):
+    if os.path.isfile(saved) and os.path.isfile(os.path.join(run_dir, "config.json")):  # an established run
         tok, src = D.load_tokenizer(saved), run_dir
+        if tcfg.tokenizer and D.load_tokenizer(tcfg.tokenizer).get_vocab() != tok.get_vocab():
+            raise ConfigError(f"train.tokenizer={tcfg.tokenizer!r}: differs from the tokenizer of the run in "
+                              f"{run_dir}; resume with the run's own (omit it) or use another --out_dir")
     elif tcfg.tokenizer:
         tok, src = D.load_tokenizer(tcfg.tokenizer), tcfg.tokenizer
     else:
@@ -90,24 +94,30 @@ def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run
     ids = D.special_ids(tok, src)
     changes = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")
                if getattr(mcfg, f"{k}_token_id") is None and ids[k] is not None}
+    for k in ("bos", "eos", "pad"):  # a config's ids win, but they should be the tokenizer's
+        mine = getattr(mcfg, f"{k}_token_id")
+        if mine is not None and ids[k] is not None and ids[k] not in (mine if isinstance(mine, tuple) else (mine,)):
+            log(f"warning: model.{k}_token_id={mine}, but the tokenizer's {k} token is id {ids[k]} "
+                f"({tok.id_to_token(ids[k])!r})")
     mcfg = mcfg.replace(**changes)
     if not mcfg.eos_token_ids:
         raise ConfigError("model.eos_token_id: the tokenizer has no known EOS token; set --model.eos_token_id")
     if tok.get_vocab_size() > mcfg.vocab_size:
         log(f"warning: tokenizer vocabulary {tok.get_vocab_size()} > model vocab_size {mcfg.vocab_size}")
-    if not primary:
-        return tok, mcfg
-    # the other hosts may be reading these (above): each file is replaced whole, and tokenizer_config.json (read
-    # once tokenizer.json exists) is written first
+    return tok, mcfg
+
+
+def write_tokenizer(tok, mcfg: DogeConfig, run_dir: str) -> None:
+    """tokenizer.json + tokenizer_config.json in the run directory (primary host). Other hosts may be reading them:
+    each file is replaced whole, and tokenizer_config.json (read once tokenizer.json exists) is written first."""
     names = {k: tok.id_to_token(getattr(mcfg, f"{k}_token_id")) for k in ("bos", "pad")
              if getattr(mcfg, f"{k}_token_id") is not None}
     with atomic_file(os.path.join(run_dir, "tokenizer_config.json")) as tmp, open(tmp, "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": mcfg.max_position_embeddings,
                    "eos_token": tok.id_to_token(mcfg.eos_token_ids[0]), **{f"{k}_token": v for k, v in names.items()}},
                   f, indent=2)
-    with atomic_file(saved) as tmp:
+    with atomic_file(os.path.join(run_dir, "tokenizer.json")) as tmp:
         tok.save(tmp)
-    return tok, mcfg
 
 
 def check_same_model(run_dir: str, mcfg: DogeConfig) -> None:
@@ -259,11 +269,10 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         pretok = [s.pretokenized for s in sources if s.pretokenized]
         if tcfg.tokenizer is None and pretok:  # pre-tokenized data carries its tokenizer
             tcfg = dataclasses.replace(tcfg, tokenizer=pretok[0])
-        os.makedirs(run_dir, exist_ok=True)
         check_run_config(run_dir, tcfg)
         setup_compilation_cache(tcfg.cache_dir)
         primary = jax.process_index() == 0  # the host that writes the run directory's files (orbax: every host)
-        tok, mcfg = prepare_tokenizer(mcfg, tcfg, paths, run_dir, primary)
+        tok, mcfg = prepare_tokenizer(mcfg, tcfg, paths, run_dir)
         check_same_model(run_dir, mcfg)
         data = C.training_data(sources, tok, mcfg.eos_token_ids[0], mcfg.vocab_size, tcfg.seq_len,
                                os.path.join(tcfg.cache_dir, "tokens"), tcfg.text_field, tcfg.val_fraction, tcfg.seed,
@@ -274,12 +283,14 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         # micro-batch
         dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), hosts)
         val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
-        if primary:
-            mcfg.save_json(os.path.join(run_dir, "config.json"))
+        os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
+        if primary:  # config.json last: it marks an established run (whose tokenizer then wins on resume)
+            write_tokenizer(tok, mcfg, run_dir)
             with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
                 yaml.safe_dump({"config_file": config_path, "model": mcfg.to_dict(), "train": tcfg.to_dict(),
                                 "data_files": data.files, "train_tokens": data.train_tokens,
                                 "val_tokens": data.val_tokens}, f, sort_keys=False)
+            mcfg.save_json(os.path.join(run_dir, "config.json"))
     log(f"run {run_dir}: {data.files} files in {len(sources)} source(s), {data.train_tokens:,} train / "
         f"{data.val_tokens:,} val tokens, "
         f"{len(rows):,} rows of {tcfg.seq_len}; {len(val_batches)} val batches; mesh {S.describe(mesh)}")
@@ -349,8 +360,14 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                dynamic_ncols=True)
     status, val = "finished", None
     t_start = time.perf_counter()
+    # a resumed run already at train.stop_after stops again without training (a re-run must not creep past it)
+    stopped_already = tcfg.stop_after is not None and tcfg.stop_after <= step < tcfg.num_training_steps
+    if stopped_already:
+        status = "stopped"
+        log(f"stopped at step {step}: train.stop_after={tcfg.stop_after} is reached already; raise or drop it to "
+            "go on")
     try:
-        if step < tcfg.num_training_steps:
+        if step < tcfg.num_training_steps and not stopped_already:
             t0 = time.perf_counter()
             batch = to_device(next(it), 1)
             train_step = train_step.lower(params, opt_state, batch, step).compile()
@@ -386,7 +403,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
             bar.update(1)
 
         pending = None  # (step, metrics on the device, stop vote) of the last dispatched step, not read yet
-        while step < tcfg.num_training_steps:
+        while step < tcfg.num_training_steps and not stopped_already:
             params, opt_state, out = train_step(params, opt_state, batch, step)
             step += 1
             # while the device runs this step: read and send the next batch (a checkpoint of this step records the
@@ -421,7 +438,8 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                 t_last = time.perf_counter()
             if stopping and not done:
                 status = "interrupted" if interrupted else "stopped"
-                log(f"{status} at step {step}; checkpoint saved. Re-run the same command to resume.")
+                how = "the same command" if interrupted else "without train.stop_after (or with a larger one)"
+                log(f"{status} at step {step}; checkpoint saved. Re-run {how} to resume.")
                 break
             batch = nxt
     finally:

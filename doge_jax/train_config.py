@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import sys
 from typing import Any
 
 import yaml
 
-from .config import ConfigError, DogeConfig
+from .config import ConfigError, DogeConfig, has_type
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
 
@@ -75,11 +77,19 @@ class TrainConfig:
     progress: bool = _f(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a run name like 7 or 2024-05-01 comes out of YAML as an int or date
+            v = getattr(self, f.name)
+            if f.type in ("str", "str | None") and v is not None and not isinstance(v, str | list | dict):
+                object.__setattr__(self, f.name, str(v))
         self.validate()
 
     def validate(self) -> None:
         def bad(field: str, why: str) -> None:
             raise ConfigError(f"train.{field}={getattr(self, field)!r}: {why}")
+
+        for f in dataclasses.fields(self):  # types first: the checks below compare numbers
+            if not has_type(getattr(self, f.name), f.type):
+                bad(f.name, f"must be {f.type.replace(' | ', ' or ')}")
 
         for f in ("seq_len", "global_batch_tokens", "grad_accum", "num_training_steps", "checkpoint_every",
                   "keep_checkpoints", "log_every", "eval_batches"):
@@ -99,8 +109,19 @@ class TrainConfig:
             bad("compute_dtype", "must be float32 | bfloat16")
         if not 0.0 <= self.val_fraction < 1.0:
             bad("val_fraction", "must be in [0, 1)")
-        if not self.peak_lr > 0:
-            bad("peak_lr", "must be > 0")
+        if not 0 < self.peak_lr < math.inf:
+            bad("peak_lr", "must be > 0 and finite")
+        if not 0 < self.max_grad_norm < math.inf:
+            bad("max_grad_norm", "must be > 0 and finite (torch's clipping rule; a negative norm ascends)")
+        if not 0 <= self.weight_decay < math.inf:
+            bad("weight_decay", "must be >= 0")
+        for f in ("adam_b1", "adam_b2"):
+            if not 0 <= getattr(self, f) < 1:
+                bad(f, "must be in [0, 1)")
+        if not 0 < self.adam_eps < math.inf:
+            bad("adam_eps", "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "must be in [0, 1]")
         if self.stop_after is not None and self.stop_after < 1:
             bad("stop_after", "must be None or >= 1")
         if not isinstance(self.mesh, dict) or set(self.mesh) - {"data", "fsdp"} or not all(
@@ -162,7 +183,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
         if value is None:
             if key == "train.data":  # a list: every following non-option argument
                 j = i + 1
-                while j < len(args) and not args[j].startswith("--") and "=" not in args[j]:
+                # until the next option or a bare `model.X=...`/`train.X=...` override (paths may hold `=`)
+                while j < len(args) and not args[j].startswith("--") and not re.match(r"(model|train)\.\w+=",
+                                                                                        args[j]):
                     j += 1
                 if j == i + 1:
                     raise ConfigError(f"{a}: missing value")

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from doge_jax.config import DogeConfig
+from doge_jax.config import ConfigError
+from doge_jax.train_config import load_configs
 
 from .loss import IGNORE
 from .model import DogeForCausalLM, check_token_ids, set_sdpa_backends, token_ids_checked
@@ -160,12 +160,6 @@ def batches(tokens: np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: 
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
-def read_train_section(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    return dict(data.get("train") or {})
-
-
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap = argparse.ArgumentParser(prog="python -m doge_torch.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML with model: and train: sections (configs/*.yaml)")
@@ -188,16 +182,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             set_sdpa_backends(args.sdpa_backends.split(","))
         except ValueError as e:
             ap.error(f"--sdpa-backends: {e}")
+    if args.log_every < 1:
+        ap.error(f"--log-every {args.log_every}: must be >= 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        ap.error(f"--max-steps {args.max_steps}: must be >= 1")
 
-    cfg = DogeConfig.from_yaml(args.config)
-    tr = read_train_section(args.config)
-    seq_len, grad_accum = int(tr.get("seq_len", 2048)), int(tr.get("grad_accum", 1))
-    rows = int(tr.get("global_batch_tokens", seq_len * grad_accum)) // (seq_len * grad_accum)
-    if rows < 1:
-        raise SystemExit(f"train.global_batch_tokens is less than seq_len x grad_accum = {seq_len * grad_accum}")
-    steps = int(tr["num_training_steps"])
+    # the same validation and defaults as doge_jax.train (unknown keys, types, ranges named); of train:, this loop
+    # uses the recipe fields (batch, schedule, optimizer, seed)
+    cfg, tc = load_configs(args.config, [])
+    if tc.seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"train.seq_len={tc.seq_len} > model.max_position_embeddings={cfg.max_position_embeddings}")
+    seq_len, grad_accum, rows = tc.seq_len, tc.grad_accum, tc.rows_per_micro
+    steps = tc.num_training_steps
     max_steps = min(steps, args.max_steps) if args.max_steps is not None else steps
-    seed = int(tr.get("seed", 233))
+    seed = tc.seed
 
     torch.manual_seed(seed)
     device = torch.device(args.device)
@@ -207,12 +205,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     else:
         model = DogeForCausalLM(cfg)
     model = model.to(device).train()
-    optimizer = make_optimizer(model, float(tr.get("peak_lr", 1e-3)), weight_decay=float(tr.get("weight_decay", 0.01)),
-                               b1=float(tr.get("adam_b1", 0.9)), b2=float(tr.get("adam_b2", 0.95)),
-                               eps=float(tr.get("adam_eps", 1e-8)))
-    scheduler = wsd_scheduler(optimizer, int(tr.get("num_warmup_steps", 0)), int(tr.get("num_decay_steps", 0)),
-                              steps, warmup_type=tr.get("warmup_type", "linear"),
-                              decay_type=tr.get("decay_type", "linear"), min_lr_ratio=float(tr.get("min_lr_ratio", 0)))
+    optimizer = make_optimizer(model, tc.peak_lr, weight_decay=tc.weight_decay, b1=tc.adam_b1, b2=tc.adam_b2,
+                               eps=tc.adam_eps)
+    scheduler = wsd_scheduler(optimizer, tc.num_warmup_steps, tc.num_decay_steps, steps, warmup_type=tc.warmup_type,
+                              decay_type=tc.decay_type, min_lr_ratio=tc.min_lr_ratio)
     step_model = torch.compile(model) if args.compile else model
 
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
@@ -221,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         raise SystemExit(f"token ids span [{tokens.min()}, {tokens.max()}] but vocab_size is {cfg.vocab_size}")
     data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id)
     autocast = torch.bfloat16 if args.bf16 else None
-    max_norm = float(tr.get("max_grad_norm", 1.0))
+    max_norm = tc.max_grad_norm
     print(f"doge_torch.train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(tokens)} tokens, "
           f"{max_steps} steps of {grad_accum} x [{rows}, {seq_len}] on {device}"
           f"{' bf16' if args.bf16 else ''}{' compiled' if args.compile else ''}", flush=True)
@@ -238,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         record, print every --log-every steps."""
         nonlocal t_last
         m.update(loss=float(m["loss"]), grad_norm=float(m["grad_norm"]))
-        now = time.perf_counter()
+        now = m.pop("_done", None) or time.perf_counter()
         m["tokens_per_s"], t_last = grad_accum * rows * seq_len / (now - t_last), now
         history.append(m)
         if metrics_file:
@@ -257,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             # device wait (train_step(sync=False) leaves loss and grad norm on the device)
             m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast, sync=False)
             m["step"] = step
+            if device.type != "cuda":  # no queue: the step is done when train_step returns (its time for tokens/s)
+                m["_done"] = time.perf_counter()
             if pending is not None:
                 read_back(pending)
             pending = m
@@ -270,5 +268,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     return history
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`python -m doge_torch.train`: main() with bad input reported as one `error:` line (exit 2)."""
+    try:
+        main(argv)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli(sys.argv[1:]))

@@ -89,6 +89,23 @@ def test_from_dict_unknown_field():
     assert DogeConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_rope_written_in_both_forms():
+    """Older readers (transformers < 5, small-doge remote code) read rope_theta/rope_scaling; 5.23 reads both
+    forms alike."""
+    for kw in (dict(rope_type="dynamic", rope_factor=4.0, rope_theta=40000.0), dict(rope_theta=20000.0)):
+        d = DogeConfig(**{**TINY, **kw}).to_hf_dict()
+        assert d["rope_theta"] == d["rope_parameters"]["rope_theta"] == kw["rope_theta"]
+        if kw.get("rope_type") == "dynamic":
+            assert d["rope_scaling"] == {"rope_type": "dynamic", "factor": 4.0}
+        else:
+            assert d["rope_scaling"] is None
+        legacy = {k: v for k, v in d.items() if k != "rope_parameters"}
+        assert DogeConfig.from_hf_dict(legacy) == DogeConfig.from_hf_dict(d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert transformers.DogeConfig(**d).rope_parameters == transformers.DogeConfig(**legacy).rope_parameters
+
+
 def test_from_hf_dict_bad_rope_type():
     d = DogeConfig(**TINY).to_hf_dict()
     d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
@@ -101,7 +118,7 @@ def test_from_hf_dict_bad_rope_type():
 def test_defaults_match_transformers():
     ours, theirs = DogeConfig(), transformers.DogeConfig()
     for k, v in ours.to_hf_dict().items():
-        if k in ("architectures", "rope_parameters"):
+        if k in ("architectures", "rope_parameters", "rope_theta", "rope_scaling"):  # RoPE: 5.x folds them
             continue
         assert getattr(theirs, k) == v, k
     assert ours.num_dt_heads == ours.num_key_value_heads == 8 and ours.head_size == 128
@@ -141,7 +158,8 @@ def test_transformers_accepts_hf_dict(name):
         warnings.simplefilter("ignore")
         theirs = transformers.DogeConfig(**d)
     for k, v in d.items():
-        assert getattr(theirs, k) == v, k
+        if k not in ("rope_theta", "rope_scaling"):  # folded into rope_parameters (checked below)
+            assert getattr(theirs, k) == v, k
     # the fields transformers derives agree with ours
     assert theirs.num_key_value_heads == cfg.num_key_value_heads
     head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads

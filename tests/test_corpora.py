@@ -162,3 +162,30 @@ def test_train_on_pretokenized_mixture_resumes_exactly(files, cache, tmp_path): 
         assert np.array_equal(np.asarray(a), np.asarray(b))
     with open(straight / "tokenizer.json") as a, open(files / "tokenizer.json") as b:
         assert a.read() == b.read()  # the pre-tokenized data's tokenizer was used
+
+
+def test_unfinished_pretokenization_and_short_mixture_sources(files, cache, tmp_path, capsys):  # noqa: F811
+    """An interrupted `python -m doge_jax.data` output (no corpus.json) is refused, not read as text (its
+    tokenizer.json and shard metadata); a mixture source with too few documents for a validation row is left out
+    of validation with a warning (before: the run failed with 'no packed row ... (?)')."""
+    out = tmp_path / "tok"
+    assert _pretokenize("--data", files / "part0.parquet", "--tokenizer", files / "tokenizer.json", "--out", out,
+                        "--workers", "1").returncode == 0
+    os.remove(out / C.MANIFEST)
+    with pytest.raises(D.DataError, match="unfinished pre-tokenization"):
+        C.parse_sources([str(out)])
+    short = tmp_path / "short.jsonl"
+    with open(short, "w") as f:
+        for t in _texts(5, 4, size=10):  # one held-out document: under one 32-token row
+            f.write(json.dumps({"text": t}) + "\n")
+    data = ["--data", f"{files / 'rows.jsonl'}:0.7", f"{short}:0.3", "--train.cache_dir", cache,
+            "--train.tokenizer", str(files / "tokenizer.json"), "--train.stop_after", "1",
+            "--train.val_fraction", "0.3"]
+    assert T.main([*TINY_ARGS, *data, "--out_dir", str(tmp_path / "mix")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: no validation row of 32 tokens from {short}" in err
+    # and a source too small for one training row is named
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text(json.dumps({"text": "w1 w2"}) + "\n")
+    assert T.main([*TINY_ARGS, *data[:2], f"{tiny}:0.3", *data[3:], "--out_dir", str(tmp_path / "m2")]) == 2
+    assert f"data source '{tiny}' has no packed row of 32 tokens" in capsys.readouterr().err

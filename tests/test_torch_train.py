@@ -373,3 +373,33 @@ def test_cli_text_with_tokenizer(tmp_path):
     assert hist[0]["lr"] == 0.0 and hist[1]["lr"] == pytest.approx(3e-3 / 40)
     with pytest.raises(ValueError, match="tokenizer"):
         main(["--config", str(cfg), "--data", str(tmp_path / "a.txt"), "--max-steps", "1"])
+
+
+def test_cli_validates_like_doge_jax(tmp_path, capsys):
+    """The train: section goes through doge_jax's TrainConfig (before: unknown keys ignored, other defaults, a
+    batch floor-divided silently); bad input is one `error:` line, exit 2 (before: tracebacks)."""
+    from doge_torch.train import cli
+
+    tokens = np.random.default_rng(0).integers(0, 4096, size=5_000).astype(np.uint16)
+    np.save(tmp_path / "tokens.npy", tokens)
+    base = open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 64")
+    base = base.replace("global_batch_tokens: 4096", "global_batch_tokens: 256")
+    cases = [
+        (base.replace("peak_lr:", "peak_lrr:"), [], "unknown config key train.peak_lrr (did you mean train.peak_lr"),
+        (base.replace("global_batch_tokens: 256", "global_batch_tokens: 700"), [],
+         "train.global_batch_tokens=700: must be a multiple of grad_accum x seq_len = 64"),
+        (base.replace("seq_len: 64", "seq_len: 4096").replace("global_batch_tokens: 256", "global_batch_tokens: 4096"),
+         [], "train.seq_len=4096 > model.max_position_embeddings"),
+        (base.replace("max_grad_norm: 1.0", "max_grad_norm: -1.0"), [], "train.max_grad_norm=-1.0"),
+        (base, ["--data", str(tmp_path / "nope.npy")], "nope.npy"),
+    ]
+    for i, (text, extra, want) in enumerate(cases):
+        cfg = tmp_path / f"c{i}.yaml"
+        cfg.write_text(text)
+        argv = ["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--device", "cpu"]
+        assert cli(argv + extra) == 2, want
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and want in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(tmp_path / "c0.yaml"), "--data", "x.npy", "--log-every", "0"])
+    assert e.value.code == 2 and "--log-every 0: must be >= 1" in capsys.readouterr().err

@@ -206,6 +206,14 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     (["stray"], "unknown argument 'stray'"),
     (["--train.mesh", "{data: 3}"], "train.mesh.data: data=3 x fsdp=1 = 3 devices, but 1 are available"),
     (["--train.mesh", "{tensor: 2}"], "train.mesh={'tensor': 2}: must be a mapping"),
+    # optimizer fields (before: accepted; a negative clip norm ascends the gradient)
+    (["--train.max_grad_norm", "-1"], "train.max_grad_norm=-1.0: must be > 0"),
+    (["--train.adam_b1", "1.5"], "train.adam_b1=1.5: must be in [0, 1)"),
+    (["--train.peak_lr", "inf"], "train.peak_lr=inf: must be > 0 and finite"),
+    (["--train.min_lr_ratio", "5"], "train.min_lr_ratio=5.0: must be in [0, 1]"),
+    (["--train.weight_decay", "-10"], "train.weight_decay=-10.0: must be >= 0"),
+    (["--train.adam_eps", "0"], "train.adam_eps=0.0: must be > 0"),
+    (["--train.seq_len", "true"], "train.seq_len=True: must be int"),
 ])
 def test_startup_errors_name_the_problem(corpus, cache, tmp_path, capsys, args, message):
     code = run(corpus, cache, tmp_path / "run", *args)
@@ -418,3 +426,52 @@ def test_mesh_8_devices_matches_1_and_checkpoints_move(corpus, cache, tmp_path):
     np.testing.assert_allclose(lb, ref_loss, rtol=1e-6, atol=0)
     np.testing.assert_allclose(vb, ref_val, rtol=1e-6, atol=0)
     np.testing.assert_allclose(va, ref_val, rtol=1e-6, atol=0)
+
+
+def test_names_and_paths_stay_strings(corpus, tmp_path):
+    """YAML turns `7` and `2024-05-01` into an int and a date; string fields keep them as text (before: a
+    TypeError); a --data path holding `=` (Hive style) is a path, not an override."""
+    _, t = load_configs(None, parse_overrides(["--name", "7", "--out_dir", "123", "--train.tokenizer", "2024-05-01"]))
+    assert (t.name, t.out_dir, t.tokenizer) == ("7", "123", "2024-05-01")
+    hive = tmp_path / "lang=en"
+    hive.mkdir()
+    ov = parse_overrides(["--data", str(hive), "b.txt", "train.seed=3", "--name", "x"])
+    _, t = load_configs(None, ov)
+    assert t.data == [str(hive), "b.txt"] and t.seed == 3
+
+
+def test_failed_run_leaves_no_tokenizer_that_wins_later(corpus, cache, tmp_path, capsys):
+    """A run that fails its checks writes nothing (before: its tokenizer files, which then beat an explicit
+    --train.tokenizer on the next run in that directory); an established run refuses a different tokenizer."""
+    from doge_jax import data as D
+
+    out = tmp_path / "run"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert run(corpus, cache, out, "--data", str(empty)) == 2
+    assert "0 packed rows" in capsys.readouterr().err and not out.exists()
+    # a directory that only holds a stray tokenizer (e.g. from an older version) is not an established run
+    out.mkdir()
+    stray = D.train_bpe(D.resolve_paths([str(empty)]), 300)
+    stray.save(str(out / "tokenizer.json"))
+    good = D.train_bpe(D.resolve_paths([corpus]), 320)
+    good.save(str(tmp_path / "tokenizer.json"))
+    assert run(corpus, cache, out, "--train.tokenizer", str(tmp_path / "tokenizer.json"),
+               "--train.num_training_steps", "4", "--train.stop_after", "2") == 0
+    assert D.load_tokenizer(str(out / "tokenizer.json")).get_vocab() == good.get_vocab()
+    assert run(corpus, cache, out, "--train.tokenizer", str(out / "tokenizer.json"),
+               "--train.num_training_steps", "4") == 0  # the same tokenizer again: fine
+    stray.save(str(tmp_path / "other.json"))
+    assert run(corpus, cache, out, "--train.tokenizer", str(tmp_path / "other.json")) == 2
+    assert "differs from the tokenizer of the run" in capsys.readouterr().err
+
+
+def test_rerun_with_stop_after_does_not_creep(corpus, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    for _ in range(2):
+        assert run(corpus, cache, out, "--train.stop_after", "2", "--train.checkpoint_every", "100") == 0
+    err = capsys.readouterr().err
+    assert "stopped at step 2; checkpoint saved. Re-run without train.stop_after" in err
+    assert "stopped at step 2: train.stop_after=2 is reached already" in err
+    assert list_steps(str(out)) == [2]
+
