@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from .config import DogeConfig
-from .hf_io import atomic_output_dir, not_model_file
+from .hf_io import atomic_output_dir, check_not_a_run, not_model_file
 from .hf_names import CheckpointError
 
 PARAMS = "params"
@@ -161,6 +161,7 @@ def save_model(model, path: str, overwrite: bool = True) -> None:
     (a tokenizer) stay, HF weight files go."""
     import orbax.checkpoint as ocp
 
+    check_not_a_run(path)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params = jax.tree.map(jnp.asarray, params)
     dtype = str(jax.tree.leaves(params)[0].dtype)

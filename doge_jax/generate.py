@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from .decode import DecodeCache, decode_step, prepare_decode, use_counters
+from .generation_args import check_sampling, output_pad
 from .model import DogeCache, check_token_ids
 
 CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths share compiled programs
@@ -105,33 +106,6 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
 @nnx.jit
 def _last_logits(model, ids, mask, pos):
     return model(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
-
-
-def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens) -> None:
-    """The generation arguments transformers would refuse, named (shared with doge_torch.generate)."""
-    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
-    if not do_sample:  # greedy: the sampling knobs are ignored, as in transformers
-        return
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature}: must be > 0 when sampling (do_sample=False for greedy)")
-    if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 0):
-        raise ValueError(f"top_k={top_k!r}: must be an integer >= 0 (0 or None: no top-k)")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
-
-
-def output_pad(pad_token_id, cfg, eos: list[int]) -> int:
-    """The id written after a row's EOS: pad_token_id, else the config's pad id, else its first valid EOS, else
-    0. An explicit pad id must be a token of the vocabulary (it is fed back like any generated token)."""
-    V = cfg.vocab_size
-    if pad_token_id is not None:
-        if not 0 <= int(pad_token_id) < V:
-            raise ValueError(f"pad_token_id={pad_token_id}: must be in [0, vocab_size={V})")
-        return int(pad_token_id)
-    if cfg.pad_token_id is not None:
-        return cfg.pad_token_id
-    return next((e for e in eos if 0 <= e < V), 0)
 
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,

@@ -143,6 +143,14 @@ def is_model_file(name: str) -> bool:
     return MODEL_FILES.fullmatch(name) is not None
 
 
+def check_not_a_run(path: str | os.PathLike) -> None:
+    """Model saves refuse a training run directory: its checkpoints/ would stay and win over the saved weights in
+    from_pretrained (and replacing the directory would delete the run)."""
+    if os.path.isdir(os.path.join(os.fspath(path), "checkpoints")):
+        raise FileExistsError(f"{os.fspath(path)} holds a training run (checkpoints/); save the model to another "
+                              "directory (a run's step converts with python -m convert RUN DST --to hf)")
+
+
 def not_model_file(name: str) -> bool:
     """`keep` for saves: carry everything but the model's own files (tokenizer, README, a run's files...)."""
     return not is_model_file(name)

@@ -292,7 +292,7 @@ def all_or_none(what: str):
         return
     try:
         yield
-    except Exception:
+    except BaseException:  # Ctrl-C and SystemExit too: the others must not wait for this host
         jax.device_get(any_process(True))  # waited for: the others must learn of it before this process exits
         raise
     if bool(jax.device_get(any_process(False))):

@@ -458,9 +458,10 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
 def main(argv: list[str] | None = None) -> int:
     try:
         S.init_distributed()  # multi-host (JAX_COORDINATOR_ADDRESS / SLURM) before anything touches a device
-        mcfg, tcfg, path = parse_argv(argv)
+        with S.all_or_none("reading the configuration"):  # host-local files: --config, --init-from's config
+            mcfg, tcfg, path = parse_argv(argv)
         result = train(mcfg, tcfg, path)
-    except (ConfigError, D.DataError, CheckpointError, S.OtherHostFailed) as e:
+    except (ConfigError, D.DataError, CheckpointError, S.OtherHostFailed, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

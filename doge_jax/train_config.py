@@ -81,6 +81,8 @@ class TrainConfig:
             v = getattr(self, f.name)
             if f.type in ("str", "str | None") and v is not None and not isinstance(v, str | list | dict):
                 object.__setattr__(self, f.name, str(v))
+            if f.type == "list" and isinstance(v, tuple):
+                object.__setattr__(self, f.name, list(v))
         self.validate()
 
     def validate(self) -> None:
@@ -140,6 +142,9 @@ TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(DogeConfig)}
 
 
+_BARE_OVERRIDE = re.compile(r"((model|train)\.\w+|data|name|out_dir|init_from|init-from)=")
+
+
 def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
     """A YAML-parsed command-line value converted to the field's type (e.g. '1e-3' -> 1e-3 for a float)."""
     if isinstance(value, str) and value.strip().lower() in ("null", "none", "~"):
@@ -183,9 +188,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
         if value is None:
             if key == "train.data":  # a list: every following non-option argument
                 j = i + 1
-                # until the next option or a bare `model.X=...`/`train.X=...` override (paths may hold `=`)
-                while j < len(args) and not args[j].startswith("--") and not re.match(r"(model|train)\.\w+=",
-                                                                                        args[j]):
+                # until the next option or a bare override (`train.X=...`, `name=...`; paths may hold `=`)
+                while j < len(args) and not args[j].startswith("--") and not _BARE_OVERRIDE.match(args[j]):
                     j += 1
                 if j == i + 1:
                     raise ConfigError(f"{a}: missing value")

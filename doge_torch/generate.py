@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from doge_jax.generation_args import check_sampling, output_pad
+
 from .model import DogeCache
 
 
@@ -33,8 +35,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Sampling
     defaults follow transformers' GenerationConfig (temperature 1, top_k 50, no top-p); the sampling generator
     lives on the model's device, seeded by `seed`."""
-    from doge_jax.generate import check_sampling, output_pad
-
     cfg = model.config
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
     if input_ids.ndim == 1:

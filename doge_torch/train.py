@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             # device wait (train_step(sync=False) leaves loss and grad norm on the device)
             m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast, sync=False)
             m["step"] = step
-            if device.type != "cuda":  # no queue: the step is done when train_step returns (its time for tokens/s)
+            if device.type not in ("cuda", "mps", "xpu"):  # synchronous: done when train_step returns (tokens/s)
                 m["_done"] = time.perf_counter()
             if pending is not None:
                 read_back(pending)

@@ -447,6 +447,24 @@ def test_save_pretrained_keeps_other_files(tmp_path):
                                                     "tokenizer_config.json"]
 
 
+def test_saving_a_model_into_a_training_run_is_refused(tmp_path):
+    """A run's checkpoints/ would stay and win over the saved weights in from_pretrained (and replacing the
+    directory would delete the run): every model save refuses it."""
+    import doge_torch
+    from doge_jax import DogeForCausalLM
+    from doge_jax.checkpoint import save_model
+
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    run, _ = _training_run(tmp_path, src)
+    before = sorted(os.listdir(run))
+    for save in (DogeForCausalLM.from_pretrained(src).save_pretrained,
+                 doge_torch.DogeForCausalLM.from_pretrained(src).save_pretrained,
+                 lambda p: save_model(DogeForCausalLM.from_pretrained(src), p)):
+        with pytest.raises(FileExistsError, match="holds a training run"):
+            save(str(run))
+        assert sorted(os.listdir(run)) == before
+
+
 def test_dst_containing_the_source_refused(tmp_path, capsys):
     """--overwrite of a DST that holds the source would delete the source after reading it (before: it did)."""
     src = save_hf(make_hf_model(), tmp_path / "src")

@@ -342,3 +342,14 @@ def test_torch_generate_input_checks(model_dir):
     with pytest.raises(ValueError, match="top_p=1.5"):
         tm.generate(ids, max_new_tokens=2, do_sample=True, top_p=1.5)
     assert tm.generate(ids, max_new_tokens=2, temperature=0.0).shape == (1, 7)  # greedy ignores it
+
+
+def test_doge_torch_generation_and_training_import_no_jax():
+    import subprocess
+    import sys
+
+    code = ("import sys, doge_torch, doge_torch.generate, doge_torch.train, doge_torch.io; "
+            "assert not {'jax', 'flax'} & set(sys.modules), sorted(m for m in sys.modules if m.startswith('jax'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+

@@ -438,6 +438,16 @@ def test_names_and_paths_stay_strings(corpus, tmp_path):
     ov = parse_overrides(["--data", str(hive), "b.txt", "train.seed=3", "--name", "x"])
     _, t = load_configs(None, ov)
     assert t.data == [str(hive), "b.txt"] and t.seed == 3
+    _, t = load_configs(None, parse_overrides(["--data", "a.txt", "name=foo"]))  # a bare shorthand ends the list
+    assert t.data == ["a.txt"] and t.name == "foo"
+    assert TrainConfig(data=("a.txt",)).data == ["a.txt"]  # a tuple is a list
+
+
+def test_unwritable_run_directory_is_one_error_line(corpus, cache, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert run(corpus, cache, tmp_path / "afile" / "run") == 2
+    err = capsys.readouterr().err
+    assert "error: [Errno 20] Not a directory" in err and "Traceback" not in err
 
 
 def test_failed_run_leaves_no_tokenizer_that_wins_later(corpus, cache, tmp_path, capsys):

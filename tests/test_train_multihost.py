@@ -199,6 +199,12 @@ def test_setup_error_on_one_host_stops_every_host(corpus, cache, ref, tmp_path):
         errs = hosts.finish(want_rc=2, timeout=25)  # well inside jax.distributed's 30 s key-value timeout
     assert "error: simulated: host 1 cannot read the data" in errs[1]
     assert "error: another host failed while setting up the run" in errs[0] and "Traceback" not in errs[0]
+    # the same for a config file only host 0 has (read before train() starts)
+    wrapper.write_text(ONE_HOST_NO_CONFIG)
+    with Hosts(corpus, cache, tmp_path / "run2", ref[0] / "tokenizer.json", script=str(wrapper)) as hosts:
+        errs = hosts.finish(want_rc=2, timeout=25)
+    assert "error: config file '/only/on/host0.yaml' does not exist" in errs[1]
+    assert "error: another host failed while reading the configuration" in errs[0]
 
 
 ONE_HOST_NO_DATA = """import runpy, sys
@@ -213,3 +219,12 @@ C.training_data = training_data
 sys.argv[0] = "doge_jax.train"
 runpy.run_module("doge_jax.train", run_name="__main__", alter_sys=True)
 """
+
+
+ONE_HOST_NO_CONFIG = """import runpy, sys
+if __import__("os").environ["JAX_PROCESS_ID"] == "1":
+    sys.argv[1:1] = ["--config", "/only/on/host0.yaml"]
+sys.argv[0] = "doge_jax.train"
+runpy.run_module("doge_jax.train", run_name="__main__", alter_sys=True)
+"""
+
