@@ -7,7 +7,6 @@ Every source presents the same view: current HF names (legacy names renamed, spe
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 
@@ -19,8 +18,6 @@ from doge_jax.hf_names import CheckpointError, detect_variant, flax_to_hf, renam
 
 from . import safetensors_io
 from .variants import resolve_variant
-
-TORCH_INDEX = "pytorch_model.bin.index.json"
 
 
 @dataclasses.dataclass
@@ -82,26 +79,13 @@ def open_source(src: str, config: str | None = None, variant: str | None = None,
 
 
 def _hf_files(path: str) -> tuple[list[str], str]:
-    if os.path.isfile(os.path.join(path, TORCH_INDEX)) and not os.path.isfile(os.path.join(path, hf_io.SAFE_INDEX)) \
-            and not os.path.isfile(os.path.join(path, hf_io.SAFE_SINGLE)):
-        try:
-            with open(os.path.join(path, TORCH_INDEX)) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}/{TORCH_INDEX}: unreadable index ({e})") from None
-        files = [os.path.join(path, n) for n in names]
-        missing = [n for n, f in zip(names, files) if not os.path.isfile(f)]
-        if missing:
-            raise CheckpointError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
-        return files, "sharded pytorch_model.bin"
-    try:
-        files = hf_io.weight_files(path)
-    except CheckpointError:
-        raise CheckpointError(f"{path}: not a checkpoint: no model.safetensors(.index.json), pytorch_model.bin, "
-                              "params/ (orbax model) or checkpoints/ (training run)") from None
-    if files[0].endswith(".bin"):
-        return files, "pytorch_model.bin"
-    return files, "sharded safetensors" if len(files) > 1 else "safetensors"
+    names = (hf_io.SAFE_SINGLE, hf_io.SAFE_INDEX, hf_io.TORCH_BIN, hf_io.TORCH_INDEX)
+    if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        raise CheckpointError(f"{path}: not a checkpoint: no model.safetensors(.index.json), pytorch_model.bin"
+                              "(.index.json), params/ (orbax model) or checkpoints/ (training run)")
+    files = hf_io.weight_files(path)
+    kind = "pytorch_model.bin" if files[0].endswith(".bin") else "safetensors"
+    return files, ("sharded " + kind if len(files) > 1 else kind)
 
 
 def _file_meta(files: list[str]) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:

@@ -83,6 +83,9 @@ def from_pretrained(path: str, dtype=None, variant: str | None = None, config: D
     from . import checkpoint
 
     if checkpoint.is_orbax_checkpoint(path):
+        if config is not None or variant is not None:
+            raise ValueError(f"{path}: an orbax checkpoint carries its own config.json; config= and variant= apply "
+                             "to HF directories only")
         return checkpoint.load_model(path, dtype=resolve_dtype(dtype))
     config, arrays = load_hf_arrays(path, variant, config)
     dtype = resolve_dtype(dtype)

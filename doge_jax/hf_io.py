@@ -27,6 +27,7 @@ from .hf_names import CheckpointError, detect_variant, rename_legacy
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_SHARD_SIZE = "5GB"
 # Files other than weights that a checkpoint directory may carry and that we copy along.
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -272,24 +273,30 @@ def _contiguous(shard: dict, framework: str) -> dict:
     return {k: np.ascontiguousarray(v) for k, v in shard.items()}
 
 
+def _index_shards(path: str, index: str) -> list[str]:
+    try:
+        with open(os.path.join(path, index)) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}/{index}: unreadable index ({e})") from None
+    missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise CheckpointError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
+    return [os.path.join(path, n) for n in names]
+
+
 def weight_files(path: str) -> list[str]:
-    """The weight files of an HF directory: the single file, the shards of the index, or pytorch_model.bin."""
-    if os.path.isfile(os.path.join(path, SAFE_INDEX)):
-        try:
-            with open(os.path.join(path, SAFE_INDEX)) as f:
-                index = json.load(f)
-            names = sorted(set(index["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}/{SAFE_INDEX}: unreadable index ({e})") from None
-        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
-        if missing:
-            raise CheckpointError(f"{path}: shards listed in the index are missing: {', '.join(missing)}")
-        return [os.path.join(path, n) for n in names]
+    """The weight files of an HF directory, looked for in transformers' order: model.safetensors, the shards of
+    model.safetensors.index.json, pytorch_model.bin, the shards of pytorch_model.bin.index.json."""
     if os.path.isfile(os.path.join(path, SAFE_SINGLE)):
         return [os.path.join(path, SAFE_SINGLE)]
+    if os.path.isfile(os.path.join(path, SAFE_INDEX)):
+        return _index_shards(path, SAFE_INDEX)
     if os.path.isfile(os.path.join(path, TORCH_BIN)):
         return [os.path.join(path, TORCH_BIN)]
-    raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX} or {TORCH_BIN} found")
+    if os.path.isfile(os.path.join(path, TORCH_INDEX)):
+        return _index_shards(path, TORCH_INDEX)
+    raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX}, {TORCH_BIN} or {TORCH_INDEX} found")
 
 
 def iter_tensors(files: list[str], framework: str = "np") -> Iterator[tuple[str, object]]:
@@ -322,8 +329,13 @@ def iter_torch_file(fname: str, framework: str = "np") -> Iterator[tuple[str, ob
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"{fname}: not a readable PyTorch state dict ({type(e).__name__}: {first})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict):
         raise CheckpointError(f"{fname}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    bad = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        hint = " (a training checkpoint? save its model's state_dict() alone)" if isinstance(sd[bad], dict) else ""
+        raise CheckpointError(f"{fname}: expected a state dict (name -> tensor), but {bad!r} holds "
+                              f"{type(sd[bad]).__name__}{hint}")
     for name in list(sd):
         t = sd.pop(name)
         yield name, (t if framework == "pt" else torch_to_numpy(t))

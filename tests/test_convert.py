@@ -566,6 +566,52 @@ def test_unreadable_configs_and_dtypes_named(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_weight_file_order_and_sharded_bin(tmp_path, capsys):
+    """Weight files are found in transformers' order (a single model.safetensors before an index); from_pretrained
+    reads a sharded pytorch_model.bin like convert does; a nested .pt names the key that is not a tensor."""
+    import doge_torch
+    from doge_jax import DogeForCausalLM
+
+    hf = make_hf_model()
+    src = save_hf(hf, tmp_path / "src")
+    want = _tensors(src)
+    d = tmp_path / "bin"  # two .bin shards + index, as older transformers wrote them
+    d.mkdir()
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight" or k in want}
+    names = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        f = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: sd[k] for k in part}, d / f)
+        weight_map.update({k: f for k in part})
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(d / "pytorch_model.bin.index.json", "w"))
+    (d / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    for load in (DogeForCausalLM.from_pretrained, doge_torch.DogeForCausalLM.from_pretrained):
+        load(str(d)).save_pretrained(str(tmp_path / "out"))
+        _assert_bit_equal(want, _tensors(tmp_path / "out"))
+    # both a single file and a (stale) index: the single file, as transformers
+    stale = tmp_path / "both"
+    make_hf_model(seed=1).save_pretrained(str(stale), max_shard_size="100KB")
+    for f in os.listdir(src):
+        if f.endswith(".safetensors"):
+            os.link(os.path.join(src, f), stale / f)
+    assert _run(stale, tmp_path / "c", "--to", "hf") == 0
+    _assert_bit_equal(want, _tensors(tmp_path / "c"))
+    torch.save({"model": hf.state_dict(), "step": 3}, tmp_path / "train.pt")
+    (tmp_path / "config.json").write_text(open(os.path.join(src, "config.json")).read())
+    assert _run(tmp_path / "train.pt", tmp_path / "d", "--to", "hf") == 1
+    assert "but 'model' holds OrderedDict (a training checkpoint?" in capsys.readouterr().err
+
+
+def test_orbax_checkpoint_ignores_no_arguments(tmp_path):
+    from doge_jax import DogeForCausalLM
+
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    assert _run(src, tmp_path / "j", "--to", "jax") == 0
+    with pytest.raises(ValueError, match="carries its own config.json"):
+        DogeForCausalLM.from_pretrained(str(tmp_path / "j"), variant="small_doge")
+
+
 def test_small_doge_output_for_transformers_gets_a_note(tmp_path, capsys):
     _, sd_dir, _ = _small_doge_and_legacy(tmp_path)
     assert _run(sd_dir, tmp_path / "out", "--to", "hf") == 0
