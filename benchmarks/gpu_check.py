@@ -259,6 +259,12 @@ def kernel_smoke(report: Report, cpu: bool, timeout: float) -> None:
         report.add("setup", check, why, status="FAIL")
 
 
+# what the smoke test runs: the defaults and the block-size probe of the attention section (a fault in either would
+# poison the main process)
+VARIANTS = (("dense", dict(sparse=False)), ("sparse", dict(sparse=True)),
+            ("sparse 128x64", dict(sparse=True, block_q=128, block_k=64)))
+
+
 def kernel_smoke_child(fw: str, cpu: bool) -> int:
     """`--kernel-smoke triton|pallas` (a child of `kernel_smoke`): that framework's DMA kernels once, dense and
     sparse (T >= 2 keep_window), forward and backward, bf16 with GQA and head dim 128 (float32 and tiny under
@@ -284,13 +290,13 @@ def kernel_smoke_child(fw: str, cpu: bool) -> int:
         from doge_torch.triton_attention import dma_triton
 
         dev, dtype = ("cpu", torch.float32) if cpu else ("cuda", torch.bfloat16)
-        for sparse in (False, True):
+        for name, kw in VARIANTS:
             q, k, v = (torch.tensor(x, dtype=dtype, device=dev, requires_grad=True) for x in (qn, kn, vn))
             dt = torch.tensor(dtn, device=dev, requires_grad=True)  # float32, as under autocast
             e = key_expiry(dt.detach(), torch.ones(B, T, dtype=torch.bool, device=dev), keep)
-            o = dma_triton(q, k, v, dt, e, keep=keep, sparse=sparse)
+            o = dma_triton(q, k, v, dt, e, keep=keep, **kw)
             grads = torch.autograd.grad(o, (q, k, v, dt), torch.tensor(don, dtype=dtype, device=dev))
-            outs[sparse] = [x.detach().float().cpu().numpy() for x in (o, *grads)]
+            outs[name] = [x.detach().float().cpu().numpy() for x in (o, *grads)]
     else:
         import jax
         import jax.numpy as jnp
@@ -305,22 +311,22 @@ def kernel_smoke_child(fw: str, cpu: bool) -> int:
 
         dtype = jnp.float32 if cpu else jnp.bfloat16
         q, k, v, dt = (jnp.asarray(x, dtype) for x in (qn, kn, vn, dtn))
-        for sparse in (False, True):
-            def f(q, k, v, dt, sparse=sparse):
-                return dma_pallas(q, k, v, dt, key_expiry(dt, jnp.ones((B, T), bool), keep), keep=keep,
-                                  sparse=sparse)
+        for name, kw in VARIANTS:
+            def f(q, k, v, dt, kw=kw):
+                return dma_pallas(q, k, v, dt, key_expiry(dt, jnp.ones((B, T), bool), keep), keep=keep, **kw)
 
             o, vjp = jax.vjp(jax.jit(f), q, k, v, dt)
-            outs[sparse] = [np.asarray(x, np.float32) for x in (o, *vjp(jnp.asarray(don, dtype)))]
+            outs[name] = [np.asarray(x, np.float32) for x in (o, *vjp(jnp.asarray(don, dtype)))]
     worst = 0.0
-    for name, a, b in zip(("o", "dq", "dk", "dv", "d(dt)"), outs[False], outs[True]):
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
-            raise FloatingPointError(f"{name} is not finite")
-        worst = max(worst, float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-6)))
+    for variant, _ in VARIANTS[1:]:
+        for name, a, b in zip(("o", "dq", "dk", "dv", "d(dt)"), outs["dense"], outs[variant]):
+            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise FloatingPointError(f"{variant}: {name} is not finite")
+            worst = max(worst, float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-6)))
     tol = 1e-4 if cpu else 5e-2
     if worst > tol:
         raise AssertionError(f"sparse and dense kernels differ by {worst:.1e} of max|dense| (> {tol:g})")
-    print(f"SMOKE {fw} OK sparse vs dense kernels {worst:.1e} of max|value|", flush=True)
+    print(f"SMOKE {fw} OK sparse (64x64, 128x64 blocks) vs dense kernels {worst:.1e} of max|value|", flush=True)
     return 0
 
 
@@ -600,11 +606,31 @@ def torch_train_setup(base, tdev, cpu: bool, regional: bool):
     torch.manual_seed(0)
     model = DogeForCausalLM(base).to(tdev).train()
     opt = make_optimizer(model, 1e-3)  # fused AdamW when the parameters are on CUDA
+    # dynamic=False: the 2x-rows row gets its own static graph, not a dynamic-shape recompile of the warm one
     if not regional:
-        return model, tcompile(model, cpu), opt
+        return model, tcompile(model, cpu, dynamic=False), opt
     for layer in model.model.layers:
-        layer.compile(fullgraph=True, backend="eager" if cpu else "inductor")
+        layer.compile(fullgraph=True, backend="eager" if cpu else "inductor", dynamic=False)
     return model, model, opt
+
+
+def cudnn_refuses(head_dim: int, tdev) -> str | None:
+    """Why torch's sdpa cuDNN kernel alone cannot run causal bf16 forward+backward at `head_dim` (the folded-bias
+    path pads 128 to 136), or None. With only cuDNN enabled a refusal raises instead of silently running flash."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if tdev.type != "cuda":
+        return "no CUDA"
+    q = torch.randn(1, 2, 128, head_dim, device=tdev, dtype=torch.bfloat16, requires_grad=True)
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+        torch.cuda.synchronize()
+        return None
+    except RuntimeError as e:
+        return f"head dim {head_dim}: {str(e).splitlines()[0][:100]}"
 
 
 @contextlib.contextmanager
@@ -709,13 +735,24 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     # the Triton/Pallas kernels in training (T = keep_window: causal + bias), after the targets, as budget allows
     label, base, seq, rows, kind = configs[1]
     one(label + " [pallas/Triton kernels]", base.replace(attention_impl="pallas"), seq, rows, kind)
-    # sdpa's cuDNN kernel first for the folded attention (torch ranks it last; JAX's fused path uses cuDNN)
-    one(label + " [sdpa cuDNN first]", base, seq, rows, kind, jax_row=False, sdpa_backends=["cudnn"])
+    # sdpa's cuDNN kernel first for the folded attention (JAX's fused path uses cuDNN), if cuDNN takes the folded
+    # head dim at all (else sdpa would silently run flash and the row would repeat the first one)
+    folded = -(-(base.head_size + 1) // 8) * 8
+    why = None if cpu else cudnn_refuses(folded, tdev)
+    if why:
+        report.add(S, f"{label} doge_torch [sdpa cuDNN first]", f"not run: cuDNN refuses the folded {why}",
+                   status="SKIP")
+    else:
+        one(label + " [sdpa cuDNN first]", base, seq, rows, kind, jax_row=False, sdpa_backends=["cudnn"])
     # a micro-batch twice as large: how much of the gap is per-step overhead (launches, optimizer, host syncs)
     one(label, base, seq, 2 * rows, kind)
 
 
 # ---- (c) attention ------------------------------------------------------------------------------------------------
+BASELINE = "torch sdpa causal (flash)"
+BASELINE_DEFAULT = "torch sdpa causal (default backend)"
+
+
 def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     import functools
 
@@ -780,8 +817,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         dt = torch.tensor(dtn, device=tdev, requires_grad=True)  # float32, as under autocast (spec §9.9)
         do = torch.tensor(don, dtype=bf, device=tdev)
 
-        def t_causal(q=q, k=k, v=v, do=do):
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        def t_causal(q=q, k=k, v=v, do=do, backends=None):
+            with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             return torch.autograd.grad(o, (q, k, v), do)[0]
 
         def t_dma(fn, q=q, k=k, v=v, dt=dt, do=do, T=T):
@@ -807,13 +845,26 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
         fast = "folded causal sdpa" if T <= keep else ("FlexAttention" if flex_available(q.device) else "sdpa+bias")
-        cell("torch sdpa causal (flash)", t_causal)
-        if torch.cuda.is_available():  # cuDNN's flash kernel (torch's sdpa ranks it last by default)
+        # the baseline is flash itself (some torch builds rank cuDNN first); the default order where flash refuses
+        flash = [SDPBackend.FLASH_ATTENTION]
+        try:
+            if not torch.cuda.is_available():
+                raise RuntimeError("no CUDA")
+            sync(t_causal(backends=flash))
+        except RuntimeError:
+            flash = None
+        cell(BASELINE if flash else BASELINE_DEFAULT, functools.partial(t_causal, backends=flash))
+        if torch.cuda.is_available():  # cuDNN's flash kernel
             kh, vh = (x.detach().repeat_interleave(H // G, 1).requires_grad_() for x in (k, v))
             cell("torch sdpa causal (cuDNN, kv heads repeated)", functools.partial(t_causal_cudnn, k=kh, v=vh))
             del kh, vh
             if T <= keep:
-                cell("doge_torch DMA folded causal sdpa, cuDNN first (compiled)", t_fast_cudnn)
+                why = cudnn_refuses(-(-(D + 1) // 8) * 8, q.device)
+                if why:
+                    report.add(S, f"T={T} doge_torch DMA folded causal sdpa, cuDNN first",
+                               f"not run: cuDNN refuses the folded {why}", status="SKIP")
+                else:
+                    cell("doge_torch DMA folded causal sdpa, cuDNN first (compiled)", t_fast_cudnn)
         if triton_available(q.device) or kernel_interpreted:
             def t_model(q=q, k=k, v=v, dt=dt, do=do):  # the model's path: expiry, key lists, kernels, compiled
                 o = dma_kernels(q, k, v, dt, None, torch.float32)
@@ -822,7 +873,7 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             e = key_expiry(dt.detach(), torch.ones(B, T, dtype=torch.bool, device=q.device), keep)
 
             def t_kernel(q=q, k=k, v=v, dt=dt, do=do, e=e, **kw):  # kernels only (key lists included)
-                o = dma_triton(q, k, v, dt, e, keep=keep, **kw)
+                o = dma_triton(q, k, v, dt, e, keep=keep, check=False, **kw)  # e from key_expiry: no sync check
                 return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
             def t_kernel_skip(**kw):
@@ -896,9 +947,10 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             cell("doge_jax DMA fused", jgrad("fused"))
         jax.clear_caches()
 
-        base = times.get("torch sdpa causal (flash)")
+        base = times.get(BASELINE) or times.get(BASELINE_DEFAULT)
+        what = "causal flash" if BASELINE in times else "causal sdpa"
         for name, sec in times.items():
-            ratio = f", {sec / base:.2f}x causal flash" if base else ""
+            ratio = f", {sec / base:.2f}x {what}" if base else ""
             target, status = "", "-"
             if T == 16384 and "DMA" in name and base:
                 target = f"<= {TARGET_DMA_16K}x"

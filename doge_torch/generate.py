@@ -6,7 +6,7 @@ import torch
 
 from doge_jax.generation_args import check_sampling, output_pad
 
-from .model import DogeCache
+from .model import DogeCache, check_token_ids, token_ids_checked
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
@@ -57,23 +57,25 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = DogeCache(cfg.num_hidden_layers) if use_cache else None
-    step_ids = ids
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
-    for _ in range(max_new_tokens):
-        # transformers: positions from the attention mask (cumsum - 1, padding at 0)
-        pos = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        if use_cache:
-            out = model(step_ids, attention_mask=attention_mask, position_ids=pos[:, -step_ids.shape[1]:],
-                        past_key_values=cache, logits_to_keep=1)
-        else:
-            out = model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1)
-        nxt = sample_next(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, gen)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], 1)
-        if len(eos):
-            done = done | torch.isin(nxt, eos_t)
-        step_ids = nxt[:, None]
-        if bool(done.all()):
-            break
+    check_token_ids(input_ids, cfg.vocab_size)  # once: generated ids are in range (on a GPU each check is a sync)
+    step_ids = ids
+    with token_ids_checked():
+        for _ in range(max_new_tokens):
+            # transformers: positions from the attention mask (cumsum - 1, padding at 0)
+            pos = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            if use_cache:
+                out = model(step_ids, attention_mask=attention_mask, position_ids=pos[:, -step_ids.shape[1]:],
+                            past_key_values=cache, logits_to_keep=1)
+            else:
+                out = model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1)
+            nxt = sample_next(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, gen)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], 1)
+            if len(eos):
+                done = done | torch.isin(nxt, eos_t)
+            step_ids = nxt[:, None]
+            if bool(done.all()):
+                break
     return ids

@@ -90,13 +90,16 @@ class DogeRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_inv_freq(cfg: DogeConfig, seq_len: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Inverse frequencies for a sequence length (default or dynamic NTK RoPE, spec §3.3), float32.
+def rope_inv_freq(cfg: DogeConfig, seq_len: torch.Tensor | int | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies for a sequence length (default or dynamic NTK RoPE, spec §3.3), float32, made on
+    `device` (a CPU table copied to a GPU would wait for the GPU's queue: a host sync per forward).
 
     `seq_len` may be a tensor (dynamic RoPE with data-dependent positions): the choice between the default and
     the NTK-scaled frequencies is then a `torch.where`, with no host sync (torch.compile-friendly)."""
     dim = cfg.head_size
-    device = seq_len.device if isinstance(seq_len, torch.Tensor) else None
+    if isinstance(seq_len, torch.Tensor):
+        device = seq_len.device
     exps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     default = 1.0 / (cfg.rope_theta ** exps)
     if cfg.rope_type != "dynamic" or seq_len is None:
@@ -118,7 +121,7 @@ def rotary_cos_sin(cfg: DogeConfig, position_ids: torch.Tensor, dtype: torch.dty
     unless rope_len is given; the default RoPE ignores it."""
     if rope_len is None and cfg.rope_type == "dynamic":
         rope_len = position_ids.max() + 1
-    inv_freq = rope_inv_freq(cfg, rope_len).to(position_ids.device)
+    inv_freq = rope_inv_freq(cfg, rope_len, device=position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -662,3 +662,34 @@ def test_model_generate_passes_pad_token_id():
     assert first[0] != first[1]
     out = ours.generate(ids, max_new_tokens=4, eos_token_id=int(first[0]), pad_token_id=7)
     assert out[0, 6] == first[0] and (out[0, 7:] == 7).all() and (out[1, 7:] != 7).any()
+
+
+def test_forward_copies_no_cpu_tensor_to_the_device(monkeypatch):
+    """On a GPU a CPU tensor copied into the forward is a blocking copy (it waits for the queued work): the RoPE
+    table was built on the CPU (gpu_check's host-sync row would have counted one per micro-batch). Checked on the
+    meta device: no op may take a non-scalar CPU tensor and produce a device tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from doge_torch.model import token_ids_checked
+
+    class CpuIntoDevice(TorchDispatchMode):
+        hits: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if any(t.device.type == "cpu" and t.dim() > 0 for t in ins) and any(t.is_meta for t in outs):
+                self.hits.append(str(func))
+            return out
+
+    real = torch.is_autocast_enabled  # autocast has no meta device
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False if a and str(a[0]) == "meta" else real(*a))
+    cfg = DogeConfig(**{**TINY, "rope_type": "dynamic", "rope_factor": 4.0, "keep_window_size": 8,
+                        "max_position_embeddings": 16})
+    model = DogeForCausalLM(cfg).to("meta")
+    ids = torch.zeros(2, 24, dtype=torch.long, device="meta")
+    with token_ids_checked(), CpuIntoDevice() as mode:
+        out = model(ids, labels=ids)
+    assert out.loss.is_meta and mode.hits == []
