@@ -263,14 +263,19 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
     """Write token shards of every input file to `out` (see the module docstring); returns the manifest."""
     import multiprocessing
 
-    paths = D.resolve_paths([_split_weight(s)[0] for s in specs])
+    out_dir = os.path.abspath(out)
+    # the output's own files are never inputs (an --out inside a --data directory)
+    paths = [p for p in D.resolve_paths([_split_weight(s)[0] for s in specs])
+             if not p.startswith(out_dir + os.sep)]
+    if not paths:
+        raise D.DataError("no input file (outside --out)")
     os.makedirs(out, exist_ok=True)
     tok_file = os.path.join(out, "tokenizer.json")
     if tokenizer:
         tok = D.load_tokenizer(tokenizer)
         src_dir = tokenizer if os.path.isdir(tokenizer) else None
-    elif os.path.isfile(tok_file):
-        tok, src_dir = D.load_tokenizer(tok_file), None
+    elif os.path.isfile(tok_file):  # a resumed run: the special tokens it recorded next to it
+        tok, src_dir = D.load_tokenizer(tok_file), out
     elif vocab_size:
         tok, src_dir = D.train_bpe(paths, vocab_size, text_field), None
     else:
@@ -281,6 +286,10 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
     if not os.path.isfile(tok_file) or D.load_tokenizer(tok_file).to_str() != tok.to_str():
         tok.save(tok_file + ".tmp")
         os.replace(tok_file + ".tmp", tok_file)
+    # the special tokens used here (an HF tokenizer directory's may not be guessable by name): the trainer and a
+    # resumed run read them from here
+    _write_atomic_json(os.path.join(out, "tokenizer_config.json"),
+                       {f"{k}_token": tok.id_to_token(i) for k, i in ids.items() if i is not None})
     for f in os.listdir(out):  # partial shard files of an interrupted run
         if ".tmp-" in f:
             os.remove(os.path.join(out, f))
@@ -288,7 +297,7 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
     sha = tokenizer_sha(tok)
     jobs, done = [], {}
     for i, p in enumerate(paths):
-        key = D.corpus_fingerprint([p], sha, text_field, f"{val_fraction}:{seed}:{i}")
+        key = D.corpus_fingerprint([p], sha, text_field, f"{val_fraction}:{seed}:{i}", f"eos {ids['eos']}", dtype)
         side = os.path.join(out, f"{i:05d}.json")
         if os.path.isfile(side):
             with open(side) as f:
@@ -309,7 +318,7 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
             results = pool.imap_unordered(_shard_job, jobs)
         tokens = 0
         for meta in results:
-            done[int(meta["train"][:5])] = meta
+            done[int(meta["train"].split(".")[0])] = meta  # NNNNN.train.bin (more digits past 99999)
             tokens += meta["train_tokens"] + meta["val_tokens"]
             bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
             bar.update(1)

@@ -30,7 +30,9 @@ SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
 _EOS_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 _PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
-_TEXT_EXT = (".txt", ".md", ".py", ".rst", ".jsonl", ".json", ".text", ".parquet")
+# what a directory walk picks up (a .json file named explicitly is read as JSON Lines, as HF datasets write it)
+_TEXT_EXT = (".txt", ".md", ".py", ".rst", ".jsonl", ".text", ".parquet")
+_MANIFEST = "corpus.json"  # a pre-tokenized directory (doge_jax.corpora): never walked as text
 
 
 class DataError(ValueError):
@@ -62,7 +64,13 @@ def resolve_paths(specs: list[str] | str) -> list[str]:
                 raise DataError(f"data path {spec!r}: the glob matches no file")
             out += hits
         elif os.path.isdir(spec):
-            hits = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(spec) for f in fs if f.endswith(_TEXT_EXT))
+            hits = []
+            for dp, dirs, fs in os.walk(spec):
+                # hidden directories (.git, .ipynb_checkpoints copies) and pre-tokenized outputs are not documents
+                dirs[:] = [d for d in dirs if not d.startswith(".")
+                           and not os.path.isfile(os.path.join(dp, d, _MANIFEST))]
+                hits += [os.path.join(dp, f) for f in fs if f.endswith(_TEXT_EXT)]
+            hits.sort()
             if not hits:
                 raise DataError(f"data path {spec!r}: directory holds no text file ({', '.join(_TEXT_EXT)})")
             out += hits
@@ -79,18 +87,34 @@ def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
     for path in paths:
         if path.endswith(".parquet"):
             yield from _iter_parquet(path, text_field)
-        elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    row = json.loads(line)
-                    if text_field not in row:
-                        raise DataError(f"{path}:{n}: no field {text_field!r} (set --train.text_field)")
-                    yield str(row[text_field])
+        elif path.endswith((".jsonl", ".json")):
+            yield from _iter_jsonl(path, text_field)
         else:
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield f.read()
+
+
+def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
+    """The `text_field` of each line's JSON object; a null text is skipped (as in parquet); anything else that is
+    not a string, and lines that are not JSON objects, are errors naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{n}: not a JSON line ({e}); JSON Lines need one object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+            if text_field not in row:
+                raise DataError(f"{path}:{n}: no field {text_field!r} (set --train.text_field)")
+            text = row[text_field]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{n}: field {text_field!r} is {type(text).__name__}, not text")
+            yield text
 
 
 def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
@@ -107,17 +131,24 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
                         "set --train.text_field)")
     for i in range(f.num_row_groups):
         for text in f.read_row_group(i, columns=[text_field]).column(0).to_pylist():
-            if text is not None:
-                yield str(text)
+            if text is None:
+                continue
+            if isinstance(text, bytes):  # a binary column of UTF-8 text
+                text = text.decode("utf-8", errors="replace")
+            if not isinstance(text, str):
+                raise DataError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text")
+            yield text
 
 
 def corpus_fingerprint(paths: list[str], *extra: str) -> str:
+    """A cache key of the files (path, size, mtime, and inode/ctime: a file replaced with its mtime kept, as
+    `cp -p`/`rsync -t` do, is new) and of `extra` (separated, so no two lists of strings run together)."""
     h = hashlib.sha256()
     for p in paths:
         st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}\n".encode())
     for e in extra:
-        h.update(e.encode())
+        h.update(e.encode() + b"\0")
     return h.hexdigest()[:20]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 # Peak dense FLOP/s per device for MFU, by (platform or device kind, dtype). CPU: ~470 GFLOP/s is what XLA's
 # own matmuls reach on the 2-core development machine (design.md §7), used as its "peak". Override with
@@ -27,7 +28,10 @@ PEAK_FLOPS = {
     ("h100", "bfloat16"): 989e12, ("h100", "float32"): 494e12,  # float32 matmuls run as TF32 by default
     ("h200", "bfloat16"): 989e12, ("h200", "float32"): 494e12,
     ("a100", "bfloat16"): 312e12, ("a100", "float32"): 156e12,
+    ("l40s", "bfloat16"): 362e12, ("l40s", "float32"): 183e12,
+    ("l40", "bfloat16"): 181e12, ("l40", "float32"): 90e12,
     ("l4", "bfloat16"): 121e12, ("l4", "float32"): 60e12,
+    ("4090", "bfloat16"): 165e12, ("4090", "float32"): 83e12,  # RTX 4090, bf16 with float32 accumulation
     ("gpu", "bfloat16"): 312e12, ("gpu", "float32"): 156e12,  # unknown GPU: A100 numbers
     ("tpu", "bfloat16"): 197e12, ("tpu", "float32"): 197e12,  # v5e
 }
@@ -54,9 +58,9 @@ def peak_flops(device, dtype: str, override: float | None = None) -> float:
     """Peak FLOP/s of one device for `dtype`, from the override or the PEAK_FLOPS table."""
     if override:
         return float(override)
-    kind = str(getattr(device, "device_kind", "")).lower()
-    for name in ("h200", "h100", "a100", "l4"):
-        if name in kind:
+    words = set(re.findall(r"[a-z0-9]+", str(getattr(device, "device_kind", "")).lower()))  # whole words: L40S != L4
+    for name in ("h200", "h100", "a100", "l40s", "l40", "l4", "4090"):
+        if name in words:
             return PEAK_FLOPS[(name, dtype)]
     return PEAK_FLOPS.get((device.platform, dtype), PEAK_FLOPS[("cpu", dtype)])
 
@@ -83,9 +87,7 @@ class MetricsLogger:
         """On resume, drop records of steps after the restored checkpoint (they are trained again)."""
         if not os.path.isfile(self.path):
             return
-        with open(self.path) as f:
-            rows = [line for line in f if line.strip()]
-        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        keep = [json.dumps(r) + "\n" for r in read_metrics(os.path.dirname(self.path)) if r.get("step", 0) <= step]
         with open(self.path, "w") as f:
             f.writelines(keep)
 
@@ -111,8 +113,14 @@ def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut short by a killed run (the next resume rewrites the file without it)
+                continue
+    return out
 
 
 def plot_loss(run_dir: str) -> str:

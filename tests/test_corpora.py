@@ -189,3 +189,23 @@ def test_unfinished_pretokenization_and_short_mixture_sources(files, cache, tmp_
     tiny.write_text(json.dumps({"text": "w1 w2"}) + "\n")
     assert T.main([*TINY_ARGS, *data[:2], f"{tiny}:0.3", *data[3:], "--out_dir", str(tmp_path / "m2")]) == 2
     assert f"data source '{tiny}' has no packed row of 32 tokens" in capsys.readouterr().err
+
+
+def test_pretokenize_keeps_its_output_out_and_records_special_tokens(files, tmp_path):
+    """--out inside a --data directory is not read back as input on a re-run (before: the corpus grew with its own
+    tokenizer.json and shard metadata each time); the special tokens used are written next to tokenizer.json, so a
+    resumed run and the trainer find the same EOS (before: an HF directory's EOS was lost)."""
+    import shutil
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    shutil.copy(files / "rows.jsonl", d)
+    out = d / "tokens"
+    for _ in range(2):
+        proc = _pretokenize("--data", d, "--tokenizer", files / "tokenizer.json", "--out", out, "--workers", "1")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert len(C.read_manifest(str(out))["shards"]) == 1
+    cfg = json.load(open(out / "tokenizer_config.json"))
+    tok = D.load_tokenizer(str(out))
+    assert tok.token_to_id(cfg["eos_token"]) == C.read_manifest(str(out))["eos_token_id"]
+    assert D.special_ids(tok, str(out))["eos"] == C.read_manifest(str(out))["eos_token_id"]

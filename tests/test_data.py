@@ -134,3 +134,52 @@ def test_val_batches():
     vb = D.val_batches(rows, 2, 10)
     assert len(vb) == 3 and np.array_equal(vb[1], rows[2:4])
     assert len(D.val_batches(rows, 2, 2)) == 2
+
+
+def test_document_rows_are_checked(tmp_path):
+    """A null text is skipped (as in parquet), not the document "None"; other non-text values, lines that are not
+    JSON objects and broken lines name the file and line; a parquet binary column is UTF-8 text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"text": "hello"}\n{"text": null}\n\n{"text": "bye"}\n')
+    assert list(D.iter_documents([str(f)])) == ["hello", "bye"]
+    for body, want in (('{"text": 5}\n', r"rows.jsonl:1: field 'text' is int, not text"),
+                       ('{"text": "a"}\n"just a string"\n', r"rows.jsonl:2: expected a JSON object per line, got str"),
+                       ('{"text": "a"}\n{"text": "cut\n', r"rows.jsonl:2: not a JSON line")):
+        f.write_text(body)
+        with pytest.raises(D.DataError, match=want):
+            list(D.iter_documents([str(f)]))
+    # an explicitly named .json file is JSON Lines (what HF datasets' to_json writes)
+    j = tmp_path / "data.json"
+    j.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert list(D.iter_documents([str(j)])) == ["one", "two"]
+    p = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": pa.array([b"caf\xc3\xa9", None], pa.binary())}), p)
+    assert list(D.iter_documents([str(p)])) == ["café"]
+
+
+def test_directory_walk_skips_json_hidden_and_pretokenized(tmp_path):
+    d = tmp_path / "corpus"
+    (d / ".ipynb_checkpoints").mkdir(parents=True)
+    (d / "tokens").mkdir()
+    (d / "a.txt").write_text("a")
+    (d / "meta.json").write_text("{}")
+    (d / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("a")
+    (d / "tokens" / "corpus.json").write_text("{}")
+    (d / "tokens" / "notes.txt").write_text("x")
+    assert D.resolve_paths([str(d)]) == [str(d / "a.txt")]
+
+
+def test_fingerprint_sees_a_file_replaced_with_its_mtime_kept(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("a a a")
+    st = os.stat(f)
+    before = D.corpus_fingerprint([str(f)], "x")
+    tmp = tmp_path / "new"
+    tmp.write_text("b b b")
+    os.replace(tmp, f)  # same size; mtime put back as cp -p / rsync -t do
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert D.corpus_fingerprint([str(f)], "x") != before
+    assert D.corpus_fingerprint([str(f)], "text", "12") != D.corpus_fingerprint([str(f)], "text1", "2")

@@ -485,3 +485,18 @@ def test_rerun_with_stop_after_does_not_creep(corpus, cache, tmp_path, capsys):
     assert "stopped at step 2: train.stop_after=2 is reached already" in err
     assert list_steps(str(out)) == [2]
 
+
+
+def test_metrics_survive_a_cut_line_and_peaks_match_whole_words(tmp_path):
+    from types import SimpleNamespace
+
+    from doge_jax.metrics import MetricsLogger, peak_flops
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
+    MetricsLogger(str(tmp_path), resume_step=1).close()  # a resume after the kill: rewritten without the cut line
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+    dev = lambda kind: SimpleNamespace(device_kind=kind, platform="gpu")  # noqa: E731
+    assert peak_flops(dev("NVIDIA L40S"), "bfloat16") == 362e12
+    assert peak_flops(dev("NVIDIA L4"), "bfloat16") == 121e12
+    assert peak_flops(dev("NVIDIA H100 80GB HBM3"), "bfloat16") == 989e12
