@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import sysconfig
 from collections.abc import Iterator
 
@@ -199,11 +200,16 @@ def special_ids(tok, tokenizer_dir: str | None = None) -> dict[str, int | None]:
 
 # ---- tokenization + cache ------------------------------------------------------------------------------------------
 def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Bool [n_docs]: True for held-out validation documents (a seeded choice, at least one when n_docs > 1)."""
+    """Bool [n_docs]: True for held-out validation documents, a seeded choice of round(n_docs * val_fraction) of
+    them; at least one while that one is within 10x the asked fraction (1 of 10 documents at val_fraction 0.01),
+    never all. Fewer documents hold out none (before: 1 of 2 files, half the corpus)."""
     is_val = np.zeros(n_docs, bool)
     if val_fraction <= 0 or n_docs < 2:
         return is_val
-    n_val = min(n_docs - 1, max(1, round(n_docs * val_fraction)))
+    n_val = round(n_docs * val_fraction)
+    if n_val == 0 and n_docs * val_fraction * 10 >= 1:
+        n_val = 1
+    n_val = min(n_docs - 1, n_val)
     is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
     return is_val
 
@@ -242,6 +248,9 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
     if not docs:
         raise DataError("the corpus holds no document")
     is_val = split_documents(len(docs), val_fraction, seed)
+    if val_fraction > 0 and not is_val.any():
+        print(f"warning: no validation documents: {len(docs)} document(s) x val_fraction {val_fraction} is too few "
+              "to hold one out (raise val_fraction or add documents)", file=sys.stderr)
     empty = np.zeros(0, dtype)
     train = np.concatenate([d for d, v in zip(docs, is_val) if not v] or [empty])
     val = np.concatenate([d for d, v in zip(docs, is_val) if v] or [empty])

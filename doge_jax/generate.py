@@ -6,6 +6,7 @@ attention_mask (positions = cumsum(mask) - 1), greedy or sampled (temperature, t
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from .decode import DecodeCache, decode_step, prepare_decode, use_counters
-from .generation_args import check_sampling, output_pad
+from .generation_args import RIGHT_PADDED, check_sampling, output_pad
 from .model import DogeCache, check_token_ids
 
 CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths share compiled programs
@@ -133,6 +134,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         mask = mask[None]
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    if not mask[:, -1].all():
+        warnings.warn(RIGHT_PADDED, stacklevel=2)
     eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
     eos = [] if eos is None else ([int(eos)] if np.ndim(eos) == 0 else [int(e) for e in eos])
     pad = output_pad(pad_token_id, cfg, eos)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+RIGHT_PADDED = ("a prompt row ends in padding (attention_mask 0 at the end): new tokens follow the padding; pad "
+                "prompts on the left, as transformers expects for generation")
+
 
 def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens) -> None:
     """The generation arguments transformers would refuse, named (shared with doge_torch.generate)."""

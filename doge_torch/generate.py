@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from doge_jax.generation_args import check_sampling, output_pad
+from doge_jax.generation_args import RIGHT_PADDED, check_sampling, output_pad
 
 from .model import DogeCache, check_token_ids, token_ids_checked
 
@@ -54,6 +56,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")
     attention_mask = attention_mask.long()
+    if not bool(attention_mask[:, -1].all()):
+        warnings.warn(RIGHT_PADDED, stacklevel=2)
     ids = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = DogeCache(cfg.num_hidden_layers) if use_cache else None

@@ -86,6 +86,9 @@ def test_validation_split_and_cache(corpus, tmp_path):
     _, val3 = D.tokenize_corpus(files, tok, 1, cache, val_fraction=0.25, seed=4, progress=False)
     assert not np.array_equal(val, val3)
     assert D.split_documents(10, 0.01, 0).sum() == 1 and D.split_documents(1, 0.5, 0).sum() == 0
+    # two files at the default 1%: none held out (before: one, half the corpus); 20% of 3 rounds to 1
+    assert D.split_documents(2, 0.01, 0).sum() == 0 and D.split_documents(3, 0.2, 0).sum() == 1
+    assert D.split_documents(100, 0.5, 0).sum() == 50 and D.split_documents(2, 0.9, 0).sum() == 1
 
 
 def test_check_vocab():

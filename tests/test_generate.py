@@ -353,3 +353,15 @@ def test_doge_torch_generation_and_training_import_no_jax():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 
+
+
+def test_right_padded_prompts_warn(model_dir):
+    import doge_torch
+
+    ids, mask = unique_ids(2, 6, 128, seed=5), np.ones((2, 6), bool)
+    mask[1, -2:] = False
+    with pytest.warns(UserWarning, match="pad prompts on the left"):
+        DogeForCausalLM.from_pretrained(model_dir).generate(ids, attention_mask=mask, max_new_tokens=2)
+    with pytest.warns(UserWarning, match="pad prompts on the left"):
+        doge_torch.DogeForCausalLM.from_pretrained(model_dir).generate(
+            torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=2)
