@@ -60,20 +60,14 @@ def test_numpy_numbers_are_numbers():
 
 
 def test_unreadable_files_named(tmp_path):
-    p = tmp_path / "config.json"
-    p.write_text("[1, 2]")
-    with pytest.raises(ConfigError, match=f"{p}: expected a JSON object, got list"):
-        DogeConfig.from_json_file(p)
-    p.write_text("{")
-    with pytest.raises(ConfigError, match=f"{p}: unreadable JSON"):
-        DogeConfig.from_json_file(p)
-    y = tmp_path / "c.yaml"
-    y.write_text("model: [1, 2")
-    with pytest.raises(ConfigError, match=f"{y}: unreadable YAML"):
-        DogeConfig.from_yaml(y)
-    y.write_text("model: [1, 2]")
-    with pytest.raises(ConfigError, match=f"{y}: expected a mapping of model fields, got list"):
-        DogeConfig.from_yaml(y)
+    j, y = tmp_path / "config.json", tmp_path / "c.yaml"
+    for path, text, read, want in ((j, "[1, 2]", DogeConfig.from_json_file, "expected a JSON object, got list"),
+                                   (j, "{", DogeConfig.from_json_file, "unreadable JSON"),
+                                   (y, "model: [1, 2", DogeConfig.from_yaml, "unreadable YAML"),
+                                   (y, "model: [1, 2]", DogeConfig.from_yaml, "expected a mapping of model fields")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=f"{path}: {want}"):
+            read(path)
 
 
 def test_replace_validates():
