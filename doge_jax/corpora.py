@@ -70,8 +70,8 @@ def _split_weight(entry: Any) -> tuple[str, float | None]:
             except ValueError:
                 pass
     if weight is not None:
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
-            raise D.DataError(f"data entry {entry!r}: the weight must be a number > 0")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+            raise D.DataError(f"data entry {entry!r}: the weight must be a finite number > 0")
         weight = float(weight)
     return path, weight
 

@@ -79,7 +79,8 @@ class MetricsLogger:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+            # steps after the restored one (all of them when no checkpoint was restored) are dropped, as above
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1)
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             self.tb = None
 

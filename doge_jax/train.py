@@ -294,6 +294,9 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
     log(f"run {run_dir}: {data.files} files in {len(sources)} source(s), {data.train_tokens:,} train / "
         f"{data.val_tokens:,} val tokens, "
         f"{len(rows):,} rows of {tcfg.seq_len}; {len(val_batches)} val batches; mesh {S.describe(mesh)}")
+    if not val_batches and tcfg.val_fraction > 0:
+        log(f"warning: no validation: the held-out documents fill {len(val_rows)} row(s) of {tcfg.seq_len} tokens, "
+            f"fewer than one micro-batch of {R} rows (raise train.val_fraction or add documents)")
 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DogeTrunk(mcfg, rngs=nnx.Rngs(tcfg.seed))), nnx.Param)
     abstract = nnx.to_pure_dict(abstract)

@@ -125,7 +125,10 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
         if tok is None:
             from tokenizers import Tokenizer
 
-            tok = Tokenizer.from_file(tokenizer)
+            try:
+                tok = Tokenizer.from_file(tokenizer)
+            except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
+                raise ValueError(f"--tokenizer {tokenizer}: not a readable tokenizer.json ({e})") from None
         with open(path, encoding="utf-8", errors="replace") as f:
             ids = tok.encode(f.read()).ids
         if eos_token_id is not None and (not ids or ids[-1] != eos_token_id):
@@ -214,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     tokens = load_tokens(args.data, args.tokenizer, eos)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
-        raise SystemExit(f"token ids span [{tokens.min()}, {tokens.max()}] but vocab_size is {cfg.vocab_size}")
+        raise ValueError(f"token ids span [{tokens.min()}, {tokens.max()}] but model.vocab_size is {cfg.vocab_size}")
     data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id)
     autocast = torch.bfloat16 if args.bf16 else None
     max_norm = tc.max_grad_norm

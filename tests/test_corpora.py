@@ -64,8 +64,9 @@ def test_parse_sources(files):
     assert g.paths == [p0, p1] and g.weight == 2.0
     with pytest.raises(D.DataError, match="has no weight"):
         C.parse_sources([f"{p0}:0.7", js])
-    with pytest.raises(D.DataError, match="weight must be a number > 0"):
-        C.parse_sources([{"path": p0, "weight": 0}])
+    for w in (0, float("inf"), float("nan")):
+        with pytest.raises(D.DataError, match="weight must be a finite number > 0"):
+            C.parse_sources([{"path": p0, "weight": w}])
 
 
 def test_packed_and_mixed_rows():

@@ -392,6 +392,8 @@ def test_cli_validates_like_doge_jax(tmp_path, capsys):
          [], "train.seq_len=4096 > model.max_position_embeddings"),
         (base.replace("max_grad_norm: 1.0", "max_grad_norm: -1.0"), [], "train.max_grad_norm=-1.0"),
         (base, ["--data", str(tmp_path / "nope.npy")], "nope.npy"),
+        (base.replace("vocab_size: 4096", "vocab_size: 512"), [], "but model.vocab_size is 512"),
+        (base, ["--data", __file__, "--tokenizer", str(tmp_path / "nope.json")], "not a readable tokenizer.json"),
     ]
     for i, (text, extra, want) in enumerate(cases):
         cfg = tmp_path / f"c{i}.yaml"

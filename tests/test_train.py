@@ -500,3 +500,11 @@ def test_metrics_survive_a_cut_line_and_peaks_match_whole_words(tmp_path):
     assert peak_flops(dev("NVIDIA L40S"), "bfloat16") == 362e12
     assert peak_flops(dev("NVIDIA L4"), "bfloat16") == 121e12
     assert peak_flops(dev("NVIDIA H100 80GB HBM3"), "bfloat16") == 989e12
+
+
+def test_too_little_validation_data_is_said(corpus, cache, tmp_path, capsys):
+    assert run(corpus, cache, tmp_path / "run", "--train.val_fraction", "0.01", "--train.global_batch_tokens",
+               "4096", "--train.stop_after", "1") == 0
+    err = capsys.readouterr().err
+    assert "0 val batches" in err and "warning: no validation: the held-out documents fill" in err
+    assert "fewer than one micro-batch of 128 rows" in err
