@@ -19,7 +19,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def resolve_dtype(dtype):
-    if dtype is None:
+    """None or "auto" (each tensor's stored dtype), a name, or a dtype."""
+    if dtype is None or dtype == "auto":
         return None
     if isinstance(dtype, str):
         if dtype not in DTYPES:

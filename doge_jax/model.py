@@ -335,6 +335,16 @@ def check_token_ids(input_ids, vocab_size: int) -> None:
         raise ValueError(f"input_ids contain ids outside [0, vocab_size={vocab_size}): {bad[:10].tolist()}")
 
 
+def check_labels(labels, vocab_size: int) -> None:
+    """Labels outside [0, vocab) other than -100 raise (the gather would wrap or clamp). No-op on traced values."""
+    if isinstance(labels, jax.core.Tracer):
+        return
+    a = np.asarray(labels)
+    bad = a[((a < 0) & (a != -100)) | (a >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"labels outside [0, vocab_size={vocab_size}) and not -100: {bad[:10].tolist()}")
+
+
 class DogeForCausalLM(nnx.Module):
     """The Doge causal LM. `model(input_ids, attention_mask=None, logits_to_keep=0).logits`."""
 
@@ -368,6 +378,7 @@ class DogeForCausalLM(nnx.Module):
                              "(DogeCache.init with a larger capacity)")
         if position_ids is None:
             position_ids = (start + jnp.arange(S))[None]
+        position_ids = jnp.asarray(position_ids)
         new_mask = None if attention_mask is None else jnp.asarray(attention_mask)[:, -S:].astype(bool)
         if cache is not None:
             col = new_mask if new_mask is not None else jnp.ones((B, S), bool)
@@ -412,14 +423,20 @@ class DogeForCausalLM(nnx.Module):
             x, (layer_caches, router) = jax.lax.scan(
                 body, x, (layer_state, cache.layers if cache is not None else None, rngs))
         x = self.model.norm(x)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if not keep_all:  # an int: the last n positions; an array: those positions (as transformers)
+            x = x[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else x[:, jnp.asarray(logits_to_keep)]
         logits = self.lm_logits(x)
         out = DogeOutput(logits=logits)
         if cache is not None:
             out = out.replace(cache=DogeCache(layer_caches, cache.index + S, key_mask))
         if labels is not None:
-            out = out.replace(loss=causal_lm_loss(logits, jnp.asarray(labels), num_items_in_batch))
+            labels = jnp.asarray(labels)
+            if labels.shape != (B, S) or not keep_all:
+                raise ValueError(f"labels shape {labels.shape} must equal input_ids shape {(B, S)}, with "
+                                 f"logits_to_keep=0 (got {logits_to_keep!r})")
+            check_labels(labels, cfg.vocab_size)
+            out = out.replace(loss=causal_lm_loss(logits, labels, num_items_in_batch))
         want = cfg.output_router_logits if output_router_logits is None else output_router_logits
         if want and cfg.is_moe:
             aux = load_balancing_loss(router, cfg, new_mask)

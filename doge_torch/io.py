@@ -11,12 +11,13 @@ from doge_jax import hf_io
 from doge_jax.config import DogeConfig
 from doge_jax.hf_names import CheckpointError, check_keys, expected_hf_shapes, is_legacy, rename_legacy
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    """None or "auto" (the checkpoint's dtype), a name, or a torch.dtype."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
     return DTYPES[dtype]

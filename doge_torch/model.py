@@ -211,8 +211,9 @@ def dynamic_mask_bias(dt: torch.Tensor, allowed: torch.Tensor, keep_window: int,
     """The additive attention bias of spec §3.5: dt where allowed, finfo.min elsewhere, top-keep_window per row.
 
     dt [B, n, T]; allowed [B, 1, S, T] bool. Returns [B, n, S, T]. Ties in the keep-window top-k keep the lower
-    key index. `expiry=True` (only valid without a sliding window wider than keep_window) applies the same rule
-    in its key-expiry form (j kept by query i iff j <= i < e_j), with no sort over the [S, T] rows.
+    key index. `expiry=True` (only valid without a sliding window: the valid keys are read off the last query's row)
+    applies the same rule in its key-expiry form (j kept by query i iff j <= i < e_j), with no sort over the [S, T]
+    rows.
     """
     min_v = torch.finfo(dtype).min
     T = dt.shape[-1]
@@ -408,8 +409,11 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         if sdpa and dropout == 0.0 and flex_available(q.device):
             return flex_dma(cfg, q, k, v, dt, compute).to(q.dtype)
         allowed = allowed_mask(cfg, B, S, T - S, None, q.device)
-    expiry = cfg.sliding_window is None or cfg.sliding_window <= cfg.keep_window_size
-    bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, mask_dtype, expiry=expiry)
+    if cfg.sliding_window is not None and cfg.sliding_window <= cfg.keep_window_size:
+        # each row sees at most sliding_window <= keep_window keys: the keep-window top-k drops none (spec §3.5)
+        bias = dynamic_mask_bias(dt, allowed, dt.shape[-1], mask_dtype)
+    else:
+        bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, mask_dtype, expiry=cfg.sliding_window is None)
     if cfg.variant == "native" and r > 1 and G > 1:
         bias = bias.repeat_interleave(r, dim=1)  # head h uses kv-group h // r
     if sdpa:
@@ -615,12 +619,16 @@ class DogeForCausalLM(nn.Module):
             x, rl = layer(x, cos, sin, allowed, past_key_values)
             router.append(rl)
         x = self.model.norm(x)
-        if labels is not None and not return_logits and not logits_to_keep:
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if labels is not None and (tuple(labels.shape) != (B, S) or not keep_all):
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {(B, S)}, with "
+                             f"logits_to_keep=0 (got {logits_to_keep!r})")
+        if labels is not None and not return_logits:
             out = DogeOutput(logits=None, past_key_values=past_key_values,
                              loss=causal_lm_loss_fused(x, self.lm_weight(), labels, num_items_in_batch))
         else:
-            if logits_to_keep:
-                x = x[:, -logits_to_keep:]
+            if not keep_all:  # an int: the last n positions; a tensor: those positions (as transformers)
+                x = x[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else x[:, logits_to_keep]
             logits = F.linear(x, self.lm_weight())
             out = DogeOutput(logits=logits, past_key_values=past_key_values)
             if labels is not None:

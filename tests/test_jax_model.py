@@ -409,3 +409,29 @@ def test_remat_gives_same_gradients(tmp_path, remat):
     again = _jax_grads(DogeForCausalLM.from_pretrained(path, config=cfg), ids, ids)
     for k, g in plain.items():
         assert _rel(again[k], g) <= 1e-6, k
+
+
+def test_labels_checked_and_logits_to_keep_positions(tmp_path):
+    """Labels of another shape, with logits_to_keep, or outside the vocabulary (not -100) raise (before: broadcast,
+    wrapped or NaN losses); logits_to_keep may be an array of positions and position_ids a list."""
+    import torch
+
+    from doge_jax.model import DogeForCausalLM
+
+    hf = make_hf_model()
+    model = DogeForCausalLM.from_pretrained(save_hf(hf, tmp_path / "m"))
+    ids = unique_ids(2, 12, 128, seed=7)
+    for kw, want in ((dict(labels=ids[:, :8]), "labels shape"), (dict(labels=ids[:1]), "labels shape"),
+                     (dict(labels=ids, logits_to_keep=1), "labels shape"),
+                     (dict(labels=np.where(ids == ids[0, 3], -1, ids)), "labels outside"),
+                     (dict(labels=np.where(ids == ids[0, 3], 500, ids)), "labels outside")):
+        with pytest.raises(ValueError, match=want):
+            model(ids, **kw)
+    keep = np.array([0, 5, 11])
+    with torch.no_grad():
+        want = hf(input_ids=torch.as_tensor(ids), logits_to_keep=torch.as_tensor(keep)).logits.numpy()
+    got = np.asarray(model(ids, logits_to_keep=keep).logits)
+    assert got.shape == want.shape == (2, 3, 128) and max_abs_diff(got, want) <= 1e-5
+    pos = [list(range(12))] * 2
+    np.testing.assert_array_equal(np.asarray(model(ids, position_ids=pos).logits), np.asarray(model(ids).logits))
+

@@ -129,6 +129,45 @@ def test_sliding_window():
     assert max_abs_diff(b, ours_logits(ours_from_hf(hf, sliding_window=None), ids, mask)) > 1e-4
 
 
+@pytest.mark.parametrize("window,keep", [(6, 8), (8, 8), (12, 8)])
+def test_sliding_window_past_the_keep_window(window, keep):
+    """T > keep_window with a sliding window: when window <= keep_window every row keeps all its keys (before, the
+    key-expiry form read the valid keys off the last row only, masked every earlier key and let early queries see
+    future tokens); wider windows keep the top-k. Full forward with padding, and cached greedy decoding."""
+    hf = make_hf_model(sliding_window=window, keep_window_size=keep)
+    ours = ours_from_hf(hf)
+    ids = unique_ids(2, 20, TINY["vocab_size"], seed=6)
+    mask = left_pad_mask(2, 20, [0, 3])
+    a, b = both_logits(hf, ours, ids, mask)
+    assert max_abs_diff(a, b) <= TOL
+    changed = ids.copy()
+    changed[:, -1] = (changed[:, -1] + 1) % TINY["vocab_size"]
+    c = ours_logits(ours, changed, mask)
+    # causal (padding query rows attend uniformly to everything, as in transformers: not checked)
+    assert max_abs_diff(b[0, :-1], c[0, :-1]) == 0.0 and max_abs_diff(b[1, 3:-1], c[1, 3:-1]) == 0.0
+    prompt = torch.as_tensor(ids[:1, :10])
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
+                           eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generate(ours, prompt, max_new_tokens=8, eos_token_id=-1), want)
+
+
+def test_labels_and_logits_to_keep_as_transformers():
+    """Labels must match input_ids (before: a shorter target was silently used by the fused loss); logits_to_keep may
+    be a tensor of positions, as in transformers."""
+    hf = make_hf_model()
+    ours = ours_from_hf(hf)
+    ids = torch.as_tensor(unique_ids(2, 12, TINY["vocab_size"], seed=7))
+    for kw in (dict(labels=ids[:, :8]), dict(labels=ids[:1]), dict(labels=ids, logits_to_keep=1)):
+        for return_logits in (True, False):
+            with pytest.raises(ValueError, match="labels shape"):
+                ours(ids, return_logits=return_logits, **kw)
+    keep = torch.tensor([0, 5, 11])
+    with torch.no_grad():
+        a, b = hf(input_ids=ids, logits_to_keep=keep).logits, ours(ids, logits_to_keep=keep).logits
+    assert a.shape == b.shape == (2, 3, TINY["vocab_size"]) and max_abs_diff(a.numpy(), b.numpy()) <= TOL
+
+
 def test_keep_window_ties_keep_lower_index():
     """Our own deterministic tie rule (spec §9.1): among equal dt the lower key index is kept."""
     T, W = 10, 4
