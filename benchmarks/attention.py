@@ -7,7 +7,8 @@ median forward time and the peak extra resident memory during the timed call (RS
 minus RSS before the call). Sides alternate (interleaved pairs; the machine is noisy). A dated table is appended
 to benchmarks/RESULTS.md.
 
-    python benchmarks/attention.py [--lengths 512 2048 8192 32768] [--impls auto] [--repeats 2] [--no-append]
+    python benchmarks/attention.py [--lengths 512 2048 8192 32768] [--impls auto] [--repeats 2] [--pairs 3]
+        [--no-append]
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _measure(fn, repeats: int) -> tuple[float, int]:
     return statistics.median(times), peak
 
 
-def worker(side: str, path: str, length: int, impl: str, repeats: int) -> dict:
+def worker(side: str, path: str, length: int, impl: str, repeats: int, threads: int = 0) -> dict:
     import numpy as np
 
     ids = np.random.default_rng(0).integers(3, 32768, size=(1, length))
@@ -65,6 +66,8 @@ def worker(side: str, path: str, length: int, impl: str, repeats: int) -> dict:
         import torch
         import transformers
 
+        if threads:
+            torch.set_num_threads(threads)
         model = transformers.DogeForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
         t_ids = torch.as_tensor(ids)
 
@@ -88,10 +91,15 @@ def worker(side: str, path: str, length: int, impl: str, repeats: int) -> dict:
     return {"sec": sec, "extra_mb": extra / 2**20, "logits": out.reshape(-1)[:8].tolist()}
 
 
-def run_worker(side, path, length, impl, repeats, timeout) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", side, path, str(length), impl, str(repeats)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+TORCH_THREADS = (1, 2, os.cpu_count() or 1)  # transformers at its best thread count (a 2-thread torch suffers most
+# from a busy machine; doge_jax uses every core)
+
+
+def run_worker(side, path, length, impl, repeats, timeout, threads: int = 0) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", side, path, str(length), impl, str(repeats), str(threads)]
+    try:  # a CPU comparison: JAX pinned to the CPU, as torch runs there
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     except subprocess.TimeoutExpired:
         return None
     for line in p.stdout.splitlines()[::-1]:
@@ -106,7 +114,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 32768])
     ap.add_argument("--impls", nargs="+", default=["auto"], help="doge_jax attention_impl values to time")
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per subprocess")
-    ap.add_argument("--pairs", type=int, default=1, help="interleaved (transformers, doge_jax) subprocess pairs")
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved (transformers, doge_jax) subprocess pairs")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args(argv)
@@ -117,6 +125,7 @@ def main(argv=None) -> None:
 
     path = tempfile.mkdtemp(prefix="doge_bench_")
     hf_model(path)
+    load0 = os.getloadavg()[0]
     header = ["tokens", "impl", "transformers s", "doge_jax s", "speed-up", "transformers +MB", "doge_jax +MB",
               "memory ratio"]
     rows = []
@@ -124,8 +133,10 @@ def main(argv=None) -> None:
         for impl in args.impls:
             hf_runs, our_runs = [], []
             for _ in range(args.pairs):
-                if L <= HF_MAX_LEN:
-                    hf_runs.append(run_worker("hf", path, L, impl, args.repeats, args.timeout))
+                if L <= HF_MAX_LEN:  # the best torch thread count of this pair
+                    runs = [r for th in sorted(set(TORCH_THREADS))
+                            if (r := run_worker("hf", path, L, impl, args.repeats, args.timeout, th))]
+                    hf_runs.append(min(runs, key=lambda r: r["sec"]) if runs else None)
                 our_runs.append(run_worker("jax", path, L, impl, args.repeats, args.timeout))
             hf_ok = [r for r in hf_runs if r]
             our_ok = [r for r in our_runs if r]
@@ -148,16 +159,18 @@ def main(argv=None) -> None:
         import transformers
 
         note = (f"Doge-20M shape, float32, batch 1, forward with logits_to_keep=1; transformers "
-                f"{transformers.__version__} sdpa (torch {torch.__version__}, {torch.get_num_threads()} threads) vs "
-                f"doge_jax (jax {jax.__version__}); each cell a fresh subprocess, median of {args.repeats} timed "
-                f"calls after a warm-up; '+MB' = peak RSS above the pre-call RSS. transformers beyond "
-                f"{HF_MAX_LEN} tokens is skipped (dense [heads, L, L] masks).")
+                f"{transformers.__version__} sdpa (torch {torch.__version__}, best of {sorted(set(TORCH_THREADS))} "
+                f"threads per pair) vs doge_jax (jax {jax.__version__}, CPU); {args.pairs} interleaved pairs of fresh "
+                f"subprocesses, each the median of {args.repeats} timed calls after a warm-up, medians over pairs; "
+                f"'+MB' = peak RSS above the pre-call RSS. transformers beyond {HF_MAX_LEN} tokens is skipped "
+                f"(dense [heads, L, L] masks). Load average {load0:.1f} at the start, "
+                f"{os.getloadavg()[0]:.1f} at the end.")
         append_results("Forward pass, long context (benchmarks/attention.py)", header, rows, note)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        side, path, length, impl, repeats = sys.argv[2:7]
-        print(json.dumps(worker(side, path, int(length), impl, int(repeats))), flush=True)
+        side, path, length, impl, repeats, threads = sys.argv[2:8]
+        print(json.dumps(worker(side, path, int(length), impl, int(repeats), int(threads))), flush=True)
     else:
         main()

@@ -4,7 +4,7 @@ Doge-20M shape (transformers-native layout), float32 on CPU, random weights with
 prompt, 128 new tokens (greedy, no EOS), batch 1 and 8. Runs are interleaved pairs (the machine is noisy); the
 median of each side is reported with the ratio, and a dated row is appended to benchmarks/RESULTS.md.
 
-    python benchmarks/generate.py [--batches 1 8] [--new 128] [--prompt 32] [--repeats 3] [--no-append]
+    python benchmarks/generate.py [--batches 1 8] [--new 128] [--prompt 32] [--repeats 2] [--no-append]
 """
 
 from __future__ import annotations
@@ -78,12 +78,13 @@ def worker(side: str, path: str, batch: int, prompt: int, new: int, repeats: int
 
         torch.set_num_threads(threads)
         model = transformers.DogeForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+        model.generation_config.eos_token_id = None  # EOS an ordinary token, as doge_jax's eos_token_id=-1
         t_ids = torch.as_tensor(ids)
 
         def fn():
             with torch.no_grad():
                 return model.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new,
-                                      min_new_tokens=new, do_sample=False, pad_token_id=2).numpy()
+                                      do_sample=False, pad_token_id=2).numpy()
     else:
         from doge_jax.model import DogeForCausalLM
 
@@ -102,12 +103,16 @@ def worker(side: str, path: str, batch: int, prompt: int, new: int, repeats: int
     return {"sec": statistics.median(times), "first": first, "tokens": out[:, prompt:].tolist()}
 
 
+TORCH_THREADS = {1, 2, os.cpu_count() or 1}  # transformers at its best thread count (doge_jax uses every core)
+
+
 def run_worker(*args) -> dict:
     import json
     import subprocess
 
     cmd = [sys.executable, __file__, "--worker", *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    # a CPU comparison: JAX pinned to the CPU, as torch runs there (on a GPU machine, not GPU JAX vs CPU torch)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     for line in p.stdout.splitlines()[::-1]:
         if line.startswith("{"):
             return json.loads(line)
@@ -137,7 +142,7 @@ def main(argv=None) -> None:
         hf_t = {1: [], 2: []}
         our_t, same = [], True
         for _ in range(args.pairs):
-            hf_runs = {th: run_worker("hf", path, B, args.prompt, args.new, args.repeats, th) for th in (1, 2)}
+            hf_runs = {th: run_worker("hf", path, B, args.prompt, args.new, args.repeats, th) for th in TORCH_THREADS}
             ours = run_worker("jax", path, B, args.prompt, args.new, args.repeats, 0)
             for th, r in hf_runs.items():
                 hf_t[th].append(r["sec"])
@@ -156,7 +161,8 @@ def main(argv=None) -> None:
         print("| " + " | ".join(r) + " |")
     if not args.no_append:
         note = (f"Doge-20M shape, float32, {args.prompt}-token prompt, {args.new} new tokens, greedy, no EOS; "
-                f"transformers {transformers.__version__} sdpa (torch {torch.__version__}, best of 1 and 2 threads) "
+                f"transformers {transformers.__version__} sdpa (torch {torch.__version__}, best of "
+                f"{sorted(TORCH_THREADS)} threads) "
                 f"vs doge_jax (jax {jax.__version__}); each side in its own subprocess, {args.pairs} interleaved "
                 f"pairs x {args.repeats} timed runs after a warm-up, medians.")
         append_results("Generation (benchmarks/generate.py)", header, rows, note)

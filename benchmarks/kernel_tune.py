@@ -14,6 +14,7 @@ and Pallas interpret mode; set TRITON_INTERPRET=1 before starting it), prints th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import statistics
@@ -129,10 +130,19 @@ def main(argv=None) -> int:
             grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
             timed(label(kw), lambda fwd=fwd: sync(fwd(jq, jk, jv, jdt)), lambda grad=grad: sync(grad(jq, jk, jv, jdt)))
 
-    timed("torch flash causal sdpa",
-          lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-          lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                                      (q, k, v), do))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def causal(flash: bool):  # flash forced on a GPU (some torch builds rank cuDNN first): the label must be true
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if flash else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    flash = gpu
+    try:
+        causal(flash)
+    except RuntimeError:  # flash refuses these shapes: the default order, labelled so
+        flash = False
+    timed("torch flash causal sdpa" if flash else "torch causal sdpa (default backend)", lambda: causal(flash),
+          lambda: torch.autograd.grad(causal(flash), (q, k, v), do))
     # most informative first (the sparse kernels), so that --budget cuts the least useful rows
     sparse = [dict(block_q=bq, block_k=bk, keep=keep, sparse=True, superblock=sb) for bq, bk, sb in sparse_configs]
     dense = [dict(block_q=bq, block_k=bk, sparse=False) for bq, bk in configs]

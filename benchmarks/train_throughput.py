@@ -22,7 +22,8 @@ import statistics
 import sys
 import time
 
-import jax
+os.environ["JAX_PLATFORMS"] = "cpu"  # a CPU comparison (torch runs on the CPU): never JAX on a GPU vs torch on the CPU
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 import optax
