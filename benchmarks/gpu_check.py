@@ -392,7 +392,8 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         report.add(S, check, f"rel. L2 grad error {rel:.2e}", f"<= {GRAD_REL_TOL:g}",
                    "PASS" if rel <= GRAD_REL_TOL else "FAIL")
 
-    # -- doge_torch on the device
+    # -- doge_torch on the device (float32 rows in true float32; the previous TF32 settings come back after them)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     tmodel = doge_torch.DogeForCausalLM.from_pretrained(tmp).to(tdev).eval()  # attention_impl auto: sdpa
@@ -434,8 +435,7 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
                        padded=True, owner=tmodel)
     else:
         report.add(S, "doge_torch fp32 compiled", "budget", status="SKIP")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32  # (before: TF32 on for the rest)
     with guarded(report, S, "doge_torch bf16 autocast"):
         with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
             lb = tmodel(dev(tb)).logits.float().cpu().numpy()
