@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from .config import DogeConfig
-from .hf_io import atomic_output_dir, check_not_a_run, not_model_file
+from .hf_io import model_output_dir
 from .hf_names import CheckpointError
 
 PARAMS = "params"
@@ -161,11 +161,10 @@ def save_model(model, path: str, overwrite: bool = True) -> None:
     (a tokenizer) stay, HF weight files go."""
     import orbax.checkpoint as ocp
 
-    check_not_a_run(path)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params = jax.tree.map(jnp.asarray, params)
     dtype = str(jax.tree.leaves(params)[0].dtype)
-    with atomic_output_dir(path, overwrite=overwrite, keep=not_model_file) as tmp:
+    with model_output_dir(path, overwrite=overwrite) as tmp:
         model.config.save_json(os.path.join(tmp, "config.json"), dtype=dtype)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS), params)

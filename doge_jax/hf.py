@@ -129,10 +129,9 @@ def _dtype_name(a: np.ndarray) -> str:
 def save_pretrained(model, path: str, max_shard_size="5GB", overwrite: bool = True) -> None:
     """Write config.json, generation_config.json and safetensors (sharded above max_shard_size) atomically. In an
     existing directory the other files (tokenizer, README...) stay and old weight files go, as in transformers."""
-    hf_io.check_not_a_run(path)
     sd = hf_state_dict(model)
     cfg: DogeConfig = model.config
-    with hf_io.atomic_output_dir(path, overwrite=overwrite, keep=hf_io.not_model_file) as tmp:
+    with hf_io.model_output_dir(path, overwrite=overwrite) as tmp:
         cfg.save_json(os.path.join(tmp, "config.json"), dtype=_dtype_name(next(iter(sd.values()))))
         gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if getattr(cfg, k) is not None}

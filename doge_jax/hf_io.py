@@ -139,22 +139,21 @@ MODEL_FILES = re.compile(r"(config\.json|generation_config\.json|params|model(-\
                          r"pytorch_model\.bin\.index\.json)")
 
 
-def is_model_file(name: str) -> bool:
-    """Whether a directory entry is one a model save writes (weights, their index, config, orbax params/)."""
-    return MODEL_FILES.fullmatch(name) is not None
+def _not_model_file(name: str) -> bool:
+    """Entries a model save carries over from the directory it replaces: all but the model's own files."""
+    return MODEL_FILES.fullmatch(name) is None
 
 
-def check_not_a_run(path: str | os.PathLike) -> None:
-    """Model saves refuse a training run directory: its checkpoints/ would stay and win over the saved weights in
-    from_pretrained (and replacing the directory would delete the run)."""
+@contextlib.contextmanager
+def model_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
+    """atomic_output_dir for model saves (HF or orbax), as transformers' save_pretrained behaves: the directory's
+    other files (tokenizer, README) stay, its old weight files go. A training run directory is refused: its
+    checkpoints/ would win over the saved weights in from_pretrained (and replacing it would delete the run)."""
     if os.path.isdir(os.path.join(os.fspath(path), "checkpoints")):
         raise FileExistsError(f"{os.fspath(path)} holds a training run (checkpoints/); save the model to another "
                               "directory (a run's step converts with python -m convert RUN DST --to hf)")
-
-
-def not_model_file(name: str) -> bool:
-    """`keep` for saves: carry everything but the model's own files (tokenizer, README, a run's files...)."""
-    return not is_model_file(name)
+    with atomic_output_dir(path, overwrite=overwrite, keep=_not_model_file) as tmp:
+        yield tmp
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -218,11 +217,11 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None
         else:
             try:
                 os.rename(tmp, path)
-            except OSError as e:  # a directory that appeared since the check above (rename keeps non-empty ones)
+            except OSError:  # a directory that appeared since the check above (rename keeps non-empty ones)
                 if os.path.isdir(path) and not overwrite:
                     raise FileExistsError(f"{path} appeared while writing it (another writer?); nothing replaced"
                                           ) from None
-                raise e
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -74,10 +74,9 @@ def write_generation_config(out_dir: str, cfg: DogeConfig) -> None:
 def save_pretrained(model, path: str, max_shard_size="5GB", overwrite: bool = True) -> None:
     """Write config.json, generation_config.json and safetensors (sharded above max_shard_size) atomically. In an
     existing directory the other files (tokenizer, README...) stay and old weight files go, as in transformers."""
-    hf_io.check_not_a_run(path)
     sd = state_for_hf(model)
     dtype = str(next(iter(sd.values())).dtype).replace("torch.", "")
-    with hf_io.atomic_output_dir(path, overwrite=overwrite, keep=hf_io.not_model_file) as tmp:
+    with hf_io.model_output_dir(path, overwrite=overwrite) as tmp:
         model.config.save_json(os.path.join(tmp, "config.json"), dtype=dtype)
         write_generation_config(tmp, model.config)
         hf_io.write_safetensors(tmp, sd, framework="pt", max_shard_size=max_shard_size)
