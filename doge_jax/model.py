@@ -379,14 +379,21 @@ class DogeForCausalLM(nnx.Module):
         if position_ids is None:
             position_ids = (start + jnp.arange(S))[None]
         position_ids = jnp.asarray(position_ids)
-        new_mask = None if attention_mask is None else jnp.asarray(attention_mask)[:, -S:].astype(bool)
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
+            shape = tuple(attention_mask.shape)
+            ok = len(shape) == 2 and shape[0] == B and (shape[1] >= S if cache is not None else shape[1] == S)
+            if not ok:
+                raise ValueError(f"attention_mask shape {shape} must be (batch, new tokens) = {(B, S)}"
+                                 + (" or (batch, cached + new tokens)" if cache is not None else ""))
+        new_mask = None if attention_mask is None else attention_mask[:, -S:].astype(bool)
         if cache is not None:
             col = new_mask if new_mask is not None else jnp.ones((B, S), bool)
             key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, col, start, axis=1)
             mask = MaskInfo(key_mask, start, start + S, cfg.sliding_window)  # only slots < index + S exist
         else:
             key_mask = None
-            mask = MaskInfo(None if attention_mask is None else jnp.asarray(attention_mask).astype(bool), 0, None,
+            mask = MaskInfo(None if attention_mask is None else attention_mask.astype(bool), 0, None,
                             cfg.sliding_window)
         cos, sin = rotary_cos_sin(cfg, position_ids, x.dtype)
 

@@ -605,6 +605,10 @@ class DogeForCausalLM(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = DogeCache(cfg.num_hidden_layers)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + S):
+            # a shorter mask would broadcast over the cached keys and drop the prompt's padding silently
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, cached + new "
+                             f"tokens) = {(B, past + S)}")
         rope_len = None
         if position_ids is None:
             position_ids = (past + torch.arange(S, device=input_ids.device))[None]

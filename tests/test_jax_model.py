@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    TINY,
     TINY_MOE,
     hf_logits,
     left_pad_mask,
     make_hf_model,
     max_abs_diff,
+    random_ids,
     save_hf,
     unique_ids,
     write_legacy_checkpoint,
@@ -435,3 +437,17 @@ def test_labels_checked_and_logits_to_keep_positions(tmp_path):
     pos = [list(range(12))] * 2
     np.testing.assert_array_equal(np.asarray(model(ids, position_ids=pos).logits), np.asarray(model(ids).logits))
 
+
+
+def test_attention_mask_shape_is_checked():
+    """A mask that is not [B, S] (or [B, cached + S] with a cache) raises instead of broadcasting."""
+    cfg = DogeConfig(**TINY)
+    model = DogeForCausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(random_ids(2, 5, cfg.vocab_size))
+    for bad in (np.ones((2, 7), bool), np.ones((1, 5), bool), np.ones((5,), bool), np.ones((2, 4), bool)):
+        with pytest.raises(ValueError, match="attention_mask shape"):
+            model(ids, attention_mask=bad)
+    cache = DogeCache.init(cfg, 2, 16)
+    out = model(ids, attention_mask=np.ones((2, 5), bool), cache=cache)
+    model(ids[:, :1], attention_mask=np.ones((2, 6), bool), cache=out.cache)  # HF style: cached + new
+    model(ids[:, :1], attention_mask=np.ones((2, 1), bool), cache=out.cache)  # new tokens only

@@ -732,3 +732,19 @@ def test_forward_copies_no_cpu_tensor_to_the_device(monkeypatch):
     with token_ids_checked(), CpuIntoDevice() as mode:
         out = model(ids, labels=ids)
     assert out.loss.is_meta and mode.hits == []
+
+
+def test_attention_mask_must_cover_cached_and_new_tokens():
+    """A [B, 1] mask while decoding would broadcast over the cached keys and drop the prompt's padding."""
+    model = DogeForCausalLM(DogeConfig(**TINY)).eval()
+    ids = torch.as_tensor(random_ids(2, 5, TINY["vocab_size"]))
+    mask = torch.as_tensor(left_pad_mask(2, 5, [0, 2]))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        nxt = ids[:, :1]
+        with pytest.raises(ValueError, match=r"attention_mask shape \(2, 1\).*\(2, 6\)"):
+            model(nxt, attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=out.past_key_values)
+        with pytest.raises(ValueError, match="attention_mask shape"):
+            model(ids, attention_mask=mask[:, 1:])
+        full = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        model(nxt, attention_mask=full, past_key_values=out.past_key_values)  # the right shape still runs
