@@ -49,7 +49,11 @@ def _logits(h: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
 
 
 def _chunks(h: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, int]:
+    """[n, d] -> [c, chunk', d] with c = ceil(n / chunk) chunks of equal size chunk' <= chunk, so at most c - 1
+    padding rows (padding n = 64 up to 1024 made small steps ~5x slower than the plain loss)."""
     n = h.shape[0]
+    count = -(-n // chunk)
+    chunk = -(-n // count)
     pad = (-n) % chunk
     if pad:
         h = jnp.concatenate([h, jnp.zeros((pad, h.shape[1]), h.dtype)])

@@ -319,6 +319,15 @@ def test_chunked_ce_equals_model_loss(vocab_major):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_chunked_ce_pads_little():
+    """Chunks are evened out: 64 tokens with chunk 1024 are one chunk of 64, 2100 three of 700 (no padding)."""
+    from doge_jax.loss import _chunks
+
+    for n, chunk, want in ((64, 1024, (1, 64)), (2100, 1024, (3, 700)), (63, 8, (8, 8)), (4096, 1024, (4, 1024))):
+        hc, tc, _ = _chunks(jnp.zeros((n, 4)), jnp.zeros((n,), jnp.int32), chunk)
+        assert hc.shape == (*want, 4) and tc.shape == want
+
+
 def test_plain_and_chunked_train_loss_agree():
     cfg, tcfg, graphdef, params, tx = _tiny_setup()
     ids = np.random.default_rng(1).integers(3, 64, (1, 4, 16)).astype(np.int32)
