@@ -633,6 +633,45 @@ def cudnn_refuses(head_dim: int, tdev) -> str | None:
         return f"head dim {head_dim}: {str(e).splitlines()[0][:100]}"
 
 
+def hf_train_rate(base, tdev, batch, warm: int, timed: int) -> tuple[float, str]:
+    """(tokens/s, note) of transformers' own DogeForCausalLM (sdpa, eager, bf16 autocast, fused AdamW, clip 1.0)
+    on `batch`: the training baseline. Out of memory, the same step as 2, 4 or 8 accumulated micro-batches."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hc = transformers.DogeConfig(**base.to_hf_dict())
+    model = transformers.DogeForCausalLM._from_config(hc, attn_implementation="sdpa").to(tdev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01,
+                            fused=tdev.type == "cuda")
+    tb = torch.as_tensor(batch).to(tdev)
+    for parts in (1, 2, 4, 8):
+        if len(batch) % parts:
+            break
+        mbs = tb.chunk(parts)
+
+        def run(mbs=mbs, parts=parts):
+            for mb in mbs:
+                with torch.autocast(tdev.type, torch.bfloat16):
+                    loss = model(input_ids=mb, labels=mb).loss / parts
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        try:
+            loss0 = float(run()) * parts
+            sec = time_queued(run, timed, warmup=warm - 1)
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            continue
+        split = "" if parts == 1 else f", {parts} accumulated micro-batches"
+        return tb.numel() / sec, f"transformers {transformers.__version__} sdpa eager{split}, loss {loss0:.2f}"
+    raise torch.OutOfMemoryError(f"transformers step out of memory even as {parts} micro-batches")
+
+
 @contextlib.contextmanager
 def torch_sdpa_order(names):
     """doge_torch's sdpa backend priority (doge_torch.model.set_sdpa_backends) inside the block, if `names`."""
@@ -657,15 +696,17 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     S = "train"
     warm, timed = (1, 2) if cpu else (2, 6)
 
-    def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None):
+    def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False):
         fpt = flops_per_token(base, seq)
         tokens = seq * rows
         batch = np.random.default_rng(0).integers(3, base.vocab_size, (rows, seq), dtype=np.int64)
+        hf_tps = None
 
         def row(framework: str, sec: float, note: str):
             tps = tokens / sec
             mfu = tps * fpt / peak
-            measured = f"{tps:,.0f} tok/s, MFU {100 * mfu:.1f}% ({note})"
+            vs = "" if hf_tps is None else f"{tps / hf_tps:.2f}x transformers, "
+            measured = f"{tps:,.0f} tok/s, MFU {100 * mfu:.1f}% ({vs}{note})"
             if kind == "160m":
                 status = "MET" if mfu >= TARGET_MFU_160M else "MISSED"
                 target = f">= {100 * TARGET_MFU_160M:.0f}% MFU"
@@ -674,6 +715,16 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
                 target = f">= {TARGET_TOKS_20M / 1e3:.0f}k tok/s"
             report.add(S, f"{label} {framework} seq {seq} x {rows} rows", measured, target,
                        "-" if cpu else status)
+
+        if hf_row and budget.left() < (5 if cpu else 45):
+            report.add(S, f"{label} transformers", "budget", status="SKIP")
+        elif hf_row:
+            with guarded(report, S, f"{label} transformers"):
+                hf_tps, note = hf_train_rate(base, tdev, batch, warm, timed)
+                report.add(S, f"{label} transformers bf16 autocast seq {seq} x {rows} rows",
+                           f"{hf_tps:,.0f} tok/s, MFU {100 * hf_tps * fpt / peak:.1f}% ({note}; the baseline)")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
         kernels = base.attention_impl == "pallas"
         if not jax_row or (kernels and faulted(report, S, f"{label} doge_jax", "pallas")):
@@ -731,7 +782,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
 
     configs = train_configs(cpu)
     for args in configs:
-        one(*args)
+        one(*args, hf_row=True)
     # the Triton/Pallas kernels in training (T = keep_window: causal + bias), after the targets, as budget allows
     label, base, seq, rows, kind = configs[1]
     one(label + " [pallas/Triton kernels]", base.replace(attention_impl="pallas"), seq, rows, kind)
@@ -1006,8 +1057,8 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
                     with torch.no_grad():
                         return hf.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new,
                                            do_sample=False, pad_token_id=cfg.pad_token_id)
-                sec = time_fn(hf_gen, 1)
-                hf_out = hf_gen().cpu().numpy()
+                hf_out = hf_gen().cpu().numpy()  # also the warm-up
+                sec = time_fn(hf_gen, 2, warmup=0)  # median of 2, as doge_jax's
                 hf_rate = hf_rates[B] = B * new / sec
                 report.add(S, f"transformers {transformers.__version__} sdpa fp32 batch {B}, {prompt}+{new} tokens",
                            f"{hf_rate:,.0f} tok/s (baseline)")
@@ -1027,7 +1078,7 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     with guarded(report, S, "doge_torch batch 1"):
         tm = doge_torch.DogeForCausalLM.from_pretrained(path).to(tdev).eval()
         ids = torch.as_tensor(np.random.default_rng(1).integers(3, cfg.vocab_size, (1, prompt))).to(tdev)
-        sec = time_fn(lambda: tm.generate(ids, max_new_tokens=new, eos_token_id=-1), 1)
+        sec = time_fn(lambda: tm.generate(ids, max_new_tokens=new, eos_token_id=-1), 2)
         vs = f" ({new / sec / hf_rates[1]:.2f}x transformers)" if 1 in hf_rates else ""
         report.add(S, f"doge_torch fp32 eager batch 1, {prompt}+{new} tokens", f"{new / sec:,.0f} tok/s{vs}")
 
