@@ -6,8 +6,8 @@ On a lent GPU machine (device tool `run`, one H100/H200), from the repository ro
 
 It needs only the GPU image's packages (torch 2.11+cu130, jax 0.11.2 + cuda13 plugin, flax, optax, numpy, yaml,
 safetensors, ml_dtypes; see the device tool's KINDS.md): nothing to carry but the working tree. It does not
-import grain, tensorboardX or matplotlib (transformers only as the generation baseline, skipped without it);
-`doge_jax.train.make_steps` is used when importable, else
+import grain, tensorboardX or matplotlib (transformers only as the training and generation baselines, skipped
+without it); `doge_jax.train.make_steps` is used when importable, else
 an equivalent step is built from doge_jax.loss + doge_jax.optim. It writes no files except the RESULTS.md append
 (and torch/jax compile caches under /tmp). `--sections attention,train` runs a subset; `--regional none|160m|all`
 compiles the torch training model layer by layer instead of as one graph (default: all rows; whole-model inductor
@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import math
 import os
 import statistics
@@ -716,7 +717,9 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
             report.add(S, f"{label} {framework} seq {seq} x {rows} rows", measured, target,
                        "-" if cpu else status)
 
-        if hf_row and budget.left() < (5 if cpu else 45):
+        if hf_row and importlib.util.find_spec("transformers") is None:
+            report.add(S, f"{label} transformers", "not installed (no baseline)", status="SKIP")
+        elif hf_row and budget.left() < (5 if cpu else 45):
             report.add(S, f"{label} transformers", "budget", status="SKIP")
         elif hf_row:
             with guarded(report, S, f"{label} transformers"):
