@@ -163,12 +163,34 @@ def batches(tokens: np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: 
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
+def init_from(path: str, cfg) -> DogeForCausalLM:
+    """A float32 model of `cfg` (the checkpoint's config with the requested fields) with the weights of the HF
+    directory `path`; dense -> MoE: the new router/expert tables keep their fresh init (spec §7)."""
+    from doge_jax.hf_names import check_keys, expected_hf_shapes
+    from doge_jax.init import is_new_moe_param
+
+    from .io import load_hf_state
+
+    _, state = load_hf_state(path, config=cfg)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = expected_hf_shapes(cfg)
+    to_moe = cfg.is_moe and not any(is_new_moe_param(k) for k in state)
+    if to_moe:
+        expected = {k: v for k, v in expected.items() if not is_new_moe_param(k)}
+    check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, where=path)
+    model = DogeForCausalLM(cfg)  # fresh float32 init from the seeded global generator
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not to_moe)
+    return model
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap = argparse.ArgumentParser(prog="python -m doge_torch.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML with model: and train: sections (configs/*.yaml)")
     ap.add_argument("--data", nargs="+", required=True, help=".npy token files, or text files with --tokenizer")
     ap.add_argument("--tokenizer", help="tokenizer.json for text data")
-    ap.add_argument("--init-from", help="start from this HF directory instead of a fresh init")
+    ap.add_argument("--init-from", help="start from this HF directory instead of a fresh init; the --config file's "
+                    "model: fields apply on top where shapes allow (dense -> MoE: fresh router and expert tables)")
     ap.add_argument("--max-steps", type=int, help="stop after this many steps (schedule unchanged)")
     ap.add_argument("--out", help="write metrics.jsonl and the final model (OUT/final, an HF directory) here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -192,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
     # the same validation and defaults as doge_jax.train (unknown keys, types, ranges named); of train:, this loop
     # uses the recipe fields (batch, schedule, optimizer, seed)
-    cfg, tc = load_configs(args.config, [])
+    # with --init-from the model config is the checkpoint's, with the --config file's model: fields applied on top
+    # where shapes allow (dense -> MoE included), as in doge_jax.train
+    cfg, tc = load_configs(args.config, [("train", "init_from", args.init_from)] if args.init_from else [])
     if tc.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"train.seq_len={tc.seq_len} > model.max_position_embeddings={cfg.max_position_embeddings}")
     seq_len, grad_accum, rows = tc.seq_len, tc.grad_accum, tc.rows_per_micro
@@ -202,11 +226,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
     torch.manual_seed(seed)
     device = torch.device(args.device)
-    if args.init_from:
-        model = DogeForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
-        cfg = model.config
-    else:
-        model = DogeForCausalLM(cfg)
+    model = init_from(args.init_from, cfg) if args.init_from else DogeForCausalLM(cfg)
     model = model.to(device).train()
     optimizer = make_optimizer(model, tc.peak_lr, weight_decay=tc.weight_decay, b1=tc.adam_b1, b2=tc.adam_b2,
                                eps=tc.adam_eps)

@@ -20,6 +20,7 @@ from flax import nnx
 
 import doge_jax
 import doge_torch
+from doge_jax.config import ConfigError
 from doge_jax.hf import hf_state_dict
 from doge_jax.optim import decay_mask, make_optimizer, wsd_schedule
 from doge_jax.optim import hf_name_decayed as jax_hf_name_decayed
@@ -405,3 +406,36 @@ def test_cli_validates_like_doge_jax(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", str(tmp_path / "c0.yaml"), "--data", "x.npy", "--log-every", "0"])
     assert e.value.code == 2 and "--log-every 0: must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_init_from_applies_the_config_files_model_fields(tmp_path):
+    """`--init-from DENSE --config moe.yaml`: the checkpoint's weights in the MoE model the config asks for (dense
+    MLP -> shared expert, fresh router and expert tables), as doge_jax.train does; before, the config's model
+    fields were dropped and a dense model trained."""
+    tokens = np.random.default_rng(0).integers(0, 4096, size=5_000).astype(np.uint16)
+    np.save(tmp_path / "tokens.npy", tokens)
+    dense_cfg = doge_torch.DogeConfig.from_yaml("configs/tiny.yaml")
+    torch.manual_seed(3)
+    dense = doge_torch.DogeForCausalLM(dense_cfg)
+    dense.save_pretrained(str(tmp_path / "dense"))
+    cfg = tmp_path / "moe.yaml"
+    cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 64")
+                   .replace("global_batch_tokens: 4096", "global_batch_tokens: 128")
+                   .replace("is_moe: false", "is_moe: true").replace("num_experts: 16384", "num_experts: 16")
+                   .replace("num_experts_per_tok: 64", "num_experts_per_tok: 4")
+                   .replace("peak_lr: 3.0e-3", "peak_lr: 1.0e-12"))
+    main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--init-from",
+          str(tmp_path / "dense"), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    got = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))
+    assert got.config.is_moe and got.config.num_experts == 16
+    want = dense.state_dict()
+    for name, p in got.state_dict().items():
+        if any(k in name for k in ("router_gate", "down_embed", "up_embed")):
+            assert p.abs().max() > 0, name  # fresh tables, not zeros
+        else:  # peak_lr 1e-12: one AdamW step moves a weight by ~1e-12
+            torch.testing.assert_close(p, want[name], rtol=0, atol=1e-9, msg=name)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg.read_text().replace("hidden_size: 128", "hidden_size: 96"))
+    with pytest.raises(ConfigError, match="hidden_size"):
+        main(["--config", str(bad), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--init-from",
+              str(tmp_path / "dense")])
