@@ -183,6 +183,8 @@ class DogeMLP(nnx.Module):
 def route(router_logits: jax.Array, num_keys: int, top_k: int):
     """Product-key routing (spec §3.8 steps 2-4): [2, N, K] -> (scores [N,k], experts [N,k], all_scores [N,K²],
     all_idx [N,K²]). lax.top_k keeps the lower index on ties, like doge_torch's stable sort."""
+    # lax.top_k ranks +0.0 above -0.0 where torch's sort calls them equal (a tie): one zero for both
+    router_logits = jnp.where(router_logits == 0, jnp.zeros_like(router_logits), router_logits)
     sx, ix = jax.lax.top_k(router_logits[0], num_keys)
     sy, iy = jax.lax.top_k(router_logits[1], num_keys)
     N = sx.shape[0]
@@ -312,11 +314,12 @@ def load_balancing_loss(router_logits: jax.Array, cfg: DogeConfig, attention_mas
     E, K, k = cfg.num_experts, cfg.num_keys, cfg.num_experts_per_tok
     L, _, N, _ = router_logits.shape
     _, experts, all_scores, all_idx = jax.vmap(lambda r: route(r, K, k))(router_logits)  # [L, N, ...]
-    probs = jax.nn.softmax(all_scores, axis=-1)
-    dense = jnp.zeros((L, N, E), probs.dtype)
+    # float32 throughout: a bf16 count stops growing at 256 (256 + 1 rounds to 256)
+    probs = jax.nn.softmax(all_scores.astype(jnp.float32), axis=-1)
+    dense = jnp.zeros((L, N, E), jnp.float32)
     dense = jax.vmap(jax.vmap(lambda z, i, p: z.at[i].set(p)))(dense, all_idx, probs)
-    m = jnp.ones((N,), probs.dtype) if attention_mask is None else attention_mask.reshape(N).astype(probs.dtype)
-    counts = jnp.zeros((E,), probs.dtype).at[experts.reshape(-1)].add(
+    m = jnp.ones((N,), jnp.float32) if attention_mask is None else attention_mask.reshape(N).astype(jnp.float32)
+    counts = jnp.zeros((E,), jnp.float32).at[experts.reshape(-1)].add(
         jnp.broadcast_to(m[None, :, None], experts.shape).reshape(-1))
     f = counts / (L * k * jnp.sum(m))
     p_mean = jnp.sum(dense * m[None, :, None], axis=(0, 1)) / (L * jnp.sum(m))

@@ -67,9 +67,12 @@ def run_sdpa(*args, **kw) -> torch.Tensor:
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest k along the last axis, sorted, ties broken by lower index (the rule doge_jax uses, spec §9.1)."""
-    values, idx = torch.sort(x, dim=-1, descending=True, stable=True)
-    return values[..., :k], idx[..., :k]
+    """Largest k along the last axis, sorted, ties broken by lower index (the rule doge_jax uses, spec §9.1).
+    The sort runs without autograd (it would keep its [..., n] int64 indices for the backward) and the k values are
+    gathered, so the backward keeps only [..., k] indices."""
+    with torch.no_grad():
+        idx = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+    return x.gather(-1, idx), idx
 
 
 def torch_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -544,9 +547,10 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], cfg: DogeConfig
     for rl in router_logits:
         _, ex, all_scores, all_idx = route(rl, K, k)
         experts.append(ex)
-        probs.append(torch.zeros_like(all_scores).scatter(-1, all_idx, F.softmax(all_scores, dim=-1)))
+        probs.append(torch.zeros_like(all_scores, dtype=torch.float32).scatter(
+            -1, all_idx, F.softmax(all_scores.float(), dim=-1)))
     experts, probs = torch.cat(experts), torch.cat(probs)
-    dtype = probs.dtype
+    dtype = probs.dtype  # float32: bf16 token counts and sums round (1174 tokens became 1176)
     if attention_mask is None:
         counts = torch.zeros(E, dtype=dtype, device=probs.device).scatter_add_(
             0, experts.reshape(-1), torch.ones(experts.numel(), dtype=dtype, device=probs.device))

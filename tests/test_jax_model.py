@@ -451,3 +451,32 @@ def test_attention_mask_shape_is_checked():
     out = model(ids, attention_mask=np.ones((2, 5), bool), cache=cache)
     model(ids[:, :1], attention_mask=np.ones((2, 6), bool), cache=out.cache)  # HF style: cached + new
     model(ids[:, :1], attention_mask=np.ones((2, 1), bool), cache=out.cache)  # new tokens only
+
+
+def test_moe_aux_loss_bf16_is_counted_in_float32():
+    """bf16 router logits: expert counts past 256 (where a bf16 count stops growing) and the padding-mask sums are
+    kept in float32 in both packages, so the aux loss equals that of the same values in float32. The logits are
+    multiples of 1/8, so bf16 route sums are exact and both dtypes pick the same experts (ties: lower index)."""
+    from doge_jax.model import load_balancing_loss, route
+    from doge_torch.model import load_balancing_loss as torch_lbl
+    from doge_torch.model import route as torch_route
+
+    cfg = DogeConfig(**TINY, **TINY_MOE)  # 16 experts (4 keys), 4 per token
+    L, B, S = 2, 2, 600  # ~600 choices per expert per layer
+    vals = np.random.default_rng(0).integers(-24, 25, (L, 2, B * S, cfg.num_keys)) / 8
+    mask = np.ones((B, S), np.int32)
+    mask[1, :174] = 0
+    r32 = jnp.asarray(vals, jnp.float32)
+    for m in (None, mask):
+        want = float(load_balancing_loss(r32, cfg, None if m is None else jnp.asarray(m)))
+        got = float(load_balancing_loss(r32.astype(jnp.bfloat16), cfg, None if m is None else jnp.asarray(m)))
+        assert abs(got - want) <= 1e-6 * want, (got, want)
+        tm = None if m is None else torch.as_tensor(m)
+        t32 = float(torch_lbl(tuple(torch.as_tensor(vals[i], dtype=torch.float32) for i in range(L)), cfg, tm))
+        t16 = float(torch_lbl(tuple(torch.as_tensor(vals[i], dtype=torch.bfloat16) for i in range(L)), cfg, tm))
+        assert abs(t16 - t32) <= 1e-6 * t32 and abs(t32 - want) <= 1e-6 * want, (t16, t32, want)
+    # signed zeros tie as in torch's sort (lax.top_k alone ranks +0.0 above -0.0)
+    z = np.array([[[-1.0, -0.0, 0.0, -2.0]], [[0.0, -0.0, -3.0, -4.0]]], np.float32)
+    j = route(jnp.asarray(z), 4, 4)[1]
+    t = torch_route(torch.as_tensor(z), 4, 4)[1]
+    np.testing.assert_array_equal(np.asarray(j), t.numpy())
