@@ -122,5 +122,7 @@ def causal_lm_loss_chunked(hidden: jax.Array, w: jax.Array, labels: jax.Array, n
     hidden [B, S, d]; labels [B, S] with -100 ignored; mean over valid targets or sum / num_items_in_batch."""
     targets = shift_targets(labels).reshape(-1)
     total = chunked_ce_sum(hidden.reshape(-1, hidden.shape[-1]), w, targets, vocab_major, chunk)
-    denom = jnp.sum(targets != IGNORE) if num_items_in_batch is None else num_items_in_batch
-    return total / jnp.asarray(denom, jnp.float32)
+    denom = jnp.asarray(jnp.sum(targets != IGNORE) if num_items_in_batch is None else num_items_in_batch,
+                        jnp.float32)
+    # no valid target: a NaN loss (as the plain loss and torch's) but finite, zero gradients (0 * 1/0 would be NaN)
+    return jnp.where(denom > 0, total / jnp.maximum(denom, 1e-30), jnp.nan)

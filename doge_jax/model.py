@@ -375,6 +375,10 @@ class DogeForCausalLM(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         B, S = input_ids.shape
         x = jnp.take(self.model.embed_tokens.embedding[...], input_ids, axis=0)
+        if cfg.pad_token_id is not None:
+            # spec §9.14: as torch's Embedding(padding_idx), the lookup gives the pad row no gradient (the pad row
+            # starts at zero, where RMSNorm's gradient is ~1/sqrt(eps): it swamped the clipping norm)
+            x = jnp.where((input_ids == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
         start = cache.index if cache is not None else 0
         if cache is not None and not isinstance(start, jax.core.Tracer) and int(start) + S > cache.capacity:
             raise ValueError(f"cache overflow: {int(start)} cached + {S} new tokens > capacity {cache.capacity} "

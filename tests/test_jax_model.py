@@ -480,3 +480,25 @@ def test_moe_aux_loss_bf16_is_counted_in_float32():
     j = route(jnp.asarray(z), 4, 4)[1]
     t = torch_route(torch.as_tensor(z), 4, 4)[1]
     np.testing.assert_array_equal(np.asarray(j), t.numpy())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pad_row_gets_no_lookup_gradient(tmp_path, tied):
+    """Spec §9.14: as torch's Embedding(padding_idx), looking up the pad token gives the pad row no gradient (tied,
+    lm_head still updates it). Before, doge_jax's pad row took a gradient ~1/sqrt(eps) larger than any other (a
+    zero row through RMSNorm) and swamped the clipping norm of any run whose data holds the pad id (pad = eos)."""
+    import doge_torch
+
+    path = save_hf(make_hf_model(pad_token_id=5, tie_word_embeddings=tied), tmp_path / "hf")
+    ids = unique_ids(2, 24, 128, seed=12)
+    ids[0, 10:14] = 5
+    ids[1, :6] = 5
+    labels = np.where(ids == 5, -100, ids)
+    want = _torch_grads(doge_torch.DogeForCausalLM.from_pretrained(path), ids, labels)
+    ours = _jax_grads(with_attention_impl(DogeForCausalLM.from_pretrained(path), "reference"), ids, labels)
+    emb = "model.embed_tokens.weight"
+    if not tied:
+        assert not ours[emb][5].any() and not want[emb][5].any()
+    assert np.abs(ours[emb][5]).max() < 1.0  # before: ~1e3
+    for k in (emb, "lm_head.weight") if not tied else (emb,):
+        assert _rel(ours[k], want[k]) <= 1e-4, (k, _rel(ours[k], want[k]))

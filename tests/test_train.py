@@ -319,6 +319,15 @@ def test_chunked_ce_equals_model_loss(vocab_major):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_chunked_ce_with_no_target_gives_nan_loss_and_zero_gradients():
+    """As the plain loss and doge_torch's: every label -100 is a NaN loss, but the gradients stay finite (zero)."""
+    k = jax.random.split(jax.random.key(2), 2)
+    h, w = jax.random.normal(k[0], (2, 9, 16)), jax.random.normal(k[1], (16, 40))
+    labels = jnp.full((2, 9), -100)
+    loss, (gh, gw) = jax.value_and_grad(lambda h, w: causal_lm_loss_chunked(h, w, labels, chunk=8), (0, 1))(h, w)
+    assert np.isnan(loss) and not np.asarray(gh).any() and not np.asarray(gw).any()
+
+
 def test_chunked_ce_pads_little():
     """Chunks are evened out: 64 tokens with chunk 1024 are one chunk of 64, 2100 three of 700 (no padding)."""
     from doge_jax.loss import _chunks
