@@ -104,7 +104,9 @@ def dynamic_bias(dt: jax.Array, allowed: jax.Array, keep_window: int, dtype, num
 
     With a fixed-capacity cache only the first `num_keys` slots exist; the rest get -inf, so that they carry no
     weight even in a fully masked row (which transformers makes uniform over its T existing keys, spec §3.6)."""
-    min_v = jnp.finfo(dtype).min
+    # finfo.min of the activation dtype, but never below what dt's dtype holds (float32's min in a bf16 cache
+    # would round to -inf, and a fully masked row's softmax would be NaN)
+    min_v = max(float(jnp.finfo(dtype).min), float(jnp.finfo(dt.dtype).min))
     bias = jnp.where(allowed, dt[:, :, None, :], min_v).astype(dt.dtype)
     exists = None if num_keys is None else jnp.arange(bias.shape[-1]) < num_keys
     if exists is not None:
@@ -185,7 +187,7 @@ def key_expiry(dt: jax.Array, valid: jax.Array, keep_window: int) -> jax.Array:
         return jnp.where(valid_b, _NEVER, 0).astype(jnp.int32)
 
     def one(d, ok):
-        key = jnp.where(ok, -d.astype(jnp.float32), jnp.inf)
+        key = jnp.where(ok, -d.astype(jnp.promote_types(d.dtype, jnp.float32)), jnp.inf)  # float64 stays
         perm = jnp.argsort(key, stable=True).astype(jnp.int32)  # key slots, best first; invalid keys last
         rank = jnp.zeros((T,), jnp.int32).at[perm].set(jnp.arange(T, dtype=jnp.int32), unique_indices=True)
         e = _kth_smallest_in_prefix(perm, rank, keep_window)

@@ -415,6 +415,9 @@ def dma_pallas(q, k, v, dt, e, window: int | None = None, block_q: int | None = 
         raise ValueError(f"pallas attention needs a power-of-two head dim >= 16, got {D}")
     bq0, bk0 = default_blocks(D, jnp.dtype(q.dtype).itemsize)
     block_q, block_k = block_q or bq0, block_k or bk0
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if b < 16 or b & (b - 1):  # as dma_triton: blocks must nest (the padded length is a multiple of both)
+            raise ValueError(f"pallas attention: {name}={b} must be a power of two >= 16")
     blk = max(block_q, block_k)
     Tp = -(-T // blk) * blk
     # the Triton lowering addresses each array with 32-bit offsets: q/o, and the sparse kernels' float32 key-side

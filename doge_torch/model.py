@@ -201,7 +201,8 @@ def key_expiry(dt: torch.Tensor, valid: torch.Tensor, keep_window: int) -> torch
     ok = valid[:, None, :].expand(B, n, T).reshape(B * n, T)
     if T <= keep_window:  # nothing can expire
         return torch.where(ok, NEVER, 0).view(B, n, T)
-    key = torch.where(ok, -dt.detach().reshape(B * n, T).float(), torch.inf)
+    key = torch.where(ok, -dt.detach().reshape(B * n, T).to(torch.promote_types(dt.dtype, torch.float32)),
+                      torch.inf)  # float64 dt is ranked in float64, as the top-k path does
     perm = torch.sort(key, dim=-1, stable=True).indices  # best first, invalid keys last
     rank = torch.empty_like(perm).scatter_(1, perm, torch.arange(T, device=dt.device).expand(B * n, T))
     e = _kth_smallest_in_prefix(perm, rank, keep_window)

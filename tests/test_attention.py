@@ -326,3 +326,52 @@ def test_blockwise_long_sequence(n):
     args, km, w = _inputs(B=1, H=2, G=1, n=n, S=2100, T=2100, D=16, ties=True, pad=(37,))
     mask = MaskInfo(km)
     _compare(lambda *a: attention_blockwise(*a, mask, 300), args, mask, w, 300)
+
+
+def test_float32_model_with_bf16_cache_stays_finite():
+    """A float32 model decoding into a bfloat16 cache: the masked-key value is float32's finfo.min, which rounds to
+    -inf in bf16, so a fully masked row (left padding) had a NaN softmax that spread to every position of the row.
+    Every attention implementation must stay finite and agree with the blockwise one."""
+    from doge_jax import DogeConfig
+
+    cfg = DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, keep_window_size=8)
+    ids = unique_ids(2, 6, 64, seed=4)
+    mask = left_pad_mask(2, 6, [3, 0])
+    outs = {}
+    for impl in ("reference", "blockwise", "auto"):
+        model = with_attention_impl(DogeForCausalLM(cfg, rngs=nnx.Rngs(0)), impl)
+        cache = DogeCache.init(cfg, 2, 16, jnp.bfloat16)
+        out = model(ids, attention_mask=mask, cache=cache)
+        nxt = model(ids[:, :1], attention_mask=np.ones((2, 1), bool), cache=out.cache)
+        outs[impl] = np.concatenate([np.asarray(out.logits[:, 3:]), np.asarray(nxt.logits)], 1)
+        assert np.isfinite(outs[impl]).all(), impl
+    assert max_abs_diff(outs["reference"], outs["blockwise"]) < 2e-2
+
+
+def test_float64_dt_is_ranked_in_float64():
+    """Key expiry ranks dt in its own precision when wider than float32, as the top-k path does: 1 + 1e-12 beats 1
+    (in float32 they tied and the lower index won), in both frameworks."""
+    import torch
+
+    from doge_torch.model import key_expiry as torch_key_expiry
+
+    dt = np.array([[[1.0, 1.0 + 1e-12, 0.5, 0.25]]])
+    valid = np.ones((1, 4), bool)
+    with jax.enable_x64(True):
+        e = np.asarray(key_expiry(jnp.asarray(dt), jnp.asarray(valid), 1))
+    et = torch_key_expiry(torch.as_tensor(dt), torch.as_tensor(valid), 1).numpy()
+    assert e[0, 0, 0] == 1 and et[0, 0, 0] == 1, (e, et)  # key 0 expires at query 1, where key 1 beats it
+
+
+def test_pallas_blocks_must_be_powers_of_two():
+    """Blocks that do not nest (48 with 32) read past the padded arrays and dropped queries from the key-side
+    backward: refused, as in dma_triton."""
+    from doge_jax.pallas_attention import dma_pallas
+
+    q = jnp.zeros((1, 1, 40, 16))
+    dt = jnp.zeros((1, 1, 40))
+    e = jnp.full((1, 1, 40), 10 ** 6, jnp.int32)
+    for bad in (dict(block_q=48, block_k=32), dict(block_q=32, block_k=24), dict(block_q=8, block_k=16)):
+        with pytest.raises(ValueError, match="power of two"):
+            dma_pallas(q, q, q, dt, e, interpret=True, **bad)
