@@ -180,8 +180,13 @@ def test_pallas_huge_window_is_no_window():
 
     (q, k, v, dt), km, _ = _inputs(n=2, S=40, T=40, D=16, pad=(0, 0))
     e = key_expiry(dt, km, 8)
-    a = dma_pallas(q, k, v, dt, e, window=2 ** 31 - 2, block_q=16, block_k=16)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(dma_pallas(q, k, v, dt, e, block_q=16, block_k=16)))
+
+    def run(window):  # values and q/k/v/dt gradients (an unclamped window broke only the backward)
+        f = lambda *a: jnp.sum(jnp.sin(dma_pallas(*a, e, window=window, block_q=16, block_k=16)))  # noqa: E731
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3))(q, k, v, dt)
+
+    for a, b in zip(jax.tree.leaves(run(2 ** 31 - 2)), jax.tree.leaves(run(None))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert default_blocks(128, 4) == default_blocks(256, 2) == (64, 64) and default_blocks(256, 4) == (32, 32)
 
 def test_pallas_sparse_lists_and_bad_expiry():

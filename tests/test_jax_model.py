@@ -63,6 +63,16 @@ def test_left_padding(tmp_path):
     assert max_abs_diff(model(ids, attention_mask=mask).logits, hf_logits(hf, ids, mask)) <= TOL
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference", "blockwise"])
+def test_sliding_window_wider_than_keep_window(tmp_path, impl):
+    """A sliding window wider than keep_window with T > keep_window: both the window and the keep-window top-k
+    apply (left padding too), against transformers."""
+    hf = make_hf_model(sliding_window=12, keep_window_size=8)
+    model = with_attention_impl(_load(hf, tmp_path), impl)
+    ids, mask = unique_ids(2, 30, 128, seed=13), left_pad_mask(2, 30, [0, 4])
+    assert max_abs_diff(model(ids, attention_mask=mask).logits, hf_logits(hf, ids, mask)) <= TOL
+
+
 def test_dynamic_rope_past_max_positions(tmp_path):
     rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     hf = make_hf_model(rope_parameters=rope, keep_window_size=512)
@@ -288,7 +298,7 @@ def test_bf16_load(tmp_path):
     ids = unique_ids(1, 16, 128, seed=14)
     ours, ref = np.asarray(model(ids).logits, np.float32), hf_logits(hf, ids)
     assert model(ids).logits.dtype == jnp.bfloat16
-    assert max_abs_diff(ours, ref) <= 0.05 * np.abs(ref).max()
+    assert max_abs_diff(ours, ref) <= 2e-2 * np.abs(ref).max()  # the spec's bf16 tolerance (seen: 1.1e-2)
 
 
 def test_small_doge_and_legacy_match_doge_torch(tmp_path):

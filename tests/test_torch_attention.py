@@ -107,7 +107,7 @@ def test_flex_forward_equals_dense_bias(variant):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-def test_sdpa_backend_priority(monkeypatch):
+def test_sdpa_backend_priority(monkeypatch, capsys):
     """set_sdpa_backends: unknown names raise naming them; a chosen order is in force inside doge_torch's sdpa calls
     only (torch's global order is unchanged after them); values are unchanged (no cuDNN on CPU: the next backend
     runs); None restores torch's own order; the training CLI refuses a bad list."""
@@ -140,6 +140,7 @@ def test_sdpa_backend_priority(monkeypatch):
     assert seen[-1] == default
     with pytest.raises(SystemExit):
         main(["--config", "configs/tiny.yaml", "--data", "x.npy", "--sdpa-backends", "cudnn,nope"])
+    assert "--sdpa-backends" in capsys.readouterr().err
 
 
 def test_flex_wrapper_is_built_on_first_use():

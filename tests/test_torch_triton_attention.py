@@ -181,11 +181,14 @@ def test_bad_shapes_and_availability():
     """Head dims that are not powers of two >= 16 raise; the CPU is never 'available' (compiled kernels only)."""
     q = torch.zeros(1, 2, 8, 24)
     e = torch.full((1, 1, 8), 8, dtype=torch.int32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="power-of-two head dim >= 16, got 24"):
         ta.dma_triton(q, q[:, :1], q[:, :1], torch.zeros(1, 1, 8), e)
     q8 = torch.zeros(1, 2, 8, 8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="power-of-two head dim >= 16, got 8"):
         ta.dma_triton(q8, q8[:, :1], q8[:, :1], torch.zeros(1, 1, 8), e)
+    q16 = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="blocks must be powers of two >= 16, got 48, 32"):
+        ta.dma_triton(q16, q16[:, :1], q16[:, :1], torch.zeros(1, 1, 8), e, block_q=48, block_k=32)
     assert not ta.triton_available("cpu")
 
 
