@@ -8,7 +8,8 @@ torch's global-norm clipping, AdamW and the LR scheduler.
     python -m doge_torch.train --config configs/tiny.yaml --data tokens.npy [--bf16] [--compile] [--out DIR]
 
 reads the same YAML as doge_jax (`model:` -> DogeConfig, `train:` -> optimizer and WSD schedule). Data: 1-D
-pre-tokenized `.npy` files, or text files with `--tokenizer tokenizer.json`; all tokens are concatenated and cut
+pre-tokenized `.npy` files or `python -m doge_jax.data` directories, or text data as doge_jax.train reads it (text,
+`.jsonl`, `.parquet`; directories, globs) with `--tokenizer tokenizer.json`; all tokens are concatenated and cut
 into rows of `seq_len` (packing without document masking, spec §6.4), shuffled with the train seed. With `--out`,
 metrics go to OUT/metrics.jsonl and the final model to OUT/final. No checkpoint/resume: doge_jax owns long runs.
 """
@@ -20,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -109,31 +111,49 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 # ---- data ---------------------------------------------------------------------------------------------------------
 def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None) -> np.ndarray:
-    """All tokens of `files` as one int64 stream: `.npy` files hold 1-D token ids; any other file is text,
-    tokenized with `tokenizer` (a tokenizer.json) plus EOS when the config has one and it is not already last."""
-    parts = []
+    """All tokens of `files` as one int64 stream. `.npy` files hold 1-D token ids; a directory written by
+    `python -m doge_jax.data` gives its training shards; anything else is read as doge_jax.train reads it (text
+    files, `.jsonl`/`.parquet` rows, directories and globs of them) and tokenized with `tokenizer` (a tokenizer.json),
+    EOS after each document when the config has one."""
+    from doge_jax import data as D
+    from doge_jax.corpora import is_pretokenized, load_pretokenized
+
+    parts, text = [], []
     tok = None
-    for path in files:
-        if path.endswith(".npy"):
-            arr = np.load(path, mmap_mode="r")
-            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-                raise ValueError(f"{path}: expected a 1-D integer token array, got {arr.dtype}{list(arr.shape)}")
-            parts.append(np.asarray(arr, dtype=np.int64))
-            continue
-        if tokenizer is None:
-            raise ValueError(f"{path}: text data needs --tokenizer PATH/tokenizer.json (or pass pre-tokenized .npy)")
-        if tok is None:
+
+    def get_tok():
+        nonlocal tok
+        if tok is None and tokenizer is not None:
             from tokenizers import Tokenizer
 
             try:
                 tok = Tokenizer.from_file(tokenizer)
             except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
                 raise ValueError(f"--tokenizer {tokenizer}: not a readable tokenizer.json ({e})") from None
-        with open(path, encoding="utf-8", errors="replace") as f:
-            ids = tok.encode(f.read()).ids
-        if eos_token_id is not None and (not ids or ids[-1] != eos_token_id):
-            ids.append(eos_token_id)
-        parts.append(np.asarray(ids, dtype=np.int64))
+        return tok
+
+    for path in files:
+        if path.endswith(".npy"):
+            arr = np.load(path, mmap_mode="r")
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"{path}: expected a 1-D integer token array, got {arr.dtype}{list(arr.shape)}")
+            parts.append(np.asarray(arr, dtype=np.int64))
+        elif os.path.isdir(path) and is_pretokenized(path):
+            train, _, _ = load_pretokenized(path, get_tok())  # another tokenizer than --tokenizer's raises
+            parts += [np.asarray(a, dtype=np.int64) for a in train]
+        elif path.endswith(".bin"):
+            raise ValueError(f"{path}: a pre-tokenized shard; pass its directory (written by python -m doge_jax.data)")
+        else:
+            text += D.resolve_paths(path)
+    if text:
+        if tokenizer is None:
+            raise ValueError(f"{text[0]}: text data needs --tokenizer PATH/tokenizer.json (or pass pre-tokenized "
+                             ".npy files or a python -m doge_jax.data directory)")
+        for doc in D.iter_documents(text):
+            ids = get_tok().encode(doc).ids
+            if eos_token_id is not None and (not ids or ids[-1] != eos_token_id):
+                ids.append(eos_token_id)
+            parts.append(np.asarray(ids, dtype=np.int64))
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
@@ -187,7 +207,9 @@ def init_from(path: str, cfg) -> DogeForCausalLM:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap = argparse.ArgumentParser(prog="python -m doge_torch.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML with model: and train: sections (configs/*.yaml)")
-    ap.add_argument("--data", nargs="+", required=True, help=".npy token files, or text files with --tokenizer")
+    ap.add_argument("--data", nargs="+", required=True,
+                    help=".npy token files, python -m doge_jax.data directories, or text data as doge_jax.train reads "
+                    "it (.txt/.jsonl/.parquet files, directories, globs) with --tokenizer")
     ap.add_argument("--tokenizer", help="tokenizer.json for text data")
     ap.add_argument("--init-from", help="start from this HF directory instead of a fresh init; the --config file's "
                     "model: fields apply on top where shapes allow (dense -> MoE: fresh router and expert tables)")
@@ -219,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     cfg, tc = load_configs(args.config, [("train", "init_from", args.init_from)] if args.init_from else [])
     if tc.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"train.seq_len={tc.seq_len} > model.max_position_embeddings={cfg.max_position_embeddings}")
+    if tc.moe_freeze_steps:
+        raise ConfigError(f"train.moe_freeze_steps={tc.moe_freeze_steps}: doge_torch.train does not freeze "
+                          "parameters; run the MoE warm-up with python -m doge_jax.train")
     seq_len, grad_accum, rows = tc.seq_len, tc.grad_accum, tc.rows_per_micro
     steps = tc.num_training_steps
     max_steps = min(steps, args.max_steps) if args.max_steps is not None else steps
@@ -226,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
     torch.manual_seed(seed)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
     model = init_from(args.init_from, cfg) if args.init_from else DogeForCausalLM(cfg)
     model = model.to(device).train()
     optimizer = make_optimizer(model, tc.peak_lr, weight_decay=tc.weight_decay, b1=tc.adam_b1, b2=tc.adam_b2,
@@ -287,7 +314,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         if metrics_file:
             metrics_file.close()
     if args.out:
-        model.save_pretrained(os.path.join(args.out, "final"))
+        final = os.path.join(args.out, "final")
+        model.save_pretrained(final)
+        # the tokenizer goes with the model (python -m doge_jax.generate --model OUT/final --prompt ...)
+        tok = args.tokenizer or (os.path.join(args.init_from, "tokenizer.json") if args.init_from else None)
+        if tok and os.path.isfile(tok):
+            shutil.copyfile(tok, os.path.join(final, "tokenizer.json"))
     return history
 
 

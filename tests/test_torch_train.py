@@ -439,3 +439,38 @@ def test_cli_init_from_applies_the_config_files_model_fields(tmp_path):
     with pytest.raises(ConfigError, match="hidden_size"):
         main(["--config", str(bad), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--init-from",
               str(tmp_path / "dense")])
+
+
+def test_cli_reads_data_as_doge_jax_does(tmp_path):
+    """.jsonl rows are documents (not raw JSON text), a python -m doge_jax.data directory gives its token shards,
+    a lone .bin shard is refused, moe_freeze_steps (doge_jax only) is refused, and OUT/final gets the tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from doge_jax.corpora import pretokenize
+    from doge_torch.train import load_tokens
+
+    docs = [f"document {i}: " + open("doge_torch/optim.py").read()[i * 50:(i + 1) * 50] for i in range(60)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    got = load_tokens([str(tmp_path / "d.jsonl")], str(tmp_path / "tokenizer.json"), 1)
+    want = np.concatenate([tok.encode(d).ids + [1] for d in docs])
+    np.testing.assert_array_equal(got, want)
+    pretokenize([str(tmp_path / "d.jsonl")], str(tmp_path / "tokenizer.json"), str(tmp_path / "pre"))
+    pre = load_tokens([str(tmp_path / "pre")])
+    assert 0 < len(pre) <= len(want) and set(np.unique(pre)) <= set(np.unique(want))
+    with pytest.raises(ValueError, match="pre-tokenized shard; pass its directory"):
+        load_tokens([next(str(p) for p in (tmp_path / "pre").iterdir() if p.suffix == ".bin")])
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
+                   .replace("global_batch_tokens: 4096", "global_batch_tokens: 64")
+                   .replace("eos_token_id: null", "eos_token_id: 1"))
+    main(["--config", str(cfg), "--data", str(tmp_path / "d.jsonl"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+          "--max-steps", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "final" / "tokenizer.json").read_text() == (tmp_path / "tokenizer.json").read_text()
+    frozen = tmp_path / "frozen.yaml"
+    frozen.write_text(cfg.read_text().replace("train:\n", "train:\n  moe_freeze_steps: 5\n", 1))
+    with pytest.raises(ConfigError, match="moe_freeze_steps=5"):
+        main(["--config", str(frozen), "--data", str(tmp_path / "d.jsonl"), "--max-steps", "1"])
