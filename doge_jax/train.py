@@ -26,9 +26,9 @@ from . import corpora as C
 from . import data as D
 from . import init as I
 from . import sharding as S
-from .checkpoint import TrainCheckpointer
+from .checkpoint import TrainCheckpointer, list_steps
 from .config import ConfigError, DogeConfig
-from .hf_io import atomic_file
+from .hf_io import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, TORCH_INDEX, atomic_file
 from .hf_names import CheckpointError
 from .loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
@@ -229,12 +229,23 @@ def make_mesh(tcfg: TrainConfig):
 
 
 def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
-    """Train settings that change the optimizer-state layout must not change on resume."""
+    """The run directory is not a saved model, and settings that decide what is resumed (the starting checkpoint,
+    the optimizer-state layout) do not change on resume."""
+    saved = [f for f in (SAFE_SINGLE, SAFE_INDEX, TORCH_BIN, TORCH_INDEX) if os.path.isfile(os.path.join(run_dir, f))]
+    if saved:
+        raise ConfigError(f"{run_dir} holds a saved model ({saved[0]}); a run there would shadow it (doge_jax loads "
+                          "a run directory's checkpoints first): use another --out_dir, or --init-from it")
     path = os.path.join(run_dir, "train_config.yaml")
     if not os.path.isfile(path):
         return
     with open(path) as f:
         old = (yaml.safe_load(f) or {}).get("train") or {}
+    before, now = old.get("init_from"), tcfg.init_from
+    same = before == now or (before and now and os.path.abspath(before) == os.path.abspath(now))
+    if not same and list_steps(run_dir):  # re-running resumes from the run's checkpoints, not from init_from
+        raise ConfigError(f"train.init_from={now!r}: {run_dir} holds a run started "
+                          f"{'from ' + repr(before) if before else 'from scratch'}, which this command would resume "
+                          "(ignoring the new starting point); use --name or --out_dir for a new run")
     if bool(old.get("moe_freeze_steps", 0)) != bool(tcfg.moe_freeze_steps):
         raise ConfigError(f"train.moe_freeze_steps={tcfg.moe_freeze_steps}: {run_dir} was started with "
                           f"moe_freeze_steps={old.get('moe_freeze_steps', 0)} (the optimizer state differs); use the "

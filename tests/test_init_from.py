@@ -180,3 +180,24 @@ def test_dense_to_moe_init_and_freeze(corpus, cache, dense, tmp_path):  # noqa: 
 def test_freeze_needs_moe(corpus, cache, tmp_path, capsys):  # noqa: F811
     assert run(corpus, cache, tmp_path / "x", "--train.moe_freeze_steps", "2") == 2
     assert "train.moe_freeze_steps=2: needs a MoE model" in capsys.readouterr().err
+
+
+def test_run_dir_must_match_its_start_and_not_be_a_saved_model(corpus, cache, dense, tmp_path, capsys):  # noqa: F811
+    """Re-running into a run directory resumes it: with another (or a new) --init-from that would silently ignore
+    the new starting point, so it is refused; so is training into an HF model directory (the run's checkpoints
+    would shadow the saved weights for doge_jax's loaders, not for transformers')."""
+    src = tmp_path / "scratch"
+    shutil.copytree(dense[0], src)
+    hf = tmp_path / "hf"
+    DogeForCausalLM.from_pretrained(str(src)).save_pretrained(str(hf))
+    shutil.copy(src / "tokenizer.json", hf / "tokenizer.json")
+    assert run(corpus, cache, src, "--init-from", str(hf)) == 2
+    assert "holds a run started from scratch, which this command would resume" in capsys.readouterr().err
+    assert run(corpus, cache, hf, "--train.stop_after", "1") == 2
+    assert "holds a saved model (model.safetensors)" in capsys.readouterr().err
+    assert not (hf / "checkpoints").exists()
+    cont = tmp_path / "cont"
+    assert run(corpus, cache, cont, "--init-from", str(hf), "--train.stop_after", "1") == 0
+    assert run(corpus, cache, cont, "--init-from", str(hf), "--train.stop_after", "2") == 0  # the same start resumes
+    assert run(corpus, cache, cont, "--train.stop_after", "3") == 2
+    assert "holds a run started from " in capsys.readouterr().err
