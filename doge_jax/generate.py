@@ -243,25 +243,45 @@ def main(argv=None) -> int:
 
     import os
 
+    from .config import ConfigError
+    from .hf_names import CheckpointError
+    from .init import find_tokenizer
     from .model import DogeForCausalLM
 
-    tok_path = args.tokenizer or args.model
-    tokenizer = None
-    if os.path.isfile(tok_path) and tok_path.endswith(".json"):
-        from tokenizers import Tokenizer
+    def fail(msg: str) -> int:  # bad input (not bad syntax): one line, no usage block
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
 
-        tokenizer = Tokenizer.from_file(tok_path)
-    elif os.path.isdir(tok_path):
-        tokenizer = _load_tokenizer(tok_path)
+    if not os.path.exists(args.model):
+        return fail(f"--model {args.model}: no such file or directory")
+    # a run's step directory RUN/checkpoints/N finds the run's tokenizer
+    tok_path = args.tokenizer or (find_tokenizer(args.model) if os.path.isdir(args.model) else None) or args.model
+    tokenizer = None
+    try:
+        if os.path.isfile(tok_path) and tok_path.endswith(".json"):
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(tok_path)
+        elif os.path.isdir(tok_path):
+            tokenizer = _load_tokenizer(tok_path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
+        return fail(f"{tok_path}: not a readable tokenizer.json ({e})")
     if args.prompt is not None and tokenizer is None:
-        ap.error(f"no tokenizer.json in {tok_path!r}: pass --tokenizer PATH, or give the prompt as --prompt-ids")
-    model = DogeForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+        return fail(f"no tokenizer.json in {tok_path!r}: pass --tokenizer PATH, or give the prompt as --prompt-ids")
+    try:
+        model = DogeForCausalLM.from_pretrained(args.model, dtype=args.dtype)
+    except (CheckpointError, ConfigError, OSError, ValueError) as e:
+        return fail(f"--model {args.model}: {e}")
     ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.prompt_ids
     if not ids:
-        ap.error("the prompt is empty after tokenization")
+        return fail("the prompt is empty after tokenization")
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
-        ap.error(f"prompt ids outside [0, vocab_size={model.config.vocab_size}): {bad[:10]}")
+        return fail(f"prompt ids outside [0, vocab_size={model.config.vocab_size}): {bad[:10]}")
+    limit = model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        print(f"note: prompt + new tokens = {len(ids) + args.max_new_tokens} > max_position_embeddings {limit}: "
+              "positions past it were not trained", file=sys.stderr)
     new: list[int] = []
     times: list[float] = []
     out = sys.stdout

@@ -84,9 +84,24 @@ def test_cli_prompt_ids_with_a_tokenizer_and_metaspace_stream(model_dir, tmp_pat
     assert capsys.readouterr().out.rstrip("\n") == tok.decode(ids)
 
 
+def test_cli_rejects_bad_input_in_one_line(model_dir, tmp_path, capsys):
+    """A bad model path, an empty or unfinished run, out-of-range ids: one `error:` line (exit 2), no traceback
+    and no usage block; a run's step directory finds the run's tokenizer."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for model, argv, want in ((str(tmp_path / "nope"), ["--prompt", "hi"], "no such file or directory"),
+                              (str(tmp_path / "empty"), ["--prompt-ids", "5"], f"--model {tmp_path / 'empty'}: "),
+                              (str(tmp_path / "run"), ["--prompt-ids", "5"], f"--model {tmp_path / 'run'}: "),
+                              (model_dir, ["--prompt-ids", "5", "999"], "prompt ids outside [0, vocab_size=128): [999]")):
+        assert main(["--model", model, *argv]) == 2
+        err = capsys.readouterr().err
+        assert want in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert main(["--model", model_dir, "--prompt-ids", "5", "--max-new-tokens", "64"]) == 0
+    assert "> max_position_embeddings" in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_arguments_cleanly(model_dir, capsys):
-    for argv, want in ((["--prompt-ids", "5", "999"], "prompt ids outside [0, vocab_size=128): [999]"),
-                       (["--prompt-ids", "5", "--max-new-tokens", "0"], "max_new_tokens=0: must be an integer >= 1"),
+    for argv, want in ((["--prompt-ids", "5", "--max-new-tokens", "0"], "max_new_tokens=0: must be an integer >= 1"),
                        (["--prompt-ids", "5", "--do-sample", "--temperature", "0"], "temperature=0.0: must be > 0"),
                        (["--prompt-ids", "5", "--do-sample", "--top-k", "-3"], "top_k=-3")):
         with pytest.raises(SystemExit) as e:
@@ -201,7 +216,7 @@ def test_decode_step_equals_cached_forward(overrides, B):
     cache of the model's own cached forward, step by step."""
     import jax.numpy as jnp
 
-    from doge_jax.decode import DecodeCache, _flat_heads, decode_step, prepare_decode
+    from doge_jax.decode import DecodeCache, _flat_heads, decode_step, prepare_decode, use_counters
     from doge_jax.model import DogeCache
 
     model = _random_jax_model(**overrides)
@@ -214,7 +229,7 @@ def test_decode_step_equals_cached_forward(overrides, B):
     cache = ref.cache
     prep = prepare_decode(model, C)
     assert (prep["rope"] is None) == (cfg.rope_type == "dynamic" and C > cfg.max_position_embeddings)
-    dec = DecodeCache.from_cache(cache)
+    dec = DecodeCache.from_cache(cache, counters=use_counters(cfg, C))  # as generate builds it
     next_pos = pos.max(axis=1) + 1
     for t in range(P, P + N):
         tok = jnp.asarray(ids[:, t])
@@ -304,17 +319,30 @@ def test_torch_sdpa_equals_eager(overrides, tmp_path):
                                   eager.generate(ids[:, :6], max_new_tokens=8).numpy())
 
 
+def _brute_keep(dt: np.ndarray, valid: np.ndarray, i: int, k: int) -> np.ndarray:
+    """The keep-window rule written out: row i keeps valid key j <= i iff fewer than k valid keys j' <= i beat it
+    (larger dt, lower index on ties)."""
+    B, n, _ = dt.shape
+    out = np.zeros((B, n, i + 1), bool)
+    for b in range(B):
+        for h in range(n):
+            d, ok = dt[b, h, : i + 1], valid[b, : i + 1]
+            for j in np.flatnonzero(ok):
+                out[b, h, j] = np.sum(ok & ((d > d[j]) | ((d == d[j]) & (np.arange(i + 1) < j)))) < k
+    return out
+
+
 def test_keep_window_counters_equal_top_k_with_ties_and_padding():
     """Decode-time keep-window counters (doge_jax.decode) keep exactly the keys the top-k rule keeps, step by
-    step, including tied dt values (lower index wins) and padded keys."""
+    step, including tied dt values (lower index wins) and padded keys; the oracle is the rule written out."""
     import jax.numpy as jnp
 
-    from doge_jax.attention import keep_top_k
     from doge_jax.decode import beaten_by, update_beaten_by
 
     rng = np.random.default_rng(0)
     B, n, C, P, k = 3, 2, 40, 12, 5
-    dt = jnp.asarray(rng.choice([0.5, 1.0, 1.5, 2.0], size=(B, n, C)).astype(np.float32))  # many ties
+    dt_np = rng.choice([0.5, 1.0, 1.5, 2.0], size=(B, n, C)).astype(np.float32)  # many ties
+    dt = jnp.asarray(dt_np)
     valid = np.zeros((B, C), bool)
     valid[:, :P] = True
     valid[1, :4] = False  # left padding
@@ -323,12 +351,8 @@ def test_keep_window_counters_equal_top_k_with_ties_and_padding():
     for i in range(P, C):
         counts = update_beaten_by(counts, dt, jnp.asarray(valid), dt[:, :, i], i)
         valid[:, i] = True
-        allowed = jnp.asarray(valid)[:, None, :]  # row i sees every valid key <= i
-        min_v = jnp.finfo(jnp.float32).min
-        bias = jnp.where(allowed, dt, min_v)[:, :, None, : i + 1]
-        expect = keep_top_k(bias, k)[:, :, 0] & allowed[..., : i + 1]
-        got = (counts < k)[..., : i + 1] & allowed[..., : i + 1]
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(expect), err_msg=f"step {i}")
+        got = (np.asarray(counts) < k)[..., : i + 1] & valid[:, None, : i + 1]
+        np.testing.assert_array_equal(got, _brute_keep(dt_np, valid, i, k), err_msg=f"step {i}")
 
 
 def test_torch_generate_input_checks(model_dir):
