@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -166,7 +168,7 @@ def save_model(model, path: str, overwrite: bool = True) -> None:
     dtype = str(jax.tree.leaves(params)[0].dtype)
     with model_output_dir(path, overwrite=overwrite) as tmp:
         model.config.save_json(os.path.join(tmp, "config.json"), dtype=dtype)
-        with ocp.StandardCheckpointer() as ckptr:
+        with sigint_deferred(), ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS), params)
             ckptr.wait_until_finished()
 
@@ -216,6 +218,24 @@ def read_param(params_dir: str, path: tuple[str, ...]):
     return out
 
 
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C waits for the end of the block, then raises KeyboardInterrupt. orbax writes from background
+    threads that an interrupt does not stop: interrupted, they went on writing into the temporary output directory
+    after its removal (hundreds of MB left behind by `convert --to jax`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt
+
+
 def save_param_tree(params_dir: str, tree: dict, concurrent_gb: float = 0.25) -> None:
     """Write a parameter tree (nested dicts of numpy or JAX arrays) as the `params/` item of a model-only
     checkpoint; `params_dir` must not exist (callers wrap the whole checkpoint in hf_io.atomic_output_dir).
@@ -233,7 +253,7 @@ def save_param_tree(params_dir: str, tree: dict, concurrent_gb: float = 0.25) ->
                                                (jax.Array, th.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=concurrent_gb, type_handler_registry=registry,
                                           use_compression=False)
-    with ocp.Checkpointer(handler) as ckptr:
+    with sigint_deferred(), ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.abspath(params_dir), args=ocp.args.PyTreeSave(tree))
 
 

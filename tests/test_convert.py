@@ -631,3 +631,29 @@ def test_320m_conversion_memory(tmp_path):
     for r in rows:
         assert r["rc"] == 0, r
         assert r["peak_rss"] < 2 * r["ckpt_bytes"], r  # issue 4: well under twice the checkpoint size
+
+
+def test_ctrl_c_during_an_orbax_write_waits_for_it_and_leaves_nothing(tmp_path, monkeypatch):
+    """orbax writes from background threads that Ctrl-C does not stop (`convert --to jax` left hundreds of MB in
+    a temporary directory after printing "nothing written"): the interrupt waits for the write, then the output
+    is removed whole."""
+    import signal
+
+    import orbax.checkpoint as ocp
+
+    from doge_jax.checkpoint import save_param_tree
+    from doge_jax.hf_io import atomic_output_dir
+
+    real, done = ocp.Checkpointer.save, []
+
+    def save(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the write starts
+        real(self, *args, **kwargs)
+        done.append(True)
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(tmp_path / "out") as tmp:
+            save_param_tree(os.path.join(tmp, "params"), {"w": np.ones((64, 64), np.float32)})
+    assert done == [True] and os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

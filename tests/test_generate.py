@@ -92,7 +92,8 @@ def test_cli_rejects_bad_input_in_one_line(model_dir, tmp_path, capsys):
     for model, argv, want in ((str(tmp_path / "nope"), ["--prompt", "hi"], "no such file or directory"),
                               (str(tmp_path / "empty"), ["--prompt-ids", "5"], f"--model {tmp_path / 'empty'}: "),
                               (str(tmp_path / "run"), ["--prompt-ids", "5"], f"--model {tmp_path / 'run'}: "),
-                              (model_dir, ["--prompt-ids", "5", "999"], "prompt ids outside [0, vocab_size=128): [999]")):
+                              (model_dir, ["--prompt-ids", "5", "999"],
+                               "prompt ids outside [0, vocab_size=128): [999]")):
         assert main(["--model", model, *argv]) == 2
         err = capsys.readouterr().err
         assert want in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
