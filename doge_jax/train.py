@@ -338,6 +338,9 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         params, _ = S.shard_params(params, mesh)
         opt_state, _ = S.init_opt_state(tx, params, psh, mesh)
     train_step, _, eval_step = make_steps(graphdef, tx, mcfg, tcfg, mesh, psh, osh)
+    n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    log(f"model: {n_params / 1e6:.2f}M parameters ({mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, "
+        f"vocab {mcfg.vocab_size}{', MoE' if mcfg.is_moe else ''})")
     metrics = MetricsLogger(run_dir, step, enabled=primary)
     tokens_per_step = GA * R * tcfg.seq_len
     flops = flops_per_token(mcfg, tcfg.seq_len) * tokens_per_step

@@ -249,6 +249,9 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]])
         tcfg = TrainConfig(**train)
     except TypeError as e:
         raise ConfigError(f"train: {e}") from None
+    if config_path and not model and not tcfg.init_from:
+        print(f"warning: {path} has no model: section; the model is DogeConfig's defaults (transformers', ~400M "
+              "parameters)", file=sys.stderr)
     if tcfg.init_from:
         # The model config comes from the checkpoint; the fields asked for explicitly (command line, and the model:
         # section of a config file given with --config) are applied on top where shapes allow.

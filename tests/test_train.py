@@ -132,6 +132,14 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
     assert step == 1 and data == {"next_index": 1} and np.array_equal(p["w"], params["w"])
 
 
+def test_config_without_model_section_warns(tmp_path, capsys):
+    """A config file with only train: fields silently built transformers' default ~400M model."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  seq_len: 64\n")
+    assert load_configs(str(path), [])[0].hidden_size == 1024
+    assert "has no model: section" in capsys.readouterr().err
+
+
 def test_nan_loss_stops_and_keeps_last_good(corpus, cache, tmp_path, capsys):
     out = tmp_path / "run"
     code = run(corpus, cache, out, "--train.peak_lr", "1e38", "--train.num_warmup_steps", "0",
@@ -139,6 +147,7 @@ def test_nan_loss_stops_and_keeps_last_good(corpus, cache, tmp_path, capsys):
     assert code == 3
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "last good checkpoint: step" in err
+    assert "M parameters (1 layers, hidden 32, vocab 320)" in err  # the size is said up front
     steps = list_steps(str(out))
     assert steps and f"step {steps[-1]} in" in err
     rows = read_metrics(str(out))
