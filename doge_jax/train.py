@@ -271,12 +271,16 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
             base = I.checkpoint_config(tcfg.init_from)
             changes = I.config_changes(base, mcfg)
             log(f"init from {tcfg.init_from}" + (f"; model config changes: {'; '.join(changes)}" if changes else ""))
+            tok_dir = I.find_tokenizer(tcfg.init_from)
             if tcfg.tokenizer is None:  # the checkpoint's own tokenizer, never a freshly trained one
-                tok_dir = I.find_tokenizer(tcfg.init_from)
                 if tok_dir is None:
                     raise ConfigError(f"train.init_from={tcfg.init_from!r}: no tokenizer.json there; "
                                       "set --train.tokenizer")
                 tcfg = dataclasses.replace(tcfg, tokenizer=tok_dir)
+            elif tok_dir is not None and (D.load_tokenizer(tcfg.tokenizer).get_vocab()
+                                          != D.load_tokenizer(tok_dir).get_vocab()):
+                log(f"warning: train.tokenizer={tcfg.tokenizer!r} is not the tokenizer of {tcfg.init_from} "
+                    f"({tok_dir}/tokenizer.json): the checkpoint's embeddings belong to that one")
         pretok = [s.pretokenized for s in sources if s.pretokenized]
         if tcfg.tokenizer is None and pretok:  # pre-tokenized data carries its tokenizer
             tcfg = dataclasses.replace(tcfg, tokenizer=pretok[0])

@@ -201,3 +201,20 @@ def test_run_dir_must_match_its_start_and_not_be_a_saved_model(corpus, cache, de
     assert run(corpus, cache, cont, "--init-from", str(hf), "--train.stop_after", "2") == 0  # the same start resumes
     assert run(corpus, cache, cont, "--train.stop_after", "3") == 2
     assert "holds a run started from " in capsys.readouterr().err
+
+
+def test_another_tokenizer_than_the_checkpoints_warns(corpus, cache, dense, tmp_path, capsys):  # noqa: F811
+    """--train.tokenizer next to --init-from replaces the checkpoint's tokenizer: allowed, but said."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["some other text entirely"] * 20,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "<|end_of_text|>"]))
+    tok.save(str(tmp_path / "other.json"))
+    assert run(corpus, cache, tmp_path / "a", "--init-from", str(dense[0]), "--train.stop_after", "1",
+               "--train.tokenizer", str(dense[0] / "tokenizer.json")) == 0
+    assert "is not the tokenizer of" not in capsys.readouterr().err  # the same one: no warning
+    assert run(corpus, cache, tmp_path / "b", "--init-from", str(dense[0]), "--train.stop_after", "1",
+               "--train.tokenizer", str(tmp_path / "other.json")) == 0
+    assert "is not the tokenizer of" in capsys.readouterr().err
