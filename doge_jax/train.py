@@ -228,6 +228,12 @@ def make_mesh(tcfg: TrainConfig):
     return mesh
 
 
+# train fields whose change on resume is worth a warning (the schedule, the data and its order, the batch)
+RESUME_NOTED = ("data", "seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_training_steps",
+                "num_warmup_steps", "num_decay_steps", "warmup_type", "decay_type", "min_lr_ratio", "seed",
+                "val_fraction", "text_field")
+
+
 def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
     """The run directory is not a saved model, and settings that decide what is resumed (the starting checkpoint,
     the optimizer-state layout) do not change on resume."""
@@ -242,7 +248,13 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
         old = (yaml.safe_load(f) or {}).get("train") or {}
     before, now = old.get("init_from"), tcfg.init_from
     same = before == now or (before and now and os.path.abspath(before) == os.path.abspath(now))
-    if not same and list_steps(run_dir):  # re-running resumes from the run's checkpoints, not from init_from
+    resuming = bool(list_steps(run_dir))
+    if resuming:  # allowed (a longer schedule, more data), but said: the run's record is rewritten
+        new = tcfg.to_dict()
+        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_NOTED if k in old and old[k] != new.get(k)]
+        if changed:
+            log(f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}")
+    if not same and resuming:  # re-running resumes from the run's checkpoints, not from init_from
         raise ConfigError(f"train.init_from={now!r}: {run_dir} holds a run started "
                           f"{'from ' + repr(before) if before else 'from scratch'}, which this command would resume "
                           "(ignoring the new starting point); use --name or --out_dir for a new run")

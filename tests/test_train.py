@@ -536,3 +536,14 @@ def test_too_little_validation_data_is_said(corpus, cache, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "0 val batches" in err and "warning: no validation: the held-out documents fill" in err
     assert "fewer than one micro-batch of 128 rows" in err
+
+
+def test_resume_with_changed_settings_warns(corpus, cache, tmp_path, capsys):
+    """Resuming with another schedule or data is allowed (a longer run, more data) but said."""
+    out = tmp_path / "run"
+    assert run(corpus, cache, out, "--train.stop_after", "2") == 0
+    capsys.readouterr()
+    assert run(corpus, cache, out, "--train.stop_after", "3") == 0
+    assert "changed settings" not in capsys.readouterr().err
+    assert run(corpus, cache, out, "--train.num_training_steps", "8", "--train.stop_after", "4") == 0
+    assert "with changed settings: num_training_steps 6 -> 8" in capsys.readouterr().err
