@@ -39,9 +39,9 @@ def test_gpu_check_cpu_fallback():
     assert all("x transformers" in r[3] for r in gen if r[1].startswith(("doge_jax", "doge_torch"))), gen
     train = [r for r in rows if r[0] == "| train"]
     hf = [r for r in train if " transformers " in r[1]]
-    assert len(hf) == 2 and all("the baseline" in r[3] for r in hf), "training has the transformers baseline"
+    assert len(hf) == 1 and all("the baseline" in r[3] for r in hf), "training has the transformers baseline"
     main = [r for r in train if r[1].endswith("x 2 rows") and "[" not in r[1] and " doge_" in r[1]]
-    assert len(main) == 4 and all("x transformers" in r[3] for r in main), main
+    assert len(main) == 2 and all("x transformers" in r[3] for r in main), main
     assert any("Triton kernel" in r[1] for r in rows), "the doge_torch Triton kernel (interpreter) is checked"
     assert "all checks passed" in out
     after = open(results).read() if os.path.exists(results) else None
