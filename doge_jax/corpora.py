@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -33,6 +34,8 @@ from . import data as D
 
 MANIFEST = "corpus.json"
 FORMAT = 1
+_SHARD_FILE = re.compile(r"^(\d{5,})\.(train\.bin|val\.bin|json)$")
+_OWN_FILE = re.compile(r"^(\d{5,}\.(train\.bin|val\.bin|json)|tokenizer(_config)?\.json|corpus\.json|\..*|.*\.tmp.*)$")
 
 
 # ---- sources ---------------------------------------------------------------------------------------------------------
@@ -269,13 +272,23 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
              if not p.startswith(out_dir + os.sep)]
     if not paths:
         raise D.DataError("no input file (outside --out)")
+    if os.path.isdir(out):  # only this tool's files: never a model directory's tokenizer.json or anything else
+        foreign = sorted(f for f in os.listdir(out) if not _OWN_FILE.match(f))
+        if foreign:
+            raise D.DataError(f"--out {out}: holds {foreign[0]!r}, not a python -m doge_jax.data output; use an "
+                              "empty or new directory")
     os.makedirs(out, exist_ok=True)
     tok_file = os.path.join(out, "tokenizer.json")
     if tokenizer:
         tok = D.load_tokenizer(tokenizer)
         src_dir = tokenizer if os.path.isdir(tokenizer) else None
+        if os.path.isfile(tok_file) and D.load_tokenizer(tok_file).to_str() != tok.to_str():
+            print(f"note: {out} was tokenized with another tokenizer: every file is tokenized again", file=sys.stderr)
     elif os.path.isfile(tok_file):  # a resumed run: the special tokens it recorded next to it
         tok, src_dir = D.load_tokenizer(tok_file), out
+        if vocab_size:
+            print(f"note: {out} already holds its tokenizer (vocabulary {tok.get_vocab_size()}), which a re-run "
+                  "keeps: --vocab-size is not used (a new vocabulary needs a new --out)", file=sys.stderr)
     elif vocab_size:
         tok, src_dir = D.train_bpe(paths, vocab_size, text_field), None
     else:
@@ -327,6 +340,10 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
             pool.join()
     bar.close()
     shards = [done[i] for i in range(len(paths))]
+    for f in os.listdir(out):  # shards of inputs a previous run had and this one has not
+        m = _SHARD_FILE.match(f)
+        if m and int(m.group(1)) >= len(paths):
+            os.remove(os.path.join(out, f))
     manifest = {"format": FORMAT, "dtype": dtype, "tokenizer_sha": sha, "eos_token_id": ids["eos"],
                 "vocab_size": tok.get_vocab_size(), "text_field": text_field, "val_fraction": val_fraction,
                 "seed": seed, "max_id": max((s["max_id"] for s in shards), default=-1),

@@ -210,3 +210,26 @@ def test_pretokenize_keeps_its_output_out_and_records_special_tokens(files, tmp_
     tok = D.load_tokenizer(str(out))
     assert tok.token_to_id(cfg["eos_token"]) == C.read_manifest(str(out))["eos_token_id"]
     assert D.special_ids(tok, str(out))["eos"] == C.read_manifest(str(out))["eos_token_id"]
+
+
+def test_pretokenize_out_is_its_own(files, tmp_path):
+    """--out must hold only this tool's files (it replaced an HF model directory's tokenizer.json); a re-run with
+    another tokenizer says it starts over and drops the shards of inputs it no longer has; --vocab-size on an
+    existing output (whose tokenizer a re-run keeps) is said to be unused."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    proc = _pretokenize("--data", files / "rows.jsonl", "--tokenizer", files / "tokenizer.json", "--out", model)
+    assert proc.returncode == 2 and "holds 'config.json', not a python -m doge_jax.data output" in proc.stderr
+    assert sorted(os.listdir(model)) == ["config.json"]
+    out = tmp_path / "tok"
+    proc = _pretokenize("--data", files / "part*.parquet", "--vocab-size", "300", "--out", out, "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "00001.train.bin").exists()
+    proc = _pretokenize("--data", files / "rows.jsonl", "--vocab-size", "400", "--out", out, "--workers", "1")
+    assert proc.returncode == 0 and "--vocab-size is not used" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "00001.train.bin").exists() and not (out / "00001.json").exists()  # a shard of the old inputs
+    proc = _pretokenize("--data", files / "rows.jsonl", "--tokenizer", files / "tokenizer.json", "--out", out,
+                        "--workers", "1")
+    assert proc.returncode == 0 and "another tokenizer: every file is tokenized again" in proc.stderr
+    assert len(C.read_manifest(str(out))["shards"]) == 1
