@@ -49,6 +49,7 @@ class TrainResult:
     step: int
     run_dir: str
     val_loss: float | None = None
+    signal: int | None = None  # the signal that interrupted this host (None: stopped by another host's)
 
 
 def log(msg: str) -> None:
@@ -485,7 +486,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         plot_loss(run_dir)
     if status == "finished":
         log(f"finished {step} steps; run directory {run_dir}")
-    return TrainResult(status, step, run_dir, None if val is None else val[0])
+    return TrainResult(status, step, run_dir, None if val is None else val[0], stop_signal[0] if stop_signal else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    return 0 if result.status != "interrupted" else 130
+    if result.status != "interrupted":
+        return 0
+    return 128 + (result.signal or signal.SIGINT)  # as the shell reports the signal: 130 Ctrl-C, 143 SIGTERM
 
 
 if __name__ == "__main__":

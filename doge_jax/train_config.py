@@ -103,7 +103,8 @@ class TrainConfig:
         if self.global_batch_tokens % (self.grad_accum * self.seq_len):
             bad("global_batch_tokens", f"must be a multiple of grad_accum x seq_len = {self.grad_accum * self.seq_len}")
         if self.num_warmup_steps + self.num_decay_steps > self.num_training_steps:
-            bad("num_training_steps", "must be >= num_warmup_steps + num_decay_steps")
+            bad("num_training_steps", f"must be >= num_warmup_steps + num_decay_steps = {self.num_warmup_steps} + "
+                f"{self.num_decay_steps}")
         for f in ("warmup_type", "decay_type"):
             if getattr(self, f) not in ("linear", "cosine", "1-sqrt"):
                 bad(f, "must be linear | cosine | 1-sqrt")
@@ -262,6 +263,12 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]])
     return DogeConfig.from_dict(model), tcfg
 
 
+def _shown(path: str) -> str:
+    """`path` relative to the working directory when it lies below it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def help_text(prog: str = "python -m doge_jax.train") -> str:
     lines = [
         f"usage: {prog} [--config FILE.yaml] [--data PATH ...] [--model.FIELD VALUE] [--train.FIELD VALUE] ...",
@@ -276,7 +283,7 @@ def help_text(prog: str = "python -m doge_jax.train") -> str:
         "--data entries: FILE | DIR | GLOB | pre-tokenized DIR, each optionally PATH:WEIGHT for a mixture.",
         "",
         "options:",
-        f"  --config FILE      YAML with model: and train: sections (default {os.path.relpath(DEFAULT_CONFIG)})",
+        f"  --config FILE      YAML with model: and train: sections (default {_shown(DEFAULT_CONFIG)})",
         "  -h, --help         show this help",
         "",
         "train fields (defaults; a config's train: section overrides them):",
