@@ -164,6 +164,9 @@ def train_bpe(paths: list[str], vocab_size: int, text_field: str = "text"):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(iter_documents(paths, text_field), trainer)
+    if tok.get_vocab_size() < vocab_size:
+        print(f"note: the corpus gave a BPE of {tok.get_vocab_size()} tokens, fewer than the {vocab_size} asked for "
+              "(no more merges occur in it)", file=sys.stderr)
     return tok
 
 

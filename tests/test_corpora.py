@@ -233,3 +233,10 @@ def test_pretokenize_out_is_its_own(files, tmp_path):
                         "--workers", "1")
     assert proc.returncode == 0 and "another tokenizer: every file is tokenized again" in proc.stderr
     assert len(C.read_manifest(str(out))["shards"]) == 1
+
+
+def test_bpe_smaller_than_asked_says_so(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("hello world " * 50)
+    tok = D.train_bpe([str(tmp_path / "a.txt")], 4096)
+    assert tok.get_vocab_size() < 4096
+    assert f"gave a BPE of {tok.get_vocab_size()} tokens, fewer than the 4096 asked for" in capsys.readouterr().err
