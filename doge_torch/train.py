@@ -285,16 +285,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         nonlocal t_last
         m.update(loss=float(m["loss"]), grad_norm=float(m["grad_norm"]))
         now = m.pop("_done", None) or time.perf_counter()
-        m["tokens_per_s"], t_last = grad_accum * rows * seq_len / (now - t_last), now
+        m["tokens_per_sec"], t_last = grad_accum * rows * seq_len / (now - t_last), now
         history.append(m)
         if metrics_file:
             metrics_file.write(json.dumps(m) + "\n")
             metrics_file.flush()
         if not math.isfinite(m["loss"]):
             raise SystemExit(f"non-finite loss at step {m['step']}")
-        if m["step"] % args.log_every == 0 or m["step"] == max_steps - 1:
+        if m["step"] % args.log_every == 0 or m["step"] in (1, max_steps):
             print(f"step {m['step']:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
-                  f"{m['tokens_per_s']:.0f} tok/s", flush=True)
+                  f"{m['tokens_per_sec']:.0f} tok/s", flush=True)
 
     pending = None
     try:
@@ -302,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             # queue this step, then read the previous one's loss: one step behind, so the host never makes the
             # device wait (train_step(sync=False) leaves loss and grad norm on the device)
             m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast, sync=False)
-            m["step"] = step
+            m["step"] = step + 1  # steps done, as doge_jax's metrics count them (lr: the one this update used)
             if device.type not in ("cuda", "mps", "xpu"):  # synchronous: done when train_step returns (tokens/s)
                 m["_done"] = time.perf_counter()
             if pending is not None:
