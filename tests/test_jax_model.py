@@ -302,6 +302,25 @@ def test_bf16_load(tmp_path):
     assert max_abs_diff(ours, ref) <= 2e-2 * np.abs(ref).max()  # the spec's bf16 tolerance (seen: 1.1e-2)
 
 
+@pytest.mark.parametrize("impl", ["reference", "blockwise"])
+def test_bf16_forward_reduces_in_float32(impl):
+    """Spec §9.6-7 and §3.9: in a bf16 forward the softmax, RMSNorm and loss reductions run in float32. No
+    numeric tolerance at these sizes tells a bf16 softmax or an RMSNorm without the upcast from bf16 noise, so the
+    program itself is checked: no floating reduction (sum, max) of a dense model, nor RMSNorm's rsqrt, is in bf16."""
+    import re
+
+    cfg = DogeConfig(**{**TINY, "keep_window_size": 8})  # T 16 > keep_window: the top-k path too
+    model = with_attention_impl(DogeForCausalLM(cfg, rngs=nnx.Rngs(0)), impl)
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(
+        lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, state))
+    ids = unique_ids(2, 16, cfg.vocab_size, seed=3)
+    text = str(jax.make_jaxpr(lambda i: model(i, labels=i).loss)(jnp.asarray(ids)))
+    reductions = re.findall(r"\w+:(\w+)\[[^\]]*\] = (reduce_sum|reduce_max|rsqrt)", text)  # rsqrt: RMSNorm
+    assert {op for d, op in reductions if d == "f32"} == {"reduce_sum", "reduce_max", "rsqrt"} and "bf16" in text
+    assert not [r for r in reductions if r[0] in ("bf16", "f16")], reductions
+
+
 def test_small_doge_and_legacy_match_doge_torch(tmp_path):
 
     import doge_torch
