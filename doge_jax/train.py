@@ -184,7 +184,9 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig, mesh=None, par
         if freeze:  # MoE warm-up: frozen parameters have no gradient (nor a share of the clipping norm)
             grads = I.mask_frozen_grads(grads, step, freeze)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        targets = jnp.sum(shift_targets(labels_of(batch)) != IGNORE)  # 0: a NaN loss with a plain cause
+        return (optax.apply_updates(params, updates), opt_state,
+                {"loss": loss, "grad_norm": optax.tree.norm(grads), "targets": targets})
 
     def eval_step(params, ids):
         model = nnx.merge(graphdef, params)
@@ -425,6 +427,10 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
             loss, gnorm, lr = float(out["loss"]), float(out["grad_norm"]), float(schedule(s - 1))
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
                 where = f"step {last_good}" if last_good is not None else "none saved yet"
+                if "targets" in out and int(out["targets"]) == 0:
+                    raise TrainingDiverged(f"step {s} has no target token: every label is padding (pad_token_id "
+                                           f"{mcfg.pad_token_id}); check the data and the pad id (last good "
+                                           f"checkpoint: {where} in {run_dir})")
                 raise TrainingDiverged(f"non-finite loss/grad norm at step {s} (loss={loss}, grad_norm={gnorm}); "
                                        f"stopped without saving; last good checkpoint: {where} in {run_dir}")
             tps = tokens_per_step / dt

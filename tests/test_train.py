@@ -272,6 +272,19 @@ def _tiny_setup(compute_dtype="float32", grad_accum=1, rows=4, loss_chunk=1024):
     return cfg, tcfg, graphdef, params, tx
 
 
+def test_step_reports_its_target_count():
+    """A step whose labels are all padding has a NaN loss; its metrics say it had no target, so the run can name
+    the cause instead of calling it a divergence."""
+    cfg, tcfg, graphdef, params, tx = _tiny_setup()
+    step = T.make_steps(graphdef, tx, cfg, tcfg)[0]
+    opt_state = tx.init(params)
+    ids = np.random.default_rng(0).integers(3, 64, (1, 4, 16)).astype(np.int32)
+    params, opt_state, m = step(params, opt_state, ids, 0)  # (the step donates its inputs)
+    assert int(m["targets"]) == 4 * 15 and np.isfinite(m["loss"])
+    _, _, m = step(params, opt_state, np.full((1, 4, 16), cfg.pad_token_id, np.int32), 1)
+    assert int(m["targets"]) == 0 and np.isnan(m["loss"])
+
+
 def test_grad_accumulation_equals_big_batch():
     """GA micro-batches with uneven padding give the gradient of the token mean over the whole step."""
     cfg, tcfg, graphdef, params, tx = _tiny_setup()
