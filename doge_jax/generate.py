@@ -265,7 +265,8 @@ def main(argv=None) -> int:
         elif os.path.isdir(tok_path):
             tokenizer = _load_tokenizer(tok_path)
     except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
-        return fail(f"{tok_path}: not a readable tokenizer.json ({e})")
+        if args.prompt is not None or args.tokenizer:  # needed or asked for; with --prompt-ids, ids are shown
+            return fail(f"{tok_path}: not a readable tokenizer.json ({e})")
     if args.prompt is not None and tokenizer is None:
         return fail(f"no tokenizer.json in {tok_path!r}: pass --tokenizer PATH, or give the prompt as --prompt-ids")
     try:

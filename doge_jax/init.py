@@ -83,7 +83,11 @@ def config_changes(base: DogeConfig, cfg: DogeConfig) -> list[str]:
 def find_tokenizer(path: str) -> str | None:
     """The directory holding tokenizer.json next to a checkpoint (HF dir, orbax model dir, run dir or step dir)."""
     path = os.path.abspath(path)
-    for d in (path, os.path.dirname(os.path.dirname(path))):  # a step dir RUN/checkpoints/N -> RUN
+    dirs = [path]
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit():  # RUN/checkpoints/N -> RUN
+        dirs.append(os.path.dirname(parent))
+    for d in dirs:
         if os.path.isfile(os.path.join(d, "tokenizer.json")):
             return d
     return None

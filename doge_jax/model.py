@@ -184,7 +184,8 @@ def route(router_logits: jax.Array, num_keys: int, top_k: int):
     """Product-key routing (spec §3.8 steps 2-4): [2, N, K] -> (scores [N,k], experts [N,k], all_scores [N,K²],
     all_idx [N,K²]). lax.top_k keeps the lower index on ties, like doge_torch's stable sort."""
     # lax.top_k ranks +0.0 above -0.0 where torch's sort calls them equal (a tie): one zero for both
-    router_logits = jnp.where(router_logits == 0, jnp.zeros_like(router_logits), router_logits)
+    # (-0.0 + 0.0 = +0.0; the added term carries no gradient, so exact zeros keep theirs)
+    router_logits = router_logits + jax.lax.stop_gradient(jnp.where(router_logits == 0, -router_logits, 0))
     sx, ix = jax.lax.top_k(router_logits[0], num_keys)
     sy, iy = jax.lax.top_k(router_logits[1], num_keys)
     N = sx.shape[0]

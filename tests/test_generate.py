@@ -83,6 +83,25 @@ def test_cli_prompt_ids_with_a_tokenizer_and_metaspace_stream(model_dir, tmp_pat
     assert capsys.readouterr().out.rstrip("\n") == tok.decode(ids)
 
 
+def test_tokenizer_of_a_step_directory_only(model_dir, tmp_path, capsys):
+    """RUN/checkpoints/N finds RUN's tokenizer; any other model directory never looks two levels up (an unrelated,
+    here unreadable, tokenizer.json there broke even --prompt-ids)."""
+    import shutil
+
+    from doge_jax.init import find_tokenizer
+
+    (tmp_path / "run" / "checkpoints" / "7").mkdir(parents=True)
+    (tmp_path / "run" / "tokenizer.json").write_text("{}")
+    assert find_tokenizer(str(tmp_path / "run" / "checkpoints" / "7")) == str(tmp_path / "run")
+    (tmp_path / "gp" / "models").mkdir(parents=True)
+    shutil.copytree(model_dir, tmp_path / "gp" / "models" / "hf")
+    (tmp_path / "gp" / "tokenizer.json").write_text("not json")
+    assert find_tokenizer(str(tmp_path / "gp" / "models" / "hf")) is None
+    assert main(["--model", str(tmp_path / "gp" / "models" / "hf"), "--prompt-ids", "5", "--max-new-tokens",
+                 "2"]) == 0
+    assert capsys.readouterr().out.startswith("5 |")
+
+
 def test_cli_rejects_bad_input_in_one_line(model_dir, tmp_path, capsys):
     """A bad model path, an empty or unfinished run, out-of-range ids: one `error:` line (exit 2), no traceback
     and no usage block; a run's step directory finds the run's tokenizer."""

@@ -510,6 +510,13 @@ def test_moe_aux_loss_bf16_is_counted_in_float32():
     j = route(jnp.asarray(z), 4, 4)[1]
     t = torch_route(torch.as_tensor(z), 4, 4)[1]
     np.testing.assert_array_equal(np.asarray(j), t.numpy())
+    # ... and exact zeros keep their gradient (a where() that zeroed them dropped it)
+    w = np.arange(1.0, 5.0, dtype=np.float32)
+    gj = jax.grad(lambda r: jnp.sum(route(r, 4, 4)[0] * w))(jnp.asarray(z))
+    zt = torch.as_tensor(z).requires_grad_()
+    (torch_route(zt, 4, 4)[0] * torch.as_tensor(w)).sum().backward()
+    np.testing.assert_allclose(np.asarray(gj), zt.grad.numpy(), rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(gj)[:, 0, 1:3]).sum() > 0  # the zero entries have a gradient
 
 
 @pytest.mark.parametrize("tied", [False, True])
