@@ -250,7 +250,8 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
     with open(path) as f:
         old = (yaml.safe_load(f) or {}).get("train") or {}
     before, now = old.get("init_from"), tcfg.init_from
-    same = before == now or (before and now and os.path.abspath(before) == os.path.abspath(now))
+    # without --init-from a re-run just resumes; a run records its start as an absolute path (older runs: as typed)
+    same = now is None or before == now or (before and os.path.abspath(before) == os.path.abspath(now))
     resuming = bool(list_steps(run_dir))
     if resuming:  # allowed (a longer schedule, more data), but said: the run's record is rewritten
         new = tcfg.to_dict()
@@ -270,6 +271,8 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
 # ---- the run --------------------------------------------------------------------------------------------------------
 def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -> TrainResult:
     run_dir = os.path.abspath(tcfg.out_dir or os.path.join(tcfg.runs_dir, tcfg.name or "run"))
+    if tcfg.init_from:  # recorded absolute: a resume from another working directory compares equal
+        tcfg = dataclasses.replace(tcfg, init_from=os.path.abspath(os.path.expanduser(tcfg.init_from)))
     # a data, tokenizer or write error can hit one host only: every host stops with it (not in a collective later)
     with S.all_or_none("setting up the run (config, tokenizer, data)"):
         # paths are checked here

@@ -16,7 +16,7 @@ from flax import nnx
 from test_train import TINY_ARGS, cache, corpus  # noqa: F401 - fixtures
 
 from doge_jax import train as T
-from doge_jax.checkpoint import load_params, model_from_params
+from doge_jax.checkpoint import list_steps, load_params, model_from_params
 from doge_jax.config import ConfigError, DogeConfig
 from doge_jax.init import merge_config
 from doge_jax.metrics import read_metrics
@@ -182,7 +182,8 @@ def test_freeze_needs_moe(corpus, cache, tmp_path, capsys):  # noqa: F811
     assert "train.moe_freeze_steps=2: needs a MoE model" in capsys.readouterr().err
 
 
-def test_run_dir_must_match_its_start_and_not_be_a_saved_model(corpus, cache, dense, tmp_path, capsys):  # noqa: F811
+def test_run_dir_must_match_its_start_and_not_be_a_saved_model(corpus, cache, dense, tmp_path, capsys,  # noqa: F811
+                                                              monkeypatch):
     """Re-running into a run directory resumes it: with another (or a new) --init-from that would silently ignore
     the new starting point, so it is refused; so is training into an HF model directory (the run's checkpoints
     would shadow the saved weights for doge_jax's loaders, not for transformers')."""
@@ -199,7 +200,11 @@ def test_run_dir_must_match_its_start_and_not_be_a_saved_model(corpus, cache, de
     cont = tmp_path / "cont"
     assert run(corpus, cache, cont, "--init-from", str(hf), "--train.stop_after", "1") == 0
     assert run(corpus, cache, cont, "--init-from", str(hf), "--train.stop_after", "2") == 0  # the same start resumes
-    assert run(corpus, cache, cont, "--train.stop_after", "3") == 2
+    monkeypatch.chdir(tmp_path)  # ... also as a relative path from elsewhere, and without --init-from
+    assert run(corpus, cache, cont, "--init-from", "hf", "--train.stop_after", "3") == 0
+    assert run(corpus, cache, cont, "--train.stop_after", "4") == 0
+    assert list_steps(str(cont))[-1] == 4
+    assert run(corpus, cache, cont, "--init-from", str(src)) == 2  # another start
     assert "holds a run started from " in capsys.readouterr().err
 
 
