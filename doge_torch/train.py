@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import math
 import os
@@ -110,7 +111,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
-def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None) -> np.ndarray:
+def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None,
+                text_field: str = "text") -> np.ndarray:
     """All tokens of `files` as one int64 stream. `.npy` files hold 1-D token ids; a directory written by
     `python -m doge_jax.data` gives its training shards; anything else is read as doge_jax.train reads it (text
     files, `.jsonl`/`.parquet` rows, directories and globs of them) and tokenized with `tokenizer` (a tokenizer.json),
@@ -132,14 +134,25 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
                 raise ValueError(f"--tokenizer {tokenizer}: not a readable tokenizer.json ({e})") from None
         return tok
 
-    for path in files:
+    expanded = []
+    for path in files:  # .npy globs and directories of .npy files
+        if glob.has_magic(path) and all(p.endswith(".npy") for p in glob.glob(path)) and glob.glob(path):
+            expanded += sorted(glob.glob(path))
+        elif os.path.isdir(path) and not is_pretokenized(path) and any(f.endswith(".npy") for f in os.listdir(path)):
+            expanded += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npy"))
+        else:
+            expanded.append(path)
+    for path in expanded:
         if path.endswith(".npy"):
             arr = np.load(path, mmap_mode="r")
             if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"{path}: expected a 1-D integer token array, got {arr.dtype}{list(arr.shape)}")
             parts.append(np.asarray(arr, dtype=np.int64))
         elif os.path.isdir(path) and is_pretokenized(path):
-            train, _, _ = load_pretokenized(path, get_tok())  # another tokenizer than --tokenizer's raises
+            train, _, manifest = load_pretokenized(path, get_tok())  # another tokenizer than --tokenizer's raises
+            if eos_token_id is not None and manifest["eos_token_id"] != eos_token_id:
+                raise D.DataError(f"{path}: pre-tokenized with EOS id {manifest['eos_token_id']}, the model's is "
+                                  f"{eos_token_id}")
             parts += [np.asarray(a, dtype=np.int64) for a in train]
         elif path.endswith(".bin"):
             raise ValueError(f"{path}: a pre-tokenized shard; pass its directory (written by python -m doge_jax.data)")
@@ -149,7 +162,7 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
         if tokenizer is None:
             raise ValueError(f"{text[0]}: text data needs --tokenizer PATH/tokenizer.json (or pass pre-tokenized "
                              ".npy files or a python -m doge_jax.data directory)")
-        for doc in D.iter_documents(text):
+        for doc in D.iter_documents(text, text_field):
             ids = get_tok().encode(doc).ids
             if eos_token_id is not None and (not ids or ids[-1] != eos_token_id):
                 ids.append(eos_token_id)
@@ -253,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
-    model = init_from(args.init_from, cfg) if args.init_from else DogeForCausalLM(cfg)
+    start = tc.init_from  # --init-from, or train.init_from in the config file
+    model = init_from(start, cfg) if start else DogeForCausalLM(cfg)
     model = model.to(device).train()
     optimizer = make_optimizer(model, tc.peak_lr, weight_decay=tc.weight_decay, b1=tc.adam_b1, b2=tc.adam_b2,
                                eps=tc.adam_eps)
@@ -262,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     step_model = torch.compile(model) if args.compile else model
 
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
-    tokens = load_tokens(args.data, args.tokenizer, eos)
+    tokens = load_tokens(args.data, args.tokenizer, eos, tc.text_field)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
         raise ValueError(f"token ids span [{tokens.min()}, {tokens.max()}] but model.vocab_size is {cfg.vocab_size}")
     data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id)
@@ -317,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         final = os.path.join(args.out, "final")
         model.save_pretrained(final)
         # the tokenizer goes with the model (python -m doge_jax.generate --model OUT/final --prompt ...)
-        tok = args.tokenizer or (os.path.join(args.init_from, "tokenizer.json") if args.init_from else None)
+        pre = [d for d in args.data if os.path.isfile(os.path.join(d, "corpus.json"))]  # doge_jax.data outputs
+        tok = args.tokenizer or next((os.path.join(d, "tokenizer.json") for d in [*pre, start] if d), None)
         if tok and os.path.isfile(tok):
             shutil.copyfile(tok, os.path.join(final, "tokenizer.json"))
     return history

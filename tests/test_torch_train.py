@@ -435,6 +435,14 @@ def test_cli_init_from_applies_the_config_files_model_fields(tmp_path):
             assert p.abs().max() > 0, name  # fresh tables, not zeros
         else:  # peak_lr 1e-12: one AdamW step moves a weight by ~1e-12
             torch.testing.assert_close(p, want[name], rtol=0, atol=1e-9, msg=name)
+    # the same with train.init_from in the config file instead of --init-from
+    in_file = tmp_path / "in_file.yaml"
+    in_file.write_text(cfg.read_text().replace("train:\n", f"train:\n  init_from: {tmp_path / 'dense'}\n", 1))
+    main(["--config", str(in_file), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--out",
+          str(tmp_path / "run2"), "--device", "cpu"])
+    got2 = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "run2" / "final")).state_dict()
+    torch.testing.assert_close(got2["model.embed_tokens.weight"], want["model.embed_tokens.weight"], rtol=0,
+                               atol=1e-9)
     bad = tmp_path / "bad.yaml"
     bad.write_text(cfg.read_text().replace("hidden_size: 128", "hidden_size: 96"))
     with pytest.raises(ConfigError, match="hidden_size"):
@@ -464,6 +472,16 @@ def test_cli_reads_data_as_doge_jax_does(tmp_path):
     assert 0 < len(pre) <= len(want) and set(np.unique(pre)) <= set(np.unique(want))
     with pytest.raises(ValueError, match="pre-tokenized shard; pass its directory"):
         load_tokens([next(str(p) for p in (tmp_path / "pre").iterdir() if p.suffix == ".bin")])
+    with pytest.raises(ValueError, match="pre-tokenized with EOS id 1, the model's is 7"):
+        load_tokens([str(tmp_path / "pre")], None, 7)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    np.testing.assert_array_equal(load_tokens([str(tmp_path / "rows.jsonl")], str(tmp_path / "tokenizer.json"), 1,
+                                              "content"), want)  # train.text_field
+    (tmp_path / "npys").mkdir()
+    np.save(tmp_path / "npys" / "a.npy", want[:50])
+    np.save(tmp_path / "npys" / "b.npy", want[50:])
+    np.testing.assert_array_equal(load_tokens([str(tmp_path / "npys")]), want)  # a directory of .npy files
+    np.testing.assert_array_equal(load_tokens([str(tmp_path / "npys" / "*.npy")]), want)  # a glob of them
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
                    .replace("global_batch_tokens: 4096", "global_batch_tokens: 64")
@@ -471,6 +489,10 @@ def test_cli_reads_data_as_doge_jax_does(tmp_path):
     main(["--config", str(cfg), "--data", str(tmp_path / "d.jsonl"), "--tokenizer", str(tmp_path / "tokenizer.json"),
           "--max-steps", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert (tmp_path / "run" / "final" / "tokenizer.json").read_text() == (tmp_path / "tokenizer.json").read_text()
+    main(["--config", str(cfg), "--data", str(tmp_path / "pre"), "--max-steps", "1", "--device", "cpu", "--out",
+          str(tmp_path / "run3")])  # a pre-tokenized directory carries its tokenizer
+    assert (tmp_path / "run3" / "final" / "tokenizer.json").read_text() == (tmp_path / "pre" / "tokenizer.json"
+                                                                           ).read_text()
     frozen = tmp_path / "frozen.yaml"
     frozen.write_text(cfg.read_text().replace("train:\n", "train:\n  moe_freeze_steps: 5\n", 1))
     with pytest.raises(ConfigError, match="moe_freeze_steps=5"):
