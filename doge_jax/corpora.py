@@ -272,8 +272,17 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
              if not p.startswith(out_dir + os.sep)]
     if not paths:
         raise D.DataError("no input file (outside --out)")
-    if os.path.isdir(out):  # only this tool's files: never a model directory's tokenizer.json or anything else
+    if os.path.isdir(out):  # only this tool's files: never a model or tokenizer directory's files
         foreign = sorted(f for f in os.listdir(out) if not _OWN_FILE.match(f))
+        tok_cfg = os.path.join(out, "tokenizer_config.json")
+        if not foreign and os.path.isfile(tok_cfg):  # ours holds only the special tokens it used
+            try:
+                with open(tok_cfg) as f:
+                    keys = set(json.load(f))
+            except (OSError, ValueError):
+                keys = {"?"}
+            if not keys <= {"bos_token", "eos_token", "pad_token"}:
+                foreign = ["tokenizer_config.json"]
         if foreign:
             raise D.DataError(f"--out {out}: holds {foreign[0]!r}, not a python -m doge_jax.data output; use an "
                               "empty or new directory")
@@ -286,7 +295,7 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
             print(f"note: {out} was tokenized with another tokenizer: every file is tokenized again", file=sys.stderr)
     elif os.path.isfile(tok_file):  # a resumed run: the special tokens it recorded next to it
         tok, src_dir = D.load_tokenizer(tok_file), out
-        if vocab_size:
+        if vocab_size and vocab_size != tok.get_vocab_size():
             print(f"note: {out} already holds its tokenizer (vocabulary {tok.get_vocab_size()}), which a re-run "
                   "keeps: --vocab-size is not used (a new vocabulary needs a new --out)", file=sys.stderr)
     elif vocab_size:
@@ -340,16 +349,16 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
             pool.join()
     bar.close()
     shards = [done[i] for i in range(len(paths))]
-    for f in os.listdir(out):  # shards of inputs a previous run had and this one has not
-        m = _SHARD_FILE.match(f)
-        if m and int(m.group(1)) >= len(paths):
-            os.remove(os.path.join(out, f))
     manifest = {"format": FORMAT, "dtype": dtype, "tokenizer_sha": sha, "eos_token_id": ids["eos"],
                 "vocab_size": tok.get_vocab_size(), "text_field": text_field, "val_fraction": val_fraction,
                 "seed": seed, "max_id": max((s["max_id"] for s in shards), default=-1),
                 "train_tokens": sum(s["train_tokens"] for s in shards),
                 "val_tokens": sum(s["val_tokens"] for s in shards), "shards": shards}
     _write_atomic_json(os.path.join(out, MANIFEST), manifest)
+    for f in os.listdir(out):  # shards of inputs a previous run had and this one has not (after the manifest: a
+        m = _SHARD_FILE.match(f)  # run killed before it leaves the previous manifest's shards readable)
+        if m and int(m.group(1)) >= len(paths):
+            os.remove(os.path.join(out, f))
     return manifest
 
 

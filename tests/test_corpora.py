@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -222,6 +223,13 @@ def test_pretokenize_out_is_its_own(files, tmp_path):
     proc = _pretokenize("--data", files / "rows.jsonl", "--tokenizer", files / "tokenizer.json", "--out", model)
     assert proc.returncode == 2 and "holds 'config.json', not a python -m doge_jax.data output" in proc.stderr
     assert sorted(os.listdir(model)) == ["config.json"]
+    hftok = tmp_path / "hftok"  # an HF tokenizer directory: its tokenizer_config.json is not ours
+    hftok.mkdir()
+    shutil.copy(files / "tokenizer.json", hftok / "tokenizer.json")
+    (hftok / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "model_max_length": 2048}))
+    proc = _pretokenize("--data", files / "rows.jsonl", "--tokenizer", hftok, "--out", hftok)
+    assert proc.returncode == 2 and "holds 'tokenizer_config.json'" in proc.stderr
+    assert sorted(os.listdir(hftok)) == ["tokenizer.json", "tokenizer_config.json"]
     out = tmp_path / "tok"
     proc = _pretokenize("--data", files / "part*.parquet", "--vocab-size", "300", "--out", out, "--workers", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -240,3 +248,22 @@ def test_bpe_smaller_than_asked_says_so(tmp_path, capsys):
     tok = D.train_bpe([str(tmp_path / "a.txt")], 4096)
     assert tok.get_vocab_size() < 4096
     assert f"gave a BPE of {tok.get_vocab_size()} tokens, fewer than the 4096 asked for" in capsys.readouterr().err
+
+
+def test_pretokenize_killed_before_its_manifest_leaves_the_old_output_readable(files, tmp_path, monkeypatch):
+    """Shards of inputs no longer given are removed only after the new corpus.json is written."""
+    out = str(tmp_path / "tok")
+    C.pretokenize([str(files / "part*.parquet"), str(files / "rows.jsonl")], str(files / "tokenizer.json"), out,
+                  workers=1, progress=False)
+    real = C._write_atomic_json
+
+    def killed(path, obj):
+        if path.endswith(C.MANIFEST):
+            raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(C, "_write_atomic_json", killed)
+    with pytest.raises(KeyboardInterrupt):  # the first two inputs only (their shards are kept as they are)
+        C.pretokenize([str(files / "part*.parquet")], str(files / "tokenizer.json"), out, workers=1, progress=False)
+    train, _, m = C.load_pretokenized(out)  # the previous manifest and all its shards
+    assert len(m["shards"]) == 3 and all(len(t) for t in train)
