@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 
 import jax
@@ -220,20 +221,31 @@ def read_param(params_dir: str, path: tuple[str, ...]):
 
 @contextlib.contextmanager
 def sigint_deferred():
-    """Ctrl-C waits for the end of the block, then raises KeyboardInterrupt. orbax writes from background
-    threads that an interrupt does not stop: interrupted, they went on writing into the temporary output directory
-    after its removal (hundreds of MB left behind by `convert --to jax`)."""
-    if threading.current_thread() is not threading.main_thread():
+    """A first Ctrl-C waits for the end of the block, then acts as it would have (KeyboardInterrupt, or the handler
+    that was installed); a second one acts at once. orbax writes from background threads that an interrupt does
+    not stop: interrupted, they went on writing into the temporary output directory after its removal (hundreds of
+    MB left behind by `convert --to jax`). An ignored SIGINT stays ignored."""
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or old in (signal.SIG_IGN, None):
         yield
         return
-    got: list[int] = []
-    old = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    got: list = []
+
+    def first(signum, frame):
+        got.append(frame)
+        signal.signal(signal.SIGINT, old)  # a second Ctrl-C is not deferred
+        print("interrupted: finishing the checkpoint write first (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, first)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
     if got:
-        raise KeyboardInterrupt
+        if callable(old):
+            old(signal.SIGINT, got[0])  # default_int_handler raises KeyboardInterrupt
+        else:  # SIG_DFL: terminate as the signal would have
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def save_param_tree(params_dir: str, tree: dict, concurrent_gb: float = 0.25) -> None:

@@ -657,3 +657,25 @@ def test_ctrl_c_during_an_orbax_write_waits_for_it_and_leaves_nothing(tmp_path, 
             save_param_tree(os.path.join(tmp, "params"), {"w": np.ones((64, 64), np.float32)})
     assert done == [True] and os.listdir(tmp_path) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_deferred_ctrl_c_keeps_an_ignored_sigint_and_custom_handlers(monkeypatch):
+    """An ignored SIGINT (a background job) stays ignored: the write is kept; a custom handler is called after the
+    block instead of a KeyboardInterrupt."""
+    import signal
+
+    from doge_jax.checkpoint import sigint_deferred
+
+    seen = []
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, lambda s, f: seen.append(s))
+        with sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert seen == []
+        assert seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
