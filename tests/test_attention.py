@@ -372,6 +372,11 @@ def test_float64_dt_is_ranked_in_float64():
         e = np.asarray(key_expiry(jnp.asarray(dt), jnp.asarray(valid), 1))
     et = torch_key_expiry(torch.as_tensor(dt), torch.as_tensor(valid), 1).numpy()
     assert e[0, 0, 0] == 1 and et[0, 0, 0] == 1, (e, et)  # key 0 expires at query 1, where key 1 beats it
+    from doge_jax.decode import beaten_by
+
+    with jax.enable_x64(True):  # the decode-time counters rank the same way
+        counts = np.asarray(beaten_by(jnp.asarray(dt), jnp.asarray(valid)))
+    assert counts[0, 0].tolist() == [1, 0, 2, 3], counts
 
 
 def test_pallas_blocks_must_be_powers_of_two():
