@@ -441,6 +441,9 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                    "mfu": flops / dt / peak, "tokens": s * tokens_per_step, "elapsed_s": now - t_start}
             if s % tcfg.log_every == 0 or s == tcfg.num_training_steps:
                 metrics.log(rec)
+                if not tcfg.progress and primary:  # no bar (logs, batch jobs): one line per logged step instead
+                    log(f"step {s}: loss {loss:.4f}  lr {lr:.3e}  grad_norm {gnorm:.3f}  {tps:,.0f} tok/s  "
+                        f"mfu {rec['mfu']:.1%}")
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{rec['mfu']:.1%}",
                             refresh=False)
             bar.update(1)

@@ -74,7 +74,7 @@ class TrainConfig:
     compute_dtype: str = _f("float32", "float32 | bfloat16 (params and optimizer stay float32)")
     loss_chunk: int = _f(1024, "tokens per chunk of the chunked cross-entropy; 0 = plain logits loss")
     peak_flops: float | None = _f(None, "peak FLOP/s of one device for MFU (default: per-platform table)")
-    progress: bool = _f(True, "show progress bars")
+    progress: bool = _f(True, "show progress bars (false: a log line per logged step instead, for batch jobs)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a run name like 7 or 2024-05-01 comes out of YAML as an int or date

@@ -148,6 +148,7 @@ def test_nan_loss_stops_and_keeps_last_good(corpus, cache, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "last good checkpoint: step" in err
     assert "M parameters (1 layers, hidden 32, vocab 320)" in err  # the size is said up front
+    assert "step 1: loss " in err  # without a progress bar: a line per logged step
     steps = list_steps(str(out))
     assert steps and f"step {steps[-1]} in" in err
     rows = read_metrics(str(out))
