@@ -98,15 +98,24 @@ def keep_top_k(bias: jax.Array, k: int) -> jax.Array:
     return greater | (equal & (jnp.cumsum(equal, axis=-1) <= n_needed))
 
 
+def mask_value(dtype, dt_dtype) -> float:
+    """The value of a masked bias entry: finfo(activation dtype).min, but never below what dt's dtype holds
+    (float32's min in a bf16 cache would round to -inf, and a fully masked row's softmax would be NaN)."""
+    return max(float(jnp.finfo(dtype).min), float(jnp.finfo(dt_dtype).min))
+
+
+def rank_dtype(dtype):
+    """The dtype dt is ranked in for the keep-window rule: float32, or float64 for float64 dt (as the top-k)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def dynamic_bias(dt: jax.Array, allowed: jax.Array, keep_window: int, dtype, num_keys=None) -> jax.Array:
     """dt [B, n, T] and allowed [B, 1, S, T] -> bias [B, n, S, T]: dt where allowed, finfo.min elsewhere (an
     overwrite, not an addition), and only the keep_window largest entries of a row kept when T > keep_window.
 
     With a fixed-capacity cache only the first `num_keys` slots exist; the rest get -inf, so that they carry no
     weight even in a fully masked row (which transformers makes uniform over its T existing keys, spec §3.6)."""
-    # finfo.min of the activation dtype, but never below what dt's dtype holds (float32's min in a bf16 cache
-    # would round to -inf, and a fully masked row's softmax would be NaN)
-    min_v = max(float(jnp.finfo(dtype).min), float(jnp.finfo(dt.dtype).min))
+    min_v = mask_value(dtype, dt.dtype)
     bias = jnp.where(allowed, dt[:, :, None, :], min_v).astype(dt.dtype)
     exists = None if num_keys is None else jnp.arange(bias.shape[-1]) < num_keys
     if exists is not None:
@@ -187,7 +196,7 @@ def key_expiry(dt: jax.Array, valid: jax.Array, keep_window: int) -> jax.Array:
         return jnp.where(valid_b, _NEVER, 0).astype(jnp.int32)
 
     def one(d, ok):
-        key = jnp.where(ok, -d.astype(jnp.promote_types(d.dtype, jnp.float32)), jnp.inf)  # float64 stays
+        key = jnp.where(ok, -d.astype(rank_dtype(d.dtype)), jnp.inf)
         perm = jnp.argsort(key, stable=True).astype(jnp.int32)  # key slots, best first; invalid keys last
         rank = jnp.zeros((T,), jnp.int32).at[perm].set(jnp.arange(T, dtype=jnp.int32), unique_indices=True)
         e = _kth_smallest_in_prefix(perm, rank, keep_window)

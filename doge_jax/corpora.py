@@ -34,8 +34,10 @@ from . import data as D
 
 MANIFEST = "corpus.json"
 FORMAT = 1
-_SHARD_FILE = re.compile(r"^(\d{5,})\.(train\.bin|val\.bin|json)$")
-_OWN_FILE = re.compile(r"^(\d{5,}\.(train\.bin|val\.bin|json)|tokenizer(_config)?\.json|corpus\.json|\..*|.*\.tmp.*)$")
+_SHARD = r"(\d{5,})\.(?:train\.bin|val\.bin|json)"  # NNNNN.train.bin, NNNNN.val.bin, NNNNN.json
+_SHARD_FILE = re.compile(_SHARD)
+# what --out may hold: shards, the tokenizer files, the manifest, hidden entries, temporaries of an interrupted run
+_OWN_FILE = re.compile(rf"{_SHARD}|tokenizer(_config)?\.json|corpus\.json|\..*|.*\.tmp.*")
 
 
 # ---- sources ---------------------------------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
     if not paths:
         raise D.DataError("no input file (outside --out)")
     if os.path.isdir(out):  # only this tool's files: never a model or tokenizer directory's files
-        foreign = sorted(f for f in os.listdir(out) if not _OWN_FILE.match(f))
+        foreign = sorted(f for f in os.listdir(out) if not _OWN_FILE.fullmatch(f))
         tok_cfg = os.path.join(out, "tokenizer_config.json")
         if not foreign and os.path.isfile(tok_cfg):  # ours holds only the special tokens it used
             try:
@@ -356,7 +358,7 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
                 "val_tokens": sum(s["val_tokens"] for s in shards), "shards": shards}
     _write_atomic_json(os.path.join(out, MANIFEST), manifest)
     for f in os.listdir(out):  # shards of inputs a previous run had and this one has not (after the manifest: a
-        m = _SHARD_FILE.match(f)  # run killed before it leaves the previous manifest's shards readable)
+        m = _SHARD_FILE.fullmatch(f)  # run killed before it leaves the previous manifest's shards readable)
         if m and int(m.group(1)) >= len(paths):
             os.remove(os.path.join(out, f))
     return manifest

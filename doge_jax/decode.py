@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .attention import MaskInfo, dynamic_bias
+from .attention import MaskInfo, dynamic_bias, mask_value, rank_dtype
 from .model import DogeCache, rotary_cos_sin, silu, softplus_torch
 
 
@@ -111,7 +111,7 @@ def use_counters(cfg, capacity: int) -> bool:
 def beaten_by(dt: jax.Array, valid: jax.Array) -> jax.Array:
     """[B, n, C] int32: for each valid key, how many valid keys beat it (larger dt, lower index on ties, spec
     §9.1), i.e. its rank in that order; a key is kept by the keep-window rule while this is < keep_window."""
-    key = jnp.where(valid[:, None, :], -dt.astype(jnp.promote_types(dt.dtype, jnp.float32)), jnp.inf)
+    key = jnp.where(valid[:, None, :], -dt.astype(rank_dtype(dt.dtype)), jnp.inf)
     order = jnp.argsort(key, axis=-1, stable=True)
     return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
 
@@ -149,8 +149,7 @@ def _decode_attention(q, k_t, v, dt, allowed, num_keys, keep_window: int, G: int
         bias = dynamic_bias(dt, allowed, keep_window, q.dtype, num_keys)  # [B, n, 1, T]
     else:  # the same bias, with the top-k replaced by the keep-window counters
         alive = allowed & (counts < keep_window)[:, :, None, :]
-        min_v = max(float(jnp.finfo(q.dtype).min), float(jnp.finfo(dt.dtype).min))  # as dynamic_bias
-        bias = jnp.where(alive, dt[:, :, None, :], min_v).astype(dt.dtype)
+        bias = jnp.where(alive, dt[:, :, None, :], mask_value(q.dtype, dt.dtype)).astype(dt.dtype)
         bias = jnp.where(jnp.arange(T) < num_keys, bias, -jnp.inf).astype(dt.dtype)
     bias = bias[:, :, None] if bias.shape[1] == G else bias.reshape(B, G, r, S, T)
     w = jnp.matmul(q.reshape(lead + (r * S, D)), k_t) * jnp.asarray(D ** -0.5, q.dtype)

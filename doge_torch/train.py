@@ -136,12 +136,13 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
 
     expanded = []
     for path in files:  # .npy globs and directories of .npy files
-        if glob.has_magic(path) and all(p.endswith(".npy") for p in glob.glob(path)) and glob.glob(path):
-            expanded += sorted(glob.glob(path))
-        elif os.path.isdir(path) and not is_pretokenized(path) and any(f.endswith(".npy") for f in os.listdir(path)):
-            expanded += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npy"))
-        else:
-            expanded.append(path)
+        hits = []
+        if glob.has_magic(path):
+            hits = sorted(glob.glob(path))
+            hits = hits if hits and all(p.endswith(".npy") for p in hits) else []  # text globs: resolve_paths
+        elif os.path.isdir(path) and not is_pretokenized(path):
+            hits = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npy"))
+        expanded += hits or [path]
     for path in expanded:
         if path.endswith(".npy"):
             arr = np.load(path, mmap_mode="r")
@@ -331,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         final = os.path.join(args.out, "final")
         model.save_pretrained(final)
         # the tokenizer goes with the model (python -m doge_jax.generate --model OUT/final --prompt ...)
-        pre = [d for d in args.data if os.path.isfile(os.path.join(d, "corpus.json"))]  # doge_jax.data outputs
+        from doge_jax.corpora import is_pretokenized
+
+        pre = [d for d in args.data if is_pretokenized(d)]  # doge_jax.data outputs
         tok = args.tokenizer or next((os.path.join(d, "tokenizer.json") for d in [*pre, start] if d), None)
         if tok and os.path.isfile(tok):
             shutil.copyfile(tok, os.path.join(final, "tokenizer.json"))
