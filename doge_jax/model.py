@@ -180,19 +180,36 @@ class DogeMLP(nnx.Module):
         return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x)), None
 
 
-def route(router_logits: jax.Array, num_keys: int, top_k: int):
-    """Product-key routing (spec §3.8 steps 2-4): [2, N, K] -> (scores [N,k], experts [N,k], all_scores [N,K²],
-    all_idx [N,K²]). lax.top_k keeps the lower index on ties, like doge_torch's stable sort."""
+def route(router_logits: jax.Array, num_keys: int, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """Product-key routing (spec §3.8 steps 2-4): [2, N, K] -> (scores [N,k], experts [N,k]). lax.top_k keeps the
+    lower index on ties, like doge_torch's stable sort.
+
+    The spec ranks all K² sums of the two sorted halves; only the first k of each half can reach the top k: a pair
+    (a, b) with a >= k is beaten by the k pairs (a' < k, b), which score at least as much (rounding is monotone) and
+    come earlier in the K x K order. The k x k corner keeps that order, so scores, experts and ties are the same
+    without an [N, K²] (= [N, num_experts]) array."""
     # lax.top_k ranks +0.0 above -0.0 where torch's sort calls them equal (a tie): one zero for both
     # (-0.0 + 0.0 = +0.0; the added term carries no gradient, so exact zeros keep theirs)
     router_logits = router_logits + jax.lax.stop_gradient(jnp.where(router_logits == 0, -router_logits, 0))
-    sx, ix = jax.lax.top_k(router_logits[0], num_keys)
-    sy, iy = jax.lax.top_k(router_logits[1], num_keys)
+    kk = min(top_k, num_keys)
+    sx, ix = jax.lax.top_k(router_logits[0], kk)
+    sy, iy = jax.lax.top_k(router_logits[1], kk)
     N = sx.shape[0]
-    all_scores = (sx[:, :, None] + sy[:, None, :]).reshape(N, -1)
-    all_idx = (ix[:, :, None] * num_keys + iy[:, None, :]).reshape(N, -1)
-    scores, pos = jax.lax.top_k(all_scores, top_k)
-    return scores, jnp.take_along_axis(all_idx, pos, axis=-1), all_scores, all_idx
+    grid = (sx[:, :, None] + sy[:, None, :]).reshape(N, -1)
+    grid_idx = (ix[:, :, None] * num_keys + iy[:, None, :]).reshape(N, -1)
+    scores, pos = jax.lax.top_k(grid, top_k)
+    return scores, jnp.take_along_axis(grid_idx, pos, axis=-1)
+
+
+@jax.checkpoint
+def routed_experts(x: jax.Array, w: jax.Array, experts: jax.Array, down: jax.Array, up: jax.Array) -> jax.Array:
+    """The routed single-neuron experts (spec §3.8 step 5): x [N, d], weights w and ids experts [N, k], tables
+    [E, d] -> [N, d]. Rematerialised: the gathered [N, k, d] rows are 2k times x's size (2 x 300 MB a layer at
+    Doge-480M-MoE, 2048 tokens, float32) and cheap to gather again, so the backward gathers them again instead of
+    keeping them."""
+    dvec, uvec = down[experts], up[experts]  # [N, k, d]
+    a = silu(jnp.einsum("nkd,nd->nk", dvec, x)) * w
+    return jnp.einsum("nk,nkd->nd", a, uvec)
 
 
 class DogeCDMoE(DogeMLP):
@@ -212,15 +229,12 @@ class DogeCDMoE(DogeMLP):
         N = B * S
         # Quirk kept on purpose (spec §3.8 step 1): [B, S, 2K] reinterpreted in memory order as [2, N, K].
         router_logits = self.router_gate(x).reshape(2, N, cfg.num_keys)
-        scores, experts, _, _ = route(router_logits, cfg.num_keys, cfg.num_experts_per_tok)
+        scores, experts = route(router_logits, cfg.num_keys, cfg.num_experts_per_tok)
         w = jax.nn.softmax(scores, axis=-1)
         if cfg.norm_topk_prob:
             w = w / jnp.sum(w, axis=-1, keepdims=True)
-        dvec = self.down_embed.embedding[...][experts]  # [N, k, d]
-        uvec = self.up_embed.embedding[...][experts]
-        a = jnp.einsum("nkd,nd->nk", dvec, x.reshape(N, d))
-        a = silu(a) * w
-        routed = jnp.einsum("nk,nkd->nd", a, uvec).reshape(B, S, d)
+        routed = routed_experts(x.reshape(N, d), w, experts, self.down_embed.embedding[...],
+                                self.up_embed.embedding[...]).reshape(B, S, d)
         shared, _ = super().__call__(x)
         return shared + routed, router_logits
 
@@ -311,19 +325,23 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array, num_items_in_batch=None
 def load_balancing_loss(router_logits: jax.Array, cfg: DogeConfig, attention_mask: jax.Array | None = None
                         ) -> jax.Array:
     """MoE aux loss, transformers 5.23 semantics (router probs scattered to expert order, spec §3.9).
-    router_logits [L, 2, N, K]; attention_mask [B, S] with B*S = N."""
+    router_logits [L, 2, N, K]; attention_mask [B, S] with B*S = N.
+
+    transformers builds the softmax over all K² sums, [L, N, num_experts]. A softmax over the sums x_a + y_b is
+    softmax(x)_a * softmax(y)_b, so the mean router probability of expert a*K + b is a [K, N] @ [N, K] product and
+    nothing of size num_experts per token is formed."""
     E, K, k = cfg.num_experts, cfg.num_keys, cfg.num_experts_per_tok
     L, _, N, _ = router_logits.shape
-    _, experts, all_scores, all_idx = jax.vmap(lambda r: route(r, K, k))(router_logits)  # [L, N, ...]
-    # float32 throughout: a bf16 count stops growing at 256 (256 + 1 rounds to 256)
-    probs = jax.nn.softmax(all_scores.astype(jnp.float32), axis=-1)
-    dense = jnp.zeros((L, N, E), jnp.float32)
-    dense = jax.vmap(jax.vmap(lambda z, i, p: z.at[i].set(p)))(dense, all_idx, probs)
+    _, experts = jax.vmap(lambda r: route(r, K, k))(router_logits)  # [L, N, k]
     m = jnp.ones((N,), jnp.float32) if attention_mask is None else attention_mask.reshape(N).astype(jnp.float32)
+    # float32 throughout: a bf16 count stops growing at 256 (256 + 1 rounds to 256)
     counts = jnp.zeros((E,), jnp.float32).at[experts.reshape(-1)].add(
         jnp.broadcast_to(m[None, :, None], experts.shape).reshape(-1))
     f = counts / (L * k * jnp.sum(m))
-    p_mean = jnp.sum(dense * m[None, :, None], axis=(0, 1)) / (L * jnp.sum(m))
+    px = jax.nn.softmax(router_logits[:, 0].astype(jnp.float32), axis=-1)  # [L, N, K]
+    py = jax.nn.softmax(router_logits[:, 1].astype(jnp.float32), axis=-1)
+    p_mean = jnp.einsum("lna,lnb->ab", px * m[None, :, None], py, precision=jax.lax.Precision.HIGHEST)
+    p_mean = p_mean.reshape(E) / (L * jnp.sum(m))
     return jnp.sum(f * p_mean) * E
 
 

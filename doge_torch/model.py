@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -448,15 +449,26 @@ class DogeMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), None
 
 
-def route(router_logits: torch.Tensor, num_keys: int, top_k: int):
-    """Product-key routing (spec §3.8 steps 2-4): router logits [2, N, K] -> (scores [N,k], experts [N,k],
-    all_scores [N,K²], all_idx [N,K²])."""
-    sx, ix = stable_topk(router_logits[0], num_keys)
-    sy, iy = stable_topk(router_logits[1], num_keys)
-    all_scores = (sx[:, :, None] + sy[:, None, :]).flatten(1)
-    all_idx = (ix[:, :, None] * num_keys + iy[:, None, :]).flatten(1)
-    scores, pos = stable_topk(all_scores, top_k)
-    return scores, all_idx.gather(-1, pos), all_scores, all_idx
+def route(router_logits: torch.Tensor, num_keys: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Product-key routing (spec §3.8 steps 2-4): router logits [2, N, K] -> (scores [N,k], experts [N,k]).
+    Only the first k of each sorted half can reach the top k of the K² sums (see doge_jax.model.route), so the
+    k x k corner is ranked: the same scores, experts and ties without an [N, num_experts] array."""
+    kk = min(top_k, num_keys)
+    sx, ix = stable_topk(router_logits[0], kk)
+    sy, iy = stable_topk(router_logits[1], kk)
+    grid = (sx[:, :, None] + sy[:, None, :]).flatten(1)
+    grid_idx = (ix[:, :, None] * num_keys + iy[:, None, :]).flatten(1)
+    scores, pos = stable_topk(grid, top_k)
+    return scores, grid_idx.gather(-1, pos)
+
+
+def routed_experts(x: torch.Tensor, w: torch.Tensor, experts: torch.Tensor, down: torch.Tensor,
+                   up: torch.Tensor) -> torch.Tensor:
+    """The routed single-neuron experts (spec §3.8 step 5): x [N, d], weights w and ids experts [N, k], tables
+    [E, d] -> [N, d]."""
+    dvec, uvec = F.embedding(experts, down), F.embedding(experts, up)  # [N, k, d]
+    a = F.silu(torch.matmul(dvec, x.unsqueeze(-1)).squeeze(-1)) * w
+    return torch.matmul(a.unsqueeze(1), uvec).squeeze(1)
 
 
 class DogeCDMoE(DogeMLP):
@@ -474,14 +486,17 @@ class DogeCDMoE(DogeMLP):
         N = B * S
         # Quirk kept on purpose (spec §3.8 step 1): reinterpret [B, S, 2K] in memory order as [2, N, K].
         router_logits = self.router_gate(x).reshape(2, N, -1)
-        scores, experts, _, _ = route(router_logits, self.cfg.num_keys, self.cfg.num_experts_per_tok)
+        scores, experts = route(router_logits, self.cfg.num_keys, self.cfg.num_experts_per_tok)
         w = F.softmax(scores, dim=-1)
         if self.cfg.norm_topk_prob:
             w = w / w.sum(dim=-1, keepdim=True)
-        dvec, uvec = self.down_embed(experts), self.up_embed(experts)  # [N, k, d]
-        a = torch.matmul(dvec, x.reshape(N, d, 1)).view(N, -1)
-        a = F.silu(a) * w
-        routed = torch.matmul(a.view(N, 1, -1), uvec).view(B, S, d)
+        args = (x.reshape(N, d), w, experts, self.down_embed.weight, self.up_embed.weight)
+        if torch.is_grad_enabled():
+            # the gathered [N, k, d] rows are 2k times x's size; the backward gathers them again (doge_jax does too)
+            routed = torch.utils.checkpoint.checkpoint(routed_experts, *args, use_reentrant=False)
+        else:
+            routed = routed_experts(*args)
+        routed = routed.view(B, S, d)
         shared, _ = super().forward(x)
         return shared + routed, router_logits
 
@@ -542,28 +557,24 @@ class DogeOutput:
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], cfg: DogeConfig,
                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """MoE aux loss with transformers 5.23 semantics: router probabilities scattered to expert order (spec §3.9)."""
+    """MoE aux loss with transformers 5.23 semantics: router probabilities scattered to expert order (spec §3.9).
+    The softmax over the K² sums x_a + y_b factors as softmax(x)_a * softmax(y)_b, so the mean probability per expert
+    is a [K, N] @ [N, K] product instead of transformers' [L, N, num_experts] array."""
     E, K, k = cfg.num_experts, cfg.num_keys, cfg.num_experts_per_tok
-    experts, probs = [], []
-    for rl in router_logits:
-        _, ex, all_scores, all_idx = route(rl, K, k)
-        experts.append(ex)
-        probs.append(torch.zeros_like(all_scores, dtype=torch.float32).scatter(
-            -1, all_idx, F.softmax(all_scores.float(), dim=-1)))
-    experts, probs = torch.cat(experts), torch.cat(probs)
-    dtype = probs.dtype  # float32: bf16 token counts and sums round (1174 tokens became 1176)
-    if attention_mask is None:
-        counts = torch.zeros(E, dtype=dtype, device=probs.device).scatter_add_(
-            0, experts.reshape(-1), torch.ones(experts.numel(), dtype=dtype, device=probs.device))
-        f = counts / experts.numel()
-        p_mean = probs.mean(0)
-    else:
-        m = attention_mask.reshape(1, -1).expand(len(router_logits), -1).reshape(-1).to(dtype)  # [L*N]
-        # padding tokens' choices count 0 (weights, not a boolean selection: no device sync)
-        counts = torch.zeros(E, dtype=dtype, device=probs.device).scatter_add_(
-            0, experts.reshape(-1), m[:, None].expand(-1, experts.shape[-1]).reshape(-1))
-        f = counts / (m.sum() * k)
-        p_mean = (probs * m[:, None]).sum(0) / m.sum()
+    experts = torch.cat([route(rl, K, k)[1] for rl in router_logits])  # [L*N, k]
+    L, N = len(router_logits), router_logits[0].shape[1]
+    dev = experts.device
+    # float32: bf16 token counts and sums round (1174 tokens became 1176)
+    m = (torch.ones(N, device=dev) if attention_mask is None
+         else attention_mask.reshape(-1).to(device=dev, dtype=torch.float32))  # [N]
+    # padding tokens' choices count 0 (weights, not a boolean selection: no device sync)
+    counts = torch.zeros(E, dtype=torch.float32, device=dev).scatter_add_(
+        0, experts.reshape(-1), m.repeat(L)[:, None].expand(-1, k).reshape(-1))
+    f = counts / (L * k * m.sum())
+    with torch.autocast(dev.type, enabled=False):
+        px = torch.stack([F.softmax(rl[0].float(), dim=-1) for rl in router_logits])  # [L, N, K]
+        py = torch.stack([F.softmax(rl[1].float(), dim=-1) for rl in router_logits])
+        p_mean = torch.einsum("lna,lnb->ab", px * m[None, :, None], py).reshape(E) / (L * m.sum())
     return (f * p_mean).sum() * E
 
 

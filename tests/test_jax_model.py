@@ -121,9 +121,11 @@ def test_loss_matches_transformers(tmp_path, num_items):
     assert abs(ours - ref) <= 1e-5 * abs(ref)
 
 
+@pytest.mark.parametrize("experts", [TINY_MOE, dict(TINY_MOE, num_experts=64, num_experts_per_tok=3)],
+                         ids=["k=K", "k<K"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_moe_aux_loss(tmp_path, masked):
-    hf = make_hf_model(**TINY_MOE, output_router_logits=True)
+def test_moe_aux_loss(tmp_path, masked, experts):
+    hf = make_hf_model(**experts, output_router_logits=True)
     model = _load(hf, tmp_path)
     ids = unique_ids(2, 12, 128, seed=8)
     mask = left_pad_mask(2, 12, [0, 4]) if masked else None
@@ -517,6 +519,84 @@ def test_moe_aux_loss_bf16_is_counted_in_float32():
     (torch_route(zt, 4, 4)[0] * torch.as_tensor(w)).sum().backward()
     np.testing.assert_allclose(np.asarray(gj), zt.grad.numpy(), rtol=0, atol=1e-6)
     assert np.abs(np.asarray(gj)[:, 0, 1:3]).sum() > 0  # the zero entries have a gradient
+
+
+def _full_grid_route(r: np.ndarray, K: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Spec §3.8 steps 2-4 written out: sort both halves (lower index first on ties), rank all K² sums in K x K
+    order (earlier position first on ties), keep k."""
+    sx_i = np.argsort(-r[0], axis=-1, kind="stable")
+    sy_i = np.argsort(-r[1], axis=-1, kind="stable")
+    sx, sy = np.take_along_axis(r[0], sx_i, -1), np.take_along_axis(r[1], sy_i, -1)
+    grid = (sx[:, :, None] + sy[:, None, :]).reshape(len(sx), -1)
+    idx = (sx_i[:, :, None] * K + sy_i[:, None, :]).reshape(len(sx), -1)
+    pos = np.argsort(-grid, axis=-1, kind="stable")[:, :k]
+    return np.take_along_axis(grid, pos, -1), np.take_along_axis(idx, pos, -1)
+
+
+@pytest.mark.parametrize("K,k", [(8, 1), (8, 3), (8, 8), (4, 12)])
+def test_route_corner_equals_full_grid_with_ties(K, k):
+    """Both packages rank only the k x k corner of the sorted halves; on inputs full of ties (and signed zeros) the
+    scores and experts equal the full K x K ranking of spec §3.8, including which tied expert wins."""
+    from doge_jax.model import route
+    from doge_torch.model import route as torch_route
+
+    r = np.random.default_rng(k).integers(-3, 4, (2, 300, K)).astype(np.float32)
+    r[r == 0] = np.where(np.random.default_rng(1).random((r == 0).sum()) < 0.5, -0.0, 0.0)
+    want_s, want_e = _full_grid_route(r + 0.0, K, k)  # + 0.0: -0.0 ties +0.0 in the reference as in torch's sort
+    js, je = route(jnp.asarray(r), K, k)
+    ts, te = torch_route(torch.as_tensor(r), K, k)
+    for s, e in ((np.asarray(js), np.asarray(je)), (ts.numpy(), te.numpy())):
+        np.testing.assert_array_equal(e, want_e)
+        np.testing.assert_array_equal(s, want_s)
+
+
+def test_moe_backward_keeps_no_full_grid_or_gathered_rows(capsys):
+    """CDMoE's backward keeps nothing of size K² per token (the ranked pair scores) and not the gathered
+    [tokens, k, d] expert rows (2 x 300 MB per layer at Doge-480M-MoE, 2048 tokens): the experts are
+    rematerialised."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from doge_jax.model import DogeCDMoE
+
+    cfg = DogeConfig(**TINY, is_moe=True, num_experts=400, num_experts_per_tok=4)  # K = 20, K² = 400
+    assert cfg.num_keys ** 2 > max(cfg.hidden_size, cfg.intermediate_size)
+    graphdef, state = nnx.split(DogeCDMoE(cfg, nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(0), (1, 20, cfg.hidden_size))
+    print_saved_residuals(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x)[0]), state, x)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "from the argument" not in ln]
+    assert lines  # the activations the backward keeps
+    big = [ln for ln in lines if f",{cfg.num_keys ** 2}]" in ln or f"[20,4,{cfg.hidden_size}]" in ln]
+    assert not big, big
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_aux_loss_value_and_gradient_match_transformers(masked):
+    """The aux loss's mean router probability is a product of the two halves' softmaxes in both packages
+    (transformers scatters a softmax over all K² sums); value and gradient wrt the router logits agree."""
+    from transformers.models.doge.modeling_doge import load_balancing_loss_func
+
+    from doge_jax.model import load_balancing_loss
+    from doge_torch.model import load_balancing_loss as torch_lbl
+
+    cfg = DogeConfig(**TINY, is_moe=True, num_experts=64, num_experts_per_tok=3)
+    L, B, S, K = 3, 2, 10, cfg.num_keys
+    r = np.random.default_rng(3).standard_normal((L, 2, B * S, K)).astype(np.float32)  # tie-free
+    mask = left_pad_mask(B, S, [0, 4]) if masked else None
+    rt = torch.as_tensor(r).requires_grad_()
+    ref = load_balancing_loss_func(tuple(rt[i] for i in range(L)), cfg.num_experts, K, cfg.num_experts_per_tok,
+                                   None if mask is None else torch.as_tensor(mask))
+    ref.backward()
+    jm = None if mask is None else jnp.asarray(mask)
+    val, g = jax.value_and_grad(lambda x: load_balancing_loss(x, cfg, jm))(jnp.asarray(r))
+    rt2 = torch.as_tensor(r).requires_grad_()
+    tv = torch_lbl(tuple(rt2[i] for i in range(L)), cfg, None if mask is None else torch.as_tensor(mask))
+    tv.backward()
+    for v in (float(val), tv.item()):
+        assert abs(v - ref.item()) <= 1e-6 * ref.item(), (v, ref.item())
+    scale = rt.grad.abs().max().item()
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(g), rt.grad.numpy(), rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(rt2.grad.numpy(), rt.grad.numpy(), rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("tied", [False, True])
