@@ -135,7 +135,8 @@ def main() -> None:
     tokens = args.rows * args.seq * args.steps
     base = list(runners)[-1]
     ratios = {k: statistics.median(b / a for a, b in zip(times[k], times[base])) for k in runners}
-    print(f"\nDoge-20M shapes, seq {args.seq}, {args.rows} rows/step, float32, {args.pairs} interleaved rounds "
+    name = os.path.basename(args.config)
+    print(f"\n{name} shapes, seq {args.seq}, {args.rows} rows/step, float32, {args.pairs} interleaved rounds "
           f"of {args.steps} steps; jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
     print(f"{'implementation':34} {'tokens/s (median)':>18} {'best':>10} {'ratio vs transformers':>22}")
@@ -148,7 +149,7 @@ def main() -> None:
         head = "" if os.path.isfile(path) else "# Benchmark results\n"
         with open(path, "a") as f:
             f.write(f"{head}\n## train_throughput ({datetime.date.today().isoformat()}, {machine})\n\n"
-                    f"Doge-20M shapes, seq {args.seq} x {args.rows} rows per step, float32, full optimizer step; "
+                    f"{name} shapes, seq {args.seq} x {args.rows} rows per step, float32, full optimizer step; "
                     f"median of {args.pairs} interleaved rounds of {args.steps} steps.\n\n"
                     "| implementation | tokens/s | ratio vs transformers |\n|---|---|---|\n")
             for k in runners:

@@ -103,3 +103,18 @@ def test_auto_threshold_script_times_both_impls():
     cells = [c.strip() for c in row[-1].strip("|").split("|")]
     assert float(cells[1].replace(",", "")) > 0 and float(cells[2].replace(",", "")) > 0 and cells[4] == "reference"
 
+
+
+def test_moe_memory_benchmark_runs():
+    """benchmarks/moe_memory.py: one MoE training step per implementation, each in its own process; doge_torch and
+    transformers start from the same seeded init, so their first losses agree."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "moe_memory.py"), "--config",
+                           os.path.join(ROOT, "configs", "doge-20m-moe.yaml"), "--seq", "16", "--aux", "--no-append"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {ln.split("|")[1].strip(): ln.split("|") for ln in proc.stdout.splitlines() if ln.startswith("| ")}
+    assert {"transformers", "doge_torch", "doge_jax"} <= set(rows), proc.stdout
+    losses = {k: float(rows[k][6]) for k in ("transformers", "doge_torch", "doge_jax")}
+    assert abs(losses["doge_torch"] - losses["transformers"]) <= 1e-4, losses
+    assert 9 < losses["doge_jax"] < 12, losses  # ~ln(32768) at init
+    assert float(rows["doge_jax"][4]) > 0  # XLA's temporary bytes
