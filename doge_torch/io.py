@@ -71,15 +71,20 @@ def write_generation_config(out_dir: str, cfg: DogeConfig) -> None:
         json.dump(gen, f, indent=2, sort_keys=True)
 
 
+def write_model(out_dir: str, model, max_shard_size="5GB") -> None:
+    """config.json, generation_config.json and the safetensors of `model` into the (new) directory `out_dir`."""
+    sd = state_for_hf(model)
+    dtype = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    model.config.save_json(os.path.join(out_dir, "config.json"), dtype=dtype)
+    write_generation_config(out_dir, model.config)
+    hf_io.write_safetensors(out_dir, sd, framework="pt", max_shard_size=max_shard_size)
+
+
 def save_pretrained(model, path: str, max_shard_size="5GB", overwrite: bool = True) -> None:
     """Write config.json, generation_config.json and safetensors (sharded above max_shard_size) atomically. In an
     existing directory the other files (tokenizer, README...) stay and old weight files go, as in transformers."""
-    sd = state_for_hf(model)
-    dtype = str(next(iter(sd.values())).dtype).replace("torch.", "")
     with hf_io.model_output_dir(path, overwrite=overwrite) as tmp:
-        model.config.save_json(os.path.join(tmp, "config.json"), dtype=dtype)
-        write_generation_config(tmp, model.config)
-        hf_io.write_safetensors(tmp, sd, framework="pt", max_shard_size=max_shard_size)
+        write_model(tmp, model, max_shard_size)
 
 
 __all__ = ["from_pretrained", "save_pretrained", "load_hf_state", "CheckpointError"]

@@ -11,19 +11,25 @@ reads the same YAML as doge_jax (`model:` -> DogeConfig, `train:` -> optimizer a
 pre-tokenized `.npy` files or `python -m doge_jax.data` directories, or text data as doge_jax.train reads it (text,
 `.jsonl`, `.parquet`; directories, globs) with `--tokenizer tokenizer.json`; all tokens are concatenated and cut
 into rows of `seq_len` (packing without document masking, spec §6.4), shuffled with the train seed. With `--out`,
-metrics go to OUT/metrics.jsonl and the final model to OUT/final. No checkpoint/resume: doge_jax owns long runs.
+OUT is a run directory: metrics go to OUT/metrics.jsonl, checkpoints (transformers Trainer layout: an HF model
+directory plus optimizer, scheduler and RNG state) to OUT/checkpoint-N every train.checkpoint_every steps, at the end
+and on SIGTERM/Ctrl-C, and the final model to OUT/final. Re-running the same command resumes from the newest
+checkpoint with the batches the run would have seen.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -34,6 +40,7 @@ import torch
 from doge_jax.config import ConfigError
 from doge_jax.train_config import load_configs
 
+from . import checkpoint
 from .loss import IGNORE
 from .model import DogeForCausalLM, check_token_ids, set_sdpa_backends, token_ids_checked
 from .optim import clip_grad_norm, make_optimizer, wsd_scheduler
@@ -172,9 +179,10 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
 
 
 def batches(tokens: np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: int,
-            pad_token_id: int | None = None) -> Iterator[list[dict[str, torch.Tensor]]]:
+            pad_token_id: int | None = None, start_step: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Endless optimizer steps: `grad_accum` micro-batches of [rows, seq_len] chunks of the stream, in a seeded
-    shuffled order (reshuffled every epoch). Labels = input_ids, with pad tokens ignored (collator rule)."""
+    shuffled order (reshuffled every epoch). Labels = input_ids, with pad tokens ignored (collator rule). From
+    `start_step` on: a resumed run gets the batches it would have got had it not stopped."""
     n = len(tokens) // seq_len
     if n < rows * grad_accum:
         raise ValueError(f"data has {len(tokens)} tokens = {n} rows of seq_len={seq_len}; a step needs "
@@ -182,6 +190,10 @@ def batches(tokens: np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: 
     chunks = torch.from_numpy(np.ascontiguousarray(tokens[:n * seq_len]).reshape(n, seq_len))
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(start_step * grad_accum):  # the same draws as the steps already taken, without the copies
+        if pos + rows > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        pos += rows
     while True:
         step = []
         for _ in range(grad_accum):
@@ -218,6 +230,37 @@ def init_from(path: str, cfg) -> DogeForCausalLM:
     return model
 
 
+# train: fields this loop does not use (doge_jax.train's run layout, evaluation, mesh, loss chunking, progress)
+JAX_ONLY = ("val_fraction", "cache_dir", "mesh", "runs_dir", "out_dir", "async_checkpoint", "eval_every",
+            "eval_batches", "log_every", "loss_chunk", "peak_flops", "progress")
+# train: fields whose change on resume is worth a warning (the schedule, the batch, the data order)
+RESUME_NOTED = ("seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_training_steps", "num_warmup_steps",
+                "num_decay_steps", "warmup_type", "decay_type", "min_lr_ratio", "seed")
+
+
+def _resume_config(args: argparse.Namespace, path: str, cfg, tc):
+    """The model and train configs of a run resumed from checkpoint `path`: the run's start (--init-from) must not
+    change, and the model config must be the checkpoint's."""
+    from doge_jax.config import DogeConfig
+    from doge_jax.train import RUNTIME_FIELDS
+
+    before = checkpoint.read_state(path).get("init_from")
+    now = os.path.abspath(tc.init_from) if tc.init_from else None
+    if now is not None and now != before:
+        raise ConfigError(f"train.init_from={tc.init_from!r}: {args.out} holds a run started from "
+                          f"{before or 'a fresh init'} ({path}); a re-run resumes it. Use another --out to start anew")
+    if now is None and before is not None and os.path.isdir(before):  # the same command without --init-from
+        cfg, tc = load_configs(args.config, [("train", "init_from", before)])
+    old = DogeConfig.from_json_file(os.path.join(path, "config.json"), variant=cfg.variant)
+    diff = [f.name for f in dataclasses.fields(DogeConfig)
+            if f.name not in RUNTIME_FIELDS and getattr(old, f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise ConfigError(f"{args.out} holds a run of another model config (fields: {', '.join(diff)}; see "
+                          f"{path}/config.json){' started with --init-from ' + before if before else ''}; use "
+                          "another --out or the run's config")
+    return cfg, tc
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap = argparse.ArgumentParser(prog="python -m doge_torch.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML with model: and train: sections (configs/*.yaml)")
@@ -227,10 +270,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap.add_argument("--tokenizer", help="tokenizer.json for text data")
     ap.add_argument("--init-from", help="start from this HF directory instead of a fresh init; the --config file's "
                     "model: fields apply on top where shapes allow (dense -> MoE: fresh router and expert tables)")
-    ap.add_argument("--max-steps", type=int, help="stop after this many steps (schedule unchanged)")
-    ap.add_argument("--out", help="write metrics.jsonl and the final model (OUT/final, an HF directory) here")
+    ap.add_argument("--max-steps", type=int, help="stop after this many steps (schedule unchanged; with --out a "
+                    "checkpoint is saved, and a re-run with a larger --max-steps continues)")
+    ap.add_argument("--out", help="run directory: metrics.jsonl, OUT/checkpoint-N every train.checkpoint_every steps "
+                    "(the newest train.keep_checkpoints kept; a re-run resumes from the newest) and the final model "
+                    "(OUT/final, an HF directory)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 parameters and optimizer)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 parameters and optimizer); also "
+                    "on when the config sets train.compute_dtype: bfloat16")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--sdpa-backends", help="comma list: torch sdpa kernels to prefer, in order (cudnn, flash, "
                     "efficient, math; default: torch's order, flash first)")
@@ -249,18 +296,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         ap.error(f"--max-steps {args.max_steps}: must be >= 1")
 
     # the same validation and defaults as doge_jax.train (unknown keys, types, ranges named); of train:, this loop
-    # uses the recipe fields (batch, schedule, optimizer, seed)
+    # uses the recipe fields (batch, schedule, optimizer, seed), the checkpoint fields and compute_dtype
     # with --init-from the model config is the checkpoint's, with the --config file's model: fields applied on top
     # where shapes allow (dense -> MoE included), as in doge_jax.train
     cfg, tc = load_configs(args.config, [("train", "init_from", args.init_from)] if args.init_from else [])
+    resume = None
+    if args.out and checkpoint.steps(args.out):
+        resume = checkpoint.path_of(args.out, checkpoint.steps(args.out)[-1])
+        cfg, tc = _resume_config(args, resume, cfg, tc)
     if tc.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"train.seq_len={tc.seq_len} > model.max_position_embeddings={cfg.max_position_embeddings}")
     if tc.moe_freeze_steps:
         raise ConfigError(f"train.moe_freeze_steps={tc.moe_freeze_steps}: doge_torch.train does not freeze "
                           "parameters; run the MoE warm-up with python -m doge_jax.train")
+    defaults = type(tc)()
+    unused = [f"{k}={getattr(tc, k)!r}" for k in JAX_ONLY if getattr(tc, k) != getattr(defaults, k)]
+    if unused:
+        print(f"note: doge_torch.train does not use train.{', train.'.join(unused)} (doge_jax.train settings)",
+              flush=True)
+    if tc.data and tc.data != args.data:
+        print("note: train.data in the config is not used; doge_torch.train reads --data", flush=True)
     seq_len, grad_accum, rows = tc.seq_len, tc.grad_accum, tc.rows_per_micro
     steps = tc.num_training_steps
-    max_steps = min(steps, args.max_steps) if args.max_steps is not None else steps
+    max_steps = min(steps, args.max_steps or steps, tc.stop_after or steps)
     seed = tc.seed
 
     torch.manual_seed(seed)
@@ -268,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
     start = tc.init_from  # --init-from, or train.init_from in the config file
-    model = init_from(start, cfg) if start else DogeForCausalLM(cfg)
+    # resuming: the weights come from the checkpoint
+    model = init_from(start, cfg) if start and not resume else DogeForCausalLM(cfg)
     model = model.to(device).train()
     optimizer = make_optimizer(model, tc.peak_lr, weight_decay=tc.weight_decay, b1=tc.adam_b1, b2=tc.adam_b2,
                                eps=tc.adam_eps)
@@ -280,17 +339,34 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     tokens = load_tokens(args.data, args.tokenizer, eos, tc.text_field)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
         raise ValueError(f"token ids span [{tokens.min()}, {tokens.max()}] but model.vocab_size is {cfg.vocab_size}")
-    data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id)
-    autocast = torch.bfloat16 if args.bf16 else None
+    run = {"init_from": os.path.abspath(start) if start else None, "data": list(args.data), "tokens": int(len(tokens)),
+           **{k: getattr(tc, k) for k in RESUME_NOTED}}
+    done = 0
+    if resume:
+        old = checkpoint.read_state(resume)
+        done = checkpoint.load(resume, model, optimizer, scheduler)
+        changed = [f"{k} {old[k]!r} -> {run[k]!r}" for k in ("data", "tokens", *RESUME_NOTED)
+                   if k in old and old[k] != run[k]]
+        print(f"resuming {resume} (step {done})"
+              + (f"; warning: changed since: {'; '.join(changed)}" if changed else ""), flush=True)
+    data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id, start_step=done)
+    bf16 = args.bf16 or tc.compute_dtype == "bfloat16"
+    autocast = torch.bfloat16 if bf16 else None
     max_norm = tc.max_grad_norm
     print(f"doge_torch.train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(tokens)} tokens, "
           f"{max_steps} steps of {grad_accum} x [{rows}, {seq_len}] on {device}"
-          f"{' bf16' if args.bf16 else ''}{' compiled' if args.compile else ''}", flush=True)
+          f"{' bf16' if bf16 else ''}{' compiled' if args.compile else ''}", flush=True)
 
     metrics_file = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+        mpath = os.path.join(args.out, "metrics.jsonl")
+        kept = []
+        if resume and os.path.isfile(mpath):  # the steps after the checkpoint are done again
+            with open(mpath) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= done]
+        metrics_file = open(mpath, "w")
+        metrics_file.writelines(kept)
     history = []
     t_last = time.perf_counter()
 
@@ -311,23 +387,40 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             print(f"step {m['step']:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
                   f"{m['tokens_per_sec']:.0f} tok/s", flush=True)
 
+    def save(step: int) -> None:
+        path = checkpoint.save(args.out, step, model, optimizer, scheduler, run, tc.keep_checkpoints)
+        print(f"saved {path}", flush=True)
+
     pending = None
-    try:
-        for step in range(max_steps):
-            # queue this step, then read the previous one's loss: one step behind, so the host never makes the
-            # device wait (train_step(sync=False) leaves loss and grad norm on the device)
-            m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast, sync=False)
-            m["step"] = step + 1  # steps done, as doge_jax's metrics count them (lr: the one this update used)
-            if device.type not in ("cuda", "mps", "xpu"):  # synchronous: done when train_step returns (tokens/s)
-                m["_done"] = time.perf_counter()
+    with _stop_on_signals(enabled=bool(args.out)) as stop:
+        try:
+            for step in range(done, max_steps):
+                # queue this step, then read the previous one's loss: one step behind, so the host never makes the
+                # device wait (train_step(sync=False) leaves loss and grad norm on the device)
+                m = train_step(step_model, optimizer, scheduler, next(data), max_norm, autocast, sync=False)
+                m["step"] = step + 1  # steps done, as doge_jax's metrics count them (lr: the one this update used)
+                if device.type not in ("cuda", "mps", "xpu"):  # synchronous: done when train_step returns (tokens/s)
+                    m["_done"] = time.perf_counter()
+                if pending is not None:
+                    read_back(pending)
+                pending = m
+                if args.out and (stop or (step + 1) % tc.checkpoint_every == 0 or step + 1 == max_steps):
+                    read_back(pending)  # a checkpoint holds no step whose loss is not finite
+                    pending = None
+                    save(step + 1)
+                if stop:
+                    print(f"stopped by {stop[0]} after step {step + 1}; the same command resumes from "
+                          f"{checkpoint.path_of(args.out, step + 1)}", file=sys.stderr, flush=True)
+                    raise SystemExit(stop[1])
             if pending is not None:
                 read_back(pending)
-            pending = m
-        if pending is not None:
-            read_back(pending)
-    finally:
-        if metrics_file:
-            metrics_file.close()
+        finally:
+            if metrics_file:
+                metrics_file.close()
+    if max_steps < steps:
+        print(f"stopped after step {max_steps} of {steps}"
+              + ("; a re-run with a larger --max-steps (or train.stop_after) continues" if args.out else ""),
+              flush=True)
     if args.out:
         final = os.path.join(args.out, "final")
         model.save_pretrained(final)
@@ -339,6 +432,34 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         if tok and os.path.isfile(tok):
             shutil.copyfile(tok, os.path.join(final, "tokenizer.json"))
     return history
+
+
+@contextlib.contextmanager
+def _stop_on_signals(enabled: bool) -> Iterator[list]:
+    """While enabled, SIGTERM/SIGINT fill the yielded list with (name, exit code) instead of killing the run, which
+    then saves a checkpoint after its current step; a second Ctrl-C interrupts at once. Elsewhere a no-op."""
+    stop: list = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not stop:
+            name = signal.Signals(signum).name
+            print(f"{name}: stopping after this step (with a checkpoint)", file=sys.stderr, flush=True)
+            stop.extend([name, 128 + signum])
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s, h in previous.items():
+        if h is not signal.SIG_IGN:  # an ignored signal stays ignored (background jobs)
+            signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -295,9 +295,10 @@ def test_cli_three_steps_npy(tmp_path):
                            str(tmp_path / "tokens.npy"), "--max-steps", "3", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("step ") == 3, proc.stdout
+    assert [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("step ")] == ["1", "2", "3"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
+    assert "stopped after step 3 of 400" in proc.stdout and (out / "checkpoint-3" / "optimizer.pt").is_file()
     model = doge_torch.DogeForCausalLM.from_pretrained(str(out / "final"))
     assert model.config.vocab_size == 4096
 
@@ -497,3 +498,90 @@ def test_cli_reads_data_as_doge_jax_does(tmp_path):
     frozen.write_text(cfg.read_text().replace("train:\n", "train:\n  moe_freeze_steps: 5\n", 1))
     with pytest.raises(ConfigError, match="moe_freeze_steps=5"):
         main(["--config", str(frozen), "--data", str(tmp_path / "d.jsonl"), "--max-steps", "1"])
+
+
+def _small_run_config(tmp_path, extra: str = "") -> str:
+    tokens = np.random.default_rng(4).integers(0, 4096, size=6_000).astype(np.uint16)
+    np.save(tmp_path / "tokens.npy", tokens)
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
+                   .replace("global_batch_tokens: 4096", "global_batch_tokens: 128")
+                   .replace("grad_accum: 1", "grad_accum: 2")
+                   .replace("num_warmup_steps: 40", "num_warmup_steps: 2")
+                   .replace("num_decay_steps: 80", "num_decay_steps: 3")
+                   .replace("num_training_steps: 400", "num_training_steps: 8")
+                   + "  checkpoint_every: 2\n  keep_checkpoints: 2\n" + extra)
+    return str(cfg)
+
+
+def test_cli_resume_continues_the_same_run(tmp_path, capsys):
+    """Stopping after step 3 and re-running the same command gives the run that never stopped, bit for bit: weights,
+    optimizer, schedule and the batch order come back from OUT/checkpoint-3 (transformers Trainer layout). The run
+    keeps the newest train.keep_checkpoints checkpoints, each an HF model directory any tool loads."""
+    cfg = _small_run_config(tmp_path, "  eval_every: 5\n")
+    data = str(tmp_path / "tokens.npy")
+    base = ["--config", cfg, "--data", data, "--device", "cpu"]
+    straight = main(base + ["--max-steps", "6", "--out", str(tmp_path / "a")])
+    assert "does not use train.eval_every=5" in capsys.readouterr().out
+    first = main(base + ["--max-steps", "3", "--out", str(tmp_path / "b")])
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    again = main(base + ["--max-steps", "6", "--out", str(tmp_path / "b")])
+    said = capsys.readouterr().out
+    assert "resuming" in said and "(step 3)" in said and "warning" not in said
+    assert [h["step"] for h in first + again] == list(range(1, 7))
+    assert [h["loss"] for h in first + again] == [h["loss"] for h in straight]
+    assert [h["lr"] for h in first + again] == [h["lr"] for h in straight]
+    a = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "a" / "final")).state_dict()
+    b = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "b" / "final")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == list(range(1, 7))
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    ck = doge_jax.DogeForCausalLM.from_pretrained(str(tmp_path / "b" / "checkpoint-6"))  # an HF directory
+    assert ck.config.hidden_size == 128
+    # a finished run re-run: nothing to train, the final model is written again
+    assert main(base + ["--max-steps", "6", "--out", str(tmp_path / "b")]) == []
+
+
+def test_cli_resume_refuses_another_start_or_model(tmp_path):
+    """A run directory resumes only the run it holds: another --init-from or another model config is refused
+    (naming the field), not silently trained over."""
+    cfg = _small_run_config(tmp_path)
+    data = str(tmp_path / "tokens.npy")
+    out = str(tmp_path / "run")
+    main(["--config", cfg, "--data", data, "--device", "cpu", "--max-steps", "2", "--out", out])
+    doge_torch.DogeForCausalLM(doge_torch.DogeConfig.from_yaml(cfg)).save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(ConfigError, match="holds a run started from a fresh init"):
+        main(["--config", cfg, "--data", data, "--device", "cpu", "--out", out, "--init-from",
+              str(tmp_path / "other")])
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(open(cfg).read().replace("intermediate_size: 256", "intermediate_size: 384"))
+    with pytest.raises(ConfigError, match=r"another model config \(fields: intermediate_size"):
+        main(["--config", str(wide), "--data", data, "--device", "cpu", "--out", out])
+
+
+def test_cli_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    """SIGTERM (a scheduler's preemption) stops the run after its current step with a checkpoint, exit 143; the
+    same command then continues from there."""
+    import signal
+
+    cfg = _small_run_config(tmp_path)
+    text = open(cfg).read().replace("num_training_steps: 8", "num_training_steps: 100000")
+    open(cfg, "w").write(text.replace("checkpoint_every: 2", "checkpoint_every: 100000"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "doge_torch.train", "--config", cfg, "--data", str(tmp_path / "tokens.npy"),
+           "--device", "cpu", "--out", str(out), "--log-every", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step "):  # step 1 is always printed
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    (stopped,) = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
+    assert f"stopped by SIGTERM after step {stopped}; the same command resumes" in err
+    res = subprocess.run(cmd + ["--max-steps", str(stopped + 2)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"(step {stopped})" in res.stdout
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, stopped + 3))
