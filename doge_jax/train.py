@@ -130,8 +130,15 @@ def check_same_model(run_dir: str, mcfg: DogeConfig) -> None:
     diff = [f.name for f in dataclasses.fields(DogeConfig) if f.name not in RUNTIME_FIELDS
             and getattr(old, f.name) != getattr(mcfg, f.name)]
     if diff:
+        started = None
+        run_cfg = os.path.join(run_dir, "train_config.yaml")
+        if os.path.isfile(run_cfg):
+            with open(run_cfg) as f:
+                started = ((yaml.safe_load(f) or {}).get("train") or {}).get("init_from")
+        hint = (f"; the run started with --init-from {started}, whose config the model fields were merged into: "
+                "pass it again" if started else "")
         raise ConfigError(f"{run_dir} holds a run with a different model config (fields: {', '.join(diff)}); "
-                          "use another --name/--out_dir or the original config")
+                          f"use another --name/--out_dir or the original config{hint}")
 
 
 # ---- compiled steps -------------------------------------------------------------------------------------------------
@@ -347,8 +354,10 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
     step = 0
     restored = ckpt.restore_latest(S.abstract_sharded(abstract, psh),
                                    S.abstract_sharded(jax.eval_shape(tx.init, abstract), osh))
+    elapsed0 = 0.0  # training time of the run before this process (metrics' elapsed_s continues across resumes)
     if restored is not None:
-        step, params, opt_state, data_state, _ = restored
+        step, params, opt_state, data_state, old_meta = restored
+        elapsed0 = float((old_meta or {}).get("elapsed_s", 0.0))
         it.set_state(data_state)
         log(f"resumed from checkpoint step {step}")
     else:
@@ -373,7 +382,8 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         # jax arrays as they are (sharded): orbax copies them to host before save() returns, so the next step may
         # donate the buffers; every host writes its own shards
         data_state = it.get_state() if data_state is None else data_state
-        ckpt.save(s, params, opt_state, data_state, {"step": s, **meta})
+        ckpt.save(s, params, opt_state, data_state,
+                  {"step": s, **meta, "elapsed_s": elapsed0 + time.perf_counter() - t_start})
 
     def to_device(batch, axis):  # this host's rows -> the global batch array on the mesh
         return S.shard_batch(batch, mesh, batch_axis=axis)
@@ -438,7 +448,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                                        f"stopped without saving; last good checkpoint: {where} in {run_dir}")
             tps = tokens_per_step / dt
             rec = {"step": s, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_sec": tps,
-                   "mfu": flops / dt / peak, "tokens": s * tokens_per_step, "elapsed_s": now - t_start}
+                   "mfu": flops / dt / peak, "tokens": s * tokens_per_step, "elapsed_s": elapsed0 + now - t_start}
             if s % tcfg.log_every == 0 or s == tcfg.num_training_steps:
                 metrics.log(rec)
                 if not tcfg.progress and primary:  # no bar (logs, batch jobs): one line per logged step instead

@@ -124,12 +124,16 @@ def _layer0(params: dict, names) -> dict:
     return {n: jax.tree.map(lambda a: a[0], params["model"]["layers"]["mlp"][n]) for n in names}
 
 
-def test_dense_to_moe_init_and_freeze(corpus, cache, dense, tmp_path):  # noqa: F811
+def test_dense_to_moe_init_and_freeze(corpus, cache, dense, tmp_path, capsys):  # noqa: F811
     src, want = dense
     out = tmp_path / "moe"
     args = ["--init-from", str(src), *MOE, "--train.moe_freeze_steps", "2"]
     for stop in (1, 2, 3):  # the same command, stopped (and resumed) after steps 1, 2 and 3
         assert run(corpus, cache, out, *args, "--train.stop_after", str(stop)) == 0
+    # another model config is refused, and the refusal says how the run was started
+    other = [*MOE[:-1], "2", "--train.moe_freeze_steps", "2", "--train.stop_after", "4"]
+    assert run(corpus, cache, out, *other) == 2
+    assert f"the run started with --init-from {src}" in capsys.readouterr().err
     cfg, p1 = load_params(str(out), step=1)
     assert (cfg.is_moe, cfg.num_experts, cfg.num_experts_per_tok) == (True, 16, 4)
     dense_cfg = DogeConfig.from_json_file(src / "config.json")

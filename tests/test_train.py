@@ -3,6 +3,7 @@ start-up errors, gradient accumulation normalisation, chunked cross-entropy, bf1
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -96,6 +97,12 @@ def test_resume_bit_identical(corpus, cache, tmp_path):
     la = [r["loss"] for r in read_metrics(str(straight)) if "loss" in r]
     lb = [r["loss"] for r in read_metrics(str(resumed)) if "loss" in r]
     assert la == lb  # metrics.jsonl was cut back to the checkpoint, no duplicate steps
+    # elapsed_s counts the run's training time across the resume (it restarted at zero in the second process):
+    # the checkpoint records it, and the resumed steps count on from there
+    with open(resumed / "checkpoints" / "3" / "meta" / "metadata") as f:
+        at_3 = json.load(f)["elapsed_s"]
+    el = {r["step"]: r["elapsed_s"] for r in read_metrics(str(resumed)) if "elapsed_s" in r}
+    assert el[3] <= at_3 < el[4] < el[5] < el[6], (at_3, el)
 
 
 def test_corrupt_latest_checkpoint_skipped(corpus, cache, tmp_path):
