@@ -417,7 +417,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         finally:
             if metrics_file:
                 metrics_file.close()
-    if max_steps < steps:
+    if resume and done >= max_steps:
+        print(f"nothing to train: {resume} is at step {done} of {steps}"
+              + (f" (past the {max_steps} asked for)" if done > max_steps else ""), flush=True)
+    elif max_steps < steps:
         print(f"stopped after step {max_steps} of {steps}"
               + ("; a re-run with a larger --max-steps (or train.stop_after) continues" if args.out else ""),
               flush=True)

@@ -541,6 +541,8 @@ def test_cli_resume_continues_the_same_run(tmp_path, capsys):
     assert ck.config.hidden_size == 128
     # a finished run re-run: nothing to train, the final model is written again
     assert main(base + ["--max-steps", "6", "--out", str(tmp_path / "b")]) == []
+    assert main(base + ["--max-steps", "5", "--out", str(tmp_path / "b")]) == []
+    assert "is at step 6 of 8 (past the 5 asked for)" in capsys.readouterr().out
 
 
 def test_cli_resume_refuses_another_start_or_model(tmp_path):
