@@ -2,9 +2,10 @@
 
 Each implementation runs in its own child process: build the model from a config (random init, float32), then two
 full training steps (forward, backward, clip, AdamW) on the same random batch; the second step is timed. Reported:
-the child's peak RSS above its RSS after building the model and optimizer (ru_maxrss, so it includes the first
-step's allocations and, for doge_jax, XLA's compile), doge_jax's compiled temporary bytes (XLA memory_analysis), and
-the time of the second step, with ratios against transformers. Appends a dated table to benchmarks/RESULTS.md.
+the child's peak RSS (ru_maxrss) above its RSS after building the model and the optimizer state (gradients,
+activations and temporaries of the steps, and for doge_jax also XLA's compile), doge_jax's compiled temporary bytes
+(XLA memory_analysis), and the time of the second step, with ratios against transformers. Appends a dated table
+to benchmarks/RESULTS.md.
 
     python benchmarks/moe_memory.py [--config configs/doge-480m-moe.yaml] [--seq 1024] [--rows 1] [--aux]
 """
@@ -28,6 +29,12 @@ IMPLS = ("transformers", "doge_torch", "doge_jax")
 
 def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _rss() -> int:
+    """The resident set now (not the peak: what was freed before the baseline does not count)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def child(impl: str, config: str, seq: int, rows: int, aux: bool) -> dict:
@@ -56,7 +63,7 @@ def child(impl: str, config: str, seq: int, rows: int, aux: bool) -> dict:
         opt = tx.init(params)
         step = make_steps(graphdef, tx, cfg, tcfg)[0]
         ids = jnp.asarray(batch)[None]
-        base = _maxrss()
+        base = _rss()
         compiled = step.lower(params, opt, ids, 0).compile()
         out["xla_temp"] = compiled.memory_analysis().temp_size_in_bytes
 
@@ -88,7 +95,19 @@ def child(impl: str, config: str, seq: int, rows: int, aux: bool) -> dict:
         rest = [p for n, p in model.named_parameters() if "norm" in n or "bias" in n]
         tx = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
                                lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
-        base = _maxrss()
+        # AdamW's moments exist before the baseline, as doge_jax's optimizer state does (tx.init): a zero-gradient
+        # step at lr 0 makes them without moving a weight; the gradients (temporaries in doge_jax's step) are
+        # freed again, so both rows count gradients, activations and temporaries
+        lrs = [g["lr"] for g in tx.param_groups]
+        for g in tx.param_groups:
+            g["lr"] = 0.0
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        tx.step()
+        tx.zero_grad(set_to_none=True)
+        for g, lr in zip(tx.param_groups, lrs):
+            g["lr"] = lr
+        base = _rss()
 
         def run() -> float:
             loss = loss_fn()
@@ -147,8 +166,8 @@ def main() -> None:
         temp = f"{r['xla_temp'] / gib:.2f}" if "xla_temp" in r else "-"
         rows.append(f"| {impl} | {r['rss'] / gib:.2f} | {rss_ratio} | {temp} | {r['step_s']:.2f} ({t_ratio}) "
                     f"| {r['loss']:.4f} |")
-    table = ("| implementation | peak RSS above model GiB | RSS vs transformers | XLA temp GiB | step s (speed vs "
-             "transformers) | loss |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    table = ("| implementation | peak RSS above model + optimizer GiB | RSS vs transformers | XLA temp GiB | "
+             "step s (speed vs transformers) | loss |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(f"\n{what}\n\n{table}")
     if not args.no_append:
         path = os.path.join(ROOT, "benchmarks", "RESULTS.md")

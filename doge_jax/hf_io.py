@@ -111,7 +111,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(parent: str, base: str) -> None:
+def remove_stale(parent: str, base: str) -> None:
     """Clear what killed writers (SIGKILL, power loss) left next to `base`: temporary directories made on this host
     whose writer is gone (its pid is not alive here and nobody holds the directory's lock). A writer killed between
     its two renames left `base` missing and the previous output in `.old-*/x`: that output is put back. Directories
@@ -187,7 +187,7 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    _remove_stale(parent, os.path.basename(path))  # first: it may put a killed writer's previous output back
+    remove_stale(parent, os.path.basename(path))  # first: it may put a killed writer's previous output back
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_owner()}-", dir=parent)

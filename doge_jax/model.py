@@ -187,7 +187,8 @@ def route(router_logits: jax.Array, num_keys: int, top_k: int) -> tuple[jax.Arra
     The spec ranks all K² sums of the two sorted halves; only the first k of each half can reach the top k: a pair
     (a, b) with a >= k is beaten by the k pairs (a' < k, b), which score at least as much (rounding is monotone) and
     come earlier in the K x K order. The k x k corner keeps that order, so scores, experts and ties are the same
-    without an [N, K²] (= [N, num_experts]) array."""
+    without an [N, K²] (= [N, num_experts]) array. (For finite logits: -inf + inf is NaN, and there the full
+    ranking may differ.)"""
     # lax.top_k ranks +0.0 above -0.0 where torch's sort calls them equal (a tie): one zero for both
     # (-0.0 + 0.0 = +0.0; the added term carries no gradient, so exact zeros keep theirs)
     router_logits = router_logits + jax.lax.stop_gradient(jnp.where(router_logits == 0, -router_logits, 0))

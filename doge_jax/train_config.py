@@ -213,8 +213,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
     return out
 
 
-def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]]) -> tuple[DogeConfig, TrainConfig]:
-    """(model config, train config) from a YAML file (model: + train:) plus command-line overrides."""
+def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]], where: str = "--init-from"
+                 ) -> tuple[DogeConfig, TrainConfig]:
+    """(model config, train config) from a YAML file (model: + train:) plus command-line overrides. `where` names
+    train.init_from's checkpoint in errors."""
     path = config_path or DEFAULT_CONFIG
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
@@ -259,7 +261,7 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]])
         from .init import checkpoint_config, merge_config
 
         keys = (set(raw.get("model") or {}) if config_path else set()) | {k for s, k, _ in overrides if s == "model"}
-        return merge_config(checkpoint_config(tcfg.init_from), {k: model[k] for k in keys}), tcfg
+        return merge_config(checkpoint_config(tcfg.init_from), {k: model[k] for k in keys}, where), tcfg
     return DogeConfig.from_dict(model), tcfg
 
 

@@ -22,6 +22,7 @@ from .io import write_model
 
 STATE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_LEFTOVER = re.compile(r"^\.(checkpoint-\d+)\.(?:tmp|old)-")
 
 
 def steps(out_dir: str) -> list[int]:
@@ -44,12 +45,16 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim
          scheduler: torch.optim.lr_scheduler.LRScheduler, run: dict[str, Any], keep: int) -> str:
     """Write OUT/checkpoint-`step` atomically, then remove all but the `keep` newest checkpoints."""
     path = path_of(out_dir, step)
+    # what killed writes left (a checkpoint of a step that is not saved again would keep its temporary for good)
+    for name in {m.group(1) for m in map(_LEFTOVER.match, os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                 if m}:
+        hf_io.remove_stale(out_dir, name)
     with hf_io.atomic_output_dir(path, overwrite=True) as tmp:
         write_model(tmp, model)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
         rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
+        if next(model.parameters()).device.type == "cuda":  # (not on a CPU run: that would start CUDA)
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, os.path.join(tmp, "rng_state.pth"))
         with open(os.path.join(tmp, STATE), "w") as f:
@@ -74,8 +79,17 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         state.pop("lm_head.weight", None)
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    # the moments and step counts come from the checkpoint; the hyperparameters (lr, betas, eps, weight decay, fused
+    # or not) stay those of this run's config and device, so a changed train: section takes effect
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True))
+    for g, h in zip(optimizer.param_groups, hyper):
+        g.update(h)
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    scheduler.base_lrs = [h["initial_lr"] for h in hyper]
+    for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        g["lr"] = base * fn(scheduler.last_epoch)  # what scheduler.step() set for this step, with this config
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     rng = torch.load(os.path.join(path, "rng_state.pth"), weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():

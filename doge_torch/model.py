@@ -452,7 +452,7 @@ class DogeMLP(nn.Module):
 def route(router_logits: torch.Tensor, num_keys: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Product-key routing (spec §3.8 steps 2-4): router logits [2, N, K] -> (scores [N,k], experts [N,k]).
     Only the first k of each sorted half can reach the top k of the K² sums (see doge_jax.model.route), so the
-    k x k corner is ranked: the same scores, experts and ties without an [N, num_experts] array."""
+    k x k corner is ranked: the same scores, experts and ties without an [N, num_experts] array (finite logits)."""
     kk = min(top_k, num_keys)
     sx, ix = stable_topk(router_logits[0], kk)
     sy, iy = stable_topk(router_logits[1], kk)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from doge_jax import hf_io
 from doge_jax.config import ConfigError
 from doge_jax.train_config import load_configs
 
@@ -233,32 +234,37 @@ def init_from(path: str, cfg) -> DogeForCausalLM:
 # train: fields this loop does not use (doge_jax.train's run layout, evaluation, mesh, loss chunking, progress)
 JAX_ONLY = ("val_fraction", "cache_dir", "mesh", "runs_dir", "out_dir", "async_checkpoint", "eval_every",
             "eval_batches", "log_every", "loss_chunk", "peak_flops", "progress")
-# train: fields whose change on resume is worth a warning (the schedule, the batch, the data order)
+# train: fields whose change on resume is worth a warning (the schedule, the optimizer, the batch, the data order);
+# a resumed run uses the new values
 RESUME_NOTED = ("seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_training_steps", "num_warmup_steps",
-                "num_decay_steps", "warmup_type", "decay_type", "min_lr_ratio", "seed")
+                "num_decay_steps", "warmup_type", "decay_type", "min_lr_ratio", "weight_decay", "adam_b1", "adam_b2",
+                "adam_eps", "max_grad_norm", "seed")
 
 
-def _resume_config(args: argparse.Namespace, path: str, cfg, tc):
-    """The model and train configs of a run resumed from checkpoint `path`: the run's start (--init-from) must not
-    change, and the model config must be the checkpoint's."""
-    from doge_jax.config import DogeConfig
+def _resume_configs(args: argparse.Namespace, path: str):
+    """(model config, train config) of a run resumed from its checkpoint `path`. The model config is the
+    checkpoint's (the directory the run started from need not exist any more); the --config file's model: fields
+    must agree with it, and the start the command names (--init-from or train.init_from) must be the run's."""
+    import yaml
+
+    from doge_jax.init import checkpoint_config
     from doge_jax.train import RUNTIME_FIELDS
 
     before = checkpoint.read_state(path).get("init_from")
-    now = os.path.abspath(tc.init_from) if tc.init_from else None
-    if now is not None and now != before:
-        raise ConfigError(f"train.init_from={tc.init_from!r}: {args.out} holds a run started from "
+    with open(args.config) as f:
+        asked = args.init_from or (((yaml.safe_load(f) or {}).get("train") or {}).get("init_from"))
+    if asked and os.path.abspath(asked) != before:
+        raise ConfigError(f"train.init_from={asked!r}: {args.out} holds a run started from "
                           f"{before or 'a fresh init'} ({path}); a re-run resumes it. Use another --out to start anew")
-    if now is None and before is not None and os.path.isdir(before):  # the same command without --init-from
-        cfg, tc = load_configs(args.config, [("train", "init_from", before)])
-    old = DogeConfig.from_json_file(os.path.join(path, "config.json"), variant=cfg.variant)
-    diff = [f.name for f in dataclasses.fields(DogeConfig)
+    # the checkpoint as the start: its config with the file's model: fields applied, as --init-from merges
+    cfg, tc = load_configs(args.config, [("train", "init_from", path)], where=f"the run's newest ({path})")
+    old = checkpoint_config(path)
+    diff = [f.name for f in dataclasses.fields(old)
             if f.name not in RUNTIME_FIELDS and getattr(old, f.name) != getattr(cfg, f.name)]
     if diff:
         raise ConfigError(f"{args.out} holds a run of another model config (fields: {', '.join(diff)}; see "
-                          f"{path}/config.json){' started with --init-from ' + before if before else ''}; use "
-                          "another --out or the run's config")
-    return cfg, tc
+                          f"{path}/config.json); use another --out or the run's config")
+    return cfg, dataclasses.replace(tc, init_from=before)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
@@ -299,11 +305,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     # uses the recipe fields (batch, schedule, optimizer, seed), the checkpoint fields and compute_dtype
     # with --init-from the model config is the checkpoint's, with the --config file's model: fields applied on top
     # where shapes allow (dense -> MoE included), as in doge_jax.train
-    cfg, tc = load_configs(args.config, [("train", "init_from", args.init_from)] if args.init_from else [])
     resume = None
     if args.out and checkpoint.steps(args.out):
         resume = checkpoint.path_of(args.out, checkpoint.steps(args.out)[-1])
-        cfg, tc = _resume_config(args, resume, cfg, tc)
+        cfg, tc = _resume_configs(args, resume)
+    else:
+        cfg, tc = load_configs(args.config, [("train", "init_from", args.init_from)] if args.init_from else [])
     if tc.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"train.seq_len={tc.seq_len} > model.max_position_embeddings={cfg.max_position_embeddings}")
     if tc.moe_freeze_steps:
@@ -339,8 +346,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     tokens = load_tokens(args.data, args.tokenizer, eos, tc.text_field)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
         raise ValueError(f"token ids span [{tokens.min()}, {tokens.max()}] but model.vocab_size is {cfg.vocab_size}")
-    run = {"init_from": os.path.abspath(start) if start else None, "data": list(args.data), "tokens": int(len(tokens)),
-           **{k: getattr(tc, k) for k in RESUME_NOTED}}
+    run = {"init_from": os.path.abspath(start) if start else None, "data": [os.path.abspath(d) for d in args.data],
+           "tokens": int(len(tokens)), **{k: getattr(tc, k) for k in RESUME_NOTED}}
     done = 0
     if resume:
         old = checkpoint.read_state(resume)
@@ -361,12 +368,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         mpath = os.path.join(args.out, "metrics.jsonl")
-        kept = []
-        if resume and os.path.isfile(mpath):  # the steps after the checkpoint are done again
+        if resume and os.path.isfile(mpath):  # the steps after the checkpoint are done again: cut them
+            kept = []
             with open(mpath) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= done]
-        metrics_file = open(mpath, "w")
-        metrics_file.writelines(kept)
+                for ln in f:
+                    try:
+                        rec = json.loads(ln)
+                    except ValueError:  # a line cut short by a kill
+                        continue
+                    if rec.get("step", 0) <= done:
+                        kept.append(json.dumps(rec) + "\n")
+            with hf_io.atomic_file(mpath) as tmp, open(tmp, "w") as f:  # a kill now keeps the old file
+                f.writelines(kept)
+        metrics_file = open(mpath, "a" if resume else "w")
     history = []
     t_last = time.perf_counter()
 
@@ -383,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             metrics_file.flush()
         if not math.isfinite(m["loss"]):
             raise SystemExit(f"non-finite loss at step {m['step']}")
+        if not math.isfinite(m["grad_norm"]):  # clipping made the weights NaN: no checkpoint of this step
+            raise SystemExit(f"non-finite gradient norm at step {m['step']} (loss {m['loss']:.4f})")
         if m["step"] % args.log_every == 0 or m["step"] in (1, max_steps):
             print(f"step {m['step']:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
                   f"{m['tokens_per_sec']:.0f} tok/s", flush=True)
@@ -404,11 +420,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
                 if pending is not None:
                     read_back(pending)
                 pending = m
-                if args.out and (stop or (step + 1) % tc.checkpoint_every == 0 or step + 1 == max_steps):
+                stopping = bool(stop)  # read once: a signal arriving below waits for the next step
+                if args.out and (stopping or (step + 1) % tc.checkpoint_every == 0 or step + 1 == max_steps):
                     read_back(pending)  # a checkpoint holds no step whose loss is not finite
                     pending = None
                     save(step + 1)
-                if stop:
+                if stopping:
                     print(f"stopped by {stop[0]} after step {step + 1}; the same command resumes from "
                           f"{checkpoint.path_of(args.out, step + 1)}", file=sys.stderr, flush=True)
                     raise SystemExit(stop[1])

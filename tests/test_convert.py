@@ -386,7 +386,7 @@ def test_stale_temporary_dirs_locked_or_restored(tmp_path):
     other = tmp_path / f".out.tmp-{host}x.{dead}-jkl"  # another host's name
     other.mkdir()
     try:
-        hf_io._remove_stale(str(tmp_path), "out")
+        hf_io.remove_stale(str(tmp_path), "out")
         assert (tmp_path / "out" / "weights").read_text() == "previous"
         assert sorted(os.listdir(tmp_path)) == sorted([locked.name, other.name, "out"])
         with hf_io.atomic_output_dir(tmp_path / "out") as t:
@@ -395,7 +395,7 @@ def test_stale_temporary_dirs_locked_or_restored(tmp_path):
         assert sorted(os.listdir(tmp_path)) == sorted([locked.name, other.name, "out"])
     finally:
         hf_io._unlock(fd)
-    hf_io._remove_stale(str(tmp_path), "out")  # unlocked now: its writer is gone
+    hf_io.remove_stale(str(tmp_path), "out")  # unlocked now: its writer is gone
     assert sorted(os.listdir(tmp_path)) == sorted([other.name, "out"])
 
 

@@ -558,8 +558,13 @@ def test_cli_resume_refuses_another_start_or_model(tmp_path):
               str(tmp_path / "other")])
     wide = tmp_path / "wide.yaml"
     wide.write_text(open(cfg).read().replace("intermediate_size: 256", "intermediate_size: 384"))
-    with pytest.raises(ConfigError, match=r"another model config \(fields: intermediate_size"):
+    with pytest.raises(ConfigError, match=r"intermediate_size=384: the run's newest \(.*checkpoint-2\) checkpoint "
+                       "has intermediate_size=256"):
         main(["--config", str(wide), "--data", data, "--device", "cpu", "--out", out])
+    theta = tmp_path / "theta.yaml"  # a field that keeps the shapes
+    theta.write_text(open(cfg).read().replace("rope_theta: 10000.0", "rope_theta: 20000.0"))
+    with pytest.raises(ConfigError, match=r"another model config \(fields: rope_theta"):
+        main(["--config", str(theta), "--data", data, "--device", "cpu", "--out", out])
 
 
 def test_cli_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
@@ -587,3 +592,84 @@ def test_cli_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert f"(step {stopped})" in res.stdout
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, stopped + 3))
+
+
+def test_cli_resume_applies_new_settings_and_survives_leftovers(tmp_path, capsys):
+    """On resume the moments come from the checkpoint but the train: hyperparameters are the config's (a doubled
+    peak_lr takes effect, as in a run started with it); a metrics line cut short by a kill, and a killed checkpoint
+    write's temporary directory, do not stop the run (the leftover is removed); train.stop_after stops with a
+    checkpoint; train.compute_dtype bfloat16 trains under bf16 autocast."""
+    from doge_jax import hf_io
+
+    cfg = _small_run_config(tmp_path)
+    data = str(tmp_path / "tokens.npy")
+    fast = tmp_path / "fast.yaml"
+    fast.write_text(open(cfg).read().replace("peak_lr: 3.0e-3", "peak_lr: 6.0e-3")
+                    .replace("weight_decay: 0.01", "weight_decay: 0.5"))
+    straight = main(["--config", str(fast), "--data", data, "--device", "cpu", "--max-steps", "5",
+                     "--out", str(tmp_path / "a")])
+    out = tmp_path / "b"
+    main(["--config", cfg, "--data", data, "--device", "cpu", "--max-steps", "3", "--out", str(out)])
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a kill in the middle of a line
+    stale = out / f".checkpoint-7.tmp-{hf_io._owner().rsplit('.', 1)[0]}.999999999-x"  # a step not saved again
+    stale.mkdir()
+    (stale / "optimizer.pt").write_bytes(b"half")
+    capsys.readouterr()
+    again = main(["--config", str(fast), "--data", data, "--device", "cpu", "--max-steps", "5", "--out", str(out)])
+    assert "peak_lr 0.003 -> 0.006" in capsys.readouterr().out
+    assert [h["lr"] for h in again] == [h["lr"] for h in straight[3:]]
+    groups = torch.load(out / "checkpoint-5" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.5]
+    assert not stale.exists()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    halt = tmp_path / "halt.yaml"
+    halt.write_text(open(cfg).read() + "  stop_after: 2\n  compute_dtype: bfloat16\n")
+    hist = main(["--config", str(halt), "--data", data, "--device", "cpu", "--out", str(tmp_path / "c")])
+    said = capsys.readouterr().out
+    assert [h["step"] for h in hist] == [1, 2] and "on cpu bf16" in said and "stopped after step 2 of 8" in said
+    assert (tmp_path / "c" / "checkpoint-2" / "optimizer.pt").is_file()
+
+
+def test_cli_non_finite_gradient_norm_saves_no_checkpoint(tmp_path, monkeypatch):
+    """A step whose loss is finite but whose gradient norm is not (clipping then makes the weights NaN) stops the
+    run before its checkpoint is written: the newest checkpoint stays a good one."""
+    import doge_torch.train as dtt
+
+    calls, real = [], dtt.clip_grad_norm
+
+    def poisoned(params, max_norm):
+        calls.append(1)
+        if len(calls) == 4:
+            params[0].grad.view(-1)[0] = float("inf")
+        return real(params, max_norm)
+
+    monkeypatch.setattr(dtt, "clip_grad_norm", poisoned)
+    cfg = _small_run_config(tmp_path)
+    with pytest.raises(SystemExit, match="non-finite gradient norm at step 4"):
+        main(["--config", cfg, "--data", str(tmp_path / "tokens.npy"), "--device", "cpu", "--out",
+              str(tmp_path / "run")])
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_cli_resume_needs_no_start_directory(tmp_path, capsys):
+    """A run started with --init-from resumes from its own checkpoint even after the start directory is gone, with
+    or without --init-from on the command line, and keeps recording where it started."""
+    import shutil
+
+    cfg = _small_run_config(tmp_path)
+    data = str(tmp_path / "tokens.npy")
+    start = tmp_path / "start"
+    doge_torch.DogeForCausalLM(doge_torch.DogeConfig.from_yaml(cfg)).save_pretrained(str(start))
+    partial = tmp_path / "partial.yaml"  # a config with only a train: section (the model comes from the start)
+    partial.write_text("train:\n" + open(cfg).read().split("train:\n", 1)[1])
+    out = tmp_path / "run"
+    base = ["--config", str(partial), "--data", data, "--device", "cpu", "--out", str(out)]
+    main(base + ["--init-from", str(start), "--max-steps", "2"])
+    shutil.rmtree(start)
+    main(base + ["--max-steps", "3"])
+    main(base + ["--init-from", str(start), "--max-steps", "4"])
+    assert "(step 3)" in capsys.readouterr().out
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["init_from"] == str(start) and state["global_step"] == 4
