@@ -119,12 +119,47 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
+class TokenStream:
+    """Token arrays read as one stream without joining them: memory-mapped shards stay on disk (a corpus larger than
+    memory trains), and each batch reads only its rows. np.asarray(stream) joins them (tests, small data)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = [p for p in parts if len(p)]
+        self.ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.parts) if self.parts else np.zeros(0, np.int64)
+        return out.astype(dtype or np.int64, copy=False)
+
+    def min(self) -> int:
+        return min(int(p.min()) for p in self.parts)
+
+    def max(self) -> int:
+        return max(int(p.max()) for p in self.parts)
+
+    def rows(self, index: np.ndarray, seq_len: int) -> np.ndarray:
+        """Rows `index` of the stream cut into rows of seq_len tokens, as int64 [len(index), seq_len]."""
+        out = np.empty((len(index), seq_len), np.int64)
+        for r, i in enumerate(np.asarray(index, np.int64)):
+            start, filled = int(i) * seq_len, 0
+            part = int(np.searchsorted(self.ends, start, side="right"))
+            while filled < seq_len:  # a row may span the end of one part and the start of the next
+                lo = start + filled - (int(self.ends[part - 1]) if part else 0)
+                take = min(seq_len - filled, len(self.parts[part]) - lo)
+                out[r, filled:filled + take] = self.parts[part][lo:lo + take]
+                filled, part = filled + take, part + 1
+        return out
+
+
 def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None,
-                text_field: str = "text") -> np.ndarray:
-    """All tokens of `files` as one int64 stream. `.npy` files hold 1-D token ids; a directory written by
-    `python -m doge_jax.data` gives its training shards; anything else is read as doge_jax.train reads it (text
-    files, `.jsonl`/`.parquet` rows, directories and globs of them) and tokenized with `tokenizer` (a tokenizer.json),
-    EOS after each document when the config has one."""
+                text_field: str = "text") -> TokenStream:
+    """All tokens of `files` as one stream; `.npy` files and pre-tokenized shards stay memory-mapped (not copied).
+    `.npy` files hold 1-D token ids; a directory written by `python -m doge_jax.data` gives its training shards;
+    anything else is read as doge_jax.train reads it (text files, `.jsonl`/`.parquet` rows, directories and globs of
+    them) and tokenized with `tokenizer` (a tokenizer.json), EOS after each document when the config has one."""
     from doge_jax import data as D
     from doge_jax.corpora import is_pretokenized, load_pretokenized
 
@@ -156,13 +191,13 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
             arr = np.load(path, mmap_mode="r")
             if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"{path}: expected a 1-D integer token array, got {arr.dtype}{list(arr.shape)}")
-            parts.append(np.asarray(arr, dtype=np.int64))
+            parts.append(arr)
         elif os.path.isdir(path) and is_pretokenized(path):
             train, _, manifest = load_pretokenized(path, get_tok())  # another tokenizer than --tokenizer's raises
             if eos_token_id is not None and manifest["eos_token_id"] != eos_token_id:
                 raise D.DataError(f"{path}: pre-tokenized with EOS id {manifest['eos_token_id']}, the model's is "
                                   f"{eos_token_id}")
-            parts += [np.asarray(a, dtype=np.int64) for a in train]
+            parts += train
         elif path.endswith(".bin"):
             raise ValueError(f"{path}: a pre-tokenized shard; pass its directory (written by python -m doge_jax.data)")
         else:
@@ -171,15 +206,17 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
         if tokenizer is None:
             raise ValueError(f"{text[0]}: text data needs --tokenizer PATH/tokenizer.json (or pass pre-tokenized "
                              ".npy files or a python -m doge_jax.data directory)")
+        docs = []
         for doc in D.iter_documents(text, text_field):
             ids = get_tok().encode(doc).ids
             if eos_token_id is not None and (not ids or ids[-1] != eos_token_id):
                 ids.append(eos_token_id)
-            parts.append(np.asarray(ids, dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            docs.append(np.asarray(ids, dtype=np.int64))
+        parts.append(np.concatenate(docs) if docs else np.zeros(0, np.int64))
+    return TokenStream(parts)
 
 
-def batches(tokens: np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: int,
+def batches(tokens: TokenStream | np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: int,
             pad_token_id: int | None = None, start_step: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Endless optimizer steps: `grad_accum` micro-batches of [rows, seq_len] chunks of the stream, in a seeded
     shuffled order (reshuffled every epoch). Labels = input_ids, with pad tokens ignored (collator rule). From
@@ -188,7 +225,7 @@ def batches(tokens: np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: 
     if n < rows * grad_accum:
         raise ValueError(f"data has {len(tokens)} tokens = {n} rows of seq_len={seq_len}; a step needs "
                          f"{rows * grad_accum} (rows {rows} x grad_accum {grad_accum})")
-    chunks = torch.from_numpy(np.ascontiguousarray(tokens[:n * seq_len]).reshape(n, seq_len))
+    stream = tokens if isinstance(tokens, TokenStream) else TokenStream([np.asarray(tokens)])
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(n, generator=gen), 0
     for _ in range(start_step * grad_accum):  # the same draws as the steps already taken, without the copies
@@ -200,7 +237,7 @@ def batches(tokens: np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: 
         for _ in range(grad_accum):
             if pos + rows > n:
                 order, pos = torch.randperm(n, generator=gen), 0
-            ids = chunks[order[pos:pos + rows]]
+            ids = torch.from_numpy(stream.rows(order[pos:pos + rows].numpy(), seq_len))
             pos += rows
             labels = ids.clone()
             if pad_token_id is not None:
@@ -344,8 +381,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     tokens = load_tokens(args.data, args.tokenizer, eos, tc.text_field)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
-        raise ValueError(f"token ids span [{tokens.min()}, {tokens.max()}] but model.vocab_size is {cfg.vocab_size}")
+    lo, hi = (tokens.min(), tokens.max()) if len(tokens) else (0, 0)
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"token ids span [{lo}, {hi}] but model.vocab_size is {cfg.vocab_size}")
     run = {"init_from": os.path.abspath(start) if start else None, "data": [os.path.abspath(d) for d in args.data],
            "tokens": int(len(tokens)), **{k: getattr(tc, k) for k in RESUME_NOTED}}
     done = 0

@@ -673,3 +673,24 @@ def test_cli_resume_needs_no_start_directory(tmp_path, capsys):
     assert "(step 3)" in capsys.readouterr().out
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["init_from"] == str(start) and state["global_step"] == 4
+
+
+def test_token_stream_rows_equal_the_joined_stream():
+    """doge_torch.train reads its data as a stream of parts (memory-mapped shards, never joined or widened to int64
+    in memory); every row, also one spanning several parts, equals the same row of the joined tokens."""
+    from doge_torch.train import TokenStream, batches
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 500, n).astype(np.uint16) for n in (5, 0, 37, 3, 1, 64, 20)]
+    joined = np.concatenate(parts).astype(np.int64)
+    stream = TokenStream(parts)
+    assert len(stream) == len(joined) and (stream.min(), stream.max()) == (joined.min(), joined.max())
+    np.testing.assert_array_equal(np.asarray(stream), joined)
+    for seq in (1, 4, 7, 16):
+        n = len(joined) // seq
+        idx = rng.permutation(n)
+        np.testing.assert_array_equal(stream.rows(idx, seq), joined[:n * seq].reshape(n, seq)[idx])
+    a, b = batches(stream, 8, 2, 2, 0, pad_token_id=3), batches(joined, 8, 2, 2, 0, pad_token_id=3)
+    for _ in range(20):  # (several epochs)
+        for x, y in zip(next(a), next(b)):
+            assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
