@@ -508,6 +508,74 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
             m = with_attention_impl(nnx.merge(graphdef, st16), impl)
             lg = nnx.jit(lambda m, i: m(i).logits.astype(jnp.float32))(m, jb)
             bf16_row(f"doge_jax bf16 compute {impl} logits", max_abs(lg, ref_b))
+    with guarded(report, S, "MoE"):
+        moe_parity(report, tdev, ids_b, f32_row, grad_row)
+
+
+def moe_parity(report: Report, tdev, ids, f32_row, grad_row) -> None:
+    """CDMoE on the device (k x k corner routing, aux loss as a product of softmaxes, rematerialised experts under
+    torch.utils.checkpoint / jax.checkpoint) against the CPU float32 reference: logits and gradients of CE + aux in
+    both frameworks, and bf16 autocast logits in doge_torch (autocast through the checkpoint's recompute)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    import doge_jax
+    import doge_torch
+    from doge_jax.hf import to_hf_arrays
+
+    S = "parity"
+    cfg = tiny_parity_config().replace(is_moe=True, num_experts=64, num_experts_per_tok=4,
+                                       output_router_logits=True, router_aux_loss_coef=0.1)
+    torch.manual_seed(1)
+    src = doge_torch.DogeForCausalLM(cfg)
+    perturb_(src, seed=1)
+    tmp = tempfile.mkdtemp(prefix="gpu_check_moe_")
+    src.save_pretrained(tmp)
+    ref = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="reference"))
+    x = torch.as_tensor(ids)
+    out = ref(x, labels=x)
+    out.loss.backward()
+    want_logits = out.logits.detach().numpy()
+    want_grads = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        tm = doge_torch.DogeForCausalLM.from_pretrained(tmp).to(tdev).train()  # train(): the experts rematerialise
+        xd = x.to(tdev)
+        o = tm(xd, labels=xd)
+        o.loss.backward()
+        f32_row("doge_torch fp32 MoE (aux loss) logits", max_abs(o.logits.detach().cpu(), want_logits))
+        grad_row("doge_torch fp32 MoE (aux loss) loss gradients",
+                 rel_norm({n: p.grad.cpu().numpy() for n, p in tm.named_parameters()}, want_grads))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    # bf16 logits are not compared: a bf16 router picks another expert for some tokens (a discrete change; seen
+    # 1 of 64 tokens, 3e-2 of max|logit| on the CPU), so the step's loss and gradients are checked instead
+    tm.zero_grad(set_to_none=True)
+    with torch.autocast(tdev.type, dtype=torch.bfloat16):
+        o = tm(xd, labels=xd)
+    o.loss.backward()
+    want_loss = float(out.loss)
+    rel = abs(float(o.loss) - want_loss) / abs(want_loss)
+    g = {n: p.grad.float().cpu().numpy() for n, p in tm.named_parameters()}
+    finite = all(np.isfinite(v).all() for v in g.values())
+    report.add(S, "doge_torch bf16 autocast MoE training step (experts recomputed under autocast)",
+               f"loss rel. diff {rel:.2e}, gradient rel. L2 {rel_norm(g, want_grads):.2e}, "
+               f"{'all finite' if finite else 'NON-FINITE gradients'}", f"loss <= {BF16_REL_TOL:g}, finite",
+               "PASS" if rel <= BF16_REL_TOL and finite else "FAIL")
+    jm = doge_jax.DogeForCausalLM.from_pretrained(tmp)
+    graphdef, state = nnx.split(jm, nnx.Param)
+    jx = jnp.asarray(ids)
+    with jax.default_matmul_precision("highest"):
+        lg = jax.jit(lambda st: nnx.merge(graphdef, st)(jx).logits)(state)
+        f32_row("doge_jax fp32 MoE (aux loss) logits", max_abs(lg, want_logits))
+        grads = jax.jit(jax.grad(lambda st: nnx.merge(graphdef, st)(jx, labels=jx).loss))(state)
+    flat = {tuple(str(p) for p in path): (v[...] if hasattr(v, "__getitem__") else v.value)
+            for path, v in nnx.to_flat_state(grads)}
+    grad_row("doge_jax fp32 MoE (aux loss) loss gradients", rel_norm(to_hf_arrays(flat), want_grads))
 
 
 def host_syncs_of_step(path: str, tdev, ids) -> int | None:

@@ -123,8 +123,12 @@ class TokenStream:
     """Token arrays read as one stream without joining them: memory-mapped shards stay on disk (a corpus larger than
     memory trains), and each batch reads only its rows. np.asarray(stream) joins them (tests, small data)."""
 
-    def __init__(self, parts: Sequence[np.ndarray]):
-        self.parts = [p for p in parts if len(p)]
+    def __init__(self, parts: Sequence[np.ndarray], max_ids: Sequence[int | None] | None = None):
+        """`max_ids`: each part's largest id where it is known (a pre-tokenized manifest), so max() need not read
+        the part from disk."""
+        keep = [i for i, p in enumerate(parts) if len(p)]
+        self.parts = [parts[i] for i in keep]
+        self.max_ids = [max_ids[i] if max_ids else None for i in keep]
         self.ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -135,10 +139,12 @@ class TokenStream:
         return out.astype(dtype or np.int64, copy=False)
 
     def min(self) -> int:
-        return min(int(p.min()) for p in self.parts)
+        """The smallest id (0 for an empty stream); unsigned parts are not read."""
+        return min((0 if p.dtype.kind == "u" else int(p.min()) for p in self.parts), default=0)
 
     def max(self) -> int:
-        return max(int(p.max()) for p in self.parts)
+        """The largest id (0 for an empty stream); parts with a known largest id are not read."""
+        return max((int(p.max()) if m is None else int(m) for p, m in zip(self.parts, self.max_ids)), default=0)
 
     def rows(self, index: np.ndarray, seq_len: int) -> np.ndarray:
         """Rows `index` of the stream cut into rows of seq_len tokens, as int64 [len(index), seq_len]."""
@@ -163,7 +169,7 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
     from doge_jax import data as D
     from doge_jax.corpora import is_pretokenized, load_pretokenized
 
-    parts, text = [], []
+    parts, max_ids, text = [], [], []
     tok = None
 
     def get_tok():
@@ -192,12 +198,14 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
             if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"{path}: expected a 1-D integer token array, got {arr.dtype}{list(arr.shape)}")
             parts.append(arr)
+            max_ids.append(None)
         elif os.path.isdir(path) and is_pretokenized(path):
             train, _, manifest = load_pretokenized(path, get_tok())  # another tokenizer than --tokenizer's raises
             if eos_token_id is not None and manifest["eos_token_id"] != eos_token_id:
                 raise D.DataError(f"{path}: pre-tokenized with EOS id {manifest['eos_token_id']}, the model's is "
                                   f"{eos_token_id}")
             parts += train
+            max_ids += [s.get("max_id") for s in manifest["shards"]]
         elif path.endswith(".bin"):
             raise ValueError(f"{path}: a pre-tokenized shard; pass its directory (written by python -m doge_jax.data)")
         else:
@@ -213,7 +221,8 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
                 ids.append(eos_token_id)
             docs.append(np.asarray(ids, dtype=np.int64))
         parts.append(np.concatenate(docs) if docs else np.zeros(0, np.int64))
-    return TokenStream(parts)
+        max_ids.append(None)
+    return TokenStream(parts, max_ids)
 
 
 def batches(tokens: TokenStream | np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: int,
@@ -288,8 +297,14 @@ def _resume_configs(args: argparse.Namespace, path: str):
     from doge_jax.train import RUNTIME_FIELDS
 
     before = checkpoint.read_state(path).get("init_from")
-    with open(args.config) as f:
-        asked = args.init_from or (((yaml.safe_load(f) or {}).get("train") or {}).get("init_from"))
+    try:
+        with open(args.config) as f:
+            raw = yaml.safe_load(f)
+        train = raw.get("train") if isinstance(raw, dict) else None
+        in_file = train.get("init_from") if isinstance(train, dict) else None
+    except (OSError, yaml.YAMLError):  # load_configs below says what is wrong with the file
+        in_file = None
+    asked = args.init_from or in_file
     if asked and os.path.abspath(asked) != before:
         raise ConfigError(f"train.init_from={asked!r}: {args.out} holds a run started from "
                           f"{before or 'a fresh init'} ({path}); a re-run resumes it. Use another --out to start anew")

@@ -471,6 +471,8 @@ def test_cli_reads_data_as_doge_jax_does(tmp_path):
     pretokenize([str(tmp_path / "d.jsonl")], str(tmp_path / "tokenizer.json"), str(tmp_path / "pre"))
     pre = load_tokens([str(tmp_path / "pre")])
     assert 0 < len(pre) <= len(want) and set(np.unique(pre)) <= set(np.unique(want))
+    # the shards stay memory-mapped (a corpus larger than memory trains) and their largest id is the manifest's
+    assert pre.parts and all(isinstance(p, np.memmap) for p in pre.parts) and None not in pre.max_ids
     with pytest.raises(ValueError, match="pre-tokenized shard; pass its directory"):
         load_tokens([next(str(p) for p in (tmp_path / "pre").iterdir() if p.suffix == ".bin")])
     with pytest.raises(ValueError, match="pre-tokenized with EOS id 1, the model's is 7"):
@@ -561,6 +563,10 @@ def test_cli_resume_refuses_another_start_or_model(tmp_path):
     with pytest.raises(ConfigError, match=r"intermediate_size=384: the run's newest \(.*checkpoint-2\) checkpoint "
                        "has intermediate_size=256"):
         main(["--config", str(wide), "--data", data, "--device", "cpu", "--out", out])
+    broken = tmp_path / "broken.yaml"  # checked as on a fresh start (one error line, no traceback)
+    broken.write_text(open(cfg).read() + "  oops: [\n")
+    with pytest.raises(ConfigError, match="unreadable YAML"):
+        main(["--config", str(broken), "--data", data, "--device", "cpu", "--out", out])
     theta = tmp_path / "theta.yaml"  # a field that keeps the shapes
     theta.write_text(open(cfg).read().replace("rope_theta: 10000.0", "rope_theta: 20000.0"))
     with pytest.raises(ConfigError, match=r"another model config \(fields: rope_theta"):
@@ -684,7 +690,13 @@ def test_token_stream_rows_equal_the_joined_stream():
     parts = [rng.integers(0, 500, n).astype(np.uint16) for n in (5, 0, 37, 3, 1, 64, 20)]
     joined = np.concatenate(parts).astype(np.int64)
     stream = TokenStream(parts)
-    assert len(stream) == len(joined) and (stream.min(), stream.max()) == (joined.min(), joined.max())
+    assert len(stream) == len(joined) and (stream.min(), stream.max()) == (0, joined.max())  # unsigned: min 0
+    signed = TokenStream([p.astype(np.int32) - 1 for p in parts])
+    assert (signed.min(), signed.max()) == (joined.min() - 1, joined.max() - 1)
+    # a part's known largest id (a manifest's) is taken without reading the part; an empty part's is dropped
+    known = TokenStream(parts, [None, 10**7, 10**6, None, None, None, None])
+    assert known.max() == 10**6
+    assert (TokenStream([]).min(), TokenStream([]).max(), len(TokenStream([]))) == (0, 0, 0)
     np.testing.assert_array_equal(np.asarray(stream), joined)
     for seq in (1, 4, 7, 16):
         n = len(joined) // seq
