@@ -333,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap.add_argument("--out", help="run directory: metrics.jsonl, OUT/checkpoint-N every train.checkpoint_every steps "
                     "(the newest train.keep_checkpoints kept; a re-run resumes from the newest) and the final model "
                     "(OUT/final, an HF directory)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device (default: cuda when available, else cpu)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 parameters and optimizer); also "
                     "on when the config sets train.compute_dtype: bfloat16")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
