@@ -146,6 +146,21 @@ class TokenStream:
         """The largest id (0 for an empty stream); parts with a known largest id are not read."""
         return max((int(p.max()) if m is None else int(m) for p, m in zip(self.parts, self.max_ids)), default=0)
 
+    def split_tail(self, n: int) -> tuple[TokenStream, TokenStream]:
+        """(all but the last n tokens, the last n tokens), as views of the same parts."""
+        cut, head, tail = len(self) - n, [], []
+        for p, m, end in zip(self.parts, self.max_ids, self.ends):
+            start = int(end) - len(p)
+            if end <= cut:
+                head.append((p, m))
+            elif start >= cut:
+                tail.append((p, m))
+            else:  # the part the cut falls in: its known largest id bounds both halves
+                head.append((p[:cut - start], m))
+                tail.append((p[cut - start:], m))
+        return (TokenStream([p for p, _ in head], [m for _, m in head]),
+                TokenStream([p for p, _ in tail], [m for _, m in tail]))
+
     def rows(self, index: np.ndarray, seq_len: int) -> np.ndarray:
         """Rows `index` of the stream cut into rows of seq_len tokens, as int64 [len(index), seq_len]."""
         out = np.empty((len(index), seq_len), np.int64)
@@ -161,11 +176,12 @@ class TokenStream:
 
 
 def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None,
-                text_field: str = "text") -> TokenStream:
+                text_field: str = "text", val: list | None = None) -> TokenStream:
     """All tokens of `files` as one stream; `.npy` files and pre-tokenized shards stay memory-mapped (not copied).
     `.npy` files hold 1-D token ids; a directory written by `python -m doge_jax.data` gives its training shards;
     anything else is read as doge_jax.train reads it (text files, `.jsonl`/`.parquet` rows, directories and globs of
-    them) and tokenized with `tokenizer` (a tokenizer.json), EOS after each document when the config has one."""
+    them) and tokenized with `tokenizer` (a tokenizer.json), EOS after each document when the config has one.
+    `val`: a list that receives the validation shards of pre-tokenized directories."""
     from doge_jax import data as D
     from doge_jax.corpora import is_pretokenized, load_pretokenized
 
@@ -200,12 +216,15 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
             parts.append(arr)
             max_ids.append(None)
         elif os.path.isdir(path) and is_pretokenized(path):
-            train, _, manifest = load_pretokenized(path, get_tok())  # another tokenizer than --tokenizer's raises
+            # (another tokenizer than --tokenizer's raises)
+            train, held_out, manifest = load_pretokenized(path, get_tok())
             if eos_token_id is not None and manifest["eos_token_id"] != eos_token_id:
                 raise D.DataError(f"{path}: pre-tokenized with EOS id {manifest['eos_token_id']}, the model's is "
                                   f"{eos_token_id}")
             parts += train
             max_ids += [s.get("max_id") for s in manifest["shards"]]
+            if val is not None:
+                val += held_out
         elif path.endswith(".bin"):
             raise ValueError(f"{path}: a pre-tokenized shard; pass its directory (written by python -m doge_jax.data)")
         else:
@@ -255,6 +274,50 @@ def batches(tokens: TokenStream | np.ndarray, seq_len: int, rows: int, grad_accu
         yield step
 
 
+def val_rows(tokens: TokenStream, held_out: list, seq_len: int, fraction: float, limit: int
+             ) -> tuple[TokenStream, np.ndarray | None]:
+    """(training stream, validation rows [n, seq_len] or None). Pre-tokenized directories bring their own validation
+    shards; otherwise the last `fraction` of the stream (whole rows) is held out from training."""
+    if held_out:
+        val = TokenStream(held_out)
+    elif fraction > 0 and len(tokens) // seq_len >= 2:
+        n = max(1, int(len(tokens) // seq_len * fraction)) * seq_len
+        tokens, val = tokens.split_tail(n)
+    else:
+        return tokens, None
+    n_rows = min(len(val) // seq_len, limit)
+    return tokens, (val.rows(np.arange(n_rows), seq_len) if n_rows else None)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, rows: np.ndarray, micro_rows: int, pad_token_id: int | None,
+             autocast_dtype: torch.dtype | None) -> tuple[float, float]:
+    """(mean next-token loss over every target of `rows`, its perplexity), in micro-batches of `micro_rows`."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for i in range(0, len(rows), micro_rows):
+            ids = torch.from_numpy(rows[i:i + micro_rows])
+            labels = ids.clone()
+            if pad_token_id is not None:
+                labels[ids == pad_token_id] = IGNORE_INDEX
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            if n == 0:
+                continue
+            with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                  else contextlib.nullcontext()):
+                out = model(ids.to(device), labels=labels.to(device), return_logits=False)
+            total += out.loss.double() * n
+            count += n
+    finally:
+        model.train(was_training)
+    loss = float(total) / max(count, 1)
+    return loss, math.exp(min(loss, 80.0))
+
+
 # ---- command line -------------------------------------------------------------------------------------------------
 def init_from(path: str, cfg) -> DogeForCausalLM:
     """A float32 model of `cfg` (the checkpoint's config with the requested fields) with the weights of the HF
@@ -277,9 +340,9 @@ def init_from(path: str, cfg) -> DogeForCausalLM:
     return model
 
 
-# train: fields this loop does not use (doge_jax.train's run layout, evaluation, mesh, loss chunking, progress)
-JAX_ONLY = ("val_fraction", "cache_dir", "mesh", "runs_dir", "out_dir", "async_checkpoint", "eval_every",
-            "eval_batches", "log_every", "loss_chunk", "peak_flops", "progress")
+# train: fields this loop does not use (doge_jax.train's run layout, mesh, loss chunking, progress)
+JAX_ONLY = ("cache_dir", "mesh", "runs_dir", "out_dir", "async_checkpoint", "log_every", "loss_chunk", "peak_flops",
+            "progress")
 # train: fields whose change on resume is worth a warning (the schedule, the optimizer, the batch, the data order);
 # a resumed run uses the new values
 RESUME_NOTED = ("seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_training_steps", "num_warmup_steps",
@@ -396,10 +459,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     step_model = torch.compile(model) if args.compile else model
 
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
-    tokens = load_tokens(args.data, args.tokenizer, eos, tc.text_field)
+    held_out: list = []
+    tokens = load_tokens(args.data, args.tokenizer, eos, tc.text_field, val=held_out)
     lo, hi = (tokens.min(), tokens.max()) if len(tokens) else (0, 0)
     if lo < 0 or hi >= cfg.vocab_size:
         raise ValueError(f"token ids span [{lo}, {hi}] but model.vocab_size is {cfg.vocab_size}")
+    # validation: eval_batches micro-batches every eval_every steps (0: only at the end), as in doge_jax.train
+    tokens, val = val_rows(tokens, held_out, seq_len, tc.val_fraction, tc.eval_batches * rows)
     run = {"init_from": os.path.abspath(start) if start else None, "data": [os.path.abspath(d) for d in args.data],
            "tokens": int(len(tokens)), **{k: getattr(tc, k) for k in RESUME_NOTED}}
     done = 0
@@ -457,6 +523,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             print(f"step {m['step']:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
                   f"{m['tokens_per_sec']:.0f} tok/s", flush=True)
 
+    def validate(step: int) -> None:
+        loss, ppl = evaluate(model, val, rows, cfg.pad_token_id, autocast)
+        rec = {"step": step, "val_loss": loss, "val_ppl": ppl}
+        if metrics_file:
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+        print(f"step {step:6d}  val_loss {loss:.4f}  val_ppl {ppl:.2f}", flush=True)
+
     def save(step: int) -> None:
         path = checkpoint.save(args.out, step, model, optimizer, scheduler, run, tc.keep_checkpoints)
         print(f"saved {path}", flush=True)
@@ -475,10 +549,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
                     read_back(pending)
                 pending = m
                 stopping = bool(stop)  # read once: a signal arriving below waits for the next step
-                if args.out and (stopping or (step + 1) % tc.checkpoint_every == 0 or step + 1 == max_steps):
+                evaluating = val is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0)
+                                                  or step + 1 == max_steps)
+                saving = args.out and (stopping or (step + 1) % tc.checkpoint_every == 0 or step + 1 == max_steps)
+                if evaluating or saving:
                     read_back(pending)  # a checkpoint holds no step whose loss is not finite
                     pending = None
+                if evaluating:
+                    validate(step + 1)
+                if saving:
                     save(step + 1)
+                if evaluating or saving:
+                    t_last = time.perf_counter()  # the next step's tokens/s leaves them out
                 if stopping:
                     print(f"stopped by {stop[0]} after step {step + 1}; the same command resumes from "
                           f"{checkpoint.path_of(args.out, step + 1)}", file=sys.stderr, flush=True)

@@ -295,9 +295,10 @@ def test_cli_three_steps_npy(tmp_path):
                            str(tmp_path / "tokens.npy"), "--max-steps", "3", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith("step ")] == ["1", "2", "3"]
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3
+    assert [ln.split()[1] for ln in proc.stdout.splitlines()
+            if ln.startswith("step ") and "val_loss" not in ln] == ["1", "2", "3"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 3] and set(lines[-1]) == {"step", "val_loss", "val_ppl"}
     assert "stopped after step 3 of 400" in proc.stdout and (out / "checkpoint-3" / "optimizer.pt").is_file()
     model = doge_torch.DogeForCausalLM.from_pretrained(str(out / "final"))
     assert model.config.vocab_size == 4096
@@ -331,12 +332,14 @@ def test_cli_reads_each_loss_one_step_behind(tmp_path, capsys, monkeypatch):
     hist = main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "4", "--log-every",
                  "2", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert events == ["step", "step", "read", "step", "read", "step", "read", "read"]
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    printed = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("step ") and "val_loss" not in line]
     assert [int(line.split()[1]) for line in printed] == [1, 2, 4]
     assert [h["step"] for h in hist] == [1, 2, 3, 4]  # steps done, as doge_jax counts them
     assert all(type(h["loss"]) is float and isinstance(h["grad_norm"], float) and math.isfinite(h["loss"])
                for h in hist)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [x for x in lines if "loss" in x]  # (not the validation records)
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines[1]["loss"] == hist[1]["loss"]
     assert set(lines[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_sec"}  # doge_jax's metric names
 
@@ -352,6 +355,7 @@ def test_cli_stops_at_the_first_non_finite_loss(tmp_path):
         main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "8", "--device", "cpu",
               "--out", str(tmp_path / "run")])
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [x for x in lines if "loss" in x]  # (not the validation records)
     first_bad = next(x["step"] for x in lines if not math.isfinite(x["loss"]))
     assert str(exc.value) == f"non-finite loss at step {first_bad}" and lines[-1]["step"] == first_bad > 1
 
@@ -520,11 +524,11 @@ def test_cli_resume_continues_the_same_run(tmp_path, capsys):
     """Stopping after step 3 and re-running the same command gives the run that never stopped, bit for bit: weights,
     optimizer, schedule and the batch order come back from OUT/checkpoint-3 (transformers Trainer layout). The run
     keeps the newest train.keep_checkpoints checkpoints, each an HF model directory any tool loads."""
-    cfg = _small_run_config(tmp_path, "  eval_every: 5\n")
+    cfg = _small_run_config(tmp_path, "  loss_chunk: 512\n")
     data = str(tmp_path / "tokens.npy")
     base = ["--config", cfg, "--data", data, "--device", "cpu"]
     straight = main(base + ["--max-steps", "6", "--out", str(tmp_path / "a")])
-    assert "does not use train.eval_every=5" in capsys.readouterr().out
+    assert "does not use train.loss_chunk=512" in capsys.readouterr().out
     first = main(base + ["--max-steps", "3", "--out", str(tmp_path / "b")])
     assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     again = main(base + ["--max-steps", "6", "--out", str(tmp_path / "b")])
@@ -536,7 +540,8 @@ def test_cli_resume_continues_the_same_run(tmp_path, capsys):
     a = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "a" / "final")).state_dict()
     b = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "b" / "final")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    lines = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if "val_loss" not in x]
     assert lines == list(range(1, 7))
     assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     ck = doge_jax.DogeForCausalLM.from_pretrained(str(tmp_path / "b" / "checkpoint-6"))  # an HF directory
@@ -596,7 +601,7 @@ def test_cli_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     res = subprocess.run(cmd + ["--max-steps", str(stopped + 2)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"(step {stopped})" in res.stdout
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" not in x]
     assert steps == list(range(1, stopped + 3))
 
 
@@ -628,7 +633,7 @@ def test_cli_resume_applies_new_settings_and_survives_leftovers(tmp_path, capsys
     groups = torch.load(out / "checkpoint-5" / "optimizer.pt", weights_only=True)["param_groups"]
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.5]
     assert not stale.exists()
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" not in x]
     assert steps == [1, 2, 3, 4, 5]
     halt = tmp_path / "halt.yaml"
     halt.write_text(open(cfg).read() + "  stop_after: 2\n  compute_dtype: bfloat16\n")
@@ -706,3 +711,32 @@ def test_token_stream_rows_equal_the_joined_stream():
     for _ in range(20):  # (several epochs)
         for x, y in zip(next(a), next(b)):
             assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+
+
+def test_cli_validation_loss(tmp_path, capsys):
+    """Every train.eval_every steps and at the end the run reports the mean loss of eval_batches held-out
+    micro-batches: the last val_fraction of a .npy stream (not trained on), or a pre-tokenized directory's own
+    validation shards. The reported value equals the saved model's loss on those rows."""
+    from doge_torch.train import TokenStream, evaluate
+
+    cfg = _small_run_config(tmp_path, "  eval_every: 3\n  val_fraction: 0.05\n  eval_batches: 2\n")
+    out = tmp_path / "run"
+    main(["--config", cfg, "--data", str(tmp_path / "tokens.npy"), "--device", "cpu", "--max-steps", "7",
+          "--out", str(out)])
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in val] == [3, 6, 7]
+    assert val[0]["val_loss"] > val[-1]["val_loss"] and math.isclose(val[-1]["val_ppl"], math.exp(val[-1]["val_loss"]))
+    tokens = np.load(tmp_path / "tokens.npy").astype(np.int64)
+    n_rows = len(tokens) // 32
+    held = tokens[len(tokens) - int(n_rows * 0.05) * 32:]  # the stream's last tokens, a whole number of rows
+    rows = held[:len(held) // 32 * 32].reshape(-1, 32)[:2 * 2]  # eval_batches x rows per micro-batch
+    model = doge_torch.DogeForCausalLM.from_pretrained(str(out / "final"))
+    want, _ = evaluate(model, rows, 2, None, None)
+    assert abs(val[-1]["val_loss"] - want) <= 1e-6 * want
+    ids = torch.as_tensor(rows)
+    with torch.no_grad():  # the token mean over the rows, computed directly
+        direct = model(ids, labels=ids).loss.item()
+    assert abs(direct - want) <= 1e-5 * want
+    assert len(TokenStream([tokens]).split_tail(len(held))[0]) == len(tokens) - len(held)
+    assert f" {len(tokens) - len(held)} tokens, 7 steps" in capsys.readouterr().out  # trained without them
