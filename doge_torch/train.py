@@ -466,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         raise ValueError(f"token ids span [{lo}, {hi}] but model.vocab_size is {cfg.vocab_size}")
     # validation: eval_batches micro-batches every eval_every steps (0: only at the end), as in doge_jax.train
     tokens, val = val_rows(tokens, held_out, seq_len, tc.val_fraction, tc.eval_batches * rows)
+    if val is None and (held_out or tc.val_fraction > 0):
+        print(f"note: no validation row of {seq_len} tokens (train.val_fraction={tc.val_fraction}); the run reports "
+              "no val_loss", flush=True)
     run = {"init_from": os.path.abspath(start) if start else None, "data": [os.path.abspath(d) for d in args.data],
            "tokens": int(len(tokens)), **{k: getattr(tc, k) for k in RESUME_NOTED}}
     done = 0

@@ -717,7 +717,7 @@ def test_cli_validation_loss(tmp_path, capsys):
     """Every train.eval_every steps and at the end the run reports the mean loss of eval_batches held-out
     micro-batches: the last val_fraction of a .npy stream (not trained on), or a pre-tokenized directory's own
     validation shards. The reported value equals the saved model's loss on those rows."""
-    from doge_torch.train import TokenStream, evaluate
+    from doge_torch.train import TokenStream, evaluate, val_rows
 
     cfg = _small_run_config(tmp_path, "  eval_every: 3\n  val_fraction: 0.05\n  eval_batches: 2\n")
     out = tmp_path / "run"
@@ -740,3 +740,5 @@ def test_cli_validation_loss(tmp_path, capsys):
     assert abs(direct - want) <= 1e-5 * want
     assert len(TokenStream([tokens]).split_tail(len(held))[0]) == len(tokens) - len(held)
     assert f" {len(tokens) - len(held)} tokens, 7 steps" in capsys.readouterr().out  # trained without them
+    stream = TokenStream([np.arange(40)])  # one row of 32: nothing to hold out, the stream stays whole
+    assert val_rows(stream, [], 32, 0.5, 4)[1] is None and len(val_rows(stream, [], 32, 0.5, 4)[0]) == 40
