@@ -309,7 +309,8 @@ def evaluate(model: torch.nn.Module, rows: np.ndarray, micro_rows: int, pad_toke
                 continue
             with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                   else contextlib.nullcontext()):
-                out = model(ids.to(device), labels=labels.to(device), return_logits=False)
+                out = model(ids.to(device), labels=labels.to(device), return_logits=False,
+                            output_router_logits=False)  # cross-entropy only, as doge_jax's eval (no MoE aux term)
             total += out.loss.double() * n
             count += n
     finally:
@@ -467,8 +468,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     # validation: eval_batches micro-batches every eval_every steps (0: only at the end), as in doge_jax.train
     tokens, val = val_rows(tokens, held_out, seq_len, tc.val_fraction, tc.eval_batches * rows)
     if val is None and (held_out or tc.val_fraction > 0):
-        print(f"note: no validation row of {seq_len} tokens (train.val_fraction={tc.val_fraction}); the run reports "
-              "no val_loss", flush=True)
+        where = "in the pre-tokenized validation shards" if held_out else f"(train.val_fraction={tc.val_fraction})"
+        print(f"note: no validation row of {seq_len} tokens {where}; the run reports no val_loss", flush=True)
+    if val is not None and (val.min() < 0 or val.max() >= cfg.vocab_size):  # (held-out shards: not checked above)
+        raise ValueError(f"validation token ids span [{val.min()}, {val.max()}] but model.vocab_size is "
+                         f"{cfg.vocab_size}")
     run = {"init_from": os.path.abspath(start) if start else None, "data": [os.path.abspath(d) for d in args.data],
            "tokens": int(len(tokens)), **{k: getattr(tc, k) for k in RESUME_NOTED}}
     done = 0

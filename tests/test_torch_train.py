@@ -738,7 +738,30 @@ def test_cli_validation_loss(tmp_path, capsys):
     with torch.no_grad():  # the token mean over the rows, computed directly
         direct = model(ids, labels=ids).loss.item()
     assert abs(direct - want) <= 1e-5 * want
-    assert len(TokenStream([tokens]).split_tail(len(held))[0]) == len(tokens) - len(held)
+    parts = [tokens[:100], tokens[100:100], tokens[100:3000], tokens[3000:]]  # also a cut on a part boundary
+    for n in (0, 1, len(tokens) - 3000, len(tokens) - 100, len(held), len(tokens)):
+        head, tail = TokenStream(parts).split_tail(n)
+        np.testing.assert_array_equal(np.asarray(head), tokens[:len(tokens) - n])
+        np.testing.assert_array_equal(np.asarray(tail), tokens[len(tokens) - n:])
     assert f" {len(tokens) - len(held)} tokens, 7 steps" in capsys.readouterr().out  # trained without them
     stream = TokenStream([np.arange(40)])  # one row of 32: nothing to hold out, the stream stays whole
     assert val_rows(stream, [], 32, 0.5, 4)[1] is None and len(val_rows(stream, [], 32, 0.5, 4)[0]) == 40
+
+
+def test_evaluate_is_cross_entropy_only():
+    """val_loss is the token-mean cross-entropy, as doge_jax's eval: an MoE config's router aux term (added to the
+    training loss when output_router_logits is set) is not in it."""
+    from doge_torch.train import evaluate
+
+    cfg = doge_torch.DogeConfig.from_yaml("configs/tiny.yaml").replace(
+        **TINY_MOE, output_router_logits=True, router_aux_loss_coef=1.0)
+    torch.manual_seed(0)
+    model = doge_torch.DogeForCausalLM(cfg)
+    rows = random_ids(4, 16, cfg.vocab_size, seed=3)
+    ids = torch.as_tensor(rows)
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+        ce = model(ids, labels=ids, output_router_logits=False).loss.item()
+    assert out.aux_loss is not None and out.loss.item() > ce + 0.5  # the aux term is in the training loss
+    got, _ = evaluate(model, rows, 4, None, None)  # one micro-batch (MoE routing couples a batch's rows, §9.19)
+    assert abs(got - ce) <= 1e-5 * ce and model.training
