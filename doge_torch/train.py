@@ -351,16 +351,16 @@ RESUME_NOTED = ("seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_
                 "adam_eps", "max_grad_norm", "seed")
 
 
-def _resume_configs(args: argparse.Namespace, path: str):
-    """(model config, train config) of a run resumed from its checkpoint `path`. The model config is the
-    checkpoint's (the directory the run started from need not exist any more); the --config file's model: fields
-    must agree with it, and the start the command names (--init-from or train.init_from) must be the run's."""
+def _resume_configs(args: argparse.Namespace, path: str, before: str | None):
+    """(model config, train config) of a run resumed from its checkpoint `path`, started from `before`. The model
+    config is the checkpoint's (the directory the run started from need not exist any more); the --config file's
+    model: fields must agree with it, and the start the command names (--init-from or train.init_from) must be the
+    run's."""
     import yaml
 
     from doge_jax.init import checkpoint_config
     from doge_jax.train import RUNTIME_FIELDS
 
-    before = checkpoint.read_state(path).get("init_from")
     try:
         with open(args.config) as f:
             raw = yaml.safe_load(f)
@@ -422,10 +422,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     # uses the recipe fields (batch, schedule, optimizer, seed), the checkpoint fields and compute_dtype
     # with --init-from the model config is the checkpoint's, with the --config file's model: fields applied on top
     # where shapes allow (dense -> MoE included), as in doge_jax.train
-    resume = None
-    if args.out and checkpoint.steps(args.out):
-        resume = checkpoint.path_of(args.out, checkpoint.steps(args.out)[-1])
-        cfg, tc = _resume_configs(args, resume)
+    have = checkpoint.steps(args.out) if args.out else []
+    resume = checkpoint.path_of(args.out, have[-1]) if have else None
+    old = checkpoint.read_state(resume) if resume else {}  # the run's record: its start, schedule and data
+    if resume:
+        cfg, tc = _resume_configs(args, resume, old.get("init_from"))
     else:
         cfg, tc = load_configs(args.config, [("train", "init_from", args.init_from)] if args.init_from else [])
     if tc.seq_len > cfg.max_position_embeddings:
@@ -477,7 +478,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
            "tokens": int(len(tokens)), **{k: getattr(tc, k) for k in RESUME_NOTED}}
     done = 0
     if resume:
-        old = checkpoint.read_state(resume)
         done = checkpoint.load(resume, model, optimizer, scheduler)
         changed = [f"{k} {old[k]!r} -> {run[k]!r}" for k in ("data", "tokens", *RESUME_NOTED)
                    if k in old and old[k] != run[k]]
@@ -511,6 +511,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     history = []
     t_last = time.perf_counter()
 
+    def record(rec: dict[str, Any]) -> None:
+        if metrics_file:
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+
     def read_back(m: dict[str, Any]) -> None:
         """Wait for step m's loss (the step before the one the device is running: no idle device), NaN-check,
         record, print every --log-every steps."""
@@ -519,9 +524,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         now = m.pop("_done", None) or time.perf_counter()
         m["tokens_per_sec"], t_last = grad_accum * rows * seq_len / (now - t_last), now
         history.append(m)
-        if metrics_file:
-            metrics_file.write(json.dumps(m) + "\n")
-            metrics_file.flush()
+        record(m)
         if not math.isfinite(m["loss"]):
             raise SystemExit(f"non-finite loss at step {m['step']}")
         if not math.isfinite(m["grad_norm"]):  # clipping made the weights NaN: no checkpoint of this step
@@ -532,10 +535,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
     def validate(step: int) -> None:
         loss, ppl = evaluate(model, val, rows, cfg.pad_token_id, autocast)
-        rec = {"step": step, "val_loss": loss, "val_ppl": ppl}
-        if metrics_file:
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
+        record({"step": step, "val_loss": loss, "val_ppl": ppl})
         print(f"step {step:6d}  val_loss {loss:.4f}  val_ppl {ppl:.2f}", flush=True)
 
     def save(step: int) -> None:
