@@ -9,7 +9,8 @@ safetensors, ml_dtypes; see the device tool's KINDS.md): nothing to carry but th
 import grain, tensorboardX or matplotlib (transformers only as the training and generation baselines, skipped
 without it); `doge_jax.train.make_steps` is used when importable, else
 an equivalent step is built from doge_jax.loss + doge_jax.optim. It writes no files except the RESULTS.md append
-(and torch/jax compile caches under /tmp). `--sections attention,train` runs a subset; `--regional none|160m|all`
+(and torch/jax compile caches under /tmp; with --sections profile and $OUT set, the profiles and the doge_jax
+step's optimized HLO under $OUT). `--sections attention,train` runs a subset; `--regional none|160m|all`
 compiles the torch training model layer by layer instead of as one graph (default: all rows; whole-model inductor
 compiles took 72 s for Doge-20M and 190 s for Doge-160M on an H200); `--budget 420` (the default) is the total
 wall-clock budget in seconds (each section has its share; an item that would not fit is printed as SKIP).
@@ -39,6 +40,8 @@ Sections (one table at the end, one row per check):
   generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8)
              as a ratio to transformers' generate (sdpa, same checkpoint, same device), and doge_torch eager
              generate at batch 1.
+  profile    (opt-in) Doge-160M's training step: doge_jax's under jax.profiler and doge_torch's under
+             torch.profiler, device time by kernel category; a doge_jax forward / grad / step breakdown.
 
 Status: PASS/FAIL (correctness), MET/MISSED (performance targets: Doge-160M >= 40% MFU, Doge-20M >= 400k tokens/s,
 DMA fwd+bwd at 16k <= 1.5x causal flash), ERROR (the check raised), SKIP (budget, or a failed kernel smoke test),
@@ -55,9 +58,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gzip
 import importlib.util
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -640,8 +645,13 @@ def _jax_step(cfg, seq: int, rows: int):
         from doge_jax.train_config import TrainConfig
 
         tcfg = TrainConfig(seq_len=seq, global_batch_tokens=seq * rows, compute_dtype="bfloat16")
-        step = make_steps(graphdef, tx, cfg, tcfg)[0]
-        return (lambda p, o, b: step(p, o, b, 0)), params, opt_state, "make_steps"
+        jstep = make_steps(graphdef, tx, cfg, tcfg)[0]
+
+        def step(p, o, b):
+            return jstep(p, o, b, 0)
+
+        step.lower, step.extra = (lambda p, o, b: jstep.lower(p, o, b, 0)), (0,)  # for AOT compiles (profile)
+        return step, params, opt_state, "make_steps"
     except Exception as e:  # noqa: BLE001 - doge_jax.train unimportable here: the same step, built directly
         print(f"  (doge_jax.train.make_steps unavailable: {type(e).__name__}: {e}; using the built-in step)")
 
@@ -660,7 +670,9 @@ def _jax_step(cfg, seq: int, rows: int):
         updates, o = tx.update(g, o, p)
         return optax.apply_updates(p, updates), o, {"loss": loss}
 
-    return jax.jit(step, donate_argnums=(0, 1)), params, opt_state, "built-in step"
+    jstep = jax.jit(step, donate_argnums=(0, 1))
+    jstep.extra = ()
+    return jstep, params, opt_state, "built-in step"
 
 
 def torch_train_setup(base, tdev, cpu: bool, regional: bool):
@@ -1158,90 +1170,212 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
 
 # ---- (e) profile (opt-in) -----------------------------------------------------------------------------------------
 def section_profile(report: Report, budget: Budget, cpu: bool, tdev, regional: str) -> None:
-    """Where a Doge-160M training step spends its time (the MFU target): doge_torch under torch.profiler (the top
-    kernels by device time; the full table goes to $OUT/profile_torch.txt when OUT is set), and doge_jax as a
-    breakdown: forward+loss, value_and_grad, full step (optimizer included)."""
+    """Where a Doge-160M training step spends its time (the MFU target), most useful first: the train section's
+    doge_jax step under jax.profiler (device time by kernel category; when OUT is set, $OUT/profile_jax.txt, the
+    trace $OUT/jax_step.xplane.pb.gz and the optimized HLO $OUT/jax_step_hlo.txt.gz), doge_torch's under
+    torch.profiler (the top kernels by device time; the full table to $OUT/profile_torch.txt), and doge_jax as a
+    breakdown: forward+loss, value_and_grad, full step."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import optax
-    import torch
-    from flax import nnx
-
-    from doge_jax.loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
-    from doge_torch.train import train_step
 
     S = "profile"
     label, base, seq, rows, _ = train_configs(cpu)[-1]  # Doge-160M on a GPU
     batch = np.random.default_rng(0).integers(3, base.vocab_size, (rows, seq), dtype=np.int64)
     reps = 2 if cpu else 5
-    with guarded(report, S, f"{label} doge_jax breakdown"):
-        cfg = base.replace(attention_impl="fused")
-        graphdef, state = nnx.split(DogeTrunk(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-        params = nnx.to_pure_dict(state)
-        ids = jnp.asarray(batch, jnp.int32)
+    out = os.environ.get("OUT")
+    out = out if out and os.path.isdir(out) else None
+    parts = (("doge_jax step profile", 40, lambda: jax_step_profile(report, S, label, base, seq, rows, batch, reps,
+                                                                     cpu, out)),
+             ("doge_torch profile", 30, lambda: torch_step_profile(report, S, label, base, seq, rows, batch, reps,
+                                                                   cpu, tdev, regional, out)),
+             ("doge_jax breakdown", 30, lambda: jax_breakdown(report, S, label, base, seq, rows, batch, reps)))
+    for what, need, fn in parts:
+        if budget.left() < (2 if cpu else need):
+            report.add(S, f"{label} {what}", "budget", status="SKIP")
+            continue
+        with guarded(report, S, f"{label} {what}"):
+            fn()
+        jax.clear_caches()
 
-        def loss_fn(p):
-            p = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
-            model = nnx.merge(graphdef, p)
-            h = model(ids).logits
-            w, vocab_major = model.head_weight()
-            n = jnp.sum(shift_targets(ids) != IGNORE)
-            return causal_lm_loss_chunked(h, w, ids, n, vocab_major, 1024)
 
-        tx = optax.adamw(1e-4)
-        opt = tx.init(params)
+def jax_breakdown(report: Report, S: str, label: str, base, seq: int, rows: int, batch, reps: int) -> None:
+    """doge_jax's forward+loss, value_and_grad and full step (optax.adamw), each jitted on its own."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
 
-        def step(p, o):
-            loss, g = jax.value_and_grad(loss_fn)(p)
-            u, o = tx.update(g, o, p)
-            return optax.apply_updates(p, u), o, loss
+    from doge_jax.loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
 
-        parts = {"forward+loss": jax.jit(loss_fn), "value_and_grad": jax.jit(jax.value_and_grad(loss_fn))}
-        times = {name: time_fn(lambda f=f: jax.block_until_ready(f(params)), reps) for name, f in parts.items()}
-        jstep = jax.jit(step)
-        times["full step (adamw)"] = time_fn(lambda: jax.block_until_ready(jstep(params, opt)), reps)
-        report.add(S, f"{label} doge_jax bf16 fused seq {seq} x {rows}",
-                   ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items()))
-    jax.clear_caches()
-    if budget.left() < (2 if cpu else 30):
-        report.add(S, f"{label} doge_torch profile", "budget", status="SKIP")
-        return
-    with guarded(report, S, f"{label} doge_torch profile"):
-        _, cm, opt = torch_train_setup(base, tdev, cpu, regional in ("160m", "all"))
-        tb = torch.as_tensor(batch)
-        mb = [{"input_ids": tb, "labels": tb}]
-        for _ in range(2):
+    cfg = base.replace(attention_impl="fused")
+    graphdef, state = nnx.split(DogeTrunk(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(state)
+    ids = jnp.asarray(batch, jnp.int32)
+
+    def loss_fn(p):
+        p = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, p)
+        model = nnx.merge(graphdef, p)
+        h = model(ids).logits
+        w, vocab_major = model.head_weight()
+        n = jnp.sum(shift_targets(ids) != IGNORE)
+        return causal_lm_loss_chunked(h, w, ids, n, vocab_major, 1024)
+
+    tx = optax.adamw(1e-4)
+    opt = tx.init(params)
+
+    def step(p, o):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    parts = {"forward+loss": jax.jit(loss_fn), "value_and_grad": jax.jit(jax.value_and_grad(loss_fn))}
+    times = {name: time_fn(lambda f=f: jax.block_until_ready(f(params)), reps) for name, f in parts.items()}
+    jstep = jax.jit(step)
+    times["full step (adamw)"] = time_fn(lambda: jax.block_until_ready(jstep(params, opt)), reps)
+    report.add(S, f"{label} doge_jax bf16 fused seq {seq} x {rows}",
+               ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in times.items()))
+
+
+def torch_step_profile(report: Report, S: str, label: str, base, seq: int, rows: int, batch, reps: int, cpu: bool,
+                       tdev, regional: str, out: str | None) -> None:
+    """The train section's doge_torch step under torch.profiler: device time by kernel category."""
+    import torch
+
+    from doge_torch.train import train_step
+
+    _, cm, opt = torch_train_setup(base, tdev, cpu, regional in ("160m", "all"))
+    tb = torch.as_tensor(batch)
+    mb = [{"input_ids": tb, "labels": tb}]
+    for _ in range(2):
+        train_step(cm, opt, None, mb, 1.0, torch.bfloat16)
+    sync()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if not cpu else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(reps):
             train_step(cm, opt, None, mb, 1.0, torch.bfloat16)
         sync()
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if not cpu else [])
-        with torch.profiler.profile(activities=acts) as prof:
+    key = "self_cpu_time_total" if cpu else "self_device_time_total"
+    wall = time_fn(lambda: train_step(cm, opt, None, mb, 1.0, torch.bfloat16), reps)
+    table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
+    print(table, flush=True)
+    if out:
+        with open(os.path.join(out, "profile_torch.txt"), "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=200, max_name_column_width=120))
+    cats = kernel_categories([(e.key, getattr(e, key)) for e in prof.key_averages()])
+    busy = sum(cats.values()) / 1e6 / reps  # seconds of kernel (CPU: op) time per step
+    report.add(S, f"{label} doge_torch bf16 step profile",
+               ", ".join(f"{k} {100 * v / max(sum(cats.values()), 1):.0f}%" for k, v in cats.items())
+               + f"; {'kernels' if not cpu else 'ops'} {1e3 * busy:.1f} ms of a {1e3 * wall:.1f} ms step "
+               f"(top kernels printed above)")
+
+def jax_step_profile(report: Report, S: str, label: str, base, seq: int, rows: int, batch, reps: int, cpu: bool,
+                     out: str | None) -> None:
+    """The train section's doge_jax step (make_steps: bf16 compute, fused attention, donated buffers) under
+    jax.profiler: device time by kernel category, the top kernels and HLO ops printed (all of them, the trace and
+    the optimized HLO of the step to $OUT when set, for reading after the machine is gone)."""
+    import glob
+
+    import jax
+    import jax.numpy as jnp
+    from jax.profiler import ProfileData
+
+    cfg = base.replace(attention_impl="fused") if base.attention_impl == "auto" else base
+    step, params, opt_state, how = _jax_step(cfg, seq, rows)
+    jb = jnp.asarray(batch, jnp.int32)[None]
+    compiled = step.lower(params, opt_state, jb).compile()  # ahead of time, for its optimized HLO
+    if out:  # GPU fusions, cuBLAS/cuDNN custom calls: what the kernel names below came from
+        with gzip.open(os.path.join(out, "jax_step_hlo.txt.gz"), "wt") as f:
+            f.write(compiled.as_text())
+    holder = {"p": params, "o": opt_state}
+
+    def run():
+        holder["p"], holder["o"], m = compiled(holder["p"], holder["o"], jb, *step.extra)
+        return m["loss"]
+
+    wall = time_queued(run, reps, warmup=2)
+    tdir = tempfile.mkdtemp(prefix="gpu_check_jax_trace_")
+    try:
+        with jax.profiler.trace(tdir):
             for _ in range(reps):
-                train_step(cm, opt, None, mb, 1.0, torch.bfloat16)
-            sync()
-        key = "self_cpu_time_total" if cpu else "self_device_time_total"
-        wall = time_fn(lambda: train_step(cm, opt, None, mb, 1.0, torch.bfloat16), reps)
-        table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=70)
-        print(table, flush=True)
-        out = os.environ.get("OUT")
-        if out and os.path.isdir(out):
-            with open(os.path.join(out, "profile_torch.txt"), "w") as f:
-                f.write(prof.key_averages().table(sort_by=key, row_limit=200, max_name_column_width=120))
-        cats = kernel_categories([(e.key, getattr(e, key)) for e in prof.key_averages()])
-        busy = sum(cats.values()) / 1e6 / reps  # seconds of kernel (CPU: op) time per step
-        report.add(S, f"{label} doge_torch bf16 step profile",
-                   ", ".join(f"{k} {100 * v / max(sum(cats.values()), 1):.0f}%" for k, v in cats.items())
-                   + f"; {'kernels' if not cpu else 'ops'} {1e3 * busy:.1f} ms of a {1e3 * wall:.1f} ms step "
-                   f"(top kernels printed above)")
+                loss = run()
+            jax.block_until_ready(loss)
+        files = sorted(glob.glob(os.path.join(tdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+        if not files:
+            raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {tdir}")
+        kernels, ops = device_events(ProfileData.from_file(files[-1]), cpu)
+        if out:  # $OUT returns files at most 2 folders down: the trace itself, gzipped, at the top
+            with open(files[-1], "rb") as f, gzip.open(os.path.join(out, "jax_step.xplane.pb.gz"), "wb") as g:
+                shutil.copyfileobj(f, g)
+    finally:
+        shutil.rmtree(tdir, ignore_errors=True)
+    if not kernels:
+        raise RuntimeError(f"no device events in {files[-1]}")
+    tables = [("kernels", top_table(kernels, reps, 25 if not out else 400))]
+    if ops:
+        tables.append(("HLO ops", top_table(ops, reps, 25 if not out else 400)))
+    for what, table in tables:
+        print(f"-- doge_jax step: top {what} by device time\n" + "\n".join(table.splitlines()[:26]), flush=True)
+    if out:
+        with open(os.path.join(out, "profile_jax.txt"), "w") as f:
+            f.write("\n\n".join(f"{what}\n{table}" for what, table in tables) + "\n")
+    cats = kernel_categories(kernels)
+    total = max(sum(cats.values()), 1.0)
+    busy = total / 1e9 / reps
+    report.add(S, f"{label} doge_jax bf16 step profile",
+               ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in cats.items())
+               + f"; {'kernels' if not cpu else 'XLA thunks'} {1e3 * busy:.1f} ms of a {1e3 * wall:.1f} ms step "
+               f"({how}; top kernels printed above)")
 
 
 KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of kernel (or, on CPU, op) names
-    ("attention", ("flash", "fmha", "attention", "cudnn", "_fwd_kernel", "_dq_kernel", "_dkv")),
+    ("attention", ("flash", "fmha", "attention", "cudnn", "sdpa", "_fwd_kernel", "_dq_kernel", "_dkv")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "aten::mm", "aten::addmm", "aten::bmm")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("copy/cast", ("memcpy", "memset", "copy", "cast", "to_copy")),
+    ("copy/cast", ("memcpy", "memset", "copy", "cast", "to_copy", "transpose")),
+    ("scatter/gather", ("scatter", "gather")),
     ("inductor fused", ("triton_",)),
+    ("XLA fusion", ("fusion", "wrapped_", "loop_", "input_")),  # XLA's elementwise/reduction kernels
 )
+# Lines of a GPU plane that xprof derives from the kernels (they would count each kernel twice) or that are not
+# device work.
+DERIVED_LINES = ("xla modules", "xla ops", "steps", "launch stats", "framework", "source code", "tensorflow",
+                 "xla traceme")
+
+
+def device_events(data, cpu: bool) -> tuple[list, list]:
+    """(kernels, ops) from a jax.profiler.ProfileData: (name, nanoseconds) of every kernel on the GPU planes'
+    stream lines, and of every HLO op on their "XLA Ops" line (empty if the trace has none). On the CPU the XLA
+    thunks of the executor threads stand in for kernels."""
+    kernels, ops = [], []
+    for plane in data.planes:
+        name = plane.name.lower()
+        if cpu and name.startswith("/host:cpu"):
+            for line in plane.lines:
+                if line.name.startswith("tf_XLA"):
+                    kernels += [(e.name, e.duration_ns) for e in line.events  # a while thunk spans its body's
+                                if "::" not in e.name and not e.name.startswith(("end: ", "while", "call"))]
+        elif not cpu and name.startswith("/device:gpu"):
+            for line in plane.lines:
+                low = line.name.lower()
+                if low == "xla ops":
+                    ops += [(e.name, e.duration_ns) for e in line.events]
+                elif not low.startswith(DERIVED_LINES):
+                    kernels += [(e.name, e.duration_ns) for e in line.events]
+    return kernels, ops
+
+
+def top_table(events, reps: int, limit: int) -> str:
+    """The `limit` names with the most total time: ms per step, share, calls per step."""
+    tot: dict[str, list] = {}
+    for name, ns in events:
+        t = tot.setdefault(name, [0.0, 0])
+        t[0] += ns
+        t[1] += 1
+    total = max(sum(t[0] for t in tot.values()), 1.0)
+    lines = [f"{'ms/step':>9} {'share':>6} {'calls':>6}  name"]
+    for name, (ns, n) in sorted(tot.items(), key=lambda kv: -kv[1][0])[:limit]:
+        lines.append(f"{ns / 1e6 / reps:9.3f} {100 * ns / total:5.1f}% {n / reps:6.1f}  {name[:150]}")
+    return "\n".join(lines)
 
 
 def kernel_categories(events) -> dict:

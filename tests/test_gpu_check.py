@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -10,10 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 
 
-def test_gpu_check_cpu_fallback():
+def test_gpu_check_cpu_fallback(tmp_path):
     results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     before = open(results).read() if os.path.exists(results) else None
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "OUT": str(tmp_path)}
     sections = "parity,attention,train,generate,profile"
     # a budget no CPU run reaches: every row must run (a loaded machine must not turn rows into SKIPs)
     proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", sections, "--budget", "3000"],
@@ -34,6 +35,15 @@ def test_gpu_check_cpu_fallback():
     for section in ("train", "attention", "generate", "profile"):
         got = [r for r in rows if r[0] == f"| {section}"]
         assert got and all(r[-1] in ("- |", "MET |", "MISSED |") for r in got), (section, got)
+    prof = {r[1]: r[3] for r in rows if r[0] == "| profile"}
+    jprof = [m for c, m in prof.items() if "doge_jax bf16 step profile" in c]  # read back from jax.profiler's trace
+    assert len(jprof) == 1 and "XLA fusion" in jprof[0] and "ms of a" in jprof[0], prof
+    assert "-- doge_jax step: top kernels by device time" in out
+    # what the device tool brings back from $OUT: plain files at the top (the trace and HLO gzipped)
+    assert sorted(os.listdir(tmp_path)) == ["jax_step.xplane.pb.gz", "jax_step_hlo.txt.gz", "profile_jax.txt",
+                                            "profile_torch.txt"]
+    with gzip.open(tmp_path / "jax_step_hlo.txt.gz", "rt") as f:
+        assert f.read().startswith("HloModule jit_train_step")
     assert any("pallas" in r[1] for r in rows), "the doge_jax Pallas kernel (interpret mode) is checked"
     gen = [r for r in rows if r[0] == "| generate"]
     assert any(r[1].startswith("transformers") for r in gen), "generation has the transformers baseline"
