@@ -28,7 +28,8 @@ Sections (one table at the end, one row per check):
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
   train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; then
              with the kernels, doge_torch with sdpa's cuDNN kernel first, and 32 rows, as budget allows):
-             doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE), doge_torch bf16
+             doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE; then with its
+             layers unrolled, model.scan_layers false), doge_torch bf16
              autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
   attention  forward+backward (grads of q, k, v, dt) at 16k (the target, first), 2k, 8k, 32k keys, batch 1,
              Doge-160M heads (H 6, G 3, D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x
@@ -777,7 +778,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     S = "train"
     warm, timed = (1, 2) if cpu else (2, 6)
 
-    def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False):
+    def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False, torch_row=True):
         fpt = flops_per_token(base, seq)
         tokens = seq * rows
         batch = np.random.default_rng(0).integers(3, base.vocab_size, (rows, seq), dtype=np.int64)
@@ -835,7 +836,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
                     f"{how}, {timed} queued steps, compile {comp:.0f}s, loss {loss0:.2f}")
         jax.clear_caches()
 
-        if kernels and tdev.type == "cuda" and faulted(report, S, f"{label} doge_torch", "triton"):
+        if not torch_row or (kernels and tdev.type == "cuda" and faulted(report, S, f"{label} doge_torch", "triton")):
             return
         if budget.left() < (5 if cpu else 60):
             report.add(S, f"{label} doge_torch", "budget", status="SKIP")
@@ -866,8 +867,10 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     configs = train_configs(cpu)
     for args in configs:
         one(*args, hf_row=True)
-    # the Triton/Pallas kernels in training (T = keep_window: causal + bias), after the targets, as budget allows
+    # doge_jax with its decoder layers unrolled instead of scanned (XLA fuses and schedules across layers)
     label, base, seq, rows, kind = configs[-1]
+    one(label + " [unrolled layers]", base.replace(scan_layers=False), seq, rows, kind, torch_row=False)
+    # the Triton/Pallas kernels in training (T = keep_window: causal + bias), after the targets, as budget allows
     one(label + " [pallas/Triton kernels]", base.replace(attention_impl="pallas"), seq, rows, kind)
     # sdpa's cuDNN kernel first for the folded attention (JAX's fused path uses cuDNN), if cuDNN takes the folded
     # head dim at all (else sdpa would silently run flash and the row would repeat the first one)

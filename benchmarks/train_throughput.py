@@ -3,7 +3,8 @@
 Doge-20M shapes (configs/doge-20m.yaml `model:`, transformers-native variant since transformers only has that
 one) at seq 512, the same random token batches for both, float32 on CPU. One "step" is a full optimizer step:
 forward, backward, global-norm clipping at 1.0, AdamW. JAX uses the real `doge_jax.train` step (chunked
-cross-entropy, scan over layers); a second JAX column shows the plain-logits loss (`--train.loss_chunk 0`).
+cross-entropy, scan over layers); further JAX rows show the plain-logits loss (`--train.loss_chunk 0`) and the
+layers unrolled (`--model.scan_layers false`).
 doge_torch (eager) runs the same step with its training loss, which stores no logits (`doge_torch.loss`, as
 `doge_torch.train.train_step`), and through the logits (`return_logits=True`).
 The machine is noisy, so the frameworks are timed as interleaved pairs and the median per-pair ratio is reported.
@@ -122,6 +123,7 @@ def main() -> None:
     batches = [rng.integers(3, cfg.vocab_size, (args.rows, args.seq), dtype=np.int64) for _ in range(args.steps)]
     runners = {"doge_jax": jax_runner(cfg, args.seq, args.rows, 1024),
                "doge_jax (plain CE)": jax_runner(cfg, args.seq, args.rows, 0),
+               "doge_jax (unrolled layers)": jax_runner(cfg.replace(scan_layers=False), args.seq, args.rows, 1024),
                "doge_torch": doge_torch_runner(cfg, logits=False),
                "doge_torch (plain CE)": doge_torch_runner(cfg, logits=True)}
     t_run, attn = torch_runner(cfg)

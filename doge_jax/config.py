@@ -18,6 +18,7 @@ VARIANTS = ("native", "small_doge")
 ROPE_TYPES = ("default", "dynamic")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "fused", "pallas")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+RUNTIME_FIELDS = ("attention_impl", "remat", "scan_layers")  # how to run the model: not in any checkpoint
 # Keys of old Hub configs that carry no meaning any more (spec §1.1); accepted and dropped.
 _DEAD_HF_KEYS = {
     "expert_retrieval_size", "num_cdmmoe_experts", "num_cdmmoe_heads", "num_cdmmoe_experts_per_head",
@@ -112,6 +113,10 @@ class DogeConfig:
     attention_impl: str = "auto"
     # Runtime choice: rematerialise each layer in the backward pass (none | full | dots_saveable).
     remat: str = "none"
+    # Runtime choice: run the decoder layers as one lax.scan body (True: compile time independent of depth) or
+    # unrolled (False: XLA may fuse and schedule across layers; longer compiles). CPU, Doge-20M 4 x 512: a bf16
+    # training step 5-9% faster unrolled, a float32 one no faster (benchmarks/RESULTS.md); gpu_check times both.
+    scan_layers: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # numpy scalars -> Python numbers (plain data, JSON-serialisable)
@@ -250,7 +255,7 @@ class DogeConfig:
             raise ConfigError(f"config.json model_type={mt!r}: not a Doge checkpoint")
         out: dict[str, Any] = {}
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_type", "rope_factor", "variant",
-                                                             "attention_impl", "remat"}
+                                                             *RUNTIME_FIELDS}
         for k in names:
             if k in d:
                 out[k] = d[k]
@@ -286,7 +291,7 @@ class DogeConfig:
         """A `config.json` dict that transformers 5.23 reads (native) and older readers understand too (RoPE in both
         the 5.x `rope_parameters` and the legacy `rope_theta`/`rope_scaling` keys)."""
         d = self.to_dict()
-        for k in ("rope_theta", "rope_type", "rope_factor", "variant", "head_dim", "attention_impl", "remat"):
+        for k in ("rope_theta", "rope_type", "rope_factor", "variant", "head_dim", *RUNTIME_FIELDS):
             d.pop(k)
         if self.head_dim is not None:
             d["head_dim"] = self.head_dim

@@ -437,8 +437,8 @@ class DogeForCausalLM(nnx.Module):
             policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots_saveable" else None
             body = jax.checkpoint(body, policy=policy)
         unstacked_cache = cache is not None and isinstance(cache.layers, tuple)
-        if layer_params is not None or unstacked_cache:
-            # Unrolled layers (design.md §7: ~2x faster than a scanned body for batch-1 decoding).
+        if layer_params is not None or unstacked_cache or not cfg.scan_layers:
+            # Unrolled layers (design.md §7: ~2x faster than a scanned body for batch-1 decoding; config.scan_layers).
             L = cfg.num_hidden_layers
             states = layer_params if layer_params is not None else [
                 jax.tree.map(lambda a, i=i: a[i], layer_state) for i in range(L)]

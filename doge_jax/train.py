@@ -27,7 +27,7 @@ from . import data as D
 from . import init as I
 from . import sharding as S
 from .checkpoint import TrainCheckpointer, list_steps
-from .config import ConfigError, DogeConfig
+from .config import RUNTIME_FIELDS, ConfigError, DogeConfig
 from .hf_io import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, TORCH_INDEX, atomic_file
 from .hf_names import CheckpointError
 from .loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
@@ -35,8 +35,6 @@ from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
 from .model import causal_lm_loss
 from .optim import decay_mask, make_optimizer, wsd_schedule
 from .train_config import TrainConfig, parse_argv
-
-RUNTIME_FIELDS = ("attention_impl", "remat")
 
 
 class TrainingDiverged(RuntimeError):

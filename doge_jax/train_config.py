@@ -297,7 +297,8 @@ def help_text(prog: str = "python -m doge_jax.train") -> str:
     names = list(MODEL_FIELDS)
     for i in range(0, len(names), 4):
         lines.append("  " + "  ".join(f"--model.{n}" for n in names[i:i + 4]))
-    lines += ["", "Runtime model fields: --model.remat none|full|dots_saveable, --model.attention_impl."]
+    lines += ["", "Runtime model fields (not saved with the model): --model.remat none|full|dots_saveable,",
+              "--model.attention_impl auto|reference|blockwise|fused|pallas, --model.scan_layers true|false."]
     return "\n".join(lines)
 
 

@@ -358,8 +358,8 @@ def _resume_configs(args: argparse.Namespace, path: str, before: str | None):
     run's."""
     import yaml
 
+    from doge_jax.config import RUNTIME_FIELDS
     from doge_jax.init import checkpoint_config
-    from doge_jax.train import RUNTIME_FIELDS
 
     try:
         with open(args.config) as f:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from doge_jax.config import DogeConfig
+from doge_jax.config import RUNTIME_FIELDS, DogeConfig
 from doge_jax.hf_names import expected_hf_shapes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -51,13 +51,13 @@ def test_all_configs_present():
 def test_loads_with_exact_fields(path):
     raw = _raw(path)
     assert set(raw) == {"model", "train"}
-    # every checkpoint field spelled out; attention_impl and remat are runtime choices with defaults
-    runtime = {"attention_impl", "remat"}
+    # every checkpoint field spelled out; attention_impl, remat and scan_layers are runtime choices with defaults
+    runtime = set(RUNTIME_FIELDS)
     fields = [f.name for f in dataclasses.fields(DogeConfig) if f.name not in runtime]
     assert sorted(set(raw["model"]) - runtime) == sorted(fields), "model: keys must be the DogeConfig fields"
     cfg = DogeConfig.from_yaml(path)
     # nothing defaulted, nothing coerced (e.g. "1e4" read as a string)
-    assert cfg.to_dict() == {"attention_impl": "auto", "remat": "none", **raw["model"]}
+    assert cfg.to_dict() == {"attention_impl": "auto", "remat": "none", "scan_layers": True, **raw["model"]}
     assert cfg.variant == EXPECTED_VARIANT[path.name]
     assert cfg.tie_word_embeddings
 

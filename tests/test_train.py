@@ -392,10 +392,13 @@ def test_bf16_compute_path():
     assert np.isfinite(float(out["loss"])) and all(p.dtype == jnp.float32 for p in jax.tree.leaves(new))
 
 
-def test_bf16_and_remat_run_end_to_end(corpus, cache, tmp_path):
+def test_bf16_remat_and_unrolled_layers_run_end_to_end(corpus, cache, tmp_path):
+    """Runtime model fields (remat, scan_layers) may change on resume: they are not part of the model."""
     out = tmp_path / "run"
-    assert run(corpus, cache, out, "--train.compute_dtype", "bfloat16", "--model.remat", "full",
-               "--train.num_training_steps", "4", "--train.eval_every", "0") == 0
+    common = ("--train.compute_dtype", "bfloat16", "--train.num_training_steps", "4", "--train.eval_every", "0")
+    assert run(corpus, cache, out, *common, "--model.remat", "full", "--model.scan_layers", "false",
+               "--train.stop_after", "2") == 0
+    assert run(corpus, cache, out, *common, "--model.remat", "full") == 0
     rows = read_metrics(str(out))
     assert all(np.isfinite(r.get("loss", 0)) for r in rows) and rows[-1]["step"] == 4
 
