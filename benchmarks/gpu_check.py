@@ -9,8 +9,9 @@ safetensors, ml_dtypes; see the device tool's KINDS.md): nothing to carry but th
 import grain, tensorboardX or matplotlib (transformers only as the training and generation baselines, skipped
 without it); `doge_jax.train.make_steps` is used when importable, else
 an equivalent step is built from doge_jax.loss + doge_jax.optim. It writes no files except the RESULTS.md append
-(and torch/jax compile caches under /tmp; with --sections profile and $OUT set, the profiles and the doge_jax
-step's optimized HLO under $OUT). `--sections attention,train` runs a subset; `--regional none|160m|all`
+(and torch/jax compile caches under /tmp: a rerun on the same machine loads its compiled programs, so its
+"compile" times are shorter; with --sections profile and $OUT set, the profiles and the doge_jax step's optimized
+HLO under $OUT). `--sections attention,train` runs a subset; `--regional none|160m|all`
 compiles the torch training model layer by layer instead of as one graph (default: all rows; whole-model inductor
 compiles took 72 s for Doge-20M and 190 s for Doge-160M on an H200); `--budget 420` (the default) is the total
 wall-clock budget in seconds (each section has its share; an item that would not fit is printed as SKIP).
@@ -867,10 +868,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     configs = train_configs(cpu)
     for args in configs:
         one(*args, hf_row=True)
-    # doge_jax with its decoder layers unrolled instead of scanned (XLA fuses and schedules across layers)
-    label, base, seq, rows, kind = configs[-1]
-    one(label + " [unrolled layers]", base.replace(scan_layers=False), seq, rows, kind, torch_row=False)
     # the Triton/Pallas kernels in training (T = keep_window: causal + bias), after the targets, as budget allows
+    label, base, seq, rows, kind = configs[-1]
     one(label + " [pallas/Triton kernels]", base.replace(attention_impl="pallas"), seq, rows, kind)
     # sdpa's cuDNN kernel first for the folded attention (JAX's fused path uses cuDNN), if cuDNN takes the folded
     # head dim at all (else sdpa would silently run flash and the row would repeat the first one)
@@ -881,6 +880,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
                    status="SKIP")
     else:
         one(label + " [sdpa cuDNN first]", base, seq, rows, kind, jax_row=False, sdpa_backends=["cudnn"])
+    # doge_jax with its decoder layers unrolled instead of scanned (XLA fuses and schedules across layers)
+    one(label + " [unrolled layers]", base.replace(scan_layers=False), seq, rows, kind, torch_row=False)
     # a micro-batch twice as large: how much of the gap is per-step overhead (launches, optimizer, host syncs)
     if not cpu:  # on the CPU the same code as the first rows
         one(label, base, seq, 2 * rows, kind)
@@ -1305,14 +1306,12 @@ def jax_step_profile(report: Report, S: str, label: str, base, seq: int, rows: i
         files = sorted(glob.glob(os.path.join(tdir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
         if not files:
             raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {tdir}")
-        kernels, ops = device_events(ProfileData.from_file(files[-1]), cpu)
+        kernels, ops = device_events(ProfileData.from_file(files[-1]), cpu)  # raises if it has none
         if out:  # $OUT returns files at most 2 folders down: the trace itself, gzipped, at the top
             with open(files[-1], "rb") as f, gzip.open(os.path.join(out, "jax_step.xplane.pb.gz"), "wb") as g:
                 shutil.copyfileobj(f, g)
     finally:
         shutil.rmtree(tdir, ignore_errors=True)
-    if not kernels:
-        raise RuntimeError(f"no device events in {files[-1]}")
     tables = [("kernels", top_table(kernels, reps, 25 if not out else 400))]
     if ops:
         tables.append(("HLO ops", top_table(ops, reps, 25 if not out else 400)))
@@ -1326,8 +1325,9 @@ def jax_step_profile(report: Report, S: str, label: str, base, seq: int, rows: i
     busy = total / 1e9 / reps
     report.add(S, f"{label} doge_jax bf16 step profile",
                ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in cats.items())
-               + f"; {'kernels' if not cpu else 'XLA thunks'} {1e3 * busy:.1f} ms of a {1e3 * wall:.1f} ms step "
-               f"({how}; top kernels printed above)")
+               + f"; {'kernels' if not cpu else 'XLA thunks'} {1e3 * busy:.1f} ms per step traced (the profiler "
+               f"runs XLA op by op, without command buffers) vs {1e3 * wall:.1f} ms per step untraced ({how}; top "
+               "kernels printed above)")
 
 
 KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of kernel (or, on CPU, op) names
@@ -1339,31 +1339,33 @@ KERNEL_CATEGORIES = (  # first match wins; lower-case substrings of kernel (or, 
     ("inductor fused", ("triton_",)),
     ("XLA fusion", ("fusion", "wrapped_", "loop_", "input_")),  # XLA's elementwise/reduction kernels
 )
-# Lines of a GPU plane that xprof derives from the kernels (they would count each kernel twice) or that are not
-# device work.
-DERIVED_LINES = ("xla modules", "xla ops", "steps", "launch stats", "framework", "source code", "tensorflow",
-                 "xla traceme")
 
 
 def device_events(data, cpu: bool) -> tuple[list, list]:
     """(kernels, ops) from a jax.profiler.ProfileData: (name, nanoseconds) of every kernel on the GPU planes'
-    stream lines, and of every HLO op on their "XLA Ops" line (empty if the trace has none). On the CPU the XLA
-    thunks of the executor threads stand in for kernels."""
-    kernels, ops = [], []
+    "Stream #..." lines (the other lines are derived from them, "XLA Ops", "Async XLA Ops", ..., or are not
+    device work, "CUPTI overhead"), and of every HLO op on their "XLA Ops" line (empty if the trace has none). On
+    the CPU the XLA thunks of the executor threads stand in for kernels. Raises, naming the lines seen, if no
+    kernel is found."""
+    kernels, ops, seen = [], [], []
     for plane in data.planes:
         name = plane.name.lower()
         if cpu and name.startswith("/host:cpu"):
             for line in plane.lines:
+                seen.append(f"{plane.name}/{line.name}")
                 if line.name.startswith("tf_XLA"):
                     kernels += [(e.name, e.duration_ns) for e in line.events  # a while thunk spans its body's
                                 if "::" not in e.name and not e.name.startswith(("end: ", "while", "call"))]
         elif not cpu and name.startswith("/device:gpu"):
             for line in plane.lines:
+                seen.append(f"{plane.name}/{line.name}")
                 low = line.name.lower()
                 if low == "xla ops":
                     ops += [(e.name, e.duration_ns) for e in line.events]
-                elif not low.startswith(DERIVED_LINES):
+                elif low.startswith("stream #"):
                     kernels += [(e.name, e.duration_ns) for e in line.events]
+    if not kernels:
+        raise RuntimeError(f"no kernel events in the trace; its lines: {seen[:40]}")
     return kernels, ops
 
 
@@ -1425,6 +1427,8 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.is_available() and not args.cpu
     cpu = not gpu
+    if gpu:  # the profile section compiles the train section's steps again (ahead of time): from this cache
+        jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "gpu_check_jax_cache"))
     budget = Budget(args.budget if args.budget is not None else (90.0 if cpu else 420.0))
     tdev = torch.device("cuda" if gpu else "cpu")
     if gpu:

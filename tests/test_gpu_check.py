@@ -37,7 +37,7 @@ def test_gpu_check_cpu_fallback(tmp_path):
         assert got and all(r[-1] in ("- |", "MET |", "MISSED |") for r in got), (section, got)
     prof = {r[1]: r[3] for r in rows if r[0] == "| profile"}
     jprof = [m for c, m in prof.items() if "doge_jax bf16 step profile" in c]  # read back from jax.profiler's trace
-    assert len(jprof) == 1 and "XLA fusion" in jprof[0] and "ms of a" in jprof[0], prof
+    assert len(jprof) == 1 and "XLA fusion" in jprof[0] and "ms per step untraced" in jprof[0], prof
     assert "-- doge_jax step: top kernels by device time" in out
     # what the device tool brings back from $OUT: plain files at the top (the trace and HLO gzipped)
     assert sorted(os.listdir(tmp_path)) == ["jax_step.xplane.pb.gz", "jax_step_hlo.txt.gz", "profile_jax.txt",
@@ -58,6 +58,39 @@ def test_gpu_check_cpu_fallback(tmp_path):
     after = open(results).read() if os.path.exists(results) else None
     assert after == before, "the CPU fallback must not append to RESULTS.md without --append"
 
+
+
+def test_device_events_reads_kernels_from_gpu_stream_lines():
+    """The profile's GPU branch on a synthetic GPU trace: kernels only from the "Stream #" lines (not CUPTI's
+    overhead line nor the derived "Async XLA Ops"), HLO ops from "XLA Ops"; a trace without kernels names its
+    lines."""
+    import pytest
+    from jax.profiler import ProfileData
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import gpu_check
+
+    def line(i, name, evs):
+        return f"lines {{ id: {i} name: {name!r} timestamp_ns: 0 " + " ".join(
+            f"events {{ metadata_id: {m} offset_ps: {o} duration_ps: {d} }}" for m, o, d in evs) + " }"
+
+    names = {1: "nvjet_tst_128x256_gemm", 2: "loop_add_fusion", 3: "Activity Buffer Request", 4: "copy-start",
+             5: "dot.1"}
+    meta = " ".join(f"event_metadata {{ key: {k} value {{ id: {k} name: {v!r} }} }}" for k, v in names.items())
+
+    def trace(lines):
+        text = 'planes { id: 1 name: "/device:GPU:0" ' + " ".join(lines) + " " + meta + " }"
+        return ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(text))
+
+    lines = [line(7, "Stream #7(Kernel,Memset)", [(1, 0, 5_000_000), (2, 6_000_000, 3_000_000)]),
+             line(8, "CUPTI overhead", [(3, 0, 4_000_000)]), line(9, "Async XLA Ops", [(4, 0, 2_000_000)]),
+             line(10, "XLA Ops", [(5, 0, 5_000_000)])]
+    kernels, ops = gpu_check.device_events(trace(lines), cpu=False)
+    assert kernels == [("nvjet_tst_128x256_gemm", 5000.0), ("loop_add_fusion", 3000.0)]
+    assert ops == [("dot.1", 5000.0)]
+    assert gpu_check.kernel_categories(kernels) == {"matmul": 5000.0, "XLA fusion": 3000.0}
+    with pytest.raises(RuntimeError, match="CUPTI overhead"):
+        gpu_check.device_events(trace(lines[1:]), cpu=False)
 
 
 def test_failed_kernel_smoke_test_skips_only_that_frameworks_rows():
