@@ -767,7 +767,8 @@ def torch_sdpa_order(names):
         set_sdpa_backends(None)
 
 
-def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, regional: str) -> None:
+def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, regional: str,
+                  only: tuple[str, ...] = ()) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -780,6 +781,9 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     warm, timed = (1, 2) if cpu else (2, 6)
 
     def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False, torch_row=True):
+        # --train-only: a framework's row runs only if its name has every term
+        hf_row, jax_row, torch_row = (on and all(t in f"{label} {fw}".lower() for t in only) for on, fw in
+                                      ((hf_row, "transformers"), (jax_row, "doge_jax"), (torch_row, "doge_torch")))
         fpt = flops_per_token(base, seq)
         tokens = seq * rows
         batch = np.random.default_rng(0).integers(3, base.vocab_size, (rows, seq), dtype=np.int64)
@@ -1404,11 +1408,15 @@ def main(argv=None) -> int:
                     help="torch training rows compiled layer by layer instead of as one graph: none, the Doge-160M "
                          "row, or all (default: whole-model inductor compiles took 72 s (20M) and 190 s (160M) on an "
                          "H200)")
+    ap.add_argument("--train-only", default="", metavar="TERMS",
+                    help="comma list: run only the train rows whose name has every term, e.g. 160m,doge_jax (for "
+                         "an A/B under other XLA_FLAGS); the transformers ratio is then left out")
     ap.add_argument("--kernel-smoke", choices=("triton", "pallas"), help=argparse.SUPPRESS)  # kernel_smoke's child
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {SECTIONS + OPT_IN} (default: all but {OPT_IN})")
     args = ap.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
+    only = tuple(t.strip().lower() for t in args.train_only.split(",") if t.strip())
     unknown = set(sections) - set(SECTIONS + OPT_IN)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
@@ -1460,7 +1468,7 @@ def main(argv=None) -> int:
         print(f"== kernel smoke tests done in {time.perf_counter() - t0:.0f}s", flush=True)
 
     funcs = {"parity": lambda: section_parity(report, budget, cpu, tdev, jkind),
-             "train": lambda: section_train(report, budget, cpu, tdev, peak, args.regional),
+             "train": lambda: section_train(report, budget, cpu, tdev, peak, args.regional, only),
              "attention": lambda: section_attention(report, budget, cpu, tdev),
              "generate": lambda: section_generate(report, budget, cpu, tdev),
              "profile": lambda: section_profile(report, budget, cpu, tdev, args.regional)}

@@ -162,3 +162,15 @@ def test_moe_memory_benchmark_runs():
     assert abs(losses["doge_torch"] - losses["transformers"]) <= 1e-4, losses
     assert 9 < losses["doge_jax"] < 12, losses  # ~ln(32768) at init
     assert float(rows["doge_jax"][4]) > 0  # XLA's temporary bytes
+
+
+def test_train_only_runs_the_matching_rows():
+    """--train-only TERMS (an A/B of one row, e.g. under other XLA_FLAGS): only the train rows whose name has every
+    term run."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", "train", "--budget", "3000", "--no-append",
+                           "--train-only", "unrolled,JAX"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| train")]
+    assert len(rows) == 1 and "[unrolled layers] doge_jax" in rows[0][1] and "tok/s" in rows[0][3], rows
