@@ -1,4 +1,4 @@
-"""Generation speed: doge_jax (jit-compiled decode loop) vs transformers (sdpa) in the same run (issue 5).
+"""Generation speed: doge_jax (jit-compiled decode loop) and doge_torch (eager) vs transformers (sdpa) in one run.
 
 Doge-20M shape (transformers-native layout), float32 on CPU, random weights with random nonzero A; a 32-token
 prompt, 128 new tokens (greedy, no EOS), batch 1 and 8. Runs are interleaved pairs (the machine is noisy); the
@@ -85,6 +85,18 @@ def worker(side: str, path: str, batch: int, prompt: int, new: int, repeats: int
             with torch.no_grad():
                 return model.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new,
                                       do_sample=False, pad_token_id=2).numpy()
+    elif side == "torch":
+        import torch
+
+        from doge_torch import DogeForCausalLM as TorchDoge
+        from doge_torch.generate import generate
+
+        torch.set_num_threads(threads)
+        tmodel = TorchDoge.from_pretrained(path).eval()
+        t_ids = torch.as_tensor(ids)
+
+        def fn():
+            return generate(tmodel, t_ids, max_new_tokens=new, eos_token_id=-1).numpy()
     else:
         from doge_jax.model import DogeForCausalLM
 
@@ -139,23 +151,32 @@ def main(argv=None) -> None:
     hf_model(path)
     rows = []
     for B in args.batches:
-        hf_t = {1: [], 2: []}
+        hf_t = {th: [] for th in TORCH_THREADS}
+        pt_t = {th: [] for th in TORCH_THREADS}
         our_t, same = [], True
         for _ in range(args.pairs):
             hf_runs = {th: run_worker("hf", path, B, args.prompt, args.new, args.repeats, th) for th in TORCH_THREADS}
             ours = run_worker("jax", path, B, args.prompt, args.new, args.repeats, 0)
-            for th, r in hf_runs.items():
-                hf_t[th].append(r["sec"])
+            pt_runs = {th: run_worker("torch", path, B, args.prompt, args.new, args.repeats, th)
+                       for th in TORCH_THREADS}
+            for th in TORCH_THREADS:
+                hf_t[th].append(hf_runs[th]["sec"])
+                pt_t[th].append(pt_runs[th]["sec"])
+                same = same and pt_runs[th]["tokens"] == hf_runs[th]["tokens"]
             our_t.append(ours["sec"])
             same = same and ours["tokens"] == hf_runs[1]["tokens"]
         best_th = min(hf_t, key=lambda th: statistics.median(hf_t[th]))
+        best_pt = min(pt_t, key=lambda th: statistics.median(pt_t[th]))
         hf_s, our_s = statistics.median(hf_t[best_th]), statistics.median(our_t)
+        pt_s = statistics.median(pt_t[best_pt])
         n_tok = B * args.new
         rows.append([str(B), f"{n_tok / hf_s:.0f} ({best_th} thr)", f"{n_tok / our_s:.0f}", f"{hf_s / our_s:.2f}x",
+                     f"{n_tok / pt_s:.0f} ({best_pt} thr)", f"{hf_s / pt_s:.2f}x",
                      f"{ours['first'] - ours['sec']:.1f}", "yes" if same else "no"])
         print(" | ".join(rows[-1]), flush=True)
-    header = ["batch", "transformers tok/s (best torch threads)", "doge_jax tok/s", "speed-up",
-              "doge_jax compile s", "same greedy tokens"]
+    header = ["batch", "transformers tok/s (best torch threads)", "doge_jax tok/s", "doge_jax speed-up",
+              "doge_torch tok/s (best threads)", "doge_torch speed-up", "doge_jax compile s",
+              "same greedy tokens (all three)"]
     print("| " + " | ".join(header) + " |")
     for r in rows:
         print("| " + " | ".join(r) + " |")
@@ -163,7 +184,8 @@ def main(argv=None) -> None:
         note = (f"Doge-20M shape, float32, {args.prompt}-token prompt, {args.new} new tokens, greedy, no EOS; "
                 f"transformers {transformers.__version__} sdpa (torch {torch.__version__}, best of "
                 f"{sorted(TORCH_THREADS)} threads) "
-                f"vs doge_jax (jax {jax.__version__}); each side in its own subprocess, {args.pairs} interleaved "
+                f"vs doge_jax (jax {jax.__version__}) and doge_torch (eager, same torch, best of the same thread "
+                f"counts); each side in its own subprocess, {args.pairs} interleaved "
                 f"pairs x {args.repeats} timed runs after a warm-up, medians.")
         append_results("Generation (benchmarks/generate.py)", header, rows, note)
 
