@@ -119,11 +119,14 @@ def main(argv=None) -> None:
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args(argv)
 
+    import atexit
+    import shutil
     import tempfile
 
     from generate import append_results, hf_model
 
     path = tempfile.mkdtemp(prefix="doge_bench_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     hf_model(path)
     load0 = os.getloadavg()[0]
     header = ["tokens", "impl", "transformers s", "doge_jax s", "speed-up", "transformers +MB", "doge_jax +MB",

@@ -141,6 +141,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args(argv)
 
+    import atexit
+    import shutil
     import tempfile
 
     import jax
@@ -148,6 +150,7 @@ def main(argv=None) -> None:
     import transformers
 
     path = tempfile.mkdtemp(prefix="doge_bench_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     hf_model(path)
     rows = []
     for B in args.batches:

@@ -58,6 +58,7 @@ device column says "cpu-fallback" and nothing is appended to RESULTS.md unless -
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime
 import gzip
@@ -359,6 +360,7 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     src = doge_torch.DogeForCausalLM(cfg)
     perturb_(src)
     tmp = tempfile.mkdtemp(prefix="gpu_check_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # saved test models
     src.save_pretrained(tmp)
 
     # fp32 input: T = 48 > keep_window 32 (key expiry) and > max_position_embeddings 32 (dynamic RoPE), row 1
@@ -540,6 +542,7 @@ def moe_parity(report: Report, tdev, ids, f32_row, grad_row) -> None:
     src = doge_torch.DogeForCausalLM(cfg)
     perturb_(src, seed=1)
     tmp = tempfile.mkdtemp(prefix="gpu_check_moe_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # saved test models
     src.save_pretrained(tmp)
     ref = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="reference"))
     x = torch.as_tensor(ids)
@@ -1125,6 +1128,7 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     least = 2 if cpu else 10
     torch.manual_seed(0)
     path = tempfile.mkdtemp(prefix="gpu_check_gen_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)  # saved test models
     doge_torch.DogeForCausalLM(cfg).save_pretrained(path)
     model = doge_jax.DogeForCausalLM.from_pretrained(path)
     try:
