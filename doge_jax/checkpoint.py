@@ -320,17 +320,15 @@ class TrainCheckpointer:
     def restore_latest(self, abstract_params, abstract_opt_state):
         """(step, params, opt_state, data_state, meta) of the newest checkpoint that restores, or None.
 
-        A partial or corrupt step is skipped with a warning and moved to RUN/corrupt_checkpoints/ (so that the
-        resumed run can save that step again). Multi-host: the hosts try process 0's steps in order, each reading
-        its own shards with no cross-host barrier; a step counts only if every host read it."""
+        A step whose read fails is read again after READ_RETRY_DELAYS (a transient filesystem error); one that
+        still fails is partial or corrupt: it is skipped with a warning and moved to RUN/corrupt_checkpoints/ (so
+        that the resumed run can save that step again). Multi-host: the hosts try process 0's steps in order, each
+        reading its own shards with no cross-host barrier; a step counts only if every host read it."""
         import warnings
 
         self.mngr.wait_until_finished()  # a save still in flight is listed before it is on disk
         for step in _process0_list(sorted(self.mngr.all_steps(), reverse=True)):
-            try:
-                r, error = self._read_step(step, abstract_params, abstract_opt_state), None
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                r, error = None, e
+            r, error = self._read_step_retrying(step, abstract_params, abstract_opt_state)
             if _every_process(error is None):  # the one collective per step: every host takes the same branch
                 return (step, *r)
             why = f"{type(error).__name__}: {str(error)[:200]}" if error else "another host could not read it"
@@ -338,6 +336,26 @@ class TrainCheckpointer:
                           stacklevel=2)
             self._quarantine(step)
         return None
+
+    # seconds before each further read of a step that failed: a transient error (a network filesystem's hiccup)
+    # must not send a good step to corrupt_checkpoints/ and the run back to an older one
+    READ_RETRY_DELAYS = (1.0, 4.0)
+
+    def _read_step_retrying(self, step: int, abstract_params, abstract_opt_state) -> tuple:
+        """(the step's items, None), or (None, the last error) after every retry failed."""
+        import time
+        import warnings
+
+        for delay in (*self.READ_RETRY_DELAYS, None):
+            try:
+                return self._read_step(step, abstract_params, abstract_opt_state), None
+            except Exception as e:  # noqa: BLE001 - any failure: retried, then the step is unusable
+                error = e
+            if delay is not None:
+                warnings.warn(f"checkpoint step {step}: read failed ({type(error).__name__}: {str(error)[:200]}); "
+                              f"retrying in {delay:g}s", stacklevel=3)
+                time.sleep(delay)
+        return None, error
 
     def _read_step(self, step: int, abstract_params, abstract_opt_state) -> tuple:
         """(params, opt_state, data_state, meta) of one step, read by this host's item handlers. Not through the

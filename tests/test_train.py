@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,7 +106,8 @@ def test_resume_bit_identical(corpus, cache, tmp_path):
     assert el[3] <= at_3 < el[4] < el[5] < el[6], (at_3, el)
 
 
-def test_corrupt_latest_checkpoint_skipped(corpus, cache, tmp_path):
+def test_corrupt_latest_checkpoint_skipped(corpus, cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(TrainCheckpointer, "READ_RETRY_DELAYS", (0.0, 0.0))
     out = tmp_path / "run"
     assert run(corpus, cache, out, "--train.stop_after", "4") == 0
     assert list_steps(str(out)) == [2, 4]
@@ -113,13 +115,41 @@ def test_corrupt_latest_checkpoint_skipped(corpus, cache, tmp_path):
         for f in files:
             with open(os.path.join(root, f), "w") as fh:
                 fh.write("garbage")
-    with pytest.warns(UserWarning, match="step 4 .* partial or corrupt"):
+    with pytest.warns(UserWarning) as caught:
         assert run(corpus, cache, out) == 0
+    said = [str(w.message) for w in caught]
+    assert sum("step 4: read failed" in m and "retrying" in m for m in said) == 2, said  # then given up
+    assert any(re.search("step 4 .* partial or corrupt", m) for m in said), said
     assert list_steps(str(out)) == [2, 4, 6] and os.listdir(out / "corrupt_checkpoints")
     straight = tmp_path / "straight"
     assert run(corpus, cache, straight) == 0
     for a, b in zip(_params(straight), _params(out)):  # resumed from step 2: still the same parameters
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_transient_read_error_is_retried_not_quarantined(tmp_path, monkeypatch):
+    """A step whose first read fails (a filesystem hiccup) is read again and restored, not moved aside."""
+    monkeypatch.setattr(TrainCheckpointer, "READ_RETRY_DELAYS", (0.0, 0.0))
+    params, opt = {"w": np.ones((2, 3), np.float32)}, {"count": np.zeros((), np.int32)}
+    ck = TrainCheckpointer(str(tmp_path), keep=2, async_save=False)
+    for step in (1, 2):
+        ck.save(step, params, opt, {"next_index": step}, {"step": step})
+    ck.wait()
+    read, calls = TrainCheckpointer._read_step, []
+
+    def flaky(self, step, *a):
+        calls.append(step)
+        if len(calls) == 1:
+            raise OSError("simulated: stale file handle")
+        return read(self, step, *a)
+
+    monkeypatch.setattr(TrainCheckpointer, "_read_step", flaky)
+    abstract = jax.eval_shape(lambda: jax.tree.map(jnp.asarray, params))
+    with pytest.warns(UserWarning, match="step 2: read failed .*stale file handle.*retrying"):
+        got = ck.restore_latest(abstract, jax.eval_shape(lambda: jax.tree.map(jnp.asarray, opt)))
+    ck.close()
+    assert got[0] == 2 and got[3] == {"next_index": 2} and calls == [2, 2]
+    assert list_steps(str(tmp_path)) == [1, 2] and not os.path.exists(tmp_path / "corrupt_checkpoints")
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path):
