@@ -137,7 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per subprocess (after one warm-up)")
-    ap.add_argument("--pairs", type=int, default=2, help="interleaved (transformers, doge_jax) subprocess pairs")
+    ap.add_argument("--pairs", type=int, default=2,
+                    help="interleaved rounds of (transformers, doge_jax, doge_torch) subprocesses")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args(argv)
 
@@ -156,7 +157,7 @@ def main(argv=None) -> None:
     for B in args.batches:
         hf_t = {th: [] for th in TORCH_THREADS}
         pt_t = {th: [] for th in TORCH_THREADS}
-        our_t, same = [], True
+        our_t, outputs = [], []
         for _ in range(args.pairs):
             hf_runs = {th: run_worker("hf", path, B, args.prompt, args.new, args.repeats, th) for th in TORCH_THREADS}
             ours = run_worker("jax", path, B, args.prompt, args.new, args.repeats, 0)
@@ -165,9 +166,9 @@ def main(argv=None) -> None:
             for th in TORCH_THREADS:
                 hf_t[th].append(hf_runs[th]["sec"])
                 pt_t[th].append(pt_runs[th]["sec"])
-                same = same and pt_runs[th]["tokens"] == hf_runs[th]["tokens"]
             our_t.append(ours["sec"])
-            same = same and ours["tokens"] == hf_runs[1]["tokens"]
+            outputs += [r["tokens"] for r in (ours, *hf_runs.values(), *pt_runs.values())]
+        same = all(o == outputs[0] for o in outputs)  # every run of every side, at every thread count
         best_th = min(hf_t, key=lambda th: statistics.median(hf_t[th]))
         best_pt = min(pt_t, key=lambda th: statistics.median(pt_t[th]))
         hf_s, our_s = statistics.median(hf_t[best_th]), statistics.median(our_t)

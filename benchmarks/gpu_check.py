@@ -782,11 +782,15 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
 
     S = "train"
     warm, timed = (1, 2) if cpu else (2, 6)
+    ran = [0]  # framework rows that passed --train-only
 
     def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False, torch_row=True):
-        # --train-only: a framework's row runs only if its name has every term
-        hf_row, jax_row, torch_row = (on and all(t in f"{label} {fw}".lower() for t in only) for on, fw in
-                                      ((hf_row, "transformers"), (jax_row, "doge_jax"), (torch_row, "doge_torch")))
+        # --train-only: a framework's row runs only if "label framework seq S x R rows" has every term (and none of
+        # the ~terms)
+        hf_row, jax_row, torch_row = (on and train_row_wanted(f"{label} {fw} seq {seq} x {rows} rows", only)
+                                      for on, fw in ((hf_row, "transformers"), (jax_row, "doge_jax"),
+                                                     (torch_row, "doge_torch")))
+        ran[0] += hf_row + jax_row + torch_row
         fpt = flops_per_token(base, seq)
         tokens = seq * rows
         batch = np.random.default_rng(0).integers(3, base.vocab_size, (rows, seq), dtype=np.int64)
@@ -892,6 +896,14 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     # a micro-batch twice as large: how much of the gap is per-step overhead (launches, optimizer, host syncs)
     if not cpu:  # on the CPU the same code as the first rows
         one(label, base, seq, 2 * rows, kind)
+    if only and not ran[0]:
+        report.add(S, f"--train-only {','.join(only)}", "matched no train row", status="FAIL")
+
+
+def train_row_wanted(name: str, terms: tuple[str, ...]) -> bool:
+    """--train-only: `name` has every term and none of the ~terms (case-insensitive)."""
+    low = name.lower()
+    return all((t[1:] not in low) if t.startswith("~") else (t in low) for t in terms)
 
 
 # ---- (c) attention ------------------------------------------------------------------------------------------------
@@ -1413,8 +1425,10 @@ def main(argv=None) -> int:
                          "row, or all (default: whole-model inductor compiles took 72 s (20M) and 190 s (160M) on an "
                          "H200)")
     ap.add_argument("--train-only", default="", metavar="TERMS",
-                    help="comma list: run only the train rows whose name has every term, e.g. 160m,doge_jax (for "
-                         "an A/B under other XLA_FLAGS); the transformers ratio is then left out")
+                    help="comma list: run only the train rows whose name ('LABEL FRAMEWORK seq S x R rows') has "
+                         "every term and none of the ~terms, e.g. '160m,doge_jax,x 16 rows,~[' for the main "
+                         "Doge-160M doge_jax row alone (an A/B under other XLA_FLAGS); a filter that matches no "
+                         "row is a FAIL; the transformers ratio is left out unless its row matches")
     ap.add_argument("--kernel-smoke", choices=("triton", "pallas"), help=argparse.SUPPRESS)  # kernel_smoke's child
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {SECTIONS + OPT_IN} (default: all but {OPT_IN})")
@@ -1488,7 +1502,8 @@ def main(argv=None) -> int:
     table = report.table()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     title = (f"## gpu_check.py — {stamp} — {card} (torch {torch.__version__}, jax {jax.__version__} "
-             f"on {jkind})")
+             f"on {jkind})" + (f" — train rows matching {args.train_only!r}" if only else "")
+             + (f" — XLA_FLAGS={os.environ['XLA_FLAGS']!r}" if os.environ.get("XLA_FLAGS") else ""))
     print(f"\n{title}\n\n{table}\n\ntotal {total:.0f}s; {'FAILED' if report.failed() else 'all checks passed'}")
     if (gpu or args.append) and not args.no_append:
         path = os.path.join(ROOT, "benchmarks", "RESULTS.md")

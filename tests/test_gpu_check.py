@@ -174,3 +174,13 @@ def test_train_only_runs_the_matching_rows():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| train")]
     assert len(rows) == 1 and "[unrolled layers] doge_jax" in rows[0][1] and "tok/s" in rows[0][3], rows
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import gpu_check
+
+    main = "Doge-160M doge_jax seq 2048 x 16 rows"
+    terms = ("160m", "doge_jax", "x 16 rows", "~[")
+    assert gpu_check.train_row_wanted(main, terms)
+    for other in ("Doge-160M [unrolled layers] doge_jax seq 2048 x 16 rows", "Doge-160M doge_jax seq 2048 x 32 rows",
+                  "Doge-160M doge_torch seq 2048 x 16 rows", "Doge-20M doge_jax seq 2048 x 32 rows"):
+        assert not gpu_check.train_row_wanted(other, terms), other
+    assert gpu_check.train_row_wanted(main, ())  # no filter: every row
