@@ -424,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     # where shapes allow (dense -> MoE included), as in doge_jax.train
     have = checkpoint.steps(args.out) if args.out else []
     resume = checkpoint.path_of(args.out, have[-1]) if have else None
-    old = checkpoint.read_state(resume) if resume else {}  # the run's record: its start, schedule and data
+    with _unreadable_names(resume, args.out):
+        old = checkpoint.read_state(resume) if resume else {}  # the run's record: its start, schedule and data
     if resume:
         cfg, tc = _resume_configs(args, resume, old.get("init_from"))
     else:
@@ -478,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
            "tokens": int(len(tokens)), **{k: getattr(tc, k) for k in RESUME_NOTED}}
     done = 0
     if resume:
-        done = checkpoint.load(resume, model, optimizer, scheduler)
+        with _unreadable_names(resume, args.out):
+            done = checkpoint.load(resume, model, optimizer, scheduler)
         changed = [f"{k} {old[k]!r} -> {run[k]!r}" for k in ("data", "tokens", *RESUME_NOTED)
                    if k in old and old[k] != run[k]]
         print(f"resuming {resume} (step {done})"
@@ -623,6 +625,18 @@ def _stop_on_signals(enabled: bool) -> Iterator[list]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _unreadable_names(path: str | None, out: str):
+    """A checkpoint that fails to load becomes one error naming it and the way on, not a traceback from torch.load
+    or safetensors (saves are atomic, so this is damage after the fact: a disk, a copy, a hand)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - whatever the reader raised, the checkpoint is the thing to name
+        raise checkpoint.CheckpointError(
+            f"the run's newest checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
+            f" move it out of {out} to resume from the one before it, or use another --out") from e
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import warnings
@@ -26,7 +27,7 @@ from doge_jax.optim import decay_mask, make_optimizer, wsd_schedule
 from doge_jax.optim import hf_name_decayed as jax_hf_name_decayed
 from doge_torch.optim import decayed_parameter_names, hf_name_decayed, param_groups, wsd_lambda, wsd_scheduler
 from doge_torch.optim import make_optimizer as torch_make_optimizer
-from doge_torch.train import count_items, main, train_step
+from doge_torch.train import cli, count_items, main, train_step
 
 WSD_CASES = [
     dict(num_warmup_steps=3, num_decay_steps=5, num_training_steps=20, warmup_type="linear", decay_type="linear"),
@@ -385,7 +386,6 @@ def test_cli_text_with_tokenizer(tmp_path):
 def test_cli_validates_like_doge_jax(tmp_path, capsys):
     """The train: section goes through doge_jax's TrainConfig (before: unknown keys ignored, other defaults, a
     batch floor-divided silently); bad input is one `error:` line, exit 2 (before: tracebacks)."""
-    from doge_torch.train import cli
 
     tokens = np.random.default_rng(0).integers(0, 4096, size=5_000).astype(np.uint16)
     np.save(tmp_path / "tokens.npy", tokens)
@@ -550,6 +550,26 @@ def test_cli_resume_continues_the_same_run(tmp_path, capsys):
     assert main(base + ["--max-steps", "6", "--out", str(tmp_path / "b")]) == []
     assert main(base + ["--max-steps", "5", "--out", str(tmp_path / "b")]) == []
     assert "is at step 6 of 8 (past the 5 asked for)" in capsys.readouterr().out
+
+
+def test_cli_unreadable_checkpoint_is_one_error_naming_it(tmp_path, capsys):
+    """A damaged newest checkpoint (its optimizer state or its record) ends in one `error:` line that names it and
+    says how to go on, not a traceback from torch.load or json; moved away, the run resumes from the one before."""
+    cfg = _small_run_config(tmp_path)
+    data = str(tmp_path / "tokens.npy")
+    out = tmp_path / "run"
+    argv = ["--config", cfg, "--data", data, "--device", "cpu", "--out", str(out)]
+    main(argv + ["--max-steps", "3"])
+    capsys.readouterr()
+    for name in ("optimizer.pt", "trainer_state.json"):
+        (out / "checkpoint-3" / name).write_bytes(b"garbage")
+        assert cli(argv + ["--max-steps", "4"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: the run's newest checkpoint") and "checkpoint-3" in err[0] \
+            and "resume from the one before" in err[0], err
+    shutil.move(str(out / "checkpoint-3"), str(tmp_path / "damaged"))
+    assert [h["step"] for h in main(argv + ["--max-steps", "4"])] == [3, 4]
+    assert "(step 2)" in capsys.readouterr().out
 
 
 def test_cli_resume_refuses_another_start_or_model(tmp_path):
