@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from doge_jax import hf_io
-from doge_jax.hf_names import CheckpointError  # noqa: F401 - doge_torch.train raises it for an unreadable one
 
 from .io import write_model
 

@@ -39,6 +39,7 @@ import torch
 
 from doge_jax import hf_io
 from doge_jax.config import ConfigError
+from doge_jax.hf_names import CheckpointError
 from doge_jax.train_config import load_configs
 
 from . import checkpoint
@@ -634,9 +635,9 @@ def _unreadable_names(path: str | None, out: str):
     try:
         yield
     except Exception as e:  # noqa: BLE001 - whatever the reader raised, the checkpoint is the thing to name
-        raise checkpoint.CheckpointError(
-            f"the run's newest checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
-            f" move it out of {out} to resume from the one before it, or use another --out") from e
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"the run's newest checkpoint {path} cannot be read ({type(e).__name__}: {first}); move "
+                              f"it out of {out} to resume from the one before it, or use another --out") from e
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
