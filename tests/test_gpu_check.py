@@ -96,10 +96,12 @@ def test_device_events_reads_kernels_from_gpu_stream_lines():
 def test_failed_kernel_smoke_test_skips_only_that_frameworks_rows():
     """A framework whose kernels fail their smoke test (in a child process; here on purpose) gets a FAIL row and
     its kernel rows are not run in the main process (on a GPU a kernel fault poisons the CUDA context); the other
-    framework's kernels and everything else still run."""
+    framework's kernels and everything else still run. The same run checks --train-only TERMS (an A/B of one row,
+    e.g. under other XLA_FLAGS): only the train rows whose name has every term run."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPU_CHECK_BREAK_KERNELS": "triton"}
-    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", "attention", "--budget", "3000",
-                           "--no-append"], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", "attention,train", "--budget", "3000",
+                           "--no-append", "--train-only", "unrolled,JAX"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env)
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:]  # the FAIL row
     table = out[out.index("| section | check | device | measured | target | status |"):]
@@ -111,6 +113,8 @@ def test_failed_kernel_smoke_test_skips_only_that_frameworks_rows():
     assert triton and all(r[-1] == "SKIP |" and "smoke test failed" in r[3] for r in triton), triton
     ran = [r for r in rows if r[0] == "| attention" and r[-1] == "- |"]
     assert any("pallas" in r[1] for r in ran) and any("blockwise" in r[1] for r in ran), ran
+    train = [r for r in rows if r[0] == "| train"]
+    assert len(train) == 1 and "[unrolled layers] doge_jax" in train[0][1] and "tok/s" in train[0][3], train
 
 def test_kernel_tune_cpu_check():
     """benchmarks/kernel_tune.py (the GPU block-size sweep of both kernels) runs its tiny CPU check end to end."""
@@ -164,16 +168,9 @@ def test_moe_memory_benchmark_runs():
     assert float(rows["doge_jax"][4]) > 0  # XLA's temporary bytes
 
 
-def test_train_only_runs_the_matching_rows():
-    """--train-only TERMS (an A/B of one row, e.g. under other XLA_FLAGS): only the train rows whose name has every
-    term run."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", "train", "--budget", "3000", "--no-append",
-                           "--train-only", "unrolled,JAX"], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| train")]
-    assert len(rows) == 1 and "[unrolled layers] doge_jax" in rows[0][1] and "tok/s" in rows[0][3], rows
+def test_train_only_terms():
+    """--train-only's matching (the run itself: test_failed_kernel_smoke_test_skips_only_that_frameworks_rows):
+    every term and none of the ~terms, against the row's full name."""
     sys.path.insert(0, os.path.dirname(SCRIPT))
     import gpu_check
 
