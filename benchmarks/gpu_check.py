@@ -23,7 +23,8 @@ Sections (one table at the end, one row per check):
              T > keep_window, a left-padded row) saved with save_pretrained and loaded by both frameworks; logits
              (and loss gradients) on the device against doge_torch's float32 eager reference on the CPU; also
              doge_torch's fast paths on unpadded input: folded-bias causal sdpa (T <= keep_window) and
-             FlexAttention (T > keep_window, logits and gradients: its backward exists only on CUDA).
+             FlexAttention (T > keep_window, logits and gradients: its backward exists only on CUDA); CDMoE;
+             keep-window ties (A = 0: every dt 1, the lower-index rule decides) on every attention path.
              float32: |diff| <= 1e-4 (TF32 off in torch, `highest` matmul precision in JAX). bf16 (torch autocast,
              JAX bf16 compute = the training step's parameter cast): |diff| <= 2e-2 * max|logit|, on inputs with
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
@@ -519,6 +520,59 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
             bf16_row(f"doge_jax bf16 compute {impl} logits", max_abs(lg, ref_b))
     with guarded(report, S, "MoE"):
         moe_parity(report, tdev, ids_b, f32_row, grad_row)
+    tie_parity(report, tdev, tmp, cfg, ids_c, f32_row)
+
+
+def tie_parity(report: Report, tdev, path: str, cfg, ids, f32_row) -> None:
+    """Keep-window ties on the device: with A = 0 every dt is exactly 1, so which keys a query keeps beyond
+    keep_window is decided by the tie rule alone (lower key index wins, spec §9.1; both packages). Each path's
+    float32 logits at T > 2 keep_window against doge_torch's CPU reference; doge_jax's reference path is
+    lax.top_k's own tie order on the device (untested on a GPU before)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    import doge_jax
+    import doge_torch
+    from doge_jax.model import with_attention_impl
+    from doge_torch.triton_attention import triton_available
+
+    S = "parity"
+    ties = tempfile.mkdtemp(prefix="gpu_check_ties_")
+    atexit.register(shutil.rmtree, ties, ignore_errors=True)
+    src = doge_torch.DogeForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if name.endswith(".A"):
+                p.zero_()
+    src.save_pretrained(ties)
+    ref = doge_torch.DogeForCausalLM.from_pretrained(ties, config=cfg.replace(attention_impl="reference")).eval()
+    with torch.no_grad():
+        want = ref(torch.as_tensor(ids)).logits.numpy()
+    what = "ties (A=0: every dt 1; T>2 keep_window) logits"
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        impls = ["auto"] + (["pallas"] if triton_available(tdev) and not faulted(report, S, "ties Triton",
+                                                                                  "triton") else [])
+        for impl in impls:
+            with guarded(report, S, f"doge_torch fp32 {impl} ties"), torch.no_grad():
+                m = doge_torch.DogeForCausalLM.from_pretrained(ties, config=cfg.replace(attention_impl=impl))
+                got = m.to(tdev).eval()(torch.as_tensor(ids).to(tdev)).logits.cpu().numpy()
+                f32_row(f"doge_torch fp32 {impl} {what}", max_abs(got, want))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    jmodel = doge_jax.DogeForCausalLM.from_pretrained(ties)
+    jids = jnp.asarray(ids)
+    with jax.default_matmul_precision("highest"):
+        for impl in ("reference", "blockwise", "pallas"):
+            if impl == "pallas" and faulted(report, S, "doge_jax fp32 pallas ties", "pallas"):
+                continue
+            with guarded(report, S, f"doge_jax fp32 {impl} ties"):
+                m = with_attention_impl(jmodel, impl)
+                got = nnx.jit(lambda m, i: m(i).logits)(m, jids)
+                f32_row(f"doge_jax fp32 {impl} {what}", max_abs(got, want))
 
 
 def moe_parity(report: Report, tdev, ids, f32_row, grad_row) -> None:

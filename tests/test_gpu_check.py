@@ -30,6 +30,7 @@ def test_gpu_check_cpu_fallback(tmp_path):
     parity = [r for r in rows if r[0] == "| parity" and "host syncs" not in r[1]]
     assert len(parity) >= 12 and all(r[-1] == "PASS |" for r in parity), parity
     assert sum("MoE" in r[1] for r in parity) == 5, parity  # both frameworks' CDMoE, fp32 and torch bf16
+    assert sum("ties (A=0" in r[1] for r in parity) == 4, parity  # torch auto (no Triton on CPU), jax x 3
     syncs = [r for r in rows if r[0] == "| parity" and "host syncs" in r[1]]  # counted on CUDA only
     assert len(syncs) == 1 and syncs[0][-1] == "SKIP |" and "the step ran" in syncs[0][3], syncs
     for section in ("train", "attention", "generate", "profile"):
