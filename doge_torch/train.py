@@ -630,14 +630,28 @@ def _stop_on_signals(enabled: bool) -> Iterator[list]:
 
 @contextlib.contextmanager
 def _unreadable_names(path: str | None, out: str):
-    """A checkpoint that fails to load becomes one error naming it and the way on, not a traceback from torch.load
-    or safetensors (saves are atomic, so this is damage after the fact: a disk, a copy, a hand)."""
+    """A checkpoint whose files do not parse becomes one error naming it and the way on, not a traceback from
+    torch.load, json or safetensors (saves are atomic, so this is damage after the fact: a disk, a copy, a hand).
+    Out of memory, CUDA errors and programming errors (AttributeError, TypeError, ...) pass through unchanged: a
+    good checkpoint must not be called damaged."""
+    import pickle
+    import zipfile
+
+    from safetensors import SafetensorError
+
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - whatever the reader raised, the checkpoint is the thing to name
+    except (torch.OutOfMemoryError, torch.AcceleratorError):
+        raise
+    except (OSError, ValueError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile,
+            SafetensorError) as e:
+        if isinstance(e, RuntimeError) and "CUDA" in str(e):
+            raise
         first = (str(e).splitlines() or [""])[0][:200]
+        way = ("to resume from the one before it" if len(checkpoint.steps(out)) > 1 else
+               "to start the run anew (it is the run's only checkpoint)")
         raise CheckpointError(f"the run's newest checkpoint {path} cannot be read ({type(e).__name__}: {first}); move "
-                              f"it out of {out} to resume from the one before it, or use another --out") from e
+                              f"it out of {out} {way}, or use another --out") from e
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -567,6 +567,20 @@ def test_cli_unreadable_checkpoint_is_one_error_naming_it(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: the run's newest checkpoint") and "checkpoint-3" in err[0] \
             and "resume from the one before" in err[0], err
+    # not damage: out of memory while moving the state to the device, or a programming error, passes through
+    from doge_torch import checkpoint as ck
+
+    for error in (torch.OutOfMemoryError("simulated"), AttributeError("simulated")):
+        def load(*a, error=error):
+            raise error
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ck, "load", load)
+            (out / "checkpoint-3" / "trainer_state.json").write_text((out / "checkpoint-2" / "trainer_state.json")
+                                                                      .read_text().replace('"global_step": 2',
+                                                                                           '"global_step": 3'))
+            with pytest.raises(type(error), match="simulated"):
+                main(argv + ["--max-steps", "4"])
     shutil.move(str(out / "checkpoint-3"), str(tmp_path / "damaged"))
     assert [h["step"] for h in main(argv + ["--max-steps", "4"])] == [3, 4]
     assert "(step 2)" in capsys.readouterr().out
