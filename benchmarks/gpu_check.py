@@ -85,6 +85,7 @@ GRAD_REL_TOL = 1e-4
 TARGET_MFU_160M = 0.40
 TARGET_TOKS_20M = 400e3
 TARGET_DMA_16K = 1.5
+JAX_CACHE = os.path.join(tempfile.gettempdir(), "gpu_check_jax_cache")  # compiled programs, kept across runs
 
 
 class Budget:
@@ -316,7 +317,7 @@ def kernel_smoke_child(fw: str, cpu: bool) -> int:
 
         # a second run on the same machine (gpu_check split in two calls) reuses the compiled kernels, as
         # Triton's own cache does for doge_torch's
-        jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "gpu_check_jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
         dtype = jnp.float32 if cpu else jnp.bfloat16
@@ -1513,7 +1514,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available() and not args.cpu
     cpu = not gpu
     if gpu:  # the profile section compiles the train section's steps again (ahead of time): from this cache
-        jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "gpu_check_jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
     budget = Budget(args.budget if args.budget is not None else (90.0 if cpu else 420.0))
     tdev = torch.device("cuda" if gpu else "cpu")
     if gpu:

@@ -176,6 +176,21 @@ class TokenStream:
         return out
 
 
+def lm_batch(ids: torch.Tensor, pad_token_id: int | None) -> dict[str, torch.Tensor]:
+    """A causal-LM micro-batch: labels = input_ids with pad tokens ignored (the collator rule, spec §6.4)."""
+    labels = ids.clone()
+    if pad_token_id is not None:
+        labels[ids == pad_token_id] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def check_id_range(tokens, vocab_size: int, what: str = "token ids") -> None:
+    """Every id of `tokens` (a TokenStream or an array) in [0, vocab_size), else a ValueError with the span."""
+    lo, hi = (int(tokens.min()), int(tokens.max())) if len(tokens) else (0, 0)
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{what} span [{lo}, {hi}] but model.vocab_size is {vocab_size}")
+
+
 def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None,
                 text_field: str = "text", val: list | None = None) -> TokenStream:
     """All tokens of `files` as one stream; `.npy` files and pre-tokenized shards stay memory-mapped (not copied).
@@ -266,12 +281,9 @@ def batches(tokens: TokenStream | np.ndarray, seq_len: int, rows: int, grad_accu
         for _ in range(grad_accum):
             if pos + rows > n:
                 order, pos = torch.randperm(n, generator=gen), 0
-            ids = torch.from_numpy(stream.rows(order[pos:pos + rows].numpy(), seq_len))
+            step.append(lm_batch(torch.from_numpy(stream.rows(order[pos:pos + rows].numpy(), seq_len)),
+                                 pad_token_id))
             pos += rows
-            labels = ids.clone()
-            if pad_token_id is not None:
-                labels[ids == pad_token_id] = IGNORE_INDEX
-            step.append({"input_ids": ids, "labels": labels})
         yield step
 
 
@@ -301,16 +313,13 @@ def evaluate(model: torch.nn.Module, rows: np.ndarray, micro_rows: int, pad_toke
     count = 0
     try:
         for i in range(0, len(rows), micro_rows):
-            ids = torch.from_numpy(rows[i:i + micro_rows])
-            labels = ids.clone()
-            if pad_token_id is not None:
-                labels[ids == pad_token_id] = IGNORE_INDEX
-            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            batch = lm_batch(torch.from_numpy(rows[i:i + micro_rows]), pad_token_id)
+            n = int(count_items([batch]))  # host tensors: no device sync
             if n == 0:
                 continue
             with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                   else contextlib.nullcontext()):
-                out = model(ids.to(device), labels=labels.to(device), return_logits=False,
+                out = model(batch["input_ids"].to(device), labels=batch["labels"].to(device), return_logits=False,
                             output_router_logits=False)  # cross-entropy only, as doge_jax's eval (no MoE aux term)
             total += out.loss.double() * n
             count += n
@@ -465,17 +474,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     held_out: list = []
     tokens = load_tokens(args.data, args.tokenizer, eos, tc.text_field, val=held_out)
-    lo, hi = (tokens.min(), tokens.max()) if len(tokens) else (0, 0)
-    if lo < 0 or hi >= cfg.vocab_size:
-        raise ValueError(f"token ids span [{lo}, {hi}] but model.vocab_size is {cfg.vocab_size}")
+    check_id_range(tokens, cfg.vocab_size)
     # validation: eval_batches micro-batches every eval_every steps (0: only at the end), as in doge_jax.train
     tokens, val = val_rows(tokens, held_out, seq_len, tc.val_fraction, tc.eval_batches * rows)
     if val is None and (held_out or tc.val_fraction > 0):
         where = "in the pre-tokenized validation shards" if held_out else f"(train.val_fraction={tc.val_fraction})"
         print(f"note: no validation row of {seq_len} tokens {where}; the run reports no val_loss", flush=True)
-    if val is not None and (val.min() < 0 or val.max() >= cfg.vocab_size):  # (held-out shards: not checked above)
-        raise ValueError(f"validation token ids span [{val.min()}, {val.max()}] but model.vocab_size is "
-                         f"{cfg.vocab_size}")
+    if val is not None:  # (held-out shards: not checked above)
+        check_id_range(val, cfg.vocab_size, "validation token ids")
     run = {"init_from": os.path.abspath(start) if start else None, "data": [os.path.abspath(d) for d in args.data],
            "tokens": int(len(tokens)), **{k: getattr(tc, k) for k in RESUME_NOTED}}
     done = 0
