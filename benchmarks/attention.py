@@ -110,7 +110,7 @@ def run_worker(side, path, length, impl, repeats, timeout, threads: int = 0) -> 
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 32768])
     ap.add_argument("--impls", nargs="+", default=["auto"], help="doge_jax attention_impl values to time")
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per subprocess")

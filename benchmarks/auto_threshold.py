@@ -52,7 +52,7 @@ def step_rate(base, seq: int, rows: int, impl: str, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--sizes", nargs="+", default=["512x4", "768x2", "1024x2"], help="SEQxROWS per step")
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "doge-20m.yaml"))
     ap.add_argument("--reps", type=int, default=3)

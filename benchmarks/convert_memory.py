@@ -117,12 +117,12 @@ def append_results(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--workdir", help="scratch directory (default: a temporary one, removed at the end)")
     ap.add_argument("--targets", nargs="+", default=["hf", "torch", "jax"], choices=["hf", "torch", "jax"])
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args()
-    workdir = args.workdir or tempfile.mkdtemp(prefix="convert-mem-")
+    workdir = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="convert-mem-")
     try:
         rows = run(workdir, tuple(args.targets))
     finally:

@@ -1475,7 +1475,7 @@ def kernel_categories(events) -> dict:
 
 # ---- main ---------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--cpu", action="store_true", help="tiny CPU fallback even if a GPU is present")
     ap.add_argument("--append", action="store_true", help="append to RESULTS.md also in the CPU fallback")
     ap.add_argument("--no-append", action="store_true", help="never append to RESULTS.md")
@@ -1498,6 +1498,8 @@ def main(argv=None) -> int:
     unknown = set(sections) - set(SECTIONS + OPT_IN)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
+    if args.budget is not None and not args.budget > 0:
+        ap.error(f"--budget {args.budget}: must be > 0 seconds")
 
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -1535,7 +1537,7 @@ def main(argv=None) -> int:
 
     peak = peak_flops(_Dev, "bfloat16")
     print(f"gpu_check: torch {torch.__version__} on {card}; jax {jax.__version__} on {jax.default_backend()} "
-          f"({jkind}); peak bf16 {peak / 1e12:.0f} TFLOP/s; budget {budget.total:.0f}s; sections {sections}",
+          f"({jkind}); peak bf16 {peak / 1e12:.3g} TFLOP/s; budget {budget.total:.0f}s; sections {sections}",
           flush=True)
     if gpu and jax.default_backend() != "gpu":
         report.add("setup", "jax sees the GPU", f"jax backend {jax.default_backend()}", "gpu", "FAIL")

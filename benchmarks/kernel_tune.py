@@ -40,7 +40,7 @@ def median_ms(fn, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--seq", type=int, default=16384)
     ap.add_argument("--keep", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)

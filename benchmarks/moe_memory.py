@@ -137,7 +137,7 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "doge-480m-moe.yaml"))
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--rows", type=int, default=1, help="rows per step (tokens/step = rows x seq)")
@@ -146,6 +146,9 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.config = os.path.abspath(args.config)  # the children run in the repository root
+    if not os.path.isfile(args.config):
+        ap.error(f"--config {args.config}: no such file")
     if args.child:
         print(json.dumps(child(args.child, args.config, args.seq, args.rows, args.aux)))
         return
@@ -169,6 +172,9 @@ def main() -> None:
     table = ("| implementation | peak RSS above model + optimizer GiB | RSS vs transformers | XLA temp GiB | "
              "step s (speed vs transformers) | loss |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(f"\n{what}\n\n{table}")
+    failed = [impl for impl, r in res.items() if "error" in r]
+    if failed:  # a failed measurement is not a result: nothing appended
+        sys.exit(f"failed: {', '.join(failed)}")
     if not args.no_append:
         path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
         machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}"

@@ -71,7 +71,7 @@ def modules(dtype: str, D: int, sparse: bool, block: int | None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--configs", nargs="+", default=DEFAULTS, help="dtype,D,dense|sparse[,block] (bf16|fp32)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--seq", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--keep", type=int, default=2048)
     ap.add_argument("--superblocks", type=int, nargs="+", default=[128, 256, 512])

@@ -108,7 +108,7 @@ def timed(run, batches) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "doge-20m.yaml"))
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rows", type=int, default=4, help="rows per step (tokens/step = rows x seq)")

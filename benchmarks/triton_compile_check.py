@@ -123,7 +123,7 @@ SWEEP = [("_fwd_kernel", 128, 64, 8, 2, False, False), ("_fwd_kernel", 128, 64, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--sweep", action="store_true", help="also compile a few alternative configs")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

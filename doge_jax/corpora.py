@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from typing import Any
 
@@ -36,6 +37,7 @@ MANIFEST = "corpus.json"
 FORMAT = 1
 _SHARD = r"(\d{5,})\.(?:train\.bin|val\.bin|json)"  # NNNNN.train.bin, NNNNN.val.bin, NNNNN.json
 _SHARD_FILE = re.compile(_SHARD)
+_SIDE_FILE = re.compile(r"\d{5,}\.json")  # a finished shard's record
 # what --out may hold: shards, the tokenizer files, the manifest, hidden entries, temporaries of an interrupted run
 _OWN_FILE = re.compile(rf"{_SHARD}|tokenizer(_config)?\.json|corpus\.json|\..*|.*\.tmp.*")
 
@@ -60,7 +62,8 @@ def is_pretokenized(path: str) -> bool:
     return False
 
 
-def _split_weight(entry: Any) -> tuple[str, float | None]:
+def split_weight(entry: Any) -> tuple[str, float | None]:
+    """One `train.data` entry -> (path, mixture weight or None): "PATH:WEIGHT", {path, weight} or a plain path."""
     if isinstance(entry, dict):
         extra = set(entry) - {"path", "weight"}
         if "path" not in entry or extra:
@@ -81,10 +84,11 @@ def _split_weight(entry: Any) -> tuple[str, float | None]:
     return path, weight
 
 
-def parse_sources(specs: list) -> list[Source]:
+def parse_sources(specs: list, exclude: list[str] | tuple[str, ...] = ()) -> list[Source]:
     """`train.data` -> sources. Without weights all raw files form one source (plain concatenation); each
-    pre-tokenized directory is a source of its own. With weights every entry is one source of the mixture."""
-    entries = [_split_weight(e) for e in specs]
+    pre-tokenized directory is a source of its own. With weights every entry is one source of the mixture.
+    Directory walks and globs skip the directories in `exclude` (the run's own)."""
+    entries = [split_weight(e) for e in specs]
     weighted = [w is not None for _, w in entries]
     if any(weighted) and not all(weighted):
         missing = next(p for p, w in entries if w is None)
@@ -94,7 +98,7 @@ def parse_sources(specs: list) -> list[Source]:
         if os.path.isdir(os.path.expanduser(path)) and is_pretokenized(os.path.expanduser(path)):
             sources.append(Source(path, [], os.path.abspath(os.path.expanduser(path)), w))
         else:
-            sources.append(Source(path, D.resolve_paths([path]), None, w))
+            sources.append(Source(path, D.resolve_paths([path], exclude), None, w))
     if not any(weighted):
         raw = [s for s in sources if s.pretokenized is None]
         merged = [Source(", ".join(s.spec for s in raw), sorted(dict.fromkeys(p for s in raw for p in s.paths)))]
@@ -232,28 +236,34 @@ def _shard_job(job: tuple) -> dict:
     counts = {"train": 0, "val": 0}
     docs, max_id = 0, -1
     rng = np.random.default_rng([seed, index])
-    with open(tmp["train"], "wb") as ft, open(tmp["val"], "wb") as fv:
-        batch: list[str] = []
+    try:
+        with open(tmp["train"], "wb") as ft, open(tmp["val"], "wb") as fv:
+            batch: list[str] = []
 
-        def flush():
-            nonlocal docs, max_id
-            for enc in tok.encode_batch(batch):
-                ids = enc.ids
-                if not ids or ids[-1] != eos_id:
-                    ids = ids + [eos_id]
-                a = np.asarray(ids, dtype)
-                max_id = max(max_id, int(a.max()))
-                split = "val" if rng.random() < val_fraction else "train"
-                a.tofile(fv if split == "val" else ft)
-                counts[split] += len(a)
-                docs += 1
-            batch.clear()
+            def flush():
+                nonlocal docs, max_id
+                for enc in tok.encode_batch(batch):
+                    ids = enc.ids
+                    if not ids or ids[-1] != eos_id:
+                        ids = ids + [eos_id]
+                    a = np.asarray(ids, dtype)
+                    max_id = max(max_id, int(a.max()))
+                    split = "val" if rng.random() < val_fraction else "train"
+                    a.tofile(fv if split == "val" else ft)
+                    counts[split] += len(a)
+                    docs += 1
+                batch.clear()
 
-        for text in D.iter_documents([path], text_field):
-            batch.append(text)
-            if len(batch) >= 256:
-                flush()
-        flush()
+            for text in D.iter_documents([path], text_field):
+                batch.append(text)
+                if len(batch) >= 256:
+                    flush()
+            flush()
+    except BaseException:  # a bad row, Ctrl-C: no partial shard file stays behind
+        for t in tmp.values():
+            if os.path.exists(t):
+                os.remove(t)
+        raise
     for k in files:
         os.replace(tmp[k], files[k])
     meta = {"source": path, "key": key, "train": f"{name}.train.bin", "val": f"{name}.val.bin", "documents": docs,
@@ -266,11 +276,9 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
                 val_fraction: float = 0.01, seed: int = 233, workers: int | None = None, progress: bool = True,
                 vocab_size: int | None = None) -> dict:
     """Write token shards of every input file to `out` (see the module docstring); returns the manifest."""
-    import multiprocessing
-
     out_dir = os.path.abspath(out)
     # the output's own files are never inputs (an --out inside a --data directory)
-    paths = [p for p in D.resolve_paths([_split_weight(s)[0] for s in specs])
+    paths = [p for p in D.resolve_paths([split_weight(s)[0] for s in specs])
              if not p.startswith(out_dir + os.sep)]
     if not paths:
         raise D.DataError("no input file (outside --out)")
@@ -288,7 +296,6 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
         if foreign:
             raise D.DataError(f"--out {out}: holds {foreign[0]!r}, not a python -m doge_jax.data output; use an "
                               "empty or new directory")
-    os.makedirs(out, exist_ok=True)
     tok_file = os.path.join(out, "tokenizer.json")
     if tokenizer:
         tok = D.load_tokenizer(tokenizer)
@@ -307,6 +314,21 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
     ids = D.special_ids(tok, src_dir)
     if ids["eos"] is None:
         raise D.DataError("the tokenizer has no known EOS token")
+    created = not os.path.isdir(out)  # only now: a command that fails its checks leaves no directory
+    os.makedirs(out, exist_ok=True)
+    try:
+        return _write_shards(paths, tok, ids, out, tok_file, text_field, val_fraction, seed, workers, progress)
+    except BaseException:
+        if created and not any(_SIDE_FILE.fullmatch(f) for f in os.listdir(out)):  # no finished shard to go on from
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_shards(paths: list[str], tok, ids: dict, out: str, tok_file: str, text_field: str, val_fraction: float,
+                  seed: int, workers: int | None, progress: bool) -> dict:
+    """pretokenize's work once its inputs and tokenizer are checked: the tokenizer files, the shards, the manifest."""
+    import multiprocessing
+
     if not os.path.isfile(tok_file) or D.load_tokenizer(tok_file).to_str() != tok.to_str():
         tok.save(tok_file + ".tmp")
         os.replace(tok_file + ".tmp", tok_file)
@@ -341,11 +363,20 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
             pool = multiprocessing.get_context("spawn").Pool(workers)
             results = pool.imap_unordered(_shard_job, jobs)
         tokens = 0
-        for meta in results:
-            done[int(meta["train"].split(".")[0])] = meta  # NNNNN.train.bin (more digits past 99999)
-            tokens += meta["train_tokens"] + meta["val_tokens"]
-            bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
-            bar.update(1)
+        try:
+            for meta in results:
+                done[int(meta["train"].split(".")[0])] = meta  # NNNNN.train.bin (more digits past 99999)
+                tokens += meta["train_tokens"] + meta["val_tokens"]
+                bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+                bar.update(1)
+        except BaseException:
+            if workers > 1:  # the other files' workers stop too
+                pool.terminate()
+                pool.join()
+            for f in os.listdir(out):  # their partial shard files
+                if ".tmp-" in f:
+                    os.remove(os.path.join(out, f))
+            raise
         if workers > 1:
             pool.close()
             pool.join()
@@ -439,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     except D.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished shards are kept; the same command goes on from them", file=sys.stderr)
+        return 130
     print(f"{a.out}: {len(m['shards'])} shards, {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens "
           f"({m['dtype']})", file=sys.stderr)
     return 0

@@ -34,6 +34,7 @@ _PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
 # what a directory walk picks up (a .json file named explicitly is read as JSON Lines, as HF datasets write it)
 _TEXT_EXT = (".txt", ".md", ".py", ".rst", ".jsonl", ".text", ".parquet")
 _MANIFEST = "corpus.json"  # a pre-tokenized directory (doge_jax.corpora): never walked as text
+_FIELD_HINT = "set train.text_field, or --text-field for python -m doge_jax.data"
 
 
 class DataError(ValueError):
@@ -52,34 +53,72 @@ def default_corpus() -> list[str]:
     return sorted(files)
 
 
-def resolve_paths(specs: list[str] | str) -> list[str]:
-    """Expand files, directories (text-like files below them) and globs, sorted and de-duplicated."""
+def _is_run_output(d: str) -> bool:
+    """A trainer's own output, never documents: a doge_jax run (train_config.yaml next to checkpoints/) or a
+    doge_torch / transformers Trainer checkpoint (trainer_state.json)."""
+    return (os.path.isfile(os.path.join(d, "trainer_state.json"))
+            or (os.path.isfile(os.path.join(d, "train_config.yaml")) and os.path.isdir(os.path.join(d, "checkpoints"))))
+
+
+def resolve_paths(specs: list[str] | str, exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Expand files, directories (text-like files below them) and globs, sorted and de-duplicated. Directory walks
+    and globs skip hidden directories, pre-tokenized outputs, training runs and checkpoints, and the directories in
+    `exclude` (the run being trained: `--data .` must not read its own metrics and checkpoints)."""
     if isinstance(specs, str):
         specs = [specs]
+    skip = tuple(os.path.abspath(os.path.expanduser(d)) + os.sep for d in exclude)
+
+    def kept(p: str) -> bool:
+        return not (os.path.abspath(p) + os.sep).startswith(skip)
+
     out: list[str] = []
     for spec in specs:
         spec = os.path.expanduser(spec)
         if glob.has_magic(spec):
-            hits = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            root = _glob_root(spec)
+            hits = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p) and kept(p)
+                          and not any(_is_run_output(d) for d in _dirs_between(root, p)))
             if not hits:
-                raise DataError(f"data path {spec!r}: the glob matches no file")
+                raise DataError(f"data path {spec!r}: the glob matches no file" + (" outside the run directory"
+                                                                                   if skip else ""))
             out += hits
         elif os.path.isdir(spec):
             hits = []
             for dp, dirs, fs in os.walk(spec):
-                # hidden directories (.git, .ipynb_checkpoints copies) and pre-tokenized outputs are not documents
-                dirs[:] = [d for d in dirs if not d.startswith(".")
-                           and not os.path.isfile(os.path.join(dp, d, _MANIFEST))]
+                # hidden directories (.git, .ipynb_checkpoints copies), pre-tokenized outputs and runs are not documents
+                dirs[:] = [d for d in dirs if not d.startswith(".") and kept(os.path.join(dp, d))
+                           and not os.path.isfile(os.path.join(dp, d, _MANIFEST))
+                           and not _is_run_output(os.path.join(dp, d))]
                 hits += [os.path.join(dp, f) for f in fs if f.endswith(_TEXT_EXT)]
             hits.sort()
             if not hits:
-                raise DataError(f"data path {spec!r}: directory holds no text file ({', '.join(_TEXT_EXT)})")
+                raise DataError(f"data path {spec!r}: directory holds no text file ({', '.join(_TEXT_EXT)})"
+                                + (" outside the run directory" if skip else ""))
             out += hits
         elif os.path.isfile(spec):
             out.append(spec)
         else:
             raise DataError(f"data path {spec!r} does not exist")
     return sorted(dict.fromkeys(os.path.abspath(p) for p in out))
+
+
+def _glob_root(spec: str) -> str:
+    """The directory a glob starts from: its leading components without wildcards."""
+    parts = []
+    for part in os.path.abspath(spec).split(os.sep):
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return os.sep.join(parts) or os.sep
+
+
+def _dirs_between(root: str, path: str) -> list[str]:
+    """The directories strictly below `root` that hold `path` (a glob's own matches, not the user's tree above)."""
+    rel = os.path.relpath(os.path.dirname(os.path.abspath(path)), root)
+    if rel == "." or rel.startswith(".."):
+        return []
+    parts = rel.split(os.sep)
+    return [os.path.join(root, *parts[:i + 1]) for i in range(len(parts))]
 
 
 def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
@@ -109,7 +148,7 @@ def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
             if text_field not in row:
-                raise DataError(f"{path}:{n}: no field {text_field!r} (set --train.text_field)")
+                raise DataError(f"{path}:{n}: no field {text_field!r} ({_FIELD_HINT})")
             text = row[text_field]
             if text is None:
                 continue
@@ -129,7 +168,7 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
         raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
     if text_field not in f.schema_arrow.names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(f.schema_arrow.names[:10])}; "
-                        "set --train.text_field)")
+                        f"{_FIELD_HINT})")
     for i in range(f.num_row_groups):
         for text in f.read_row_group(i, columns=[text_field]).column(0).to_pylist():
             if text is None:
@@ -174,18 +213,43 @@ def load_tokenizer(path: str):
     """A `tokenizers.Tokenizer` from a tokenizer.json file or an HF tokenizer directory."""
     from tokenizers import Tokenizer
 
+    if not os.path.exists(path):
+        raise DataError(f"tokenizer {path!r} does not exist")
     file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise DataError(f"tokenizer {path!r}: no tokenizer.json there")
-    return Tokenizer.from_file(file)
+        raise DataError(f"tokenizer {path!r}: a directory without tokenizer.json (only the fast-tokenizer file "
+                        "format is read)")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
+        raise DataError(f"tokenizer {file!r}: not a readable tokenizer.json ({e})") from None
+
+
+def save_tokenizer(tok, cfg, out_dir: str) -> None:
+    """tokenizer.json + tokenizer_config.json (naming the special tokens of `cfg`) in `out_dir`, so transformers'
+    AutoTokenizer loads it. Readers (another host of a run) may be reading them: each file is replaced whole, and
+    tokenizer_config.json (read once tokenizer.json exists) is written first."""
+    from .hf_io import atomic_file
+
+    names = {k: tok.id_to_token(getattr(cfg, f"{k}_token_id")) for k in ("bos", "pad")
+             if getattr(cfg, f"{k}_token_id") is not None}
+    if cfg.eos_token_ids:
+        names["eos"] = tok.id_to_token(cfg.eos_token_ids[0])
+    with atomic_file(os.path.join(out_dir, "tokenizer_config.json")) as tmp, open(tmp, "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings,
+                   **{f"{k}_token": v for k, v in names.items() if v is not None}}, f, indent=2)
+    with atomic_file(os.path.join(out_dir, "tokenizer.json")) as tmp:
+        tok.save(tmp)
 
 
 def special_ids(tok, tokenizer_dir: str | None = None) -> dict[str, int | None]:
-    """bos/eos/pad ids of a tokenizer: from tokenizer_config.json / special_tokens_map.json if present, else by
-    the usual token names."""
+    """bos/eos/pad ids of a tokenizer: from tokenizer_config.json / special_tokens_map.json in `tokenizer_dir` (or
+    next to it, a tokenizer.json file) if present, else by the usual token names."""
     names: dict[str, str] = {}
+    if tokenizer_dir and not os.path.isdir(tokenizer_dir):  # a tokenizer.json file: the files next to it
+        tokenizer_dir = os.path.dirname(os.path.abspath(tokenizer_dir))
     for fname in ("special_tokens_map.json", "tokenizer_config.json"):
-        p = os.path.join(tokenizer_dir, fname) if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
+        p = os.path.join(tokenizer_dir, fname) if tokenizer_dir else None
         if p and os.path.isfile(p):
             with open(p) as f:
                 d = json.load(f)
@@ -199,6 +263,21 @@ def special_ids(tok, tokenizer_dir: str | None = None) -> dict[str, int | None]:
         ids = [tok.token_to_id(n) for n in ([names[k]] if k in names else []) + list(cands)]
         out[k] = next((i for i in ids if i is not None), None)
     return out
+
+
+def with_special_ids(cfg, tok, tokenizer_dir: str | None = None):
+    """(cfg with its unset bos/eos/pad ids taken from the tokenizer, warnings): a config's own ids win, with a
+    warning where the tokenizer's token of that name has another id."""
+    ids = special_ids(tok, tokenizer_dir)
+    warnings = []
+    for k in ("bos", "eos", "pad"):
+        mine = getattr(cfg, f"{k}_token_id")
+        if mine is not None and ids[k] is not None and ids[k] not in (mine if isinstance(mine, tuple) else (mine,)):
+            warnings.append(f"model.{k}_token_id={mine}, but the tokenizer's {k} token is id {ids[k]} "
+                            f"({tok.id_to_token(ids[k])!r})")
+    fill = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")
+            if getattr(cfg, f"{k}_token_id") is None and ids[k] is not None}
+    return cfg.replace(**fill), warnings
 
 
 # ---- tokenization + cache ------------------------------------------------------------------------------------------

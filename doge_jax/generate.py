@@ -214,7 +214,7 @@ def _load_tokenizer(path: str):
     return Tokenizer.from_file(f)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     """`python -m doge_jax.generate --model PATH --prompt "..."`: stream a continuation and report tokens/s."""
     import argparse
     import sys
@@ -255,6 +255,10 @@ def main(argv=None) -> int:
     if not os.path.exists(args.model):
         return fail(f"--model {args.model}: no such file or directory")
     # a run's step directory RUN/checkpoints/N finds the run's tokenizer
+    if not os.path.exists(args.model):
+        return fail(f"--model {args.model}: no such file or directory")
+    if args.tokenizer and not os.path.exists(args.tokenizer):
+        return fail(f"--tokenizer {args.tokenizer}: no such file or directory")
     tok_path = args.tokenizer or (find_tokenizer(args.model) if os.path.isdir(args.model) else None) or args.model
     tokenizer = None
     try:
@@ -326,6 +330,17 @@ def main(argv=None) -> int:
     print(f"\n\n[{n} new tokens; first token after {times[0] - t0:.2f} s (prompt {len(ids)} tokens, incl. "
           f"compilation); decoding {rate:.1f} tokens/s; total {t1 - t0:.2f} s]", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m doge_jax.generate --model PATH --prompt "..."`: stream a continuation and report tokens/s."""
+    import sys
+
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

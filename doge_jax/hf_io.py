@@ -287,6 +287,10 @@ def _index_shards(path: str, index: str) -> list[str]:
 def weight_files(path: str) -> list[str]:
     """The weight files of an HF directory, looked for in transformers' order: model.safetensors, the shards of
     model.safetensors.index.json, pytorch_model.bin, the shards of pytorch_model.bin.index.json."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: a file; pass the model directory (config.json and weights) that holds it")
     if os.path.isfile(os.path.join(path, SAFE_SINGLE)):
         return [os.path.join(path, SAFE_SINGLE)]
     if os.path.isfile(os.path.join(path, SAFE_INDEX)):
@@ -295,7 +299,10 @@ def weight_files(path: str) -> list[str]:
         return [os.path.join(path, TORCH_BIN)]
     if os.path.isfile(os.path.join(path, TORCH_INDEX)):
         return _index_shards(path, TORCH_INDEX)
-    raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX}, {TORCH_BIN} or {TORCH_INDEX} found")
+    orbax = any(os.path.isdir(os.path.join(path, d)) for d in ("checkpoints", "params"))
+    hint = (f"; it is a doge_jax (orbax) checkpoint: convert it first (python -m convert {path} OUT --to hf)"
+            if orbax else "")
+    raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX}, {TORCH_BIN} or {TORCH_INDEX} found{hint}")
 
 
 def iter_tensors(files: list[str], framework: str = "np") -> Iterator[tuple[str, object]]:

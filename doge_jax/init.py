@@ -60,10 +60,12 @@ def merge_config(base: DogeConfig, requested: dict[str, Any], where: str = "--in
     if base.is_moe and req.get("is_moe") is False:
         raise ConfigError(f"model.is_moe=false: {where} checkpoint is a MoE model; MoE -> dense is not supported")
     merged = base.replace(**req)
+    way = ("only dense -> MoE via model.is_moe is supported" if where == "--init-from" else
+           "a resumed run keeps its model; for another one use a new run directory")
     for f in SHAPE_FIELDS:
         if f in req and _effective(merged, f) != _effective(base, f):
             raise ConfigError(f"model.{f}={req[f]!r}: {where} checkpoint has {f}={_effective(base, f)!r}; changing "
-                              "it would change parameter shapes (only dense -> MoE via model.is_moe is supported)")
+                              f"it would change parameter shapes ({way})")
     merged = merged.replace(**{f: getattr(base, f) for f in SHAPE_FIELDS})  # same shapes: keep the stored form
     if base.is_moe and merged.num_experts != base.num_experts:
         raise ConfigError(f"model.num_experts={merged.num_experts}: {where} checkpoint has num_experts="

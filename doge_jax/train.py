@@ -8,7 +8,6 @@ MFU, loss.png). `python -m doge_jax.train --help` lists every option.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -67,7 +66,7 @@ def setup_compilation_cache(cache_dir: str) -> None:
 
 
 def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run_dir: str):
-    """(tokenizer, model config with bos/eos/pad filled in); nothing is written (write_tokenizer does, once the run
+    """(tokenizer, model config with bos/eos/pad filled in); nothing is written (D.save_tokenizer does, once the run
     has passed its checks). An existing run's tokenizer.json wins on resume; a different --train.tokenizer is
     refused."""
     saved = os.path.join(run_dir, "tokenizer.json")
@@ -90,33 +89,14 @@ def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run
             with atomic_file(file) as tmp:
                 tok.save(tmp)
         src = None
-    ids = D.special_ids(tok, src)
-    changes = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")
-               if getattr(mcfg, f"{k}_token_id") is None and ids[k] is not None}
-    for k in ("bos", "eos", "pad"):  # a config's ids win, but they should be the tokenizer's
-        mine = getattr(mcfg, f"{k}_token_id")
-        if mine is not None and ids[k] is not None and ids[k] not in (mine if isinstance(mine, tuple) else (mine,)):
-            log(f"warning: model.{k}_token_id={mine}, but the tokenizer's {k} token is id {ids[k]} "
-                f"({tok.id_to_token(ids[k])!r})")
-    mcfg = mcfg.replace(**changes)
+    mcfg, warnings = D.with_special_ids(mcfg, tok, src)
+    for w in warnings:
+        log(f"warning: {w}")
     if not mcfg.eos_token_ids:
         raise ConfigError("model.eos_token_id: the tokenizer has no known EOS token; set --model.eos_token_id")
     if tok.get_vocab_size() > mcfg.vocab_size:
         log(f"warning: tokenizer vocabulary {tok.get_vocab_size()} > model vocab_size {mcfg.vocab_size}")
     return tok, mcfg
-
-
-def write_tokenizer(tok, mcfg: DogeConfig, run_dir: str) -> None:
-    """tokenizer.json + tokenizer_config.json in the run directory (primary host). Other hosts may be reading them:
-    each file is replaced whole, and tokenizer_config.json (read once tokenizer.json exists) is written first."""
-    names = {k: tok.id_to_token(getattr(mcfg, f"{k}_token_id")) for k in ("bos", "pad")
-             if getattr(mcfg, f"{k}_token_id") is not None}
-    with atomic_file(os.path.join(run_dir, "tokenizer_config.json")) as tmp, open(tmp, "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": mcfg.max_position_embeddings,
-                   "eos_token": tok.id_to_token(mcfg.eos_token_ids[0]), **{f"{k}_token": v for k, v in names.items()}},
-                  f, indent=2)
-    with atomic_file(os.path.join(run_dir, "tokenizer.json")) as tmp:
-        tok.save(tmp)
 
 
 def check_same_model(run_dir: str, mcfg: DogeConfig) -> None:
@@ -281,7 +261,8 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
     # a data, tokenizer or write error can hit one host only: every host stops with it (not in a collective later)
     with S.all_or_none("setting up the run (config, tokenizer, data)"):
         # paths are checked here
-        sources = C.parse_sources(tcfg.data) if tcfg.data else [C.Source("stdlib", D.default_corpus())]
+        sources = (C.parse_sources(tcfg.data, exclude=[run_dir]) if tcfg.data
+                   else [C.Source("stdlib", D.default_corpus())])
         paths = [p for s in sources for p in s.paths]
         if tcfg.seq_len > mcfg.max_position_embeddings:
             raise ConfigError(f"train.seq_len={tcfg.seq_len} > model.max_position_embeddings="
@@ -305,6 +286,11 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                 log(f"warning: train.tokenizer={tcfg.tokenizer!r} is not the tokenizer of {tcfg.init_from} "
                     f"({tok_dir}/tokenizer.json): the checkpoint's embeddings belong to that one")
         pretok = [s.pretokenized for s in sources if s.pretokenized]
+        shas = {p: C.read_manifest(p)["tokenizer_sha"] for p in pretok}
+        other = next((p for p in pretok if shas[p] != shas[pretok[0]]), None)
+        if other:  # no --train.tokenizer fixes a mixture of two vocabularies
+            raise D.DataError(f"pre-tokenized {pretok[0]} and {other} were tokenized with different tokenizers; a run "
+                              f"has one (re-tokenize one: python -m doge_jax.data --tokenizer {pretok[0]} ...)")
         if tcfg.tokenizer is None and pretok:  # pre-tokenized data carries its tokenizer
             tcfg = dataclasses.replace(tcfg, tokenizer=pretok[0])
         check_run_config(run_dir, tcfg)
@@ -323,11 +309,13 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
         os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
         if primary:  # config.json last: it marks an established run (whose tokenizer then wins on resume)
-            write_tokenizer(tok, mcfg, run_dir)
+            D.save_tokenizer(tok, mcfg, run_dir)
             with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
-                yaml.safe_dump({"config_file": config_path, "model": mcfg.to_dict(), "train": tcfg.to_dict(),
-                                "data_files": data.files, "train_tokens": data.train_tokens,
-                                "val_tokens": data.val_tokens}, f, sort_keys=False)
+                # run: is a record (ignored when the file is read back as --config, to repeat the run)
+                yaml.safe_dump({"model": mcfg.to_dict(), "train": tcfg.to_dict(),
+                                "run": {"config_file": config_path, "data_files": data.files,
+                                        "train_tokens": data.train_tokens, "val_tokens": data.val_tokens}},
+                               f, sort_keys=False)
             mcfg.save_json(os.path.join(run_dir, "config.json"))
     log(f"run {run_dir}: {data.files} files in {len(sources)} source(s), {data.train_tokens:,} train / "
         f"{data.val_tokens:,} val tokens, "
@@ -521,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # before the run's signal handler is in place (start-up), or a second Ctrl-C
+        print("\ninterrupted: stopped at once, with no new checkpoint; the same command resumes from the newest one",
+              file=sys.stderr)
+        return 130
     if result.status != "interrupted":
         return 0
     return 128 + (result.signal or signal.SIGINT)  # as the shell reports the signal: 130 Ctrl-C, 143 SIGTERM

@@ -148,8 +148,9 @@ _BARE_OVERRIDE = re.compile(r"((model|train)\.\w+|data|name|out_dir|init_from|in
 
 def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
     """A YAML-parsed command-line value converted to the field's type (e.g. '1e-3' -> 1e-3 for a float)."""
-    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~"):
-        return None
+    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and (
+            "None" in annotation or not annotation.startswith("str")):
+        return None  # (a str field keeps the word: model.remat none is a policy's name)
     try:
         if "float" in annotation and isinstance(value, str | int) and not isinstance(value, bool):
             return float(value)
@@ -227,7 +228,8 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
         raise ConfigError(f"{path}: unreadable YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected model: and train: sections, got {type(raw).__name__}")
-    extra = set(raw) - {"model", "train"}
+    # a run's train_config.yaml also holds its record (run:; before, its fields at the top level): not settings
+    extra = set(raw) - {"model", "train", "run", "config_file", "data_files", "train_tokens", "val_tokens"}
     if extra:
         raise ConfigError(f"{path}: unknown section(s) {sorted(extra)} (expected model:, train:)")
     model = dict(raw.get("model") or {})
@@ -252,9 +254,10 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
         tcfg = TrainConfig(**train)
     except TypeError as e:
         raise ConfigError(f"train: {e}") from None
-    if config_path and not model and not tcfg.init_from:
+    if config_path and not raw.get("model") and not tcfg.init_from:
+        given = sorted(k for s, k, _ in overrides if s == "model")
         print(f"warning: {path} has no model: section; the model is DogeConfig's defaults (transformers', ~400M "
-              "parameters)", file=sys.stderr)
+              "parameters)" + (f" with only model.{', model.'.join(given)} set" if given else ""), file=sys.stderr)
     if tcfg.init_from:
         # The model config comes from the checkpoint; the fields asked for explicitly (command line, and the model:
         # section of a config file given with --config) are applied on top where shapes allow.

@@ -39,7 +39,8 @@ def load_hf_state(path: str, variant: str | None = None, config: DogeConfig | No
 
 
 def from_pretrained(cls, path: str, dtype=None, variant: str | None = None, config: DogeConfig | None = None):
-    """Build `cls(config)` and load the weights of an HF directory strictly (errors list missing/unexpected keys)."""
+    """Build `cls(config)` and load the weights of an HF directory strictly (errors list missing/unexpected keys).
+    The model comes back in eval mode (no dropout), as transformers' does; `.train()` for training."""
     config, state = load_hf_state(path, variant, config)
     expected = expected_hf_shapes(config)
     if config.tie_word_embeddings:
@@ -55,7 +56,7 @@ def from_pretrained(cls, path: str, dtype=None, variant: str | None = None, conf
         model = cls(config)
     model = model.to_empty(device="cpu").to(dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=False)
-    return model
+    return model.eval()
 
 
 def state_for_hf(model) -> dict[str, torch.Tensor]:

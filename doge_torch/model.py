@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig
-from doge_torch.loss import causal_lm_loss, causal_lm_loss_fused
+from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available
 
 try:
@@ -643,6 +643,8 @@ class DogeForCausalLM(nn.Module):
         if labels is not None and (tuple(labels.shape) != (B, S) or not keep_all):
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {(B, S)}, with "
                              f"logits_to_keep=0 (got {logits_to_keep!r})")
+        if labels is not None:
+            check_labels(labels, cfg.vocab_size)
         if labels is not None and not return_logits:
             out = DogeOutput(logits=None, past_key_values=past_key_values,
                              loss=causal_lm_loss_fused(x, self.lm_weight(), labels, num_items_in_batch))
@@ -710,3 +712,12 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
         raise ValueError(f"input_ids contain ids outside [0, vocab_size={vocab_size}): {bad[:10].tolist()}")
 
+
+def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Labels outside [0, vocab) other than -100 raise ValueError, as doge_jax's do (torch's own error is an
+    IndexError or a CUDA assert, depending on the loss path). Skipped where `check_token_ids` is."""
+    if torch.compiler.is_compiling() or _IDS_CHECKED.get():
+        return
+    bad = labels[((labels < 0) & (labels != IGNORE)) | (labels >= vocab_size)]
+    if bad.numel():
+        raise ValueError(f"labels outside [0, vocab_size={vocab_size}) and not {IGNORE}: {bad[:10].tolist()}")

@@ -26,7 +26,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from doge_jax import data as D
 from doge_jax import hf_io
 from doge_jax.config import ConfigError
 from doge_jax.hf_names import CheckpointError
@@ -124,12 +124,14 @@ class TokenStream:
     """Token arrays read as one stream without joining them: memory-mapped shards stay on disk (a corpus larger than
     memory trains), and each batch reads only its rows. np.asarray(stream) joins them (tests, small data)."""
 
-    def __init__(self, parts: Sequence[np.ndarray], max_ids: Sequence[int | None] | None = None):
+    def __init__(self, parts: Sequence[np.ndarray], max_ids: Sequence[int | None] | None = None,
+                 names: Sequence[str | None] | None = None):
         """`max_ids`: each part's largest id where it is known (a pre-tokenized manifest), so max() need not read
-        the part from disk."""
+        the part from disk; `names`: where each part came from (for error messages)."""
         keep = [i for i, p in enumerate(parts) if len(p)]
         self.parts = [parts[i] for i in keep]
         self.max_ids = [max_ids[i] if max_ids else None for i in keep]
+        self.names = [names[i] if names else None for i in keep]
         self.ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -150,17 +152,16 @@ class TokenStream:
     def split_tail(self, n: int) -> tuple[TokenStream, TokenStream]:
         """(all but the last n tokens, the last n tokens), as views of the same parts."""
         cut, head, tail = len(self) - n, [], []
-        for p, m, end in zip(self.parts, self.max_ids, self.ends):
+        for p, m, name, end in zip(self.parts, self.max_ids, self.names, self.ends):
             start = int(end) - len(p)
             if end <= cut:
-                head.append((p, m))
+                head.append((p, m, name))
             elif start >= cut:
-                tail.append((p, m))
+                tail.append((p, m, name))
             else:  # the part the cut falls in: its known largest id bounds both halves
-                head.append((p[:cut - start], m))
-                tail.append((p[cut - start:], m))
-        return (TokenStream([p for p, _ in head], [m for _, m in head]),
-                TokenStream([p for p, _ in tail], [m for _, m in tail]))
+                head.append((p[:cut - start], m, name))
+                tail.append((p[cut - start:], m, name))
+        return tuple(TokenStream(*map(list, zip(*half))) if half else TokenStream([]) for half in (head, tail))
 
     def rows(self, index: np.ndarray, seq_len: int) -> np.ndarray:
         """Rows `index` of the stream cut into rows of seq_len tokens, as int64 [len(index), seq_len]."""
@@ -188,31 +189,36 @@ def check_id_range(tokens, vocab_size: int, what: str = "token ids") -> None:
     """Every id of `tokens` (a TokenStream or an array) in [0, vocab_size), else a ValueError with the span."""
     lo, hi = (int(tokens.min()), int(tokens.max())) if len(tokens) else (0, 0)
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{what} span [{lo}, {hi}] but model.vocab_size is {vocab_size}")
+        where = ""
+        if isinstance(tokens, TokenStream):  # which input: the first part out of range
+            def out_of_range(p: np.ndarray, m: int | None) -> bool:
+                return (p.dtype.kind != "u" and int(p.min()) < 0) or (int(p.max()) if m is None else m) >= vocab_size
+
+            bad = next((n for p, m, n in zip(tokens.parts, tokens.max_ids, tokens.names) if out_of_range(p, m)), None)
+            where = f" (first in {bad})" if bad else ""
+        raise ValueError(f"{what} span [{lo}, {hi}] but model.vocab_size is {vocab_size}{where}")
 
 
 def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None,
-                text_field: str = "text", val: list | None = None) -> TokenStream:
+                text_field: str = "text", val: list | None = None, exclude: Sequence[str] = ()) -> TokenStream:
     """All tokens of `files` as one stream; `.npy` files and pre-tokenized shards stay memory-mapped (not copied).
     `.npy` files hold 1-D token ids; a directory written by `python -m doge_jax.data` gives its training shards;
     anything else is read as doge_jax.train reads it (text files, `.jsonl`/`.parquet` rows, directories and globs of
     them) and tokenized with `tokenizer` (a tokenizer.json), EOS after each document when the config has one.
-    `val`: a list that receives the validation shards of pre-tokenized directories."""
-    from doge_jax import data as D
+    `val`: a list that receives the validation shards of pre-tokenized directories; text directory walks and globs
+    skip the directories in `exclude` (the run's own --out)."""
     from doge_jax.corpora import is_pretokenized, load_pretokenized
 
-    parts, max_ids, text = [], [], []
+    parts, max_ids, names, text = [], [], [], []
     tok = None
 
     def get_tok():
         nonlocal tok
         if tok is None and tokenizer is not None:
-            from tokenizers import Tokenizer
-
             try:
-                tok = Tokenizer.from_file(tokenizer)
-            except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
-                raise ValueError(f"--tokenizer {tokenizer}: not a readable tokenizer.json ({e})") from None
+                tok = D.load_tokenizer(tokenizer)
+            except D.DataError as e:
+                raise D.DataError(f"--tokenizer: {e}") from None
         return tok
 
     expanded = []
@@ -225,12 +231,18 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
             hits = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npy"))
         expanded += hits or [path]
     for path in expanded:
+        if not glob.has_magic(path) and not os.path.exists(path):
+            raise D.DataError(f"data path {path!r} does not exist")
         if path.endswith(".npy"):
-            arr = np.load(path, mmap_mode="r")
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:  # not an .npy file, an object array, a cut file
+                raise D.DataError(f"{path}: not a readable .npy token array ({e})") from None
             if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"{path}: expected a 1-D integer token array, got {arr.dtype}{list(arr.shape)}")
             parts.append(arr)
             max_ids.append(None)
+            names.append(path)
         elif os.path.isdir(path) and is_pretokenized(path):
             # (another tokenizer than --tokenizer's raises)
             train, held_out, manifest = load_pretokenized(path, get_tok())
@@ -239,16 +251,20 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
                                   f"{eos_token_id}")
             parts += train
             max_ids += [s.get("max_id") for s in manifest["shards"]]
+            names += [os.path.join(path, s["train"]) for s in manifest["shards"]]
             if val is not None:
                 val += held_out
         elif path.endswith(".bin"):
             raise ValueError(f"{path}: a pre-tokenized shard; pass its directory (written by python -m doge_jax.data)")
         else:
-            text += D.resolve_paths(path)
+            text += D.resolve_paths(path, list(exclude))
     if text:
         if tokenizer is None:
             raise ValueError(f"{text[0]}: text data needs --tokenizer PATH/tokenizer.json (or pass pre-tokenized "
                              ".npy files or a python -m doge_jax.data directory)")
+        if eos_token_id is None:  # documents run into each other (doge_jax.train refuses this too)
+            raise ConfigError("model.eos_token_id: the tokenizer has no known EOS token to end each document with; "
+                              "set model.eos_token_id in the config")
         docs = []
         for doc in D.iter_documents(text, text_field):
             ids = get_tok().encode(doc).ids
@@ -257,19 +273,26 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
             docs.append(np.asarray(ids, dtype=np.int64))
         parts.append(np.concatenate(docs) if docs else np.zeros(0, np.int64))
         max_ids.append(None)
-    return TokenStream(parts, max_ids)
+        names.append(f"the text data tokenized with {tokenizer}")
+    return TokenStream(parts, max_ids, names)
 
 
 def batches(tokens: TokenStream | np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: int,
             pad_token_id: int | None = None, start_step: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Endless optimizer steps: `grad_accum` micro-batches of [rows, seq_len] chunks of the stream, in a seeded
     shuffled order (reshuffled every epoch). Labels = input_ids, with pad tokens ignored (collator rule). From
-    `start_step` on: a resumed run gets the batches it would have got had it not stopped."""
+    `start_step` on: a resumed run gets the batches it would have got had it not stopped. Too little data raises
+    here, before the first batch is asked for."""
     n = len(tokens) // seq_len
     if n < rows * grad_accum:
         raise ValueError(f"data has {len(tokens)} tokens = {n} rows of seq_len={seq_len}; a step needs "
                          f"{rows * grad_accum} (rows {rows} x grad_accum {grad_accum})")
     stream = tokens if isinstance(tokens, TokenStream) else TokenStream([np.asarray(tokens)])
+    return _batches(stream, n, seq_len, rows, grad_accum, seed, pad_token_id, start_step)
+
+
+def _batches(stream: TokenStream, n: int, seq_len: int, rows: int, grad_accum: int, seed: int,
+             pad_token_id: int | None, start_step: int) -> Iterator[list[dict[str, torch.Tensor]]]:
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(n, generator=gen), 0
     for _ in range(start_step * grad_accum):  # the same draws as the steps already taken, without the copies
@@ -361,6 +384,57 @@ RESUME_NOTED = ("seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_
                 "adam_eps", "max_grad_norm", "seed")
 
 
+# what a run directory of another kind holds at its top: a saved model (HF, PyTorch) or a doge_jax run / orbax model
+_FOREIGN = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "pytorch_model.bin.index.json", "checkpoints", "params")
+
+
+def check_out_dir(out: str) -> None:
+    """--out must be a new directory, an empty one, or a doge_torch.train run; a saved model or a doge_jax run there
+    is refused (this run's checkpoints and OUT/final would sit beside it and its files would win on load)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: is a file, not a directory")
+    if not os.path.isdir(out) or checkpoint.steps(out):
+        return
+    found = [f for f in _FOREIGN if os.path.exists(os.path.join(out, f))]
+    if found:
+        raise ConfigError(f"--out {out}: holds {found[0]!r} (a saved model or a doge_jax run), not a "
+                          "doge_torch.train run; use a new or empty directory (to start from that model: --init-from)")
+
+
+def data_args(args: argparse.Namespace, tc) -> tuple[list[str], str | None]:
+    """(data paths, tokenizer): --data / --tokenizer, else the config's train.data / train.tokenizer. Mixture weights
+    are doge_jax.train's and refused here."""
+    from doge_jax.corpora import split_weight
+
+    if args.data is None and not tc.data:
+        raise ConfigError("no training data: pass --data PATH... or set train.data in the config")
+    if args.data is not None and tc.data:
+        print("note: --data replaces the config's train.data", flush=True)
+    where = "--data" if args.data is not None else "train.data"
+    data = []
+    for entry in args.data if args.data is not None else tc.data:
+        path, weight = split_weight(entry)
+        if weight is not None:
+            raise ConfigError(f"{where} entry {entry!r}: a mixture weight; doge_torch.train reads its data as one "
+                              "stream (mix with python -m doge_jax.train, or drop the weights)")
+        data.append(path)
+    return data, args.tokenizer or tc.tokenizer
+
+
+def tokenizer_source(data: Sequence[str], tokenizer: str | None, start: str | None) -> str | None:
+    """Where the run's tokenizer comes from: --tokenizer, else the first pre-tokenized directory of --data, else the
+    --init-from checkpoint's tokenizer.json; None for token files alone."""
+    from doge_jax.corpora import is_pretokenized
+
+    if tokenizer:
+        return tokenizer
+    for d in [*(d for d in data if os.path.isdir(d) and is_pretokenized(d)), start]:
+        if d and os.path.isfile(os.path.join(d, "tokenizer.json")):
+            return d
+    return None
+
+
 def _resume_configs(args: argparse.Namespace, path: str, before: str | None):
     """(model config, train config) of a run resumed from its checkpoint `path`, started from `before`. The model
     config is the checkpoint's (the directory the run started from need not exist any more); the --config file's
@@ -396,10 +470,12 @@ def _resume_configs(args: argparse.Namespace, path: str, before: str | None):
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     ap = argparse.ArgumentParser(prog="python -m doge_torch.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML with model: and train: sections (configs/*.yaml)")
-    ap.add_argument("--data", nargs="+", required=True,
+    ap.add_argument("--data", nargs="+",
                     help=".npy token files, python -m doge_jax.data directories, or text data as doge_jax.train reads "
-                    "it (.txt/.jsonl/.parquet files, directories, globs) with --tokenizer")
-    ap.add_argument("--tokenizer", help="tokenizer.json for text data")
+                    "it (.txt/.jsonl/.parquet files, directories, globs) with --tokenizer (default: the config's "
+                    "train.data)")
+    ap.add_argument("--tokenizer", help="tokenizer.json or HF tokenizer directory for text data (default: the "
+                    "config's train.tokenizer)")
     ap.add_argument("--init-from", help="start from this HF directory instead of a fresh init; the --config file's "
                     "model: fields apply on top where shapes allow (dense -> MoE: fresh router and expert tables)")
     ap.add_argument("--max-steps", type=int, help="stop after this many steps (schedule unchanged; with --out a "
@@ -423,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             set_sdpa_backends(args.sdpa_backends.split(","))
         except ValueError as e:
             ap.error(f"--sdpa-backends: {e}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, ...)")
     if args.log_every < 1:
         ap.error(f"--log-every {args.log_every}: must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
@@ -432,12 +512,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     # uses the recipe fields (batch, schedule, optimizer, seed), the checkpoint fields and compute_dtype
     # with --init-from the model config is the checkpoint's, with the --config file's model: fields applied on top
     # where shapes allow (dense -> MoE included), as in doge_jax.train
+    if args.out:
+        check_out_dir(args.out)
     have = checkpoint.steps(args.out) if args.out else []
     resume = checkpoint.path_of(args.out, have[-1]) if have else None
     with _unreadable_names(resume, args.out):
         old = checkpoint.read_state(resume) if resume else {}  # the run's record: its start, schedule and data
     if resume:
-        cfg, tc = _resume_configs(args, resume, old.get("init_from"))
+        with _unreadable_names(resume, args.out):  # its config.json and weight headers are read here
+            cfg, tc = _resume_configs(args, resume, old.get("init_from"))
     else:
         cfg, tc = load_configs(args.config, [("train", "init_from", args.init_from)] if args.init_from else [])
     if tc.seq_len > cfg.max_position_embeddings:
@@ -450,8 +533,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     if unused:
         print(f"note: doge_torch.train does not use train.{', train.'.join(unused)} (doge_jax.train settings)",
               flush=True)
-    if tc.data and tc.data != args.data:
-        print("note: train.data in the config is not used; doge_torch.train reads --data", flush=True)
+    data_paths, tokenizer = data_args(args, tc)
     seq_len, grad_accum, rows = tc.seq_len, tc.grad_accum, tc.rows_per_micro
     steps = tc.num_training_steps
     max_steps = min(steps, args.max_steps or steps, tc.stop_after or steps)
@@ -462,6 +544,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
     start = tc.init_from  # --init-from, or train.init_from in the config file
+    tok_src = tokenizer_source(data_paths, tokenizer, start)
+    tok = None
+    if tok_src:
+        try:
+            tok = D.load_tokenizer(tok_src)
+        except D.DataError as e:
+            raise D.DataError(f"--tokenizer: {e}" if tokenizer else str(e)) from None
+        if not resume:  # a config without special ids gets the tokenizer's, as in doge_jax.train (resumed: recorded)
+            cfg, warnings = D.with_special_ids(cfg, tok, tok_src)
+            for w in warnings:
+                print(f"warning: {w}", flush=True)
     # resuming: the weights come from the checkpoint
     model = init_from(start, cfg) if start and not resume else DogeForCausalLM(cfg)
     model = model.to(device).train()
@@ -473,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     held_out: list = []
-    tokens = load_tokens(args.data, args.tokenizer, eos, tc.text_field, val=held_out)
+    tokens = load_tokens(data_paths, tokenizer, eos, tc.text_field, val=held_out,
+                         exclude=[args.out] if args.out else [])
     check_id_range(tokens, cfg.vocab_size)
     # validation: eval_batches micro-batches every eval_every steps (0: only at the end), as in doge_jax.train
     tokens, val = val_rows(tokens, held_out, seq_len, tc.val_fraction, tc.eval_batches * rows)
@@ -482,18 +576,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         print(f"note: no validation row of {seq_len} tokens {where}; the run reports no val_loss", flush=True)
     if val is not None:  # (held-out shards: not checked above)
         check_id_range(val, cfg.vocab_size, "validation token ids")
-    run = {"init_from": os.path.abspath(start) if start else None, "data": [os.path.abspath(d) for d in args.data],
-           "tokens": int(len(tokens)), **{k: getattr(tc, k) for k in RESUME_NOTED}}
+    bf16 = args.bf16 or tc.compute_dtype == "bfloat16"
+    run = {"init_from": os.path.abspath(start) if start else None, "data": [os.path.abspath(d) for d in data_paths],
+           "tokens": int(len(tokens)), "compute": "bf16 autocast" if bf16 else "float32",
+           **{k: getattr(tc, k) for k in RESUME_NOTED}}
     done = 0
     if resume:
         with _unreadable_names(resume, args.out):
             done = checkpoint.load(resume, model, optimizer, scheduler)
-        changed = [f"{k} {old[k]!r} -> {run[k]!r}" for k in ("data", "tokens", *RESUME_NOTED)
+        changed = [f"{k} {old[k]!r} -> {run[k]!r}" for k in ("data", "tokens", "compute", *RESUME_NOTED)
                    if k in old and old[k] != run[k]]
         print(f"resuming {resume} (step {done})"
               + (f"; warning: changed since: {'; '.join(changed)}" if changed else ""), flush=True)
     data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id, start_step=done)
-    bf16 = args.bf16 or tc.compute_dtype == "bfloat16"
     autocast = torch.bfloat16 if bf16 else None
     max_norm = tc.max_grad_norm
     print(f"doge_torch.train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(tokens)} tokens, "
@@ -596,13 +691,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     if args.out:
         final = os.path.join(args.out, "final")
         model.save_pretrained(final)
-        # the tokenizer goes with the model (python -m doge_jax.generate --model OUT/final --prompt ...)
-        from doge_jax.corpora import is_pretokenized
-
-        pre = [d for d in args.data if is_pretokenized(d)]  # doge_jax.data outputs
-        tok = args.tokenizer or next((os.path.join(d, "tokenizer.json") for d in [*pre, start] if d), None)
-        if tok and os.path.isfile(tok):
-            shutil.copyfile(tok, os.path.join(final, "tokenizer.json"))
+        if tok is not None:  # the tokenizer goes with the model (python -m doge_jax.generate --model OUT/final)
+            D.save_tokenizer(tok, model.config, final)
     return history
 
 
@@ -647,13 +737,15 @@ def _unreadable_names(path: str | None, out: str):
 
     try:
         yield
-    except (torch.OutOfMemoryError, torch.AcceleratorError):
+    except (torch.OutOfMemoryError, torch.AcceleratorError, ConfigError):  # (ConfigError: the command's, not damage)
         raise
     except (OSError, ValueError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile,
             SafetensorError) as e:
         if isinstance(e, RuntimeError) and "CUDA" in str(e):
             raise
-        first = (str(e).splitlines() or [""])[0][:200]
+        # (torch.load's own advice for a file that does not unpickle is to load it unsafely: not for damage)
+        first = ("not a file torch.save wrote" if isinstance(e, pickle.UnpicklingError)
+                 else (str(e).splitlines() or [""])[0][:200])
         way = ("to resume from the one before it" if len(checkpoint.steps(out)) > 1 else
                "to start the run anew (it is the run's only checkpoint)")
         raise CheckpointError(f"the run's newest checkpoint {path} cannot be read ({type(e).__name__}: {first}); move "
@@ -667,6 +759,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # during start-up, or a second Ctrl-C (the first one saves a checkpoint first)
+        print("\ninterrupted: stopped at once, with no new checkpoint; the same command resumes from the newest one",
+              file=sys.stderr)
+        return 130
     return 0
 
 

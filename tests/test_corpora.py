@@ -166,6 +166,18 @@ def test_train_on_pretokenized_mixture_resumes_exactly(files, cache, tmp_path): 
         assert a.read() == b.read()  # the pre-tokenized data's tokenizer was used
 
 
+def test_mixture_of_two_tokenizers_is_refused_by_name(files, cache, tmp_path, capsys):  # noqa: F811
+    """Two pre-tokenized directories of different tokenizers: one error naming both (before: a hint to pass one
+    directory's tokenizer, which cannot make the other's ids right)."""
+    C.pretokenize([str(files / "rows.jsonl")], str(files / "tokenizer.json"), str(tmp_path / "a"), workers=1,
+                  progress=False)
+    C.pretokenize([str(files / "rows.jsonl")], None, str(tmp_path / "b"), workers=1, progress=False, vocab_size=290)
+    rc = T.main([*TINY_ARGS, "--data", f"{tmp_path / 'a'}:0.5", f"{tmp_path / 'b'}:0.5", "--train.cache_dir", cache,
+                 "--out_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "were tokenized with different tokenizers" in err and str(tmp_path / "b") in err, err
+
+
 def test_unfinished_pretokenization_and_short_mixture_sources(files, cache, tmp_path, capsys):  # noqa: F811
     """An interrupted `python -m doge_jax.data` output (no corpus.json) is refused, not read as text (its
     tokenizer.json and shard metadata); a mixture source with too few documents for a validation row is left out
@@ -241,6 +253,28 @@ def test_pretokenize_out_is_its_own(files, tmp_path):
                         "--workers", "1")
     assert proc.returncode == 0 and "another tokenizer: every file is tokenized again" in proc.stderr
     assert len(C.read_manifest(str(out))["shards"]) == 1
+
+
+def test_failed_pretokenize_leaves_no_directory_or_partial_shards(files, tmp_path):
+    """A run that fails its checks (no tokenizer) or its only file creates nothing; one that fails after finishing
+    a shard keeps that shard (a re-run goes on from it) but no partial .tmp file (before: an empty directory, and
+    zero-byte temporaries)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(D.DataError, match="does not exist"):
+        C.pretokenize([str(files / "rows.jsonl")], str(tmp_path / "nope.json"), str(tmp_path / "a"), workers=1,
+                      progress=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(D.DataError, match="no field 'text'"):
+        C.pretokenize([str(bad)], str(files / "tokenizer.json"), str(tmp_path / "b"), workers=1, progress=False)
+    assert not (tmp_path / "b").exists()
+    z = tmp_path / "z.jsonl"  # sorted after rows.jsonl: its shard is written first
+    shutil.copy(bad, z)
+    with pytest.raises(D.DataError, match="no field 'text'"):
+        C.pretokenize([str(files / "rows.jsonl"), str(z)], str(files / "tokenizer.json"), str(tmp_path / "c"),
+                      workers=1, progress=False)
+    left = sorted(os.listdir(tmp_path / "c"))
+    assert "00000.json" in left and not any(".tmp" in f for f in left) and "corpus.json" not in left, left
 
 
 def test_bpe_smaller_than_asked_says_so(tmp_path, capsys):

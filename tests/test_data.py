@@ -46,6 +46,31 @@ def test_resolve_paths(corpus, tmp_path):
         D.resolve_paths([str(tmp_path / "*.parquet")])
 
 
+def test_walks_skip_runs_checkpoints_and_the_excluded_directory(corpus, tmp_path):
+    base = D.resolve_paths([corpus])
+    jax_run = os.path.join(corpus, "runs", "tiny")  # a doge_jax run: train_config.yaml next to checkpoints/
+    os.makedirs(os.path.join(jax_run, "checkpoints", "2"))
+    for f in ("train_config.yaml", "metrics.jsonl", os.path.join("checkpoints", "2", "commit_success.txt")):
+        open(os.path.join(jax_run, f), "w").write("{}\n")
+    ckpt = os.path.join(corpus, "torch_out", "checkpoint-4")  # a doge_torch / HF Trainer checkpoint
+    os.makedirs(ckpt)
+    for f in ("trainer_state.json", "notes.txt"):
+        open(os.path.join(ckpt, f), "w").write("{}\n")
+    mine = os.path.join(corpus, "out")  # the run being trained, before it has any checkpoint
+    os.makedirs(mine)
+    open(os.path.join(mine, "metrics.jsonl"), "w").write("{}\n")
+    extra = os.path.join(corpus, "torch_out", "metrics.jsonl")
+    open(extra, "w").write("{}\n")
+    assert D.resolve_paths([corpus], exclude=[mine]) == sorted(base + [extra])
+    assert D.resolve_paths([os.path.join(corpus, "**", "*.txt")], exclude=[mine]) == [
+        f for f in base if f.endswith(".txt")]
+    assert os.path.join(mine, "metrics.jsonl") in D.resolve_paths([corpus])  # only when excluded
+    # the user's tree above a glob's start is not judged: a corpus inside a run directory is still read
+    assert D.resolve_paths([os.path.join(jax_run, "*.jsonl")]) == [os.path.join(jax_run, "metrics.jsonl")]
+    with pytest.raises(D.DataError, match="outside the run directory"):
+        D.resolve_paths([os.path.join(mine, "*.jsonl")], exclude=[mine])
+
+
 def test_iter_documents_jsonl(corpus, tmp_path):
     docs = list(D.iter_documents([os.path.join(corpus, "rows.jsonl")]))
     assert docs == [f"json row {i} " * 10 for i in range(4)]

@@ -108,6 +108,8 @@ def test_cli_rejects_bad_input_in_one_line(model_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     for model, argv, want in ((str(tmp_path / "nope"), ["--prompt", "hi"], "no such file or directory"),
+                              (model_dir, ["--prompt", "hi", "--tokenizer", str(tmp_path / "nope.json")],
+                               "--tokenizer " + str(tmp_path / "nope.json") + ": no such file or directory"),
                               (str(tmp_path / "empty"), ["--prompt-ids", "5"], f"--model {tmp_path / 'empty'}: "),
                               (str(tmp_path / "run"), ["--prompt-ids", "5"], f"--model {tmp_path / 'run'}: "),
                               (model_dir, ["--prompt-ids", "5", "999"],

@@ -182,3 +182,10 @@ def test_train_only_terms():
                   "Doge-160M doge_torch seq 2048 x 16 rows", "Doge-20M doge_jax seq 2048 x 32 rows"):
         assert not gpu_check.train_row_wanted(other, terms), other
     assert gpu_check.train_row_wanted(main, ())  # no filter: every row
+
+
+def test_budget_must_be_positive():
+    """--budget -5 ran every section as if there were time (29 PASS, 28 SKIP, "all checks passed")."""
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--budget", "-5", "--no-append"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--budget -5.0: must be > 0 seconds" in proc.stderr, proc.stderr[-2000:]

@@ -360,6 +360,35 @@ def test_save_load_roundtrip_with_transformers(tmp_path, case):
             assert "lm_head.weight" not in f.keys()
 
 
+def test_from_pretrained_is_in_eval_mode_as_transformers(tmp_path):
+    """A loaded model runs without dropout (transformers calls .eval() too); before, a config with hidden_dropout
+    gave a different forward pass, and different greedy tokens, on each call."""
+    hf = make_hf_model(hidden_dropout=0.3)
+    ours = DogeForCausalLM.from_pretrained(save_hf(hf, tmp_path / "hf"))
+    assert not ours.training and not any(m.training for m in ours.modules())
+    ids = torch.as_tensor(random_ids(1, 8, TINY["vocab_size"], seed=3))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ours(ids).logits)
+    ours.train()
+    with torch.no_grad():
+        assert not torch.equal(ours(ids).logits, ours(ids).logits)  # dropout is live again after .train()
+
+
+def test_from_pretrained_names_what_the_path_is(tmp_path):
+    """A missing path, a file and a doge_jax run each get their own message (before: all three "no
+    model.safetensors ... found")."""
+    with pytest.raises(CheckpointError, match="nosuch: no such file or directory"):
+        DogeForCausalLM.from_pretrained(str(tmp_path / "nosuch"))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="a file; pass the model directory"):
+        DogeForCausalLM.from_pretrained(str(tmp_path / "model.safetensors"))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    save_hf(make_hf_model(), tmp_path / "hf")
+    (tmp_path / "run" / "config.json").write_bytes((tmp_path / "hf" / "config.json").read_bytes())
+    with pytest.raises(CheckpointError, match=r"doge_jax \(orbax\) checkpoint: convert it first"):
+        DogeForCausalLM.from_pretrained(str(tmp_path / "run"))
+
+
 def test_sharded_save(tmp_path):
     hf = make_hf_model()
     ours = ours_from_hf(hf)
@@ -417,6 +446,11 @@ def test_bad_token_ids(bad):
         ours(ids)
     with pytest.raises(ValueError, match="vocab"):
         ours.generate(ids, max_new_tokens=2)
+    good = torch.tensor([[1, 2, 4, 3]])
+    for return_logits in (True, False):  # both loss paths; -100 is fine (before: IndexError / RuntimeError)
+        with pytest.raises(ValueError, match=rf"labels outside \[0, vocab_size={TINY['vocab_size']}\).*\[{bad}\]"):
+            ours(good, labels=ids, return_logits=return_logits)
+        assert torch.isfinite(ours(good, labels=torch.tensor([[1, -100, 4, 3]]), return_logits=return_logits).loss)
 
 
 def _rewrite_weights(path, edit) -> None:

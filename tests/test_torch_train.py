@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -398,9 +399,10 @@ def test_cli_validates_like_doge_jax(tmp_path, capsys):
         (base.replace("seq_len: 64", "seq_len: 4096").replace("global_batch_tokens: 256", "global_batch_tokens: 4096"),
          [], "train.seq_len=4096 > model.max_position_embeddings"),
         (base.replace("max_grad_norm: 1.0", "max_grad_norm: -1.0"), [], "train.max_grad_norm=-1.0"),
-        (base, ["--data", str(tmp_path / "nope.npy")], "nope.npy"),
+        (base, ["--data", str(tmp_path / "nope.npy")], "nope.npy' does not exist"),
         (base.replace("vocab_size: 4096", "vocab_size: 512"), [], "but model.vocab_size is 512"),
-        (base, ["--data", __file__, "--tokenizer", str(tmp_path / "nope.json")], "not a readable tokenizer.json"),
+        (base, ["--data", __file__, "--tokenizer", str(tmp_path / "nope.json")], "nope.json' does not exist"),
+        (base, ["--data", __file__, "--tokenizer", str(tmp_path / "tokens.npy")], "not a readable tokenizer.json"),
     ]
     for i, (text, extra, want) in enumerate(cases):
         cfg = tmp_path / f"c{i}.yaml"
@@ -412,6 +414,9 @@ def test_cli_validates_like_doge_jax(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", str(tmp_path / "c0.yaml"), "--data", "x.npy", "--log-every", "0"])
     assert e.value.code == 2 and "--log-every 0: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # before: a RuntimeError traceback from torch.device
+        main(["--config", str(tmp_path / "c0.yaml"), "--data", "x.npy", "--device", "gpu"])
+    assert e.value.code == 2 and "--device gpu: not a torch device" in capsys.readouterr().err
 
 
 def test_cli_init_from_applies_the_config_files_model_fields(tmp_path):
@@ -506,6 +511,113 @@ def test_cli_reads_data_as_doge_jax_does(tmp_path):
         main(["--config", str(frozen), "--data", str(tmp_path / "d.jsonl"), "--max-steps", "1"])
 
 
+def test_cli_takes_special_ids_from_the_tokenizer_as_doge_jax(tmp_path, capsys):
+    """configs/tiny.yaml leaves bos/eos/pad unset ("they belong to the tokenizer"): a fresh run takes them from the
+    tokenizer as doge_jax.train does, ends each document with EOS, and OUT/final gets a tokenizer_config.json that
+    transformers reads. Before, the ids stayed null and the documents ran into each other."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    docs = [f"document {i}: " + open("doge_torch/optim.py").read()[i * 40:(i + 1) * 40] for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def bpe(specials, name):
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+        tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+        tok.save(str(tmp_path / name))
+        return tok
+
+    tok = bpe(["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<unk>"], "tokenizer.json")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
+                   .replace("global_batch_tokens: 4096", "global_batch_tokens: 64") + "  val_fraction: 0.0\n")
+    assert "eos_token_id: null" in cfg.read_text()
+    main(["--config", str(cfg), "--data", str(tmp_path / "d.jsonl"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+          "--max-steps", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    n_tokens = sum(len(tok.encode(d).ids) + 1 for d in docs)  # + EOS per document
+    assert f"{n_tokens} tokens" in capsys.readouterr().out
+    final = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "run" / "final")).config
+    assert (final.bos_token_id, final.eos_token_id, final.pad_token_id) == (0, 1, 2)
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "final"))
+    assert (hf_tok.eos_token, hf_tok.pad_token) == ("<|end_of_text|>", "<|pad|>")
+    # a tokenizer with no EOS token, and no model.eos_token_id: refused, as in doge_jax.train
+    bpe(["<unk>"], "no_eos.json")
+    argv = ["--config", str(cfg), "--data", str(tmp_path / "d.jsonl"), "--tokenizer", str(tmp_path / "no_eos.json"),
+            "--max-steps", "1", "--device", "cpu"]
+    assert cli(argv) == 2 and "model.eos_token_id" in capsys.readouterr().err
+
+
+def test_cli_out_must_be_a_run_and_a_failed_start_writes_nothing(tmp_path, capsys):
+    """--out holding a saved model (or a doge_jax run) is refused, as doge_jax.train refuses one; before, the run
+    trained beside the model's own files. A run that fails its checks (too little data) leaves no directory."""
+    cfg = _small_run_config(tmp_path)
+    base = ["--config", cfg, "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--device", "cpu"]
+    doge_torch.DogeForCausalLM(doge_torch.DogeConfig.from_yaml(cfg)).save_pretrained(str(tmp_path / "model"))
+    before = sorted(os.listdir(tmp_path / "model"))
+    assert cli(base + ["--out", str(tmp_path / "model")]) == 2
+    assert "holds 'config.json' (a saved model or a doge_jax run)" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "model")) == before
+    (tmp_path / "jax_run" / "checkpoints").mkdir(parents=True)
+    assert cli(base + ["--out", str(tmp_path / "jax_run")]) == 2
+    assert "holds 'checkpoints'" in capsys.readouterr().err
+    assert cli(base + ["--out", cfg]) == 2 and "is a file, not a directory" in capsys.readouterr().err
+    np.save(tmp_path / "short.npy", np.arange(40, dtype=np.uint16))
+    short = ["--config", cfg, "--data", str(tmp_path / "short.npy"), "--max-steps", "1", "--device", "cpu"]
+    assert cli(short + ["--out", str(tmp_path / "never")]) == 2
+    assert "a step needs" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    (tmp_path / "empty").mkdir()  # an empty directory, or one with only a metrics file, is fine
+    assert cli(base + ["--out", str(tmp_path / "empty")]) == 0 and os.path.isdir(tmp_path / "empty" / "final")
+
+
+def test_cli_data_and_tokenizer_from_the_config(tmp_path, capsys):
+    """train.data and train.tokenizer are used when --data / --tokenizer are not given (before: --data was required
+    and the config's fields ignored); mixture weights, doge_jax.train's, are refused by name."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    text = open("doge_torch/optim.py").read()
+    (tmp_path / "a.txt").write_text(text)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|end_of_text|>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
+                   .replace("global_batch_tokens: 4096", "global_batch_tokens: 64")
+                   + f"  data: [{tmp_path / 'a.txt'}]\n  tokenizer: {tmp_path / 'tokenizer.json'}\n"
+                   + "  val_fraction: 0.0\n")
+    hist = main(["--config", str(cfg), "--max-steps", "1", "--device", "cpu"])
+    assert len(hist) == 1 and math.isfinite(hist[0]["loss"])
+    n = len(tok.encode(text).ids) + 1  # one document + its EOS (id 1, from the tokenizer)
+    assert f" {n} tokens" in capsys.readouterr().out
+    weighted = tmp_path / "w.yaml"
+    weighted.write_text(cfg.read_text().replace(f"data: [{tmp_path / 'a.txt'}]", f"data: ['{tmp_path / 'a.txt'}:0.5']"))
+    assert cli(["--config", str(weighted), "--max-steps", "1", "--device", "cpu"]) == 2
+    assert "train.data entry" in capsys.readouterr().err
+    assert cli(["--config", str(cfg), "--data", f"{tmp_path / 'a.txt'}:0.5", "--device", "cpu"]) == 2
+    assert "--data entry" in (err := capsys.readouterr()).err and "a mixture weight" in err.err
+    assert cli(["--config", "configs/tiny.yaml", "--device", "cpu"]) == 2
+    assert "no training data" in capsys.readouterr().err
+
+
+def test_bad_token_files_are_named(tmp_path):
+    """An unreadable .npy and an out-of-range id name their file (before: numpy's allow_pickle message, and a span
+    of ids with no file)."""
+    from doge_torch.train import check_id_range, load_tokens
+
+    np.save(tmp_path / "a.npy", np.arange(100, dtype=np.uint16))
+    np.save(tmp_path / "b.npy", np.array([1, 5000, 2], dtype=np.int64))
+    np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"obj.npy: not a readable .npy token array"):
+        load_tokens([str(tmp_path / "obj.npy")])
+    stream = load_tokens([str(tmp_path / "a.npy"), str(tmp_path / "b.npy")])
+    with pytest.raises(ValueError, match=r"span \[0, 5000\] but model.vocab_size is 4096 \(first in .*b.npy\)"):
+        check_id_range(stream, 4096)
+    head, tail = stream.split_tail(2)  # the names follow the parts through the validation split
+    assert head.names == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")] and tail.names == [str(tmp_path / "b.npy")]
+    check_id_range(stream, 5001)
+
+
 def _small_run_config(tmp_path, extra: str = "") -> str:
     tokens = np.random.default_rng(4).integers(0, 4096, size=6_000).astype(np.uint16)
     np.save(tmp_path / "tokens.npy", tokens)
@@ -561,12 +673,15 @@ def test_cli_unreadable_checkpoint_is_one_error_naming_it(tmp_path, capsys):
     argv = ["--config", cfg, "--data", data, "--device", "cpu", "--out", str(out)]
     main(argv + ["--max-steps", "3"])
     capsys.readouterr()
-    for name in ("optimizer.pt", "trainer_state.json"):
-        (out / "checkpoint-3" / name).write_bytes(b"garbage")
+    for name in ("optimizer.pt", "model.safetensors", "trainer_state.json"):  # one damaged file at a time
+        good = (out / "checkpoint-3" / name).read_bytes()
+        (out / "checkpoint-3" / name).write_bytes(good[:len(good) // 2] if name.endswith(".safetensors") else
+                                                  b"garbage")
         assert cli(argv + ["--max-steps", "4"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: the run's newest checkpoint") and "checkpoint-3" in err[0] \
-            and "resume from the one before" in err[0], err
+            and "resume from the one before" in err[0] and "weights_only" not in err[0], err
+        (out / "checkpoint-3" / name).write_bytes(good)
     # not damage: out of memory while moving the state to the device, or a programming error, passes through
     from doge_torch import checkpoint as ck
 
@@ -675,6 +790,9 @@ def test_cli_resume_applies_new_settings_and_survives_leftovers(tmp_path, capsys
     said = capsys.readouterr().out
     assert [h["step"] for h in hist] == [1, 2] and "on cpu bf16" in said and "stopped after step 2 of 8" in said
     assert (tmp_path / "c" / "checkpoint-2" / "optimizer.pt").is_file()
+    # resumed without bf16: said (before: float32 from then on, silently)
+    main(["--config", cfg, "--data", data, "--device", "cpu", "--max-steps", "3", "--out", str(tmp_path / "c")])
+    assert "compute 'bf16 autocast' -> 'float32'" in capsys.readouterr().out
 
 
 def test_cli_non_finite_gradient_norm_saves_no_checkpoint(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +83,9 @@ def test_end_to_end_artifacts(corpus, cache, tmp_path):
     assert DogeConfig.from_json_file(out / "config.json") == cfg
     with open(out / "train_config.yaml") as f:
         assert "peak_lr" in f.read()
+    # the resolved configuration is a config file again (before: its run record was an "unknown section")
+    again, tc = load_configs(str(out / "train_config.yaml"), [])
+    assert again == cfg and (tc.seq_len, tc.num_training_steps, tc.data) == (32, 6, [corpus])
     # re-running a finished run does nothing but succeed
     assert run(corpus, cache, out) == 0
     assert len(read_metrics(str(out))) == len(rows)
@@ -175,6 +179,9 @@ def test_config_without_model_section_warns(tmp_path, capsys):
     path.write_text("train:\n  seq_len: 64\n")
     assert load_configs(str(path), [])[0].hidden_size == 1024
     assert "has no model: section" in capsys.readouterr().err
+    load_configs(str(path), [("model", "hidden_size", 64)])  # a field on the command line: still the defaults' rest
+    err = capsys.readouterr().err
+    assert "has no model: section" in err and "with only model.hidden_size set" in err
 
 
 def test_nan_loss_stops_and_keeps_last_good(corpus, cache, tmp_path, capsys):
@@ -287,6 +294,8 @@ def test_override_styles_and_help():
     m, t = load_configs(None, ov)
     assert m.hidden_size == 256 and t.peak_lr == 1e-3 and isinstance(t.peak_lr, float) and t.seed == 7
     assert t.data == ["a", "b*.txt"] and t.name == "x" and t.tokenizer is None
+    # "none" is null for an optional field but a policy's name for model.remat (before: None, then "must be str")
+    assert load_configs(None, parse_overrides(["--model.remat", "none"]))[0].remat == "none"
     _, t = load_configs(os.path.join(REPO, "configs", "doge-20m.yaml"), [])
     assert t.name == "doge-20m" and t.grad_accum == 256 and t.rows_per_micro == 1
     text = help_text()
@@ -567,6 +576,39 @@ def test_rerun_with_stop_after_does_not_creep(corpus, cache, tmp_path, capsys):
     assert "stopped at step 2: train.stop_after=2 is reached already" in err
     assert list_steps(str(out)) == [2]
 
+
+
+def test_run_inside_its_data_directory_resumes(corpus, cache, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    out = data / "runs" / "tiny"  # `--data .` with the default runs/ below it
+    assert run(str(data), cache, out, "--train.stop_after", "2") == 0
+    assert run(str(data), cache, out, "--train.stop_after", "4") == 0  # its metrics.jsonl is not a document
+    assert list_steps(str(out)) == [2, 4]
+    rows = [r for r in read_metrics(str(out)) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C while an entry point starts (compiling, importing, tokenizing) or a second Ctrl-C: exit 130 with one
+    line, not a KeyboardInterrupt traceback."""
+    import doge_jax.generate as G
+    import doge_torch.train as TT
+    from doge_jax import corpora as C
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "train", interrupted)
+    monkeypatch.setattr(G, "_main", interrupted)
+    monkeypatch.setattr(C, "pretokenize", interrupted)
+    monkeypatch.setattr(TT, "main", interrupted)
+    calls = [lambda: T.main(["--train.progress", "false"]), lambda: G.main([]),
+             lambda: C.main(["--data", "x", "--out", "y"]), lambda: TT.cli([])]
+    for call in calls:
+        assert call() == 130
+        err = capsys.readouterr().err
+        assert "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_metrics_survive_a_cut_line_and_peaks_match_whole_words(tmp_path):
