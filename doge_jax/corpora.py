@@ -299,7 +299,7 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
     tok_file = os.path.join(out, "tokenizer.json")
     if tokenizer:
         tok = D.load_tokenizer(tokenizer)
-        src_dir = tokenizer if os.path.isdir(tokenizer) else None
+        src_dir = tokenizer  # (a tokenizer.json file: the tokenizer_config.json next to it, as the trainers read it)
         if os.path.isfile(tok_file) and D.load_tokenizer(tok_file).to_str() != tok.to_str():
             print(f"note: {out} was tokenized with another tokenizer: every file is tokenized again", file=sys.stderr)
     elif os.path.isfile(tok_file):  # a resumed run: the special tokens it recorded next to it

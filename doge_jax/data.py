@@ -21,6 +21,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -53,31 +54,49 @@ def default_corpus() -> list[str]:
     return sorted(files)
 
 
-def _is_run_output(d: str) -> bool:
-    """A trainer's own output, never documents: a doge_jax run (train_config.yaml next to checkpoints/) or a
-    doge_torch / transformers Trainer checkpoint (trainer_state.json)."""
-    return (os.path.isfile(os.path.join(d, "trainer_state.json"))
-            or (os.path.isfile(os.path.join(d, "train_config.yaml")) and os.path.isdir(os.path.join(d, "checkpoints"))))
+_TORCH_CKPT = re.compile(r"checkpoint-\d+")
+
+
+def _is_skipped_dir(d: str) -> bool:
+    """Never documents: a pre-tokenized output (corpus.json), a doge_jax run (train_config.yaml next to
+    checkpoints/), a doge_torch.train run (metrics.jsonl next to checkpoint-N/) or a doge_torch / transformers
+    Trainer checkpoint (trainer_state.json)."""
+    def has(name: str) -> bool:
+        return os.path.isfile(os.path.join(d, name))
+
+    if has(_MANIFEST) or has("trainer_state.json"):
+        return True
+    if has("train_config.yaml") and os.path.isdir(os.path.join(d, "checkpoints")):
+        return True
+    if has("metrics.jsonl"):
+        try:
+            return any(_TORCH_CKPT.fullmatch(f) and os.path.isdir(os.path.join(d, f)) for f in os.listdir(d))
+        except OSError:
+            return False
+    return False
 
 
 def resolve_paths(specs: list[str] | str, exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Expand files, directories (text-like files below them) and globs, sorted and de-duplicated. Directory walks
-    and globs skip hidden directories, pre-tokenized outputs, training runs and checkpoints, and the directories in
-    `exclude` (the run being trained: `--data .` must not read its own metrics and checkpoints)."""
+    take text-like files outside hidden directories; walks and globs skip pre-tokenized outputs, training runs and
+    checkpoints, and the directories in `exclude` (the run being trained: `--data .` must not read its own metrics
+    and checkpoints) unless the path asked for lies inside one."""
     if isinstance(specs, str):
         specs = [specs]
-    skip = tuple(os.path.abspath(os.path.expanduser(d)) + os.sep for d in exclude)
-
-    def kept(p: str) -> bool:
-        return not (os.path.abspath(p) + os.sep).startswith(skip)
-
+    excluded = [os.path.abspath(os.path.expanduser(d)) + os.sep for d in exclude]
     out: list[str] = []
     for spec in specs:
         spec = os.path.expanduser(spec)
+        start = _glob_root(spec) if glob.has_magic(spec) else os.path.abspath(spec)
+        # an excluded directory that holds the asked-for path itself is not excluded (--out . --data corpus/)
+        skip = tuple(e for e in excluded if not (start + os.sep).startswith(e) or start + os.sep == e)
+
+        def kept(p: str, skip: tuple[str, ...] = skip) -> bool:
+            return not (os.path.abspath(p) + os.sep).startswith(skip)
+
         if glob.has_magic(spec):
-            root = _glob_root(spec)
             hits = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p) and kept(p)
-                          and not any(_is_run_output(d) for d in _dirs_between(root, p)))
+                          and not any(_is_skipped_dir(d) for d in _dirs_between(start, p)))
             if not hits:
                 raise DataError(f"data path {spec!r}: the glob matches no file" + (" outside the run directory"
                                                                                    if skip else ""))
@@ -87,8 +106,7 @@ def resolve_paths(specs: list[str] | str, exclude: list[str] | tuple[str, ...] =
             for dp, dirs, fs in os.walk(spec):
                 # hidden directories (.git, .ipynb_checkpoints copies), pre-tokenized outputs and runs are not documents
                 dirs[:] = [d for d in dirs if not d.startswith(".") and kept(os.path.join(dp, d))
-                           and not os.path.isfile(os.path.join(dp, d, _MANIFEST))
-                           and not _is_run_output(os.path.join(dp, d))]
+                           and not _is_skipped_dir(os.path.join(dp, d))]
                 hits += [os.path.join(dp, f) for f in fs if f.endswith(_TEXT_EXT)]
             hits.sort()
             if not hits:

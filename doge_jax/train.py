@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:  # before the run's signal handler is in place (start-up), or a second Ctrl-C
-        print("\ninterrupted: stopped at once, with no new checkpoint; the same command resumes from the newest one",
+        print("\ninterrupted: stopped at once, without a new checkpoint (a re-run resumes from the newest, if any)",
               file=sys.stderr)
         return 130
     if result.status != "interrupted":

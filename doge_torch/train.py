@@ -44,7 +44,7 @@ from doge_jax.train_config import load_configs
 
 from . import checkpoint
 from .loss import IGNORE
-from .model import DogeForCausalLM, check_token_ids, set_sdpa_backends, token_ids_checked
+from .model import DogeForCausalLM, check_labels, check_token_ids, set_sdpa_backends, token_ids_checked
 from .optim import clip_grad_norm, make_optimizer, wsd_scheduler
 
 IGNORE_INDEX = IGNORE
@@ -88,6 +88,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if cfg is not None:  # checked where the batches are (on the CPU: no device sync); the model then skips its check
         for b in batches:
             check_token_ids(b["input_ids"], cfg.vocab_size)
+            check_labels(b["labels"], cfg.vocab_size)
     checked = token_ids_checked if cfg is not None else contextlib.nullcontext
     num_items = count_items(batches)  # on the batches' device: no sync when they are on the CPU
     n_items = int(num_items)
@@ -200,13 +201,16 @@ def check_id_range(tokens, vocab_size: int, what: str = "token ids") -> None:
 
 
 def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None,
-                text_field: str = "text", val: list | None = None, exclude: Sequence[str] = ()) -> TokenStream:
+                text_field: str = "text", val: list | None = None, exclude: Sequence[str] = (),
+                val_fraction: float = 0.0, seed: int = 233, cache_dir: str | None = None) -> TokenStream:
     """All tokens of `files` as one stream; `.npy` files and pre-tokenized shards stay memory-mapped (not copied).
     `.npy` files hold 1-D token ids; a directory written by `python -m doge_jax.data` gives its training shards;
     anything else is read as doge_jax.train reads it (text files, `.jsonl`/`.parquet` rows, directories and globs of
     them) and tokenized with `tokenizer` (a tokenizer.json), EOS after each document when the config has one.
-    `val`: a list that receives the validation shards of pre-tokenized directories; text directory walks and globs
-    skip the directories in `exclude` (the run's own --out)."""
+    `val`: a list that receives the validation shards of pre-tokenized directories and the text documents held out
+    as doge_jax.train holds them out (`val_fraction`, `seed`: the same documents); the tokenized text is cached in
+    `cache_dir` (doge_jax.train's cache: a corpus is tokenized once for both). Text directory walks and globs skip
+    the directories in `exclude` (the run's own --out)."""
     from doge_jax.corpora import is_pretokenized, load_pretokenized
 
     parts, max_ids, names, text = [], [], [], []
@@ -222,7 +226,7 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
         return tok
 
     expanded = []
-    for path in files:  # .npy globs and directories of .npy files
+    for path in map(os.path.expanduser, files):  # .npy globs and directories of .npy files
         hits = []
         if glob.has_magic(path):
             hits = sorted(glob.glob(path))
@@ -265,15 +269,14 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
         if eos_token_id is None:  # documents run into each other (doge_jax.train refuses this too)
             raise ConfigError("model.eos_token_id: the tokenizer has no known EOS token to end each document with; "
                               "set model.eos_token_id in the config")
-        docs = []
-        for doc in D.iter_documents(text, text_field):
-            ids = get_tok().encode(doc).ids
-            if eos_token_id is not None and (not ids or ids[-1] != eos_token_id):
-                ids.append(eos_token_id)
-            docs.append(np.asarray(ids, dtype=np.int64))
-        parts.append(np.concatenate(docs) if docs else np.zeros(0, np.int64))
+        text = sorted(dict.fromkeys(text))  # doge_jax.train's order of the files: the same documents held out
+        train, held = D.tokenize_corpus(text, get_tok(), eos_token_id, cache_dir, text_field,
+                                        val_fraction if val is not None else 0.0, seed, progress=False)
+        parts.append(train)
         max_ids.append(None)
         names.append(f"the text data tokenized with {tokenizer}")
+        if val is not None and len(held):
+            val.append(held)
     return TokenStream(parts, max_ids, names)
 
 
@@ -313,7 +316,8 @@ def _batches(stream: TokenStream, n: int, seq_len: int, rows: int, grad_accum: i
 def val_rows(tokens: TokenStream, held_out: list, seq_len: int, fraction: float, limit: int
              ) -> tuple[TokenStream, np.ndarray | None]:
     """(training stream, validation rows [n, seq_len] or None). Pre-tokenized directories bring their own validation
-    shards; otherwise the last `fraction` of the stream (whole rows) is held out from training."""
+    shards and text data its held-out documents (`load_tokens`); otherwise (.npy token files, or too few documents
+    to hold one out) the last `fraction` of the stream (whole rows) is held out from training."""
     if held_out:
         val = TokenStream(held_out)
     elif fraction > 0 and len(tokens) // seq_len >= 2:
@@ -375,7 +379,7 @@ def init_from(path: str, cfg) -> DogeForCausalLM:
 
 
 # train: fields this loop does not use (doge_jax.train's run layout, mesh, loss chunking, progress)
-JAX_ONLY = ("cache_dir", "mesh", "runs_dir", "out_dir", "async_checkpoint", "log_every", "loss_chunk", "peak_flops",
+JAX_ONLY = ("mesh", "runs_dir", "out_dir", "async_checkpoint", "log_every", "loss_chunk", "peak_flops",
             "progress")
 # train: fields whose change on resume is worth a warning (the schedule, the optimizer, the batch, the data order);
 # a resumed run uses the new values
@@ -519,8 +523,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     with _unreadable_names(resume, args.out):
         old = checkpoint.read_state(resume) if resume else {}  # the run's record: its start, schedule and data
     if resume:
-        with _unreadable_names(resume, args.out):  # its config.json and weight headers are read here
-            cfg, tc = _resume_configs(args, resume, old.get("init_from"))
+        from doge_jax.init import checkpoint_config
+
+        with _unreadable_names(resume, args.out, config_is_damage=True):  # its config.json and weight headers
+            checkpoint_config(resume)
+        cfg, tc = _resume_configs(args, resume, old.get("init_from"))
     else:
         cfg, tc = load_configs(args.config, [("train", "init_from", args.init_from)] if args.init_from else [])
     if tc.seq_len > cfg.max_position_embeddings:
@@ -551,10 +558,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             tok = D.load_tokenizer(tok_src)
         except D.DataError as e:
             raise D.DataError(f"--tokenizer: {e}" if tokenizer else str(e)) from None
-        if not resume:  # a config without special ids gets the tokenizer's, as in doge_jax.train (resumed: recorded)
-            cfg, warnings = D.with_special_ids(cfg, tok, tok_src)
-            for w in warnings:
-                print(f"warning: {w}", flush=True)
+        # a config without special ids gets the tokenizer's, as in doge_jax.train (a run resumed from before
+        # doge_torch did this gets them now, and its data its EOS: the token count change is said on resume)
+        before = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+        cfg, warnings = D.with_special_ids(cfg, tok, tok_src)
+        for w in warnings:
+            print(f"warning: {w}", flush=True)
+        if resume and before != (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id):
+            print(f"note: the run's config had no bos/eos/pad_token_id {before}; from the tokenizer now: "
+                  f"{(cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)}", flush=True)
     # resuming: the weights come from the checkpoint
     model = init_from(start, cfg) if start and not resume else DogeForCausalLM(cfg)
     model = model.to(device).train()
@@ -567,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     held_out: list = []
     tokens = load_tokens(data_paths, tokenizer, eos, tc.text_field, val=held_out,
-                         exclude=[args.out] if args.out else [])
+                         exclude=[args.out] if args.out else [], val_fraction=tc.val_fraction, seed=tc.seed,
+                         cache_dir=os.path.join(tc.cache_dir, "tokens"))
     check_id_range(tokens, cfg.vocab_size)
     # validation: eval_batches micro-batches every eval_every steps (0: only at the end), as in doge_jax.train
     tokens, val = val_rows(tokens, held_out, seq_len, tc.val_fraction, tc.eval_batches * rows)
@@ -725,11 +738,12 @@ def _stop_on_signals(enabled: bool) -> Iterator[list]:
 
 
 @contextlib.contextmanager
-def _unreadable_names(path: str | None, out: str):
+def _unreadable_names(path: str | None, out: str, config_is_damage: bool = False):
     """A checkpoint whose files do not parse becomes one error naming it and the way on, not a traceback from
     torch.load, json or safetensors (saves are atomic, so this is damage after the fact: a disk, a copy, a hand).
     Out of memory, CUDA errors and programming errors (AttributeError, TypeError, ...) pass through unchanged: a
-    good checkpoint must not be called damaged."""
+    good checkpoint must not be called damaged. A ConfigError is the command's own unless `config_is_damage` (the
+    checkpoint's config.json is what is read)."""
     import pickle
     import zipfile
 
@@ -737,11 +751,13 @@ def _unreadable_names(path: str | None, out: str):
 
     try:
         yield
-    except (torch.OutOfMemoryError, torch.AcceleratorError, ConfigError):  # (ConfigError: the command's, not damage)
+    except (torch.OutOfMemoryError, torch.AcceleratorError):
         raise
     except (OSError, ValueError, EOFError, KeyError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile,
             SafetensorError) as e:
         if isinstance(e, RuntimeError) and "CUDA" in str(e):
+            raise
+        if isinstance(e, ConfigError) and not config_is_damage:  # the command's own config: not damage
             raise
         # (torch.load's own advice for a file that does not unpickle is to load it unsafely: not for damage)
         first = ("not a file torch.save wrote" if isinstance(e, pickle.UnpicklingError)
@@ -760,8 +776,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # during start-up, or a second Ctrl-C (the first one saves a checkpoint first)
-        print("\ninterrupted: stopped at once, with no new checkpoint; the same command resumes from the newest one",
-              file=sys.stderr)
+        print("\ninterrupted: stopped at once, without a new checkpoint (with --out, a re-run resumes from the newest, "
+              "if any)", file=sys.stderr)
         return 130
     return 0
 

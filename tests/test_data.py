@@ -59,11 +59,22 @@ def test_walks_skip_runs_checkpoints_and_the_excluded_directory(corpus, tmp_path
     mine = os.path.join(corpus, "out")  # the run being trained, before it has any checkpoint
     os.makedirs(mine)
     open(os.path.join(mine, "metrics.jsonl"), "w").write("{}\n")
-    extra = os.path.join(corpus, "torch_out", "metrics.jsonl")
-    open(extra, "w").write("{}\n")
-    assert D.resolve_paths([corpus], exclude=[mine]) == sorted(base + [extra])
+    open(os.path.join(corpus, "torch_out", "metrics.jsonl"), "w").write("{}\n")  # a doge_torch.train run's record
+    pre = os.path.join(corpus, "tokens")  # a pre-tokenized output: its shards are not text, even to a glob
+    os.makedirs(pre)
+    for f in ("corpus.json", "00000.json", "00000.train.bin"):
+        open(os.path.join(pre, f), "w").write("{}\n")
+    assert D.resolve_paths([corpus], exclude=[mine]) == base
     assert D.resolve_paths([os.path.join(corpus, "**", "*.txt")], exclude=[mine]) == [
         f for f in base if f.endswith(".txt")]
+    assert D.resolve_paths([os.path.join(corpus, "**")], exclude=[mine]) == base
+    # data asked for inside the excluded directory is read whole (--out . --data corpus/)
+    nested = os.path.join(corpus, "sub")
+    os.makedirs(os.path.join(nested, "deeper"))
+    open(os.path.join(nested, "deeper", "x.txt"), "w").write("x\n")
+    assert D.resolve_paths([nested], exclude=[corpus]) == [os.path.join(nested, "deeper", "x.txt")]
+    assert D.resolve_paths([os.path.join(nested, "**", "*.txt")], exclude=[corpus]) == [
+        os.path.join(nested, "deeper", "x.txt")]
     assert os.path.join(mine, "metrics.jsonl") in D.resolve_paths([corpus])  # only when excluded
     # the user's tree above a glob's start is not judged: a corpus inside a run directory is still read
     assert D.resolve_paths([os.path.join(jax_run, "*.jsonl")]) == [os.path.join(jax_run, "metrics.jsonl")]

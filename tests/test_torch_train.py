@@ -30,6 +30,13 @@ from doge_torch.optim import decayed_parameter_names, hf_name_decayed, param_gro
 from doge_torch.optim import make_optimizer as torch_make_optimizer
 from doge_torch.train import cli, count_items, main, train_step
 
+
+@pytest.fixture(autouse=True)
+def _token_cache_in_tmp(tmp_path, monkeypatch):
+    """doge_torch.train caches tokenized text under train.cache_dir (~/.cache/doge_jax): not in the tester's home."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
 WSD_CASES = [
     dict(num_warmup_steps=3, num_decay_steps=5, num_training_steps=20, warmup_type="linear", decay_type="linear"),
     dict(num_warmup_steps=13, num_decay_steps=37, num_training_steps=80, warmup_type="cosine", decay_type="cosine",
@@ -274,6 +281,8 @@ def test_train_step_checks_ids_on_the_host_and_the_model_skips_its_check(tmp_pat
     bad[1, 3] = 128
     with pytest.raises(ValueError, match=r"outside \[0, vocab_size=128\): \[128\]"):
         train_step(model, opt, None, [(ids, ids), (bad, ids)])
+    with pytest.raises(ValueError, match=r"labels outside \[0, vocab_size=128\) and not -100: \[128\]"):
+        train_step(model, opt, None, [(ids, ids), (ids, bad)])  # before: an IndexError (a CUDA assert on a GPU)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="outside"):  # the model's own check, outside the step
@@ -541,6 +550,16 @@ def test_cli_takes_special_ids_from_the_tokenizer_as_doge_jax(tmp_path, capsys):
     assert (final.bos_token_id, final.eos_token_id, final.pad_token_id) == (0, 1, 2)
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "final"))
     assert (hf_tok.eos_token, hf_tok.pad_token) == ("<|end_of_text|>", "<|pad|>")
+    # a run started before this (its checkpoint config has no ids) resumes, taking them now, and says so
+    ck = tmp_path / "run" / "checkpoint-1" / "config.json"
+    old = json.loads(ck.read_text())
+    ck.write_text(json.dumps({**old, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}))
+    (ck.parent / "generation_config.json").write_text("{}")  # as the earlier doge_torch.train wrote it
+    main(["--config", str(cfg), "--data", str(tmp_path / "d.jsonl"), "--tokenizer", str(tmp_path / "tokenizer.json"),
+          "--max-steps", "2", "--device", "cpu", "--out", str(tmp_path / "run")])
+    said = capsys.readouterr().out
+    assert "had no bos/eos/pad_token_id (None, None, None); from the tokenizer now: (0, 1, 2)" in said, said
+    assert doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "run" / "final")).config.eos_token_id == 1
     # a tokenizer with no EOS token, and no model.eos_token_id: refused, as in doge_jax.train
     bpe(["<unk>"], "no_eos.json")
     argv = ["--config", str(cfg), "--data", str(tmp_path / "d.jsonl"), "--tokenizer", str(tmp_path / "no_eos.json"),
@@ -568,6 +587,9 @@ def test_cli_out_must_be_a_run_and_a_failed_start_writes_nothing(tmp_path, capsy
     assert "a step needs" in capsys.readouterr().err and not (tmp_path / "never").exists()
     (tmp_path / "empty").mkdir()  # an empty directory, or one with only a metrics file, is fine
     assert cli(base + ["--out", str(tmp_path / "empty")]) == 0 and os.path.isdir(tmp_path / "empty" / "final")
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "metrics.jsonl").write_text("")
+    assert cli(base + ["--out", str(tmp_path / "started")]) == 0
 
 
 def test_cli_data_and_tokenizer_from_the_config(tmp_path, capsys):
@@ -616,6 +638,10 @@ def test_bad_token_files_are_named(tmp_path):
     head, tail = stream.split_tail(2)  # the names follow the parts through the validation split
     assert head.names == [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")] and tail.names == [str(tmp_path / "b.npy")]
     check_id_range(stream, 5001)
+    home = tmp_path / "home"  # (HOME, set by the autouse fixture): ~ is expanded as doge_jax.train expands it
+    home.mkdir()
+    np.save(home / "c.npy", np.arange(10, dtype=np.uint16))
+    assert len(load_tokens(["~/c.npy"])) == 10
 
 
 def _small_run_config(tmp_path, extra: str = "") -> str:
@@ -673,10 +699,10 @@ def test_cli_unreadable_checkpoint_is_one_error_naming_it(tmp_path, capsys):
     argv = ["--config", cfg, "--data", data, "--device", "cpu", "--out", str(out)]
     main(argv + ["--max-steps", "3"])
     capsys.readouterr()
-    for name in ("optimizer.pt", "model.safetensors", "trainer_state.json"):  # one damaged file at a time
+    for name in ("optimizer.pt", "model.safetensors", "trainer_state.json", "config.json"):  # one at a time
         good = (out / "checkpoint-3" / name).read_bytes()
-        (out / "checkpoint-3" / name).write_bytes(good[:len(good) // 2] if name.endswith(".safetensors") else
-                                                  b"garbage")
+        (out / "checkpoint-3" / name).write_bytes(good[:len(good) // 2] if name.endswith((".safetensors", ".json"))
+                                                  else b"garbage")
         assert cli(argv + ["--max-steps", "4"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: the run's newest checkpoint") and "checkpoint-3" in err[0] \
@@ -898,6 +924,36 @@ def test_cli_validation_loss(tmp_path, capsys):
     assert f" {len(tokens) - len(held)} tokens, 7 steps" in capsys.readouterr().out  # trained without them
     stream = TokenStream([np.arange(40)])  # one row of 32: nothing to hold out, the stream stays whole
     assert val_rows(stream, [], 32, 0.5, 4)[1] is None and len(val_rows(stream, [], 32, 0.5, 4)[0]) == 40
+
+
+def test_text_validation_rows_equal_doge_jax(tmp_path):
+    """Text data: doge_torch.train holds out the same documents as doge_jax.train (train.val_fraction, train.seed)
+    and validates on the same rows, so the two frameworks' val_loss compare; the tokens come from doge_jax's cache.
+    Before, doge_torch held out the tail of the stream."""
+    from doge_jax import corpora as C
+    from doge_jax import data as D
+    from doge_torch.train import load_tokens, val_rows
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(30):
+        (corpus / f"d{i:02d}.txt").write_text(" ".join(rng.choice(["a", "bb", "c", "dd", "e"], size=60)))
+    (corpus / "more.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 9}) + "\n" for i in range(10)))
+    tok_file = str(tmp_path / "tokenizer.json")
+    D.train_bpe(D.resolve_paths([str(corpus)]), 300).save(tok_file)
+    tok = D.load_tokenizer(tok_file)
+    cache = str(tmp_path / "cache")
+    want = C.training_data(C.parse_sources([str(corpus)]), tok, 1, 300, 16, cache, "text", 0.2, 7, False)
+    held: list = []
+    # the files given another way (a glob and a file, overlapping): the same documents, in doge_jax's order
+    stream = load_tokens([str(corpus / "more.jsonl"), str(corpus / "*.txt")], tok_file, 1, val=held,
+                         val_fraction=0.2, seed=7, cache_dir=cache)
+    train, rows = val_rows(stream, held, 16, 0.2, 10**6)
+    np.testing.assert_array_equal(rows, np.asarray(want.val_rows))
+    assert len(train) == want.train_tokens and sum(map(len, held)) == want.val_tokens > 0
+    packed = np.asarray(want.rows).ravel()  # doge_jax's training rows: the same stream, cut into rows
+    np.testing.assert_array_equal(np.asarray(train)[:packed.size], packed)
 
 
 def test_evaluate_is_cross_entropy_only():
