@@ -50,24 +50,37 @@ def parser() -> argparse.ArgumentParser:
                         "refused: native <-> small_doge is not a conversion)")
     p.add_argument("--step", type=int, help="step of a training run directory (default: the latest)")
     p.add_argument("--config", help="config.json (or our YAML) for a state-dict file or to override SRC's")
-    p.add_argument("--shard-size", default="5GB", help="largest safetensors shard for --to hf (default 5GB)")
+    p.add_argument("--shard-size", help="largest safetensors shard for --to hf (default 5GB)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and name mapping, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
 
-def _sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds through atomic_output_dir, which removes its temporary directory
+def _on_signal(signum, frame):
+    """SIGINT/SIGTERM: noted, and acted on after the current tensor (core.STOP); a second Ctrl-C stops at once.
+    Either way the exception unwinds through atomic_output_dir, which removes its temporary directory."""
+    from .core import STOP
+
+    if STOP and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    STOP.append(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .core import convert
+    from .core import STOP, convert
 
-    old = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
+    if args.shard_size is not None and args.to != "hf":
+        print(f"note: --shard-size applies to --to hf; {args.to} output is not sharded", file=sys.stderr)
+    STOP.clear()
+    old = {}
+    if _main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:  # an ignored signal stays ignored (background jobs)
+                old[s] = signal.signal(s, _on_signal)
     try:
         convert(args.src, args.dst, args.to, dtype=args.dtype, variant=args.variant, step=args.step,
-                config=args.config, shard_size=args.shard_size, dry_run=args.dry_run, overwrite=args.overwrite)
+                config=args.config, shard_size=args.shard_size or "5GB", dry_run=args.dry_run, overwrite=args.overwrite)
     except (CheckpointError, ConfigError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -75,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; nothing written", file=sys.stderr)
         return 130
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if STOP:  # it came after DST was renamed into place: the output is whole
+        print(f"note: {signal.Signals(STOP[0]).name} came after {args.dst} was complete; it is kept", file=sys.stderr)
     return 0
 
 

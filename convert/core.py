@@ -13,6 +13,15 @@ from .plan import build_plan, cast, describe
 from .sinks import SINKS, output_files
 from .sources import open_source
 
+# Signals the command line received (SIGINT/SIGTERM), acted on between tensors: an exception raised from the signal
+# handler itself can land in a garbage-collection callback (XLA's), where Python prints and drops it.
+STOP: list[int] = []
+
+
+def _check_stop() -> None:
+    if STOP:
+        raise KeyboardInterrupt if STOP[0] == 2 else SystemExit(128 + STOP[0])
+
 
 def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: str | None = None,
             step: int | None = None, config: str | None = None, shard_size="5GB", dry_run: bool = False,
@@ -53,11 +62,13 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
             sink.put(name, cast(arr, e.dtype))
             seen.add(name)
             del arr
+            _check_stop()
         missing = sorted(set(plan.entries) - seen)
         if missing:
             raise CheckpointError(f"{source.path}: tensors listed but never read: {', '.join(missing)}")
         sink.finish()
         _chmod_like_mkdir(tmp)
+        _check_stop()  # (the last chance to leave nothing: DST is renamed into place next)
     secs = time.perf_counter() - t0
     log(f"wrote {dst} ({to}: {len(plan.entries)} tensors, {plan.nbytes / 1e6:.1f} MB, {plan.dtype_name}) "
         f"in {secs:.1f} s")
@@ -80,4 +91,7 @@ def _check_apart(src: str, dst: str, overwrite: bool) -> None:
         raise FileExistsError(f"{dst}: DST contains the source {src}; write to another directory")
     if os.path.commonpath([s, d]) == s and os.path.lexists(d) and overwrite:
         raise FileExistsError(f"{dst}: DST is inside the source {src}; replacing it would change the source")
+    if os.path.commonpath([s, d]) == s and os.path.isdir(os.path.join(s, "checkpoints")):
+        raise FileExistsError(f"{dst}: DST is inside the training run {src}; a model there could pass for one of "
+                              "its steps (and be loaded as its newest); write to another directory")
 

@@ -63,11 +63,14 @@ def build_plan(source: Source, target: str, dtype: str | None = None) -> Plan:
         check_keys(expected_hf_shapes(cfg), {k: r.shape for k, r in refs.items()}, where=source.path)
     except CheckpointError as e:
         raise CheckpointError(str(e) + _variant_hint(cfg, refs)) from None
+    not_float = sorted(f"{n} ({r.dtype})" for n, r in refs.items() if not _is_float(r.dtype))
+    if not_float:  # every Doge parameter is a float (doge_jax would keep an int32 norm weight as int32)
+        raise CheckpointError(f"{source.path}: non-floating-point weights: {', '.join(not_float[:5])}")
     out = DTYPES[dtype] if dtype else None
     entries = {}
     for name in sorted(refs):
         r = refs[name]
-        entries[name] = Entry(name, r.src, r.shape, r.dtype, out if out is not None and _is_float(r.dtype) else r.dtype)
+        entries[name] = Entry(name, r.src, r.shape, r.dtype, out if out is not None else r.dtype)
     return Plan(source, target, cfg, entries, skipped)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from .decode import DecodeCache, decode_step, prepare_decode, use_counters
-from .generation_args import RIGHT_PADDED, check_sampling, output_pad
+from .generation_args import RIGHT_PADDED, check_mask_values, check_sampling, eos_ids, inferred_pad, output_pad
 from .model import DogeCache, check_token_ids
 
 CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths share compiled programs
@@ -129,16 +129,23 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids shape {ids.shape}: expected [batch, length >= 1] (or [length])")
     B, P = ids.shape
-    mask = np.ones((B, P), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if B == 0:
+        raise ValueError(f"input_ids shape {ids.shape}: expected at least one row")
+    eos = eos_ids(eos_token_id, cfg)
+    pad = output_pad(pad_token_id, cfg, eos)
+    if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
+        infer = inferred_pad(pad_token_id, cfg, eos)
+        mask = ids != infer if infer is not None and (ids == infer).any() else np.ones((B, P), bool)
+    else:
+        mask = np.asarray(attention_mask)
+        check_mask_values(mask)
+        mask = mask.astype(bool)
     if mask.ndim == 1:
         mask = mask[None]
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     if not mask[:, -1].all():
         warnings.warn(RIGHT_PADDED, stacklevel=2)
-    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
-    eos = [] if eos is None else ([int(eos)] if np.ndim(eos) == 0 else [int(e) for e in eos])
-    pad = output_pad(pad_token_id, cfg, eos)
     pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
     if use_cache:

@@ -10,16 +10,48 @@ RIGHT_PADDED = ("a prompt row ends in padding (attention_mask 0 at the end): new
 
 def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens) -> None:
     """The generation arguments transformers would refuse, named (shared with doge_torch.generate)."""
-    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
     if not do_sample:  # greedy: the sampling knobs are ignored, as in transformers
         return
     if not temperature > 0:
         raise ValueError(f"temperature={temperature}: must be > 0 when sampling (do_sample=False for greedy)")
-    if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 0):
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
         raise ValueError(f"top_k={top_k!r}: must be an integer >= 0 (0 or None: no top-k)")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+
+
+def eos_ids(eos_token_id, cfg) -> list[int]:
+    """The EOS ids generation stops at: eos_token_id (an id or a list of them), else the config's; [] for none.
+    Non-integer ids raise (5.5 is not an id)."""
+    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+    if eos is None:
+        return []
+    eos = list(eos) if isinstance(eos, list | tuple | np.ndarray) else [eos]
+    bad = [e for e in eos if not _is_int(e)]
+    if bad:
+        raise ValueError(f"eos_token_id={eos_token_id!r}: token ids must be integers, got {bad[0]!r}")
+    return [int(e) for e in eos]
+
+
+def inferred_pad(pad_token_id, cfg, eos: list[int]) -> int | None:
+    """The pad id transformers' generate infers a missing attention_mask from (the generation pad id:
+    pad_token_id, else the config's; None when there is none or it is an EOS id, as transformers then keeps
+    every token). A prompt holding it gets attention_mask = (ids != pad)."""
+    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    return None if pad is None or int(pad) in eos else int(pad)
+
+
+def check_mask_values(mask: np.ndarray) -> None:
+    """An attention_mask holds 0 and 1 only (2 or 0.5 meant different things to the two packages)."""
+    if mask.size and not np.isin(mask, (0, 1)).all():
+        bad = mask[~np.isin(mask, (0, 1))]
+        raise ValueError(f"attention_mask values must be 0 or 1, got {bad[:5].tolist()}")
 
 
 def output_pad(pad_token_id, cfg, eos: list[int]) -> int:

@@ -186,11 +186,18 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None
     carried into the new directory (hard links), as transformers' save_pretrained leaves a tokenizer in place."""
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    remove_stale(parent, os.path.basename(path))  # first: it may put a killed writer's previous output back
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_owner()}-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        remove_stale(parent, os.path.basename(path))  # first: it may put a killed writer's previous output back
+        if os.path.lexists(path) and not os.path.isdir(path):  # (transformers refuses a file too)
+            raise NotADirectoryError(f"{path} is a file, not a directory; nothing replaced (a model is a directory)")
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_owner()}-", dir=parent)
+    except OSError as e:
+        if e.filename is None:  # ours, above: already names the path
+            raise
+        raise type(e)(e.errno, f"{path}: cannot write there ({e.strerror})") from None
     tmp_lock = _lock(tmp)
     umask = os.umask(0)
     os.umask(umask)

@@ -393,6 +393,8 @@ class DogeForCausalLM(nnx.Module):
         cfg = self.config
         check_token_ids(input_ids, cfg.vocab_size)
         input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, seq >= 1]")
         B, S = input_ids.shape
         x = jnp.take(self.model.embed_tokens.embedding[...], input_ids, axis=0)
         if cfg.pad_token_id is not None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
-from doge_jax.generation_args import RIGHT_PADDED, check_sampling, output_pad
+from doge_jax.generation_args import RIGHT_PADDED, check_mask_values, check_sampling, eos_ids, inferred_pad, output_pad
 
 from .model import DogeCache, check_token_ids, token_ids_checked
 
@@ -39,19 +40,31 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     lives on the model's device, seeded by `seed`."""
     cfg = model.config
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
+    device = next(model.parameters()).device
+    if not isinstance(input_ids, torch.Tensor):  # a list or a numpy array, as doge_jax takes them
+        input_ids = torch.as_tensor(np.asarray(input_ids), device=device)
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        attention_mask = torch.as_tensor(np.asarray(attention_mask), device=input_ids.device)
+    check_token_ids(input_ids, cfg.vocab_size)  # once (and its dtype): generated ids are in range
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
-        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, length >= 1] (or [length])")
-    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
-    eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    if attention_mask is not None and attention_mask.ndim == 1:
+        attention_mask = attention_mask[None]
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch >= 1, length >= 1] (or "
+                         "[length])")
+    eos = eos_ids(eos_token_id, cfg)
     pad = output_pad(pad_token_id, cfg, eos)
     device = input_ids.device
     gen = torch.Generator(device=device).manual_seed(seed) if do_sample else None
     B = input_ids.shape[0]
-    if attention_mask is None:
+    if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
+        infer = inferred_pad(pad_token_id, cfg, eos)
         attention_mask = torch.ones_like(input_ids)
+        if infer is not None and bool((input_ids == infer).any()):
+            attention_mask = (input_ids != infer).long()
+    else:
+        check_mask_values(attention_mask.detach().cpu().numpy())
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")
@@ -62,7 +75,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = DogeCache(cfg.num_hidden_layers) if use_cache else None
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
-    check_token_ids(input_ids, cfg.vocab_size)  # once: generated ids are in range (on a GPU each check is a sync)
     step_ids = ids
     with token_ids_checked():
         for _ in range(max_new_tokens):

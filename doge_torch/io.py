@@ -16,6 +16,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def resolve_dtype(dtype) -> torch.dtype | None:
     """None or "auto" (the checkpoint's dtype), a name, or a torch.dtype."""
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype}: a model's weights are floating point; use one of {sorted(DTYPES)}")
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return None if dtype == "auto" else dtype
     if dtype not in DTYPES:

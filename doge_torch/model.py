@@ -616,6 +616,8 @@ class DogeForCausalLM(nn.Module):
         """transformers' DogeForCausalLM.forward. `return_logits=False` with labels (training): the loss without
         ever storing the logits (`doge_torch.loss.causal_lm_loss_fused`, the same value), and `logits` None."""
         cfg = self.config
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, seq >= 1]")
         check_token_ids(input_ids, cfg.vocab_size)
         B, S = input_ids.shape
         if use_cache and past_key_values is None:
@@ -708,6 +710,8 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     host copy of the batch) still validate."""
     if torch.compiler.is_compiling() or _IDS_CHECKED.get():
         return
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
         raise ValueError(f"input_ids contain ids outside [0, vocab_size={vocab_size}): {bad[:10].tolist()}")

@@ -342,8 +342,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killed_mid_write_leaves_no_dst(tmp_path, sig):
+    """A catchable signal is acted on after the current tensor (raised from the handler it could land in a garbage
+    collection callback, where Python drops it: Ctrl-C was lost and the write finished, exit 0)."""
     src = save_hf(make_hf_model(), tmp_path / "src")
     dst = tmp_path / "dst"
     p = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, src, str(dst), "--to", "hf"], cwd=ROOT,
@@ -356,8 +358,11 @@ def test_killed_mid_write_leaves_no_dst(tmp_path, sig):
     finally:
         p.kill()
     assert p.returncode != 0 and not dst.exists()
-    if sig == signal.SIGTERM:  # a catchable signal also removes the temporary directory
+    if sig != signal.SIGKILL:  # a catchable signal also removes the temporary directory
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".dst")]
+        assert p.returncode == 128 + sig
+        if sig == signal.SIGINT:
+            assert "interrupted; nothing written" in p.stderr.read()
     else:  # SIGKILL cannot be caught: the next write to the same place removes what the dead writer left
         assert [n for n in os.listdir(tmp_path) if n.startswith(".dst.tmp-")]
         live = tmp_path / f".dst.tmp-{socket.gethostname()}.{os.getpid()}-x"
@@ -480,6 +485,9 @@ def test_dst_containing_the_source_refused(tmp_path, capsys):
     assert _run(run, run / "checkpoints", "--to", "hf", "--overwrite") == 1  # an existing part of the source
     assert "DST is inside the source" in capsys.readouterr().err and sorted(os.listdir(run)) == before
     assert _run(src, os.path.join(src, "jax"), "--to", "jax") == 0  # a new directory inside it is fine
+    # ... but not inside a training run: RUN/checkpoints/500 became the run's newest "step"
+    assert _run(run, run / "checkpoints" / "500", "--to", "jax") == 1
+    assert "DST is inside the training run" in capsys.readouterr().err and sorted(os.listdir(run)) == before
 
 
 def test_no_overwrite_never_replaces(tmp_path):
@@ -679,3 +687,17 @@ def test_deferred_ctrl_c_keeps_an_ignored_sigint_and_custom_handlers(monkeypatch
         assert seen == [signal.SIGINT]
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_non_float_weights_refused(tmp_path, capsys):
+    """An int32 weight was copied as int32 (doge_jax then kept an int32 parameter); every Doge weight is a float."""
+    import safetensors.numpy
+
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    f = os.path.join(src, "model.safetensors")
+    sd = safetensors.numpy.load_file(f)
+    sd["model.norm.weight"] = sd["model.norm.weight"].astype(np.int32)
+    safetensors.numpy.save_file(sd, f, metadata={"format": "pt"})
+    assert _run(src, tmp_path / "out", "--to", "jax") == 1
+    assert "non-floating-point weights: model.norm.weight (int32)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

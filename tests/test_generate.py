@@ -410,3 +410,53 @@ def test_right_padded_prompts_warn(model_dir):
     with pytest.warns(UserWarning, match="pad prompts on the left"):
         doge_torch.DogeForCausalLM.from_pretrained(model_dir).generate(
             torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=2)
+
+
+def test_prompt_padding_without_a_mask_is_inferred_as_transformers(tmp_path):
+    """No attention_mask and a prompt holding the pad id: the mask is ids != pad, as transformers' generate infers
+    it (before: the pads were attended as tokens, other greedy tokens); a pad id that is an EOS id is not inferred
+    from, as in transformers; doge_torch takes lists and numpy arrays, as doge_jax does."""
+    import doge_torch
+
+    hf = make_hf_model(pad_token_id=0, eos_token_id=1)
+    path = save_hf(hf, tmp_path / "m")
+    ids = unique_ids(2, 7, 128, seed=8)
+    ids[ids < 2] = 77 + np.arange((ids < 2).sum())  # no stray pad or EOS inside the prompt
+    ids[0, :3] = 0  # row 0 left-padded
+    with torch.no_grad():
+        want = hf.generate(torch.as_tensor(ids), do_sample=False, max_new_tokens=5).numpy()
+        masked = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor((ids != 0).astype(np.int64)),
+                             do_sample=False, max_new_tokens=5).numpy()
+    np.testing.assert_array_equal(want, masked)  # transformers did infer it
+    jm, tm = DogeForCausalLM.from_pretrained(path), doge_torch.DogeForCausalLM.from_pretrained(path)
+    np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=5), want)
+    np.testing.assert_array_equal(tm.generate(ids, max_new_tokens=5).numpy(), want)
+    np.testing.assert_array_equal(tm.generate(ids.tolist(), max_new_tokens=5).numpy(), want)
+    ones = np.ones_like(ids)  # pad == EOS: nothing inferred, every token attended
+    np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=5, pad_token_id=1, eos_token_id=1),
+                                  jm.generate(ids, attention_mask=ones, max_new_tokens=5, pad_token_id=1,
+                                              eos_token_id=1))
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_bad_generate_arguments_are_named(model_dir, framework):
+    """Float ids, a bad mask value, a non-integer EOS, a bool top_k and an empty batch raise ValueError naming the
+    argument in both packages (before, in doge_torch: RuntimeError/TypeError from torch; in doge_jax 5.5 and True
+    silently became 5 and 1; and masks of 2 or 0.5 meant different things to the two)."""
+    import doge_torch
+
+    model = (DogeForCausalLM if framework == "jax" else doge_torch.DogeForCausalLM).from_pretrained(model_dir)
+    conv = np.asarray if framework == "jax" else torch.as_tensor
+    ids = unique_ids(1, 5, 128, seed=2)
+    for kwargs, want in ((dict(input_ids=conv(ids.astype(np.float32))), "integer token ids"),
+                         (dict(input_ids=conv(ids), attention_mask=conv(np.full_like(ids, 2))),
+                          "attention_mask values must be 0 or 1"),
+                         (dict(input_ids=conv(ids), attention_mask=conv(np.full(ids.shape, 0.5))),
+                          "attention_mask values must be 0 or 1"),
+                         (dict(input_ids=conv(ids), eos_token_id=5.5), "eos_token_id=5.5"),
+                         (dict(input_ids=conv(ids), do_sample=True, top_k=True), "top_k=True"),
+                         (dict(input_ids=conv(np.zeros((0, 4), np.int64))), "input_ids shape (0, 4)")):
+        with pytest.raises(ValueError, match=want.replace("(", r"\(").replace(")", r"\)")):
+            model.generate(max_new_tokens=2, **kwargs)
+    with pytest.raises(ValueError, match=r"input_ids shape \(5,\): expected \[batch, seq >= 1\]"):
+        model(conv(ids[0]))

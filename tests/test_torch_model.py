@@ -387,6 +387,13 @@ def test_from_pretrained_names_what_the_path_is(tmp_path):
     (tmp_path / "run" / "config.json").write_bytes((tmp_path / "hf" / "config.json").read_bytes())
     with pytest.raises(CheckpointError, match=r"doge_jax \(orbax\) checkpoint: convert it first"):
         DogeForCausalLM.from_pretrained(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="torch.int8: a model's weights are floating point"):
+        DogeForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.int8)
+    # save_pretrained onto a file refuses and keeps it, as transformers does (before: replaced by the model)
+    (tmp_path / "notes.txt").write_text("notes")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        DogeForCausalLM.from_pretrained(str(tmp_path / "hf")).save_pretrained(str(tmp_path / "notes.txt"))
+    assert (tmp_path / "notes.txt").read_text() == "notes"
 
 
 def test_sharded_save(tmp_path):
