@@ -37,6 +37,17 @@ def _token_cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
+def _bpe(texts: list[str], specials: list[str], path) -> object:
+    """A tiny byte-level BPE (vocabulary 300) trained on `texts`, saved as `path` (a tokenizer.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    tok.save(str(path))
+    return tok
+
+
 WSD_CASES = [
     dict(num_warmup_steps=3, num_decay_steps=5, num_training_steps=20, warmup_type="linear", decay_type="linear"),
     dict(num_warmup_steps=13, num_decay_steps=37, num_training_steps=80, warmup_type="cosine", decay_type="cosine",
@@ -373,14 +384,9 @@ def test_cli_stops_at_the_first_non_finite_loss(tmp_path):
 
 def test_cli_text_with_tokenizer(tmp_path):
     """Text data through a tokenizer.json (a tiny BPE trained here); in process, bf16 autocast on CPU."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     text = "".join(open(p).read() for p in ("doge_torch/train.py", "doge_torch/optim.py"))
     (tmp_path / "a.txt").write_text(text)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
-    tok.save(str(tmp_path / "tokenizer.json"))
+    _bpe([text], ["<unk>", "<eos>"], tmp_path / "tokenizer.json")
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
                    .replace("global_batch_tokens: 4096", "global_batch_tokens: 64")
@@ -472,17 +478,13 @@ def test_cli_init_from_applies_the_config_files_model_fields(tmp_path):
 def test_cli_reads_data_as_doge_jax_does(tmp_path):
     """.jsonl rows are documents (not raw JSON text), a python -m doge_jax.data directory gives its token shards,
     a lone .bin shard is refused, moe_freeze_steps (doge_jax only) is refused, and OUT/final gets the tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from doge_jax.corpora import pretokenize
     from doge_torch.train import load_tokens
 
     docs = [f"document {i}: " + open("doge_torch/optim.py").read()[i * 50:(i + 1) * 50] for i in range(60)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
-    tok.save(str(tmp_path / "tokenizer.json"))
+    tok = _bpe(docs, ["<unk>", "<eos>"], tmp_path / "tokenizer.json")
     got = load_tokens([str(tmp_path / "d.jsonl")], str(tmp_path / "tokenizer.json"), 1)
     want = np.concatenate([tok.encode(d).ids + [1] for d in docs])
     np.testing.assert_array_equal(got, want)
@@ -524,20 +526,12 @@ def test_cli_takes_special_ids_from_the_tokenizer_as_doge_jax(tmp_path, capsys):
     """configs/tiny.yaml leaves bos/eos/pad unset ("they belong to the tokenizer"): a fresh run takes them from the
     tokenizer as doge_jax.train does, ends each document with EOS, and OUT/final gets a tokenizer_config.json that
     transformers reads. Before, the ids stayed null and the documents ran into each other."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer
 
     docs = [f"document {i}: " + open("doge_torch/optim.py").read()[i * 40:(i + 1) * 40] for i in range(30)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
 
-    def bpe(specials, name):
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-        tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
-        tok.save(str(tmp_path / name))
-        return tok
-
-    tok = bpe(["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<unk>"], "tokenizer.json")
+    tok = _bpe(docs, ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<unk>"], tmp_path / "tokenizer.json")
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
                    .replace("global_batch_tokens: 4096", "global_batch_tokens: 64") + "  val_fraction: 0.0\n")
@@ -561,7 +555,7 @@ def test_cli_takes_special_ids_from_the_tokenizer_as_doge_jax(tmp_path, capsys):
     assert "had no bos/eos/pad_token_id (None, None, None); from the tokenizer now: (0, 1, 2)" in said, said
     assert doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "run" / "final")).config.eos_token_id == 1
     # a tokenizer with no EOS token, and no model.eos_token_id: refused, as in doge_jax.train
-    bpe(["<unk>"], "no_eos.json")
+    _bpe(docs, ["<unk>"], tmp_path / "no_eos.json")
     argv = ["--config", str(cfg), "--data", str(tmp_path / "d.jsonl"), "--tokenizer", str(tmp_path / "no_eos.json"),
             "--max-steps", "1", "--device", "cpu"]
     assert cli(argv) == 2 and "model.eos_token_id" in capsys.readouterr().err
@@ -595,14 +589,9 @@ def test_cli_out_must_be_a_run_and_a_failed_start_writes_nothing(tmp_path, capsy
 def test_cli_data_and_tokenizer_from_the_config(tmp_path, capsys):
     """train.data and train.tokenizer are used when --data / --tokenizer are not given (before: --data was required
     and the config's fields ignored); mixture weights, doge_jax.train's, are refused by name."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     text = open("doge_torch/optim.py").read()
     (tmp_path / "a.txt").write_text(text)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|end_of_text|>"]))
-    tok.save(str(tmp_path / "tokenizer.json"))
+    tok = _bpe([text], ["<unk>", "<|end_of_text|>"], tmp_path / "tokenizer.json")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
                    .replace("global_batch_tokens: 4096", "global_batch_tokens: 64")
