@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert(args.src, args.dst, args.to, dtype=args.dtype, variant=args.variant, step=args.step,
                 config=args.config, shard_size=args.shard_size or "5GB", dry_run=args.dry_run, overwrite=args.overwrite)
+        if STOP and args.dry_run:
+            raise KeyboardInterrupt
     except (CheckpointError, ConfigError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    if STOP:  # it came after DST was renamed into place: the output is whole
-        print(f"note: {signal.Signals(STOP[0]).name} came after {args.dst} was complete; it is kept", file=sys.stderr)
+        late = list(STOP)
+        STOP.clear()  # (a later in-process convert() call must not see this command's signal)
+    if late:  # it came after DST was renamed into place: the output is whole
+        print(f"note: {signal.Signals(late[0]).name} came after {args.dst} was complete; it is kept", file=sys.stderr)
     return 0
 
 

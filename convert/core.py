@@ -91,7 +91,14 @@ def _check_apart(src: str, dst: str, overwrite: bool) -> None:
         raise FileExistsError(f"{dst}: DST contains the source {src}; write to another directory")
     if os.path.commonpath([s, d]) == s and os.path.lexists(d) and overwrite:
         raise FileExistsError(f"{dst}: DST is inside the source {src}; replacing it would change the source")
-    if os.path.commonpath([s, d]) == s and os.path.isdir(os.path.join(s, "checkpoints")):
-        raise FileExistsError(f"{dst}: DST is inside the training run {src}; a model there could pass for one of "
-                              "its steps (and be loaded as its newest); write to another directory")
+    if os.path.lexists(d) and not os.path.isdir(d):
+        raise FileExistsError(f"{dst} is a file, not a directory; nothing replaced (a model is a directory)")
+    # a training run's checkpoints/ holds steps only: a model written there could pass for its newest step
+    run = s if os.path.isdir(os.path.join(s, "checkpoints")) else None
+    if run is None and os.path.basename(os.path.dirname(s)) == "checkpoints":  # SRC is a step directory
+        run = os.path.dirname(os.path.dirname(s))
+    steps_dir = os.path.join(run, "checkpoints") if run is not None else None
+    if steps_dir is not None and os.path.commonpath([steps_dir, d]) == steps_dir:
+        raise FileExistsError(f"{dst}: DST is inside the training run's checkpoints/ ({run}); a model there could "
+                              "pass for one of its steps (and be loaded as its newest); write to another directory")
 

@@ -222,18 +222,21 @@ def read_param(params_dir: str, path: tuple[str, ...]):
 @contextlib.contextmanager
 def sigint_deferred():
     """A first Ctrl-C waits for the end of the block, then acts as it would have (KeyboardInterrupt, or the handler
-    that was installed); a second one acts at once. orbax writes from background threads that an interrupt does
-    not stop: interrupted, they went on writing into the temporary output directory after its removal (hundreds of
-    MB left behind by `convert --to jax`). An ignored SIGINT stays ignored."""
+    that was installed); a second one raises KeyboardInterrupt at once. orbax writes from background threads that
+    an interrupt does not stop: interrupted, they went on writing into the temporary output directory after its
+    removal (hundreds of MB left behind by `convert --to jax`). An ignored SIGINT stays ignored."""
     old = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or old in (signal.SIG_IGN, None):
         yield
         return
     got: list = []
 
+    def second(signum, frame):
+        raise KeyboardInterrupt  # at once, whatever the outer handler would do with a first one
+
     def first(signum, frame):
         got.append(frame)
-        signal.signal(signal.SIGINT, old)  # a second Ctrl-C is not deferred
+        signal.signal(signal.SIGINT, second)
         print("interrupted: finishing the checkpoint write first (Ctrl-C again to stop at once)", file=sys.stderr)
 
     signal.signal(signal.SIGINT, first)

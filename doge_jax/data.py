@@ -58,13 +58,13 @@ _TORCH_CKPT = re.compile(r"checkpoint-\d+")
 
 
 def _is_skipped_dir(d: str) -> bool:
-    """Never documents: a pre-tokenized output (corpus.json), a doge_jax run (train_config.yaml next to
-    checkpoints/), a doge_torch.train run (metrics.jsonl next to checkpoint-N/) or a doge_torch / transformers
-    Trainer checkpoint (trainer_state.json)."""
+    """Never documents: a pre-tokenized output (corpus.json), a doge_jax run (train_config.yaml
+    next to checkpoints/), a doge_torch.train run (metrics.jsonl next to checkpoint-N/) or a doge_torch /
+    transformers Trainer checkpoint (trainer_state.json)."""
     def has(name: str) -> bool:
         return os.path.isfile(os.path.join(d, name))
 
-    if has(_MANIFEST) or has("trainer_state.json"):
+    if has(_MANIFEST) or has("trainer_state.json"):  # (corpus.json marks a pre-tokenized directory, as in corpora)
         return True
     if has("train_config.yaml") and os.path.isdir(os.path.join(d, "checkpoints")):
         return True
@@ -107,7 +107,7 @@ def resolve_paths(specs: list[str] | str, exclude: list[str] | tuple[str, ...] =
                 # hidden directories (.git, .ipynb_checkpoints copies), pre-tokenized outputs and runs are not documents
                 dirs[:] = [d for d in dirs if not d.startswith(".") and kept(os.path.join(dp, d))
                            and not _is_skipped_dir(os.path.join(dp, d))]
-                hits += [os.path.join(dp, f) for f in fs if f.endswith(_TEXT_EXT)]
+                hits += [os.path.join(dp, f) for f in fs if f.endswith(_TEXT_EXT) and kept(os.path.join(dp, f))]
             hits.sort()
             if not hits:
                 raise DataError(f"data path {spec!r}: directory holds no text file ({', '.join(_TEXT_EXT)})"

@@ -26,24 +26,42 @@ def _is_int(x) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
-def eos_ids(eos_token_id, cfg) -> list[int]:
-    """The EOS ids generation stops at: eos_token_id (an id or a list of them), else the config's; [] for none.
-    Non-integer ids raise (5.5 is not an id)."""
-    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
-    if eos is None:
-        return []
-    eos = list(eos) if isinstance(eos, list | tuple | np.ndarray) else [eos]
-    bad = [e for e in eos if not _is_int(e)]
+def _ids(value, name: str) -> list[int]:
+    """An id or ids (int, list, numpy / torch / JAX array of any shape) as a list of ints; non-integers raise."""
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        items = np.asarray(value).ravel().tolist() if hasattr(value, "__array__") else [value]
+    bad = [e for e in items if not _is_int(e)]
     if bad:
-        raise ValueError(f"eos_token_id={eos_token_id!r}: token ids must be integers, got {bad[0]!r}")
-    return [int(e) for e in eos]
+        raise ValueError(f"{name}={value!r}: token ids must be integers, got {bad[0]!r}")
+    return [int(e) for e in items]
+
+
+def eos_ids(eos_token_id, cfg) -> list[int]:
+    """The EOS ids generation stops at: eos_token_id (an id or ids: list, array, tensor), else the config's; [] for
+    none. Non-integer ids raise (5.5 is not an id)."""
+    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+    return [] if eos is None else _ids(eos, "eos_token_id")
+
+
+def pad_id(pad_token_id) -> int | None:
+    """An explicit pad_token_id as an int (None stays None); a non-integer raises."""
+    if pad_token_id is None:
+        return None
+    ids = _ids(pad_token_id, "pad_token_id")
+    if len(ids) != 1:
+        raise ValueError(f"pad_token_id={pad_token_id!r}: one token id")
+    return ids[0]
 
 
 def inferred_pad(pad_token_id, cfg, eos: list[int]) -> int | None:
     """The pad id transformers' generate infers a missing attention_mask from (the generation pad id:
     pad_token_id, else the config's; None when there is none or it is an EOS id, as transformers then keeps
     every token). A prompt holding it gets attention_mask = (ids != pad)."""
-    pad = pad_token_id if pad_token_id is not None else cfg.pad_token_id
+    pad = pad_id(pad_token_id) if pad_token_id is not None else cfg.pad_token_id
     return None if pad is None or int(pad) in eos else int(pad)
 
 
@@ -58,6 +76,7 @@ def output_pad(pad_token_id, cfg, eos: list[int]) -> int:
     """The id written after a row's EOS: pad_token_id, else the config's pad id, else its first valid EOS, else
     0. An explicit pad id must be a token of the vocabulary (it is fed back like any generated token)."""
     V = cfg.vocab_size
+    pad_token_id = pad_id(pad_token_id)
     if pad_token_id is not None:
         if not 0 <= int(pad_token_id) < V:
             raise ValueError(f"pad_token_id={pad_token_id}: must be in [0, vocab_size={V})")

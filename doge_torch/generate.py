@@ -42,7 +42,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
     device = next(model.parameters()).device
     if not isinstance(input_ids, torch.Tensor):  # a list or a numpy array, as doge_jax takes them
-        input_ids = torch.as_tensor(np.asarray(input_ids), device=device)
+        arr = np.asarray(input_ids)
+        input_ids = torch.as_tensor(arr.astype(np.int64) if arr.dtype.kind in "iu" else arr, device=device)
+    elif input_ids.dtype not in (torch.int64, torch.int32) and not (
+            input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool):
+        input_ids = input_ids.long()  # uint8/int16/uint16 ...: the embedding takes int32/int64
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         attention_mask = torch.as_tensor(np.asarray(attention_mask), device=input_ids.device)
     check_token_ids(input_ids, cfg.vocab_size)  # once (and its dtype): generated ids are in range
@@ -64,7 +68,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if infer is not None and bool((input_ids == infer).any()):
             attention_mask = (input_ids != infer).long()
     else:
-        check_mask_values(attention_mask.detach().cpu().numpy())
+        check_mask_values(attention_mask.detach().cpu().float().numpy())  # (.float(): numpy has no bfloat16)
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")

@@ -585,7 +585,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     # validation: eval_batches micro-batches every eval_every steps (0: only at the end), as in doge_jax.train
     tokens, val = val_rows(tokens, held_out, seq_len, tc.val_fraction, tc.eval_batches * rows)
     if val is None and (held_out or tc.val_fraction > 0):
-        where = "in the pre-tokenized validation shards" if held_out else f"(train.val_fraction={tc.val_fraction})"
+        where = ("in the held-out documents or validation shards" if held_out
+                 else f"(train.val_fraction={tc.val_fraction})")
         print(f"note: no validation row of {seq_len} tokens {where}; the run reports no val_loss", flush=True)
     if val is not None:  # (held-out shards: not checked above)
         check_id_range(val, cfg.vocab_size, "validation token ids")

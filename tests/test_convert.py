@@ -485,9 +485,14 @@ def test_dst_containing_the_source_refused(tmp_path, capsys):
     assert _run(run, run / "checkpoints", "--to", "hf", "--overwrite") == 1  # an existing part of the source
     assert "DST is inside the source" in capsys.readouterr().err and sorted(os.listdir(run)) == before
     assert _run(src, os.path.join(src, "jax"), "--to", "jax") == 0  # a new directory inside it is fine
-    # ... but not inside a training run: RUN/checkpoints/500 became the run's newest "step"
-    assert _run(run, run / "checkpoints" / "500", "--to", "jax") == 1
-    assert "DST is inside the training run" in capsys.readouterr().err and sorted(os.listdir(run)) == before
+    # ... but not inside a training run's checkpoints/: RUN/checkpoints/500 became the run's newest "step"
+    for source in (run, run / "checkpoints" / "10"):
+        assert _run(source, run / "checkpoints" / "500", "--to", "jax") == 1
+        assert "inside the training run's checkpoints/" in capsys.readouterr().err and sorted(os.listdir(run)) == before
+    assert _run(run, run / "export", "--to", "hf") == 0  # elsewhere in the run it cannot pass for a step
+    (tmp_path / "notes.txt").write_text("notes")
+    assert _run(src, tmp_path / "notes.txt", "--to", "hf", "--overwrite") == 1
+    assert "is a file, not a directory" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "notes"
 
 
 def test_no_overwrite_never_replaces(tmp_path):
@@ -665,6 +670,43 @@ def test_ctrl_c_during_an_orbax_write_waits_for_it_and_leaves_nothing(tmp_path, 
             save_param_tree(os.path.join(tmp, "params"), {"w": np.ones((64, 64), np.float32)})
     assert done == [True] and os.listdir(tmp_path) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_is_one_commands_and_a_second_ctrl_c_stops_a_deferred_write(tmp_path, monkeypatch, capsys):
+    """convert.main forgets its signal when it returns (a later convert() call raised KeyboardInterrupt with no
+    signal); a signal during --dry-run is an interruption, not "DST was complete"; inside an orbax write
+    (sigint_deferred) a second Ctrl-C stops at once even under convert's own handler (it took a third)."""
+    import signal
+
+    import convert.core as core
+    from doge_jax.checkpoint import sigint_deferred
+
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    real = core.convert
+
+    def signalled(*a, **k):
+        out = real(*a, **k)
+        core.STOP.append(signal.SIGINT)  # as if Ctrl-C came right after the rename
+        return out
+
+    monkeypatch.setattr(core, "convert", signalled)
+    assert _run(src, tmp_path / "a", "--to", "hf") == 0 and core.STOP == []
+    assert "came after" in capsys.readouterr().err and (tmp_path / "a").is_dir()
+    assert _run(src, tmp_path / "b", "--to", "hf", "--dry-run") == 130 and core.STOP == []
+    assert "interrupted; nothing written" in capsys.readouterr().err
+    monkeypatch.setattr(core, "convert", real)
+    from convert.cli import _on_signal
+
+    old = signal.signal(signal.SIGINT, _on_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                assert core.STOP == []  # deferred
+                os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+    finally:
+        signal.signal(signal.SIGINT, old)
+        core.STOP.clear()
 
 
 def test_deferred_ctrl_c_keeps_an_ignored_sigint_and_custom_handlers(monkeypatch):

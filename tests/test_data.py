@@ -62,7 +62,7 @@ def test_walks_skip_runs_checkpoints_and_the_excluded_directory(corpus, tmp_path
     open(os.path.join(corpus, "torch_out", "metrics.jsonl"), "w").write("{}\n")  # a doge_torch.train run's record
     pre = os.path.join(corpus, "tokens")  # a pre-tokenized output: its shards are not text, even to a glob
     os.makedirs(pre)
-    for f in ("corpus.json", "00000.json", "00000.train.bin"):
+    for f in ("corpus.json", "tokenizer.json", "00000.json", "00000.train.bin"):
         open(os.path.join(pre, f), "w").write("{}\n")
     assert D.resolve_paths([corpus], exclude=[mine]) == base
     assert D.resolve_paths([os.path.join(corpus, "**", "*.txt")], exclude=[mine]) == [
@@ -75,6 +75,10 @@ def test_walks_skip_runs_checkpoints_and_the_excluded_directory(corpus, tmp_path
     assert D.resolve_paths([nested], exclude=[corpus]) == [os.path.join(nested, "deeper", "x.txt")]
     assert D.resolve_paths([os.path.join(nested, "**", "*.txt")], exclude=[corpus]) == [
         os.path.join(nested, "deeper", "x.txt")]
+    # the data directory is the run directory (--out . --data .): its own top-level files are not documents either
+    with pytest.raises(D.DataError, match="outside the run directory"):
+        D.resolve_paths([mine], exclude=[mine])
+
     assert os.path.join(mine, "metrics.jsonl") in D.resolve_paths([corpus])  # only when excluded
     # the user's tree above a glob's start is not judged: a corpus inside a run directory is still read
     assert D.resolve_paths([os.path.join(jax_run, "*.jsonl")]) == [os.path.join(jax_run, "metrics.jsonl")]

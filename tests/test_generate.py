@@ -432,10 +432,19 @@ def test_prompt_padding_without_a_mask_is_inferred_as_transformers(tmp_path):
     np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=5), want)
     np.testing.assert_array_equal(tm.generate(ids, max_new_tokens=5).numpy(), want)
     np.testing.assert_array_equal(tm.generate(ids.tolist(), max_new_tokens=5).numpy(), want)
-    ones = np.ones_like(ids)  # pad == EOS: nothing inferred, every token attended
-    np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=5, pad_token_id=1, eos_token_id=1),
-                                  jm.generate(ids, attention_mask=ones, max_new_tokens=5, pad_token_id=1,
-                                              eos_token_id=1))
+    one = ids.copy()
+    one[1, 2] = 1  # the prompt holds id 1, which is both pad and EOS here: nothing inferred, every token attended
+    for m, conv in ((jm, np.asarray), (tm, torch.as_tensor)):
+        got = np.asarray(m.generate(conv(one), max_new_tokens=5, pad_token_id=1, eos_token_id=1))
+        np.testing.assert_array_equal(got, np.asarray(m.generate(conv(one), attention_mask=conv(np.ones_like(one)),
+                                                                 max_new_tokens=5, pad_token_id=1, eos_token_id=1)))
+        assert not np.array_equal(got, np.asarray(m.generate(conv(one), attention_mask=conv((one != 1).astype(int)),
+                                                             max_new_tokens=5, pad_token_id=1, eos_token_id=1)))
+    # ids as a uint16 array (the token caches' dtype), EOS as an array or tensor, a bf16 mask: accepted as before
+    np.testing.assert_array_equal(tm.generate(ids.astype(np.uint16), max_new_tokens=5).numpy(), want)
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), eos_token_id=torch.tensor([1]), max_new_tokens=5,
+                                              attention_mask=torch.as_tensor(ids != 0).bfloat16()).numpy(), want)
+    np.testing.assert_array_equal(jm.generate(ids, eos_token_id=np.array(1), max_new_tokens=5), want)
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
@@ -454,6 +463,7 @@ def test_bad_generate_arguments_are_named(model_dir, framework):
                          (dict(input_ids=conv(ids), attention_mask=conv(np.full(ids.shape, 0.5))),
                           "attention_mask values must be 0 or 1"),
                          (dict(input_ids=conv(ids), eos_token_id=5.5), "eos_token_id=5.5"),
+                         (dict(input_ids=conv(ids), pad_token_id=2.7), "pad_token_id=2.7"),
                          (dict(input_ids=conv(ids), do_sample=True, top_k=True), "top_k=True"),
                          (dict(input_ids=conv(np.zeros((0, 4), np.int64))), "input_ids shape (0, 4)")):
         with pytest.raises(ValueError, match=want.replace("(", r"\(").replace(")", r"\)")):

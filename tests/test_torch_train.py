@@ -936,8 +936,9 @@ def test_text_validation_rows_equal_doge_jax(tmp_path):
     want = C.training_data(C.parse_sources([str(corpus)]), tok, 1, 300, 16, cache, "text", 0.2, 7, False)
     held: list = []
     # the files given another way (a glob and a file, overlapping): the same documents, in doge_jax's order
-    stream = load_tokens([str(corpus / "more.jsonl"), str(corpus / "*.txt")], tok_file, 1, val=held,
-                         val_fraction=0.2, seed=7, cache_dir=cache)
+    stream = load_tokens([str(corpus / "more.jsonl"), str(corpus / "*.txt"), str(corpus / "d03.txt")], tok_file, 1,
+                         val=held, val_fraction=0.2, seed=7, cache_dir=cache)
+    assert len(os.listdir(cache)) == 1  # doge_jax's cache entry was used, not a second tokenization
     train, rows = val_rows(stream, held, 16, 0.2, 10**6)
     np.testing.assert_array_equal(rows, np.asarray(want.val_rows))
     assert len(train) == want.train_tokens and sum(map(len, held)) == want.val_tokens > 0
