@@ -381,7 +381,9 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
     handlers = {}
 
     def on_signal(signum, frame):
-        if stop_signal:  # second signal: default behaviour
+        if stop_signal and signum == signal.SIGINT:  # a second Ctrl-C: at once (main says so in one line)
+            raise KeyboardInterrupt
+        if stop_signal:  # a second SIGTERM: the previous handler's behaviour
             signal.signal(signum, handlers.get(signum, signal.SIG_DFL))
         stop_signal.append(signum)
 

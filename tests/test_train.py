@@ -466,6 +466,43 @@ def test_sigterm_saves_a_checkpoint(corpus, cache, tmp_path):
     assert len(steps) == 1 and steps[0] >= 1
 
 
+def test_second_ctrl_c_stops_at_once(corpus, cache, tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C asks for the checkpointing stop; a second one, while the step still runs, stops at once in
+    one line (exit 130, no new checkpoint). Before, the second only put the old handler back: it took a third."""
+    import time
+
+    real, sent = T.make_steps, []
+
+    def make_steps(*a, **k):
+        train_step, grads_fn, eval_step = real(*a, **k)
+
+        class Lowered:
+            def __init__(self, low):
+                self.low = low
+
+            def compile(self):
+                compiled = self.low.compile()
+
+                def run(*args):
+                    if not sent:  # two Ctrl-Cs during the first step (signals of one kind do not queue: a gap)
+                        for _ in range(2):
+                            sent.append(os.kill(os.getpid(), signal.SIGINT))
+                            time.sleep(0.2)
+                    return compiled(*args)
+                return run
+
+        class Step:
+            def lower(self, *args):
+                return Lowered(train_step.lower(*args))
+
+        return Step(), grads_fn, eval_step
+
+    monkeypatch.setattr(T, "make_steps", make_steps)
+    assert run(corpus, cache, tmp_path / "run") == 130
+    err = capsys.readouterr().err
+    assert "stopped at once" in err and "checkpoint saved" not in err and list_steps(str(tmp_path / "run")) == []
+
+
 def test_mfu_formula():
     cfg = DogeConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, keep_window_size=8)
