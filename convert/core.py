@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -20,7 +21,7 @@ STOP: list[int] = []
 
 def _check_stop() -> None:
     if STOP:
-        raise KeyboardInterrupt if STOP[0] == 2 else SystemExit(128 + STOP[0])
+        raise KeyboardInterrupt if STOP[0] == signal.SIGINT else SystemExit(128 + STOP[0])
 
 
 def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: str | None = None,

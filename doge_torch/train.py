@@ -200,13 +200,14 @@ def check_id_range(tokens, vocab_size: int, what: str = "token ids") -> None:
         raise ValueError(f"{what} span [{lo}, {hi}] but model.vocab_size is {vocab_size}{where}")
 
 
-def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id: int | None = None,
+def load_tokens(files: Sequence[str], tokenizer=None, eos_token_id: int | None = None,
                 text_field: str = "text", val: list | None = None, exclude: Sequence[str] = (),
                 val_fraction: float = 0.0, seed: int = 233, cache_dir: str | None = None) -> TokenStream:
     """All tokens of `files` as one stream; `.npy` files and pre-tokenized shards stay memory-mapped (not copied).
     `.npy` files hold 1-D token ids; a directory written by `python -m doge_jax.data` gives its training shards;
     anything else is read as doge_jax.train reads it (text files, `.jsonl`/`.parquet` rows, directories and globs of
-    them) and tokenized with `tokenizer` (a tokenizer.json), EOS after each document when the config has one.
+    them) and tokenized with `tokenizer` (a tokenizer.json or HF tokenizer directory, or a loaded
+    `tokenizers.Tokenizer`), EOS after each document.
     `val`: a list that receives the validation shards of pre-tokenized directories and the text documents held out
     as doge_jax.train holds them out (`val_fraction`, `seed`: the same documents); the tokenized text is cached in
     `cache_dir` (doge_jax.train's cache: a corpus is tokenized once for both). Text directory walks and globs skip
@@ -219,10 +220,7 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
     def get_tok():
         nonlocal tok
         if tok is None and tokenizer is not None:
-            try:
-                tok = D.load_tokenizer(tokenizer)
-            except D.DataError as e:
-                raise D.DataError(f"--tokenizer: {e}") from None
+            tok = load_tokenizer_arg(tokenizer) if isinstance(tokenizer, str | os.PathLike) else tokenizer
         return tok
 
     expanded = []
@@ -274,7 +272,7 @@ def load_tokens(files: Sequence[str], tokenizer: str | None = None, eos_token_id
                                         val_fraction if val is not None else 0.0, seed, progress=False)
         parts.append(train)
         max_ids.append(None)
-        names.append(f"the text data tokenized with {tokenizer}")
+        names.append("the tokenized text data")
         if val is not None and len(held):
             val.append(held)
     return TokenStream(parts, max_ids, names)
@@ -426,6 +424,14 @@ def data_args(args: argparse.Namespace, tc) -> tuple[list[str], str | None]:
     return data, args.tokenizer or tc.tokenizer
 
 
+def load_tokenizer_arg(path: str):
+    """The --tokenizer (or train.tokenizer) file or directory, its errors named as that argument's."""
+    try:
+        return D.load_tokenizer(path)
+    except D.DataError as e:
+        raise D.DataError(f"--tokenizer: {e}") from None
+
+
 def tokenizer_source(data: Sequence[str], tokenizer: str | None, start: str | None) -> str | None:
     """Where the run's tokenizer comes from: --tokenizer, else the first pre-tokenized directory of --data, else the
     --init-from checkpoint's tokenizer.json; None for token files alone."""
@@ -554,10 +560,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     tok_src = tokenizer_source(data_paths, tokenizer, start)
     tok = None
     if tok_src:
-        try:
-            tok = D.load_tokenizer(tok_src)
-        except D.DataError as e:
-            raise D.DataError(f"--tokenizer: {e}" if tokenizer else str(e)) from None
+        tok = load_tokenizer_arg(tok_src) if tokenizer else D.load_tokenizer(tok_src)
         # a config without special ids gets the tokenizer's, as in doge_jax.train (a run resumed from before
         # doge_torch did this gets them now, and its data its EOS: the token count change is said on resume)
         before = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
@@ -578,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     held_out: list = []
-    tokens = load_tokens(data_paths, tokenizer, eos, tc.text_field, val=held_out,
+    tokens = load_tokens(data_paths, tok if tokenizer else None, eos, tc.text_field, val=held_out,
                          exclude=[args.out] if args.out else [], val_fraction=tc.val_fraction, seed=tc.seed,
                          cache_dir=os.path.join(tc.cache_dir, "tokens"))
     check_id_range(tokens, cfg.vocab_size)
