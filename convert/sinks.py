@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from doge_jax import hf_io
+from doge_jax.config import GenerationConfig
 from doge_jax.hf_names import hf_to_flax
 
 from .plan import Plan
@@ -62,11 +63,7 @@ def write_side_files(plan: Plan, out_dir: str) -> list[str]:
     plan.config.save_json(os.path.join(out_dir, "config.json"), dtype=plan.dtype_name)
     copied = hf_io.copy_side_files(plan.source.side_dir, out_dir) if plan.source.side_dir else []
     if "generation_config.json" not in copied:
-        cfg = plan.config
-        gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if getattr(cfg, k) is not None}
-        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-            json.dump(gen, f, indent=2, sort_keys=True, default=list)
+        hf_io.write_generation_config(out_dir, GenerationConfig.from_config(plan.config))
     return copied
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from .config import DogeConfig
-from .hf_io import model_output_dir
+from .hf_io import model_output_dir, read_generation_config, write_generation_config
 from .hf_names import CheckpointError
 
 PARAMS = "params"
@@ -156,7 +156,9 @@ def model_from_params(cfg: DogeConfig, params: dict):
 def load_model(path: str, step: int | None = None, dtype=None):
     """DogeForCausalLM from an orbax checkpoint (model-only, run directory or step directory)."""
     cfg, params = load_params(path, step, dtype)
-    return model_from_params(cfg, params)
+    model = model_from_params(cfg, params)
+    model.generation_config = read_generation_config(os.path.dirname(resolve(path, step)[1]), cfg)
+    return model
 
 
 def save_model(model, path: str, overwrite: bool = True) -> None:
@@ -169,6 +171,7 @@ def save_model(model, path: str, overwrite: bool = True) -> None:
     dtype = str(jax.tree.leaves(params)[0].dtype)
     with model_output_dir(path, overwrite=overwrite) as tmp:
         model.config.save_json(os.path.join(tmp, "config.json"), dtype=dtype)
+        write_generation_config(tmp, model.generation_config)
         with sigint_deferred(), ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS), params)
             ckptr.wait_until_finished()

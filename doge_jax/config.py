@@ -325,3 +325,25 @@ class DogeConfig:
         with atomic_file(path) as tmp, open(tmp, "w") as f:  # a reader (another host of a run) never sees half
             json.dump(d, f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """The special ids `generate` uses when the call gives none: transformers' `model.generation_config`
+    (generation_config.json's ids, else config.json's). The model's own pad id (embedding pad row, label masking)
+    stays config.json's. Frozen: replace it (`dataclasses.replace`) rather than assign its fields."""
+
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DogeConfig) -> GenerationConfig:
+        return cls(**{k: getattr(cfg, k) for k in SPECIAL_IDS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ids that are set, as generation_config.json holds them (an EOS tuple as a list)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k in SPECIAL_IDS if (v := getattr(self, k)) is not None}

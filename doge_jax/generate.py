@@ -131,10 +131,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     B, P = ids.shape
     if B == 0:
         raise ValueError(f"input_ids shape {ids.shape}: expected at least one row")
-    eos = eos_ids(eos_token_id, cfg)
-    pad = output_pad(pad_token_id, cfg, eos)
+    eos = eos_ids(eos_token_id, model.generation_config)
+    pad = output_pad(pad_token_id, model.generation_config, eos, cfg.vocab_size)
     if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
-        infer = inferred_pad(pad_token_id, cfg, eos)
+        infer = inferred_pad(pad_token_id, model.generation_config, eos)
         mask = ids != infer if infer is not None and (ids == infer).any() else np.ones((B, P), bool)
     else:
         mask = np.asarray(attention_mask)

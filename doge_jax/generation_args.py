@@ -40,10 +40,10 @@ def _ids(value, name: str) -> list[int]:
     return [int(e) for e in items]
 
 
-def eos_ids(eos_token_id, cfg) -> list[int]:
-    """The EOS ids generation stops at: eos_token_id (an id or ids: list, array, tensor), else the config's; [] for
-    none. Non-integer ids raise (5.5 is not an id)."""
-    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+def eos_ids(eos_token_id, gen) -> list[int]:
+    """The EOS ids generation stops at: eos_token_id (an id or ids: list, array, tensor), else the model's
+    generation config's (`gen`); [] for none. Non-integer ids raise (5.5 is not an id)."""
+    eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
     return [] if eos is None else _ids(eos, "eos_token_id")
 
 
@@ -57,11 +57,11 @@ def pad_id(pad_token_id) -> int | None:
     return ids[0]
 
 
-def inferred_pad(pad_token_id, cfg, eos: list[int]) -> int | None:
-    """The pad id transformers' generate infers a missing attention_mask from (the generation pad id:
-    pad_token_id, else the config's; None when there is none or it is an EOS id, as transformers then keeps
-    every token). A prompt holding it gets attention_mask = (ids != pad)."""
-    pad = pad_id(pad_token_id) if pad_token_id is not None else cfg.pad_token_id
+def inferred_pad(pad_token_id, gen, eos: list[int]) -> int | None:
+    """The pad id transformers' generate infers a missing attention_mask from (pad_token_id, else the generation
+    config's; None when there is none or it is an EOS id, as transformers then keeps every token). A prompt
+    holding it gets attention_mask = (ids != pad)."""
+    pad = pad_id(pad_token_id) if pad_token_id is not None else gen.pad_token_id
     return None if pad is None or int(pad) in eos else int(pad)
 
 
@@ -72,15 +72,15 @@ def check_mask_values(mask: np.ndarray) -> None:
         raise ValueError(f"attention_mask values must be 0 or 1, got {bad[:5].tolist()}")
 
 
-def output_pad(pad_token_id, cfg, eos: list[int]) -> int:
-    """The id written after a row's EOS: pad_token_id, else the config's pad id, else its first valid EOS, else
-    0. An explicit pad id must be a token of the vocabulary (it is fed back like any generated token)."""
-    V = cfg.vocab_size
+def output_pad(pad_token_id, gen, eos: list[int], V: int) -> int:
+    """The id written after a row's EOS: pad_token_id, else the generation config's pad id, else the first EOS
+    id in [0, V), else 0. An explicit pad id must be a token of the vocabulary V (it is fed back like any
+    generated token)."""
     pad_token_id = pad_id(pad_token_id)
     if pad_token_id is not None:
         if not 0 <= int(pad_token_id) < V:
             raise ValueError(f"pad_token_id={pad_token_id}: must be in [0, vocab_size={V})")
         return int(pad_token_id)
-    if cfg.pad_token_id is not None:
-        return cfg.pad_token_id
+    if gen.pad_token_id is not None:
+        return gen.pad_token_id
     return next((e for e in eos if 0 <= e < V), 0)

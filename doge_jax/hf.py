@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -99,6 +98,7 @@ def from_pretrained(path: str, dtype=None, variant: str | None = None, config: D
         a = arrays[key]
         new_leaves.append((p, var.replace(jnp.asarray(a, dtype=dtype if dtype is not None else a.dtype))))
     nnx.update(model, nnx.from_flat_state(new_leaves))
+    model.generation_config = hf_io.read_generation_config(path, config)
     return model
 
 
@@ -133,8 +133,5 @@ def save_pretrained(model, path: str, max_shard_size="5GB", overwrite: bool = Tr
     cfg: DogeConfig = model.config
     with hf_io.model_output_dir(path, overwrite=overwrite) as tmp:
         cfg.save_json(os.path.join(tmp, "config.json"), dtype=_dtype_name(next(iter(sd.values()))))
-        gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if getattr(cfg, k) is not None}
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump(gen, f, indent=2, sort_keys=True, default=list)
+        hf_io.write_generation_config(tmp, model.generation_config)
         hf_io.write_safetensors(tmp, sd, framework="np", max_shard_size=max_shard_size)

@@ -21,7 +21,7 @@ try:
 except ImportError:  # Windows: no stale-directory cleanup
     fcntl = None
 
-from .config import ConfigError, DogeConfig, read_json
+from .config import SPECIAL_IDS, ConfigError, DogeConfig, GenerationConfig, read_json
 from .hf_names import CheckpointError, detect_variant, rename_legacy
 
 SAFE_SINGLE = "model.safetensors"
@@ -393,17 +393,29 @@ def read_config(path: str, variant: str | None = None, keys: list[str] | None = 
     if variant is None and keys is not None:
         detected = detect_variant(keys)
         variant = "small_doge" if detected == "legacy" else detected
-    cfg = DogeConfig.from_hf_dict(raw, variant=variant)
+    return DogeConfig.from_hf_dict(raw, variant=variant)
+
+
+def read_generation_config(path: str, cfg: DogeConfig) -> GenerationConfig:
+    """The special ids transformers' generate uses for the HF directory `path` of config `cfg`: those of its
+    generation_config.json (an id the file lacks is None, as in transformers: config.json's is not taken), else
+    config.json's. They never change the model config: the embedding's pad row is config.json's pad id."""
     gen_file = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen_file):  # what transformers' generate uses: its special ids win over config.json's
-        gen = read_json(gen_file)
-        ids = {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if gen.get(k) is not None}
-        if ids:
-            try:
-                cfg = cfg.replace(**ids)
-            except ConfigError as e:
-                raise ConfigError(f"{gen_file}: {e}") from None
-    return cfg
+    if not os.path.isfile(gen_file):
+        return GenerationConfig.from_config(cfg)
+    gen = read_json(gen_file)
+    try:  # the model config's checks: ids are integers in [0, vocab_size)
+        checked = cfg.replace(**{k: gen.get(k) for k in SPECIAL_IDS})
+    except ConfigError as e:
+        raise ConfigError(f"{gen_file}: {e}") from None
+    return GenerationConfig.from_config(checked)
+
+
+def write_generation_config(out_dir: str, gen: GenerationConfig) -> None:
+    """generation_config.json of the ids `gen` sets."""
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump(gen.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def config_dtype(path: str) -> str | None:

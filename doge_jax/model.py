@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import MaskInfo, attention
-from .config import DogeConfig
+from .config import DogeConfig, GenerationConfig
 
 
 def softplus_torch(x: jax.Array) -> jax.Array:
@@ -377,6 +377,8 @@ class DogeForCausalLM(nnx.Module):
     def __init__(self, config: DogeConfig, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
+        self.generation_config = GenerationConfig.from_config(config)  # generate's default ids (from_pretrained:
+        # generation_config.json's, as transformers)
         self.model = DogeModel(config, rngs)
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)

@@ -57,13 +57,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch >= 1, length >= 1] (or "
                          "[length])")
-    eos = eos_ids(eos_token_id, cfg)
-    pad = output_pad(pad_token_id, cfg, eos)
+    eos = eos_ids(eos_token_id, model.generation_config)
+    pad = output_pad(pad_token_id, model.generation_config, eos, cfg.vocab_size)
     device = input_ids.device
     gen = torch.Generator(device=device).manual_seed(seed) if do_sample else None
     B = input_ids.shape[0]
     if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
-        infer = inferred_pad(pad_token_id, cfg, eos)
+        infer = inferred_pad(pad_token_id, model.generation_config, eos)
         attention_mask = torch.ones_like(input_ids)
         if infer is not None and bool((input_ids == infer).any()):
             attention_mask = (input_ids != infer).long()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -58,6 +57,7 @@ def from_pretrained(cls, path: str, dtype=None, variant: str | None = None, conf
         model = cls(config)
     model = model.to_empty(device="cpu").to(dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=False)
+    model.generation_config = hf_io.read_generation_config(path, config)
     return model.eval()
 
 
@@ -68,18 +68,12 @@ def state_for_hf(model) -> dict[str, torch.Tensor]:
     return sd
 
 
-def write_generation_config(out_dir: str, cfg: DogeConfig) -> None:
-    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(gen, f, indent=2, sort_keys=True)
-
-
 def write_model(out_dir: str, model, max_shard_size="5GB") -> None:
     """config.json, generation_config.json and the safetensors of `model` into the (new) directory `out_dir`."""
     sd = state_for_hf(model)
     dtype = str(next(iter(sd.values())).dtype).replace("torch.", "")
     model.config.save_json(os.path.join(out_dir, "config.json"), dtype=dtype)
-    write_generation_config(out_dir, model.config)
+    hf_io.write_generation_config(out_dir, model.generation_config)
     hf_io.write_safetensors(out_dir, sd, framework="pt", max_shard_size=max_shard_size)
 
 

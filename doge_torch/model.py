@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from doge_jax.config import DogeConfig
+from doge_jax.config import DogeConfig, GenerationConfig
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available
 
@@ -584,6 +584,8 @@ class DogeForCausalLM(nn.Module):
     def __init__(self, config: DogeConfig):
         super().__init__()
         self.config = config
+        self.generation_config = GenerationConfig.from_config(config)  # generate's default ids (from_pretrained:
+        # generation_config.json's, as transformers)
         self.model = DogeModel(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -448,8 +448,8 @@ def test_save_pretrained_keeps_other_files(tmp_path):
         assert not [n for n in os.listdir(tmp_path) if n.startswith(f".{name}")]
     # an orbax save into an HF directory keeps the tokenizer and drops the HF weights
     save_model(DogeForCausalLM.from_pretrained(src), str(tmp_path / "jax"))
-    assert sorted(os.listdir(tmp_path / "jax")) == ["README.md", "config.json", "notes", "params", "tokenizer.json",
-                                                    "tokenizer_config.json"]
+    assert sorted(os.listdir(tmp_path / "jax")) == ["README.md", "config.json", "generation_config.json", "notes",
+                                                    "params", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_saving_a_model_into_a_training_run_is_refused(tmp_path):

@@ -172,8 +172,57 @@ def test_eos_of_generation_config_json_stops(tmp_path):
     got = DogeForCausalLM.from_pretrained(d).generate(ids, max_new_tokens=8)[0, 6:].tolist()
     assert got == free[:first + 1]
     tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
-    assert tm.config.eos_token_id == eos
+    assert tm.generation_config.eos_token_id == eos and tm.config.eos_token_id is None  # config.json's stays
     assert tm.generate(torch.as_tensor(ids), max_new_tokens=8)[0, 6:].tolist() == free[:first + 1]
+
+
+def test_generation_config_ids_stay_out_of_the_model_config(tmp_path):
+    """generation_config.json's ids are generate's, as in transformers; the model keeps config.json's (before, its
+    pad id became the model's: the embedding's pad row froze in training and config.json changed on save or
+    convert). A generation_config.json without a pad id means none for generate (config.json's is not taken):
+    a prompt holding config.json's pad id is attended whole, as by transformers."""
+    import json
+
+    import transformers
+
+    import doge_torch
+    from convert.cli import main as convert_main
+
+    hf = make_hf_model(pad_token_id=3, eos_token_id=1)
+    d = save_hf(hf, tmp_path / "m")
+    json.dump({"eos_token_id": 1, "pad_token_id": 5}, open(f"{d}/generation_config.json", "w"))
+    jm, tm = DogeForCausalLM.from_pretrained(d), doge_torch.DogeForCausalLM.from_pretrained(d)
+    for m in (jm, tm):
+        assert (m.config.pad_token_id, m.generation_config.pad_token_id) == (3, 5)
+    assert tm.model.embed_tokens.padding_idx == 3
+    tm.train()
+    ids = torch.tensor([[5, 9, 5, 3, 11]])
+    tm(ids, labels=ids).loss.backward()
+    grad = tm.model.embed_tokens.weight.grad
+    assert grad[5].abs().sum() > 0 and grad[3].abs().sum() == 0  # as transformers: padding_idx is config.json's
+    for name, m in (("jax", jm), ("torch", tm)):
+        m.save_pretrained(str(tmp_path / name))
+        assert json.load(open(tmp_path / name / "config.json"))["pad_token_id"] == 3
+        assert json.load(open(tmp_path / name / "generation_config.json"))["pad_token_id"] == 5
+    assert convert_main([d, str(tmp_path / "conv"), "--to", "jax"]) in (0, None)
+    assert json.load(open(tmp_path / "conv" / "config.json"))["pad_token_id"] == 3
+    back = DogeForCausalLM.from_pretrained(str(tmp_path / "conv"))  # an orbax checkpoint: the same two ids
+    assert (back.config.pad_token_id, back.generation_config.pad_token_id) == (3, 5)
+    # no pad id in generation_config.json: none for generate, whatever config.json says
+    json.dump({"eos_token_id": 1}, open(f"{d}/generation_config.json", "w"))
+    ids = unique_ids(1, 7, 128, seed=8)
+    ids[ids < 4] = 90
+    ids[0, :2] = 3  # config.json's pad id, leading
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = ref.generate(torch.as_tensor(ids), do_sample=False, max_new_tokens=4).numpy()
+        masked = ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor((ids != 3).astype(np.int64)),
+                              do_sample=False, max_new_tokens=4).numpy()
+    assert not np.array_equal(want, masked)  # transformers attended the 3s
+    jm, tm = DogeForCausalLM.from_pretrained(d), doge_torch.DogeForCausalLM.from_pretrained(d)
+    assert jm.generation_config.pad_token_id is None and jm.config.pad_token_id == 3
+    np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=4), want)
+    np.testing.assert_array_equal(tm.generate(ids, max_new_tokens=4).numpy(), want)
 
 
 def test_sampling_defaults_follow_transformers(model_dir):
