@@ -182,8 +182,8 @@ class DogeConfig:
         for f in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= float(getattr(self, f)) < 1.0:
                 bad(f, "must be in [0, 1)")
-        if self.hidden_act != "silu":
-            bad("hidden_act", "only 'silu' is supported")
+        if self.hidden_act not in ("silu", "swish"):  # transformers maps both to x * sigmoid(x)
+            bad("hidden_act", "only 'silu' (or its alias 'swish') is supported")
         if not self.rms_norm_eps > 0:
             bad("rms_norm_eps", "must be > 0")
         if not self.rope_theta > 0:

@@ -49,6 +49,20 @@ def test_validation_names_field(field, kwargs):
     assert issubclass(ConfigError, ValueError)
 
 
+def test_swish_is_silu(tmp_path):
+    """transformers' "swish" is SiLU (ACT2FN): a checkpoint saying so loads and gives transformers' logits."""
+    from conftest import hf_logits, make_hf_model, max_abs_diff, save_hf, unique_ids
+
+    from doge_jax import DogeForCausalLM
+
+    hf = make_hf_model(hidden_act="swish")
+    model = DogeForCausalLM.from_pretrained(save_hf(hf, tmp_path / "m"))
+    assert model.config.hidden_act == "swish" and model.config.to_hf_dict()["hidden_act"] == "swish"
+    ids = unique_ids(1, 8, 128, seed=3)
+    assert type(hf.model.layers[0].mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
+    assert max_abs_diff(model(ids).logits, hf_logits(hf, ids)) <= 1e-4
+
+
 def test_numpy_numbers_are_numbers():
     import numpy as np
 
