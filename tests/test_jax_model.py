@@ -42,6 +42,8 @@ CASES = {
     "moe_norm_topk": dict(TINY_MOE, norm_topk_prob=True),
     "tied": dict(tie_word_embeddings=True),
     "bias": dict(attention_bias=True, mlp_bias=True),
+    "head_dim": dict(head_dim=32),  # H*D = 128 != hidden_size
+    "eps": dict(rms_norm_eps=1e-2),  # large enough to move the logits: an ignored eps fails
 }
 
 
@@ -55,6 +57,18 @@ def test_logits_match_transformers(tmp_path, case):
     model = _load(hf, tmp_path)
     ids = unique_ids(2, 24, 128, seed=1)
     assert max_abs_diff(model(ids).logits, hf_logits(hf, ids)) <= TOL
+
+
+def test_restarting_position_ids(tmp_path):
+    """Packed documents: position_ids that restart mid-row (RoPE only; attention stays causal over the row), as
+    transformers computes them."""
+    hf = make_hf_model()
+    model = _load(hf, tmp_path)
+    ids = unique_ids(2, 20, 128, seed=4)
+    pos = np.stack([np.r_[np.arange(12), np.arange(8)], np.r_[np.arange(5), np.arange(15)]]).astype(np.int32)
+    got = model(ids, position_ids=pos).logits
+    assert max_abs_diff(got, hf_logits(hf, ids, position_ids=torch.as_tensor(pos, dtype=torch.long))) <= TOL
+    assert max_abs_diff(got, model(ids).logits) > 1e-3  # the restart changes them
 
 
 def test_left_padding(tmp_path):

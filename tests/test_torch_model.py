@@ -69,6 +69,7 @@ LOGIT_CASES = {
     "untied_moe_mha": dict(TINY_MOE, num_key_value_heads=4, tie_word_embeddings=False),
     "biases": dict(attention_bias=True, mlp_bias=True),
     "head_dim": dict(head_dim=32),  # H*D = 128 != hidden_size
+    "eps": dict(rms_norm_eps=1e-2),  # large enough to move the logits: an ignored eps fails
 }
 
 
