@@ -278,6 +278,7 @@ def save_param_tree(params_dir: str, tree: dict, concurrent_gb: float = 0.25) ->
 # ---- training checkpoints ---------------------------------------------------------------------------------------
 ITEMS = ("params", "opt_state", "data", "meta")
 QUARANTINE = "corrupt_checkpoints"
+DIVERGED = "diverged_checkpoints"  # steps whose weights gave a non-finite loss: moved aside, not resumed from
 
 
 def _every_process(ok: bool) -> bool:
@@ -381,20 +382,27 @@ class TrainCheckpointer:
             tree.close()
             js.close()
 
-    def _quarantine(self, step: int) -> None:
+    def set_aside_diverged(self, step: int) -> str:
+        """Move step `step` (finished first) to RUN/diverged_checkpoints/: its weights gave a non-finite loss, so a
+        re-run must not resume from it. Returns that folder."""
+        self.mngr.wait_until_finished()
+        self._quarantine(step, DIVERGED)
+        return os.path.join(self.run_dir, DIVERGED)
+
+    def _quarantine(self, step: int, folder: str = QUARANTINE) -> None:
         import shutil
         import time
 
         error = None
         if jax.process_index() == 0:  # one host moves it; the others learn the outcome from the vote
             try:
-                dest = os.path.join(self.run_dir, QUARANTINE)
+                dest = os.path.join(self.run_dir, folder)
                 os.makedirs(dest, exist_ok=True)
                 shutil.move(os.path.join(self.directory, str(step)), os.path.join(dest, f"{step}-{int(time.time())}"))
             except OSError as e:
                 error = e
         if not _every_process(error is None):
-            raise CheckpointError(f"could not move the corrupt checkpoint step {step} out of {self.directory}: "
+            raise CheckpointError(f"could not move checkpoint step {step} out of {self.directory} to {folder}/: "
                                   f"{error or 'it failed on process 0'}")
         self.mngr.reload()
 

@@ -33,7 +33,7 @@ from .loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
 from .model import causal_lm_loss
 from .optim import decay_mask, make_optimizer, wsd_schedule
-from .train_config import TrainConfig, parse_argv
+from .train_config import TrainConfig, parse_argv, read_run_record
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,11 +108,7 @@ def check_same_model(run_dir: str, mcfg: DogeConfig) -> None:
     diff = [f.name for f in dataclasses.fields(DogeConfig) if f.name not in RUNTIME_FIELDS
             and getattr(old, f.name) != getattr(mcfg, f.name)]
     if diff:
-        started = None
-        run_cfg = os.path.join(run_dir, "train_config.yaml")
-        if os.path.isfile(run_cfg):
-            with open(run_cfg) as f:
-                started = ((yaml.safe_load(f) or {}).get("train") or {}).get("init_from")
+        started = (read_run_record(run_dir) or {}).get("init_from")
         hint = (f"; the run started with --init-from {started}, whose config the model fields were merged into: "
                 "pass it again" if started else "")
         raise ConfigError(f"{run_dir} holds a run with a different model config (fields: {', '.join(diff)}); "
@@ -190,6 +186,12 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig, mesh=None, par
             jax.jit(eval_step, in_shardings=(param_sh, b2), out_shardings=(rep, rep)))
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when every element of every array of `tree` is finite (one pass, on the device)."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def evaluate(eval_step, params, batches) -> tuple[float, float] | None:
     if not batches:
         return None
@@ -229,11 +231,9 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
     if saved:
         raise ConfigError(f"{run_dir} holds a saved model ({saved[0]}); a run there would shadow it (doge_jax loads "
                           "a run directory's checkpoints first): use another --out_dir, or --init-from it")
-    path = os.path.join(run_dir, "train_config.yaml")
-    if not os.path.isfile(path):
+    old = read_run_record(run_dir)
+    if old is None:
         return
-    with open(path) as f:
-        old = (yaml.safe_load(f) or {}).get("train") or {}
     before, now = old.get("init_from"), tcfg.init_from
     # without --init-from a re-run just resumes; a run records its start as an absolute path (older runs: as typed)
     same = now is None or before == now or (before and os.path.abspath(before) == os.path.abspath(now))
@@ -255,7 +255,7 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
 
 # ---- the run --------------------------------------------------------------------------------------------------------
 def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -> TrainResult:
-    run_dir = os.path.abspath(tcfg.out_dir or os.path.join(tcfg.runs_dir, tcfg.name or "run"))
+    run_dir = tcfg.run_dir
     if tcfg.init_from:  # recorded absolute: a resume from another working directory compares equal
         tcfg = dataclasses.replace(tcfg, init_from=os.path.abspath(os.path.expanduser(tcfg.init_from)))
     # a data, tokenizer or write error can hit one host only: every host stops with it (not in a collective later)
@@ -298,6 +298,9 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         primary = jax.process_index() == 0  # the host that writes the run directory's files (orbax: every host)
         tok, mcfg = prepare_tokenizer(mcfg, tcfg, paths, run_dir)
         check_same_model(run_dir, mcfg)
+        # a new run's starting weights, loaded before any file is written or data tokenized: a checkpoint that
+        # does not fit the model config fails here and leaves nothing behind
+        init = I.init_params(tcfg.init_from, mcfg, tcfg.seed) if tcfg.init_from and not list_steps(run_dir) else None
         data = C.training_data(sources, tok, mcfg.eos_token_ids[0], mcfg.vocab_size, tcfg.seq_len,
                                os.path.join(tcfg.cache_dir, "tokens"), tcfg.text_field, tcfg.val_fraction, tcfg.seed,
                                tcfg.progress)
@@ -307,12 +310,15 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         # micro-batch
         dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), hosts)
         val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
+        record = tcfg.to_dict()
+        if tcfg.init_from is None and list_steps(run_dir):  # resumed without --init-from: the run's start stays
+            record["init_from"] = (read_run_record(run_dir) or {}).get("init_from")
         os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
         if primary:  # config.json last: it marks an established run (whose tokenizer then wins on resume)
             D.save_tokenizer(tok, mcfg, run_dir)
             with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
                 # run: is a record (ignored when the file is read back as --config, to repeat the run)
-                yaml.safe_dump({"model": mcfg.to_dict(), "train": tcfg.to_dict(),
+                yaml.safe_dump({"model": mcfg.to_dict(), "train": record,
                                 "run": {"config_file": config_path, "data_files": data.files,
                                         "train_tokens": data.train_tokens, "val_tokens": data.val_tokens}},
                                f, sort_keys=False)
@@ -348,12 +354,13 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         log(f"resumed from checkpoint step {step}")
     else:
         if tcfg.init_from:
-            params = I.init_params(tcfg.init_from, mcfg, tcfg.seed)
+            params = init if init is not None else I.init_params(tcfg.init_from, mcfg, tcfg.seed)
             log(f"initialised from {tcfg.init_from} (fresh optimizer state)")
         else:
             params = nnx.to_pure_dict(nnx.split(DogeTrunk(mcfg, rngs=nnx.Rngs(tcfg.seed)), nnx.Param)[1])
         params, _ = S.shard_params(params, mesh)
         opt_state, _ = S.init_opt_state(tx, params, psh, mesh)
+    init = None  # (the host copy of the starting weights: not kept for the whole run)
     train_step, _, eval_step = make_steps(graphdef, tx, mcfg, tcfg, mesh, psh, osh)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     log(f"model: {n_params / 1e6:.2f}M parameters ({mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, "
@@ -416,6 +423,9 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         multi_host = jax.process_count() > 1
         stop_votes: list[int] = []  # multi-host: steps at which some host had been asked to stop
 
+        def last_good_where() -> str:
+            return (f"step {last_good}" if last_good is not None else "none saved yet") + f" in {run_dir}"
+
         def read_back(s: int, out, vote=None) -> None:
             """Wait for step s's metrics (and its stop vote), stop on NaN/inf, log. Steady state: s is the step before
             the one the device is running, so the wait costs nothing and the device never idles on the host."""
@@ -427,13 +437,18 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
             dt, t_last = now - t_last, now
             loss, gnorm, lr = float(out["loss"]), float(out["grad_norm"]), float(schedule(s - 1))
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                where = f"step {last_good}" if last_good is not None else "none saved yet"
+                nonlocal last_good
                 if "targets" in out and int(out["targets"]) == 0:
                     raise TrainingDiverged(f"step {s} has no target token: every label is padding (pad_token_id "
                                            f"{mcfg.pad_token_id}); check the data and the pad id (last good "
-                                           f"checkpoint: {where} in {run_dir})")
-                raise TrainingDiverged(f"non-finite loss/grad norm at step {s} (loss={loss}, grad_norm={gnorm}); "
-                                       f"stopped without saving; last good checkpoint: {where} in {run_dir}")
+                                           f"checkpoint: {last_good_where()})")
+                moved = ""
+                if last_good is not None and last_good == s - 1:  # step s ran on that checkpoint's weights
+                    folder = ckpt.set_aside_diverged(last_good)
+                    moved = f"; checkpoint step {last_good} holds the weights that gave it: moved to {folder}"
+                    last_good = max(list_steps(run_dir), default=None)
+                raise TrainingDiverged(f"non-finite loss/grad norm at step {s} (loss={loss}, grad_norm={gnorm})"
+                                       f"{moved}; stopped without saving; last good checkpoint: {last_good_where()}")
             tps = tokens_per_step / dt
             rec = {"step": s, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_sec": tps,
                    "mfu": flops / dt / peak, "tokens": s * tokens_per_step, "elapsed_s": elapsed0 + now - t_start}
@@ -471,11 +486,21 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                 pending = None
                 if evaluating:
                     val = evaluate(eval_step, params, val_batches)
+                    if val is not None and not math.isfinite(val[0]):
+                        raise TrainingDiverged(f"non-finite val_loss at step {step} ({val[0]}): the weights after "
+                                               f"its update diverged; stopped without saving; last good checkpoint: "
+                                               f"{last_good_where()}")
                     if val is not None:
                         metrics.log({"step": step, "val_loss": val[0], "val_ppl": val[1]})
                         if primary:  # (the same value on every host)
                             bar.write(f"step {step}: val_loss {val[0]:.4f}  val_ppl {val[1]:.2f}")
                 if saving:
+                    # the step's loss was finite, but its update may not be (a huge learning rate): a checkpoint
+                    # never holds non-finite weights
+                    if not bool(jax.device_get(all_finite(params))):
+                        raise TrainingDiverged(f"non-finite weights after step {step} (its loss and grad norm were "
+                                               f"finite; the update overflowed); stopped without saving; last good "
+                                               f"checkpoint: {last_good_where()}")
                     save(step, data_state)
                     last_good = step
                 # the next step's time excludes eval and save (it does include one more batch read than usual)

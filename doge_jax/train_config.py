@@ -132,6 +132,11 @@ class TrainConfig:
             bad("mesh", "must be a mapping {data: N, fsdp: M} of positive integers or -1 (e.g. {data: -1, fsdp: 1})")
 
     @property
+    def run_dir(self) -> str:
+        """The run directory, absolute: out_dir, else runs_dir/name."""
+        return os.path.abspath(os.path.expanduser(self.out_dir or os.path.join(self.runs_dir, self.name or "run")))
+
+    @property
     def rows_per_micro(self) -> int:
         return self.global_batch_tokens // (self.grad_accum * self.seq_len)
 
@@ -254,18 +259,59 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
         tcfg = TrainConfig(**train)
     except TypeError as e:
         raise ConfigError(f"train: {e}") from None
-    if config_path and not raw.get("model") and not tcfg.init_from:
+    resumed = _resumed_init_run(tcfg)
+    if config_path and not raw.get("model") and not tcfg.init_from and not resumed:
         given = sorted(k for s, k, _ in overrides if s == "model")
         print(f"warning: {path} has no model: section; the model is DogeConfig's defaults (transformers', ~400M "
               "parameters)" + (f" with only model.{', model.'.join(given)} set" if given else ""), file=sys.stderr)
-    if tcfg.init_from:
-        # The model config comes from the checkpoint; the fields asked for explicitly (command line, and the model:
-        # section of a config file given with --config) are applied on top where shapes allow.
+    if tcfg.init_from or resumed:
+        # The model config comes from the checkpoint (resuming a run started with --init-from without it: from the
+        # run, whose config.json holds the merged one); the fields asked for explicitly (command line, and the
+        # model: section of a config file given with --config) are applied on top where shapes allow.
         from .init import checkpoint_config, merge_config
 
         keys = (set(raw.get("model") or {}) if config_path else set()) | {k for s, k, _ in overrides if s == "model"}
-        return merge_config(checkpoint_config(tcfg.init_from), {k: model[k] for k in keys}, where), tcfg
+        requested = {k: model[k] for k in keys}
+        if resumed:
+            run_dir, started = resumed
+            print(f"resuming {run_dir} (started with --init-from {started}): the model config is the run's",
+                  file=sys.stderr)
+            base = DogeConfig.from_json_file(os.path.join(run_dir, "config.json"))
+            return merge_config(base, requested, f"the run's ({run_dir})"), tcfg
+        return merge_config(checkpoint_config(tcfg.init_from), requested, where), tcfg
     return DogeConfig.from_dict(model), tcfg
+
+
+def read_run_record(run_dir: str) -> dict[str, Any] | None:
+    """The train: section of a run directory's train_config.yaml (None without one); a damaged file is a
+    ConfigError naming it."""
+    path = os.path.join(run_dir, "train_config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        train = raw.get("train") or {}
+        if not isinstance(train, dict):
+            raise ValueError(f"train: is a {type(train).__name__}")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: unreadable run record ({type(e).__name__}: {e}); restore it, or start a new run "
+                          "(another --name/--out_dir)") from None
+    return train
+
+
+def _resumed_init_run(tcfg: TrainConfig) -> tuple[str, str] | None:
+    """(run directory, its recorded init_from) when the command resumes a run started with --init-from without
+    passing it again: the run's own config.json is then the model config."""
+    if tcfg.init_from:
+        return None
+    run_dir = tcfg.run_dir
+    started = (read_run_record(run_dir) or {}).get("init_from")
+    ckpts = os.path.join(run_dir, "checkpoints")
+    has_steps = os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
+    if started and has_steps and os.path.isfile(os.path.join(run_dir, "config.json")):
+        return run_dir, started
+    return None
 
 
 def _shown(path: str) -> str:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import time
 from typing import Any
 
 import torch
@@ -35,6 +36,18 @@ def steps(out_dir: str) -> list[int]:
         if m and os.path.isfile(os.path.join(out_dir, name, STATE)):
             found.append(int(m.group(1)))
     return sorted(found)
+
+
+DIVERGED = "diverged_checkpoints"
+
+
+def set_aside_diverged(out_dir: str, step: int) -> str:
+    """Move checkpoint-<step> to OUT/diverged_checkpoints/ (its weights gave a non-finite loss: a re-run must not
+    resume from it); returns that folder."""
+    dest = os.path.join(out_dir, DIVERGED)
+    os.makedirs(dest, exist_ok=True)
+    shutil.move(path_of(out_dir, step), os.path.join(dest, f"checkpoint-{step}-{int(time.time())}"))
+    return dest
 
 
 def path_of(out_dir: str, step: int) -> str:

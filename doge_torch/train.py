@@ -644,22 +644,38 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         m.update(loss=float(m["loss"]), grad_norm=float(m["grad_norm"]))
         now = m.pop("_done", None) or time.perf_counter()
         m["tokens_per_sec"], t_last = grad_accum * rows * seq_len / (now - t_last), now
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):  # no checkpoint of this step
+            diverged(f"non-finite loss/grad norm at step {m['step']} (loss={m['loss']}, grad_norm={m['grad_norm']})",
+                     implicated=m["step"] - 1)
         history.append(m)
         record(m)
-        if not math.isfinite(m["loss"]):
-            raise SystemExit(f"non-finite loss at step {m['step']}")
-        if not math.isfinite(m["grad_norm"]):  # clipping made the weights NaN: no checkpoint of this step
-            raise SystemExit(f"non-finite gradient norm at step {m['step']} (loss {m['loss']:.4f})")
         if m["step"] % args.log_every == 0 or m["step"] in (1, max_steps):
             print(f"step {m['step']:6d}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {m['grad_norm']:.3f}  "
                   f"{m['tokens_per_sec']:.0f} tok/s", flush=True)
 
+    def diverged(what: str, implicated: int | None = None):
+        """Stop without saving. The newest checkpoint, if it is step `implicated` (whose weights gave the
+        non-finite value), is moved to OUT/diverged_checkpoints/: a re-run must not resume from it."""
+        moved = ""
+        if args.out and implicated is not None and checkpoint.steps(args.out)[-1:] == [implicated]:
+            folder = checkpoint.set_aside_diverged(args.out, implicated)
+            moved = f"; checkpoint-{implicated} holds the weights that gave it: moved to {folder}"
+        good = checkpoint.steps(args.out) if args.out else []
+        where = checkpoint.path_of(args.out, good[-1]) if good else "none saved"
+        raise SystemExit(f"{what}{moved}; stopped without saving; last good checkpoint: {where}")
+
     def validate(step: int) -> None:
         loss, ppl = evaluate(model, val, rows, cfg.pad_token_id, autocast)
+        if not math.isfinite(loss):
+            diverged(f"non-finite val_loss at step {step} ({loss}): the weights after its update diverged")
         record({"step": step, "val_loss": loss, "val_ppl": ppl})
         print(f"step {step:6d}  val_loss {loss:.4f}  val_ppl {ppl:.2f}", flush=True)
 
     def save(step: int) -> None:
+        # the step's loss was finite, but its update may not be (a huge learning rate): never saved
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            diverged(f"non-finite weights after step {step} (its loss and grad norm were finite; the update "
+                     "overflowed)")
         path = checkpoint.save(args.out, step, model, optimizer, scheduler, run, tc.keep_checkpoints)
         print(f"saved {path}", flush=True)
 

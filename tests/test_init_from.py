@@ -24,6 +24,9 @@ from doge_jax.model import DogeCDMoE, DogeForCausalLM, DogeMLP
 
 MOE = ["--model.is_moe", "true", "--model.num_experts", "16", "--model.num_experts_per_tok", "4"]
 NEW = ("router_gate", "down_embed", "up_embed")
+# TINY_ARGS without its model fields: the model is the --init-from checkpoint's
+TRAIN_ONLY = [a for i, a in enumerate(TINY_ARGS) if not (a.startswith("--model.") or
+                                                         (i and TINY_ARGS[i - 1].startswith("--model.")))]
 
 
 def run(corpus, cache, out, *extra) -> int:  # noqa: F811
@@ -227,3 +230,40 @@ def test_another_tokenizer_than_the_checkpoints_warns(corpus, cache, dense, tmp_
     assert run(corpus, cache, tmp_path / "b", "--init-from", str(dense[0]), "--train.stop_after", "1",
                "--train.tokenizer", str(tmp_path / "other.json")) == 0
     assert "is not the tokenizer of" in capsys.readouterr().err
+
+
+def test_resume_without_init_from_takes_the_runs_model(corpus, cache, dense, tmp_path, capsys):  # noqa: F811
+    """A run started with --init-from resumes by the command without it, even when that command's config file
+    (here doge_jax's defaults plus no model field) describes another model: the run's config.json is the model
+    (README). Model fields asked for explicitly are still checked against it."""
+    base = [*TRAIN_ONLY, "--data", corpus, "--out_dir", str(tmp_path / "cont"), "--train.cache_dir", cache]
+    assert T.main([*base, "--init-from", str(dense[0]), "--train.stop_after", "1"]) == 0
+    capsys.readouterr()
+    assert T.main([*base, "--train.stop_after", "2"]) == 0  # before: "holds a run with a different model config"
+    err = capsys.readouterr().err
+    assert "the model config is the run's" in err and "resumed from checkpoint step 1" in err
+    assert list_steps(str(tmp_path / "cont"))[-1] == 2
+    assert T.main([*base, "--model.hidden_size", "48"]) == 2
+    assert "model.hidden_size=48: the run's" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_no_run(corpus, cache, dense, tmp_path, capsys):  # noqa: F811
+    """--init-from a checkpoint whose weights do not fit its config (or the model config): one error and no run
+    directory, so the corrected command starts cleanly (before: the directory was written first and then refused
+    the corrected command as a different run)."""
+    import json
+
+    hf = tmp_path / "hf"
+    DogeForCausalLM.from_pretrained(str(dense[0])).save_pretrained(str(hf))
+    shutil.copy(dense[0] / "tokenizer.json", hf / "tokenizer.json")
+    bad = tmp_path / "bad"
+    shutil.copytree(hf, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "vocab_size": 400}))
+    out = tmp_path / "run"
+    base = [*TRAIN_ONLY, "--data", corpus, "--out_dir", str(out), "--train.cache_dir", cache]
+    assert T.main([*base, "--init-from", str(bad)]) == 2
+    assert "wrong shapes" in capsys.readouterr().err
+    assert not out.exists()
+    assert T.main([*base, "--init-from", str(hf), "--train.stop_after", "1"]) == 0
+    assert list_steps(str(out)) == [1]

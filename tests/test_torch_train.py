@@ -373,13 +373,38 @@ def test_cli_stops_at_the_first_non_finite_loss(tmp_path):
     text = open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
     text = text.replace("peak_lr: 3.0e-3", "peak_lr: 1.0e30").replace("num_warmup_steps: 40", "num_warmup_steps: 0")
     cfg.write_text(text.replace("global_batch_tokens: 4096", "global_batch_tokens: 64"))
-    with pytest.raises(SystemExit, match="non-finite loss at step") as exc:
+    with pytest.raises(SystemExit, match="non-finite loss/grad norm at step") as exc:
         main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "8", "--device", "cpu",
               "--out", str(tmp_path / "run")])
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first_bad = int(str(exc.value).split("at step ")[1].split()[0])
+    # metrics.jsonl stays valid JSON (before: a bare NaN), the steps before the bad one
+    lines = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+             for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lines = [x for x in lines if "loss" in x]  # (not the validation records)
-    first_bad = next(x["step"] for x in lines if not math.isfinite(x["loss"]))
-    assert str(exc.value) == f"non-finite loss at step {first_bad}" and lines[-1]["step"] == first_bad > 1
+    assert lines[-1]["step"] == first_bad - 1 >= 1 and "last good checkpoint: none saved" in str(exc.value)
+
+
+def test_cli_an_update_that_overflows_is_never_resumed_from(tmp_path):
+    """lr 1e12 after a zero-lr first step (as doge_jax's test): step 2's loss is finite, its weights give step 3
+    a NaN loss. checkpoint-2 goes to diverged_checkpoints/ and checkpoint-1 is named the last good one (before:
+    checkpoint-2 stayed, and every resume from it diverged at once); evaluating each step stops at step 2's NaN
+    val_loss before checkpoint-2 is written."""
+    cfg = _small_run_config(tmp_path)
+    text = open(cfg).read().replace("peak_lr: 3.0e-3", "peak_lr: 1.0e12").replace("num_warmup_steps: 2",
+                                                                                  "num_warmup_steps: 1")
+    open(cfg, "w").write(text.replace("checkpoint_every: 2", "checkpoint_every: 1") + "  eval_every: 0\n")
+    args = ["--config", cfg, "--data", str(tmp_path / "tokens.npy"), "--device", "cpu"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--out", str(tmp_path / "run")])
+    said = str(exc.value)
+    assert "at step 3" in said and "checkpoint-2 holds the weights that gave it" in said, said
+    assert said.endswith(f"last good checkpoint: {tmp_path / 'run' / 'checkpoint-1'}")
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-1"]
+    assert os.listdir(tmp_path / "run" / "diverged_checkpoints")[0].startswith("checkpoint-2-")
+    open(cfg, "w").write(text.replace("checkpoint_every: 2", "checkpoint_every: 1") + "  eval_every: 1\n")
+    with pytest.raises(SystemExit, match="non-finite val_loss at step 2") as exc:
+        main([*args, "--out", str(tmp_path / "ev")])
+    assert sorted(p.name for p in (tmp_path / "ev").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_cli_text_with_tokenizer(tmp_path):
@@ -825,7 +850,7 @@ def test_cli_non_finite_gradient_norm_saves_no_checkpoint(tmp_path, monkeypatch)
 
     monkeypatch.setattr(dtt, "clip_grad_norm", poisoned)
     cfg = _small_run_config(tmp_path)
-    with pytest.raises(SystemExit, match="non-finite gradient norm at step 4"):
+    with pytest.raises(SystemExit, match="non-finite loss/grad norm at step 4"):
         main(["--config", cfg, "--data", str(tmp_path / "tokens.npy"), "--device", "cpu", "--out",
               str(tmp_path / "run")])
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]

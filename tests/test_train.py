@@ -190,11 +190,11 @@ def test_nan_loss_stops_and_keeps_last_good(corpus, cache, tmp_path, capsys):
                "--train.checkpoint_every", "1")
     assert code == 3
     err = capsys.readouterr().err
-    assert "non-finite loss" in err and "last good checkpoint: step" in err
     assert "M parameters (1 layers, hidden 32, vocab 320)" in err  # the size is said up front
     assert "step 1: loss " in err  # without a progress bar: a line per logged step
-    steps = list_steps(str(out))
-    assert steps and f"step {steps[-1]} in" in err
+    # step 1's update (lr 1e38) left finite weights that give step 2 a NaN loss: that checkpoint is set aside
+    assert "non-finite loss/grad norm at step 2" in err and "checkpoint step 1 holds the weights" in err
+    assert "last good checkpoint: none saved yet" in err and list_steps(str(out)) == []
     rows = read_metrics(str(out))
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
@@ -233,6 +233,40 @@ def test_metrics_read_one_step_behind(corpus, cache, tmp_path, monkeypatch):
     assert events == ["s0", "s1", "get", "s2", "get", "s3", "get", "get",  # step 4: read for its checkpoint
                       "s4", "s5", "get", "get"]  # step 6: the last one
     assert [r["step"] for r in read_metrics(str(tmp_path / "run")) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_update_that_overflows_is_never_checkpointed(corpus, cache, tmp_path, capsys):
+    """lr 1e12 after a zero-lr first step: step 2's loss and grad norm are finite, but its weights give step 3 a
+    NaN loss. Checkpoint 2 is moved to diverged_checkpoints/ and step 1 named the last good one (before: checkpoint
+    2 was called good, and every resume from it diverged again at once); nothing non-finite reaches metrics.jsonl.
+    With evaluation at every step, step 2's NaN val_loss stops the run before checkpoint 2 is written."""
+    out = tmp_path / "run"
+    assert run(corpus, cache, out, "--train.peak_lr", "1e12", "--train.num_warmup_steps", "1",
+               "--train.checkpoint_every", "1", "--train.eval_every", "0") == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss/grad norm at step 3" in err and "checkpoint step 2 holds the weights" in err, err
+    assert "last good checkpoint: step 1 in" in err
+    assert list_steps(str(out)) == [1] and os.listdir(out / "diverged_checkpoints")[0].startswith("2-")
+    assert all(np.isfinite(a).all() for a in _params(out))
+    for line in open(out / "metrics.jsonl"):
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+    # evaluated before saving: a non-finite val_loss stops the run the same way
+    assert run(corpus, cache, tmp_path / "ev", "--train.peak_lr", "1e12", "--train.num_warmup_steps", "1",
+               "--train.checkpoint_every", "1", "--train.eval_every", "1") == 3
+    err = capsys.readouterr().err
+    assert "non-finite val_loss at step 2" in err and "last good checkpoint: step 1 in" in err, err
+    assert list_steps(str(tmp_path / "ev")) == [1]
+
+
+def test_a_damaged_run_record_is_one_error_line(corpus, cache, tmp_path, capsys):
+    """A run directory whose train_config.yaml was cut: one error naming it (before: a yaml traceback)."""
+    out = tmp_path / "run"
+    assert run(corpus, cache, out, "--train.stop_after", "1") == 0
+    (out / "train_config.yaml").write_text("train: [")
+    capsys.readouterr()
+    assert run(corpus, cache, out) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'train_config.yaml'}: unreadable run record" in err and "Traceback" not in err
 
 
 def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, capsys):
