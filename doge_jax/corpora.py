@@ -193,8 +193,15 @@ def tokenizer_sha(tok) -> str:
 
 
 def read_manifest(path: str) -> dict:
-    with open(os.path.join(path, MANIFEST)) as f:
-        m = json.load(f)
+    """A pre-tokenized directory's corpus.json; a damaged one is a DataError naming it."""
+    file = os.path.join(path, MANIFEST)
+    try:
+        with open(file) as f:
+            m = json.load(f)
+        if not isinstance(m, dict) or not isinstance(m.get("shards"), list):
+            raise ValueError("not a corpus manifest (no shards list)")
+    except (OSError, ValueError) as e:
+        raise D.DataError(f"{file}: unreadable ({e}); re-run python -m doge_jax.data into a new --out") from None
     if m.get("format") != FORMAT:
         raise D.DataError(f"{path}: unknown pre-tokenized format {m.get('format')!r} (expected {FORMAT})")
     return m
@@ -217,6 +224,16 @@ def load_pretokenized(path: str, tok=None) -> tuple[list[np.ndarray], list[np.nd
     train = [arr(s["train"], s["train_tokens"]) for s in m["shards"]]
     val = [arr(s["val"], s["val_tokens"]) for s in m["shards"]]
     return train, val, m
+
+
+def _shard_intact(out: str, meta: dict, dtype: str) -> bool:
+    """A finished shard's two files exist with the sizes its record gives (a truncated or deleted one is made
+    again by a re-run, as the trainer's size error advises)."""
+    size = np.dtype(dtype).itemsize
+    try:
+        return all(os.path.getsize(os.path.join(out, meta[k])) == meta[f"{k}_tokens"] * size for k in ("train", "val"))
+    except (OSError, KeyError, TypeError):
+        return False
 
 
 def _write_atomic_json(path: str, obj: dict) -> None:
@@ -346,9 +363,12 @@ def _write_shards(paths: list[str], tok, ids: dict, out: str, tok_file: str, tex
         key = D.corpus_fingerprint([p], sha, text_field, f"{val_fraction}:{seed}:{i}", f"eos {ids['eos']}", dtype)
         side = os.path.join(out, f"{i:05d}.json")
         if os.path.isfile(side):
-            with open(side) as f:
-                meta = json.load(f)
-            if meta.get("key") == key:
+            try:
+                with open(side) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):  # a damaged record: the shard is made again
+                meta = {}
+            if meta.get("key") == key and _shard_intact(out, meta, dtype):
                 done[i] = meta
                 continue
         jobs.append((i, p, out, text_field, val_fraction, seed, ids["eos"], dtype, key))
@@ -464,6 +484,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if not 0.0 <= a.val_fraction < 1.0:  # as train.val_fraction (2 held out every document, -0.5 none)
+        ap.error(f"--val-fraction {a.val_fraction}: must be in [0, 1)")
+    if a.vocab_size is not None and a.vocab_size < D.MIN_BPE_VOCAB:
+        ap.error(f"--vocab-size {a.vocab_size}: a byte-level BPE needs at least {D.MIN_BPE_VOCAB} tokens (256 "
+                 f"bytes + {len(D.SPECIAL_TOKENS)} special tokens)")
     try:
         m = pretokenize(a.data, a.tokenizer, a.out, a.text_field, a.val_fraction, a.seed, a.workers,
                         not a.no_progress, a.vocab_size)

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE holds every byte, plus the special tokens
 _EOS_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>")
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 _PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]")
@@ -59,12 +60,15 @@ _TORCH_CKPT = re.compile(r"checkpoint-\d+")
 
 def _is_skipped_dir(d: str) -> bool:
     """Never documents: a pre-tokenized output (corpus.json), a doge_jax run (train_config.yaml
-    next to checkpoints/), a doge_torch.train run (metrics.jsonl next to checkpoint-N/) or a doge_torch /
-    transformers Trainer checkpoint (trainer_state.json)."""
+    next to checkpoints/), a doge_torch.train run (metrics.jsonl next to checkpoint-N/), a doge_torch /
+    transformers Trainer checkpoint (trainer_state.json), an orbax checkpoint item (_CHECKPOINT_METADATA or
+    commit_success.txt: a model saved by convert --to jax keeps one in params/)."""
     def has(name: str) -> bool:
         return os.path.isfile(os.path.join(d, name))
 
     if has(_MANIFEST) or has("trainer_state.json"):  # (corpus.json marks a pre-tokenized directory, as in corpora)
+        return True
+    if has("_CHECKPOINT_METADATA") or has("commit_success.txt"):
         return True
     if has("train_config.yaml") and os.path.isdir(os.path.join(d, "checkpoints")):
         return True
@@ -215,6 +219,9 @@ def train_bpe(paths: list[str], vocab_size: int, text_field: str = "text"):
     """A byte-level BPE (tokenizers) trained on the corpus, with SPECIAL_TOKENS at ids 0, 1, 2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    if vocab_size < MIN_BPE_VOCAB:  # (tokenizers would silently make a bigger one)
+        raise DataError(f"a byte-level BPE of {vocab_size} tokens: it needs at least {MIN_BPE_VOCAB} (256 bytes + "
+                        f"{len(SPECIAL_TOKENS)} special tokens)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -374,8 +381,9 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
 def check_vocab(tokens: np.ndarray, vocab_size: int, what: str) -> None:
     """Token ids must be < vocab_size: JAX would clamp the embedding gather silently."""
     if tokens.size and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{what}: token id {int(tokens.max())} >= model vocab_size={vocab_size} "
-                        "(use a smaller tokenizer or --model.vocab_size)")
+        raise DataError(f"{what}: token id {int(tokens.max())} >= model vocab_size={vocab_size} (use the model's "
+                        f"tokenizer or one of at most {vocab_size} tokens; a new model can take a larger "
+                        "--model.vocab_size)")
 
 
 # ---- packing + grain -----------------------------------------------------------------------------------------------

@@ -83,6 +83,10 @@ def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run
         if os.path.isfile(file):
             tok = D.load_tokenizer(file)
         else:
+            if mcfg.vocab_size < D.MIN_BPE_VOCAB:
+                raise ConfigError(f"model.vocab_size={mcfg.vocab_size}: too small for the byte-level BPE trained "
+                                  f"without train.tokenizer (at least {D.MIN_BPE_VOCAB}: 256 bytes + "
+                                  f"{len(D.SPECIAL_TOKENS)} special tokens)")
             log(f"training a byte-level BPE (vocab {mcfg.vocab_size}) on {len(paths)} files")
             tok = D.train_bpe(paths, mcfg.vocab_size, tcfg.text_field)
             os.makedirs(cache, exist_ok=True)

@@ -144,6 +144,39 @@ def test_pretokenize_command_parallel_resumable(files, tmp_path):
     assert {f: os.stat(out / f).st_mtime_ns for f in mtimes} == mtimes
     assert (out / "00001.train.bin").read_bytes() == before and not list(out.glob("*.tmp-*"))
     assert C.read_manifest(str(out)) == m
+    # a finished shard damaged afterwards (the trainer's size error says: re-run) is made again by the re-run
+    (out / "00002.train.bin").write_bytes(b"cut")
+    with pytest.raises(D.DataError, match="00002.train.bin: size does not match corpus.json"):
+        C.load_pretokenized(str(out), tok)
+    proc = _pretokenize(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert C.read_manifest(str(out)) == m and len(C.load_pretokenized(str(out), tok)[0][2]) == len(train[2])
+
+
+def test_pretokenize_arguments_and_a_damaged_manifest_are_named(files, cache, tmp_path, capsys):  # noqa: F811
+    """--val-fraction outside [0, 1) (2 held out every document) and a --vocab-size below a byte-level BPE's 259
+    (tokenizers made 259 silently) are refused; a cut corpus.json is one error naming it in both trainers (before:
+    a JSONDecodeError traceback in doge_jax.train, an unnamed message in doge_torch.train)."""
+    from doge_torch.train import cli as torch_cli
+
+    for flag, value, said in (("--val-fraction", "2", "--val-fraction 2.0: must be in [0, 1)"),
+                              ("--val-fraction", "-0.5", "must be in [0, 1)"),
+                              ("--vocab-size", "10", "--vocab-size 10: a byte-level BPE needs at least 259")):
+        proc = _pretokenize("--data", files / "rows.jsonl", "--out", tmp_path / "x", flag, value,
+                            *(["--tokenizer", files / "tokenizer.json"] if flag != "--vocab-size" else []))
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "x").exists()
+    with pytest.raises(D.DataError, match="needs at least 259"):
+        D.train_bpe([str(files / "rows.jsonl")], 100)
+    out = tmp_path / "tok"
+    C.pretokenize([str(files / "rows.jsonl")], str(files / "tokenizer.json"), str(out), progress=False)
+    (out / "corpus.json").write_text('{"format": 1,')
+    assert T.main([*TINY_ARGS, "--data", str(out), "--out_dir", str(tmp_path / "run"),
+                   "--train.cache_dir", cache]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'corpus.json'}: unreadable" in err and "Traceback" not in err
+    assert torch_cli(["--config", "configs/tiny.yaml", "--data", str(out), "--max-steps", "1", "--device", "cpu"]) == 2
+    assert f"error: {out / 'corpus.json'}: unreadable" in capsys.readouterr().err
 
 
 def test_train_on_pretokenized_mixture_resumes_exactly(files, cache, tmp_path):  # noqa: F811

@@ -212,6 +212,9 @@ def test_directory_walk_skips_json_hidden_and_pretokenized(tmp_path):
     (d / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("a")
     (d / "tokens" / "corpus.json").write_text("{}")
     (d / "tokens" / "notes.txt").write_text("x")
+    (d / "model" / "params").mkdir(parents=True)  # an orbax model (convert --to jax): its marker is not a document
+    (d / "model" / "params" / "commit_success.txt").write_text("Checkpoint commit was successful")
+    (d / "model" / "params" / "_CHECKPOINT_METADATA").write_text("{}")
     assert D.resolve_paths([str(d)]) == [str(d / "a.txt")]
 
 
