@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -277,6 +278,17 @@ def save_param_tree(params_dir: str, tree: dict, concurrent_gb: float = 0.25) ->
 
 # ---- training checkpoints ---------------------------------------------------------------------------------------
 ITEMS = ("params", "opt_state", "data", "meta")
+def _short(error: BaseException) -> str:
+    """An error's first line, without tensorstore's "See full TensorStore details: <bound method ...>" tail."""
+    first = (str(error).splitlines() or [""])[0]
+    return re.sub(r"[;.]?\s*See full TensorStore details.*$", "", first)[:200]
+
+
+def _warn(msg: str) -> None:
+    """A warning line on stderr (not warnings.warn: its report repeats a source line of the caller)."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 QUARANTINE = "corrupt_checkpoints"
 DIVERGED = "diverged_checkpoints"  # steps whose weights gave a non-finite loss: moved aside, not resumed from
 
@@ -331,16 +343,13 @@ class TrainCheckpointer:
         still fails is partial or corrupt: it is skipped with a warning and moved to RUN/corrupt_checkpoints/ (so
         that the resumed run can save that step again). Multi-host: the hosts try process 0's steps in order, each
         reading its own shards with no cross-host barrier; a step counts only if every host read it."""
-        import warnings
-
         self.mngr.wait_until_finished()  # a save still in flight is listed before it is on disk
         for step in _process0_list(sorted(self.mngr.all_steps(), reverse=True)):
             r, error = self._read_step_retrying(step, abstract_params, abstract_opt_state)
             if _every_process(error is None):  # the one collective per step: every host takes the same branch
                 return (step, *r)
-            why = f"{type(error).__name__}: {str(error)[:200]}" if error else "another host could not read it"
-            warnings.warn(f"checkpoint step {step} in {self.directory} is partial or corrupt ({why}); skipping it",
-                          stacklevel=2)
+            why = f"{type(error).__name__}: {_short(error)}" if error else "another host could not read it"
+            _warn(f"checkpoint step {step} in {self.directory} is partial or corrupt ({why}); skipping it")
             self._quarantine(step)
         return None
 
@@ -351,7 +360,6 @@ class TrainCheckpointer:
     def _read_step_retrying(self, step: int, abstract_params, abstract_opt_state) -> tuple:
         """(the step's items, None), or (None, the last error) after every retry failed."""
         import time
-        import warnings
 
         for delay in (*self.READ_RETRY_DELAYS, None):
             try:
@@ -359,8 +367,8 @@ class TrainCheckpointer:
             except Exception as e:  # noqa: BLE001 - any failure: retried, then the step is unusable
                 error = e
             if delay is not None:
-                warnings.warn(f"checkpoint step {step}: read failed ({type(error).__name__}: {str(error)[:200]}); "
-                              f"retrying in {delay:g}s", stacklevel=3)
+                _warn(f"checkpoint step {step}: read failed ({type(error).__name__}: {_short(error)}); retrying in "
+                      f"{delay:g}s")
                 time.sleep(delay)
         return None, error
 
