@@ -149,6 +149,10 @@ def main() -> None:
     args.config = os.path.abspath(args.config)  # the children run in the repository root
     if not os.path.isfile(args.config):
         ap.error(f"--config {args.config}: no such file")
+    from doge_jax.config import DogeConfig
+
+    if not DogeConfig.from_yaml(args.config).is_moe:  # a dense model would fill a "CDMoE" table
+        ap.error(f"--config {args.config}: not a MoE model (model.is_moe is false); this measures CDMoE")
     if args.child:
         print(json.dumps(child(args.child, args.config, args.seq, args.rows, args.aux)))
         return

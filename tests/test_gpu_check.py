@@ -167,6 +167,10 @@ def test_moe_memory_benchmark_runs():
     assert abs(losses["doge_torch"] - losses["transformers"]) <= 1e-4, losses
     assert 9 < losses["doge_jax"] < 12, losses  # ~ln(32768) at init
     assert float(rows["doge_jax"][4]) > 0  # XLA's temporary bytes
+    dense = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "moe_memory.py"), "--config",
+                            os.path.join(ROOT, "configs", "tiny.yaml"), "--no-append"], capture_output=True, text=True,
+                           timeout=120)
+    assert dense.returncode == 2 and "not a MoE model (model.is_moe is false)" in dense.stderr, dense.stderr[-2000:]
 
 
 def test_train_only_terms():
