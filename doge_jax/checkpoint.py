@@ -112,7 +112,10 @@ def load_params(path: str, step: int | None = None, dtype=None) -> tuple[DogeCon
             want = {tuple(str(getattr(k, "key", k)) for k in p): v for p, v in
                     jax.tree_util.tree_flatten_with_path(target)[0]}
             _check_tree(want, stored, params_dir)
-            target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, s.dtype), target,
+            # onto this process's first device, whatever mesh saved it (without a sharding orbax restores the saved
+            # one: a run trained on 8 devices failed to load on 1 with "Topology mismatch")
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, s.dtype, sharding=one), target,
                                   _unflatten_like(target, stored))
             params = ckptr.restore(params_dir, target)
     except CheckpointError:

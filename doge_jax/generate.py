@@ -148,6 +148,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         warnings.warn(RIGHT_PADDED, stacklevel=2)
     pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
+    if on_token is not None and use_cache:  # an ordered host callback: JAX runs it from one device only
+        devices = {d for a in jax.tree.leaves(nnx.state(model)) if hasattr(a, "sharding")
+                   for d in a.sharding.device_set}
+        if len(devices) > 1:
+            raise ValueError(f"on_token streams tokens from one device, but the model's parameters are on "
+                             f"{len(devices)}; load it on one (from_pretrained does) or generate without on_token")
     if use_cache:
         extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET
         p_ids = np.pad(ids, ((0, 0), (extra, 0)))  # masked slots: any valid id

@@ -49,15 +49,24 @@ class TrainResult:
     signal: int | None = None  # the signal that interrupted this host (None: stopped by another host's)
 
 
+def tag() -> str:
+    """The prefix of every line the trainer prints: which program, and on a multi-host run which host."""
+    n = jax.process_count()
+    return f"[doge_jax.train host {jax.process_index()}/{n}]" if n > 1 else "[doge_jax.train]"
+
+
 def log(msg: str) -> None:
     """A progress line on stderr; on a multi-host run every host logs, each line saying which host it is."""
-    n = jax.process_count()
-    host = f" host {jax.process_index()}/{n}" if n > 1 else ""
-    print(f"[doge_jax.train{host}] {msg}", file=sys.stderr, flush=True)
+    print(f"{tag()} {msg}", file=sys.stderr, flush=True)
 
 
 # ---- setup ----------------------------------------------------------------------------------------------------------
 def setup_compilation_cache(cache_dir: str) -> None:
+    """XLA's persistent compilation cache under cache_dir/xla; not on a multi-device CPU (a simulated mesh): its
+    executables read back from the cache deadlocked in their collectives (jax 0.10.2: "Expected 8 threads to join
+    the rendezvous, but only 4 arrived", then abort) on the second run of the same program."""
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:
+        return
     path = os.path.join(os.path.expanduser(cache_dir), "xla")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
@@ -497,7 +506,8 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                     if val is not None:
                         metrics.log({"step": step, "val_loss": val[0], "val_ppl": val[1]})
                         if primary:  # (the same value on every host)
-                            bar.write(f"step {step}: val_loss {val[0]:.4f}  val_ppl {val[1]:.2f}")
+                            bar.write(f"{tag()} step {step}: val_loss {val[0]:.4f}  val_ppl {val[1]:.2f}",
+                                      file=sys.stderr)
                 if saving:
                     # the step's loss was finite, but its update may not be (a huge learning rate): a checkpoint
                     # never holds non-finite weights

@@ -49,6 +49,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         input_ids = input_ids.long()  # uint8/int16/uint16 ...: the embedding takes int32/int64
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         attention_mask = torch.as_tensor(np.asarray(attention_mask), device=input_ids.device)
+    if input_ids.numel() == 0:  # (before the dtype check: [] and [[]] become float arrays)
+        raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch >= 1, length >= 1] (or "
+                         "[length])")
     check_token_ids(input_ids, cfg.vocab_size)  # once (and its dtype): generated ids are in range
     if input_ids.ndim == 1:
         input_ids = input_ids[None]

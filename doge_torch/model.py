@@ -695,6 +695,19 @@ class DogeForCausalLM(nn.Module):
 _IDS_CHECKED = contextvars.ContextVar("doge_torch_ids_checked", default=False)
 
 
+def with_attention_impl(model: DogeForCausalLM, impl: str) -> DogeForCausalLM:
+    """Switch a model's attention implementation in place (a runtime choice; parameters are untouched), as
+    doge_jax.model.with_attention_impl. The config is frozen: this replaces it in the model and every layer."""
+    import dataclasses
+
+    cfg = dataclasses.replace(model.config, attention_impl=impl)  # (validated: a bad name raises ConfigError)
+    for m in model.modules():
+        if getattr(m, "cfg", None) is not None:
+            m.cfg = cfg
+    model.config = cfg
+    return model
+
+
 @contextlib.contextmanager
 def token_ids_checked():
     """Inside this block the model does not check its input_ids: the caller has checked them where they were made

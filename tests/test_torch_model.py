@@ -82,6 +82,28 @@ def test_logits_match_transformers(case):
     assert max_abs_diff(a, b) <= TOL
 
 
+def test_with_attention_impl_switches_every_layer(monkeypatch):
+    """doge_torch.model.with_attention_impl (the config is frozen, so assigning the field raised): each layer runs
+    the chosen path (sdpa calls counted), the logits stay transformers', and a bad name is refused by name."""
+    import torch.nn.functional as F
+
+    from doge_jax.config import ConfigError
+    from doge_torch.model import with_attention_impl
+
+    hf = make_hf_model()
+    ours = ours_from_hf(hf)
+    ids = random_ids(2, 16, TINY["vocab_size"], seed=3)
+    calls, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for impl, sdpa_calls in (("reference", 0), ("blockwise", ours.config.num_hidden_layers)):
+        assert with_attention_impl(ours, impl) is ours and ours.config.attention_impl == impl
+        calls.clear()
+        a, b = both_logits(hf, ours, ids)
+        assert len(calls) == sdpa_calls and max_abs_diff(a, b) <= TOL, impl
+    with pytest.raises(ConfigError, match="attention_impl"):
+        with_attention_impl(ours, "flash")
+
+
 def test_left_padding_all_positions():
     """Fully masked (pad) query rows are uniform softmaxes in both models: every position is compared."""
     hf = make_hf_model()
