@@ -281,6 +281,8 @@ def save_param_tree(params_dir: str, tree: dict, concurrent_gb: float = 0.25) ->
 
 # ---- training checkpoints ---------------------------------------------------------------------------------------
 ITEMS = ("params", "opt_state", "data", "meta")
+
+
 def _short(error: BaseException) -> str:
     """An error's first line, without tensorstore's "See full TensorStore details: <bound method ...>" tail."""
     first = (str(error).splitlines() or [""])[0]

@@ -340,6 +340,10 @@ class GenerationConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
 
+    def __post_init__(self) -> None:  # EOS ids as a tuple: the config is a static (hashed) attribute of the model
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
     @classmethod
     def from_config(cls, cfg: DogeConfig) -> GenerationConfig:
         return cls(**{k: getattr(cfg, k) for k in SPECIAL_IDS})

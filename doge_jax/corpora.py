@@ -486,9 +486,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not 0.0 <= a.val_fraction < 1.0:  # as train.val_fraction (2 held out every document, -0.5 none)
         ap.error(f"--val-fraction {a.val_fraction}: must be in [0, 1)")
-    if a.vocab_size is not None and a.vocab_size < D.MIN_BPE_VOCAB:
-        ap.error(f"--vocab-size {a.vocab_size}: a byte-level BPE needs at least {D.MIN_BPE_VOCAB} tokens (256 "
-                 f"bytes + {len(D.SPECIAL_TOKENS)} special tokens)")
     try:
         m = pretokenize(a.data, a.tokenizer, a.out, a.text_field, a.val_fraction, a.seed, a.workers,
                         not a.no_progress, a.vocab_size)

@@ -39,6 +39,8 @@ def _effective(cfg: DogeConfig, field: str) -> Any:
         return cfg.num_key_value_heads or cfg.num_attention_heads
     if field == "head_dim":
         return cfg.head_size
+    if field == "hidden_act":  # transformers' "swish" is SiLU
+        return "silu" if cfg.hidden_act == "swish" else cfg.hidden_act
     return getattr(cfg, field)
 
 

@@ -122,8 +122,8 @@ def check_same_model(run_dir: str, mcfg: DogeConfig) -> None:
             and getattr(old, f.name) != getattr(mcfg, f.name)]
     if diff:
         started = (read_run_record(run_dir) or {}).get("init_from")
-        hint = (f"; the run started with --init-from {started}, whose config the model fields were merged into: "
-                "pass it again" if started else "")
+        hint = (f"; the run started with --init-from {started}: its model is the run's config.json, so leave out "
+                "the model fields (--model.*, a config file's model: section) that differ" if started else "")
         raise ConfigError(f"{run_dir} holds a run with a different model config (fields: {', '.join(diff)}); "
                           f"use another --name/--out_dir or the original config{hint}")
 
@@ -284,7 +284,8 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
             raise ConfigError(f"train.moe_freeze_steps={tcfg.moe_freeze_steps}: needs a MoE model "
                               "(model.is_moe true)")
         mesh = make_mesh(tcfg)
-        if tcfg.init_from:
+        resuming = bool(list_steps(run_dir))  # (its weights come from its checkpoint: init_from is not read)
+        if tcfg.init_from and not resuming:
             base = I.checkpoint_config(tcfg.init_from)
             changes = I.config_changes(base, mcfg)
             log(f"init from {tcfg.init_from}" + (f"; model config changes: {'; '.join(changes)}" if changes else ""))
@@ -313,7 +314,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         check_same_model(run_dir, mcfg)
         # a new run's starting weights, loaded before any file is written or data tokenized: a checkpoint that
         # does not fit the model config fails here and leaves nothing behind
-        init = I.init_params(tcfg.init_from, mcfg, tcfg.seed) if tcfg.init_from and not list_steps(run_dir) else None
+        init = I.init_params(tcfg.init_from, mcfg, tcfg.seed) if tcfg.init_from and not resuming else None
         data = C.training_data(sources, tok, mcfg.eos_token_ids[0], mcfg.vocab_size, tcfg.seq_len,
                                os.path.join(tcfg.cache_dir, "tokens"), tcfg.text_field, tcfg.val_fraction, tcfg.seed,
                                tcfg.progress)
@@ -323,15 +324,12 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         # micro-batch
         dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), hosts)
         val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
-        record = tcfg.to_dict()
-        if tcfg.init_from is None and list_steps(run_dir):  # resumed without --init-from: the run's start stays
-            record["init_from"] = (read_run_record(run_dir) or {}).get("init_from")
         os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
         if primary:  # config.json last: it marks an established run (whose tokenizer then wins on resume)
             D.save_tokenizer(tok, mcfg, run_dir)
             with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
                 # run: is a record (ignored when the file is read back as --config, to repeat the run)
-                yaml.safe_dump({"model": mcfg.to_dict(), "train": record,
+                yaml.safe_dump({"model": mcfg.to_dict(), "train": tcfg.to_dict(),
                                 "run": {"config_file": config_path, "data_files": data.files,
                                         "train_tokens": data.train_tokens, "val_tokens": data.val_tokens}},
                                f, sort_keys=False)
@@ -366,14 +364,13 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         it.set_state(data_state)
         log(f"resumed from checkpoint step {step}")
     else:
-        if tcfg.init_from:
-            params = init if init is not None else I.init_params(tcfg.init_from, mcfg, tcfg.seed)
+        if tcfg.init_from:  # (a resumed run none of whose checkpoints restored: from its start again)
+            params, init = (init if init is not None else I.init_params(tcfg.init_from, mcfg, tcfg.seed)), None
             log(f"initialised from {tcfg.init_from} (fresh optimizer state)")
         else:
             params = nnx.to_pure_dict(nnx.split(DogeTrunk(mcfg, rngs=nnx.Rngs(tcfg.seed)), nnx.Param)[1])
         params, _ = S.shard_params(params, mesh)
         opt_state, _ = S.init_opt_state(tx, params, psh, mesh)
-    init = None  # (the host copy of the starting weights: not kept for the whole run)
     train_step, _, eval_step = make_steps(graphdef, tx, mcfg, tcfg, mesh, psh, osh)
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     log(f"model: {n_params / 1e6:.2f}M parameters ({mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, "
@@ -437,7 +434,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         stop_votes: list[int] = []  # multi-host: steps at which some host had been asked to stop
 
         def last_good_where() -> str:
-            return (f"step {last_good}" if last_good is not None else "none saved yet") + f" in {run_dir}"
+            return (f"step {last_good}" if last_good is not None else "none") + f" in {run_dir}"
 
         def read_back(s: int, out, vote=None) -> None:
             """Wait for step s's metrics (and its stop vote), stop on NaN/inf, log. Steady state: s is the step before
@@ -457,7 +454,12 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                                            f"checkpoint: {last_good_where()})")
                 moved = ""
                 if last_good is not None and last_good == s - 1:  # step s ran on that checkpoint's weights
-                    folder = ckpt.set_aside_diverged(last_good)
+                    try:
+                        folder = ckpt.set_aside_diverged(last_good)
+                    except CheckpointError as e:  # (the divergence is still what is reported)
+                        raise TrainingDiverged(f"non-finite loss/grad norm at step {s}; checkpoint step {last_good} "
+                                               f"holds the weights that gave it, but {e}: move it out before "
+                                               "resuming") from None
                     moved = f"; checkpoint step {last_good} holds the weights that gave it: moved to {folder}"
                     last_good = max(list_steps(run_dir), default=None)
                 raise TrainingDiverged(f"non-finite loss/grad norm at step {s} (loss={loss}, grad_norm={gnorm})"

@@ -219,10 +219,11 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
     return out
 
 
-def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]], where: str = "--init-from"
-                 ) -> tuple[DogeConfig, TrainConfig]:
+def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]], where: str = "--init-from",
+                 resume_runs: bool = False) -> tuple[DogeConfig, TrainConfig]:
     """(model config, train config) from a YAML file (model: + train:) plus command-line overrides. `where` names
-    train.init_from's checkpoint in errors."""
+    train.init_from's checkpoint in errors. `resume_runs` (doge_jax.train): a command without --init-from that
+    resumes a doge_jax run started with one takes that run's model config and its recorded init_from."""
     path = config_path or DEFAULT_CONFIG
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
@@ -259,7 +260,7 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
         tcfg = TrainConfig(**train)
     except TypeError as e:
         raise ConfigError(f"train: {e}") from None
-    resumed = _resumed_init_run(tcfg)
+    resumed = _resumed_init_run(tcfg) if resume_runs else None
     if config_path and not raw.get("model") and not tcfg.init_from and not resumed:
         given = sorted(k for s, k, _ in overrides if s == "model")
         print(f"warning: {path} has no model: section; the model is DogeConfig's defaults (transformers', ~400M "
@@ -272,12 +273,12 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
 
         keys = (set(raw.get("model") or {}) if config_path else set()) | {k for s, k, _ in overrides if s == "model"}
         requested = {k: model[k] for k in keys}
-        if resumed:
+        if resumed:  # the run's config (no need for its start checkpoint), and its start should nothing restore
             run_dir, started = resumed
             print(f"resuming {run_dir} (started with --init-from {started}): the model config is the run's",
                   file=sys.stderr)
             base = DogeConfig.from_json_file(os.path.join(run_dir, "config.json"))
-            return merge_config(base, requested, f"the run's ({run_dir})"), tcfg
+            return merge_config(base, requested, f"the run's ({run_dir})"), dataclasses.replace(tcfg, init_from=started)
         return merge_config(checkpoint_config(tcfg.init_from), requested, where), tcfg
     return DogeConfig.from_dict(model), tcfg
 
@@ -303,15 +304,15 @@ def read_run_record(run_dir: str) -> dict[str, Any] | None:
 def _resumed_init_run(tcfg: TrainConfig) -> tuple[str, str] | None:
     """(run directory, its recorded init_from) when the command resumes a run started with --init-from without
     passing it again: the run's own config.json is then the model config."""
+    from .checkpoint import list_steps  # (doge_jax.train only: doge_torch's imports stay JAX-free)
+
     if tcfg.init_from:
         return None
     run_dir = tcfg.run_dir
+    if not (list_steps(run_dir) and os.path.isfile(os.path.join(run_dir, "config.json"))):
+        return None
     started = (read_run_record(run_dir) or {}).get("init_from")
-    ckpts = os.path.join(run_dir, "checkpoints")
-    has_steps = os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts))
-    if started and has_steps and os.path.isfile(os.path.join(run_dir, "config.json")):
-        return run_dir, started
-    return None
+    return (run_dir, started) if started else None
 
 
 def _shown(path: str) -> str:
@@ -372,5 +373,5 @@ def parse_argv(argv: list[str] | None) -> tuple[DogeConfig, TrainConfig, str]:
         else:
             rest.append(argv[i])
         i += 1
-    model, train = load_configs(config_path, parse_overrides(rest))
+    model, train = load_configs(config_path, parse_overrides(rest), resume_runs=True)
     return model, train, config_path or DEFAULT_CONFIG

@@ -673,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
     def save(step: int) -> None:
         # the step's loss was finite, but its update may not be (a huge learning rate): never saved
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):  # (one sync)
             diverged(f"non-finite weights after step {step} (its loss and grad norm were finite; the update "
                      "overflowed)")
         path = checkpoint.save(args.out, step, model, optimizer, scheduler, run, tc.keep_checkpoints)

@@ -161,7 +161,7 @@ def test_pretokenize_arguments_and_a_damaged_manifest_are_named(files, cache, tm
 
     for flag, value, said in (("--val-fraction", "2", "--val-fraction 2.0: must be in [0, 1)"),
                               ("--val-fraction", "-0.5", "must be in [0, 1)"),
-                              ("--vocab-size", "10", "--vocab-size 10: a byte-level BPE needs at least 259")):
+                              ("--vocab-size", "10", "a byte-level BPE of 10 tokens: it needs at least 259")):
         proc = _pretokenize("--data", files / "rows.jsonl", "--out", tmp_path / "x", flag, value,
                             *(["--tokenizer", files / "tokenizer.json"] if flag != "--vocab-size" else []))
         assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]

@@ -195,6 +195,10 @@ def test_generation_config_ids_stay_out_of_the_model_config(tmp_path):
     for m in (jm, tm):
         assert (m.config.pad_token_id, m.generation_config.pad_token_id) == (3, 5)
     assert tm.model.embed_tokens.padding_idx == 3
+    from doge_jax.config import GenerationConfig
+
+    g = GenerationConfig(eos_token_id=[5, 6])  # as transformers writes them: a tuple (a static, hashed attribute)
+    assert g.eos_token_id == (5, 6) and hash(g) == hash(GenerationConfig(eos_token_id=(5, 6)))
     tm.train()
     ids = torch.tensor([[5, 9, 5, 3, 11]])
     tm(ids, labels=ids).loss.backward()

@@ -6,7 +6,9 @@ checkpoint after step 1 holds exactly the initial parameters of the run."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +104,8 @@ def test_merge_config_rules():
     with pytest.raises(ConfigError, match="model.is_moe=false"):
         merge_config(moe, {"is_moe": False})
     assert merge_config(moe, {"num_experts_per_tok": 2}).num_experts_per_tok == 2
+    # transformers' "swish" is SiLU: a swish checkpoint takes the configs' "silu" (kept as stored)
+    assert merge_config(base.replace(hidden_act="swish"), {"hidden_act": "silu"}).hidden_act == "swish"
 
 
 def _routed_reference(x, router, down, up, top_k):
@@ -232,7 +236,8 @@ def test_another_tokenizer_than_the_checkpoints_warns(corpus, cache, dense, tmp_
     assert "is not the tokenizer of" in capsys.readouterr().err
 
 
-def test_resume_without_init_from_takes_the_runs_model(corpus, cache, dense, tmp_path, capsys):  # noqa: F811
+def test_resume_without_init_from_takes_the_runs_model(corpus, cache, dense, tmp_path, capsys,  # noqa: F811
+                                                       monkeypatch):
     """A run started with --init-from resumes by the command without it, even when that command's config file
     (here doge_jax's defaults plus no model field) describes another model: the run's config.json is the model
     (README). Model fields asked for explicitly are still checked against it."""
@@ -245,6 +250,24 @@ def test_resume_without_init_from_takes_the_runs_model(corpus, cache, dense, tmp
     assert list_steps(str(tmp_path / "cont"))[-1] == 2
     assert T.main([*base, "--model.hidden_size", "48"]) == 2
     assert "model.hidden_size=48: the run's" in capsys.readouterr().err
+    # no checkpoint of the run restores: it starts again from the recorded --init-from (not from random weights)
+    for root, _, files in os.walk(tmp_path / "cont" / "checkpoints"):
+        for f in files:
+            if "params" in root:
+                (Path(root) / f).write_bytes(b"garbage")
+    assert T.main([*base, "--train.stop_after", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"initialised from {dense[0]}" in err and "partial or corrupt" in err, err
+    # doge_torch.train and other load_configs callers never look at a doge_jax run (runs/<config name>)
+    from doge_jax.train_config import load_configs
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tmp_path / "cont", tmp_path / "runs" / "tiny")
+    cfg, tc = load_configs(None, [])  # (no --config: configs/tiny.yaml, run directory runs/tiny)
+    assert cfg.hidden_size == 128 and tc.init_from is None  # configs/tiny.yaml's own model
+    cfg, tc = load_configs(None, [], resume_runs=True)  # doge_jax.train's
+    assert cfg.hidden_size == DogeConfig.from_json_file(dense[0] / "config.json").hidden_size
+    assert tc.init_from == str(dense[0])
 
 
 def test_a_checkpoint_that_does_not_fit_leaves_no_run(corpus, cache, dense, tmp_path, capsys):  # noqa: F811

@@ -196,7 +196,7 @@ def test_nan_loss_stops_and_keeps_last_good(corpus, cache, tmp_path, capsys):
     assert "step 1: loss " in err  # without a progress bar: a line per logged step
     # step 1's update (lr 1e38) left finite weights that give step 2 a NaN loss: that checkpoint is set aside
     assert "non-finite loss/grad norm at step 2" in err and "checkpoint step 1 holds the weights" in err
-    assert "last good checkpoint: none saved yet" in err and list_steps(str(out)) == []
+    assert "last good checkpoint: none in" in err and list_steps(str(out)) == []
     rows = read_metrics(str(out))
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
@@ -279,7 +279,7 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     err = capsys.readouterr().err
     finite = [r for r in read_metrics(str(out)) if "loss" in r]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in finite)
-    assert f"non-finite loss/grad norm at step {len(finite) + 1} " in err and "none saved yet" in err
+    assert f"non-finite loss/grad norm at step {len(finite) + 1} " in err and "last good checkpoint: none in" in err
     assert list_steps(str(out)) == []
 
 
