@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, TINY_MOE, left_pad_mask, make_hf_model, save_hf, unique_ids
+from flax import nnx
 
 from doge_jax.generate import main
 from doge_jax.model import DogeForCausalLM
@@ -253,7 +254,6 @@ def test_cache_overflow_raises(model_dir):
 def _random_jax_model(**overrides):
     """A tiny doge_jax model with random nonzero A, biases and norm weights (no transformers needed)."""
     import jax
-    from flax import nnx
 
     from doge_jax.config import DogeConfig
 
@@ -304,13 +304,23 @@ def test_decode_step_equals_cached_forward(overrides, B):
     prep = prepare_decode(model, C)
     assert (prep["rope"] is None) == (cfg.rope_type == "dynamic" and C > cfg.max_position_embeddings)
     dec = DecodeCache.from_cache(cache, counters=use_counters(cfg, C))  # as generate builds it
-    next_pos = pos.max(axis=1) + 1
+
+    # each side compiled once (as generate traces decode_step), not dispatched op by op for every step
+    @nnx.jit
+    def cached_forward(model, tok, pos, cache):
+        out = model(tok[:, None], attention_mask=jnp.ones((B, 1), bool), position_ids=pos[:, None], cache=cache)
+        return out.logits[:, -1], out.cache
+
+    @nnx.jit
+    def step(model, tok, pos, dec):
+        return decode_step(model, prepare_decode(model, C), tok, pos, dec)
+
+    next_pos = jnp.asarray(pos.max(axis=1) + 1)
     for t in range(P, P + N):
         tok = jnp.asarray(ids[:, t])
-        ref = model(tok[:, None], attention_mask=np.ones((B, 1), bool), position_ids=next_pos[:, None], cache=cache)
-        cache = ref.cache
-        logits, dec = decode_step(model, prep, tok, jnp.asarray(next_pos), dec)
-        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref.logits[:, -1]), rtol=0, atol=1e-5)
+        ref_logits, cache = cached_forward(model, tok, next_pos, cache)
+        logits, dec = step(model, tok, next_pos, dec)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=0, atol=1e-5)
         next_pos = next_pos + 1
     assert int(dec.index) == int(cache.index) and np.array_equal(dec.key_mask, cache.key_mask)
     for (k_t, v, dt), lc in zip(dec.layers, cache.layers):

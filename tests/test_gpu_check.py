@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 
 
+@pytest.mark.xdist_group("gpu_check")  # the two longest script runs start first, on one pytest-xdist worker
 def test_gpu_check_cpu_fallback(tmp_path):
     results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     before = open(results).read() if os.path.exists(results) else None
@@ -94,6 +97,7 @@ def test_device_events_reads_kernels_from_gpu_stream_lines():
         gpu_check.device_events(trace(lines[1:]), cpu=False)
 
 
+@pytest.mark.xdist_group("gpu_check")  # the two longest script runs start first, on one pytest-xdist worker
 def test_failed_kernel_smoke_test_skips_only_that_frameworks_rows():
     """A framework whose kernels fail their smoke test (in a child process; here on purpose) gets a FAIL row and
     its kernel rows are not run in the main process (on a GPU a kernel fault poisons the CUDA context); the other
@@ -117,6 +121,7 @@ def test_failed_kernel_smoke_test_skips_only_that_frameworks_rows():
     train = [r for r in rows if r[0] == "| train"]
     assert len(train) == 1 and "[unrolled layers] doge_jax" in train[0][1] and "tok/s" in train[0][3], train
 
+@pytest.mark.slow
 def test_kernel_tune_cpu_check():
     """benchmarks/kernel_tune.py (the GPU block-size sweep of both kernels) runs its tiny CPU check end to end."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRITON_INTERPRET": "1"}
@@ -141,6 +146,7 @@ def test_sparse_tiles_counts_less_work_beyond_the_keep_window():
     assert float(cells[3]) < 0.5 and int(cells[5]) <= 128 + 64, row
 
 
+@pytest.mark.slow
 def test_auto_threshold_script_times_both_impls():
     """benchmarks/auto_threshold.py: a training step per attention impl and the impl `auto` picks at that size."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "auto_threshold.py"), "--config",
@@ -154,6 +160,7 @@ def test_auto_threshold_script_times_both_impls():
 
 
 
+@pytest.mark.slow
 def test_moe_memory_benchmark_runs():
     """benchmarks/moe_memory.py: one MoE training step per implementation, each in its own process; doge_torch and
     transformers start from the same seeded init, so their first losses agree."""

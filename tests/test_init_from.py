@@ -26,6 +26,8 @@ from doge_jax.model import DogeCDMoE, DogeForCausalLM, DogeMLP
 
 MOE = ["--model.is_moe", "true", "--model.num_experts", "16", "--model.num_experts_per_tok", "4"]
 NEW = ("router_gate", "down_embed", "up_embed")
+# one pytest-xdist worker runs the whole module: its module fixtures are costly runs, built once
+pytestmark = pytest.mark.xdist_group("init_from")
 # TINY_ARGS without its model fields: the model is the --init-from checkpoint's
 TRAIN_ONLY = [a for i, a in enumerate(TINY_ARGS) if not (a.startswith("--model.") or
                                                          (i and TINY_ARGS[i - 1].startswith("--model.")))]

@@ -152,8 +152,8 @@ def test_moe_aux_loss(tmp_path, masked, experts):
     assert abs(float(ours.loss) - out.loss.item()) <= 1e-5 * out.loss.item()
 
 
-@pytest.mark.parametrize("case", ["gqa", "moe"])
-@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("use_cache, case", [(True, "gqa"), (True, "moe"), (False, "gqa"),
+                                             pytest.param(False, "moe", marks=pytest.mark.slow)])
 def test_greedy_generation_matches_transformers(tmp_path, case, use_cache):
     hf = make_hf_model(**CASES[case])
     model = _load(hf, tmp_path)

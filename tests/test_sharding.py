@@ -36,6 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "sharding_worker.py")
 LR = 3e-3  # sharding_worker.LR
 MODELS = {"dense": TINY, "moe": {**TINY, **TINY_MOE}}
+# one pytest-xdist worker runs the whole module: its module fixtures are costly runs, built once
+pytestmark = pytest.mark.xdist_group("sharding")
 
 
 def worker(*args, devices: int = 1, env: dict | None = None, check: bool = True, popen: bool = False):

@@ -565,6 +565,7 @@ def _run_8_devices(corpus, cache, out, *extra):
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_mesh_8_devices_matches_1_and_checkpoints_move(corpus, cache, tmp_path):
     """Losses on a data 2 x fsdp 4 mesh equal the 1-device run within float32 noise (1e-6 relative: only the order
     of the sums differs, cf. tests/test_sharding.py), and a run checkpointed on 8 devices resumes on 1 and the reverse

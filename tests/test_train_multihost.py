@@ -22,6 +22,8 @@ from doge_jax.metrics import read_metrics
 
 # 6 steps of 2 micro-batches x 8 rows (4 per host), evaluated at 3 and 6; no checkpoint before the end
 ARGS = [*MESH_ARGS, "--train.num_training_steps", "6", "--train.eval_every", "3"]
+# one pytest-xdist worker runs the whole module: its module fixtures are costly runs, built once
+pytestmark = pytest.mark.xdist_group("multihost")
 
 
 def _free_port() -> int:
