@@ -73,7 +73,9 @@ def open_source(src: str, config: str | None = None, variant: str | None = None,
         if not os.path.exists(cfg_path):
             raise CheckpointError(f"{src}: no config.json beside the file; pass --config PATH")
         kind = "safetensors file" if src.endswith(".safetensors") else "PyTorch state-dict file"
-        return _file_source(src, [src], kind, cfg_path, variant, os.path.dirname(src))
+        # generation_config.json and tokenizer files come from where the config is (the model's directory)
+        side = cfg_path if os.path.isdir(cfg_path) else os.path.dirname(os.path.abspath(cfg_path))
+        return _file_source(src, [src], kind, cfg_path, variant, side)
     files, kind = _hf_files(src)
     return _file_source(src, files, f"HF directory ({kind})", config or os.path.join(src, "config.json"), variant, src)
 

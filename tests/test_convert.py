@@ -152,9 +152,16 @@ def test_pytorch_bin_and_state_dict_file_sources(tmp_path, capsys):
     torch.save(hf.state_dict(), pt)
     assert _run(pt, tmp_path / "b", "--to", "hf") == 1
     assert "pass --config" in capsys.readouterr().err
+    # the side files come from the config's directory (the model's), not from where the weight file lies
+    _add_tokenizer_files(src)
+    with open(os.path.join(src, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [1, 7], "pad_token_id": 2, "do_sample": True, "top_p": 0.9}, f)
+    (pt.parent / "tokenizer_config.json").write_text('{"stray": true}')
     assert _run(pt, tmp_path / "b", "--to", "jax", "--config", os.path.join(src, "config.json")) == 0
     assert _run(tmp_path / "b", tmp_path / "c", "--to", "hf") == 0
     _assert_bit_equal(_tensors(src), _tensors(tmp_path / "c"))
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "c" / name).read_text() == open(os.path.join(src, name)).read(), name
 
 
 # ---- orbax sources -----------------------------------------------------------------------------------------------
