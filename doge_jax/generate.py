@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from .decode import DecodeCache, decode_step, prepare_decode, use_counters
-from .generation_args import RIGHT_PADDED, check_mask_values, check_sampling, eos_ids, inferred_pad, output_pad
+from .generation_args import RIGHT_PADDED, _is_int, check_mask_values, check_sampling, eos_ids, inferred_pad, output_pad
 from .model import DogeCache, check_token_ids
 
 CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths share compiled programs
@@ -115,12 +115,15 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Sampling defaults follow transformers' GenerationConfig (temperature 1, top_k 50, no top-p).
 
-    `on_token(step, tokens [B])` (cached path) is called from inside the compiled loop as each token is made.
+    `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached).
     Dense models left-pad the prompt to a multiple of PROMPT_BUCKET (masked, so the function is unchanged) to
     share compiled programs; CDMoE routing mixes positions (spec §3.8), so MoE prompts keep their exact length.
     `use_cache=False` recomputes the whole sequence each step (one compile per length; for checking only)."""
     cfg = model.config
+    temperature = 1.0 if temperature is None else temperature  # None: the default, as in transformers
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
+    if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
+        raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32)")
     ids = np.asarray(input_ids)
     check_token_ids(ids, cfg.vocab_size)  # before the cast: 2**32 + 7 or 7.9 must not become 7
     ids = ids.astype(np.int32)
@@ -174,10 +177,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
             _STREAM_SINK[0] = None
         return np.concatenate([ids, out[:, :steps]], axis=1)
     return _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, float(temperature),
-                               top_k, top_p)
+                               top_k, top_p, on_token)
 
 
-def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p):
+def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,
+                        on_token=None):
     """No cache: run the whole sequence every step. Dense models use one fixed-length buffer (future slots are
     masked, and causality makes them invisible); CDMoE routing mixes positions (spec §3.8), so MoE runs exact
     lengths (one compile each)."""
@@ -200,6 +204,8 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
         rng, sub = jax.random.split(rng)
         tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p))
         tok = np.where(done, pad, tok)
+        if on_token is not None:
+            on_token(n, tok)
         buf[:, cur], buf_mask[:, cur], buf_pos[:, cur] = tok, True, buf_pos[:, :cur].max(axis=1) + 1
         done |= np.isin(tok, eos)
         if done.all():
@@ -214,17 +220,6 @@ def _logits_at(model, ids, mask, pos, i):
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-
-
-def _load_tokenizer(path: str):
-    import os
-
-    f = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(f):
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(f)
 
 
 def _main(argv=None) -> int:
@@ -267,23 +262,25 @@ def _main(argv=None) -> int:
 
     if not os.path.exists(args.model):
         return fail(f"--model {args.model}: no such file or directory")
-    # a run's step directory RUN/checkpoints/N finds the run's tokenizer
-    if not os.path.exists(args.model):
-        return fail(f"--model {args.model}: no such file or directory")
+    if not os.path.isdir(args.model):
+        return fail(f"--model {args.model}: a file; pass the model's directory (config.json + weights) or an orbax "
+                    "checkpoint")
     if args.tokenizer and not os.path.exists(args.tokenizer):
         return fail(f"--tokenizer {args.tokenizer}: no such file or directory")
-    tok_path = args.tokenizer or (find_tokenizer(args.model) if os.path.isdir(args.model) else None) or args.model
+    # a run's step directory RUN/checkpoints/N finds the run's tokenizer
+    tok_path = args.tokenizer or find_tokenizer(args.model) or args.model
+    tok_file = os.path.join(tok_path, "tokenizer.json") if os.path.isdir(tok_path) else tok_path
     tokenizer = None
-    try:
-        if os.path.isfile(tok_path) and tok_path.endswith(".json"):
+    if os.path.isfile(tok_file):
+        try:
             from tokenizers import Tokenizer
 
-            tokenizer = Tokenizer.from_file(tok_path)
-        elif os.path.isdir(tok_path):
-            tokenizer = _load_tokenizer(tok_path)
-    except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
-        if args.prompt is not None or args.tokenizer:  # needed or asked for; with --prompt-ids, ids are shown
-            return fail(f"{tok_path}: not a readable tokenizer.json ({e})")
+            tokenizer = Tokenizer.from_file(tok_file)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
+            if args.prompt is not None or args.tokenizer:  # needed or asked for; with --prompt-ids, ids are shown
+                return fail(f"{tok_file}: not a readable tokenizer.json ({e})")
+    elif args.tokenizer:
+        return fail(f"--tokenizer {args.tokenizer}: no tokenizer.json in that directory")
     if args.prompt is not None and tokenizer is None:
         return fail(f"no tokenizer.json in {tok_path!r}: pass --tokenizer PATH, or give the prompt as --prompt-ids")
     try:
@@ -332,7 +329,9 @@ def _main(argv=None) -> int:
         out.write(" ".join(str(i) for i in ids) + " |")
     out.flush()
     t0 = time.perf_counter()
-    generate(model, np.asarray([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+    # one prompt is never padded: a pad id in it is a token (generate would infer a mask from it, as transformers)
+    generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=args.max_new_tokens,
+             do_sample=args.do_sample,
              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
              eos_token_id=-1 if args.no_eos else None, on_token=on_token)
     if tokenizer is not None and new:

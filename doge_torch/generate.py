@@ -39,6 +39,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     defaults follow transformers' GenerationConfig (temperature 1, top_k 50, no top-p); the sampling generator
     lives on the model's device, seeded by `seed`."""
     cfg = model.config
+    temperature = 1.0 if temperature is None else temperature  # None: the default, as in transformers
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
     device = next(model.parameters()).device
     if not isinstance(input_ids, torch.Tensor):  # a list or a numpy array, as doge_jax takes them

@@ -3,6 +3,8 @@ doge_torch sdpa / key-expiry attention path."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,11 @@ def test_streamed_tokens_equal_returned(model_dir):
     # prompts of different lengths in one 32-bucket share a compiled program and give their own greedy tokens
     np.testing.assert_array_equal(model.generate(ids[:, 2:], max_new_tokens=10), model.generate(
         ids[:, 2:], max_new_tokens=10, use_cache=False))
+    # use_cache=False streams the same tokens (on_token was never called there)
+    again = []
+    model.generate(ids, max_new_tokens=10, use_cache=False, on_token=lambda step, toks: again.append((step, toks)))
+    assert [s for s, _ in again] == [s for s, _ in seen]
+    np.testing.assert_array_equal(np.stack([t for _, t in again], axis=1), out[:, 7:])
 
 
 def test_cli_with_tokenizer(model_dir, tmp_path, capsys):
@@ -114,12 +121,38 @@ def test_cli_rejects_bad_input_in_one_line(model_dir, tmp_path, capsys):
                               (str(tmp_path / "empty"), ["--prompt-ids", "5"], f"--model {tmp_path / 'empty'}: "),
                               (str(tmp_path / "run"), ["--prompt-ids", "5"], f"--model {tmp_path / 'run'}: "),
                               (model_dir, ["--prompt-ids", "5", "999"],
-                               "prompt ids outside [0, vocab_size=128): [999]")):
+                               "prompt ids outside [0, vocab_size=128): [999]"),
+                              # an unusable --tokenizer is an error, not silently dropped (before: rc 0, raw ids)
+                              (model_dir, ["--prompt-ids", "5", "--tokenizer", str(tmp_path / "empty")],
+                               f"--tokenizer {tmp_path / 'empty'}: no tokenizer.json in that directory"),
+                              (model_dir, ["--prompt-ids", "5", "--tokenizer", os.path.join(model_dir, "config.json")],
+                               "config.json: not a readable tokenizer.json"),
+                              # a weight file (before, with --prompt: "no tokenizer.json in .../model.safetensors")
+                              (os.path.join(model_dir, "model.safetensors"), ["--prompt", "hi"],
+                               "model.safetensors: a file; pass the model's directory")):
         assert main(["--model", model, *argv]) == 2
         err = capsys.readouterr().err
         assert want in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert main(["--model", model_dir, "--prompt-ids", "5", "--max-new-tokens", "64"]) == 0
     assert "> max_position_embeddings" in capsys.readouterr().err
+
+
+def test_cli_prompt_holding_the_pad_id_is_not_padding(tmp_path, capsys):
+    """One command-line prompt is never padded: its pad-id tokens are tokens (before: masked out, with a warning
+    about right padding the user never asked for)."""
+    import json
+    import warnings
+
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    gen = json.load(open(f"{d}/generation_config.json"))
+    json.dump({**gen, "pad_token_id": 2}, open(f"{d}/generation_config.json", "w"))
+    model = DogeForCausalLM.from_pretrained(d)
+    ids = np.array([[5, 9, 2]])
+    want = model.generate(ids, np.ones_like(ids), max_new_tokens=4, eos_token_id=-1)[0, 3:].tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["--model", d, "--prompt-ids", "5", "9", "2", "--max-new-tokens", "4", "--no-eos"]) == 0
+    assert capsys.readouterr().out.split("|")[1].split() == [str(t) for t in want]
 
 
 def test_cli_rejects_bad_arguments_cleanly(model_dir, capsys):
@@ -534,3 +567,12 @@ def test_bad_generate_arguments_are_named(model_dir, framework):
             model.generate(max_new_tokens=2, **kwargs)
     with pytest.raises(ValueError, match=r"input_ids shape \(5,\): expected \[batch, seq >= 1\]"):
         model(conv(ids[0]))
+    # temperature=None is the default (1.0), as in transformers (before: TypeError)
+    for do_sample in (False, True):
+        a = model.generate(conv(ids), max_new_tokens=3, do_sample=do_sample, temperature=None, seed=3)
+        b = model.generate(conv(ids), max_new_tokens=3, do_sample=do_sample, temperature=1.0, seed=3)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if framework == "jax":  # jax.random.key keeps a seed's low 32 bits: 2**32 sampled exactly what seed 0 does
+        for seed in (2**32, -1, 1.5):
+            with pytest.raises(ValueError, match=r"seed=.*must be an integer in \[0, 2\*\*32\)"):
+                model.generate(conv(ids), max_new_tokens=2, do_sample=True, seed=seed)
