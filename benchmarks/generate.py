@@ -96,14 +96,14 @@ def worker(side: str, path: str, batch: int, prompt: int, new: int, repeats: int
         t_ids = torch.as_tensor(ids)
 
         def fn():
-            return generate(tmodel, t_ids, max_new_tokens=new, eos_token_id=-1).numpy()
+            return generate(tmodel, t_ids, max_new_tokens=new, eos_token_id=-1, do_sample=False).numpy()
     else:
         from doge_jax.model import DogeForCausalLM
 
         model = DogeForCausalLM.from_pretrained(path)
 
         def fn():
-            return model.generate(ids, max_new_tokens=new, eos_token_id=-1)
+            return model.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False)
     t0 = time.perf_counter()
     out = fn()
     first = time.perf_counter() - t0

@@ -1233,10 +1233,11 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
                            f"{hf_rate:,.0f} tok/s (baseline)")
         with guarded(report, S, f"doge_jax batch {B}"):
             t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new, eos_token_id=-1)
+            out = model.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False)
             first = time.perf_counter() - t0
             assert out.shape == (B, prompt + new), out.shape
-            sec = time_fn(lambda ids=ids: model.generate(ids, max_new_tokens=new, eos_token_id=-1), 2, warmup=0)
+            sec = time_fn(lambda ids=ids: model.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False), 2,
+                          warmup=0)
             vs = "" if hf_rate is None else (f", {B * new / sec / hf_rate:.2f}x transformers, same tokens: "
                                              f"{'yes' if np.array_equal(np.asarray(out), hf_out) else 'no'}")
             report.add(S, f"doge_jax fp32 batch {B}, {prompt}+{new} tokens",
@@ -1247,7 +1248,7 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     with guarded(report, S, "doge_torch batch 1"):
         tm = doge_torch.DogeForCausalLM.from_pretrained(path).to(tdev).eval()
         ids = torch.as_tensor(np.random.default_rng(1).integers(3, cfg.vocab_size, (1, prompt))).to(tdev)
-        sec = time_fn(lambda: tm.generate(ids, max_new_tokens=new, eos_token_id=-1), 2)
+        sec = time_fn(lambda: tm.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False), 2)
         vs = f" ({new / sec / hf_rates[1]:.2f}x transformers)" if 1 in hf_rates else ""
         report.add(S, f"doge_torch fp32 eager batch 1, {prompt}+{new} tokens", f"{new / sec:,.0f} tok/s{vs}")
 

@@ -328,17 +328,24 @@ class DogeConfig:
 
 
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# generate's sampling defaults a generation_config.json may set (transformers' GenerationConfig defaults)
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": None}
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """The special ids `generate` uses when the call gives none: transformers' `model.generation_config`
-    (generation_config.json's ids, else config.json's). The model's own pad id (embedding pad row, label masking)
-    stays config.json's. Frozen: replace it (`dataclasses.replace`) rather than assign its fields."""
+    """What `generate` uses for the arguments a call does not give: transformers' `model.generation_config`
+    (generation_config.json's ids, else config.json's; its do_sample / temperature / top_k / top_p). The model's
+    own pad id (embedding pad row, label masking) stays config.json's. Frozen: replace it
+    (`dataclasses.replace`) rather than assign its fields."""
 
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = None
 
     def __post_init__(self) -> None:  # EOS ids as a tuple: the config is a static (hashed) attribute of the model
         if isinstance(self.eos_token_id, list):
@@ -349,5 +356,8 @@ class GenerationConfig:
         return cls(**{k: getattr(cfg, k) for k in SPECIAL_IDS})
 
     def to_dict(self) -> dict[str, Any]:
-        """The ids that are set, as generation_config.json holds them (an EOS tuple as a list)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k in SPECIAL_IDS if (v := getattr(self, k)) is not None}
+        """The ids that are set and the sampling settings that are not transformers' defaults, as
+        generation_config.json holds them (an EOS tuple as a list)."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k in SPECIAL_IDS if (v := getattr(self, k)) is not None}
+        out.update({k: v for k, d in SAMPLING_DEFAULTS.items() if (v := getattr(self, k)) != d})
+        return out

@@ -15,7 +15,17 @@ import numpy as np
 from flax import nnx
 
 from .decode import DecodeCache, decode_step, prepare_decode, use_counters
-from .generation_args import RIGHT_PADDED, _is_int, check_mask_values, check_sampling, eos_ids, inferred_pad, output_pad
+from .generation_args import (
+    FROM_CONFIG,
+    RIGHT_PADDED,
+    _is_int,
+    check_mask_values,
+    check_sampling,
+    eos_ids,
+    inferred_pad,
+    output_pad,
+    sampling_args,
+)
 from .model import DogeCache, check_token_ids
 
 CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths share compiled programs
@@ -109,18 +119,19 @@ def _last_logits(model, ids, mask, pos):
     return model(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
 
 
-def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None, eos_token_id=None,
+def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample=FROM_CONFIG,
+             temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
              seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
-    Sampling defaults follow transformers' GenerationConfig (temperature 1, top_k 50, no top-p).
+    Sampling arguments not given come from `model.generation_config` (generation_config.json; else transformers'
+    defaults: greedy, temperature 1, top_k 50, no top-p).
 
     `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached).
     Dense models left-pad the prompt to a multiple of PROMPT_BUCKET (masked, so the function is unchanged) to
     share compiled programs; CDMoE routing mixes positions (spec §3.8), so MoE prompts keep their exact length.
     `use_cache=False` recomputes the whole sequence each step (one compile per length; for checking only)."""
     cfg = model.config
-    temperature = 1.0 if temperature is None else temperature  # None: the default, as in transformers
+    do_sample, temperature, top_k, top_p = sampling_args(model.generation_config, do_sample, temperature, top_k, top_p)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
     if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
         raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32)")
@@ -235,19 +246,28 @@ def _main(argv=None) -> int:
     src.add_argument("--prompt-ids", type=int, nargs="+", help="prompt as token ids (no tokenizer needed)")
     ap.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: the model directory)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    ap.add_argument("--temperature", type=float, default=1.0, help="with --do-sample: > 0 (ignored when greedy)")
-    ap.add_argument("--top-k", type=int, default=50, help="with --do-sample: keep the k most likely tokens "
-                    "(default 50, as transformers; 0: no top-k)")
-    ap.add_argument("--top-p", type=float, default=None, help="with --do-sample: nucleus sampling, in (0, 1]")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", dest="do_sample", action="store_const", const=True, default=None,
+                      help="sample (default: as the model's generation_config.json says, else greedy)")
+    mode.add_argument("--greedy", dest="do_sample", action="store_const", const=False,
+                      help="greedy decoding, even where generation_config.json samples")
+    ap.add_argument("--temperature", type=float, default=None, help="when sampling: > 0 (default: "
+                    "generation_config.json's, else 1; ignored when greedy)")
+    ap.add_argument("--top-k", type=int, default=None, help="when sampling: keep the k most likely tokens "
+                    "(default: generation_config.json's, else 50, as transformers; 0: no top-k)")
+    ap.add_argument("--top-p", type=float, default=None, help="when sampling: nucleus sampling, in (0, 1] "
+                    "(default: generation_config.json's, else none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--no-eos", action="store_true", help="ignore EOS (always make max-new-tokens tokens)")
     args = ap.parse_args(argv)
-    try:
-        check_sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    try:  # the values given (with --do-sample); generation_config.json's are checked once the model is loaded
+        check_sampling(args.do_sample is True, 1.0 if args.temperature is None else args.temperature, args.top_k,
+                       args.top_p, args.max_new_tokens)
     except ValueError as e:
         ap.error(str(e))
+    if not 0 <= args.seed < 2**32:
+        ap.error(f"--seed {args.seed}: must be in [0, 2**32)")
 
     import os
 
@@ -287,6 +307,15 @@ def _main(argv=None) -> int:
         model = DogeForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     except (CheckpointError, ConfigError, OSError, ValueError) as e:
         return fail(f"--model {args.model}: {e}")
+    given = [FROM_CONFIG if v is None else v for v in (args.do_sample, args.temperature, args.top_k, args.top_p)]
+    do_sample, temperature, top_k, top_p = sampling = sampling_args(model.generation_config, *given)
+    try:
+        check_sampling(*sampling, args.max_new_tokens)
+    except ValueError as e:
+        return fail(f"{e} (with the model's generation_config.json: {model.generation_config.to_dict()})")
+    if args.do_sample is None and do_sample:
+        print(f"note: sampling, as the model's generation_config.json says (temperature {temperature}, top_k "
+              f"{top_k}, top_p {top_p}); --greedy for greedy decoding", file=sys.stderr)
     ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.prompt_ids
     if not ids:
         return fail("the prompt is empty after tokenization")
@@ -331,8 +360,7 @@ def _main(argv=None) -> int:
     t0 = time.perf_counter()
     # one prompt is never padded: a pad id in it is a token (generate would infer a mask from it, as transformers)
     generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=args.max_new_tokens,
-             do_sample=args.do_sample,
-             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed,
              eos_token_id=-1 if args.no_eos else None, on_token=on_token)
     if tokenizer is not None and new:
         show(final=True)  # a tail held back for a multi-byte character that never completed

@@ -8,6 +8,27 @@ RIGHT_PADDED = ("a prompt row ends in padding (attention_mask 0 at the end): new
                 "prompts on the left, as transformers expects for generation")
 
 
+class _FromConfig:
+    """generate's default for do_sample / temperature / top_k / top_p: the model's generation_config value."""
+
+    def __repr__(self) -> str:
+        return "FROM_CONFIG"
+
+
+FROM_CONFIG = _FromConfig()
+
+
+def sampling_args(gen, do_sample, temperature, top_k, top_p) -> tuple[bool, float, int | None, float | None]:
+    """The sampling arguments of a generate call, those not given (FROM_CONFIG) taken from `gen` (the model's
+    generation_config), as transformers does; an explicit None is transformers' None: temperature 1, no top-k,
+    no top-p, greedy."""
+    def pick(value, name):
+        return getattr(gen, name) if value is FROM_CONFIG else value
+
+    do_sample, temperature = pick(do_sample, "do_sample"), pick(temperature, "temperature")
+    return bool(do_sample), 1.0 if temperature is None else temperature, pick(top_k, "top_k"), pick(top_p, "top_p")
+
+
 def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens) -> None:
     """The generation arguments transformers would refuse, named (shared with doge_torch.generate)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:

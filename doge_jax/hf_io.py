@@ -8,6 +8,7 @@ place at the end, so a failed or killed save leaves no partial output (issue 2, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +22,7 @@ try:
 except ImportError:  # Windows: no stale-directory cleanup
     fcntl = None
 
-from .config import SPECIAL_IDS, ConfigError, DogeConfig, GenerationConfig, read_json
+from .config import SAMPLING_DEFAULTS, SPECIAL_IDS, ConfigError, DogeConfig, GenerationConfig, read_json
 from .hf_names import CheckpointError, detect_variant, rename_legacy
 
 SAFE_SINGLE = "model.safetensors"
@@ -397,18 +398,42 @@ def read_config(path: str, variant: str | None = None, keys: list[str] | None = 
 
 
 def read_generation_config(path: str, cfg: DogeConfig) -> GenerationConfig:
-    """The special ids transformers' generate uses for the HF directory `path` of config `cfg`: those of its
+    """What transformers' generate takes from the HF directory `path` of config `cfg`: the special ids of its
     generation_config.json (an id the file lacks is None, as in transformers: config.json's is not taken), else
-    config.json's. They never change the model config: the embedding's pad row is config.json's pad id."""
+    config.json's, and the file's do_sample / temperature / top_k / top_p (null or absent: transformers' default).
+    The ids never change the model config: the embedding's pad row is config.json's pad id."""
     gen_file = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen_file):
         return GenerationConfig.from_config(cfg)
     gen = read_json(gen_file)
+    if not isinstance(gen, dict):
+        raise ConfigError(f"{gen_file}: expected a JSON object")
     try:  # the model config's checks: ids are integers in [0, vocab_size)
         checked = cfg.replace(**{k: gen.get(k) for k in SPECIAL_IDS})
     except ConfigError as e:
         raise ConfigError(f"{gen_file}: {e}") from None
-    return GenerationConfig.from_config(checked)
+    sampling = {k: d if gen.get(k) is None else gen[k] for k, d in SAMPLING_DEFAULTS.items()}
+    _check_sampling_fields(gen_file, **sampling)
+    return dataclasses.replace(GenerationConfig.from_config(checked), **sampling)
+
+
+def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p) -> None:
+    """generation_config.json's sampling settings: the types generate takes; with do_sample, values it accepts."""
+    def number(v):
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    bad = None
+    if not isinstance(do_sample, bool):
+        bad = f"do_sample={do_sample!r}: must be true or false"
+    elif not number(temperature) or (do_sample and not temperature > 0):
+        bad = f"temperature={temperature!r}: must be a number" + (" > 0 (do_sample is true)" if do_sample else "")
+    elif top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        bad = f"top_k={top_k!r}: must be an integer >= 0 or null"
+    elif top_p is not None and (not number(top_p) or (do_sample and not 0 < top_p <= 1)):
+        bad = f"top_p={top_p!r}: must be a number" + (" in (0, 1] (do_sample is true)" if do_sample else "") + \
+            " or null"
+    if bad:
+        raise ConfigError(f"{gen_file}: {bad}")
 
 
 def write_generation_config(out_dir: str, gen: GenerationConfig) -> None:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from .attention import MaskInfo, attention
 from .config import DogeConfig, GenerationConfig
+from .generation_args import FROM_CONFIG
 
 
 def softplus_torch(x: jax.Array) -> jax.Array:
@@ -493,8 +494,8 @@ class DogeForCausalLM(nnx.Module):
             return jax.lax.dot_general(x, emb, (((x.ndim - 1,), (1,)), ((), ())))
         return self.lm_head(x)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None,
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample=FROM_CONFIG,
+                 temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
                  on_token=None):
         """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate)."""

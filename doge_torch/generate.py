@@ -7,7 +7,16 @@ import warnings
 import numpy as np
 import torch
 
-from doge_jax.generation_args import RIGHT_PADDED, check_mask_values, check_sampling, eos_ids, inferred_pad, output_pad
+from doge_jax.generation_args import (
+    FROM_CONFIG,
+    RIGHT_PADDED,
+    check_mask_values,
+    check_sampling,
+    eos_ids,
+    inferred_pad,
+    output_pad,
+    sampling_args,
+)
 
 from .model import DogeCache, check_token_ids, token_ids_checked
 
@@ -32,14 +41,15 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None,
+             do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
              eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None
              ) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Sampling
-    defaults follow transformers' GenerationConfig (temperature 1, top_k 50, no top-p); the sampling generator
-    lives on the model's device, seeded by `seed`."""
+    arguments not given come from `model.generation_config` (generation_config.json; else transformers' defaults:
+    greedy, temperature 1, top_k 50, no top-p); the sampling generator lives on the model's device, seeded by
+    `seed`."""
     cfg = model.config
-    temperature = 1.0 if temperature is None else temperature  # None: the default, as in transformers
+    do_sample, temperature, top_k, top_p = sampling_args(model.generation_config, do_sample, temperature, top_k, top_p)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
     device = next(model.parameters()).device
     if not isinstance(input_ids, torch.Tensor):  # a list or a numpy array, as doge_jax takes them

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig, GenerationConfig
+from doge_jax.generation_args import FROM_CONFIG
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available
 
@@ -669,8 +670,8 @@ class DogeForCausalLM(nn.Module):
         return out
 
     # generation and checkpoint I/O live in their own modules; bound here for the expected API
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None,
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample=FROM_CONFIG,
+                 temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None
                  ) -> torch.Tensor:
         from .generate import generate

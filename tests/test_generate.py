@@ -272,6 +272,54 @@ def test_sampling_defaults_follow_transformers(model_dir):
     assert not np.array_equal(a, model.generate(ids, max_new_tokens=10, do_sample=True, seed=7, top_k=0))
 
 
+def test_sampling_settings_of_generation_config_json_as_transformers(tmp_path, capsys):
+    """generation_config.json's do_sample / temperature / top_k / top_p are generate's defaults, as in
+    transformers (before: greedy, top_k 50, whatever the file said): doge_torch samples transformers' very tokens
+    from the same seed; an argument given wins; save_pretrained keeps the settings; bad ones are named."""
+    import json
+
+    import transformers
+
+    import doge_torch
+    from doge_jax.config import ConfigError
+
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    settings = {"do_sample": True, "temperature": 1.7, "top_k": 20, "top_p": 0.95}
+    json.dump({"bos_token_id": 0, "eos_token_id": 1, **settings}, open(f"{d}/generation_config.json", "w"))
+    ids = unique_ids(2, 6, 128, seed=2)
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    torch.manual_seed(11)
+    with torch.no_grad():
+        want = ref.generate(torch.as_tensor(ids), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                            max_new_tokens=12).numpy()
+        greedy = ref.generate(torch.as_tensor(ids), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                              max_new_tokens=12, do_sample=False).numpy()
+    assert not np.array_equal(want, greedy)
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), max_new_tokens=12, seed=11).numpy(), want)
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), max_new_tokens=12, do_sample=False).numpy(),
+                                  greedy)
+    jm = DogeForCausalLM.from_pretrained(d)
+    np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=12, seed=5),
+                                  jm.generate(ids, max_new_tokens=12, seed=5, **settings))
+    np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=12, do_sample=False), greedy)
+    for name, m in (("jax", jm), ("torch", tm)):
+        m.save_pretrained(str(tmp_path / name))
+        saved = json.load(open(tmp_path / name / "generation_config.json"))
+        assert {k: saved.get(k) for k in settings} == settings, (name, saved)
+    # the command line says it samples, and --greedy decodes greedily
+    assert main(["--model", d, "--prompt-ids", *map(str, ids[0]), "--max-new-tokens", "12", "--greedy"]) == 0
+    assert capsys.readouterr().out.split("|")[1].split() == [str(t) for t in greedy[0, 6:]]
+    assert main(["--model", d, "--prompt-ids", "5", "--max-new-tokens", "2"]) == 0
+    assert "note: sampling, as the model's generation_config.json says (temperature 1.7" in capsys.readouterr().err
+    for bad, field in (({"do_sample": True, "temperature": 0}, "temperature=0"), ({"top_k": "5"}, "top_k='5'"),
+                       ({"do_sample": "yes"}, "do_sample='yes'")):
+        json.dump(bad, open(f"{d}/generation_config.json", "w"))
+        for load in (DogeForCausalLM.from_pretrained, doge_torch.DogeForCausalLM.from_pretrained):
+            with pytest.raises(ConfigError, match=f"generation_config.json: {field}"):
+                load(d)
+
+
 def test_cache_overflow_raises(model_dir):
     from doge_jax.model import DogeCache
 
