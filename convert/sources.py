@@ -73,8 +73,14 @@ def open_source(src: str, config: str | None = None, variant: str | None = None,
         if not os.path.exists(cfg_path):
             raise CheckpointError(f"{src}: no config.json beside the file; pass --config PATH")
         kind = "safetensors file" if src.endswith(".safetensors") else "PyTorch state-dict file"
-        # generation_config.json and tokenizer files come from where the config is (the model's directory)
-        side = cfg_path if os.path.isdir(cfg_path) else os.path.dirname(os.path.abspath(cfg_path))
+        # generation_config.json and tokenizer files come from where an HF config is (the model's directory);
+        # with one of our YAML configs, from beside the weights
+        if os.path.isdir(cfg_path):
+            side = cfg_path
+        elif cfg_path.endswith((".yaml", ".yml")):
+            side = os.path.dirname(src)
+        else:
+            side = os.path.dirname(os.path.abspath(cfg_path))
         return _file_source(src, [src], kind, cfg_path, variant, side)
     files, kind = _hf_files(src)
     return _file_source(src, files, f"HF directory ({kind})", config or os.path.join(src, "config.json"), variant, src)

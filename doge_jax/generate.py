@@ -312,7 +312,8 @@ def _main(argv=None) -> int:
     try:
         check_sampling(*sampling, args.max_new_tokens)
     except ValueError as e:
-        return fail(f"{e} (with the model's generation_config.json: {model.generation_config.to_dict()})")
+        return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; --greedy "
+                    "decodes greedily)")
     if args.do_sample is None and do_sample:
         print(f"note: sampling, as the model's generation_config.json says (temperature {temperature}, top_k "
               f"{top_k}, top_p {top_p}); --greedy for greedy decoding", file=sys.stderr)

@@ -14,6 +14,9 @@ class _FromConfig:
     def __repr__(self) -> str:
         return "FROM_CONFIG"
 
+    def __reduce__(self) -> str:  # copy.deepcopy and pickle give the one instance back (`is FROM_CONFIG` holds)
+        return "FROM_CONFIG"
+
 
 FROM_CONFIG = _FromConfig()
 

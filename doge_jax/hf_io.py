@@ -418,20 +418,20 @@ def read_generation_config(path: str, cfg: DogeConfig) -> GenerationConfig:
 
 
 def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p) -> None:
-    """generation_config.json's sampling settings: the types generate takes; with do_sample, values it accepts."""
+    """generation_config.json's sampling settings have the types generate takes. Their values are checked when
+    generate uses them, as transformers does (a greedy call never looks at temperature)."""
     def number(v):
         return isinstance(v, int | float) and not isinstance(v, bool)
 
     bad = None
     if not isinstance(do_sample, bool):
         bad = f"do_sample={do_sample!r}: must be true or false"
-    elif not number(temperature) or (do_sample and not temperature > 0):
-        bad = f"temperature={temperature!r}: must be a number" + (" > 0 (do_sample is true)" if do_sample else "")
-    elif top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
-        bad = f"top_k={top_k!r}: must be an integer >= 0 or null"
-    elif top_p is not None and (not number(top_p) or (do_sample and not 0 < top_p <= 1)):
-        bad = f"top_p={top_p!r}: must be a number" + (" in (0, 1] (do_sample is true)" if do_sample else "") + \
-            " or null"
+    elif not number(temperature):
+        bad = f"temperature={temperature!r}: must be a number"
+    elif top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+        bad = f"top_k={top_k!r}: must be an integer or null"
+    elif top_p is not None and not number(top_p):
+        bad = f"top_p={top_p!r}: must be a number or null"
     if bad:
         raise ConfigError(f"{gen_file}: {bad}")
 

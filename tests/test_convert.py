@@ -162,6 +162,20 @@ def test_pytorch_bin_and_state_dict_file_sources(tmp_path, capsys):
     _assert_bit_equal(_tensors(src), _tensors(tmp_path / "c"))
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "c" / name).read_text() == open(os.path.join(src, name)).read(), name
+    # with one of our YAML configs (a configs/ directory holds no model's files) they come from beside the weights
+    import dataclasses
+
+    import yaml
+
+    model = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(_cfg(src)).items()}
+    yml = tmp_path / "cfgs" / "m.yaml"
+    yml.parent.mkdir()
+    yml.write_text(yaml.safe_dump({"model": model}))
+    _add_tokenizer_files(pt.parent)
+    assert _run(pt, tmp_path / "d", "--to", "hf", "--config", yml) == 0
+    _assert_bit_equal(_tensors(src), _tensors(tmp_path / "d"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "d" / name).read_text() == (pt.parent / name).read_text(), name
 
 
 # ---- orbax sources -----------------------------------------------------------------------------------------------

@@ -312,8 +312,18 @@ def test_sampling_settings_of_generation_config_json_as_transformers(tmp_path, c
     assert capsys.readouterr().out.split("|")[1].split() == [str(t) for t in greedy[0, 6:]]
     assert main(["--model", d, "--prompt-ids", "5", "--max-new-tokens", "2"]) == 0
     assert "note: sampling, as the model's generation_config.json says (temperature 1.7" in capsys.readouterr().err
-    for bad, field in (({"do_sample": True, "temperature": 0}, "temperature=0"), ({"top_k": "5"}, "top_k='5'"),
-                       ({"do_sample": "yes"}, "do_sample='yes'")):
+    # a value generate cannot sample with is refused when it is used, as transformers does: greedy still works
+    json.dump({"do_sample": True, "temperature": 0.0}, open(f"{d}/generation_config.json", "w"))
+    for cls, conv in ((DogeForCausalLM, np.asarray), (doge_torch.DogeForCausalLM, torch.as_tensor)):
+        m = cls.from_pretrained(d)
+        with pytest.raises(ValueError, match="temperature=0.0: must be > 0"):
+            m.generate(conv(ids), max_new_tokens=2)
+        np.testing.assert_array_equal(np.asarray(m.generate(conv(ids), max_new_tokens=12, do_sample=False)), greedy)
+    assert main(["--model", d, "--prompt-ids", "5", "--max-new-tokens", "2"]) == 2
+    assert "--greedy" in capsys.readouterr().err
+    assert main(["--model", d, "--prompt-ids", "5", "--max-new-tokens", "2", "--greedy"]) == 0
+    # a setting of the wrong type is named when the model loads
+    for bad, field in (({"top_k": "5"}, "top_k='5'"), ({"do_sample": "yes"}, "do_sample='yes'")):
         json.dump(bad, open(f"{d}/generation_config.json", "w"))
         for load in (DogeForCausalLM.from_pretrained, doge_torch.DogeForCausalLM.from_pretrained):
             with pytest.raises(ConfigError, match=f"generation_config.json: {field}"):
