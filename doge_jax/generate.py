@@ -19,6 +19,7 @@ from .generation_args import (
     FROM_CONFIG,
     RIGHT_PADDED,
     _is_int,
+    as_array,
     check_mask_values,
     check_sampling,
     eos_ids,
@@ -135,7 +136,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
     if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
         raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32)")
-    ids = np.asarray(input_ids)
+    ids = as_array(input_ids, "input_ids")
     check_token_ids(ids, cfg.vocab_size)  # before the cast: 2**32 + 7 or 7.9 must not become 7
     ids = ids.astype(np.int32)
     if ids.ndim == 1:
@@ -151,7 +152,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
         infer = inferred_pad(pad_token_id, model.generation_config, eos)
         mask = ids != infer if infer is not None and (ids == infer).any() else np.ones((B, P), bool)
     else:
-        mask = np.asarray(attention_mask)
+        mask = as_array(attention_mask, "attention_mask")
         check_mask_values(mask)
         mask = mask.astype(bool)
     if mask.ndim == 1:

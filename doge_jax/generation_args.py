@@ -89,6 +89,16 @@ def inferred_pad(pad_token_id, gen, eos: list[int]) -> int | None:
     return None if pad is None or int(pad) in eos else int(pad)
 
 
+def as_array(value, name: str) -> np.ndarray:
+    """input_ids / attention_mask as a numpy array; rows of different lengths are named (numpy's own error says
+    "inhomogeneous shape")."""
+    try:
+        return np.asarray(value)
+    except ValueError:
+        raise ValueError(f"{name}: rows of different lengths; left-pad the prompts to one length and pass "
+                         "attention_mask (0 on the padding)") from None
+
+
 def check_mask_values(mask: np.ndarray) -> None:
     """An attention_mask holds 0 and 1 only (2 or 0.5 meant different things to the two packages)."""
     if mask.size and not np.isin(mask, (0, 1)).all():

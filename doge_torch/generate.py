@@ -10,6 +10,7 @@ import torch
 from doge_jax.generation_args import (
     FROM_CONFIG,
     RIGHT_PADDED,
+    as_array,
     check_mask_values,
     check_sampling,
     eos_ids,
@@ -53,13 +54,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
     device = next(model.parameters()).device
     if not isinstance(input_ids, torch.Tensor):  # a list or a numpy array, as doge_jax takes them
-        arr = np.asarray(input_ids)
+        arr = as_array(input_ids, "input_ids")
         input_ids = torch.as_tensor(arr.astype(np.int64) if arr.dtype.kind in "iu" else arr, device=device)
     elif input_ids.dtype not in (torch.int64, torch.int32) and not (
             input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool):
         input_ids = input_ids.long()  # uint8/int16/uint16 ...: the embedding takes int32/int64
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        attention_mask = torch.as_tensor(np.asarray(attention_mask), device=input_ids.device)
+        attention_mask = torch.as_tensor(as_array(attention_mask, "attention_mask"), device=input_ids.device)
     if input_ids.numel() == 0:  # (before the dtype check: [] and [[]] become float arrays)
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch >= 1, length >= 1] (or "
                          "[length])")

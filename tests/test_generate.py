@@ -620,7 +620,10 @@ def test_bad_generate_arguments_are_named(model_dir, framework):
                          (dict(input_ids=conv(ids), pad_token_id=2.7), "pad_token_id=2.7"),
                          (dict(input_ids=conv(ids), do_sample=True, top_k=True), "top_k=True"),
                          (dict(input_ids=conv(np.zeros((0, 4), np.int64))), "input_ids shape (0, 4)"),
-                         (dict(input_ids=[[]]), "input_ids shape (1, 0)")):  # (torch: was "dtype torch.float64")
+                         (dict(input_ids=[[]]), "input_ids shape (1, 0)"),  # (torch: was "dtype torch.float64")
+                         (dict(input_ids=[[3, 4, 5], [6, 7]]), "input_ids: rows of different lengths; left-pad"),
+                         (dict(input_ids=ids, attention_mask=[[1, 1, 1, 1, 1], [1]]),
+                          "attention_mask: rows of different lengths")):
         with pytest.raises(ValueError, match=want.replace("(", r"\(").replace(")", r"\)")):
             model.generate(max_new_tokens=2, **kwargs)
     with pytest.raises(ValueError, match=r"input_ids shape \(5,\): expected \[batch, seq >= 1\]"):
