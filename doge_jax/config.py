@@ -330,14 +330,18 @@ class DogeConfig:
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # generate's sampling defaults a generation_config.json may set (transformers' GenerationConfig defaults)
 SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": None}
+# every generate default a generation_config.json may set (None max_new_tokens: generate's own default)
+GENERATION_DEFAULTS = {**SAMPLING_DEFAULTS, "repetition_penalty": 1.0, "max_new_tokens": None}
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """What `generate` uses for the arguments a call does not give: transformers' `model.generation_config`
-    (generation_config.json's ids, else config.json's; its do_sample / temperature / top_k / top_p). The model's
-    own pad id (embedding pad row, label masking) stays config.json's. Frozen: replace it
-    (`dataclasses.replace`) rather than assign its fields."""
+    (generation_config.json's ids, else config.json's; its do_sample / temperature / top_k / top_p /
+    repetition_penalty / max_new_tokens). The model's own pad id (embedding pad row, label masking) stays
+    config.json's. `extra` holds the file's other fields as read (written back by save_pretrained; generate warns
+    about those that would change transformers' output). Frozen: replace it (`dataclasses.replace`) rather than
+    assign its fields."""
 
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -346,6 +350,11 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int | None = 50
     top_p: float | None = None
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
+    # (not part of equality or the hash: the config is a static attribute of the model, and extra fields never
+    # change what the model computes)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:  # EOS ids as a tuple: the config is a static (hashed) attribute of the model
         if isinstance(self.eos_token_id, list):
@@ -356,8 +365,10 @@ class GenerationConfig:
         return cls(**{k: getattr(cfg, k) for k in SPECIAL_IDS})
 
     def to_dict(self) -> dict[str, Any]:
-        """The ids that are set and the sampling settings that are not transformers' defaults, as
-        generation_config.json holds them (an EOS tuple as a list)."""
-        out = {k: list(v) if isinstance(v, tuple) else v for k in SPECIAL_IDS if (v := getattr(self, k)) is not None}
-        out.update({k: v for k, d in SAMPLING_DEFAULTS.items() if (v := getattr(self, k)) != d})
+        """generation_config.json's content: the extra fields, the ids that are set and the settings that are not
+        transformers' defaults (an EOS tuple as a list)."""
+        out = dict(self.extra)
+        out.update({k: list(v) if isinstance(v, tuple) else v for k in SPECIAL_IDS
+                    if (v := getattr(self, k)) is not None})
+        out.update({k: v for k, d in GENERATION_DEFAULTS.items() if (v := getattr(self, k)) != d})
         return out

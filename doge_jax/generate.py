@@ -24,11 +24,15 @@ from .generation_args import (
     check_sampling,
     eos_ids,
     inferred_pad,
+    length_and_penalty,
     output_pad,
+    penalty_start,
     sampling_args,
+    warn_unsupported,
 )
 from .model import DogeCache, check_token_ids
 
+CLI_MAX_NEW_TOKENS = 128  # the command line's default when generation_config.json sets no max_new_tokens
 CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths share compiled programs
 PROMPT_BUCKET = 32  # dense-model prompts are left-padded to a multiple of this (same reason)
 
@@ -57,8 +61,25 @@ def _argmax(logits: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(logits == top, idx, logits.shape[-1]), axis=-1).astype(jnp.int32)
 
 
-def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p):
+def _penalize(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """transformers' repetition penalty on float32 logits [B, V]: the logit of every token already in the row
+    (`seen` [B, V]) is divided by `penalty` where positive, multiplied where negative."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def _seen_tokens(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """[B, V] bool: the tokens of each prompt row from its first attended token on (penalty_start)."""
+    B, P = ids.shape
+    rows, cols = np.nonzero(np.arange(P)[None] >= penalty_start(mask)[:, None])
+    seen = np.zeros((B, vocab_size), bool)
+    seen[rows, ids[rows, cols]] = True
+    return seen
+
+
+def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, seen=None, penalty=None):
     logits = logits.astype(jnp.float32)
+    if seen is not None:  # a logits processor: before the sampling filters, and for greedy too (transformers)
+        logits = _penalize(logits, seen, penalty)
     if not do_sample:
         return _argmax(logits)
     return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
@@ -75,8 +96,9 @@ def _emit(step, tokens):
 
 @partial(nnx.jit, static_argnames=("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "stream"))
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
-                     temperature: float, top_k, top_p, stream: bool = False):
-    """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps)."""
+                     temperature: float, top_k, top_p, stream: bool = False, seen=None, penalty=None):
+    """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps). `seen`
+    [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on."""
     B = ids.shape[0]
     # Built once per call, outside the loop: joined q/k/v and gate/up weights, the RoPE table (decode.py).
     prep = prepare_decode(model, cache.capacity)
@@ -87,7 +109,10 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         rng, sub = jax.random.split(rng)
     else:
         sub = rng
-    tok = _next_token(logits, sub, do_sample, temperature, top_k, top_p)
+    tok = _next_token(logits, sub, do_sample, temperature, top_k, top_p, seen, penalty)
+    rows = jnp.arange(B)
+    if seen is not None:
+        seen = seen.at[rows, tok].set(True)
     done = jnp.isin(tok, eos)
     if stream:
         jax.debug.callback(_emit, jnp.int32(0), tok, ordered=True)
@@ -95,23 +120,25 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
     next_pos = jnp.max(pos, axis=1) + 1
 
     def cond(carry):
-        step, _, _, _, done, _, _ = carry
+        step, _, _, _, done, _, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, tok, next_pos, cache, done, rng, out = carry
+        step, tok, next_pos, cache, done, rng, out, seen = carry
         logits, cache = decode_step(model, prep, tok, next_pos, cache)
         if do_sample:  # greedy decoding needs no random numbers (threefry is ~40 ops per step)
             rng, sub = jax.random.split(rng)
-        new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p)
+        new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, seen, penalty)
         new = jnp.where(done, pad, new)
+        if seen is not None:
+            seen = seen.at[rows, new].set(True)
         out = out.at[:, step].set(new)
         if stream:
             jax.debug.callback(_emit, step, new, ordered=True)
         done = done | jnp.isin(new, eos)
-        return step + 1, new, next_pos + 1, cache, done, rng, out
+        return step + 1, new, next_pos + 1, cache, done, rng, out, seen
 
-    step, *_, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, next_pos, cache, done, rng, out))
+    step, *_, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, next_pos, cache, done, rng, out, seen))
     return out, step
 
 
@@ -120,12 +147,15 @@ def _last_logits(model, ids, mask, pos):
     return model(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
 
 
-def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do_sample=FROM_CONFIG,
+def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
              temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
-             seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None) -> np.ndarray:
+             seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None,
+             repetition_penalty=FROM_CONFIG) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
-    Sampling arguments not given come from `model.generation_config` (generation_config.json; else transformers'
-    defaults: greedy, temperature 1, top_k 50, no top-p).
+    Arguments not given come from `model.generation_config` (generation_config.json; else transformers'
+    defaults: greedy, temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens).
+    `repetition_penalty` is transformers': logits of tokens already in the row (prompt from its first attended
+    token, and the new ones) are divided by it where positive and multiplied where negative, greedy or sampled.
 
     `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached).
     Dense models left-pad the prompt to a multiple of PROMPT_BUCKET (masked, so the function is unchanged) to
@@ -133,7 +163,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     `use_cache=False` recomputes the whole sequence each step (one compile per length; for checking only)."""
     cfg = model.config
     do_sample, temperature, top_k, top_p = sampling_args(model.generation_config, do_sample, temperature, top_k, top_p)
+    max_new_tokens, penalty = length_and_penalty(model.generation_config, max_new_tokens, repetition_penalty)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
+    warn_unsupported(model.generation_config)
     if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
         raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32)")
     ids = as_array(input_ids, "input_ids")
@@ -162,6 +194,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
     if not mask[:, -1].all():
         warnings.warn(RIGHT_PADDED, stacklevel=2)
     pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    seen = _seen_tokens(ids, mask, cfg.vocab_size) if penalty != 1.0 else None  # transformers: no-op at 1.0
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
     if on_token is not None and use_cache:  # an ordered host callback: JAX runs it from one device only
         devices = {d for a in jax.tree.leaves(nnx.state(model)) if hasattr(a, "sharding")
@@ -182,18 +215,20 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 20, do
                                           eos_arr, jnp.int32(pad), jax.random.key(seed),
                                           max_new_tokens=max_new_tokens, do_sample=do_sample,
                                           temperature=float(temperature), top_k=top_k, top_p=top_p,
-                                          stream=on_token is not None)
+                                          stream=on_token is not None,
+                                          seen=None if seen is None else jnp.asarray(seen),
+                                          penalty=jnp.float32(penalty))
             out = np.asarray(out)
             steps = int(steps)
         finally:
             _STREAM_SINK[0] = None
         return np.concatenate([ids, out[:, :steps]], axis=1)
     return _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, float(temperature),
-                               top_k, top_p, on_token)
+                               top_k, top_p, on_token, seen, penalty)
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,
-                        on_token=None):
+                        on_token=None, seen=None, penalty=1.0):
     """No cache: run the whole sequence every step. Dense models use one fixed-length buffer (future slots are
     masked, and causality makes them invisible); CDMoE routing mixes positions (spec §3.8), so MoE runs exact
     lengths (one compile each)."""
@@ -214,8 +249,11 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
         else:
             logits = _logits_at(model, jnp.asarray(buf), jnp.asarray(buf_mask), jnp.asarray(buf_pos), cur - 1)
         rng, sub = jax.random.split(rng)
-        tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p))
+        tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p,
+                                     None if seen is None else jnp.asarray(seen), jnp.float32(penalty)))
         tok = np.where(done, pad, tok)
+        if seen is not None:
+            seen[np.arange(B), tok] = True
         if on_token is not None:
             on_token(n, tok)
         buf[:, cur], buf_mask[:, cur], buf_pos[:, cur] = tok, True, buf_pos[:, :cur].max(axis=1) + 1
@@ -246,7 +284,8 @@ def _main(argv=None) -> int:
     src.add_argument("--prompt", help="text prompt (needs tokenizer.json in the model directory)")
     src.add_argument("--prompt-ids", type=int, nargs="+", help="prompt as token ids (no tokenizer needed)")
     ap.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: the model directory)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help=f"(default: generation_config.json's, else {CLI_MAX_NEW_TOKENS})")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--do-sample", dest="do_sample", action="store_const", const=True, default=None,
                       help="sample (default: as the model's generation_config.json says, else greedy)")
@@ -258,13 +297,17 @@ def _main(argv=None) -> int:
                     "(default: generation_config.json's, else 50, as transformers; 0: no top-k)")
     ap.add_argument("--top-p", type=float, default=None, help="when sampling: nucleus sampling, in (0, 1] "
                     "(default: generation_config.json's, else none)")
+    ap.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty: > 0, "
+                    "1 for none; greedy or sampled (default: generation_config.json's, else 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--no-eos", action="store_true", help="ignore EOS (always make max-new-tokens tokens)")
     args = ap.parse_args(argv)
     try:  # the values given (with --do-sample); generation_config.json's are checked once the model is loaded
         check_sampling(args.do_sample is True, 1.0 if args.temperature is None else args.temperature, args.top_k,
-                       args.top_p, args.max_new_tokens)
+                       args.top_p, CLI_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens)
+        if args.repetition_penalty is not None:
+            length_and_penalty(None, 1, args.repetition_penalty)
     except ValueError as e:
         ap.error(str(e))
     if not 0 <= args.seed < 2**32:
@@ -308,10 +351,16 @@ def _main(argv=None) -> int:
         model = DogeForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     except (CheckpointError, ConfigError, OSError, ValueError) as e:
         return fail(f"--model {args.model}: {e}")
+    gen = model.generation_config
     given = [FROM_CONFIG if v is None else v for v in (args.do_sample, args.temperature, args.top_k, args.top_p)]
-    do_sample, temperature, top_k, top_p = sampling = sampling_args(model.generation_config, *given)
+    do_sample, temperature, top_k, top_p = sampling = sampling_args(gen, *given)
     try:
-        check_sampling(*sampling, args.max_new_tokens)
+        max_new_tokens = args.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = CLI_MAX_NEW_TOKENS if gen.max_new_tokens is None else gen.max_new_tokens
+        max_new_tokens, penalty = length_and_penalty(
+            gen, max_new_tokens, FROM_CONFIG if args.repetition_penalty is None else args.repetition_penalty)
+        check_sampling(*sampling, max_new_tokens)
     except ValueError as e:
         return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; --greedy "
                     "decodes greedily)")
@@ -325,8 +374,8 @@ def _main(argv=None) -> int:
     if bad:
         return fail(f"prompt ids outside [0, vocab_size={model.config.vocab_size}): {bad[:10]}")
     limit = model.config.max_position_embeddings
-    if len(ids) + args.max_new_tokens > limit:
-        print(f"note: prompt + new tokens = {len(ids) + args.max_new_tokens} > max_position_embeddings {limit}: "
+    if len(ids) + max_new_tokens > limit:
+        print(f"note: prompt + new tokens = {len(ids) + max_new_tokens} > max_position_embeddings {limit}: "
               "positions past it were not trained", file=sys.stderr)
     new: list[int] = []
     times: list[float] = []
@@ -361,9 +410,9 @@ def _main(argv=None) -> int:
     out.flush()
     t0 = time.perf_counter()
     # one prompt is never padded: a pad id in it is a token (generate would infer a mask from it, as transformers)
-    generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=args.max_new_tokens,
+    generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
              do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed,
-             eos_token_id=-1 if args.no_eos else None, on_token=on_token)
+             eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty)
     if tokenizer is not None and new:
         show(final=True)  # a tail held back for a multi-byte character that never completed
     t1 = time.perf_counter()

@@ -9,7 +9,8 @@ RIGHT_PADDED = ("a prompt row ends in padding (attention_mask 0 at the end): new
 
 
 class _FromConfig:
-    """generate's default for do_sample / temperature / top_k / top_p: the model's generation_config value."""
+    """generate's default for do_sample / temperature / top_k / top_p / repetition_penalty / max_new_tokens: the
+    model's generation_config value."""
 
     def __repr__(self) -> str:
         return "FROM_CONFIG"
@@ -30,6 +31,67 @@ def sampling_args(gen, do_sample, temperature, top_k, top_p) -> tuple[bool, floa
 
     do_sample, temperature = pick(do_sample, "do_sample"), pick(temperature, "temperature")
     return bool(do_sample), 1.0 if temperature is None else temperature, pick(top_k, "top_k"), pick(top_p, "top_p")
+
+
+DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call nor generation_config.json sets it
+
+
+def length_and_penalty(gen, max_new_tokens, repetition_penalty) -> tuple[int, float]:
+    """max_new_tokens and repetition_penalty of a generate call, those not given (FROM_CONFIG) from `gen`; None is
+    the default (20 new tokens, no penalty). Checked: an integer >= 1, a number > 0."""
+    if max_new_tokens is FROM_CONFIG:
+        max_new_tokens = gen.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    if repetition_penalty is FROM_CONFIG:
+        repetition_penalty = gen.repetition_penalty
+    if repetition_penalty is None:
+        repetition_penalty = 1.0
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+    number = isinstance(repetition_penalty, int | float | np.integer | np.floating) and not isinstance(
+        repetition_penalty, bool | np.bool_)
+    if not number or not 0 < repetition_penalty < float("inf"):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r}: must be a number > 0 (1: no penalty)")
+    return int(max_new_tokens), float(repetition_penalty)
+
+
+def penalty_start(mask: np.ndarray) -> np.ndarray:
+    """[B] index of each row's first attended prompt token: transformers' repetition penalty skips the left
+    padding before it (and nothing else)."""
+    return np.argmax(np.asarray(mask) != 0, axis=1)
+
+
+# generation_config.json fields that never change transformers' output tokens, and the transformers defaults of
+# some that would (a hand-written file may spell a default out)
+_NEUTRAL_FIELDS = {"transformers_version", "_from_model_config", "use_cache", "cache_implementation", "cache_config",
+                   "return_dict_in_generate", "output_attentions", "output_hidden_states", "output_scores",
+                   "output_logits", "decoder_start_token_id", "compile_config", "disable_compile",
+                   "trust_remote_code", "max_time", "streamer"}
+_FIELD_DEFAULTS = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "max_length": 20,
+                   "min_length": 0, "no_repeat_ngram_size": 0, "length_penalty": 1.0, "typical_p": 1.0,
+                   "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0,
+                   "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "early_stopping": False,
+                   "renormalize_logits": False, "remove_invalid_values": False, "low_memory": False}
+
+
+def unsupported_fields(gen) -> dict:
+    """The fields of the model's generation_config.json that would change transformers' output and that generate
+    does not implement (beam search, min_new_tokens, no_repeat_ngram_size, ...); generate warns, naming them."""
+    extra = getattr(gen, "extra", None) or {}
+    return {k: v for k, v in extra.items()
+            if k not in _NEUTRAL_FIELDS and v is not None and v != _FIELD_DEFAULTS.get(k, None)}
+
+
+def warn_unsupported(gen, stacklevel: int = 3) -> None:
+    """A warning naming generation_config.json's fields that generate ignores (unsupported_fields), if any."""
+    bad = unsupported_fields(gen)
+    if bad:
+        import warnings
+
+        warnings.warn("the model's generation_config.json sets " + ", ".join(f"{k}={v!r}" for k, v in bad.items())
+                      + ": not implemented by this generate, ignored (transformers' output may differ)",
+                      stacklevel=stacklevel)
 
 
 def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens) -> None:

@@ -22,7 +22,7 @@ try:
 except ImportError:  # Windows: no stale-directory cleanup
     fcntl = None
 
-from .config import SAMPLING_DEFAULTS, SPECIAL_IDS, ConfigError, DogeConfig, GenerationConfig, read_json
+from .config import GENERATION_DEFAULTS, SPECIAL_IDS, ConfigError, DogeConfig, GenerationConfig, read_json
 from .hf_names import CheckpointError, detect_variant, rename_legacy
 
 SAFE_SINGLE = "model.safetensors"
@@ -400,8 +400,9 @@ def read_config(path: str, variant: str | None = None, keys: list[str] | None = 
 def read_generation_config(path: str, cfg: DogeConfig) -> GenerationConfig:
     """What transformers' generate takes from the HF directory `path` of config `cfg`: the special ids of its
     generation_config.json (an id the file lacks is None, as in transformers: config.json's is not taken), else
-    config.json's, and the file's do_sample / temperature / top_k / top_p (null or absent: transformers' default).
-    The ids never change the model config: the embedding's pad row is config.json's pad id."""
+    config.json's; the file's do_sample / temperature / top_k / top_p / repetition_penalty / max_new_tokens (null
+    or absent: transformers' default) and its other fields as they are (`extra`). The ids never change the model
+    config: the embedding's pad row is config.json's pad id."""
     gen_file = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen_file):
         return GenerationConfig.from_config(cfg)
@@ -412,13 +413,15 @@ def read_generation_config(path: str, cfg: DogeConfig) -> GenerationConfig:
         checked = cfg.replace(**{k: gen.get(k) for k in SPECIAL_IDS})
     except ConfigError as e:
         raise ConfigError(f"{gen_file}: {e}") from None
-    sampling = {k: d if gen.get(k) is None else gen[k] for k, d in SAMPLING_DEFAULTS.items()}
-    _check_sampling_fields(gen_file, **sampling)
-    return dataclasses.replace(GenerationConfig.from_config(checked), **sampling)
+    settings = {k: d if gen.get(k) is None else gen[k] for k, d in GENERATION_DEFAULTS.items()}
+    _check_sampling_fields(gen_file, **settings)
+    extra = {k: v for k, v in gen.items() if k not in GENERATION_DEFAULTS and k not in SPECIAL_IDS}
+    return dataclasses.replace(GenerationConfig.from_config(checked), **settings, extra=extra)
 
 
-def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p) -> None:
-    """generation_config.json's sampling settings have the types generate takes. Their values are checked when
+def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, repetition_penalty,
+                           max_new_tokens) -> None:
+    """generation_config.json's generate settings have the types generate takes. Their values are checked when
     generate uses them, as transformers does (a greedy call never looks at temperature)."""
     def number(v):
         return isinstance(v, int | float) and not isinstance(v, bool)
@@ -432,12 +435,16 @@ def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p) 
         bad = f"top_k={top_k!r}: must be an integer or null"
     elif top_p is not None and not number(top_p):
         bad = f"top_p={top_p!r}: must be a number or null"
+    elif not number(repetition_penalty):
+        bad = f"repetition_penalty={repetition_penalty!r}: must be a number"
+    elif max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)):
+        bad = f"max_new_tokens={max_new_tokens!r}: must be an integer or null"
     if bad:
         raise ConfigError(f"{gen_file}: {bad}")
 
 
 def write_generation_config(out_dir: str, gen: GenerationConfig) -> None:
-    """generation_config.json of the ids `gen` sets."""
+    """generation_config.json of `gen` (GenerationConfig.to_dict)."""
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(gen.to_dict(), f, indent=2, sort_keys=True)
         f.write("\n")

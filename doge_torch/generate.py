@@ -15,8 +15,11 @@ from doge_jax.generation_args import (
     check_sampling,
     eos_ids,
     inferred_pad,
+    length_and_penalty,
     output_pad,
+    penalty_start,
     sampling_args,
+    warn_unsupported,
 )
 
 from .model import DogeCache, check_token_ids, token_ids_checked
@@ -40,18 +43,30 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
+def penalize(logits: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty on float32 logits [B, V]: tokens of `ids` [B, T] from column start[b] on
+    (the row's first attended prompt token) have their logit divided by `penalty` if positive, multiplied if not."""
+    V = logits.shape[-1]
+    cols = torch.arange(ids.shape[1], device=ids.device)
+    keys = ids.masked_fill(cols[None] < start[:, None], V)  # left padding goes to a dropped column
+    seen = torch.zeros(logits.shape[0], V + 1, dtype=torch.bool, device=logits.device).scatter_(1, keys, True)
+    return torch.where(seen[:, :V], torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens=FROM_CONFIG,
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
-             eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None
-             ) -> torch.Tensor:
-    """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Sampling
-    arguments not given come from `model.generation_config` (generation_config.json; else transformers' defaults:
-    greedy, temperature 1, top_k 50, no top-p); the sampling generator lives on the model's device, seeded by
-    `seed`."""
+             eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
+             repetition_penalty=FROM_CONFIG) -> torch.Tensor:
+    """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
+    not given come from `model.generation_config` (generation_config.json; else transformers' defaults: greedy,
+    temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens); the sampling generator lives on the
+    model's device, seeded by `seed`. `repetition_penalty` as transformers (see doge_jax.generate)."""
     cfg = model.config
     do_sample, temperature, top_k, top_p = sampling_args(model.generation_config, do_sample, temperature, top_k, top_p)
+    max_new_tokens, penalty = length_and_penalty(model.generation_config, max_new_tokens, repetition_penalty)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
+    warn_unsupported(model.generation_config)
     device = next(model.parameters()).device
     if not isinstance(input_ids, torch.Tensor):  # a list or a numpy array, as doge_jax takes them
         arr = as_array(input_ids, "input_ids")
@@ -91,6 +106,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if not bool(attention_mask[:, -1].all()):
         warnings.warn(RIGHT_PADDED, stacklevel=2)
     ids = input_ids
+    start = torch.as_tensor(penalty_start(attention_mask.cpu().numpy()), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = DogeCache(cfg.num_hidden_layers) if use_cache else None
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
@@ -104,7 +120,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                             past_key_values=cache, logits_to_keep=1)
             else:
                 out = model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1)
-            nxt = sample_next(out.logits[:, -1].float(), do_sample, temperature, top_k, top_p, gen)
+            logits = out.logits[:, -1].float()
+            if penalty != 1.0:  # a logits processor: before sampling, greedy too (transformers; none at 1.0)
+                logits = penalize(logits, ids, start, penalty)
+            nxt = sample_next(logits, do_sample, temperature, top_k, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], 1)

@@ -637,3 +637,93 @@ def test_bad_generate_arguments_are_named(model_dir, framework):
         for seed in (2**32, -1, 1.5):
             with pytest.raises(ValueError, match=r"seed=.*must be an integer in \[0, 2\*\*32\)"):
                 model.generate(conv(ids), max_new_tokens=2, do_sample=True, seed=seed)
+
+
+def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
+    """repetition_penalty (argument, --repetition-penalty, generation_config.json) gives transformers' tokens,
+    greedy and sampled, in both packages; the left padding of a prompt is not penalized (its slots hold the token
+    the row would make first). generation_config.json's max_new_tokens is the default length; its fields that
+    generate does not implement are named in a warning and kept by save_pretrained."""
+    import json
+    import warnings
+
+    import transformers
+
+    import doge_torch
+
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    ids = unique_ids(2, 6, 128, seed=2)
+    mask = np.ones((2, 6), np.int64)
+    mask[1, :2] = 0
+
+    def hf(pen, seed=0, **kw):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=14,
+                                repetition_penalty=pen, **kw).numpy()
+
+    ids[1, :2] = hf(1.0)[1, 6]  # a penalized pad slot would change row 1's first token
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+    jm = DogeForCausalLM.from_pretrained(d)
+    plain = hf(1.0)
+    for pen in (1.5, 0.7):
+        want = hf(pen)
+        assert not np.array_equal(want, plain), pen
+        got = {"torch": tm.generate(torch.as_tensor(ids), torch.as_tensor(mask), max_new_tokens=14,
+                                    repetition_penalty=pen).numpy(),
+               "jax": jm.generate(ids, mask, max_new_tokens=14, repetition_penalty=pen),
+               "jax no cache": jm.generate(ids, mask, max_new_tokens=14, repetition_penalty=pen, use_cache=False)}
+        for name, out in got.items():
+            np.testing.assert_array_equal(out, want, err_msg=f"{name} penalty {pen}")
+    sampled = hf(1.5, seed=11, do_sample=True, temperature=1.5, top_k=20)
+    assert not np.array_equal(sampled, hf(1.0, seed=11, do_sample=True, temperature=1.5, top_k=20))
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), torch.as_tensor(mask), max_new_tokens=14, seed=11,
+                                              repetition_penalty=1.5, do_sample=True, temperature=1.5,
+                                              top_k=20).numpy(), sampled)
+    jkw = {"max_new_tokens": 14, "repetition_penalty": 1.5, "do_sample": True, "temperature": 1.5, "seed": 3}
+    np.testing.assert_array_equal(jm.generate(ids, mask, **jkw), jm.generate(ids, mask, use_cache=False, **jkw))
+    for m, conv in ((jm, np.asarray), (tm, torch.as_tensor)):
+        for bad in (0, -1.0, float("nan"), "2"):
+            with pytest.raises(ValueError, match="repetition_penalty=.*must be a number > 0"):
+                m.generate(conv(ids), max_new_tokens=2, repetition_penalty=bad)
+
+    # generation_config.json: repetition_penalty and max_new_tokens are defaults; other fields warned about, kept
+    gen = {"bos_token_id": 0, "eos_token_id": 1, "repetition_penalty": 1.5, "max_new_tokens": 14,
+           "no_repeat_ngram_size": 3, "num_beams": 1, "transformers_version": "5.23.0", "use_cache": True}
+    json.dump(gen, open(f"{d}/generation_config.json", "w"))
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    for name, cls, conv in (("jax", DogeForCausalLM, np.asarray), ("torch", doge_torch.DogeForCausalLM,
+                                                                      torch.as_tensor)):
+        m = cls.from_pretrained(d)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = np.asarray(m.generate(conv(ids[:1])))  # the file's penalty and length
+        assert [str(w.message) for w in caught] == [
+            "the model's generation_config.json sets no_repeat_ngram_size=3: not implemented by this generate, "
+            "ignored (transformers' output may differ)"], name
+        np.testing.assert_array_equal(out, hf_row0(ref, ids, 1.5, 14), err_msg=name)
+        assert np.asarray(m.generate(conv(ids[:1]), max_new_tokens=3, repetition_penalty=1.0)).shape == (1, 9)
+        m.save_pretrained(str(tmp_path / name))
+        assert json.load(open(tmp_path / name / "generation_config.json")) == gen, name
+    # the command line: --repetition-penalty wins over the file; the file's max_new_tokens is the default length
+    row = [str(t) for t in ids[0]]
+    assert main(["--model", d, "--prompt-ids", *row, "--repetition-penalty", "0.7", "--no-eos"]) == 0
+    assert capsys.readouterr().out.split("|")[1].split() == [str(t) for t in hf_row0(ref, ids, 0.7, 14)[0, 6:]]
+    with pytest.raises(SystemExit) as exit_info:  # a bad argument: a usage error, before the model loads
+        main(["--model", d, "--prompt-ids", *row, "--max-new-tokens", "3", "--repetition-penalty", "0"])
+    assert exit_info.value.code == 2
+    assert "repetition_penalty=0.0: must be a number > 0" in capsys.readouterr().err
+    json.dump({"repetition_penalty": "high"}, open(f"{d}/generation_config.json", "w"))
+    from doge_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="generation_config.json: repetition_penalty='high': must be a number"):
+        DogeForCausalLM.from_pretrained(d)
+
+
+def hf_row0(ref, ids, pen, n):
+    """transformers' greedy tokens for the first prompt row alone (without the n-gram rule the file may set)."""
+    with torch.no_grad():
+        return ref.generate(torch.as_tensor(ids[:1]), attention_mask=torch.ones(1, ids.shape[1], dtype=torch.long),
+                            max_new_tokens=n, repetition_penalty=pen, do_sample=False,
+                            no_repeat_ngram_size=0).numpy()
