@@ -384,26 +384,36 @@ class DogeForCausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+    def __call__(self, input_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, cache: DogeCache | None = None,
                  labels: jax.Array | None = None, logits_to_keep: int = 0, num_items_in_batch=None,
                  output_router_logits: bool | None = None, dropout_rng: jax.Array | None = None,
-                 layer_params: tuple | None = None) -> DogeOutput:
-        """Forward pass. attention_mask is [B, S] (new tokens) or [B, past + S] (HF style, last S used with a
-        cache). dropout_rng enables dropout (training mode). With a cache the new tokens are written at slot
-        `cache.index`.
+                 layer_params: tuple | None = None, inputs_embeds: jax.Array | None = None) -> DogeOutput:
+        """Forward pass of token ids, or of `inputs_embeds` [B, S, hidden] in place of their embedding lookup
+        (exactly one of the two, as transformers). attention_mask is [B, S] (new tokens) or [B, past + S] (HF
+        style, last S used with a cache). dropout_rng enables dropout (training mode). With a cache the new tokens
+        are written at slot `cache.index`.
 
         Decoding fast path: `layer_params` = `split_layers(model)` (per-layer parameter states, sliced once) and/or
         a cache whose `layers` is a tuple of per-layer LayerCache (`DogeCache.unstacked()`) run the layers as an
         unrolled Python loop, with no per-token slicing of the stacked arrays."""
         cfg = self.config
-        check_token_ids(input_ids, cfg.vocab_size)
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, seq >= 1]")
-        B, S = input_ids.shape
-        x = jnp.take(self.model.embed_tokens.embedding[...], input_ids, axis=0)
-        if cfg.pad_token_id is not None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            x = jnp.asarray(inputs_embeds)
+            if x.ndim != 3 or x.shape[1] == 0 or x.shape[2] != cfg.hidden_size:
+                raise ValueError(f"inputs_embeds shape {tuple(x.shape)}: expected [batch, seq >= 1, hidden_size="
+                                 f"{cfg.hidden_size}]")
+            B, S = x.shape[:2]
+        else:
+            check_token_ids(input_ids, cfg.vocab_size)
+            input_ids = jnp.asarray(input_ids)
+            if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+                raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, seq >= 1]")
+            B, S = input_ids.shape
+            x = jnp.take(self.model.embed_tokens.embedding[...], input_ids, axis=0)
+        if input_ids is not None and cfg.pad_token_id is not None:
             # spec §9.14: as torch's Embedding(padding_idx), the lookup gives the pad row no gradient (the pad row
             # starts at zero, where RMSNorm's gradient is ~1/sqrt(eps): it swamped the clipping norm)
             x = jnp.where((input_ids == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)

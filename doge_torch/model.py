@@ -611,18 +611,29 @@ class DogeForCausalLM(nn.Module):
     def lm_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: DogeCache | None = None,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0, num_items_in_batch=None,
                 output_router_logits: bool | None = None, use_cache: bool = False,
-                return_logits: bool = True) -> DogeOutput:
-        """transformers' DogeForCausalLM.forward. `return_logits=False` with labels (training): the loss without
+                return_logits: bool = True, inputs_embeds: torch.Tensor | None = None) -> DogeOutput:
+        """transformers' DogeForCausalLM.forward: token ids, or `inputs_embeds` [B, S, hidden] in place of their
+        embedding lookup (exactly one of the two). `return_logits=False` with labels (training): the loss without
         ever storing the logits (`doge_torch.loss.causal_lm_loss_fused`, the same value), and `logits` None."""
         cfg = self.config
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, seq >= 1]")
-        check_token_ids(input_ids, cfg.vocab_size)
-        B, S = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+                raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, seq >= 1]")
+            check_token_ids(input_ids, cfg.vocab_size)
+            B, S = input_ids.shape
+            x = self.model.embed_tokens(input_ids)
+        else:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != cfg.hidden_size:
+                raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)}: expected [batch, seq >= 1, "
+                                 f"hidden_size={cfg.hidden_size}]")
+            B, S = inputs_embeds.shape[:2]
+            x = inputs_embeds
         if use_cache and past_key_values is None:
             past_key_values = DogeCache(cfg.num_hidden_layers)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -632,9 +643,8 @@ class DogeForCausalLM(nn.Module):
                              f"tokens) = {(B, past + S)}")
         rope_len = None
         if position_ids is None:
-            position_ids = (past + torch.arange(S, device=input_ids.device))[None]
+            position_ids = (past + torch.arange(S, device=x.device))[None]
             rope_len = past + S  # = max(position) + 1, known statically (no host sync)
-        x = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(cfg, position_ids, x.dtype, rope_len)
         # None = plain causal (no padding, no cache, no sliding window): the attention's fast paths
         plain = attention_mask is None and past == 0 and cfg.sliding_window is None

@@ -722,3 +722,39 @@ def test_pad_row_gets_no_lookup_gradient(tmp_path, tied):
     assert np.abs(ours[emb][5]).max() < 1.0  # before: ~1e3
     for k in (emb, "lm_head.weight") if not tied else (emb,):
         assert _rel(ours[k], want[k]) <= 1e-4, (k, _rel(ours[k], want[k]))
+
+
+def test_inputs_embeds_as_transformers(tmp_path):
+    """inputs_embeds in place of input_ids (soft prompts): doge_jax and doge_torch give transformers' logits and
+    loss (padding, T > keep_window so the keep-window top-k runs on the embeddings' dt); exactly one of the two."""
+    import doge_torch
+
+    hf = make_hf_model()
+    model = _load(hf, tmp_path)
+    tm = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    B, T, d = 2, 72, TINY["hidden_size"]
+    assert T > TINY["keep_window_size"]
+    emb = np.random.default_rng(3).normal(size=(B, T, d)).astype(np.float32)
+    mask = left_pad_mask(B, T, [0, 5])
+    labels = unique_ids(B, T, 128, seed=4)
+    with torch.no_grad():
+        ref = hf(inputs_embeds=torch.as_tensor(emb), attention_mask=torch.as_tensor(mask),
+                 labels=torch.as_tensor(labels))
+        mine = tm(inputs_embeds=torch.as_tensor(emb), attention_mask=torch.as_tensor(mask),
+                  labels=torch.as_tensor(labels))
+    ours = model(inputs_embeds=emb, attention_mask=mask, labels=labels)
+    keep = mask.astype(bool)  # padded queries attend to nothing: compare the real positions
+    assert max_abs_diff(np.asarray(ours.logits)[keep], ref.logits.numpy()[keep]) <= TOL
+    assert max_abs_diff(mine.logits.numpy()[keep], ref.logits.numpy()[keep]) <= TOL
+    assert abs(float(ours.loss) - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    assert abs(mine.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
+    ids = unique_ids(B, T, 128, seed=5)  # the embedding of ids is the same as the ids
+    looked_up = np.asarray(model.model.embed_tokens.embedding[...])[ids]
+    np.testing.assert_array_equal(np.asarray(model(inputs_embeds=looked_up).logits), np.asarray(model(ids).logits))
+    for m, conv in ((model, np.asarray), (tm, torch.as_tensor)):
+        with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+            m(conv(ids), inputs_embeds=conv(emb))
+        with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+            m(attention_mask=conv(mask))
+        with pytest.raises(ValueError, match=r"inputs_embeds shape \(2, 72, 3\): expected \[batch, seq >= 1, "):
+            m(inputs_embeds=conv(emb[..., :3]))
