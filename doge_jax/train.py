@@ -233,8 +233,9 @@ def make_mesh(tcfg: TrainConfig):
 
 # train fields whose change on resume is worth a warning (the schedule, the data and its order, the batch)
 RESUME_NOTED = ("data", "seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_training_steps",
-                "num_warmup_steps", "num_decay_steps", "warmup_type", "decay_type", "min_lr_ratio", "seed",
-                "val_fraction", "text_field")
+                "num_warmup_steps", "num_decay_steps", "warmup_type", "decay_type", "min_lr_ratio", "weight_decay",
+                "adam_b1", "adam_b2", "adam_eps", "max_grad_norm", "seed", "val_fraction", "text_field",
+                "compute_dtype", "loss_chunk")
 
 
 def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
@@ -251,11 +252,6 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
     # without --init-from a re-run just resumes; a run records its start as an absolute path (older runs: as typed)
     same = now is None or before == now or (before and os.path.abspath(before) == os.path.abspath(now))
     resuming = bool(list_steps(run_dir))
-    if resuming:  # allowed (a longer schedule, more data), but said: the run's record is rewritten
-        new = tcfg.to_dict()
-        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_NOTED if k in old and old[k] != new.get(k)]
-        if changed:
-            log(f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}")
     if not same and resuming:  # re-running resumes from the run's checkpoints, not from init_from
         raise ConfigError(f"train.init_from={now!r}: {run_dir} holds a run started "
                           f"{'from ' + repr(before) if before else 'from scratch'}, which this command would resume "
@@ -264,6 +260,11 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
         raise ConfigError(f"train.moe_freeze_steps={tcfg.moe_freeze_steps}: {run_dir} was started with "
                           f"moe_freeze_steps={old.get('moe_freeze_steps', 0)} (the optimizer state differs); use the "
                           "original value or another --out_dir")
+    if resuming:  # allowed (a longer schedule, more data), but said: the run's record is rewritten
+        new = tcfg.to_dict()
+        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_NOTED if k in old and old[k] != new.get(k)]
+        if changed:
+            log(f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}")
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------

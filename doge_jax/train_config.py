@@ -123,6 +123,8 @@ class TrainConfig:
                 bad(f, "must be in [0, 1)")
         if not 0 < self.adam_eps < math.inf:
             bad("adam_eps", "must be > 0")
+        if self.peak_flops is not None and not 0 < self.peak_flops < math.inf:
+            bad("peak_flops", "must be > 0 and finite (FLOP/s of one device), or null for the per-platform table")
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", "must be in [0, 1]")
         if self.stop_after is not None and self.stop_after < 1:
@@ -238,8 +240,19 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
     extra = set(raw) - {"model", "train", "run", "config_file", "data_files", "train_tokens", "val_tokens"}
     if extra:
         raise ConfigError(f"{path}: unknown section(s) {sorted(extra)} (expected model:, train:)")
+    for section in ("model", "train"):
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"{path}: {section}: must be a mapping of settings (key: value lines), got "
+                              f"{type(raw[section]).__name__} {raw[section]!r}"[:300])
     model = dict(raw.get("model") or {})
     train = dict(raw.get("train") or {})
+    given = {k for s, k, _ in overrides if s == "train"}
+    if "name" in given and "out_dir" not in given and train.get("out_dir"):
+        # --name picks a new run directory (runs_dir/name): the file's out_dir (a run's record holds its own)
+        # would win over it and resume that run
+        print(f"note: --name given: the run directory is runs_dir/name, not {path}'s out_dir {train['out_dir']!r}",
+              file=sys.stderr)
+        train["out_dir"] = None
     for key in model:
         if key not in MODEL_FIELDS:
             raise _unknown("model", key, MODEL_FIELDS)

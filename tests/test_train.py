@@ -305,6 +305,9 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     (["--train.weight_decay", "-10"], "train.weight_decay=-10.0: must be >= 0"),
     (["--train.adam_eps", "0"], "train.adam_eps=0.0: must be > 0"),
     (["--train.seq_len", "true"], "train.seq_len=True: must be int"),
+    # before: NaN or negative MFU in every log line and a bare NaN in metrics.jsonl; 0 fell back to the table
+    (["--train.peak_flops", "nan"], "train.peak_flops=nan: must be > 0 and finite"),
+    (["--train.peak_flops", "0"], "train.peak_flops=0.0: must be > 0 and finite"),
 ])
 def test_startup_errors_name_the_problem(corpus, cache, tmp_path, capsys, args, message):
     code = run(corpus, cache, tmp_path / "run", *args)
@@ -761,3 +764,31 @@ def test_resume_with_changed_settings_warns(corpus, cache, tmp_path, capsys):
     assert "changed settings" not in capsys.readouterr().err
     assert run(corpus, cache, out, "--train.num_training_steps", "8", "--train.stop_after", "4") == 0
     assert "with changed settings: num_training_steps 6 -> 8" in capsys.readouterr().err
+    # the optimizer and the compute dtype too (they were applied without a word)
+    assert run(corpus, cache, out, "--train.num_training_steps", "8", "--train.stop_after", "5",
+               "--train.weight_decay", "0.5", "--train.adam_b2", "0.99", "--train.max_grad_norm", "0.5") == 0
+    assert ("with changed settings: weight_decay 0.01 -> 0.5; adam_b2 0.95 -> 0.99; max_grad_norm 1.0 -> 0.5"
+            in capsys.readouterr().err)
+    # a refused --init-from says only why (not first a "resuming with changed settings" warning)
+    assert run(corpus, cache, out, "--init-from", str(out), "--train.peak_lr", "1e-3") == 2
+    err = capsys.readouterr().err
+    assert "holds a run started from scratch" in err and "changed settings" not in err
+
+
+def test_config_sections_must_be_mappings_and_name_picks_a_new_run(corpus, cache, tmp_path, capsys):
+    """A model:/train: section that is not a mapping is one error line (was a TypeError traceback); `--config
+    RUN/train_config.yaml --name NEW` starts runs_dir/NEW (the record's out_dir resumed the old run instead)."""
+    for text in ("train: 5\n", "model: tiny\n", "train:\n- seq_len: 64\n"):
+        (tmp_path / "y.yaml").write_text(text)
+        assert T.main(["--config", str(tmp_path / "y.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert "y.yaml: " in err and ": must be a mapping of settings" in err and "Traceback" not in err, err
+    old = tmp_path / "old"
+    assert run(corpus, cache, old, "--train.stop_after", "2") == 0
+    capsys.readouterr()
+    assert T.main(["--config", str(old / "train_config.yaml"), "--name", "new", "--train.runs_dir",
+                   str(tmp_path / "runs"), "--train.stop_after", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --name given: the run directory is runs_dir/name" in err and "resumed from" not in err, err
+    assert list_steps(str(tmp_path / "runs" / "new")) == [2]
+    assert list_steps(str(old)) == [2] and "name: new" not in (old / "train_config.yaml").read_text()
