@@ -227,11 +227,12 @@ def read_param(params_dir: str, path: tuple[str, ...]):
 
 
 @contextlib.contextmanager
-def sigint_deferred():
+def sigint_deferred(redeliver: bool = True):
     """A first Ctrl-C waits for the end of the block, then acts as it would have (KeyboardInterrupt, or the handler
-    that was installed); a second one raises KeyboardInterrupt at once. orbax writes from background threads that
-    an interrupt does not stop: interrupted, they went on writing into the temporary output directory after its
-    removal (hundreds of MB left behind by `convert --to jax`). An ignored SIGINT stays ignored."""
+    that was installed; with `redeliver=False`, for a caller that is already stopping, it is then dropped); a
+    second one raises KeyboardInterrupt at once. orbax writes from background threads that an interrupt does not
+    stop: interrupted, they went on writing into the temporary output directory after its removal (hundreds of MB
+    left behind by `convert --to jax`). An ignored SIGINT stays ignored."""
     old = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or old in (signal.SIG_IGN, None):
         yield
@@ -251,7 +252,7 @@ def sigint_deferred():
         yield
     finally:
         signal.signal(signal.SIGINT, old)
-    if got:
+    if got and redeliver:
         if callable(old):
             old(signal.SIGINT, got[0])  # default_int_handler raises KeyboardInterrupt
         else:  # SIG_DFL: terminate as the signal would have

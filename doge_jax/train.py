@@ -25,7 +25,7 @@ from . import corpora as C
 from . import data as D
 from . import init as I
 from . import sharding as S
-from .checkpoint import TrainCheckpointer, list_steps
+from .checkpoint import TrainCheckpointer, list_steps, sigint_deferred
 from .config import RUNTIME_FIELDS, ConfigError, DogeConfig
 from .hf_io import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, TORCH_INDEX, atomic_file
 from .hf_names import CheckpointError
@@ -518,7 +518,14 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                         raise TrainingDiverged(f"non-finite weights after step {step} (its loss and grad norm were "
                                                f"finite; the update overflowed); stopped without saving; last good "
                                                f"checkpoint: {last_good_where()}")
-                    save(step, data_state)
+                    if stopping and not done:
+                        # the stop's checkpoint, on disk before "checkpoint saved" is said: a Ctrl-C meanwhile
+                        # (the stop's second) waits for it, with a message; one more stops at once without it
+                        with sigint_deferred(redeliver=False):
+                            save(step, data_state)
+                            ckpt.wait()
+                    else:
+                        save(step, data_state)
                     last_good = step
                 # the next step's time excludes eval and save (it does include one more batch read than usual)
                 t_last = time.perf_counter()

@@ -505,9 +505,8 @@ def test_sigterm_saves_a_checkpoint(corpus, cache, tmp_path):
     assert len(steps) == 1 and steps[0] >= 1
 
 
-def test_second_ctrl_c_stops_at_once(corpus, cache, tmp_path, monkeypatch, capsys):
-    """The first Ctrl-C asks for the checkpointing stop; a second one, while the step still runs, stops at once in
-    one line (exit 130, no new checkpoint). Before, the second only put the old handler back: it took a third."""
+def _ctrl_c_in_first_step(monkeypatch, times: int) -> None:
+    """`times` SIGINTs (0.2 s apart: signals of one kind do not queue) while the first train step runs."""
     import time
 
     real, sent = T.make_steps, []
@@ -523,8 +522,8 @@ def test_second_ctrl_c_stops_at_once(corpus, cache, tmp_path, monkeypatch, capsy
                 compiled = self.low.compile()
 
                 def run(*args):
-                    if not sent:  # two Ctrl-Cs during the first step (signals of one kind do not queue: a gap)
-                        for _ in range(2):
+                    if not sent:
+                        for _ in range(times):
                             sent.append(os.kill(os.getpid(), signal.SIGINT))
                             time.sleep(0.2)
                     return compiled(*args)
@@ -537,9 +536,38 @@ def test_second_ctrl_c_stops_at_once(corpus, cache, tmp_path, monkeypatch, capsy
         return Step(), grads_fn, eval_step
 
     monkeypatch.setattr(T, "make_steps", make_steps)
+
+
+def test_second_ctrl_c_stops_at_once(corpus, cache, tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C asks for the checkpointing stop; a second one, while the step still runs, stops at once in
+    one line (exit 130, no new checkpoint). Before, the second only put the old handler back: it took a third."""
+    _ctrl_c_in_first_step(monkeypatch, 2)
     assert run(corpus, cache, tmp_path / "run") == 130
     err = capsys.readouterr().err
     assert "stopped at once" in err and "checkpoint saved" not in err and list_steps(str(tmp_path / "run")) == []
+
+
+def test_ctrl_c_during_the_stop_checkpoint_waits_for_it(corpus, cache, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C while the stop's checkpoint is written waits for the write (said), and "checkpoint saved"
+    is said once it is on disk. Before, "saved" came first, the second Ctrl-C killed the async write (orbax
+    tracebacks) and only a temporary directory was left: the re-run started from step 0."""
+    import time
+
+    _ctrl_c_in_first_step(monkeypatch, 1)
+    real_save = TrainCheckpointer.save
+
+    def save(self, *a, **k):
+        real_save(self, *a, **k)  # (async: the write is still in flight)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(TrainCheckpointer, "save", save)
+    out = tmp_path / "run"
+    assert run(corpus, cache, out, "--train.checkpoint_every", "1000") == 130
+    err = capsys.readouterr().err
+    assert "finishing the checkpoint write first" in err and "stopped at once" not in err, err
+    assert "interrupted at step 1; checkpoint saved" in err, err
+    assert list_steps(str(out)) == [1] and not [f for f in os.listdir(out / "checkpoints") if "tmp" in f]
 
 
 def test_mfu_formula():
