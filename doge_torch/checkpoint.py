@@ -55,8 +55,10 @@ def path_of(out_dir: str, step: int) -> str:
 
 
 def save(out_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: torch.optim.lr_scheduler.LRScheduler, run: dict[str, Any], keep: int) -> str:
-    """Write OUT/checkpoint-`step` atomically, then remove all but the `keep` newest checkpoints."""
+         scheduler: torch.optim.lr_scheduler.LRScheduler, run: dict[str, Any], keep: int, tokenizer=None) -> str:
+    """Write OUT/checkpoint-`step` atomically (with the run's `tokenizer`, if any: the checkpoint is a model
+    directory generate and --init-from read whole, and a resume checks it), then remove all but the `keep` newest
+    checkpoints."""
     path = path_of(out_dir, step)
     # what killed writes left (a checkpoint of a step that is not saved again would keep its temporary for good)
     for name in {m.group(1) for m in map(_LEFTOVER.match, os.listdir(out_dir) if os.path.isdir(out_dir) else [])
@@ -72,6 +74,10 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim
         torch.save(rng, os.path.join(tmp, "rng_state.pth"))
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump({"global_step": step, **run}, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            from doge_jax.data import save_tokenizer
+
+            save_tokenizer(tokenizer, model.config, tmp)
     for old in steps(out_dir)[:-keep]:
         shutil.rmtree(path_of(out_dir, old), ignore_errors=True)
     return path

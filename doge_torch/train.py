@@ -557,10 +557,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
     start = tc.init_from  # --init-from, or train.init_from in the config file
-    tok_src = tokenizer_source(data_paths, tokenizer, start)
+    run_tok = os.path.join(resume, "tokenizer.json") if resume else None
     tok = None
-    if tok_src:
-        tok = load_tokenizer_arg(tok_src) if tokenizer else D.load_tokenizer(tok_src)
+    if run_tok and os.path.isfile(run_tok):  # the run's own (checkpoints carry it): a resume keeps its token ids
+        tok_src, tok = resume, D.load_tokenizer(run_tok)
+        if tokenizer and load_tokenizer_arg(tokenizer).get_vocab() != tok.get_vocab():
+            raise ConfigError(f"--tokenizer {tokenizer}: differs from the tokenizer of the run in {args.out} "
+                              f"({run_tok}); resume with the run's own (omit --tokenizer) or use another --out")
+    else:
+        tok_src = tokenizer_source(data_paths, tokenizer, start)
+        if tok_src:
+            tok = load_tokenizer_arg(tok_src) if tokenizer else D.load_tokenizer(tok_src)
+    if tok is not None:
         # a config without special ids gets the tokenizer's, as in doge_jax.train (a run resumed from before
         # doge_torch did this gets them now, and its data its EOS: the token count change is said on resume)
         before = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
@@ -581,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     held_out: list = []
-    tokens = load_tokens(data_paths, tok if tokenizer else None, eos, tc.text_field, val=held_out,
+    tokens = load_tokens(data_paths, tok, eos, tc.text_field, val=held_out,
                          exclude=[args.out] if args.out else [], val_fraction=tc.val_fraction, seed=tc.seed,
                          cache_dir=os.path.join(tc.cache_dir, "tokens"))
     check_id_range(tokens, cfg.vocab_size)
@@ -676,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):  # (one sync)
             diverged(f"non-finite weights after step {step} (its loss and grad norm were finite; the update "
                      "overflowed)")
-        path = checkpoint.save(args.out, step, model, optimizer, scheduler, run, tc.keep_checkpoints)
+        path = checkpoint.save(args.out, step, model, optimizer, scheduler, run, tc.keep_checkpoints, tok)
         print(f"saved {path}", flush=True)
 
     pending = None

@@ -424,6 +424,32 @@ def test_cli_text_with_tokenizer(tmp_path):
         main(["--config", str(cfg), "--data", str(tmp_path / "a.txt"), "--max-steps", "1"])
 
 
+def test_cli_resume_keeps_the_runs_tokenizer(tmp_path, capsys):
+    """Checkpoints carry the run's tokenizer: a resume with another --tokenizer is refused (before: it trained on
+    on the new ids and OUT/final got the new tokenizer with the old embeddings), one without --tokenizer uses the
+    run's; --init-from a checkpoint tokenizes text with its tokenizer (before: "text data needs --tokenizer")."""
+    text = "".join(open(p).read() for p in ("doge_torch/train.py", "doge_torch/optim.py"))
+    (tmp_path / "a.txt").write_text(text)
+    _bpe([text], ["<unk>", "<eos>"], tmp_path / "tokenizer.json")
+    _bpe([text[::-1]], ["<unk>", "<eos>"], tmp_path / "other.json")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
+                   .replace("global_batch_tokens: 4096", "global_batch_tokens: 64")
+                   .replace("eos_token_id: null", "eos_token_id: 1").replace("pad_token_id: null", "pad_token_id: 1"))
+    base = ["--config", str(cfg), "--data", str(tmp_path / "a.txt"), "--device", "cpu", "--out", str(tmp_path / "r")]
+    assert cli([*base, "--tokenizer", str(tmp_path / "tokenizer.json"), "--max-steps", "2"]) == 0
+    saved = tmp_path / "r" / "checkpoint-2" / "tokenizer.json"
+    assert json.load(open(saved))["model"]["vocab"] == json.load(open(tmp_path / "tokenizer.json"))["model"]["vocab"]
+    capsys.readouterr()
+    assert cli([*base, "--tokenizer", str(tmp_path / "other.json"), "--max-steps", "3"]) == 2
+    assert "differs from the tokenizer of the run in" in capsys.readouterr().err
+    assert cli([*base, "--max-steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "changed since" not in out, out
+    start = ["--config", str(cfg), "--data", str(tmp_path / "a.txt"), "--device", "cpu", "--max-steps", "1"]
+    assert cli([*start, "--init-from", str(tmp_path / "r" / "checkpoint-3")]) == 0
+
+
 def test_cli_validates_like_doge_jax(tmp_path, capsys):
     """The train: section goes through doge_jax's TrainConfig (before: unknown keys ignored, other defaults, a
     batch floor-divided silently); bad input is one `error:` line, exit 2 (before: tracebacks)."""
