@@ -319,6 +319,37 @@ def _process0_list(steps: list[int]) -> list[int]:
     return [int(x) for x in multihost_utils.broadcast_one_to_all(mine)] if n else []
 
 
+def _quiet_failed_read_leftovers() -> None:
+    """After a failed orbax read: its other array reads still finish in the background and report into an asyncio
+    loop orbax has closed ("Event loop is closed" tracebacks from TensorStore's threads; "Exception ignored in
+    <coroutine _read_array_index_and_device_put>" and asyncio's "Task exception was never retrieved" for it, each
+    with the whole TensorStore spec): ~30 tracebacks, 1000+ lines, for one damaged checkpoint that the warnings
+    already name. Those kinds (only) are dropped from here on, for the rest of the process (they can arrive at any
+    later time); anything else is reported as before."""
+    if getattr(sys.excepthook, "_doge_quiet", False):
+        return
+    old_except, old_unraisable = sys.excepthook, sys.unraisablehook
+
+    def closed_loop(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    def excepthook(tp, value, tb):
+        if not closed_loop(value):
+            old_except(tp, value, tb)
+
+    def unraisablehook(u):
+        leftover = getattr(getattr(u.object, "cr_code", None), "co_name", "") == "_read_array_index_and_device_put"
+        if not (leftover or closed_loop(u.exc_value)):
+            old_unraisable(u)
+
+    def orphan_task(record: logging.LogRecord) -> bool:  # asyncio's "Task exception was never retrieved"
+        return "_read_array_index_and_device_put" not in record.getMessage()
+
+    excepthook._doge_quiet = True
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    logging.getLogger("asyncio").addFilter(orphan_task)
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager over RUN/checkpoints/<step>/{params,opt_state,data,meta}/.
 
@@ -372,6 +403,7 @@ class TrainCheckpointer:
                 return self._read_step(step, abstract_params, abstract_opt_state), None
             except Exception as e:  # noqa: BLE001 - any failure: retried, then the step is unusable
                 error = e
+                _quiet_failed_read_leftovers()
             if delay is not None:
                 _warn(f"checkpoint step {step}: read failed ({type(error).__name__}: {_short(error)}); retrying in "
                       f"{delay:g}s")

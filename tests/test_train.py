@@ -119,11 +119,18 @@ def test_corrupt_latest_checkpoint_skipped(corpus, cache, tmp_path, monkeypatch,
         for f in files:
             with open(os.path.join(root, f), "w") as fh:
                 fh.write("garbage")
-    capsys.readouterr()
-    assert run(corpus, cache, out) == 0
-    err = capsys.readouterr().err
+    for f in (out / "checkpoints" / "4" / "params" / "ocdbt.process_0" / "d").iterdir():
+        os.truncate(f, 100)  # cut array data: orbax's other reads fail later, into a closed event loop
+    # in a process of its own: the leftover reads' tracebacks are printed by Python's hooks, past pytest's capture
+    script = ("import sys; from doge_jax import train as T; from doge_jax.checkpoint import TrainCheckpointer as C; "
+              "C.READ_RETRY_DELAYS = (0.0, 0.0); sys.exit(T.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", script, *TINY_ARGS, "--data", corpus, "--out_dir", str(out),
+                           "--train.cache_dir", cache], cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 0, err[-3000:]
     said = [ln for ln in err.splitlines() if ln.startswith("warning: checkpoint step")]
-    assert "restore_latest(" not in err and "bound method" not in err  # (no source line, no tensorstore noise)
+    # (no source line, no tensorstore spec, no tracebacks: 1000+ lines of them for one cut checkpoint before)
+    assert "restore_latest(" not in err and "bound method" not in err and "Traceback" not in err, err[:3000]
     assert sum("step 4: read failed" in m and "retrying" in m for m in said) == 2, said  # then given up
     assert any(re.search("step 4 .* partial or corrupt", m) for m in said), said
     assert list_steps(str(out)) == [2, 4, 6] and os.listdir(out / "corrupt_checkpoints")
