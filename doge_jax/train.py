@@ -267,6 +267,20 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
             log(f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}")
 
 
+def check_run_dir(run_dir: str) -> None:
+    """The run directory is not a file, and not inside another run's checkpoints/ (that run's checkpoint manager
+    would take it for a damaged step)."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"run directory {run_dir}: is a file, not a directory (--out_dir / --name)")
+    d = run_dir
+    while os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+        if os.path.basename(d) == "checkpoints" and os.path.isfile(os.path.join(os.path.dirname(d),
+                                                                              "train_config.yaml")):
+            raise ConfigError(f"run directory {run_dir}: inside the training run {os.path.dirname(d)}'s "
+                              "checkpoints/; use a directory outside it")
+
+
 # ---- the run --------------------------------------------------------------------------------------------------------
 def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -> TrainResult:
     run_dir = tcfg.run_dir
@@ -274,6 +288,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         tcfg = dataclasses.replace(tcfg, init_from=os.path.abspath(os.path.expanduser(tcfg.init_from)))
     # a data, tokenizer or write error can hit one host only: every host stops with it (not in a collective later)
     with S.all_or_none("setting up the run (config, tokenizer, data)"):
+        check_run_dir(run_dir)
         # paths are checked here
         sources = (C.parse_sources(tcfg.data, exclude=[run_dir]) if tcfg.data
                    else [C.Source("stdlib", D.default_corpus())])

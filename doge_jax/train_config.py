@@ -202,12 +202,20 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
                     j += 1
                 if j == i + 1:
                     raise ConfigError(f"{a}: missing value")
-                out.append(("train", "data", args[i + 1:j]))
+                given = args[i + 1:j]
+                if len(given) == 1 and given[0].lstrip().startswith("["):  # a YAML list, as the help says ([] too)
+                    try:
+                        parsed = yaml.safe_load(given[0])
+                    except yaml.YAMLError:
+                        parsed = None
+                    given = parsed if isinstance(parsed, list) else given
+                out.append(("train", "data", given))
                 i = j
                 continue
-            if i + 1 >= len(args):
-                raise ConfigError(f"{a}: missing value")
-            value = args[i + 1]
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is None or (nxt.startswith("--") and ("." in nxt or nxt[2:].split("=")[0] in shorthands)):
+                raise ConfigError(f"{a}: missing value" + (f" (the next argument, {nxt}, is an option)" if nxt else ""))
+            value = nxt
             i += 1
         i += 1
         section, field = key.split(".", 1)

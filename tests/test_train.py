@@ -315,6 +315,9 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     # before: NaN or negative MFU in every log line and a bare NaN in metrics.jsonl; 0 fell back to the table
     (["--train.peak_flops", "nan"], "train.peak_flops=nan: must be > 0 and finite"),
     (["--train.peak_flops", "0"], "train.peak_flops=0.0: must be > 0 and finite"),
+    # an option where a value belongs (it was taken as the value, and the real value as an unknown argument)
+    (["--train.peak_lr", "--train.seed", "3"], "--train.peak_lr: missing value (the next argument, --train.seed, "
+                                                "is an option)"),
 ])
 def test_startup_errors_name_the_problem(corpus, cache, tmp_path, capsys, args, message):
     code = run(corpus, cache, tmp_path / "run", *args)
@@ -827,3 +830,19 @@ def test_config_sections_must_be_mappings_and_name_picks_a_new_run(corpus, cache
     assert "note: --name given: the run directory is runs_dir/name" in err and "resumed from" not in err, err
     assert list_steps(str(tmp_path / "runs" / "new")) == [2]
     assert list_steps(str(old)) == [2] and "name: new" not in (old / "train_config.yaml").read_text()
+
+
+def test_run_directory_is_not_a_file_nor_in_a_runs_checkpoints(corpus, cache, tmp_path, capsys):
+    """An --out_dir that is a file was a raw "[Errno 17] File exists"; one inside a run's checkpoints/ trained a
+    whole run there (convert refuses that destination). `--train.data '[]'` is the empty list (the stdlib corpus),
+    not a path named '[]'."""
+    (tmp_path / "afile").write_text("x")
+    assert run(corpus, cache, tmp_path / "afile") == 2
+    assert "afile: is a file, not a directory" in capsys.readouterr().err
+    assert run(corpus, cache, tmp_path / "run", "--train.stop_after", "1") == 0
+    capsys.readouterr()
+    assert run(corpus, cache, tmp_path / "run" / "checkpoints" / "x") == 2
+    assert "checkpoints/; use a directory outside it" in capsys.readouterr().err
+    assert list_steps(str(tmp_path / "run")) == [1]
+    ov = parse_overrides(["--train.data", "[]"])
+    assert ov == [("train", "data", [])] and load_configs(None, ov)[1].data == []
