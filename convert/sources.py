@@ -90,7 +90,8 @@ def _hf_files(path: str) -> tuple[list[str], str]:
     names = (hf_io.SAFE_SINGLE, hf_io.SAFE_INDEX, hf_io.TORCH_BIN, hf_io.TORCH_INDEX)
     if not any(os.path.isfile(os.path.join(path, n)) for n in names):
         raise CheckpointError(f"{path}: not a checkpoint: no model.safetensors(.index.json), pytorch_model.bin"
-                              "(.index.json), params/ (orbax model) or checkpoints/ (training run)")
+                              "(.index.json), params/ (orbax model) or checkpoints/ (training run)"
+                              + hf_io.torch_run_hint(path))
     files = hf_io.weight_files(path)
     kind = "pytorch_model.bin" if files[0].endswith(".bin") else "safetensors"
     return files, ("sharded " + kind if len(files) > 1 else kind)

@@ -309,8 +309,22 @@ def weight_files(path: str) -> list[str]:
         return _index_shards(path, TORCH_INDEX)
     orbax = any(os.path.isdir(os.path.join(path, d)) for d in ("checkpoints", "params"))
     hint = (f"; it is a doge_jax (orbax) checkpoint: convert it first (python -m convert {path} OUT --to hf)"
-            if orbax else "")
+            if orbax else torch_run_hint(path))
     raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX}, {TORCH_BIN} or {TORCH_INDEX} found{hint}")
+
+
+def torch_run_hint(path: str) -> str:
+    """'; it is a doge_torch.train run directory: pass ...' naming its model directories, for a directory that
+    holds OUT/final or OUT/checkpoint-N; else ''."""
+    if not os.path.isdir(path):
+        return ""
+    steps = sorted((int(m.group(1)), n) for n in os.listdir(path)
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", n)) and os.path.isdir(os.path.join(path, n)))
+    final = os.path.isdir(os.path.join(path, "final"))
+    if not steps and not final:
+        return ""
+    names = (["final/"] if final else []) + ([f"{steps[-1][1]}/ (the newest checkpoint)"] if steps else [])
+    return f"; it is a doge_torch.train run directory: pass one of its model directories, {' or '.join(names)}"
 
 
 def iter_tensors(files: list[str], framework: str = "np") -> Iterator[tuple[str, object]]:

@@ -183,7 +183,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
     train.data; `--name N` and `--out_dir D` are shorthands."""
     out: list[tuple[str, str, Any]] = []
     i = 0
-    shorthands = {"data": "train.data", "name": "train.name", "out_dir": "train.out_dir",
+    shorthands = {"data": "train.data", "name": "train.name", "out_dir": "train.out_dir", "out-dir": "train.out_dir",
                   "init-from": "train.init_from", "init_from": "train.init_from"}
     while i < len(args):
         a = args[i]
@@ -352,7 +352,7 @@ def help_text(prog: str = "python -m doge_jax.train") -> str:
         "",
         "Overrides: --section.field VALUE, --section.field=VALUE or section.field=VALUE (VALUE is YAML:",
         "1e-3, true, null, [a, b]). Shorthands: --data PATH... = train.data, --name = train.name,",
-        "--out_dir = train.out_dir, --init-from PATH = train.init_from. Unknown keys fail at start-up.",
+        "--out_dir (or --out-dir) = train.out_dir, --init-from PATH = train.init_from. Unknown keys fail at start-up.",
         "--data entries: FILE | DIR | GLOB | pre-tokenized DIR, each optionally PATH:WEIGHT for a mixture.",
         "",
         "options:",

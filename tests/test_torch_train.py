@@ -448,6 +448,15 @@ def test_cli_resume_keeps_the_runs_tokenizer(tmp_path, capsys):
     assert "resuming" in out and "changed since" not in out, out
     start = ["--config", str(cfg), "--data", str(tmp_path / "a.txt"), "--device", "cpu", "--max-steps", "1"]
     assert cli([*start, "--init-from", str(tmp_path / "r" / "checkpoint-3")]) == 0
+    # the run directory itself is not a model: the error names the ones in it (before: "not a checkpoint")
+    from convert import main as convert
+
+    hint = "doge_torch.train run directory: pass one of its model directories, final/ or checkpoint-3/ (the newest"
+    capsys.readouterr()
+    assert convert([str(tmp_path / "r"), str(tmp_path / "hf"), "--to", "hf"]) == 1
+    assert hint in capsys.readouterr().err
+    assert cli([*start, "--init-from", str(tmp_path / "r")]) == 2
+    assert hint in capsys.readouterr().err
 
 
 def test_cli_validates_like_doge_jax(tmp_path, capsys):
