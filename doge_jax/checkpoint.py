@@ -227,12 +227,11 @@ def read_param(params_dir: str, path: tuple[str, ...]):
 
 
 @contextlib.contextmanager
-def sigint_deferred(redeliver: bool = True):
+def sigint_deferred():
     """A first Ctrl-C waits for the end of the block, then acts as it would have (KeyboardInterrupt, or the handler
-    that was installed; with `redeliver=False`, for a caller that is already stopping, it is then dropped); a
-    second one raises KeyboardInterrupt at once. orbax writes from background threads that an interrupt does not
-    stop: interrupted, they went on writing into the temporary output directory after its removal (hundreds of MB
-    left behind by `convert --to jax`). An ignored SIGINT stays ignored."""
+    that was installed); a second one raises KeyboardInterrupt at once. orbax writes from background threads that
+    an interrupt does not stop: interrupted, they went on writing into the temporary output directory after its
+    removal (hundreds of MB left behind by `convert --to jax`). An ignored SIGINT stays ignored."""
     old = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or old in (signal.SIG_IGN, None):
         yield
@@ -252,7 +251,7 @@ def sigint_deferred(redeliver: bool = True):
         yield
     finally:
         signal.signal(signal.SIGINT, old)
-    if got and redeliver:
+    if got:
         if callable(old):
             old(signal.SIGINT, got[0])  # default_int_handler raises KeyboardInterrupt
         else:  # SIG_DFL: terminate as the signal would have
@@ -333,13 +332,13 @@ def _quiet_failed_read_leftovers() -> None:
     def closed_loop(exc) -> bool:
         return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
-    def excepthook(tp, value, tb):
-        if not closed_loop(value):
+    def excepthook(tp, value, tb):  # (TensorStore's threads report through it; the main thread's are real errors)
+        if not (closed_loop(value) and threading.current_thread() is not threading.main_thread()):
             old_except(tp, value, tb)
 
     def unraisablehook(u):
         leftover = getattr(getattr(u.object, "cr_code", None), "co_name", "") == "_read_array_index_and_device_put"
-        if not (leftover or closed_loop(u.exc_value)):
+        if not (leftover or (closed_loop(u.exc_value) and threading.current_thread() is not threading.main_thread())):
             old_unraisable(u)
 
     def orphan_task(record: logging.LogRecord) -> bool:  # asyncio's "Task exception was never retrieved"

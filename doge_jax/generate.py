@@ -163,9 +163,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     `use_cache=False` recomputes the whole sequence each step (one compile per length; for checking only)."""
     cfg = model.config
     do_sample, temperature, top_k, top_p = sampling_args(model.generation_config, do_sample, temperature, top_k, top_p)
+    length_given = max_new_tokens is not FROM_CONFIG or model.generation_config.max_new_tokens is not None
     max_new_tokens, penalty = length_and_penalty(model.generation_config, max_new_tokens, repetition_penalty)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
-    warn_unsupported(model.generation_config)
+    warn_unsupported(model.generation_config, length_given)
     if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
         raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32)")
     ids = as_array(input_ids, "input_ids")

@@ -62,30 +62,37 @@ def penalty_start(mask: np.ndarray) -> np.ndarray:
     return np.argmax(np.asarray(mask) != 0, axis=1)
 
 
-# generation_config.json fields that never change transformers' output tokens, and the transformers defaults of
-# some that would (a hand-written file may spell a default out)
+# generation_config.json fields that never change transformers' output tokens, and values of others that do not
+# either (a hand-written file, or an older transformers' full dump, may spell them out; False / {} / [] are unset)
 _NEUTRAL_FIELDS = {"transformers_version", "_from_model_config", "use_cache", "cache_implementation", "cache_config",
                    "return_dict_in_generate", "output_attentions", "output_hidden_states", "output_scores",
                    "output_logits", "decoder_start_token_id", "compile_config", "disable_compile",
-                   "trust_remote_code", "max_time", "streamer"}
-_FIELD_DEFAULTS = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "max_length": 20,
-                   "min_length": 0, "no_repeat_ngram_size": 0, "length_penalty": 1.0, "typical_p": 1.0,
-                   "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "diversity_penalty": 0.0,
-                   "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "early_stopping": False,
-                   "renormalize_logits": False, "remove_invalid_values": False, "low_memory": False}
+                   "trust_remote_code", "max_time", "streamer", "return_legacy_cache", "generation_kwargs",
+                   "max_cache_len", "prefill_chunk_size", "is_assistant", "num_assistant_tokens",
+                   "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+                   "target_lookbehind", "assistant_early_exit", "prompt_lookup_num_tokens", "max_matching_ngram_size",
+                   "dola_layers"}
+_NO_EFFECT_VALUES = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "min_length": 0,
+                     "no_repeat_ngram_size": 0, "length_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                     "eta_cutoff": 0.0, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
+                     "encoder_no_repeat_ngram_size": 0}
 
 
-def unsupported_fields(gen) -> dict:
+def unsupported_fields(gen, length_given: bool = False) -> dict:
     """The fields of the model's generation_config.json that would change transformers' output and that generate
-    does not implement (beam search, min_new_tokens, no_repeat_ngram_size, ...); generate warns, naming them."""
+    does not implement (beam search, min_new_tokens, no_repeat_ngram_size, max_length, ...); generate warns,
+    naming them. `length_given`: max_new_tokens is set (call or file), which overrides max_length in transformers."""
     extra = getattr(gen, "extra", None) or {}
-    return {k: v for k, v in extra.items()
-            if k not in _NEUTRAL_FIELDS and v is not None and v != _FIELD_DEFAULTS.get(k, None)}
+
+    def unset(k, v):
+        return (v is None or v is False or v == {} or v == [] or k in _NEUTRAL_FIELDS
+                or (k in _NO_EFFECT_VALUES and v == _NO_EFFECT_VALUES[k]) or (k == "max_length" and length_given))
+    return {k: v for k, v in extra.items() if not unset(k, v)}
 
 
-def warn_unsupported(gen, stacklevel: int = 3) -> None:
+def warn_unsupported(gen, length_given: bool = False, stacklevel: int = 3) -> None:
     """A warning naming generation_config.json's fields that generate ignores (unsupported_fields), if any."""
-    bad = unsupported_fields(gen)
+    bad = unsupported_fields(gen, length_given)
     if bad:
         import warnings
 

@@ -7,11 +7,13 @@ MFU, loss.png). `python -m doge_jax.train --help` lists every option.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -25,7 +27,7 @@ from . import corpora as C
 from . import data as D
 from . import init as I
 from . import sharding as S
-from .checkpoint import TrainCheckpointer, list_steps, sigint_deferred
+from .checkpoint import TrainCheckpointer, list_steps
 from .config import RUNTIME_FIELDS, ConfigError, DogeConfig
 from .hf_io import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, TORCH_INDEX, atomic_file
 from .hf_names import CheckpointError
@@ -267,18 +269,40 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
             log(f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}")
 
 
+@contextlib.contextmanager
+def _ctrl_c_waits():
+    """While the stop's checkpoint is written: each Ctrl-C says that the write finishes first and is recorded (the
+    yielded list). Raising would not stop orbax's background write, only leave it unreported (and a temporary
+    directory behind); a second SIGTERM, or SIGKILL, still ends the process at once."""
+    pressed: list[int] = []
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or old in (signal.SIG_IGN, None):
+        yield pressed
+        return
+
+    def on_int(signum, frame):
+        pressed.append(signum)
+        print("interrupted: finishing the checkpoint write first", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_int)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def check_run_dir(run_dir: str) -> None:
     """The run directory is not a file, and not inside another run's checkpoints/ (that run's checkpoint manager
     would take it for a damaged step)."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"run directory {run_dir}: is a file, not a directory (--out_dir / --name)")
-    d = run_dir
-    while os.path.dirname(d) != d:
-        d = os.path.dirname(d)
+    d = os.path.abspath(run_dir)
+    while os.path.dirname(d) != d:  # the directory itself and its parents
         if os.path.basename(d) == "checkpoints" and os.path.isfile(os.path.join(os.path.dirname(d),
                                                                               "train_config.yaml")):
             raise ConfigError(f"run directory {run_dir}: inside the training run {os.path.dirname(d)}'s "
                               "checkpoints/; use a directory outside it")
+        d = os.path.dirname(d)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
@@ -534,11 +558,13 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                                                f"finite; the update overflowed); stopped without saving; last good "
                                                f"checkpoint: {last_good_where()}")
                     if stopping and not done:
-                        # the stop's checkpoint, on disk before "checkpoint saved" is said: a Ctrl-C meanwhile
-                        # (the stop's second) waits for it, with a message; one more stops at once without it
-                        with sigint_deferred(redeliver=False):
+                        # the stop's checkpoint, on disk before "checkpoint saved" is said
+                        with _ctrl_c_waits() as pressed:
                             save(step, data_state)
                             ckpt.wait()
+                        if pressed and not interrupted:  # a stop_after stop that was also interrupted
+                            stop_signal.append(signal.SIGINT)
+                            interrupted = True
                     else:
                         save(step, data_state)
                     last_good = step

@@ -203,7 +203,9 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
                 if j == i + 1:
                     raise ConfigError(f"{a}: missing value")
                 given = args[i + 1:j]
-                if len(given) == 1 and given[0].lstrip().startswith("["):  # a YAML list, as the help says ([] too)
+                # a YAML list, as the help says: [] or [a, b] (a lone "[ab]" stays a glob's character class)
+                if len(given) == 1 and (given[0].strip() == "[]" or (given[0].lstrip().startswith("[")
+                                                                      and "," in given[0])):
                     try:
                         parsed = yaml.safe_load(given[0])
                     except yaml.YAMLError:

@@ -64,9 +64,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     model's device, seeded by `seed`. `repetition_penalty` as transformers (see doge_jax.generate)."""
     cfg = model.config
     do_sample, temperature, top_k, top_p = sampling_args(model.generation_config, do_sample, temperature, top_k, top_p)
+    length_given = max_new_tokens is not FROM_CONFIG or model.generation_config.max_new_tokens is not None
     max_new_tokens, penalty = length_and_penalty(model.generation_config, max_new_tokens, repetition_penalty)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
-    warn_unsupported(model.generation_config)
+    warn_unsupported(model.generation_config, length_given)
     device = next(model.parameters()).device
     if not isinstance(input_ids, torch.Tensor):  # a list or a numpy array, as doge_jax takes them
         arr = as_array(input_ids, "input_ids")

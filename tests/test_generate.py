@@ -690,7 +690,8 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
 
     # generation_config.json: repetition_penalty and max_new_tokens are defaults; other fields warned about, kept
     gen = {"bos_token_id": 0, "eos_token_id": 1, "repetition_penalty": 1.5, "max_new_tokens": 14,
-           "no_repeat_ngram_size": 3, "num_beams": 1, "transformers_version": "5.23.0", "use_cache": True}
+           "no_repeat_ngram_size": 3, "num_beams": 1, "transformers_version": "5.23.0", "use_cache": True,
+           "max_length": 20, "is_assistant": False, "return_legacy_cache": True, "generation_kwargs": {}}
     json.dump(gen, open(f"{d}/generation_config.json", "w"))
     ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
     for name, cls, conv in (("jax", DogeForCausalLM, np.asarray), ("torch", doge_torch.DogeForCausalLM,
@@ -714,6 +715,12 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
         main(["--model", d, "--prompt-ids", *row, "--max-new-tokens", "3", "--repetition-penalty", "0"])
     assert exit_info.value.code == 2
     assert "repetition_penalty=0.0: must be a number > 0" in capsys.readouterr().err
+    # max_length caps the whole sequence in transformers unless max_new_tokens is set (by the call or the file)
+    from doge_jax.config import GenerationConfig
+    from doge_jax.generation_args import unsupported_fields
+
+    g = GenerationConfig(extra={"max_length": 20, "num_beams": 1, "is_assistant": False, "generation_kwargs": {}})
+    assert unsupported_fields(g) == {"max_length": 20} and unsupported_fields(g, length_given=True) == {}
     json.dump({"repetition_penalty": "high"}, open(f"{d}/generation_config.json", "w"))
     from doge_jax.config import ConfigError
 

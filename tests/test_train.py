@@ -558,26 +558,33 @@ def test_second_ctrl_c_stops_at_once(corpus, cache, tmp_path, monkeypatch, capsy
 
 
 def test_ctrl_c_during_the_stop_checkpoint_waits_for_it(corpus, cache, tmp_path, monkeypatch, capsys):
-    """A second Ctrl-C while the stop's checkpoint is written waits for the write (said), and "checkpoint saved"
+    """Ctrl-Cs while the stop's checkpoint is written wait for the write (said each time), and "checkpoint saved"
     is said once it is on disk. Before, "saved" came first, the second Ctrl-C killed the async write (orbax
-    tracebacks) and only a temporary directory was left: the re-run started from step 0."""
+    tracebacks) and only a temporary directory was left: the re-run started from step 0. A Ctrl-C during a
+    train.stop_after stop's write makes it an interrupted stop (exit 130), not a silent one."""
     import time
 
-    _ctrl_c_in_first_step(monkeypatch, 1)
     real_save = TrainCheckpointer.save
 
     def save(self, *a, **k):
         real_save(self, *a, **k)  # (async: the write is still in flight)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
 
     monkeypatch.setattr(TrainCheckpointer, "save", save)
+    _ctrl_c_in_first_step(monkeypatch, 1)
     out = tmp_path / "run"
     assert run(corpus, cache, out, "--train.checkpoint_every", "1000") == 130
     err = capsys.readouterr().err
-    assert "finishing the checkpoint write first" in err and "stopped at once" not in err, err
+    assert err.count("finishing the checkpoint write first") == 2 and "stopped at once" not in err, err
     assert "interrupted at step 1; checkpoint saved" in err, err
     assert list_steps(str(out)) == [1] and not [f for f in os.listdir(out / "checkpoints") if "tmp" in f]
+    monkeypatch.undo()
+    monkeypatch.setattr(TrainCheckpointer, "save", save)
+    assert run(corpus, cache, tmp_path / "b", "--train.checkpoint_every", "1000", "--train.stop_after", "2") == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 2; checkpoint saved" in err and list_steps(str(tmp_path / "b")) == [2], err
 
 
 def test_mfu_formula():
@@ -841,8 +848,12 @@ def test_run_directory_is_not_a_file_nor_in_a_runs_checkpoints(corpus, cache, tm
     assert "afile: is a file, not a directory" in capsys.readouterr().err
     assert run(corpus, cache, tmp_path / "run", "--train.stop_after", "1") == 0
     capsys.readouterr()
-    assert run(corpus, cache, tmp_path / "run" / "checkpoints" / "x") == 2
-    assert "checkpoints/; use a directory outside it" in capsys.readouterr().err
+    for inside in (tmp_path / "run" / "checkpoints" / "x", tmp_path / "run" / "checkpoints"):
+        assert run(corpus, cache, inside) == 2
+        assert "checkpoints/; use a directory outside it" in capsys.readouterr().err
     assert list_steps(str(tmp_path / "run")) == [1]
     ov = parse_overrides(["--train.data", "[]"])
     assert ov == [("train", "data", [])] and load_configs(None, ov)[1].data == []
+    assert parse_overrides(["--data", "[a.txt, b/]"]) == [("train", "data", ["a.txt", "b/"])]
+    assert parse_overrides(["--data", "[ab]*.txt"]) == [("train", "data", ["[ab]*.txt"])]  # a glob stays one
+    assert parse_overrides(["--data", "[ab]"]) == [("train", "data", ["[ab]"])]
