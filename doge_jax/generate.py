@@ -25,6 +25,7 @@ from .generation_args import (
     eos_ids,
     inferred_pad,
     length_and_penalty,
+    min_new_arg,
     output_pad,
     penalty_start,
     sampling_args,
@@ -76,10 +77,13 @@ def _seen_tokens(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarr
     return seen
 
 
-def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, seen=None, penalty=None):
+def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, seen=None, penalty=None, eos_mask=None,
+                block_eos=None):
     logits = logits.astype(jnp.float32)
     if seen is not None:  # a logits processor: before the sampling filters, and for greedy too (transformers)
         logits = _penalize(logits, seen, penalty)
+    if eos_mask is not None:  # min_new_tokens / min_length: no EOS yet (transformers' processors)
+        logits = jnp.where(block_eos & eos_mask, -jnp.inf, logits)
     if not do_sample:
         return _argmax(logits)
     return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
@@ -96,9 +100,11 @@ def _emit(step, tokens):
 
 @partial(nnx.jit, static_argnames=("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "stream"))
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
-                     temperature: float, top_k, top_p, stream: bool = False, seen=None, penalty=None):
+                     temperature: float, top_k, top_p, stream: bool = False, seen=None, penalty=None, eos_mask=None,
+                     min_new=None):
     """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps). `seen`
-    [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on."""
+    [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on; `eos_mask` [V] and `min_new` keep
+    EOS out of the first min_new new tokens."""
     B = ids.shape[0]
     # Built once per call, outside the loop: joined q/k/v and gate/up weights, the RoPE table (decode.py).
     prep = prepare_decode(model, cache.capacity)
@@ -109,7 +115,8 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         rng, sub = jax.random.split(rng)
     else:
         sub = rng
-    tok = _next_token(logits, sub, do_sample, temperature, top_k, top_p, seen, penalty)
+    tok = _next_token(logits, sub, do_sample, temperature, top_k, top_p, seen, penalty, eos_mask,
+                      None if eos_mask is None else 0 < min_new)
     rows = jnp.arange(B)
     if seen is not None:
         seen = seen.at[rows, tok].set(True)
@@ -128,7 +135,8 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         logits, cache = decode_step(model, prep, tok, next_pos, cache)
         if do_sample:  # greedy decoding needs no random numbers (threefry is ~40 ops per step)
             rng, sub = jax.random.split(rng)
-        new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, seen, penalty)
+        new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, seen, penalty,
+                          eos_mask, None if eos_mask is None else step < min_new)
         new = jnp.where(done, pad, new)
         if seen is not None:
             seen = seen.at[rows, new].set(True)
@@ -150,12 +158,14 @@ def _last_logits(model, ids, mask, pos):
 def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
              temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
              seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None,
-             repetition_penalty=FROM_CONFIG) -> np.ndarray:
+             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Arguments not given come from `model.generation_config` (generation_config.json; else transformers'
     defaults: greedy, temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens).
     `repetition_penalty` is transformers': logits of tokens already in the row (prompt from its first attended
     token, and the new ones) are divided by it where positive and multiplied where negative, greedy or sampled.
+    `min_new_tokens` (and generation_config.json's `min_length`, a total) keep EOS from being chosen before that
+    many new tokens, as transformers.
 
     `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached).
     Dense models left-pad the prompt to a multiple of PROMPT_BUCKET (masked, so the function is unchanged) to
@@ -196,6 +206,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
         warnings.warn(RIGHT_PADDED, stacklevel=2)
     pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     seen = _seen_tokens(ids, mask, cfg.vocab_size) if penalty != 1.0 else None  # transformers: no-op at 1.0
+    min_new = min_new_arg(model.generation_config, min_new_tokens, P)
+    eos_in = [e for e in eos if 0 <= e < cfg.vocab_size]
+    eos_mask = np.isin(np.arange(cfg.vocab_size), eos_in) if min_new and eos_in else None
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
     if on_token is not None and use_cache:  # an ordered host callback: JAX runs it from one device only
         devices = {d for a in jax.tree.leaves(nnx.state(model)) if hasattr(a, "sharding")
@@ -218,18 +231,20 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
                                           temperature=float(temperature), top_k=top_k, top_p=top_p,
                                           stream=on_token is not None,
                                           seen=None if seen is None else jnp.asarray(seen),
-                                          penalty=jnp.float32(penalty))
+                                          penalty=jnp.float32(penalty),
+                                          eos_mask=None if eos_mask is None else jnp.asarray(eos_mask),
+                                          min_new=jnp.int32(min_new))
             out = np.asarray(out)
             steps = int(steps)
         finally:
             _STREAM_SINK[0] = None
         return np.concatenate([ids, out[:, :steps]], axis=1)
     return _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, float(temperature),
-                               top_k, top_p, on_token, seen, penalty)
+                               top_k, top_p, on_token, seen, penalty, eos_mask, min_new)
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,
-                        on_token=None, seen=None, penalty=1.0):
+                        on_token=None, seen=None, penalty=1.0, eos_mask=None, min_new=0):
     """No cache: run the whole sequence every step. Dense models use one fixed-length buffer (future slots are
     masked, and causality makes them invisible); CDMoE routing mixes positions (spec §3.8), so MoE runs exact
     lengths (one compile each)."""
@@ -251,7 +266,8 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
             logits = _logits_at(model, jnp.asarray(buf), jnp.asarray(buf_mask), jnp.asarray(buf_pos), cur - 1)
         rng, sub = jax.random.split(rng)
         tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p,
-                                     None if seen is None else jnp.asarray(seen), jnp.float32(penalty)))
+                                     None if seen is None else jnp.asarray(seen), jnp.float32(penalty),
+                                     None if eos_mask is None else jnp.asarray(eos_mask), jnp.bool_(n < min_new)))
         tok = np.where(done, pad, tok)
         if seen is not None:
             seen[np.arange(B), tok] = True
@@ -300,6 +316,8 @@ def _main(argv=None) -> int:
                     "(default: generation_config.json's, else none)")
     ap.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty: > 0, "
                     "1 for none; greedy or sampled (default: generation_config.json's, else 1)")
+    ap.add_argument("--min-new-tokens", type=int, default=None, help="no EOS before this many new tokens (default: "
+                    "generation_config.json's min_new_tokens / min_length, else none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--no-eos", action="store_true", help="ignore EOS (always make max-new-tokens tokens)")
@@ -311,6 +329,8 @@ def _main(argv=None) -> int:
             length_and_penalty(None, 1, args.repetition_penalty)
     except ValueError as e:
         ap.error(str(e))
+    if args.min_new_tokens is not None and args.min_new_tokens < 0:
+        ap.error(f"--min-new-tokens {args.min_new_tokens}: must be >= 0")
     if not 0 <= args.seed < 2**32:
         ap.error(f"--seed {args.seed}: must be in [0, 2**32)")
 
@@ -413,7 +433,8 @@ def _main(argv=None) -> int:
     # one prompt is never padded: a pad id in it is a token (generate would infer a mask from it, as transformers)
     generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
              do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed,
-             eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty)
+             eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,
+             min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens)
     if tokenizer is not None and new:
         show(final=True)  # a tail held back for a multi-byte character that never completed
     t1 = time.perf_counter()

@@ -56,6 +56,16 @@ def length_and_penalty(gen, max_new_tokens, repetition_penalty) -> tuple[int, fl
     return int(max_new_tokens), float(repetition_penalty)
 
 
+def min_new_arg(gen, min_new_tokens, prompt_len: int) -> int:
+    """How many new tokens come before EOS may be chosen: min_new_tokens (FROM_CONFIG: the generation config's),
+    and the config's min_length (a total, prompt included), as transformers' two logits processors; 0: no rule."""
+    if min_new_tokens is FROM_CONFIG:
+        min_new_tokens = gen.min_new_tokens
+    if min_new_tokens is not None and (not _is_int(min_new_tokens) or min_new_tokens < 0):
+        raise ValueError(f"min_new_tokens={min_new_tokens!r}: must be an integer >= 0")
+    return max(int(min_new_tokens or 0), int(getattr(gen, "min_length", None) or 0) - prompt_len, 0)
+
+
 def penalty_start(mask: np.ndarray) -> np.ndarray:
     """[B] index of each row's first attended prompt token: transformers' repetition penalty skips the left
     padding before it (and nothing else)."""
@@ -72,7 +82,7 @@ _NEUTRAL_FIELDS = {"transformers_version", "_from_model_config", "use_cache", "c
                    "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
                    "target_lookbehind", "assistant_early_exit", "prompt_lookup_num_tokens", "max_matching_ngram_size",
                    "dola_layers"}
-_NO_EFFECT_VALUES = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "min_length": 0,
+_NO_EFFECT_VALUES = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
                      "no_repeat_ngram_size": 0, "length_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
                      "eta_cutoff": 0.0, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
                      "encoder_no_repeat_ngram_size": 0}
@@ -80,7 +90,7 @@ _NO_EFFECT_VALUES = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences
 
 def unsupported_fields(gen, length_given: bool = False) -> dict:
     """The fields of the model's generation_config.json that would change transformers' output and that generate
-    does not implement (beam search, min_new_tokens, no_repeat_ngram_size, max_length, ...); generate warns,
+    does not implement (beam search, no_repeat_ngram_size, bad_words_ids, max_length, ...); generate warns,
     naming them. `length_given`: max_new_tokens is set (call or file), which overrides max_length in transformers."""
     extra = getattr(gen, "extra", None) or {}
 

@@ -414,9 +414,9 @@ def read_config(path: str, variant: str | None = None, keys: list[str] | None = 
 def read_generation_config(path: str, cfg: DogeConfig) -> GenerationConfig:
     """What transformers' generate takes from the HF directory `path` of config `cfg`: the special ids of its
     generation_config.json (an id the file lacks is None, as in transformers: config.json's is not taken), else
-    config.json's; the file's do_sample / temperature / top_k / top_p / repetition_penalty / max_new_tokens (null
-    or absent: transformers' default) and its other fields as they are (`extra`). The ids never change the model
-    config: the embedding's pad row is config.json's pad id."""
+    config.json's; the file's do_sample / temperature / top_k / top_p / repetition_penalty / max_new_tokens /
+    min_new_tokens / min_length (null or absent: transformers' default) and its other fields as they are (`extra`).
+    The ids never change the model config: the embedding's pad row is config.json's pad id."""
     gen_file = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen_file):
         return GenerationConfig.from_config(cfg)
@@ -434,7 +434,7 @@ def read_generation_config(path: str, cfg: DogeConfig) -> GenerationConfig:
 
 
 def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, repetition_penalty,
-                           max_new_tokens) -> None:
+                           max_new_tokens, min_new_tokens, min_length) -> None:
     """generation_config.json's generate settings have the types generate takes. Their values are checked when
     generate uses them, as transformers does (a greedy call never looks at temperature)."""
     def number(v):
@@ -451,8 +451,12 @@ def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, 
         bad = f"top_p={top_p!r}: must be a number or null"
     elif not number(repetition_penalty):
         bad = f"repetition_penalty={repetition_penalty!r}: must be a number"
-    elif max_new_tokens is not None and (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)):
-        bad = f"max_new_tokens={max_new_tokens!r}: must be an integer or null"
+    else:
+        for name, v in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
+                        ("min_length", min_length)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                bad = f"{name}={v!r}: must be an integer or null"
+                break
     if bad:
         raise ConfigError(f"{gen_file}: {bad}")
 

@@ -507,14 +507,14 @@ class DogeForCausalLM(nnx.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
-                 on_token=None, repetition_penalty=FROM_CONFIG):
+                 on_token=None, repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG):
         """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate)."""
         from .generate import generate
 
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,
-                        repetition_penalty=repetition_penalty)
+                        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,

@@ -16,6 +16,7 @@ from doge_jax.generation_args import (
     eos_ids,
     inferred_pad,
     length_and_penalty,
+    min_new_arg,
     output_pad,
     penalty_start,
     sampling_args,
@@ -57,11 +58,12 @@ def penalize(logits: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, penal
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens=FROM_CONFIG,
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
              eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
-             repetition_penalty=FROM_CONFIG) -> torch.Tensor:
+             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `model.generation_config` (generation_config.json; else transformers' defaults: greedy,
     temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens); the sampling generator lives on the
-    model's device, seeded by `seed`. `repetition_penalty` as transformers (see doge_jax.generate)."""
+    model's device, seeded by `seed`. `repetition_penalty` and `min_new_tokens` as transformers (see
+    doge_jax.generate)."""
     cfg = model.config
     do_sample, temperature, top_k, top_p = sampling_args(model.generation_config, do_sample, temperature, top_k, top_p)
     length_given = max_new_tokens is not FROM_CONFIG or model.generation_config.max_new_tokens is not None
@@ -108,6 +110,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         warnings.warn(RIGHT_PADDED, stacklevel=2)
     ids = input_ids
     start = torch.as_tensor(penalty_start(attention_mask.cpu().numpy()), device=device)
+    P = ids.shape[1]
+    min_new = min_new_arg(model.generation_config, min_new_tokens, P)
+    eos_in = [e for e in eos if 0 <= e < cfg.vocab_size]
+    eos_cols = torch.tensor(eos_in, dtype=torch.long, device=device) if min_new and eos_in else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = DogeCache(cfg.num_hidden_layers) if use_cache else None
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
@@ -124,6 +130,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             logits = out.logits[:, -1].float()
             if penalty != 1.0:  # a logits processor: before sampling, greedy too (transformers; none at 1.0)
                 logits = penalize(logits, ids, start, penalty)
+            if eos_cols is not None and ids.shape[1] - P < min_new:  # min_new_tokens / min_length: no EOS yet
+                logits = logits.index_fill(1, eos_cols, float("-inf"))
             nxt = sample_next(logits, do_sample, temperature, top_k, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)

@@ -734,3 +734,56 @@ def hf_row0(ref, ids, pen, n):
         return ref.generate(torch.as_tensor(ids[:1]), attention_mask=torch.ones(1, ids.shape[1], dtype=torch.long),
                             max_new_tokens=n, repetition_penalty=pen, do_sample=False,
                             no_repeat_ngram_size=0).numpy()
+
+
+def test_min_new_tokens_and_min_length_as_transformers(tmp_path, capsys):
+    """min_new_tokens (argument or generation_config.json) and the file's min_length keep EOS out of the first new
+    tokens, as transformers' two processors: the same tokens in doge_torch and doge_jax (cached and not), with an
+    EOS id the rows would otherwise pick early."""
+    import json
+
+    import transformers
+
+    import doge_torch
+
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    ids = unique_ids(2, 6, 128, seed=2)
+    mask = np.ones((2, 6), np.int64)
+    mask[1, :2] = 0
+
+    def hf(**kw):
+        with torch.no_grad():
+            return ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=10,
+                                do_sample=False, **kw).numpy()
+
+    eos = int(hf(eos_token_id=-1)[0, 7])  # row 0's second new token
+    early = hf(eos_token_id=eos)
+    want = hf(eos_token_id=eos, min_new_tokens=4)
+    assert early[0, 7] == eos and eos not in want[0, 6:10], (early, want)
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+    jm = DogeForCausalLM.from_pretrained(d)
+    kw = {"max_new_tokens": 10, "eos_token_id": eos, "do_sample": False, "min_new_tokens": 4}
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), torch.as_tensor(mask), **kw).numpy(), want)
+    np.testing.assert_array_equal(jm.generate(ids, mask, **kw), want)
+    np.testing.assert_array_equal(jm.generate(ids, mask, use_cache=False, **kw), want)
+    for m, conv in ((jm, np.asarray), (tm, torch.as_tensor)):
+        with pytest.raises(ValueError, match="min_new_tokens=-1: must be an integer >= 0"):
+            m.generate(conv(ids), max_new_tokens=2, min_new_tokens=-1)
+    # the file's min_length (prompt included) and min_new_tokens are defaults
+    for gen in ({"min_length": 6 + 3}, {"min_new_tokens": 3}):
+        json.dump({"bos_token_id": 0, "eos_token_id": eos, **gen}, open(f"{d}/generation_config.json", "w"))
+        ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+        want = hf()
+        assert eos not in want[0, 6:9] and not np.array_equal(want, early), gen
+        for cls, conv in ((DogeForCausalLM, np.asarray), (doge_torch.DogeForCausalLM, torch.as_tensor)):
+            m = cls.from_pretrained(d)
+            got = np.asarray(m.generate(conv(ids), conv(mask), max_new_tokens=10, do_sample=False))
+            np.testing.assert_array_equal(got, want, err_msg=f"{cls.__module__} {gen}")
+    # the command line (one unpadded prompt; the file still says min_new_tokens 3: the flag wins)
+    with torch.no_grad():
+        row = ref.generate(torch.as_tensor(ids[:1]), attention_mask=torch.ones(1, 6, dtype=torch.long),
+                           max_new_tokens=10, do_sample=False, min_new_tokens=5).numpy()
+    assert main(["--model", d, "--prompt-ids", *map(str, ids[0]), "--max-new-tokens", "10", "--greedy",
+                 "--min-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.split("|")[1].split() == [str(t) for t in row[0, 6:]]
