@@ -250,6 +250,8 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
     lengths (one compile each)."""
     B, P = ids.shape
     rng = jax.random.key(seed)
+    seen = None if seen is None else jnp.asarray(seen)  # on the device once, updated there
+    eos_mask = None if eos_mask is None else jnp.asarray(eos_mask)
     done = np.zeros(B, bool)
     n = 0
     total = P + max_new_tokens
@@ -265,12 +267,11 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
         else:
             logits = _logits_at(model, jnp.asarray(buf), jnp.asarray(buf_mask), jnp.asarray(buf_pos), cur - 1)
         rng, sub = jax.random.split(rng)
-        tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p,
-                                     None if seen is None else jnp.asarray(seen), jnp.float32(penalty),
-                                     None if eos_mask is None else jnp.asarray(eos_mask), jnp.bool_(n < min_new)))
+        tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p, seen, jnp.float32(penalty),
+                                     eos_mask, jnp.bool_(n < min_new)))
         tok = np.where(done, pad, tok)
         if seen is not None:
-            seen[np.arange(B), tok] = True
+            seen = seen.at[np.arange(B), tok].set(True)
         if on_token is not None:
             on_token(n, tok)
         buf[:, cur], buf_mask[:, cur], buf_pos[:, cur] = tok, True, buf_pos[:, :cur].max(axis=1) + 1
@@ -376,11 +377,8 @@ def _main(argv=None) -> int:
     given = [FROM_CONFIG if v is None else v for v in (args.do_sample, args.temperature, args.top_k, args.top_p)]
     do_sample, temperature, top_k, top_p = sampling = sampling_args(gen, *given)
     try:
-        max_new_tokens = args.max_new_tokens
-        if max_new_tokens is None:
-            max_new_tokens = CLI_MAX_NEW_TOKENS if gen.max_new_tokens is None else gen.max_new_tokens
-        max_new_tokens, penalty = length_and_penalty(
-            gen, max_new_tokens, FROM_CONFIG if args.repetition_penalty is None else args.repetition_penalty)
+        length_args = [FROM_CONFIG if v is None else v for v in (args.max_new_tokens, args.repetition_penalty)]
+        max_new_tokens, penalty = length_and_penalty(gen, *length_args, default_length=CLI_MAX_NEW_TOKENS)
         check_sampling(*sampling, max_new_tokens)
     except ValueError as e:
         return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; --greedy "

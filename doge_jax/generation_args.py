@@ -9,8 +9,8 @@ RIGHT_PADDED = ("a prompt row ends in padding (attention_mask 0 at the end): new
 
 
 class _FromConfig:
-    """generate's default for do_sample / temperature / top_k / top_p / repetition_penalty / max_new_tokens: the
-    model's generation_config value."""
+    """generate's default for do_sample / temperature / top_k / top_p / repetition_penalty / max_new_tokens /
+    min_new_tokens: the model's generation_config value."""
 
     def __repr__(self) -> str:
         return "FROM_CONFIG"
@@ -36,13 +36,14 @@ def sampling_args(gen, do_sample, temperature, top_k, top_p) -> tuple[bool, floa
 DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call nor generation_config.json sets it
 
 
-def length_and_penalty(gen, max_new_tokens, repetition_penalty) -> tuple[int, float]:
+def length_and_penalty(gen, max_new_tokens, repetition_penalty, default_length: int = DEFAULT_MAX_NEW_TOKENS
+                       ) -> tuple[int, float]:
     """max_new_tokens and repetition_penalty of a generate call, those not given (FROM_CONFIG) from `gen`; None is
-    the default (20 new tokens, no penalty). Checked: an integer >= 1, a number > 0."""
+    the default (`default_length` new tokens, no penalty). Checked: an integer >= 1, a number > 0."""
     if max_new_tokens is FROM_CONFIG:
         max_new_tokens = gen.max_new_tokens
     if max_new_tokens is None:
-        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        max_new_tokens = default_length
     if repetition_penalty is FROM_CONFIG:
         repetition_penalty = gen.repetition_penalty
     if repetition_penalty is None:
