@@ -29,7 +29,7 @@ from . import init as I
 from . import sharding as S
 from .checkpoint import TrainCheckpointer, list_steps
 from .config import RUNTIME_FIELDS, ConfigError, DogeConfig
-from .hf_io import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, TORCH_INDEX, atomic_file
+from .hf_io import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, TORCH_INDEX, atomic_file, torch_run_hint
 from .hf_names import CheckpointError
 from .loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
@@ -292,10 +292,15 @@ def _ctrl_c_waits():
 
 
 def check_run_dir(run_dir: str) -> None:
-    """The run directory is not a file, and not inside another run's checkpoints/ (that run's checkpoint manager
+    """The run directory is not a file, not a doge_torch.train run (its files and ours would mix, and each trainer
+    would resume the other's directory), and not inside another run's checkpoints/ (that run's checkpoint manager
     would take it for a damaged step)."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"run directory {run_dir}: is a file, not a directory (--out_dir / --name)")
+    hint = torch_run_hint(run_dir)
+    if hint:
+        raise ConfigError(f"run directory {run_dir}{hint}, to --init-from to start from its model; for a new run use "
+                          "another --name/--out_dir")
     d = os.path.abspath(run_dir)
     while os.path.dirname(d) != d:  # the directory itself and its parents
         if os.path.basename(d) == "checkpoints" and os.path.isfile(os.path.join(os.path.dirname(d),

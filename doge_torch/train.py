@@ -388,7 +388,7 @@ RESUME_NOTED = ("seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_
 
 # what a run directory of another kind holds at its top: a saved model (HF, PyTorch) or a doge_jax run / orbax model
 _FOREIGN = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "pytorch_model.bin.index.json", "checkpoints", "params")
+            "pytorch_model.bin.index.json", "checkpoints", "params", "train_config.yaml")
 
 
 def check_out_dir(out: str) -> None:
@@ -396,9 +396,12 @@ def check_out_dir(out: str) -> None:
     is refused (this run's checkpoints and OUT/final would sit beside it and its files would win on load)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: is a file, not a directory")
-    if not os.path.isdir(out) or checkpoint.steps(out):
+    if not os.path.isdir(out):
         return
     found = [f for f in _FOREIGN if os.path.exists(os.path.join(out, f))]
+    if found and checkpoint.steps(out):  # a doge_jax run written into this run's directory: neither is resumed
+        raise ConfigError(f"--out {out}: holds this trainer's checkpoints and also {found[0]!r} (a saved model or a "
+                          "doge_jax run); move one of them out, or use a new directory")
     if found:
         raise ConfigError(f"--out {out}: holds {found[0]!r} (a saved model or a doge_jax run), not a "
                           "doge_torch.train run; use a new or empty directory (to start from that model: --init-from)")

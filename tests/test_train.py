@@ -841,7 +841,8 @@ def test_config_sections_must_be_mappings_and_name_picks_a_new_run(corpus, cache
 
 def test_run_directory_is_not_a_file_nor_in_a_runs_checkpoints(corpus, cache, tmp_path, capsys):
     """An --out_dir that is a file was a raw "[Errno 17] File exists"; one inside a run's checkpoints/ trained a
-    whole run there (convert refuses that destination). `--train.data '[]'` is the empty list (the stdlib corpus),
+    whole run there (convert refuses that destination); a doge_torch.train run directory took a doge_jax run beside
+    its checkpoints. `--train.data '[]'` is the empty list (the stdlib corpus),
     not a path named '[]'."""
     (tmp_path / "afile").write_text("x")
     assert run(corpus, cache, tmp_path / "afile") == 2
@@ -852,6 +853,10 @@ def test_run_directory_is_not_a_file_nor_in_a_runs_checkpoints(corpus, cache, tm
         assert run(corpus, cache, inside) == 2
         assert "checkpoints/; use a directory outside it" in capsys.readouterr().err
     assert list_steps(str(tmp_path / "run")) == [1]
+    (tmp_path / "trun" / "checkpoint-4").mkdir(parents=True)  # a doge_torch.train run: its files and ours would mix
+    assert run(corpus, cache, tmp_path / "trun") == 2
+    assert "it is a doge_torch.train run directory" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "trun") == ["checkpoint-4"]
     ov = parse_overrides(["--train.data", "[]"])
     assert ov == [("train", "data", [])] and load_configs(None, ov)[1].data == []
     assert parse_overrides(["--data", "[a.txt, b/]"]) == [("train", "data", ["a.txt", "b/"])]
