@@ -35,7 +35,7 @@ from .loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
 from .model import causal_lm_loss
 from .optim import decay_mask, make_optimizer, wsd_schedule
-from .train_config import TrainConfig, parse_argv, read_run_record
+from .train_config import TrainConfig, absolute_data, parse_argv, read_run_record
 
 
 class TrainingDiverged(RuntimeError):
@@ -264,7 +264,11 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
                           "original value or another --out_dir")
     if resuming:  # allowed (a longer schedule, more data), but said: the run's record is rewritten
         new = tcfg.to_dict()
-        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_NOTED if k in old and old[k] != new.get(k)]
+        # data paths as the two commands meant them: each relative to the directory it was run from
+        started_in = (read_run_record(run_dir, "run") or {}).get("cwd") or os.getcwd()
+        same_data = absolute_data(old.get("data"), started_in) == absolute_data(new["data"], os.getcwd())
+        changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_NOTED if k in old and old[k] != new.get(k)
+                   and not (k == "data" and same_data)]
         if changed:
             log(f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}")
 
@@ -375,7 +379,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
             with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
                 # run: is a record (ignored when the file is read back as --config, to repeat the run)
                 yaml.safe_dump({"model": mcfg.to_dict(), "train": tcfg.to_dict(),
-                                "run": {"config_file": config_path, "data_files": data.files,
+                                "run": {"config_file": config_path, "cwd": os.getcwd(), "data_files": data.files,
                                         "train_tokens": data.train_tokens, "val_tokens": data.val_tokens}},
                                f, sort_keys=False)
             mcfg.save_json(os.path.join(run_dir, "config.json"))

@@ -257,6 +257,22 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
     model = dict(raw.get("model") or {})
     train = dict(raw.get("train") or {})
     given = {k for s, k, _ in overrides if s == "train"}
+    record = raw.get("run") if isinstance(raw.get("run"), dict) else {}
+    home = os.path.dirname(os.path.abspath(path))
+    if (os.path.basename(path) == "train_config.yaml" and os.path.isfile(os.path.join(home, "config.json"))
+            and not given & {"name", "out_dir"}):
+        train["out_dir"] = home  # a run's own record names that run, from whatever directory it is given
+    started_in = record.get("cwd")
+    if isinstance(started_in, str) and os.path.isabs(started_in) and started_in != os.getcwd():
+        # the record's relative paths were typed in the directory the run started from
+        moved = {k: v for k, v in (("data", absolute_data(train.get("data"), started_in)),
+                                   ("tokenizer", _absolute(train.get("tokenizer"), started_in)),
+                                   ("cache_dir", _absolute(train.get("cache_dir"), started_in)))
+                 if k not in given and v != train.get(k)}
+        if moved:
+            print(f"note: {path}: relative paths taken from {started_in}, where the run started "
+                  f"({', '.join('train.' + k for k in moved)})", file=sys.stderr)
+            train.update(moved)
     if "name" in given and "out_dir" not in given and train.get("out_dir"):
         # --name picks a new run directory (runs_dir/name): the file's out_dir (a run's record holds its own)
         # would win over it and resume that run
@@ -306,18 +322,45 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
     return DogeConfig.from_dict(model), tcfg
 
 
-def read_run_record(run_dir: str) -> dict[str, Any] | None:
-    """The train: section of a run directory's train_config.yaml (None without one); a damaged file is a
-    ConfigError naming it."""
+def _absolute(path: Any, cwd: str) -> Any:
+    """A relative path string joined to `cwd` (absolute, ~ and non-strings as they are)."""
+    if not isinstance(path, str) or not path or os.path.isabs(path) or path.startswith("~"):
+        return path
+    return os.path.join(cwd, path)
+
+
+def absolute_data(entries: Any, cwd: str) -> Any:
+    """`train.data` entries (PATH, PATH:WEIGHT or {path, weight}) with relative paths joined to `cwd`."""
+    if not isinstance(entries, list):
+        return entries
+    from .corpora import split_weight
+
+    out = []
+    for e in entries:
+        try:
+            p, w = split_weight(e)
+        except ValueError:  # a bad weight: said when the data is read
+            out.append(e)
+            continue
+        if isinstance(e, dict):
+            out.append({**e, "path": _absolute(p, cwd)})
+        else:
+            out.append(_absolute(p, cwd) + str(e)[len(p):] if w is not None else _absolute(str(e), cwd))
+    return out
+
+
+def read_run_record(run_dir: str, section: str = "train") -> dict[str, Any] | None:
+    """A section of a run directory's train_config.yaml (train:, or run: the record); None without the file; a
+    damaged file is a ConfigError naming it."""
     path = os.path.join(run_dir, "train_config.yaml")
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
-        train = raw.get("train") or {}
+        train = raw.get(section) or {}
         if not isinstance(train, dict):
-            raise ValueError(f"train: is a {type(train).__name__}")
+            raise ValueError(f"{section}: is a {type(train).__name__}")
     except (OSError, ValueError, AttributeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: unreadable run record ({type(e).__name__}: {e}); restore it, or start a new run "
                           "(another --name/--out_dir)") from None

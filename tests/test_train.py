@@ -820,6 +820,28 @@ def test_resume_with_changed_settings_warns(corpus, cache, tmp_path, capsys):
     assert "holds a run started from scratch" in err and "changed settings" not in err
 
 
+def test_a_runs_record_resumes_it_from_another_directory(corpus, cache, tmp_path, monkeypatch, capsys):
+    """`--config RUN/train_config.yaml` from another working directory started a new run there (the record's
+    runs_dir and data are relative to where the run started): it resumes RUN, reading the data from there."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    shutil.copytree(corpus, start / "corpus")
+    (elsewhere / "corpus").mkdir(parents=True)  # a same-named folder here (empty): not what the run trained on
+    monkeypatch.chdir(start)
+    assert T.main([*TINY_ARGS, "--data", "corpus/", "--name", "r", "--train.cache_dir", cache,
+                   "--train.stop_after", "1"]) == 0
+    record = start / "runs" / "r" / "train_config.yaml"
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert T.main(["--config", str(record), "--train.stop_after", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"relative paths taken from {start}, where the run started (train.data)" in err, err
+    assert "changed settings" not in err and not (elsewhere / "runs").exists()
+    assert list_steps(str(start / "runs" / "r")) == [1, 2]
+    # with --name it is a new run (under this directory's runs/), on the same data
+    assert T.main(["--config", str(record), "--name", "copy", "--train.stop_after", "1"]) == 0
+    assert list_steps(str(elsewhere / "runs" / "copy")) == [1]
+
+
 def test_config_sections_must_be_mappings_and_name_picks_a_new_run(corpus, cache, tmp_path, capsys):
     """A model:/train: section that is not a mapping is one error line (was a TypeError traceback); `--config
     RUN/train_config.yaml --name NEW` starts runs_dir/NEW (the record's out_dir resumed the old run instead)."""
