@@ -367,12 +367,12 @@ def _main(argv=None) -> int:
                 return fail(f"{tok_file}: not a readable tokenizer.json ({e})")
     elif args.tokenizer:
         return fail(f"--tokenizer {args.tokenizer}: no tokenizer.json in that directory")
-    if args.prompt is not None and tokenizer is None:
-        return fail(f"no tokenizer.json in {tok_path!r}: pass --tokenizer PATH, or give the prompt as --prompt-ids")
-    try:
+    try:  # (before the tokenizer's absence: a wrong --model is the thing to report then)
         model = DogeForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     except (CheckpointError, ConfigError, OSError, ValueError) as e:
         return fail(f"--model {args.model}: {e}")
+    if args.prompt is not None and tokenizer is None:
+        return fail(f"no tokenizer.json in {tok_path!r}: pass --tokenizer PATH, or give the prompt as --prompt-ids")
     gen = model.generation_config
     given = [FROM_CONFIG if v is None else v for v in (args.do_sample, args.temperature, args.top_k, args.top_p)]
     do_sample, temperature, top_k, top_p = sampling = sampling_args(gen, *given)
@@ -435,10 +435,18 @@ def _main(argv=None) -> int:
              min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens)
     if tokenizer is not None and new:
         show(final=True)  # a tail held back for a multi-byte character that never completed
+    out.write("\n")  # the output ends its line (a shell prompt or the next log line starts on its own)
+    out.flush()
     t1 = time.perf_counter()
+    if tokenizer is not None:  # a tokenizer smaller than the model's vocabulary (a padded vocab_size) shows nothing
+        unknown = sorted({i for i in ids + new if tokenizer.id_to_token(i) is None})
+        if unknown:
+            print(f"note: token id(s) {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not in the tokenizer's "
+                  f"vocabulary ({tokenizer.get_vocab_size()} tokens; the model has {model.config.vocab_size}): "
+                  "they decode to nothing", file=sys.stderr)
     n = len(new)
     rate = (n - 1) / (times[-1] - times[0]) if n > 1 and times[-1] > times[0] else float("nan")
-    print(f"\n\n[{n} new tokens; first token after {times[0] - t0:.2f} s (prompt {len(ids)} tokens, incl. "
+    print(f"\n[{n} new tokens; first token after {times[0] - t0:.2f} s (prompt {len(ids)} tokens, incl. "
           f"compilation); decoding {rate:.1f} tokens/s; total {t1 - t0:.2f} s]", file=sys.stderr)
     return 0
 

@@ -47,16 +47,25 @@ def test_cli_with_tokenizer(model_dir, tmp_path, capsys):
     assert main(["--model", model_dir, "--tokenizer", str(tmp_path), "--prompt", "the fox",
                  "--max-new-tokens", "6", "--no-eos"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("the fox")
+    assert captured.out.startswith("the fox") and captured.out.endswith("\n")  # (it ended mid-line)
     assert "6 new tokens" in captured.err and "tokens/s" in captured.err
+    # ids the tokenizer lacks (its 9 words; the model has 128 ids) printed nothing, silently: now a note names them
+    ids = DogeForCausalLM.from_pretrained(model_dir).generate(np.array([tok.encode("the fox").ids]), max_new_tokens=6,
+                                                              eos_token_id=-1)[0].tolist()
+    unknown = sorted({i for i in ids if i >= len(words)})
+    assert unknown and f"token id(s) {unknown} are not in the tokenizer's vocabulary (9 tokens" in captured.err
 
 
-def test_cli_prompt_ids_and_missing_tokenizer(model_dir, capsys):
+def test_cli_prompt_ids_and_missing_tokenizer(model_dir, tmp_path, capsys):
     assert main(["--model", model_dir, "--prompt-ids", "5", "6", "7", "--max-new-tokens", "4", "--no-eos"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("5 6 7 |") and len(out.split("|")[1].split()) == 4
     assert main(["--model", model_dir, "--prompt", "hello"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+    # a doge_torch.train run directory without a tokenizer: the wrong --model is what is said (was: no tokenizer)
+    (tmp_path / "trun" / "checkpoint-3").mkdir(parents=True)
+    assert main(["--model", str(tmp_path / "trun"), "--prompt", "hello"]) == 2
+    assert "it is a doge_torch.train run directory" in capsys.readouterr().err
 
 
 def _word_tokenizer(path, metaspace: bool = False):
