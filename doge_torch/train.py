@@ -495,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
                     "checkpoint is saved, and a re-run with a larger --max-steps continues)")
     ap.add_argument("--out", help="run directory: metrics.jsonl, OUT/checkpoint-N every train.checkpoint_every steps "
                     "(the newest train.keep_checkpoints kept; a re-run resumes from the newest) and the final model "
-                    "(OUT/final, an HF directory)")
+                    "(OUT/final, an HF directory); without it nothing is saved (a note says so)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="torch device (default: cuda when available, else cpu)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 parameters and optimizer); also "
@@ -622,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     print(f"doge_torch.train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(tokens)} tokens, "
           f"{max_steps} steps of {grad_accum} x [{rows}, {seq_len}] on {device}"
           f"{' bf16' if bf16 else ''}{' compiled' if args.compile else ''}", flush=True)
+    if not args.out:
+        print("note: no --out: nothing is saved (no checkpoints, metrics or final model)", file=sys.stderr, flush=True)
 
     metrics_file = None
     if args.out:

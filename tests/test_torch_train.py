@@ -407,8 +407,9 @@ def test_cli_an_update_that_overflows_is_never_resumed_from(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ev").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
-def test_cli_text_with_tokenizer(tmp_path):
-    """Text data through a tokenizer.json (a tiny BPE trained here); in process, bf16 autocast on CPU."""
+def test_cli_text_with_tokenizer(tmp_path, capsys):
+    """Text data through a tokenizer.json (a tiny BPE trained here); in process, bf16 autocast on CPU. Without
+    --out nothing is saved, and a note says so (it did not)."""
     text = "".join(open(p).read() for p in ("doge_torch/train.py", "doge_torch/optim.py"))
     (tmp_path / "a.txt").write_text(text)
     _bpe([text], ["<unk>", "<eos>"], tmp_path / "tokenizer.json")
@@ -420,6 +421,8 @@ def test_cli_text_with_tokenizer(tmp_path):
                  str(tmp_path / "tokenizer.json"), "--max-steps", "3", "--bf16", "--device", "cpu"])
     assert len(hist) == 3 and all(math.isfinite(h["loss"]) for h in hist)
     assert hist[0]["lr"] == 0.0 and hist[1]["lr"] == pytest.approx(3e-3 / 40)
+    assert "note: no --out: nothing is saved" in capsys.readouterr().err
+    assert set(os.listdir(tmp_path)) - {"home"} == {"a.txt", "tokenizer.json", "tiny.yaml"}  # (home: HOME)
     with pytest.raises(ValueError, match="tokenizer"):
         main(["--config", str(cfg), "--data", str(tmp_path / "a.txt"), "--max-steps", "1"])
 
