@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                 config=args.config, shard_size=args.shard_size or "5GB", dry_run=args.dry_run, overwrite=args.overwrite)
         if STOP and args.dry_run:
             raise KeyboardInterrupt
-    except (CheckpointError, ConfigError, FileExistsError, ValueError, OSError) as e:
+    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            ValueError) as e:  # bad input (the source, DST, a flag): exit 2, as train and generate
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the write failed (disk full, permissions): exit 1
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

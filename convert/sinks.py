@@ -55,7 +55,10 @@ def output_files(plan: Plan, shard_size) -> list[str]:
         main = [TORCH_FILE]
     else:
         main = ["params/"]
-    return ["config.json", *main, "generation_config.json"]
+    side = plan.source.side_dir  # the tokenizer files copied with it (write_side_files)
+    copied = [n for n in hf_io.SIDE_FILES
+              if n != "generation_config.json" and side and os.path.isfile(os.path.join(side, n))]
+    return ["config.json", *main, "generation_config.json", *copied]
 
 
 def write_side_files(plan: Plan, out_dir: str) -> list[str]:

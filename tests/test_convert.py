@@ -150,7 +150,7 @@ def test_pytorch_bin_and_state_dict_file_sources(tmp_path, capsys):
     pt = tmp_path / "loose" / "weights.pt"
     pt.parent.mkdir()
     torch.save(hf.state_dict(), pt)
-    assert _run(pt, tmp_path / "b", "--to", "hf") == 1
+    assert _run(pt, tmp_path / "b", "--to", "hf") == 2
     assert "pass --config" in capsys.readouterr().err
     # the side files come from the config's directory (the model's), not from where the weight file lies
     _add_tokenizer_files(src)
@@ -229,7 +229,7 @@ def test_training_run_and_step_dirs(tmp_path, capsys):
             for k in path:
                 w = w[k]
             assert np.array_equal(np.asarray(a), w), (d, path)
-    assert _run(run, tmp_path / "x", "--to", "hf", "--step", "15") == 1
+    assert _run(run, tmp_path / "x", "--to", "hf", "--step", "15") == 2
     assert "no checkpoint for step 15 (have [10, 20])" in capsys.readouterr().err
 
 
@@ -280,7 +280,7 @@ def test_native_small_doge_conversion_refused(tmp_path, capsys):
     _, sd_dir, legacy = _small_doge_and_legacy(tmp_path)
     native = save_hf(make_hf_model(), tmp_path / "native")
     for src, ask in ((sd_dir, "native"), (legacy, "native"), (native, "small_doge"), (native, "legacy")):
-        assert _run(src, tmp_path / "out", "--to", "hf", "--variant", ask) == 1
+        assert _run(src, tmp_path / "out", "--to", "hf", "--variant", ask) == 2
         err = capsys.readouterr().err
         assert "refusing to convert" in err and "different functions" in err, err
         assert not os.path.exists(tmp_path / "out")
@@ -289,7 +289,7 @@ def test_native_small_doge_conversion_refused(tmp_path, capsys):
     cfg = json.load(open(tmp_path / "j" / "config.json"))
     cfg["doge_variant"] = "small_doge"
     json.dump(cfg, open(tmp_path / "j" / "config.json", "w"))
-    assert _run(tmp_path / "j", tmp_path / "out", "--to", "hf") == 1
+    assert _run(tmp_path / "j", tmp_path / "out", "--to", "hf") == 2
     assert "says variant 'small_doge'" in capsys.readouterr().err
 
 
@@ -300,13 +300,23 @@ def test_existing_dst_dry_run_and_overwrite(tmp_path, capsys):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("x")
-    assert _run(src, dst, "--to", "hf") == 1
+    assert _run(src, dst, "--to", "hf") == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert _run(src, dst, "--to", "torch", "--dry-run") == 0
     assert "needs --overwrite" in capsys.readouterr().out and os.listdir(dst) == ["keep.txt"]
     assert _run(src, dst, "--to", "hf", "--overwrite") == 0
     assert sorted(os.listdir(dst)) == ["config.json", "generation_config.json", "model.safetensors"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".dst")]
+    # --dry-run lists every file the run writes (the copied tokenizer files were left out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "src" / name).write_text("{}")
+    for to, weights in (("hf", "model.safetensors"), ("torch", "pytorch_model.bin"), ("jax", "params/")):
+        assert _run(src, tmp_path / to, "--to", to, "--dry-run") == 0
+        listed = capsys.readouterr().out.split("files  : ")[1].splitlines()[0].split(", ")
+        assert weights in listed and len(listed) == 5, listed
+        assert _run(src, tmp_path / to, "--to", to) == 0
+        assert sorted(listed) == sorted(f + "/" if os.path.isdir(tmp_path / to / f) else f
+                                        for f in os.listdir(tmp_path / to))
 
 
 def test_key_and_shape_problems_are_listed(tmp_path, capsys):
@@ -320,7 +330,7 @@ def test_key_and_shape_problems_are_listed(tmp_path, capsys):
     sd["model.norm.weight"] = torch.zeros(3)
     save_file(sd, f, metadata={"format": "pt"})
     for to in ("hf", "jax", "torch"):
-        assert _run(src, tmp_path / "out", "--to", to) == 1
+        assert _run(src, tmp_path / "out", "--to", to) == 2
         err = capsys.readouterr().err
         assert "missing keys (1): model.layers.1.self_attn.k_norm.weight" in err
         assert "unexpected keys (1): model.layers.0.extra" in err
@@ -339,14 +349,34 @@ def test_cli_corrupt_safetensors_one_line_error(tmp_path):
     with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) - 100)
     r = _cli(src, tmp_path / "out", "--to", "torch")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "corrupt or truncated safetensors" in lines[0]
     assert not os.path.exists(tmp_path / "out")
     with open(f, "wb") as fh:
         fh.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     r = _cli(src, tmp_path / "out", "--to", "hf")
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "header is not valid JSON" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "header is not valid JSON" in r.stderr
+
+
+def test_bad_input_exits_2_a_failed_write_1(tmp_path, monkeypatch, capsys):
+    """Bad input (a missing source, an existing DST) exits 2 as train and generate do (it was 1, as a failed
+    write is); a write that fails (here: the disk is full) exits 1 and leaves no DST."""
+    import errno
+
+    import convert.safetensors_io as sio
+
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    assert _run(tmp_path / "nowhere", tmp_path / "out", "--to", "hf") == 2
+    assert _run(src, src, "--to", "hf") == 2 and "DST is the source" in capsys.readouterr().err
+
+    def full(fd, buf, off):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sio.os, "pwrite", full)
+    assert _run(src, tmp_path / "out", "--to", "hf") == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
 _SLOW_WRITER = """
@@ -496,23 +526,23 @@ def test_dst_containing_the_source_refused(tmp_path, capsys):
     src = save_hf(make_hf_model(), tmp_path / "src")
     run, _ = _training_run(tmp_path, src)
     before = sorted(os.listdir(run))
-    assert _run(run / "checkpoints" / "10", run, "--to", "hf", "--overwrite") == 1
+    assert _run(run / "checkpoints" / "10", run, "--to", "hf", "--overwrite") == 2
     assert "DST contains the source" in capsys.readouterr().err and sorted(os.listdir(run)) == before
-    assert _run(src, src, "--to", "hf", "--overwrite") == 1
+    assert _run(src, src, "--to", "hf", "--overwrite") == 2
     assert "DST is the source" in capsys.readouterr().err
     assert _run(src, tmp_path / "j", "--to", "torch") == 0
-    assert _run(tmp_path / "j" / "pytorch_model.bin", tmp_path / "j", "--to", "hf", "--overwrite") == 1
+    assert _run(tmp_path / "j" / "pytorch_model.bin", tmp_path / "j", "--to", "hf", "--overwrite") == 2
     assert "DST contains the source" in capsys.readouterr().err and (tmp_path / "j" / "pytorch_model.bin").is_file()
-    assert _run(run, run / "checkpoints", "--to", "hf", "--overwrite") == 1  # an existing part of the source
+    assert _run(run, run / "checkpoints", "--to", "hf", "--overwrite") == 2  # an existing part of the source
     assert "DST is inside the source" in capsys.readouterr().err and sorted(os.listdir(run)) == before
     assert _run(src, os.path.join(src, "jax"), "--to", "jax") == 0  # a new directory inside it is fine
     # ... but not inside a training run's checkpoints/: RUN/checkpoints/500 became the run's newest "step"
     for source in (run, run / "checkpoints" / "10"):
-        assert _run(source, run / "checkpoints" / "500", "--to", "jax") == 1
+        assert _run(source, run / "checkpoints" / "500", "--to", "jax") == 2
         assert "inside the training run's checkpoints/" in capsys.readouterr().err and sorted(os.listdir(run)) == before
     assert _run(run, run / "export", "--to", "hf") == 0  # elsewhere in the run it cannot pass for a step
     (tmp_path / "notes.txt").write_text("notes")
-    assert _run(src, tmp_path / "notes.txt", "--to", "hf", "--overwrite") == 1
+    assert _run(src, tmp_path / "notes.txt", "--to", "hf", "--overwrite") == 2
     assert "is a file, not a directory" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "notes"
 
 
@@ -576,15 +606,15 @@ def test_unreadable_configs_and_dtypes_named(tmp_path, capsys):
                       (dict(good, eos_token_id=[1, "x"]), "DogeConfig.eos_token_id=(1, 'x'): must be int or a list"),
                       ([good], "expected a JSON object, got list")):
         json.dump(bad, open(cfg_file, "w"))
-        assert _run(src, tmp_path / "out", "--to", "jax") == 1
+        assert _run(src, tmp_path / "out", "--to", "jax") == 2
         assert want in capsys.readouterr().err
     open(cfg_file, "w").write('{"vocab_size": 12')
-    assert _run(src, tmp_path / "out", "--to", "jax") == 1
+    assert _run(src, tmp_path / "out", "--to", "jax") == 2
     assert f"{cfg_file}: unreadable JSON" in capsys.readouterr().err
     yml = tmp_path / "c.yaml"
     yml.write_text("model: {vocab_size: [1, 2\n")
     json.dump(good, open(cfg_file, "w"))
-    assert _run(src, tmp_path / "out", "--to", "jax", "--config", yml) == 1
+    assert _run(src, tmp_path / "out", "--to", "jax", "--config", yml) == 2
     assert f"{yml}: unreadable YAML" in capsys.readouterr().err
     # a valid safetensors file with a dtype convert does not read
     f = os.path.join(src, "model.safetensors")
@@ -595,7 +625,7 @@ def test_unreadable_configs_and_dtypes_named(tmp_path, capsys):
     header["model.norm.weight"]["data_offsets"][1] = header["model.norm.weight"]["data_offsets"][0] + 64
     h = json.dumps(header).encode()
     open(f, "wb").write(len(h).to_bytes(8, "little") + h + raw[8 + n:])
-    assert _run(src, tmp_path / "out", "--to", "hf") == 1
+    assert _run(src, tmp_path / "out", "--to", "hf") == 2
     assert "tensor 'model.norm.weight' has dtype F8_E4M3, which convert does not read" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
 
@@ -633,7 +663,7 @@ def test_weight_file_order_and_sharded_bin(tmp_path, capsys):
     _assert_bit_equal(want, _tensors(tmp_path / "c"))
     torch.save({"model": hf.state_dict(), "step": 3}, tmp_path / "train.pt")
     (tmp_path / "config.json").write_text(open(os.path.join(src, "config.json")).read())
-    assert _run(tmp_path / "train.pt", tmp_path / "d", "--to", "hf") == 1
+    assert _run(tmp_path / "train.pt", tmp_path / "d", "--to", "hf") == 2
     assert "but 'model' holds OrderedDict (a training checkpoint?" in capsys.readouterr().err
 
 
@@ -761,6 +791,6 @@ def test_non_float_weights_refused(tmp_path, capsys):
     sd = safetensors.numpy.load_file(f)
     sd["model.norm.weight"] = sd["model.norm.weight"].astype(np.int32)
     safetensors.numpy.save_file(sd, f, metadata={"format": "pt"})
-    assert _run(src, tmp_path / "out", "--to", "jax") == 1
+    assert _run(src, tmp_path / "out", "--to", "jax") == 2
     assert "non-floating-point weights: model.norm.weight (int32)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
