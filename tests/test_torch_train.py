@@ -456,7 +456,7 @@ def test_cli_resume_keeps_the_runs_tokenizer(tmp_path, capsys):
 
     hint = "doge_torch.train run directory: pass one of its model directories, final/ or checkpoint-3/ (the newest"
     capsys.readouterr()
-    assert convert([str(tmp_path / "r"), str(tmp_path / "hf"), "--to", "hf"]) == 1
+    assert convert([str(tmp_path / "r"), str(tmp_path / "hf"), "--to", "hf"]) == 2
     assert hint in capsys.readouterr().err
     assert cli([*start, "--init-from", str(tmp_path / "r")]) == 2
     assert hint in capsys.readouterr().err
