@@ -428,9 +428,20 @@ class DogeForCausalLM(nnx.Module):
             attention_mask = jnp.asarray(attention_mask)
             shape = tuple(attention_mask.shape)
             ok = len(shape) == 2 and shape[0] == B and (shape[1] >= S if cache is not None else shape[1] == S)
+            known = cache is not None and not isinstance(start, jax.core.Tracer)  # (under jit: the shape only)
+            if ok and known and shape[1] != S:
+                ok = shape[1] == int(start) + S
             if not ok:
-                raise ValueError(f"attention_mask shape {shape} must be (batch, new tokens) = {(B, S)}"
-                                 + (" or (batch, cached + new tokens)" if cache is not None else ""))
+                raise ValueError(f"attention_mask shape {shape} must be (batch, new tokens) = {(B, S)}" + (
+                    f" or (batch, cached + new tokens) = {(B, int(start) + S)}" if known else
+                    " or (batch, cached + new tokens)" if cache is not None else ""))
+            concrete = not isinstance(attention_mask, jax.core.Tracer) and not isinstance(cache.key_mask if known
+                                                                                            else None, jax.core.Tracer)
+            if known and shape[1] != S and concrete and not np.array_equal(
+                    np.asarray(attention_mask[:, :-S]).astype(bool), np.asarray(cache.key_mask[:, :int(start)])):
+                # the cache keeps the mask its keys were written with; a different one would be dropped silently
+                raise ValueError("attention_mask: its columns for the cached tokens differ from the mask those "
+                                 "tokens were cached with; pass the same columns, or only the new tokens' [batch, new]")
         new_mask = None if attention_mask is None else attention_mask[:, -S:].astype(bool)
         if cache is not None:
             col = new_mask if new_mask is not None else jnp.ones((B, S), bool)

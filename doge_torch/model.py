@@ -614,12 +614,19 @@ class DogeForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: DogeCache | None = None,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0, num_items_in_batch=None,
-                output_router_logits: bool | None = None, use_cache: bool = False,
+                output_router_logits: bool | None = None, use_cache: bool | None = None,
                 return_logits: bool = True, inputs_embeds: torch.Tensor | None = None) -> DogeOutput:
         """transformers' DogeForCausalLM.forward: token ids, or `inputs_embeds` [B, S, hidden] in place of their
         embedding lookup (exactly one of the two). `return_logits=False` with labels (training): the loss without
-        ever storing the logits (`doge_torch.loss.causal_lm_loss_fused`, the same value), and `logits` None."""
+        ever storing the logits (`doge_torch.loss.causal_lm_loss_fused`, the same value), and `logits` None.
+        `use_cache` None: config.use_cache in eval mode (as transformers, whose manual decoding loops pass
+        `out.past_key_values` back), no cache in training mode."""
         cfg = self.config
+        if use_cache is None:
+            use_cache = cfg.use_cache and not self.training
+        if past_key_values is not None and not isinstance(past_key_values, DogeCache):
+            raise TypeError(f"past_key_values: a doge_torch DogeCache (a previous output's past_key_values) or None, "
+                            f"got {type(past_key_values).__name__}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:

@@ -345,7 +345,7 @@ def evaluate(model: torch.nn.Module, rows: np.ndarray, micro_rows: int, pad_toke
             with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                   else contextlib.nullcontext()):
                 out = model(batch["input_ids"].to(device), labels=batch["labels"].to(device), return_logits=False,
-                            output_router_logits=False)  # cross-entropy only, as doge_jax's eval (no MoE aux term)
+                            output_router_logits=False, use_cache=False)  # cross-entropy only, as doge_jax's eval
             total += out.loss.double() * n
             count += n
     finally:

@@ -575,7 +575,8 @@ def test_labels_checked_and_logits_to_keep_positions(tmp_path):
 
 
 def test_attention_mask_shape_is_checked():
-    """A mask that is not [B, S] (or [B, cached + S] with a cache) raises instead of broadcasting."""
+    """A mask that is not [B, S] (or [B, cached + S] with a cache, its cached columns as cached) raises instead of
+    broadcasting or dropping columns."""
     cfg = DogeConfig(**TINY)
     model = DogeForCausalLM(cfg, rngs=nnx.Rngs(0))
     ids = jnp.asarray(random_ids(2, 5, cfg.vocab_size))
@@ -586,6 +587,14 @@ def test_attention_mask_shape_is_checked():
     out = model(ids, attention_mask=np.ones((2, 5), bool), cache=cache)
     model(ids[:, :1], attention_mask=np.ones((2, 6), bool), cache=out.cache)  # HF style: cached + new
     model(ids[:, :1], attention_mask=np.ones((2, 1), bool), cache=out.cache)  # new tokens only
+    # any other width was taken, its extra columns unused; cached columns other than the cache's were dropped
+    for bad in (np.ones((2, 30), bool), np.ones((2, 2), bool)):
+        with pytest.raises(ValueError, match=r"attention_mask shape \(2, (30|2)\) .* = \(2, 6\)"):
+            model(ids[:, :1], attention_mask=bad, cache=out.cache)
+    other = np.ones((2, 6), bool)
+    other[:, 0] = False
+    with pytest.raises(ValueError, match="columns for the cached tokens differ"):
+        model(ids[:, :1], attention_mask=other, cache=out.cache)
 
 
 def test_moe_aux_loss_bf16_is_counted_in_float32():

@@ -819,6 +819,28 @@ def test_attention_mask_must_cover_cached_and_new_tokens():
         model(nxt, attention_mask=full, past_key_values=out.past_key_values)  # the right shape still runs
 
 
+def test_manual_decoding_loop_as_with_transformers():
+    """A transformers-style loop (`out.past_key_values` passed back, no use_cache argument) gets the cache that
+    config.use_cache asks for in eval mode, as transformers does: it got None, and the next call silently treated
+    the new token as a fresh sequence. Training mode keeps no cache; a transformers cache object is refused."""
+    hf = make_hf_model(keep_window_size=8)
+    ours = ours_from_hf(hf)
+    ids = torch.as_tensor(unique_ids(2, 20, TINY["vocab_size"]))
+    with torch.no_grad():
+        out = ours(ids[:, :-3])
+        for t in range(17, 20):
+            out = ours(ids[:, t:t + 1], past_key_values=out.past_key_values)
+            ref = hf(input_ids=ids[:, :t + 1]).logits[:, -1]
+            assert max_abs_diff(out.logits[:, -1].numpy(), ref.numpy()) <= TOL
+        assert ours(ids, use_cache=False).past_key_values is None
+        ours.config = ours.config.replace(use_cache=False)
+        assert ours(ids).past_key_values is None
+        ours.train()
+        assert ours(ids).past_key_values is None
+        with pytest.raises(TypeError, match="past_key_values: a doge_torch DogeCache .* got DynamicCache"):
+            ours(ids, past_key_values=transformers.DynamicCache(config=hf.config))
+
+
 def test_moe_backward_keeps_no_full_sort_or_gathered_rows():
     """CDMoE's backward must keep neither an array per token of size K² (the pair scores or the sort's int64
     indices: 3.4 GiB extra per 2048-token row at Doge-480M-MoE's sizes) nor the gathered [tokens, k, d] expert rows
