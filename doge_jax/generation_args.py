@@ -36,6 +36,24 @@ def sampling_args(gen, do_sample, temperature, top_k, top_p) -> tuple[bool, floa
 DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call nor generation_config.json sets it
 
 
+def hf_length_args(input_ids, max_new_tokens, max_length, num_beams, num_return_sequences):
+    """transformers' generate arguments that have a meaning here: `max_length` (prompt + new tokens; an explicit
+    max_new_tokens wins, as in transformers) -> max_new_tokens; num_beams and num_return_sequences only 1."""
+    if num_beams != 1:
+        raise ValueError(f"num_beams={num_beams}: beam search is not implemented (greedy decoding or sampling)")
+    if num_return_sequences != 1:
+        raise ValueError(f"num_return_sequences={num_return_sequences}: one sequence per row; repeat the rows of "
+                         "input_ids (and attention_mask) for more samples")
+    if max_length is None or max_new_tokens is not FROM_CONFIG:
+        return max_new_tokens
+    shape = np.shape(input_ids) if not hasattr(input_ids, "shape") else tuple(input_ids.shape)
+    prompt = shape[-1] if shape else 0
+    if isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or max_length <= prompt:
+        raise ValueError(f"max_length={max_length!r}: must be an int above the prompt's {prompt} tokens (it counts "
+                         "the prompt, as in transformers; max_new_tokens counts new tokens only)")
+    return int(max_length) - prompt
+
+
 def length_and_penalty(gen, max_new_tokens, repetition_penalty, default_length: int = DEFAULT_MAX_NEW_TOKENS
                        ) -> tuple[int, float]:
     """max_new_tokens and repetition_penalty of a generate call, those not given (FROM_CONFIG) from `gen`; None is

@@ -21,6 +21,8 @@ def resolve_dtype(dtype):
     """None or "auto" (each tensor's stored dtype), a name, or a dtype."""
     if dtype is None or dtype == "auto":
         return None
+    if type(dtype).__module__ == "torch":  # torch.bfloat16, as a transformers user passes it: by its name
+        dtype = str(dtype).removeprefix("torch.")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")

@@ -292,11 +292,19 @@ def _index_shards(path: str, index: str) -> list[str]:
     return [os.path.join(path, n) for n in names]
 
 
+def hub_hint(path: str) -> str:
+    """A hint for a missing path that looks like a Hub id (ORG/NAME): only local directories are read."""
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) and not str(path).startswith("."):
+        return (f" (a Hugging Face Hub id? Only local directories are read, nothing is downloaded: fetch it first, "
+                f"e.g. `hf download {path} --local-dir DIR`)")
+    return ""
+
+
 def weight_files(path: str) -> list[str]:
     """The weight files of an HF directory, looked for in transformers' order: model.safetensors, the shards of
     model.safetensors.index.json, pytorch_model.bin, the shards of pytorch_model.bin.index.json."""
     if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or directory")
+        raise CheckpointError(f"{path}: no such file or directory{hub_hint(path)}")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: a file; pass the model directory (config.json and weights) that holds it")
     if os.path.isfile(os.path.join(path, SAFE_SINGLE)):

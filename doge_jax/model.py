@@ -14,7 +14,8 @@ from flax import nnx
 
 from .attention import MaskInfo, attention
 from .config import DogeConfig, GenerationConfig
-from .generation_args import FROM_CONFIG
+from .generation_args import FROM_CONFIG, hf_length_args
+from .model_output import OutputAccess
 
 
 def softplus_torch(x: jax.Array) -> jax.Array:
@@ -294,7 +295,7 @@ def _embed_init(cfg: DogeConfig):
 
 
 @flax.struct.dataclass
-class DogeOutput:
+class DogeOutput(OutputAccess):
     logits: jax.Array
     loss: jax.Array | None = None
     aux_loss: jax.Array | None = None
@@ -388,7 +389,9 @@ class DogeForCausalLM(nnx.Module):
                  position_ids: jax.Array | None = None, cache: DogeCache | None = None,
                  labels: jax.Array | None = None, logits_to_keep: int = 0, num_items_in_batch=None,
                  output_router_logits: bool | None = None, dropout_rng: jax.Array | None = None,
-                 layer_params: tuple | None = None, inputs_embeds: jax.Array | None = None) -> DogeOutput:
+                 layer_params: tuple | None = None, inputs_embeds: jax.Array | None = None,
+                 return_dict: bool | None = None, output_attentions: bool | None = None,
+                 output_hidden_states: bool | None = None) -> DogeOutput | tuple:
         """Forward pass of token ids, or of `inputs_embeds` [B, S, hidden] in place of their embedding lookup
         (exactly one of the two, as transformers). attention_mask is [B, S] (new tokens) or [B, past + S] (HF
         style, last S used with a cache). dropout_rng enables dropout (training mode). With a cache the new tokens
@@ -396,21 +399,28 @@ class DogeForCausalLM(nnx.Module):
 
         Decoding fast path: `layer_params` = `split_layers(model)` (per-layer parameter states, sliced once) and/or
         a cache whose `layers` is a tuple of per-layer LayerCache (`DogeCache.unstacked()`) run the layers as an
-        unrolled Python loop, with no per-token slicing of the stacked arrays."""
+        unrolled Python loop, with no per-token slicing of the stacked arrays.
+
+        As transformers: `return_dict=False` gives `out.to_tuple()`; attention weights and hidden states are not
+        returned (True is an error)."""
         cfg = self.config
+        for name, flag in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if flag:
+                raise ValueError(f"{name}=True: not supported (doge_jax returns logits, loss, the cache and router "
+                                 "logits only)")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
             x = jnp.asarray(inputs_embeds)
-            if x.ndim != 3 or x.shape[1] == 0 or x.shape[2] != cfg.hidden_size:
-                raise ValueError(f"inputs_embeds shape {tuple(x.shape)}: expected [batch, seq >= 1, hidden_size="
-                                 f"{cfg.hidden_size}]")
+            if x.ndim != 3 or 0 in x.shape[:2] or x.shape[2] != cfg.hidden_size:
+                raise ValueError(f"inputs_embeds shape {tuple(x.shape)}: expected [batch >= 1, seq >= 1, "
+                                 f"hidden_size={cfg.hidden_size}]")
             B, S = x.shape[:2]
         else:
             check_token_ids(input_ids, cfg.vocab_size)
             input_ids = jnp.asarray(input_ids)
-            if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-                raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, seq >= 1]")
+            if input_ids.ndim != 2 or 0 in input_ids.shape:
+                raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch >= 1, seq >= 1]")
             B, S = input_ids.shape
             x = jnp.take(self.model.embed_tokens.embedding[...], input_ids, axis=0)
         if input_ids is not None and cfg.pad_token_id is not None:
@@ -418,12 +428,18 @@ class DogeForCausalLM(nnx.Module):
             # starts at zero, where RMSNorm's gradient is ~1/sqrt(eps): it swamped the clipping norm)
             x = jnp.where((input_ids == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
         start = cache.index if cache is not None else 0
+        if cache is not None and cache.key_mask.shape[0] != B:
+            raise ValueError(f"cache for batch {cache.key_mask.shape[0]}, input batch {B}: DogeCache.init(config, "
+                             f"{B}, capacity) for this batch")
         if cache is not None and not isinstance(start, jax.core.Tracer) and int(start) + S > cache.capacity:
             raise ValueError(f"cache overflow: {int(start)} cached + {S} new tokens > capacity {cache.capacity} "
                              "(DogeCache.init with a larger capacity)")
         if position_ids is None:
             position_ids = (start + jnp.arange(S))[None]
         position_ids = jnp.asarray(position_ids)
+        if position_ids.ndim != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != S:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)}: expected (batch or 1, new tokens) = "
+                             f"({B}, {S})")
         if attention_mask is not None:
             attention_mask = jnp.asarray(attention_mask)
             shape = tuple(attention_mask.shape)
@@ -506,7 +522,7 @@ class DogeForCausalLM(nnx.Module):
             out = out.replace(router_logits=router, aux_loss=aux)
             if out.loss is not None:
                 out = out.replace(loss=out.loss + cfg.router_aux_loss_coef * aux)
-        return out
+        return out.to_tuple() if return_dict is False else out
 
     def lm_logits(self, x: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:
@@ -518,10 +534,13 @@ class DogeForCausalLM(nnx.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
-                 on_token=None, repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG):
-        """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate)."""
+                 on_token=None, repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None,
+                 num_beams: int = 1, num_return_sequences: int = 1):
+        """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate); transformers'
+        `max_length` counts the prompt too (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
 
+        max_new_tokens = hf_length_args(input_ids, max_new_tokens, max_length, num_beams, num_return_sequences)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,

@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig, GenerationConfig
-from doge_jax.generation_args import FROM_CONFIG
+from doge_jax.generation_args import FROM_CONFIG, hf_length_args
+from doge_jax.model_output import OutputAccess
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available
 
@@ -548,7 +549,7 @@ def allowed_mask(cfg: DogeConfig, B: int, S: int, past: int, attention_mask: tor
 
 
 @dataclass
-class DogeOutput:
+class DogeOutput(OutputAccess):
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
@@ -611,17 +612,44 @@ class DogeForCausalLM(nn.Module):
     def lm_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
+    # transformers' PreTrainedModel conveniences
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The LM head (the input embedding itself when tied, whose weight it shares)."""
+        return self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: DogeCache | None = None,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0, num_items_in_batch=None,
                 output_router_logits: bool | None = None, use_cache: bool | None = None,
-                return_logits: bool = True, inputs_embeds: torch.Tensor | None = None) -> DogeOutput:
+                return_logits: bool = True, inputs_embeds: torch.Tensor | None = None, return_dict: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                cache_position: torch.Tensor | None = None) -> DogeOutput | tuple:
         """transformers' DogeForCausalLM.forward: token ids, or `inputs_embeds` [B, S, hidden] in place of their
         embedding lookup (exactly one of the two). `return_logits=False` with labels (training): the loss without
         ever storing the logits (`doge_torch.loss.causal_lm_loss_fused`, the same value), and `logits` None.
         `use_cache` None: config.use_cache in eval mode (as transformers, whose manual decoding loops pass
-        `out.past_key_values` back), no cache in training mode."""
+        `out.past_key_values` back), no cache in training mode. `return_dict=False`: `out.to_tuple()`;
+        `cache_position` (transformers' loops pass it) must be the cache's next positions; attention weights and
+        hidden states are not returned (True is an error)."""
         cfg = self.config
+        for name, flag in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if flag:
+                raise ValueError(f"{name}=True: not supported (doge_torch returns logits, loss, the cache and router "
+                                 "logits only)")
         if use_cache is None:
             use_cache = cfg.use_cache and not self.training
         if past_key_values is not None and not isinstance(past_key_values, DogeCache):
@@ -633,6 +661,8 @@ class DogeForCausalLM(nn.Module):
             if input_ids.ndim != 2 or input_ids.shape[1] == 0:
                 raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, seq >= 1]")
             check_token_ids(input_ids, cfg.vocab_size)
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                input_ids = input_ids.long()  # uint8, int16, ...: the embedding takes int32/int64 only
             B, S = input_ids.shape
             x = self.model.embed_tokens(input_ids)
         else:
@@ -644,6 +674,12 @@ class DogeForCausalLM(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = DogeCache(cfg.num_hidden_layers)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past and past_key_values.layers[0].k.shape[0] != B:
+            raise ValueError(f"past_key_values hold batch {past_key_values.layers[0].k.shape[0]}, input batch {B}")
+        if cache_position is not None and not torch.compiler.is_compiling() and not torch.equal(
+                cache_position.reshape(-1).cpu(), torch.arange(past, past + S)):
+            raise ValueError(f"cache_position {cache_position.reshape(-1)[:8].tolist()}: the new tokens go to the "
+                             f"cache's next positions, {past}..{past + S - 1}")
         if attention_mask is not None and tuple(attention_mask.shape) != (B, past + S):
             # a shorter mask would broadcast over the cached keys and drop the prompt's padding silently
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, cached + new "
@@ -652,6 +688,9 @@ class DogeForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = (past + torch.arange(S, device=x.device))[None]
             rope_len = past + S  # = max(position) + 1, known statically (no host sync)
+        elif position_ids.ndim != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != S:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)}: expected (batch or 1, new tokens) = "
+                             f"({B}, {S})")
         cos, sin = rotary_cos_sin(cfg, position_ids, x.dtype, rope_len)
         # None = plain causal (no padding, no cache, no sliding window): the attention's fast paths
         plain = attention_mask is None and past == 0 and cfg.sliding_window is None
@@ -667,6 +706,8 @@ class DogeForCausalLM(nn.Module):
                              f"logits_to_keep=0 (got {logits_to_keep!r})")
         if labels is not None:
             check_labels(labels, cfg.vocab_size)
+            if labels.dtype != torch.int64:
+                labels = labels.long()  # (cross_entropy wants int64 targets)
         if labels is not None and not return_logits:
             out = DogeOutput(logits=None, past_key_values=past_key_values,
                              loss=causal_lm_loss_fused(x, self.lm_weight(), labels, num_items_in_batch))
@@ -684,15 +725,19 @@ class DogeForCausalLM(nn.Module):
             out.aux_loss = load_balancing_loss(out.router_logits, cfg, mask2d)
             if out.loss is not None:
                 out.loss = out.loss + cfg.router_aux_loss_coef * out.aux_loss
-        return out
+        return out.to_tuple() if return_dict is False else out
 
     # generation and checkpoint I/O live in their own modules; bound here for the expected API
     def generate(self, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
-                 repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG) -> torch.Tensor:
+                 repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams: int = 1,
+                 num_return_sequences: int = 1) -> torch.Tensor:
+        """Prompt + new tokens (see doge_torch.generate); transformers' `max_length` counts the prompt too
+        (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
 
+        max_new_tokens = hf_length_args(input_ids, max_new_tokens, max_length, num_beams, num_return_sequences)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
@@ -700,10 +745,28 @@ class DogeForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,
-                        config: DogeConfig | None = None) -> DogeForCausalLM:
+                        config: DogeConfig | None = None, *, torch_dtype: torch.dtype | str | None = None,
+                        device_map: str | torch.device | None = None,
+                        attn_implementation: str | None = None) -> DogeForCausalLM:
+        """A local HF directory. As transformers: `torch_dtype` (its older name for `dtype`), `device_map` (one
+        device, or "auto": CUDA when there is one) and `attn_implementation` "eager" / "sdpa" (the same function
+        here: doge_torch picks its attention kernels itself)."""
         from .io import from_pretrained
 
-        return from_pretrained(cls, path, dtype=dtype, variant=variant, config=config)
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise ValueError("pass dtype or its older name torch_dtype, not both")
+            dtype = torch_dtype
+        if attn_implementation not in (None, "eager", "sdpa"):
+            raise ValueError(f"attn_implementation={attn_implementation!r}: doge_torch picks its attention kernels "
+                             "itself; None, 'eager' or 'sdpa'")
+        if isinstance(device_map, dict):
+            raise ValueError("device_map: one device (a string or torch.device) or 'auto'; a per-module map is not "
+                             "supported")
+        model = from_pretrained(cls, path, dtype=dtype, variant=variant, config=config)
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else None
+        return model.to(device_map) if device_map is not None else model
 
     def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", overwrite: bool = True) -> None:
         from .io import save_pretrained
@@ -756,6 +819,8 @@ def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
     IndexError or a CUDA assert, depending on the loss path). Skipped where `check_token_ids` is."""
     if torch.compiler.is_compiling() or _IDS_CHECKED.get():
         return
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids (or {IGNORE}), got dtype {labels.dtype}")
     bad = labels[((labels < 0) & (labels != IGNORE)) | (labels >= vocab_size)]
     if bad.numel():
         raise ValueError(f"labels outside [0, vocab_size={vocab_size}) and not {IGNORE}: {bad[:10].tolist()}")

@@ -597,6 +597,32 @@ def test_attention_mask_shape_is_checked():
         model(ids[:, :1], attention_mask=other, cache=out.cache)
 
 
+def test_transformers_style_arguments_and_outputs(tmp_path):
+    """As in doge_torch: ModelOutput indexing, return_dict=False, a torch dtype for from_pretrained, generate's
+    max_length; batch 0, a cache of another batch, a wrong position_ids shape and hidden states are named errors
+    (they were a ZeroDivisionError, reshape and broadcasting errors from inside JAX, a TypeError)."""
+    path = save_hf(make_hf_model(), tmp_path / "m")
+    model = DogeForCausalLM.from_pretrained(path)
+    assert DogeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).model.norm.weight.dtype == jnp.bfloat16
+    ids = unique_ids(2, 12, TINY["vocab_size"])
+    out = model(ids, labels=ids)
+    assert out[0] is out.loss and out["logits"] is out.logits and len(out.to_tuple()) == 2
+    tup = model(ids, labels=ids, return_dict=False)
+    assert isinstance(tup, tuple) and float(tup[0]) == float(out.loss)
+    for bad, msg in ((dict(input_ids=np.zeros((0, 5), np.int32)), r"input_ids shape \(0, 5\)"),
+                     (dict(input_ids=ids, position_ids=np.arange(11)[None]), r"position_ids shape \(1, 11\)"),
+                     (dict(input_ids=ids, output_attentions=True), "output_attentions=True: not supported"),
+                     (dict(input_ids=ids[:1], cache=DogeCache.init(model.config, 2, 16)), "cache for batch 2")):
+        with pytest.raises(ValueError, match=msg):
+            model(**bad)
+    np.testing.assert_array_equal(model.generate(ids[:, :5], max_length=9), model.generate(ids[:, :5],
+                                                                                          max_new_tokens=4))
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(ids[:, :5], num_beams=3)
+    with pytest.raises(CheckpointError, match="Hub id"):
+        DogeForCausalLM.from_pretrained("SmallDoge/Doge-20M")
+
+
 def test_moe_aux_loss_bf16_is_counted_in_float32():
     """bf16 router logits: expert counts past 256 (where a bf16 count stops growing) and the padding-mask sums are
     kept in float32 in both packages, so the aux loss equals that of the same values in float32. The logits are

@@ -841,6 +841,52 @@ def test_manual_decoding_loop_as_with_transformers():
             ours(ids, past_key_values=transformers.DynamicCache(config=hf.config))
 
 
+def test_transformers_style_arguments_and_outputs(tmp_path):
+    """What transformers users write works, or is refused by name (before: TypeErrors, or errors from deep inside
+    torch): ModelOutput indexing, return_dict=False, from_pretrained's torch_dtype / device_map /
+    attn_implementation, .device / .dtype / get_*_embeddings / num_parameters, generate's max_length, uint8 ids and
+    int32 labels; float labels, a wrong position_ids shape, hidden states, beam search, a Hub id, a cache of another
+    batch and a wrong cache_position are named errors."""
+    from doge_jax.hf_names import CheckpointError
+
+    hf = make_hf_model(keep_window_size=8)
+    path = save_hf(hf, tmp_path / "m")
+    ours = DogeForCausalLM.from_pretrained(path, torch_dtype=torch.float32, device_map="cpu",
+                                           attn_implementation="eager")
+    ids = torch.as_tensor(unique_ids(2, 12, TINY["vocab_size"]))
+    with torch.no_grad():
+        out, ref = ours(ids, labels=ids), hf(input_ids=ids, labels=ids)
+        assert out[0] is out.loss and out["logits"] is out.logits and out[1:2] == (out.logits,)
+        assert len(out.to_tuple()) == len(ref.to_tuple()) == 3  # loss, logits, cache
+        with pytest.raises(KeyError):
+            out["aux_loss"]  # None: absent, as in a ModelOutput
+        tup = ours(ids, labels=ids, return_dict=False)
+        assert isinstance(tup, tuple) and abs(float(tup[0]) - float(ref[0])) <= TOL
+        assert max_abs_diff(ours(ids.to(torch.uint8)).logits.numpy(), ref.logits.numpy()) <= TOL
+        assert abs(float(ours(ids, labels=ids.int()).loss) - float(ref.loss)) <= TOL
+        for bad, msg in ((dict(labels=ids.float()), "labels must be integer"),
+                         (dict(position_ids=torch.arange(11)[None]), r"position_ids shape \(1, 11\)"),
+                         (dict(output_hidden_states=True), "output_hidden_states=True: not supported"),
+                         (dict(cache_position=torch.arange(3)), "cache_position")):
+            with pytest.raises(ValueError, match=msg):
+                ours(ids, **bad)
+        with pytest.raises(ValueError, match="past_key_values hold batch 2, input batch 1"):
+            ours(ids[:1, :1], past_key_values=out.past_key_values)
+    assert ours.device == torch.device("cpu") and ours.dtype == torch.float32
+    assert ours.get_input_embeddings() is ours.model.embed_tokens
+    assert ours.get_output_embeddings().weight is ours.lm_weight() and ours.num_parameters() == hf.num_parameters()
+    assert torch.equal(ours.generate(ids[:, :5], max_length=9), ours.generate(ids[:, :5], max_new_tokens=4))
+    for kw, msg in ((dict(num_beams=2), "beam search"), (dict(num_return_sequences=2), "one sequence per row"),
+                    (dict(max_length=5), "max_length=5: must be an int above the prompt's 5")):
+        with pytest.raises(ValueError, match=msg):
+            ours.generate(ids[:, :5], **kw)
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'"):
+        DogeForCausalLM.from_pretrained(path, attn_implementation="flash_attention_2")
+    assert DogeForCausalLM.from_pretrained(path, torch_dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(CheckpointError, match="Hub id.*hf download SmallDoge/Doge-20M"):
+        DogeForCausalLM.from_pretrained("SmallDoge/Doge-20M")
+
+
 def test_moe_backward_keeps_no_full_sort_or_gathered_rows():
     """CDMoE's backward must keep neither an array per token of size K² (the pair scores or the sort's int64
     indices: 3.4 GiB extra per 2048-token row at Doge-480M-MoE's sizes) nor the gathered [tokens, k, d] expert rows
