@@ -126,7 +126,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 out = model(step_ids, attention_mask=attention_mask, position_ids=pos[:, -step_ids.shape[1]:],
                             past_key_values=cache, logits_to_keep=1)
             else:
-                out = model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1)
+                out = model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1, use_cache=False)
             logits = out.logits[:, -1].float()
             if penalty != 1.0:  # a logits processor: before sampling, greedy too (transformers; none at 1.0)
                 logits = penalize(logits, ids, start, penalty)
