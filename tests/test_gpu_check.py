@@ -13,7 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 
 
-@pytest.mark.xdist_group("gpu_check")  # the two longest script runs share one pytest-xdist worker (and its cache)
 def test_gpu_check_cpu_fallback(tmp_path):
     results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     before = open(results).read() if os.path.exists(results) else None
@@ -97,7 +96,7 @@ def test_device_events_reads_kernels_from_gpu_stream_lines():
         gpu_check.device_events(trace(lines[1:]), cpu=False)
 
 
-@pytest.mark.xdist_group("gpu_check")  # the two longest script runs share one pytest-xdist worker (and its cache)
+@pytest.mark.slow  # ~1 min of CPU; the script's CPU fallback itself runs in the default suite
 def test_failed_kernel_smoke_test_skips_only_that_frameworks_rows():
     """A framework whose kernels fail their smoke test (in a child process; here on purpose) gets a FAIL row and
     its kernel rows are not run in the main process (on a GPU a kernel fault poisons the CUDA context); the other
