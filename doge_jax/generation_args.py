@@ -44,7 +44,7 @@ def hf_length_args(input_ids, max_new_tokens, max_length, num_beams, num_return_
     if num_return_sequences != 1:
         raise ValueError(f"num_return_sequences={num_return_sequences}: one sequence per row; repeat the rows of "
                          "input_ids (and attention_mask) for more samples")
-    if max_length is None or max_new_tokens is not FROM_CONFIG:
+    if max_length is None or max_new_tokens not in (FROM_CONFIG, None):  # (None: not given, as transformers')
         return max_new_tokens
     shape = np.shape(input_ids) if not hasattr(input_ids, "shape") else tuple(input_ids.shape)
     prompt = shape[-1] if shape else 0

@@ -294,7 +294,7 @@ def _index_shards(path: str, index: str) -> list[str]:
 
 def hub_hint(path: str) -> str:
     """A hint for a missing path that looks like a Hub id (ORG/NAME): only local directories are read."""
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) and not str(path).startswith("."):
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)) and not os.path.exists(str(path).split("/")[0]):
         return (f" (a Hugging Face Hub id? Only local directories are read, nothing is downloaded: fetch it first, "
                 f"e.g. `hf download {path} --local-dir DIR`)")
     return ""

@@ -368,6 +368,8 @@ def check_labels(labels, vocab_size: int) -> None:
     if isinstance(labels, jax.core.Tracer):
         return
     a = np.asarray(labels)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integer token ids (or -100), got dtype {a.dtype}")
     bad = a[((a < 0) & (a != -100)) | (a >= vocab_size)]
     if bad.size:
         raise ValueError(f"labels outside [0, vocab_size={vocab_size}) and not -100: {bad[:10].tolist()}")

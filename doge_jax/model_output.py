@@ -10,10 +10,29 @@ ORDER = ("loss", "aux_loss", "logits", "past_key_values", "cache", "router_logit
 
 
 class OutputAccess:
-    """Indexing as transformers' ModelOutput: the fields that are set (not None), in its order."""
+    """As transformers' ModelOutput (an ordered dict of the fields that are set, not None, in its order): indexing
+    by position or name, keys / values / items, iteration over the names, `in`."""
+
+    def keys(self) -> list[str]:
+        return [n for n in ORDER if getattr(self, n, None) is not None]
+
+    def values(self) -> list[Any]:
+        return [getattr(self, n) for n in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(n, getattr(self, n)) for n in self.keys()]
 
     def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v for v in (getattr(self, n, None) for n in ORDER) if v is not None)
+        return tuple(self.values())
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):

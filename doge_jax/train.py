@@ -301,7 +301,8 @@ def check_run_dir(run_dir: str) -> None:
     would take it for a damaged step)."""
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"run directory {run_dir}: is a file, not a directory (--out_dir / --name)")
-    hint = torch_run_hint(run_dir)
+    ours = any(os.path.exists(os.path.join(run_dir, f)) for f in ("train_config.yaml", "config.json", "checkpoints"))
+    hint = "" if ours else torch_run_hint(run_dir)  # (a doge_jax run may hold a converted final/)
     if hint:
         raise ConfigError(f"run directory {run_dir}{hint}, to --init-from to start from its model; for a new run use "
                           "another --name/--out_dir")

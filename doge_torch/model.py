@@ -624,9 +624,13 @@ class DogeForCausalLM(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def get_output_embeddings(self) -> nn.Module:
-        """The LM head (the input embedding itself when tied, whose weight it shares)."""
-        return self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head; when tied, a Linear holding the input embedding's very Parameter."""
+        if not self.config.tie_word_embeddings:
+            return self.lm_head
+        head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False, device="meta")
+        head.weight = self.model.embed_tokens.weight
+        return head
 
     def num_parameters(self, only_trainable: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
@@ -658,16 +662,16 @@ class DogeForCausalLM(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-                raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch, seq >= 1]")
+            if input_ids.ndim != 2 or 0 in input_ids.shape:
+                raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch >= 1, seq >= 1]")
             check_token_ids(input_ids, cfg.vocab_size)
-            if input_ids.dtype not in (torch.int64, torch.int32):
-                input_ids = input_ids.long()  # uint8, int16, ...: the embedding takes int32/int64 only
+            if input_ids.dtype in (torch.uint8, torch.int8, torch.int16):
+                input_ids = input_ids.long()  # the embedding takes int32/int64 only
             B, S = input_ids.shape
             x = self.model.embed_tokens(input_ids)
         else:
-            if inputs_embeds.ndim != 3 or inputs_embeds.shape[1] == 0 or inputs_embeds.shape[2] != cfg.hidden_size:
-                raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)}: expected [batch, seq >= 1, "
+            if inputs_embeds.ndim != 3 or 0 in inputs_embeds.shape[:2] or inputs_embeds.shape[2] != cfg.hidden_size:
+                raise ValueError(f"inputs_embeds shape {tuple(inputs_embeds.shape)}: expected [batch >= 1, seq >= 1, "
                                  f"hidden_size={cfg.hidden_size}]")
             B, S = inputs_embeds.shape[:2]
             x = inputs_embeds
@@ -706,7 +710,7 @@ class DogeForCausalLM(nn.Module):
                              f"logits_to_keep=0 (got {logits_to_keep!r})")
         if labels is not None:
             check_labels(labels, cfg.vocab_size)
-            if labels.dtype != torch.int64:
+            if labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
                 labels = labels.long()  # (cross_entropy wants int64 targets)
         if labels is not None and not return_logits:
             out = DogeOutput(logits=None, past_key_values=past_key_values,

@@ -388,7 +388,7 @@ RESUME_NOTED = ("seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_
 
 # what a run directory of another kind holds at its top: a saved model (HF, PyTorch) or a doge_jax run / orbax model
 _FOREIGN = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "pytorch_model.bin.index.json", "checkpoints", "params", "train_config.yaml")
+            "pytorch_model.bin.index.json", "checkpoints", "params")
 
 
 def check_out_dir(out: str) -> None:

@@ -609,14 +609,17 @@ def test_transformers_style_arguments_and_outputs(tmp_path):
     assert out[0] is out.loss and out["logits"] is out.logits and len(out.to_tuple()) == 2
     tup = model(ids, labels=ids, return_dict=False)
     assert isinstance(tup, tuple) and float(tup[0]) == float(out.loss)
+    assert list(out) == ["loss", "logits"] and "cache" not in out
     for bad, msg in ((dict(input_ids=np.zeros((0, 5), np.int32)), r"input_ids shape \(0, 5\)"),
+                     (dict(input_ids=ids, labels=ids.astype(np.float32)), "labels must be integer"),
                      (dict(input_ids=ids, position_ids=np.arange(11)[None]), r"position_ids shape \(1, 11\)"),
                      (dict(input_ids=ids, output_attentions=True), "output_attentions=True: not supported"),
                      (dict(input_ids=ids[:1], cache=DogeCache.init(model.config, 2, 16)), "cache for batch 2")):
         with pytest.raises(ValueError, match=msg):
             model(**bad)
-    np.testing.assert_array_equal(model.generate(ids[:, :5], max_length=9), model.generate(ids[:, :5],
-                                                                                          max_new_tokens=4))
+    four = model.generate(ids[:, :5], max_new_tokens=4)
+    np.testing.assert_array_equal(model.generate(ids[:, :5], max_length=9), four)
+    np.testing.assert_array_equal(model.generate(ids[:, :5], max_length=9, max_new_tokens=None), four)
     with pytest.raises(ValueError, match="beam search"):
         model.generate(ids[:, :5], num_beams=3)
     with pytest.raises(CheckpointError, match="Hub id"):

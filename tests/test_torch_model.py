@@ -841,7 +841,7 @@ def test_manual_decoding_loop_as_with_transformers():
             ours(ids, past_key_values=transformers.DynamicCache(config=hf.config))
 
 
-def test_transformers_style_arguments_and_outputs(tmp_path):
+def test_transformers_style_arguments_and_outputs(tmp_path, monkeypatch):
     """What transformers users write works, or is refused by name (before: TypeErrors, or errors from deep inside
     torch): ModelOutput indexing, return_dict=False, from_pretrained's torch_dtype / device_map /
     attn_implementation, .device / .dtype / get_*_embeddings / num_parameters, generate's max_length, uint8 ids and
@@ -857,6 +857,8 @@ def test_transformers_style_arguments_and_outputs(tmp_path):
     with torch.no_grad():
         out, ref = ours(ids, labels=ids), hf(input_ids=ids, labels=ids)
         assert out[0] is out.loss and out["logits"] is out.logits and out[1:2] == (out.logits,)
+        assert list(out) == list(ref) == ["loss", "logits", "past_key_values"] and "logits" in out  # names, as a dict
+        assert dict(out.items())["loss"] is out.loss and len(out) == 3
         assert len(out.to_tuple()) == len(ref.to_tuple()) == 3  # loss, logits, cache
         with pytest.raises(KeyError):
             out["aux_loss"]  # None: absent, as in a ModelOutput
@@ -865,17 +867,25 @@ def test_transformers_style_arguments_and_outputs(tmp_path):
         assert max_abs_diff(ours(ids.to(torch.uint8)).logits.numpy(), ref.logits.numpy()) <= TOL
         assert abs(float(ours(ids, labels=ids.int()).loss) - float(ref.loss)) <= TOL
         for bad, msg in ((dict(labels=ids.float()), "labels must be integer"),
+                         (dict(input_ids=ids.float() + 0.5), "input_ids must be integer"),  # (never truncated)
+                         (dict(input_ids=ids[:0]), r"input_ids shape \(0, 12\)"),
                          (dict(position_ids=torch.arange(11)[None]), r"position_ids shape \(1, 11\)"),
                          (dict(output_hidden_states=True), "output_hidden_states=True: not supported"),
                          (dict(cache_position=torch.arange(3)), "cache_position")):
             with pytest.raises(ValueError, match=msg):
-                ours(ids, **bad)
+                ours(**{"input_ids": ids, **bad})
         with pytest.raises(ValueError, match="past_key_values hold batch 2, input batch 1"):
             ours(ids[:1, :1], past_key_values=out.past_key_values)
     assert ours.device == torch.device("cpu") and ours.dtype == torch.float32
     assert ours.get_input_embeddings() is ours.model.embed_tokens
     assert ours.get_output_embeddings().weight is ours.lm_weight() and ours.num_parameters() == hf.num_parameters()
-    assert torch.equal(ours.generate(ids[:, :5], max_length=9), ours.generate(ids[:, :5], max_new_tokens=4))
+    four = ours.generate(ids[:, :5], max_new_tokens=4)
+    assert torch.equal(ours.generate(ids[:, :5], max_length=9), four)
+    assert torch.equal(ours.generate(ids[:, :5], max_length=9, max_new_tokens=None), four)  # None: not given
+    tied = DogeForCausalLM(DogeConfig(**TINY, tie_word_embeddings=True))
+    h = torch.randn(3, TINY["hidden_size"])
+    assert torch.equal(tied.get_output_embeddings()(h), h @ tied.model.embed_tokens.weight.T)
+    assert tied.get_output_embeddings().weight is tied.model.embed_tokens.weight
     for kw, msg in ((dict(num_beams=2), "beam search"), (dict(num_return_sequences=2), "one sequence per row"),
                     (dict(max_length=5), "max_length=5: must be an int above the prompt's 5")):
         with pytest.raises(ValueError, match=msg):
@@ -885,6 +895,9 @@ def test_transformers_style_arguments_and_outputs(tmp_path):
     assert DogeForCausalLM.from_pretrained(path, torch_dtype="bfloat16").dtype == torch.bfloat16
     with pytest.raises(CheckpointError, match="Hub id.*hf download SmallDoge/Doge-20M"):
         DogeForCausalLM.from_pretrained("SmallDoge/Doge-20M")
+    monkeypatch.chdir(tmp_path)  # a typo below an existing local folder is no Hub id
+    with pytest.raises(CheckpointError, match=r"m/nope: no such file or directory$"):
+        DogeForCausalLM.from_pretrained("m/nope")
 
 
 def test_moe_backward_keeps_no_full_sort_or_gathered_rows():

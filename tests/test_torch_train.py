@@ -646,10 +646,10 @@ def test_cli_out_must_be_a_run_and_a_failed_start_writes_nothing(tmp_path, capsy
     assert cli(base + ["--out", str(tmp_path / "empty")]) == 0 and os.path.isdir(tmp_path / "empty" / "final")
     (tmp_path / "started").mkdir()
     (tmp_path / "started" / "metrics.jsonl").write_text("")
+    (tmp_path / "started" / "train_config.yaml").write_text("")  # (the user's own config file, kept there)
     assert cli(base + ["--out", str(tmp_path / "started")]) == 0
     # a doge_jax run written into this run's directory (beside its checkpoints) was resumed, metrics mixed
     (tmp_path / "started" / "checkpoints").mkdir()
-    (tmp_path / "started" / "train_config.yaml").write_text("")
     assert cli(base + ["--out", str(tmp_path / "started")]) == 2
     assert "holds this trainer's checkpoints and also 'checkpoints'" in capsys.readouterr().err
 

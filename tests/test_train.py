@@ -875,6 +875,9 @@ def test_run_directory_is_not_a_file_nor_in_a_runs_checkpoints(corpus, cache, tm
         assert run(corpus, cache, inside) == 2
         assert "checkpoints/; use a directory outside it" in capsys.readouterr().err
     assert list_steps(str(tmp_path / "run")) == [1]
+    capsys.readouterr()
+    (tmp_path / "run" / "final").mkdir()  # (a model converted into the run) leaves it a doge_jax run
+    assert run(corpus, cache, tmp_path / "run", "--train.stop_after", "2") == 0
     (tmp_path / "trun" / "checkpoint-4").mkdir(parents=True)  # a doge_torch.train run: its files and ours would mix
     assert run(corpus, cache, tmp_path / "trun") == 2
     assert "it is a doge_torch.train run directory" in capsys.readouterr().err
