@@ -635,7 +635,7 @@ def test_bad_generate_arguments_are_named(model_dir, framework):
                           "attention_mask: rows of different lengths")):
         with pytest.raises(ValueError, match=want.replace("(", r"\(").replace(")", r"\)")):
             model.generate(max_new_tokens=2, **kwargs)
-    with pytest.raises(ValueError, match=r"input_ids shape \(5,\): expected \[batch, seq >= 1\]"):
+    with pytest.raises(ValueError, match=r"input_ids shape \(5,\): expected \[batch >= 1, seq >= 1\]"):
         model(conv(ids[0]))
     # temperature=None is the default (1.0), as in transformers (before: TypeError)
     for do_sample in (False, True):

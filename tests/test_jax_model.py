@@ -794,5 +794,5 @@ def test_inputs_embeds_as_transformers(tmp_path):
             m(conv(ids), inputs_embeds=conv(emb))
         with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
             m(attention_mask=conv(mask))
-        with pytest.raises(ValueError, match=r"inputs_embeds shape \(2, 72, 3\): expected \[batch, seq >= 1, "):
+        with pytest.raises(ValueError, match=r"inputs_embeds shape \(2, 72, 3\): expected \[batch >= 1, seq >= 1, "):
             m(inputs_embeds=conv(emb[..., :3]))
