@@ -453,9 +453,8 @@ class DogeForCausalLM(nnx.Module):
                 raise ValueError(f"attention_mask shape {shape} must be (batch, new tokens) = {(B, S)}" + (
                     f" or (batch, cached + new tokens) = {(B, int(start) + S)}" if known else
                     " or (batch, cached + new tokens)" if cache is not None else ""))
-            concrete = not isinstance(attention_mask, jax.core.Tracer) and not isinstance(cache.key_mask if known
-                                                                                            else None, jax.core.Tracer)
-            if known and shape[1] != S and concrete and not np.array_equal(
+            concrete = known and not any(isinstance(a, jax.core.Tracer) for a in (attention_mask, cache.key_mask))
+            if concrete and shape[1] != S and not np.array_equal(
                     np.asarray(attention_mask[:, :-S]).astype(bool), np.asarray(cache.key_mask[:, :int(start)])):
                 # the cache keeps the mask its keys were written with; a different one would be dropped silently
                 raise ValueError("attention_mask: its columns for the cached tokens differ from the mask those "
