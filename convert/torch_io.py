@@ -60,6 +60,36 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+class _File:
+    """The archive's file, written through Python: after the first failed write (a full disk) every later write is
+    dropped, so that the zip writer's destructor, which writes the end of the archive, cannot raise again (an
+    exception there aborts the process). The first error is what the caller sees."""
+
+    def __init__(self, path: str):
+        self.f = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        if self.error is not None:
+            return len(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        if self.error is None:
+            self.f.flush()
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        except OSError:
+            if self.error is None:
+                raise
+
+
 class TorchStateDictWriter:
     """`specs`: (name, shape, dtype) of every tensor; each gets its own storage record data/<i>."""
 
@@ -78,11 +108,19 @@ class TorchStateDictWriter:
         _Pickler(buf, protocol=2).dump(obj)
         data = buf.getvalue()
         align = str(_get_storage_alignment())
-        self.torch = torch
-        self.writer = torch._C.PyTorchFileWriter(path, get_crc32_options(), _get_storage_alignment())
+        self.torch, self.file = torch, _File(path)
+        self.writer = torch._C.PyTorchFileWriter(self.file, get_crc32_options(), _get_storage_alignment())
         for rec, val in (("data.pkl", data), (".format_version", "1"), (".storage_alignment", align),
                          ("byteorder", "little")):
-            self.writer.write_record(rec, val, len(val))
+            self._write(rec, val, len(val))
+
+    def _write(self, record: str, val, nbytes: int) -> None:
+        try:
+            self.writer.write_record(record, val, nbytes)
+        except Exception:
+            if self.file.error is not None:  # torch re-raises the file's error as a RuntimeError
+                raise self.file.error from None
+            raise
 
     def put(self, name: str, arr: np.ndarray) -> None:
         shape, dtype, st = self.slots[name]
@@ -92,10 +130,16 @@ class TorchStateDictWriter:
         with warnings.catch_warnings():  # read-only inputs: torch warns, but we only read the bytes
             warnings.simplefilter("ignore", UserWarning)
             storage = self.torch.from_numpy(flat).untyped_storage()
-        self.writer.write_record(f"data/{st.key}", storage, flat.nbytes)
+        self._write(f"data/{st.key}", storage, flat.nbytes)
         self.pending.discard(name)
 
     def close(self) -> None:
         if self.pending:
             raise CheckpointError(f"{self.path}: tensors never written: {', '.join(sorted(self.pending))}")
-        self.writer.write_end_of_file()
+        try:
+            self.writer.write_end_of_file()
+        except Exception:
+            if self.file.error is not None:
+                raise self.file.error from None
+            raise
+        self.file.close()

@@ -379,6 +379,34 @@ def test_bad_input_exits_2_a_failed_write_1(tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
+_FULL_DISK = """
+import builtins, errno, io, sys
+import convert.torch_io as t
+class Full(io.FileIO):
+    written = 0
+    def write(self, b):
+        Full.written += len(b)
+        if Full.written > 4096:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(b)
+t.open = lambda path, mode: Full(path, mode)
+from convert import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torch_target_full_disk_exits_1(tmp_path):
+    """--to torch on a full disk: the zip writer raised, then its destructor wrote the archive's end, raised again
+    and aborted the process (exit 134, a C++ terminate message); now the first error, exit 1, no DST."""
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(src), str(tmp_path / "out"), "--to", "torch"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "error: [Errno 28] No space left on device"
+    assert "terminate" not in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 _SLOW_WRITER = """
 import sys, time
 import convert.safetensors_io as s
