@@ -20,6 +20,7 @@ from .generation_args import (
     RIGHT_PADDED,
     _is_int,
     as_array,
+    call_generation_config,
     check_mask_values,
     check_sampling,
     eos_ids,
@@ -158,7 +159,7 @@ def _last_logits(model, ids, mask, pos):
 def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
              temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
              seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None,
-             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG) -> np.ndarray:
+             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Arguments not given come from `model.generation_config` (generation_config.json; else transformers'
     defaults: greedy, temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens).
@@ -172,11 +173,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     share compiled programs; CDMoE routing mixes positions (spec §3.8), so MoE prompts keep their exact length.
     `use_cache=False` recomputes the whole sequence each step (one compile per length; for checking only)."""
     cfg = model.config
-    do_sample, temperature, top_k, top_p = sampling_args(model.generation_config, do_sample, temperature, top_k, top_p)
-    length_given = max_new_tokens is not FROM_CONFIG or model.generation_config.max_new_tokens is not None
-    max_new_tokens, penalty = length_and_penalty(model.generation_config, max_new_tokens, repetition_penalty)
+    gcfg = call_generation_config(model, generation_config)
+    do_sample, temperature, top_k, top_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p)
+    length_given = max_new_tokens is not FROM_CONFIG or gcfg.max_new_tokens is not None
+    max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
-    warn_unsupported(model.generation_config, length_given)
+    warn_unsupported(gcfg, length_given, source="generation_config" if generation_config is not None
+                     else "the model's generation_config.json")
     if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
         raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32)")
     ids = as_array(input_ids, "input_ids")
@@ -189,10 +192,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     B, P = ids.shape
     if B == 0:
         raise ValueError(f"input_ids shape {ids.shape}: expected at least one row")
-    eos = eos_ids(eos_token_id, model.generation_config)
-    pad = output_pad(pad_token_id, model.generation_config, eos, cfg.vocab_size)
+    eos = eos_ids(eos_token_id, gcfg)
+    pad = output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
     if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
-        infer = inferred_pad(pad_token_id, model.generation_config, eos)
+        infer = inferred_pad(pad_token_id, gcfg, eos)
         mask = ids != infer if infer is not None and (ids == infer).any() else np.ones((B, P), bool)
     else:
         mask = as_array(attention_mask, "attention_mask")
@@ -206,7 +209,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
         warnings.warn(RIGHT_PADDED, stacklevel=2)
     pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     seen = _seen_tokens(ids, mask, cfg.vocab_size) if penalty != 1.0 else None  # transformers: no-op at 1.0
-    min_new = min_new_arg(model.generation_config, min_new_tokens, P)
+    min_new = min_new_arg(gcfg, min_new_tokens, P)
     eos_in = [e for e in eos if 0 <= e < cfg.vocab_size]
     eos_mask = np.isin(np.arange(cfg.vocab_size), eos_in) if min_new and eos_in else None
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)

@@ -33,7 +33,51 @@ def sampling_args(gen, do_sample, temperature, top_k, top_p) -> tuple[bool, floa
     return bool(do_sample), 1.0 if temperature is None else temperature, pick(top_k, "top_k"), pick(top_p, "top_p")
 
 
+def call_generation_config(model, given=None):
+    """The generation config of one generate call: `model.generation_config`, or `given` as transformers takes
+    `generate(generation_config=...)`: a transformers GenerationConfig or a dict overrides the model's for the
+    fields it sets (not None), a doge_jax GenerationConfig (e.g. `dataclasses.replace(model.generation_config,
+    ...)`) is used as it is. Checked as generation_config.json is (ids in the vocabulary, field types)."""
+    from .config import GenerationConfig
+    from .hf_io import generation_config_from_dict
+
+    if given is None:
+        return model.generation_config
+    if isinstance(given, GenerationConfig):
+        return given
+    if isinstance(given, dict):
+        fields = dict(given)
+    elif callable(getattr(given, "to_dict", None)):  # transformers.GenerationConfig (its unset fields are None)
+        fields = given.to_dict()
+    else:
+        raise TypeError(f"generation_config: expected a transformers or doge_jax GenerationConfig or a dict, got "
+                        f"{type(given).__name__}")
+    bad = [k for k in fields if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"generation_config: field names must be strings, got {bad[0]!r}")
+    fields = {k: v for k, v in fields.items() if v is not None and k != "transformers_version"}
+    return generation_config_from_dict({**model.generation_config.to_dict(), **fields}, model.config,
+                                       "generation_config")
+
+
 DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call nor generation_config.json sets it
+
+
+def hf_call_args(model, input_ids, generation_config, max_new_tokens, max_length, num_beams, num_return_sequences):
+    """A model.generate call's generation config (call_generation_config; None: the model's) and max_new_tokens
+    (hf_length_args); a `max_length` the given generation_config sets counts as the call's, unless max_new_tokens
+    is set."""
+    gcfg = call_generation_config(model, generation_config)
+    if generation_config is not None and max_length is None and max_new_tokens in (FROM_CONFIG, None):
+        if isinstance(generation_config, dict):
+            given = generation_config.get("max_length")
+        else:
+            given = getattr(generation_config, "max_length", None) or getattr(generation_config, "extra", {}).get(
+                "max_length")
+        if given is not None and gcfg.max_new_tokens is None:
+            max_length = given
+    return (None if generation_config is None else gcfg), hf_length_args(input_ids, max_new_tokens, max_length,
+                                                                          num_beams, num_return_sequences)
 
 
 def hf_length_args(input_ids, max_new_tokens, max_length, num_beams, num_return_sequences):
@@ -119,13 +163,14 @@ def unsupported_fields(gen, length_given: bool = False) -> dict:
     return {k: v for k, v in extra.items() if not unset(k, v)}
 
 
-def warn_unsupported(gen, length_given: bool = False, stacklevel: int = 3) -> None:
+def warn_unsupported(gen, length_given: bool = False, stacklevel: int = 3,
+                     source: str = "the model's generation_config.json") -> None:
     """A warning naming generation_config.json's fields that generate ignores (unsupported_fields), if any."""
     bad = unsupported_fields(gen, length_given)
     if bad:
         import warnings
 
-        warnings.warn("the model's generation_config.json sets " + ", ".join(f"{k}={v!r}" for k, v in bad.items())
+        warnings.warn(f"{source} sets " + ", ".join(f"{k}={v!r}" for k, v in bad.items())
                       + ": not implemented by this generate, ignored (transformers' output may differ)",
                       stacklevel=stacklevel)
 

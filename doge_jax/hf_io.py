@@ -431,12 +431,18 @@ def read_generation_config(path: str, cfg: DogeConfig) -> GenerationConfig:
     gen = read_json(gen_file)
     if not isinstance(gen, dict):
         raise ConfigError(f"{gen_file}: expected a JSON object")
+    return generation_config_from_dict(gen, cfg, gen_file)
+
+
+def generation_config_from_dict(gen: dict, cfg: DogeConfig, where: str) -> GenerationConfig:
+    """generation_config.json's content `gen` as a checked GenerationConfig (read_generation_config); `where`
+    names it in errors."""
     try:  # the model config's checks: ids are integers in [0, vocab_size)
         checked = cfg.replace(**{k: gen.get(k) for k in SPECIAL_IDS})
     except ConfigError as e:
-        raise ConfigError(f"{gen_file}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     settings = {k: d if gen.get(k) is None else gen[k] for k, d in GENERATION_DEFAULTS.items()}
-    _check_sampling_fields(gen_file, **settings)
+    _check_sampling_fields(where, **settings)
     extra = {k: v for k, v in gen.items() if k not in GENERATION_DEFAULTS and k not in SPECIAL_IDS}
     return dataclasses.replace(GenerationConfig.from_config(checked), **settings, extra=extra)
 

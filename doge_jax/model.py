@@ -14,7 +14,7 @@ from flax import nnx
 
 from .attention import MaskInfo, attention
 from .config import DogeConfig, GenerationConfig
-from .generation_args import FROM_CONFIG, hf_length_args
+from .generation_args import FROM_CONFIG, hf_call_args
 from .model_output import OutputAccess
 
 
@@ -536,16 +536,18 @@ class DogeForCausalLM(nnx.Module):
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
                  on_token=None, repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None,
-                 num_beams: int = 1, num_return_sequences: int = 1):
+                 num_beams: int = 1, num_return_sequences: int = 1, generation_config=None):
         """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate); transformers'
         `max_length` counts the prompt too (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
 
-        max_new_tokens = hf_length_args(input_ids, max_new_tokens, max_length, num_beams, num_return_sequences)
+        gcfg, max_new_tokens = hf_call_args(self, input_ids, generation_config, max_new_tokens, max_length, num_beams,
+                                            num_return_sequences)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,
-                        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
+                        repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+                        generation_config=gcfg)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,

@@ -11,6 +11,7 @@ from doge_jax.generation_args import (
     FROM_CONFIG,
     RIGHT_PADDED,
     as_array,
+    call_generation_config,
     check_mask_values,
     check_sampling,
     eos_ids,
@@ -58,18 +59,20 @@ def penalize(logits: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, penal
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens=FROM_CONFIG,
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
              eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
-             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG) -> torch.Tensor:
+             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `model.generation_config` (generation_config.json; else transformers' defaults: greedy,
     temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens); the sampling generator lives on the
     model's device, seeded by `seed`. `repetition_penalty` and `min_new_tokens` as transformers (see
     doge_jax.generate)."""
     cfg = model.config
-    do_sample, temperature, top_k, top_p = sampling_args(model.generation_config, do_sample, temperature, top_k, top_p)
-    length_given = max_new_tokens is not FROM_CONFIG or model.generation_config.max_new_tokens is not None
-    max_new_tokens, penalty = length_and_penalty(model.generation_config, max_new_tokens, repetition_penalty)
+    gcfg = call_generation_config(model, generation_config)
+    do_sample, temperature, top_k, top_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p)
+    length_given = max_new_tokens is not FROM_CONFIG or gcfg.max_new_tokens is not None
+    max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
-    warn_unsupported(model.generation_config, length_given)
+    warn_unsupported(gcfg, length_given, source="generation_config" if generation_config is not None
+                     else "the model's generation_config.json")
     device = next(model.parameters()).device
     if not isinstance(input_ids, torch.Tensor):  # a list or a numpy array, as doge_jax takes them
         arr = as_array(input_ids, "input_ids")
@@ -90,13 +93,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch >= 1, length >= 1] (or "
                          "[length])")
-    eos = eos_ids(eos_token_id, model.generation_config)
-    pad = output_pad(pad_token_id, model.generation_config, eos, cfg.vocab_size)
+    eos = eos_ids(eos_token_id, gcfg)
+    pad = output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
     device = input_ids.device
     gen = torch.Generator(device=device).manual_seed(seed) if do_sample else None
     B = input_ids.shape[0]
     if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
-        infer = inferred_pad(pad_token_id, model.generation_config, eos)
+        infer = inferred_pad(pad_token_id, gcfg, eos)
         attention_mask = torch.ones_like(input_ids)
         if infer is not None and bool((input_ids == infer).any()):
             attention_mask = (input_ids != infer).long()
@@ -111,7 +114,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ids = input_ids
     start = torch.as_tensor(penalty_start(attention_mask.cpu().numpy()), device=device)
     P = ids.shape[1]
-    min_new = min_new_arg(model.generation_config, min_new_tokens, P)
+    min_new = min_new_arg(gcfg, min_new_tokens, P)
     eos_in = [e for e in eos if 0 <= e < cfg.vocab_size]
     eos_cols = torch.tensor(eos_in, dtype=torch.long, device=device) if min_new and eos_in else None
     done = torch.zeros(B, dtype=torch.bool, device=device)

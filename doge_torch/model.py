@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig, GenerationConfig
-from doge_jax.generation_args import FROM_CONFIG, hf_length_args
+from doge_jax.generation_args import FROM_CONFIG, hf_call_args
 from doge_jax.model_output import OutputAccess
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available
@@ -736,16 +736,17 @@ class DogeForCausalLM(nn.Module):
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
                  repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams: int = 1,
-                 num_return_sequences: int = 1) -> torch.Tensor:
+                 num_return_sequences: int = 1, generation_config=None) -> torch.Tensor:
         """Prompt + new tokens (see doge_torch.generate); transformers' `max_length` counts the prompt too
         (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
 
-        max_new_tokens = hf_length_args(input_ids, max_new_tokens, max_length, num_beams, num_return_sequences)
+        gcfg, max_new_tokens = hf_call_args(self, input_ids, generation_config, max_new_tokens, max_length, num_beams,
+                                            num_return_sequences)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
-                        min_new_tokens=min_new_tokens)
+                        min_new_tokens=min_new_tokens, generation_config=gcfg)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,

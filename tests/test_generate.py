@@ -15,7 +15,7 @@ from doge_jax.generate import main
 from doge_jax.model import DogeForCausalLM
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     return save_hf(make_hf_model(), tmp_path_factory.mktemp("gen") / "m")
 
@@ -337,6 +337,69 @@ def test_sampling_settings_of_generation_config_json_as_transformers(tmp_path, c
         for load in (DogeForCausalLM.from_pretrained, doge_torch.DogeForCausalLM.from_pretrained):
             with pytest.raises(ConfigError, match=f"generation_config.json: {field}"):
                 load(d)
+
+
+def test_generation_config_argument_as_transformers(tmp_path):
+    """generate(generation_config=...) as transformers takes it (was a TypeError): a transformers GenerationConfig
+    or a dict overrides the model's generation_config.json for the fields it sets, its max_length counts the
+    prompt, arguments of the call win; doge_torch samples transformers' tokens; bad values are named."""
+    import dataclasses
+    import json
+    import warnings
+
+    import transformers
+
+    import doge_torch
+    from doge_jax.config import ConfigError
+
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    json.dump({"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 1.7, "top_k": 20},
+              open(f"{d}/generation_config.json", "w"))
+    ids = unique_ids(2, 6, 128, seed=4)
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    calls = {  # name: (generation_config, call arguments)
+        "greedy_penalty": (transformers.GenerationConfig(do_sample=False, repetition_penalty=1.4,
+                                                         max_new_tokens=9), {}),
+        "top_p_from_file": (transformers.GenerationConfig(top_p=0.9, max_length=13), {}),
+        "call_wins": (transformers.GenerationConfig(max_new_tokens=4, temperature=0.5), {"max_new_tokens": 7}),
+    }
+    want = {}
+    with torch.no_grad():
+        for name, (gc, kw) in calls.items():
+            torch.manual_seed(21)
+            want[name] = ref.generate(torch.as_tensor(ids), attention_mask=mask, generation_config=gc, **kw).numpy()
+    assert want["top_p_from_file"].shape == (2, 13) and want["call_wins"].shape == (2, 13)
+    assert want["greedy_penalty"].shape == (2, 15)
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+    jm = DogeForCausalLM.from_pretrained(d)
+    for name, (gc, kw) in calls.items():
+        got = tm.generate(torch.as_tensor(ids), generation_config=gc, seed=21, **kw).numpy()
+        np.testing.assert_array_equal(got, want[name], err_msg=name)
+        as_dict = {k: v for k, v in gc.to_dict().items() if v is not None}
+        np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), generation_config=as_dict, seed=21, **kw),
+                                      got, err_msg=name)
+    greedy = want["greedy_penalty"]
+    np.testing.assert_array_equal(jm.generate(ids, generation_config=calls["greedy_penalty"][0]), greedy)
+    ours = dataclasses.replace(jm.generation_config, do_sample=False, repetition_penalty=1.4, max_new_tokens=9)
+    np.testing.assert_array_equal(jm.generate(ids, generation_config=ours), greedy)
+    assert jm.generation_config.do_sample  # the model's own config is unchanged
+    for m, conv in ((jm, np.asarray), (tm, torch.as_tensor)):
+        with pytest.raises(ConfigError, match=r"generation_config: temperature='hot': must be a number"):
+            m.generate(conv(ids), generation_config={"temperature": "hot"})
+        with pytest.raises(ConfigError, match=r"generation_config: .*eos_token_id=500: must be in \[0, vocab_size=128\)"):
+            m.generate(conv(ids), generation_config={"eos_token_id": 500})
+        with pytest.raises(TypeError, match="generation_config: expected a transformers or doge_jax "
+                                            "GenerationConfig or a dict, got str"):
+            m.generate(conv(ids), generation_config="greedy")
+        with pytest.raises(ValueError, match=r"max_length=6: must be an int above the prompt's 6 tokens"):
+            m.generate(conv(ids), generation_config={"max_length": 6})
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            m.generate(conv(ids), generation_config={"num_beams": 3, "do_sample": False}, max_new_tokens=2)
+        assert [str(x.message) for x in w if "num_beams" in str(x.message)] == [
+            "generation_config sets num_beams=3: not implemented by this generate, ignored (transformers' output "
+            "may differ)"]
 
 
 def test_cache_overflow_raises(model_dir):
