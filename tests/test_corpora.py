@@ -28,7 +28,7 @@ def _texts(seed: int, n: int, size: int = 120) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=size)) for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def files(tmp_path_factory):
     """Two parquet files, one jsonl file (a `text` field) and a tokenizer trained on them."""
     import pyarrow as pa

@@ -26,7 +26,8 @@ from doge_jax.model import DogeCDMoE, DogeForCausalLM, DogeMLP
 
 MOE = ["--model.is_moe", "true", "--model.num_experts", "16", "--model.num_experts_per_tok", "4"]
 NEW = ("router_gate", "down_embed", "up_embed")
-# one pytest-xdist worker runs the whole module: its module fixtures are costly runs, built once
+# one pytest-xdist worker runs the whole module; its fixtures are costly runs, built once (session-scoped: a module
+# fixture is torn down whenever the worker next runs another module's test, and xdist interleaves modules)
 pytestmark = pytest.mark.xdist_group("init_from")
 # TINY_ARGS without its model fields: the model is the --init-from checkpoint's
 TRAIN_ONLY = [a for i, a in enumerate(TINY_ARGS) if not (a.startswith("--model.") or
@@ -45,7 +46,7 @@ def is_new(key: str) -> bool:
     return any(f"['{n}']" in key for n in NEW)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dense(corpus, cache, tmp_path_factory):  # noqa: F811
     """A finished 6-step dense run (the checkpoint to continue from) and its final parameters."""
     out = tmp_path_factory.mktemp("dense") / "run"

@@ -37,7 +37,7 @@ TINY_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
@@ -47,7 +47,7 @@ def corpus(tmp_path_factory):
     return str(d)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 

@@ -22,7 +22,8 @@ from doge_jax.metrics import read_metrics
 
 # 6 steps of 2 micro-batches x 8 rows (4 per host), evaluated at 3 and 6; no checkpoint before the end
 ARGS = [*MESH_ARGS, "--train.num_training_steps", "6", "--train.eval_every", "3"]
-# one pytest-xdist worker runs the whole module: its module fixtures are costly runs, built once
+# one pytest-xdist worker runs the whole module; its fixtures are costly runs, built once (session-scoped: a module
+# fixture is torn down whenever the worker next runs another module's test, and xdist interleaves modules)
 pytestmark = pytest.mark.xdist_group("multihost")
 
 
@@ -99,7 +100,7 @@ def losses(out):
     return [r["loss"] for r in rows if "loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ref(corpus, cache, tmp_path_factory):  # noqa: F811 - fixtures
     """One process, one device: the losses every layout must reproduce, and the run's tokenizer."""
     out = tmp_path_factory.mktemp("mh") / "ref"
