@@ -15,7 +15,7 @@ from flax import nnx
 from .attention import MaskInfo, attention
 from .config import DogeConfig, GenerationConfig
 from .generation_args import FROM_CONFIG, hf_call_args
-from .model_output import OutputAccess
+from .model_output import OutputAccess, hidden_state_selection
 
 
 def softplus_torch(x: jax.Array) -> jax.Array:
@@ -301,6 +301,7 @@ class DogeOutput(OutputAccess):
     aux_loss: jax.Array | None = None
     router_logits: jax.Array | None = None  # [L, 2, N, K] when requested
     cache: DogeCache | None = None
+    hidden_states: tuple | None = None  # num_hidden_layers + 1 arrays [B, S, hidden] (None where not selected)
 
 
 def allowed_mask(cfg: DogeConfig, S: int, T: int, start, key_mask: jax.Array | None) -> jax.Array:
@@ -403,13 +404,15 @@ class DogeForCausalLM(nnx.Module):
         a cache whose `layers` is a tuple of per-layer LayerCache (`DogeCache.unstacked()`) run the layers as an
         unrolled Python loop, with no per-token slicing of the stacked arrays.
 
-        As transformers: `return_dict=False` gives `out.to_tuple()`; attention weights and hidden states are not
-        returned (True is an error)."""
+        As transformers: `return_dict=False` gives `out.to_tuple()`; `output_hidden_states` returns the embeddings
+        and each layer's output, the last after the final norm (num_hidden_layers + 1 arrays [B, S, hidden]; an int
+        or a list selects some, the others None); attention weights are not returned (True is an error)."""
         cfg = self.config
-        for name, flag in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
-            if flag:
-                raise ValueError(f"{name}=True: not supported (doge_jax returns logits, loss, the cache and router "
-                                 "logits only)")
+        if output_attentions:
+            raise ValueError("output_attentions=True: not supported (doge_jax returns logits, loss, the cache, hidden "
+                             "states and router logits)")
+        selected = hidden_state_selection(output_hidden_states, cfg.num_hidden_layers + 1)
+        collect = selected is not None and bool(selected & set(range(1, cfg.num_hidden_layers)))
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is not None:
@@ -477,12 +480,13 @@ class DogeForCausalLM(nnx.Module):
             state, lcache, rng = xs
             layer = nnx.merge(graphdef, state)
             h, lcache, router = layer(h, cos, sin, mask, lcache, start, rng)
-            return h, (lcache, router)
+            return h, (lcache, router, h if collect else None)  # (each layer's output, when hidden states are asked)
 
         if cfg.remat != "none":
             policy = jax.checkpoint_policies.dots_saveable if cfg.remat == "dots_saveable" else None
             body = jax.checkpoint(body, policy=policy)
         unstacked_cache = cache is not None and isinstance(cache.layers, tuple)
+        embedded = x
         if layer_params is not None or unstacked_cache or not cfg.scan_layers:
             # Unrolled layers (design.md §7: ~2x faster than a scanned body for batch-1 decoding; config.scan_layers).
             L = cfg.num_hidden_layers
@@ -499,10 +503,15 @@ class DogeForCausalLM(nnx.Module):
                 new_caches = jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
             layer_caches = new_caches if cache is not None else None
             router = None if outs[0][1] is None else jnp.stack([o[1] for o in outs])
+            layer_outs = [o[2] for o in outs]
         else:
-            x, (layer_caches, router) = jax.lax.scan(
+            x, (layer_caches, router, stacked) = jax.lax.scan(
                 body, x, (layer_state, cache.layers if cache is not None else None, rngs))
+            layer_outs = [None] * cfg.num_hidden_layers if stacked is None else list(stacked)
         x = self.model.norm(x)
+        if selected is not None:  # the embeddings, layers 0..L-2's outputs, the normed last one (transformers')
+            states = [embedded, *layer_outs[:-1], x]
+            hidden = tuple(h if i in selected else None for i, h in enumerate(states))
         keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
         if not keep_all:  # an int: the last n positions; an array: those positions (as transformers)
             x = x[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else x[:, jnp.asarray(logits_to_keep)]
@@ -523,6 +532,8 @@ class DogeForCausalLM(nnx.Module):
             out = out.replace(router_logits=router, aux_loss=aux)
             if out.loss is not None:
                 out = out.replace(loss=out.loss + cfg.router_aux_loss_coef * aux)
+        if selected is not None:
+            out = out.replace(hidden_states=hidden)
         return out.to_tuple() if return_dict is False else out
 
     def lm_logits(self, x: jax.Array) -> jax.Array:

@@ -6,7 +6,25 @@ from __future__ import annotations
 from typing import Any
 
 # transformers' MoeCausalLMOutputWithPast order (its DogeForCausalLM output); doge_jax's cache is `cache`
-ORDER = ("loss", "aux_loss", "logits", "past_key_values", "cache", "router_logits")
+ORDER = ("loss", "aux_loss", "logits", "past_key_values", "cache", "hidden_states", "router_logits")
+
+
+def hidden_state_selection(flag, n: int) -> set[int] | None:
+    """The hidden states (of n = num_hidden_layers + 1) that `output_hidden_states` asks for, as transformers:
+    None / False none, True all, an int or a list of ints those indices (negative ones from the end; the others are
+    returned as None). Out-of-range indices and other types are errors."""
+    if flag is None or flag is False:
+        return None
+    if flag is True:
+        return set(range(n))
+    picks = [flag] if isinstance(flag, int) else list(flag) if isinstance(flag, list | tuple) else None
+    if picks is None or not picks or any(isinstance(i, bool) or not isinstance(i, int) for i in picks):
+        raise ValueError(f"output_hidden_states={flag!r}: expected a bool, an int or a list of ints")
+    bad = [i for i in picks if not -n <= i < n]
+    if bad:
+        raise ValueError(f"output_hidden_states={flag!r}: index {bad[0]} out of range for {n} hidden states (the "
+                         f"embeddings and the {n - 1} layers' outputs, the last one after the final norm)")
+    return {i % n for i in picks}
 
 
 class OutputAccess:

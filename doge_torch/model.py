@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig, GenerationConfig
 from doge_jax.generation_args import FROM_CONFIG, hf_call_args
-from doge_jax.model_output import OutputAccess
+from doge_jax.model_output import OutputAccess, hidden_state_selection
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available
 
@@ -555,6 +555,7 @@ class DogeOutput(OutputAccess):
     aux_loss: torch.Tensor | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
     past_key_values: DogeCache | None = None
+    hidden_states: tuple[torch.Tensor | None, ...] | None = None
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], cfg: DogeConfig,
@@ -647,13 +648,15 @@ class DogeForCausalLM(nn.Module):
         ever storing the logits (`doge_torch.loss.causal_lm_loss_fused`, the same value), and `logits` None.
         `use_cache` None: config.use_cache in eval mode (as transformers, whose manual decoding loops pass
         `out.past_key_values` back), no cache in training mode. `return_dict=False`: `out.to_tuple()`;
-        `cache_position` (transformers' loops pass it) must be the cache's next positions; attention weights and
-        hidden states are not returned (True is an error)."""
+        `cache_position` (transformers' loops pass it) must be the cache's next positions. `output_hidden_states`
+        as transformers: the embeddings and each layer's output, the last after the final norm (num_hidden_layers + 1
+        tensors [B, S, hidden]; an int or a list selects some, the others None); attention weights are not returned
+        (True is an error)."""
         cfg = self.config
-        for name, flag in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
-            if flag:
-                raise ValueError(f"{name}=True: not supported (doge_torch returns logits, loss, the cache and router "
-                                 "logits only)")
+        if output_attentions:
+            raise ValueError("output_attentions=True: not supported (doge_torch returns logits, loss, the cache, "
+                             "hidden states and router logits)")
+        selected = hidden_state_selection(output_hidden_states, cfg.num_hidden_layers + 1)
         if use_cache is None:
             use_cache = cfg.use_cache and not self.training
         if past_key_values is not None and not isinstance(past_key_values, DogeCache):
@@ -699,11 +702,13 @@ class DogeForCausalLM(nn.Module):
         # None = plain causal (no padding, no cache, no sliding window): the attention's fast paths
         plain = attention_mask is None and past == 0 and cfg.sliding_window is None
         allowed = None if plain else allowed_mask(cfg, B, S, past, attention_mask, x.device)
-        router = []
-        for layer in self.model.layers:
+        router, states = [], []  # (states: only those asked for, not every layer's input)
+        for i, layer in enumerate(self.model.layers):
+            states.append(x if selected is not None and i in selected else None)
             x, rl = layer(x, cos, sin, allowed, past_key_values)
             router.append(rl)
         x = self.model.norm(x)
+        states.append(x if selected is not None and cfg.num_hidden_layers in selected else None)
         keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
         if labels is not None and (tuple(labels.shape) != (B, S) or not keep_all):
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {(B, S)}, with "
@@ -729,6 +734,8 @@ class DogeForCausalLM(nn.Module):
             out.aux_loss = load_balancing_loss(out.router_logits, cfg, mask2d)
             if out.loss is not None:
                 out.loss = out.loss + cfg.router_aux_loss_coef * out.aux_loss
+        if selected is not None:
+            out.hidden_states = tuple(states)
         return out.to_tuple() if return_dict is False else out
 
     # generation and checkpoint I/O live in their own modules; bound here for the expected API

@@ -387,7 +387,7 @@ def test_generation_config_argument_as_transformers(tmp_path):
     for m, conv in ((jm, np.asarray), (tm, torch.as_tensor)):
         with pytest.raises(ConfigError, match=r"generation_config: temperature='hot': must be a number"):
             m.generate(conv(ids), generation_config={"temperature": "hot"})
-        with pytest.raises(ConfigError, match=r"generation_config: .*eos_token_id=500: must be in \[0, vocab_size=128\)"):
+        with pytest.raises(ConfigError, match=r"generation_config: .*eos_token_id=500: must be in \[0, vocab_size="):
             m.generate(conv(ids), generation_config={"eos_token_id": 500})
         with pytest.raises(TypeError, match="generation_config: expected a transformers or doge_jax "
                                             "GenerationConfig or a dict, got str"):

@@ -762,6 +762,57 @@ def test_pad_row_gets_no_lookup_gradient(tmp_path, tied):
         assert _rel(ours[k], want[k]) <= 1e-4, (k, _rel(ours[k], want[k]))
 
 
+@pytest.mark.parametrize("case", ["gqa", "moe"])
+def test_hidden_states_as_transformers(tmp_path, case):
+    """output_hidden_states (was refused): doge_jax (scanned and unrolled layers) and doge_torch return
+    transformers' num_hidden_layers + 1 hidden states (the embeddings, each layer's output, the last after the final
+    norm) with padding and T > keep_window; an int or a list selects some (the others None), as transformers."""
+    import doge_torch
+
+    hf = make_hf_model(num_hidden_layers=3, **CASES[case])
+    model = _load(hf, tmp_path)
+    tm = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    B, T = 2, 72
+    assert T > TINY["keep_window_size"]
+    ids, mask = unique_ids(B, T, 128, seed=6), left_pad_mask(B, T, [0, 7])
+    keep = mask.astype(bool)  # padded queries attend to nothing: compare the real positions
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_hidden_states=True)
+        mine = tm(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_hidden_states=True)
+    want = [h.numpy() for h in ref.hidden_states]
+    assert len(want) == 4
+    unrolled = DogeForCausalLM.from_pretrained(str(tmp_path / "m"), config=model.config.replace(scan_layers=False))
+    for name, out in (("jax", model(ids, attention_mask=mask, output_hidden_states=True)),
+                      ("jax unrolled", unrolled(ids, attention_mask=mask, output_hidden_states=True)),
+                      ("torch", mine)):
+        got = [np.asarray(h) for h in out.hidden_states]
+        assert len(got) == 4, name
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape and max_abs_diff(g[keep], w[keep]) <= TOL, (name, i)
+        assert list(out)[-1] == "hidden_states" and out.to_tuple()[-1] is out.hidden_states
+    assert max_abs_diff(np.asarray(model(ids, attention_mask=mask).logits)[keep], ref.logits.numpy()[keep]) <= TOL
+    for sel, present in ((-1, [3]), ([0, 2], [0, 2]), (1, [1]), (False, None)):
+        with torch.no_grad():
+            ref_sel = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                         output_hidden_states=sel)
+        for m, conv in ((model, np.asarray), (tm, torch.as_tensor)):
+            with torch.no_grad():
+                out = m(conv(ids), attention_mask=conv(mask), output_hidden_states=sel)
+            if present is None:
+                assert out.hidden_states is None and ref_sel.hidden_states is None
+                continue
+            assert [i for i, h in enumerate(out.hidden_states) if h is not None] == present == [
+                i for i, h in enumerate(ref_sel.hidden_states) if h is not None]
+            for i in present:
+                assert max_abs_diff(np.asarray(out.hidden_states[i])[keep], want[i][keep]) <= TOL
+    for m, conv in ((model, np.asarray), (tm, torch.as_tensor)):
+        for bad, msg in ((4, r"output_hidden_states=4: index 4 out of range for 4 hidden states"),
+                         ("all", r"output_hidden_states='all': expected a bool, an int or a list of ints"),
+                         ([], r"expected a bool, an int or a list of ints")):
+            with pytest.raises(ValueError, match=msg):
+                m(conv(ids), output_hidden_states=bad)
+
+
 def test_inputs_embeds_as_transformers(tmp_path):
     """inputs_embeds in place of input_ids (soft prompts): doge_jax and doge_torch give transformers' logits and
     loss (padding, T > keep_window so the keep-window top-k runs on the embeddings' dt); exactly one of the two."""

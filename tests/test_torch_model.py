@@ -870,7 +870,7 @@ def test_transformers_style_arguments_and_outputs(tmp_path, monkeypatch):
                          (dict(input_ids=ids.float() + 0.5), "input_ids must be integer"),  # (never truncated)
                          (dict(input_ids=ids[:0]), r"input_ids shape \(0, 12\)"),
                          (dict(position_ids=torch.arange(11)[None]), r"position_ids shape \(1, 11\)"),
-                         (dict(output_hidden_states=True), "output_hidden_states=True: not supported"),
+                         (dict(output_attentions=True), "output_attentions=True: not supported"),
                          (dict(cache_position=torch.arange(3)), "cache_position")):
             with pytest.raises(ValueError, match=msg):
                 ours(**{"input_ids": ids, **bad})
