@@ -29,6 +29,7 @@ from .generation_args import (
     min_new_arg,
     output_pad,
     penalty_start,
+    prompt_length,
     sampling_args,
     warn_unsupported,
 )
@@ -159,10 +160,13 @@ def _last_logits(model, ids, mask, pos):
 def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
              temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
              seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None,
-             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None) -> np.ndarray:
+             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
+             max_length=None) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
-    Arguments not given come from `model.generation_config` (generation_config.json; else transformers'
-    defaults: greedy, temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens).
+    Arguments not given come from `generation_config` (see generation_args.call_generation_config), else
+    `model.generation_config` (generation_config.json; else transformers' defaults: greedy, temperature 1, top_k 50,
+    no top-p, no repetition penalty; 20 new tokens). The length, as transformers: max_new_tokens, else max_length
+    (prompt + new tokens: the call's, else the config's), else 20 new tokens.
     `repetition_penalty` is transformers': logits of tokens already in the row (prompt from its first attended
     token, and the new ones) are divided by it where positive and multiplied where negative, greedy or sampled.
     `min_new_tokens` (and generation_config.json's `min_length`, a total) keep EOS from being chosen before that
@@ -175,10 +179,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     cfg = model.config
     gcfg = call_generation_config(model, generation_config)
     do_sample, temperature, top_k, top_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p)
-    length_given = max_new_tokens is not FROM_CONFIG or gcfg.max_new_tokens is not None
-    max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty)
+    max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty, max_length=max_length,
+                                                 prompt_len=prompt_length(input_ids))
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
-    warn_unsupported(gcfg, length_given, source="generation_config" if generation_config is not None
+    warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")
     if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
         raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**32)")

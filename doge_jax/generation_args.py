@@ -63,49 +63,44 @@ def call_generation_config(model, given=None):
 DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call nor generation_config.json sets it
 
 
-def hf_call_args(model, input_ids, generation_config, max_new_tokens, max_length, num_beams, num_return_sequences):
-    """A model.generate call's generation config (call_generation_config; None: the model's) and max_new_tokens
-    (hf_length_args); a `max_length` the given generation_config sets counts as the call's, unless max_new_tokens
-    is set."""
-    gcfg = call_generation_config(model, generation_config)
-    if generation_config is not None and max_length is None and max_new_tokens in (FROM_CONFIG, None):
-        if isinstance(generation_config, dict):
-            given = generation_config.get("max_length")
-        else:
-            given = getattr(generation_config, "max_length", None) or getattr(generation_config, "extra", {}).get(
-                "max_length")
-        if given is not None and gcfg.max_new_tokens is None:
-            max_length = given
-    return (None if generation_config is None else gcfg), hf_length_args(input_ids, max_new_tokens, max_length,
-                                                                          num_beams, num_return_sequences)
-
-
-def hf_length_args(input_ids, max_new_tokens, max_length, num_beams, num_return_sequences):
-    """transformers' generate arguments that have a meaning here: `max_length` (prompt + new tokens; an explicit
-    max_new_tokens wins, as in transformers) -> max_new_tokens; num_beams and num_return_sequences only 1."""
+def hf_call_args(model, generation_config, num_beams, num_return_sequences):
+    """A model.generate call's generation config (call_generation_config; None: the model's, unchanged);
+    num_beams and num_return_sequences only 1."""
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: beam search is not implemented (greedy decoding or sampling)")
     if num_return_sequences != 1:
         raise ValueError(f"num_return_sequences={num_return_sequences}: one sequence per row; repeat the rows of "
                          "input_ids (and attention_mask) for more samples")
-    if max_length is None or max_new_tokens not in (FROM_CONFIG, None):  # (None: not given, as transformers')
-        return max_new_tokens
-    shape = np.shape(input_ids) if not hasattr(input_ids, "shape") else tuple(input_ids.shape)
-    prompt = shape[-1] if shape else 0
-    if isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) or max_length <= prompt:
-        raise ValueError(f"max_length={max_length!r}: must be an int above the prompt's {prompt} tokens (it counts "
-                         "the prompt, as in transformers; max_new_tokens counts new tokens only)")
-    return int(max_length) - prompt
+    return None if generation_config is None else call_generation_config(model, generation_config)
 
 
-def length_and_penalty(gen, max_new_tokens, repetition_penalty, default_length: int = DEFAULT_MAX_NEW_TOKENS
-                       ) -> tuple[int, float]:
-    """max_new_tokens and repetition_penalty of a generate call, those not given (FROM_CONFIG) from `gen`; None is
-    the default (`default_length` new tokens, no penalty). Checked: an integer >= 1, a number > 0."""
+def prompt_length(input_ids) -> int | None:
+    """The prompt's length (the last axis) of ids given as an array, a tensor or nested lists."""
+    try:
+        shape = tuple(input_ids.shape) if hasattr(input_ids, "shape") else np.shape(input_ids)
+    except ValueError:  # ragged lists: generate's own check names them
+        return None
+    return shape[-1] if shape else None
+
+
+def length_and_penalty(gen, max_new_tokens, repetition_penalty, default_length: int = DEFAULT_MAX_NEW_TOKENS,
+                       max_length=None, prompt_len: int | None = None) -> tuple[int, float]:
+    """max_new_tokens and repetition_penalty of a generate call, as transformers sizes its output: max_new_tokens
+    (the call's, else `gen`'s; an explicit None: none), else max_length (the call's, else `gen`'s: prompt + new
+    tokens), else `default_length` new tokens. repetition_penalty: the call's, else `gen`'s (None: none). Checked:
+    an integer >= 1, a number > 0."""
     if max_new_tokens is FROM_CONFIG:
         max_new_tokens = gen.max_new_tokens
     if max_new_tokens is None:
-        max_new_tokens = default_length
+        total = max_length if max_length is not None else (getattr(gen, "extra", None) or {}).get("max_length")
+        if total is not None and prompt_len is not None:
+            if isinstance(total, bool) or not isinstance(total, int | np.integer) or total <= prompt_len:
+                where = "" if max_length is not None else " (the generation config's)"
+                raise ValueError(f"max_length={total!r}{where}: must be an int above the prompt's {prompt_len} tokens "
+                                 "(it counts the prompt, as in transformers; max_new_tokens counts new tokens only)")
+            max_new_tokens = int(total) - prompt_len
+        else:
+            max_new_tokens = default_length
     if repetition_penalty is FROM_CONFIG:
         repetition_penalty = gen.repetition_penalty
     if repetition_penalty is None:
@@ -121,12 +116,14 @@ def length_and_penalty(gen, max_new_tokens, repetition_penalty, default_length: 
 
 def min_new_arg(gen, min_new_tokens, prompt_len: int) -> int:
     """How many new tokens come before EOS may be chosen: min_new_tokens (FROM_CONFIG: the generation config's),
-    and the config's min_length (a total, prompt included), as transformers' two logits processors; 0: no rule."""
+    else the config's min_length (a total, prompt included), as transformers; 0: no rule."""
     if min_new_tokens is FROM_CONFIG:
         min_new_tokens = gen.min_new_tokens
     if min_new_tokens is not None and (not _is_int(min_new_tokens) or min_new_tokens < 0):
         raise ValueError(f"min_new_tokens={min_new_tokens!r}: must be an integer >= 0")
-    return max(int(min_new_tokens or 0), int(getattr(gen, "min_length", None) or 0) - prompt_len, 0)
+    if min_new_tokens is not None:  # it replaces min_length, as in transformers (0 included)
+        return int(min_new_tokens)
+    return max(int(getattr(gen, "min_length", None) or 0) - prompt_len, 0)
 
 
 def penalty_start(mask: np.ndarray) -> np.ndarray:
@@ -145,28 +142,28 @@ _NEUTRAL_FIELDS = {"transformers_version", "_from_model_config", "use_cache", "c
                    "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
                    "target_lookbehind", "assistant_early_exit", "prompt_lookup_num_tokens", "max_matching_ngram_size",
                    "dola_layers"}
+_IMPLEMENTED = {"max_length"}  # (the others generate implements are GenerationConfig fields, not `extra`)
 _NO_EFFECT_VALUES = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
                      "no_repeat_ngram_size": 0, "length_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
                      "eta_cutoff": 0.0, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
                      "encoder_no_repeat_ngram_size": 0}
 
 
-def unsupported_fields(gen, length_given: bool = False) -> dict:
-    """The fields of the model's generation_config.json that would change transformers' output and that generate
-    does not implement (beam search, no_repeat_ngram_size, bad_words_ids, max_length, ...); generate warns,
-    naming them. `length_given`: max_new_tokens is set (call or file), which overrides max_length in transformers."""
+def unsupported_fields(gen) -> dict:
+    """The fields of a generation config (generation_config.json's) that would change transformers' output and
+    that generate does not implement (beam search, no_repeat_ngram_size, bad_words_ids, ...); generate warns,
+    naming them."""
     extra = getattr(gen, "extra", None) or {}
 
     def unset(k, v):
-        return (v is None or v is False or v == {} or v == [] or k in _NEUTRAL_FIELDS
-                or (k in _NO_EFFECT_VALUES and v == _NO_EFFECT_VALUES[k]) or (k == "max_length" and length_given))
+        return (v is None or v is False or v == {} or v == [] or k in _NEUTRAL_FIELDS or k in _IMPLEMENTED
+                or (k in _NO_EFFECT_VALUES and v == _NO_EFFECT_VALUES[k]))
     return {k: v for k, v in extra.items() if not unset(k, v)}
 
 
-def warn_unsupported(gen, length_given: bool = False, stacklevel: int = 3,
-                     source: str = "the model's generation_config.json") -> None:
+def warn_unsupported(gen, stacklevel: int = 3, source: str = "the model's generation_config.json") -> None:
     """A warning naming generation_config.json's fields that generate ignores (unsupported_fields), if any."""
-    bad = unsupported_fields(gen, length_given)
+    bad = unsupported_fields(gen)
     if bad:
         import warnings
 

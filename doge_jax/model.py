@@ -552,13 +552,13 @@ class DogeForCausalLM(nnx.Module):
         `max_length` counts the prompt too (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
 
-        gcfg, max_new_tokens = hf_call_args(self, input_ids, generation_config, max_new_tokens, max_length, num_beams,
-                                            num_return_sequences)
+        gcfg = hf_call_args(self, generation_config, num_beams, num_return_sequences)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,
                         repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                        generation_config=gcfg)
+                        generation_config=gcfg,
+                        max_length=max_length)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,

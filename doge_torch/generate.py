@@ -20,6 +20,7 @@ from doge_jax.generation_args import (
     min_new_arg,
     output_pad,
     penalty_start,
+    prompt_length,
     sampling_args,
     warn_unsupported,
 )
@@ -59,19 +60,21 @@ def penalize(logits: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, penal
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens=FROM_CONFIG,
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
              eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
-             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None) -> torch.Tensor:
+             repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
+             max_length=None) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
-    not given come from `model.generation_config` (generation_config.json; else transformers' defaults: greedy,
-    temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens); the sampling generator lives on the
+    not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
+    transformers' defaults: greedy, temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens, or
+    max_length, the call's or the config's, as doge_jax.generate); the sampling generator lives on the
     model's device, seeded by `seed`. `repetition_penalty` and `min_new_tokens` as transformers (see
     doge_jax.generate)."""
     cfg = model.config
     gcfg = call_generation_config(model, generation_config)
     do_sample, temperature, top_k, top_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p)
-    length_given = max_new_tokens is not FROM_CONFIG or gcfg.max_new_tokens is not None
-    max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty)
+    max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty, max_length=max_length,
+                                                 prompt_len=prompt_length(input_ids))
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
-    warn_unsupported(gcfg, length_given, source="generation_config" if generation_config is not None
+    warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")
     device = next(model.parameters()).device
     if not isinstance(input_ids, torch.Tensor):  # a list or a numpy array, as doge_jax takes them

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from dataclasses import dataclass
 
@@ -524,6 +525,36 @@ class DogeDecoderLayer(nn.Module):
         return x, router_logits
 
 
+def _saved_ops() -> set:
+    """The ops whose outputs `remat: dots_saveable` keeps (as jax.checkpoint_policies.dots_saveable keeps every
+    dot_general): matmuls and the attention kernels; everything else in a layer is recomputed in the backward."""
+    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_efficient_attention_forward", "_flash_attention_forward")
+    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+
+def _dots_saveable(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = _saved_ops()
+
+
+def remat_layer(layer: nn.Module, policy: str, *args):
+    """Run a decoder layer, rematerialised in the backward pass as config.remat says (as doge_jax's remat): "full"
+    keeps only its input, "dots_saveable" also the matmul and attention outputs."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    if policy == "full":
+        return checkpoint(layer, *args, use_reentrant=False)
+    # (a functools.partial: what torch.compile traces as a selective-checkpoint context)
+    return checkpoint(layer, *args, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _dots_saveable))
+
+
 class DogeModel(nn.Module):
     def __init__(self, cfg: DogeConfig):
         super().__init__()
@@ -633,6 +664,24 @@ class DogeForCausalLM(nn.Module):
         head.weight = self.model.embed_tokens.weight
         return head
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """As transformers: rematerialise every layer in the backward pass (config.remat "full"; "dots_saveable"
+        also keeps the matmul outputs). Only the non-reentrant form: use_reentrant=True is refused."""
+        kw = dict(gradient_checkpointing_kwargs or {})
+        if kw.pop("use_reentrant", False):
+            raise ValueError("gradient_checkpointing_kwargs use_reentrant=True: doge_torch checkpoints without "
+                             "reentrancy only")
+        if kw:
+            raise ValueError(f"gradient_checkpointing_kwargs {sorted(kw)}: not supported (only use_reentrant=False)")
+        self.config = self.config.replace(remat="full")
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.config = self.config.replace(remat="none")
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.config.remat != "none"
+
     def num_parameters(self, only_trainable: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
 
@@ -703,9 +752,14 @@ class DogeForCausalLM(nn.Module):
         plain = attention_mask is None and past == 0 and cfg.sliding_window is None
         allowed = None if plain else allowed_mask(cfg, B, S, past, attention_mask, x.device)
         router, states = [], []  # (states: only those asked for, not every layer's input)
+        # (never with a cache: the recomputation would append the keys again)
+        remat = cfg.remat != "none" and past_key_values is None and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
             states.append(x if selected is not None and i in selected else None)
-            x, rl = layer(x, cos, sin, allowed, past_key_values)
+            if remat:
+                x, rl = remat_layer(layer, cfg.remat, x, cos, sin, allowed)
+            else:
+                x, rl = layer(x, cos, sin, allowed, past_key_values)
             router.append(rl)
         x = self.model.norm(x)
         states.append(x if selected is not None and cfg.num_hidden_layers in selected else None)
@@ -748,12 +802,12 @@ class DogeForCausalLM(nn.Module):
         (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
 
-        gcfg, max_new_tokens = hf_call_args(self, input_ids, generation_config, max_new_tokens, max_length, num_beams,
-                                            num_return_sequences)
+        gcfg = hf_call_args(self, generation_config, num_beams, num_return_sequences)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
-                        min_new_tokens=min_new_tokens, generation_config=gcfg)
+                        min_new_tokens=min_new_tokens, generation_config=gcfg,
+                        max_length=max_length)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,

@@ -4,6 +4,7 @@ doge_torch sdpa / key-expiry attention path."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -392,7 +393,7 @@ def test_generation_config_argument_as_transformers(tmp_path):
         with pytest.raises(TypeError, match="generation_config: expected a transformers or doge_jax "
                                             "GenerationConfig or a dict, got str"):
             m.generate(conv(ids), generation_config="greedy")
-        with pytest.raises(ValueError, match=r"max_length=6: must be an int above the prompt's 6 tokens"):
+        with pytest.raises(ValueError, match=r"max_length=6 \(the generation config's\): must be an int above"):
             m.generate(conv(ids), generation_config={"max_length": 6})
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
@@ -400,6 +401,53 @@ def test_generation_config_argument_as_transformers(tmp_path):
         assert [str(x.message) for x in w if "num_beams" in str(x.message)] == [
             "generation_config sets num_beams=3: not implemented by this generate, ignored (transformers' output "
             "may differ)"]
+
+
+def test_length_fields_as_transformers(tmp_path):
+    """The output length and the EOS floor as transformers: generation_config.json's max_length (prompt + new
+    tokens) applies when no max_new_tokens is set, also under a generation_config that does not set one (it was
+    warned about and ignored, or applied only when passed in); an explicit max_new_tokens=None clears the file's;
+    min_new_tokens (0 too) replaces min_length instead of the larger of the two applying."""
+    import json
+
+    import transformers
+
+    import doge_torch
+
+    GC = transformers.GenerationConfig
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    ids = unique_ids(2, 6, 128, seed=8)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    cases = [  # (generation_config.json, generate arguments)
+        ({"eos_token_id": 1, "max_length": 14}, {}),
+        ({"eos_token_id": 1, "max_length": 14}, {"generation_config": GC(do_sample=False)}),
+        ({"eos_token_id": 1, "max_length": 14}, {"max_length": 9}),
+        ({"eos_token_id": 1, "max_new_tokens": 9}, {"max_new_tokens": None, "generation_config": GC(max_length=10)}),
+        ({"eos_token_id": 1, "max_new_tokens": 9}, {"max_length": 10}),  # the file's max_new_tokens wins
+        ({"eos_token_id": list(range(64)), "min_length": 15}, {"min_new_tokens": 2, "max_new_tokens": 12}),
+        ({"eos_token_id": list(range(64)), "min_length": 15}, {"generation_config": GC(min_new_tokens=0),
+                                                               "max_new_tokens": 12}),
+        ({"eos_token_id": list(range(64)), "min_length": 15}, {"max_new_tokens": 12}),
+    ]
+    for i, (file, kw) in enumerate(cases):
+        json.dump(file, open(f"{d}/generation_config.json", "w"))
+        ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+        with torch.no_grad():
+            want = ref.generate(torch.as_tensor(ids), attention_mask=mask, **kw).numpy()
+        tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+        jm = DogeForCausalLM.from_pretrained(d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is "not implemented" here
+            np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), **kw).numpy(), want, err_msg=str(i))
+            np.testing.assert_array_equal(jm.generate(ids, **kw), want, err_msg=str(i))
+    assert want.shape[1] > 6 + 9  # (the min_length case: EOS was kept off for 9 new tokens)
+    json.dump({"max_length": 6}, open(f"{d}/generation_config.json", "w"))
+    for m, conv in ((DogeForCausalLM.from_pretrained(d), np.asarray),
+                    (doge_torch.DogeForCausalLM.from_pretrained(d), torch.as_tensor)):
+        with pytest.raises(ValueError, match=r"max_length=6 \(the generation config's\): must be an int above the "
+                                             r"prompt's 6 tokens"):
+            m.generate(conv(ids))
+        assert m.generate(conv(ids), max_new_tokens=2).shape == (2, 8)
 
 
 def test_cache_overflow_raises(model_dir):
@@ -787,12 +835,12 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
         main(["--model", d, "--prompt-ids", *row, "--max-new-tokens", "3", "--repetition-penalty", "0"])
     assert exit_info.value.code == 2
     assert "repetition_penalty=0.0: must be a number > 0" in capsys.readouterr().err
-    # max_length caps the whole sequence in transformers unless max_new_tokens is set (by the call or the file)
+    # max_length is implemented (test_length_fields_as_transformers); num_beams 1 and the others change nothing
     from doge_jax.config import GenerationConfig
     from doge_jax.generation_args import unsupported_fields
 
     g = GenerationConfig(extra={"max_length": 20, "num_beams": 1, "is_assistant": False, "generation_kwargs": {}})
-    assert unsupported_fields(g) == {"max_length": 20} and unsupported_fields(g, length_given=True) == {}
+    assert unsupported_fields(g) == {}
     json.dump({"repetition_penalty": "high"}, open(f"{d}/generation_config.json", "w"))
     from doge_jax.config import ConfigError
 

@@ -649,6 +649,81 @@ def _compile_case(moe: bool = False):
     return model.train(), ids
 
 
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run while active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_remat_policies_same_gradients_and_recompute(moe):
+    """config.remat (shared with doge_jax; doge_torch ignored it): "full" recomputes each layer in the backward,
+    "dots_saveable" recomputes the layer but not its matmuls; gradients are bit-identical to no remat; eval,
+    no_grad and cached calls never checkpoint. transformers' gradient_checkpointing_enable / _disable set "full"."""
+    import torch._dynamo
+
+    model, ids = _compile_case(moe)
+    runs = {}
+    for policy in ("none", "full", "dots_saveable"):
+        model.config = model.config.replace(remat=policy)
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        with _OpCounter() as bwd:
+            loss.backward()
+        runs[policy] = (loss.detach(), {n: q.grad.clone() for n, q in model.named_parameters()}, bwd.counts)
+    ref_loss, ref_grads, ref_ops = runs["none"]
+    for policy in ("full", "dots_saveable"):
+        got_loss, grads, ops = runs[policy]
+        assert torch.equal(got_loss, ref_loss), policy
+        for n, g in ref_grads.items():
+            assert torch.equal(grads[n], g), (policy, n)
+    mm = lambda ops: sum(ops.get(k, 0) for k in ("mm", "addmm", "bmm"))  # noqa: E731
+    elementwise = lambda ops: ops.get("mul", 0) + ops.get("rsqrt", 0)  # noqa: E731
+    assert mm(runs["full"][2]) > mm(ref_ops)  # the layers' matmuls ran again
+    assert mm(runs["dots_saveable"][2]) == mm(ref_ops)  # saved, not recomputed
+    assert elementwise(runs["dots_saveable"][2]) > elementwise(ref_ops)  # the rest recomputed
+    model.config = model.config.replace(remat="none")
+    assert not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing and model.config.remat == "full"
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    with pytest.raises(ValueError, match="use_reentrant=True"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+    import doge_torch.model as M
+
+    calls = []
+    real = M.remat_layer
+    try:
+        M.remat_layer = lambda *a: calls.append(1) or real(*a)
+        with torch.no_grad():
+            model(ids)
+        model.eval()
+        model(ids)
+        model.train()
+        model(ids, use_cache=True)
+        assert calls == []
+        model(ids)
+        assert len(calls) == model.config.num_hidden_layers
+    finally:
+        M.remat_layer = real
+    model.gradient_checkpointing_disable()
+    assert model.config.remat == "none"
+    if not moe:  # torch.compile traces both policies as one graph (a lambda context_fn was an error under dynamo)
+        for policy in ("full", "dots_saveable"):
+            model.config = model.config.replace(remat=policy)
+            torch._dynamo.reset()
+            ex = torch._dynamo.explain(lambda i: model(i, labels=i, return_logits=False).loss)(ids)
+            assert ex.graph_break_count == 0 and ex.graph_count == 1, (policy, [b.reason for b in ex.break_reasons])
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("return_logits,moe", [(True, False), (False, False), (False, True)])
 def test_compile_fullgraph_no_graph_breaks(return_logits, moe, monkeypatch):
     """The whole forward (+ loss) traces as ONE graph, with and without explicit position_ids (dynamic RoPE from
