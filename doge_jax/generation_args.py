@@ -43,8 +43,8 @@ def call_generation_config(model, given=None):
 
     if given is None:
         return model.generation_config
-    if isinstance(given, GenerationConfig):
-        return given
+    if isinstance(given, GenerationConfig):  # checked as the file would be (an equal config comes back)
+        return generation_config_from_dict(given.to_dict(), model.config, "generation_config")
     if isinstance(given, dict):
         fields = dict(given)
     elif callable(getattr(given, "to_dict", None)):  # transformers.GenerationConfig (its unset fields are None)
@@ -56,10 +56,16 @@ def call_generation_config(model, given=None):
     if bad:
         raise TypeError(f"generation_config: field names must be strings, got {bad[0]!r}")
     fields = {k: v for k, v in fields.items() if v is not None and k != "transformers_version"}
+    asked = [k for k in _OTHER_OUTPUTS if fields.get(k)]
+    if asked:  # (silently ignored, a caller would index a tensor as a GenerateOutput)
+        raise ValueError(f"generation_config {asked[0]}=True: not supported; generate returns the token ids "
+                         "(prompt + new tokens) only")
     return generation_config_from_dict({**model.generation_config.to_dict(), **fields}, model.config,
                                        "generation_config")
 
 
+_OTHER_OUTPUTS = ("return_dict_in_generate", "output_scores", "output_logits", "output_hidden_states",
+                  "output_attentions")
 DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call nor generation_config.json sets it
 
 

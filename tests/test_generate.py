@@ -390,6 +390,11 @@ def test_generation_config_argument_as_transformers(tmp_path):
             m.generate(conv(ids), generation_config={"temperature": "hot"})
         with pytest.raises(ConfigError, match=r"generation_config: .*eos_token_id=500: must be in \[0, vocab_size="):
             m.generate(conv(ids), generation_config={"eos_token_id": 500})
+        with pytest.raises(ConfigError, match=r"generation_config: temperature='hot'"):  # ours is checked too
+            m.generate(conv(ids), generation_config=dataclasses.replace(jm.generation_config, temperature="hot"))
+        with pytest.raises(ValueError, match=r"generation_config return_dict_in_generate=True: not supported"):
+            m.generate(conv(ids), generation_config=transformers.GenerationConfig(return_dict_in_generate=True,
+                                                                                  output_scores=True))
         with pytest.raises(TypeError, match="generation_config: expected a transformers or doge_jax "
                                             "GenerationConfig or a dict, got str"):
             m.generate(conv(ids), generation_config="greedy")
