@@ -8,7 +8,8 @@ causal sdpa in the same run. Appends the table to benchmarks/RESULTS.md on a GPU
     PYTHONUNBUFFERED=1 python3 benchmarks/kernel_tune.py --seq 16384 2>&1 | tee $OUT/tune.log
 
 Without a GPU it runs a tiny CPU check of the same code paths (T 128, D 16; the kernels in Triton's interpreter
-and Pallas interpret mode; set TRITON_INTERPRET=1 before starting it), prints the table and appends nothing.
+and Pallas interpret mode: TRITON_INTERPRET=1 is set when no GPU is visible), prints the table and appends
+nothing; --seq and --keep apply to the GPU run only.
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    import torch  # (does not import triton)
+
+    if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter (set before triton's import)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import torch
     import torch.nn.functional as F
 
     import doge_torch.triton_attention as ta
