@@ -69,15 +69,13 @@ _OTHER_OUTPUTS = ("return_dict_in_generate", "output_scores", "output_logits", "
 DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call nor generation_config.json sets it
 
 
-def hf_call_args(model, generation_config, num_beams, num_return_sequences):
-    """A model.generate call's generation config (call_generation_config; None: the model's, unchanged);
-    num_beams and num_return_sequences only 1."""
+def check_hf_call_args(num_beams, num_return_sequences) -> None:
+    """transformers' generate arguments with one meaning here: num_beams and num_return_sequences only 1."""
     if num_beams != 1:
         raise ValueError(f"num_beams={num_beams}: beam search is not implemented (greedy decoding or sampling)")
     if num_return_sequences != 1:
         raise ValueError(f"num_return_sequences={num_return_sequences}: one sequence per row; repeat the rows of "
                          "input_ids (and attention_mask) for more samples")
-    return None if generation_config is None else call_generation_config(model, generation_config)
 
 
 def prompt_length(input_ids) -> int | None:

@@ -14,7 +14,7 @@ from flax import nnx
 
 from .attention import MaskInfo, attention
 from .config import DogeConfig, GenerationConfig
-from .generation_args import FROM_CONFIG, hf_call_args
+from .generation_args import FROM_CONFIG, check_hf_call_args
 from .model_output import OutputAccess, hidden_state_selection
 
 
@@ -552,12 +552,12 @@ class DogeForCausalLM(nnx.Module):
         `max_length` counts the prompt too (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
 
-        gcfg = hf_call_args(self, generation_config, num_beams, num_return_sequences)
+        check_hf_call_args(num_beams, num_return_sequences)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,
                         repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
-                        generation_config=gcfg,
+                        generation_config=generation_config,
                         max_length=max_length)
 
     @classmethod

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig, GenerationConfig
-from doge_jax.generation_args import FROM_CONFIG, hf_call_args
+from doge_jax.generation_args import FROM_CONFIG, check_hf_call_args
 from doge_jax.model_output import OutputAccess, hidden_state_selection
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available
@@ -802,11 +802,11 @@ class DogeForCausalLM(nn.Module):
         (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
 
-        gcfg = hf_call_args(self, generation_config, num_beams, num_return_sequences)
+        check_hf_call_args(num_beams, num_return_sequences)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
-                        min_new_tokens=min_new_tokens, generation_config=gcfg,
+                        min_new_tokens=min_new_tokens, generation_config=generation_config,
                         max_length=max_length)
 
     @classmethod
