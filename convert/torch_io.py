@@ -115,8 +115,11 @@ class TorchStateDictWriter:
             self._write(rec, val, len(val))
 
     def _write(self, record: str, val, nbytes: int) -> None:
+        self._call(self.writer.write_record, record, val, nbytes)
+
+    def _call(self, fn, *args) -> None:
         try:
-            self.writer.write_record(record, val, nbytes)
+            fn(*args)
         except Exception:
             if self.file.error is not None:  # torch re-raises the file's error as a RuntimeError
                 raise self.file.error from None
@@ -136,10 +139,5 @@ class TorchStateDictWriter:
     def close(self) -> None:
         if self.pending:
             raise CheckpointError(f"{self.path}: tensors never written: {', '.join(sorted(self.pending))}")
-        try:
-            self.writer.write_end_of_file()
-        except Exception:
-            if self.file.error is not None:
-                raise self.file.error from None
-            raise
+        self._call(self.writer.write_end_of_file)
         self.file.close()
