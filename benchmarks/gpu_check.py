@@ -678,7 +678,14 @@ def host_syncs_of_step(path: str, tdev, ids) -> int | None:
             torch.cuda.set_sync_debug_mode("default")
     for w in caught:
         print(f"  sync: {str(w.message).splitlines()[0][:160]}")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return len(sync_warnings(str(w.message) for w in caught))
+
+
+def sync_warnings(messages) -> list[str]:
+    """The warnings of torch's sync debug mode that report a synchronizing call ("called a synchronizing CUDA
+    operation"); not its notice that the mode is a prototype ("... does not yet detect all synchronizing
+    operations"), which torch 2.11 gives when the mode is switched on and which once counted as a sync."""
+    return [m for m in messages if "called a synchronizing CUDA operation" in m]
 
 
 # ---- (b) training throughput --------------------------------------------------------------------------------------
