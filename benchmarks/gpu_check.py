@@ -275,7 +275,7 @@ def kernel_smoke(report: Report, cpu: bool, timeout: float) -> None:
 # what the smoke test runs: the defaults and the block-size probe of the attention section (a fault in either would
 # poison the main process)
 VARIANTS = (("dense", dict(sparse=False)), ("sparse", dict(sparse=True)),
-            ("sparse 128x64", dict(sparse=True, block_q=128, block_k=64)))
+            ("sparse 64x64", dict(sparse=True, block_q=64, block_k=64)))
 
 
 def kernel_smoke_child(fw: str, cpu: bool) -> int:
@@ -339,7 +339,7 @@ def kernel_smoke_child(fw: str, cpu: bool) -> int:
     tol = 1e-4 if cpu else 5e-2
     if worst > tol:
         raise AssertionError(f"sparse and dense kernels differ by {worst:.1e} of max|dense| (> {tol:g})")
-    print(f"SMOKE {fw} OK sparse (64x64, 128x64 blocks) vs dense kernels {worst:.1e} of max|value|", flush=True)
+    print(f"SMOKE {fw} OK sparse (default and 64x64 blocks) vs dense kernels {worst:.1e} of max|value|", flush=True)
     return 0
 
 
@@ -884,7 +884,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         elif hf_row and budget.left() < (5 if cpu else 45):
             report.add(S, f"{label} transformers", "budget", status="SKIP")
         elif hf_row:
-            with guarded(report, S, f"{label} transformers"):
+            with guarded(report, S, f"{label} transformers seq {seq} x {rows} rows"):
                 hf_tps, note = hf_train_rate(base, tdev, batch, warm, timed)
                 report.add(S, f"{label} transformers bf16 autocast seq {seq} x {rows} rows",
                            f"{hf_tps:,.0f} tok/s, MFU {100 * hf_tps * fpt / peak:.1f}% ({note}; the baseline)")
@@ -897,7 +897,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         elif budget.left() < (5 if cpu else 40):
             report.add(S, f"{label} doge_jax", "budget", status="SKIP")
         else:
-            with guarded(report, S, f"{label} doge_jax"):
+            with guarded(report, S, f"{label} doge_jax seq {seq} x {rows} rows"):
                 cfg = base.replace(attention_impl="fused") if base.attention_impl == "auto" else base
                 step, params, opt_state, how = _jax_step(cfg, seq, rows)
                 jb = jnp.asarray(batch, jnp.int32)[None]
@@ -922,7 +922,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         if budget.left() < (5 if cpu else 60):
             report.add(S, f"{label} doge_torch", "budget", status="SKIP")
             return
-        with guarded(report, S, f"{label} doge_torch"), torch_sdpa_order(sdpa_backends):
+        with guarded(report, S, f"{label} doge_torch seq {seq} x {rows} rows"), torch_sdpa_order(sdpa_backends):
             model, cm, opt = torch_train_setup(base, tdev, cpu, regional == "all" or (regional == "160m"
                                                                                   and kind == "160m"))
             tb = torch.as_tensor(batch)
@@ -1122,9 +1122,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             if T <= keep:  # the training case: every tile below the diagonal is full (no mask needed)
                 cell(f"doge_torch DMA Triton dense, SKIP_FULL_TILE_MASK={not skip_default} (kernels only)",
                      functools.partial(t_kernel_skip, sparse=False))
-            if T == sizes[0]:  # a block-size probe at the target size: 128-query blocks
-                cell("doge_torch DMA Triton sparse 128x64 blocks (kernels only)",
-                     functools.partial(t_kernel, sparse=True, block_q=128, block_k=64))
+            if T == sizes[0]:  # a block-size probe at the target size: 64-query blocks (bf16's default is 128)
+                cell("doge_torch DMA Triton sparse 64x64 blocks (kernels only)",
+                     functools.partial(t_kernel, sparse=True, block_q=64, block_k=64))
             del e
         cell(f"doge_torch DMA {fast} (compiled)", t_fast)
         cell("doge_torch DMA sdpa+bias (eager)", functools.partial(t_dma, functools.partial(dma_attention, cfg)))
@@ -1168,8 +1168,8 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         if T > keep:
             cell("doge_jax DMA pallas (sparse)", jpallas(sparse=True))
         cell("doge_jax DMA pallas (dense)", jpallas(sparse=False))
-        if T == sizes[0]:  # a block-size probe at the target size: 128-query blocks
-            cell("doge_jax DMA pallas (sparse) 128x64 blocks", jpallas(sparse=True, block_q=128, block_k=64))
+        if T == sizes[0]:  # a block-size probe at the target size: 64-query blocks (bf16's default is 128)
+            cell("doge_jax DMA pallas (sparse) 64x64 blocks", jpallas(sparse=True, block_q=64, block_k=64))
         cell("doge_jax DMA blockwise", jgrad("blockwise"))
         if T <= keep:
             cell("doge_jax DMA fused", jgrad("fused"))

@@ -38,8 +38,9 @@ def test_kernels_compile_for_sm90_within_limits():
 
 def test_pallas_kernels_fit_sm90_shared_memory():
     """doge_jax's Pallas kernels (Triton IR from a CUDA export on the CPU, compiled by the triton wheel for sm_90):
-    every default config fits in a block's shared memory, bf16 without spills; float32 at D 256 with 64-wide tiles
-    would not fit (which is why default_blocks gives it 32 x 32), and the check says so."""
+    every default config fits in a block's shared memory, bf16 without spills (but a few bytes in one kernel);
+    float32 at D 256 with 64-wide tiles would not fit (which is why default_blocks gives it 32 x 32), and the check
+    says so."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(ROOT, "benchmarks", "pallas_compile_check.py")
     proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
@@ -47,7 +48,11 @@ def test_pallas_kernels_fit_sm90_shared_memory():
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
             if line.startswith("| bf16") or line.startswith("| fp32")]
     assert len(rows) == 15 and all(int(r[9]) <= 232448 for r in rows), rows  # shared memory bytes
-    assert all(r[10] == "True" and r[8] == "0" for r in rows if r[0] == "bf16"), rows  # wgmma, no spills
+    assert all(r[10] == "True" for r in rows if r[0] == "bf16"), rows  # wgmma
+    # no spills in bf16, except the sparse forward's 128 x 64 tiles: 48 bytes here, and still faster on an H200 than
+    # 64 x 64 (4.65 vs 5.43 ms forward+backward at T 16384, benchmarks/RESULTS.md 2026-11-30)
+    spills = {(r[2], r[4]): int(r[8]) for r in rows if r[0] == "bf16"}
+    assert spills.pop(("sparse", "forward")) <= 64 and set(spills.values()) == {0}, rows
     proc = subprocess.run([sys.executable, script, "--configs", "fp32,256,sparse,64"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
