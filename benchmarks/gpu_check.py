@@ -30,8 +30,8 @@ Sections (one table at the end, one row per check):
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
   train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; then
              with the kernels, doge_torch with sdpa's cuDNN kernel first, and 32 rows, as budget allows):
-             doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE; then with its
-             layers unrolled, model.scan_layers false), doge_torch bf16
+             doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE; layers as the
+             config says, unrolled in configs/doge-*.yaml; then the other way, model.scan_layers), doge_torch bf16
              autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
   attention  forward+backward (grads of q, k, v, dt) at 16k (the target, first), 2k, 8k, 32k keys, batch 1,
              Doge-160M heads (H 6, G 3, D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x
@@ -960,8 +960,9 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
                    status="SKIP")
     else:
         one(label + " [sdpa cuDNN first]", base, seq, rows, kind, jax_row=False, sdpa_backends=["cudnn"])
-    # doge_jax with its decoder layers unrolled instead of scanned (XLA fuses and schedules across layers)
-    one(label + " [unrolled layers]", base.replace(scan_layers=False), seq, rows, kind, torch_row=False)
+    # doge_jax with its decoder layers the other way (scanned or unrolled: the GPU configs unroll them)
+    other = "[scanned layers]" if not base.scan_layers else "[unrolled layers]"
+    one(f"{label} {other}", base.replace(scan_layers=not base.scan_layers), seq, rows, kind, torch_row=False)
     # a micro-batch twice as large: how much of the gap is per-step overhead (launches, optimizer, host syncs)
     if not cpu:  # on the CPU the same code as the first rows
         one(label, base, seq, 2 * rows, kind)
