@@ -40,7 +40,8 @@ import jax.numpy as jnp
 IMPLS = ("auto", "reference", "blockwise", "fused", "pallas")
 BLOCK_Q = 512
 BLOCK_K = 512
-# `auto` uses the dense reference up to this many score entries per (batch, head), blockwise above (fused on GPU).
+# `auto` uses the dense reference up to this many score entries per (batch, head), blockwise above (on a GPU fused up
+# to keep_window keys, pallas beyond).
 # Measured on 2 CPU cores (Doge-20M training step, float32): blockwise 1.02x the reference's tokens/s at seq 512,
 # 1.16x at 768, 1.35x at 1024 (benchmarks/RESULTS.md, 2026-11-28).
 AUTO_DENSE_MAX = 512 * 512
@@ -533,10 +534,11 @@ def attention_pallas(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array
 # ---- dispatch -----------------------------------------------------------------------------------------------------
 
 def choose_impl(impl: str, S: int, T: int, keep_window: int, mask: MaskInfo, dropout: bool,
-                head_dim: int = 128) -> str:
-    """Resolve `impl` to the implementation that will run. Explicit choices fall back to the reference only where
-    they cannot compute the function (dropout; blockwise with sliding_window > keep_window < T); `fused` beyond
-    its range (T > keep_window, cache) and `pallas` beyond its (cache, head dim) run blockwise."""
+                head_dim: int = 128, backend: str | None = None, devices: int | None = None) -> str:
+    """Resolve `impl` to the implementation that will run on `backend` with `devices` devices (default: JAX's).
+    Explicit choices fall back to the reference only where they cannot compute the function (dropout; blockwise
+    with sliding_window > keep_window < T); `fused` beyond its range (T > keep_window, cache) and `pallas` beyond
+    its (cache, head dim) run blockwise."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}: must be one of {IMPLS}")
     if dropout:
@@ -551,8 +553,15 @@ def choose_impl(impl: str, S: int, T: int, keep_window: int, mask: MaskInfo, dro
         return impl
     if not blockwise_supported(T, keep_window, mask) or S * T <= AUTO_DENSE_MAX:
         return "reference"
-    if jax.default_backend() == "gpu" and fused_supported(S, T, keep_window, mask):
-        return "fused"
+    if (backend or jax.default_backend()) == "gpu":
+        if fused_supported(S, T, keep_window, mask):
+            return "fused"
+        # beyond the keep window the Pallas kernels: H200, bf16, forward+backward at 8k / 16k keys 1.67x / 1.05x
+        # flash causal, blockwise 12.9x / 18.3x (benchmarks/RESULTS.md, 2026-11-30). One device only: XLA cannot
+        # partition the kernel's custom call over a mesh (it would gather the whole batch onto every device).
+        one = (devices or jax.device_count()) == 1
+        if one and pallas_supported(S, T, head_dim, keep_window, mask):
+            return "pallas"
     return "blockwise"
 
 

@@ -21,7 +21,12 @@ from doge_jax.config import DogeConfig, GenerationConfig
 from doge_jax.generation_args import FROM_CONFIG, check_hf_call_args
 from doge_jax.model_output import OutputAccess, hidden_state_selection
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
-from doge_torch.triton_attention import dma_triton, triton_available
+from doge_torch.triton_attention import dma_triton, triton_available, use_sparse
+
+# attention_impl "auto" on CUDA runs the sparse Triton kernels (not FlexAttention) for T > this many keep windows.
+# H200, bf16, forward+backward vs flash causal (benchmarks/RESULTS.md, 2026-11-30): at 16k (8 keep windows) the
+# kernels 1.09x (the model path compiled 1.29x), FlexAttention 1.58x; at 32k 0.53x vs 1.40x; at 8k (4) 1.97x vs 1.74x.
+TRITON_AUTO_MIN_WINDOWS = 4
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -391,7 +396,8 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     hidden-state dtype whose finfo.min marks masked entries (spec §9.5).
 
     `attention_impl="pallas"` on CUDA with allowed None: the Triton flash kernel of doge_torch.triton_attention (the
-    counterpart of doge_jax's Pallas kernel). sdpa paths. With allowed None and T <= keep_window the bias is folded
+    counterpart of doge_jax's Pallas kernel); "auto" runs its sparse kernels too for T > TRITON_AUTO_MIN_WINDOWS *
+    keep_window. sdpa paths. With allowed None and T <= keep_window the bias is folded
     into the head dimension (`fold_bias`) and
     sdpa runs plain causal attention (a flash kernel on CUDA); beyond keep_window on CUDA, FlexAttention
     (`flex_dma`). Otherwise the bias (dt, finfo.min where masked: causal always applied, padding, keep window in
@@ -406,7 +412,10 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
     sdpa = use_sdpa(cfg, compute, q.device)
     if allowed is None:
-        if cfg.attention_impl == "pallas" and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
+        keep = cfg.keep_window_size
+        kernel = cfg.attention_impl == "pallas" or (  # "auto": the sparse kernels, far beyond the keep window
+            cfg.attention_impl == "auto" and T > TRITON_AUTO_MIN_WINDOWS * keep and use_sparse(T, keep))
+        if kernel and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
             e = key_expiry(dt, torch.ones(B, T, dtype=torch.bool, device=q.device), cfg.keep_window_size)
             return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=cfg.keep_window_size,
                               check=False).to(q.dtype)  # e from key_expiry keeps the rule: no eager host sync

@@ -278,7 +278,19 @@ def test_choose_impl():
     assert choose_impl("auto", 64, 64, 2048, m, False) == "reference"
     assert choose_impl("auto", 512, 512, 2048, m, False) == "reference"
     assert choose_impl("auto", 768, 768, 2048, m, False) == ("fused" if jax.default_backend() == "gpu" else "blockwise")
-    assert choose_impl("auto", 8192, 8192, 2048, m, False) == "blockwise"
+    assert choose_impl("auto", 8192, 8192, 2048, m, False) == (
+        "pallas" if jax.default_backend() == "gpu" and jax.device_count() == 1 else "blockwise")
+    # on a GPU: fused up to keep_window, the Pallas kernels beyond (timed on an H200; one device), blockwise where
+    # neither runs
+    gpu = dict(backend="gpu", devices=1)
+    assert choose_impl("auto", 768, 768, 2048, m, False, **gpu) == "fused"
+    assert choose_impl("auto", 8192, 8192, 2048, m, False, **gpu) == "pallas"
+    assert choose_impl("auto", 8192, 8192, 2048, MaskInfo(np.ones((1, 8192), bool)), False, **gpu) == "pallas"
+    assert choose_impl("auto", 8192, 8192, 2048, m, False, head_dim=96, **gpu) == "blockwise"
+    assert choose_impl("auto", 64, 8192, 2048, MaskInfo(None, 8128, 8192), False, **gpu) == "blockwise"  # cache
+    assert choose_impl("auto", 8192, 8192, 2048, m, True, **gpu) == "reference"  # dropout
+    assert choose_impl("auto", 8192, 8192, 2048, m, False, backend="cpu") == "blockwise"
+    assert choose_impl("auto", 8192, 8192, 2048, m, False, backend="gpu", devices=2) == "blockwise"  # a mesh
     assert choose_impl("blockwise", 64, 64, 2048, m, True) == "reference"  # dropout: reference only
     assert choose_impl("fused", 64, 64, 16, m, False) == "blockwise"  # beyond keep_window
     assert choose_impl("fused", 1, 64, 2048, MaskInfo(None, 10, 11), False) == "blockwise"  # cache

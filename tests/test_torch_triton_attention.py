@@ -258,6 +258,38 @@ def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
         assert (a.grad - b.grad).abs().max().item() <= 1e-4 * max(scale, 1e-3), name
 
 
+@pytest.mark.parametrize("impl,T,want_calls", [("auto", 40, 2), ("auto", 32, 0), ("reference", 40, 0)])
+def test_auto_runs_the_sparse_kernels_far_beyond_the_keep_window(monkeypatch, impl, T, want_calls):
+    """attention_impl="auto" (on CUDA: forced here, the interpreter runs the kernels) takes the sparse Triton kernels
+    only for T > TRITON_AUTO_MIN_WINDOWS * keep_window (FlexAttention or the folded sdpa below), with the eager
+    reference's logits."""
+    import doge_torch.model as dm
+    from doge_jax.config import DogeConfig
+
+    keep = 8
+    assert (T > dm.TRITON_AUTO_MIN_WINDOWS * keep) == (want_calls > 0 or impl != "auto")
+    cfg = DogeConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, keep_window_size=keep, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = dm.DogeForCausalLM(cfg.replace(attention_impl="reference"))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(".A"):
+                p.normal_()
+    model = dm.DogeForCausalLM(cfg.replace(attention_impl=impl))
+    model.load_state_dict(ref.state_dict())
+    calls = []
+    real = dm.dma_triton
+    monkeypatch.setattr(dm, "triton_available", lambda device: True)
+    monkeypatch.setattr(dm, "dma_triton", lambda *a, **k: calls.append(k) or real(*a, block_q=16, block_k=16,
+                                                                                   superblock=16, **k))
+    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    assert len(calls) == want_calls and all(k["keep"] == keep for k in calls)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
 def test_custom_ops_pass_opcheck_on_strided_inputs():
     """torch.library.opcheck on transposed (non-contiguous) inputs, as the model passes them: the fake kernels give
     the real outputs' shapes, dtypes and strides (inductor asserts them), autograd registration and AOT dispatch."""
