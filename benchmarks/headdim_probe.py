@@ -1,0 +1,148 @@
+"""Which head-dim layout makes cuDNN's causal attention fastest for DMA at the training shape (a GPU probe).
+
+The fused/folded DMA paths fold the per-key bias into one extra head dim (128 -> 136), and cuDNN then runs its
+192-wide kernels: on an H200 the Doge-160M step's attention backward took 4.5x its forward (benchmarks/RESULTS.md,
+2026-11-30). Folding the bias into the values instead (softmax(s + b_j) = softmax(s) reweighted by w_j = exp(b_j - c):
+attend over [w * v, w], divide by the last column) keeps q and k at 128 and gives v 129 -> 136. This probe times
+causal forward+backward for (d_qk, d_v) in CASES at B 16, H 6, G 3, T 2048, bf16 (a Doge-160M layer), through torch's
+sdpa with only the cuDNN backend and JAX's cuDNN fused attention (jax.nn.dot_product_attention when d_v == d_qk, the
+private cuDNN wrapper otherwise; a refusal is a row), and prints one table (appended to RESULTS.md on a GPU).
+
+    python benchmarks/headdim_probe.py            # GPU: ~1-2 min; CPU: a tiny smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (d_qk, d_v): plain causal (the floor), today's fold, V-side folds, and 192 to see the tile the fold pays for
+CASES = ((128, 128), (136, 136), (128, 136), (128, 144), (128, 192), (192, 192))
+
+
+def median_ms(fn, sync, reps: int) -> float:
+    """Median milliseconds of fn() over `reps` calls after two warm-ups."""
+    for _ in range(2):
+        sync(fn())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def torch_rows(shape, gpu: bool, reps: int) -> list[tuple[str, str]]:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, G, T = shape
+    dev, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    backends = [SDPBackend.CUDNN_ATTENTION] if gpu else [SDPBackend.MATH]
+    sync = (lambda _: torch.cuda.synchronize()) if gpu else (lambda _: None)
+    out = []
+    for dq, dv in CASES:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(B, H, T, dq, device=dev, dtype=dtype, generator=gen, requires_grad=True)
+        k = torch.randn(B, G, T, dq, device=dev, dtype=dtype, generator=gen, requires_grad=True)
+        v = torch.randn(B, G, T, dv, device=dev, dtype=dtype, generator=gen, requires_grad=True)
+        do = torch.randn(B, H, T, dv, device=dev, dtype=dtype, generator=gen)
+
+        def fwd(q=q, k=k, v=v):
+            with sdpa_kernel(backends), torch.no_grad():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        def fwd_bwd(q=q, k=k, v=v, do=do):
+            with sdpa_kernel(backends):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return torch.autograd.grad(o, (q, k, v), do)
+
+        name = f"torch sdpa {'cuDNN' if gpu else 'math'} d_qk {dq} d_v {dv}"
+        try:
+            out.append((name, f"{median_ms(fwd, sync, reps):.3f}", f"{median_ms(fwd_bwd, sync, reps):.3f}"))
+        except RuntimeError as e:  # cuDNN refuses the shapes (sdpa_kernel allows no fallback)
+            out.append((name, "refused: " + str(e).splitlines()[0][:100].replace("|", "/"), ""))
+        del q, k, v, do
+    return out
+
+
+def jax_rows(shape, gpu: bool, reps: int) -> list[tuple[str, str]]:
+    import jax
+    import jax.numpy as jnp
+
+    B, H, G, T = shape
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    out = []
+    for dq, dv in CASES:
+        kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
+        q = jax.random.normal(kq, (B, T, H, dq), dtype)
+        k = jax.random.normal(kk, (B, T, G, dq), dtype)
+        v = jax.random.normal(kv, (B, T, G, dv), dtype)
+        do = jax.random.normal(kd, (B, T, H, dv), dtype)
+        if dq == dv:
+            impl = "cudnn" if gpu else "xla"
+
+            def attn(q, k, v, impl=impl):
+                return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        elif gpu:  # jax.nn.dot_product_attention wants v shaped as k: the cuDNN wrapper it calls does not
+            from jax._src.cudnn.fused_attention_stablehlo import MaskType
+            from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+            def attn(q, k, v, dq=dq):
+                return cudnn_attention(q, k, v, scale=dq ** -0.5, mask_type=MaskType.CAUSAL, qkv_layout="BTNH")
+        else:  # the CPU smoke run: the same contraction written out
+            def attn(q, k, v, dq=dq):
+                kr, vr = (jnp.repeat(x, H // G, axis=2) for x in (k, v))
+                s = jnp.einsum("bqhd,bkhd->bhqk", q, kr) * dq ** -0.5
+                s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+                return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vr)
+
+        fwd = jax.jit(attn)
+
+        def loss(q, k, v, attn=attn, do=do):
+            return jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        name = f"jax {'cuDNN' if gpu else 'xla'} d_qk {dq} d_v {dv}"
+        try:
+            f_ms = median_ms(lambda fwd=fwd, q=q, k=k, v=v: fwd(q, k, v), jax.block_until_ready, reps)
+            b_ms = median_ms(lambda grad=grad, q=q, k=k, v=v: grad(q, k, v), jax.block_until_ready, reps)
+            out.append((name, f"{f_ms:.3f}", f"{b_ms:.3f}"))
+        except Exception as e:  # noqa: BLE001 - a refusal (shapes, cuDNN version) is a result
+            out.append((name, f"refused: {type(e).__name__}: " + str(e).splitlines()[0][:100].replace("|", "/"), ""))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--reps", type=int, default=10, help="timed calls per row (median)")
+    ap.add_argument("--no-append", action="store_true", help="never append to benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    import jax
+    import torch
+
+    gpu = torch.cuda.is_available()
+    shape = (16, 6, 3, 2048) if gpu else (1, 2, 1, 32)
+    rows = torch_rows(shape, gpu, args.reps) + jax_rows(shape, gpu and jax.default_backend() == "gpu", args.reps)
+    card = torch.cuda.get_device_name(0) if gpu else "cpu-smoke"
+    B, H, G, T = shape
+    title = (f"## headdim_probe.py — {datetime.datetime.now():%Y-%m-%d %H:%M} — {card} (B {B}, H {H}, G {G}, T {T}, "
+             f"causal, {'bf16' if gpu else 'float32'}; torch {torch.__version__}, jax {jax.__version__})")
+    lines = ["| kernel | fwd ms | fwd+bwd ms |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    table = "\n".join(lines)
+    print(f"\n{title}\n\n{table}")
+    if gpu and not args.no_append:
+        with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), "a") as f:
+            f.write(f"\n{title}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
