@@ -123,7 +123,9 @@ def main() -> None:
     batches = [rng.integers(3, cfg.vocab_size, (args.rows, args.seq), dtype=np.int64) for _ in range(args.steps)]
     runners = {"doge_jax": jax_runner(cfg, args.seq, args.rows, 1024),
                "doge_jax (plain CE)": jax_runner(cfg, args.seq, args.rows, 0),
-               "doge_jax (unrolled layers)": jax_runner(cfg.replace(scan_layers=False), args.seq, args.rows, 1024),
+               # the layers the other way (configs/doge-20m.yaml unrolls them)
+               f"doge_jax ({'scanned' if not cfg.scan_layers else 'unrolled'} layers)":
+                   jax_runner(cfg.replace(scan_layers=not cfg.scan_layers), args.seq, args.rows, 1024),
                "doge_torch": doge_torch_runner(cfg, logits=False),
                "doge_torch (plain CE)": doge_torch_runner(cfg, logits=True)}
     t_run, attn = torch_runner(cfg)

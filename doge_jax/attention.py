@@ -534,8 +534,11 @@ def attention_pallas(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array
 # ---- dispatch -----------------------------------------------------------------------------------------------------
 
 def choose_impl(impl: str, S: int, T: int, keep_window: int, mask: MaskInfo, dropout: bool,
-                head_dim: int = 128, backend: str | None = None, devices: int | None = None) -> str:
-    """Resolve `impl` to the implementation that will run on `backend` with `devices` devices (default: JAX's).
+                head_dim: int = 128, backend: str | None = None, devices: int | None = None,
+                q_elements: int = 0) -> str:
+    """Resolve `impl` to the implementation that will run on `backend` with `devices` devices (default: JAX's),
+    for a query of `q_elements` elements (B*H*S*D: `auto` leaves the Pallas kernels where their 32-bit offsets
+    would not cover it).
     Explicit choices fall back to the reference only where they cannot compute the function (dropout; blockwise
     with sliding_window > keep_window < T); `fused` beyond its range (T > keep_window, cache) and `pallas` beyond
     its (cache, head dim) run blockwise."""
@@ -560,7 +563,9 @@ def choose_impl(impl: str, S: int, T: int, keep_window: int, mask: MaskInfo, dro
         # flash causal, blockwise 12.9x / 18.3x (benchmarks/RESULTS.md, 2026-11-30). One device only: XLA cannot
         # partition the kernel's custom call over a mesh (it would gather the whole batch onto every device).
         one = (devices or jax.device_count()) == 1
-        if one and pallas_supported(S, T, head_dim, keep_window, mask):
+        # dma_pallas refuses B*H*T*D past 32-bit offsets, T padded to the blocks (<= 128) plus a spare key block
+        fits = q_elements // max(S, 1) * (-(-T // 128) * 128 + 128) < 2 ** 31
+        if one and fits and pallas_supported(S, T, head_dim, keep_window, mask):
             return "pallas"
     return "blockwise"
 
@@ -573,7 +578,7 @@ def attention(q, k, v, dt, mask, keep_window: int, impl: str = "reference", drop
         return attention_reference(q, k, v, dt, mask, keep_window, dropout_rate, dropout_rng, num_keys)
     S, T = q.shape[2], k.shape[2]
     dropout = dropout_rate > 0.0 and dropout_rng is not None
-    which = choose_impl(impl, S, T, keep_window, mask, dropout, q.shape[-1])
+    which = choose_impl(impl, S, T, keep_window, mask, dropout, q.shape[-1], q_elements=q.size)
     if which == "reference":
         return attention_reference(q, k, v, dt, mask, keep_window, dropout_rate, dropout_rng)
     if which == "fused":

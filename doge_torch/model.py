@@ -248,8 +248,8 @@ def dynamic_mask_bias(dt: torch.Tensor, allowed: torch.Tensor, keep_window: int,
 def use_sdpa(cfg: DogeConfig, dtype: torch.dtype, device: torch.device) -> bool:
     """`attention_impl` for doge_torch: reference -> eager (transformers' op order); blockwise / fused -> sdpa;
     pallas -> the Triton kernel where it applies (CUDA, no padding, no cache, no dropout), sdpa elsewhere;
-    auto -> sdpa, except reduced precision on CPU, where eager keeps transformers' bf16 rounding (and sdpa is
-    not faster)."""
+    auto -> sdpa (and on CUDA the sparse Triton kernels past TRITON_AUTO_MIN_WINDOWS keep windows: dma_attention),
+    except reduced precision on CPU, where eager keeps transformers' bf16 rounding (and sdpa is not faster)."""
     if cfg.attention_impl == "reference":
         return False
     if cfg.attention_impl == "auto":
@@ -414,7 +414,8 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if allowed is None:
         keep = cfg.keep_window_size
         kernel = cfg.attention_impl == "pallas" or (  # "auto": the sparse kernels, far beyond the keep window
-            cfg.attention_impl == "auto" and T > TRITON_AUTO_MIN_WINDOWS * keep and use_sparse(T, keep))
+            cfg.attention_impl == "auto" and T > TRITON_AUTO_MIN_WINDOWS * keep and use_sparse(T, keep)
+            and D >= 16 and D & (D - 1) == 0)  # (power-of-two head dims: Triton tiles; else FlexAttention)
         if kernel and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
             e = key_expiry(dt, torch.ones(B, T, dtype=torch.bool, device=q.device), cfg.keep_window_size)
             return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=cfg.keep_window_size,

@@ -159,6 +159,26 @@ def test_pallas_lowers_to_triton_for_cuda(T, window, sparse):
     assert text.count("__gpu$xla.gpu.triton") == 3
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_pallas_default_16bit_tiles(sparse):
+    """The 128 x 64 tiles 16-bit inputs get by default (forward and dq kernels; 32-query dk/dv steps; the default
+    superblock of 256 queries), float32 here in interpret mode: values and gradients = the reference."""
+    from doge_jax.attention import _fill_masked_rows
+    from doge_jax.pallas_attention import default_blocks, dma_pallas
+
+    T, keep = 300, 40
+    assert default_blocks(16, 2) == (128, 64)
+    args, km, w = _inputs(n=2, S=T, T=T, D=16, pad=(0, 5))
+    mask = MaskInfo(km)
+    valid = mask.valid_keys(2, T)
+
+    def f(q, k, v, dt):
+        o = dma_pallas(q, k, v, dt, key_expiry(dt, valid, keep), block_q=128, block_k=64, keep=keep, sparse=sparse)
+        return _fill_masked_rows(o.reshape(2, 2, 2, T, 16), q.reshape(2, 2, 2, T, 16), k, v, mask).reshape(q.shape)
+
+    _compare(f, args, mask, w, keep)
+
+
 def test_pallas_forward_and_dkv_blocks_differ():
     """64-query blocks in the forward and dq kernels, 32 in the dk/dv/d(dt) kernel (BLOCK_Q_DKV): same function."""
     from doge_jax.pallas_attention import dma_pallas
@@ -291,6 +311,10 @@ def test_choose_impl():
     assert choose_impl("auto", 8192, 8192, 2048, m, True, **gpu) == "reference"  # dropout
     assert choose_impl("auto", 8192, 8192, 2048, m, False, backend="cpu") == "blockwise"
     assert choose_impl("auto", 8192, 8192, 2048, m, False, backend="gpu", devices=2) == "blockwise"  # a mesh
+    # past the kernels' 32-bit offsets (dma_pallas would refuse): blockwise; just below them: pallas
+    big = 64 * 8 * 32768 * 128  # B H T D
+    assert choose_impl("auto", 32768, 32768, 2048, m, False, q_elements=big, **gpu) == "blockwise"
+    assert choose_impl("auto", 32768, 32768, 2048, m, False, q_elements=big // 2 - 8 * 128 * 128, **gpu) == "pallas"
     assert choose_impl("blockwise", 64, 64, 2048, m, True) == "reference"  # dropout: reference only
     assert choose_impl("fused", 64, 64, 16, m, False) == "blockwise"  # beyond keep_window
     assert choose_impl("fused", 1, 64, 2048, MaskInfo(None, 10, 11), False) == "blockwise"  # cache

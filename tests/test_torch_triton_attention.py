@@ -71,6 +71,8 @@ CASES = {
     "bq_gt_bk": (70, H, 16, (1, 21), 24, "random", 32, 16, torch.float64),  # a whole padding key block
     "bq_lt_bk": (70, G, 16, (0, 20), None, "increasing", 16, 32, torch.float64),
     "bq64_dkv_bq32": (100, G, 16, (1, 5), None, "increasing", 64, 16, torch.float64),  # dk/dv steps 32 queries
+    # the 16-bit default tiles (128 x 64; superblock 256: one per 2+ query blocks), with a window
+    "bq128_bk64_default_tiles": (300, H, 40, (0, 70), 50, "random", 128, 64, torch.float64),
     "dt_shared_by_all_heads": (70, 1, 16, (1, 5), None, "random", 16, 16, torch.float64),  # n = 1 < G
     "float32": (70, G, 16, (1, 5), None, "random", 16, 16, torch.float32),
     "float32_window_per_query_head": (50, H, 16, (0, 7), 12, "increasing", 16, 16, torch.float32),
@@ -258,18 +260,19 @@ def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
         assert (a.grad - b.grad).abs().max().item() <= 1e-4 * max(scale, 1e-3), name
 
 
-@pytest.mark.parametrize("impl,T,want_calls", [("auto", 40, 2), ("auto", 32, 0), ("reference", 40, 0)])
-def test_auto_runs_the_sparse_kernels_far_beyond_the_keep_window(monkeypatch, impl, T, want_calls):
+@pytest.mark.parametrize("impl,T,D,want_calls", [("auto", 40, 16, 2), ("auto", 32, 16, 0), ("reference", 40, 16, 0),
+                                                 ("auto", 40, 24, 0)])
+def test_auto_runs_the_sparse_kernels_far_beyond_the_keep_window(monkeypatch, impl, T, D, want_calls):
     """attention_impl="auto" (on CUDA: forced here, the interpreter runs the kernels) takes the sparse Triton kernels
-    only for T > TRITON_AUTO_MIN_WINDOWS * keep_window (FlexAttention or the folded sdpa below), with the eager
-    reference's logits."""
+    only for T > TRITON_AUTO_MIN_WINDOWS * keep_window and a power-of-two head dim (else FlexAttention, or the folded
+    sdpa below), with the eager reference's logits."""
     import doge_torch.model as dm
     from doge_jax.config import DogeConfig
 
     keep = 8
-    assert (T > dm.TRITON_AUTO_MIN_WINDOWS * keep) == (want_calls > 0 or impl != "auto")
-    cfg = DogeConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, keep_window_size=keep, max_position_embeddings=64)
+    cfg = DogeConfig(vocab_size=64, hidden_size=4 * D, intermediate_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, keep_window_size=keep, max_position_embeddings=64)
+    assert cfg.head_size == D
     torch.manual_seed(0)
     ref = dm.DogeForCausalLM(cfg.replace(attention_impl="reference"))
     with torch.no_grad():
