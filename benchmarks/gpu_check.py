@@ -486,10 +486,12 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
                 m = with_attention_impl(nnx.merge(graphdef, state), impl)
                 lg = nnx.jit(lambda m, i, k: m(i, attention_mask=k).logits)(m, ja, jm)
                 f32_row(f"doge_jax fp32 {impl} logits (T>keep_window, padding)", max_abs(lg, ref_a))
-        with guarded(report, S, "doge_jax fp32 fused"):
-            m = with_attention_impl(nnx.merge(graphdef, state), "fused")
-            lg = nnx.jit(lambda m, i: m(i).logits)(m, jb)
-            f32_row("doge_jax fp32 fused logits (T<=keep_window)", max_abs(lg, ref_b))
+        for fold in ("qk", "v"):
+            name = "fused" if fold == "qk" else "fused (v-side fold)"
+            with guarded(report, S, f"doge_jax fp32 {name}"), fused_fold(fold):
+                m = with_attention_impl(nnx.merge(graphdef, state), "fused")
+                lg = nnx.jit(lambda m, i: m(i).logits)(m, jb)
+                f32_row(f"doge_jax fp32 {name} logits (T<=keep_window)", max_abs(lg, ref_b))
         if not faulted(report, S, "doge_jax fp32 pallas sparse", "pallas"):
             with guarded(report, S, "doge_jax fp32 pallas sparse"):  # T = 80 >= 2 keep_window, no padding
                 jc = jnp.asarray(ids_c)
@@ -514,15 +516,16 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
                 flat = {tuple(str(p) for p in path): (v[...] if hasattr(v, "__getitem__") else v.value)
                         for path, v in nnx.to_flat_state(grads)}
                 grad_row(f"doge_jax fp32 {impl} loss gradients", rel_norm(to_hf_arrays(flat), ref_grads))
-    for impl in ("fused", "blockwise", "pallas"):
+    for impl, fold in (("fused", "qk"), ("fused", "v"), ("blockwise", "qk"), ("pallas", "qk")):
         if impl == "pallas" and faulted(report, S, f"doge_jax bf16 {impl}", "pallas"):
             continue
-        with guarded(report, S, f"doge_jax bf16 {impl}"):
+        name = impl if fold == "qk" else f"{impl} (v-side fold)"
+        with guarded(report, S, f"doge_jax bf16 {name}"), fused_fold(fold):
             st16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                 state)
             m = with_attention_impl(nnx.merge(graphdef, st16), impl)
             lg = nnx.jit(lambda m, i: m(i).logits.astype(jnp.float32))(m, jb)
-            bf16_row(f"doge_jax bf16 compute {impl} logits", max_abs(lg, ref_b))
+            bf16_row(f"doge_jax bf16 compute {name} logits", max_abs(lg, ref_b))
     with guarded(report, S, "MoE"):
         moe_parity(report, tdev, ids_b, f32_row, grad_row)
     if budget.left() < (3 if cpu else 20):
@@ -855,7 +858,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     warm, timed = (1, 2) if cpu else (2, 6)
     ran = [0]  # framework rows that passed --train-only
 
-    def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False, torch_row=True):
+    def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False, torch_row=True,
+            jax_fold="qk"):
         # --train-only: a framework's row runs only if "label framework seq S x R rows" has every term (and none of
         # the ~terms)
         hf_row, jax_row, torch_row = (on and train_row_wanted(f"{label} {fw} seq {seq} x {rows} rows", only)
@@ -899,7 +903,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         elif budget.left() < (5 if cpu else 40):
             report.add(S, f"{label} doge_jax", "budget", status="SKIP")
         else:
-            with guarded(report, S, f"{label} doge_jax seq {seq} x {rows} rows"):
+            with guarded(report, S, f"{label} doge_jax seq {seq} x {rows} rows"), fused_fold(jax_fold):
                 cfg = base.replace(attention_impl="fused") if base.attention_impl == "auto" else base
                 step, params, opt_state, how = _jax_step(cfg, seq, rows)
                 jb = jnp.asarray(batch, jnp.int32)[None]
@@ -962,6 +966,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
                    status="SKIP")
     else:
         one(label + " [sdpa cuDNN first]", base, seq, rows, kind, jax_row=False, sdpa_backends=["cudnn"])
+    # doge_jax's fused attention with the bias folded into the values (q/k keep head dim 128; doge_jax.attention)
+    one(label + " [v-side fold]", base, seq, rows, kind, torch_row=False, jax_fold="v")
     # doge_jax with its decoder layers the other way (scanned or unrolled: the GPU configs unroll them)
     other = "[scanned layers]" if not base.scan_layers else "[unrolled layers]"
     one(f"{label} {other}", base.replace(scan_layers=not base.scan_layers), seq, rows, kind, torch_row=False)
@@ -970,6 +976,20 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         one(label, base, seq, 2 * rows, kind)
     if only and not ran[0]:
         report.add(S, f"--train-only {','.join(only)}", "matched no train row", status="FAIL")
+
+
+@contextlib.contextmanager
+def fused_fold(fold: str):
+    """doge_jax's fused attention folds the bias into q/k ("qk", the default) or into the values ("v") while inside
+    (read when a step is traced: the rows build and compile their steps inside)."""
+    from doge_jax import attention
+
+    before = attention.FUSED_FOLD
+    attention.FUSED_FOLD = fold
+    try:
+        yield
+    finally:
+        attention.FUSED_FOLD = before
 
 
 def train_row_wanted(name: str, terms: tuple[str, ...]) -> bool:
@@ -1177,6 +1197,13 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         cell("doge_jax DMA blockwise", jgrad("blockwise"))
         if T <= keep:
             cell("doge_jax DMA fused", jgrad("fused"))
+            folded_v = jgrad("fused")  # its own jit: traced (so folded) inside fused_fold("v") on its first call
+
+            def fused_v():
+                with fused_fold("v"):
+                    return folded_v()
+
+            cell("doge_jax DMA fused (v-side fold)", fused_v)
         jax.clear_caches()
 
         base = times.get(BASELINE) or times.get(BASELINE_DEFAULT)

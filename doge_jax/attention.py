@@ -481,17 +481,88 @@ def fold_bias(q, k, v, dt, valid=None):
     return qa, ka, va
 
 
+# How `fused` folds the bias: "qk" (`fold_bias`: one extra q/k head dim; at D = 128 the padded 136 runs cuDNN's
+# 192-wide kernels, whose backward took 4.5x the forward on an H200) or "v" (`fold_bias_v`: weights on the values,
+# q and k stay at D). "v" is not yet timed on a GPU (benchmarks/headdim_probe.py; gpu_check's "[v-side fold]" row).
+FUSED_FOLD = "qk"
+# the "v" fold's weights exp(b - max b) stay far from underflow while the keys' bias spans at most this much (any
+# batch row or head beyond it: the "qk" fold runs for the whole call)
+V_FOLD_MAX_SPREAD = 60.0
+
+
+def fold_bias_v(v, dt, valid=None):
+    """Fold the per-key bias into the values: softmax_j(s_ij + b_j) = softmax_j(s_ij) * w_j / sum_j(...) with
+    w_j = exp(b_j - c), c = max_j b_j, so DMA = o'[:D] / o'[D] for plain causal attention o' over v' = [w * v, w, 0...]
+    (padded to a multiple of 8; padding keys get w = 0). v [B, G, T, D]; dt [B, n, T] (n = G or H: v is repeated to
+    the query heads when n = H > G); valid [B, T] bool or None. Returns (v', ok): ok (a traced bool) says that b
+    spans at most V_FOLD_MAX_SPREAD over the valid keys of every batch row and head (else weights may underflow)."""
+    B, G, T, D = v.shape
+    n = dt.shape[1]
+    if n != G:
+        v = jnp.repeat(v, n // G, axis=1)
+    b = dt.astype(jnp.float32)
+    live = jnp.ones((B, 1, T), bool) if valid is None else valid[:, None, :]
+    # c cancels out of o'[:D] / o'[D]: no gradient through it (only its rounding would flow)
+    c = jax.lax.stop_gradient(jnp.max(jnp.where(live, b, -jnp.inf), axis=-1, keepdims=True))
+    lo = jnp.min(jnp.where(live, b, jnp.inf), axis=-1, keepdims=True)
+    ok = jnp.all(jnp.where(jnp.isfinite(c), c - lo, 0.0) <= V_FOLD_MAX_SPREAD)  # (no valid key: nothing to span)
+    c = jnp.where(jnp.isfinite(c), c, 0.0)
+    w = jnp.where(live, jnp.exp(jnp.where(live, b, c) - c), 0.0)[..., None]  # padding keys: no exp overflow
+    pad = _round_up(D + 1, 8) - D - 1
+    va = jnp.concatenate([(v * w).astype(v.dtype), w.astype(v.dtype), jnp.zeros((B, n, T, pad), v.dtype)], axis=-1)
+    return va, ok
+
+
+def _causal_attention_v(q, k, va):
+    """Causal attention with values wider than queries and keys (q [B, S, H, D], k [B, T, G, D], va [B, T, G, Dv];
+    scale D**-0.5): cuDNN's fused kernel in 16-bit on a GPU (through JAX's cuDNN wrapper, which allows Dv != D where
+    jax.nn.dot_product_attention does not), else XLA with q and k zero-padded to Dv."""
+    D, Dv = q.shape[-1], va.shape[-1]
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            from jax._src.cudnn.fused_attention_stablehlo import MaskType
+            from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+            return cudnn_attention(q, k, va, scale=D ** -0.5, mask_type=MaskType.CAUSAL, qkv_layout="BTNH")
+        except (ImportError, ValueError, NotImplementedError, TypeError, RuntimeError):
+            pass
+    z = ((0, 0),) * 3 + ((0, Dv - D),)
+    return jax.nn.dot_product_attention(jnp.pad(q, z), jnp.pad(k, z), va, is_causal=True, scale=D ** -0.5)
+
+
 def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
     """T <= keep_window, no cache: DMA is causal attention plus a per-key bias, folded into the head dimension
-    (`fold_bias`) so that a plain causal flash kernel runs it (cuDNN on GPU). Padding keys get a large negative
-    bias; rows with no key at all are replaced by the reference's uniform rows."""
+    (`fold_bias`) so that a plain causal flash kernel runs it (cuDNN on GPU), or with FUSED_FOLD = "v" into the
+    values (`fold_bias_v`; the "qk" fold where the bias spans too much or with a sliding window). Padding keys get
+    a large negative bias (zero weight); rows with no key at all are replaced by the reference's uniform rows."""
     B, H, S, D = q.shape
     G = k.shape[1]
     if not fused_supported(S, k.shape[2], keep_window, mask):
         raise ValueError("fused attention needs T <= keep_window and no cache (S == T, q_offset 0)")
     valid = None if mask.key_mask is None else mask.key_mask.astype(bool)
+    if FUSED_FOLD == "v" and mask.sliding_window is None:
+        va, ok = fold_bias_v(v, dt, valid)
+        kr = k if dt.shape[1] == G else jnp.repeat(k, H // G, axis=1)
+
+        def by_values(q, kr, va, k, v, dt):
+            o = _causal_attention_v(*(x.transpose(0, 2, 1, 3) for x in (q, kr, va)))
+            o = o.transpose(0, 2, 1, 3).astype(jnp.float32)  # [B, H, S, Dv]
+            den = o[..., D:D + 1]
+            return (o[..., :D] / jnp.where(den > 0, den, 1.0)).astype(q.dtype)
+
+        def by_keys(q, kr, va, k, v, dt):
+            return _fused_qk(q, k, v, dt, valid, mask.sliding_window)
+
+        o = jax.lax.cond(ok, by_values, by_keys, q, kr, va, k, v, dt).reshape(B, G, H // G, S, D)
+        return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
+    o = _fused_qk(q, k, v, dt, valid, mask.sliding_window).reshape(B, G, H // G, S, D)
+    return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
+
+
+def _fused_qk(q, k, v, dt, valid, w):
+    """The "qk" fold's attention: [B, H, S, D]."""
+    B, H, S, D = q.shape
     qa, ka, va = fold_bias(q, k, v, dt, valid)
-    w = mask.sliding_window
     args = tuple(x.transpose(0, 2, 1, 3) for x in (qa, ka, va))  # BNTH -> BTNH
     kwargs = dict(is_causal=True, scale=1.0, local_window_size=None if w is None else (w - 1, 0))
     o = None
@@ -504,8 +575,7 @@ def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
             o = None
     if o is None:
         o = jax.nn.dot_product_attention(*args, **kwargs)
-    o = o[..., :D].transpose(0, 2, 1, 3).reshape(B, G, H // G, S, D)
-    return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
+    return o[..., :D].transpose(0, 2, 1, 3)
 
 
 # ---- pallas -------------------------------------------------------------------------------------------------------

@@ -81,12 +81,38 @@ def test_blockwise_equals_reference(case):
     _compare(lambda *a: attention_blockwise(*a, mask, kw, block_q=16, block_k=16), args, mask, w, kw)
 
 
-@pytest.mark.parametrize("n,win,pad", [(2, None, (0, 5)), (4, 9, (3, 70)), (2, None, None), (4, 30, None)])
-def test_fused_equals_reference(n, win, pad):
-    """The folded-bias causal attention (padding as a large negative bias, fully padded rows uniform) = reference."""
+@pytest.mark.parametrize("fold", ["qk", "v"])
+@pytest.mark.parametrize("n,win,pad", [(2, None, (0, 5)), (4, 9, (3, 70)), (2, None, None), (4, 30, None),
+                                       (4, None, (3, 70))])
+def test_fused_equals_reference(monkeypatch, n, win, pad, fold):
+    """The folded-bias causal attention (padding as a large negative bias or a zero value weight, fully padded rows
+    uniform) = reference, with the bias folded into q/k or into the values (FUSED_FOLD)."""
+    import doge_jax.attention as da
+
+    monkeypatch.setattr(da, "FUSED_FOLD", fold)
     args, km, w = _inputs(n=n, pad=pad or (0, 0))
     mask = MaskInfo(None if pad is None else km, 0, None, win)
     _compare(lambda *a: attention_fused(*a, mask, 100), args, mask, w, 100)
+
+
+def test_value_fold_falls_back_past_its_spread(monkeypatch):
+    """The value fold's weights exp(b - max b) would underflow for a bias spanning too much: past V_FOLD_MAX_SPREAD
+    the q/k fold runs (the same values as the reference); within it the value fold, which equals the q/k fold."""
+    import doge_jax.attention as da
+
+    args, km, w = _inputs(n=2, pad=(0, 5))
+    mask = MaskInfo(km, 0, None, None)
+    q, k, v, dt = args
+    wide = dt.at[:, :, 3].add(2 * da.V_FOLD_MAX_SPREAD)  # one key far above the rest
+    _, ok = da.fold_bias_v(v, dt, km.astype(bool))
+    _, ok_wide = da.fold_bias_v(v, wide, km.astype(bool))
+    assert bool(ok) and not bool(ok_wide)
+    monkeypatch.setattr(da, "FUSED_FOLD", "v")
+    _compare(lambda *a: attention_fused(*a, mask, 100), (q, k, v, wide), mask, w, 100)
+    by_v = jax.jit(lambda *a: attention_fused(*a, mask, 100))(*args)
+    monkeypatch.setattr(da, "FUSED_FOLD", "qk")
+    by_qk = jax.jit(lambda *a: attention_fused(*a, mask, 100))(*args)
+    assert max_abs_diff(by_v, by_qk) <= 2e-6
 
 
 # (n, T, keep_window, ties, sliding_window, pad): interpret mode on CPU, 16x16 tiles (T not a multiple of them)
