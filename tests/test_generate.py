@@ -473,23 +473,29 @@ def _random_jax_model(**overrides):
 
     from doge_jax.config import DogeConfig
 
-    model = DogeForCausalLM(DogeConfig(**{**TINY, **overrides}), nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    cfg = DogeConfig(**{**TINY, **overrides})
 
-    def perturb(path, v):
-        name = str(path[-1])
-        noise = jax.random.normal(next(keys), v.shape, v.dtype)
-        if name == "A":
-            return noise
-        if name == "bias":
-            return noise * 0.02
-        if name in ("weight", "input_residual", "post_attention_residual"):
-            return v + 0.1 * noise
-        return v
+    @nnx.jit  # built and perturbed as one compiled program (op by op, every eager op compiled on its own)
+    def build():
+        model = DogeForCausalLM(cfg, nnx.Rngs(0))
+        state = nnx.state(model, nnx.Param)
+        keys = iter(jax.random.split(jax.random.key(1), 1000))
 
-    nnx.update(model, jax.tree_util.tree_map_with_path(perturb, state))
-    return model
+        def perturb(path, v):
+            name = str(path[-1])
+            noise = jax.random.normal(next(keys), v.shape, v.dtype)
+            if name == "A":
+                return noise
+            if name == "bias":
+                return noise * 0.02
+            if name in ("weight", "input_residual", "post_attention_residual"):
+                return v + 0.1 * noise
+            return v
+
+        nnx.update(model, jax.tree_util.tree_map_with_path(perturb, state))
+        return model
+
+    return build()
 
 
 @pytest.mark.parametrize("overrides, B", [
@@ -515,7 +521,8 @@ def test_decode_step_equals_cached_forward(overrides, B):
     ids = unique_ids(B, P + N, 128, seed=5)
     mask = left_pad_mask(B, P, [0, 3][:B]).astype(bool)
     pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0)
-    ref = model(ids[:, :P], attention_mask=mask, position_ids=pos, cache=DogeCache.init(cfg, B, C).unstacked())
+    ref = nnx.jit(lambda m, i, k, p, c: m(i, attention_mask=k, position_ids=p, cache=c))(  # (one compile)
+        model, ids[:, :P], mask, pos, DogeCache.init(cfg, B, C).unstacked())
     cache = ref.cache
     prep = prepare_decode(model, C)
     assert (prep["rope"] is None) == (cfg.rope_type == "dynamic" and C > cfg.max_position_embeddings)
