@@ -226,29 +226,37 @@ def test_compiles_fullgraph_as_custom_ops(sparse):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("T,keep", [(40, 16), (24, 32), (40, 24)])
-def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
-    """doge_torch's model with attention_impl="pallas" routes unpadded batches through the kernel (forced on CPU:
-    the interpreter; the sparse kernels from T >= 2 keep_window on) and matches the eager reference path in logits
-    and in every parameter gradient."""
+def _eager_and_forced_triton(monkeypatch, cfg, impl):
+    """(reference model, the same weights with attention_impl=impl, calls): random nonzero A; the Triton kernels
+    forced available (the interpreter runs them, 16 x 16 tiles); `calls` gets each dma_triton call's kwargs."""
     import doge_torch.model as dm
-    from doge_jax.config import DogeConfig
 
-    cfg = DogeConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, keep_window_size=keep, max_position_embeddings=64)
     torch.manual_seed(0)
     ref = dm.DogeForCausalLM(cfg.replace(attention_impl="reference"))
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if name.endswith(".A"):
                 p.normal_()
-    fast = dm.DogeForCausalLM(cfg.replace(attention_impl="pallas"))
-    fast.load_state_dict(ref.state_dict())
+    model = dm.DogeForCausalLM(cfg.replace(attention_impl=impl))
+    model.load_state_dict(ref.state_dict())
     calls = []
     real = dm.dma_triton
     monkeypatch.setattr(dm, "triton_available", lambda device: True)
-    monkeypatch.setattr(dm, "dma_triton",
-                        lambda *a, **k: calls.append(1) or real(*a, block_q=16, block_k=16, superblock=16, **k))
+    monkeypatch.setattr(dm, "dma_triton", lambda *a, **k: calls.append(k) or real(*a, block_q=16, block_k=16,
+                                                                                   superblock=16, **k))
+    return ref, model, calls
+
+
+@pytest.mark.parametrize("T,keep", [(40, 16), (24, 32), (40, 24)])
+def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
+    """doge_torch's model with attention_impl="pallas" routes unpadded batches through the kernel (forced on CPU:
+    the interpreter; the sparse kernels from T >= 2 keep_window on) and matches the eager reference path in logits
+    and in every parameter gradient."""
+    from doge_jax.config import DogeConfig
+
+    cfg = DogeConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, keep_window_size=keep, max_position_embeddings=64)
+    ref, fast, calls = _eager_and_forced_triton(monkeypatch, cfg, "pallas")
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
     out_r, out_f = ref(ids, labels=ids), fast(ids, labels=ids)
     assert len(calls) == cfg.num_hidden_layers
@@ -266,26 +274,13 @@ def test_auto_runs_the_sparse_kernels_far_beyond_the_keep_window(monkeypatch, im
     """attention_impl="auto" (on CUDA: forced here, the interpreter runs the kernels) takes the sparse Triton kernels
     only for T > TRITON_AUTO_MIN_WINDOWS * keep_window and a power-of-two head dim (else FlexAttention, or the folded
     sdpa below), with the eager reference's logits."""
-    import doge_torch.model as dm
     from doge_jax.config import DogeConfig
 
     keep = 8
     cfg = DogeConfig(vocab_size=64, hidden_size=4 * D, intermediate_size=32, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, keep_window_size=keep, max_position_embeddings=64)
     assert cfg.head_size == D
-    torch.manual_seed(0)
-    ref = dm.DogeForCausalLM(cfg.replace(attention_impl="reference"))
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if name.endswith(".A"):
-                p.normal_()
-    model = dm.DogeForCausalLM(cfg.replace(attention_impl=impl))
-    model.load_state_dict(ref.state_dict())
-    calls = []
-    real = dm.dma_triton
-    monkeypatch.setattr(dm, "triton_available", lambda device: True)
-    monkeypatch.setattr(dm, "dma_triton", lambda *a, **k: calls.append(k) or real(*a, block_q=16, block_k=16,
-                                                                                   superblock=16, **k))
+    ref, model, calls = _eager_and_forced_triton(monkeypatch, cfg, impl)
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got, want = model(ids).logits, ref(ids).logits
