@@ -29,7 +29,8 @@ Sections (one table at the end, one row per check):
              JAX bf16 compute = the training step's parameter cast): |diff| <= 2e-2 * max|logit|, on inputs with
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
   train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; then
-             with the kernels, doge_torch with sdpa's cuDNN kernel first, and 32 rows, as budget allows):
+             with the kernels, doge_torch with sdpa's cuDNN kernel first, doge_jax with the bias folded into the
+             values (doge_jax.attention.FUSED_FOLD = "v"), and 32 rows, as budget allows):
              doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE; layers as the
              config says, unrolled in configs/doge-*.yaml; then the other way, model.scan_layers), doge_torch bf16
              autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
@@ -39,7 +40,8 @@ Sections (one table at the end, one row per check):
              (sparse key lists from T >= 2 keep_window, dense; the model path compiled at 16k), its fast path
              (compiled: folded-bias causal sdpa at T <= keep_window, FlexAttention with the key-expiry block mask
              beyond) and its dense-bias sdpa path (eager), doge_jax pallas (Triton kernels, sparse and dense) /
-             blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain causal.
+             blockwise / fused (folded-bias cuDNN; at 2k also with the bias folded into the values), and JAX cuDNN
+             plain causal.
   generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8)
              as a ratio to transformers' generate (sdpa, same checkpoint, same device), and doge_torch eager
              generate at batch 1.
