@@ -427,8 +427,11 @@ def test_killed_mid_write_leaves_no_dst(tmp_path, sig):
     collection callback, where Python drops it: Ctrl-C was lost and the write finished, exit 0)."""
     src = save_hf(make_hf_model(), tmp_path / "src")
     dst = tmp_path / "dst"
+    # as from a terminal: Ctrl-C interrupts (a test run started in the background has SIGINT ignored, and a child
+    # inherits that: Python then installs no KeyboardInterrupt handler)
     p = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, src, str(dst), "--to", "hf"], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert p.stdout.readline().startswith("wrote ")  # a tensor is in the temporary directory
         assert [n for n in os.listdir(tmp_path) if n.startswith(".dst.tmp-")]
@@ -725,7 +728,18 @@ def test_320m_conversion_memory(tmp_path):
         assert r["peak_rss"] < 2 * r["ckpt_bytes"], r  # issue 4: well under twice the checkpoint size
 
 
-def test_ctrl_c_during_an_orbax_write_waits_for_it_and_leaves_nothing(tmp_path, monkeypatch):
+@pytest.fixture
+def terminal_sigint():
+    """Ctrl-C raises KeyboardInterrupt, as in a process started from a terminal (a test run started in the
+    background has SIGINT ignored)."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_during_an_orbax_write_waits_for_it_and_leaves_nothing(tmp_path, monkeypatch, terminal_sigint):
     """orbax writes from background threads that Ctrl-C does not stop (`convert --to jax` left hundreds of MB in
     a temporary directory after printing "nothing written"): the interrupt waits for the write, then the output
     is removed whole."""
