@@ -32,7 +32,7 @@ from jax.experimental.pallas import triton as plgpu
 MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
 BLOCK_Q = 64
 BLOCK_K = 64
-# 16-bit inputs at D <= 128 take 128-query tiles (forward and dq kernels): on an H200 at T = 16384 (bf16, D 128,
+# 16-bit inputs at D = 128 take 128-query tiles (forward and dq kernels): on an H200 at T = 16384 (bf16, D 128,
 # benchmarks/RESULTS.md, 2026-11-30) the sparse kernels' forward+backward took 4.65 ms vs 5.43 ms with 64 x 64
 # (gpu_check) and the dense ones 10.50 ms vs 13.66 ms (kernel_tune).
 BLOCK_Q_16BIT = 128
@@ -42,12 +42,13 @@ BLOCK_Q_DKV = 32
 
 
 def default_blocks(D: int, itemsize: int) -> tuple[int, int]:
-    """(block_q, block_k): 128 x 64 for 16-bit inputs at D <= 128, else 64 x 64, or 32 x 32 for float32 at D = 256,
+    """(block_q, block_k): 128 x 64 for 16-bit inputs at D = 128 (the size timed; at D = 64, with 4 warps, they
+    spill on sm_90 where 64 x 64 does not), else 64 x 64, or 32 x 32 for float32 at D = 256,
     whose 64-wide dq kernel asks for 262-279 KB of shared memory on sm_90 (227 KB allowed; 32 x 32: 135 KB).
     benchmarks/pallas_compile_check.py measures."""
     if D * itemsize > 512:
         return (32, 32)
-    return (BLOCK_Q_16BIT if itemsize <= 2 and D <= 128 else BLOCK_Q, BLOCK_K)
+    return (BLOCK_Q_16BIT if itemsize <= 2 and D == 128 else BLOCK_Q, BLOCK_K)
 
 
 def _params(D: int) -> plgpu.CompilerParams:

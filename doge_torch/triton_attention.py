@@ -59,7 +59,7 @@ if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
 
 BLOCK_Q = 64
 BLOCK_K = 64
-# 16-bit inputs at D <= 128 take 128-query tiles (forward and dq kernels): on an H200 at T = 16384 (bf16, D 128,
+# 16-bit inputs at D = 128 take 128-query tiles (forward and dq kernels): on an H200 at T = 16384 (bf16, D 128,
 # benchmarks/RESULTS.md, kernel_tune 2026-11-30) the sparse kernels' forward+backward took 4.09 ms vs 5.18 ms with
 # 64 x 64 and the dense ones 9.11 ms vs 12.06 ms; sm_90 compiles them without spills in 99 KB of shared memory.
 BLOCK_Q_16BIT = 128
@@ -79,11 +79,11 @@ SMEM_LIMIT_SM90 = 232448
 
 def default_blocks(D: int, itemsize: int) -> tuple[int, int]:
     """(block_q, block_k) for head dim D and input element size: BLOCK_Q_16BIT x BLOCK_K for 16-bit inputs at
-    D <= 128, BLOCK_Q x BLOCK_K otherwise, or 32 x 32 where 64-wide tiles would not fit in shared memory (float32 at
-    D = 256)."""
+    D = 128 (the size timed), BLOCK_Q x BLOCK_K otherwise, or 32 x 32 where 64-wide tiles would not fit in shared
+    memory (float32 at D = 256)."""
     if D * itemsize > 512:
         return (32, 32)
-    return (BLOCK_Q_16BIT if itemsize <= 2 and D <= 128 else BLOCK_Q, BLOCK_K)
+    return (BLOCK_Q_16BIT if itemsize <= 2 and D == 128 else BLOCK_Q, BLOCK_K)
 
 
 def num_stages(kernel: str, D: int, itemsize: int) -> int:
