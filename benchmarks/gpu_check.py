@@ -1199,13 +1199,8 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         cell("doge_jax DMA blockwise", jgrad("blockwise"))
         if T <= keep:
             cell("doge_jax DMA fused", jgrad("fused"))
-            folded_v = jgrad("fused")  # its own jit: traced (so folded) inside fused_fold("v") on its first call
-
-            def fused_v():
-                with fused_fold("v"):
-                    return folded_v()
-
-            cell("doge_jax DMA fused (v-side fold)", fused_v)
+            with fused_fold("v"):  # its own jit, traced (so folded) on its first call in the cell
+                cell("doge_jax DMA fused (v-side fold)", jgrad("fused"))
         jax.clear_caches()
 
         base = times.get(BASELINE) or times.get(BASELINE_DEFAULT)

@@ -553,9 +553,10 @@ def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
         def by_keys(q, kr, va, k, v, dt):
             return _fused_qk(q, k, v, dt, valid, mask.sliding_window)
 
-        o = jax.lax.cond(ok, by_values, by_keys, q, kr, va, k, v, dt).reshape(B, G, H // G, S, D)
-        return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
-    o = _fused_qk(q, k, v, dt, valid, mask.sliding_window).reshape(B, G, H // G, S, D)
+        o = jax.lax.cond(ok, by_values, by_keys, q, kr, va, k, v, dt)
+    else:
+        o = _fused_qk(q, k, v, dt, valid, mask.sliding_window)
+    o = o.reshape(B, G, H // G, S, D)
     return _fill_masked_rows(o, q.reshape(B, G, H // G, S, D), k, v, mask).reshape(B, H, S, D)
 
 

@@ -417,8 +417,8 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
             cfg.attention_impl == "auto" and T > TRITON_AUTO_MIN_WINDOWS * keep and use_sparse(T, keep)
             and D >= 16 and D & (D - 1) == 0)  # (power-of-two head dims: Triton tiles; else FlexAttention)
         if kernel and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
-            e = key_expiry(dt, torch.ones(B, T, dtype=torch.bool, device=q.device), cfg.keep_window_size)
-            return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=cfg.keep_window_size,
+            e = key_expiry(dt, torch.ones(B, T, dtype=torch.bool, device=q.device), keep)
+            return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=keep,
                               check=False).to(q.dtype)  # e from key_expiry keeps the rule: no eager host sync
         if sdpa and T <= cfg.keep_window_size:
             qa, ka, va = fold_bias(q, k, v, dt)

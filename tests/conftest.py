@@ -25,6 +25,15 @@ TEST_XLA_FLAGS = "" if os.environ.get("DOGE_TEST_XLA_OPT") == "1" else "--xla_ba
 if TEST_XLA_FLAGS and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 
+
+def cpu_devices_env(devices: int, **extra: str) -> dict:
+    """The environment for a subprocess on `devices` simulated CPU devices: this one's without JAX_* variables and
+    XLA_FLAGS, then JAX_PLATFORMS=cpu, the device count and the tests' XLA flags, then `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    count = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{count} {TEST_XLA_FLAGS}".strip(), **extra)
+    return env
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -25,7 +25,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import TEST_XLA_FLAGS, TINY, TINY_MOE
+from conftest import TINY, TINY_MOE, cpu_devices_env
 from jax.sharding import PartitionSpec as P
 
 from doge_jax import sharding as S
@@ -43,9 +43,7 @@ pytestmark = pytest.mark.xdist_group("sharding")
 
 def worker(*args, devices: int = 1, env: dict | None = None, check: bool = True, popen: bool = False):
     """Run tests/sharding_worker.py with `devices` simulated CPU devices."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + e.get("PYTHONPATH", ""), **(env or {}))
-    e["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} " if devices > 1 else "") + TEST_XLA_FLAGS
+    e = cpu_devices_env(devices, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
     cmd = [sys.executable, WORKER, *map(str, args)]
     if popen:
         return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import cpu_devices_env
 from flax import nnx
 
 from doge_jax import train as T
@@ -605,8 +605,7 @@ MESH_ARGS = ["--train.global_batch_tokens", "512", "--train.grad_accum", "2", "-
 
 
 def _run_8_devices(corpus, cache, out, *extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
+    env = cpu_devices_env(8)
     args = [sys.executable, "-m", "doge_jax.train", *TINY_ARGS, *MESH_ARGS, "--data", corpus, "--out_dir", str(out),
             "--train.cache_dir", cache, "--train.mesh", "{data: 2, fsdp: 4}", *extra]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -660,8 +659,7 @@ try:
 except ValueError as e:
     print("refused:", e)
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
+    env = cpu_devices_env(8)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -673,8 +671,7 @@ def test_8_device_run_twice_with_a_warm_compilation_cache(corpus, tmp_path):
     """The second identical run on a simulated 8-device CPU aborted in its first step when its executable came
     from the persistent compilation cache (XLA:CPU collectives: "only 4 of 8 threads arrived"); the cache is not
     used there now. Shapes from the user report that triggered it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
+    env = cpu_devices_env(8)
     args = [sys.executable, "-m", "doge_jax.train", "--data", corpus, "--train.cache_dir", str(tmp_path / "cache"),
             "--train.num_training_steps", "3", "--train.num_warmup_steps", "1", "--train.num_decay_steps", "1",
             "--train.progress", "false", "--train.seq_len", "32", "--train.global_batch_tokens", "512",

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import cpu_devices_env
 from test_train import MESH_ARGS, REPO, TINY_ARGS, cache, corpus, run  # noqa: F401 - fixtures
 
 from doge_jax.checkpoint import list_steps
@@ -41,10 +41,9 @@ class Hosts:
 
     def __init__(self, data, cache_dir, out, tokenizer, *extra, processes: int = 2, devices: int = 2,
                  script: str | None = None):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes),
-                   PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+        env = cpu_devices_env(devices, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}",
+                              JAX_NUM_PROCESSES=str(processes),
+                              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         entry = [script] if script else ["-m", "doge_jax.train"]
         args = [sys.executable, *entry, *TINY_ARGS, *ARGS, "--data", data, "--out_dir", str(out),
                 "--train.cache_dir", cache_dir, "--train.tokenizer", str(tokenizer), *extra]
