@@ -22,21 +22,23 @@ Sections (one table at the end, one row per check):
   parity     a tiny random doge_torch model (random nonzero A, perturbed norms, dynamic RoPE past max positions,
              T > keep_window, a left-padded row) saved with save_pretrained and loaded by both frameworks; logits
              (and loss gradients) on the device against doge_torch's float32 eager reference on the CPU; also
-             doge_torch's fast paths on unpadded input: folded-bias causal sdpa (T <= keep_window) and
+             doge_torch's fast paths on unpadded input: folded-bias causal sdpa (T <= keep_window; also with the
+             bias folded into the values, FUSED_FOLD = "v", logits and gradients) and
              FlexAttention (T > keep_window, logits and gradients: its backward exists only on CUDA); CDMoE;
              keep-window ties (A = 0: every dt 1, the lower-index rule decides) on every attention path.
              float32: |diff| <= 1e-4 (TF32 off in torch, `highest` matmul precision in JAX). bf16 (torch autocast,
              JAX bf16 compute = the training step's parameter cast): |diff| <= 2e-2 * max|logit|, on inputs with
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
   train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; then
-             with the kernels, doge_torch with sdpa's cuDNN kernel first, doge_jax with the bias folded into the
-             values (doge_jax.attention.FUSED_FOLD = "v"), and 32 rows, as budget allows):
+             with the kernels, doge_torch with sdpa's cuDNN kernel first, both with the bias folded into the
+             values (FUSED_FOLD = "v" in doge_jax.attention and doge_torch.model), and 32 rows, as budget allows):
              doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE; layers as the
              config says, unrolled in configs/doge-*.yaml; then the other way, model.scan_layers), doge_torch bf16
              autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
   attention  forward+backward (grads of q, k, v, dt) at 16k (the target, first), 2k, 8k, 32k keys, batch 1,
              Doge-160M heads (H 6, G 3, D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x
-             baseline; also cuDNN's, and doge_torch's folded path with cuDNN first), doge_torch's Triton kernels
+             baseline; also cuDNN's, and doge_torch's folded path with cuDNN first and, at 2k, its v-side fold),
+             doge_torch's Triton kernels
              (sparse key lists from T >= 2 keep_window, dense; the model path compiled at 16k), its fast path
              (compiled: folded-bias causal sdpa at T <= keep_window, FlexAttention with the key-expiry block mask
              beyond) and its dense-bias sdpa path (eager), doge_jax pallas (Triton kernels, sparse and dense) /
@@ -393,8 +395,11 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     out_c.loss.backward()
     ref_grads_c = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
     ref_c = out_c.logits.detach().numpy()
-    with torch.no_grad():
-        ref_b = ref(tb).logits.numpy()
+    ref.zero_grad(set_to_none=True)
+    out_b = ref(tb, labels=tb)  # unpadded T = keep_window: the folded paths
+    out_b.loss.backward()
+    ref_grads_b = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
+    ref_b = out_b.logits.detach().numpy()
     scale_b = float(np.abs(ref_b).max())
     f32_t = f"<= {F32_TOL:g}"
     bf16_t = f"<= {BF16_REL_TOL:g}"
@@ -436,6 +441,8 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         with torch.no_grad():
             lb = tmodel(dev(tb)).logits.cpu().numpy()
         f32_row("doge_torch fp32 folded-bias causal sdpa logits (T<=keep_window)", max_abs(lb, ref_b))
+    with guarded(report, S, "doge_torch fp32 v-side fold"), fused_fold("v"):
+        torch_rows("doge_torch fp32 folded sdpa, v-side fold (T<=keep_window)", tmodel, ids_b, ref_b, ref_grads_b)
     flex = "FlexAttention" if flex_available(tdev) else "sdpa+bias"
     with guarded(report, S, f"doge_torch fp32 {flex}"):
         torch_rows(f"doge_torch fp32 {flex} (T>keep_window, no padding)", tmodel, ids_c, ref_c, ref_grads_c)
@@ -458,6 +465,10 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
             lb = tmodel(dev(tb)).logits.float().cpu().numpy()
         bf16_row("doge_torch bf16 autocast (sdpa) logits", max_abs(lb, ref_b))
+    with guarded(report, S, "doge_torch bf16 autocast v-side fold"), fused_fold("v"):
+        with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
+            lb = tmodel(dev(tb)).logits.float().cpu().numpy()
+        bf16_row("doge_torch bf16 autocast (sdpa, v-side fold) logits", max_abs(lb, ref_b))
     if not (uses_triton and faulted(report, S, f"doge_torch bf16 autocast {kern}", "triton")):
         with guarded(report, S, f"doge_torch bf16 autocast {kern}"):
             with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
@@ -475,6 +486,12 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
             report.add(S, what, "sync debug mode needs CUDA (the step ran)", status="SKIP")
         else:
             report.add(S, what, f"{n} synchronizing CUDA calls", "0", "PASS" if n == 0 else "FAIL")
+    with guarded(report, S, "doge_torch train_step(sync=False) v-side fold host syncs"), fused_fold("v"):
+        # information: torch.cond's predicate (does dt span <= V_FOLD_MAX_SPREAD?) is read on the host
+        what = "doge_torch train_step(sync=False), v-side fold (torch.cond per layer): host syncs"
+        n = host_syncs_of_step(tmp, tdev, torch.as_tensor(ids_b))
+        if n is not None:
+            report.add(S, what, f"{n} synchronizing CUDA calls")
 
     # -- doge_jax on the device
     jmodel = doge_jax.DogeForCausalLM.from_pretrained(tmp)
@@ -861,7 +878,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     ran = [0]  # framework rows that passed --train-only
 
     def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False, torch_row=True,
-            jax_fold="qk"):
+            fold="qk"):
         # --train-only: a framework's row runs only if "label framework seq S x R rows" has every term (and none of
         # the ~terms)
         hf_row, jax_row, torch_row = (on and train_row_wanted(f"{label} {fw} seq {seq} x {rows} rows", only)
@@ -905,7 +922,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         elif budget.left() < (5 if cpu else 40):
             report.add(S, f"{label} doge_jax", "budget", status="SKIP")
         else:
-            with guarded(report, S, f"{label} doge_jax seq {seq} x {rows} rows"), fused_fold(jax_fold):
+            with guarded(report, S, f"{label} doge_jax seq {seq} x {rows} rows"), fused_fold(fold):
                 cfg = base.replace(attention_impl="fused") if base.attention_impl == "auto" else base
                 step, params, opt_state, how = _jax_step(cfg, seq, rows)
                 jb = jnp.asarray(batch, jnp.int32)[None]
@@ -930,7 +947,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         if budget.left() < (5 if cpu else 60):
             report.add(S, f"{label} doge_torch", "budget", status="SKIP")
             return
-        with guarded(report, S, f"{label} doge_torch seq {seq} x {rows} rows"), torch_sdpa_order(sdpa_backends):
+        with (guarded(report, S, f"{label} doge_torch seq {seq} x {rows} rows"), torch_sdpa_order(sdpa_backends),
+              fused_fold(fold)):
             model, cm, opt = torch_train_setup(base, tdev, cpu, regional == "all" or (regional == "160m"
                                                                                   and kind == "160m"))
             tb = torch.as_tensor(batch)
@@ -968,8 +986,9 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
                    status="SKIP")
     else:
         one(label + " [sdpa cuDNN first]", base, seq, rows, kind, jax_row=False, sdpa_backends=["cudnn"])
-    # doge_jax's fused attention with the bias folded into the values (q/k keep head dim 128; doge_jax.attention)
-    one(label + " [v-side fold]", base, seq, rows, kind, torch_row=False, jax_fold="v")
+    # the bias folded into the values (q/k keep head dim 128): doge_jax's fused path (cuDNN) and doge_torch's
+    # folded sdpa path (sdpa's cuDNN kernel first: flash needs equal head dims)
+    one(label + " [v-side fold]", base, seq, rows, kind, fold="v")
     # doge_jax with its decoder layers the other way (scanned or unrolled: the GPU configs unroll them)
     other = "[scanned layers]" if not base.scan_layers else "[unrolled layers]"
     one(f"{label} {other}", base.replace(scan_layers=not base.scan_layers), seq, rows, kind, torch_row=False)
@@ -982,16 +1001,18 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
 
 @contextlib.contextmanager
 def fused_fold(fold: str):
-    """doge_jax's fused attention folds the bias into q/k ("qk", the default) or into the values ("v") while inside
-    (read when a step is traced: the rows build and compile their steps inside)."""
+    """doge_jax's fused attention and doge_torch's folded sdpa path fold the bias into q/k ("qk", the default) or
+    into the values ("v") while inside (read when a step is traced: the rows build and compile their steps inside;
+    torch's compiled code guards on it)."""
+    import doge_torch.model
     from doge_jax import attention
 
-    before = attention.FUSED_FOLD
-    attention.FUSED_FOLD = fold
+    before = attention.FUSED_FOLD, doge_torch.model.FUSED_FOLD
+    attention.FUSED_FOLD = doge_torch.model.FUSED_FOLD = fold
     try:
         yield
     finally:
-        attention.FUSED_FOLD = before
+        attention.FUSED_FOLD, doge_torch.model.FUSED_FOLD = before
 
 
 def train_row_wanted(name: str, terms: tuple[str, ...]) -> bool:
@@ -1090,6 +1111,11 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return torch.autograd.grad(o, (q, k, v), do)[0]
 
+        def t_fast_v(q=q, k=k, v=v, dt=dt, do=do):  # the bias folded into the values (cuDNN first by itself)
+            with fused_fold("v"):
+                o = dma_fast(q, k, v, dt, None, torch.float32)  # dynamo guards on FUSED_FOLD: its own graph
+            return torch.autograd.grad(o, (q, k, v, dt), do)[0]
+
         def t_fast_cudnn(q=q, k=k, v=v, dt=dt, do=do):  # the folded path with sdpa's cuDNN kernel first
             set_sdpa_backends(["cudnn"])
             try:
@@ -1119,6 +1145,8 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
                                f"not run: cuDNN refuses the folded {why}", status="SKIP")
                 else:
                     cell("doge_torch DMA folded causal sdpa, cuDNN first (compiled)", t_fast_cudnn)
+        if T <= keep:
+            cell("doge_torch DMA folded causal sdpa, v-side fold (compiled)", t_fast_v)
         if triton_available(q.device) or kernel_interpreted:
             def t_model(q=q, k=k, v=v, dt=dt, do=do):  # the model's path: expiry, key lists, kernels, compiled
                 o = dma_kernels(q, k, v, dt, None, torch.float32)

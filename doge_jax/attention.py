@@ -486,7 +486,8 @@ def fold_bias(q, k, v, dt, valid=None):
 # q and k stay at D). "v" is not yet timed on a GPU (benchmarks/headdim_probe.py; gpu_check's "[v-side fold]" row).
 FUSED_FOLD = "qk"
 # the "v" fold's weights exp(b - max b) stay far from underflow while the keys' bias spans at most this much (any
-# batch row or head beyond it: the "qk" fold runs for the whole call)
+# batch row or head beyond it: the "qk" fold runs for the whole call; lax.cond, whose predicate XLA's GPU
+# conditional reads on the host: a sync per call)
 V_FOLD_MAX_SPREAD = 60.0
 
 

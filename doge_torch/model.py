@@ -318,6 +318,70 @@ def fold_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tenso
     return qa, ka, F.pad(v, (0, pad + 1))
 
 
+FUSED_FOLD = "qk"  # "v": fold the bias into the values where it applies (`attention_by_values`)
+V_FOLD_MAX_SPREAD = 60.0  # the most dt may span per batch row and head for the value-side fold (weights >= e^-60)
+
+
+def fold_bias_v(v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Fold the per-key bias into the values (as doge_jax.attention.fold_bias_v): softmax_j(s_ij + b_j) = softmax_j(
+    s_ij) w_j / sum_j(...) with w_j = exp(b_j - max b), so DMA = o'[:D] / o'[D] for plain causal attention o' over
+    v' = [w v, w, 0...] (padded to a multiple of 8) with q and k unchanged: the kernels keep head dim D for q and k.
+    v [B, G, T, D]; dt [B, n, T] (v repeated to the query heads when n = H > G). Returns v' [B, n, T, Dv]."""
+    B, G, T, D = v.shape
+    n = dt.shape[1]
+    if n != G:
+        v = v.repeat_interleave(n // G, dim=1)
+    b = dt.float()
+    w = torch.exp(b - b.amax(-1, keepdim=True).detach())[..., None]  # the max cancels out of the ratio
+    pad = -(-(D + 1) // 8) * 8 - D - 1
+    return torch.cat([(v * w).to(v.dtype), w.to(v.dtype), v.new_zeros(B, n, T, pad)], dim=-1)
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose gradient is made contiguous: torch.cond needs both branches' gradients laid out alike."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def _by_values(q, k, v, dt):
+    q, k, v, dt = (_DenseGrad.apply(x) for x in (q, k, v, dt))
+    B, H, S, D = q.shape
+    n = dt.shape[1]
+    if n != k.shape[1]:
+        k = k.repeat_interleave(n // k.shape[1], dim=1)
+    # cuDNN first; never flash: on CUDA it needs equal head dims for q/k and v, and on the CPU its shape function
+    # assumes them (torch.cond's tracing then fails)
+    order = [b for b in _sdpa_priority or [SDPA_BACKENDS[b] for b in ("cudnn", "efficient", "math")]
+             if b != SDPBackend.FLASH_ATTENTION]
+    with sdpa_kernel(order, set_priority=True):
+        o = F.scaled_dot_product_attention(q, k, fold_bias_v(v, dt), is_causal=True, scale=D ** -0.5,
+                                           enable_gqa=n != H)
+    # (each query sees itself: o'[D] > 0.) Contiguous: torch.cond's outputs must be dense
+    return (o[..., :D].float() / o[..., D:D + 1].float()).to(o.dtype).contiguous()
+
+
+def _by_keys(q, k, v, dt):
+    q, k, v, dt = (_DenseGrad.apply(x) for x in (q, k, v, dt))
+    D, H = q.shape[-1], q.shape[1]
+    qa, ka, va = fold_bias(q, k, v, dt)
+    return run_sdpa(qa, ka, va, is_causal=True, scale=1.0, enable_gqa=ka.shape[1] != H)[..., :D].contiguous()
+
+
+def attention_by_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Causal DMA for T <= keep_window without padding, cache or dropout, with the bias folded into the values
+    (`fold_bias_v`) where dt spans at most V_FOLD_MAX_SPREAD in every batch row and head, else into q and k
+    (`fold_bias`), chosen by torch.cond. Its predicate is read on the host (eager torch.cond, and inductor's
+    code for it): one host sync per call, so a training step with this fold is not free of syncs."""
+    ok = (dt.amax(-1) - dt.amin(-1) <= V_FOLD_MAX_SPREAD).all()
+    return torch.cond(ok, _by_values, _by_keys, (q, k, v, dt))
+
+
 FLEX_BLOCK = 128
 
 
@@ -397,8 +461,8 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
     `attention_impl="pallas"` on CUDA with allowed None: the Triton flash kernel of doge_torch.triton_attention (the
     counterpart of doge_jax's Pallas kernel); "auto" runs its sparse kernels too for T > TRITON_AUTO_MIN_WINDOWS *
-    keep_window. sdpa paths. With allowed None and T <= keep_window the bias is folded
-    into the head dimension (`fold_bias`) and
+    keep_window. sdpa paths. With allowed None and T <= keep_window the bias is folded into the head dimension
+    (`fold_bias`; with FUSED_FOLD = "v" and no dropout into the values where it can, `attention_by_values`) and
     sdpa runs plain causal attention (a flash kernel on CUDA); beyond keep_window on CUDA, FlexAttention
     (`flex_dma`). Otherwise the bias (dt, finfo.min where masked: causal always applied, padding, keep window in
     its key-expiry form) is sdpa's float attn_mask. Under bf16 autocast sdpa runs in bf16 while the hidden states
@@ -421,6 +485,8 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
             return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=keep,
                               check=False).to(q.dtype)  # e from key_expiry keeps the rule: no eager host sync
         if sdpa and T <= cfg.keep_window_size:
+            if FUSED_FOLD == "v" and dropout == 0.0:  # (dropout would reach the denominator o'[D] too)
+                return attention_by_values(q, k, v, dt)
             qa, ka, va = fold_bias(q, k, v, dt)
             o = run_sdpa(qa, ka, va, is_causal=True, scale=1.0, dropout_p=dropout, enable_gqa=ka.shape[1] != H)
             return o[..., :D]

@@ -33,6 +33,8 @@ def test_gpu_check_cpu_fallback(tmp_path):
     assert len(parity) >= 12 and all(r[-1] == "PASS |" for r in parity), parity
     assert sum("MoE" in r[1] for r in parity) == 5, parity  # both frameworks' CDMoE, fp32 and torch bf16
     assert sum("ties (A=0" in r[1] for r in parity) == 4, parity  # torch auto (no Triton on CPU), jax x 3
+    # the value-side fold: torch fp32 logits + gradients and bf16 autocast, jax fp32 and bf16
+    assert sum("v-side fold" in r[1] for r in parity) == 5, parity
     syncs = [r for r in rows if r[0] == "| parity" and "host syncs" in r[1]]  # counted on CUDA only
     assert len(syncs) == 1 and syncs[0][-1] == "SKIP |" and "the step ran" in syncs[0][3], syncs
     for section in ("train", "attention", "generate", "profile"):
@@ -56,6 +58,8 @@ def test_gpu_check_cpu_fallback(tmp_path):
     assert len(hf) == 1 and all("the baseline" in r[3] for r in hf), "training has the transformers baseline"
     main = [r for r in train if r[1].endswith("x 2 rows") and "[" not in r[1] and " doge_" in r[1]]
     assert len(main) == 2 and all("x transformers" in r[3] for r in main), main
+    assert sum("[v-side fold] doge_" in r[1] for r in train) == 2, train  # both frameworks
+    assert sum("v-side fold" in r[1] for r in rows if r[0] == "| attention") == 2  # (T <= keep_window: both)
     assert any("Triton kernel" in r[1] for r in rows), "the doge_torch Triton kernel (interpreter) is checked"
     assert "all checks passed (1 row SKIP: not run)" in out  # the host-sync count (CUDA only)
     after = open(results).read() if os.path.exists(results) else None

@@ -56,6 +56,90 @@ def test_fold_bias_equals_dense_bias(variant, H, G):
     assert qa.shape[-1] % 8 == 0 and qa.shape[-1] > D and ka.shape[-1] == va.shape[-1] == qa.shape[-1]
 
 
+@pytest.fixture
+def v_fold(monkeypatch):
+    import doge_torch.model as dm
+
+    monkeypatch.setattr(dm, "FUSED_FOLD", "v")
+    return dm
+
+
+@pytest.mark.parametrize("variant,H,G", [("native", 4, 2), ("small_doge", 4, 2), ("native", 2, 2)])
+def test_value_side_fold_equals_dense_bias(v_fold, variant, H, G):
+    """FUSED_FOLD = "v": the bias folded into the values (q, k keep head dim D) = sdpa with the explicit dt bias, in
+    value and in the gradients (dt included)."""
+    D, T = 12, 33
+    cfg = _cfg(H, G, D, 64, variant)
+    args = [x.requires_grad_() for x in _inputs(2, H, G, cfg.num_dt_heads, T, D)]
+    got = dma_attention(cfg, *args, None, torch.float64)
+    want = dma_attention(cfg, *args, allowed_mask(cfg, 2, T, 0, None, torch.device("cpu")), torch.float64)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    w = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * w).sum(), args)
+    g_want = torch.autograd.grad((want * w).sum(), args)
+    for name, a, b in zip("q k v dt".split(), g_got, g_want):
+        assert torch.allclose(a, b, atol=1e-11, rtol=0), name
+    assert v_fold.fold_bias_v(args[2], args[3]).shape[-1] == 16  # D + 1 padded to a multiple of 8
+
+
+def test_value_side_fold_falls_back_on_wide_bias(v_fold):
+    """Where dt spans more than V_FOLD_MAX_SPREAD the q/k fold runs instead: with a key 200 below the others its
+    float32 weight exp(-200) is 0 and the value fold alone gives 0 / 0 for the first query (which sees only that
+    key); through dma_attention (eager, and compiled with autograd) the result and the gradients match the
+    dense-bias path."""
+    H, G, D, T = 4, 2, 8, 24
+    cfg = _cfg(H, G, D, 64)
+    q, k, v, dt = (x.float() for x in _inputs(2, H, G, cfg.num_dt_heads, T, D))
+    dt[1, 0, 0] = -200.0
+    assert torch.isnan(v_fold._by_values(q, k, v, dt)).any()
+    args = [x.requires_grad_() for x in (q, k, v, dt)]
+    got = dma_attention(cfg, *args, None, torch.float32)
+    want = dma_attention(cfg, *args, allowed_mask(cfg, 2, T, 0, None, torch.device("cpu")), torch.float32)
+    assert (got - want).abs().max().item() <= 1e-5
+    g_got = torch.autograd.grad(got.square().sum(), args)
+    g_want = torch.autograd.grad(want.square().sum(), args)
+    for name, a, b in zip("q k v dt".split(), g_got, g_want):
+        assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item(), name
+    # compiled with autograd (aot_eager: the joint graph of both branches), either branch
+    fn = torch.compile(lambda *a: dma_attention(cfg, *a, None, torch.float32), backend="aot_eager", fullgraph=True)
+    for spread in (200.0, 0.0):
+        with torch.no_grad():
+            args[3][1, 0, 0] = -spread
+        want = dma_attention(cfg, *args, allowed_mask(cfg, 2, T, 0, None, torch.device("cpu")), torch.float32)
+        got = fn(*args)
+        assert (got - want).abs().max().item() <= 1e-5, spread
+        g_got = torch.autograd.grad(got.square().sum(), args)
+        g_want = torch.autograd.grad(want.square().sum(), args)
+        for name, a, b in zip("q k v dt".split(), g_got, g_want):
+            assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item(), (spread, name)
+
+
+def test_value_side_fold_bf16_autocast_and_compiled(v_fold):
+    """Under bf16 autocast (attention_impl "fused": sdpa on the CPU) the value fold is as close to the float32
+    result as the q/k fold, and a fullgraph-compiled model (dynamo, eager backend) gives the eager logits."""
+    from doge_torch.model import DogeForCausalLM
+
+    cfg = _cfg(4, 2, 16, 64)
+    cfg = DogeConfig(**{**cfg.__dict__, "attention_impl": "fused", "num_hidden_layers": 2})
+    torch.manual_seed(0)
+    model = DogeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".A"):
+                p.normal_()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        errs = {}
+        for fold in ("qk", "v"):
+            v_fold.FUSED_FOLD = fold
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                errs[fold] = (model(ids).logits.float() - ref).abs().max().item() / ref.abs().max().item()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(ids).logits
+    assert errs["v"] <= 2e-2 and errs["v"] <= 2 * errs["qk"], errs
+    assert torch.allclose(compiled, ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("T,keep,block,dt_kind", [(300, 40, 32, "random"), (256, 32, 16, "increasing"),
                                                  (200, 150, 16, "random"), (64, 8, 16, "increasing")])
 @pytest.mark.parametrize("n_eq_h", [False, True])
