@@ -15,6 +15,8 @@ HLO under $OUT). `--sections attention,train` runs a subset; `--regional none|16
 compiles the torch training model layer by layer instead of as one graph (default: all rows; whole-model inductor
 compiles took 72 s for Doge-20M and 190 s for Doge-160M on an H200); `--budget 420` (the default) is the total
 wall-clock budget in seconds (each section has its share; an item that would not fit is printed as SKIP).
+`--probes` adds the exploratory rows (other attention paths, tiles and layouts; see the sections) to the checks
+and targets, which alone are meant to fit the 8 minutes; the RESULTS.md entry says how long each section took.
 
 Sections (one table at the end, one row per check):
   (setup)    before parity/attention/train: each framework's DMA kernels once in a child process (a kernel fault
@@ -29,21 +31,22 @@ Sections (one table at the end, one row per check):
              float32: |diff| <= 1e-4 (TF32 off in torch, `highest` matmul precision in JAX). bf16 (torch autocast,
              JAX bf16 compute = the training step's parameter cast): |diff| <= 2e-2 * max|logit|, on inputs with
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
-  train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; then
-             with the kernels, doge_torch with sdpa's cuDNN kernel first, both with the bias folded into the
-             values (FUSED_FOLD = "v" in doge_jax.attention and doge_torch.model), and 32 rows, as budget allows):
+  train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; with
+             --probes then with the kernels, doge_torch with sdpa's cuDNN kernel first, both with the bias folded
+             into the values (FUSED_FOLD = "v" in doge_jax.attention and doge_torch.model), doge_jax's layers the
+             other way, and 32 rows, as budget allows):
              doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE; layers as the
-             config says, unrolled in configs/doge-*.yaml; then the other way, model.scan_layers), doge_torch bf16
+             config says, unrolled in configs/doge-*.yaml), doge_torch bf16
              autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
   attention  forward+backward (grads of q, k, v, dt) at 16k (the target, first), 2k, 8k, 32k keys, batch 1,
              Doge-160M heads (H 6, G 3, D 128), keep_window 2048, bf16: torch sdpa plain causal (flash; the 1.00x
-             baseline; also cuDNN's, and doge_torch's folded path with cuDNN first and, at 2k, its v-side fold),
-             doge_torch's Triton kernels
+             baseline; also cuDNN's), doge_torch's Triton kernels
              (sparse key lists from T >= 2 keep_window, dense; the model path compiled at 16k), its fast path
              (compiled: folded-bias causal sdpa at T <= keep_window, FlexAttention with the key-expiry block mask
              beyond) and its dense-bias sdpa path (eager), doge_jax pallas (Triton kernels, sparse and dense) /
-             blockwise / fused (folded-bias cuDNN; at 2k also with the bias folded into the values), and JAX cuDNN
-             plain causal.
+             blockwise / fused (folded-bias cuDNN), and JAX cuDNN plain causal. With --probes also 64 x 64 tiles
+             at 16k, doge_torch's dense kernels with SKIP_FULL_TILE_MASK flipped, and at 2k doge_torch's folded
+             path with sdpa's cuDNN kernel first and both frameworks' v-side fold.
   generate   doge_jax generate tokens/s (Doge-20M shape, 32-token prompt, 128 new tokens, greedy, batch 1 and 8)
              as a ratio to transformers' generate (sdpa, same checkpoint, same device), and doge_torch eager
              generate at batch 1.
@@ -864,7 +867,7 @@ def torch_sdpa_order(names):
 
 
 def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, regional: str,
-                  only: tuple[str, ...] = ()) -> None:
+                  only: tuple[str, ...] = (), probes: bool = False) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -974,8 +977,16 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     configs = train_configs(cpu)
     for args in configs:
         one(*args, hf_row=True)
-    # the Triton/Pallas kernels in training (T = keep_window: causal + bias), after the targets, as budget allows
-    label, base, seq, rows, kind = configs[-1]
+    if probes:
+        train_probes(one, report, cpu, tdev, *configs[-1])
+    if only and not ran[0]:
+        report.add(S, f"--train-only {','.join(only)}", "matched no train row", status="FAIL")
+
+
+def train_probes(one, report: Report, cpu: bool, tdev, label, base, seq, rows, kind) -> None:
+    """--probes: the Doge-160M rows other ways, after the targets, as budget allows."""
+    S = "train"
+    # the Triton/Pallas kernels in training (T = keep_window: causal + bias)
     one(label + " [pallas/Triton kernels]", base.replace(attention_impl="pallas"), seq, rows, kind)
     # sdpa's cuDNN kernel first for the folded attention (JAX's fused path uses cuDNN), if cuDNN takes the folded
     # head dim at all (else sdpa would silently run flash and the row would repeat the first one)
@@ -995,8 +1006,6 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     # a micro-batch twice as large: how much of the gap is per-step overhead (launches, optimizer, host syncs)
     if not cpu:  # on the CPU the same code as the first rows
         one(label, base, seq, 2 * rows, kind)
-    if only and not ran[0]:
-        report.add(S, f"--train-only {','.join(only)}", "matched no train row", status="FAIL")
 
 
 @contextlib.contextmanager
@@ -1026,7 +1035,7 @@ BASELINE = "torch sdpa causal (flash)"
 BASELINE_DEFAULT = "torch sdpa causal (default backend)"
 
 
-def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
+def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: bool = False) -> None:
     import functools
 
     import jax
@@ -1070,7 +1079,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
         don = rng.standard_normal((B, H, T, D)).astype(np.float32)
         times: dict[str, float] = {}
 
-        def cell(name, fn):
+        def cell(name, fn, probe=False):
+            if probe and not probes:  # an exploratory row: --probes
+                return
             fw = "triton" if "Triton" in name else ("pallas" if "pallas" in name else None)
             if fw and faulted(report, S, f"T={T} {name}", fw):
                 return
@@ -1144,9 +1155,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
                     report.add(S, f"T={T} doge_torch DMA folded causal sdpa, cuDNN first",
                                f"not run: cuDNN refuses the folded {why}", status="SKIP")
                 else:
-                    cell("doge_torch DMA folded causal sdpa, cuDNN first (compiled)", t_fast_cudnn)
+                    cell("doge_torch DMA folded causal sdpa, cuDNN first (compiled)", t_fast_cudnn, probe=True)
         if T <= keep:
-            cell("doge_torch DMA folded causal sdpa, v-side fold (compiled)", t_fast_v)
+            cell("doge_torch DMA folded causal sdpa, v-side fold (compiled)", t_fast_v, probe=True)
         if triton_available(q.device) or kernel_interpreted:
             def t_model(q=q, k=k, v=v, dt=dt, do=do):  # the model's path: expiry, key lists, kernels, compiled
                 o = dma_kernels(q, k, v, dt, None, torch.float32)
@@ -1175,10 +1186,10 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             cell("doge_torch DMA Triton dense (kernels only)", functools.partial(t_kernel, sparse=False))
             if T <= keep:  # the training case: every tile below the diagonal is full (no mask needed)
                 cell(f"doge_torch DMA Triton dense, SKIP_FULL_TILE_MASK={not skip_default} (kernels only)",
-                     functools.partial(t_kernel_skip, sparse=False))
+                     functools.partial(t_kernel_skip, sparse=False), probe=True)
             if T == sizes[0]:  # a block-size probe at the target size: 64-query blocks (bf16's default is 128)
                 cell("doge_torch DMA Triton sparse 64x64 blocks (kernels only)",
-                     functools.partial(t_kernel, sparse=True, block_q=64, block_k=64))
+                     functools.partial(t_kernel, sparse=True, block_q=64, block_k=64), probe=True)
             del e
         cell(f"doge_torch DMA {fast} (compiled)", t_fast)
         cell("doge_torch DMA sdpa+bias (eager)", functools.partial(t_dma, functools.partial(dma_attention, cfg)))
@@ -1223,12 +1234,13 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev) -> None:
             cell("doge_jax DMA pallas (sparse)", jpallas(sparse=True))
         cell("doge_jax DMA pallas (dense)", jpallas(sparse=False))
         if T == sizes[0]:  # a block-size probe at the target size: 64-query blocks (bf16's default is 128)
-            cell("doge_jax DMA pallas (sparse) 64x64 blocks", jpallas(sparse=True, block_q=64, block_k=64))
+            cell("doge_jax DMA pallas (sparse) 64x64 blocks", jpallas(sparse=True, block_q=64, block_k=64),
+                 probe=True)
         cell("doge_jax DMA blockwise", jgrad("blockwise"))
         if T <= keep:
             cell("doge_jax DMA fused", jgrad("fused"))
             with fused_fold("v"):  # its own jit, traced (so folded) on its first call in the cell
-                cell("doge_jax DMA fused (v-side fold)", jgrad("fused"))
+                cell("doge_jax DMA fused (v-side fold)", jgrad("fused"), probe=True)
         jax.clear_caches()
 
         base = times.get(BASELINE) or times.get(BASELINE_DEFAULT)
@@ -1561,6 +1573,10 @@ def main(argv=None) -> int:
                          "every term and none of the ~terms, e.g. '160m,doge_jax,x 16 rows,~[' for the main "
                          "Doge-160M doge_jax row alone (an A/B under other XLA_FLAGS); a filter that matches no "
                          "row is a FAIL; the transformers ratio is left out unless its row matches")
+    ap.add_argument("--probes", action="store_true",
+                    help="also the exploratory rows: Doge-160M training with the kernels, cuDNN first, the v-side "
+                         "fold, the other layer layout and 2x rows; attention block-size, cuDNN-first, v-side fold "
+                         "and full-tile-mask cells (default: the checks and targets only, to fit 8 minutes)")
     ap.add_argument("--kernel-smoke", choices=("triton", "pallas"), help=argparse.SUPPRESS)  # kernel_smoke's child
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {', '.join(SECTIONS + OPT_IN)} (default: all but {', '.join(OPT_IN)})")
@@ -1618,38 +1634,45 @@ def main(argv=None) -> int:
     if gpu and jax.default_backend() != "gpu":
         report.add("setup", "jax sees the GPU", f"jax backend {jax.default_backend()}", "gpu", "FAIL")
 
+    smoke_s = None
     if {"parity", "attention", "train"} & set(sections):
         t0 = time.perf_counter()
         kernel_smoke(report, cpu, timeout=120.0)
-        print(f"== kernel smoke tests done in {time.perf_counter() - t0:.0f}s", flush=True)
+        smoke_s = time.perf_counter() - t0
+        print(f"== kernel smoke tests done in {smoke_s:.0f}s", flush=True)
 
     funcs = {"parity": lambda: section_parity(report, budget, cpu, tdev, jkind),
-             "train": lambda: section_train(report, budget, cpu, tdev, peak, args.regional, only),
-             "attention": lambda: section_attention(report, budget, cpu, tdev),
+             "train": lambda: section_train(report, budget, cpu, tdev, peak, args.regional, only, args.probes),
+             "attention": lambda: section_attention(report, budget, cpu, tdev, args.probes),
              "generate": lambda: section_generate(report, budget, cpu, tdev),
              "profile": lambda: section_profile(report, budget, cpu, tdev, args.regional)}
+    took = {"kernel smoke tests": smoke_s} if smoke_s is not None else {}
     for i, name in enumerate(sections):
         budget.start(SHARE[name], sum(SHARE[s] for s in sections[i:]))
         t0 = time.perf_counter()
         print(f"== {name} (budget {budget.left():.0f}s)", flush=True)
         with guarded(report, name, "section"):
             funcs[name]()
-        print(f"== {name} done in {time.perf_counter() - t0:.0f}s", flush=True)
+        took[name] = time.perf_counter() - t0
+        print(f"== {name} done in {took[name]:.0f}s", flush=True)
 
     total = time.perf_counter() - budget.t0
     table = report.table()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     title = (f"## gpu_check.py — {stamp} — {card} (torch {torch.__version__}, jax {jax.__version__} "
              f"on {jkind})" + (f" — train rows matching {args.train_only!r}" if only else "")
+             + (" — with --probes" if args.probes else "")
              + (f" — XLA_FLAGS={os.environ['XLA_FLAGS']!r}" if os.environ.get("XLA_FLAGS") else ""))
+    timing = ", ".join(f"{k} {v:.0f}s" for k, v in took.items())
     skipped = sum(r[-1] == "SKIP" for r in report.rows)
-    print(f"\n{title}\n\n{table}\n\ntotal {total:.0f}s; {'FAILED' if report.failed() else 'all checks passed'}"
+    print(f"\n{title}\n\n{table}\n\ntotal {total:.0f}s ({timing}); "
+          f"{'FAILED' if report.failed() else 'all checks passed'}"
           + (f" ({skipped} row{'s' if skipped > 1 else ''} SKIP: not run)" if skipped else ""))
     if (gpu or args.append) and not args.no_append:
         path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
         with open(path, "a") as f:
-            f.write(f"\n{title}\n\nbenchmarks/gpu_check.py, total {total:.0f}s. Targets (issue 7): Doge-160M >= 40% "
-                    "MFU, Doge-20M >= 400k tokens/s, DMA fwd+bwd at 16k <= 1.5x causal flash. MFU = "
+            f.write(f"\n{title}\n\nbenchmarks/gpu_check.py, total {total:.0f}s ({timing}). Targets (issue 7): "
+                    "Doge-160M >= 40% MFU, Doge-20M >= 400k tokens/s, DMA fwd+bwd at 16k <= 1.5x causal flash. MFU = "
                     "6N_matmul + 6LHDS FLOPs/token over the card's bf16 peak (doge_jax.metrics).\n\n"
                     f"{table}\n")
         print(f"appended to {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ def test_gpu_check_cpu_fallback(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "OUT": str(tmp_path)}
     sections = "parity,attention,train,generate,profile"
     # a budget no CPU run reaches: every row must run (a loaded machine must not turn rows into SKIPs)
-    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", sections, "--budget", "3000"],
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", sections, "--budget", "3000", "--probes"],
                           capture_output=True, text=True, timeout=600,
                           cwd=ROOT, env=env)
     out = proc.stdout
@@ -62,9 +63,36 @@ def test_gpu_check_cpu_fallback(tmp_path):
     assert sum("v-side fold" in r[1] for r in rows if r[0] == "| attention") == 2  # (T <= keep_window: both)
     assert any("Triton kernel" in r[1] for r in rows), "the doge_torch Triton kernel (interpreter) is checked"
     assert "all checks passed (1 row SKIP: not run)" in out  # the host-sync count (CUDA only)
+    assert re.search(r"\(kernel smoke tests \d+s, parity \d+s, attention \d+s, train \d+s, generate \d+s, "
+                     r"profile \d+s\); all checks passed", out), out[-500:]  # each section's seconds
     after = open(results).read() if os.path.exists(results) else None
     assert after == before, "the CPU fallback must not append to RESULTS.md without --append"
 
+
+
+def test_probe_rows_only_with_the_flag(monkeypatch):
+    """Without --probes the train and attention sections run only the checks and targets (to fit the 8 minutes);
+    with it also the exploratory rows (cells timed as 1 ms here: which rows run is the point)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "time_fn", lambda fn, reps, warmup=1: 1e-3)
+    probed = []
+    monkeypatch.setattr(gpu_check, "train_probes", lambda *a: probed.append(a[-5]))
+    names = {}
+    for probes in (False, True):
+        report = gpu_check.Report("cpu-fallback")
+        gpu_check.section_attention(report, gpu_check.Budget(600), True, torch.device("cpu"), probes)
+        # (a --train-only filter no row matches: the section's own rows return at once)
+        gpu_check.section_train(report, gpu_check.Budget(600), True, torch.device("cpu"), 1e12, "all",
+                                ("no such row",), probes)
+        names[probes] = [r[1] for r in report.rows]
+    extra = [n for n in names[True] if n not in names[False]]
+    assert set(names[False]) <= set(names[True])
+    assert any("v-side fold" in n for n in extra) and not any("v-side fold" in n for n in names[False]), extra
+    assert probed == ["tiny (as Doge-160M)"]  # the train probes: only with the flag, on the last config
 
 
 def test_device_events_reads_kernels_from_gpu_stream_lines():
