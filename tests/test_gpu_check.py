@@ -149,7 +149,7 @@ def test_failed_kernel_smoke_test_skips_only_that_frameworks_rows():
     e.g. under other XLA_FLAGS): only the train rows whose name has every term run."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPU_CHECK_BREAK_KERNELS": "triton"}
     proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", "attention,train", "--budget", "3000",
-                           "--no-append", "--train-only", "unrolled,JAX"], capture_output=True, text=True,
+                           "--no-append", "--probes", "--train-only", "unrolled,JAX"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env=env)
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:]  # the FAIL row
