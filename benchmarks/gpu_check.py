@@ -796,23 +796,27 @@ def torch_train_setup(base, tdev, cpu: bool, regional: bool):
     return model, model, opt
 
 
-def cudnn_refuses(head_dim: int, tdev) -> str | None:
+def cudnn_refuses(head_dim: int, tdev, v_dim: int | None = None, gqa: bool = False) -> str | None:
     """Why torch's sdpa cuDNN kernel alone cannot run causal bf16 forward+backward at `head_dim` (the folded-bias
-    path pads 128 to 136), or None. With only cuDNN enabled a refusal raises instead of silently running flash."""
+    path pads 128 to 136; the v-side fold keeps q/k at 128 and gives v `v_dim` 136), with grouped kv heads
+    (enable_gqa) if `gqa`, or None. With only cuDNN enabled a refusal raises instead of silently running another
+    kernel (flash; for the v-side fold, whose head dims differ, the mem-efficient kernel or with gqa the math one)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if tdev.type != "cuda":
         return "no CUDA"
-    q = torch.randn(1, 2, 128, head_dim, device=tdev, dtype=torch.bfloat16, requires_grad=True)
+    mk = lambda h, d: torch.randn(1, h, 128, d, device=tdev, dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
+    q, k, v = mk(4, head_dim), mk(2 if gqa else 4, head_dim), mk(2 if gqa else 4, v_dim or head_dim)
     try:
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()
         torch.cuda.synchronize()
         return None
     except RuntimeError as e:
-        return f"head dim {head_dim}: {str(e).splitlines()[0][:100]}"
+        dims = f"head dims {head_dim}/{v_dim}" if v_dim else f"head dim {head_dim}"
+        return f"{dims}{' with grouped kv heads' if gqa else ''}: {str(e).splitlines()[0][:100]}"
 
 
 def hf_train_rate(base, tdev, batch, warm: int, timed: int) -> tuple[float, str]:
@@ -991,15 +995,19 @@ def train_probes(one, report: Report, cpu: bool, tdev, label, base, seq, rows, k
     # sdpa's cuDNN kernel first for the folded attention (JAX's fused path uses cuDNN), if cuDNN takes the folded
     # head dim at all (else sdpa would silently run flash and the row would repeat the first one)
     folded = -(-(base.head_size + 1) // 8) * 8
-    why = None if cpu else cudnn_refuses(folded, tdev)
+    gqa = base.num_dt_heads != base.num_attention_heads  # (both folds: kv heads grouped when dt has G heads)
+    why = None if cpu else cudnn_refuses(folded, tdev, gqa=gqa)
     if why:
         report.add(S, f"{label} doge_torch [sdpa cuDNN first]", f"not run: cuDNN refuses the folded {why}",
                    status="SKIP")
     else:
         one(label + " [sdpa cuDNN first]", base, seq, rows, kind, jax_row=False, sdpa_backends=["cudnn"])
     # the bias folded into the values (q/k keep head dim 128): doge_jax's fused path (cuDNN) and doge_torch's
-    # folded sdpa path (sdpa's cuDNN kernel first: flash needs equal head dims)
-    one(label + " [v-side fold]", base, seq, rows, kind, fold="v")
+    # folded sdpa path (sdpa's cuDNN kernel first: flash needs equal head dims), if cuDNN takes those shapes
+    why = None if cpu else cudnn_refuses(base.head_size, tdev, v_dim=folded, gqa=gqa)
+    if why:
+        report.add(S, f"{label} doge_torch [v-side fold]", f"not run: cuDNN refuses {why}", status="SKIP")
+    one(label + " [v-side fold]", base, seq, rows, kind, fold="v", torch_row=why is None)
     # doge_jax with its decoder layers the other way (scanned or unrolled: the GPU configs unroll them)
     other = "[scanned layers]" if not base.scan_layers else "[unrolled layers]"
     one(f"{label} {other}", base.replace(scan_layers=not base.scan_layers), seq, rows, kind, torch_row=False)
@@ -1149,15 +1157,20 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
             kh, vh = (x.detach().repeat_interleave(H // G, 1).requires_grad_() for x in (k, v))
             cell("torch sdpa causal (cuDNN, kv heads repeated)", functools.partial(t_causal_cudnn, k=kh, v=vh))
             del kh, vh
-            if T <= keep:
-                why = cudnn_refuses(-(-(D + 1) // 8) * 8, q.device)
+            if T <= keep and probes:
+                why = cudnn_refuses(-(-(D + 1) // 8) * 8, q.device, gqa=G != H)
                 if why:
                     report.add(S, f"T={T} doge_torch DMA folded causal sdpa, cuDNN first",
                                f"not run: cuDNN refuses the folded {why}", status="SKIP")
                 else:
                     cell("doge_torch DMA folded causal sdpa, cuDNN first (compiled)", t_fast_cudnn, probe=True)
-        if T <= keep:
-            cell("doge_torch DMA folded causal sdpa, v-side fold (compiled)", t_fast_v, probe=True)
+        if T <= keep and probes:
+            why = cudnn_refuses(D, q.device, v_dim=-(-(D + 1) // 8) * 8, gqa=G != H) if not cpu else None
+            if why:
+                report.add(S, f"T={T} doge_torch DMA folded causal sdpa, v-side fold",
+                           f"not run: cuDNN refuses {why}", status="SKIP")
+            else:
+                cell("doge_torch DMA folded causal sdpa, v-side fold (compiled)", t_fast_v, probe=True)
         if triton_available(q.device) or kernel_interpreted:
             def t_model(q=q, k=k, v=v, dt=dt, do=do):  # the model's path: expiry, key lists, kernels, compiled
                 o = dma_kernels(q, k, v, dt, None, torch.float32)
