@@ -20,7 +20,7 @@ def test_gpu_check_cpu_fallback(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "OUT": str(tmp_path)}
     sections = "parity,attention,train,generate,profile"
     # a budget no CPU run reaches: every row must run (a loaded machine must not turn rows into SKIPs)
-    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", sections, "--budget", "3000", "--probes"],
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", sections, "--budget", "3000"],
                           capture_output=True, text=True, timeout=600,
                           cwd=ROOT, env=env)
     out = proc.stdout
@@ -59,8 +59,7 @@ def test_gpu_check_cpu_fallback(tmp_path):
     assert len(hf) == 1 and all("the baseline" in r[3] for r in hf), "training has the transformers baseline"
     main = [r for r in train if r[1].endswith("x 2 rows") and "[" not in r[1] and " doge_" in r[1]]
     assert len(main) == 2 and all("x transformers" in r[3] for r in main), main
-    assert sum("[v-side fold] doge_" in r[1] for r in train) == 2, train  # both frameworks
-    assert sum("v-side fold" in r[1] for r in rows if r[0] == "| attention") == 2  # (T <= keep_window: both)
+    assert not any("[" in r[1] for r in train), train  # the probe rows: only with --probes
     assert any("Triton kernel" in r[1] for r in rows), "the doge_torch Triton kernel (interpreter) is checked"
     assert "all checks passed (1 row SKIP: not run)" in out  # the host-sync count (CUDA only)
     assert re.search(r"\(kernel smoke tests \d+s, parity \d+s, attention \d+s, train \d+s, generate \d+s, "
@@ -139,6 +138,26 @@ def test_host_sync_count_ignores_the_prototype_notice():
     real = "called a synchronizing CUDA operation (Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:150.)"
     assert gpu_check.sync_warnings([notice]) == []
     assert gpu_check.sync_warnings([notice, real, "some other warning"]) == [real]
+
+
+@pytest.mark.slow  # ~1.5 min of CPU; the default rows run in the default suite (test_gpu_check_cpu_fallback)
+def test_gpu_check_cpu_probes():
+    """--probes on the CPU fallback: the exploratory train and attention rows run (none fails), both frameworks'
+    v-side fold among them."""
+    proc = subprocess.run([sys.executable, SCRIPT, "--cpu", "--sections", "attention,train", "--budget", "3000",
+                           "--no-append", "--probes"], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
+    table = out[out.index("| section | check | device | measured | target | status |"):]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    train = [r for r in rows if r[0] == "| train"]
+    assert all(r[-1] == "- |" for r in rows if r[0] in ("| train", "| attention")), rows
+    for probe in ("[pallas/Triton kernels]", "[sdpa cuDNN first]", "[v-side fold]", "[unrolled layers]"):
+        assert any(probe in r[1] for r in train), (probe, train)
+    assert sum("[v-side fold] doge_" in r[1] for r in train) == 2, train  # both frameworks
+    assert sum("v-side fold" in r[1] for r in rows if r[0] == "| attention") == 2  # (T <= keep_window: both)
+    assert "with --probes" in out
 
 
 @pytest.mark.slow  # ~1 min of CPU; the script's CPU fallback itself runs in the default suite
