@@ -33,8 +33,9 @@ Sections (one table at the end, one row per check):
              T <= keep_window (bf16-rounded dt near-ties flip keep-window choices; spec §9).
   train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; with
              --probes then with the kernels, doge_torch with sdpa's cuDNN kernel first, both with the bias folded
-             into the values (FUSED_FOLD = "v" in doge_jax.attention and doge_torch.model), doge_jax's layers the
-             other way, and 32 rows, as budget allows):
+             into the values (FUSED_FOLD = "v" in doge_jax.attention and doge_torch.model), doge_torch's loss
+             chunks as eager ops (doge_torch.loss.COMPILE_CHUNKS = False), doge_jax's layers the other way, and
+             32 rows, as budget allows):
              doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE; layers as the
              config says, unrolled in configs/doge-*.yaml), doge_torch bf16
              autocast + torch.compile(fullgraph=True) + fused AdamW (doge_torch.train.train_step).
@@ -885,7 +886,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     ran = [0]  # framework rows that passed --train-only
 
     def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False, torch_row=True,
-            fold="qk"):
+            fold="qk", compiled_ce=True):
         # --train-only: a framework's row runs only if "label framework seq S x R rows" has every term (and none of
         # the ~terms)
         hf_row, jax_row, torch_row = (on and train_row_wanted(f"{label} {fw} seq {seq} x {rows} rows", only)
@@ -955,7 +956,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
             report.add(S, f"{label} doge_torch", "budget", status="SKIP")
             return
         with (guarded(report, S, f"{label} doge_torch seq {seq} x {rows} rows"), torch_sdpa_order(sdpa_backends),
-              fused_fold(fold)):
+              fused_fold(fold), compiled_loss_chunks(compiled_ce)):
             model, cm, opt = torch_train_setup(base, tdev, cpu, regional == "all" or (regional == "160m"
                                                                                   and kind == "160m"))
             tb = torch.as_tensor(batch)
@@ -1008,12 +1009,27 @@ def train_probes(one, report: Report, cpu: bool, tdev, label, base, seq, rows, k
     if why:
         report.add(S, f"{label} doge_torch [v-side fold]", f"not run: cuDNN refuses {why}", status="SKIP")
     one(label + " [v-side fold]", base, seq, rows, kind, fold="v", torch_row=why is None)
+    # doge_torch's loss with its per-chunk softmax and gradient as eager ops (the default compiles them on CUDA)
+    one(label + " [eager loss chunks]", base, seq, rows, kind, jax_row=False, compiled_ce=False)
     # doge_jax with its decoder layers the other way (scanned or unrolled: the GPU configs unroll them)
     other = "[scanned layers]" if not base.scan_layers else "[unrolled layers]"
     one(f"{label} {other}", base.replace(scan_layers=not base.scan_layers), seq, rows, kind, torch_row=False)
     # a micro-batch twice as large: how much of the gap is per-step overhead (launches, optimizer, host syncs)
     if not cpu:  # on the CPU the same code as the first rows
         one(label, base, seq, 2 * rows, kind)
+
+
+@contextlib.contextmanager
+def compiled_loss_chunks(on: bool):
+    """doge_torch.loss.COMPILE_CHUNKS (the loss's per-chunk softmax and gradient compiled on CUDA) inside."""
+    from doge_torch import loss
+
+    before = loss.COMPILE_CHUNKS
+    loss.COMPILE_CHUNKS = on
+    try:
+        yield
+    finally:
+        loss.COMPILE_CHUNKS = before
 
 
 @contextlib.contextmanager
@@ -1588,8 +1604,9 @@ def main(argv=None) -> int:
                          "row is a FAIL; the transformers ratio is left out unless its row matches")
     ap.add_argument("--probes", action="store_true",
                     help="also the exploratory rows: Doge-160M training with the kernels, cuDNN first, the v-side "
-                         "fold, the other layer layout and 2x rows; attention block-size, cuDNN-first, v-side fold "
-                         "and full-tile-mask cells (default: the checks and targets only, to fit 8 minutes)")
+                         "fold, eager loss chunks, the other layer layout and 2x rows; attention block-size, "
+                         "cuDNN-first, v-side fold and full-tile-mask cells (default: the checks and targets only, "
+                         "to fit 8 minutes)")
     ap.add_argument("--kernel-smoke", choices=("triton", "pallas"), help=argparse.SUPPRESS)  # kernel_smoke's child
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {', '.join(SECTIONS + OPT_IN)} (default: all but {', '.join(OPT_IN)})")

@@ -18,6 +18,35 @@ from torch.autograd.function import once_differentiable
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in float32)
+# On CUDA each chunk's softmax, target log-probability and d CE / d logits run as one torch.compile'd function
+# (`_chunk_softmax_grad`: a few fused passes over the chunk's logits instead of eager log_softmax, gather, exp,
+# scatter and cast kernels); False: the eager ops everywhere (the CPU always runs them)
+COMPILE_CHUNKS = True
+_compiled_chunk = None
+
+
+def _chunk_softmax_grad(logits: torch.Tensor, tc: torch.Tensor, f: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p(target) over targets != IGNORE, softmax - onehot(target) in the logits' dtype) of one chunk,
+    computed in f; written for inductor to fuse (the one-hot as a comparison, no in-place ops)."""
+    logp = logits.log_softmax(-1, dtype=f)
+    valid = tc != IGNORE
+    safe = torch.where(valid, tc, 0)
+    loss = -torch.where(valid, logp.gather(-1, safe[:, None])[:, 0], 0.0).sum()
+    hot = torch.arange(logits.shape[-1], device=logits.device)[None, :] == safe[:, None]
+    return loss, (logp.exp() - hot.to(f)).to(logits.dtype)
+
+
+def _chunk_fn(device: torch.device):
+    """The compiled `_chunk_softmax_grad` on CUDA (made on first use; inside a compiled graph the plain function,
+    which the outer compile captures), else None."""
+    global _compiled_chunk
+    if not COMPILE_CHUNKS or device.type != "cuda":
+        return None
+    if torch.compiler.is_compiling():
+        return _chunk_softmax_grad
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_softmax_grad, dynamic=False, fullgraph=True)
+    return _compiled_chunk
 
 
 def chunk_rows(vocab_size: int) -> int:
@@ -37,24 +66,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=f, device=x.device)
         dx = torch.empty_like(x) if need_x else None
         dw = torch.zeros(w.shape, dtype=f, device=w.device) if need_w else None
+        fused = _chunk_fn(x.device) if need_x or need_w else None
         with torch.autocast(dev, enabled=False):
             wm = w.to(mm)
             for i, (xc, tc) in enumerate(zip(x.split(chunk), target.split(chunk))):
                 xm = xc.to(mm)
-                logp = (xm @ wm.t()).log_softmax(-1, dtype=f)  # logits rounded to mm as F.linear's, then float32
-                valid = tc != IGNORE
-                safe = torch.where(valid, tc, 0)
-                total = total - torch.where(valid, logp.gather(-1, safe[:, None])[:, 0], 0.0).sum()
-                if not (need_x or need_w):
-                    del logp  # (before the next chunk's is made)
-                    continue
-                # d CE / d logits = softmax - onehot(target), in mm as autograd's backward through F.linear would
-                # see it. Ignored targets: their rows of x and of dx are zeroed instead of their rows of d (a
-                # [chunk, d] pass instead of a [chunk, vocab] one). Temporaries are dropped as soon as possible
-                d = logp.exp_()
-                del logp
-                d.scatter_add_(-1, safe[:, None], torch.full_like(d[:, :1], -1.0))
-                d = d.to(mm)
+                if fused is not None:  # the same values as the eager ops below, in fewer passes
+                    loss, d = fused(xm @ wm.t(), tc, f)
+                    total = total + loss
+                    valid = tc != IGNORE
+                else:
+                    logp = (xm @ wm.t()).log_softmax(-1, dtype=f)  # logits rounded to mm as F.linear's, then f32
+                    valid = tc != IGNORE
+                    safe = torch.where(valid, tc, 0)
+                    total = total - torch.where(valid, logp.gather(-1, safe[:, None])[:, 0], 0.0).sum()
+                    if not (need_x or need_w):
+                        del logp  # (before the next chunk's is made)
+                        continue
+                    # d CE / d logits = softmax - onehot(target), in mm as autograd's backward through F.linear
+                    # would see it. Temporaries are dropped as soon as possible
+                    d = logp.exp_()
+                    del logp
+                    d.scatter_add_(-1, safe[:, None], torch.full_like(d[:, :1], -1.0))
+                    d = d.to(mm)
+                # ignored targets: their rows of x and of dx are zeroed instead of their rows of d (a [chunk, d]
+                # pass instead of a [chunk, vocab] one)
                 keep = valid[:, None].to(mm)
                 if need_x:
                     dx[i * chunk:i * chunk + len(xc)] = ((d @ wm) * keep).to(x.dtype)

@@ -23,6 +23,30 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(L, "chunk_rows", lambda vocab_size: 16)
 
 
+@pytest.mark.parametrize("dtype,autocast", [(torch.float64, False), (torch.float32, True)])
+def test_compiled_chunk_function_gives_the_eager_values(monkeypatch, dtype, autocast):
+    """The per-chunk function that runs compiled on CUDA (`_chunk_softmax_grad`): here run as a plain function and
+    as dynamo's fullgraph capture (aot_eager: the graph inductor would get, no breaks), it gives the eager ops'
+    loss and gradients: float64, and float32 under bf16 autocast (bitwise: the same ops in the same dtypes)."""
+    torch.manual_seed(0)
+    x = torch.randn(70, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 50, (70,))
+    t[[3, 40, 69]] = -100
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = linear_cross_entropy_sum(x, w, t, chunk=32)
+        return (out.detach(), *torch.autograd.grad(out * 0.3, (x, w)))
+
+    want = run()  # eager ops (the CPU's path)
+    captured = torch.compile(L._chunk_softmax_grad, backend="aot_eager", dynamic=False, fullgraph=True)
+    for fn in (L._chunk_softmax_grad, captured):
+        monkeypatch.setattr(L, "_chunk_fn", lambda device, fn=fn: fn)
+        for a, b in zip(run(), want):
+            assert torch.equal(a, b) if autocast else torch.allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
 def test_gradients_exact_in_float64_across_chunks():
     torch.manual_seed(0)
     x = torch.randn(70, 16, dtype=torch.float64, requires_grad=True)
