@@ -465,13 +465,15 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     else:
         report.add(S, "doge_torch fp32 compiled", "budget", status="SKIP")
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32  # (before: TF32 on for the rest)
+    # "fused": the sdpa paths in bf16 on the CPU too (where "auto" runs the eager reference in reduced precision)
+    fmodel = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="fused")).to(tdev)
     with guarded(report, S, "doge_torch bf16 autocast"):
         with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
-            lb = tmodel(dev(tb)).logits.float().cpu().numpy()
+            lb = fmodel.eval()(dev(tb)).logits.float().cpu().numpy()
         bf16_row("doge_torch bf16 autocast (sdpa) logits", max_abs(lb, ref_b))
     with guarded(report, S, "doge_torch bf16 autocast v-side fold"), fused_fold("v"):
         with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
-            lb = tmodel(dev(tb)).logits.float().cpu().numpy()
+            lb = fmodel(dev(tb)).logits.float().cpu().numpy()
         bf16_row("doge_torch bf16 autocast (sdpa, v-side fold) logits", max_abs(lb, ref_b))
     if not (uses_triton and faulted(report, S, f"doge_torch bf16 autocast {kern}", "triton")):
         with guarded(report, S, f"doge_torch bf16 autocast {kern}"):
@@ -982,33 +984,38 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     configs = train_configs(cpu)
     for args in configs:
         one(*args, hf_row=True)
+    def refused(label, seq, rows, why) -> bool:
+        """A wanted doge_torch row whose cuDNN shapes `why()` says cuDNN refuses: a SKIP row (a row --train-only
+        matched) instead of a silent fallback to another kernel."""
+        name = f"{label} doge_torch seq {seq} x {rows} rows"
+        reason = None if cpu or not train_row_wanted(name, only) else why()
+        if reason:
+            ran[0] += 1
+            report.add(S, name, f"not run: cuDNN refuses {reason}", status="SKIP")
+        return reason is not None
+
     if probes:
-        train_probes(one, report, cpu, tdev, *configs[-1])
+        train_probes(one, refused, cpu, tdev, *configs[-1])
     if only and not ran[0]:
-        report.add(S, f"--train-only {','.join(only)}", "matched no train row", status="FAIL")
+        hint = "" if probes else " (the probe rows, [...], run only with --probes)"
+        report.add(S, f"--train-only {','.join(only)}", "matched no train row" + hint, status="FAIL")
 
 
-def train_probes(one, report: Report, cpu: bool, tdev, label, base, seq, rows, kind) -> None:
+def train_probes(one, refused, cpu: bool, tdev, label, base, seq, rows, kind) -> None:
     """--probes: the Doge-160M rows other ways, after the targets, as budget allows."""
-    S = "train"
     # the Triton/Pallas kernels in training (T = keep_window: causal + bias)
     one(label + " [pallas/Triton kernels]", base.replace(attention_impl="pallas"), seq, rows, kind)
     # sdpa's cuDNN kernel first for the folded attention (JAX's fused path uses cuDNN), if cuDNN takes the folded
     # head dim at all (else sdpa would silently run flash and the row would repeat the first one)
     folded = -(-(base.head_size + 1) // 8) * 8
     gqa = base.num_dt_heads != base.num_attention_heads  # (both folds: kv heads grouped when dt has G heads)
-    why = None if cpu else cudnn_refuses(folded, tdev, gqa=gqa)
-    if why:
-        report.add(S, f"{label} doge_torch [sdpa cuDNN first]", f"not run: cuDNN refuses the folded {why}",
-                   status="SKIP")
-    else:
+    if not refused(label + " [sdpa cuDNN first]", seq, rows, lambda: cudnn_refuses(folded, tdev, gqa=gqa)):
         one(label + " [sdpa cuDNN first]", base, seq, rows, kind, jax_row=False, sdpa_backends=["cudnn"])
     # the bias folded into the values (q/k keep head dim 128): doge_jax's fused path (cuDNN) and doge_torch's
     # folded sdpa path (sdpa's cuDNN kernel first: flash needs equal head dims), if cuDNN takes those shapes
-    why = None if cpu else cudnn_refuses(base.head_size, tdev, v_dim=folded, gqa=gqa)
-    if why:
-        report.add(S, f"{label} doge_torch [v-side fold]", f"not run: cuDNN refuses {why}", status="SKIP")
-    one(label + " [v-side fold]", base, seq, rows, kind, fold="v", torch_row=why is None)
+    no_torch = refused(label + " [v-side fold]", seq, rows,
+                       lambda: cudnn_refuses(base.head_size, tdev, v_dim=folded, gqa=gqa))
+    one(label + " [v-side fold]", base, seq, rows, kind, fold="v", torch_row=not no_torch)
     # doge_torch's loss with its per-chunk softmax and gradient as eager ops (the default compiles them on CUDA)
     one(label + " [eager loss chunks]", base, seq, rows, kind, jax_row=False, compiled_ce=False)
     # doge_jax with its decoder layers the other way (scanned or unrolled: the GPU configs unroll them)

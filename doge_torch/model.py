@@ -318,7 +318,8 @@ def fold_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tenso
     return qa, ka, F.pad(v, (0, pad + 1))
 
 
-FUSED_FOLD = "qk"  # "v": fold the bias into the values where it applies (`attention_by_values`)
+FUSED_FOLD = "qk"  # "v": fold the bias into the values where it applies (`attention_by_values`; not in float16,
+# whose range would let the weights underflow)
 V_FOLD_MAX_SPREAD = 60.0  # the most dt may span per batch row and head for the value-side fold (weights >= e^-60)
 
 
@@ -331,7 +332,7 @@ def fold_bias_v(v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     n = dt.shape[1]
     if n != G:
         v = v.repeat_interleave(n // G, dim=1)
-    b = dt.float()
+    b = dt.to(torch.promote_types(dt.dtype, torch.float32))
     w = torch.exp(b - b.amax(-1, keepdim=True).detach())[..., None]  # the max cancels out of the ratio
     pad = -(-(D + 1) // 8) * 8 - D - 1
     return torch.cat([(v * w).to(v.dtype), w.to(v.dtype), v.new_zeros(B, n, T, pad)], dim=-1)
@@ -349,9 +350,9 @@ class _DenseGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-def _by_values(q, k, v, dt):
+def _by_values(q, k, v, dt, gqa: bool):
     q, k, v, dt = (_DenseGrad.apply(x) for x in (q, k, v, dt))
-    B, H, S, D = q.shape
+    D = q.shape[-1]
     n = dt.shape[1]
     if n != k.shape[1]:
         k = k.repeat_interleave(n // k.shape[1], dim=1)
@@ -361,25 +362,36 @@ def _by_values(q, k, v, dt):
              if b != SDPBackend.FLASH_ATTENTION]
     with sdpa_kernel(order, set_priority=True):
         o = F.scaled_dot_product_attention(q, k, fold_bias_v(v, dt), is_causal=True, scale=D ** -0.5,
-                                           enable_gqa=n != H)
+                                           enable_gqa=gqa)
     # (each query sees itself: o'[D] > 0.) Contiguous: torch.cond's outputs must be dense
-    return (o[..., :D].float() / o[..., D:D + 1].float()).to(o.dtype).contiguous()
+    f = torch.promote_types(o.dtype, torch.float32)
+    return (o[..., :D].to(f) / o[..., D:D + 1].to(f)).to(o.dtype).contiguous()
 
 
-def _by_keys(q, k, v, dt):
+def _by_keys(q, k, v, dt, gqa: bool):
     q, k, v, dt = (_DenseGrad.apply(x) for x in (q, k, v, dt))
-    D, H = q.shape[-1], q.shape[1]
     qa, ka, va = fold_bias(q, k, v, dt)
-    return run_sdpa(qa, ka, va, is_causal=True, scale=1.0, enable_gqa=ka.shape[1] != H)[..., :D].contiguous()
+    return run_sdpa(qa, ka, va, is_causal=True, scale=1.0, enable_gqa=gqa)[..., :q.shape[-1]].contiguous()
 
 
 def attention_by_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     """Causal DMA for T <= keep_window without padding, cache or dropout, with the bias folded into the values
     (`fold_bias_v`) where dt spans at most V_FOLD_MAX_SPREAD in every batch row and head, else into q and k
-    (`fold_bias`), chosen by torch.cond. Its predicate is read on the host (eager torch.cond, and inductor's
-    code for it): one host sync per call, so a training step with this fold is not free of syncs."""
+    (`fold_bias`): in Python in eager mode, by torch.cond in a compiled graph. The choice is read on the host
+    either way (inductor's code for torch.cond does too): one host sync per call, so a training step with this
+    fold is not free of syncs."""
     ok = (dt.amax(-1) - dt.amin(-1) <= V_FOLD_MAX_SPREAD).all()
-    return torch.cond(ok, _by_values, _by_keys, (q, k, v, dt))
+    gqa = bool(dt.shape[1] != q.shape[1])  # (both folds give k and v' dt's heads)
+
+    def by_values(q, k, v, dt):
+        return _by_values(q, k, v, dt, gqa)
+
+    def by_keys(q, k, v, dt):
+        return _by_keys(q, k, v, dt, gqa)
+
+    if not torch.compiler.is_compiling():  # eager torch.cond would trace both branches with dynamo on every call
+        return (by_values if bool(ok) else by_keys)(q, k, v, dt)
+    return torch.cond(ok, by_values, by_keys, (q, k, v, dt))
 
 
 FLEX_BLOCK = 128
@@ -485,7 +497,8 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
             return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=keep,
                               check=False).to(q.dtype)  # e from key_expiry keeps the rule: no eager host sync
         if sdpa and T <= cfg.keep_window_size:
-            if FUSED_FOLD == "v" and dropout == 0.0:  # (dropout would reach the denominator o'[D] too)
+            # (dropout would reach the denominator o'[D] too; float16's range is too small for the weights)
+            if FUSED_FOLD == "v" and dropout == 0.0 and compute != torch.float16:
                 return attention_by_values(q, k, v, dt)
             qa, ka, va = fold_bias(q, k, v, dt)
             o = run_sdpa(qa, ka, va, is_causal=True, scale=1.0, dropout_p=dropout, enable_gqa=ka.shape[1] != H)

@@ -115,6 +115,25 @@ def test_value_fold_falls_back_past_its_spread(monkeypatch):
     assert max_abs_diff(by_v, by_qk) <= 2e-6
 
 
+def test_value_fold_not_in_float16(monkeypatch):
+    """float16 takes the q/k fold under FUSED_FOLD = "v": its range is too small for the value fold's weights (a key
+    20 below a later one would get weight e^-20, 0 in float16, and a query that sees only that key 0 / 0). Checked
+    by tracing (XLA on the CPU has no float16 dot with float32 accumulation to run it)."""
+    import doge_jax.attention as da
+
+    (q, k, v, dt), _, _ = _inputs(n=2, pad=(0, 0), S=24, T=24)
+    mask = MaskInfo(None, 0, None, None)
+    monkeypatch.setattr(da, "FUSED_FOLD", "v")
+    used = []
+    fold_v = da.fold_bias_v
+    monkeypatch.setattr(da, "fold_bias_v", lambda *a: used.append(1) or fold_v(*a))
+    h = [x.astype(jnp.float16) for x in (q, k, v)]
+    out = jax.eval_shape(lambda *a: attention_fused(*a, mask, 100), *h, dt)
+    assert not used and out.dtype == jnp.float16
+    jax.eval_shape(lambda *a: attention_fused(*a, mask, 100), q, k, v, dt)  # float32: the value fold
+    assert used
+
+
 # (n, T, keep_window, ties, sliding_window, pad): interpret mode on CPU, 16x16 tiles (T not a multiple of them)
 PALLAS_CASES = {
     "native_expiry": (2, 70, 16, False, None, (0, 5)),
