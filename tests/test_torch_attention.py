@@ -58,28 +58,6 @@ def _dense_keep(dt, H, T, keep):
     return m.repeat_interleave(H // n, dim=1)
 
 
-@pytest.mark.parametrize("variant,H,G", [("native", 4, 2), ("small_doge", 4, 2), ("native", 2, 2)])
-def test_fold_bias_equals_dense_bias(calls, variant, H, G):
-    """Folded-bias causal sdpa = sdpa with the explicit dt bias, in value and in the gradients (dt included)
-    ("fused": the sdpa paths on the CPU in float64 too, where "auto" runs the eager reference)."""
-    D, T = 12, 33
-    cfg = _cfg(H, G, D, 64, variant, impl="fused")
-    n = cfg.num_dt_heads
-    args = [x.requires_grad_() for x in _inputs(2, H, G, n, T, D)]
-    allowed = allowed_mask(cfg, 2, T, 0, None, torch.device("cpu"))
-    got = dma_attention(cfg, *args, None, torch.float64)
-    want = dma_attention(cfg, *args, allowed, torch.float64)
-    assert torch.allclose(got, want, atol=1e-12, rtol=0)
-    w = torch.randn_like(got)
-    g_got = torch.autograd.grad((got * w).sum(), args)
-    g_want = torch.autograd.grad((want * w).sum(), args)
-    for name, a, b in zip("q k v dt".split(), g_got, g_want):
-        assert torch.allclose(a, b, atol=1e-11, rtol=0), name
-    assert calls == {"fold_bias": 1}
-    qa, ka, va = fold_bias(*args)
-    assert qa.shape[-1] % 8 == 0 and qa.shape[-1] > D and ka.shape[-1] == va.shape[-1] == qa.shape[-1]
-
-
 @pytest.fixture
 def v_fold(monkeypatch):
     import doge_torch.model as dm
@@ -88,10 +66,15 @@ def v_fold(monkeypatch):
     return dm
 
 
+@pytest.mark.parametrize("fold", ["qk", "v"])
 @pytest.mark.parametrize("variant,H,G", [("native", 4, 2), ("small_doge", 4, 2), ("native", 2, 2)])
-def test_value_side_fold_equals_dense_bias(v_fold, calls, variant, H, G):
-    """FUSED_FOLD = "v": the bias folded into the values (q, k keep head dim D) = sdpa with the explicit dt bias, in
-    value and in the gradients (dt included)."""
+def test_fold_bias_equals_dense_bias(monkeypatch, calls, fold, variant, H, G):
+    """Folded-bias causal sdpa = sdpa with the explicit dt bias, in value and in the gradients (dt included), with
+    the bias folded into q/k or (FUSED_FOLD = "v") into the values, q and k keeping head dim D ("fused": the sdpa
+    paths on the CPU in float64 too, where "auto" runs the eager reference)."""
+    import doge_torch.model as dm
+
+    monkeypatch.setattr(dm, "FUSED_FOLD", fold)
     D, T = 12, 33
     cfg = _cfg(H, G, D, 64, variant, impl="fused")
     args = [x.requires_grad_() for x in _inputs(2, H, G, cfg.num_dt_heads, T, D)]
@@ -103,8 +86,13 @@ def test_value_side_fold_equals_dense_bias(v_fold, calls, variant, H, G):
     g_want = torch.autograd.grad((want * w).sum(), args)
     for name, a, b in zip("q k v dt".split(), g_got, g_want):
         assert torch.allclose(a, b, atol=1e-11, rtol=0), name
-    assert calls == {"_by_values": 1}
-    assert v_fold.fold_bias_v(args[2], args[3]).shape[-1] == 16  # D + 1 padded to a multiple of 8
+    if fold == "qk":
+        assert calls == {"fold_bias": 1}
+        qa, ka, va = fold_bias(*args)
+        assert qa.shape[-1] % 8 == 0 and qa.shape[-1] > D and ka.shape[-1] == va.shape[-1] == qa.shape[-1]
+    else:
+        assert calls == {"_by_values": 1}
+        assert dm.fold_bias_v(args[2], args[3]).shape[-1] == 16  # D + 1 padded to a multiple of 8
 
 
 def test_value_side_fold_with_head_counts_changing(v_fold, calls):
