@@ -47,6 +47,28 @@ def test_compiled_chunk_function_gives_the_eager_values(monkeypatch, dtype, auto
             assert torch.equal(a, b) if autocast else torch.allclose(a, b, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.slow  # ~15 s: an inductor compile
+def test_inductor_compiled_chunk_function(monkeypatch):
+    """`_chunk_softmax_grad` compiled by inductor (the CPU's; CUDA compiles the same graph to Triton) through the
+    loss under bf16 autocast: the eager ops' loss and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(70, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (70,))
+    t[[3, 40, 69]] = -100
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear_cross_entropy_sum(x, w, t, chunk=32)
+        return (out.detach(), *torch.autograd.grad(out * 0.3, (x, w)))
+
+    want = run()
+    compiled = torch.compile(L._chunk_softmax_grad, dynamic=False, fullgraph=True)
+    monkeypatch.setattr(L, "_chunk_fn", lambda device: compiled)
+    for a, b in zip(run(), want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_exact_in_float64_across_chunks():
     torch.manual_seed(0)
     x = torch.randn(70, 16, dtype=torch.float64, requires_grad=True)
