@@ -13,6 +13,8 @@ in float32.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -46,7 +48,23 @@ def _chunk_fn(device: torch.device):
         return _chunk_softmax_grad
     if _compiled_chunk is None:
         _compiled_chunk = torch.compile(_chunk_softmax_grad, dynamic=False, fullgraph=True)
-    return _compiled_chunk
+    return _run_compiled
+
+
+def _run_compiled(logits: torch.Tensor, tc: torch.Tensor, f: torch.dtype):
+    """The compiled chunk function; where it cannot be compiled (no working Triton for the GPU, say), a warning and
+    the plain function from then on."""
+    global COMPILE_CHUNKS
+    try:
+        return _compiled_chunk(logits, tc, f)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any compile failure: the same values without the compiler
+        COMPILE_CHUNKS = False
+        warnings.warn(f"doge_torch.loss: compiling the loss's chunk function failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); it runs as eager ops from now on",
+                      stacklevel=2)
+        return _chunk_softmax_grad(logits, tc, f)
 
 
 def chunk_rows(vocab_size: int) -> int:

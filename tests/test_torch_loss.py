@@ -47,6 +47,30 @@ def test_compiled_chunk_function_gives_the_eager_values(monkeypatch, dtype, auto
             assert torch.equal(a, b) if autocast else torch.allclose(a, b, rtol=1e-13, atol=1e-15)
 
 
+def test_chunk_compile_failure_falls_back_to_eager(monkeypatch):
+    """Where the chunk function cannot be compiled (no working Triton for the GPU, say) the loss warns once, gives
+    the same values through the plain function, and stops trying (COMPILE_CHUNKS False)."""
+    torch.manual_seed(0)
+    x = torch.randn(70, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (70,))
+    want = (linear_cross_entropy_sum(x, w, t, chunk=32).detach(),)
+    want += torch.autograd.grad(linear_cross_entropy_sum(x, w, t, chunk=32), (x, w))
+
+    def broken(*a):
+        raise RuntimeError("Cannot find a working triton installation")
+
+    monkeypatch.setattr(L, "COMPILE_CHUNKS", True)
+    monkeypatch.setattr(L, "_compiled_chunk", broken)
+    monkeypatch.setattr(L, "_chunk_fn", lambda device: L._run_compiled if L.COMPILE_CHUNKS else None)
+    with pytest.warns(UserWarning, match="compiling the loss's chunk function failed .*triton.*eager ops"):
+        out = linear_cross_entropy_sum(x, w, t, chunk=32)
+    got = (out.detach(), *torch.autograd.grad(out, (x, w)))
+    assert L.COMPILE_CHUNKS is False
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.slow  # ~15 s: an inductor compile
 def test_inductor_compiled_chunk_function(monkeypatch):
     """`_chunk_softmax_grad` compiled by inductor (the CPU's; CUDA compiles the same graph to Triton) through the
