@@ -24,6 +24,7 @@ CHUNK_ELEMENTS = 1 << 26  # logits per chunk (256 MB in float32)
 # (`_chunk_softmax_grad`: a few fused passes over the chunk's logits instead of eager log_softmax, gather, exp,
 # scatter and cast kernels); False: the eager ops everywhere (the CPU always runs them)
 COMPILE_CHUNKS = True
+COMPILE_DEVICES = ("cuda",)  # where COMPILE_CHUNKS applies
 _compiled_chunk = None
 
 
@@ -42,7 +43,7 @@ def _chunk_fn(device: torch.device):
     """The compiled `_chunk_softmax_grad` on CUDA (made on first use; inside a compiled graph the plain function,
     which the outer compile captures), else None."""
     global _compiled_chunk
-    if not COMPILE_CHUNKS or device.type != "cuda":
+    if not COMPILE_CHUNKS or device.type not in COMPILE_DEVICES:
         return None
     if torch.compiler.is_compiling():
         return _chunk_softmax_grad

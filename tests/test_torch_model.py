@@ -724,16 +724,22 @@ def test_remat_policies_same_gradients_and_recompute(moe):
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("return_logits,moe", [(True, False), (False, False), (False, True)])
-def test_compile_fullgraph_no_graph_breaks(return_logits, moe, monkeypatch):
+@pytest.mark.parametrize("return_logits,moe,chunks", [(True, False, False), (False, False, False),
+                                                      (False, True, False), (False, False, True)])
+def test_compile_fullgraph_no_graph_breaks(return_logits, moe, chunks, monkeypatch):
     """The whole forward (+ loss) traces as ONE graph, with and without explicit position_ids (dynamic RoPE from
     max(position) without a host sync), also with the training loss that stores no logits (doge_torch.loss, an
-    autograd.Function, here over 3 chunks); dynamo's eager backend runs it with the same results as eager."""
+    autograd.Function, here over 3 chunks; `chunks`: with its per-chunk function compiled as on CUDA, which the
+    outer trace takes in as plain ops); dynamo's eager backend runs it with the same results as eager."""
     import torch._dynamo
 
     from doge_torch import loss
 
     monkeypatch.setattr(loss, "chunk_rows", lambda vocab_size: 12)  # 32 tokens: chunks of 12, 12 and 8
+    if chunks:  # (eager calls: dynamo's eager backend instead of an inductor compile on the CPU)
+        monkeypatch.setattr(loss, "COMPILE_DEVICES", ("cpu",))
+        monkeypatch.setattr(loss, "_compiled_chunk", torch.compile(loss._chunk_softmax_grad, backend="eager",
+                                                                   dynamic=False, fullgraph=True))
     model, ids = _compile_case(moe)
     pos = torch.arange(16)[None].expand(2, 16) + 3
 
