@@ -1602,8 +1602,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="total seconds (default 420 GPU, 90 CPU)")
     ap.add_argument("--regional", choices=("none", "160m", "all"), default="all",
                     help="torch training rows compiled layer by layer instead of as one graph: none, the Doge-160M "
-                         "row, or all (default: whole-model inductor compiles took 72 s (20M) and 190 s (160M) on an "
-                         "H200)")
+                         "row, or all (the default: whole-model inductor compiles took 72 s (20M) and 190 s (160M) "
+                         "on an H200)")
     ap.add_argument("--train-only", default="", metavar="TERMS",
                     help="comma list: run only the train rows whose name ('LABEL FRAMEWORK seq S x R rows') has "
                          "every term and none of the ~terms, e.g. '160m,doge_jax,x 16 rows,~[' for the main "
