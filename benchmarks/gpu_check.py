@@ -82,6 +82,7 @@ import sys
 import tempfile
 import time
 import traceback
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -1026,17 +1027,11 @@ def train_probes(one, refused, cpu: bool, tdev, label, base, seq, rows, kind) ->
         one(label, base, seq, 2 * rows, kind)
 
 
-@contextlib.contextmanager
 def compiled_loss_chunks(on: bool):
     """doge_torch.loss.COMPILE_CHUNKS (the loss's per-chunk softmax and gradient compiled on CUDA) inside."""
     from doge_torch import loss
 
-    before = loss.COMPILE_CHUNKS
-    loss.COMPILE_CHUNKS = on
-    try:
-        yield
-    finally:
-        loss.COMPILE_CHUNKS = before
+    return mock.patch.object(loss, "COMPILE_CHUNKS", on)
 
 
 @contextlib.contextmanager
@@ -1047,12 +1042,8 @@ def fused_fold(fold: str):
     import doge_torch.model
     from doge_jax import attention
 
-    before = attention.FUSED_FOLD, doge_torch.model.FUSED_FOLD
-    attention.FUSED_FOLD = doge_torch.model.FUSED_FOLD = fold
-    try:
+    with mock.patch.object(attention, "FUSED_FOLD", fold), mock.patch.object(doge_torch.model, "FUSED_FOLD", fold):
         yield
-    finally:
-        attention.FUSED_FOLD, doge_torch.model.FUSED_FOLD = before
 
 
 def train_row_wanted(name: str, terms: tuple[str, ...]) -> bool:
@@ -1206,11 +1197,8 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
                 return torch.autograd.grad(o, (q, k, v, dt), do)[0]
 
             def t_kernel_skip(**kw):
-                triton_attention.SKIP_FULL_TILE_MASK = not skip_default
-                try:
+                with mock.patch.object(triton_attention, "SKIP_FULL_TILE_MASK", not skip_default):
                     return t_kernel(**kw)
-                finally:
-                    triton_attention.SKIP_FULL_TILE_MASK = skip_default
 
             skip_default = triton_attention.SKIP_FULL_TILE_MASK
             which = ("Triton kernels (" + ("sparse" if T >= 2 * keep else "dense") if triton_available(q.device)

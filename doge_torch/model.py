@@ -339,7 +339,7 @@ def fold_bias_v(v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
 
 
 class _DenseGrad(torch.autograd.Function):
-    """Identity whose gradient is made contiguous: torch.cond needs both branches' gradients laid out alike."""
+    """Identity whose gradient is made contiguous: torch.cond needs its branches' gradients laid out alike."""
 
     @staticmethod
     def forward(ctx, x):
@@ -351,7 +351,7 @@ class _DenseGrad(torch.autograd.Function):
 
 
 def _by_values(q, k, v, dt, gqa: bool):
-    q, k, v, dt = (_DenseGrad.apply(x) for x in (q, k, v, dt))
+    """Causal DMA with the bias folded into the values (`fold_bias_v`; T <= keep_window, no padding)."""
     D = q.shape[-1]
     n = dt.shape[1]
     if n != k.shape[1]:
@@ -363,15 +363,14 @@ def _by_values(q, k, v, dt, gqa: bool):
     with sdpa_kernel(order, set_priority=True):
         o = F.scaled_dot_product_attention(q, k, fold_bias_v(v, dt), is_causal=True, scale=D ** -0.5,
                                            enable_gqa=gqa)
-    # (each query sees itself: o'[D] > 0.) Contiguous: torch.cond's outputs must be dense
-    f = torch.promote_types(o.dtype, torch.float32)
-    return (o[..., :D].to(f) / o[..., D:D + 1].to(f)).to(o.dtype).contiguous()
+    f = torch.promote_types(o.dtype, torch.float32)  # (each query sees itself: o'[D] > 0)
+    return (o[..., :D].to(f) / o[..., D:D + 1].to(f)).to(o.dtype)
 
 
-def _by_keys(q, k, v, dt, gqa: bool):
-    q, k, v, dt = (_DenseGrad.apply(x) for x in (q, k, v, dt))
+def _by_keys(q, k, v, dt, gqa: bool, dropout: float = 0.0):
+    """Causal DMA with the bias folded into q and k (`fold_bias`; T <= keep_window, no padding)."""
     qa, ka, va = fold_bias(q, k, v, dt)
-    return run_sdpa(qa, ka, va, is_causal=True, scale=1.0, enable_gqa=gqa)[..., :q.shape[-1]].contiguous()
+    return run_sdpa(qa, ka, va, is_causal=True, scale=1.0, dropout_p=dropout, enable_gqa=gqa)[..., :q.shape[-1]]
 
 
 def attention_by_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
@@ -382,16 +381,16 @@ def attention_by_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: t
     fold is not free of syncs."""
     ok = (dt.amax(-1) - dt.amin(-1) <= V_FOLD_MAX_SPREAD).all()
     gqa = bool(dt.shape[1] != q.shape[1])  # (both folds give k and v' dt's heads)
-
-    def by_values(q, k, v, dt):
-        return _by_values(q, k, v, dt, gqa)
-
-    def by_keys(q, k, v, dt):
-        return _by_keys(q, k, v, dt, gqa)
-
     if not torch.compiler.is_compiling():  # eager torch.cond would trace both branches with dynamo on every call
-        return (by_values if bool(ok) else by_keys)(q, k, v, dt)
-    return torch.cond(ok, by_values, by_keys, (q, k, v, dt))
+        return (_by_values if bool(ok) else _by_keys)(q, k, v, dt, gqa)
+
+    def branch(fn):  # torch.cond's branches: outputs and gradients laid out alike (dense)
+        def run(q, k, v, dt):
+            return fn(*(_DenseGrad.apply(x) for x in (q, k, v, dt)), gqa).contiguous()
+
+        return run
+
+    return torch.cond(ok, branch(_by_values), branch(_by_keys), (q, k, v, dt))
 
 
 FLEX_BLOCK = 128
@@ -500,9 +499,7 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
             # (dropout would reach the denominator o'[D] too; float16's range is too small for the weights)
             if FUSED_FOLD == "v" and dropout == 0.0 and compute != torch.float16:
                 return attention_by_values(q, k, v, dt)
-            qa, ka, va = fold_bias(q, k, v, dt)
-            o = run_sdpa(qa, ka, va, is_causal=True, scale=1.0, dropout_p=dropout, enable_gqa=ka.shape[1] != H)
-            return o[..., :D]
+            return _by_keys(q, k, v, dt, dt.shape[1] != H, dropout)
         if sdpa and dropout == 0.0 and flex_available(q.device):
             return flex_dma(cfg, q, k, v, dt, compute).to(q.dtype)
         allowed = allowed_mask(cfg, B, S, T - S, None, q.device)

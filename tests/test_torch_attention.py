@@ -87,7 +87,7 @@ def test_fold_bias_equals_dense_bias(monkeypatch, calls, fold, variant, H, G):
     for name, a, b in zip("q k v dt".split(), g_got, g_want):
         assert torch.allclose(a, b, atol=1e-11, rtol=0), name
     if fold == "qk":
-        assert calls == {"fold_bias": 1}
+        assert calls == {"_by_keys": 1, "fold_bias": 1}
         qa, ka, va = fold_bias(*args)
         assert qa.shape[-1] % 8 == 0 and qa.shape[-1] > D and ka.shape[-1] == va.shape[-1] == qa.shape[-1]
     else:
@@ -111,7 +111,7 @@ def test_value_side_fold_with_head_counts_changing(v_fold, calls):
     q, k, v, dt = _inputs(1, 4, 2, 2, T, D)
     got = dma_attention(cfg, q.half(), k.half(), v.half(), dt.float(), None, torch.float16)
     want = dma_attention(cfg, q, k, v, dt, allowed_mask(cfg, 1, T, 0, None, torch.device("cpu")), torch.float64)
-    assert calls == {"_by_values": 4, "fold_bias": 1} and (got.double() - want).abs().max().item() < 1e-2
+    assert calls == {"_by_values": 4, "_by_keys": 1, "fold_bias": 1} and (got.double() - want).abs().max().item() < 1e-2
 
 
 def test_value_side_fold_falls_back_on_wide_bias(v_fold, calls):
@@ -189,7 +189,7 @@ def test_value_side_fold_bf16_autocast_and_compiled(v_fold, calls, monkeypatch):
     # (dt spanning up to 25 costs bf16 ~3e-2 of max|logit| on every path, the reference's too)
     assert errs["v"] <= 1.5 * errs["reference"] and errs["v"] <= 1.5 * errs["qk"], errs
     assert torch.allclose(compiled, ref, atol=1e-5, rtol=0)
-    assert calls == {"_by_values": 2, "fold_bias": 2}  # (eager bf16: each fold once per layer)
+    assert calls == {"_by_values": 2, "_by_keys": 2, "fold_bias": 2}  # (eager bf16: each fold once per layer)
 
 
 @pytest.mark.parametrize("T,keep,block,dt_kind", [(300, 40, 32, "random"), (256, 32, 16, "increasing"),
