@@ -455,8 +455,14 @@ def fused_supported(S: int, T: int, keep_window: int, mask: MaskInfo) -> bool:
 
 
 # Large negative logit offset for padding keys in the folded bias column: exp() of it underflows to 0 in any
-# dtype, and it stays finite in bf16/fp16 accumulations (cuDNN's own mask value is -2**41).
+# dtype, and it stays finite in bf16 (cuDNN's own mask value is -2**41); float16 takes half its finfo.min (an inf
+# there would meet a zero gradient in the backward: 0 * inf = NaN).
 _PAD_BIAS = -(2.0 ** 40)
+
+
+def pad_bias(dtype) -> float:
+    """The padding keys' bias in `dtype`: _PAD_BIAS, or half of finfo.min where that is smaller (float16)."""
+    return max(_PAD_BIAS, float(jnp.finfo(dtype).min) / 2)
 
 
 def fold_bias(q, k, v, dt, valid=None):
@@ -472,7 +478,7 @@ def fold_bias(q, k, v, dt, valid=None):
         G = H
     b = dt.astype(q.dtype)
     if valid is not None:
-        b = jnp.where(valid[:, None, :], b, jnp.asarray(_PAD_BIAS, q.dtype))
+        b = jnp.where(valid[:, None, :], b, jnp.asarray(pad_bias(q.dtype), q.dtype))
     pad = _round_up(D + 1, 8) - D - 1
     qa = jnp.concatenate([q * jnp.asarray(D ** -0.5, q.dtype), jnp.ones((B, H, S, 1), q.dtype),
                           jnp.zeros((B, H, S, pad), q.dtype)], axis=-1)

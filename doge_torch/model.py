@@ -303,18 +303,29 @@ class DogeAttention(nn.Module):
         return torch.exp(self.A * torch_softplus(self.dt_proj(v_flat))).transpose(1, 2)
 
 
-def fold_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor):
+def pad_bias(dtype: torch.dtype) -> float:
+    """Padding keys' bias in the q/k fold (as doge_jax.attention.pad_bias): -2**40, whose exp() underflows to 0, or
+    half of finfo.min where that is smaller (float16): finite, so no 0 * inf reaches the backward."""
+    return max(-(2.0 ** 40), torch.finfo(dtype).min / 2)
+
+
+def fold_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+              valid: torch.Tensor | None = None):
     """Fold the per-key bias into one extra head dimension (design.md §3, as doge_jax.attention.fold_bias):
-    q' = [q * scale, 1, 0...], k' = [k, dt, 0...], v' = [v, 0...], padded to a multiple of 8, so q'.k' =
-    q.k * scale + dt_j and plain causal attention with scale 1 computes DMA for T <= keep_window (d(dt) is
-    dk'[..., D]). dt [B, n, T] with n = G or H (kv heads repeated to the query heads when n = H > G)."""
+    q' = [q * scale, 1, 0...], k' = [k, b, 0...], v' = [v, 0...], padded to a multiple of 8, so q'.k' =
+    q.k * scale + b_j and plain causal attention with scale 1 computes DMA for T <= keep_window (d(dt) is
+    dk'[..., D]). b = dt, or a large negative number for padding keys (`valid` [B, T] bool). dt [B, n, T] with
+    n = G or H (kv heads repeated to the query heads when n = H > G)."""
     B, H, S, D = q.shape
     G = k.shape[1]
     if dt.shape[1] != G:
         k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
     pad = -(-(D + 1) // 8) * 8 - D - 1
+    b = dt.to(k.dtype)
+    if valid is not None:
+        b = b.masked_fill(~valid[:, None, :], pad_bias(k.dtype))
     qa = torch.cat([q * D ** -0.5, q.new_ones(B, H, S, 1), q.new_zeros(B, H, S, pad)], dim=-1)
-    ka = torch.cat([k, dt.to(k.dtype)[..., None], k.new_zeros(*k.shape[:3], pad)], dim=-1)
+    ka = torch.cat([k, b[..., None], k.new_zeros(*k.shape[:3], pad)], dim=-1)
     return qa, ka, F.pad(v, (0, pad + 1))
 
 
@@ -323,17 +334,25 @@ FUSED_FOLD = "qk"  # "v": fold the bias into the values where it applies (`atten
 V_FOLD_MAX_SPREAD = 60.0  # the most dt may span per batch row and head for the value-side fold (weights >= e^-60)
 
 
-def fold_bias_v(v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+def fold_bias_v(v: torch.Tensor, dt: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Fold the per-key bias into the values (as doge_jax.attention.fold_bias_v): softmax_j(s_ij + b_j) = softmax_j(
     s_ij) w_j / sum_j(...) with w_j = exp(b_j - max b), so DMA = o'[:D] / o'[D] for plain causal attention o' over
     v' = [w v, w, 0...] (padded to a multiple of 8) with q and k unchanged: the kernels keep head dim D for q and k.
-    v [B, G, T, D]; dt [B, n, T] (v repeated to the query heads when n = H > G). Returns v' [B, n, T, Dv]."""
+    Padding keys (`valid` [B, T] bool False) get w = 0. v [B, G, T, D]; dt [B, n, T] (v repeated to the query heads
+    when n = H > G). Returns v' [B, n, T, Dv]."""
     B, G, T, D = v.shape
     n = dt.shape[1]
     if n != G:
         v = v.repeat_interleave(n // G, dim=1)
     b = dt.to(torch.promote_types(dt.dtype, torch.float32))
-    w = torch.exp(b - b.amax(-1, keepdim=True).detach())[..., None]  # the max cancels out of the ratio
+    if valid is None:
+        w = torch.exp(b - b.amax(-1, keepdim=True).detach())  # the max cancels out of the ratio
+    else:
+        live = valid[:, None, :]
+        c = b.masked_fill(~live, -torch.inf).amax(-1, keepdim=True).detach()
+        c = torch.where(torch.isfinite(c), c, 0.0)  # (a row with no valid key)
+        w = torch.where(live, torch.exp(torch.where(live, b, c) - c), 0.0)  # (padding keys: no exp overflow)
+    w = w[..., None]
     pad = -(-(D + 1) // 8) * 8 - D - 1
     return torch.cat([(v * w).to(v.dtype), w.to(v.dtype), v.new_zeros(B, n, T, pad)], dim=-1)
 
@@ -350,8 +369,9 @@ class _DenseGrad(torch.autograd.Function):
         return g.contiguous()
 
 
-def _by_values(q, k, v, dt, gqa: bool):
-    """Causal DMA with the bias folded into the values (`fold_bias_v`; T <= keep_window, no padding)."""
+def _by_values(q, k, v, dt, gqa: bool, valid=None):
+    """Causal DMA with the bias folded into the values (`fold_bias_v`; T <= keep_window, no cache; padding keys
+    where `valid` is False: rows with no valid key come out 0, for `fill_masked_rows`)."""
     D = q.shape[-1]
     n = dt.shape[1]
     if n != k.shape[1]:
@@ -361,36 +381,64 @@ def _by_values(q, k, v, dt, gqa: bool):
     order = [b for b in _sdpa_priority or [SDPA_BACKENDS[b] for b in ("cudnn", "efficient", "math")]
              if b != SDPBackend.FLASH_ATTENTION]
     with sdpa_kernel(order, set_priority=True):
-        o = F.scaled_dot_product_attention(q, k, fold_bias_v(v, dt), is_causal=True, scale=D ** -0.5,
+        o = F.scaled_dot_product_attention(q, k, fold_bias_v(v, dt, valid), is_causal=True, scale=D ** -0.5,
                                            enable_gqa=gqa)
-    f = torch.promote_types(o.dtype, torch.float32)  # (each query sees itself: o'[D] > 0)
-    return (o[..., :D].to(f) / o[..., D:D + 1].to(f)).to(o.dtype)
+    f = torch.promote_types(o.dtype, torch.float32)
+    den = o[..., D:D + 1].to(f)  # > 0 wherever a query sees a valid key (without padding: itself)
+    return (o[..., :D].to(f) / torch.where(den > 0, den, 1.0)).to(o.dtype)
 
 
-def _by_keys(q, k, v, dt, gqa: bool, dropout: float = 0.0):
-    """Causal DMA with the bias folded into q and k (`fold_bias`; T <= keep_window, no padding)."""
-    qa, ka, va = fold_bias(q, k, v, dt)
+def _by_keys(q, k, v, dt, gqa: bool, valid=None, dropout: float = 0.0):
+    """Causal DMA with the bias folded into q and k (`fold_bias`; T <= keep_window, no cache; padding keys where
+    `valid` is False)."""
+    qa, ka, va = fold_bias(q, k, v, dt, valid)
     return run_sdpa(qa, ka, va, is_causal=True, scale=1.0, dropout_p=dropout, enable_gqa=gqa)[..., :q.shape[-1]]
 
 
-def attention_by_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """Causal DMA for T <= keep_window without padding, cache or dropout, with the bias folded into the values
-    (`fold_bias_v`) where dt spans at most V_FOLD_MAX_SPREAD in every batch row and head, else into q and k
-    (`fold_bias`): in Python in eager mode, by torch.cond in a compiled graph. The choice is read on the host
-    either way (inductor's code for torch.cond does too): one host sync per call, so a training step with this
-    fold is not free of syncs."""
-    ok = (dt.amax(-1) - dt.amin(-1) <= V_FOLD_MAX_SPREAD).all()
+def attention_by_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal DMA for T <= keep_window without cache or dropout (padding keys where `valid` [B, T] is False), with
+    the bias folded into the values (`fold_bias_v`) where dt spans at most V_FOLD_MAX_SPREAD over the valid keys of
+    every batch row and head, else into q and k (`fold_bias`): in Python in eager mode, by torch.cond in a compiled
+    graph. The choice is read on the host either way (inductor's code for torch.cond does too): one host sync per
+    call, so a training step with this fold is not free of syncs."""
+    if valid is None:
+        ok = (dt.amax(-1) - dt.amin(-1) <= V_FOLD_MAX_SPREAD).all()
+    else:
+        live = valid[:, None, :]
+        hi, lo = dt.masked_fill(~live, -torch.inf).amax(-1), dt.masked_fill(~live, torch.inf).amin(-1)
+        ok = (torch.where(torch.isfinite(hi), hi - lo, 0.0) <= V_FOLD_MAX_SPREAD).all()  # (no valid key: no span)
     gqa = bool(dt.shape[1] != q.shape[1])  # (both folds give k and v' dt's heads)
     if not torch.compiler.is_compiling():  # eager torch.cond would trace both branches with dynamo on every call
-        return (_by_values if bool(ok) else _by_keys)(q, k, v, dt, gqa)
+        return (_by_values if bool(ok) else _by_keys)(q, k, v, dt, gqa, valid)
 
     def branch(fn):  # torch.cond's branches: outputs and gradients laid out alike (dense)
-        def run(q, k, v, dt):
-            return fn(*(_DenseGrad.apply(x) for x in (q, k, v, dt)), gqa).contiguous()
+        def run(q, k, v, dt, *valid):
+            return fn(*(_DenseGrad.apply(x) for x in (q, k, v, dt)), gqa, *valid).contiguous()
 
         return run
 
-    return torch.cond(ok, branch(_by_values), branch(_by_keys), (q, k, v, dt))
+    operands = (q, k, v, dt) if valid is None else (q, k, v, dt, valid)
+    return torch.cond(ok, branch(_by_values), branch(_by_keys), operands)
+
+
+def fill_masked_rows(o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor:
+    """Replace the rows of o [B, H, S, D] (no cache: S = T) whose query sees no valid key (slots before a row's
+    first valid key) by the reference's: every logit there is q.k * scale + finfo.min, which rounds to finfo.min,
+    so the softmax is uniform over the T keys and the row is the mean of v (as doge_jax.attention's
+    _fill_masked_rows). The gradient is that expression's too (softmax at uniform p): through u = mean(v) +
+    (scale / T) q C with C = k^T (v - mean(v)), C's value part held constant and q C minus itself in the forward,
+    so it is nonzero for q and k, which matters where such rows feed real tokens (CDMoE routing mixes positions,
+    spec §3.8)."""
+    B, H, S, D = q.shape
+    G, T = k.shape[1], k.shape[2]
+    has = (valid.cumsum(-1) > 0)[:, None, :S, None]  # [B, 1, S, 1]
+    mean_v = v.mean(2, keepdim=True)  # [B, G, 1, D]
+    c = torch.matmul(k.transpose(-1, -2), (v - mean_v).detach())  # [B, G, D, D]
+    lin = torch.matmul(q.reshape(B, G, H // G, S, D), c[:, :, None]) * (D ** -0.5 / T)
+    u = (mean_v[:, :, None] + (lin - lin.detach())).reshape(B, H, S, D)
+    return torch.where(has, o, u.to(o.dtype))
 
 
 FLEX_BLOCK = 128
@@ -467,18 +515,21 @@ def flex_dma(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
                   allowed: torch.Tensor | None, mask_dtype: torch.dtype, dropout: float = 0.0) -> torch.Tensor:
     """Dynamic Mask Attention (spec §3.5): q [B, H, S, D], k/v [B, G, T, D], dt [B, n_dt, T], allowed [B, 1, S, T]
-    (None: plain causal, no padding, no cache, no sliding window). Returns [B, H, S, D]. `mask_dtype` is the
-    hidden-state dtype whose finfo.min marks masked entries (spec §9.5).
+    (None: plain causal, no padding, no cache, no sliding window; [B, T] bool: the same with padding keys where
+    False). Returns [B, H, S, D]. `mask_dtype` is the hidden-state dtype whose finfo.min marks masked entries
+    (spec §9.5).
 
     `attention_impl="pallas"` on CUDA with allowed None: the Triton flash kernel of doge_torch.triton_attention (the
     counterpart of doge_jax's Pallas kernel); "auto" runs its sparse kernels too for T > TRITON_AUTO_MIN_WINDOWS *
-    keep_window. sdpa paths. With allowed None and T <= keep_window the bias is folded into the head dimension
-    (`fold_bias`; with FUSED_FOLD = "v" and no dropout into the values where it can, `attention_by_values`) and
-    sdpa runs plain causal attention (a flash kernel on CUDA); beyond keep_window on CUDA, FlexAttention
-    (`flex_dma`). Otherwise the bias (dt, finfo.min where masked: causal always applied, padding, keep window in
-    its key-expiry form) is sdpa's float attn_mask. Under bf16 autocast sdpa runs in bf16 while the hidden states
-    (and so the mask) are float32; the mask is then clamped to bf16's finfo.min before the cast (float32's min
-    rounds to -inf in bf16, and sdpa returns 0, not the uniform average, for a row that is all -inf)."""
+    keep_window. sdpa paths. With allowed None or [B, T] and T <= keep_window the bias is folded into the head
+    dimension (`fold_bias`; with FUSED_FOLD = "v" and no dropout into the values where it can,
+    `attention_by_values`; padding keys get zero weight, rows with no valid key the reference's uniform rows:
+    `fill_masked_rows`) and sdpa runs plain causal attention (a flash kernel on CUDA); beyond keep_window on CUDA
+    without padding, FlexAttention (`flex_dma`). Otherwise the bias (dt, finfo.min where masked: causal always
+    applied, padding, keep window in its key-expiry form) is sdpa's float attn_mask. Under bf16 autocast sdpa runs
+    in bf16 while the hidden states (and so the mask) are float32; the mask is then clamped to bf16's finfo.min
+    before the cast (float32's min rounds to -inf in bf16, and sdpa returns 0, not the uniform average, for a row
+    that is all -inf)."""
     H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
     B, _, S, _ = q.shape
     T = k.shape[2]
@@ -486,23 +537,28 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     dev = q.device.type
     compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
     sdpa = use_sdpa(cfg, compute, q.device)
+    valid = None
+    if allowed is not None and allowed.ndim == 2:  # [B, T]: plain causal with padding keys
+        valid, allowed = allowed.bool(), None
     if allowed is None:
         keep = cfg.keep_window_size
         kernel = cfg.attention_impl == "pallas" or (  # "auto": the sparse kernels, far beyond the keep window
             cfg.attention_impl == "auto" and T > TRITON_AUTO_MIN_WINDOWS * keep and use_sparse(T, keep)
             and D >= 16 and D & (D - 1) == 0)  # (power-of-two head dims: Triton tiles; else FlexAttention)
-        if kernel and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
+        if kernel and valid is None and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
             e = key_expiry(dt, torch.ones(B, T, dtype=torch.bool, device=q.device), keep)
             return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=keep,
                               check=False).to(q.dtype)  # e from key_expiry keeps the rule: no eager host sync
         if sdpa and T <= cfg.keep_window_size:
             # (dropout would reach the denominator o'[D] too; float16's range is too small for the weights)
             if FUSED_FOLD == "v" and dropout == 0.0 and compute != torch.float16:
-                return attention_by_values(q, k, v, dt)
-            return _by_keys(q, k, v, dt, dt.shape[1] != H, dropout)
-        if sdpa and dropout == 0.0 and flex_available(q.device):
+                o = attention_by_values(q, k, v, dt, valid)
+            else:
+                o = _by_keys(q, k, v, dt, dt.shape[1] != H, valid, dropout)
+            return o if valid is None else fill_masked_rows(o, q, k, v, valid)
+        if sdpa and valid is None and dropout == 0.0 and flex_available(q.device):
             return flex_dma(cfg, q, k, v, dt, compute).to(q.dtype)
-        allowed = allowed_mask(cfg, B, S, T - S, None, q.device)
+        allowed = allowed_mask(cfg, B, S, T - S, valid, q.device)
     if cfg.sliding_window is not None and cfg.sliding_window <= cfg.keep_window_size:
         # each row sees at most sliding_window <= keep_window keys: the keep-window top-k drops none (spec §3.5)
         bias = dynamic_mask_bias(dt, allowed, dt.shape[-1], mask_dtype)
@@ -834,9 +890,12 @@ class DogeForCausalLM(nn.Module):
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)}: expected (batch or 1, new tokens) = "
                              f"({B}, {S})")
         cos, sin = rotary_cos_sin(cfg, position_ids, x.dtype, rope_len)
-        # None = plain causal (no padding, no cache, no sliding window): the attention's fast paths
-        plain = attention_mask is None and past == 0 and cfg.sliding_window is None
-        allowed = None if plain else allowed_mask(cfg, B, S, past, attention_mask, x.device)
+        # plain causal (no cache, no sliding window): None, or with padding the [B, T] key mask (the attention's
+        # fast paths); else the full [B, 1, S, T] mask
+        if past == 0 and cfg.sliding_window is None:
+            allowed = None if attention_mask is None else attention_mask.bool()
+        else:
+            allowed = allowed_mask(cfg, B, S, past, attention_mask, x.device)
         router, states = [], []  # (states: only those asked for, not every layer's input)
         # (never with a cache: the recomputation would append the keys again)
         remat = cfg.remat != "none" and past_key_values is None and self.training and torch.is_grad_enabled()

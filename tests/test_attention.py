@@ -115,6 +115,19 @@ def test_value_fold_falls_back_past_its_spread(monkeypatch):
     assert max_abs_diff(by_v, by_qk) <= 2e-6
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_padding_key_bias_is_finite(dtype):
+    """The q/k fold's padding-key column is finite in every dtype (float16's -2**40 would be -inf, and the flash
+    backward multiplies that column by zero gradients: NaN) and far below any logit."""
+    from doge_jax.attention import fold_bias, pad_bias
+
+    (q, k, v, dt), km, _ = _inputs(n=2, pad=(0, 5))
+    ka = fold_bias(*(x.astype(dtype) for x in (q, k, v)), dt, km.astype(bool))[1]
+    D = q.shape[-1]
+    assert bool(jnp.isfinite(ka).all()) and bool((ka[1, :, :5, D] == pad_bias(dtype)).all())
+    assert pad_bias(dtype) <= -30000
+
+
 def test_value_fold_not_in_float16(monkeypatch):
     """float16 takes the q/k fold under FUSED_FOLD = "v": its range is too small for the value fold's weights (a key
     20 below a later one would get weight e^-20, 0 in float16, and a query that sees only that key 0 / 0). Checked

@@ -95,6 +95,57 @@ def test_fold_bias_equals_dense_bias(monkeypatch, calls, fold, variant, H, G):
         assert dm.fold_bias_v(args[2], args[3]).shape[-1] == 16  # D + 1 padded to a multiple of 8
 
 
+def _padding(B, T, kind):
+    """[B, T] bool key masks: left padding (rows before the first valid key see none: the reference's uniform rows),
+    right padding, holes, all ones."""
+    m = torch.ones(B, T, dtype=torch.bool)
+    if kind == "left":
+        m[0, :5], m[1, :T - 2] = False, False
+    elif kind == "right":
+        m[0, T - 7:] = False
+    elif kind == "holes":
+        m[0, 3:9], m[1, ::3] = False, False
+    return m
+
+
+@pytest.mark.parametrize("fold", ["qk", "v"])
+@pytest.mark.parametrize("kind", ["left", "right", "holes", "ones"])
+@pytest.mark.parametrize("variant,H,G", [("native", 4, 2), ("small_doge", 4, 2)])
+def test_fold_with_padding_keys_equals_dense_bias(monkeypatch, calls, fold, kind, variant, H, G):
+    """A [B, T] key mask takes the folded sdpa paths (padding keys: zero weight; rows before a row's first valid key:
+    the reference's uniform rows, `fill_masked_rows`) and gives the dense-bias path's values and gradients (dt
+    included) in float64."""
+    import doge_torch.model as dm
+
+    monkeypatch.setattr(dm, "FUSED_FOLD", fold)
+    D, T, B = 12, 33, 2
+    cfg = _cfg(H, G, D, 64, variant, impl="fused")
+    args = [x.requires_grad_() for x in _inputs(B, H, G, cfg.num_dt_heads, T, D)]
+    valid = _padding(B, T, kind)
+    got = dma_attention(cfg, *args, valid, torch.float64)
+    want = dma_attention(cfg, *args, allowed_mask(cfg, B, T, 0, valid, torch.device("cpu")), torch.float64)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    w = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * w).sum(), args)
+    g_want = torch.autograd.grad((want * w).sum(), args)
+    for name, a, b in zip("q k v dt".split(), g_got, g_want):
+        assert torch.allclose(a, b, atol=1e-11, rtol=0), name
+    assert calls == ({"_by_keys": 1, "fold_bias": 1} if fold == "qk" else {"_by_values": 1})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_padding_key_bias_is_finite_and_vanishes(dtype):
+    """The q/k fold's padding-key column is finite in every dtype (float16's -2**40 would be -inf, and a flash
+    kernel's backward multiplies that column by zero gradients: NaN) and its softmax weight is exactly 0."""
+    from doge_torch.model import pad_bias
+
+    q, k, v, dt = (x.to(dtype) for x in _inputs(1, 2, 2, 2, 6, 8))
+    valid = torch.tensor([[False, True, True, False, True, True]])
+    ka = fold_bias(q, k, v, dt, valid)[1]
+    assert torch.isfinite(ka).all() and (ka[0, :, ~valid[0], 8] == pad_bias(dtype)).all()
+    assert torch.exp(torch.tensor(pad_bias(dtype) + 1e4, dtype=torch.float32)) == 0
+
+
 def test_value_side_fold_with_head_counts_changing(v_fold, calls):
     """One process, other head counts and groupings call after call (eager torch.cond traced both branches with
     dynamo and failed once the head counts had become dynamic), and float16, which takes the q/k fold (its range
@@ -116,14 +167,14 @@ def test_value_side_fold_with_head_counts_changing(v_fold, calls):
 
 def test_value_side_fold_falls_back_on_wide_bias(v_fold, calls):
     """Where dt spans more than V_FOLD_MAX_SPREAD the q/k fold runs instead: with a key 200 below the others its
-    float32 weight exp(-200) is 0 and the value fold alone gives 0 / 0 for the first query (which sees only that
-    key); through dma_attention (eager, and compiled with autograd) the result and the gradients match the
-    dense-bias path."""
+    float32 weight exp(-200) is 0 and the value fold alone gives 0 for the first query (which sees only that key;
+    its denominator underflows to 0 and is guarded), not that key's value; through dma_attention (eager, and compiled
+    with autograd) the result and the gradients match the dense-bias path."""
     H, G, D, T = 4, 2, 8, 24
     cfg = _cfg(H, G, D, 64, impl="fused")
     q, k, v, dt = (x.float() for x in _inputs(2, H, G, cfg.num_dt_heads, T, D))
     dt[1, 0, 0] = -200.0
-    assert torch.isnan(v_fold._by_values(q, k, v, dt, True)).any()
+    assert (v_fold._by_values(q, k, v, dt, True)[1, :, 0] == 0).all(-1).any()
     calls.clear()
     args = [x.requires_grad_() for x in (q, k, v, dt)]
     got = dma_attention(cfg, *args, None, torch.float32)
@@ -146,6 +197,32 @@ def test_value_side_fold_falls_back_on_wide_bias(v_fold, calls):
         g_want = torch.autograd.grad(want.square().sum(), args)
         for name, a, b in zip("q k v dt".split(), g_got, g_want):
             assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item(), (spread, name)
+
+
+def test_value_side_fold_with_padding_compiled(v_fold, calls):
+    """Compiled with autograd (aot_eager, fullgraph: torch.cond with the key mask as an operand), padded batches
+    give the dense-bias path's values and gradients on either branch: the spread is taken over the valid keys only
+    (a padding key 200 below the rest keeps the value fold), a valid one that far takes the q/k fold."""
+    H, G, D, T, B = 4, 2, 8, 24, 2
+    cfg = _cfg(H, G, D, 64, impl="fused")
+    args = [x.float().requires_grad_() for x in _inputs(B, H, G, cfg.num_dt_heads, T, D)]
+    valid = _padding(B, T, "left")
+    fn = torch.compile(lambda *a: dma_attention(cfg, *a, torch.float32), backend="aot_eager", fullgraph=True)
+    for low_key, want_fold in ((0, "_by_values"), (T - 1, "_by_keys")):  # row 1: keys 0..T-3 pad
+        with torch.no_grad():
+            args[3].copy_(_inputs(B, H, G, cfg.num_dt_heads, T, D)[3])
+            args[3][1, 0, low_key] = -200.0
+        for run in ("eager", "compiled"):
+            want = dma_attention(cfg, *args, allowed_mask(cfg, B, T, 0, valid, torch.device("cpu")), torch.float32)
+            calls.clear()
+            got = fn(*args, valid) if run == "compiled" else dma_attention(cfg, *args, valid, torch.float32)
+            assert (got - want).abs().max().item() <= 1e-5, (low_key, run)
+            g_got = torch.autograd.grad(got.square().sum(), args)
+            g_want = torch.autograd.grad(want.square().sum(), args)
+            for name, a, b in zip("q k v dt".split(), g_got, g_want):
+                assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item(), (low_key, run, name)
+            if run == "eager":
+                assert want_fold in calls, calls
 
 
 def test_value_side_fold_bf16_autocast_and_compiled(v_fold, calls, monkeypatch):

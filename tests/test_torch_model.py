@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -26,7 +27,7 @@ from conftest import (
 from doge_jax.hf_names import CheckpointError, rename_legacy
 from doge_torch import DogeConfig, DogeForCausalLM
 from doge_torch.generate import generate
-from doge_torch.model import dynamic_mask_bias
+from doge_torch.model import dynamic_mask_bias, with_attention_impl
 
 TOL = 1e-5
 DYNAMIC_ROPE = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
@@ -88,7 +89,6 @@ def test_with_attention_impl_switches_every_layer(monkeypatch):
     import torch.nn.functional as F
 
     from doge_jax.config import ConfigError
-    from doge_torch.model import with_attention_impl
 
     hf = make_hf_model()
     ours = ours_from_hf(hf)
@@ -766,6 +766,56 @@ def test_compile_fullgraph_no_graph_breaks(return_logits, moe, chunks, monkeypat
         model.zero_grad()
 
 
+@pytest.mark.parametrize("fold", ["qk", "v"])
+def test_compile_fullgraph_with_padding_mask(fold, monkeypatch):
+    """A padded batch (T <= keep_window) takes the folded sdpa paths with the key mask and still traces as ONE
+    graph (the value fold: torch.cond with the mask as an operand); compiled (dynamo, eager backend) it gives eager's
+    logits, loss and gradients, and those agree with the dense-bias reference."""
+    import torch._dynamo
+
+    import doge_torch.model as dm
+
+    monkeypatch.setattr(dm, "FUSED_FOLD", fold)
+    filled, fill = [], dm.fill_masked_rows
+
+    def counted(*a):  # (eager calls only: dynamo would break the graph on the append)
+        if not torch.compiler.is_compiling():
+            filled.append(1)
+        return fill(*a)
+
+    monkeypatch.setattr(dm, "fill_masked_rows", counted)
+    cfg = DogeConfig(**{**TINY, "keep_window_size": 32, "attention_impl": "fused"})
+    torch.manual_seed(0)
+    model = DogeForCausalLM(cfg).train()
+    perturb_(model)
+    ids = torch.as_tensor(unique_ids(2, 16, TINY["vocab_size"], seed=21))
+    mask = torch.as_tensor(left_pad_mask(2, 16, [5, 0]))
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def fwd(ids, mask):
+        out = model(ids, attention_mask=mask, labels=labels)
+        return out.logits, out.loss
+
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(fwd)(ids, mask)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, [b.reason for b in ex.break_reasons]
+    torch._dynamo.reset()
+    runs, ref = {}, with_attention_impl(copy.deepcopy(model), "reference")
+    for name, m, owner in (("compiled", torch.compile(model, fullgraph=True, backend="eager"), model),
+                           ("eager", model, model), ("reference", ref, ref)):
+        out = m(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        runs[name] = (out.logits.detach(), out.loss.detach(),
+                      {n: q.grad.clone() for n, q in owner.named_parameters()})
+        owner.zero_grad()
+    assert len(filled) == cfg.num_hidden_layers  # the eager run took the folds (the reference does not)
+    (lc, sc, gc), (le, se, ge), (lr, sr, gr) = runs["compiled"], runs["eager"], runs["reference"]
+    assert torch.equal(lc, le) and torch.equal(sc, se) and all(torch.equal(gc[n], ge[n]) for n in ge)
+    assert max_abs_diff(le.numpy(), lr.numpy()) <= TOL and abs(float(se - sr)) <= TOL
+    assert all(torch.allclose(ge[n], gr[n], atol=TOL, rtol=1e-4) for n in ge), [
+        n for n in ge if not torch.allclose(ge[n], gr[n], atol=TOL, rtol=1e-4)]
+
+
 def test_compile_still_validates_token_ids_in_eager():
     model, ids = _compile_case()
     with pytest.raises(ValueError, match="outside"):
@@ -825,16 +875,22 @@ def test_autocast_bf16_keeps_A_and_dt_float32():
     assert max_abs_diff(logits.detach().float().numpy(), ref.numpy()) <= 2e-2 * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("impl", ["reference", "blockwise"])
-def test_autocast_bf16_fully_masked_rows_are_finite(impl):
+@pytest.mark.parametrize("impl", ["reference", "blockwise", "fused-v", "blockwise-window"])
+def test_autocast_bf16_fully_masked_rows_are_finite(impl, monkeypatch):
     """Left padding under bf16 autocast: q is bf16 while the hidden states (and the mask's finfo.min) are float32.
-    The sdpa path clamps the mask to bf16's finfo.min (float32 min rounds to -inf, and sdpa makes such rows 0
-    instead of uniform); the padded rows are uniform and every row agrees with the float32 reference."""
+    The dense-bias sdpa path ("-window": a sliding window, wider than T) clamps the mask to bf16's finfo.min (float32
+    min rounds to -inf, and sdpa makes such rows 0 instead of uniform); the folds ("-v": the value fold) fill them
+    as the reference; the padded rows are uniform and every row agrees with the float32 reference."""
+    import doge_torch.model as dm
+
+    if impl == "fused-v":
+        monkeypatch.setattr(dm, "FUSED_FOLD", "v")
     hf = make_hf_model()
     ids = torch.as_tensor(random_ids(2, 12, TINY["vocab_size"], seed=22))
     mask = torch.as_tensor(left_pad_mask(2, 12, [4, 0]))
-    ours = ours_from_hf(hf, attention_impl=impl)
-    ref = ours_from_hf(hf, attention_impl="reference")
+    window = {"sliding_window": 32} if impl.endswith("window") else {}
+    ours = ours_from_hf(hf, attention_impl=impl.split("-")[0], **window)
+    ref = ours_from_hf(hf, attention_impl="reference", **window)
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = ours(ids, attention_mask=mask).logits.float()
