@@ -385,9 +385,12 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     mask_a[1, :5] = 0
     labels_a = np.where(mask_a == 1, ids_a, -100)
     ids_b = unique_ids(2, 32, cfg.vocab_size, 2)
+    mask_b = np.ones_like(ids_b)  # the folds with padding keys (row 1 left-padded)
+    mask_b[1, :5] = 0
+    labels_bp = np.where(mask_b == 1, ids_b, -100)
 
     ref = doge_torch.DogeForCausalLM.from_pretrained(tmp, config=cfg.replace(attention_impl="reference")).eval()
-    ta, tm, tl, tb = (torch.as_tensor(x) for x in (ids_a, mask_a, labels_a, ids_b))
+    ta, tm, tl, tb, tmb, tlb = (torch.as_tensor(x) for x in (ids_a, mask_a, labels_a, ids_b, mask_b, labels_bp))
     out = ref(ta, attention_mask=tm, labels=tl)
     out.loss.backward()
     ref_grads = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
@@ -405,6 +408,11 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     out_b.loss.backward()
     ref_grads_b = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
     ref_b = out_b.logits.detach().numpy()
+    ref.zero_grad(set_to_none=True)
+    out_bp = ref(tb, attention_mask=tmb, labels=tlb)  # padded T = keep_window: the folds with padding keys
+    out_bp.loss.backward()
+    ref_grads_bp = {n: p.grad.numpy().copy() for n, p in ref.named_parameters()}
+    ref_bp = out_bp.logits.detach().numpy()
     scale_b = float(np.abs(ref_b).max())
     f32_t = f"<= {F32_TOL:g}"
     bf16_t = f"<= {BF16_REL_TOL:g}"
@@ -426,11 +434,11 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     torch.backends.cudnn.allow_tf32 = False
     tmodel = doge_torch.DogeForCausalLM.from_pretrained(tmp).to(tdev).eval()  # attention_impl auto: sdpa
     dev = lambda x: x.to(tdev)  # noqa: E731
-    def torch_rows(what, model, ids, want, want_grads, padded=False, owner=None):
-        """Logits and loss gradients of `model` on the device against the CPU float32 reference (`owner` holds the
-        parameters when `model` is a compiled wrapper)."""
+    def torch_rows(what, model, ids, want, want_grads, padding=None, owner=None):
+        """Logits and loss gradients of `model` on the device against the CPU float32 reference (`padding`: the
+        (attention_mask, labels) pair; `owner` holds the parameters when `model` is a compiled wrapper)."""
         x = dev(torch.as_tensor(ids))
-        mask, labels = (dev(tm), dev(tl)) if padded else (None, x)
+        mask, labels = (dev(padding[0]), dev(padding[1])) if padding is not None else (None, x)
         o = model(x, attention_mask=mask, labels=labels)
         o.loss.backward()
         owner = owner or model
@@ -441,13 +449,18 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
 
     with guarded(report, S, "doge_torch fp32 sdpa logits + grads"):
         torch_rows("doge_torch fp32 sdpa (T>keep_window, padding, dynamic RoPE)", tmodel, ids_a, ref_a, ref_grads,
-                   padded=True)
+                   padding=(tm, tl))
     with guarded(report, S, "doge_torch fp32 folded causal sdpa"):
         with torch.no_grad():
             lb = tmodel(dev(tb)).logits.cpu().numpy()
         f32_row("doge_torch fp32 folded-bias causal sdpa logits (T<=keep_window)", max_abs(lb, ref_b))
+    with guarded(report, S, "doge_torch fp32 folded sdpa with padding"):
+        torch_rows("doge_torch fp32 folded sdpa (T<=keep_window, padding)", tmodel, ids_b, ref_bp, ref_grads_bp,
+                   padding=(tmb, tlb))
     with guarded(report, S, "doge_torch fp32 v-side fold"), fused_fold("v"):
         torch_rows("doge_torch fp32 folded sdpa, v-side fold (T<=keep_window)", tmodel, ids_b, ref_b, ref_grads_b)
+        torch_rows("doge_torch fp32 folded sdpa, v-side fold (T<=keep_window, padding)", tmodel, ids_b, ref_bp,
+                   ref_grads_bp, padding=(tmb, tlb))
     flex = "FlexAttention" if flex_available(tdev) else "sdpa+bias"
     with guarded(report, S, f"doge_torch fp32 {flex}"):
         torch_rows(f"doge_torch fp32 {flex} (T>keep_window, no padding)", tmodel, ids_c, ref_c, ref_grads_c)
@@ -462,7 +475,7 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     if budget.left() > (3 if cpu else 20):
         with guarded(report, S, "doge_torch fp32 compiled"):
             torch_rows("doge_torch fp32 torch.compile(fullgraph)", tcompile(tmodel, cpu), ids_a, ref_a, ref_grads,
-                       padded=True, owner=tmodel)
+                       padding=(tm, tl), owner=tmodel)
     else:
         report.add(S, "doge_torch fp32 compiled", "budget", status="SKIP")
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32  # (before: TF32 on for the rest)
@@ -472,6 +485,9 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
             lb = fmodel.eval()(dev(tb)).logits.float().cpu().numpy()
         bf16_row("doge_torch bf16 autocast (sdpa) logits", max_abs(lb, ref_b))
+        with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
+            lb = fmodel(dev(tb), attention_mask=dev(tmb)).logits.float().cpu().numpy()
+        bf16_row("doge_torch bf16 autocast (sdpa) logits, padding", max_abs(lb, ref_bp))
     with guarded(report, S, "doge_torch bf16 autocast v-side fold"), fused_fold("v"):
         with torch.no_grad(), torch.autocast(tdev.type, dtype=torch.bfloat16):
             lb = fmodel(dev(tb)).logits.float().cpu().numpy()
@@ -503,7 +519,7 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
     # -- doge_jax on the device
     jmodel = doge_jax.DogeForCausalLM.from_pretrained(tmp)
     graphdef, state = nnx.split(jmodel, nnx.Param)
-    ja, jm, jl, jb = (jnp.asarray(x) for x in (ids_a, mask_a, labels_a, ids_b))
+    ja, jm, jl, jb, jmb = (jnp.asarray(x) for x in (ids_a, mask_a, labels_a, ids_b, mask_b))
     with jax.default_matmul_precision("highest"):
         for impl in ("reference", "blockwise", "pallas", "auto"):
             if impl == "pallas" and faulted(report, S, f"doge_jax fp32 {impl}", "pallas"):
@@ -518,6 +534,8 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
                 m = with_attention_impl(nnx.merge(graphdef, state), "fused")
                 lg = nnx.jit(lambda m, i: m(i).logits)(m, jb)
                 f32_row(f"doge_jax fp32 {name} logits (T<=keep_window)", max_abs(lg, ref_b))
+                lg = nnx.jit(lambda m, i, k: m(i, attention_mask=k).logits)(m, jb, jmb)
+                f32_row(f"doge_jax fp32 {name} logits (T<=keep_window, padding)", max_abs(lg, ref_bp))
         if not faulted(report, S, "doge_jax fp32 pallas sparse", "pallas"):
             with guarded(report, S, "doge_jax fp32 pallas sparse"):  # T = 80 >= 2 keep_window, no padding
                 jc = jnp.asarray(ids_c)

@@ -34,8 +34,11 @@ def test_gpu_check_cpu_fallback(tmp_path):
     assert len(parity) >= 12 and all(r[-1] == "PASS |" for r in parity), parity
     assert sum("MoE" in r[1] for r in parity) == 5, parity  # both frameworks' CDMoE, fp32 and torch bf16
     assert sum("ties (A=0" in r[1] for r in parity) == 4, parity  # torch auto (no Triton on CPU), jax x 3
-    # the value-side fold: torch fp32 logits + gradients and bf16 autocast, jax fp32 and bf16
-    assert sum("v-side fold" in r[1] for r in parity) == 5, parity
+    # the value-side fold: torch fp32 logits + gradients (unpadded and padded) and bf16 autocast, jax fp32 (unpadded
+    # and padded) and bf16
+    assert sum("v-side fold" in r[1] for r in parity) == 8, parity
+    # the folds with padding keys: torch fp32 (both folds: logits + gradients) and bf16 autocast, jax fp32 both folds
+    assert sum("T<=keep_window, padding)" in r[1] or r[1].endswith("logits, padding") for r in parity) == 7, parity
     syncs = [r for r in rows if r[0] == "| parity" and "host syncs" in r[1]]  # counted on CUDA only
     assert len(syncs) == 1 and syncs[0][-1] == "SKIP |" and "the step ran" in syncs[0][3], syncs
     for section in ("train", "attention", "generate", "profile"):
