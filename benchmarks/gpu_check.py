@@ -447,8 +447,9 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
                                                     want_grads))
         owner.zero_grad(set_to_none=True)
 
-    with guarded(report, S, "doge_torch fp32 sdpa logits + grads"):
-        torch_rows("doge_torch fp32 sdpa (T>keep_window, padding, dynamic RoPE)", tmodel, ids_a, ref_a, ref_grads,
+    flex = "FlexAttention" if flex_available(tdev) else "sdpa+bias"
+    with guarded(report, S, f"doge_torch fp32 {flex} with padding"):
+        torch_rows(f"doge_torch fp32 {flex} (T>keep_window, padding, dynamic RoPE)", tmodel, ids_a, ref_a, ref_grads,
                    padding=(tm, tl))
     with guarded(report, S, "doge_torch fp32 folded causal sdpa"):
         with torch.no_grad():
@@ -461,7 +462,6 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
         torch_rows("doge_torch fp32 folded sdpa, v-side fold (T<=keep_window)", tmodel, ids_b, ref_b, ref_grads_b)
         torch_rows("doge_torch fp32 folded sdpa, v-side fold (T<=keep_window, padding)", tmodel, ids_b, ref_bp,
                    ref_grads_bp, padding=(tmb, tlb))
-    flex = "FlexAttention" if flex_available(tdev) else "sdpa+bias"
     with guarded(report, S, f"doge_torch fp32 {flex}"):
         torch_rows(f"doge_torch fp32 {flex} (T>keep_window, no padding)", tmodel, ids_c, ref_c, ref_grads_c)
     kern = "Triton kernel" if triton_available(tdev) else "sdpa (kernel needs CUDA)"
@@ -472,6 +472,8 @@ def section_parity(report: Report, budget: Budget, cpu: bool, tdev, jdev_label: 
             sparse = ": sparse kernels" if uses_triton else ""
             torch_rows(f"doge_torch fp32 {kern} (T>2 keep_window{sparse}, no padding)", km, ids_c, ref_c,
                        ref_grads_c)
+            torch_rows(f"doge_torch fp32 {kern} (T>keep_window, padding)", km, ids_a, ref_a, ref_grads,
+                       padding=(tm, tl))
     if budget.left() > (3 if cpu else 20):
         with guarded(report, S, "doge_torch fp32 compiled"):
             torch_rows("doge_torch fp32 torch.compile(fullgraph)", tcompile(tmodel, cpu), ids_a, ref_a, ref_grads,

@@ -489,18 +489,21 @@ def expiry_block_mask(e: torch.Tensor, H: int, S: int, T: int, block: int = FLEX
 
 
 def flex_dma(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor,
-             compute: torch.dtype | None = None) -> torch.Tensor:
-    """DMA with no padding, no cache and no sliding window at any T, as FlexAttention: the bias is a score_mod
-    (dt[b, head, j] in float32, differentiable) and the keep window the block mask of `expiry_block_mask`, so no
-    [S, T] tensor exists and tiles with no live key are skipped. q, k, v run in `compute` (the autocast dtype:
-    FlexAttention is not autocast-aware, and RoPE leaves q, k in float32 under autocast)."""
+             compute: torch.dtype | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DMA with no cache and no sliding window at any T, as FlexAttention: the bias is a score_mod (dt[b, head, j]
+    in float32, differentiable) and the keep window the block mask of `expiry_block_mask`, so no [S, T] tensor
+    exists and tiles with no live key are skipped. Padding keys (`valid` [B, T] False) expire before they exist;
+    rows with no valid key come out 0 (FlexAttention's fully masked rows), for `fill_masked_rows`. q, k, v run in
+    `compute` (the autocast dtype: FlexAttention is not autocast-aware, and RoPE leaves q, k in float32 under
+    autocast)."""
     if compute is not None:
         q, k, v = q.to(compute), k.to(compute), v.to(compute)
     B, H, S, D = q.shape
     G, T = k.shape[1], k.shape[2]
     n = dt.shape[1]
     r = H // n
-    valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
     e = key_expiry(dt, valid, cfg.keep_window_size).clamp_max(T)
     block_mask = expiry_block_mask(e, H, S, T)
     bias = F.pad(dt.float(), (0, block_mask.kv_indices.shape[-1] * FLEX_BLOCK - T))
@@ -519,13 +522,13 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     False). Returns [B, H, S, D]. `mask_dtype` is the hidden-state dtype whose finfo.min marks masked entries
     (spec §9.5).
 
-    `attention_impl="pallas"` on CUDA with allowed None: the Triton flash kernel of doge_torch.triton_attention (the
-    counterpart of doge_jax's Pallas kernel); "auto" runs its sparse kernels too for T > TRITON_AUTO_MIN_WINDOWS *
-    keep_window. sdpa paths. With allowed None or [B, T] and T <= keep_window the bias is folded into the head
+    With allowed None or [B, T] ("causal"; padding keys get zero weight, and rows with no valid key the reference's
+    uniform rows, `fill_masked_rows`): `attention_impl="pallas"` on CUDA runs the Triton flash kernel of
+    doge_torch.triton_attention (the counterpart of doge_jax's Pallas kernel), and "auto" its sparse kernels too for
+    T > TRITON_AUTO_MIN_WINDOWS * keep_window. sdpa paths: for T <= keep_window the bias is folded into the head
     dimension (`fold_bias`; with FUSED_FOLD = "v" and no dropout into the values where it can,
-    `attention_by_values`; padding keys get zero weight, rows with no valid key the reference's uniform rows:
-    `fill_masked_rows`) and sdpa runs plain causal attention (a flash kernel on CUDA); beyond keep_window on CUDA
-    without padding, FlexAttention (`flex_dma`). Otherwise the bias (dt, finfo.min where masked: causal always
+    `attention_by_values`) and sdpa runs plain causal attention (a flash kernel on CUDA); beyond keep_window on
+    CUDA, FlexAttention (`flex_dma`). Otherwise the bias (dt, finfo.min where masked: causal always
     applied, padding, keep window in its key-expiry form) is sdpa's float attn_mask. Under bf16 autocast sdpa runs
     in bf16 while the hidden states (and so the mask) are float32; the mask is then clamped to bf16's finfo.min
     before the cast (float32's min rounds to -inf in bf16, and sdpa returns 0, not the uniform average, for a row
@@ -545,19 +548,22 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         kernel = cfg.attention_impl == "pallas" or (  # "auto": the sparse kernels, far beyond the keep window
             cfg.attention_impl == "auto" and T > TRITON_AUTO_MIN_WINDOWS * keep and use_sparse(T, keep)
             and D >= 16 and D & (D - 1) == 0)  # (power-of-two head dims: Triton tiles; else FlexAttention)
-        if kernel and valid is None and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
-            e = key_expiry(dt, torch.ones(B, T, dtype=torch.bool, device=q.device), keep)
-            return dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=keep,
-                              check=False).to(q.dtype)  # e from key_expiry keeps the rule: no eager host sync
-        if sdpa and T <= cfg.keep_window_size:
+        o = None
+        if kernel and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
+            ok = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
+            e = key_expiry(dt, ok, keep)  # (padding keys: e = 0, expired before they exist)
+            o = dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=keep,
+                           check=False).to(q.dtype)  # e from key_expiry keeps the rule: no eager host sync
+        elif sdpa and T <= cfg.keep_window_size:
             # (dropout would reach the denominator o'[D] too; float16's range is too small for the weights)
             if FUSED_FOLD == "v" and dropout == 0.0 and compute != torch.float16:
                 o = attention_by_values(q, k, v, dt, valid)
             else:
                 o = _by_keys(q, k, v, dt, dt.shape[1] != H, valid, dropout)
+        elif sdpa and dropout == 0.0 and flex_available(q.device):
+            o = flex_dma(cfg, q, k, v, dt, compute, valid).to(q.dtype)
+        if o is not None:
             return o if valid is None else fill_masked_rows(o, q, k, v, valid)
-        if sdpa and valid is None and dropout == 0.0 and flex_available(q.device):
-            return flex_dma(cfg, q, k, v, dt, compute).to(q.dtype)
         allowed = allowed_mask(cfg, B, S, T - S, valid, q.device)
     if cfg.sliding_window is not None and cfg.sliding_window <= cfg.keep_window_size:
         # each row sees at most sliding_window <= keep_window keys: the keep-window top-k drops none (spec §3.5)

@@ -320,6 +320,26 @@ def test_flex_forward_equals_dense_bias(variant):
     assert (got - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["left", "holes"])
+def test_flex_with_padding_keys_equals_dense_bias(monkeypatch, kind):
+    """Beyond keep_window a [B, T] key mask takes FlexAttention (made available on the CPU here; forward only:
+    torch has no FlexAttention backward on CPU, gpu_check's padded parity rows check the gradients on CUDA): padding
+    keys expire before they exist, rows with no valid key get the reference's uniform rows; values as the dense-bias
+    path's."""
+    import doge_torch.model as dm
+
+    H, G, D, T, keep = 4, 2, 16, 120, 24
+    cfg = _cfg(H, G, D, keep, impl="fused")
+    q, k, v, dt = (x.float() for x in _inputs(2, H, G, cfg.num_dt_heads, T, D))
+    valid = _padding(2, T, kind)
+    ran, real = [], dm.flex_dma
+    monkeypatch.setattr(dm, "flex_available", lambda device: True)
+    monkeypatch.setattr(dm, "flex_dma", lambda *a: ran.append(1) or real(*a))
+    got = dma_attention(cfg, q, k, v, dt, valid, torch.float32)
+    want = dma_attention(cfg, q, k, v, dt, allowed_mask(cfg, 2, T, 0, valid, q.device), torch.float32)
+    assert ran == [1] and (got - want).abs().max().item() <= 1e-5
+
+
 def test_sdpa_backend_priority(monkeypatch, capsys):
     """set_sdpa_backends: unknown names raise naming them; a chosen order is in force inside doge_torch's sdpa calls
     only (torch's global order is unchanged after them); values are unchanged (no cuDNN on CPU: the next backend

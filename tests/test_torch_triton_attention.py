@@ -247,10 +247,12 @@ def _eager_and_forced_triton(monkeypatch, cfg, impl):
     return ref, model, calls
 
 
-@pytest.mark.parametrize("T,keep", [(40, 16), (24, 32), (40, 24)])
-def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
-    """doge_torch's model with attention_impl="pallas" routes unpadded batches through the kernel (forced on CPU:
-    the interpreter; the sparse kernels from T >= 2 keep_window on) and matches the eager reference path in logits
+@pytest.mark.parametrize("T,keep,padded", [(40, 16, False), (24, 32, False), (40, 24, False), (40, 16, True),
+                                           (24, 32, True)])
+def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep, padded):
+    """doge_torch's model with attention_impl="pallas" routes batches through the kernel (forced on CPU: the
+    interpreter; the sparse kernels from T >= 2 keep_window on), padded ones too (padding keys expired, the rows
+    before a row's first valid key the reference's uniform rows), and matches the eager reference path in logits
     and in every parameter gradient."""
     from doge_jax.config import DogeConfig
 
@@ -258,7 +260,13 @@ def test_model_with_triton_kernel_equals_eager(monkeypatch, T, keep):
                      num_key_value_heads=2, keep_window_size=keep, max_position_embeddings=64)
     ref, fast, calls = _eager_and_forced_triton(monkeypatch, cfg, "pallas")
     ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
-    out_r, out_f = ref(ids, labels=ids), fast(ids, labels=ids)
+    mask = torch.ones_like(ids)
+    if padded:  # row 1: 7 left-padding tokens and a hole
+        mask[1, :7] = 0
+        mask[1, 12] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    kw = dict(attention_mask=mask if padded else None, labels=labels)
+    out_r, out_f = ref(ids, **kw), fast(ids, **kw)
     assert len(calls) == cfg.num_hidden_layers
     assert (out_f.logits - out_r.logits).abs().max().item() <= 1e-5
     out_r.loss.backward()
