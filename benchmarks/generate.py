@@ -1,10 +1,12 @@
-"""Generation speed: doge_jax (jit-compiled decode loop) and doge_torch (eager) vs transformers (sdpa) in one run.
+"""Generation speed: doge_jax (jit-compiled decode loop) and doge_torch (eager; --torch-static: the static cache's
+compiled step) vs transformers (sdpa) in one run.
 
 Doge-20M shape (transformers-native layout), float32 on CPU, random weights with random nonzero A; a 32-token
 prompt, 128 new tokens (greedy, no EOS), batch 1 and 8. Runs are interleaved pairs (the machine is noisy); the
 median of each side is reported with the ratio, and a dated row is appended to benchmarks/RESULTS.md.
 
-    python benchmarks/generate.py [--batches 1 8] [--new 128] [--prompt 32] [--repeats 2] [--no-append]
+    python benchmarks/generate.py [--batches 1 8] [--new 128] [--prompt 32] [--repeats 2] [--torch-static]
+                                  [--no-append]
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def worker(side: str, path: str, batch: int, prompt: int, new: int, repeats: int
             with torch.no_grad():
                 return model.generate(t_ids, attention_mask=torch.ones_like(t_ids), max_new_tokens=new,
                                       do_sample=False, pad_token_id=2).numpy()
-    elif side == "torch":
+    elif side in ("torch", "torch-static"):
         import torch
 
         from doge_torch import DogeForCausalLM as TorchDoge
@@ -95,8 +97,11 @@ def worker(side: str, path: str, batch: int, prompt: int, new: int, repeats: int
         tmodel = TorchDoge.from_pretrained(path).eval()
         t_ids = torch.as_tensor(ids)
 
+        cache = "static" if side == "torch-static" else None  # (static: the first call compiles the step)
+
         def fn():
-            return generate(tmodel, t_ids, max_new_tokens=new, eos_token_id=-1, do_sample=False).numpy()
+            return generate(tmodel, t_ids, max_new_tokens=new, eos_token_id=-1, do_sample=False,
+                            cache_implementation=cache).numpy()
     else:
         from doge_jax.model import DogeForCausalLM
 
@@ -115,6 +120,7 @@ def worker(side: str, path: str, batch: int, prompt: int, new: int, repeats: int
     return {"sec": statistics.median(times), "first": first, "tokens": out[:, prompt:].tolist()}
 
 
+STATIC_NOTE = "; and with cache_implementation=static: its decode step compiled by inductor"
 TORCH_THREADS = {1, 2, os.cpu_count() or 1}  # transformers at its best thread count (doge_jax uses every core)
 
 
@@ -139,6 +145,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per subprocess (after one warm-up)")
     ap.add_argument("--pairs", type=int, default=2,
                     help="interleaved rounds of (transformers, doge_jax, doge_torch) subprocesses")
+    ap.add_argument("--torch-static", action="store_true",
+                    help="also doge_torch with cache_implementation='static' (its decode step compiled by inductor "
+                         "in each subprocess: about a minute each on 2 cores)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args(argv)
 
@@ -157,7 +166,7 @@ def main(argv=None) -> None:
     for B in args.batches:
         hf_t = {th: [] for th in TORCH_THREADS}
         pt_t = {th: [] for th in TORCH_THREADS}
-        our_t, outputs = [], []
+        our_t, outputs, st_t, st_first = [], [], {th: [] for th in TORCH_THREADS}, []
         for _ in range(args.pairs):
             hf_runs = {th: run_worker("hf", path, B, args.prompt, args.new, args.repeats, th) for th in TORCH_THREADS}
             ours = run_worker("jax", path, B, args.prompt, args.new, args.repeats, 0)
@@ -168,6 +177,12 @@ def main(argv=None) -> None:
                 pt_t[th].append(pt_runs[th]["sec"])
             our_t.append(ours["sec"])
             outputs += [r["tokens"] for r in (ours, *hf_runs.values(), *pt_runs.values())]
+            if args.torch_static:
+                for th in TORCH_THREADS:
+                    st = run_worker("torch-static", path, B, args.prompt, args.new, args.repeats, th)
+                    st_t[th].append(st["sec"])
+                    st_first.append(st["first"] - st["sec"])
+                    outputs.append(st["tokens"])
         same = all(o == outputs[0] for o in outputs)  # every run of every side, at every thread count
         best_th = min(hf_t, key=lambda th: statistics.median(hf_t[th]))
         best_pt = min(pt_t, key=lambda th: statistics.median(pt_t[th]))
@@ -176,11 +191,20 @@ def main(argv=None) -> None:
         n_tok = B * args.new
         rows.append([str(B), f"{n_tok / hf_s:.0f} ({best_th} thr)", f"{n_tok / our_s:.0f}", f"{hf_s / our_s:.2f}x",
                      f"{n_tok / pt_s:.0f} ({best_pt} thr)", f"{hf_s / pt_s:.2f}x",
-                     f"{ours['first'] - ours['sec']:.1f}", "yes" if same else "no"])
+                     f"{ours['first'] - ours['sec']:.1f}"])
+        if args.torch_static:
+            best_st = min(st_t, key=lambda th: statistics.median(st_t[th]))
+            st_s = statistics.median(st_t[best_st])
+            rows[-1] += [f"{n_tok / st_s:.0f} ({best_st} thr)", f"{hf_s / st_s:.2f}x",
+                         f"{statistics.median(st_first):.0f}"]
+        rows[-1].append("yes" if same else "no")
         print(" | ".join(rows[-1]), flush=True)
     header = ["batch", "transformers tok/s (best torch threads)", "doge_jax tok/s", "doge_jax speed-up",
-              "doge_torch tok/s (best threads)", "doge_torch speed-up", "doge_jax compile s",
-              "same greedy tokens (all three)"]
+              "doge_torch tok/s (best threads)", "doge_torch speed-up", "doge_jax compile s"]
+    if args.torch_static:
+        header += ["doge_torch static tok/s (best threads)", "doge_torch static speed-up",
+                   "doge_torch static compile s"]
+    header.append("same greedy tokens (all sides)")
     print("| " + " | ".join(header) + " |")
     for r in rows:
         print("| " + " | ".join(r) + " |")
@@ -189,8 +213,8 @@ def main(argv=None) -> None:
                 f"transformers {transformers.__version__} sdpa (torch {torch.__version__}, best of "
                 f"{sorted(TORCH_THREADS)} threads) "
                 f"vs doge_jax (jax {jax.__version__}) and doge_torch (eager, same torch, best of the same thread "
-                f"counts); each side in its own subprocess, {args.pairs} interleaved "
-                f"pairs x {args.repeats} timed runs after a warm-up, medians.")
+                f"counts{STATIC_NOTE if args.torch_static else ''}); each side in its own subprocess, "
+                f"{args.pairs} interleaved pairs x {args.repeats} timed runs after a warm-up, medians.")
         append_results("Generation (benchmarks/generate.py)", header, rows, note)
 
 

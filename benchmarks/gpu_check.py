@@ -1368,12 +1368,48 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     if budget.left() < least:
         report.add(S, "doge_torch batch 1", "budget", status="SKIP")
         return
+    tm = eager_out = None
     with guarded(report, S, "doge_torch batch 1"):
         tm = doge_torch.DogeForCausalLM.from_pretrained(path).to(tdev).eval()
         ids = torch.as_tensor(np.random.default_rng(1).integers(3, cfg.vocab_size, (1, prompt))).to(tdev)
-        sec = time_fn(lambda: tm.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False), 2)
+        eager_out = tm.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False)
+        sec = time_fn(lambda: tm.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False), 2, warmup=0)
         vs = f" ({new / sec / hf_rates[1]:.2f}x transformers)" if 1 in hf_rates else ""
         report.add(S, f"doge_torch fp32 eager batch 1, {prompt}+{new} tokens", f"{new / sec:,.0f} tok/s{vs}")
+    static_torch_generation(report, budget, cpu, tm, ids if tm is not None else None, eager_out, new, prompt,
+                            hf_rates)
+
+
+def static_torch_generation(report: Report, budget: Budget, cpu: bool, tm, ids, eager_out, new: int, prompt: int,
+                            hf_rates: dict) -> None:
+    """doge_torch's static-cache decoding (cache_implementation="static": one torch.compile'd step; CUDA graphs on
+    CUDA): tokens/s, the first call's seconds (the compile) and whether its tokens are eager's. On the CPU fallback
+    the step runs under dynamo's eager backend (inductor's CPU compile would take the test's minutes)."""
+    from unittest import mock
+
+    import torch
+
+    import doge_torch.decode as dd
+
+    S = "generate"
+    if tm is None or budget.left() < (5 if cpu else 90):
+        report.add(S, "doge_torch static cache batch 1", "budget" if tm is not None else "no model", status="SKIP")
+        return
+    backend = "eager" if cpu else dd.COMPILE_BACKEND
+    with guarded(report, S, "doge_torch static cache batch 1"), mock.patch.object(dd, "COMPILE_BACKEND", backend):
+        def gen():
+            return tm.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False,
+                               cache_implementation="static")
+
+        t0 = time.perf_counter()
+        out = gen()
+        first = time.perf_counter() - t0
+        sec = time_fn(gen, 2, warmup=0)
+        vs = f", {new / sec / hf_rates[1]:.2f}x transformers" if 1 in hf_rates else ""
+        same = "yes" if eager_out is not None and torch.equal(out, eager_out) else "no"
+        what = "CUDA graphs" if ids.device.type == "cuda" else f"{backend} backend"
+        report.add(S, f"doge_torch fp32 static cache, compiled step ({what}) batch 1, {prompt}+{new} tokens",
+                   f"{new / sec:,.0f} tok/s (first call {first:.1f}s{vs}, same tokens as eager: {same})")
 
 
 # ---- (e) profile (opt-in) -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from doge_jax.generation_args import (
     warn_unsupported,
 )
 
+from .decode import SLOTS, StaticCache, mark_static, run_step, step_function
 from .model import DogeCache, check_token_ids, token_ids_checked
 
 
@@ -61,13 +62,20 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
              eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
-             max_length=None) -> torch.Tensor:
+             max_length=None, cache_implementation: str | None = None) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
     transformers' defaults: greedy, temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens, or
     max_length, the call's or the config's, as doge_jax.generate); the sampling generator lives on the
     model's device, seeded by `seed`. `repetition_penalty` and `min_new_tokens` as transformers (see
-    doge_jax.generate)."""
+    doge_jax.generate). `cache_implementation` as transformers': None / "dynamic" (a cache growing by one slot
+    per token, eager), or "static": after the eager prefill, the tokens are decoded in a preallocated cache by one
+    torch.compile'd step of fixed shapes (doge_torch.decode; CUDA graphs on CUDA), the first call compiling it."""
+    if cache_implementation not in (None, "dynamic", "static"):
+        raise ValueError(f"cache_implementation={cache_implementation!r}: None, 'dynamic' or 'static'")
+    static = cache_implementation == "static"
+    if static and not use_cache:
+        raise ValueError("cache_implementation='static' needs use_cache=True")
     cfg = model.config
     gcfg = call_generation_config(model, generation_config)
     do_sample, temperature, top_k, top_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p)
@@ -122,18 +130,28 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     eos_cols = torch.tensor(eos_in, dtype=torch.long, device=device) if min_new and eos_in else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     cache = DogeCache(cfg.num_hidden_layers) if use_cache else None
+    scache = step = None  # the static cache and its decode step, from the first new token on
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
     step_ids = ids
     with token_ids_checked():
         for _ in range(max_new_tokens):
             # transformers: positions from the attention mask (cumsum - 1, padding at 0)
             pos = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            if use_cache:
-                out = model(step_ids, attention_mask=attention_mask, position_ids=pos[:, -step_ids.shape[1]:],
-                            past_key_values=cache, logits_to_keep=1)
+            if scache is not None:
+                logits, step = run_step(step, model, scache, step_ids, pos[:, -1:])
             else:
-                out = model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1, use_cache=False)
-            logits = out.logits[:, -1].float()
+                if use_cache:
+                    out = model(step_ids, attention_mask=attention_mask, position_ids=pos[:, -step_ids.shape[1]:],
+                                past_key_values=cache, logits_to_keep=1)
+                else:
+                    out = model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1,
+                                use_cache=False)
+                logits = out.logits[:, -1].float()
+                if static:  # the prompt's keys into a cache with room for every new token (slots rounded up, so
+                    # that other lengths reuse the compiled step)
+                    scache = StaticCache(cache, attention_mask, -(-(P + max_new_tokens) // SLOTS) * SLOTS)
+                    mark_static(scache)
+                    step = step_function(device)
             if penalty != 1.0:  # a logits processor: before sampling, greedy too (transformers; none at 1.0)
                 logits = penalize(logits, ids, start, penalty)
             if eos_cols is not None and ids.shape[1] - P < min_new:  # min_new_tokens / min_length: no EOS yet

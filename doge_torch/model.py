@@ -569,7 +569,9 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         # each row sees at most sliding_window <= keep_window keys: the keep-window top-k drops none (spec §3.5)
         bias = dynamic_mask_bias(dt, allowed, dt.shape[-1], mask_dtype)
     else:
-        bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, mask_dtype, expiry=cfg.sliding_window is None)
+        # (one query row, decoding: a sort of the row, as the expiry form's, without its wavelet passes)
+        bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, mask_dtype,
+                                 expiry=cfg.sliding_window is None and S > 1)
     if cfg.variant == "native" and r > 1 and G > 1:
         bias = bias.repeat_interleave(r, dim=1)  # head h uses kv-group h // r
     if sdpa:
@@ -948,7 +950,8 @@ class DogeForCausalLM(nn.Module):
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
                  repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams: int = 1,
-                 num_return_sequences: int = 1, generation_config=None) -> torch.Tensor:
+                 num_return_sequences: int = 1, generation_config=None,
+                 cache_implementation: str | None = None) -> torch.Tensor:
         """Prompt + new tokens (see doge_torch.generate); transformers' `max_length` counts the prompt too
         (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
@@ -958,7 +961,7 @@ class DogeForCausalLM(nn.Module):
                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
                         min_new_tokens=min_new_tokens, generation_config=generation_config,
-                        max_length=max_length)
+                        max_length=max_length, cache_implementation=cache_implementation)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,

@@ -23,11 +23,16 @@ def _run(script: str, *args: str) -> list[list[str]]:
 
 
 @pytest.mark.slow
-def test_generate_benchmark_three_sides_same_tokens():
-    rows = _run("generate.py", "--batches", "2", "--new", "4", "--prompt", "4", "--pairs", "1", "--repeats", "1")
+@pytest.mark.parametrize("static", [False, True])
+def test_generate_benchmark_three_sides_same_tokens(static):
+    """(--torch-static: doge_torch's static cache too, compiled by inductor in each worker: ~1 minute each.)"""
+    extra = ["--torch-static"] if static else []
+    rows = _run("generate.py", "--batches", "2", "--new", "4", "--prompt", "4", "--pairs", "1", "--repeats", "1",
+                *extra)
     header, row = rows[0], rows[-1]
-    assert "doge_torch speed-up" in header and row[0] == "2" and row[-1] == "yes", rows
+    assert "doge_torch speed-up" in header and row[0] == "2" and row[-1] == "yes", rows  # (all sides)
     assert all(float(row[i].split()[0]) > 0 for i in (1, 2, 4)), row
+    assert ("doge_torch static speed-up" in header) == static and len(row) == len(header), rows
 
 
 @pytest.mark.slow

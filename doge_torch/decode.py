@@ -1,0 +1,109 @@
+"""Static-cache decoding for doge_torch: a preallocated KV cache and a one-token step of fixed shapes, so that
+torch.compile captures the whole step once (and on CUDA replays it as a CUDA graph) instead of launching each
+layer's kernels from Python per token (spec §4; the eager path with its growing cache is doge_torch.generate's
+default)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .model import DogeCache, LayerCache, rotary_cos_sin
+
+# torch.compile settings of the decode step: the backend (tests use "eager"), and whether to compile at all
+COMPILE_BACKEND = "inductor"
+COMPILE = True
+SLOTS = 64  # static caches have a multiple of this many slots: lengths within it share one compiled step
+_compiled: dict = {}
+
+
+class StaticCache:
+    """Per layer keys and values [B, G, L, D] and the dynamic-mask bias dt [B, n_dt, L] in preallocated buffers of
+    L = prompt + new tokens slots, the key mask `valid` [B, L] (the prompt's attention mask, then each written
+    slot), and `slot` (a one-element int64 tensor): where `update` writes the next token's keys. Duck-types
+    DogeCache.update for DogeAttention."""
+
+    def __init__(self, prefill: DogeCache, attention_mask: torch.Tensor, max_len: int):
+        first = prefill.layers[0]
+        B, _, P, _ = first.k.shape
+        if max_len < P:
+            raise ValueError(f"static cache of {max_len} slots for a {P}-token prompt")
+
+        def grow(x: torch.Tensor) -> torch.Tensor:
+            buf = x.new_zeros(*x.shape[:2], max_len, *x.shape[3:])
+            buf[:, :, :P] = x
+            return buf
+
+        self.layers = [LayerCache(grow(lc.k), grow(lc.v), grow(lc.dt)) for lc in prefill.layers]
+        self.valid = torch.zeros(B, max_len, dtype=torch.bool, device=first.k.device)
+        self.valid[:, :P] = attention_mask.bool()
+        self.slot = torch.tensor([P], dtype=torch.int64, device=first.k.device)
+        self.max_len = max_len
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for lc in self.layers for t in (lc.k, lc.v, lc.dt)] + [self.valid, self.slot]
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> LayerCache:
+        lc = self.layers[i]
+        lc.k.index_copy_(2, self.slot, k)
+        lc.v.index_copy_(2, self.slot, v)
+        lc.dt.index_copy_(2, self.slot, dt)
+        return lc
+
+
+def decode_step(model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One new token per row: tok and pos [B, 1] -> float32 logits [B, V]; writes the token's keys at cache.slot
+    and advances it. Every shape is fixed by the cache, so a compiled step is reused for every token."""
+    cfg = model.config
+    x = model.model.embed_tokens(tok)
+    cos, sin = rotary_cos_sin(cfg, pos, x.dtype)  # (dynamic RoPE: max(position) + 1, a tensor)
+    cache.valid.index_fill_(1, cache.slot, True)
+    j = torch.arange(cache.max_len, device=tok.device)
+    ok = (j <= cache.slot) & cache.valid  # [B, L]: the written slots up to this one, padding excluded
+    if cfg.sliding_window is not None:
+        ok = ok & (cache.slot - j < cfg.sliding_window)
+    allowed = ok[:, None, None, :]
+    for layer in model.model.layers:
+        x, _ = layer(x, cos, sin, allowed, cache)
+    x = model.model.norm(x)
+    cache.slot.add_(1)
+    return F.linear(x[:, -1], model.lm_weight()).float()
+
+
+def step_function(device: torch.device):
+    """The decode step to call: compiled once per process and backend (fullgraph, static shapes; on CUDA with
+    inductor in "reduce-overhead" mode: CUDA graphs), or `decode_step` itself with COMPILE False."""
+    if not COMPILE:
+        return decode_step
+    mode = "reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None
+    key = (COMPILE_BACKEND, mode)
+    if key not in _compiled:
+        kw = {"mode": mode} if mode else {}
+        _compiled[key] = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND, **kw)
+    return _compiled[key]
+
+
+def run_step(step, model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor):
+    """(logits, step): one decode step. Where torch.compile fails before running the step (no working compiler,
+    or dynamo's recompile limit after many batch sizes and lengths in one process), a warning, then the eager
+    step for the rest of the call."""
+    # (inputs laid out alike call after call: dynamo guards on strides, also of size-1 dimensions)
+    tok, pos = (x.clone(memory_format=torch.contiguous_format) for x in (tok, pos))
+    if step is not decode_step:
+        if cache.slot.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            return step(model, cache, tok, pos).clone(), step  # (clone: a CUDA graph's output is overwritten)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
+            warnings.warn(f"doge_torch static-cache decoding: torch.compile failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly", stacklevel=3)
+    return decode_step(model, cache, tok, pos), decode_step
+
+
+def mark_static(cache: StaticCache) -> None:
+    """CUDA graphs replay fixed addresses: the cache buffers, mutated in place by each step, must be marked so."""
+    if cache.slot.device.type == "cuda":
+        for t in cache.buffers():
+            torch._dynamo.mark_static_address(t)
