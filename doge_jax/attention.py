@@ -550,6 +550,10 @@ def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
     if FUSED_FOLD == "v" and mask.sliding_window is None and q.dtype != jnp.float16:  # (float16: weights underflow)
         va, ok = fold_bias_v(v, dt, valid)
         kr = k if dt.shape[1] == G else jnp.repeat(k, H // G, axis=1)
+        if valid is not None:
+            # padding keys (weight 0) still take softmax mass: at score 0 they cannot outweigh the valid keys by the
+            # e^-100 or so that would underflow o'[D] to 0 (an unbounded padding score could)
+            kr = jnp.where(valid[:, None, :, None], kr, jnp.zeros((), kr.dtype))
 
         def by_values(q, kr, va, k, v, dt):
             o = _causal_attention_v(*(x.transpose(0, 2, 1, 3) for x in (q, kr, va)))

@@ -247,7 +247,8 @@ def dynamic_mask_bias(dt: torch.Tensor, allowed: torch.Tensor, keep_window: int,
 
 def use_sdpa(cfg: DogeConfig, dtype: torch.dtype, device: torch.device) -> bool:
     """`attention_impl` for doge_torch: reference -> eager (transformers' op order); blockwise / fused -> sdpa;
-    pallas -> the Triton kernel where it applies (CUDA, no padding, no cache, no dropout), sdpa elsewhere;
+    pallas -> the Triton kernel where it applies (CUDA, power-of-two head dim >= 16, no cache, no sliding window, no
+    dropout), sdpa elsewhere;
     auto -> sdpa (and on CUDA the sparse Triton kernels past TRITON_AUTO_MIN_WINDOWS keep windows: dma_attention),
     except reduced precision on CPU, where eager keeps transformers' bf16 rounding (and sdpa is not faster)."""
     if cfg.attention_impl == "reference":
@@ -322,8 +323,10 @@ def fold_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tenso
         k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
     pad = -(-(D + 1) // 8) * 8 - D - 1
     b = dt.to(k.dtype)
-    if valid is not None:
-        b = b.masked_fill(~valid[:, None, :], pad_bias(k.dtype))
+    if valid is not None:  # (finite in the dtype sdpa runs in: under float16 autocast k is float32)
+        dev = k.device.type
+        run = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else k.dtype
+        b = b.masked_fill(~valid[:, None, :], max(pad_bias(k.dtype), pad_bias(run)))
     qa = torch.cat([q * D ** -0.5, q.new_ones(B, H, S, 1), q.new_zeros(B, H, S, pad)], dim=-1)
     ka = torch.cat([k, b[..., None], k.new_zeros(*k.shape[:3], pad)], dim=-1)
     return qa, ka, F.pad(v, (0, pad + 1))
@@ -376,6 +379,10 @@ def _by_values(q, k, v, dt, gqa: bool, valid=None):
     n = dt.shape[1]
     if n != k.shape[1]:
         k = k.repeat_interleave(n // k.shape[1], dim=1)
+    if valid is not None:
+        # padding keys (weight 0) still take softmax mass: at score 0 they cannot outweigh the valid keys by the
+        # e^-100 or so that would underflow o'[D] to 0 (an unbounded padding score could)
+        k = k.masked_fill(~valid[:, None, :, None], 0.0)
     # cuDNN first; never flash: on CUDA it needs equal head dims for q/k and v, and on the CPU its shape function
     # assumes them (torch.cond's tracing then fails)
     order = [b for b in _sdpa_priority or [SDPA_BACKENDS[b] for b in ("cudnn", "efficient", "math")]
@@ -450,11 +457,11 @@ def flex_available(device: torch.device) -> bool:
 
 
 def expiry_block_mask(e: torch.Tensor, H: int, S: int, T: int, block: int = FLEX_BLOCK):
-    """The FlexAttention BlockMask of the keep-window rule in key-expiry form (no padding, no cache): query i sees
-    key j iff j <= i < e[b, h // r, j]. e [B, n, T] int. Built from per-key-block max/min of e in O((T/block)^2)
-    per head, no [S, T] tensor: a (query block, key block) tile is live iff some key of the block can be alive
-    for some query of the block, and full (mask_mod skipped) iff every key of a complete block below the
-    diagonal is alive for every query of the block."""
+    """The FlexAttention BlockMask of the keep-window rule in key-expiry form (no cache; padding keys have e = 0):
+    query i sees key j iff j <= i < e[b, h // r, j]. e [B, n, T] int. Built from per-key-block max/min of e in
+    O((T/block)^2) per head, no [S, T] tensor: a (query block, key block) tile is live iff some key of the block
+    can be alive for some query of the block, and full (mask_mod skipped) iff every key of a complete block below
+    the diagonal is alive for every query of the block."""
     B, n, _ = e.shape
     nq, nk = -(-S // block), -(-T // block)
     Tp = nk * block
@@ -545,9 +552,9 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         valid, allowed = allowed.bool(), None
     if allowed is None:
         keep = cfg.keep_window_size
-        kernel = cfg.attention_impl == "pallas" or (  # "auto": the sparse kernels, far beyond the keep window
-            cfg.attention_impl == "auto" and T > TRITON_AUTO_MIN_WINDOWS * keep and use_sparse(T, keep)
-            and D >= 16 and D & (D - 1) == 0)  # (power-of-two head dims: Triton tiles; else FlexAttention)
+        kernel = D >= 16 and D & (D - 1) == 0 and (  # (power-of-two head dims: Triton tiles; else the sdpa paths)
+            cfg.attention_impl == "pallas" or (  # "auto": the sparse kernels, far beyond the keep window
+                cfg.attention_impl == "auto" and T > TRITON_AUTO_MIN_WINDOWS * keep and use_sparse(T, keep)))
         o = None
         if kernel and dropout == 0.0 and triton_available(q.device):  # Triton kernel, any T
             ok = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid

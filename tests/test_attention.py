@@ -128,6 +128,23 @@ def test_padding_key_bias_is_finite(dtype):
     assert pad_bias(dtype) <= -30000
 
 
+def test_value_fold_padding_key_far_above_the_valid_ones(monkeypatch):
+    """A padding key scoring far above the valid keys (here 225) must not take the softmax mass that the value fold
+    divides by (o'[D] underflowing to 0 gave a zero row): padding keys are zeroed, so their score is 0."""
+    import doge_jax.attention as da
+
+    monkeypatch.setattr(da, "FUSED_FOLD", "v")
+    D, T = 16, 4
+    q = jnp.zeros((1, 1, T, D)).at[..., 0].set(30.0)
+    k = jnp.zeros((1, 1, T, D)).at[0, 0, 0, 0].set(30.0)  # key 0 pads
+    v = jnp.asarray(np.random.default_rng(0).normal(size=(1, 1, T, D)), jnp.float32)
+    dt = jnp.ones((1, 1, T))
+    mask = MaskInfo(jnp.asarray([[False, False, True, True]]), 0, None, None)
+    got = attention_fused(q, k, v, dt, mask, 64)
+    want = attention_reference(q, k, v, dt, mask, 64)
+    assert max_abs_diff(got, want) <= 1e-6 and max_abs_diff(got[0, 0, 2], v[0, 0, 2]) <= 1e-6
+
+
 def test_value_fold_not_in_float16(monkeypatch):
     """float16 takes the q/k fold under FUSED_FOLD = "v": its range is too small for the value fold's weights (a key
     20 below a later one would get weight e^-20, 0 in float16, and a query that sees only that key 0 / 0). Checked

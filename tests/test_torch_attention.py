@@ -146,6 +146,33 @@ def test_padding_key_bias_is_finite_and_vanishes(dtype):
     assert torch.exp(torch.tensor(pad_bias(dtype) + 1e4, dtype=torch.float32)) == 0
 
 
+def test_padding_key_bias_under_float16_autocast():
+    """Under float16 autocast k is float32 but sdpa runs in float16: the padding column takes float16's finite
+    value, not float32's -2**40 (which the cast would make -inf)."""
+    from doge_torch.model import pad_bias
+
+    q, k, v, dt = (x.float() for x in _inputs(1, 2, 2, 2, 6, 8))
+    valid = torch.tensor([[False, True, True, False, True, True]])
+    with torch.autocast("cpu", dtype=torch.float16):
+        ka = fold_bias(q, k, v, dt, valid)[1]
+    assert (ka[0, :, ~valid[0], 8] == pad_bias(torch.float16)).all() and torch.isfinite(ka.half()).all()
+
+
+def test_value_fold_padding_key_far_above_the_valid_ones(v_fold):
+    """A padding key scoring far above the valid keys (here 225) must not take the softmax mass that the value
+    fold divides by (o'[D] underflowing to 0 gave a zero row): padding keys are zeroed, so their score is 0."""
+    H = G = 1
+    D, T = 16, 4
+    cfg = _cfg(H, G, D, 64, impl="fused")
+    q, k = torch.zeros(1, H, T, D), torch.zeros(1, G, T, D)
+    v, dt = torch.randn(1, G, T, D, generator=torch.Generator().manual_seed(0)), torch.ones(1, 1, T)
+    q[..., 0], k[0, 0, 0, 0] = 30.0, 30.0  # key 0 pads
+    valid = torch.tensor([[False, False, True, True]])
+    got = dma_attention(cfg, q, k, v, dt, valid, torch.float32)
+    want = dma_attention(cfg, q, k, v, dt, allowed_mask(cfg, 1, T, 0, valid, q.device), torch.float32)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0) and torch.allclose(got[0, 0, 2], v[0, 0, 2], atol=1e-6)
+
+
 def test_value_side_fold_with_head_counts_changing(v_fold, calls):
     """One process, other head counts and groupings call after call (eager torch.cond traced both branches with
     dynamo and failed once the head counts had become dynamic), and float16, which takes the q/k fold (its range

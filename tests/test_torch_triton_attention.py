@@ -296,6 +296,24 @@ def test_auto_runs_the_sparse_kernels_far_beyond_the_keep_window(monkeypatch, im
     assert (got - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_pallas_with_a_head_dim_the_kernels_cannot_tile(monkeypatch, padded):
+    """attention_impl="pallas" on CUDA (forced) with head dim 24: not a Triton tile size, so the sdpa paths run (as
+    doge_jax's explicit impls outside their range), padded or not, with the reference's logits."""
+    from doge_jax.config import DogeConfig
+
+    cfg = DogeConfig(vocab_size=64, hidden_size=96, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, keep_window_size=16, max_position_embeddings=64)
+    ref, model, calls = _eager_and_forced_triton(monkeypatch, cfg, "pallas")
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask if padded else None)
+    with torch.no_grad():
+        got, want = model(ids, **kw).logits, ref(ids, **kw).logits
+    assert calls == [] and (got - want).abs().max().item() <= 1e-5
+
+
 def test_custom_ops_pass_opcheck_on_strided_inputs():
     """torch.library.opcheck on transposed (non-contiguous) inputs, as the model passes them: the fake kernels give
     the real outputs' shapes, dtypes and strides (inductor asserts them), autograd registration and AOT dispatch."""
