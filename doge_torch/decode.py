@@ -28,19 +28,33 @@ class StaticCache:
     def __init__(self, prefill: DogeCache, attention_mask: torch.Tensor, max_len: int):
         first = prefill.layers[0]
         B, _, P, _ = first.k.shape
-        if max_len < P:
-            raise ValueError(f"static cache of {max_len} slots for a {P}-token prompt")
 
-        def grow(x: torch.Tensor) -> torch.Tensor:
-            buf = x.new_zeros(*x.shape[:2], max_len, *x.shape[3:])
-            buf[:, :, :P] = x
-            return buf
+        def empty(x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(*x.shape[:2], max_len, *x.shape[3:])
 
-        self.layers = [LayerCache(grow(lc.k), grow(lc.v), grow(lc.dt)) for lc in prefill.layers]
+        self.layers = [LayerCache(empty(lc.k), empty(lc.v), empty(lc.dt)) for lc in prefill.layers]
         self.valid = torch.zeros(B, max_len, dtype=torch.bool, device=first.k.device)
-        self.valid[:, :P] = attention_mask.bool()
-        self.slot = torch.tensor([P], dtype=torch.int64, device=first.k.device)
+        self.slot = torch.zeros(1, dtype=torch.int64, device=first.k.device)
         self.max_len = max_len
+        self.fill(prefill, attention_mask)
+
+    def fits(self, prefill: DogeCache, max_len: int) -> bool:
+        """Whether this cache's buffers can take `prefill` (a reuse keeps their addresses: CUDA graphs replay)."""
+        return self.max_len == max_len and len(self.layers) == len(prefill.layers) and all(
+            a.shape[:2] + a.shape[3:] == b.shape[:2] + b.shape[3:] and a.dtype == b.dtype and a.device == b.device
+            for lc, pc in zip(self.layers, prefill.layers) for a, b in ((lc.k, pc.k), (lc.v, pc.v), (lc.dt, pc.dt)))
+
+    def fill(self, prefill: DogeCache, attention_mask: torch.Tensor) -> None:
+        """The prompt's keys, values and dt into the first slots, in place; later slots count as empty."""
+        P = prefill.layers[0].k.shape[2]
+        if self.max_len < P:
+            raise ValueError(f"static cache of {self.max_len} slots for a {P}-token prompt")
+        for lc, pc in zip(self.layers, prefill.layers):
+            for buf, x in ((lc.k, pc.k), (lc.v, pc.v), (lc.dt, pc.dt)):
+                buf[:, :, :P] = x
+        self.valid.zero_()
+        self.valid[:, :P] = attention_mask.bool()
+        self.slot.fill_(P)
 
     def buffers(self) -> list[torch.Tensor]:
         return [t for lc in self.layers for t in (lc.k, lc.v, lc.dt)] + [self.valid, self.slot]
@@ -51,6 +65,23 @@ class StaticCache:
         lc.v.index_copy_(2, self.slot, v)
         lc.dt.index_copy_(2, self.slot, dt)
         return lc
+
+
+def static_cache(model, prefill: DogeCache, attention_mask: torch.Tensor, max_len: int) -> StaticCache:
+    """A StaticCache holding the prompt: the model's previous one refilled where it fits (as transformers keeps its
+    static cache on the model: the buffers stay allocated between calls), else a new one (on CUDA its buffers
+    marked as static addresses for CUDA graphs)."""
+    old = getattr(model, "_doge_static_cache", None)
+    if old is not None and old.fits(prefill, max_len):
+        old.fill(prefill, attention_mask)
+        return old
+    model._doge_static_cache = None  # (free the old buffers first)
+    cache = StaticCache(prefill, attention_mask, max_len)
+    if cache.slot.device.type == "cuda":
+        for t in cache.buffers():
+            torch._dynamo.mark_static_address(t)
+    model._doge_static_cache = cache
+    return cache
 
 
 def decode_step(model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -100,10 +131,3 @@ def run_step(step, model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tens
             warnings.warn(f"doge_torch static-cache decoding: torch.compile failed ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly", stacklevel=3)
     return decode_step(model, cache, tok, pos), decode_step
-
-
-def mark_static(cache: StaticCache) -> None:
-    """CUDA graphs replay fixed addresses: the cache buffers, mutated in place by each step, must be marked so."""
-    if cache.slot.device.type == "cuda":
-        for t in cache.buffers():
-            torch._dynamo.mark_static_address(t)

@@ -25,7 +25,7 @@ from doge_jax.generation_args import (
     warn_unsupported,
 )
 
-from .decode import SLOTS, StaticCache, mark_static, run_step, step_function
+from .decode import SLOTS, run_step, static_cache, step_function
 from .model import DogeCache, check_token_ids, token_ids_checked
 
 
@@ -149,8 +149,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 logits = out.logits[:, -1].float()
                 if static:  # the prompt's keys into a cache with room for every new token (slots rounded up, so
                     # that other lengths reuse the compiled step)
-                    scache = StaticCache(cache, attention_mask, -(-(P + max_new_tokens) // SLOTS) * SLOTS)
-                    mark_static(scache)
+                    scache = static_cache(model, cache, attention_mask, -(-(P + max_new_tokens) // SLOTS) * SLOTS)
                     step = step_function(device)
             if penalty != 1.0:  # a logits processor: before sampling, greedy too (transformers; none at 1.0)
                 logits = penalize(logits, ids, start, penalty)

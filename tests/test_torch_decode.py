@@ -59,8 +59,9 @@ def test_static_cache_gives_the_growing_cache_tokens(eager_backend, case):
 
 
 def test_compiled_step_is_reused_across_calls(monkeypatch):
-    """One graph for every call whose prompt + new tokens fit the same multiple of SLOTS (64) and batch size; a
-    longer call compiles once more; sampled decoding runs through the same step (same seed, same tokens)."""
+    """One graph for every call whose prompt + new tokens fit the same multiple of SLOTS (64) and batch size, and one
+    cache kept on the model for them; a longer call compiles once more; sampled decoding runs through the same step
+    (same seed, same tokens)."""
     graphs = []
 
     def counting(gm, example_inputs):
@@ -70,15 +71,19 @@ def test_compiled_step_is_reused_across_calls(monkeypatch):
     monkeypatch.setattr(dd, "COMPILE_BACKEND", counting)
     model = _model()
     ids = torch.as_tensor(unique_ids(1, 5, TINY["vocab_size"], seed=4))
+    caches = []
     for new in (4, 20, 50):  # 9, 25, 55 slots: one 64-slot cache
         out = model.generate(ids, max_new_tokens=new, eos_token_id=-1, cache_implementation="static")
         assert torch.equal(out, model.generate(ids, max_new_tokens=new, eos_token_id=-1))
+        caches.append(model._doge_static_cache)
     assert len(graphs) == 1
+    # the buffers stay (refilled in place: a CUDA graph replays their addresses)
+    assert caches[0] is caches[1] is caches[2] and caches[0].max_len == 64
     kw = dict(max_new_tokens=12, do_sample=True, top_k=20, seed=5, eos_token_id=-1)
     sampled = model.generate(ids, **kw, cache_implementation="static")
     assert torch.equal(sampled, model.generate(ids, **kw)) and len(graphs) == 1
     model.generate(ids, max_new_tokens=70, eos_token_id=-1, cache_implementation="static")  # 75: 128 slots
-    assert len(graphs) == 2
+    assert len(graphs) == 2 and model._doge_static_cache is not caches[0] and model._doge_static_cache.max_len == 128
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
