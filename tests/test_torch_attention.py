@@ -66,6 +66,20 @@ def v_fold(monkeypatch):
     return dm
 
 
+def _fast_equals_dense(cfg, args, valid):
+    """dma_attention with allowed None or the [B, T] key mask `valid` (the fast paths) = the dense-bias path with
+    the full mask, in float64 values (1e-12) and gradients of q, k, v, dt (1e-11)."""
+    B, _, T, _ = args[0].shape
+    got = dma_attention(cfg, *args, valid, torch.float64)
+    want = dma_attention(cfg, *args, allowed_mask(cfg, B, T, 0, valid, torch.device("cpu")), torch.float64)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    w = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * w).sum(), args)
+    g_want = torch.autograd.grad((want * w).sum(), args)
+    for name, a, b in zip("q k v dt".split(), g_got, g_want):
+        assert torch.allclose(a, b, atol=1e-11, rtol=0), name
+
+
 @pytest.mark.parametrize("fold", ["qk", "v"])
 @pytest.mark.parametrize("variant,H,G", [("native", 4, 2), ("small_doge", 4, 2), ("native", 2, 2)])
 def test_fold_bias_equals_dense_bias(monkeypatch, calls, fold, variant, H, G):
@@ -78,14 +92,7 @@ def test_fold_bias_equals_dense_bias(monkeypatch, calls, fold, variant, H, G):
     D, T = 12, 33
     cfg = _cfg(H, G, D, 64, variant, impl="fused")
     args = [x.requires_grad_() for x in _inputs(2, H, G, cfg.num_dt_heads, T, D)]
-    got = dma_attention(cfg, *args, None, torch.float64)
-    want = dma_attention(cfg, *args, allowed_mask(cfg, 2, T, 0, None, torch.device("cpu")), torch.float64)
-    assert torch.allclose(got, want, atol=1e-12, rtol=0)
-    w = torch.randn_like(got)
-    g_got = torch.autograd.grad((got * w).sum(), args)
-    g_want = torch.autograd.grad((want * w).sum(), args)
-    for name, a, b in zip("q k v dt".split(), g_got, g_want):
-        assert torch.allclose(a, b, atol=1e-11, rtol=0), name
+    _fast_equals_dense(cfg, args, None)
     if fold == "qk":
         assert calls == {"_by_keys": 1, "fold_bias": 1}
         qa, ka, va = fold_bias(*args)
@@ -121,15 +128,7 @@ def test_fold_with_padding_keys_equals_dense_bias(monkeypatch, calls, fold, kind
     D, T, B = 12, 33, 2
     cfg = _cfg(H, G, D, 64, variant, impl="fused")
     args = [x.requires_grad_() for x in _inputs(B, H, G, cfg.num_dt_heads, T, D)]
-    valid = _padding(B, T, kind)
-    got = dma_attention(cfg, *args, valid, torch.float64)
-    want = dma_attention(cfg, *args, allowed_mask(cfg, B, T, 0, valid, torch.device("cpu")), torch.float64)
-    assert torch.allclose(got, want, atol=1e-12, rtol=0)
-    w = torch.randn_like(got)
-    g_got = torch.autograd.grad((got * w).sum(), args)
-    g_want = torch.autograd.grad((want * w).sum(), args)
-    for name, a, b in zip("q k v dt".split(), g_got, g_want):
-        assert torch.allclose(a, b, atol=1e-11, rtol=0), name
+    _fast_equals_dense(cfg, args, _padding(B, T, kind))
     assert calls == ({"_by_keys": 1, "fold_bias": 1} if fold == "qk" else {"_by_values": 1})
 
 
