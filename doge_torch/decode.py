@@ -104,14 +104,17 @@ def decode_step(model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tensor)
 
 
 def step_function(device: torch.device):
-    """The decode step to call: compiled once per process and backend (fullgraph, static shapes; on CUDA with
-    inductor in "reduce-overhead" mode: CUDA graphs), or `decode_step` itself with COMPILE False."""
+    """The decode step to call: compiled once per process and backend (fullgraph, static shapes; inductor rounds
+    to bf16/fp16 wherever eager does, so reduced-precision models decode eager's tokens; on CUDA with CUDA graphs,
+    what mode "reduce-overhead" sets), or `decode_step` itself with COMPILE False."""
     if not COMPILE:
         return decode_step
-    mode = "reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND == "inductor" else None
-    key = (COMPILE_BACKEND, mode)
+    cuda = device.type == "cuda"
+    key = (COMPILE_BACKEND, cuda)
     if key not in _compiled:
-        kw = {"mode": mode} if mode else {}
+        kw = {}
+        if COMPILE_BACKEND == "inductor":
+            kw["options"] = {"emulate_precision_casts": True, **({"triton.cudagraphs": True} if cuda else {})}
         _compiled[key] = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=COMPILE_BACKEND, **kw)
     return _compiled[key]
 
@@ -127,7 +130,12 @@ def run_step(step, model, cache: StaticCache, tok: torch.Tensor, pos: torch.Tens
             torch.compiler.cudagraph_mark_step_begin()
         try:
             return step(model, cache, tok, pos).clone(), step  # (clone: a CUDA graph's output is overwritten)
-        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            warnings.warn("doge_torch static-cache decoding: dynamo's recompile limit (torch._dynamo.config."
+                          f"recompile_limit = {torch._dynamo.config.recompile_limit}) is reached: each batch size "
+                          "and slot count compiles the step once per process; decoding eagerly (raise the limit or "
+                          "call torch._dynamo.reset() to compile again)", stacklevel=3)
+        except torch._dynamo.exc.TorchDynamoException as err:
             warnings.warn(f"doge_torch static-cache decoding: torch.compile failed ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly", stacklevel=3)
     return decode_step(model, cache, tok, pos), decode_step
