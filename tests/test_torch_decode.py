@@ -100,6 +100,23 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert torch.equal(got, model.generate(ids, max_new_tokens=10, eos_token_id=-1))
 
 
+def test_recompile_limit_falls_back_with_a_clear_warning(eager_backend, monkeypatch):
+    """Past dynamo's recompile limit (set to 1 here: a second batch size) the warning names the limit and what
+    counts, and the step runs eagerly, same tokens."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model = _model()
+    for B in (1, 2):
+        ids = torch.as_tensor(unique_ids(B, 5, TINY["vocab_size"], seed=B))
+        kw = dict(max_new_tokens=6, eos_token_id=-1)
+        if B == 1:
+            got = model.generate(ids, **kw, cache_implementation="static")
+        else:
+            with pytest.warns(UserWarning, match=r"recompile limit \(torch._dynamo.config.recompile_limit = 1\).*"
+                                                 r"each batch size and slot count"):
+                got = model.generate(ids, **kw, cache_implementation="static")
+        assert torch.equal(got, model.generate(ids, **kw))
+
+
 def test_static_cache_arguments_are_checked():
     model = _model()
     ids = torch.as_tensor(unique_ids(1, 4, TINY["vocab_size"]))
