@@ -1305,8 +1305,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
 # ---- (d) generation -----------------------------------------------------------------------------------------------
 def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     """Greedy generation tokens/s of one random checkpoint in doge_jax (compiled decode loop), transformers (sdpa,
-    the baseline, when importable) and doge_torch (eager), float32 on the device; doge_jax as a ratio to
-    transformers, and whether their tokens agree (information: random weights can have near-ties)."""
+    the baseline, when importable) and doge_torch (eager, and its static-cache compiled step:
+    `static_torch_generation`), float32 on the device; as ratios to transformers, and whether the tokens agree
+    (information: random weights can have near-ties)."""
     import jax
     import numpy as np
     import torch
