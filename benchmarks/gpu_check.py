@@ -1369,16 +1369,16 @@ def section_generate(report: Report, budget: Budget, cpu: bool, tdev) -> None:
     if budget.left() < least:
         report.add(S, "doge_torch batch 1", "budget", status="SKIP")
         return
-    tm = eager_out = None
+    tm = t_ids = eager_out = None
     with guarded(report, S, "doge_torch batch 1"):
+        t_ids = torch.as_tensor(np.random.default_rng(1).integers(3, cfg.vocab_size, (1, prompt))).to(tdev)
         tm = doge_torch.DogeForCausalLM.from_pretrained(path).to(tdev).eval()
-        ids = torch.as_tensor(np.random.default_rng(1).integers(3, cfg.vocab_size, (1, prompt))).to(tdev)
-        eager_out = tm.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False)
-        sec = time_fn(lambda: tm.generate(ids, max_new_tokens=new, eos_token_id=-1, do_sample=False), 2, warmup=0)
+        eager_out = tm.generate(t_ids, max_new_tokens=new, eos_token_id=-1, do_sample=False)
+        sec = time_fn(lambda: tm.generate(t_ids, max_new_tokens=new, eos_token_id=-1, do_sample=False), 2,
+                      warmup=0)
         vs = f" ({new / sec / hf_rates[1]:.2f}x transformers)" if 1 in hf_rates else ""
         report.add(S, f"doge_torch fp32 eager batch 1, {prompt}+{new} tokens", f"{new / sec:,.0f} tok/s{vs}")
-    static_torch_generation(report, budget, cpu, tm, ids if tm is not None else None, eager_out, new, prompt,
-                            hf_rates)
+    static_torch_generation(report, budget, cpu, tm, t_ids, eager_out, new, prompt, hf_rates)
 
 
 def static_torch_generation(report: Report, budget: Budget, cpu: bool, tm, ids, eager_out, new: int, prompt: int,

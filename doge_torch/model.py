@@ -226,11 +226,13 @@ def dynamic_mask_bias(dt: torch.Tensor, allowed: torch.Tensor, keep_window: int,
     dt [B, n, T]; allowed [B, 1, S, T] bool. Returns [B, n, S, T]. Ties in the keep-window top-k keep the lower
     key index. `expiry=True` (only valid without a sliding window: the valid keys are read off the last query's row)
     applies the same rule in its key-expiry form (j kept by query i iff j <= i < e_j), with no sort over the [S, T]
-    rows.
+    rows (for S > 1; one row is sorted directly).
     """
     min_v = torch.finfo(dtype).min
     T = dt.shape[-1]
-    if T > keep_window and expiry:
+    # (a single query row, as in decoding, takes the top-k below: one sort of the row, as the expiry form's, without
+    # its wavelet passes)
+    if T > keep_window and expiry and allowed.shape[2] > 1:
         S = allowed.shape[2]
         valid = allowed[:, 0, -1, :]  # the last query slot (T - 1) sees every valid key when nothing slides
         e = key_expiry(dt, valid, keep_window)
@@ -576,9 +578,7 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         # each row sees at most sliding_window <= keep_window keys: the keep-window top-k drops none (spec §3.5)
         bias = dynamic_mask_bias(dt, allowed, dt.shape[-1], mask_dtype)
     else:
-        # (one query row, decoding: a sort of the row, as the expiry form's, without its wavelet passes)
-        bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, mask_dtype,
-                                 expiry=cfg.sliding_window is None and S > 1)
+        bias = dynamic_mask_bias(dt, allowed, cfg.keep_window_size, mask_dtype, expiry=cfg.sliding_window is None)
     if cfg.variant == "native" and r > 1 and G > 1:
         bias = bias.repeat_interleave(r, dim=1)  # head h uses kv-group h // r
     if sdpa:
