@@ -22,7 +22,7 @@ def softplus_torch(x: jax.Array) -> jax.Array:
     """torch's softplus (threshold 20), not jax.nn.softplus (spec §9.3). Computed in float32 and rounded once to
     x's dtype, as torch does for bf16: exp and log1p each rounded to bf16 move dt by an ulp on 1 in 6 inputs, and
     that reorders the keep-window top-k."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     return jnp.where(xf > 20, xf, jnp.log1p(jnp.exp(jnp.minimum(xf, 20)))).astype(x.dtype)
 
 
@@ -318,15 +318,17 @@ def allowed_mask(cfg: DogeConfig, S: int, T: int, start, key_mask: jax.Array | N
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array, num_items_in_batch=None) -> jax.Array:
-    """Shifted cross-entropy in float32 with -100 ignored; mean, or sum / num_items_in_batch (spec §3.9)."""
-    logits = logits.astype(jnp.float32)
+    """Shifted cross-entropy in float32 (float64 for float64 logits) with -100 ignored; mean, or sum /
+    num_items_in_batch (spec §3.9)."""
+    f = jnp.promote_types(logits.dtype, jnp.float32)
+    logits = logits.astype(f)
     target = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], -100)], axis=1)
     valid = target != -100
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
     total = jnp.sum(jnp.where(valid, logz - picked, 0.0))
     denom = jnp.sum(valid) if num_items_in_batch is None else num_items_in_batch
-    return total / jnp.asarray(denom, jnp.float32)
+    return total / jnp.asarray(denom, f)
 
 
 def load_balancing_loss(router_logits: jax.Array, cfg: DogeConfig, attention_mask: jax.Array | None = None

@@ -145,8 +145,9 @@ def shift_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Shifted cross-entropy in float32, -100 ignored; mean, or sum / num_items_in_batch (spec §3.9)."""
-    logits = logits.float()
+    """Shifted cross-entropy in float32 (float64 for float64 logits, as `causal_lm_loss_fused`), -100 ignored; mean,
+    or sum / num_items_in_batch (spec §3.9)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_targets(labels).reshape(-1),
                                              ignore_index=IGNORE,
                                              reduction="sum" if num_items_in_batch is not None else "mean")

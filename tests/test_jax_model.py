@@ -331,6 +331,32 @@ def test_softplus_matches_torch_in_bf16():
     assert np.array_equal(ours, ref), int((ours != ref).sum())
 
 
+def test_float64_softplus_and_loss_stay_float64():
+    """A float64 model's softplus and loss run in float64, as doge_torch's do (float32 islands there moved the
+    float64 gradient of A, an ill-conditioned sum, by 1e-4 relative against doge_torch's)."""
+    from doge_jax.model import causal_lm_loss, softplus_torch
+    from doge_torch.loss import causal_lm_loss as torch_loss
+    from doge_torch.loss import causal_lm_loss_fused
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(scale=8, size=4096)
+    with jax.enable_x64(True):
+        ours = np.asarray(softplus_torch(jnp.asarray(x)))
+        assert ours.dtype == np.float64
+        np.testing.assert_allclose(ours, torch.nn.functional.softplus(torch.as_tensor(x)).numpy(), rtol=1e-14)
+        h, w = rng.normal(size=(2, 9, 16)), rng.normal(size=(40, 16))
+        labels = rng.integers(0, 40, size=(2, 9))
+        labels[0, :3] = -100
+        loss = causal_lm_loss(jnp.asarray(h @ w.T), jnp.asarray(labels))
+        assert loss.dtype == jnp.float64
+    th, tw, tl = torch.as_tensor(h), torch.as_tensor(w), torch.as_tensor(labels)
+    fused = causal_lm_loss_fused(th, tw, tl)
+    plain = torch_loss(th @ tw.T, tl)
+    assert fused.dtype == plain.dtype == torch.float64
+    for ref in (float(fused), float(plain)):
+        assert abs(float(loss) - ref) <= 1e-13 * abs(ref), (float(loss), ref)
+
+
 def test_bf16_keep_window_matches_doge_torch_and_transformers(tmp_path, monkeypatch):
     """A bf16 model past its keep window (T 16 > keep 6, top-k active): doge_jax, doge_torch and transformers (its
     topk made the stable lower-index rule of spec §9.1, as bf16 dt values tie) agree to bf16 round-off. With
