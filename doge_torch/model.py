@@ -324,14 +324,17 @@ def fold_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tenso
     if dt.shape[1] != G:
         k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
     pad = -(-(D + 1) // 8) * 8 - D - 1
-    b = dt.to(k.dtype)
-    if valid is not None:  # (finite in the dtype sdpa runs in: under float16 autocast k is float32)
-        dev = k.device.type
-        run = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else k.dtype
+    # Built in the dtype sdpa runs in (autocast's, which casts float32 inputs; else k's): the values autocast's
+    # cast of float32 folds would give, without writing and reading those float32 copies
+    dev = k.device.type
+    run = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and k.dtype != torch.float64 else k.dtype
+    b = dt.to(run)
+    if valid is not None:  # (finite in that dtype)
         b = b.masked_fill(~valid[:, None, :], max(pad_bias(k.dtype), pad_bias(run)))
-    qa = torch.cat([q * D ** -0.5, q.new_ones(B, H, S, 1), q.new_zeros(B, H, S, pad)], dim=-1)
-    ka = torch.cat([k, b[..., None], k.new_zeros(*k.shape[:3], pad)], dim=-1)
-    return qa, ka, F.pad(v, (0, pad + 1))
+    qs = (q * D ** -0.5).to(run)
+    qa = torch.cat([qs, qs.new_ones(B, H, S, 1), qs.new_zeros(B, H, S, pad)], dim=-1)
+    ka = torch.cat([k.to(run), b[..., None], b.new_zeros(*k.shape[:3], pad)], dim=-1)
+    return qa, ka, F.pad(v.to(run), (0, pad + 1))
 
 
 FUSED_FOLD = "qk"  # "v": fold the bias into the values where it applies (`attention_by_values`; not in float16,

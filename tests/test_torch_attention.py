@@ -157,6 +157,30 @@ def test_padding_key_bias_under_float16_autocast():
     assert (ka[0, :, ~valid[0], 8] == pad_bias(torch.float16)).all() and torch.isfinite(ka.half()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fold_built_in_the_autocast_dtype(dtype, padded):
+    """Under autocast the q/k fold comes out in autocast's dtype, equal to the float32 fold cast by autocast (sdpa's
+    inputs unchanged; no float32 copies of the [B, H, S, D + 8] folds for the compiled graph to write and read),
+    gradients included."""
+    valid = torch.tensor([[False, True, True, False, True, True]]) if padded else None
+    q, k, v, dt = (x.float().requires_grad_() for x in _inputs(1, 4, 2, 2, 6, 8))
+    ref = fold_bias(q, k, v, dt, valid)
+    with torch.autocast("cpu", dtype=dtype):
+        got = fold_bias(q, k, v, dt, valid)
+    expect = [x.detach().to(dtype) for x in ref]
+    if padded:  # (the padding column: the autocast dtype's finite value, not float32's -2**40 cast to -inf)
+        from doge_torch.model import pad_bias
+
+        expect[1][0, :, ~valid[0], 8] = max(pad_bias(torch.float32), pad_bias(dtype))
+    for a, b in zip(got, expect):
+        assert a.dtype == dtype and torch.equal(a, b)
+    gs = [torch.randn(x.shape) for x in ref]
+    want = torch.autograd.grad([x.to(dtype) for x in ref], [q, k, v, dt], [g.to(dtype) for g in gs])
+    for a, b in zip(torch.autograd.grad(got, [q, k, v, dt], [g.to(dtype) for g in gs]), want):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_value_fold_padding_key_far_above_the_valid_ones(v_fold):
     """A padding key scoring far above the valid keys (here 225) must not take the softmax mass that the value
     fold divides by (o'[D] underflowing to 0 gave a zero row): padding keys are zeroed, so their score is 0."""
