@@ -310,7 +310,8 @@ def _main(argv=None) -> int:
     src.add_argument("--prompt-ids", type=int, nargs="+", help="prompt as token ids (no tokenizer needed)")
     ap.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: the model directory)")
     ap.add_argument("--max-new-tokens", type=int, default=None,
-                    help=f"(default: generation_config.json's, else {CLI_MAX_NEW_TOKENS})")
+                    help=f"(default: generation_config.json's max_new_tokens, else its max_length minus the "
+                    f"prompt, else {CLI_MAX_NEW_TOKENS})")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--do-sample", dest="do_sample", action="store_const", const=True, default=None,
                       help="sample (default: as the model's generation_config.json says, else greedy)")
@@ -380,12 +381,19 @@ def _main(argv=None) -> int:
         return fail(f"--model {args.model}: {e}")
     if args.prompt is not None and tokenizer is None:
         return fail(f"no tokenizer.json in {tok_path!r}: pass --tokenizer PATH, or give the prompt as --prompt-ids")
+    ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.prompt_ids
+    if not ids:
+        return fail("the prompt is empty after tokenization")
+    bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        return fail(f"prompt ids outside [0, vocab_size={model.config.vocab_size}): {bad[:10]}")
     gen = model.generation_config
     given = [FROM_CONFIG if v is None else v for v in (args.do_sample, args.temperature, args.top_k, args.top_p)]
     do_sample, temperature, top_k, top_p = sampling = sampling_args(gen, *given)
-    try:
+    try:  # (no --max-new-tokens: the file's max_new_tokens, else its max_length, which counts the prompt)
         length_args = [FROM_CONFIG if v is None else v for v in (args.max_new_tokens, args.repetition_penalty)]
-        max_new_tokens, penalty = length_and_penalty(gen, *length_args, default_length=CLI_MAX_NEW_TOKENS)
+        max_new_tokens, penalty = length_and_penalty(gen, *length_args, default_length=CLI_MAX_NEW_TOKENS,
+                                                     prompt_len=len(ids))
         check_sampling(*sampling, max_new_tokens)
     except ValueError as e:
         return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; --greedy "
@@ -393,12 +401,6 @@ def _main(argv=None) -> int:
     if args.do_sample is None and do_sample:
         print(f"note: sampling, as the model's generation_config.json says (temperature {temperature}, top_k "
               f"{top_k}, top_p {top_p}); --greedy for greedy decoding", file=sys.stderr)
-    ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.prompt_ids
-    if not ids:
-        return fail("the prompt is empty after tokenization")
-    bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
-    if bad:
-        return fail(f"prompt ids outside [0, vocab_size={model.config.vocab_size}): {bad[:10]}")
     limit = model.config.max_position_embeddings
     if len(ids) + max_new_tokens > limit:
         print(f"note: prompt + new tokens = {len(ids) + max_new_tokens} > max_position_embeddings {limit}: "

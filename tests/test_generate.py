@@ -3,6 +3,7 @@ doge_torch sdpa / key-expiry attention path."""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -84,6 +85,30 @@ def _word_tokenizer(path, metaspace: bool = False):
     return tok
 
 
+def test_cli_takes_the_files_max_length(model_dir, tmp_path, capsys):
+    """Without --max-new-tokens the command line's length is the file's max_new_tokens, else its max_length (prompt
+    included, as transformers; it used to be ignored: 128 new tokens), else 128; a max_length not above the prompt
+    is an error naming it."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    path = d / "generation_config.json"
+    gen = json.load(open(path)) if path.exists() else {}
+    json.dump({**gen, "max_length": 10}, open(path, "w"))
+    assert main(["--model", str(d), "--prompt-ids", "5", "6", "7", "--no-eos"]) == 0
+    assert len(capsys.readouterr().out.split("|")[1].split()) == 7
+    assert main(["--model", str(d), "--prompt-ids", "5", "6", "7", "--max-new-tokens", "4", "--no-eos"]) == 0
+    assert len(capsys.readouterr().out.split("|")[1].split()) == 4
+    json.dump({**gen, "max_length": 10, "max_new_tokens": 5}, open(path, "w"))
+    assert main(["--model", str(d), "--prompt-ids", "5", "6", "7", "--no-eos"]) == 0
+    assert len(capsys.readouterr().out.split("|")[1].split()) == 5
+    json.dump({**gen, "max_length": 3}, open(path, "w"))
+    assert main(["--model", str(d), "--prompt-ids", "5", "6", "7", "--no-eos"]) == 2
+    assert "max_length=3 (the generation config's): must be an int above the prompt's 3 tokens" in (
+        capsys.readouterr().err)
+
+
 def test_cli_prompt_ids_with_a_tokenizer_and_metaspace_stream(model_dir, tmp_path, capsys):
     """--prompt-ids next to a tokenizer.json printed the (absent) text prompt and crashed; the streamed text of a
     SentencePiece-style tokenizer lost the space between prompt and continuation."""
@@ -150,7 +175,6 @@ def test_cli_rejects_bad_input_in_one_line(model_dir, tmp_path, capsys):
 def test_cli_prompt_holding_the_pad_id_is_not_padding(tmp_path, capsys):
     """One command-line prompt is never padded: its pad-id tokens are tokens (before: masked out, with a warning
     about right padding the user never asked for)."""
-    import json
     import warnings
 
     d = save_hf(make_hf_model(), tmp_path / "m")
@@ -201,7 +225,6 @@ def test_generate_input_checks_and_pads(model_dir):
 
 def test_eos_of_generation_config_json_stops(tmp_path):
     """transformers stops at generation_config.json's EOS; so do both our loaders (before: config.json only)."""
-    import json
 
     import doge_torch
 
@@ -225,7 +248,6 @@ def test_generation_config_ids_stay_out_of_the_model_config(tmp_path):
     pad id became the model's: the embedding's pad row froze in training and config.json changed on save or
     convert). A generation_config.json without a pad id means none for generate (config.json's is not taken):
     a prompt holding config.json's pad id is attended whole, as by transformers."""
-    import json
 
     import transformers
 
@@ -286,7 +308,6 @@ def test_sampling_settings_of_generation_config_json_as_transformers(tmp_path, c
     """generation_config.json's do_sample / temperature / top_k / top_p are generate's defaults, as in
     transformers (before: greedy, top_k 50, whatever the file said): doge_torch samples transformers' very tokens
     from the same seed; an argument given wins; save_pretrained keeps the settings; bad ones are named."""
-    import json
 
     import transformers
 
@@ -345,7 +366,6 @@ def test_generation_config_argument_as_transformers(tmp_path):
     or a dict overrides the model's generation_config.json for the fields it sets, its max_length counts the
     prompt, arguments of the call win; doge_torch samples transformers' tokens; bad values are named."""
     import dataclasses
-    import json
     import warnings
 
     import transformers
@@ -413,7 +433,6 @@ def test_length_fields_as_transformers(tmp_path):
     tokens) applies when no max_new_tokens is set, also under a generation_config that does not set one (it was
     warned about and ignored, or applied only when passed in); an explicit max_new_tokens=None clears the file's;
     min_new_tokens (0 too) replaces min_length instead of the larger of the two applying."""
-    import json
 
     import transformers
 
@@ -776,7 +795,6 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
     greedy and sampled, in both packages; the left padding of a prompt is not penalized (its slots hold the token
     the row would make first). generation_config.json's max_new_tokens is the default length; its fields that
     generate does not implement are named in a warning and kept by save_pretrained."""
-    import json
     import warnings
 
     import transformers
@@ -872,7 +890,6 @@ def test_min_new_tokens_and_min_length_as_transformers(tmp_path, capsys):
     """min_new_tokens (argument or generation_config.json) and the file's min_length keep EOS out of the first new
     tokens, as transformers' two processors: the same tokens in doge_torch and doge_jax (cached and not), with an
     EOS id the rows would otherwise pick early."""
-    import json
 
     import transformers
 
