@@ -31,6 +31,7 @@ from .generation_args import (
     penalty_start,
     prompt_length,
     sampling_args,
+    unsupported_fields,
     warn_unsupported,
 )
 from .model import DogeCache, check_token_ids
@@ -401,6 +402,10 @@ def _main(argv=None) -> int:
     if args.do_sample is None and do_sample:
         print(f"note: sampling, as the model's generation_config.json says (temperature {temperature}, top_k "
               f"{top_k}, top_p {top_p}); --greedy for greedy decoding", file=sys.stderr)
+    ignored = unsupported_fields(gen)
+    if ignored:  # said here, before the output, instead of as generate's warning in the middle of the stream
+        print("note: the model's generation_config.json sets " + ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+              + ": not implemented here, ignored (transformers' output may differ)", file=sys.stderr)
     limit = model.config.max_position_embeddings
     if len(ids) + max_new_tokens > limit:
         print(f"note: prompt + new tokens = {len(ids) + max_new_tokens} > max_position_embeddings {limit}: "
@@ -438,10 +443,12 @@ def _main(argv=None) -> int:
     out.flush()
     t0 = time.perf_counter()
     # one prompt is never padded: a pad id in it is a token (generate would infer a mask from it, as transformers)
-    generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
-             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed,
-             eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,
-             min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not implemented by this generate, ignored")  # (noted above)
+        generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
+                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed,
+                 eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,
+                 min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens)
     if tokenizer is not None and new:
         show(final=True)  # a tail held back for a multi-byte character that never completed
     out.write("\n")  # the output ends its line (a shell prompt or the next log line starts on its own)

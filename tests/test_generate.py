@@ -88,7 +88,7 @@ def _word_tokenizer(path, metaspace: bool = False):
 def test_cli_takes_the_files_max_length(model_dir, tmp_path, capsys):
     """Without --max-new-tokens the command line's length is the file's max_new_tokens, else its max_length (prompt
     included, as transformers; it used to be ignored: 128 new tokens), else 128; a max_length not above the prompt
-    is an error naming it."""
+    is an error naming it. Fields generate ignores are a note before the output."""
     import shutil
 
     d = tmp_path / "m"
@@ -107,6 +107,14 @@ def test_cli_takes_the_files_max_length(model_dir, tmp_path, capsys):
     assert main(["--model", str(d), "--prompt-ids", "5", "6", "7", "--no-eos"]) == 2
     assert "max_length=3 (the generation config's): must be an int above the prompt's 3 tokens" in (
         capsys.readouterr().err)
+    # a field generate ignores: one note before the output (its warning used to land inside the streamed tokens)
+    json.dump({**gen, "no_repeat_ngram_size": 3}, open(path, "w"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["--model", str(d), "--prompt-ids", "5", "6", "7", "--max-new-tokens", "3", "--no-eos"]) == 0
+    got = capsys.readouterr()
+    assert len(got.out.split("|")[1].split()) == 3
+    assert got.err.startswith("note: the model's generation_config.json sets no_repeat_ngram_size=3: not implemented")
 
 
 def test_cli_prompt_ids_with_a_tokenizer_and_metaspace_stream(model_dir, tmp_path, capsys):
