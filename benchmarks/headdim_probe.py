@@ -6,7 +6,10 @@ The fused/folded DMA paths fold the per-key bias into one extra head dim (128 ->
 attend over [w * v, w], divide by the last column) keeps q and k at 128 and gives v 129 -> 136. This probe times
 causal forward+backward for (d_qk, d_v) in CASES at B 16, H 6, G 3, T 2048, bf16 (a Doge-160M layer), through torch's
 sdpa with only the cuDNN backend and JAX's cuDNN fused attention (jax.nn.dot_product_attention when d_v == d_qk, the
-private cuDNN wrapper otherwise; a refusal is a row), and prints one table (appended to RESULTS.md on a GPU).
+private cuDNN wrapper otherwise; a refusal is a row), then doge_torch's whole DMA paths at the same shape (the q/k fold
+and the value fold through sdpa, FlexAttention with the bias as a score_mod and a causal block mask, the Triton dense
+kernel at head dim 128; fold ops, casts and dt's gradient included: the choice for training at T <= keep_window),
+and prints one table (appended to RESULTS.md on a GPU).
 
     python benchmarks/headdim_probe.py            # GPU: ~1-2 min; CPU: a tiny smoke run of the same code
 """
@@ -73,6 +76,70 @@ def torch_rows(shape, gpu: bool, reps: int) -> list[tuple[str, str]]:
     return out
 
 
+def dma_rows(shape, gpu: bool, reps: int) -> list[tuple[str, str, str]]:
+    """doge_torch's DMA paths for T <= keep_window at `shape`, compiled (bf16 q, k, v and float32 dt, as under
+    autocast; fwd+bwd includes dt's gradient). Off the GPU the folds run through the math kernel (inductor swapped
+    for dynamo's eager backend) and the CUDA-only paths are rows saying so."""
+    import functools
+    from unittest import mock
+
+    import torch
+
+    sys.path.insert(0, ROOT)
+    import doge_torch.model as dm
+    from doge_torch import DogeConfig
+    from doge_torch.triton_attention import dma_triton, triton_available
+
+    B, H, G, T = shape
+    D = 128 if gpu else 16
+    dev, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    sync = (lambda _: torch.cuda.synchronize()) if gpu else (lambda _: None)
+    cfg = DogeConfig(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=G, keep_window_size=T,
+                     max_position_embeddings=T, attention_impl="fused")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=gen, requires_grad=True)
+    k = torch.randn(B, G, T, D, device=dev, dtype=dtype, generator=gen, requires_grad=True)
+    v = torch.randn(B, G, T, D, device=dev, dtype=dtype, generator=gen, requires_grad=True)
+    dt = torch.randn(B, G, T, device=dev, generator=gen).exp().requires_grad_()
+    do = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=gen)
+    backend = "inductor" if gpu else "eager"
+
+    def compiled(fn):
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+
+    fold = compiled(functools.partial(dm.dma_attention, cfg, allowed=None, mask_dtype=torch.float32))
+    flex = compiled(functools.partial(dm.flex_dma, cfg, compute=dtype))
+    ok = torch.ones(B, T, dtype=torch.bool, device=dev)
+
+    def triton_dense(q, k, v, dt):
+        return dma_triton(q, k, v, dt, dm.key_expiry(dt.detach(), ok, T), keep=T, sparse=False, check=False)
+
+    paths = [("q/k fold (sdpa, compiled)", fold, "qk", True),
+             ("value fold (sdpa, compiled)", fold, "v", True),
+             ("FlexAttention, bias score_mod + causal block mask (compiled)", flex, "qk", gpu),
+             ("Triton dense kernel", triton_dense, "qk", triton_available(dev))]
+    out = []
+    for name, fn, how, runs in paths:
+        name = f"doge_torch DMA {name} d {D}"
+        if not runs:
+            out.append((name, "not run: CUDA only", ""))
+            continue
+
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(q, k, v, dt)
+
+        def fwd_bwd(fn=fn):
+            return torch.autograd.grad(fn(q, k, v, dt), (q, k, v, dt), do)
+
+        try:
+            with mock.patch.object(dm, "FUSED_FOLD", how):  # (compiled code guards on it: a graph per fold)
+                out.append((name, f"{median_ms(fwd, sync, reps):.3f}", f"{median_ms(fwd_bwd, sync, reps):.3f}"))
+        except Exception as e:  # noqa: BLE001 - a failing path is a result, the others still run
+            out.append((name, f"failed: {type(e).__name__}: " + str(e).splitlines()[0][:100].replace("|", "/"), ""))
+    return out
+
+
 def jax_rows(shape, gpu: bool, reps: int) -> list[tuple[str, str]]:
     import jax
     import jax.numpy as jnp
@@ -131,6 +198,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available()
     shape = (16, 6, 3, 2048) if gpu else (1, 2, 1, 32)
     rows = torch_rows(shape, gpu, args.reps) + jax_rows(shape, gpu and jax.default_backend() == "gpu", args.reps)
+    rows += dma_rows(shape, gpu, args.reps)
     card = torch.cuda.get_device_name(0) if gpu else "cpu-smoke"
     B, H, G, T = shape
     title = (f"## headdim_probe.py — {datetime.datetime.now():%Y-%m-%d %H:%M} — {card} (B {B}, H {H}, G {G}, T {T}, "

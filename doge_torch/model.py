@@ -303,7 +303,10 @@ class DogeAttention(nn.Module):
         """Dynamic-mask source (spec §3.4): dt = exp(A * softplus(dt_proj(v))) [B, n_dt, T], one value per key and
         dt-head. A is a float32 parameter, so under bf16 autocast A * softplus(.) promotes to float32 and dt stays
         float32 (spec §9.9); in a model cast to bf16 everything runs in bf16, as in transformers."""
-        return torch.exp(self.A * torch_softplus(self.dt_proj(v_flat))).transpose(1, 2)
+        # (computed in the [B, n, T] layout: a transposed view here gave torch.cond's fold a non-contiguous dt, and
+        # softplus_backward then returns strides its meta function does not predict: the compiled backward's view
+        # failed at run time under aot_eager)
+        return torch.exp(self.A[:, None] * torch_softplus(self.dt_proj(v_flat).transpose(1, 2).contiguous()))
 
 
 def pad_bias(dtype: torch.dtype) -> float:
@@ -365,8 +368,16 @@ def fold_bias_v(v: torch.Tensor, dt: torch.Tensor, valid: torch.Tensor | None = 
     return torch.cat([(v * w).to(v.dtype), w.to(v.dtype), v.new_zeros(B, n, T, pad)], dim=-1)
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x with the row-major strides of its shape (no copy when contiguous). `.contiguous()` leaves the stride of a
+    size-1 dimension as it was (any stride is valid there), and torch.cond refuses branches whose outputs or
+    gradients differ in one (one kv head: k's gradient [B, 1, T, D] came out of sdpa's backward with another stride
+    than out of the q/k fold's); a view of the flat tensor has the canonical ones, in any replay of a traced graph."""
+    return x.contiguous().view(-1).view(x.shape)
+
+
 class _DenseGrad(torch.autograd.Function):
-    """Identity whose gradient is made contiguous: torch.cond needs its branches' gradients laid out alike."""
+    """Identity whose gradient is made dense (`_dense`): torch.cond needs its branches' gradients laid out alike."""
 
     @staticmethod
     def forward(ctx, x):
@@ -374,7 +385,7 @@ class _DenseGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return g.contiguous()
+        return _dense(g)
 
 
 def _by_values(q, k, v, dt, gqa: bool, valid=None):
@@ -426,7 +437,7 @@ def attention_by_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: t
 
     def branch(fn):  # torch.cond's branches: outputs and gradients laid out alike (dense)
         def run(q, k, v, dt, *valid):
-            return fn(*(_DenseGrad.apply(x) for x in (q, k, v, dt)), gqa, *valid).contiguous()
+            return _dense(fn(*(_DenseGrad.apply(x) for x in (q, k, v, dt)), gqa, *valid))
 
         return run
 

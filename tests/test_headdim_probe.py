@@ -1,5 +1,5 @@
 """benchmarks/headdim_probe.py (a GPU probe) runs its tiny CPU smoke version end to end: every row timed, none
-refused, and nothing appended to RESULTS.md off the GPU."""
+refused (the CUDA-only DMA paths say so), and nothing appended to RESULTS.md off the GPU."""
 
 import os
 import subprocess
@@ -21,4 +21,10 @@ def test_headdim_probe_cpu_smoke():
     for r in rows:
         f_ms, b_ms = (float(c) for c in r.strip("|").split("|")[1:3])
         assert f_ms > 0 and b_ms > 0, r
+    # doge_torch's DMA paths at the same shape: the two folds run (compiled, dynamo's eager backend), the CUDA-only
+    # ones say so
+    dma = [line for line in proc.stdout.splitlines() if line.startswith("| doge_torch DMA")]
+    assert len(dma) == 4 and sum("not run: CUDA only" in r for r in dma) == 2, dma
+    for r in dma[:2]:
+        assert all(float(c) > 0 for c in r.strip("|").split("|")[1:3]), r
     assert open(results).read() == before

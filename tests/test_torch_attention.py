@@ -249,6 +249,61 @@ def test_value_side_fold_falls_back_on_wide_bias(v_fold, calls):
             assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item(), (spread, name)
 
 
+@pytest.mark.parametrize("variant,H,G", [("native", 2, 1), ("native", 4, 1), ("small_doge", 4, 1), ("native", 4, 4)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_value_side_fold_compiled_one_kv_head(v_fold, variant, H, G, padded):
+    """Compiled with autograd (aot_eager, fullgraph), one kv head (Doge-20M, tiny): k's gradient [B, 1, T, D] left
+    the two torch.cond branches with different strides on its size-1 dimension and the compile failed; now either
+    branch gives the dense-bias path's values and gradients."""
+    D, T, B = 8, 24, 2
+    cfg = _cfg(H, G, D, 64, variant, impl="fused")
+    args = [x.float().requires_grad_() for x in _inputs(B, H, G, cfg.num_dt_heads, T, D)]
+    valid = _padding(B, T, "left") if padded else None
+    extra = (valid,) if padded else (None,)
+    fn = torch.compile(lambda *a: dma_attention(cfg, *a, torch.float32), backend="aot_eager", fullgraph=True,
+                       dynamic=False)  # (head counts change between the cases: no automatic dynamic shapes)
+    for spread in (0.0, 200.0):  # the value fold, then the q/k fold (a valid key 200 below the others)
+        with torch.no_grad():
+            args[3][0, 0, T - 1] = args[3][0, 0, 0] - spread if spread else args[3][0, 0, T - 1]
+        want = dma_attention(cfg, *args, allowed_mask(cfg, B, T, 0, valid, torch.device("cpu")), torch.float32)
+        got = fn(*args, *extra)
+        assert (got - want).abs().max().item() <= 1e-5, spread
+        g_got = torch.autograd.grad(got.square().sum(), args)
+        g_want = torch.autograd.grad(want.square().sum(), args)
+        for name, a, b in zip("q k v dt".split(), g_got, g_want):
+            assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item(), (spread, name)
+
+
+@pytest.mark.parametrize("fold", ["qk", "v"])
+@pytest.mark.parametrize("H,G", [(4, 2), (4, 1), (4, 4)])
+def test_compiled_training_step_gradients_both_folds(monkeypatch, fold, H, G):
+    """A whole model compiled with autograd (aot_eager: the real aten kernels behind AOT's traced backward) gives
+    the eager model's loss and gradients with either fold. With the value fold every head layout failed before:
+    dt reached torch.cond as a transposed view, softplus_backward then returned strides its meta function does not
+    predict, and the backward graph's view raised at run time; with one kv head the compile itself failed."""
+    import doge_torch.model as dm
+    from doge_torch.model import DogeForCausalLM
+
+    monkeypatch.setattr(dm, "FUSED_FOLD", fold)
+    cfg = _cfg(H, G, 16, 64, impl="fused").replace(num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = DogeForCausalLM(cfg).train()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.A.normal_()
+    ids = torch.randint(3, 64, (2, 24))
+    grads = []
+    for run in (model, torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)):
+        model.zero_grad()
+        loss = run(ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    assert abs(float(l0 - l1)) <= 1e-5 * float(l0)
+    for n in g0:
+        assert (g0[n] - g1[n]).abs().max().item() <= 1e-4 * g0[n].abs().max().item() + 1e-7, n
+
+
 def test_value_side_fold_with_padding_compiled(v_fold, calls):
     """Compiled with autograd (aot_eager, fullgraph: torch.cond with the key mask as an operand), padded batches
     give the dense-bias path's values and gradients on either branch: the spread is taken over the valid keys only
