@@ -368,16 +368,8 @@ def fold_bias_v(v: torch.Tensor, dt: torch.Tensor, valid: torch.Tensor | None = 
     return torch.cat([(v * w).to(v.dtype), w.to(v.dtype), v.new_zeros(B, n, T, pad)], dim=-1)
 
 
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    """x with the row-major strides of its shape (no copy when contiguous). `.contiguous()` leaves the stride of a
-    size-1 dimension as it was (any stride is valid there), and torch.cond refuses branches whose outputs or
-    gradients differ in one (one kv head: k's gradient [B, 1, T, D] came out of sdpa's backward with another stride
-    than out of the q/k fold's); a view of the flat tensor has the canonical ones, in any replay of a traced graph."""
-    return x.contiguous().view(-1).view(x.shape)
-
-
 class _DenseGrad(torch.autograd.Function):
-    """Identity whose gradient is made dense (`_dense`): torch.cond needs its branches' gradients laid out alike."""
+    """Identity whose gradient is made contiguous: torch.cond needs its branches' gradients laid out alike."""
 
     @staticmethod
     def forward(ctx, x):
@@ -385,7 +377,7 @@ class _DenseGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _dense(g)
+        return g.contiguous()
 
 
 def _by_values(q, k, v, dt, gqa: bool, valid=None):
@@ -435,14 +427,21 @@ def attention_by_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: t
     if not torch.compiler.is_compiling():  # eager torch.cond would trace both branches with dynamo on every call
         return (_by_values if bool(ok) else _by_keys)(q, k, v, dt, gqa, valid)
 
-    def branch(fn):  # torch.cond's branches: outputs and gradients laid out alike (dense)
+    # torch.cond wants its branches' outputs and gradients laid out alike; strides of size-1 dimensions (one kv
+    # head, one batch row) came out differently in the two branches (and differently again in inductor's lowering),
+    # so q, k, v, dt and the output cross it flat (1-D: nothing left to differ), in their shapes inside
+    shapes = [tuple(x.shape) for x in (q, k, v, dt)]
+
+    def branch(fn):
         def run(q, k, v, dt, *valid):
-            return _dense(fn(*(_DenseGrad.apply(x) for x in (q, k, v, dt)), gqa, *valid))
+            args = (_DenseGrad.apply(x).view(shape) for x, shape in zip((q, k, v, dt), shapes))
+            return fn(*args, gqa, *valid).reshape(-1)
 
         return run
 
-    operands = (q, k, v, dt) if valid is None else (q, k, v, dt, valid)
-    return torch.cond(ok, branch(_by_values), branch(_by_keys), operands)
+    flat = tuple(x.reshape(-1) for x in (q, k, v, dt))
+    o = torch.cond(ok, branch(_by_values), branch(_by_keys), flat if valid is None else (*flat, valid))
+    return o.view(q.shape)
 
 
 def fill_masked_rows(o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
