@@ -1037,6 +1037,9 @@ def train_probes(one, refused, cpu: bool, tdev, label, base, seq, rows, kind) ->
     no_torch = refused(label + " [v-side fold]", seq, rows,
                        lambda: cudnn_refuses(base.head_size, tdev, v_dim=folded, gqa=gqa))
     one(label + " [v-side fold]", base, seq, rows, kind, fold="v", torch_row=not no_torch)
+    # doge_torch without a fold: FlexAttention at T <= keep_window too (the bias as its score_mod, a causal block
+    # mask, head dim 128; on the CPU, where FlexAttention has no backward, the q/k fold runs: the first row again)
+    one(label + " [FlexAttention, no fold]", base, seq, rows, kind, fold="flex", jax_row=False)
     # doge_torch's loss with its per-chunk softmax and gradient as eager ops (the default compiles them on CUDA)
     one(label + " [eager loss chunks]", base, seq, rows, kind, jax_row=False, compiled_ce=False)
     # doge_jax with its decoder layers the other way (scanned or unrolled: the GPU configs unroll them)
@@ -1198,6 +1201,13 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
                                f"not run: cuDNN refuses the folded {why}", status="SKIP")
                 else:
                     cell("doge_torch DMA folded causal sdpa, cuDNN first (compiled)", t_fast_cudnn, probe=True)
+        if T <= keep and probes and flex_available(q.device):
+            def t_fast_flex(q=q, k=k, v=v, dt=dt, do=do):  # no fold: FlexAttention (score_mod bias, causal blocks)
+                with fused_fold("flex"):
+                    o = dma_fast(q, k, v, dt, None, torch.float32)  # dynamo guards on FUSED_FOLD: its own graph
+                return torch.autograd.grad(o, (q, k, v, dt), do)[0]
+
+            cell("doge_torch DMA FlexAttention, no fold (compiled)", t_fast_flex, probe=True)
         if T <= keep and probes:
             why = cudnn_refuses(D, q.device, v_dim=-(-(D + 1) // 8) * 8, gqa=G != H) if not cpu else None
             if why:

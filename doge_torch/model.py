@@ -341,7 +341,8 @@ def fold_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dt: torch.Tenso
 
 
 FUSED_FOLD = "qk"  # "v": fold the bias into the values where it applies (`attention_by_values`; not in float16,
-# whose range would let the weights underflow)
+# whose range would let the weights underflow); "flex": no fold, FlexAttention at T <= keep_window too on CUDA
+# (the bias as its score_mod, a causal block mask; no dropout): a probe, timed against the folds on a GPU
 V_FOLD_MAX_SPREAD = 60.0  # the most dt may span per batch row and head for the value-side fold (weights >= e^-60)
 
 
@@ -576,7 +577,8 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
             e = key_expiry(dt, ok, keep)  # (padding keys: e = 0, expired before they exist)
             o = dma_triton(q.to(compute), k.to(compute), v.to(compute), dt, e, keep=keep,
                            check=False).to(q.dtype)  # e from key_expiry keeps the rule: no eager host sync
-        elif sdpa and T <= cfg.keep_window_size:
+        elif sdpa and T <= cfg.keep_window_size and not (FUSED_FOLD == "flex" and dropout == 0.0
+                                                          and flex_available(q.device)):
             # (dropout would reach the denominator o'[D] too; float16's range is too small for the weights)
             if FUSED_FOLD == "v" and dropout == 0.0 and compute != torch.float16:
                 o = attention_by_values(q, k, v, dt, valid)

@@ -156,9 +156,11 @@ def test_gpu_check_cpu_probes():
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     train = [r for r in rows if r[0] == "| train"]
     assert all(r[-1] == "- |" for r in rows if r[0] in ("| train", "| attention")), rows
-    for probe in ("[pallas/Triton kernels]", "[sdpa cuDNN first]", "[v-side fold]", "[unrolled layers]"):
+    for probe in ("[pallas/Triton kernels]", "[sdpa cuDNN first]", "[v-side fold]", "[unrolled layers]",
+                  "[FlexAttention, no fold] doge_torch"):
         assert any(probe in r[1] for r in train), (probe, train)
     assert sum("[v-side fold] doge_" in r[1] for r in train) == 2, train  # both frameworks
+    assert sum("[FlexAttention, no fold]" in r[1] for r in train) == 1, train  # doge_torch only
     assert sum("v-side fold" in r[1] for r in rows if r[0] == "| attention") == 2  # (T <= keep_window: both)
     assert "with --probes" in out
 

@@ -450,6 +450,31 @@ def test_flex_forward_equals_dense_bias(variant):
     assert (got - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_probe_takes_short_sequences(monkeypatch, padded):
+    """FUSED_FOLD = "flex" (a GPU probe): T <= keep_window goes to FlexAttention instead of a fold where it is
+    available (made available on the CPU here; forward only), with the dense-bias path's values; without it, and
+    with dropout, the folds as before."""
+    import doge_torch.model as dm
+
+    H, G, D, T = 4, 2, 16, 40
+    cfg = _cfg(H, G, D, 64, impl="fused")
+    q, k, v, dt = (x.float() for x in _inputs(2, H, G, cfg.num_dt_heads, T, D))
+    valid = _padding(2, T, "left") if padded else None
+    ran, real = [], dm.flex_dma
+    monkeypatch.setattr(dm, "FUSED_FOLD", "flex")
+    monkeypatch.setattr(dm, "flex_dma", lambda *a: ran.append(1) or real(*a))
+    want = dma_attention(cfg, q, k, v, dt, allowed_mask(cfg, 2, T, 0, valid, q.device), torch.float32)
+    got = dma_attention(cfg, q, k, v, dt, valid, torch.float32)  # flex unavailable: the q/k fold
+    assert ran == [] and (got - want).abs().max().item() <= 1e-5
+    monkeypatch.setattr(dm, "flex_available", lambda device: True)
+    got = dma_attention(cfg, q, k, v, dt, valid, torch.float32)
+    assert ran == [1] and (got - want).abs().max().item() <= 1e-5
+    torch.manual_seed(0)
+    dma_attention(cfg, q, k, v, dt, valid, torch.float32, dropout=0.1)  # dropout: a fold
+    assert ran == [1]
+
+
 @pytest.mark.parametrize("kind", ["left", "holes"])
 def test_flex_with_padding_keys_equals_dense_bias(monkeypatch, kind):
     """Beyond keep_window a [B, T] key mask takes FlexAttention (made available on the CPU here; forward only:
