@@ -1095,7 +1095,14 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
     from doge_jax.config import DogeConfig
     from doge_jax.pallas_attention import dma_pallas
     from doge_torch import triton_attention
-    from doge_torch.model import allowed_mask, dma_attention, flex_available, key_expiry, set_sdpa_backends
+    from doge_torch.model import (
+        V_FOLD_MAX_SPREAD,
+        allowed_mask,
+        dma_attention,
+        flex_available,
+        key_expiry,
+        set_sdpa_backends,
+    )
     from doge_torch.triton_attention import dma_triton, triton_available
 
     # in the CPU fallback the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1 before import)
@@ -1167,7 +1174,10 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return torch.autograd.grad(o, (q, k, v), do)[0]
 
-        def t_fast_v(q=q, k=k, v=v, dt=dt, do=do):  # the bias folded into the values (cuDNN first by itself)
+        # (dt capped so that no row spans more than V_FOLD_MAX_SPREAD: else the q/k fold runs under the cell's name)
+        dt_v = dt.detach().clamp_max(V_FOLD_MAX_SPREAD).requires_grad_()
+
+        def t_fast_v(q=q, k=k, v=v, dt=dt_v, do=do):  # the bias folded into the values (cuDNN first by itself)
             with fused_fold("v"):
                 o = dma_fast(q, k, v, dt, None, torch.float32)  # dynamo guards on FUSED_FOLD: its own graph
             return torch.autograd.grad(o, (q, k, v, dt), do)[0]
@@ -1255,13 +1265,14 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
         jq, jk, jv = (jnp.asarray(x, jnp.bfloat16) for x in (qn, kn, vn))
         jdt, jdo = jnp.asarray(dtn, jnp.bfloat16), jnp.asarray(don, jnp.bfloat16)
 
-        def jgrad(impl):
+        def jgrad(impl, dt=None):
             def f(q, k, v, dt):
                 o = attention(q, k, v, dt, MaskInfo(), keep, impl=impl)
                 return jnp.sum(o.astype(jnp.float32) * jdo.astype(jnp.float32))
 
             g = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))
-            return lambda: g(jq, jk, jv, jdt)[0]
+            dt = jdt if dt is None else dt
+            return lambda: g(jq, jk, jv, dt)[0]
 
         def jcausal():
             impl = "cudnn" if on_gpu else None
@@ -1294,7 +1305,9 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
         if T <= keep:
             cell("doge_jax DMA fused", jgrad("fused"))
             with fused_fold("v"):  # its own jit, traced (so folded) on its first call in the cell
-                cell("doge_jax DMA fused (v-side fold)", jgrad("fused"), probe=True)
+                # (dt capped as in the torch cell: no row may span more than the value fold takes)
+                cell("doge_jax DMA fused (v-side fold)", jgrad("fused", jnp.minimum(jdt, V_FOLD_MAX_SPREAD)),
+                     probe=True)
         jax.clear_caches()
 
         base = times.get(BASELINE) or times.get(BASELINE_DEFAULT)

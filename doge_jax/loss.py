@@ -1,6 +1,7 @@
 """Training loss for doge_jax: a chunked cross-entropy whose [tokens, vocab] logits are never stored.
 
-`chunked_ce_sum(h, w, targets)` equals `sum(CE(h @ w, targets))` over targets != -100, in float32, computed
+`chunked_ce_sum(h, w, targets)` equals `sum(CE(h @ w, targets))` over targets != -100, in float32 (float64 for
+float64 inputs), computed
 chunk by chunk under `lax.scan` with a `custom_vjp`: under differentiation the forward pass also forms the
 gradients w.r.t. h and w from each chunk's logits (the loss is a scalar, so they are known up to the incoming
 cotangent), so nothing is recomputed and only [N, d] + [d, V] are kept. With a 32768-wide vocabulary
@@ -43,9 +44,9 @@ def shift_targets(labels: jax.Array) -> jax.Array:
     return jnp.concatenate([labels[..., 1:], jnp.full_like(labels[..., :1], IGNORE)], axis=-1)
 
 
-def _logits(h: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
+def _logits(h: jax.Array, w: jax.Array, vocab_major: bool, f) -> jax.Array:
     dims = ((1,), (1,)) if vocab_major else ((1,), (0,))
-    return jax.lax.dot_general(h, w, (dims, ((), ())), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(h, w, (dims, ((), ())), preferred_element_type=f)
 
 
 def _chunks(h: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, int]:
@@ -64,11 +65,12 @@ def _chunks(h: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, ja
 def _ce_chunks(h, w, targets, vocab_major, chunk, with_grad: bool):
     """Scan over token chunks: (sum of CE, and with_grad: (d sum / d h, d sum / d w))."""
     hc, tc, n = _chunks(h, targets, chunk)
+    f = jnp.promote_types(jnp.result_type(h, w), jnp.float32)  # float32; float64 for float64 inputs
 
     def body(carry, xs):
         total, dw = carry
         hb, tb = xs
-        logits = _logits(hb, w, vocab_major)  # [chunk, V] float32, never leaves the loop body
+        logits = _logits(hb, w, vocab_major, f)  # [chunk, V] float32, never leaves the loop body
         lse = jax.nn.logsumexp(logits, axis=-1)
         valid = tb != IGNORE
         picked = jnp.take_along_axis(logits, jnp.where(valid, tb, 0)[:, None], axis=-1)[:, 0]
@@ -79,15 +81,15 @@ def _ce_chunks(h, w, targets, vocab_major, chunk, with_grad: bool):
         d = jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(jnp.where(valid, tb, -1), logits.shape[-1])
         d = jnp.where(valid[:, None], d, 0.0).astype(w.dtype)
         if vocab_major:
-            dh = jnp.dot(d, w, preferred_element_type=jnp.float32)
-            dw = dw + jax.lax.dot_general(d, hb, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            dh = jnp.dot(d, w, preferred_element_type=f)
+            dw = dw + jax.lax.dot_general(d, hb, (((0,), (0,)), ((), ())), preferred_element_type=f)
         else:
-            dh = jax.lax.dot_general(d, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            dw = dw + jax.lax.dot_general(hb, d, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            dh = jax.lax.dot_general(d, w, (((1,), (1,)), ((), ())), preferred_element_type=f)
+            dw = dw + jax.lax.dot_general(hb, d, (((0,), (0,)), ((), ())), preferred_element_type=f)
         return (total, dw), dh.astype(h.dtype)
 
-    dw0 = jnp.zeros(w.shape if with_grad else (), jnp.float32)
-    (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), (hc, tc))
+    dw0 = jnp.zeros(w.shape if with_grad else (), f)
+    (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), f), dw0), (hc, tc))
     if not with_grad:
         return total, None
     return total, (dh.reshape(-1, h.shape[1])[:n], dw.astype(w.dtype))
@@ -96,8 +98,8 @@ def _ce_chunks(h, w, targets, vocab_major, chunk, with_grad: bool):
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def chunked_ce_sum(h: jax.Array, w: jax.Array, targets: jax.Array, vocab_major: bool = False,
                    chunk: int = 1024) -> jax.Array:
-    """Sum over valid targets of float32 cross-entropy of logits h @ w. h [N, d]; w [d, V] (or [V, d] with
-    vocab_major, e.g. a tied embedding); targets [N] int with -100 = ignored."""
+    """Sum over valid targets of float32 (float64 for float64 inputs) cross-entropy of logits h @ w. h [N, d];
+    w [d, V] (or [V, d] with vocab_major, e.g. a tied embedding); targets [N] int with -100 = ignored."""
     return _ce_chunks(h, w, targets, vocab_major, chunk, with_grad=False)[0]
 
 
@@ -123,6 +125,6 @@ def causal_lm_loss_chunked(hidden: jax.Array, w: jax.Array, labels: jax.Array, n
     targets = shift_targets(labels).reshape(-1)
     total = chunked_ce_sum(hidden.reshape(-1, hidden.shape[-1]), w, targets, vocab_major, chunk)
     denom = jnp.asarray(jnp.sum(targets != IGNORE) if num_items_in_batch is None else num_items_in_batch,
-                        jnp.float32)
+                        total.dtype)
     # no valid target: a NaN loss (as the plain loss and torch's) but finite, zero gradients (0 * 1/0 would be NaN)
     return jnp.where(denom > 0, total / jnp.maximum(denom, 1e-30), jnp.nan)

@@ -303,10 +303,11 @@ class DogeAttention(nn.Module):
         """Dynamic-mask source (spec §3.4): dt = exp(A * softplus(dt_proj(v))) [B, n_dt, T], one value per key and
         dt-head. A is a float32 parameter, so under bf16 autocast A * softplus(.) promotes to float32 and dt stays
         float32 (spec §9.9); in a model cast to bf16 everything runs in bf16, as in transformers."""
-        # (computed in the [B, n, T] layout: a transposed view here gave torch.cond's fold a non-contiguous dt, and
-        # softplus_backward then returns strides its meta function does not predict: the compiled backward's view
-        # failed at run time under aot_eager)
-        return torch.exp(self.A[:, None] * torch_softplus(self.dt_proj(v_flat).transpose(1, 2).contiguous()))
+        # Computed in transformers' [B, T, n] layout: softplus rounds by memory position on some CPUs (vectorised
+        # body vs tail), so another layout loses bit-parity. dt's gradient reaches softplus_backward contiguous
+        # (_DenseGrad; as a transposed view it made softplus_backward return strides its meta function does not
+        # predict, and the compiled value fold's backward failed at run time), and dt leaves contiguous.
+        return torch.exp(self.A * _DenseGrad.apply(torch_softplus(self.dt_proj(v_flat)))).transpose(1, 2).contiguous()
 
 
 def pad_bias(dtype: torch.dtype) -> float:

@@ -349,6 +349,16 @@ def test_float64_softplus_and_loss_stay_float64():
         labels[0, :3] = -100
         loss = causal_lm_loss(jnp.asarray(h @ w.T), jnp.asarray(labels))
         assert loss.dtype == jnp.float64
+        # the training loss without logits too (chunks of 4 tokens), value and gradients
+        from doge_jax.loss import causal_lm_loss_chunked
+
+        jh, jw, jl = jnp.asarray(h), jnp.asarray(w), jnp.asarray(labels)
+        chunked, g_chunked = jax.value_and_grad(lambda a, b: causal_lm_loss_chunked(a, b, jl, None, True, 4),
+                                                argnums=(0, 1))(jh, jw)
+        plain, g_plain = jax.value_and_grad(lambda a, b: causal_lm_loss(a @ b.T, jl), argnums=(0, 1))(jh, jw)
+        assert chunked.dtype == jnp.float64 and abs(float(chunked) - float(plain)) <= 1e-13 * abs(float(plain))
+        for a, b in zip(g_chunked, g_plain):
+            assert a.dtype == jnp.float64 and float(jnp.max(jnp.abs(a - b))) <= 1e-13 * float(jnp.max(jnp.abs(b)))
     th, tw, tl = torch.as_tensor(h), torch.as_tensor(w), torch.as_tensor(labels)
     fused = causal_lm_loss_fused(th, tw, tl)
     plain = torch_loss(th @ tw.T, tl)

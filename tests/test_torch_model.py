@@ -83,6 +83,28 @@ def test_logits_match_transformers(case):
     assert max_abs_diff(a, b) <= TOL
 
 
+@pytest.mark.parametrize("variant", ["native", "small_doge"])
+def test_dynamic_dt_is_transformers_bit_for_bit(variant):
+    """dt as transformers computes it (softplus in the [B, T, n] layout, then transposed), bit for bit at lengths
+    that are not a multiple of a vector width: softplus on a transposed copy rounded some values differently on an
+    AVX-512 CPU (6e-8), which broke bit-parity of the logits for some models."""
+    import torch.nn.functional as F
+
+    from doge_torch.model import DogeAttention
+
+    cfg = DogeConfig(**{**TINY, "variant": variant})
+    torch.manual_seed(0)
+    attn = DogeAttention(cfg, 0)
+    with torch.no_grad():
+        attn.A.normal_()
+        attn.dt_proj.weight.mul_(40.0)  # softplus inputs over a wide range (its exp/log1p and linear parts)
+    for T in (37, 129, 1000):
+        v_flat = torch.randn(3, T, attn.dt_proj.in_features)
+        want = torch.exp(attn.A * F.softplus(attn.dt_proj(v_flat))).transpose(-1, -2)
+        got = attn.dynamic_dt(v_flat)
+        assert got.shape == want.shape and torch.equal(got, want), T
+
+
 def test_with_attention_impl_switches_every_layer(monkeypatch):
     """doge_torch.model.with_attention_impl (the config is frozen, so assigning the field raised): each layer runs
     the chosen path (sdpa calls counted), the logits stay transformers', and a bad name is refused by name."""
