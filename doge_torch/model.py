@@ -581,7 +581,9 @@ def dma_attention(cfg: DogeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         elif sdpa and T <= cfg.keep_window_size and not (FUSED_FOLD == "flex" and dropout == 0.0
                                                           and flex_available(q.device)):
             # (dropout would reach the denominator o'[D] too; float16's range is too small for the weights)
-            if FUSED_FOLD == "v" and dropout == 0.0 and compute != torch.float16:
+            # (compiled with remat: the q/k fold; checkpoint's dispatch modes take no torch.cond)
+            if (FUSED_FOLD == "v" and dropout == 0.0 and compute != torch.float16
+                    and not (cfg.remat != "none" and torch.compiler.is_compiling())):
                 o = attention_by_values(q, k, v, dt, valid)
             else:
                 o = _by_keys(q, k, v, dt, dt.shape[1] != H, valid, dropout)

@@ -294,6 +294,18 @@ def test_compiled_training_step_gradients_both_folds(monkeypatch, fold, H, G):
     _compiled_equals_eager(model, "aot_eager", a_tol=1e-4)
 
 
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_value_fold_with_remat_compiles(v_fold, policy):
+    """torch.utils.checkpoint's dispatch modes take no torch.cond (NotImplementedError at compile time): compiled
+    with remat, the value fold's setting gives the q/k fold, with the eager model's loss and gradients (eager
+    still takes the value fold)."""
+    from doge_torch.model import DogeForCausalLM
+
+    cfg = _cfg(4, 2, 16, 64, impl="fused").replace(num_hidden_layers=2, remat=policy)
+    torch.manual_seed(0)
+    _compiled_equals_eager(DogeForCausalLM(cfg).train(), "aot_eager", a_tol=1e-4)
+
+
 def _compiled_equals_eager(model, backend: str, a_tol: float) -> None:
     """The model's loss and every gradient, compiled (fullgraph, static shapes) = eager: loss within 1e-5, each
     gradient within 1e-4 of its largest element (A's within a_tol)."""
