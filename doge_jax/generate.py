@@ -6,6 +6,7 @@ attention_mask (positions = cumsum(mask) - 1), greedy or sampled (temperature, t
 
 from __future__ import annotations
 
+import re
 import warnings
 from functools import partial
 
@@ -18,6 +19,7 @@ from .decode import DecodeCache, decode_step, prepare_decode, use_counters
 from .generation_args import (
     FROM_CONFIG,
     RIGHT_PADDED,
+    UNSUPPORTED,
     _is_int,
     as_array,
     call_generation_config,
@@ -31,7 +33,7 @@ from .generation_args import (
     penalty_start,
     prompt_length,
     sampling_args,
-    unsupported_fields,
+    unsupported_message,
     warn_unsupported,
 )
 from .model import DogeCache, check_token_ids
@@ -402,10 +404,9 @@ def _main(argv=None) -> int:
     if args.do_sample is None and do_sample:
         print(f"note: sampling, as the model's generation_config.json says (temperature {temperature}, top_k "
               f"{top_k}, top_p {top_p}); --greedy for greedy decoding", file=sys.stderr)
-    ignored = unsupported_fields(gen)
+    ignored = unsupported_message(gen)
     if ignored:  # said here, before the output, instead of as generate's warning in the middle of the stream
-        print("note: the model's generation_config.json sets " + ", ".join(f"{k}={v!r}" for k, v in ignored.items())
-              + ": not implemented here, ignored (transformers' output may differ)", file=sys.stderr)
+        print(f"note: {ignored}", file=sys.stderr)
     limit = model.config.max_position_embeddings
     if len(ids) + max_new_tokens > limit:
         print(f"note: prompt + new tokens = {len(ids) + max_new_tokens} > max_position_embeddings {limit}: "
@@ -444,7 +445,7 @@ def _main(argv=None) -> int:
     t0 = time.perf_counter()
     # one prompt is never padded: a pad id in it is a token (generate would infer a mask from it, as transformers)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not implemented by this generate, ignored")  # (noted above)
+        warnings.filterwarnings("ignore", message=".*" + re.escape(UNSUPPORTED))  # (noted above)
         generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
                  do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed,
                  eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,

@@ -165,15 +165,22 @@ def unsupported_fields(gen) -> dict:
     return {k: v for k, v in extra.items() if not unset(k, v)}
 
 
+UNSUPPORTED = ": not implemented by this generate, ignored (transformers' output may differ)"
+
+
+def unsupported_message(gen, source: str = "the model's generation_config.json") -> str | None:
+    """The sentence naming the fields of `gen` that generate ignores (unsupported_fields), or None."""
+    bad = unsupported_fields(gen)
+    return f"{source} sets " + ", ".join(f"{k}={v!r}" for k, v in bad.items()) + UNSUPPORTED if bad else None
+
+
 def warn_unsupported(gen, stacklevel: int = 3, source: str = "the model's generation_config.json") -> None:
     """A warning naming generation_config.json's fields that generate ignores (unsupported_fields), if any."""
-    bad = unsupported_fields(gen)
-    if bad:
+    msg = unsupported_message(gen, source)
+    if msg:
         import warnings
 
-        warnings.warn(f"{source} sets " + ", ".join(f"{k}={v!r}" for k, v in bad.items())
-                      + ": not implemented by this generate, ignored (transformers' output may differ)",
-                      stacklevel=stacklevel)
+        warnings.warn(msg, stacklevel=stacklevel)
 
 
 def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens) -> None:

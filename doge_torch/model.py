@@ -306,8 +306,8 @@ class DogeAttention(nn.Module):
         # Computed in transformers' [B, T, n] layout: softplus rounds by memory position on some CPUs (vectorised
         # body vs tail), so another layout loses bit-parity. dt's gradient reaches softplus_backward contiguous
         # (_DenseGrad; as a transposed view it made softplus_backward return strides its meta function does not
-        # predict, and the compiled value fold's backward failed at run time), and dt leaves contiguous.
-        return torch.exp(self.A * _DenseGrad.apply(torch_softplus(self.dt_proj(v_flat)))).transpose(1, 2).contiguous()
+        # predict, and the compiled value fold's backward failed at run time).
+        return torch.exp(self.A * _DenseGrad.apply(torch_softplus(self.dt_proj(v_flat)))).transpose(1, 2)
 
 
 def pad_bias(dtype: torch.dtype) -> float:

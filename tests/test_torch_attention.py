@@ -9,6 +9,15 @@ from doge_jax.config import DogeConfig
 from doge_torch.model import allowed_mask, dma_attention, expiry_block_mask, flex_dma, fold_bias, key_expiry
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: dynamo's recompile limit (8 per code object) counts every model, shape and
+    fold setting compiled in the process, and this file's compiled models and lambdas run many of them."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _cfg(H, G, D, keep, variant="native", impl="auto"):
     return DogeConfig(vocab_size=64, hidden_size=H * D, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=H, num_key_value_heads=G, keep_window_size=keep, variant=variant,
