@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 
 import jax
@@ -84,16 +85,60 @@ def read_config(cfg_path: str) -> DogeConfig:
 
 
 @contextlib.contextmanager
-def _quiet_absl():
+def _quiet_absl(level: int = logging.ERROR):
     """Orbax logs a warning for item directories written by CheckpointManager (their metadata file lives one
     level up); it is harmless here, so hide it from users."""
     log = logging.getLogger("absl")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    old = log.level
+    log.setLevel(level)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.setLevel(old)
+
+
+@contextlib.contextmanager
+def _orbax_write(directory: str):
+    """A failed orbax write (disk full, file too large, permissions) arrives as tensorstore's ValueError, with each
+    writer thread's traceback logged through absl: make it one OSError (callers and the CLIs treat OSError as a
+    failed write, exit 1; atomic_output_dir names the output), and keep the tracebacks out of the user's terminal.
+    The save raises at its first failed write while TensorStore's other writes into `directory` go on (recreating
+    their folders): wait until the folder stops changing, so that the caller's clean-up removes all of it."""
+    _quiet_failed_io_leftovers()  # (a failed write's other writes report into orbax's closed event loop at once)
+    with _quiet_absl(logging.CRITICAL):
+        try:
+            yield
+        except BaseException as e:
+            _settle(directory)
+            # its other writes' errors, when their futures are collected later: "Task/Future exception was never
+            # retrieved" with the failed write's message (which names this directory), from asyncio's logger
+            logging.getLogger("asyncio").addFilter(lambda record: directory not in record.getMessage())
+            if isinstance(e, (OSError, KeyboardInterrupt, CheckpointError)) or not isinstance(e, Exception):
+                raise
+            raise OSError(_short(e)) from e
+
+
+def _settle(directory: str, quiet_s: float = 0.3, limit_s: float = 20.0) -> None:
+    """Return once nothing under `directory` was created, grown or removed for `quiet_s` (at most `limit_s`)."""
+    def snapshot():
+        out = []
+        for root, dirs, files in os.walk(directory):
+            for f in files:
+                try:
+                    out.append((os.path.join(root, f), os.stat(os.path.join(root, f)).st_size))
+                except OSError:
+                    pass
+            out.extend((os.path.join(root, d), -1) for d in dirs)
+        return sorted(out)
+
+    end = time.monotonic() + limit_s
+    last = snapshot()
+    while time.monotonic() < end:
+        time.sleep(quiet_s)
+        now = snapshot()
+        if now == last:
+            return
+        last = now
 
 
 def load_params(path: str, step: int | None = None, dtype=None) -> tuple[DogeConfig, dict]:
@@ -177,7 +222,7 @@ def save_model(model, path: str, overwrite: bool = True) -> None:
     with model_output_dir(path, overwrite=overwrite) as tmp:
         model.config.save_json(os.path.join(tmp, "config.json"), dtype=dtype)
         write_generation_config(tmp, model.generation_config)
-        with sigint_deferred(), ocp.StandardCheckpointer() as ckptr:
+        with sigint_deferred(), _orbax_write(tmp), ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS), params)
             ckptr.wait_until_finished()
 
@@ -276,7 +321,8 @@ def save_param_tree(params_dir: str, tree: dict, concurrent_gb: float = 0.25) ->
                                                (jax.Array, th.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=concurrent_gb, type_handler_registry=registry,
                                           use_compression=False)
-    with sigint_deferred(), ocp.Checkpointer(handler) as ckptr:
+    out_dir = os.path.dirname(os.path.abspath(params_dir))
+    with sigint_deferred(), _orbax_write(out_dir), ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.abspath(params_dir), args=ocp.args.PyTreeSave(tree))
 
 
@@ -319,13 +365,13 @@ def _process0_list(steps: list[int]) -> list[int]:
     return [int(x) for x in multihost_utils.broadcast_one_to_all(mine)] if n else []
 
 
-def _quiet_failed_read_leftovers() -> None:
-    """For failed orbax reads: their other array reads still finish in the background and report into an asyncio
-    loop orbax has closed ("Event loop is closed" tracebacks from TensorStore's threads; "Exception ignored in
-    <coroutine _read_array_index_and_device_put>" and asyncio's "Task exception was never retrieved" for it, each
-    with the whole TensorStore spec): ~30 tracebacks, 1000+ lines, for one damaged checkpoint that the warnings
-    already name. Those kinds (only) are dropped from here on, for the rest of the process (they can arrive at any
-    later time); anything else is reported as before."""
+def _quiet_failed_io_leftovers() -> None:
+    """For failed orbax reads (and writes): their other array reads (writes) still finish in the background and
+    report into an asyncio loop orbax has closed ("Event loop is closed" tracebacks from TensorStore's threads;
+    "Exception ignored in <coroutine _read_array_index_and_device_put>" and asyncio's "Task exception was never
+    retrieved" for it, each with the whole TensorStore spec): ~30 tracebacks, 1000+ lines, for one damaged checkpoint
+    that the warnings already name. Those kinds (only) are dropped from here on, for the rest of the process (they
+    can arrive at any later time); anything else is reported as before."""
     if getattr(sys.excepthook, "_doge_quiet", False):
         return
     old_except, old_unraisable = sys.excepthook, sys.unraisablehook
@@ -354,6 +400,12 @@ def _quiet_failed_read_leftovers() -> None:
                             category=RuntimeWarning)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Host or device memory ran out (XLA: "RESOURCE_EXHAUSTED: Out of memory while trying to allocate ...")."""
+    return isinstance(error, MemoryError) or (
+        "RESOURCE_EXHAUSTED" in str(error) and re.search(r"out of memory|allocat", str(error), re.I) is not None)
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager over RUN/checkpoints/<step>/{params,opt_state,data,meta}/.
 
@@ -378,23 +430,35 @@ class TrainCheckpointer:
         self.mngr.save(step, args=args, force=True)
 
     def restore_latest(self, abstract_params, abstract_opt_state):
-        """(step, params, opt_state, data_state, meta) of the newest checkpoint that restores, or None.
+        """(step, params, opt_state, data_state, meta) of the newest checkpoint that restores, or None when the run
+        has none.
 
         A step whose read fails is read again after READ_RETRY_DELAYS (a transient filesystem error); one that
-        still fails is partial or corrupt: it is skipped with a warning and moved to RUN/corrupt_checkpoints/ (so
-        that the resumed run can save that step again). Multi-host: the hosts try process 0's steps in order, each
-        reading its own shards with no cross-host barrier; a step counts only if every host read it."""
+        still fails is partial or corrupt: it is skipped with a warning, and once an older step restores, the
+        skipped ones are moved to RUN/corrupt_checkpoints/ (so that the resumed run can save those steps again).
+        When no step restores, nothing is moved and CheckpointError says so: a run is never silently started over
+        (a lasting filesystem outage reads like damage). Out of memory passes through at once (a good checkpoint on
+        a busier device). Multi-host: the hosts try process 0's steps in order, each reading its own shards with no
+        cross-host barrier; a step counts only if every host read it."""
         self.mngr.wait_until_finished()  # a save still in flight is listed before it is on disk
         # before any read: a failed read's leftovers can report in the moment between its exception and a handler
         # (seen under load: a test's ~30 tracebacks were back)
-        _quiet_failed_read_leftovers()
+        _quiet_failed_io_leftovers()
+        skipped: list[tuple[int, str]] = []
         for step in _process0_list(sorted(self.mngr.all_steps(), reverse=True)):
             r, error = self._read_step_retrying(step, abstract_params, abstract_opt_state)
             if _every_process(error is None):  # the one collective per step: every host takes the same branch
+                for bad, _ in skipped:
+                    self._quarantine(bad)
                 return (step, *r)
             why = f"{type(error).__name__}: {_short(error)}" if error else "another host could not read it"
             _warn(f"checkpoint step {step} in {self.directory} is partial or corrupt ({why}); skipping it")
-            self._quarantine(step)
+            skipped.append((step, why))
+        if skipped:
+            listed = "; ".join(f"step {step}: {why}" for step, why in skipped)
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} could be read ({listed}). Nothing was moved or overwritten. If "
+                f"they are damaged, move {self.directory} aside to start the run anew, or use another --out_dir")
         return None
 
     # seconds before each further read of a step that failed: a transient error (a network filesystem's hiccup)
@@ -408,7 +472,9 @@ class TrainCheckpointer:
         for delay in (*self.READ_RETRY_DELAYS, None):
             try:
                 return self._read_step(step, abstract_params, abstract_opt_state), None
-            except Exception as e:  # noqa: BLE001 - any failure: retried, then the step is unusable
+            except Exception as e:  # noqa: BLE001 - any failure but out of memory: retried, then the step is unusable
+                if _out_of_memory(e):
+                    raise
                 error = e
             if delay is not None:
                 _warn(f"checkpoint step {step}: read failed ({type(error).__name__}: {_short(error)}); retrying in "

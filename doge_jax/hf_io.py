@@ -230,8 +230,13 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None
                     raise FileExistsError(f"{path} appeared while writing it (another writer?); nothing replaced"
                                           ) from None
                 raise
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and path not in str(e):  # a writer's "[Errno 28] No space left on device"
+            why = e.strerror if e.errno is not None and e.strerror else str(e)
+            named = type(e)(e.errno, f"writing {path} failed: {why}") if e.errno is not None else \
+                type(e)(f"writing {path} failed: {why}")
+            raise named from e
         raise
     finally:
         _unlock(tmp_lock)
@@ -361,7 +366,10 @@ def iter_torch_file(fname: str, framework: str = "np") -> Iterator[tuple[str, ob
     except ImportError:
         raise CheckpointError(f"{fname}: reading a PyTorch .bin/.pt file needs torch installed") from None
     try:
-        sd = torch.load(fname, map_location="cpu", weights_only=True, mmap=True)
+        import zipfile
+
+        # the legacy (pre-1.6, _use_new_zipfile_serialization=False) format cannot be memory-mapped: read it whole
+        sd = torch.load(fname, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(fname))
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"{fname}: not a readable PyTorch state dict ({type(e).__name__}: {first})") from None

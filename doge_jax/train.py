@@ -414,7 +414,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         it.set_state(data_state)
         log(f"resumed from checkpoint step {step}")
     else:
-        if tcfg.init_from:  # (a resumed run none of whose checkpoints restored: from its start again)
+        if tcfg.init_from:
             params, init = (init if init is not None else I.init_params(tcfg.init_from, mcfg, tcfg.seed)), None
             log(f"initialised from {tcfg.init_from} (fresh optimizer state)")
         else:

@@ -146,6 +146,12 @@ def test_pytorch_bin_and_state_dict_file_sources(tmp_path, capsys):
     os.link(os.path.join(src, "config.json"), bindir / "config.json")
     assert _run(bindir, tmp_path / "a", "--to", "hf") == 0
     _assert_bit_equal(_tensors(src), _tensors(tmp_path / "a"))
+    # the legacy (non-zip) torch.save format, which transformers reads too: it cannot be memory-mapped
+    torch.save(hf.state_dict(), bindir / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert _run(bindir, tmp_path / "a2", "--to", "jax") == 0
+    assert _run(tmp_path / "a2", tmp_path / "a3", "--to", "hf") == 0
+    _assert_bit_equal(_tensors(src), _tensors(tmp_path / "a3"))
+    torch.save(hf.state_dict(), bindir / "pytorch_model.bin")
     # a bare .pt file: config.json beside it is not there -> clear error; --config fixes it
     pt = tmp_path / "loose" / "weights.pt"
     pt.parent.mkdir()
@@ -402,8 +408,33 @@ def test_torch_target_full_disk_exits_1(tmp_path):
     r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(src), str(tmp_path / "out"), "--to", "torch"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "error: [Errno 28] No space left on device"
+    out = os.path.abspath(tmp_path / "out")
+    assert r.stderr.strip().splitlines()[-1] == f"error: [Errno 28] writing {out} failed: No space left on device"
     assert "terminate" not in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+from convert import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("to", ["jax", "hf"])
+def test_failed_write_is_one_line_naming_dst_exit_1(tmp_path, to):
+    """A write that fails in the writer (here: files may not pass 20 kB) exits 1 with one line naming DST, for
+    every target: --to jax exited 2 (orbax raises tensorstore's ValueError, read as bad input) after ~100 lines
+    of orbax worker-thread tracebacks."""
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    r = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, str(src), str(tmp_path / "out"), "--to", to],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("Writing model shards")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    assert f"writing {os.path.abspath(tmp_path / 'out')} failed: " in lines[0]
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 

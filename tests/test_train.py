@@ -21,6 +21,7 @@ from flax import nnx
 from doge_jax import train as T
 from doge_jax.checkpoint import TrainCheckpointer, list_steps, load_params
 from doge_jax.config import ConfigError, DogeConfig
+from doge_jax.hf_names import CheckpointError
 from doge_jax.loss import DogeTrunk, causal_lm_loss_chunked
 from doge_jax.metrics import flops_per_token, matmul_params_per_token, read_metrics
 from doge_jax.model import causal_lm_loss
@@ -164,6 +165,51 @@ def test_transient_read_error_is_retried_not_quarantined(tmp_path, monkeypatch, 
     ck.close()
     assert got[0] == 2 and got[3] == {"next_index": 2} and calls == [2, 2]
     assert list_steps(str(tmp_path)) == [1, 2] and not os.path.exists(tmp_path / "corrupt_checkpoints")
+
+
+def test_unreadable_steps_move_only_when_an_older_one_restores_and_oom_passes(tmp_path, monkeypatch):
+    """Every step unreadable: an error and nothing moved (all were moved aside and the run started over, losing its
+    metrics; a lasting outage reads the same as damage). Out of memory while reading is not damage: it passes at
+    once (it used to be retried, then the step moved aside as corrupt)."""
+    monkeypatch.setattr(TrainCheckpointer, "READ_RETRY_DELAYS", (0.0, 0.0))
+    params, opt = {"w": np.ones((2, 3), np.float32)}, {"count": np.zeros((), np.int32)}
+    ck = TrainCheckpointer(str(tmp_path), keep=3, async_save=False)
+    for step in (1, 2, 3):
+        ck.save(step, params, opt, {"next_index": step}, {"step": step})
+    ck.wait()
+    read, calls, failing = TrainCheckpointer._read_step, [], {2, 3}
+
+    def reader(self, step, *a):
+        calls.append(step)
+        if step in failing:
+            raise OSError(f"simulated: step {step} unreadable")
+        return read(self, step, *a)
+
+    monkeypatch.setattr(TrainCheckpointer, "_read_step", reader)
+    abstract = jax.eval_shape(lambda: jax.tree.map(jnp.asarray, params))
+    abstract_opt = jax.eval_shape(lambda: jax.tree.map(jnp.asarray, opt))
+    failing = {1, 2, 3}
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* could be read \(step 3: OSError: simulated: step 3 "
+                                              r"unreadable; step 2: .*; step 1: .*\)\. Nothing was moved"):
+        ck.restore_latest(abstract, abstract_opt)
+    assert list_steps(str(tmp_path)) == [1, 2, 3] and not os.path.exists(tmp_path / "corrupt_checkpoints")
+
+    def oom(self, step, *a):
+        calls.append(step)
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4096 bytes.")
+
+    calls.clear()
+    monkeypatch.setattr(TrainCheckpointer, "_read_step", oom)
+    with pytest.raises(RuntimeError, match="Out of memory"):
+        ck.restore_latest(abstract, abstract_opt)
+    assert calls == [3] and list_steps(str(tmp_path)) == [1, 2, 3]
+
+    failing = {2, 3}  # an older step restores: the newer unreadable ones are moved aside then
+    monkeypatch.setattr(TrainCheckpointer, "_read_step", reader)
+    got = ck.restore_latest(abstract, abstract_opt)
+    ck.close()
+    assert got[0] == 1 and list_steps(str(tmp_path)) == [1]
+    assert len(os.listdir(tmp_path / "corrupt_checkpoints")) == 2
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path):
