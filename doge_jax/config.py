@@ -184,14 +184,16 @@ class DogeConfig:
                 bad(f, "must be in [0, 1)")
         if self.hidden_act not in ("silu", "swish"):  # transformers maps both to x * sigmoid(x)
             bad("hidden_act", "only 'silu' (or its alias 'swish') is supported")
-        if not self.rms_norm_eps > 0:
-            bad("rms_norm_eps", "must be > 0")
-        if not self.rope_theta > 0:
-            bad("rope_theta", "must be > 0")
+        for f in ("rms_norm_eps", "rope_theta"):
+            if not (math.isfinite(getattr(self, f)) and getattr(self, f) > 0):
+                bad(f, "must be finite and > 0")
+        for f in ("initializer_range", "router_aux_loss_coef"):  # (a negative aux coefficient rewards imbalance)
+            if not (math.isfinite(getattr(self, f)) and getattr(self, f) >= 0):
+                bad(f, "must be finite and >= 0")
         if self.rope_type not in ROPE_TYPES:
             bad("rope_type", f"must be one of {ROPE_TYPES}")
-        if self.rope_type == "dynamic" and (self.rope_factor is None or not self.rope_factor >= 1.0):
-            bad("rope_factor", "dynamic RoPE needs a factor >= 1")
+        if self.rope_type == "dynamic" and (self.rope_factor is None or not 1.0 <= self.rope_factor < math.inf):
+            bad("rope_factor", "dynamic RoPE needs a finite factor >= 1")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             bad("sliding_window", "must be None or an integer >= 1")
         if self.attention_impl not in ATTENTION_IMPLS:

@@ -100,6 +100,8 @@ class TrainConfig:
         for f in ("num_warmup_steps", "num_decay_steps", "eval_every", "seed", "loss_chunk", "moe_freeze_steps"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
                 bad(f, "must be an integer >= 0")
+        if self.seed >= 2**32:  # the data loader's limit; jax.random.key keeps the low 32 bits (2**32 would be 0)
+            bad("seed", "must be < 2**32")
         if self.global_batch_tokens % (self.grad_accum * self.seq_len):
             bad("global_batch_tokens", f"must be a multiple of grad_accum x seq_len = {self.grad_accum * self.seq_len}")
         if self.num_warmup_steps + self.num_decay_steps > self.num_training_steps:
@@ -163,8 +165,8 @@ def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
             return float(value)
         if annotation.startswith("int") and isinstance(value, str):
             return int(value)
-        if annotation.startswith("list") and not isinstance(value, list):
-            return [str(value)]
+        if annotation.startswith("list") and not isinstance(value, list):  # (one mapping: one {path, weight} entry)
+            return [value] if isinstance(value, dict) else [str(value)]
     except ValueError:
         raise ConfigError(f"{section}.{key}={value!r}: expected {annotation}") from None
     if annotation.startswith("bool") and not isinstance(value, bool):

@@ -39,6 +39,14 @@ BAD_FIELDS = [
     ("vocab_size", dict(vocab_size=128.0)),
     ("eos_token_id", dict(eos_token_id=[1, None])),
     ("is_moe", dict(is_moe=1)),
+    # non-finite or negative floats that used to pass and fail later as a NaN loss, naming nothing
+    ("initializer_range", dict(initializer_range=float("nan"))),
+    ("initializer_range", dict(initializer_range=-0.02)),
+    ("router_aux_loss_coef", dict(router_aux_loss_coef=float("inf"))),
+    ("router_aux_loss_coef", dict(router_aux_loss_coef=-1e-3)),
+    ("rope_theta", dict(rope_theta=float("inf"))),
+    ("rms_norm_eps", dict(rms_norm_eps=float("inf"))),
+    ("rope_factor", dict(rope_type="dynamic", rope_factor=float("inf"))),
 ]
 
 

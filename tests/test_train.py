@@ -362,6 +362,8 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     # before: NaN or negative MFU in every log line and a bare NaN in metrics.jsonl; 0 fell back to the table
     (["--train.peak_flops", "nan"], "train.peak_flops=nan: must be > 0 and finite"),
     (["--train.peak_flops", "0"], "train.peak_flops=0.0: must be > 0 and finite"),
+    (["--train.seed", "4294967296"], "train.seed=4294967296: must be < 2**32"),  # (grain raised a traceback)
+    (["--model.initializer_range", "nan"], "DogeConfig.initializer_range=nan: must be finite and >= 0"),
     # an option where a value belongs (it was taken as the value, and the real value as an unknown argument)
     (["--train.peak_lr", "--train.seed", "3"], "--train.peak_lr: missing value (the next argument, --train.seed, "
                                                 "is an option)"),
@@ -742,6 +744,10 @@ def test_names_and_paths_stay_strings(corpus, tmp_path):
     _, t = load_configs(None, parse_overrides(["--data", "a.txt", "name=foo"]))  # a bare shorthand ends the list
     assert t.data == ["a.txt"] and t.name == "foo"
     assert TrainConfig(data=("a.txt",)).data == ["a.txt"]  # a tuple is a list
+    # one {path, weight} mapping where a list belongs is one entry (it became the path "{'path': ...}")
+    (tmp_path / "one.yaml").write_text("train:\n  data: {path: a.parquet, weight: 2}\n")
+    _, t = load_configs(str(tmp_path / "one.yaml"), [])
+    assert t.data == [{"path": "a.parquet", "weight": 2}]
 
 
 def test_unwritable_run_directory_is_one_error_line(corpus, cache, tmp_path, capsys):
