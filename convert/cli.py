@@ -46,8 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep source dtypes)")
     p.add_argument("--variant", choices=VARIANT_CHOICES,
-                   help="the source's variant where detection is ambiguous (a contradiction with the weights is "
-                        "refused: native <-> small_doge is not a conversion)")
+                   help="assert the source's variant: the variant is detected from the weights' names (q_norm/k_norm "
+                        "present: native), so this only confirms it; a contradiction is refused (native <-> "
+                        "small_doge is not a conversion)")
     p.add_argument("--step", type=int, help="step of a training run directory (default: the latest)")
     p.add_argument("--config", help="config.json (or our YAML) for a state-dict file or to override SRC's")
     p.add_argument("--shard-size", help="largest safetensors shard for --to hf (default 5GB)")

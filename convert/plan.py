@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from doge_jax.config import DogeConfig
+from doge_jax.hf_io import widest_float
 from doge_jax.hf_names import CheckpointError, check_keys, expected_hf_shapes, hf_to_flax
 
 from .sources import Source
@@ -71,7 +72,23 @@ def build_plan(source: Source, target: str, dtype: str | None = None) -> Plan:
     for name in sorted(refs):
         r = refs[name]
         entries[name] = Entry(name, r.src, r.shape, r.dtype, out if out is not None else r.dtype)
+    if target == "jax" and out is None:
+        _widen_stacked(entries)
     return Plan(source, target, cfg, entries, skipped)
+
+
+def _widen_stacked(entries: dict[str, Entry]) -> None:
+    """The jax target stacks each per-layer tensor into one [L, ...] array of one dtype: where the layers' dtypes
+    differ (a hand-edited checkpoint), every layer takes the widest (the values are exact in it)."""
+    groups: dict[tuple[str, ...], list[Entry]] = {}
+    for e in entries.values():
+        fpath, layer, _ = hf_to_flax(e.name)
+        if layer is not None:
+            groups.setdefault(fpath, []).append(e)
+    for group in groups.values():
+        wide = widest_float([e.dtype for e in group])
+        for e in group:
+            e.dtype = wide
 
 
 def _is_float(dt: np.dtype) -> bool:

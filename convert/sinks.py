@@ -125,10 +125,8 @@ class JaxSink:
         a = arr.T if transpose else arr
         if layer is None:
             self.arrays[fpath] = np.ascontiguousarray(a)
-        else:
-            if fpath not in self.arrays:
-                self.arrays[fpath] = np.empty((self.L, *a.shape), a.dtype)
-            self.arrays[fpath][layer] = a
+        else:  # (the plan gave every layer of a tensor one dtype; stack_layer would widen otherwise)
+            hf_io.stack_layer(self.arrays, fpath, self.L, layer, a)
         self.pending.discard(name)
 
     def finish(self) -> None:

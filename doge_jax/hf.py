@@ -73,9 +73,7 @@ def load_hf_arrays(path: str, variant: str | None = None, config: DogeConfig | N
         if layer is None:
             arrays[fpath] = np.ascontiguousarray(t)
         else:
-            if fpath not in arrays:
-                arrays[fpath] = np.empty((L, *t.shape), t.dtype)
-            arrays[fpath][layer] = t
+            hf_io.stack_layer(arrays, fpath, L, layer, t)
     return config, arrays
 
 

@@ -385,6 +385,33 @@ def iter_torch_file(fname: str, framework: str = "np") -> Iterator[tuple[str, ob
         yield name, (t if framework == "pt" else torch_to_numpy(t))
 
 
+def widest_float(dtypes):
+    """The one dtype that holds every value of these float dtypes exactly: the dtype itself when they agree,
+    float64 with a float64 among them, else float32 (bfloat16 and float16 values are exact in float32)."""
+    import numpy as np
+
+    kinds = {np.dtype(d) for d in dtypes}
+    if len(kinds) == 1:
+        return kinds.pop()
+    return np.dtype(np.float64) if np.dtype(np.float64) in kinds else np.dtype(np.float32)
+
+
+def stack_layer(arrays: dict, key, n_layers: int, layer: int, t) -> None:
+    """Put layer `layer` of a per-layer tensor into the stacked [n_layers, ...] array `arrays[key]` (allocated on
+    the first layer seen), widening it when the layers' dtypes differ, so that no layer's values are rounded."""
+    import numpy as np
+
+    a = arrays.get(key)
+    if a is None:
+        arrays[key] = a = np.empty((n_layers, *t.shape), t.dtype)
+    elif t.dtype != a.dtype:
+        wide = widest_float([a.dtype, t.dtype])
+        if wide != a.dtype:
+            arrays[key] = a = a.astype(wide)
+        t = t.astype(wide)
+    a[layer] = t
+
+
 def torch_to_numpy(t):
     """A torch tensor as a numpy array, bfloat16 included (bit-exact, via ml_dtypes)."""
     import ml_dtypes

@@ -184,6 +184,34 @@ def test_pytorch_bin_and_state_dict_file_sources(tmp_path, capsys):
         assert (tmp_path / "d" / name).read_text() == (pt.parent / name).read_text(), name
 
 
+def test_mixed_layer_dtypes_are_widened_not_rounded(tmp_path, capsys):
+    """A checkpoint whose layers hold one tensor in different dtypes (layer 0's A bfloat16, the others float32):
+    --to jax and doge_jax.from_pretrained stack each tensor in one array, which took the first layer's dtype and
+    rounded the float32 layers to bfloat16. Now the widest dtype, every value exact (the plan says so)."""
+    from doge_jax import DogeForCausalLM
+
+    hf = make_hf_model()
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}  # (layer 0 first: its narrower dtype arrives first)
+    sd["model.layers.0.self_attn.A"] = sd["model.layers.0.self_attn.A"].bfloat16()
+    sd["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"].half()
+    src = tmp_path / "mix"
+    src.mkdir()
+    torch.save(sd, src / "pytorch_model.bin")
+    hf.config.to_json_file(src / "config.json")
+    assert _run(src, tmp_path / "j", "--to", "jax", "--dry-run") == 0
+    assert "dtype  : bfloat16, float16, float32 -> float32" in capsys.readouterr().out
+    assert _run(src, tmp_path / "j", "--to", "jax") == 0 and _run(tmp_path / "j", tmp_path / "h", "--to", "hf") == 0
+    back = _tensors(tmp_path / "h")
+    for k, v in sd.items():
+        if k in back:
+            assert back[k].dtype == np.float32 and np.array_equal(back[k], v.float().numpy()), k
+    layers = DogeForCausalLM.from_pretrained(str(src)).model.layers
+    assert layers.self_attn.A[...].dtype == np.float32
+    for i in range(hf.config.num_hidden_layers):
+        want = sd[f"model.layers.{i}.self_attn.A"].float().numpy()
+        assert np.array_equal(np.asarray(layers.self_attn.A[...][i]), want)
+
+
 # ---- orbax sources -----------------------------------------------------------------------------------------------
 
 def _training_run(tmp_path, hf_dir):
