@@ -108,12 +108,12 @@ def _orbax_write(directory: str):
     with _quiet_absl(logging.CRITICAL):
         try:
             yield
-        except BaseException as e:
+        except Exception as e:  # (not a second Ctrl-C's KeyboardInterrupt: that stops at once)
             _settle(directory)
             # its other writes' errors, when their futures are collected later: "Task/Future exception was never
             # retrieved" with the failed write's message (which names this directory), from asyncio's logger
             logging.getLogger("asyncio").addFilter(lambda record: directory not in record.getMessage())
-            if isinstance(e, (OSError, KeyboardInterrupt, CheckpointError)) or not isinstance(e, Exception):
+            if isinstance(e, (OSError, CheckpointError)):
                 raise
             raise OSError(_short(e)) from e
 
