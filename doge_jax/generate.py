@@ -183,7 +183,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     gcfg = call_generation_config(model, generation_config)
     do_sample, temperature, top_k, top_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p)
     max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty, max_length=max_length,
-                                                 prompt_len=prompt_length(input_ids))
+                                                 prompt_len=prompt_length(input_ids),
+                                                 max_positions=cfg.max_position_embeddings)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")

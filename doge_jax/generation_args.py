@@ -88,11 +88,13 @@ def prompt_length(input_ids) -> int | None:
 
 
 def length_and_penalty(gen, max_new_tokens, repetition_penalty, default_length: int = DEFAULT_MAX_NEW_TOKENS,
-                       max_length=None, prompt_len: int | None = None) -> tuple[int, float]:
+                       max_length=None, prompt_len: int | None = None,
+                       max_positions: int | None = None) -> tuple[int, float]:
     """max_new_tokens and repetition_penalty of a generate call, as transformers sizes its output: max_new_tokens
     (the call's, else `gen`'s; an explicit None: none), else max_length (the call's, else `gen`'s: prompt + new
-    tokens), else `default_length` new tokens. repetition_penalty: the call's, else `gen`'s (None: none). Checked:
-    an integer >= 1, a number > 0."""
+    tokens), else `default_length` new tokens, the total capped at `max_positions` (transformers caps its default
+    length at config.max_position_embeddings, and refuses a prompt that leaves no room). repetition_penalty: the
+    call's, else `gen`'s (None: none). Checked: an integer >= 1, a number > 0."""
     if max_new_tokens is FROM_CONFIG:
         max_new_tokens = gen.max_new_tokens
     if max_new_tokens is None:
@@ -103,6 +105,14 @@ def length_and_penalty(gen, max_new_tokens, repetition_penalty, default_length: 
                 raise ValueError(f"max_length={total!r}{where}: must be an int above the prompt's {prompt_len} tokens "
                                  "(it counts the prompt, as in transformers; max_new_tokens counts new tokens only)")
             max_new_tokens = int(total) - prompt_len
+        elif max_positions is not None and prompt_len is not None:
+            total = min(prompt_len + default_length, max_positions)
+            if total <= prompt_len:
+                raise ValueError(f"the prompt's {prompt_len} tokens leave no room: with no max_new_tokens or "
+                                 f"max_length, the output is {default_length} new tokens at most up to "
+                                 f"max_position_embeddings={max_positions} tokens in all, as in transformers; "
+                                 "pass max_new_tokens")
+            max_new_tokens = total - prompt_len
         else:
             max_new_tokens = default_length
     if repetition_penalty is FROM_CONFIG:

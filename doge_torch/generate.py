@@ -60,17 +60,19 @@ def penalize(logits: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, penal
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens=FROM_CONFIG,
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
-             eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
+             eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
              max_length=None, cache_implementation: str | None = None) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
     transformers' defaults: greedy, temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens, or
-    max_length, the call's or the config's, as doge_jax.generate); the sampling generator lives on the
-    model's device, seeded by `seed`. `repetition_penalty` and `min_new_tokens` as transformers (see
-    doge_jax.generate). `cache_implementation` as transformers': None / "dynamic" (a cache growing by one slot
-    per token, eager), or "static": after the eager prefill, the tokens are decoded in a preallocated cache by one
-    torch.compile'd step of fixed shapes (doge_torch.decode; CUDA graphs on CUDA), the first call compiling it."""
+    max_length, the call's or the config's, as doge_jax.generate); sampling draws from torch's global generator
+    as transformers does (`torch.manual_seed(s)` before the call gives transformers' tokens; successive calls
+    differ), or with `seed` from a generator of its own on the model's device, seeded by it (the same tokens).
+    `repetition_penalty` and `min_new_tokens` as transformers (see doge_jax.generate). `cache_implementation` as
+    transformers': None / "dynamic" (a cache growing by one slot per token, eager), or "static": after the eager
+    prefill, the tokens are decoded in a preallocated cache by one torch.compile'd step of fixed shapes
+    (doge_torch.decode; CUDA graphs on CUDA), the first call compiling it."""
     if cache_implementation not in (None, "dynamic", "static"):
         raise ValueError(f"cache_implementation={cache_implementation!r}: None, 'dynamic' or 'static'")
     static = cache_implementation == "static"
@@ -80,7 +82,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     gcfg = call_generation_config(model, generation_config)
     do_sample, temperature, top_k, top_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p)
     max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty, max_length=max_length,
-                                                 prompt_len=prompt_length(input_ids))
+                                                 prompt_len=prompt_length(input_ids),
+                                                 max_positions=cfg.max_position_embeddings)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")
@@ -107,7 +110,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     eos = eos_ids(eos_token_id, gcfg)
     pad = output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
     device = input_ids.device
-    gen = torch.Generator(device=device).manual_seed(seed) if do_sample else None
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed={seed!r}: must be None (torch's global generator) or an integer in [0, 2**64)")
+    gen = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
     B = input_ids.shape[0]
     if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
         infer = inferred_pad(pad_token_id, gcfg, eos)

@@ -973,7 +973,7 @@ class DogeForCausalLM(nn.Module):
     # generation and checkpoint I/O live in their own modules; bound here for the expected API
     def generate(self, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
-                 eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
+                 eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
                  repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams: int = 1,
                  num_return_sequences: int = 1, generation_config=None,
                  cache_implementation: str | None = None) -> torch.Tensor:

@@ -336,6 +336,11 @@ def test_sampling_settings_of_generation_config_json_as_transformers(tmp_path, c
     assert not np.array_equal(want, greedy)
     tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
     np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), max_new_tokens=12, seed=11).numpy(), want)
+    # no seed: torch's global generator, as transformers (it was a fixed seed 0: every call the same sample)
+    torch.manual_seed(11)
+    first = tm.generate(torch.as_tensor(ids), max_new_tokens=12).numpy()
+    np.testing.assert_array_equal(first, want)
+    assert not np.array_equal(tm.generate(torch.as_tensor(ids), max_new_tokens=12).numpy(), first)
     np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), max_new_tokens=12, do_sample=False).numpy(),
                                   greedy)
     jm = DogeForCausalLM.from_pretrained(d)
@@ -480,6 +485,33 @@ def test_length_fields_as_transformers(tmp_path):
                                              r"prompt's 6 tokens"):
             m.generate(conv(ids))
         assert m.generate(conv(ids), max_new_tokens=2).shape == (2, 8)
+
+
+def test_default_length_capped_at_max_position_embeddings(tmp_path):
+    """No length anywhere (call, generation_config, file): transformers makes it prompt + 20 tokens capped at
+    max_position_embeddings, and refuses a prompt that leaves no room; both packages gave 20 new tokens past it."""
+    import transformers
+
+    import doge_torch
+
+    d = save_hf(make_hf_model(max_position_embeddings=12), tmp_path / "m")
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+    jm = DogeForCausalLM.from_pretrained(d)
+    ids = unique_ids(2, 6, 128, seed=8)
+    with torch.no_grad():
+        want = ref.generate(torch.as_tensor(ids), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                            eos_token_id=None).numpy()
+    assert want.shape == (2, 12)
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), eos_token_id=None).numpy(), want)
+    np.testing.assert_array_equal(jm.generate(ids, eos_token_id=None), want)
+    long = unique_ids(1, 12, 128, seed=9)
+    with pytest.raises(ValueError, match="max_length` is set to 12"):
+        ref.generate(torch.as_tensor(long), attention_mask=torch.ones(1, 12, dtype=torch.long))
+    for m, conv in ((jm, np.asarray), (tm, torch.as_tensor)):
+        with pytest.raises(ValueError, match=r"the prompt's 12 tokens leave no room: .*max_position_embeddings=12"):
+            m.generate(conv(long))
+        assert m.generate(conv(long), max_new_tokens=3).shape == (1, 15)  # an explicit length goes past it
 
 
 def test_cache_overflow_raises(model_dir):
