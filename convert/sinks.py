@@ -3,8 +3,8 @@ tensors one at a time in any order (`put`), and completes the directory in `fini
 
 Layouts written into DST (all carry config.json, generation_config.json and the source's tokenizer files):
 - hf:    model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json above --shard-size
-- torch: pytorch_model.bin, what `torch.save(doge_torch_model.state_dict())` writes (no lm_head.weight when
-         tied, as doge_torch has none); DST is also an HF directory that transformers and doge_torch load
+- torch: pytorch_model.bin, what `torch.save(doge_torch_model.state_dict())` writes less a tied lm_head.weight
+         (as transformers' .bin files leave it out); DST is also an HF directory that transformers and doge_torch load
 - jax:   params/ (orbax parameter tree, doge_jax.checkpoint model-only layout)
 """
 

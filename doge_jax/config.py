@@ -249,6 +249,17 @@ class DogeConfig:
 
     # ---- Hugging Face config.json ---------------------------------------------------------------------------
     @classmethod
+    def coerce(cls, config: Any) -> DogeConfig:
+        """`config` itself, or a transformers `DogeConfig` object read as its config.json dict; anything else is a
+        ConfigError naming its type (it failed later on a missing attribute)."""
+        if isinstance(config, cls):
+            return config
+        if getattr(config, "model_type", None) == "doge" and callable(getattr(config, "to_dict", None)):
+            return cls.from_hf_dict(config.to_dict())
+        raise ConfigError(f"config: expected a DogeConfig (doge_jax's, doge_torch's or transformers'), got "
+                          f"{type(config).__name__}")
+
+    @classmethod
     def from_hf_dict(cls, d: dict[str, Any], variant: str | None = None) -> DogeConfig:
         """Read a transformers/small-doge `config.json` dict (5.x or legacy keys)."""
         d = dict(d)

@@ -53,6 +53,7 @@ def load_hf_arrays(path: str, variant: str | None = None, config: DogeConfig | N
     legacy = is_legacy(shapes)
     if config is None:
         config = hf_io.read_config(path, variant=variant, keys=list(shapes))
+    config = DogeConfig.coerce(config)
     renamed = {}
     for k, shp in shapes.items():
         new = rename_legacy(k) if legacy else k

@@ -383,7 +383,7 @@ class DogeForCausalLM(nnx.Module):
 
     def __init__(self, config: DogeConfig, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.config = config
+        self.config = config = DogeConfig.coerce(config)  # (a transformers DogeConfig too)
         self.generation_config = GenerationConfig.from_config(config)  # generate's default ids (from_pretrained:
         # generation_config.json's, as transformers)
         self.model = DogeModel(config, rngs)

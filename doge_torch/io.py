@@ -31,6 +31,7 @@ def load_hf_state(path: str, variant: str | None = None, config: DogeConfig | No
     legacy = is_legacy(shapes)
     if config is None:
         config = hf_io.read_config(path, variant=variant, keys=list(shapes))
+    config = DogeConfig.coerce(config)
     state = {}
     for name, t in hf_io.iter_tensors(files, framework="pt"):
         new = rename_legacy(name) if legacy else name

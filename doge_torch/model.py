@@ -787,17 +787,32 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], cfg: DogeConfig
     return (f * p_mean).sum() * E
 
 
+def _tied_head_key(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict() of a tied model also holds `lm_head.weight` (the embedding's tensor), as transformers'."""
+    state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "model.embed_tokens.weight"]
+
+
+def _drop_tied_head_key(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs) -> None:
+    """load_state_dict() of a tied model takes a state dict with `lm_head.weight` (transformers', ours) or
+    without it (HF files, where the tied key is left out): the embedding is the head."""
+    state_dict.pop(prefix + "lm_head.weight", None)
+
+
 class DogeForCausalLM(nn.Module):
     """The Doge causal LM. `model(input_ids, attention_mask=None, logits_to_keep=0).logits`."""
 
     def __init__(self, config: DogeConfig):
         super().__init__()
-        self.config = config
+        self.config = config = DogeConfig.coerce(config)  # (a transformers DogeConfig too)
         self.generation_config = GenerationConfig.from_config(config)  # generate's default ids (from_pretrained:
         # generation_config.json's, as transformers)
         self.model = DogeModel(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        else:  # the state dict names the tied head as transformers' does (one Parameter, two keys)
+            self.register_state_dict_post_hook(_tied_head_key)
+            self.register_load_state_dict_pre_hook(_drop_tied_head_key)
         self.init_weights()
 
     @torch.no_grad()

@@ -248,3 +248,33 @@ def test_legacy_config_variants():
     assert DogeConfig.from_hf_dict(legacy_dict(), variant="native").variant == "native"
     # a legacy config re-saved by us is a current one with the same fields
     assert DogeConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def test_a_transformers_config_object_is_taken(tmp_path):
+    """transformers.DogeConfig where a config goes (model classes, from_pretrained(config=)): read as its
+    config.json dict (it failed with "'DogeConfig' object has no attribute 'head_size'"); others are named."""
+    import numpy as np
+    import torch
+    from conftest import make_hf_model, save_hf
+
+    import doge_jax
+    import doge_torch
+
+    hf_cfg = transformers.DogeConfig(**TINY_MOE, **{k: v for k, v in TINY.items() if k not in TINY_MOE})
+    want = DogeConfig.from_hf_dict(hf_cfg.to_dict())
+    assert DogeConfig.coerce(hf_cfg) == want and DogeConfig.coerce(want) is want
+    assert doge_torch.DogeForCausalLM(hf_cfg).config == want
+    assert doge_jax.DogeForCausalLM(hf_cfg).config == want
+    hf = make_hf_model()
+    d = save_hf(hf, tmp_path / "m")
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d, config=hf.config)
+    jm = doge_jax.DogeForCausalLM.from_pretrained(d, config=hf.config)
+    ids = np.arange(1, 9)[None]
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(tm(torch.as_tensor(ids)).logits.detach().numpy() - ref).max() <= 1e-5
+    assert np.abs(np.asarray(jm(ids).logits) - ref).max() <= 1e-5
+    with pytest.raises(ConfigError, match="config: expected a DogeConfig .* got dict"):
+        doge_torch.DogeForCausalLM(dict(TINY))
+    with pytest.raises(ConfigError, match="got LlamaConfig"):
+        doge_jax.DogeForCausalLM(transformers.LlamaConfig())

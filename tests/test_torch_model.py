@@ -37,11 +37,26 @@ def ours_from_hf(hf, **overrides) -> DogeForCausalLM:
     """doge_torch model with the config and (in-memory) weights of a transformers model."""
     cfg = DogeConfig.from_hf_dict(hf.config.to_dict()).replace(**overrides)
     model = DogeForCausalLM(cfg)
-    sd = dict(hf.state_dict())
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight")
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(hf.state_dict(), strict=True)  # (tied: lm_head.weight too, as transformers' holds it)
     return model.eval()
+
+
+def test_tied_state_dict_keys_as_transformers():
+    """A tied model's state_dict() has transformers' keys, lm_head.weight included (the embedding's tensor), and
+    load_state_dict() takes either package's state dict, or one without the tied key (as HF files hold it)."""
+    hf = make_hf_model(tie_word_embeddings=True)
+    ours = ours_from_hf(hf)
+    sd = ours.state_dict()
+    assert list(sd) == list(hf.state_dict())
+    assert sd["lm_head.weight"] is sd["model.embed_tokens.weight"]
+    assert len(list(ours.parameters())) == len(list(hf.parameters()))  # one Parameter: AdamW steps it once
+    hf.load_state_dict(sd, strict=True)  # (it failed: missing lm_head.weight)
+    ours.load_state_dict({k: v for k, v in sd.items() if k != "lm_head.weight"}, strict=True)
+    ids = torch.as_tensor(unique_ids(2, 8, TINY["vocab_size"], seed=1))
+    with torch.no_grad():
+        assert max_abs_diff(ours(ids).logits, hf(ids).logits) <= TOL
+    untied = ours_from_hf(make_hf_model(tie_word_embeddings=False))
+    assert list(untied.state_dict()) == list(make_hf_model(tie_word_embeddings=False).state_dict())
 
 
 def both_logits(hf, ours, ids, mask=None):
