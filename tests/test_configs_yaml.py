@@ -127,4 +127,6 @@ def test_torch_model_has_counted_params(name):
     torch.manual_seed(0)
     model = DogeForCausalLM(cfg)
     assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected_hf_shapes(cfg)
+    from doge_torch.io import state_for_hf  # (state_dict() also names a tied head lm_head.weight, as transformers)
+
+    assert {k: tuple(v.shape) for k, v in state_for_hf(model).items()} == expected_hf_shapes(cfg)
