@@ -25,8 +25,8 @@ import numpy as np
 from flax import nnx
 
 from .config import DogeConfig
-from .hf_io import model_output_dir, read_generation_config, write_generation_config
-from .hf_names import CheckpointError
+from .hf_io import is_program_error, model_output_dir, read_generation_config, write_generation_config
+from .hf_names import CheckpointError, CheckpointWriteError
 
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
@@ -406,6 +406,17 @@ def _out_of_memory(error: BaseException) -> bool:
         "RESOURCE_EXHAUSTED" in str(error) and re.search(r"out of memory|allocat", str(error), re.I) is not None)
 
 
+_ASYNC_WRITE_FAILED = ("_SignalingThread.run() raised an exception", "in background save thread",
+                       "Save Finalize thread (save_finalize) failed")
+
+
+def _no_async_write_tracebacks(record: logging.LogRecord) -> bool:
+    """absl logging filter: orbax's reports of a failed background write (with tracebacks; the trainer says it
+    in one line, CheckpointWriteError)."""
+    msg = record.getMessage()
+    return not any(p in msg for p in _ASYNC_WRITE_FAILED)
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager over RUN/checkpoints/<step>/{params,opt_state,data,meta}/.
 
@@ -421,13 +432,43 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.in_flight: int | None = None  # the step an async save is still writing
+        # a failed async write is reported by the next save or wait, as one line (CheckpointWriteError); orbax
+        # also logs it from its writer threads at once, with tracebacks (hundreds of lines): dropped, as are the
+        # other writes' reports into orbax's closed event loop
+        _quiet_failed_io_leftovers()
+        logging.getLogger("absl").addFilter(_no_async_write_tracebacks)
+        # ... and asyncio's "Task/Future exception was never retrieved" for those writes, when collected later
+        directory = self.directory
+        logging.getLogger("asyncio").addFilter(lambda record: directory not in record.getMessage())
 
     def save(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
+        """Start writing checkpoint `step` (finished in the background when saves are async). A failed write,
+        this one's or (async) the previous one's, raises CheckpointWriteError naming the step."""
         import orbax.checkpoint as ocp
 
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                                   data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
-        self.mngr.save(step, args=args, force=True)
+        with self._write_errors(step):
+            self.mngr.save(step, args=args, force=True)
+        self.in_flight = step
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None = None):
+        """A failed write of checkpoint `step`, or of the one still in flight (async: orbax reports its failure
+        at the next save or wait), as CheckpointWriteError: one line, not orbax's traceback (a TypeError of a
+        value that is not JSON stays what it is: a program error)."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - TensorStore's ValueError, XLA's RuntimeError, OSError, ...
+            if isinstance(e, CheckpointError | CheckpointWriteError) or is_program_error(e):
+                raise
+            failed = self.in_flight if self.in_flight is not None else step
+            self.in_flight = None
+            which = f"checkpoint step {failed}" if failed is not None else "a checkpoint"
+            raise CheckpointWriteError(f"writing {which} into {self.directory} failed ({_short(e)}); the "
+                                       "checkpoints before it are intact: re-run the same command to resume from "
+                                       "the newest once the cause (disk space?) is fixed") from e
 
     def restore_latest(self, abstract_params, abstract_opt_state):
         """(step, params, opt_state, data_state, meta) of the newest checkpoint that restores, or None when the run
@@ -503,7 +544,7 @@ class TrainCheckpointer:
     def set_aside_diverged(self, step: int) -> str:
         """Move step `step` (finished first) to RUN/diverged_checkpoints/: its weights gave a non-finite loss, so a
         re-run must not resume from it. Returns that folder."""
-        self.mngr.wait_until_finished()
+        self.wait()
         self._quarantine(step, DIVERGED)
         return os.path.join(self.run_dir, DIVERGED)
 
@@ -525,8 +566,12 @@ class TrainCheckpointer:
         self.mngr.reload()
 
     def wait(self) -> None:
-        self.mngr.wait_until_finished()
+        with self._write_errors():
+            self.mngr.wait_until_finished()
+        self.in_flight = None
 
     def close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        try:
+            self.wait()
+        finally:
+            self.mngr.close()

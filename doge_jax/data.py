@@ -264,7 +264,10 @@ def save_tokenizer(tok, cfg, out_dir: str) -> None:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings,
                    **{f"{k}_token": v for k, v in names.items() if v is not None}}, f, indent=2)
     with atomic_file(os.path.join(out_dir, "tokenizer.json")) as tmp:
-        tok.save(tmp)
+        try:
+            tok.save(tmp)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a plain Exception ("os error 28")
+            raise OSError(f"writing {os.path.join(out_dir, 'tokenizer.json')} failed: {e}") from None
 
 
 def special_ids(tok, tokenizer_dir: str | None = None) -> dict[str, int | None]:

@@ -82,6 +82,29 @@ def _lock(path: str) -> int | None:
     return fd
 
 
+@contextlib.contextmanager
+def run_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive flock on the run directory `path` for the block: a second trainer on the same run is
+    refused at once (ConfigError; two would delete each other's checkpoint writes and interleave metrics.jsonl).
+    No lock where flock is not available (Windows, some network filesystems)."""
+    fd = None
+    if fcntl is not None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"{path} is in use: another trainer holds its lock (it is training this run now); "
+                              "wait for it to end, or use another run directory") from None
+        except OSError:
+            os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        _unlock(fd)
+
+
 def _unlock(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
@@ -383,6 +406,11 @@ def iter_torch_file(fname: str, framework: str = "np") -> Iterator[tuple[str, ob
     for name in list(sd):
         t = sd.pop(name)
         yield name, (t if framework == "pt" else torch_to_numpy(t))
+
+
+def is_program_error(error: BaseException) -> bool:
+    """An exception that means a bug, not a failed read or write (those pass through the I/O error wrapping)."""
+    return isinstance(error, TypeError | AttributeError | NameError | KeyError | IndexError | AssertionError)
 
 
 def widest_float(dtypes):

@@ -34,6 +34,11 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model; the message lists what is wrong."""
 
 
+class CheckpointWriteError(OSError):
+    """A training checkpoint could not be written (a full disk, a file size limit, permissions): the trainers end
+    the run with this one line (exit 1); the checkpoints written before it are intact."""
+
+
 def is_legacy(keys: Iterable[str]) -> bool:
     return any(k.startswith("model.word_embed.") or ".pre_layernorm." in k or ".feed_forward." in k for k in keys)
 

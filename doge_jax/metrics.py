@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import sys
 
 # Peak dense FLOP/s per device for MFU, by (platform or device kind, dtype). CPU: ~470 GFLOP/s is what XLA's
 # own matmuls reach on the 2-core development machine (design.md §7), used as its "peak". Override with
@@ -66,48 +67,95 @@ def peak_flops(device, dtype: str, override: float | None = None) -> float:
 
 
 class MetricsLogger:
-    """metrics.jsonl (one JSON object per logged step) + TensorBoard event files under RUN/tb."""
+    """metrics.jsonl (one JSON object per logged step) + TensorBoard event files under RUN/tb.
 
-    def __init__(self, run_dir: str, resume_step: int = 0, enabled: bool = True):
+    Neither may stop a long run: a write that fails (a full disk, a file size limit) turns that output off with one
+    warning, and training goes on (its checkpoints are what a run needs; their own failures end it). TensorBoard
+    writes through a background thread that dies on such an error, after which every event would block in its
+    queue: the thread is checked before each record."""
+
+    def __init__(self, run_dir: str, resume_step: int = 0, enabled: bool = True, warn=None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = enabled  # False on the non-primary hosts of a multi-host run: log() does nothing
+        self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
+        self.file = self.tb = None
         if not enabled:
-            self.file = self.tb = None
             return
         self._truncate_after(resume_step)
         self.file = open(self.path, "a")
         try:
             from tensorboardX import SummaryWriter
 
-            # steps after the restored one (all of them when no checkpoint was restored) are dropped, as above
-            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1)
+            # steps after the restored one (all of them when no checkpoint was restored) are dropped, as above;
+            # a long queue: a record's events never wait on the writer thread
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step + 1, max_queue=1000)
         except ImportError:  # pragma: no cover - tensorboardX is a dependency
             self.tb = None
+        except OSError as e:
+            self._tb_off(e)
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop records of steps after the restored checkpoint (they are trained again)."""
+        """On resume, drop records of steps after the restored checkpoint (they are trained again); the file is
+        replaced whole (a failure leaves the old one)."""
+        from .hf_io import atomic_file
+
         if not os.path.isfile(self.path):
             return
         keep = [json.dumps(r) + "\n" for r in read_metrics(os.path.dirname(self.path)) if r.get("step", 0) <= step]
-        with open(self.path, "w") as f:
+        with atomic_file(self.path) as tmp, open(tmp, "w") as f:
             f.writelines(keep)
+
+    def _tb_off(self, error) -> None:
+        self.warn(f"TensorBoard logging under {os.path.dirname(self.path)}/tb failed ({error}); it is off for the "
+                  "rest of the run (metrics.jsonl goes on)")
+        self.tb = None
+
+    def _tb_alive(self) -> bool:
+        """False once a TensorBoard writer thread has died (tensorboardX ends it at a failed write)."""
+        for fw in (getattr(self.tb, "all_writers", None) or {}).values():
+            worker = getattr(getattr(fw, "event_writer", None), "_worker", None)
+            if worker is not None and not worker.is_alive():
+                return False
+        return True
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:
+                self.warn(f"writing {self.path} failed ({e}); metrics.jsonl is off for the rest of the run")
+                try:
+                    self.file.close()
+                except OSError:
+                    pass
+                self.file = None
+        if self.tb is not None and not self._tb_alive():
+            self._tb_off("its writer thread stopped: a failed write")
         if self.tb is not None:
             step = record["step"]
-            for k, v in record.items():
-                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
-                    self.tb.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
+            try:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                        self.tb.add_scalar(("val/" if k.startswith("val_") else "train/") + k, v, step)
+            except OSError as e:
+                self._tb_off(e)
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as e:
+                self.warn(f"closing {self.path} failed ({e})")
+            self.file = None
         if self.tb is not None:
-            self.tb.close()
+            tb, self.tb = self.tb, None
+            try:
+                tb.close()
+            except OSError as e:
+                self.warn(f"closing the TensorBoard files under {os.path.dirname(self.path)}/tb failed ({e})")
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -29,8 +29,8 @@ from . import init as I
 from . import sharding as S
 from .checkpoint import TrainCheckpointer, list_steps
 from .config import RUNTIME_FIELDS, ConfigError, DogeConfig
-from .hf_io import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, TORCH_INDEX, atomic_file, torch_run_hint
-from .hf_names import CheckpointError
+from .hf_io import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, TORCH_INDEX, atomic_file, run_lock, torch_run_hint
+from .hf_names import CheckpointError, CheckpointWriteError
 from .loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
 from .model import causal_lm_loss
@@ -317,6 +317,12 @@ def check_run_dir(run_dir: str) -> None:
 
 # ---- the run --------------------------------------------------------------------------------------------------------
 def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -> TrainResult:
+    """Train (or resume) the run `tcfg.run_dir` describes; see the module docstring."""
+    with contextlib.ExitStack() as held:  # the run directory's lock, from when it exists to the end
+        return _train(mcfg, tcfg, config_path, held)
+
+
+def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: contextlib.ExitStack) -> TrainResult:
     run_dir = tcfg.run_dir
     if tcfg.init_from:  # recorded absolute: a resume from another working directory compares equal
         tcfg = dataclasses.replace(tcfg, init_from=os.path.abspath(os.path.expanduser(tcfg.init_from)))
@@ -375,6 +381,8 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
         dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), hosts)
         val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
         os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
+        if primary:  # one trainer per run (process 0 of a multi-host run holds it for all)
+            held.enter_context(run_lock(run_dir))
         if primary:  # config.json last: it marks an established run (whose tokenizer then wins on resume)
             D.save_tokenizer(tok, mcfg, run_dir)
             with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
@@ -425,7 +433,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     log(f"model: {n_params / 1e6:.2f}M parameters ({mcfg.num_hidden_layers} layers, hidden {mcfg.hidden_size}, "
         f"vocab {mcfg.vocab_size}{', MoE' if mcfg.is_moe else ''})")
-    metrics = MetricsLogger(run_dir, step, enabled=primary)
+    metrics = MetricsLogger(run_dir, step, enabled=primary, warn=lambda msg: log(f"warning: {msg}"))
     tokens_per_step = GA * R * tcfg.seq_len
     flops = flops_per_token(mcfg, tcfg.seq_len) * tokens_per_step
     peak = peak_flops(jax.devices()[0], tcfg.compute_dtype, tcfg.peak_flops) * jax.device_count()
@@ -450,8 +458,10 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
     def on_signal(signum, frame):
         if stop_signal and signum == signal.SIGINT:  # a second Ctrl-C: at once (main says so in one line)
             raise KeyboardInterrupt
-        if stop_signal:  # a second SIGTERM: the previous handler's behaviour
+        if stop_signal:  # a second SIGTERM: the previous handler's behaviour, now (the default ends the process)
             signal.signal(signum, handlers.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
         stop_signal.append(signum)
 
     if sys.modules["threading"].current_thread() is sys.modules["threading"].main_thread():
@@ -462,7 +472,7 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
     bar = tqdm(total=tcfg.num_training_steps, initial=step, desc="train", unit="step",
                disable=not (tcfg.progress and primary),
                dynamic_ncols=True)
-    status, val = "finished", None
+    status, val, failing = "finished", None, False
     t_start = time.perf_counter()
     # a resumed run already at train.stop_after stops again without training (a re-run must not creep past it)
     stopped_already = tcfg.stop_after is not None and tcfg.stop_after <= step < tcfg.num_training_steps
@@ -586,14 +596,26 @@ def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -
                 log(f"{status} at step {step}; checkpoint saved. Re-run {how} to resume.")
                 break
             batch = nxt
+    except BaseException:
+        failing = True
+        raise
     finally:
         bar.close()
-        ckpt.close()
-        metrics.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
+        try:
+            ckpt.close()
+        except CheckpointWriteError as e:
+            if not failing:
+                raise
+            log(f"warning: {e}")  # (the error already on its way, e.g. a divergence, is the one to report)
+        finally:
+            metrics.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
     if primary:
-        plot_loss(run_dir)
+        try:
+            plot_loss(run_dir)
+        except OSError as e:  # (the run itself is done: its checkpoints are on disk)
+            log(f"warning: writing {os.path.join(run_dir, 'loss.png')} failed ({e})")
     if status == "finished":
         log(f"finished {step} steps; run directory {run_dir}")
     return TrainResult(status, step, run_dir, None if val is None else val[0], stop_signal[0] if stop_signal else None)
@@ -605,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         with S.all_or_none("reading the configuration"):  # host-local files: --config, --init-from's config
             mcfg, tcfg, path = parse_argv(argv)
         result = train(mcfg, tcfg, path)
+    except CheckpointWriteError as e:  # a failed write, not bad input (exit 1, as convert's)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, D.DataError, CheckpointError, S.OtherHostFailed, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

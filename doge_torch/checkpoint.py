@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from doge_jax import hf_io
+from doge_jax.hf_names import CheckpointError, CheckpointWriteError
 
 from .io import write_model
 
@@ -64,6 +65,22 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim
     for name in {m.group(1) for m in map(_LEFTOVER.match, os.listdir(out_dir) if os.path.isdir(out_dir) else [])
                  if m}:
         hf_io.remove_stale(out_dir, name)
+    try:
+        _write(path, model, optimizer, scheduler, run, step, tokenizer)
+    except Exception as e:  # noqa: BLE001 - torch.save's zip writer raises RuntimeError, safetensors and tokenizers
+        # their own plain exceptions; a program error (TypeError, ...) stays what it is
+        if isinstance(e, CheckpointError | CheckpointWriteError) or hf_io.is_program_error(e):
+            raise
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointWriteError(f"writing checkpoint step {step} into {path} failed ({type(e).__name__}: {first}); "
+                                   "the checkpoints before it are intact: re-run the same command to resume from the "
+                                   "newest once the cause (disk space?) is fixed") from e
+    for old in steps(out_dir)[:-keep]:
+        shutil.rmtree(path_of(out_dir, old), ignore_errors=True)
+    return path
+
+
+def _write(path: str, model, optimizer, scheduler, run: dict[str, Any], step: int, tokenizer) -> None:
     with hf_io.atomic_output_dir(path, overwrite=True) as tmp:
         write_model(tmp, model)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -78,9 +95,6 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim
             from doge_jax.data import save_tokenizer
 
             save_tokenizer(tokenizer, model.config, tmp)
-    for old in steps(out_dir)[:-keep]:
-        shutil.rmtree(path_of(out_dir, old), ignore_errors=True)
-    return path
 
 
 def read_state(path: str) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import torch
 from doge_jax import data as D
 from doge_jax import hf_io
 from doge_jax.config import ConfigError
-from doge_jax.hf_names import CheckpointError
+from doge_jax.hf_names import CheckpointError, CheckpointWriteError
 from doge_jax.train_config import load_configs
 
 from . import checkpoint
@@ -481,6 +481,12 @@ def _resume_configs(args: argparse.Namespace, path: str, before: str | None):
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
+    """`python -m doge_torch.train` (see the module docstring); returns the metrics of the steps it ran."""
+    with contextlib.ExitStack() as held:  # --out's lock, from when the directory exists to the end
+        return _main(argv, held)
+
+
+def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[str, float]]:
     ap = argparse.ArgumentParser(prog="python -m doge_torch.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML with model: and train: sections (configs/*.yaml)")
     ap.add_argument("--data", nargs="+",
@@ -628,6 +634,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     metrics_file = None
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        held.enter_context(hf_io.run_lock(args.out))  # one trainer per run directory
         mpath = os.path.join(args.out, "metrics.jsonl")
         if resume and os.path.isfile(mpath):  # the steps after the checkpoint are done again: cut them
             kept = []
@@ -646,9 +653,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     t_last = time.perf_counter()
 
     def record(rec: dict[str, Any]) -> None:
+        nonlocal metrics_file
         if metrics_file:
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
+            try:
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+            except OSError as e:  # (a full disk: the checkpoints matter more; their own failure ends the run)
+                print(f"warning: writing {metrics_file.name} failed ({e}); metrics.jsonl is off for the rest of "
+                      "the run", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    metrics_file.close()
+                metrics_file = None
 
     def read_back(m: dict[str, Any]) -> None:
         """Wait for step m's loss (the step before the one the device is running: no idle device), NaN-check,
@@ -754,6 +769,10 @@ def _stop_on_signals(enabled: bool) -> Iterator[list]:
     def handler(signum, frame):
         if stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if stop:  # a second SIGTERM: the previous handler's behaviour, now (the default ends the process)
+            signal.signal(signum, previous.get(signum) or signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
         if not stop:
             name = signal.Signals(signum).name
             print(f"{name}: stopping after this step (with a checkpoint)", file=sys.stderr, flush=True)
@@ -805,6 +824,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     """`python -m doge_torch.train`: main() with bad input reported as one `error:` line (exit 2)."""
     try:
         main(argv)
+    except CheckpointWriteError as e:  # a failed write, not bad input (exit 1, as convert's)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

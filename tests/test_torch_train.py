@@ -1031,3 +1031,44 @@ def test_evaluate_is_cross_entropy_only():
     assert out.aux_loss is not None and out.loss.item() > ce + 0.5  # the aux term is in the training loss
     got, _ = evaluate(model, rows, 4, None, None)  # one micro-batch (MoE routing couples a batch's rows, §9.19)
     assert abs(got - ce) <= 1e-5 * ce and model.training
+
+
+_TORCH_FILE_SIZE_LIMIT = """import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from doge_torch.train import cli
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def _tiny_npy_run(tmp_path):
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 4096, size=20_000).astype(np.uint16))
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 64")
+                   .replace("global_batch_tokens: 4096", "global_batch_tokens: 256")
+                   .replace("grad_accum: 1", "grad_accum: 2"))
+    return ["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "3"]
+
+
+def test_cli_failed_checkpoint_write_is_one_line_exit_1(tmp_path):
+    """A checkpoint that cannot be written (files may not pass 200 kB; a full disk alike): one line naming it, exit
+    1, no temporary left (safetensors' and torch.save's own exceptions came through as tracebacks)."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _TORCH_FILE_SIZE_LIMIT, *_tiny_npy_run(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: writing checkpoint step 3 into {out}")
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"]
+
+
+def test_cli_a_second_trainer_on_a_run_is_refused(tmp_path, capsys):
+    """Two trainers on one --out overwrote each other's checkpoints and garbled metrics.jsonl: --out is locked."""
+    from doge_jax.hf_io import run_lock
+    from doge_torch.train import cli
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with run_lock(str(out)):
+        assert cli([*_tiny_npy_run(tmp_path), "--out", str(out)]) == 2
+    assert "is in use: another trainer holds its lock" in capsys.readouterr().err
+    assert os.listdir(out) == []

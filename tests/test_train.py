@@ -564,6 +564,32 @@ def test_sigterm_saves_a_checkpoint(corpus, cache, tmp_path):
     assert len(steps) == 1 and steps[0] >= 1
 
 
+_SLOW_STOP_SAVE = """import sys, time
+from doge_jax import train as T
+from doge_jax.checkpoint import TrainCheckpointer
+TrainCheckpointer.wait = lambda self: (print("waiting for the write", file=sys.stderr, flush=True), time.sleep(120))
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_sigterm_ends_the_run_at_once(corpus, cache, tmp_path):
+    """As README says: the first SIGTERM stops after the step with a checkpoint; a second one while that is written
+    ends the process at once (it only put the old handler back: the run went on and exited 143 later)."""
+    args = [sys.executable, "-c", _SLOW_STOP_SAVE, *TINY_ARGS, "--data", corpus, "--out_dir", str(tmp_path / "run"),
+            "--train.cache_dir", cache, "--train.num_training_steps", "100000", "--train.num_decay_steps", "2",
+            "--train.checkpoint_every", "100000", "--train.eval_every", "0"]
+    proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "compiled the train step" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    for line in proc.stderr:
+        if "waiting for the write" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM  # ended by the signal itself, not 120 s later with 143
+
+
 def _ctrl_c_in_first_step(monkeypatch, times: int) -> None:
     """`times` SIGINTs (0.2 s apart: signals of one kind do not queue) while the first train step runs."""
     import time
@@ -937,3 +963,86 @@ def test_run_directory_is_not_a_file_nor_in_a_runs_checkpoints(corpus, cache, tm
     assert parse_overrides(["--data", "[a.txt, b/]"]) == [("train", "data", ["a.txt", "b/"])]
     assert parse_overrides(["--data", "[ab]*.txt"]) == [("train", "data", ["[ab]*.txt"])]  # a glob stays one
     assert parse_overrides(["--data", "[ab]"]) == [("train", "data", ["[ab]"])]
+
+
+# ---- failed writes during a run ---------------------------------------------------------------------------------
+
+_FILE_SIZE_LIMIT = """import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+from doge_jax import train as T
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("async_save", ["true", "false"])
+def test_failed_checkpoint_write_is_one_line_exit_1(corpus, cache, tmp_path, async_save):
+    """A checkpoint that cannot be written (here: files may not pass 40 kB; a full disk alike) ends the run with one
+    line naming the step, exit 1 (a failed write, not bad input). It was exit 1 with ~570 lines of orbax and
+    asyncio tracebacks (async: the failure logged at once, raised at the next save)."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMIT, *TINY_ARGS, "--data", corpus, "--out_dir", str(out),
+                           "--train.cache_dir", cache, "--train.async_checkpoint", async_save],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err and "ERROR:" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.match(rf"error: writing checkpoint step \d into {re.escape(str(out / 'checkpoints'))} failed \(", last)
+    assert "the checkpoints before it are intact" in last
+
+
+def test_metrics_and_tensorboard_failures_do_not_stop_a_run(tmp_path):
+    """A failed metrics.jsonl write turns it off with one warning (it ended the run, exit 2, losing the steps since
+    the last checkpoint); a dead TensorBoard writer thread (tensorboardX ends it at a failed write) turns
+    TensorBoard off (every later event waited in its full queue for good: the run hung)."""
+    import errno
+    import threading
+
+    from doge_jax.metrics import MetricsLogger
+
+    said = []
+    m = MetricsLogger(str(tmp_path), warn=said.append)
+    m.log({"step": 1, "loss": 2.0})
+    for fw in m.tb.all_writers.values():  # the writer thread stops, as after a failed write
+        fw.event_writer._worker.stop()
+
+    def many():
+        for step in range(2, 400):  # ~2400 events: more than any queue holds
+            m.log({"step": step, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "tokens_per_sec": 5.0, "mfu": 0.1})
+
+    t = threading.Thread(target=many, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "MetricsLogger.log blocked on a dead TensorBoard writer"
+    assert len(said) == 1 and "TensorBoard logging" in said[0] and "off" in said[0], said
+    assert len(read_metrics(str(tmp_path))) == 399
+
+    class Full:
+        name = "metrics.jsonl"
+
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    m.file = Full()
+    m.log({"step": 400, "loss": 1.0})
+    m.log({"step": 401, "loss": 1.0})
+    assert len(said) == 2 and "metrics.jsonl is off" in said[1] and "No space left" in said[1], said
+    m.close()
+
+
+def test_a_second_trainer_on_a_run_is_refused(corpus, cache, tmp_path, capsys):
+    """Two trainers on one run directory deleted each other's checkpoint writes and interleaved metrics.jsonl:
+    the run directory is locked while a trainer uses it."""
+    from doge_jax.hf_io import run_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with run_lock(str(out)):  # (flock: another open of the directory, as another process's, conflicts)
+        assert run(corpus, cache, out, "--train.stop_after", "1") == 2
+    assert "is in use: another trainer holds its lock" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+    assert run(corpus, cache, out, "--train.stop_after", "1") == 0  # free again
