@@ -6,7 +6,10 @@ attention_mask (positions = cumsum(mask) - 1), greedy or sampled (temperature, t
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import signal
 import warnings
 from functools import partial
 
@@ -331,8 +334,10 @@ def _main(argv=None) -> int:
                     "1 for none; greedy or sampled (default: generation_config.json's, else 1)")
     ap.add_argument("--min-new-tokens", type=int, default=None, help="no EOS before this many new tokens (default: "
                     "generation_config.json's min_new_tokens / min_length, else none)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    ap.add_argument("--seed", type=int, default=0, help="when sampling: the random seed, in [0, 2**32) (default 0: "
+                    "the same command gives the same text)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="compute in this dtype (default: the checkpoint's stored dtype)")
     ap.add_argument("--no-eos", action="store_true", help="ignore EOS (always make max-new-tokens tokens)")
     args = ap.parse_args(argv)
     try:  # the values given (with --do-sample); generation_config.json's are checked once the model is loaded
@@ -400,8 +405,8 @@ def _main(argv=None) -> int:
                                                      prompt_len=len(ids))
         check_sampling(*sampling, max_new_tokens)
     except ValueError as e:
-        return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; --greedy "
-                    "decodes greedily)")
+        fix = "--max-new-tokens N sets the length" if "max_length" in str(e) else "--greedy decodes greedily"
+        return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; {fix})")
     if args.do_sample is None and do_sample:
         print(f"note: sampling, as the model's generation_config.json says (temperature {temperature}, top_k "
               f"{top_k}, top_p {top_p}); --greedy for greedy decoding", file=sys.stderr)
@@ -415,26 +420,60 @@ def _main(argv=None) -> int:
     new: list[int] = []
     times: list[float] = []
     out = sys.stdout
-    # the continuation is the decoded prompt + new tokens minus the decoded prompt: decoding the new tokens alone
-    # would drop a SentencePiece/Metaspace word boundary between them
+    # Streaming decodes a window of the last tokens (decoding everything each token was quadratic: 8000 tokens
+    # streamed at half the model's speed): the window's text once it has `base` tokens of context before the new
+    # ones, minus that context's text. Decoding the new tokens alone would drop a SentencePiece/Metaspace word
+    # boundary between them; the context keeps it.
+    CONTEXT = 8
+    state = {"start": max(0, len(ids) - CONTEXT)}  # first token of the window
+    state["text"] = tokenizer.decode(ids[state["start"]:]) if tokenizer is not None else ""
     base = tokenizer.decode(ids) if tokenizer is not None else ""
-    printed = [base]
 
     def show(final: bool = False) -> None:
-        text = tokenizer.decode(ids + new)
+        toks = ids + new
+        text = tokenizer.decode(toks[state["start"]:])
         if text.endswith("\ufffd") and not final:  # wait for the rest of a multi-byte character
             return
-        out.write(text[len(printed[0]):] if text.startswith(printed[0]) else "\n" + text)
-        printed[0] = text
+        printed = state["text"]
+        out.write(text[len(printed):] if text.startswith(printed) else "\n" + text)
+        state["text"] = text
+        if len(toks) - state["start"] > 4 * CONTEXT:  # slide the window: the text of its last CONTEXT tokens
+            state["start"] = len(toks) - CONTEXT
+            state["text"] = tokenizer.decode(toks[state["start"]:])
+
+    # Ctrl-C while the compiled decode loop runs: Python runs signal handlers only between the main thread's
+    # bytecodes, i.e. after the whole loop. The signal's byte also goes to a wakeup pipe, which the token callback
+    # (another thread) reads: it raises there, which ends the loop.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    try:
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread: Ctrl-C is acted on after the loop
+        old_wakeup = None
+    stopped: list[str] = []
+    # (JAX logs the callback's exception with its traceback: not when it is the stop)
+    logging.getLogger("jax._src.debugging").addFilter(lambda record: not stopped)
 
     def on_token(step, toks):
+        try:
+            if signal.SIGINT in os.read(wake_r, 64):
+                stopped.append("interrupted")
+        except BlockingIOError:
+            pass
+        if stopped:
+            raise KeyboardInterrupt
         times.append(time.perf_counter())
         new.append(int(toks[0]))
-        if tokenizer is not None:
-            show()
-        else:
-            out.write(f" {new[-1]}")
-        out.flush()
+        try:
+            if tokenizer is not None:
+                show()
+            else:
+                out.write(f" {new[-1]}")
+            out.flush()
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+            stopped.append("broken pipe")
+            raise
 
     if args.prompt is not None:
         out.write(args.prompt)
@@ -445,12 +484,28 @@ def _main(argv=None) -> int:
     out.flush()
     t0 = time.perf_counter()
     # one prompt is never padded: a pad id in it is a token (generate would infer a mask from it, as transformers)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*" + re.escape(UNSUPPORTED))  # (noted above)
-        generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
-                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed,
-                 eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,
-                 min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*" + re.escape(UNSUPPORTED))  # (noted above)
+            generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
+                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed,
+                     eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,
+                     min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens)
+    except Exception:  # noqa: BLE001 - the callback's exception, wrapped by JAX
+        if not stopped:
+            raise
+    finally:
+        if old_wakeup is not None:
+            signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
+    if stopped:  # the callback's error can also surface at the next sync of the ordered effects: take it here
+        with contextlib.suppress(Exception):
+            jax.effects_barrier()
+    if stopped and stopped[0] == "broken pipe":
+        raise BrokenPipeError
+    if stopped:
+        raise KeyboardInterrupt
     if tokenizer is not None and new:
         show(final=True)  # a tail held back for a multi-byte character that never completed
     out.write("\n")  # the output ends its line (a shell prompt or the next log line starts on its own)
@@ -463,9 +518,9 @@ def _main(argv=None) -> int:
                   f"vocabulary ({tokenizer.get_vocab_size()} tokens; the model has {model.config.vocab_size}): "
                   "they decode to nothing", file=sys.stderr)
     n = len(new)
-    rate = (n - 1) / (times[-1] - times[0]) if n > 1 and times[-1] > times[0] else float("nan")
+    rate = f"decoding {(n - 1) / (times[-1] - times[0]):.1f} tokens/s; " if n > 1 and times[-1] > times[0] else ""
     print(f"\n[{n} new tokens; first token after {times[0] - t0:.2f} s (prompt {len(ids)} tokens, incl. "
-          f"compilation); decoding {rate:.1f} tokens/s; total {t1 - t0:.2f} s]", file=sys.stderr)
+          f"compilation); {rate}total {t1 - t0:.2f} s]", file=sys.stderr)
     return 0
 
 
@@ -478,6 +533,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output's reader went away (`| head`): no traceback, as SIGPIPE would end it
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the interpreter's final flush)
+        return 141
 
 
 if __name__ == "__main__":

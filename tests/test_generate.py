@@ -58,6 +58,41 @@ def test_cli_with_tokenizer(model_dir, tmp_path, capsys):
     assert unknown and f"token id(s) {unknown} are not in the tokenizer's vocabulary (9 tokens" in captured.err
 
 
+def _cli_stream(model_dir, **kw):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen([sys.executable, "-m", "doge_jax.generate", "--model", model_dir, "--prompt-ids", "3", "4",
+                             "--max-new-tokens", "100000", "--no-eos"], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+
+
+def test_cli_ctrl_c_stops_the_stream_at_once(model_dir):
+    """Ctrl-C while the compiled decode loop streams: Python runs its handler only between the main thread's
+    bytecodes, so every token was still made (8000: ~12 s later); the stream's callback now reads the signal from
+    a wakeup pipe and ends the loop."""
+    import signal
+    import time
+
+    proc = _cli_stream(model_dir)
+    proc.stdout.read(40)  # the prompt and the first tokens: the loop runs
+    proc.send_signal(signal.SIGINT)
+    t0 = time.perf_counter()
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130 and time.perf_counter() - t0 < 30, err[-2000:]
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err[-2000:]
+
+
+def test_cli_output_closed_by_its_reader_is_quiet(model_dir):
+    """`... | head -c 20`: the reader goes away; a quiet exit 141 (SIGPIPE's), not two tracebacks and exit 1."""
+    proc = _cli_stream(model_dir)
+    proc.stdout.read(20)
+    proc.stdout.close()
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in err and "Error" not in err, err[-2000:]
+
+
 def test_cli_prompt_ids_and_missing_tokenizer(model_dir, tmp_path, capsys):
     assert main(["--model", model_dir, "--prompt-ids", "5", "6", "7", "--max-new-tokens", "4", "--no-eos"]) == 0
     out = capsys.readouterr().out
