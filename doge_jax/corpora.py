@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -294,6 +295,12 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
                 vocab_size: int | None = None) -> dict:
     """Write token shards of every input file to `out` (see the module docstring); returns the manifest."""
     out_dir = os.path.abspath(out)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise D.DataError(f"--out {out}: a file, not a directory")
+    weighted = [sp for sp in specs if split_weight(sp)[1] is not None]
+    if weighted:  # (a mixture's weights are the trainer's: --data DIR:W there)
+        print(f"note: {weighted[0]!r}: the weight is not used here (each input becomes shards of its own); give it "
+              "to the trainer, --data OUT:WEIGHT", file=sys.stderr)
     # the output's own files are never inputs (an --out inside a --data directory)
     paths = [p for p in D.resolve_paths([split_weight(s)[0] for s in specs])
              if not p.startswith(out_dir + os.sep)]
@@ -315,6 +322,8 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
                               "empty or new directory")
     tok_file = os.path.join(out, "tokenizer.json")
     if tokenizer:
+        if vocab_size:
+            print(f"note: --vocab-size {vocab_size} is not used: --tokenizer gives the vocabulary", file=sys.stderr)
         tok = D.load_tokenizer(tokenizer)
         src_dir = tokenizer  # (a tokenizer.json file: the tokenizer_config.json next to it, as the trainers read it)
         if os.path.isfile(tok_file) and D.load_tokenizer(tok_file).to_str() != tok.to_str():
@@ -332,12 +341,21 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
     if ids["eos"] is None:
         raise D.DataError("the tokenizer has no known EOS token")
     created = not os.path.isdir(out)  # only now: a command that fails its checks leaves no directory
-    os.makedirs(out, exist_ok=True)
+    fresh = created or not os.listdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise D.DataError(f"--out {out}: cannot create it ({e.strerror or e})") from None
     try:
         return _write_shards(paths, tok, ids, out, tok_file, text_field, val_fraction, seed, workers, progress)
     except BaseException:
-        if created and not any(_SIDE_FILE.fullmatch(f) for f in os.listdir(out)):  # no finished shard to go on from
-            shutil.rmtree(out, ignore_errors=True)
+        if fresh and not any(_SIDE_FILE.fullmatch(f) for f in os.listdir(out)):  # no finished shard to go on from
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:  # an empty directory given: empty again
+                for f in os.listdir(out):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(out, f))
         raise
 
 
@@ -486,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not 0.0 <= a.val_fraction < 1.0:  # as train.val_fraction (2 held out every document, -0.5 none)
         ap.error(f"--val-fraction {a.val_fraction}: must be in [0, 1)")
+    if a.workers is not None and a.workers < 1:
+        ap.error(f"--workers {a.workers}: must be >= 1")
+    if a.vocab_size is not None and a.vocab_size < 1:
+        ap.error(f"--vocab-size {a.vocab_size}: must be >= 1")
     try:
         m = pretokenize(a.data, a.tokenizer, a.out, a.text_field, a.val_fraction, a.seed, a.workers,
                         not a.no_progress, a.vocab_size)

@@ -80,6 +80,9 @@ def _is_skipped_dir(d: str) -> bool:
     return False
 
 
+_PACKED_EXT = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip", ".tar", ".tgz", ".7z")
+
+
 def resolve_paths(specs: list[str] | str, exclude: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Expand files, directories (text-like files below them) and globs, sorted and de-duplicated. Directory walks
     take text-like files outside hidden directories; walks and globs skip pre-tokenized outputs, training runs and
@@ -121,6 +124,10 @@ def resolve_paths(specs: list[str] | str, exclude: list[str] | tuple[str, ...] =
             out.append(spec)
         else:
             raise DataError(f"data path {spec!r} does not exist")
+    packed = next((p for p in out if p.lower().endswith(_PACKED_EXT)), None)
+    if packed is not None:  # (a named or globbed file is read as text: its compressed bytes became "text")
+        raise DataError(f"data path {packed!r}: a compressed or archive file, which is not read; decompress it "
+                        f"(.txt, .jsonl, .json and .parquet files are read)")
     return sorted(dict.fromkeys(os.path.abspath(p) for p in out))
 
 

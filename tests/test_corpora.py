@@ -308,6 +308,33 @@ def test_failed_pretokenize_leaves_no_directory_or_partial_shards(files, tmp_pat
                       workers=1, progress=False)
     left = sorted(os.listdir(tmp_path / "c"))
     assert "00000.json" in left and not any(".tmp" in f for f in left) and "corpus.json" not in left, left
+    (tmp_path / "d").mkdir()  # an empty --out given: empty again (its tokenizer files were left behind)
+    with pytest.raises(D.DataError, match="no field 'text'"):
+        C.pretokenize([str(bad)], str(files / "tokenizer.json"), str(tmp_path / "d"), workers=1, progress=False)
+    assert os.listdir(tmp_path / "d") == []
+
+
+def test_pretokenize_bad_out_compressed_inputs_and_arguments_are_one_line(files, tmp_path):
+    """--out that is a file or cannot be made (tracebacks, exit 1), a compressed input (its bytes were tokenized as
+    text), --workers 0 and --vocab-size 0 (a misleading "--tokenizer or --vocab-size needed"): one line, exit 2."""
+    import gzip
+
+    (tmp_path / "afile").write_text("x")
+    gz = tmp_path / "rows.jsonl.gz"
+    gz.write_bytes(gzip.compress((files / "rows.jsonl").read_bytes()))
+    tok = files / "tokenizer.json"
+    for args, said in (
+            (("--data", files / "rows.jsonl", "--tokenizer", tok, "--out", tmp_path / "afile"), "a file, not a dir"),
+            (("--data", files / "rows.jsonl", "--tokenizer", tok, "--out", tmp_path / "afile" / "x"),
+             "cannot create it"),
+            (("--data", gz, "--tokenizer", tok, "--out", tmp_path / "o"), "a compressed or archive file"),
+            (("--data", files / "rows.jsonl", "--tokenizer", tok, "--out", tmp_path / "o", "--workers", "0"),
+             "--workers 0: must be >= 1"),
+            (("--data", files / "rows.jsonl", "--out", tmp_path / "o", "--vocab-size", "0"),
+             "--vocab-size 0: must be >= 1")):
+        proc = _pretokenize(*args)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
 
 
 def test_bpe_smaller_than_asked_says_so(tmp_path, capsys):
