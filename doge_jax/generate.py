@@ -395,7 +395,9 @@ def _main(argv=None) -> int:
         return fail("the prompt is empty after tokenization")
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
-        return fail(f"prompt ids outside [0, vocab_size={model.config.vocab_size}): {bad[:10]}")
+        hint = (f" (the tokenizer {tok_file} has {tokenizer.get_vocab_size()} tokens: not this model's? --tokenizer "
+                "names another)" if args.prompt is not None else "")
+        return fail(f"prompt ids outside [0, vocab_size={model.config.vocab_size}): {bad[:10]}{hint}")
     gen = model.generation_config
     given = [FROM_CONFIG if v is None else v for v in (args.do_sample, args.temperature, args.top_k, args.top_p)]
     do_sample, temperature, top_k, top_p = sampling = sampling_args(gen, *given)
