@@ -547,16 +547,22 @@ def test_resume_refuses_other_model(corpus, cache, tmp_path, capsys):
     assert "different model config (fields: intermediate_size)" in capsys.readouterr().err
 
 
-def test_sigterm_saves_a_checkpoint(corpus, cache, tmp_path):
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "doge_jax.train", *TINY_ARGS, "--data", corpus, "--out_dir", str(out),
-            "--train.cache_dir", cache, "--train.num_training_steps", "100000", "--train.num_decay_steps", "2",
-            "--train.checkpoint_every", "100000", "--train.eval_every", "0"]
+def _sigterm_once_compiled(program: list[str], corpus, cache, out) -> subprocess.Popen:
+    """A long run of `python *program` (its stderr piped), sent SIGTERM once its train step is compiled."""
+    args = [sys.executable, *program, *TINY_ARGS, "--data", corpus, "--out_dir", str(out), "--train.cache_dir", cache,
+            "--train.num_training_steps", "100000", "--train.num_decay_steps", "2", "--train.checkpoint_every",
+            "100000", "--train.eval_every", "0"]
     proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if "compiled the train step" in line:
             break
     proc.send_signal(signal.SIGTERM)
+    return proc
+
+
+def test_sigterm_saves_a_checkpoint(corpus, cache, tmp_path):
+    out = tmp_path / "run"
+    proc = _sigterm_once_compiled(["-m", "doge_jax.train"], corpus, cache, out)
     rest = proc.stderr.read()
     assert proc.wait(timeout=120) == 143, rest  # 128 + SIGTERM, as the shell reports it
     assert "interrupted at step" in rest
@@ -575,14 +581,7 @@ sys.exit(T.main(sys.argv[1:]))
 def test_a_second_sigterm_ends_the_run_at_once(corpus, cache, tmp_path):
     """As README says: the first SIGTERM stops after the step with a checkpoint; a second one while that is written
     ends the process at once (it only put the old handler back: the run went on and exited 143 later)."""
-    args = [sys.executable, "-c", _SLOW_STOP_SAVE, *TINY_ARGS, "--data", corpus, "--out_dir", str(tmp_path / "run"),
-            "--train.cache_dir", cache, "--train.num_training_steps", "100000", "--train.num_decay_steps", "2",
-            "--train.checkpoint_every", "100000", "--train.eval_every", "0"]
-    proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if "compiled the train step" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
+    proc = _sigterm_once_compiled(["-c", _SLOW_STOP_SAVE], corpus, cache, tmp_path / "run")
     for line in proc.stderr:
         if "waiting for the write" in line:
             break
