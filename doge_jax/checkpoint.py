@@ -109,13 +109,27 @@ def _orbax_write(directory: str):
         try:
             yield
         except Exception as e:  # (not a second Ctrl-C's KeyboardInterrupt: that stops at once)
+            if is_program_error(e):
+                raise
             _settle(directory)
             # its other writes' errors, when their futures are collected later: "Task/Future exception was never
             # retrieved" with the failed write's message (which names this directory), from asyncio's logger
-            logging.getLogger("asyncio").addFilter(lambda record: directory not in record.getMessage())
+            _quiet_asyncio_about(directory)
             if isinstance(e, (OSError, CheckpointError)):
                 raise
             raise OSError(_short(e)) from e
+
+
+_QUIET_DIRS: set[str] = set()
+
+
+def _quiet_asyncio_about(directory: str) -> None:
+    """Drop asyncio's "exception was never retrieved" reports that name `directory` (a failed write's leftovers,
+    reported once by the writer): one filter for the process, the directories in a set."""
+    if not _QUIET_DIRS:
+        logging.getLogger("asyncio").addFilter(
+            lambda record: not any(d in record.getMessage() for d in _QUIET_DIRS))
+    _QUIET_DIRS.add(directory)
 
 
 def _settle(directory: str, quiet_s: float = 0.3, limit_s: float = 20.0) -> None:
@@ -432,15 +446,16 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self.async_save = async_save
         self.in_flight: int | None = None  # the step an async save is still writing
         # a failed async write is reported by the next save or wait, as one line (CheckpointWriteError); orbax
         # also logs it from its writer threads at once, with tracebacks (hundreds of lines): dropped, as are the
         # other writes' reports into orbax's closed event loop
         _quiet_failed_io_leftovers()
-        logging.getLogger("absl").addFilter(_no_async_write_tracebacks)
+        if _no_async_write_tracebacks not in logging.getLogger("absl").filters:
+            logging.getLogger("absl").addFilter(_no_async_write_tracebacks)
         # ... and asyncio's "Task/Future exception was never retrieved" for those writes, when collected later
-        directory = self.directory
-        logging.getLogger("asyncio").addFilter(lambda record: directory not in record.getMessage())
+        _quiet_asyncio_about(self.directory)
 
     def save(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
         """Start writing checkpoint `step` (finished in the background when saves are async). A failed write,
@@ -449,22 +464,22 @@ class TrainCheckpointer:
 
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                                   data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+        self.wait()  # the previous async write's failure, named as its own
         with self._write_errors(step):
             self.mngr.save(step, args=args, force=True)
-        self.in_flight = step
+        self.in_flight = step if self.async_save else None
 
     @contextlib.contextmanager
-    def _write_errors(self, step: int | None = None):
-        """A failed write of checkpoint `step`, or of the one still in flight (async: orbax reports its failure
-        at the next save or wait), as CheckpointWriteError: one line, not orbax's traceback (a TypeError of a
-        value that is not JSON stays what it is: a program error)."""
+    def _write_errors(self, step: int | None):
+        """A failed write of checkpoint `step` (async: reported by orbax at the next save or wait) as
+        CheckpointWriteError: one line, not orbax's traceback (a TypeError of a value that is not JSON stays what
+        it is: a program error)."""
         try:
             yield
         except Exception as e:  # noqa: BLE001 - TensorStore's ValueError, XLA's RuntimeError, OSError, ...
             if isinstance(e, CheckpointError | CheckpointWriteError) or is_program_error(e):
                 raise
-            failed = self.in_flight if self.in_flight is not None else step
-            self.in_flight = None
+            failed, self.in_flight = step, None
             which = f"checkpoint step {failed}" if failed is not None else "a checkpoint"
             raise CheckpointWriteError(f"writing {which} into {self.directory} failed ({_short(e)}); the "
                                        "checkpoints before it are intact: re-run the same command to resume from "
@@ -488,7 +503,13 @@ class TrainCheckpointer:
         skipped: list[tuple[int, str]] = []
         for step in _process0_list(sorted(self.mngr.all_steps(), reverse=True)):
             r, error = self._read_step_retrying(step, abstract_params, abstract_opt_state)
-            if _every_process(error is None):  # the one collective per step: every host takes the same branch
+            oom = error is not None and _out_of_memory(error)
+            if not _every_process(not oom):  # out of memory is not damage: every host stops, nothing is moved
+                if oom:
+                    raise error
+                raise CheckpointError(f"another host ran out of memory reading checkpoint step {step} in "
+                                      f"{self.directory}; nothing was moved")
+            if _every_process(error is None):  # every host takes the same branch
                 for bad, _ in skipped:
                     self._quarantine(bad)
                 return (step, *r)
@@ -515,7 +536,7 @@ class TrainCheckpointer:
                 return self._read_step(step, abstract_params, abstract_opt_state), None
             except Exception as e:  # noqa: BLE001 - any failure but out of memory: retried, then the step is unusable
                 if _out_of_memory(e):
-                    raise
+                    return None, e  # (not retried; restore_latest has every host raise it)
                 error = e
             if delay is not None:
                 _warn(f"checkpoint step {step}: read failed ({type(error).__name__}: {_short(error)}); retrying in "
@@ -566,7 +587,7 @@ class TrainCheckpointer:
         self.mngr.reload()
 
     def wait(self) -> None:
-        with self._write_errors():
+        with self._write_errors(self.in_flight):
             self.mngr.wait_until_finished()
         self.in_flight = None
 

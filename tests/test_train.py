@@ -212,6 +212,34 @@ def test_unreadable_steps_move_only_when_an_older_one_restores_and_oom_passes(tm
     assert len(os.listdir(tmp_path / "corrupt_checkpoints")) == 2
 
 
+def test_a_failed_checkpoint_write_names_its_own_step(tmp_path):
+    """The step named is the one whose write failed: the new one, or (async) the one still in flight; the step
+    before a failed one was named once a save finished (it is on disk)."""
+    from doge_jax.hf_names import CheckpointWriteError
+
+    params, opt = {"w": np.ones((2, 3), np.float32)}, {"count": np.zeros((), np.int32)}
+    for async_save in (False, True):
+        ck = TrainCheckpointer(str(tmp_path / str(async_save)), keep=3, async_save=async_save)
+        ck.save(1, params, opt, {"next_index": 1}, {"step": 1})
+        ck.mngr.wait_until_finished()  # (written; the trainer does not wait here)
+        real = ck.mngr.save
+
+        def full(*a, **k):
+            raise ValueError("OUT_OF_RANGE: Failed writing: No space left on device")
+
+        ck.mngr.save = full
+        with pytest.raises(CheckpointWriteError, match=r"writing checkpoint step 2 into .* failed \(OUT_OF_RANGE"):
+            ck.save(2, params, opt, {"next_index": 2}, {"step": 2})
+        ck.mngr.save = real
+        if async_save:  # a write that fails in the background: named when the next save or wait learns of it
+            ck.save(3, params, opt, {"next_index": 3}, {"step": 3})
+            real_wait, ck.mngr.wait_until_finished = ck.mngr.wait_until_finished, full
+            with pytest.raises(CheckpointWriteError, match="writing checkpoint step 3 into"):
+                ck.save(4, params, opt, {"next_index": 4}, {"step": 4})
+            ck.mngr.wait_until_finished = real_wait
+        ck.close()
+
+
 def test_failed_save_keeps_previous_checkpoint(tmp_path):
     params = {"w": np.ones((2, 3), np.float32)}
     ck = TrainCheckpointer(str(tmp_path), keep=1, async_save=False)
