@@ -301,6 +301,38 @@ def _logits_at(model, ids, mask, pos, i):
     return jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
 
 
+class TextStream:
+    """Writes the text of tokens as they come: the decoded prompt + new tokens minus the decoded prompt (decoding
+    the new tokens alone would drop a SentencePiece/Metaspace word boundary between them). It decodes a window of
+    the last tokens, not everything (that was quadratic: 8000 tokens streamed at half the model's speed): the
+    window's text minus the text of the window before the new token. The window slides to its last CONTEXT tokens
+    once they show text (else a next word would be the window's first, and a Metaspace / Strip decoder drops its
+    space: a run of special tokens, which decode skips, e.g. repeated EOS)."""
+
+    CONTEXT = 8
+
+    def __init__(self, tokenizer, prompt_ids: list[int], out):
+        self.tokenizer, self.toks, self.out = tokenizer, list(prompt_ids), out
+        self.start = max(0, len(self.toks) - self.CONTEXT)
+        self.text = tokenizer.decode(self.toks[self.start:])
+
+    def push(self, token: int, final: bool = False) -> None:
+        if token is not None:
+            self.toks.append(token)
+        text = self.tokenizer.decode(self.toks[self.start:])
+        if text.endswith("\ufffd") and not final:  # wait for the rest of a multi-byte character
+            return
+        self.out.write(text[len(self.text):] if text.startswith(self.text) else "\n" + text)
+        self.text = text
+        if len(self.toks) - self.start > 4 * self.CONTEXT:
+            context = self.tokenizer.decode(self.toks[-self.CONTEXT:])
+            if context.strip() and not context.startswith("\ufffd"):
+                self.start, self.text = len(self.toks) - self.CONTEXT, context
+
+    def finish(self) -> None:
+        self.push(None, final=True)
+
+
 # ---- command line ----------------------------------------------------------------------------------------------
 
 
@@ -422,26 +454,8 @@ def _main(argv=None) -> int:
     new: list[int] = []
     times: list[float] = []
     out = sys.stdout
-    # Streaming decodes a window of the last tokens (decoding everything each token was quadratic: 8000 tokens
-    # streamed at half the model's speed): the window's text once it has `base` tokens of context before the new
-    # ones, minus that context's text. Decoding the new tokens alone would drop a SentencePiece/Metaspace word
-    # boundary between them; the context keeps it.
-    CONTEXT = 8
-    state = {"start": max(0, len(ids) - CONTEXT)}  # first token of the window
-    state["text"] = tokenizer.decode(ids[state["start"]:]) if tokenizer is not None else ""
+    stream = TextStream(tokenizer, ids, out) if tokenizer is not None else None
     base = tokenizer.decode(ids) if tokenizer is not None else ""
-
-    def show(final: bool = False) -> None:
-        toks = ids + new
-        text = tokenizer.decode(toks[state["start"]:])
-        if text.endswith("\ufffd") and not final:  # wait for the rest of a multi-byte character
-            return
-        printed = state["text"]
-        out.write(text[len(printed):] if text.startswith(printed) else "\n" + text)
-        state["text"] = text
-        if len(toks) - state["start"] > 4 * CONTEXT:  # slide the window: the text of its last CONTEXT tokens
-            state["start"] = len(toks) - CONTEXT
-            state["text"] = tokenizer.decode(toks[state["start"]:])
 
     # Ctrl-C while the compiled decode loop runs: Python runs signal handlers only between the main thread's
     # bytecodes, i.e. after the whole loop. The signal's byte also goes to a wakeup pipe, which the token callback
@@ -468,8 +482,8 @@ def _main(argv=None) -> int:
         times.append(time.perf_counter())
         new.append(int(toks[0]))
         try:
-            if tokenizer is not None:
-                show()
+            if stream is not None:
+                stream.push(new[-1])
             else:
                 out.write(f" {new[-1]}")
             out.flush()
@@ -508,8 +522,8 @@ def _main(argv=None) -> int:
         raise BrokenPipeError
     if stopped:
         raise KeyboardInterrupt
-    if tokenizer is not None and new:
-        show(final=True)  # a tail held back for a multi-byte character that never completed
+    if stream is not None and new:
+        stream.finish()  # a tail held back for a multi-byte character that never completed
     out.write("\n")  # the output ends its line (a shell prompt or the next log line starts on its own)
     out.flush()
     t1 = time.perf_counter()

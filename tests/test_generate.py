@@ -58,6 +58,49 @@ def test_cli_with_tokenizer(model_dir, tmp_path, capsys):
     assert unknown and f"token id(s) {unknown} are not in the tokenizer's vocabulary (9 tokens" in captured.err
 
 
+def test_text_stream_equals_decoding_everything():
+    """The CLI's streamed text (a sliding window of tokens) is what decoding the whole output gives, for byte-level
+    BPE, Metaspace and WordLevel tokenizers, random ids, multi-byte characters, and a run of special tokens that
+    decode to nothing (a window of only those dropped the next word's space with a Metaspace decoder)."""
+    import io
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from doge_jax.generate import TextStream
+
+    text = "Hello world, the quick brown fox jumps over the lazy dog. Grüße aus Köln! 東京 " * 20
+    toks = []
+    for pre, dec in ((pre_tokenizers.ByteLevel(), decoders.ByteLevel()),
+                     (pre_tokenizers.Metaspace(), decoders.Metaspace())):
+        t = Tokenizer(models.BPE())
+        t.pre_tokenizer, t.decoder = pre, dec
+        t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"]))
+        toks.append(t)
+    words = "</s> the quick brown fox".split()
+    wl = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="the"))
+    wl.pre_tokenizer, wl.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    wl.add_special_tokens(["</s>"])
+    toks.append(wl)
+    rng = random.Random(0)
+    for t in toks:
+        eos = t.token_to_id("</s>")
+        cases = [(t.encode("Hello world").ids, t.encode("Hello").ids + [eos] * 40 + t.encode(" the quick fox").ids),
+                 (t.encode(text[:50]).ids, t.encode(text[50:400]).ids)]
+        cases += [([rng.randrange(t.get_vocab_size()) for _ in range(5)],
+                   [rng.randrange(t.get_vocab_size()) for _ in range(120)]) for _ in range(20)]
+        for prompt, new in cases:
+            out = io.StringIO()
+            stream = TextStream(t, prompt, out)
+            for tok in new:
+                stream.push(tok)
+            stream.finish()
+            whole = t.decode(prompt + new)
+            base = t.decode(prompt)
+            if whole.startswith(base):  # (else the fallback prints the text anew after a newline, both ways)
+                assert out.getvalue() == whole[len(base):], (prompt, new)
+
+
 def _cli_stream(model_dir, **kw):
     import subprocess
     import sys
