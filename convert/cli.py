@@ -22,7 +22,7 @@ source formats (detected):
 
 output layouts (DST is a directory; every target gets config.json, generation_config.json, tokenizer files):
   hf     model.safetensors (or shards + model.safetensors.index.json above --shard-size)
-  torch  pytorch_model.bin: torch.load(...) gives doge_torch's state_dict (no lm_head.weight when tied);
+  torch  pytorch_model.bin: torch.load(...) gives doge_torch's state_dict (less a tied lm_head.weight);
          DST also loads with from_pretrained in doge_torch and transformers
   jax    params/ (orbax): doge_jax.DogeForCausalLM.from_pretrained(DST)
 

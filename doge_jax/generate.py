@@ -468,8 +468,11 @@ def _main(argv=None) -> int:
     except ValueError:  # not the main thread: Ctrl-C is acted on after the loop
         old_wakeup = None
     stopped: list[str] = []
-    # (JAX logs the callback's exception with its traceback: not when it is the stop)
-    logging.getLogger("jax._src.debugging").addFilter(lambda record: not stopped)
+
+    def quiet_when_stopped(record) -> bool:  # JAX logs the callback's exception with its traceback: not the stop's
+        return not stopped
+
+    logging.getLogger("jax._src.debugging").addFilter(quiet_when_stopped)
 
     def on_token(step, toks):
         try:
@@ -518,6 +521,7 @@ def _main(argv=None) -> int:
     if stopped:  # the callback's error can also surface at the next sync of the ordered effects: take it here
         with contextlib.suppress(Exception):
             jax.effects_barrier()
+    logging.getLogger("jax._src.debugging").removeFilter(quiet_when_stopped)
     if stopped and stopped[0] == "broken pipe":
         raise BrokenPipeError
     if stopped:
@@ -550,11 +554,14 @@ def main(argv=None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the output's reader went away (`| head`): no traceback, as SIGPIPE would end it
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the interpreter's final flush)
         return 141
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    if code == 141:  # (stdout's reader is gone: the interpreter's last flush of it would fail again, loudly)
+        import os
+        import sys
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(code)

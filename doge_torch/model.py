@@ -795,8 +795,15 @@ def _tied_head_key(module, state_dict, prefix, local_metadata) -> None:
 def _drop_tied_head_key(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                         error_msgs) -> None:
     """load_state_dict() of a tied model takes a state dict with `lm_head.weight` (transformers', ours) or
-    without it (HF files, where the tied key is left out): the embedding is the head."""
-    state_dict.pop(prefix + "lm_head.weight", None)
+    without it (HF files, where the tied key is left out): the embedding is the head. A head that differs from
+    the embedding (an untied model's) is an error, not dropped silently."""
+    head = state_dict.pop(prefix + "lm_head.weight", None)
+    emb = state_dict.get(prefix + "model.embed_tokens.weight")
+    if head is None or emb is None or head is emb or "meta" in (head.device.type, emb.device.type):
+        return
+    if head.shape != emb.shape or not torch.equal(head.to(emb), emb):
+        error_msgs.append("lm_head.weight differs from model.embed_tokens.weight, but this model ties them "
+                          "(tie_word_embeddings=True): load it into a model with tie_word_embeddings=False")
 
 
 class DogeForCausalLM(nn.Module):

@@ -57,6 +57,9 @@ def test_tied_state_dict_keys_as_transformers():
         assert max_abs_diff(ours(ids).logits, hf(ids).logits) <= TOL
     untied = ours_from_hf(make_hf_model(tie_word_embeddings=False))
     assert list(untied.state_dict()) == list(make_hf_model(tie_word_embeddings=False).state_dict())
+    with pytest.raises(RuntimeError, match="lm_head.weight differs from model.embed_tokens.weight, but this model "
+                                           "ties them"):  # (an untied model's head is not dropped silently)
+        ours.load_state_dict(untied.state_dict())
 
 
 def both_logits(hf, ours, ids, mask=None):
