@@ -315,6 +315,10 @@ def check_run_dir(run_dir: str) -> None:
         d = os.path.dirname(d)
 
 
+# a second SIGTERM this soon after the first is the same stop (srun and slurmstepd may both deliver one), not the
+# "end at once" that a later one is
+REPEAT_S = 1.0
+
 # ---- the run --------------------------------------------------------------------------------------------------------
 def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -> TrainResult:
     """Train (or resume) the run `tcfg.run_dir` describes; see the module docstring."""
@@ -455,14 +459,19 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
     stop_signal: list[int] = []
     handlers = {}
 
+    first_at: list[float] = []
+
     def on_signal(signum, frame):
         if stop_signal and signum == signal.SIGINT:  # a second Ctrl-C: at once (main says so in one line)
             raise KeyboardInterrupt
+        if stop_signal and time.monotonic() - first_at[0] < REPEAT_S:  # a repeat a scheduler may send: the same stop
+            return
         if stop_signal:  # a second SIGTERM: the previous handler's behaviour, now (the default ends the process)
             signal.signal(signum, handlers.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
             return
         stop_signal.append(signum)
+        first_at.append(time.monotonic())
 
     if sys.modules["threading"].current_thread() is sys.modules["threading"].main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):

@@ -769,6 +769,8 @@ def _stop_on_signals(enabled: bool) -> Iterator[list]:
     def handler(signum, frame):
         if stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if stop and time.monotonic() - stop[2] < 1.0:  # a repeat a scheduler may send (srun + slurmstepd): the same
+            return
         if stop:  # a second SIGTERM: the previous handler's behaviour, now (the default ends the process)
             signal.signal(signum, previous.get(signum) or signal.SIG_DFL)
             signal.raise_signal(signum)
@@ -776,7 +778,7 @@ def _stop_on_signals(enabled: bool) -> Iterator[list]:
         if not stop:
             name = signal.Signals(signum).name
             print(f"{name}: stopping after this step (with a checkpoint)", file=sys.stderr, flush=True)
-            stop.extend([name, 128 + signum])
+            stop.extend([name, 128 + signum, time.monotonic()])
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     for s, h in previous.items():
