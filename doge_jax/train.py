@@ -333,6 +333,9 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
     # a data, tokenizer or write error can hit one host only: every host stops with it (not in a collective later)
     with S.all_or_none("setting up the run (config, tokenizer, data)"):
         check_run_dir(run_dir)
+        locked = jax.process_index() == 0 and os.path.isdir(run_dir)
+        if locked:  # one trainer per run (process 0 of a multi-host run holds it for all), before its files are read
+            held.enter_context(run_lock(run_dir))
         # paths are checked here
         sources = (C.parse_sources(tcfg.data, exclude=[run_dir]) if tcfg.data
                    else [C.Source("stdlib", D.default_corpus())])
@@ -385,7 +388,7 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
         dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), hosts)
         val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
         os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
-        if primary:  # one trainer per run (process 0 of a multi-host run holds it for all)
+        if primary and not locked:  # (a new run directory)
             held.enter_context(run_lock(run_dir))
         if primary:  # config.json last: it marks an established run (whose tokenizer then wins on resume)
             D.save_tokenizer(tok, mcfg, run_dir)

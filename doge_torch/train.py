@@ -533,6 +533,8 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     # where shapes allow (dense -> MoE included), as in doge_jax.train
     if args.out:
         check_out_dir(args.out)
+        if os.path.isdir(args.out):  # before its checkpoints are read: another trainer may be rotating them
+            held.enter_context(hf_io.run_lock(args.out))
     have = checkpoint.steps(args.out) if args.out else []
     resume = checkpoint.path_of(args.out, have[-1]) if have else None
     with _unreadable_names(resume, args.out):
@@ -633,8 +635,9 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
 
     metrics_file = None
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        held.enter_context(hf_io.run_lock(args.out))  # one trainer per run directory
+        if not os.path.isdir(args.out):
+            os.makedirs(args.out)
+            held.enter_context(hf_io.run_lock(args.out))  # one trainer per run directory
         mpath = os.path.join(args.out, "metrics.jsonl")
         if resume and os.path.isfile(mpath):  # the steps after the checkpoint are done again: cut them
             kept = []
