@@ -617,7 +617,12 @@ def test_a_second_sigterm_ends_the_run_at_once(corpus, cache, tmp_path):
             break
     time.sleep(T.REPEAT_S + 0.2)  # (one sooner is a scheduler's repeat of the first: the same stop)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == -signal.SIGTERM  # ended by the signal itself, not 120 s later with 143
+    try:
+        rest = proc.communicate(timeout=60)[1]  # (its stderr drained meanwhile)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest = "still running 60 s after the second SIGTERM\n" + proc.communicate()[1]
+    assert proc.returncode == -signal.SIGTERM, rest[-3000:]  # ended by the signal, not 120 s later with 143
 
 
 def _ctrl_c_in_first_step(monkeypatch, times: int) -> None:
