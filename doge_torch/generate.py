@@ -110,9 +110,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     eos = eos_ids(eos_token_id, gcfg)
     pad = output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
     device = input_ids.device
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64):
+    if seed is not None and (not isinstance(seed, int | np.integer) or isinstance(seed, bool)
+                             or not 0 <= seed < 2**64):
         raise ValueError(f"seed={seed!r}: must be None (torch's global generator) or an integer in [0, 2**64)")
-    gen = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
+    gen = torch.Generator(device=device).manual_seed(int(seed)) if do_sample and seed is not None else None
     B = input_ids.shape[0]
     if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
         infer = inferred_pad(pad_token_id, gcfg, eos)

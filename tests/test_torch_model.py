@@ -373,7 +373,9 @@ def test_sampling_is_seeded():
     ours = ours_from_hf(make_hf_model())
     ids = torch.as_tensor(random_ids(2, 6, TINY["vocab_size"], seed=3))
     a = ours.generate(ids, max_new_tokens=12, do_sample=True, seed=1)
-    assert torch.equal(a, ours.generate(ids, max_new_tokens=12, do_sample=True, seed=1))
+    assert torch.equal(a, ours.generate(ids, max_new_tokens=12, do_sample=True, seed=np.int64(1)))  # (as doge_jax)
+    with pytest.raises(ValueError, match="seed=-1: must be None"):
+        ours.generate(ids, max_new_tokens=2, do_sample=True, seed=-1)
     assert not torch.equal(a, ours.generate(ids, max_new_tokens=12, do_sample=True, seed=2))
     greedy = ours.generate(ids, max_new_tokens=12)
     assert torch.equal(greedy, ours.generate(ids, max_new_tokens=12, do_sample=True, top_k=1, seed=5))
