@@ -481,9 +481,7 @@ class TrainCheckpointer:
                 raise
             failed, self.in_flight = step, None
             which = f"checkpoint step {failed}" if failed is not None else "a checkpoint"
-            raise CheckpointWriteError(f"writing {which} into {self.directory} failed ({_short(e)}); the "
-                                       "checkpoints before it are intact: re-run the same command to resume from "
-                                       "the newest once the cause (disk space?) is fixed") from e
+            raise CheckpointWriteError.of(which, self.directory, _short(e)) from e
 
     def restore_latest(self, abstract_params, abstract_opt_state):
         """(step, params, opt_state, data_state, meta) of the newest checkpoint that restores, or None when the run

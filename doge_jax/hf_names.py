@@ -38,6 +38,12 @@ class CheckpointWriteError(OSError):
     """A training checkpoint could not be written (a full disk, a file size limit, permissions): the trainers end
     the run with this one line (exit 1); the checkpoints written before it are intact."""
 
+    @classmethod
+    def of(cls, which: str, where: str, why: str) -> CheckpointWriteError:
+        """`which` ("checkpoint step 4") into `where` failed for the one-line reason `why`."""
+        return cls(f"writing {which} into {where} failed ({why}); the checkpoints before it are intact: re-run the "
+                   "same command to resume from the newest once the cause (disk space?) is fixed")
+
 
 def is_legacy(keys: Iterable[str]) -> bool:
     return any(k.startswith("model.word_embed.") or ".pre_layernorm." in k or ".feed_forward." in k for k in keys)

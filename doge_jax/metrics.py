@@ -15,6 +15,7 @@ Remat recomputation is not counted (model FLOPs, not hardware FLOPs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -127,10 +128,8 @@ class MetricsLogger:
                 self.file.flush()
             except OSError as e:
                 self.warn(f"writing {self.path} failed ({e}); metrics.jsonl is off for the rest of the run")
-                try:
+                with contextlib.suppress(OSError):
                     self.file.close()
-                except OSError:
-                    pass
                 self.file = None
         if self.tb is not None and not self._tb_alive():
             self._tb_off("its writer thread stopped: a failed write")

@@ -35,7 +35,7 @@ from .loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
 from .model import causal_lm_loss
 from .optim import decay_mask, make_optimizer, wsd_schedule
-from .train_config import TrainConfig, absolute_data, parse_argv, read_run_record
+from .train_config import SIGTERM_REPEAT_S, TrainConfig, absolute_data, parse_argv, read_run_record
 
 
 class TrainingDiverged(RuntimeError):
@@ -315,10 +315,6 @@ def check_run_dir(run_dir: str) -> None:
         d = os.path.dirname(d)
 
 
-# a second SIGTERM this soon after the first is the same stop (srun and slurmstepd may both deliver one), not the
-# "end at once" that a later one is
-REPEAT_S = 1.0
-
 # ---- the run --------------------------------------------------------------------------------------------------------
 def train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None = None) -> TrainResult:
     """Train (or resume) the run `tcfg.run_dir` describes; see the module docstring."""
@@ -467,7 +463,7 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
     def on_signal(signum, frame):
         if stop_signal and signum == signal.SIGINT:  # a second Ctrl-C: at once (main says so in one line)
             raise KeyboardInterrupt
-        if stop_signal and time.monotonic() - first_at[0] < REPEAT_S:  # a repeat a scheduler may send: the same stop
+        if stop_signal and time.monotonic() - first_at[0] < SIGTERM_REPEAT_S:  # a scheduler's repeat: the same stop
             return
         if stop_signal:  # a second SIGTERM: the previous handler's behaviour, now (the default ends the process)
             signal.signal(signum, handlers.get(signum, signal.SIG_DFL))

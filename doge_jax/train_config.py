@@ -22,6 +22,11 @@ from .config import ConfigError, DogeConfig, has_type
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
 
 
+# Both trainers: a second SIGTERM this soon after the first is the same stop (srun and slurmstepd may both deliver
+# one), not the "end at once" that a later one is.
+SIGTERM_REPEAT_S = 1.0
+
+
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - dataclass field with a help text
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})

@@ -72,9 +72,7 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim
         if isinstance(e, CheckpointError | CheckpointWriteError) or hf_io.is_program_error(e):
             raise
         first = (str(e).splitlines() or [""])[0][:200]
-        raise CheckpointWriteError(f"writing checkpoint step {step} into {path} failed ({type(e).__name__}: {first}); "
-                                   "the checkpoints before it are intact: re-run the same command to resume from the "
-                                   "newest once the cause (disk space?) is fixed") from e
+        raise CheckpointWriteError.of(f"checkpoint step {step}", path, f"{type(e).__name__}: {first}") from e
     for old in steps(out_dir)[:-keep]:
         shutil.rmtree(path_of(out_dir, old), ignore_errors=True)
     return path

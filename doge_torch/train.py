@@ -40,7 +40,7 @@ from doge_jax import data as D
 from doge_jax import hf_io
 from doge_jax.config import ConfigError
 from doge_jax.hf_names import CheckpointError, CheckpointWriteError
-from doge_jax.train_config import load_configs
+from doge_jax.train_config import SIGTERM_REPEAT_S, load_configs
 
 from . import checkpoint
 from .loss import IGNORE
@@ -772,7 +772,7 @@ def _stop_on_signals(enabled: bool) -> Iterator[list]:
     def handler(signum, frame):
         if stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        if stop and time.monotonic() - stop[2] < 1.0:  # a repeat a scheduler may send (srun + slurmstepd): the same
+        if stop and time.monotonic() - stop[2] < SIGTERM_REPEAT_S:  # a scheduler's repeat: the same stop
             return
         if stop:  # a second SIGTERM: the previous handler's behaviour, now (the default ends the process)
             signal.signal(signum, previous.get(signum) or signal.SIG_DFL)

@@ -26,7 +26,7 @@ from doge_jax.loss import DogeTrunk, causal_lm_loss_chunked
 from doge_jax.metrics import flops_per_token, matmul_params_per_token, read_metrics
 from doge_jax.model import causal_lm_loss
 from doge_jax.optim import decay_mask, make_optimizer, wsd_schedule
-from doge_jax.train_config import TrainConfig, help_text, load_configs, parse_overrides
+from doge_jax.train_config import SIGTERM_REPEAT_S, TrainConfig, help_text, load_configs, parse_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny model + recipe: 1 layer, d 32, BPE vocab 320, 4 rows x 32 tokens per step.
@@ -615,7 +615,7 @@ def test_a_second_sigterm_ends_the_run_at_once(corpus, cache, tmp_path):
     for line in proc.stderr:
         if "waiting for the write" in line:
             break
-    time.sleep(T.REPEAT_S + 0.2)  # (one sooner is a scheduler's repeat of the first: the same stop)
+    time.sleep(SIGTERM_REPEAT_S + 0.2)  # (one sooner is a scheduler's repeat of the first: the same stop)
     proc.send_signal(signal.SIGTERM)
     try:
         rest = proc.communicate(timeout=60)[1]  # (its stderr drained meanwhile)
