@@ -218,6 +218,23 @@ class DogeConfig:
     def replace(self, **changes: Any) -> DogeConfig:
         return dataclasses.replace(self, **changes)
 
+    def resized_vocab(self, new_num_tokens: int | None, pad_to_multiple_of: int | None) -> int | None:
+        """The vocabulary size `resize_token_embeddings(new_num_tokens, pad_to_multiple_of)` makes, as transformers
+        reads its arguments (None: nothing asked); bad arguments are a ValueError naming them."""
+        for name, v in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return None
+        n = int(new_num_tokens if new_num_tokens is not None else self.vocab_size)
+        if pad_to_multiple_of is not None:
+            n = -(-n // int(pad_to_multiple_of)) * int(pad_to_multiple_of)
+        try:
+            self.replace(vocab_size=n)
+        except ConfigError as e:  # a pad/BOS/EOS id the smaller vocabulary would lose
+            raise ConfigError(f"cannot resize the vocabulary to {n} tokens: {e}") from None
+        return n
+
     # ---- plain dict / YAML ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

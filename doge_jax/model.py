@@ -378,6 +378,30 @@ def check_labels(labels, vocab_size: int) -> None:
         raise ValueError(f"labels outside [0, vocab_size={vocab_size}) and not -100: {bad[:10].tolist()}")
 
 
+def _resized_rows(w: jax.Array, n: int, mean_resizing: bool, std: float, rng: np.random.Generator) -> jax.Array:
+    """`w`'s first min(n, rows) rows plus new ones (see resize_token_embeddings), in w's dtype and placement."""
+    old, d = w.shape
+    x = np.asarray(jax.device_get(w))
+    if n <= old:
+        out = x[:n]
+    else:
+        if not mean_resizing:
+            new = rng.normal(0.0, std, (n - old, d))
+        else:  # as transformers: noise of 1e-9 times the covariance where that is positive definite, else none
+            xf = x.astype(np.float64)
+            mean = xf.mean(0)
+            try:
+                chol = np.linalg.cholesky(1e-9 * ((xf - mean).T @ (xf - mean) / old))
+                new = mean + rng.standard_normal((n - old, d)) @ chol.T
+            except np.linalg.LinAlgError:
+                new = np.broadcast_to(mean, (n - old, d))
+        out = np.concatenate([x, new.astype(x.dtype)])
+    try:
+        return jax.device_put(out, w.sharding)
+    except ValueError:  # a mesh axis that does not divide the new size: default placement
+        return jnp.asarray(out)
+
+
 class DogeForCausalLM(nnx.Module):
     """The Doge causal LM. `model(input_ids, attention_mask=None, logits_to_keep=0).logits`."""
 
@@ -537,6 +561,28 @@ class DogeForCausalLM(nnx.Module):
         if selected is not None:
             out = out.replace(hidden_states=hidden)
         return out.to_tuple() if return_dict is False else out
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True, seed: int = 0) -> nnx.Embed:
+        """As transformers: keep the first rows of the embedding (and of an untied head), drop the rows past
+        `new_num_tokens` or add new ones, rounded up to `pad_to_multiple_of`. New rows (NumPy's generator from
+        `seed`): with `mean_resizing`, the old rows' mean plus noise of 1e-9 times their covariance (so the
+        next-token distribution barely moves), else normal(0, initializer_range). Updates config.vocab_size."""
+        n = self.config.resized_vocab(new_num_tokens, pad_to_multiple_of)
+        emb = self.model.embed_tokens
+        if n is None or n == emb.num_embeddings:
+            return emb
+        rng = np.random.default_rng(seed)
+        emb.embedding = nnx.Param(_resized_rows(emb.embedding[...], n, mean_resizing, self.config.initializer_range,
+                                                rng))
+        emb.num_embeddings = n
+        if not self.config.tie_word_embeddings:  # kernel [hidden, vocab]: resize its columns
+            k = self.lm_head.kernel[...]
+            self.lm_head.kernel = nnx.Param(_resized_rows(k.T, n, mean_resizing, self.config.initializer_range,
+                                                          rng).T)
+            self.lm_head.out_features = n
+        self.config = self.config.replace(vocab_size=n)
+        return emb
 
     def lm_logits(self, x: jax.Array) -> jax.Array:
         if self.config.tie_word_embeddings:

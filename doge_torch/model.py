@@ -806,6 +806,27 @@ def _drop_tied_head_key(module, state_dict, prefix, local_metadata, strict, miss
                           "(tie_word_embeddings=True): load it into a model with tie_word_embeddings=False")
 
 
+def _resized_rows(w: nn.Parameter, n: int, mean_resizing: bool, std: float, head: bool) -> nn.Parameter:
+    """`w`'s first min(n, rows) rows, plus new rows drawn as transformers' resize draws them: the same generator
+    calls in the same order (the fresh module's own init included), so the same values for the same torch seed."""
+    old, d = w.shape
+    kw = dict(dtype=w.dtype, device=w.device)
+    new = (nn.Linear(d, n, bias=False, **kw) if head else nn.Embedding(n, d, **kw)).weight.detach()
+    if n > old and not mean_resizing:
+        nn.init.normal_(new, 0.0, std)
+    elif n > old:  # the old rows' mean, plus noise of 1e-9 times their covariance where it is positive definite
+        x = w.detach().float()
+        mean = x.mean(0)
+        cov = 1e-9 * ((x - mean).T @ (x - mean) / old)
+        if torch.distributions.constraints.positive_definite.check(cov).all():
+            dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
+            new[old:] = dist.sample((n - old,)).to(w.dtype)
+        else:
+            new[old:] = mean.to(w.dtype)
+    new[:min(n, old)] = w[:min(n, old)]
+    return nn.Parameter(new, requires_grad=w.requires_grad)
+
+
 class DogeForCausalLM(nn.Module):
     """The Doge causal LM. `model(input_ids, attention_mask=None, logits_to_keep=0).logits`."""
 
@@ -860,6 +881,26 @@ class DogeForCausalLM(nn.Module):
         head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False, device="meta")
         head.weight = self.model.embed_tokens.weight
         return head
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """As transformers: keep the first rows of the embedding (and of an untied head), drop the rows past
+        `new_num_tokens` or add new ones, rounded up to `pad_to_multiple_of`; new rows are drawn from
+        torch's global generator as transformers draws them (`mean_resizing`: near the old rows' mean, so the
+        next-token distribution barely moves; else normal(0, initializer_range)). Updates config.vocab_size."""
+        n = self.config.resized_vocab(new_num_tokens, pad_to_multiple_of)
+        emb = self.model.embed_tokens
+        if n is None or n == emb.num_embeddings:
+            return emb
+        emb.weight = _resized_rows(emb.weight, n, mean_resizing, self.config.initializer_range, head=False)
+        emb.num_embeddings = n
+        if not self.config.tie_word_embeddings:
+            self.lm_head.weight = _resized_rows(self.lm_head.weight, n, mean_resizing, self.config.initializer_range,
+                                                head=True)
+            self.lm_head.out_features = n
+        self.config = self.model.cfg = self.config.replace(vocab_size=n)
+        return emb
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """As transformers: rematerialise every layer in the backward pass (config.remat "full"; "dots_saveable"

@@ -101,6 +101,8 @@ def test_merge_config_rules():
                          ("tie_word_embeddings", True), ("num_key_value_heads", 2)):
         with pytest.raises(ConfigError, match=f"model.{field}="):
             merge_config(base, {field: value})
+    with pytest.raises(ConfigError, match=r"resize the checkpoint first: .*resize_token_embeddings\(N\)"):
+        merge_config(base, {"vocab_size": 65})
     moe = merge_config(base, {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4})
     assert (moe.is_moe, moe.num_experts, moe.num_experts_per_tok) == (True, 16, 4)
     with pytest.raises(ConfigError, match="model.num_experts=64"):

@@ -883,3 +883,43 @@ def test_inputs_embeds_as_transformers(tmp_path):
             m(attention_mask=conv(mask))
         with pytest.raises(ValueError, match=r"inputs_embeds shape \(2, 72, 3\): expected \[batch >= 1, seq >= 1, "):
             m(inputs_embeds=conv(emb[..., :3]))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_resize_token_embeddings(tmp_path, tie):
+    """As doge_torch / transformers: the old rows kept (the old tokens' logits unchanged), new rows near the old
+    rows' mean (mean_resizing) or normal(0, initializer_range), config.vocab_size updated; the resized model saves,
+    loads in transformers with the same logits, trains and generates; shrinking drops the last rows."""
+    hf = make_hf_model(tie_word_embeddings=tie)
+    model = _load(hf, tmp_path)
+    V, n = TINY["vocab_size"], 150
+    ids = jnp.asarray(unique_ids(2, 8, V, seed=1))
+    before = np.asarray(model(ids).logits)
+    emb = model.resize_token_embeddings(n, pad_to_multiple_of=16, seed=3)
+    assert emb is model.model.embed_tokens and emb.num_embeddings == model.config.vocab_size == 160
+    after = np.asarray(model(ids).logits)
+    assert after.shape[-1] == 160 and max_abs_diff(after[..., :V], before) <= 1e-6
+    w = np.asarray(model.model.embed_tokens.embedding[...])
+    np.testing.assert_array_equal(w[:V], hf.model.embed_tokens.weight.detach().numpy())
+    assert 0 < np.abs(w[V:] - w[:V].mean(0)).max() < 1e-3
+    model.save_pretrained(tmp_path / "resized")
+    back = transformers.DogeForCausalLM.from_pretrained(tmp_path / "resized").eval()
+    with torch.no_grad():
+        assert max_abs_diff(back(torch.as_tensor(np.array(ids))).logits, after) <= TOL
+    new_ids = jnp.array([[1, 155, 3, 159]])
+    loss, grads = nnx.value_and_grad(lambda m: m(new_ids, labels=new_ids).loss)(model)
+    assert np.isfinite(float(loss)) and grads.model.embed_tokens.embedding[...].shape == (160, TINY["hidden_size"])
+    assert model.generate(new_ids, max_new_tokens=3).shape == (1, 7)
+
+    fresh = _load(hf, tmp_path)
+    fresh.resize_token_embeddings(n, mean_resizing=False)
+    w = np.asarray(fresh.model.embed_tokens.embedding[...])
+    assert abs(w[V:].std() - fresh.config.initializer_range) < 0.2 * fresh.config.initializer_range
+    fresh.resize_token_embeddings(100)
+    assert fresh.config.vocab_size == 100 and np.asarray(fresh(ids % 100).logits).shape[-1] == 100
+    np.testing.assert_array_equal(np.asarray(fresh.model.embed_tokens.embedding[...]), w[:100])
+    with pytest.raises(ValueError, match="outside"):
+        fresh(jnp.array([[100]]))
+    with pytest.raises(ValueError, match="new_num_tokens must be a positive integer"):
+        fresh.resize_token_embeddings(1.5)
+    assert fresh.resize_token_embeddings() is fresh.model.embed_tokens and fresh.config.vocab_size == 100

@@ -1100,3 +1100,56 @@ def test_moe_backward_keeps_no_full_sort_or_gathered_rows():
     big = [s for s in saved if s[1][-1] >= cfg.num_keys ** 2 or s[1][-2:] == (4, cfg.hidden_size)]
     assert not big, big
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("mean_resizing", [True, False])
+def test_resize_token_embeddings_as_transformers(tie, mean_resizing):
+    """resize_token_embeddings keeps the old rows and draws the new ones from torch's generator as transformers
+    does: the same seed gives transformers' very weights (grown with padding to a multiple, then shrunk)."""
+    hf = make_hf_model(tie_word_embeddings=tie)
+    ours = ours_from_hf(hf)
+    ids = torch.as_tensor(unique_ids(2, 8, TINY["vocab_size"], seed=1))
+    with torch.no_grad():
+        before = ours(ids).logits
+    for n, multiple in ((150, 16), (100, None)):
+        torch.manual_seed(7)
+        hf.resize_token_embeddings(n, pad_to_multiple_of=multiple, mean_resizing=mean_resizing)
+        torch.manual_seed(7)
+        emb = ours.resize_token_embeddings(n, pad_to_multiple_of=multiple, mean_resizing=mean_resizing)
+        assert emb is ours.get_input_embeddings() and emb.num_embeddings == hf.config.vocab_size
+        assert ours.config.vocab_size == hf.config.vocab_size == (160 if n == 150 else 100)
+        for k, v in hf.state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v), k
+        if n == 150:  # the old tokens' logits are unchanged; the new ones are scored too
+            with torch.no_grad():
+                after = ours(ids).logits
+            assert after.shape[-1] == 160 and max_abs_diff(after[..., :TINY["vocab_size"]], before) <= 1e-6
+            w = ours.get_input_embeddings().weight.detach()
+            spread = (w[TINY["vocab_size"]:] - w[:TINY["vocab_size"]].mean(0)).abs().max()
+            assert (spread < 1e-3) == mean_resizing  # near the old rows' mean, else normal(0, initializer_range)
+    assert ours.get_output_embeddings().weight.shape == (100, TINY["hidden_size"])
+    with pytest.raises(ValueError, match="outside"):
+        ours(torch.tensor([[100]]))
+    ours.train()
+    ours(ids % 100, labels=ids % 100).loss.backward()  # the new Parameters train
+    assert ours.get_input_embeddings().weight.grad is not None
+
+
+def test_resize_token_embeddings_refusals_and_no_ops():
+    """Bad arguments, or a size that would drop the pad/BOS/EOS id, are refused before anything changes; no
+    size (or the same one) changes nothing, as in transformers."""
+    ours = ours_from_hf(make_hf_model(pad_token_id=90))
+    w = ours.get_input_embeddings().weight
+    assert ours.resize_token_embeddings() is ours.get_input_embeddings()
+    ours.resize_token_embeddings(TINY["vocab_size"])
+    ours.resize_token_embeddings(pad_to_multiple_of=64)  # 128 is a multiple already
+    assert ours.get_input_embeddings().weight is w
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="new_num_tokens must be a positive integer"):
+            ours.resize_token_embeddings(bad)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer"):
+        ours.resize_token_embeddings(200, pad_to_multiple_of=0)
+    with pytest.raises(ValueError, match=r"cannot resize the vocabulary to 64 tokens: DogeConfig.pad_token_id=90"):
+        ours.resize_token_embeddings(64)
+    assert ours.get_input_embeddings().weight is w and ours.config.vocab_size == TINY["vocab_size"]
