@@ -128,7 +128,22 @@ def resolve_paths(specs: list[str] | str, exclude: list[str] | tuple[str, ...] =
     if packed is not None:  # (a named or globbed file is read as text: its compressed bytes became "text")
         raise DataError(f"data path {packed!r}: a compressed or archive file, which is not read; decompress it "
                         f"(.txt, .jsonl, .json and .parquet files are read)")
+    binary = next((p for p in out if not p.lower().endswith(_TEXT_EXT + (".json",)) and _is_binary(p)), None)
+    if binary is not None:  # (its bytes were tokenized as one text document)
+        hint = {".npy": "; .npy token arrays are read by python -m doge_torch.train; for doge_jax.train pre-tokenize "
+                        "the text with python -m doge_jax.data and pass its output directory",
+                ".bin": "; a python -m doge_jax.data shard: pass its directory"}.get(os.path.splitext(binary)[1], "")
+        raise DataError(f"data path {binary!r}: a binary file (NUL bytes), not text{hint}")
     return sorted(dict.fromkeys(os.path.abspath(p) for p in out))
+
+
+def _is_binary(path: str) -> bool:
+    """Whether a file that is not named as text holds NUL bytes in its first 8 KiB (git's test for binary)."""
+    try:
+        with open(path, "rb") as f:
+            return b"\0" in f.read(8192)
+    except OSError:
+        return False  # (reading it later names the error)
 
 
 def _glob_root(spec: str) -> str:

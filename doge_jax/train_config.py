@@ -306,6 +306,8 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
         tcfg = TrainConfig(**train)
     except TypeError as e:
         raise ConfigError(f"train: {e}") from None
+    if tcfg.init_from:  # ~ as in the data paths (it was read before anything expanded it)
+        tcfg = dataclasses.replace(tcfg, init_from=os.path.expanduser(tcfg.init_from))
     resumed = _resumed_init_run(tcfg) if resume_runs else None
     if config_path and not raw.get("model") and not tcfg.init_from and not resumed:
         given = sorted(k for s, k, _ in overrides if s == "model")

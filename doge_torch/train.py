@@ -214,7 +214,7 @@ def load_tokens(files: Sequence[str], tokenizer=None, eos_token_id: int | None =
     the directories in `exclude` (the run's own --out)."""
     from doge_jax.corpora import is_pretokenized, load_pretokenized
 
-    parts, max_ids, names, text = [], [], [], []
+    parts, max_ids, names, text, pre_val = [], [], [], [], []
     tok = None
 
     def get_tok():
@@ -225,12 +225,20 @@ def load_tokens(files: Sequence[str], tokenizer=None, eos_token_id: int | None =
 
     expanded = []
     for path in map(os.path.expanduser, files):  # .npy globs and directories of .npy files
-        hits = []
+        hits, others = [], []
         if glob.has_magic(path):
             hits = sorted(glob.glob(path))
-            hits = hits if hits and all(p.endswith(".npy") for p in hits) else []  # text globs: resolve_paths
+            others = [p for p in hits if not p.endswith(".npy") and os.path.isfile(p)]
+            hits = [p for p in hits if p.endswith(".npy")]  # none: a text glob, for resolve_paths
         elif os.path.isdir(path) and not is_pretokenized(path):
             hits = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".npy"))
+            if hits:
+                with contextlib.suppress(D.DataError):  # (no text file below it)
+                    others = D.resolve_paths(path, list(exclude))
+        if hits and others:  # the .npy files alone would be read, the text ones dropped without a word
+            raise D.DataError(f"data path {path!r}: holds both .npy token arrays ({os.path.basename(hits[0])}) and "
+                              f"other files ({os.path.basename(others[0])}); "
+                              "pass them as separate paths")
         expanded += hits or [path]
     for path in expanded:
         if not glob.has_magic(path) and not os.path.exists(path):
@@ -254,8 +262,7 @@ def load_tokens(files: Sequence[str], tokenizer=None, eos_token_id: int | None =
             parts += train
             max_ids += [s.get("max_id") for s in manifest["shards"]]
             names += [os.path.join(path, s["train"]) for s in manifest["shards"]]
-            if val is not None:
-                val += held_out
+            pre_val += held_out  # (after the text's held-out rows, as doge_jax.train orders its sources)
         elif path.endswith(".bin"):
             raise ValueError(f"{path}: a pre-tokenized shard; pass its directory (written by python -m doge_jax.data)")
         else:
@@ -275,11 +282,14 @@ def load_tokens(files: Sequence[str], tokenizer=None, eos_token_id: int | None =
         names.append("the tokenized text data")
         if val is not None and len(held):
             val.append(held)
+    if val is not None:
+        val += pre_val
     return TokenStream(parts, max_ids, names)
 
 
 def batches(tokens: TokenStream | np.ndarray, seq_len: int, rows: int, grad_accum: int, seed: int,
-            pad_token_id: int | None = None, start_step: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
+            pad_token_id: int | None = None, start_step: int = 0, held_out: int = 0
+            ) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Endless optimizer steps: `grad_accum` micro-batches of [rows, seq_len] chunks of the stream, in a seeded
     shuffled order (reshuffled every epoch). Labels = input_ids, with pad tokens ignored (collator rule). From
     `start_step` on: a resumed run gets the batches it would have got had it not stopped. Too little data raises
@@ -287,7 +297,9 @@ def batches(tokens: TokenStream | np.ndarray, seq_len: int, rows: int, grad_accu
     n = len(tokens) // seq_len
     if n < rows * grad_accum:
         raise ValueError(f"data has {len(tokens)} tokens = {n} rows of seq_len={seq_len}; a step needs "
-                         f"{rows * grad_accum} (rows {rows} x grad_accum {grad_accum})")
+                         f"{rows * grad_accum} (rows {rows} x grad_accum {grad_accum})"
+                         + (f"; {held_out} more tokens are held out for validation (train.val_fraction)"
+                            if held_out else ""))
     stream = tokens if isinstance(tokens, TokenStream) else TokenStream([np.asarray(tokens)])
     return _batches(stream, n, seq_len, rows, grad_accum, seed, pad_token_id, start_step)
 
@@ -605,7 +617,9 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
                          cache_dir=os.path.join(tc.cache_dir, "tokens"))
     check_id_range(tokens, cfg.vocab_size)
     # validation: eval_batches micro-batches every eval_every steps (0: only at the end), as in doge_jax.train
+    all_tokens = len(tokens)
     tokens, val = val_rows(tokens, held_out, seq_len, tc.val_fraction, tc.eval_batches * rows)
+    held = sum(map(len, held_out)) if held_out else all_tokens - len(tokens)
     if val is None and (held_out or tc.val_fraction > 0):
         where = ("in the held-out documents or validation shards" if held_out
                  else f"(train.val_fraction={tc.val_fraction})")
@@ -624,7 +638,7 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
                    if k in old and old[k] != run[k]]
         print(f"resuming {resume} (step {done})"
               + (f"; warning: changed since: {'; '.join(changed)}" if changed else ""), flush=True)
-    data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id, start_step=done)
+    data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id, start_step=done, held_out=held)
     autocast = torch.bfloat16 if bf16 else None
     max_norm = tc.max_grad_norm
     print(f"doge_torch.train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(tokens)} tokens, "

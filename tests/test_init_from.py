@@ -305,3 +305,17 @@ def test_a_checkpoint_that_does_not_fit_leaves_no_run(corpus, cache, dense, tmp_
     assert not out.exists()
     assert T.main([*base, "--init-from", str(hf), "--train.stop_after", "1"]) == 0
     assert list_steps(str(out)) == [1]
+
+
+def test_init_from_in_a_config_file_expands_the_home_directory(tmp_path, monkeypatch):
+    """train.init_from: ~/ckpt reads the checkpoint under $HOME, as data paths expand ~ (it was 'no such file')."""
+    from doge_jax.train_config import load_configs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    base = DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32, keep_window_size=32)
+    DogeForCausalLM(base).save_pretrained(str(tmp_path / "ckpt"))
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  init_from: ~/ckpt\n  seq_len: 16\n")
+    cfg, tc = load_configs(str(cfg_file), [])
+    assert tc.init_from == str(tmp_path / "ckpt") and cfg.hidden_size == 32

@@ -641,7 +641,11 @@ def test_cli_out_must_be_a_run_and_a_failed_start_writes_nothing(tmp_path, capsy
     np.save(tmp_path / "short.npy", np.arange(40, dtype=np.uint16))
     short = ["--config", cfg, "--data", str(tmp_path / "short.npy"), "--max-steps", "1", "--device", "cpu"]
     assert cli(short + ["--out", str(tmp_path / "never")]) == 2
-    assert "a step needs" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    err = capsys.readouterr().err
+    assert "a step needs" in err and "held out" not in err and not (tmp_path / "never").exists()
+    np.save(tmp_path / "short.npy", np.arange(32 * 4, dtype=np.uint16))  # 4 rows: a step, if none were held out
+    assert cli(short + ["--out", str(tmp_path / "never")]) == 2
+    assert "; 32 more tokens are held out for validation (train.val_fraction)" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()  # an empty directory, or one with only a metrics file, is fine
     assert cli(base + ["--out", str(tmp_path / "empty")]) == 0 and os.path.isdir(tmp_path / "empty" / "final")
     (tmp_path / "started").mkdir()
@@ -1072,3 +1076,57 @@ def test_cli_a_second_trainer_on_a_run_is_refused(tmp_path, capsys):
         assert cli([*_tiny_npy_run(tmp_path), "--out", str(out)]) == 2
     assert "is in use: another trainer holds its lock" in capsys.readouterr().err
     assert os.listdir(out) == []
+
+
+def test_mixed_text_and_pretokenized_validation_rows_equal_doge_jax(tmp_path):
+    """Text plus a pre-tokenized directory (either order on the command line): doge_torch validates on doge_jax's
+    rows, the text's held-out documents first (before, the directory's validation shards came first)."""
+    from doge_jax import corpora as C
+    from doge_jax import data as D
+    from doge_torch.train import load_tokens, val_rows
+
+    rng = np.random.default_rng(2)
+    words = ["a", "bb", "c", "dd", "e", "ff"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n"
+                                              for _ in range(40)))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(words[::-1], 50))}) + "\n"
+                                              for _ in range(40)))
+    tok_file = str(tmp_path / "tokenizer.json")
+    D.train_bpe([str(tmp_path / "t.jsonl")], 300).save(tok_file)
+    tok = D.load_tokenizer(tok_file)
+    C.pretokenize([str(tmp_path / "p.jsonl")], tok_file, str(tmp_path / "pre"), val_fraction=0.2, seed=7,
+                  workers=1, progress=False)
+    specs = [str(tmp_path / "pre"), str(tmp_path / "t.jsonl")]
+    cache = str(tmp_path / "cache")
+    want = C.training_data(C.parse_sources(specs), tok, 1, 300, 16, cache, "text", 0.2, 7, False)
+    held: list = []
+    stream = load_tokens(specs, tok_file, 1, val=held, val_fraction=0.2, seed=7, cache_dir=cache)
+    _, rows = val_rows(stream, held, 16, 0.2, 10**6)
+    assert len(rows) == len(want.val_rows) > 0
+    np.testing.assert_array_equal(rows, np.asarray(want.val_rows))
+
+
+def test_binary_and_mixed_data_paths_are_refused_by_name(tmp_path):
+    """A directory or glob holding both .npy token arrays and text: one error (before, the .npy files alone were
+    read, or the .npy bytes tokenized as text); a binary file given as text is refused (also by doge_jax.train)."""
+    from doge_jax import data as D
+    from doge_torch.train import load_tokens
+
+    mix = tmp_path / "mix"
+    mix.mkdir()
+    np.save(mix / "tok.npy", np.arange(100, dtype=np.uint16))
+    (mix / "a.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n")
+    for spec in (str(mix), str(mix / "*")):
+        with pytest.raises(D.DataError, match=r"holds both .npy token arrays \(tok.npy\) and other files \(a.jsonl\)"):
+            load_tokens([spec], None, 1)
+    assert len(load_tokens([str(mix / "*.npy")], None, 1)) == 100
+    np.save(tmp_path / "alone.npy", np.arange(5, dtype=np.uint16))
+    (tmp_path / "shard.dat").write_bytes(b"\x01\x00\x02\x00")
+    for path, hint in ((mix / "tok.npy", "; .npy token arrays are read by python -m doge_torch.train"),
+                       (tmp_path / "shard.dat", "")):
+        with pytest.raises(D.DataError, match=f"{path.name}': a binary file \\(NUL bytes\\), not text{hint}"):
+            D.resolve_paths([str(path)])
+    with pytest.raises(D.DataError, match="alone.npy': a binary file"):
+        D.resolve_paths([str(tmp_path / "*")])
+    (tmp_path / "notes").write_text("plain text, no extension")
+    assert D.resolve_paths([str(tmp_path / "notes")]) == [str(tmp_path / "notes")]
