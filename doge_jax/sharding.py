@@ -27,6 +27,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .config import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every device
 
@@ -138,6 +140,8 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
 def shard_params(params: Any, mesh: Mesh) -> tuple[Any, Any]:
     """(params placed on the mesh, their shardings). `params` must hold the same values on every host."""
     shardings = param_shardings(params, mesh)
+    if jax.process_count() > 1:  # arrays committed to a local device (a restored checkpoint) cannot be put onto a
+        params = jax.device_get(params)  # sharding spanning other hosts' devices: go through host memory
     return jax.device_put(params, shardings), shardings
 
 
@@ -251,10 +255,13 @@ def init_distributed() -> bool:
     if env.get("JAX_COORDINATOR_ADDRESS") or env.get("JAX_NUM_PROCESSES"):
         missing = [k for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
         if missing:
-            raise ValueError(f"multi-host run: {', '.join(missing)} not set (need JAX_COORDINATOR_ADDRESS=host:port, "
-                             "JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                                   int(env["JAX_PROCESS_ID"]))
+            raise ConfigError(f"multi-host run: {', '.join(missing)} not set (need JAX_COORDINATOR_ADDRESS=host:port, "
+                              "JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+        n, i = (env["JAX_NUM_PROCESSES"].strip(), env["JAX_PROCESS_ID"].strip())
+        if not (n.isdigit() and i.isdigit() and int(i) < int(n)):
+            raise ConfigError(f"multi-host run: JAX_NUM_PROCESSES={n!r} and JAX_PROCESS_ID={i!r} must be integers, "
+                              "the process id in [0, JAX_NUM_PROCESSES)")
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(n), int(i))
         return True
     if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()

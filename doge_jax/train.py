@@ -227,9 +227,10 @@ def make_mesh(tcfg: TrainConfig):
         raise ConfigError(f"train.{e}") from None
     R = tcfg.rows_per_micro
     if R % mesh.size or R % jax.process_count():
+        hosts = jax.process_count()
         raise ConfigError(f"train.global_batch_tokens={tcfg.global_batch_tokens}: {R} rows per micro-batch do not "
-                          f"split over the {mesh.size} devices of mesh {S.describe(mesh)} and "
-                          f"{jax.process_count()} host(s); use a multiple of {mesh.size * jax.process_count()} rows")
+                          f"split over the {mesh.size} devices of mesh {S.describe(mesh)} and {hosts} host(s); use a "
+                          f"multiple of {math.lcm(mesh.size, hosts)} rows")
     return mesh
 
 

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from doge_jax import sharding as S
 from doge_jax.checkpoint import abstract_params
-from doge_jax.config import DogeConfig
+from doge_jax.config import ConfigError, DogeConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "sharding_worker.py")
@@ -136,8 +136,14 @@ def test_init_distributed_env(monkeypatch):
             monkeypatch.delenv(k)
     assert S.init_distributed() is False  # a single process: no-op
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
-    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES, JAX_PROCESS_ID not set"):
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES, JAX_PROCESS_ID not set"):
         S.init_distributed()
+    # bad values: named (they were a raw int() traceback, or jax's own check), before jax is asked to connect
+    for n, i in (("2", "one"), ("2", "2"), ("x", "0"), ("2", "-1")):
+        monkeypatch.setenv("JAX_NUM_PROCESSES", n)
+        monkeypatch.setenv("JAX_PROCESS_ID", i)
+        with pytest.raises(ConfigError, match=f"JAX_NUM_PROCESSES='{n}' and JAX_PROCESS_ID='{i}' must be integers"):
+            S.init_distributed()
 
 
 # ---- 8 simulated devices ------------------------------------------------------------------------------------------

@@ -233,3 +233,19 @@ sys.argv[0] = "doge_jax.train"
 runpy.run_module("doge_jax.train", run_name="__main__", alter_sys=True)
 """
 
+
+
+@pytest.mark.slow
+def test_two_hosts_init_from_an_orbax_run(corpus, cache, ref, tmp_path):  # noqa: F811 - fixtures
+    """--init-from a doge_jax run on two hosts with FSDP across them (before: every host died in device_put: the
+    restored arrays were committed to a local device); a batch that does not split names the right multiple."""
+    ref_dir = ref[0]
+    tok = ref_dir / "tokenizer.json"
+    mesh = ("--train.mesh", "{data: 2, fsdp: 2}")
+    errs = finish(corpus, cache, tmp_path / "cont", tok, *mesh, "--init-from", str(ref_dir), "--train.stop_after",
+                  "1")
+    assert all(f"initialised from {ref_dir}" in e and "Traceback" not in e for e in errs)
+    with Hosts(corpus, cache, tmp_path / "bad", tok, *mesh, "--train.global_batch_tokens", "384") as hosts:
+        errs = hosts.finish(want_rc=2, timeout=60)
+    assert all("6 rows per micro-batch do not split over the 4 devices" in e and "use a multiple of 4 rows" in e
+               for e in errs)
