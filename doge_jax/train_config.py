@@ -105,6 +105,9 @@ class TrainConfig:
         for f in ("num_warmup_steps", "num_decay_steps", "eval_every", "seed", "loss_chunk", "moe_freeze_steps"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
                 bad(f, "must be an integer >= 0")
+        if 0 < self.num_training_steps <= self.moe_freeze_steps:
+            bad("moe_freeze_steps", f"must be < num_training_steps={self.num_training_steps} (else only the router "
+                "and expert tables train, the whole run)")
         if self.seed >= 2**32:  # the data loader's limit; jax.random.key keeps the low 32 bits (2**32 would be 0)
             bad("seed", "must be < 2**32")
         if self.global_batch_tokens % (self.grad_accum * self.seq_len):

@@ -89,13 +89,15 @@ def test_init_from_refuses_shape_changes(corpus, cache, dense, tmp_path, capsys)
     assert "no such file or directory" in capsys.readouterr().err
 
 
-def test_merge_config_rules():
+def test_merge_config_rules(capsys):
     base = DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, max_position_embeddings=32, keep_window_size=32)
     m = merge_config(base, {"hidden_dropout": 0.1, "attention_dropout": 0.05, "max_position_embeddings": 64,
                             "eos_token_id": None, "num_experts": 9})
     assert (m.hidden_dropout, m.attention_dropout, m.max_position_embeddings) == (0.1, 0.05, 64)
-    assert m.num_experts == base.num_experts  # irrelevant for a dense model: kept
+    assert m.num_experts == base.num_experts  # irrelevant for a dense model: kept, and said so (--model.is_moe
+    assert ("note: model.num_experts=9 not used: the model is dense (model.is_moe false); for dense -> MoE add "
+            "--model.is_moe true") in capsys.readouterr().err  # true forgotten: a dense run without a word)
     assert merge_config(base, {"num_key_value_heads": 1, "head_dim": 16}) == base  # same effective shapes
     for field, value in (("hidden_size", 64), ("num_hidden_layers", 3), ("vocab_size", 65), ("variant", "small_doge"),
                          ("tie_word_embeddings", True), ("num_key_value_heads", 2)):
@@ -197,6 +199,11 @@ def test_dense_to_moe_init_and_freeze(corpus, cache, dense, tmp_path, capsys):  
 def test_freeze_needs_moe(corpus, cache, tmp_path, capsys):  # noqa: F811
     assert run(corpus, cache, tmp_path / "x", "--train.moe_freeze_steps", "2") == 2
     assert "train.moe_freeze_steps=2: needs a MoE model" in capsys.readouterr().err
+    # as long as the run or longer: only the router and expert tables would ever train (it was accepted silently)
+    assert run(corpus, cache, tmp_path / "y", "--model.is_moe", "true", "--model.num_experts", "16",
+               "--model.num_experts_per_tok", "4", "--train.moe_freeze_steps", "6") == 2
+    assert "error: train.moe_freeze_steps=6: must be < num_training_steps=6" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_run_dir_must_match_its_start_and_not_be_a_saved_model(corpus, cache, dense, tmp_path, capsys,  # noqa: F811
