@@ -145,9 +145,11 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig, mesh=None, par
     def labels_of(ids):
         return ids if pad is None else jnp.where(ids == pad, IGNORE, ids)  # spec §6.4: pad labels ignored
 
+    def cast(params):  # compute_dtype copies of the float32 parameters (the update stays float32)
+        return jax.tree.map(lambda x: x.astype(cdtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
     def ce(params, ids, num_items, rng):
-        p = jax.tree.map(lambda x: x.astype(cdtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-        model = nnx.merge(graphdef, p)
+        model = nnx.merge(graphdef, cast(params))
         out = model(ids, dropout_rng=rng if dropout else None)
         labels = labels_of(ids)
         if tcfg.loss_chunk:
@@ -184,8 +186,8 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig, mesh=None, par
         return (optax.apply_updates(params, updates), opt_state,
                 {"loss": loss, "grad_norm": optax.tree.norm(grads), "targets": targets})
 
-    def eval_step(params, ids):
-        model = nnx.merge(graphdef, params)
+    def eval_step(params, ids):  # in compute_dtype as the training loss (and doge_torch.train's autocast)
+        model = nnx.merge(graphdef, cast(params))
         labels = labels_of(ids)
         w, vocab_major = model.head_weight()
         total = causal_lm_loss_chunked(model(ids).logits, w, labels, 1, vocab_major, tcfg.loss_chunk or 1024)

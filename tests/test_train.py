@@ -553,6 +553,11 @@ def test_bf16_compute_path():
     loss32, _ = T.make_steps(graphdef, tx, cfg, tcfg32)[1](params, ids, 0)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # params and grads stay float32
     assert abs(float(loss16) - float(loss32)) < 0.02
+    # validation runs in the compute dtype too, as the training loss and doge_torch.train (it ran in float32)
+    total16, n = T.make_steps(graphdef, tx, cfg, tcfg)[2](params, ids[0])
+    total32, _ = T.make_steps(graphdef, tx, cfg, tcfg32)[2](params, ids[0])
+    np.testing.assert_allclose(float(total16) / int(n), float(loss16), rtol=1e-6)
+    assert float(total16) != float(total32)
     new, _, out = step(params, tx.init(params), ids, 0)
     assert np.isfinite(float(out["loss"])) and all(p.dtype == jnp.float32 for p in jax.tree.leaves(new))
 
