@@ -359,7 +359,7 @@ class DogeConfig:
 
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # generate's sampling defaults a generation_config.json may set (transformers' GenerationConfig defaults)
-SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": None}
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": None, "min_p": None}
 # every generate default a generation_config.json may set (None max_new_tokens: generate's own default)
 GENERATION_DEFAULTS = {**SAMPLING_DEFAULTS, "repetition_penalty": 1.0, "max_new_tokens": None, "min_new_tokens": None,
                        "min_length": None}
@@ -368,7 +368,7 @@ GENERATION_DEFAULTS = {**SAMPLING_DEFAULTS, "repetition_penalty": 1.0, "max_new_
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """What `generate` uses for the arguments a call does not give: transformers' `model.generation_config`
-    (generation_config.json's ids, else config.json's; its do_sample / temperature / top_k / top_p /
+    (generation_config.json's ids, else config.json's; its do_sample / temperature / top_k / top_p / min_p /
     repetition_penalty / max_new_tokens / min_new_tokens / min_length). The model's own pad id (embedding pad row,
     label masking) stays config.json's. `extra` holds the file's other fields as read (written back by
     save_pretrained; generate warns about those that would change transformers' output). Frozen: replace it
@@ -381,6 +381,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int | None = 50
     top_p: float | None = None
+    min_p: float | None = None
     repetition_penalty: float = 1.0
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None

@@ -46,8 +46,10 @@ CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths
 PROMPT_BUCKET = 32  # dense-model prompts are left-padded to a multiple of this (same reason)
 
 
-def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
-    """Temperature, then top-k, then top-p (nucleus) on float32 logits [B, V], as transformers orders them."""
+def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None,
+                   min_p: float | None = None) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus), then min-p on float32 logits [B, V], as transformers orders
+    them (min-p: tokens less probable than min_p times the most probable one are dropped)."""
     logits = logits / temperature
     neg = jnp.finfo(logits.dtype).min
     if top_k is not None and top_k > 0:
@@ -60,6 +62,9 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top
         remove_sorted = (cum <= 1.0 - top_p).at[..., -1].set(False)
         remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
         logits = jnp.where(remove, neg, logits)
+    if min_p is not None:
+        probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), neg, logits)
     return logits
 
 
@@ -85,8 +90,8 @@ def _seen_tokens(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarr
     return seen
 
 
-def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, seen=None, penalty=None, eos_mask=None,
-                block_eos=None):
+def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, min_p=None, seen=None, penalty=None,
+                eos_mask=None, block_eos=None):
     logits = logits.astype(jnp.float32)
     if seen is not None:  # a logits processor: before the sampling filters, and for greedy too (transformers)
         logits = _penalize(logits, seen, penalty)
@@ -94,7 +99,8 @@ def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, seen=No
         logits = jnp.where(block_eos & eos_mask, -jnp.inf, logits)
     if not do_sample:
         return _argmax(logits)
-    return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p, min_p),
+                                  axis=-1).astype(jnp.int32)
 
 
 _STREAM_SINK = [None]  # the Python callable that receives streamed tokens (set by `generate(..., on_token=)`)
@@ -106,10 +112,10 @@ def _emit(step, tokens):
         sink(int(step), np.asarray(tokens))
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "stream"))
+@partial(nnx.jit, static_argnames=("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "stream"))
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
-                     temperature: float, top_k, top_p, stream: bool = False, seen=None, penalty=None, eos_mask=None,
-                     min_new=None):
+                     temperature: float, top_k, top_p, min_p=None, stream: bool = False, seen=None, penalty=None,
+                     eos_mask=None, min_new=None):
     """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps). `seen`
     [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on; `eos_mask` [V] and `min_new` keep
     EOS out of the first min_new new tokens."""
@@ -123,7 +129,7 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         rng, sub = jax.random.split(rng)
     else:
         sub = rng
-    tok = _next_token(logits, sub, do_sample, temperature, top_k, top_p, seen, penalty, eos_mask,
+    tok = _next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen, penalty, eos_mask,
                       None if eos_mask is None else 0 < min_new)
     rows = jnp.arange(B)
     if seen is not None:
@@ -143,8 +149,8 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         logits, cache = decode_step(model, prep, tok, next_pos, cache)
         if do_sample:  # greedy decoding needs no random numbers (threefry is ~40 ops per step)
             rng, sub = jax.random.split(rng)
-        new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, seen, penalty,
-                          eos_mask, None if eos_mask is None else step < min_new)
+        new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, min_p, seen,
+                          penalty, eos_mask, None if eos_mask is None else step < min_new)
         new = jnp.where(done, pad, new)
         if seen is not None:
             seen = seen.at[rows, new].set(True)
@@ -167,12 +173,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
              temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
              seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
-             max_length=None) -> np.ndarray:
+             max_length=None, min_p=FROM_CONFIG) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Arguments not given come from `generation_config` (see generation_args.call_generation_config), else
     `model.generation_config` (generation_config.json; else transformers' defaults: greedy, temperature 1, top_k 50,
-    no top-p, no repetition penalty; 20 new tokens). The length, as transformers: max_new_tokens, else max_length
-    (prompt + new tokens: the call's, else the config's), else 20 new tokens.
+    no top-p / min-p, no repetition penalty; 20 new tokens). The length, as transformers: max_new_tokens, else
+    max_length (prompt + new tokens: the call's, else the config's), else 20 new tokens.
     `repetition_penalty` is transformers': logits of tokens already in the row (prompt from its first attended
     token, and the new ones) are divided by it where positive and multiplied where negative, greedy or sampled.
     `min_new_tokens` (and generation_config.json's `min_length`, a total) keep EOS from being chosen before that
@@ -184,11 +190,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     `use_cache=False` recomputes the whole sequence each step (one compile per length; for checking only)."""
     cfg = model.config
     gcfg = call_generation_config(model, generation_config)
-    do_sample, temperature, top_k, top_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p)
+    do_sample, temperature, top_k, top_p, min_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p, min_p)
     max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty, max_length=max_length,
                                                  prompt_len=prompt_length(input_ids),
                                                  max_positions=cfg.max_position_embeddings)
-    check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
+    check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
+    min_p = float(min_p) if do_sample and min_p is not None else None  # (a static argument: greedy ignores it)
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")
     if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
@@ -242,7 +249,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
             out, steps = _generate_cached(model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache,
                                           eos_arr, jnp.int32(pad), jax.random.key(seed),
                                           max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                          temperature=float(temperature), top_k=top_k, top_p=top_p,
+                                          temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
                                           stream=on_token is not None,
                                           seen=None if seen is None else jnp.asarray(seen),
                                           penalty=jnp.float32(penalty),
@@ -254,11 +261,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
             _STREAM_SINK[0] = None
         return np.concatenate([ids, out[:, :steps]], axis=1)
     return _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, float(temperature),
-                               top_k, top_p, on_token, seen, penalty, eos_mask, min_new)
+                               top_k, top_p, on_token, seen, penalty, eos_mask, min_new, min_p)
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,
-                        on_token=None, seen=None, penalty=1.0, eos_mask=None, min_new=0):
+                        on_token=None, seen=None, penalty=1.0, eos_mask=None, min_new=0, min_p=None):
     """No cache: run the whole sequence every step. Dense models use one fixed-length buffer (future slots are
     masked, and causality makes them invisible); CDMoE routing mixes positions (spec §3.8), so MoE runs exact
     lengths (one compile each)."""
@@ -281,8 +288,8 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
         else:
             logits = _logits_at(model, jnp.asarray(buf), jnp.asarray(buf_mask), jnp.asarray(buf_pos), cur - 1)
         rng, sub = jax.random.split(rng)
-        tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p, seen, jnp.float32(penalty),
-                                     eos_mask, jnp.bool_(n < min_new)))
+        tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen,
+                                     jnp.float32(penalty), eos_mask, jnp.bool_(n < min_new)))
         tok = np.where(done, pad, tok)
         if seen is not None:
             seen = seen.at[np.arange(B), tok].set(True)
@@ -362,6 +369,8 @@ def _main(argv=None) -> int:
                     "(default: generation_config.json's, else 50, as transformers; 0: no top-k)")
     ap.add_argument("--top-p", type=float, default=None, help="when sampling: nucleus sampling, in (0, 1] "
                     "(default: generation_config.json's, else none)")
+    ap.add_argument("--min-p", type=float, default=None, help="when sampling: drop tokens less likely than this "
+                    "times the most likely one, in [0, 1] (default: generation_config.json's, else none)")
     ap.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty: > 0, "
                     "1 for none; greedy or sampled (default: generation_config.json's, else 1)")
     ap.add_argument("--min-new-tokens", type=int, default=None, help="no EOS before this many new tokens (default: "
@@ -374,7 +383,8 @@ def _main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:  # the values given (with --do-sample); generation_config.json's are checked once the model is loaded
         check_sampling(args.do_sample is True, 1.0 if args.temperature is None else args.temperature, args.top_k,
-                       args.top_p, CLI_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens)
+                       args.top_p, CLI_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+                       args.min_p)
         if args.repetition_penalty is not None:
             length_and_penalty(None, 1, args.repetition_penalty)
     except ValueError as e:
@@ -431,19 +441,21 @@ def _main(argv=None) -> int:
                 "names another)" if args.prompt is not None else "")
         return fail(f"prompt ids outside [0, vocab_size={model.config.vocab_size}): {bad[:10]}{hint}")
     gen = model.generation_config
-    given = [FROM_CONFIG if v is None else v for v in (args.do_sample, args.temperature, args.top_k, args.top_p)]
-    do_sample, temperature, top_k, top_p = sampling = sampling_args(gen, *given)
+    given = [FROM_CONFIG if v is None else v
+             for v in (args.do_sample, args.temperature, args.top_k, args.top_p, args.min_p)]
+    do_sample, temperature, top_k, top_p, min_p = sampling_args(gen, *given)
     try:  # (no --max-new-tokens: the file's max_new_tokens, else its max_length, which counts the prompt)
         length_args = [FROM_CONFIG if v is None else v for v in (args.max_new_tokens, args.repetition_penalty)]
         max_new_tokens, penalty = length_and_penalty(gen, *length_args, default_length=CLI_MAX_NEW_TOKENS,
                                                      prompt_len=len(ids))
-        check_sampling(*sampling, max_new_tokens)
+        check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
     except ValueError as e:
         fix = "--max-new-tokens N sets the length" if "max_length" in str(e) else "--greedy decodes greedily"
         return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; {fix})")
     if args.do_sample is None and do_sample:
         print(f"note: sampling, as the model's generation_config.json says (temperature {temperature}, top_k "
-              f"{top_k}, top_p {top_p}); --greedy for greedy decoding", file=sys.stderr)
+              f"{top_k}, top_p {top_p}" + ("" if min_p is None else f", min_p {min_p}")
+              + "); --greedy for greedy decoding", file=sys.stderr)
     ignored = unsupported_message(gen)
     if ignored:  # said here, before the output, instead of as generate's warning in the middle of the stream
         print(f"note: {ignored}", file=sys.stderr)
@@ -507,7 +519,8 @@ def _main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*" + re.escape(UNSUPPORTED))  # (noted above)
             generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
-                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed,
+                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     seed=args.seed,
                      eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,
                      min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens)
     except Exception:  # noqa: BLE001 - the callback's exception, wrapped by JAX

@@ -22,15 +22,17 @@ class _FromConfig:
 FROM_CONFIG = _FromConfig()
 
 
-def sampling_args(gen, do_sample, temperature, top_k, top_p) -> tuple[bool, float, int | None, float | None]:
+def sampling_args(gen, do_sample, temperature, top_k, top_p, min_p=FROM_CONFIG
+                  ) -> tuple[bool, float, int | None, float | None, float | None]:
     """The sampling arguments of a generate call, those not given (FROM_CONFIG) taken from `gen` (the model's
     generation_config), as transformers does; an explicit None is transformers' None: temperature 1, no top-k,
-    no top-p, greedy."""
+    no top-p, no min-p, greedy."""
     def pick(value, name):
         return getattr(gen, name) if value is FROM_CONFIG else value
 
     do_sample, temperature = pick(do_sample, "do_sample"), pick(temperature, "temperature")
-    return bool(do_sample), 1.0 if temperature is None else temperature, pick(top_k, "top_k"), pick(top_p, "top_p")
+    return (bool(do_sample), 1.0 if temperature is None else temperature, pick(top_k, "top_k"), pick(top_p, "top_p"),
+            pick(min_p, "min_p"))
 
 
 def call_generation_config(model, given=None):
@@ -193,7 +195,7 @@ def warn_unsupported(gen, stacklevel: int = 3, source: str = "the model's genera
         warnings.warn(msg, stacklevel=stacklevel)
 
 
-def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens) -> None:
+def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens, min_p=None) -> None:
     """The generation arguments transformers would refuse, named (shared with doge_torch.generate)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
@@ -205,6 +207,9 @@ def check_sampling(do_sample: bool, temperature, top_k, top_p, max_new_tokens) -
         raise ValueError(f"top_k={top_k!r}: must be an integer >= 0 (0 or None: no top-k)")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, int | float | np.number)
+                              or not 0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p={min_p!r}: must be in [0, 1] (None: no min-p)")
 
 
 def _is_int(x) -> bool:

@@ -510,7 +510,7 @@ def generation_config_from_dict(gen: dict, cfg: DogeConfig, where: str) -> Gener
     return dataclasses.replace(GenerationConfig.from_config(checked), **settings, extra=extra)
 
 
-def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, repetition_penalty,
+def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
                            max_new_tokens, min_new_tokens, min_length) -> None:
     """generation_config.json's generate settings have the types generate takes. Their values are checked when
     generate uses them, as transformers does (a greedy call never looks at temperature)."""
@@ -526,6 +526,8 @@ def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, 
         bad = f"top_k={top_k!r}: must be an integer or null"
     elif top_p is not None and not number(top_p):
         bad = f"top_p={top_p!r}: must be a number or null"
+    elif min_p is not None and not number(min_p):
+        bad = f"min_p={min_p!r}: must be a number or null"
     elif not number(repetition_penalty):
         bad = f"repetition_penalty={repetition_penalty!r}: must be a number"
     else:

@@ -30,8 +30,9 @@ from .model import DogeCache, check_token_ids, token_ids_checked
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                gen: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from float32 logits [B, V] (temperature, then top-k, then top-p, as transformers)."""
+                gen: torch.Generator | None, min_p: float | None = None) -> torch.Tensor:
+    """Next token per row from float32 logits [B, V] (temperature, then top-k, then top-p, then min-p, as
+    transformers)."""
     if not do_sample:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -44,6 +45,9 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
         remove = cum <= (1 - top_p)
         remove[..., -1:] = False
         logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    if min_p is not None:  # tokens less probable than min_p times the most probable one
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
@@ -62,10 +66,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
              eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
-             max_length=None, cache_implementation: str | None = None) -> torch.Tensor:
+             max_length=None, cache_implementation: str | None = None, min_p=FROM_CONFIG) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
-    transformers' defaults: greedy, temperature 1, top_k 50, no top-p, no repetition penalty; 20 new tokens, or
+    transformers' defaults: greedy, temperature 1, top_k 50, no top-p / min-p, no repetition penalty; 20 new tokens, or
     max_length, the call's or the config's, as doge_jax.generate); sampling draws from torch's global generator
     as transformers does (`torch.manual_seed(s)` before the call gives transformers' tokens; successive calls
     differ), or with `seed` from a generator of its own on the model's device, seeded by it (the same tokens).
@@ -80,11 +84,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError("cache_implementation='static' needs use_cache=True")
     cfg = model.config
     gcfg = call_generation_config(model, generation_config)
-    do_sample, temperature, top_k, top_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p)
+    do_sample, temperature, top_k, top_p, min_p = sampling_args(gcfg, do_sample, temperature, top_k, top_p, min_p)
     max_new_tokens, penalty = length_and_penalty(gcfg, max_new_tokens, repetition_penalty, max_length=max_length,
                                                  prompt_len=prompt_length(input_ids),
                                                  max_positions=cfg.max_position_embeddings)
-    check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
+    check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")
     device = next(model.parameters()).device
@@ -161,7 +165,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 logits = penalize(logits, ids, start, penalty)
             if eos_cols is not None and ids.shape[1] - P < min_new:  # min_new_tokens / min_length: no EOS yet
                 logits = logits.index_fill(1, eos_cols, float("-inf"))
-            nxt = sample_next(logits, do_sample, temperature, top_k, top_p, gen)
+            nxt = sample_next(logits, do_sample, temperature, top_k, top_p, gen, min_p)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], 1)

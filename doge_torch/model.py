@@ -1039,14 +1039,15 @@ class DogeForCausalLM(nn.Module):
                  eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
                  repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams: int = 1,
                  num_return_sequences: int = 1, generation_config=None,
-                 cache_implementation: str | None = None) -> torch.Tensor:
+                 cache_implementation: str | None = None, min_p=FROM_CONFIG) -> torch.Tensor:
         """Prompt + new tokens (see doge_torch.generate); transformers' `max_length` counts the prompt too
         (num_beams / num_return_sequences: only 1)."""
         from .generate import generate
 
         check_hf_call_args(num_beams, num_return_sequences)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
+                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
+                        seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
                         min_new_tokens=min_new_tokens, generation_config=generation_config,
                         max_length=max_length, cache_implementation=cache_implementation)

@@ -1054,3 +1054,74 @@ def test_min_new_tokens_and_min_length_as_transformers(tmp_path, capsys):
     assert main(["--model", d, "--prompt-ids", *map(str, ids[0]), "--max-new-tokens", "10", "--greedy",
                  "--min-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.split("|")[1].split() == [str(t) for t in row[0, 6:]]
+
+
+def test_min_p_as_transformers(tmp_path, capsys):
+    """min_p (call argument, generation_config.json, --min-p) is transformers' MinPLogitsWarper after top-p:
+    doge_torch samples transformers' very tokens from the same seed, doge_jax filters the same tokens (min_p 1:
+    only the most likely token is left, so sampling is greedy decoding); bad values are named."""
+    import jax.numpy as jnp
+    import transformers
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    import doge_torch
+    from doge_jax.config import ConfigError
+    from doge_jax.generate import _filter_logits
+
+    logits = np.random.default_rng(0).normal(0, 3, (4, 60)).astype(np.float32)
+    for temperature, top_k, top_p, min_p in ((1.0, None, None, 0.1), (0.7, 20, 0.9, 0.05), (1.5, 0, None, 0.5)):
+        procs = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+        procs += ([TopPLogitsWarper(top_p)] if top_p else []) + [MinPLogitsWarper(min_p)]
+        want = np.isfinite(LogitsProcessorList(procs)(None, torch.as_tensor(logits)).numpy())
+        got = np.asarray(_filter_logits(jnp.asarray(logits), temperature, top_k, top_p, min_p))
+        np.testing.assert_array_equal(got > np.finfo(np.float32).min, want)
+        assert 1 < want.sum(-1).max() < 60  # the filter keeps some, drops some
+
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    settings = {"do_sample": True, "temperature": 0.2, "top_k": 0, "min_p": 0.3}  # (a tiny random model: flat)
+    json.dump({"bos_token_id": 0, "eos_token_id": 1, **settings}, open(f"{d}/generation_config.json", "w"))
+    ids = unique_ids(2, 6, 128, seed=2)
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+
+    def hf(**kw):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            return ref.generate(torch.as_tensor(ids), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                                max_new_tokens=12, **kw).numpy()
+
+    want, unfiltered = hf(), hf(min_p=0.0)
+    assert not np.array_equal(want, unfiltered)
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), max_new_tokens=12, seed=3).numpy(), want)
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), max_new_tokens=12, seed=3, min_p=0.0).numpy(),
+                                  unfiltered)
+    jm = DogeForCausalLM.from_pretrained(d)
+    greedy = jm.generate(ids, max_new_tokens=12, do_sample=False)
+    np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=12, seed=1, min_p=1.0), greedy)
+    np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=12, seed=1, min_p=1.0, use_cache=False), greedy)
+    assert not np.array_equal(jm.generate(ids, max_new_tokens=12, seed=1, min_p=None), greedy)
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), max_new_tokens=12, seed=1, min_p=1.0).numpy(),
+                                  greedy)
+    jm.save_pretrained(str(tmp_path / "saved"))
+    assert json.load(open(tmp_path / "saved" / "generation_config.json"))["min_p"] == 0.3
+    for m in (jm, tm):
+        for bad in (1.5, -0.1, "0.2"):
+            with pytest.raises(ValueError, match=f"min_p={bad!r}: must be in \\[0, 1\\]"):
+                m.generate(ids if m is jm else torch.as_tensor(ids), max_new_tokens=2, min_p=bad)
+    json.dump({"min_p": "high"}, open(f"{d}/generation_config.json", "w"))
+    with pytest.raises(ConfigError, match="min_p='high': must be a number or null"):
+        DogeForCausalLM.from_pretrained(d)
+    with pytest.raises(SystemExit):  # with --do-sample: checked before the model loads
+        main(["--model", str(tmp_path / "saved"), "--prompt-ids", "5", "--min-p", "2", "--do-sample"])
+    assert "min_p=2.0: must be in [0, 1]" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "saved"), "--prompt-ids", "5", "--min-p", "2"]) == 2  # (the file samples)
+    assert "min_p=2.0: must be in [0, 1]" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "saved"), "--prompt-ids", "5", "6", "--max-new-tokens", "3",
+                 "--min-p", "1"]) == 0
+    assert "min_p 1.0" in capsys.readouterr().err  # (sampling, as the file says)
