@@ -6,6 +6,7 @@ of *all* micro-batches of the step, so the step gradient is that of the token me
 torch's global-norm clipping, AdamW and the LR scheduler.
 
     python -m doge_torch.train --config configs/tiny.yaml --data tokens.npy [--bf16] [--compile] [--out DIR]
+        [--train.FIELD VALUE ...] [--model.FIELD VALUE ...]
 
 reads the same YAML as doge_jax (`model:` -> DogeConfig, `train:` -> optimizer and WSD schedule). Data: 1-D
 pre-tokenized `.npy` files or `python -m doge_jax.data` directories, or text data as doge_jax.train reads it (text,
@@ -40,7 +41,7 @@ from doge_jax import data as D
 from doge_jax import hf_io
 from doge_jax.config import ConfigError
 from doge_jax.hf_names import CheckpointError, CheckpointWriteError
-from doge_jax.train_config import SIGTERM_REPEAT_S, load_configs
+from doge_jax.train_config import DEFAULT_CONFIG, SIGTERM_REPEAT_S, load_configs, parse_overrides
 
 from . import checkpoint
 from .loss import IGNORE
@@ -460,7 +461,7 @@ def tokenizer_source(data: Sequence[str], tokenizer: str | None, start: str | No
     return None
 
 
-def _resume_configs(args: argparse.Namespace, path: str, before: str | None):
+def _resume_configs(args: argparse.Namespace, overrides: list, path: str, before: str | None):
     """(model config, train config) of a run resumed from its checkpoint `path`, started from `before`. The model
     config is the checkpoint's (the directory the run started from need not exist any more); the --config file's
     model: fields must agree with it, and the start the command names (--init-from or train.init_from) must be the
@@ -471,18 +472,20 @@ def _resume_configs(args: argparse.Namespace, path: str, before: str | None):
     from doge_jax.init import checkpoint_config
 
     try:
-        with open(args.config) as f:
+        with open(args.config or DEFAULT_CONFIG) as f:
             raw = yaml.safe_load(f)
         train = raw.get("train") if isinstance(raw, dict) else None
         in_file = train.get("init_from") if isinstance(train, dict) else None
     except (OSError, yaml.YAMLError):  # load_configs below says what is wrong with the file
         in_file = None
+    in_file = next((v for s, k, v in overrides if (s, k) == ("train", "init_from")), in_file)
     asked = args.init_from or in_file
     if asked and os.path.abspath(asked) != before:
         raise ConfigError(f"train.init_from={asked!r}: {args.out} holds a run started from "
                           f"{before or 'a fresh init'} ({path}); a re-run resumes it. Use another --out to start anew")
     # the checkpoint as the start: its config with the file's model: fields applied, as --init-from merges
-    cfg, tc = load_configs(args.config, [("train", "init_from", path)], where=f"the run's newest ({path})")
+    cfg, tc = load_configs(args.config, [*overrides, ("train", "init_from", path)],
+                           where=f"the run's newest ({path})")
     old = checkpoint_config(path)
     diff = [f.name for f in dataclasses.fields(old)
             if f.name not in RUNTIME_FIELDS and getattr(old, f.name) != getattr(cfg, f.name)]
@@ -500,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
 def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[str, float]]:
     ap = argparse.ArgumentParser(prog="python -m doge_torch.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="YAML with model: and train: sections (configs/*.yaml)")
+    ap.add_argument("--config", help="YAML with model: and train: sections (configs/*.yaml; default "
+                    "configs/tiny.yaml); any field of it is also an option: --train.FIELD VALUE, --model.FIELD "
+                    "VALUE (or FIELD=VALUE), as in doge_jax.train")
     ap.add_argument("--data", nargs="+",
                     help=".npy token files, python -m doge_jax.data directories, or text data as doge_jax.train reads "
                     "it (.txt/.jsonl/.parquet files, directories, globs) with --tokenizer (default: the config's "
@@ -524,7 +529,11 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     ap.add_argument("--log-every", type=int, default=1,
                     help="print every N steps (metrics.jsonl keeps every step; each step's loss is read back one "
                     "step late, while the device runs the next one)")
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    try:  # --train.FIELD / --model.FIELD overrides, as doge_jax.train takes them
+        overrides = parse_overrides(rest)
+    except ConfigError as e:
+        ap.error(str(e))
     if args.sdpa_backends:
         try:
             set_sdpa_backends(args.sdpa_backends.split(","))
@@ -556,9 +565,10 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
 
         with _unreadable_names(resume, args.out, config_is_damage=True):  # its config.json and weight headers
             checkpoint_config(resume)
-        cfg, tc = _resume_configs(args, resume, old.get("init_from"))
+        cfg, tc = _resume_configs(args, overrides, resume, old.get("init_from"))
     else:
-        cfg, tc = load_configs(args.config, [("train", "init_from", args.init_from)] if args.init_from else [])
+        cfg, tc = load_configs(args.config, [*overrides, *([("train", "init_from", args.init_from)]
+                                                           if args.init_from else [])])
     if tc.seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"train.seq_len={tc.seq_len} > model.max_position_embeddings={cfg.max_position_embeddings}")
     if tc.moe_freeze_steps:
@@ -602,7 +612,15 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
             print(f"note: the run's config had no bos/eos/pad_token_id {before}; from the tokenizer now: "
                   f"{(cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)}", flush=True)
     # resuming: the weights come from the checkpoint
+    if start and not resume:  # as doge_jax.train says it
+        from doge_jax.init import checkpoint_config, config_changes
+
+        changes = config_changes(checkpoint_config(start), cfg)
+        print(f"init from {start}" + (f"; model config changes: {'; '.join(changes)}" if changes else ""),
+              flush=True)
     model = init_from(start, cfg) if start and not resume else DogeForCausalLM(cfg)
+    if start and not resume:
+        print(f"initialised from {start} (fresh optimizer state)", flush=True)
     model = model.to(device).train()
     optimizer = make_optimizer(model, tc.peak_lr, weight_decay=tc.weight_decay, b1=tc.adam_b1, b2=tc.adam_b2,
                                eps=tc.adam_eps)
@@ -619,7 +637,7 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     # validation: eval_batches micro-batches every eval_every steps (0: only at the end), as in doge_jax.train
     all_tokens = len(tokens)
     tokens, val = val_rows(tokens, held_out, seq_len, tc.val_fraction, tc.eval_batches * rows)
-    held = sum(map(len, held_out)) if held_out else all_tokens - len(tokens)
+    held_tokens = sum(map(len, held_out)) if held_out else all_tokens - len(tokens)
     if val is None and (held_out or tc.val_fraction > 0):
         where = ("in the held-out documents or validation shards" if held_out
                  else f"(train.val_fraction={tc.val_fraction})")
@@ -638,7 +656,7 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
                    if k in old and old[k] != run[k]]
         print(f"resuming {resume} (step {done})"
               + (f"; warning: changed since: {'; '.join(changed)}" if changed else ""), flush=True)
-    data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id, start_step=done, held_out=held)
+    data = batches(tokens, seq_len, rows, grad_accum, seed, cfg.pad_token_id, start_step=done, held_out=held_tokens)
     autocast = torch.bfloat16 if bf16 else None
     max_norm = tc.max_grad_norm
     print(f"doge_torch.train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, {len(tokens)} tokens, "

@@ -497,7 +497,7 @@ def test_cli_validates_like_doge_jax(tmp_path, capsys):
     assert e.value.code == 2 and "--device gpu: not a torch device" in capsys.readouterr().err
 
 
-def test_cli_init_from_applies_the_config_files_model_fields(tmp_path):
+def test_cli_init_from_applies_the_config_files_model_fields(tmp_path, capsys):
     """`--init-from DENSE --config moe.yaml`: the checkpoint's weights in the MoE model the config asks for (dense
     MLP -> shared expert, fresh router and expert tables), as doge_jax.train does; before, the config's model
     fields were dropped and a dense model trained."""
@@ -515,6 +515,9 @@ def test_cli_init_from_applies_the_config_files_model_fields(tmp_path):
                    .replace("peak_lr: 3.0e-3", "peak_lr: 1.0e-12"))
     main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--init-from",
           str(tmp_path / "dense"), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    out = capsys.readouterr().out  # said as doge_jax.train says it
+    assert f"init from {tmp_path / 'dense'}; model config changes: is_moe False -> True" in out
+    assert f"initialised from {tmp_path / 'dense'} (fresh optimizer state)" in out
     got = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))
     assert got.config.is_moe and got.config.num_experts == 16
     want = dense.state_dict()
@@ -1130,3 +1133,28 @@ def test_binary_and_mixed_data_paths_are_refused_by_name(tmp_path):
         D.resolve_paths([str(tmp_path / "*")])
     (tmp_path / "notes").write_text("plain text, no extension")
     assert D.resolve_paths([str(tmp_path / "notes")]) == [str(tmp_path / "notes")]
+
+
+def test_cli_takes_field_overrides_as_doge_jax(tmp_path, capsys):
+    """--train.FIELD / --model.FIELD (and FIELD=VALUE) override the config, as in doge_jax.train, and --config
+    defaults to configs/tiny.yaml (both were refused: every schedule change needed a new YAML file)."""
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 4096, size=4_000).astype(np.uint16))
+    small = ["--data", str(tmp_path / "tokens.npy"), "--device", "cpu", "--out", str(tmp_path / "run"),
+             "--train.seq_len", "32", "train.global_batch_tokens=64", "--model.num_hidden_layers=1",
+             "--train.num_training_steps", "4", "--train.num_warmup_steps", "1", "--train.num_decay_steps", "1"]
+    metrics = main([*small, "--max-steps", "2"])
+    assert len(metrics) == 2
+    cfg = json.load(open(tmp_path / "run" / "checkpoint-2" / "config.json"))
+    assert cfg["num_hidden_layers"] == 1 and cfg["hidden_size"] == 128  # configs/tiny.yaml's, one layer
+    state = json.load(open(tmp_path / "run" / "checkpoint-2" / "trainer_state.json"))
+    assert state["num_training_steps"] == 4 and state["seq_len"] == 32
+    main([*small, "--train.peak_lr", "1e-3"])  # a resume with another setting: used, with a warning
+    assert "peak_lr 0.003 -> 0.001" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="model.hidden_size=64: the run's newest .*a resumed run keeps its model"):
+        main([*small, "--model.hidden_size", "64"])
+    for bad, why in ((["--train.num_trainig_steps", "3"], "did you mean train.num_training_steps"),
+                     (["--foo", "3"], "unknown argument '--foo': overrides are --model.FIELD VALUE"),
+                     (["--train.seq_len"], "--train.seq_len: missing value")):
+        with pytest.raises((SystemExit, ConfigError)) as e:
+            main(["--data", str(tmp_path / "tokens.npy"), "--device", "cpu", *bad])
+        assert why in (str(e.value) if isinstance(e.value, ConfigError) else capsys.readouterr().err)
