@@ -173,7 +173,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
              temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
              seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
-             max_length=None, min_p=FROM_CONFIG) -> np.ndarray:
+             max_length=None, min_p=FROM_CONFIG, streamer=None) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Arguments not given come from `generation_config` (see generation_args.call_generation_config), else
     `model.generation_config` (generation_config.json; else transformers' defaults: greedy, temperature 1, top_k 50,
@@ -184,7 +184,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     `min_new_tokens` (and generation_config.json's `min_length`, a total) keep EOS from being chosen before that
     many new tokens, as transformers.
 
-    `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached).
+    `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached);
+    a transformers `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it.
     Dense models left-pad the prompt to a multiple of PROMPT_BUCKET (masked, so the function is unchanged) to
     share compiled programs; CDMoE routing mixes positions (spec §3.8), so MoE prompts keep their exact length.
     `use_cache=False` recomputes the whole sequence each step (one compile per length; for checking only)."""
@@ -231,6 +232,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     eos_in = [e for e in eos if 0 <= e < cfg.vocab_size]
     eos_mask = np.isin(np.arange(cfg.vocab_size), eos_in) if min_new and eos_in else None
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
+    if streamer is not None:
+        streamer.put(ids)
+        user_on_token = on_token
+
+        def on_token(step, tokens):
+            streamer.put(tokens)
+            if user_on_token is not None:
+                user_on_token(step, tokens)
     if on_token is not None and use_cache:  # an ordered host callback: JAX runs it from one device only
         devices = {d for a in jax.tree.leaves(nnx.state(model)) if hasattr(a, "sharding")
                    for d in a.sharding.device_set}
@@ -259,9 +268,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
             steps = int(steps)
         finally:
             _STREAM_SINK[0] = None
-        return np.concatenate([ids, out[:, :steps]], axis=1)
-    return _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, float(temperature),
-                               top_k, top_p, on_token, seen, penalty, eos_mask, min_new, min_p)
+        result = np.concatenate([ids, out[:, :steps]], axis=1)
+    else:
+        result = _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample,
+                                     float(temperature), top_k, top_p, on_token, seen, penalty, eos_mask, min_new,
+                                     min_p)
+    if streamer is not None:
+        streamer.end()
+    return result
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,

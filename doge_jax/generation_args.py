@@ -71,6 +71,39 @@ _OTHER_OUTPUTS = ("return_dict_in_generate", "output_scores", "output_logits", "
 DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call nor generation_config.json sets it
 
 
+# transformers generate() arguments and generation-config fields not implemented here (beyond those in
+# _NEUTRAL_FIELDS / _NO_EFFECT_VALUES): passed to generate with an effect, refused by name
+_NOT_IMPLEMENTED = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                    "assistant_model", "assistant_tokenizer", "tokenizer", "negative_prompt_ids",
+                    "negative_prompt_attention_mask", "custom_generate", "use_model_defaults", "bad_words_ids",
+                    "force_words_ids", "constraints", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+                    "guidance_scale", "exponential_decay_length_penalty", "renormalize_logits", "forced_bos_token_id",
+                    "forced_eos_token_id", "remove_invalid_values", "early_stopping", "penalty_alpha", "top_h",
+                    "stop_strings", "watermarking_config", "low_memory", "token_healing", "epsilon_cutoff",
+                    "eta_cutoff", "typical_p", "no_repeat_ngram_size", "length_penalty", "diversity_penalty",
+                    "num_beam_groups", "encoder_repetition_penalty", "encoder_no_repeat_ngram_size"}
+
+
+def check_generate_kwargs(kwargs: dict) -> None:
+    """The transformers generate() arguments a model's generate does not take: accepted where they change nothing
+    (None, False, transformers' no-op values), refused by name otherwise (a ValueError, not a bare TypeError);
+    anything else is Python's TypeError for an unexpected keyword argument."""
+    for k, v in kwargs.items():
+        known = k in _NOT_IMPLEMENTED or k in _NEUTRAL_FIELDS or k in _NO_EFFECT_VALUES
+        if not known:
+            raise TypeError(f"generate() got an unexpected keyword argument {k!r}")
+        if (v is None or v is False or (k in _NO_EFFECT_VALUES and v == _NO_EFFECT_VALUES[k])
+                or (isinstance(v, list | dict) and not v)):
+            continue
+        if k in _OTHER_OUTPUTS:
+            raise ValueError(f"{k}={v!r}: not supported; generate returns the token ids (prompt + new tokens) only")
+        if k in _NEUTRAL_FIELDS and k not in ("max_time",):  # settings that do not change the tokens
+            continue
+        raise ValueError(f"{k}={v!r}: not implemented by this generate (it would change transformers' output); "
+                         "supported: greedy or sampled decoding with temperature, top_k, top_p, min_p, "
+                         "repetition_penalty, min_new_tokens, EOS and streamer")
+
+
 def check_hf_call_args(num_beams, num_return_sequences) -> None:
     """transformers' generate arguments with one meaning here: num_beams and num_return_sequences only 1."""
     if num_beams != 1:

@@ -66,7 +66,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
              eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
-             max_length=None, cache_implementation: str | None = None, min_p=FROM_CONFIG) -> torch.Tensor:
+             max_length=None, cache_implementation: str | None = None, min_p=FROM_CONFIG,
+             streamer=None) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
     transformers' defaults: greedy, temperature 1, top_k 50, no top-p / min-p, no repetition penalty; 20 new tokens, or
@@ -76,7 +77,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     `repetition_penalty` and `min_new_tokens` as transformers (see doge_jax.generate). `cache_implementation` as
     transformers': None / "dynamic" (a cache growing by one slot per token, eager), or "static": after the eager
     prefill, the tokens are decoded in a preallocated cache by one torch.compile'd step of fixed shapes
-    (doge_torch.decode; CUDA graphs on CUDA), the first call compiling it."""
+    (doge_torch.decode; CUDA graphs on CUDA), the first call compiling it. A transformers `streamer` gets
+    put(prompt ids), put(each new token [B]) and end(), as transformers calls it."""
     if cache_implementation not in (None, "dynamic", "static"):
         raise ValueError(f"cache_implementation={cache_implementation!r}: None, 'dynamic' or 'static'")
     static = cache_implementation == "static"
@@ -143,6 +145,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     scache = step = None  # the static cache and its decode step, from the first new token on
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
     step_ids = ids
+    if streamer is not None:
+        streamer.put(ids.cpu())
     with token_ids_checked():
         for _ in range(max_new_tokens):
             # transformers: positions from the attention mask (cumsum - 1, padding at 0)
@@ -172,6 +176,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             if len(eos):
                 done = done | torch.isin(nxt, eos_t)
             step_ids = nxt[:, None]
+            if streamer is not None:
+                streamer.put(nxt.cpu())
             if bool(done.all()):
                 break
+    if streamer is not None:
+        streamer.end()
     return ids

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig, GenerationConfig
-from doge_jax.generation_args import FROM_CONFIG, check_hf_call_args
+from doge_jax.generation_args import FROM_CONFIG, check_generate_kwargs, check_hf_call_args
 from doge_jax.model_output import OutputAccess, hidden_state_selection
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available, use_sparse
@@ -1039,18 +1039,21 @@ class DogeForCausalLM(nn.Module):
                  eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
                  repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams: int = 1,
                  num_return_sequences: int = 1, generation_config=None,
-                 cache_implementation: str | None = None, min_p=FROM_CONFIG) -> torch.Tensor:
+                 cache_implementation: str | None = None, min_p=FROM_CONFIG, streamer=None,
+                 **kwargs) -> torch.Tensor:
         """Prompt + new tokens (see doge_torch.generate); transformers' `max_length` counts the prompt too
-        (num_beams / num_return_sequences: only 1)."""
+        (num_beams / num_return_sequences: only 1); `streamer` as transformers'. transformers arguments this
+        generate does not implement are refused by name where they would change the output."""
         from .generate import generate
 
         check_hf_call_args(num_beams, num_return_sequences)
+        check_generate_kwargs(kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
                         seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
                         min_new_tokens=min_new_tokens, generation_config=generation_config,
-                        max_length=max_length, cache_implementation=cache_implementation)
+                        max_length=max_length, cache_implementation=cache_implementation, streamer=streamer)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,

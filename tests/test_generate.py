@@ -1125,3 +1125,68 @@ def test_min_p_as_transformers(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "saved"), "--prompt-ids", "5", "6", "--max-new-tokens", "3",
                  "--min-p", "1"]) == 0
     assert "min_p 1.0" in capsys.readouterr().err  # (sampling, as the file says)
+
+
+class _Recorder:
+    """A transformers streamer that keeps what it is given (put: a tensor or array of ids; end)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(np.asarray(value).tolist())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_streamer_and_transformers_arguments(tmp_path):
+    """generate(streamer=...) calls put/end as transformers does (the prompt, each new token, end), in both
+    packages and with TextStreamer; transformers arguments generate does not implement are refused by name where
+    they would change the output, accepted where they change nothing; a misspelt one is Python's TypeError."""
+    import transformers
+
+    import doge_torch
+
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    ids = unique_ids(1, 5, 128, seed=4)
+    want = _Recorder()
+    with torch.no_grad():
+        ref.generate(torch.as_tensor(ids), attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=6,
+                     do_sample=False, streamer=want)
+    assert len(want.calls) == 8 and want.calls[-1] == "end"
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+    jm = DogeForCausalLM.from_pretrained(d)
+    runs = {"torch": lambda s, **kw: tm.generate(torch.as_tensor(ids), max_new_tokens=6, streamer=s, **kw),
+            "jax": lambda s, **kw: jm.generate(ids, max_new_tokens=6, streamer=s, **kw),
+            "jax no cache": lambda s, **kw: jm.generate(ids, max_new_tokens=6, streamer=s, use_cache=False, **kw)}
+    for name, run in runs.items():
+        got = _Recorder()
+        run(got)
+        assert got.calls == want.calls, name
+        # what transformers callers pass with no effect is accepted; the rest is named
+        run(None, logits_processor=None, stopping_criteria=None, output_scores=False, no_repeat_ngram_size=0,
+            return_dict_in_generate=False, synced_gpus=False)
+        with pytest.raises(ValueError, match="no_repeat_ngram_size=2: not implemented by this generate"):
+            run(None, no_repeat_ngram_size=2)
+        with pytest.raises(ValueError, match="output_scores=True: not supported; generate returns the token ids"):
+            run(None, output_scores=True)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_token'"):
+            run(None, max_new_token=3)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_word_level_tokenizer(), eos_token="<eos>")
+    printed = []
+    streamer = transformers.TextStreamer(tok, skip_prompt=True)
+    streamer.on_finalized_text = lambda text, stream_end=False: printed.append(text)
+    out = jm.generate(ids, max_new_tokens=6, streamer=streamer)
+    assert "".join(printed).split() == tok.decode(out[0, 5:]).split()
+
+
+def _word_level_tokenizer():
+    """A word-level tokenizers.Tokenizer over 128 ids (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<eos>": 0, **{f"w{i}": i for i in range(1, 128)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return t
