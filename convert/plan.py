@@ -146,12 +146,16 @@ def describe(plan: Plan, dst: str, files: list[str]) -> str:
         "mapping:",
     ]
     groups: dict[tuple, list[int]] = {}
+    from_jax = src.kind.startswith("orbax") and plan.target != "jax"
     for e in plan.entries.values():
         m = _LAYER.search(e.name)
         layer = int(m.group()) if m else None
         src_pat = _INDEX.sub("[{i}]", _LAYER.sub("{i}", e.src)) if layer is not None else e.src
         dst_pat = _target_name(plan, e.name) if plan.target == "jax" else _LAYER.sub("{i}", e.name)
-        key = (src_pat, dst_pat, e.shape, dtype_name(e.src_dtype), dtype_name(e.dtype))
+        shape = e.shape  # (the HF layout's)
+        if from_jax and hf_to_flax(e.name)[2]:  # a Flax kernel: stored [in, out], written [out, in]
+            shape, dst_pat = tuple(reversed(e.shape)), dst_pat + "  (transposed)"
+        key = (src_pat, dst_pat, shape, dtype_name(e.src_dtype), dtype_name(e.dtype))
         groups.setdefault(key, []).append(layer)
     for (s, d, shape, sd, od), layers in groups.items():
         if layers[0] is not None:

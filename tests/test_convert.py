@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +18,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MOE, hf_logits, make_hf_model, max_abs_diff, save_hf, unique_ids, write_legacy_checkpoint
+from conftest import (
+    TINY,
+    TINY_MOE,
+    hf_logits,
+    make_hf_model,
+    max_abs_diff,
+    save_hf,
+    unique_ids,
+    write_legacy_checkpoint,
+)
 from safetensors import safe_open
 
 from convert import main
@@ -249,7 +259,14 @@ def test_training_run_and_step_dirs(tmp_path, capsys):
     src = save_hf(make_hf_model(), tmp_path / "src")
     run, trees = _training_run(tmp_path, src)
     assert _run(run, tmp_path / "latest", "--to", "hf", "--dry-run") == 0
-    assert "step 20; optimizer state dropped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 20; optimizer state dropped" in out
+    # a Flax kernel is shown as stored ([in, out] = [hidden, kv heads x head dim]) and said to be transposed (it was
+    # shown in the HF layout, with no note)
+    kv = TINY["num_key_value_heads"] * TINY["hidden_size"] // TINY["num_attention_heads"]
+    assert re.search(rf"k_proj\.kernel\[\{{0\.\.1\}}\] \[{TINY['hidden_size']}, {kv}\] float32\n\s+-> "
+                     r"model\.layers\.\{0\.\.1\}\.self_attn\.k_proj\.weight  \(transposed\)", out), out
+    assert re.search(r"embed_tokens\.embedding \[128, 64\] float32\n\s+-> model\.embed_tokens\.weight\n", out)
     assert not os.path.exists(tmp_path / "latest")
     assert _run(run, tmp_path / "latest", "--to", "hf") == 0
     assert _run(run, tmp_path / "s10", "--to", "torch", "--step", "10") == 0
