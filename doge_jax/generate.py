@@ -232,6 +232,13 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     eos_in = [e for e in eos if 0 <= e < cfg.vocab_size]
     eos_mask = np.isin(np.arange(cfg.vocab_size), eos_in) if min_new and eos_in else None
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
+    if (on_token is not None or streamer is not None) and use_cache:  # an ordered host callback: JAX runs it
+        devices = {d for a in jax.tree.leaves(nnx.state(model)) if hasattr(a, "sharding")  # from one device only
+                   for d in a.sharding.device_set}
+        if len(devices) > 1:
+            which = "on_token" if streamer is None else "streamer"
+            raise ValueError(f"{which} streams tokens from one device, but the model's parameters are on "
+                             f"{len(devices)}; load it on one (from_pretrained does) or generate without {which}")
     if streamer is not None:
         streamer.put(ids)
         user_on_token = on_token
@@ -240,12 +247,6 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
             streamer.put(tokens)
             if user_on_token is not None:
                 user_on_token(step, tokens)
-    if on_token is not None and use_cache:  # an ordered host callback: JAX runs it from one device only
-        devices = {d for a in jax.tree.leaves(nnx.state(model)) if hasattr(a, "sharding")
-                   for d in a.sharding.device_set}
-        if len(devices) > 1:
-            raise ValueError(f"on_token streams tokens from one device, but the model's parameters are on "
-                             f"{len(devices)}; load it on one (from_pretrained does) or generate without on_token")
     if use_cache:
         extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET
         p_ids = np.pad(ids, ((0, 0), (extra, 0)))  # masked slots: any valid id

@@ -78,10 +78,25 @@ _NOT_IMPLEMENTED = {"logits_processor", "stopping_criteria", "prefix_allowed_tok
                     "negative_prompt_attention_mask", "custom_generate", "use_model_defaults", "bad_words_ids",
                     "force_words_ids", "constraints", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
                     "guidance_scale", "exponential_decay_length_penalty", "renormalize_logits", "forced_bos_token_id",
-                    "forced_eos_token_id", "remove_invalid_values", "early_stopping", "penalty_alpha", "top_h",
-                    "stop_strings", "watermarking_config", "low_memory", "token_healing", "epsilon_cutoff",
-                    "eta_cutoff", "typical_p", "no_repeat_ngram_size", "length_penalty", "diversity_penalty",
-                    "num_beam_groups", "encoder_repetition_penalty", "encoder_no_repeat_ngram_size"}
+                    "forced_eos_token_id", "remove_invalid_values", "penalty_alpha", "top_h", "stop_strings",
+                    "watermarking_config", "token_healing", "epsilon_cutoff", "eta_cutoff", "typical_p",
+                    "no_repeat_ngram_size", "diversity_penalty", "num_beam_groups", "encoder_repetition_penalty",
+                    "encoder_no_repeat_ngram_size", "dola_layers", "max_time"}
+# ... and those that change nothing here: beam search's (num_beams is 1), ids generate does not read, a softmax
+# renormalisation that keeps every token's rank and probability
+_NO_EFFECT_HERE = {"early_stopping", "length_penalty", "low_memory", "renormalize_logits", "bos_token_id",
+                   "trust_remote_code"}
+
+
+def call_min_length(model, generation_config, kwargs: dict):
+    """The generation config of a call given transformers' `min_length=` (a total, prompt included), popped from
+    `kwargs`: the call's generation config with that min_length (None: unchanged)."""
+    min_length = kwargs.pop("min_length", None)
+    if min_length is None:
+        return generation_config
+    import dataclasses
+
+    return dataclasses.replace(call_generation_config(model, generation_config), min_length=min_length)
 
 
 def check_generate_kwargs(kwargs: dict) -> None:
@@ -89,15 +104,17 @@ def check_generate_kwargs(kwargs: dict) -> None:
     (None, False, transformers' no-op values), refused by name otherwise (a ValueError, not a bare TypeError);
     anything else is Python's TypeError for an unexpected keyword argument."""
     for k, v in kwargs.items():
-        known = k in _NOT_IMPLEMENTED or k in _NEUTRAL_FIELDS or k in _NO_EFFECT_VALUES
+        known = k in _NOT_IMPLEMENTED or k in _NEUTRAL_FIELDS or k in _NO_EFFECT_VALUES or k in _NO_EFFECT_HERE
         if not known:
             raise TypeError(f"generate() got an unexpected keyword argument {k!r}")
         if (v is None or v is False or (k in _NO_EFFECT_VALUES and v == _NO_EFFECT_VALUES[k])
-                or (isinstance(v, list | dict) and not v)):
+                or (isinstance(v, list | dict) and not v) or k in _NO_EFFECT_HERE
+                or (k == "guidance_scale" and v == 1)  # transformers' own no-op values
+                or (k in ("epsilon_cutoff", "eta_cutoff") and not 0 < v < 1)):
             continue
         if k in _OTHER_OUTPUTS:
             raise ValueError(f"{k}={v!r}: not supported; generate returns the token ids (prompt + new tokens) only")
-        if k in _NEUTRAL_FIELDS and k not in ("max_time",):  # settings that do not change the tokens
+        if k in _NEUTRAL_FIELDS and k not in _NOT_IMPLEMENTED:  # settings that do not change the tokens
             continue
         raise ValueError(f"{k}={v!r}: not implemented by this generate (it would change transformers' output); "
                          "supported: greedy or sampled decoding with temperature, top_k, top_p, min_p, "

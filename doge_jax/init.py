@@ -79,7 +79,7 @@ def merge_config(base: DogeConfig, requested: dict[str, Any], where: str = "--in
     if not merged.is_moe:  # irrelevant for a dense model: keep the checkpoint's values
         unused = [f"model.{f}={req[f]!r}" for f in ("num_experts", "num_experts_per_tok")
                   if f in req and req[f] != getattr(base, f)]
-        if unused:  # (--model.is_moe true forgotten: the run would train the dense model without a word)
+        if unused and "is_moe" not in req:  # (--model.is_moe true forgotten: a dense run without a word)
             print(f"note: {', '.join(unused)} not used: the model is dense (model.is_moe false); for dense -> MoE "
                   "add --model.is_moe true", file=sys.stderr)
         merged = merged.replace(num_experts=base.num_experts, num_experts_per_tok=base.num_experts_per_tok)

@@ -6,6 +6,8 @@ stacked on a leading axis and run under `jax.lax.scan` (one compiled layer body)
 
 from __future__ import annotations
 
+import warnings
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from flax import nnx
 
 from .attention import MaskInfo, attention
 from .config import DogeConfig, GenerationConfig
-from .generation_args import FROM_CONFIG, check_generate_kwargs, check_hf_call_args
+from .generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs, check_hf_call_args
 from .model_output import OutputAccess, hidden_state_selection
 
 
@@ -398,8 +400,13 @@ def _resized_rows(w: jax.Array, n: int, mean_resizing: bool, std: float, rng: np
         out = np.concatenate([x, new.astype(x.dtype)])
     try:
         return jax.device_put(out, w.sharding)
-    except ValueError:  # a mesh axis that does not divide the new size: default placement
-        return jnp.asarray(out)
+    except ValueError:  # a mesh axis that does not divide the new size: replicated over the same devices
+        mesh = getattr(w.sharding, "mesh", None)
+        if mesh is None:
+            return jnp.asarray(out)
+        warnings.warn(f"resize_token_embeddings: {n} rows do not split over the mesh as {tuple(w.shape)} did; the "
+                      "resized table is replicated on its devices (pad_to_multiple_of keeps it split)", stacklevel=3)
+        return jax.device_put(out, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 class DogeForCausalLM(nnx.Module):
@@ -604,6 +611,7 @@ class DogeForCausalLM(nnx.Module):
         from .generate import generate
 
         check_hf_call_args(num_beams, num_return_sequences)
+        generation_config = call_min_length(self, generation_config, kwargs)  # (transformers' total length)
         check_generate_kwargs(kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,

@@ -160,7 +160,7 @@ TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 MODEL_FIELDS = {f.name: f for f in dataclasses.fields(DogeConfig)}
 
 
-_BARE_OVERRIDE = re.compile(r"((model|train)\.\w+|data|name|out_dir|init_from|init-from)=")
+BARE_OVERRIDE = re.compile(r"((model|train)\.\w+|data|name|out_dir|init_from|init-from)=")
 
 
 def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
@@ -208,7 +208,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
             if key == "train.data":  # a list: every following non-option argument
                 j = i + 1
                 # until the next option or a bare override (`train.X=...`, `name=...`; paths may hold `=`)
-                while j < len(args) and not args[j].startswith("--") and not _BARE_OVERRIDE.match(args[j]):
+                while j < len(args) and not args[j].startswith("--") and not BARE_OVERRIDE.match(args[j]):
                     j += 1
                 if j == i + 1:
                     raise ConfigError(f"{a}: missing value")

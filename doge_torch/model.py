@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig, GenerationConfig
-from doge_jax.generation_args import FROM_CONFIG, check_generate_kwargs, check_hf_call_args
+from doge_jax.generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs, check_hf_call_args
 from doge_jax.model_output import OutputAccess, hidden_state_selection
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available, use_sparse
@@ -1047,6 +1047,7 @@ class DogeForCausalLM(nn.Module):
         from .generate import generate
 
         check_hf_call_args(num_beams, num_return_sequences)
+        generation_config = call_min_length(self, generation_config, kwargs)  # (transformers' total length)
         check_generate_kwargs(kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,

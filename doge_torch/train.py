@@ -41,7 +41,7 @@ from doge_jax import data as D
 from doge_jax import hf_io
 from doge_jax.config import ConfigError
 from doge_jax.hf_names import CheckpointError, CheckpointWriteError
-from doge_jax.train_config import DEFAULT_CONFIG, SIGTERM_REPEAT_S, load_configs, parse_overrides
+from doge_jax.train_config import BARE_OVERRIDE, DEFAULT_CONFIG, SIGTERM_REPEAT_S, load_configs, parse_overrides
 
 from . import checkpoint
 from .loss import IGNORE
@@ -530,10 +530,19 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
                     help="print every N steps (metrics.jsonl keeps every step; each step's loss is read back one "
                     "step late, while the device runs the next one)")
     args, rest = ap.parse_known_args(argv)
+    if args.data:  # --data's list ends at a bare override (train.seed=7), as in doge_jax.train
+        cut = next((i for i, a in enumerate(args.data) if BARE_OVERRIDE.match(a)), len(args.data))
+        args.data, rest = args.data[:cut], args.data[cut:] + rest
+        if not args.data:
+            ap.error("--data: missing value")
     try:  # --train.FIELD / --model.FIELD overrides, as doge_jax.train takes them
         overrides = parse_overrides(rest)
     except ConfigError as e:
         ap.error(str(e))
+    layout = [f"train.{k}" for s, k, _ in overrides if s == "train" and k in ("out_dir", "name", "runs_dir")]
+    if layout:  # (doge_jax.train's run layout: this trainer would say "nothing is saved" and save nothing)
+        ap.error(f"{layout[0]} (or --out_dir / --name): doge_jax.train's run directory; doge_torch.train writes its "
+                 "run to --out DIR")
     if args.sdpa_backends:
         try:
             set_sdpa_backends(args.sdpa_backends.split(","))

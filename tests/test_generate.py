@@ -1174,6 +1174,19 @@ def test_streamer_and_transformers_arguments(tmp_path):
             run(None, output_scores=True)
         with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_token'"):
             run(None, max_new_token=3)
+        # no effect at these values in transformers either (beam-only settings, its own no-op values)
+        run(None, early_stopping=True, length_penalty=0.5, low_memory=True, guidance_scale=1.0, epsilon_cutoff=1.0,
+            renormalize_logits=True, bos_token_id=1, trust_remote_code=True)
+        with pytest.raises(ValueError, match="dola_layers='high': not implemented"):  # (DoLa decoding)
+            run(None, dola_layers="high")
+        # transformers' min_length (prompt included) as a call argument: EOS held back as transformers holds it
+        eos = int(want.calls[2][0])  # the second greedy token
+        with torch.no_grad():
+            hf_min = ref.generate(torch.as_tensor(ids), attention_mask=torch.ones(1, 5, dtype=torch.long),
+                                  max_new_tokens=6, do_sample=False, eos_token_id=eos, min_length=9)
+        got = run(None, eos_token_id=eos, min_length=9)
+        np.testing.assert_array_equal(np.asarray(got), hf_min.numpy())
+        assert np.asarray(run(None, eos_token_id=eos)).shape[1] == 7 < hf_min.shape[1]
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_word_level_tokenizer(), eos_token="<eos>")
     printed = []
     streamer = transformers.TextStreamer(tok, skip_prompt=True)

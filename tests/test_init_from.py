@@ -98,6 +98,8 @@ def test_merge_config_rules(capsys):
     assert m.num_experts == base.num_experts  # irrelevant for a dense model: kept, and said so (--model.is_moe
     assert ("note: model.num_experts=9 not used: the model is dense (model.is_moe false); for dense -> MoE add "
             "--model.is_moe true") in capsys.readouterr().err  # true forgotten: a dense run without a word)
+    merge_config(base, {"is_moe": False, "num_experts": 9})  # said dense (as every dense config file does): no note
+    assert "not used" not in capsys.readouterr().err
     assert merge_config(base, {"num_key_value_heads": 1, "head_dim": 16}) == base  # same effective shapes
     for field, value in (("hidden_size", 64), ("num_hidden_layers", 3), ("vocab_size", 65), ("variant", "small_doge"),
                          ("tie_word_embeddings", True), ("num_key_value_heads", 2)):

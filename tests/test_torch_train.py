@@ -1148,13 +1148,16 @@ def test_cli_takes_field_overrides_as_doge_jax(tmp_path, capsys):
     assert cfg["num_hidden_layers"] == 1 and cfg["hidden_size"] == 128  # configs/tiny.yaml's, one layer
     state = json.load(open(tmp_path / "run" / "checkpoint-2" / "trainer_state.json"))
     assert state["num_training_steps"] == 4 and state["seq_len"] == 32
-    main([*small, "--train.peak_lr", "1e-3"])  # a resume with another setting: used, with a warning
+    main([*small, "--train.peak_lr", "1e-3", "--data", str(tmp_path / "tokens.npy"), "train.seed=233"])
+    # (a resume with another setting: used, with a warning; a bare override ends --data's list, as in doge_jax)
     assert "peak_lr 0.003 -> 0.001" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="model.hidden_size=64: the run's newest .*a resumed run keeps its model"):
         main([*small, "--model.hidden_size", "64"])
     for bad, why in ((["--train.num_trainig_steps", "3"], "did you mean train.num_training_steps"),
                      (["--foo", "3"], "unknown argument '--foo': overrides are --model.FIELD VALUE"),
-                     (["--train.seq_len"], "--train.seq_len: missing value")):
+                     (["--train.seq_len"], "--train.seq_len: missing value"),
+                     (["--out_dir", "x"], "train.out_dir (or --out_dir / --name): doge_jax.train's run directory"),
+                     (["--train.name", "x"], "writes its run to --out DIR")):
         with pytest.raises((SystemExit, ConfigError)) as e:
             main(["--data", str(tmp_path / "tokens.npy"), "--device", "cpu", *bad])
         assert why in (str(e.value) if isinstance(e.value, ConfigError) else capsys.readouterr().err)
