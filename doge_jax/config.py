@@ -362,17 +362,17 @@ SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": None, "min_p": None}
 # every generate default a generation_config.json may set (None max_new_tokens: generate's own default)
 GENERATION_DEFAULTS = {**SAMPLING_DEFAULTS, "repetition_penalty": 1.0, "max_new_tokens": None, "min_new_tokens": None,
-                       "min_length": None}
+                       "min_length": None, "no_repeat_ngram_size": 0}
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """What `generate` uses for the arguments a call does not give: transformers' `model.generation_config`
     (generation_config.json's ids, else config.json's; its do_sample / temperature / top_k / top_p / min_p /
-    repetition_penalty / max_new_tokens / min_new_tokens / min_length). The model's own pad id (embedding pad row,
-    label masking) stays config.json's. `extra` holds the file's other fields as read (written back by
-    save_pretrained; generate warns about those that would change transformers' output). Frozen: replace it
-    (`dataclasses.replace`) rather than assign its fields."""
+    repetition_penalty / max_new_tokens / min_new_tokens / min_length / no_repeat_ngram_size). The model's own pad
+    id (embedding pad row, label masking) stays config.json's. `extra` holds the file's other fields as read
+    (written back by save_pretrained; generate warns about those that would change transformers' output). Frozen:
+    replace it (`dataclasses.replace`) rather than assign its fields."""
 
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -386,6 +386,7 @@ class GenerationConfig:
     max_new_tokens: int | None = None
     min_new_tokens: int | None = None
     min_length: int | None = None
+    no_repeat_ngram_size: int = 0
     # (not part of equality or the hash: the config is a static attribute of the model, and extra fields never
     # change what the model computes)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)

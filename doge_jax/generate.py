@@ -32,6 +32,7 @@ from .generation_args import (
     inferred_pad,
     length_and_penalty,
     min_new_arg,
+    ngram_arg,
     output_pad,
     penalty_start,
     prompt_length,
@@ -81,6 +82,22 @@ def _penalize(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Arr
     return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
+def _ban_ngrams(logits: jax.Array, hist: jax.Array, length, n: int) -> jax.Array:
+    """transformers' no_repeat_ngram_size on float32 logits [B, V]: a token that would complete an n-gram already
+    in the first `length` tokens of `hist` [B, T] (prompt with its padding, then the new tokens) gets -inf."""
+    B, T = hist.shape
+    J = T - n + 1  # n-gram starts that fit in the buffer; those past length - n are not in the row yet
+    if J <= 0:
+        return logits
+    match = (jnp.arange(J) <= length - n)[None]
+    if n > 1:  # the row's last n - 1 tokens (a clamped start where there are fewer: no valid start then)
+        last = jax.lax.dynamic_slice_in_dim(hist, jnp.maximum(length - (n - 1), 0), n - 1, axis=1)
+        for k in range(n - 1):
+            match = match & (hist[:, k:k + J] == last[:, k:k + 1])
+    hits = jnp.zeros(logits.shape, jnp.int32).at[jnp.arange(B)[:, None], hist[:, n - 1:]].add(match.astype(jnp.int32))
+    return jnp.where(hits > 0, -jnp.inf, logits)
+
+
 def _seen_tokens(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarray:
     """[B, V] bool: the tokens of each prompt row from its first attended token on (penalty_start)."""
     B, P = ids.shape
@@ -112,19 +129,24 @@ def _emit(step, tokens):
         sink(int(step), np.asarray(tokens))
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "stream"))
+@partial(nnx.jit, static_argnames=("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "stream",
+                                   "ngram"))
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
                      temperature: float, top_k, top_p, min_p=None, stream: bool = False, seen=None, penalty=None,
-                     eos_mask=None, min_new=None):
+                     eos_mask=None, min_new=None, hist=None, ngram: int = 0):
     """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps). `seen`
     [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on; `eos_mask` [V] and `min_new` keep
-    EOS out of the first min_new new tokens."""
+    EOS out of the first min_new new tokens; `hist` [B, P + max_new_tokens] (the prompt as given, then room for
+    the new tokens) and `ngram` turn no_repeat_ngram_size on."""
     B = ids.shape[0]
+    P = None if hist is None else hist.shape[1] - max_new_tokens
     # Built once per call, outside the loop: joined q/k/v and gate/up weights, the RoPE table (decode.py).
     prep = prepare_decode(model, cache.capacity)
     out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
                 layer_params=prep["states"])
     logits, cache = out.logits[:, -1], DecodeCache.from_cache(out.cache, use_counters(model.config, cache.capacity))
+    if ngram:
+        logits = _ban_ngrams(logits, hist, P, ngram)
     if do_sample:
         rng, sub = jax.random.split(rng)
     else:
@@ -134,6 +156,8 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
     rows = jnp.arange(B)
     if seen is not None:
         seen = seen.at[rows, tok].set(True)
+    if ngram:
+        hist = hist.at[:, P].set(tok)
     done = jnp.isin(tok, eos)
     if stream:
         jax.debug.callback(_emit, jnp.int32(0), tok, ordered=True)
@@ -141,12 +165,14 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
     next_pos = jnp.max(pos, axis=1) + 1
 
     def cond(carry):
-        step, _, _, _, done, _, _, _ = carry
+        step, _, _, _, done, *_ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, tok, next_pos, cache, done, rng, out, seen = carry
+        step, tok, next_pos, cache, done, rng, out, seen, hist = carry
         logits, cache = decode_step(model, prep, tok, next_pos, cache)
+        if ngram:
+            logits = _ban_ngrams(logits, hist, P + step, ngram)
         if do_sample:  # greedy decoding needs no random numbers (threefry is ~40 ops per step)
             rng, sub = jax.random.split(rng)
         new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, min_p, seen,
@@ -154,13 +180,16 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         new = jnp.where(done, pad, new)
         if seen is not None:
             seen = seen.at[rows, new].set(True)
+        if ngram:
+            hist = hist.at[:, P + step].set(new)
         out = out.at[:, step].set(new)
         if stream:
             jax.debug.callback(_emit, step, new, ordered=True)
         done = done | jnp.isin(new, eos)
-        return step + 1, new, next_pos + 1, cache, done, rng, out, seen
+        return step + 1, new, next_pos + 1, cache, done, rng, out, seen, hist
 
-    step, *_, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, next_pos, cache, done, rng, out, seen))
+    step, *_, out, _, _ = jax.lax.while_loop(cond, body,
+                                             (jnp.int32(1), tok, next_pos, cache, done, rng, out, seen, hist))
     return out, step
 
 
@@ -173,7 +202,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
              temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
              seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
-             max_length=None, min_p=FROM_CONFIG, streamer=None) -> np.ndarray:
+             max_length=None, min_p=FROM_CONFIG, streamer=None, no_repeat_ngram_size=FROM_CONFIG) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Arguments not given come from `generation_config` (see generation_args.call_generation_config), else
     `model.generation_config` (generation_config.json; else transformers' defaults: greedy, temperature 1, top_k 50,
@@ -182,7 +211,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     `repetition_penalty` is transformers': logits of tokens already in the row (prompt from its first attended
     token, and the new ones) are divided by it where positive and multiplied where negative, greedy or sampled.
     `min_new_tokens` (and generation_config.json's `min_length`, a total) keep EOS from being chosen before that
-    many new tokens, as transformers.
+    many new tokens, as transformers. `no_repeat_ngram_size` n: no n-gram twice in a row (prompt and its padding
+    included, as transformers reads input_ids).
 
     `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached);
     a transformers `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it.
@@ -197,6 +227,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
                                                  max_positions=cfg.max_position_embeddings)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
     min_p = float(min_p) if do_sample and min_p is not None else None  # (a static argument: greedy ignores it)
+    ngram = ngram_arg(gcfg, no_repeat_ngram_size)
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")
     if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
@@ -264,7 +295,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
                                           seen=None if seen is None else jnp.asarray(seen),
                                           penalty=jnp.float32(penalty),
                                           eos_mask=None if eos_mask is None else jnp.asarray(eos_mask),
-                                          min_new=jnp.int32(min_new))
+                                          min_new=jnp.int32(min_new), ngram=ngram,
+                                          hist=jnp.asarray(np.pad(ids, ((0, 0), (0, max_new_tokens))))
+                                          if ngram else None)
             out = np.asarray(out)
             steps = int(steps)
         finally:
@@ -273,14 +306,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     else:
         result = _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample,
                                      float(temperature), top_k, top_p, on_token, seen, penalty, eos_mask, min_new,
-                                     min_p)
+                                     min_p, ngram)
     if streamer is not None:
         streamer.end()
     return result
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,
-                        on_token=None, seen=None, penalty=1.0, eos_mask=None, min_new=0, min_p=None):
+                        on_token=None, seen=None, penalty=1.0, eos_mask=None, min_new=0, min_p=None, ngram=0):
     """No cache: run the whole sequence every step. Dense models use one fixed-length buffer (future slots are
     masked, and causality makes them invisible); CDMoE routing mixes positions (spec §3.8), so MoE runs exact
     lengths (one compile each)."""
@@ -302,6 +335,8 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
                                   jnp.asarray(buf_pos[:, :cur]))
         else:
             logits = _logits_at(model, jnp.asarray(buf), jnp.asarray(buf_mask), jnp.asarray(buf_pos), cur - 1)
+        if ngram:
+            logits = _ban_ngrams(logits, jnp.asarray(buf), cur, ngram)
         rng, sub = jax.random.split(rng)
         tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen,
                                      jnp.float32(penalty), eos_mask, jnp.bool_(n < min_new)))
@@ -388,6 +423,8 @@ def _main(argv=None) -> int:
                     "times the most likely one, in [0, 1] (default: generation_config.json's, else none)")
     ap.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty: > 0, "
                     "1 for none; greedy or sampled (default: generation_config.json's, else 1)")
+    ap.add_argument("--no-repeat-ngram-size", type=int, default=None, help="no n-gram of this size twice, prompt "
+                    "included (default: generation_config.json's, else none)")
     ap.add_argument("--min-new-tokens", type=int, default=None, help="no EOS before this many new tokens (default: "
                     "generation_config.json's min_new_tokens / min_length, else none)")
     ap.add_argument("--seed", type=int, default=0, help="when sampling: the random seed, in [0, 2**32) (default 0: "
@@ -406,6 +443,8 @@ def _main(argv=None) -> int:
         ap.error(str(e))
     if args.min_new_tokens is not None and args.min_new_tokens < 0:
         ap.error(f"--min-new-tokens {args.min_new_tokens}: must be >= 0")
+    if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 0:
+        ap.error(f"--no-repeat-ngram-size {args.no_repeat_ngram_size}: must be >= 0")
     if not 0 <= args.seed < 2**32:
         ap.error(f"--seed {args.seed}: must be in [0, 2**32)")
 
@@ -537,7 +576,9 @@ def _main(argv=None) -> int:
                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      seed=args.seed,
                      eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,
-                     min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens)
+                     min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
+                     no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
+                     else args.no_repeat_ngram_size)
     except Exception:  # noqa: BLE001 - the callback's exception, wrapped by JAX
         if not stopped:
             raise

@@ -80,7 +80,7 @@ _NOT_IMPLEMENTED = {"logits_processor", "stopping_criteria", "prefix_allowed_tok
                     "guidance_scale", "exponential_decay_length_penalty", "renormalize_logits", "forced_bos_token_id",
                     "forced_eos_token_id", "remove_invalid_values", "penalty_alpha", "top_h", "stop_strings",
                     "watermarking_config", "token_healing", "epsilon_cutoff", "eta_cutoff", "typical_p",
-                    "no_repeat_ngram_size", "diversity_penalty", "num_beam_groups", "encoder_repetition_penalty",
+                    "diversity_penalty", "num_beam_groups", "encoder_repetition_penalty",
                     "encoder_no_repeat_ngram_size", "dola_layers", "max_time"}
 # ... and those that change nothing here: beam search's (num_beams is 1), ids generate does not read, a softmax
 # renormalisation that keeps every token's rank and probability
@@ -192,6 +192,16 @@ def min_new_arg(gen, min_new_tokens, prompt_len: int) -> int:
     return max(int(getattr(gen, "min_length", None) or 0) - prompt_len, 0)
 
 
+def ngram_arg(gen, no_repeat_ngram_size) -> int:
+    """no_repeat_ngram_size of a generate call (FROM_CONFIG: the generation config's; None or 0: none), checked."""
+    n = gen.no_repeat_ngram_size if no_repeat_ngram_size is FROM_CONFIG else no_repeat_ngram_size
+    if n is None:
+        return 0
+    if not _is_int(n) or n < 0:
+        raise ValueError(f"no_repeat_ngram_size={n!r}: must be an integer >= 0 (0: none)")
+    return int(n)
+
+
 def penalty_start(mask: np.ndarray) -> np.ndarray:
     """[B] index of each row's first attended prompt token: transformers' repetition penalty skips the left
     padding before it (and nothing else)."""
@@ -210,14 +220,14 @@ _NEUTRAL_FIELDS = {"transformers_version", "_from_model_config", "use_cache", "c
                    "dola_layers"}
 _IMPLEMENTED = {"max_length"}  # (the others generate implements are GenerationConfig fields, not `extra`)
 _NO_EFFECT_VALUES = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
-                     "no_repeat_ngram_size": 0, "length_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                     "length_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
                      "eta_cutoff": 0.0, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
                      "encoder_no_repeat_ngram_size": 0}
 
 
 def unsupported_fields(gen) -> dict:
     """The fields of a generation config (generation_config.json's) that would change transformers' output and
-    that generate does not implement (beam search, no_repeat_ngram_size, bad_words_ids, ...); generate warns,
+    that generate does not implement (beam search, bad_words_ids, typical_p, ...); generate warns,
     naming them."""
     extra = getattr(gen, "extra", None) or {}
 

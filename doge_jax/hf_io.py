@@ -511,7 +511,7 @@ def generation_config_from_dict(gen: dict, cfg: DogeConfig, where: str) -> Gener
 
 
 def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
-                           max_new_tokens, min_new_tokens, min_length) -> None:
+                           max_new_tokens, min_new_tokens, min_length, no_repeat_ngram_size) -> None:
     """generation_config.json's generate settings have the types generate takes. Their values are checked when
     generate uses them, as transformers does (a greedy call never looks at temperature)."""
     def number(v):
@@ -532,7 +532,7 @@ def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, 
         bad = f"repetition_penalty={repetition_penalty!r}: must be a number"
     else:
         for name, v in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
-                        ("min_length", min_length)):
+                        ("min_length", min_length), ("no_repeat_ngram_size", no_repeat_ngram_size)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 bad = f"{name}={v!r}: must be an integer or null"
                 break

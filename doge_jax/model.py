@@ -603,7 +603,7 @@ class DogeForCausalLM(nnx.Module):
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
                  on_token=None, repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None,
                  num_beams: int = 1, num_return_sequences: int = 1, generation_config=None, min_p=FROM_CONFIG,
-                 streamer=None, **kwargs):
+                 streamer=None, no_repeat_ngram_size=FROM_CONFIG, **kwargs):
         """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate); transformers'
         `max_length` counts the prompt too (num_beams / num_return_sequences: only 1); `streamer` as transformers'
         (TextStreamer: put() the prompt, then each new token, then end()). transformers arguments this generate
@@ -619,7 +619,7 @@ class DogeForCausalLM(nnx.Module):
                         use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,
                         repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
                         generation_config=generation_config,
-                        max_length=max_length, streamer=streamer)
+                        max_length=max_length, streamer=streamer, no_repeat_ngram_size=no_repeat_ngram_size)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,

@@ -18,6 +18,7 @@ from doge_jax.generation_args import (
     inferred_pad,
     length_and_penalty,
     min_new_arg,
+    ngram_arg,
     output_pad,
     penalty_start,
     prompt_length,
@@ -51,6 +52,18 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
 
 
+def ban_repeated_ngrams(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' no_repeat_ngram_size: a token that would complete an n-gram already in the row (`ids` [B, L],
+    prompt and padding included, as transformers reads them) gets -inf."""
+    L = ids.shape[1]
+    if L + 1 < n:
+        return logits
+    win = ids.unfold(1, n, 1)  # [B, L - n + 1, n]: every n-gram of the row
+    match = (win[..., :n - 1] == ids[:, L - n + 1:][:, None, :]).all(-1)  # its first n-1 tokens are the last n-1
+    hits = torch.zeros_like(logits, dtype=torch.int32).scatter_add_(1, win[..., -1], match.int())
+    return logits.masked_fill(hits > 0, float("-inf"))
+
+
 def penalize(logits: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' repetition penalty on float32 logits [B, V]: tokens of `ids` [B, T] from column start[b] on
     (the row's first attended prompt token) have their logit divided by `penalty` if positive, multiplied if not."""
@@ -67,18 +80,18 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
              max_length=None, cache_implementation: str | None = None, min_p=FROM_CONFIG,
-             streamer=None) -> torch.Tensor:
+             streamer=None, no_repeat_ngram_size=FROM_CONFIG) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
     transformers' defaults: greedy, temperature 1, top_k 50, no top-p / min-p, no repetition penalty; 20 new tokens, or
     max_length, the call's or the config's, as doge_jax.generate); sampling draws from torch's global generator
     as transformers does (`torch.manual_seed(s)` before the call gives transformers' tokens; successive calls
     differ), or with `seed` from a generator of its own on the model's device, seeded by it (the same tokens).
-    `repetition_penalty` and `min_new_tokens` as transformers (see doge_jax.generate). `cache_implementation` as
-    transformers': None / "dynamic" (a cache growing by one slot per token, eager), or "static": after the eager
-    prefill, the tokens are decoded in a preallocated cache by one torch.compile'd step of fixed shapes
-    (doge_torch.decode; CUDA graphs on CUDA), the first call compiling it. A transformers `streamer` gets
-    put(prompt ids), put(each new token [B]) and end(), as transformers calls it."""
+    `repetition_penalty`, `min_new_tokens` and `no_repeat_ngram_size` as transformers (see doge_jax.generate).
+    `cache_implementation` as transformers': None / "dynamic" (a cache growing by one slot per token, eager), or
+    "static": after the eager prefill, the tokens are decoded in a preallocated cache by one torch.compile'd step
+    of fixed shapes (doge_torch.decode; CUDA graphs on CUDA), the first call compiling it. A transformers
+    `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it."""
     if cache_implementation not in (None, "dynamic", "static"):
         raise ValueError(f"cache_implementation={cache_implementation!r}: None, 'dynamic' or 'static'")
     static = cache_implementation == "static"
@@ -91,6 +104,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                                                  prompt_len=prompt_length(input_ids),
                                                  max_positions=cfg.max_position_embeddings)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
+    ngram = ngram_arg(gcfg, no_repeat_ngram_size)
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")
     device = next(model.parameters()).device
@@ -167,6 +181,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                     step = step_function(device)
             if penalty != 1.0:  # a logits processor: before sampling, greedy too (transformers; none at 1.0)
                 logits = penalize(logits, ids, start, penalty)
+            if ngram:
+                logits = ban_repeated_ngrams(logits, ids, ngram)
             if eos_cols is not None and ids.shape[1] - P < min_new:  # min_new_tokens / min_length: no EOS yet
                 logits = logits.index_fill(1, eos_cols, float("-inf"))
             nxt = sample_next(logits, do_sample, temperature, top_k, top_p, gen, min_p)

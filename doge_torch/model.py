@@ -1040,7 +1040,7 @@ class DogeForCausalLM(nn.Module):
                  repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams: int = 1,
                  num_return_sequences: int = 1, generation_config=None,
                  cache_implementation: str | None = None, min_p=FROM_CONFIG, streamer=None,
-                 **kwargs) -> torch.Tensor:
+                 no_repeat_ngram_size=FROM_CONFIG, **kwargs) -> torch.Tensor:
         """Prompt + new tokens (see doge_torch.generate); transformers' `max_length` counts the prompt too
         (num_beams / num_return_sequences: only 1); `streamer` as transformers'. transformers arguments this
         generate does not implement are refused by name where they would change the output."""
@@ -1054,7 +1054,8 @@ class DogeForCausalLM(nn.Module):
                         seed=seed,
                         use_cache=use_cache, pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
                         min_new_tokens=min_new_tokens, generation_config=generation_config,
-                        max_length=max_length, cache_implementation=cache_implementation, streamer=streamer)
+                        max_length=max_length, cache_implementation=cache_implementation, streamer=streamer,
+                        no_repeat_ngram_size=no_repeat_ngram_size)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,

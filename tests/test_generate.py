@@ -186,13 +186,13 @@ def test_cli_takes_the_files_max_length(model_dir, tmp_path, capsys):
     assert "max_length=3 (the generation config's): must be an int above the prompt's 3 tokens" in (
         capsys.readouterr().err)
     # a field generate ignores: one note before the output (its warning used to land inside the streamed tokens)
-    json.dump({**gen, "no_repeat_ngram_size": 3}, open(path, "w"))
+    json.dump({**gen, "typical_p": 0.5}, open(path, "w"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main(["--model", str(d), "--prompt-ids", "5", "6", "7", "--max-new-tokens", "3", "--no-eos"]) == 0
     got = capsys.readouterr()
     assert len(got.out.split("|")[1].split()) == 3
-    assert got.err.startswith("note: the model's generation_config.json sets no_repeat_ngram_size=3: not implemented")
+    assert got.err.startswith("note: the model's generation_config.json sets typical_p=0.5: not implemented")
 
 
 def test_cli_prompt_ids_with_a_tokenizer_and_metaspace_stream(model_dir, tmp_path, capsys):
@@ -958,7 +958,7 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
 
     # generation_config.json: repetition_penalty and max_new_tokens are defaults; other fields warned about, kept
     gen = {"bos_token_id": 0, "eos_token_id": 1, "repetition_penalty": 1.5, "max_new_tokens": 14,
-           "no_repeat_ngram_size": 3, "num_beams": 1, "transformers_version": "5.23.0", "use_cache": True,
+           "typical_p": 0.5, "num_beams": 1, "transformers_version": "5.23.0", "use_cache": True,
            "max_length": 20, "is_assistant": False, "return_legacy_cache": True, "generation_kwargs": {}}
     json.dump(gen, open(f"{d}/generation_config.json", "w"))
     ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
@@ -969,7 +969,7 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
             warnings.simplefilter("always")
             out = np.asarray(m.generate(conv(ids[:1])))  # the file's penalty and length
         assert [str(w.message) for w in caught] == [
-            "the model's generation_config.json sets no_repeat_ngram_size=3: not implemented by this generate, "
+            "the model's generation_config.json sets typical_p=0.5: not implemented by this generate, "
             "ignored (transformers' output may differ)"], name
         np.testing.assert_array_equal(out, hf_row0(ref, ids, 1.5, 14), err_msg=name)
         assert np.asarray(m.generate(conv(ids[:1]), max_new_tokens=3, repetition_penalty=1.0)).shape == (1, 9)
@@ -997,11 +997,10 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
 
 
 def hf_row0(ref, ids, pen, n):
-    """transformers' greedy tokens for the first prompt row alone (without the n-gram rule the file may set)."""
+    """transformers' greedy tokens for the first prompt row alone."""
     with torch.no_grad():
         return ref.generate(torch.as_tensor(ids[:1]), attention_mask=torch.ones(1, ids.shape[1], dtype=torch.long),
-                            max_new_tokens=n, repetition_penalty=pen, do_sample=False,
-                            no_repeat_ngram_size=0).numpy()
+                            max_new_tokens=n, repetition_penalty=pen, do_sample=False).numpy()
 
 
 def test_min_new_tokens_and_min_length_as_transformers(tmp_path, capsys):
@@ -1168,8 +1167,8 @@ def test_streamer_and_transformers_arguments(tmp_path):
         # what transformers callers pass with no effect is accepted; the rest is named
         run(None, logits_processor=None, stopping_criteria=None, output_scores=False, no_repeat_ngram_size=0,
             return_dict_in_generate=False, synced_gpus=False)
-        with pytest.raises(ValueError, match="no_repeat_ngram_size=2: not implemented by this generate"):
-            run(None, no_repeat_ngram_size=2)
+        with pytest.raises(ValueError, match="bad_words_ids=\\[\\[5\\]\\]: not implemented by this generate"):
+            run(None, bad_words_ids=[[5]])
         with pytest.raises(ValueError, match="output_scores=True: not supported; generate returns the token ids"):
             run(None, output_scores=True)
         with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_token'"):
@@ -1203,3 +1202,55 @@ def _word_level_tokenizer():
     t = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     return t
+
+
+def test_no_repeat_ngram_size_as_transformers(tmp_path, capsys):
+    """no_repeat_ngram_size (argument, generation_config.json, --no-repeat-ngram-size): transformers' very tokens in
+    doge_torch (dynamic and static cache) and doge_jax (cached and not), left padding included (transformers' rule
+    reads the padded input_ids), n = 1, 2, 3 on prompts with repeated ids; it was a warning and ignored."""
+    import transformers
+
+    import doge_torch
+
+    d = save_hf(make_hf_model(), tmp_path / "m")
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    tm = doge_torch.DogeForCausalLM.from_pretrained(d).eval()
+    jm = DogeForCausalLM.from_pretrained(d)
+    ids = np.random.default_rng(0).integers(0, 8, (2, 7))  # few distinct ids: n-grams repeat
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :2] = 0
+
+    def hf(**kw):
+        with torch.no_grad():
+            return ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=20,
+                                do_sample=False, **kw).numpy()
+
+    plain = hf()
+    for n in (1, 2, 3):
+        want = hf(no_repeat_ngram_size=n)
+        assert not np.array_equal(want, plain), n
+        t_ids, t_mask = torch.as_tensor(ids), torch.as_tensor(mask)
+        got = {"torch": tm.generate(t_ids, t_mask, max_new_tokens=20, no_repeat_ngram_size=n).numpy(),
+               "jax": jm.generate(ids, mask, max_new_tokens=20, no_repeat_ngram_size=n),
+               "jax no cache": jm.generate(ids, mask, max_new_tokens=20, no_repeat_ngram_size=n, use_cache=False)}
+        if n == 2:
+            got["torch static"] = tm.generate(t_ids, t_mask, max_new_tokens=20, no_repeat_ngram_size=n,
+                                              cache_implementation="static").numpy()
+        for name, out in got.items():
+            np.testing.assert_array_equal(out, want, err_msg=f"{name} n={n}")
+    json.dump({"bos_token_id": 0, "eos_token_id": 1, "no_repeat_ngram_size": 2},
+              open(f"{d}/generation_config.json", "w"))
+    want = hf(no_repeat_ngram_size=2)
+    for m, conv in ((DogeForCausalLM.from_pretrained(d), np.asarray), (doge_torch.DogeForCausalLM.from_pretrained(d),
+                                                                        torch.as_tensor)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no "not implemented" warning any more)
+            np.testing.assert_array_equal(np.asarray(m.generate(conv(ids), conv(mask), max_new_tokens=20)), want)
+        np.testing.assert_array_equal(np.asarray(m.generate(conv(ids), conv(mask), max_new_tokens=20,
+                                                            no_repeat_ngram_size=0)), plain)
+        with pytest.raises(ValueError, match="no_repeat_ngram_size=-1: must be an integer >= 0"):
+            m.generate(conv(ids), max_new_tokens=2, no_repeat_ngram_size=-1)
+    row = [str(t) for t in ids[0]]
+    assert main(["--model", d, "--prompt-ids", *row, "--max-new-tokens", "20", "--no-eos",
+                 "--no-repeat-ngram-size", "3"]) == 0
+    assert capsys.readouterr().out.split("|")[1].split() == [str(t) for t in hf(no_repeat_ngram_size=3)[0, 7:]]
