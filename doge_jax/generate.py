@@ -82,14 +82,16 @@ def _penalize(logits: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Arr
     return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
-def _ban_ngrams(logits: jax.Array, hist: jax.Array, length, n: int) -> jax.Array:
+def _ban_ngrams(logits: jax.Array, hist: jax.Array, length, n: int, skip=0) -> jax.Array:
     """transformers' no_repeat_ngram_size on float32 logits [B, V]: a token that would complete an n-gram already
-    in the first `length` tokens of `hist` [B, T] (prompt with its padding, then the new tokens) gets -inf."""
+    in tokens [skip, length) of `hist` [B, T] (the prompt with its padding after `skip` slots of bucket padding,
+    then the new tokens) gets -inf."""
     B, T = hist.shape
     J = T - n + 1  # n-gram starts that fit in the buffer; those past length - n are not in the row yet
     if J <= 0:
         return logits
-    match = (jnp.arange(J) <= length - n)[None]
+    starts = jnp.arange(J)
+    match = ((starts >= skip) & (starts <= length - n))[None]
     if n > 1:  # the row's last n - 1 tokens (a clamped start where there are fewer: no valid start then)
         last = jax.lax.dynamic_slice_in_dim(hist, jnp.maximum(length - (n - 1), 0), n - 1, axis=1)
         for k in range(n - 1):
@@ -133,20 +135,20 @@ def _emit(step, tokens):
                                    "ngram"))
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
                      temperature: float, top_k, top_p, min_p=None, stream: bool = False, seen=None, penalty=None,
-                     eos_mask=None, min_new=None, hist=None, ngram: int = 0):
+                     eos_mask=None, min_new=None, hist=None, ngram: int = 0, skip=0):
     """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps). `seen`
     [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on; `eos_mask` [V] and `min_new` keep
-    EOS out of the first min_new new tokens; `hist` [B, P + max_new_tokens] (the prompt as given, then room for
-    the new tokens) and `ngram` turn no_repeat_ngram_size on."""
-    B = ids.shape[0]
-    P = None if hist is None else hist.shape[1] - max_new_tokens
+    EOS out of the first min_new new tokens; `ngram` turns no_repeat_ngram_size on, over `hist` [B, P +
+    max_new_tokens] (the bucket-padded prompt, then room for the new tokens) from slot `skip` on (the prompt as
+    given: the bucket padding is not transformers' input)."""
+    B, P = ids.shape
     # Built once per call, outside the loop: joined q/k/v and gate/up weights, the RoPE table (decode.py).
     prep = prepare_decode(model, cache.capacity)
     out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
                 layer_params=prep["states"])
     logits, cache = out.logits[:, -1], DecodeCache.from_cache(out.cache, use_counters(model.config, cache.capacity))
     if ngram:
-        logits = _ban_ngrams(logits, hist, P, ngram)
+        logits = _ban_ngrams(logits, hist, P, ngram, skip)
     if do_sample:
         rng, sub = jax.random.split(rng)
     else:
@@ -172,7 +174,7 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         step, tok, next_pos, cache, done, rng, out, seen, hist = carry
         logits, cache = decode_step(model, prep, tok, next_pos, cache)
         if ngram:
-            logits = _ban_ngrams(logits, hist, P + step, ngram)
+            logits = _ban_ngrams(logits, hist, P + step, ngram, skip)
         if do_sample:  # greedy decoding needs no random numbers (threefry is ~40 ops per step)
             rng, sub = jax.random.split(rng)
         new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, min_p, seen,
@@ -295,8 +297,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
                                           seen=None if seen is None else jnp.asarray(seen),
                                           penalty=jnp.float32(penalty),
                                           eos_mask=None if eos_mask is None else jnp.asarray(eos_mask),
-                                          min_new=jnp.int32(min_new), ngram=ngram,
-                                          hist=jnp.asarray(np.pad(ids, ((0, 0), (0, max_new_tokens))))
+                                          min_new=jnp.int32(min_new), ngram=ngram, skip=jnp.int32(extra),
+                                          hist=jnp.asarray(np.pad(p_ids, ((0, 0), (0, max_new_tokens))))
                                           if ngram else None)
             out = np.asarray(out)
             steps = int(steps)
@@ -503,6 +505,8 @@ def _main(argv=None) -> int:
         max_new_tokens, penalty = length_and_penalty(gen, *length_args, default_length=CLI_MAX_NEW_TOKENS,
                                                      prompt_len=len(ids))
         check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
+        ngram_arg(gen, FROM_CONFIG if args.no_repeat_ngram_size is None else args.no_repeat_ngram_size)
+        min_new_arg(gen, FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens, len(ids))
     except ValueError as e:
         fix = "--max-new-tokens N sets the length" if "max_length" in str(e) else "--greedy decodes greedily"
         return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; {fix})")

@@ -56,7 +56,7 @@ def ban_repeated_ngrams(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torc
     """transformers' no_repeat_ngram_size: a token that would complete an n-gram already in the row (`ids` [B, L],
     prompt and padding included, as transformers reads them) gets -inf."""
     L = ids.shape[1]
-    if L + 1 < n:
+    if L < n:  # (no n-gram in the row yet)
         return logits
     win = ids.unfold(1, n, 1)  # [B, L - n + 1, n]: every n-gram of the row
     match = (win[..., :n - 1] == ids[:, L - n + 1:][:, None, :]).all(-1)  # its first n-1 tokens are the last n-1

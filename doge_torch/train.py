@@ -529,12 +529,10 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     ap.add_argument("--log-every", type=int, default=1,
                     help="print every N steps (metrics.jsonl keeps every step; each step's loss is read back one "
                     "step late, while the device runs the next one)")
+    # a bare override (train.seed=7) as the option it stands for: it ends --data's list, as in doge_jax.train, and
+    # keeps its place among the overrides (the last one wins)
+    argv = [f"--{a}" if BARE_OVERRIDE.match(a) else a for a in (sys.argv[1:] if argv is None else argv)]
     args, rest = ap.parse_known_args(argv)
-    if args.data:  # --data's list ends at a bare override (train.seed=7), as in doge_jax.train
-        cut = next((i for i, a in enumerate(args.data) if BARE_OVERRIDE.match(a)), len(args.data))
-        args.data, rest = args.data[:cut], args.data[cut:] + rest
-        if not args.data:
-            ap.error("--data: missing value")
     try:  # --train.FIELD / --model.FIELD overrides, as doge_jax.train takes them
         overrides = parse_overrides(rest)
     except ConfigError as e:

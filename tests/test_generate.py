@@ -1204,7 +1204,7 @@ def _word_level_tokenizer():
     return t
 
 
-def test_no_repeat_ngram_size_as_transformers(tmp_path, capsys):
+def test_no_repeat_ngram_size_as_transformers(tmp_path, capsys, monkeypatch):
     """no_repeat_ngram_size (argument, generation_config.json, --no-repeat-ngram-size): transformers' very tokens in
     doge_torch (dynamic and static cache) and doge_jax (cached and not), left padding included (transformers' rule
     reads the padded input_ids), n = 1, 2, 3 on prompts with repeated ids; it was a warning and ignored."""
@@ -1238,6 +1238,26 @@ def test_no_repeat_ngram_size_as_transformers(tmp_path, capsys):
                                               cache_implementation="static").numpy()
         for name, out in got.items():
             np.testing.assert_array_equal(out, want, err_msg=f"{name} n={n}")
+    # rows shorter than n, or just n - 1 long (doge_torch crashed there), and max_new_tokens 1
+    for prompt, n, new in (([[5]], 2, 5), ([[5, 6]], 3, 6), ([[5, 6, 7]], 4, 4), ([[5]], 3, 6), ([[5, 5]], 2, 1)):
+        with torch.no_grad():
+            want = ref.generate(torch.tensor(prompt), attention_mask=torch.ones(1, len(prompt[0]), dtype=torch.long),
+                                max_new_tokens=new, do_sample=False, no_repeat_ngram_size=n).numpy()
+        for cache in (None, "static"):
+            np.testing.assert_array_equal(tm.generate(torch.tensor(prompt), max_new_tokens=new, no_repeat_ngram_size=n,
+                                                      cache_implementation=cache).numpy(), want)
+        np.testing.assert_array_equal(jm.generate(np.array(prompt), max_new_tokens=new, no_repeat_ngram_size=n), want)
+    # prompts of one 32-token bucket share doge_jax's compiled program with the rule on too (the history buffer
+    # was as long as the prompt itself: a compile per prompt length)
+    import doge_jax.generate as G
+
+    traces, real = [], G._ban_ngrams
+    monkeypatch.setattr(G, "_ban_ngrams", lambda *a, **k: traces.append(1) or real(*a, **k))
+    jm.generate(ids, mask, max_new_tokens=17, no_repeat_ngram_size=2)  # (a length not compiled above)
+    first = len(traces)
+    assert first > 0
+    jm.generate(ids[:, 1:], mask[:, 1:], max_new_tokens=17, no_repeat_ngram_size=2)
+    assert len(traces) == first
     json.dump({"bos_token_id": 0, "eos_token_id": 1, "no_repeat_ngram_size": 2},
               open(f"{d}/generation_config.json", "w"))
     want = hf(no_repeat_ngram_size=2)

@@ -1148,8 +1148,9 @@ def test_cli_takes_field_overrides_as_doge_jax(tmp_path, capsys):
     assert cfg["num_hidden_layers"] == 1 and cfg["hidden_size"] == 128  # configs/tiny.yaml's, one layer
     state = json.load(open(tmp_path / "run" / "checkpoint-2" / "trainer_state.json"))
     assert state["num_training_steps"] == 4 and state["seq_len"] == 32
-    main([*small, "--train.peak_lr", "1e-3", "--data", str(tmp_path / "tokens.npy"), "train.seed=233"])
-    # (a resume with another setting: used, with a warning; a bare override ends --data's list, as in doge_jax)
+    main([*small, "--train.peak_lr", "1e-4", "--data", str(tmp_path / "tokens.npy"), "train.peak_lr=1e-3"])
+    # (a resume with another setting: used, with a warning; a bare override ends --data's list and, the later one,
+    # wins, as in doge_jax)
     assert "peak_lr 0.003 -> 0.001" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="model.hidden_size=64: the run's newest .*a resumed run keeps its model"):
         main([*small, "--model.hidden_size", "64"])
