@@ -508,8 +508,9 @@ def _main(argv=None) -> int:
         ngram_arg(gen, FROM_CONFIG if args.no_repeat_ngram_size is None else args.no_repeat_ngram_size)
         min_new_arg(gen, FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens, len(ids))
     except ValueError as e:
-        fix = ("--max-new-tokens N sets the length" if "max_length" in str(e) else
-               "--no-repeat-ngram-size / --min-new-tokens set it" if "min_new_tokens=" in str(e) or "ngram" in str(e) else
+        msg = str(e)
+        fix = ("--max-new-tokens N sets the length" if "max_length" in msg else
+               "--no-repeat-ngram-size / --min-new-tokens set it" if "min_new_tokens=" in msg or "ngram" in msg else
                "--greedy decodes greedily")
         return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; {fix})")
     if args.do_sample is None and do_sample:
