@@ -77,7 +77,7 @@ _NOT_IMPLEMENTED = {"logits_processor", "stopping_criteria", "prefix_allowed_tok
                     "assistant_model", "assistant_tokenizer", "tokenizer", "negative_prompt_ids",
                     "negative_prompt_attention_mask", "custom_generate", "use_model_defaults", "bad_words_ids",
                     "force_words_ids", "constraints", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
-                    "guidance_scale", "exponential_decay_length_penalty", "renormalize_logits", "forced_bos_token_id",
+                    "guidance_scale", "exponential_decay_length_penalty", "forced_bos_token_id",
                     "forced_eos_token_id", "remove_invalid_values", "penalty_alpha", "top_h", "stop_strings",
                     "watermarking_config", "token_healing", "epsilon_cutoff", "eta_cutoff", "typical_p",
                     "diversity_penalty", "num_beam_groups", "encoder_repetition_penalty",
@@ -118,7 +118,7 @@ def check_generate_kwargs(kwargs: dict) -> None:
             continue
         raise ValueError(f"{k}={v!r}: not implemented by this generate (it would change transformers' output); "
                          "supported: greedy or sampled decoding with temperature, top_k, top_p, min_p, "
-                         "repetition_penalty, min_new_tokens, EOS and streamer")
+                         "repetition_penalty, no_repeat_ngram_size, min_new_tokens / min_length, EOS and streamer")
 
 
 def check_hf_call_args(num_beams, num_return_sequences) -> None:
