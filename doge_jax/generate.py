@@ -135,13 +135,13 @@ def _emit(step, tokens):
                                    "ngram"))
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
                      temperature: float, top_k, top_p, min_p=None, stream: bool = False, seen=None, penalty=None,
-                     eos_mask=None, min_new=None, hist=None, ngram: int = 0, skip=0):
+                     eos_mask=None, min_new=None, ngram: int = 0, skip=0):
     """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps). `seen`
     [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on; `eos_mask` [V] and `min_new` keep
-    EOS out of the first min_new new tokens; `ngram` turns no_repeat_ngram_size on, over `hist` [B, P +
-    max_new_tokens] (the bucket-padded prompt, then room for the new tokens) from slot `skip` on (the prompt as
-    given: the bucket padding is not transformers' input)."""
+    EOS out of the first min_new new tokens; `ngram` turns no_repeat_ngram_size on, over the prompt from slot
+    `skip` on (the prompt as given: the bucket padding is not transformers' input) and the new tokens."""
     B, P = ids.shape
+    hist = jnp.pad(ids, ((0, 0), (0, max_new_tokens))) if ngram else None  # prompt, then the new tokens
     # Built once per call, outside the loop: joined q/k/v and gate/up weights, the RoPE table (decode.py).
     prep = prepare_decode(model, cache.capacity)
     out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
@@ -297,9 +297,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
                                           seen=None if seen is None else jnp.asarray(seen),
                                           penalty=jnp.float32(penalty),
                                           eos_mask=None if eos_mask is None else jnp.asarray(eos_mask),
-                                          min_new=jnp.int32(min_new), ngram=ngram, skip=jnp.int32(extra),
-                                          hist=jnp.asarray(np.pad(p_ids, ((0, 0), (0, max_new_tokens))))
-                                          if ngram else None)
+                                          min_new=jnp.int32(min_new), ngram=ngram, skip=jnp.int32(extra))
             out = np.asarray(out)
             steps = int(steps)
         finally:

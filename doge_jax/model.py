@@ -615,8 +615,7 @@ class DogeForCausalLM(nnx.Module):
         check_generate_kwargs(kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
-                        seed=seed,
-                        use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,
+                        seed=seed, use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,
                         repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
                         generation_config=generation_config,
                         max_length=max_length, streamer=streamer, no_repeat_ngram_size=no_repeat_ngram_size)

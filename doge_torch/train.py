@@ -618,16 +618,16 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
         if resume and before != (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id):
             print(f"note: the run's config had no bos/eos/pad_token_id {before}; from the tokenizer now: "
                   f"{(cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)}", flush=True)
-    # resuming: the weights come from the checkpoint
-    if start and not resume:  # as doge_jax.train says it
+    if start and not resume:  # (said as doge_jax.train says it)
         from doge_jax.init import checkpoint_config, config_changes
 
         changes = config_changes(checkpoint_config(start), cfg)
         print(f"init from {start}" + (f"; model config changes: {'; '.join(changes)}" if changes else ""),
               flush=True)
-    model = init_from(start, cfg) if start and not resume else DogeForCausalLM(cfg)
-    if start and not resume:
+        model = init_from(start, cfg)
         print(f"initialised from {start} (fresh optimizer state)", flush=True)
+    else:  # a fresh init; resuming, the checkpoint's weights are loaded below
+        model = DogeForCausalLM(cfg)
     model = model.to(device).train()
     optimizer = make_optimizer(model, tc.peak_lr, weight_decay=tc.weight_decay, b1=tc.adam_b1, b2=tc.adam_b2,
                                eps=tc.adam_eps)
