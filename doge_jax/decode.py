@@ -101,6 +101,22 @@ class DecodeCache:
                    cache.index, cache.key_mask, counts)
 
 
+    def reorder(self, rows: jax.Array) -> DecodeCache:
+        """Row r continues old row rows[r] (beam search: the cache follows the surviving beams)."""
+        B = self.key_mask.shape[0]
+
+        def take(a):  # a [B*G, X, Y] (heads flattened) or [B, ...]
+            if a.shape[0] == B:
+                return jnp.take(a, rows, axis=0)
+            return jnp.take(a.reshape((B, -1) + a.shape[1:]), rows, axis=0).reshape(a.shape)
+
+        if self.layers and self.layers[0][0].ndim == 2:  # B*G = 1: one row, nothing to reorder
+            return self
+        layers = tuple(tuple(take(a) for a in lc) for lc in self.layers)
+        counts = None if self.counts is None else tuple(take(c) for c in self.counts)
+        return DecodeCache(layers, self.index, take(self.key_mask), counts)
+
+
 def use_counters(cfg, capacity: int) -> bool:
     """Keep-window counters replace the per-step top-k when the cache can hold more than keep_window keys and
     the allowed keys only grow (no sliding window); with a window <= keep_window nothing is ever dropped, and a

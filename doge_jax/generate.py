@@ -25,6 +25,7 @@ from .generation_args import (
     UNSUPPORTED,
     _is_int,
     as_array,
+    beam_args,
     call_generation_config,
     check_mask_values,
     check_sampling,
@@ -204,7 +205,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
              temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
              seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
-             max_length=None, min_p=FROM_CONFIG, streamer=None, no_repeat_ngram_size=FROM_CONFIG) -> np.ndarray:
+             max_length=None, min_p=FROM_CONFIG, streamer=None, no_repeat_ngram_size=FROM_CONFIG,
+             num_beams=FROM_CONFIG, num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG,
+             early_stopping=FROM_CONFIG) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Arguments not given come from `generation_config` (see generation_args.call_generation_config), else
     `model.generation_config` (generation_config.json; else transformers' defaults: greedy, temperature 1, top_k 50,
@@ -214,7 +217,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     token, and the new ones) are divided by it where positive and multiplied where negative, greedy or sampled.
     `min_new_tokens` (and generation_config.json's `min_length`, a total) keep EOS from being chosen before that
     many new tokens, as transformers. `no_repeat_ngram_size` n: no n-gram twice in a row (prompt and its padding
-    included, as transformers reads input_ids).
+    included, as transformers reads input_ids). `num_beams` > 1: transformers' beam search (doge_jax.beam, one
+    compiled loop; with `length_penalty` and `early_stopping`), returning the best `num_return_sequences` sequences
+    of each row, best first; sampling with num_return_sequences n repeats each row n times, as transformers.
 
     `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached);
     a transformers `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it.
@@ -230,6 +235,11 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
     min_p = float(min_p) if do_sample and min_p is not None else None  # (a static argument: greedy ignores it)
     ngram = ngram_arg(gcfg, no_repeat_ngram_size)
+    num_beams, n_seq, length_penalty, early_stopping = beam_args(gcfg, num_beams, num_return_sequences,
+                                                                 length_penalty, early_stopping, do_sample, streamer)
+    if num_beams > 1 and on_token is not None:
+        raise ValueError(f"num_beams={num_beams}: on_token cannot be used with beam search (the best sequences are "
+                         "known at the end only)")
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")
     if not _is_int(seed) or not 0 <= seed < 2**32:  # jax.random.key keeps the low 32 bits: 2**32 would be seed 0
@@ -259,6 +269,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     if not mask[:, -1].all():
         warnings.warn(RIGHT_PADDED, stacklevel=2)
+    if max(num_beams, n_seq) > 1:  # each row once per beam or returned sample, as transformers expands them
+        ids, mask = np.repeat(ids, max(num_beams, n_seq), axis=0), np.repeat(mask, max(num_beams, n_seq), axis=0)
+        B = ids.shape[0]
     pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     seen = _seen_tokens(ids, mask, cfg.vocab_size) if penalty != 1.0 else None  # transformers: no-op at 1.0
     min_new = min_new_arg(gcfg, min_new_tokens, P)
@@ -280,6 +293,9 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
             streamer.put(tokens)
             if user_on_token is not None:
                 user_on_token(step, tokens)
+    if num_beams > 1:
+        return _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
+                     early_stopping, seen, penalty, eos_mask, min_new, ngram)
     if use_cache:
         extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET
         p_ids = np.pad(ids, ((0, 0), (extra, 0)))  # masked slots: any valid id
@@ -310,6 +326,37 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     if streamer is not None:
         streamer.end()
     return result
+
+
+def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
+          early_stopping, seen, penalty, eos_mask, min_new, ngram) -> np.ndarray:
+    """generate's beam search (doge_jax.beam): prompt rows [B * num_beams, P] -> [B * n_seq, P + n]."""
+    from .beam import beam_search_cached, beam_search_recompute, length_divisors
+
+    cfg = model.config
+    BK, P = ids.shape
+    never_long = early_stopping == "never" and length_penalty > 0.0  # (transformers' heuristic: the longest output)
+    consts = {"eos": jnp.asarray(eos if eos else [-1], jnp.int32),
+              "fill": jnp.int32((pad or eos[0]) if eos else -1),  # transformers': pad id, else (None or 0) EOS
+              "divisors": jnp.asarray(length_divisors(max_new_tokens, length_penalty)),
+              "never_divisor": jnp.float32(np.float32(float(max_new_tokens) ** length_penalty)),
+              "penalty": jnp.float32(penalty), "eos_mask": None if eos_mask is None else jnp.asarray(eos_mask),
+              "min_new": jnp.int32(min_new), "skip": jnp.int32(0)}
+    seen = None if seen is None else jnp.asarray(seen)
+    static = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=n_seq,
+                  early_stopping=early_stopping, never_long=never_long, ngram=ngram)
+    if not use_cache:
+        seqs, n = beam_search_recompute(model, ids, mask, pos, consts, seen=seen, **static)
+        return np.asarray(seqs)[:, :P + int(n)]
+    extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET  # (as generate: bucketed prompts share compiled programs)
+    p_ids = np.pad(ids, ((0, 0), (extra, 0)))
+    p_mask, p_pos = np.pad(mask, ((0, 0), (extra, 0))), np.pad(pos, ((0, 0), (extra, 0)))
+    capacity = -(-(P + extra + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET
+    cache = DogeCache.init(cfg, BK, capacity, model.model.embed_tokens.embedding[...].dtype)
+    consts["skip"] = jnp.int32(extra)
+    seqs, n = beam_search_cached(model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache, consts,
+                                 seen=seen, **static)
+    return np.asarray(seqs)[:, extra:extra + P + int(n)]
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,

@@ -82,10 +82,9 @@ _NOT_IMPLEMENTED = {"logits_processor", "stopping_criteria", "prefix_allowed_tok
                     "watermarking_config", "token_healing", "epsilon_cutoff", "eta_cutoff", "typical_p",
                     "diversity_penalty", "num_beam_groups", "encoder_repetition_penalty",
                     "encoder_no_repeat_ngram_size", "dola_layers", "max_time"}
-# ... and those that change nothing here: beam search's (num_beams is 1), ids generate does not read, a softmax
+# ... and those that change nothing here: ids generate does not read, a softmax
 # renormalisation that keeps every token's rank and probability
-_NO_EFFECT_HERE = {"early_stopping", "length_penalty", "low_memory", "renormalize_logits", "bos_token_id",
-                   "trust_remote_code"}
+_NO_EFFECT_HERE = {"low_memory", "renormalize_logits", "bos_token_id", "trust_remote_code"}
 
 
 def call_min_length(model, generation_config, kwargs: dict):
@@ -118,16 +117,48 @@ def check_generate_kwargs(kwargs: dict) -> None:
             continue
         raise ValueError(f"{k}={v!r}: not implemented by this generate (it would change transformers' output); "
                          "supported: greedy or sampled decoding with temperature, top_k, top_p, min_p, "
-                         "repetition_penalty, no_repeat_ngram_size, min_new_tokens / min_length, EOS and streamer")
+                         "repetition_penalty, no_repeat_ngram_size, min_new_tokens / min_length, EOS and streamer; "
+                         "beam search (num_beams, num_return_sequences, length_penalty, early_stopping)")
 
 
-def check_hf_call_args(num_beams, num_return_sequences) -> None:
-    """transformers' generate arguments with one meaning here: num_beams and num_return_sequences only 1."""
-    if num_beams != 1:
-        raise ValueError(f"num_beams={num_beams}: beam search is not implemented (greedy decoding or sampling)")
-    if num_return_sequences != 1:
-        raise ValueError(f"num_return_sequences={num_return_sequences}: one sequence per row; repeat the rows of "
-                         "input_ids (and attention_mask) for more samples")
+def beam_args(gen, num_beams, num_return_sequences, length_penalty, early_stopping, do_sample: bool,
+              streamer=None) -> tuple[int, int, float, bool | str]:
+    """(num_beams, num_return_sequences, length_penalty, early_stopping) of a generate call, those not given
+    (FROM_CONFIG) from the generation config `gen`, checked as transformers checks them: beam search takes
+    num_return_sequences <= num_beams and no streamer; sampling (num_beams 1) repeats each row
+    num_return_sequences times; greedy search returns one sequence per row."""
+    def pick(value, name):
+        return getattr(gen, name) if value is FROM_CONFIG else value
+
+    num_beams, n_seq = pick(num_beams, "num_beams"), pick(num_return_sequences, "num_return_sequences")
+    length_penalty, early_stopping = pick(length_penalty, "length_penalty"), pick(early_stopping, "early_stopping")
+    num_beams = 1 if num_beams is None else num_beams
+    n_seq = 1 if n_seq is None else n_seq
+    length_penalty = 1.0 if length_penalty is None else length_penalty
+    early_stopping = False if early_stopping is None else early_stopping
+    if not _is_int(num_beams) or num_beams < 1:
+        raise ValueError(f"num_beams={num_beams!r}: must be an integer >= 1 (1: no beam search)")
+    if not _is_int(n_seq) or n_seq < 1:
+        raise ValueError(f"num_return_sequences={n_seq!r}: must be an integer >= 1")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, int | float | np.integer | np.floating):
+        raise ValueError(f"length_penalty={length_penalty!r}: must be a number")
+    if not (isinstance(early_stopping, bool | np.bool_) or early_stopping == "never"):
+        raise ValueError(f"early_stopping={early_stopping!r}: must be True, False or 'never'")
+    if num_beams == 1 and not do_sample and n_seq > 1:
+        raise ValueError(f"num_return_sequences={n_seq}: greedy search returns one sequence per row (as "
+                         "transformers); use num_beams >= num_return_sequences, or do_sample=True")
+    if num_beams > 1:
+        if n_seq > num_beams:
+            raise ValueError(f"num_return_sequences={n_seq} > num_beams={num_beams}: beam search returns at most "
+                             "num_beams sequences per row")
+        if do_sample:
+            raise ValueError(f"num_beams={num_beams} with do_sample=True (beam sampling): not implemented; "
+                             "do_sample=False for beam search, or num_beams=1 to sample")
+        if streamer is not None:
+            raise ValueError(f"num_beams={num_beams}: a streamer cannot be used with beam search (as in "
+                             "transformers: the best sequences are known at the end only)")
+    return int(num_beams), int(n_seq), float(length_penalty), early_stopping if early_stopping == "never" else bool(
+        early_stopping)
 
 
 def prompt_length(input_ids) -> int | None:
@@ -219,8 +250,7 @@ _NEUTRAL_FIELDS = {"transformers_version", "_from_model_config", "use_cache", "c
                    "target_lookbehind", "assistant_early_exit", "prompt_lookup_num_tokens", "max_matching_ngram_size",
                    "dola_layers"}
 _IMPLEMENTED = {"max_length"}  # (the others generate implements are GenerationConfig fields, not `extra`)
-_NO_EFFECT_VALUES = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1,
-                     "length_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+_NO_EFFECT_VALUES = {"num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0,
                      "eta_cutoff": 0.0, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
                      "encoder_no_repeat_ngram_size": 0}
 

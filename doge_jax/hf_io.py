@@ -511,7 +511,8 @@ def generation_config_from_dict(gen: dict, cfg: DogeConfig, where: str) -> Gener
 
 
 def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
-                           max_new_tokens, min_new_tokens, min_length, no_repeat_ngram_size) -> None:
+                           max_new_tokens, min_new_tokens, min_length, no_repeat_ngram_size, num_beams,
+                           num_return_sequences, length_penalty, early_stopping) -> None:
     """generation_config.json's generate settings have the types generate takes. Their values are checked when
     generate uses them, as transformers does (a greedy call never looks at temperature)."""
     def number(v):
@@ -530,9 +531,14 @@ def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, 
         bad = f"min_p={min_p!r}: must be a number or null"
     elif not number(repetition_penalty):
         bad = f"repetition_penalty={repetition_penalty!r}: must be a number"
+    elif not number(length_penalty):
+        bad = f"length_penalty={length_penalty!r}: must be a number"
+    elif not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        bad = f"early_stopping={early_stopping!r}: must be true, false or \"never\""
     else:
         for name, v in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
-                        ("min_length", min_length), ("no_repeat_ngram_size", no_repeat_ngram_size)):
+                        ("min_length", min_length), ("no_repeat_ngram_size", no_repeat_ngram_size),
+                        ("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 bad = f"{name}={v!r}: must be an integer or null"
                 break

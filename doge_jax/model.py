@@ -16,7 +16,7 @@ from flax import nnx
 
 from .attention import MaskInfo, attention
 from .config import DogeConfig, GenerationConfig
-from .generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs, check_hf_call_args
+from .generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs
 from .model_output import OutputAccess, hidden_state_selection
 
 
@@ -602,15 +602,15 @@ class DogeForCausalLM(nnx.Module):
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
                  on_token=None, repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None,
-                 num_beams: int = 1, num_return_sequences: int = 1, generation_config=None, min_p=FROM_CONFIG,
-                 streamer=None, no_repeat_ngram_size=FROM_CONFIG, **kwargs):
+                 num_beams=FROM_CONFIG, num_return_sequences=FROM_CONFIG, generation_config=None, min_p=FROM_CONFIG,
+                 streamer=None, no_repeat_ngram_size=FROM_CONFIG, length_penalty=FROM_CONFIG,
+                 early_stopping=FROM_CONFIG, **kwargs):
         """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate); transformers'
-        `max_length` counts the prompt too (num_beams / num_return_sequences: only 1); `streamer` as transformers'
+        `max_length` counts the prompt too (num_beams > 1: beam search); `streamer` as transformers'
         (TextStreamer: put() the prompt, then each new token, then end()). transformers arguments this generate
         does not implement are refused by name where they would change the output."""
         from .generate import generate
 
-        check_hf_call_args(num_beams, num_return_sequences)
         generation_config = call_min_length(self, generation_config, kwargs)  # (transformers' total length)
         check_generate_kwargs(kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -618,7 +618,9 @@ class DogeForCausalLM(nnx.Module):
                         seed=seed, use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,
                         repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
                         generation_config=generation_config,
-                        max_length=max_length, streamer=streamer, no_repeat_ngram_size=no_repeat_ngram_size)
+                        max_length=max_length, streamer=streamer, no_repeat_ngram_size=no_repeat_ngram_size,
+                        num_beams=num_beams, num_return_sequences=num_return_sequences,
+                        length_penalty=length_penalty, early_stopping=early_stopping)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,

@@ -59,6 +59,11 @@ class StaticCache:
     def buffers(self) -> list[torch.Tensor]:
         return [t for lc in self.layers for t in (lc.k, lc.v, lc.dt)] + [self.valid, self.slot]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row r becomes old row rows[r], in place (beam search; the buffers keep their addresses)."""
+        for t in self.buffers()[:-1]:
+            t.copy_(t.index_select(0, rows))
+
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> LayerCache:
         lc = self.layers[i]
         lc.k.index_copy_(2, self.slot, k)

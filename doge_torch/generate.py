@@ -11,6 +11,7 @@ from doge_jax.generation_args import (
     FROM_CONFIG,
     RIGHT_PADDED,
     as_array,
+    beam_args,
     call_generation_config,
     check_mask_values,
     check_sampling,
@@ -26,6 +27,7 @@ from doge_jax.generation_args import (
     warn_unsupported,
 )
 
+from .beam import beam_search
 from .decode import SLOTS, run_step, static_cache, step_function
 from .model import DogeCache, check_token_ids, token_ids_checked
 
@@ -74,13 +76,53 @@ def penalize(logits: torch.Tensor, ids: torch.Tensor, start: torch.Tensor, penal
     return torch.where(seen[:, :V], torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
+class _Decoder:
+    """The float32 next-token logits [B, V] of growing sequences, one call per new token: the tokens the cache has
+    not seen go through the model (dynamic cache; the static one from the first new token on), or, without a
+    cache, the whole sequence each time."""
+
+    def __init__(self, model, use_cache: bool, static: bool, slots: int):
+        self.model, self.use_cache, self.static, self.slots = model, use_cache, static, slots
+        self.cache = DogeCache(model.config.num_hidden_layers) if use_cache else None
+        self.scache = self.step = None  # the static cache and its decode step, from the first new token on
+        self.seen = 0
+
+    def __call__(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        # transformers: positions from the attention mask (cumsum - 1, padding at 0)
+        pos = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        new = ids[:, self.seen:]
+        self.seen = ids.shape[1]
+        if self.scache is not None:
+            logits, self.step = run_step(self.step, model, self.scache, new, pos[:, -1:])
+            return logits
+        if not self.use_cache:
+            return model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1,
+                         use_cache=False).logits[:, -1].float()
+        out = model(new, attention_mask=attention_mask, position_ids=pos[:, -new.shape[1]:],
+                    past_key_values=self.cache, logits_to_keep=1)
+        if self.static:  # the prompt's keys into a cache with room for every new token
+            self.scache = static_cache(model, self.cache, attention_mask, self.slots)
+            self.step = step_function(ids.device)
+        return out.logits[:, -1].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row r continues old row rows[r] (beam search)."""
+        if self.scache is not None:
+            self.scache.reorder(rows)
+        elif self.cache is not None:
+            self.cache.reorder(rows)
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens=FROM_CONFIG,
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
              eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
              max_length=None, cache_implementation: str | None = None, min_p=FROM_CONFIG,
-             streamer=None, no_repeat_ngram_size=FROM_CONFIG) -> torch.Tensor:
+             streamer=None, no_repeat_ngram_size=FROM_CONFIG, num_beams=FROM_CONFIG,
+             num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG, early_stopping=FROM_CONFIG
+             ) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
     transformers' defaults: greedy, temperature 1, top_k 50, no top-p / min-p, no repetition penalty; 20 new tokens, or
@@ -91,7 +133,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     `cache_implementation` as transformers': None / "dynamic" (a cache growing by one slot per token, eager), or
     "static": after the eager prefill, the tokens are decoded in a preallocated cache by one torch.compile'd step
     of fixed shapes (doge_torch.decode; CUDA graphs on CUDA), the first call compiling it. A transformers
-    `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it."""
+    `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it.
+    `num_beams` > 1: transformers' beam search (doge_torch.beam; with `length_penalty`, `early_stopping`), returning
+    the best `num_return_sequences` sequences of each row; sampling with num_return_sequences n repeats each row n
+    times (transformers' rows and, from the same seed, its tokens)."""
     if cache_implementation not in (None, "dynamic", "static"):
         raise ValueError(f"cache_implementation={cache_implementation!r}: None, 'dynamic' or 'static'")
     static = cache_implementation == "static"
@@ -105,6 +150,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                                                  max_positions=cfg.max_position_embeddings)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
     ngram = ngram_arg(gcfg, no_repeat_ngram_size)
+    num_beams, n_seq, length_penalty, early_stopping = beam_args(gcfg, num_beams, num_return_sequences,
+                                                                 length_penalty, early_stopping, do_sample, streamer)
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
                      else "the model's generation_config.json")
     device = next(model.parameters()).device
@@ -149,49 +196,47 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if not bool(attention_mask[:, -1].all()):
         warnings.warn(RIGHT_PADDED, stacklevel=2)
     ids = input_ids
+    if max(num_beams, n_seq) > 1:  # each row once per beam or returned sample, as transformers expands them
+        ids = ids.repeat_interleave(max(num_beams, n_seq), 0)
+        attention_mask = attention_mask.repeat_interleave(max(num_beams, n_seq), 0)
+        B = ids.shape[0]
     start = torch.as_tensor(penalty_start(attention_mask.cpu().numpy()), device=device)
     P = ids.shape[1]
     min_new = min_new_arg(gcfg, min_new_tokens, P)
     eos_in = [e for e in eos if 0 <= e < cfg.vocab_size]
     eos_cols = torch.tensor(eos_in, dtype=torch.long, device=device) if min_new and eos_in else None
+    decoder = _Decoder(model, use_cache, static, -(-(P + max_new_tokens) // SLOTS) * SLOTS)  # (slots rounded
+    # up, so that other lengths reuse the compiled step)
+
+    def processors(seqs: torch.Tensor, logits: torch.Tensor, new: int) -> torch.Tensor:
+        if penalty != 1.0:  # a logits processor: before sampling, greedy too (transformers; none at 1.0)
+            logits = penalize(logits, seqs, start, penalty)
+        if ngram:
+            logits = ban_repeated_ngrams(logits, seqs, ngram)
+        if eos_cols is not None and new < min_new:  # min_new_tokens / min_length: no EOS yet
+            logits = logits.index_fill(1, eos_cols, float("-inf"))
+        return logits
+
+    if num_beams > 1:
+        # transformers fills with the pad id, or the first EOS id where that is None or 0
+        fill = (pad or eos[0]) if eos else -1
+        with token_ids_checked():
+            return beam_search(decoder, decoder.reorder, ids, attention_mask, num_beams=num_beams,
+                               num_return_sequences=n_seq, max_new_tokens=max_new_tokens, eos=eos, fill=fill,
+                               length_penalty=length_penalty, early_stopping=early_stopping, processors=processors)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = DogeCache(cfg.num_hidden_layers) if use_cache else None
-    scache = step = None  # the static cache and its decode step, from the first new token on
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
-    step_ids = ids
     if streamer is not None:
         streamer.put(ids.cpu())
     with token_ids_checked():
         for _ in range(max_new_tokens):
-            # transformers: positions from the attention mask (cumsum - 1, padding at 0)
-            pos = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            if scache is not None:
-                logits, step = run_step(step, model, scache, step_ids, pos[:, -1:])
-            else:
-                if use_cache:
-                    out = model(step_ids, attention_mask=attention_mask, position_ids=pos[:, -step_ids.shape[1]:],
-                                past_key_values=cache, logits_to_keep=1)
-                else:
-                    out = model(ids, attention_mask=attention_mask, position_ids=pos, logits_to_keep=1,
-                                use_cache=False)
-                logits = out.logits[:, -1].float()
-                if static:  # the prompt's keys into a cache with room for every new token (slots rounded up, so
-                    # that other lengths reuse the compiled step)
-                    scache = static_cache(model, cache, attention_mask, -(-(P + max_new_tokens) // SLOTS) * SLOTS)
-                    step = step_function(device)
-            if penalty != 1.0:  # a logits processor: before sampling, greedy too (transformers; none at 1.0)
-                logits = penalize(logits, ids, start, penalty)
-            if ngram:
-                logits = ban_repeated_ngrams(logits, ids, ngram)
-            if eos_cols is not None and ids.shape[1] - P < min_new:  # min_new_tokens / min_length: no EOS yet
-                logits = logits.index_fill(1, eos_cols, float("-inf"))
+            logits = processors(ids, decoder(ids, attention_mask), ids.shape[1] - P)
             nxt = sample_next(logits, do_sample, temperature, top_k, top_p, gen, min_p)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], 1)
             if len(eos):
                 done = done | torch.isin(nxt, eos_t)
-            step_ids = nxt[:, None]
             if streamer is not None:
                 streamer.put(nxt.cpu())
             if bool(done.all()):

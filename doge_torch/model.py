@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig, GenerationConfig
-from doge_jax.generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs, check_hf_call_args
+from doge_jax.generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs
 from doge_jax.model_output import OutputAccess, hidden_state_selection
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available, use_sparse
@@ -168,6 +168,11 @@ class DogeCache:
             k, v, dt = torch.cat([old.k, k], 2), torch.cat([old.v, v], 2), torch.cat([old.dt, dt], 2)
         self.layers[i] = LayerCache(k, v, dt)
         return self.layers[i]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row r of the cache becomes old row rows[r] (beam search: the cache follows the surviving beams)."""
+        self.layers = [None if lc is None else LayerCache(*(t.index_select(0, rows) for t in (lc.k, lc.v, lc.dt)))
+                       for lc in self.layers]
 
 
 def _kth_smallest_in_prefix(seq: torch.Tensor, prefix: torch.Tensor, k: int) -> torch.Tensor:
@@ -1037,16 +1042,16 @@ class DogeForCausalLM(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
-                 repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams: int = 1,
-                 num_return_sequences: int = 1, generation_config=None,
+                 repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams=FROM_CONFIG,
+                 num_return_sequences=FROM_CONFIG, generation_config=None,
                  cache_implementation: str | None = None, min_p=FROM_CONFIG, streamer=None,
-                 no_repeat_ngram_size=FROM_CONFIG, **kwargs) -> torch.Tensor:
+                 no_repeat_ngram_size=FROM_CONFIG, length_penalty=FROM_CONFIG,
+                 early_stopping=FROM_CONFIG, **kwargs) -> torch.Tensor:
         """Prompt + new tokens (see doge_torch.generate); transformers' `max_length` counts the prompt too
-        (num_beams / num_return_sequences: only 1); `streamer` as transformers'. transformers arguments this
+        (num_beams > 1: beam search); `streamer` as transformers'. transformers arguments this
         generate does not implement are refused by name where they would change the output."""
         from .generate import generate
 
-        check_hf_call_args(num_beams, num_return_sequences)
         generation_config = call_min_length(self, generation_config, kwargs)  # (transformers' total length)
         check_generate_kwargs(kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -1055,7 +1060,9 @@ class DogeForCausalLM(nn.Module):
                         use_cache=use_cache, pad_token_id=pad_token_id, repetition_penalty=repetition_penalty,
                         min_new_tokens=min_new_tokens, generation_config=generation_config,
                         max_length=max_length, cache_implementation=cache_implementation, streamer=streamer,
-                        no_repeat_ngram_size=no_repeat_ngram_size)
+                        no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
+                        num_return_sequences=num_return_sequences, length_penalty=length_penalty,
+                        early_stopping=early_stopping)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,

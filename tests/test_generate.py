@@ -513,10 +513,13 @@ def test_generation_config_argument_as_transformers(tmp_path):
             m.generate(conv(ids), generation_config={"max_length": 6})
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            m.generate(conv(ids), generation_config={"num_beams": 3, "do_sample": False}, max_new_tokens=2)
-        assert [str(x.message) for x in w if "num_beams" in str(x.message)] == [
-            "generation_config sets num_beams=3: not implemented by this generate, ignored (transformers' output "
+            m.generate(conv(ids), generation_config={"typical_p": 0.5, "do_sample": False}, max_new_tokens=2)
+        assert [str(x.message) for x in w if "typical_p" in str(x.message)] == [
+            "generation_config sets typical_p=0.5: not implemented by this generate, ignored (transformers' output "
             "may differ)"]
+        beams = m.generate(conv(ids), generation_config={"num_beams": 3, "num_return_sequences": 2, "do_sample": False},
+                           max_new_tokens=2)  # (beam search: tests/test_beam_search.py)
+        assert np.asarray(beams).shape[0] == 2 * np.asarray(ids).shape[0]
 
 
 def test_length_fields_as_transformers(tmp_path):
@@ -973,8 +976,9 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
             "ignored (transformers' output may differ)"], name
         np.testing.assert_array_equal(out, hf_row0(ref, ids, 1.5, 14), err_msg=name)
         assert np.asarray(m.generate(conv(ids[:1]), max_new_tokens=3, repetition_penalty=1.0)).shape == (1, 9)
-        m.save_pretrained(str(tmp_path / name))
-        assert json.load(open(tmp_path / name / "generation_config.json")) == gen, name
+        m.save_pretrained(str(tmp_path / name))  # (settings at their defaults, num_beams 1, are not written)
+        assert json.load(open(tmp_path / name / "generation_config.json")) == {
+            k: v for k, v in gen.items() if k != "num_beams"}, name
     # the command line: --repetition-penalty wins over the file; the file's max_new_tokens is the default length
     row = [str(t) for t in ids[0]]
     assert main(["--model", d, "--prompt-ids", *row, "--repetition-penalty", "0.7", "--no-eos"]) == 0
@@ -983,11 +987,11 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
         main(["--model", d, "--prompt-ids", *row, "--max-new-tokens", "3", "--repetition-penalty", "0"])
     assert exit_info.value.code == 2
     assert "repetition_penalty=0.0: must be a number > 0" in capsys.readouterr().err
-    # max_length is implemented (test_length_fields_as_transformers); num_beams 1 and the others change nothing
+    # max_length is implemented (test_length_fields_as_transformers); num_beam_groups 1 and the others change nothing
     from doge_jax.config import GenerationConfig
     from doge_jax.generation_args import unsupported_fields
 
-    g = GenerationConfig(extra={"max_length": 20, "num_beams": 1, "is_assistant": False, "generation_kwargs": {}})
+    g = GenerationConfig(extra={"max_length": 20, "num_beam_groups": 1, "is_assistant": False, "generation_kwargs": {}})
     assert unsupported_fields(g) == {}
     json.dump({"repetition_penalty": "high"}, open(f"{d}/generation_config.json", "w"))
     from doge_jax.config import ConfigError

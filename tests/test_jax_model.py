@@ -656,8 +656,8 @@ def test_transformers_style_arguments_and_outputs(tmp_path):
     four = model.generate(ids[:, :5], max_new_tokens=4)
     np.testing.assert_array_equal(model.generate(ids[:, :5], max_length=9), four)
     np.testing.assert_array_equal(model.generate(ids[:, :5], max_length=9, max_new_tokens=None), four)
-    with pytest.raises(ValueError, match="beam search"):
-        model.generate(ids[:, :5], num_beams=3)
+    with pytest.raises(ValueError, match="greedy search returns one sequence per row"):
+        model.generate(ids[:, :5], num_return_sequences=3)
     with pytest.raises(CheckpointError, match="Hub id"):
         DogeForCausalLM.from_pretrained("SmallDoge/Doge-20M")
 

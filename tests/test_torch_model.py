@@ -1065,7 +1065,8 @@ def test_transformers_style_arguments_and_outputs(tmp_path, monkeypatch):
     h = torch.randn(3, TINY["hidden_size"])
     assert torch.equal(tied.get_output_embeddings()(h), h @ tied.model.embed_tokens.weight.T)
     assert tied.get_output_embeddings().weight is tied.model.embed_tokens.weight
-    for kw, msg in ((dict(num_beams=2), "beam search"), (dict(num_return_sequences=2), "one sequence per row"),
+    for kw, msg in ((dict(num_beams=2, num_return_sequences=3), "num_return_sequences=3 > num_beams=2"),
+                    (dict(num_return_sequences=2), "one sequence per row"),
                     (dict(max_length=5), "max_length=5: must be an int above the prompt's 5")):
         with pytest.raises(ValueError, match=msg):
             ours.generate(ids[:, :5], **kw)

@@ -1,0 +1,188 @@
+"""Beam search for doge_jax: transformers' vectorized beam search (generation/utils.py `_beam_search`, as
+doge_torch.beam), with fixed shapes so that the whole search is one compiled while_loop over the decode cache.
+
+Each step keeps the top (1 + number of EOS ids, at least 2) x K continuations of all K beams of a row; the best K
+that did not end run on (the cache rows follow them), and those of the best K that ended (EOS or the length limit)
+compete, divided by (new length ** length_penalty), for the K finished places. The search stops when no running
+beam can beat the worst finished one (transformers' heuristic, by early_stopping), when every finished place is
+taken with early_stopping=True, or at the length limit.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .decode import DecodeCache, decode_step, prepare_decode, use_counters
+
+NEG = -1.0e9  # transformers' "never pick this" score (added, not assigned: scores keep their order among equals)
+
+
+def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, K, ...] -> x[b, idx[b, j], ...] for idx [B, J]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def length_divisors(max_new_tokens: int, length_penalty: float) -> np.ndarray:
+    """[max_new_tokens] float32: n ** length_penalty for n = 1.. new tokens, computed in float64 and rounded once,
+    as transformers' Python float divides its float32 scores."""
+    return (np.arange(1, max_new_tokens + 1, dtype=np.float64) ** length_penalty).astype(np.float32)
+
+
+def init_state(ids: jax.Array, num_beams: int, max_new_tokens: int, fill) -> dict:
+    """The search state for the prompt rows `ids` [B * K, P] (each row K times): running and finished sequences
+    [B, K, P + max_new_tokens], their scores, finished flags, each new token's source row (-1: none yet)."""
+    BK, P = ids.shape
+    K = num_beams
+    B = BK // K
+    running = jnp.full((B, K, P + max_new_tokens), fill, jnp.int32).at[:, :, :P].set(ids.reshape(B, K, P))
+    run_src = jnp.full((B, K, max_new_tokens), -1, jnp.int32)
+    return {"running": running, "seqs": running, "run_scores": jnp.zeros((B, K), jnp.float32).at[:, 1:].set(NEG),
+            "scores": jnp.full((B, K), NEG, jnp.float32), "finished": jnp.zeros((B, K), bool),
+            "improvable": jnp.ones((B, 1), bool), "run_src": run_src, "src": run_src, "go_on": jnp.bool_(True)}
+
+
+def beam_update(state: dict, log_probs: jax.Array, step, P: int, eos: jax.Array, divisors: jax.Array,
+                never_divisor, early_stopping: bool | str, never_long: bool) -> tuple[dict, jax.Array]:
+    """One step: the processed log-probabilities [B * K, V] of the running beams' next token at new-token index
+    `step` (prompt length P in the state's buffers) -> (state, rows [B * K]: the running row each new beam
+    continues, for the cache)."""
+    running = state["running"]
+    B, K, _ = running.shape
+    V = log_probs.shape[-1]
+    keep = max(2, 1 + eos.shape[0]) * K
+    max_new = state["run_src"].shape[-1]
+    scores = (log_probs.reshape(B, K, V) + state["run_scores"][:, :, None]).reshape(B, K * V)
+
+    top_lp, top_idx = jax.lax.top_k(scores, keep)
+    beam = top_idx // V
+    tok = (top_idx % V).astype(jnp.int32)
+    top_seqs = jax.lax.dynamic_update_slice_in_dim(_gather(running, beam), tok[..., None], P + step, axis=2)
+    source = (beam + jnp.arange(B)[:, None] * K).astype(jnp.int32)
+    top_src = jax.lax.dynamic_update_slice_in_dim(_gather(state["run_src"], beam), source[..., None], step, axis=2)
+    ends = jnp.isin(tok, eos) | (step + 1 >= max_new)
+
+    run_lp = top_lp + ends.astype(jnp.float32) * NEG
+    nxt = jax.lax.top_k(run_lp, K)[1]
+    running, run_scores, run_src = _gather(top_seqs, nxt), _gather(run_lp, nxt), _gather(top_src, nxt)
+
+    just = ends & (jnp.arange(keep) < K)[None]
+    fin = top_lp / divisors[step]
+    full = jnp.all(state["finished"], axis=-1, keepdims=True) & (early_stopping is True)
+    fin = fin + full.astype(jnp.float32) * NEG
+    fin = fin + (~state["improvable"]).astype(jnp.float32) * NEG
+    fin = fin + (~just).astype(jnp.float32) * NEG
+    merged = jnp.concatenate([state["scores"], fin], axis=1)
+    best = jax.lax.top_k(merged, K)[1]
+    seqs = _gather(jnp.concatenate([state["seqs"], top_seqs], axis=1), best)
+    src = _gather(jnp.concatenate([state["src"], top_src], axis=1), best)
+    finished = _gather(jnp.concatenate([state["finished"], just], axis=1), best)
+    scores = _gather(merged, best)
+
+    best_run = run_scores[:, :1] / (never_divisor if never_long else divisors[step])
+    worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
+    improvable = state["improvable"] & jnp.any(best_run > worst, axis=-1, keepdims=True)
+    go_on = jnp.any(improvable) & ~(jnp.all(finished) & (early_stopping is True)) & ~jnp.all(ends)
+    rows = jax.lax.dynamic_index_in_dim(run_src, step, axis=2, keepdims=False).reshape(B * K)
+    return ({"running": running, "seqs": seqs, "run_scores": run_scores, "scores": scores, "finished": finished,
+             "improvable": improvable, "run_src": run_src, "src": src, "go_on": go_on}, rows)
+
+
+def result(state: dict, num_return_sequences: int) -> tuple[jax.Array, jax.Array]:
+    """(the best num_return_sequences sequences of each row [B * n, P + max_new_tokens], how many new tokens the
+    longest of them has)."""
+    B, _, L = state["seqs"].shape
+    seqs = state["seqs"][:, :num_return_sequences].reshape(B * num_return_sequences, L)
+    n = jnp.max(jnp.sum(state["src"][:, :num_return_sequences] >= 0, axis=-1))
+    return seqs, n
+
+
+def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngram: int, skip):
+    """The logits processors on log-probabilities [B, V], in doge_jax.generate's order: no_repeat_ngram_size over
+    `hist` [B, T] up to `length`, the repetition penalty over `seen` [B, V], no EOS before min_new new tokens."""
+    from .generate import _ban_ngrams, _penalize
+
+    if ngram:
+        log_probs = _ban_ngrams(log_probs, hist, length, ngram, skip)
+    if seen is not None:
+        log_probs = _penalize(log_probs, seen, penalty)
+    if eos_mask is not None:
+        log_probs = jnp.where(eos_mask & (step < min_new), -jnp.inf, log_probs)
+    return log_probs
+
+
+def advance(state: dict, logits: jax.Array, step, P: int, consts: dict, early_stopping: bool | str,
+            never_long: bool, ngram: int, seen=None) -> tuple[dict, jax.Array, jax.Array | None, jax.Array]:
+    """log_softmax of the running beams' logits [B * K, V], the logits processors, one beam_update; returns
+    (state, rows for the cache, `seen` following the beams, the new tokens [B * K])."""
+    BK = logits.shape[0]
+    hist = state["running"].reshape(BK, -1)
+    lp = process(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), hist, P + step, step, seen,
+                 consts["penalty"], consts["eos_mask"], consts["min_new"], ngram, consts["skip"])
+    state, rows = beam_update(state, lp, step, P, consts["eos"], consts["divisors"], consts["never_divisor"],
+                              early_stopping, never_long)
+    tok = jax.lax.dynamic_index_in_dim(state["running"], P + step, axis=2, keepdims=False).reshape(BK)
+    if seen is not None:
+        seen = jnp.take(seen, rows, axis=0).at[jnp.arange(BK), tok].set(True)
+    return state, rows, seen, tok
+
+
+@partial(nnx.jit, static_argnames=("max_new_tokens", "num_beams", "num_return_sequences", "early_stopping",
+                                   "never_long", "ngram"))
+def beam_search_cached(model, ids, mask, pos, cache, consts: dict, max_new_tokens: int, num_beams: int,
+                       num_return_sequences: int, early_stopping, never_long: bool, ngram: int = 0, seen=None):
+    """Prefill the prompt rows `ids` [B * K, P] (each row K times), then a while_loop of single-token steps on the
+    beams, the cache rows following them; returns result(). `consts`: eos, fill, divisors, never_divisor,
+    penalty, eos_mask, min_new, skip (see generate)."""
+    P = ids.shape[1]
+    prep = prepare_decode(model, cache.capacity)
+    out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
+                layer_params=prep["states"])
+    cache = DecodeCache.from_cache(out.cache, use_counters(model.config, cache.capacity))
+    state = init_state(ids, num_beams, max_new_tokens, consts["fill"])
+    state, rows, seen, tok = advance(state, out.logits[:, -1], 0, P, consts, early_stopping, never_long, ngram, seen)
+    cache = cache.reorder(rows)
+
+    def body(carry):
+        state, step, tok, next_pos, cache, seen = carry
+        logits, cache = decode_step(model, prep, tok, next_pos, cache)
+        state, rows, seen, tok = advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen)
+        return state, step + 1, tok, next_pos + 1, cache.reorder(rows), seen
+
+    carry = (state, jnp.int32(1), tok, jnp.max(pos, axis=1) + 1, cache, seen)
+    state = jax.lax.while_loop(lambda carry: carry[0]["go_on"], body, carry)[0]
+    return result(state, num_return_sequences)
+
+
+_advance = jax.jit(advance, static_argnames=("P", "early_stopping", "never_long", "ngram"))
+
+
+def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: int, num_beams: int,
+                          num_return_sequences: int, early_stopping, never_long: bool, ngram: int = 0, seen=None):
+    """beam_search_cached without a cache (use_cache=False, for checking): each step runs the model over the
+    whole running sequences (dense: one fixed-length buffer, later slots masked; MoE: the exact length, as
+    doge_jax.generate's recompute path)."""
+    from .generate import _last_logits, _logits_at
+
+    BK, P = ids.shape
+    L = P + max_new_tokens
+    state = init_state(jnp.asarray(ids), num_beams, max_new_tokens, consts["fill"])
+    full_mask = jnp.asarray(np.concatenate([mask, np.ones((BK, max_new_tokens), bool)], axis=1))
+    full_pos = jnp.asarray(np.concatenate([pos, pos.max(axis=1, keepdims=True) + 1 + np.arange(max_new_tokens)],
+                                          axis=1).astype(np.int32))
+    cols = jnp.arange(L)
+    for step in range(max_new_tokens):
+        cur = P + step
+        seqs = state["running"].reshape(BK, L)
+        if model.config.is_moe:
+            logits = _last_logits(model, seqs[:, :cur], full_mask[:, :cur], full_pos[:, :cur])
+        else:  # (unwritten slots hold the fill id, maybe -1: any valid id, they are masked)
+            logits = _logits_at(model, jnp.where(cols < cur, seqs, 0), full_mask & (cols < cur), full_pos, cur - 1)
+        state, _, seen, _ = _advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen)
+        if not bool(state["go_on"]):
+            break
+    return result(state, num_return_sequences)

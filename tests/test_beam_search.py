@@ -1,0 +1,160 @@
+"""Beam search and num_return_sequences: transformers' very sequences from doge_torch (dynamic, static and no
+cache) and doge_jax (compiled cached loop, and the recompute path), on tie-free random models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MOE, make_hf_model, save_hf
+
+import doge_torch
+from doge_jax.model import DogeForCausalLM
+
+EOS = [5, 9, 17, 33, 77]  # several EOS ids: beams end at different lengths (the fill shows)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import transformers
+
+    out = {}
+    for name, kw in (("dense", {}), ("expiry", dict(keep_window_size=8)), ("moe", TINY_MOE)):
+        d = save_hf(make_hf_model(**kw), tmp_path_factory.mktemp("beam") / name)
+        out[name] = (d, transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval(),
+                     doge_torch.DogeForCausalLM.from_pretrained(d).eval(), DogeForCausalLM.from_pretrained(d))
+    return out
+
+
+def _prompts(B=3, P=9):
+    ids = np.random.default_rng(0).integers(0, 128, (B, P))
+    mask = np.ones((B, P), np.int64)
+    mask[1, :3] = 0  # a left-padded row
+    return ids, mask
+
+
+CASES = [  # (model, max_new_tokens, generate arguments)
+    ("dense", 12, dict(num_beams=4, num_return_sequences=3, eos_token_id=EOS)),
+    ("dense", 12, dict(num_beams=3, length_penalty=0.7, early_stopping=True, eos_token_id=EOS, pad_token_id=0)),
+    ("dense", 9, dict(num_beams=4, early_stopping="never", length_penalty=2.0, num_return_sequences=4,
+                      eos_token_id=EOS)),
+    ("dense", 10, dict(num_beams=3, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=4,
+                       eos_token_id=EOS)),
+    ("dense", 1, dict(num_beams=2)),
+    ("expiry", 12, dict(num_beams=4, num_return_sequences=3, eos_token_id=EOS)),
+    ("moe", 8, dict(num_beams=3, num_return_sequences=2, eos_token_id=EOS)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_beam_search_equals_transformers(models, case):
+    """length_penalty (fractional too: the float64 power rounded once, as transformers divides), early_stopping
+    True / False / "never", several EOS ids (beams end at different lengths; pad id 0 fills with the first EOS, as
+    transformers does), the logits processors on log-probabilities, left padding, a CDMoE model; no cache gives the
+    same. Past keep_window (cache rows reordered with their keep-window counters) the beams repeat tokens, whose
+    layer-0 dt tie and transformers' torch.topk orders ties arbitrarily: there doge_torch's and doge_jax's paths
+    (lower index wins) must agree with each other."""
+    name, new, kw = CASES[case]
+    _, ref, tm, jm = models[name]
+    ids, mask = _prompts()
+    with torch.no_grad():
+        if name == "expiry":
+            want = tm.generate(torch.as_tensor(ids), torch.as_tensor(mask), max_new_tokens=new, **kw).numpy()
+        else:
+            want = ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=new,
+                                do_sample=False, **kw).numpy()
+    n = kw.get("num_return_sequences", 1)
+    assert want.shape[0] == 3 * n and len({tuple(r) for r in want}) > 1
+    t_ids, t_mask = torch.as_tensor(ids), torch.as_tensor(mask)
+    got = {"torch": tm.generate(t_ids, t_mask, max_new_tokens=new, **kw).numpy(),
+           "torch no cache": tm.generate(t_ids, t_mask, max_new_tokens=new, use_cache=False, **kw).numpy(),
+           "jax": np.asarray(jm.generate(ids, mask, max_new_tokens=new, **kw)),
+           "jax no cache": np.asarray(jm.generate(ids, mask, max_new_tokens=new, use_cache=False, **kw))}
+    if case == 0:
+        got["torch static"] = tm.generate(t_ids, t_mask, max_new_tokens=new, cache_implementation="static",
+                                          **kw).numpy()
+    for which, out in got.items():
+        np.testing.assert_array_equal(out, want, err_msg=which)
+
+
+def test_beam_search_differs_from_greedy_and_ends_early(models):
+    """The search is not greedy decoding in disguise: some row's best beam differs from the greedy row, and with
+    EOS ids some returned sequences end early (filled after EOS) while the output is as long as the longest."""
+    _, ref, tm, jm = models["dense"]
+    ids, mask = _prompts()
+    greedy = np.asarray(jm.generate(ids, mask, max_new_tokens=12))
+    beams = np.asarray(jm.generate(ids, mask, max_new_tokens=12, num_beams=4, num_return_sequences=4,
+                                   eos_token_id=EOS, pad_token_id=3))
+    assert not np.array_equal(beams[::4, :greedy.shape[1]], greedy)
+    new = beams[:, 9:]
+    ended = [r for r in new if np.isin(r, EOS).any()]
+    assert ended and any((r[list(np.isin(r, EOS)).index(True) + 1:] == 3).all() and r[-1] == 3 for r in ended)
+
+
+def test_num_return_sequences_when_sampling(models):
+    """Sampling with num_return_sequences n repeats each row n times, as transformers: doge_torch draws its very
+    tokens from the same torch seed; doge_jax returns n different samples per row."""
+    _, ref, tm, jm = models["dense"]
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=8, do_sample=True, top_k=0, num_return_sequences=3)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        want = ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), **kw).numpy()
+    torch.manual_seed(7)
+    np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), torch.as_tensor(mask), **kw).numpy(), want)
+    out = np.asarray(jm.generate(ids, mask, seed=1, **kw))
+    assert out.shape == (9, 17)
+    np.testing.assert_array_equal(out[:, :9], np.repeat(ids, 3, axis=0))
+    assert len({tuple(r) for r in out[:3, 9:]}) == 3
+
+
+def test_beam_settings_of_generation_config_json_and_errors(models, tmp_path):
+    """num_beams / num_return_sequences / length_penalty / early_stopping from generation_config.json (or a call's
+    generation_config) are used as transformers uses them (they were warned about and ignored) and written back;
+    what transformers refuses is refused, named."""
+    import transformers
+
+    d = str(tmp_path / "m")
+    shutil.copytree(models["dense"][0], d)
+    ids, mask = _prompts()
+    gen = {"num_beams": 3, "num_return_sequences": 2, "length_penalty": 0.5, "early_stopping": True,
+           "eos_token_id": EOS}
+    json.dump(gen, open(f"{d}/generation_config.json", "w"))
+    ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    with torch.no_grad():
+        want = ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=10).numpy()
+    assert want.shape[0] == 6
+    for name, cls, conv in (("jax", DogeForCausalLM, np.asarray),
+                            ("torch", doge_torch.DogeForCausalLM, torch.as_tensor)):
+        m = cls.from_pretrained(d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing "ignored" any more
+            np.testing.assert_array_equal(np.asarray(m.generate(conv(ids), conv(mask), max_new_tokens=10)), want,
+                                          err_msg=name)
+        m.save_pretrained(str(tmp_path / name))
+        assert json.load(open(tmp_path / name / "generation_config.json")) == gen, name
+        # a call's generation_config (transformers' GenerationConfig) overrides the file's settings
+        one = m.generate(conv(ids), conv(mask), max_new_tokens=4,
+                         generation_config=transformers.GenerationConfig(num_beams=2, num_return_sequences=1))
+        assert np.asarray(one).shape[0] == 3, name
+        for kw, msg in ((dict(num_beams=2, num_return_sequences=3), r"num_return_sequences=3 > num_beams=2"),
+                        (dict(num_beams=1, num_return_sequences=2), "greedy search returns one sequence"),
+                        (dict(num_beams=2, do_sample=True), r"beam sampling\): not implemented"),
+                        (dict(num_beams=0), "num_beams=0: must be an integer >= 1"),
+                        (dict(early_stopping="always"), "early_stopping='always': must be True, False or "
+                                                        "'never'"),
+                        (dict(length_penalty="long"), "length_penalty='long': must be a number"),
+                        (dict(streamer=transformers.TextStreamer(None)), "streamer cannot be used with beam")):
+            with pytest.raises(ValueError, match=msg):
+                m.generate(conv(ids), conv(mask), max_new_tokens=3, **kw)
+    with pytest.raises(ValueError, match="on_token cannot be used with beam search"):
+        DogeForCausalLM.from_pretrained(d).generate(ids, mask, max_new_tokens=3, on_token=print)
+    json.dump({"early_stopping": "soon"}, open(f"{d}/generation_config.json", "w"))
+    from doge_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="early_stopping='soon': must be true, false or \"never\""):
+        DogeForCausalLM.from_pretrained(d)
