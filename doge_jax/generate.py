@@ -474,6 +474,17 @@ def _main(argv=None) -> int:
                     "included (default: generation_config.json's, else none)")
     ap.add_argument("--min-new-tokens", type=int, default=None, help="no EOS before this many new tokens (default: "
                     "generation_config.json's min_new_tokens / min_length, else none)")
+    ap.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams (1: none; "
+                    "default: generation_config.json's, else 1); the best sequences are printed at the end, not "
+                    "streamed")
+    ap.add_argument("--num-return-sequences", type=int, default=None, help="print this many sequences: the best "
+                    "beams (<= --num-beams), or samples (default: generation_config.json's, else 1)")
+    ap.add_argument("--length-penalty", type=float, default=None, help="beam search: finished beams' scores are "
+                    "divided by length ** this (> 0 favours longer ones; default: generation_config.json's, else 1)")
+    ap.add_argument("--early-stopping", choices=["true", "false", "never"], default=None, help="beam search: "
+                    "stop when num-beams sequences are finished (true), when no running beam can still win by "
+                    "transformers' heuristic (false), or only when none can by the canonical bound (never); "
+                    "default: generation_config.json's, else false")
     ap.add_argument("--seed", type=int, default=0, help="when sampling: the random seed, in [0, 2**32) (default 0: "
                     "the same command gives the same text)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -494,6 +505,10 @@ def _main(argv=None) -> int:
         ap.error(f"--no-repeat-ngram-size {args.no_repeat_ngram_size}: must be >= 0")
     if not 0 <= args.seed < 2**32:
         ap.error(f"--seed {args.seed}: must be in [0, 2**32)")
+    for flag, v in (("--num-beams", args.num_beams), ("--num-return-sequences", args.num_return_sequences)):
+        if v is not None and v < 1:
+            ap.error(f"{flag} {v}: must be >= 1")
+    early = {"true": True, "false": False, "never": "never", None: FROM_CONFIG}[args.early_stopping]
 
     import os
 
@@ -552,11 +567,15 @@ def _main(argv=None) -> int:
         check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
         ngram_arg(gen, FROM_CONFIG if args.no_repeat_ngram_size is None else args.no_repeat_ngram_size)
         min_new_arg(gen, FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens, len(ids))
+        beams = beam_args(gen, *[FROM_CONFIG if v is None else v for v in (
+            args.num_beams, args.num_return_sequences, args.length_penalty)], early, do_sample)
     except ValueError as e:
         msg = str(e)
         fix = ("--max-new-tokens N sets the length" if "max_length" in msg else
                "--no-repeat-ngram-size / --min-new-tokens set it" if "min_new_tokens=" in msg or "ngram" in msg else
-               "--greedy decodes greedily")
+               "--num-beams / --num-return-sequences / --length-penalty / --early-stopping set it"
+               if any(k in msg for k in ("num_beams", "num_return_sequences", "length_penalty", "early_stopping"))
+               else "--greedy decodes greedily")
         return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; {fix})")
     if args.do_sample is None and do_sample:
         print(f"note: sampling, as the model's generation_config.json says (temperature {temperature}, top_k "
@@ -569,6 +588,9 @@ def _main(argv=None) -> int:
     if len(ids) + max_new_tokens > limit:
         print(f"note: prompt + new tokens = {len(ids) + max_new_tokens} > max_position_embeddings {limit}: "
               "positions past it were not trained", file=sys.stderr)
+    if beams[0] > 1 or beams[1] > 1:  # several sequences, or beams known at the end only: no streaming
+        return _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature, top_k, top_p, min_p,
+                                max_new_tokens, penalty)
     new: list[int] = []
     times: list[float] = []
     out = sys.stdout
@@ -662,6 +684,45 @@ def _main(argv=None) -> int:
     rate = f"decoding {(n - 1) / (times[-1] - times[0]):.1f} tokens/s; " if n > 1 and times[-1] > times[0] else ""
     print(f"\n[{n} new tokens; first token after {times[0] - t0:.2f} s (prompt {len(ids)} tokens, incl. "
           f"compilation); {rate}total {t1 - t0:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature, top_k, top_p, min_p,
+                     max_new_tokens, penalty) -> int:
+    """The command line with beam search or several sequences: generate them all, then print each (up to and
+    including its EOS) on its own line: the prompt text and continuation, or `prompt ids | new ids`."""
+    import sys
+    import time
+
+    num_beams, n_seq, length_penalty, early_stopping = beams
+    what = f"beam search, {num_beams} beams" if num_beams > 1 else "sampling"
+    print(f"note: {what}: {n_seq} sequence(s), printed when done (not streamed)", file=sys.stderr)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*" + re.escape(UNSUPPORTED))  # (noted before)
+        out = generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
+                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       seed=args.seed, eos_token_id=-1 if args.no_eos else None, repetition_penalty=penalty,
+                       min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
+                       no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
+                       else args.no_repeat_ngram_size, num_beams=num_beams, num_return_sequences=n_seq,
+                       length_penalty=length_penalty, early_stopping=early_stopping)
+    t1 = time.perf_counter()
+    eos = [] if args.no_eos else eos_ids(None, model.generation_config)
+    for row in np.asarray(out):
+        new = [int(t) for t in row[len(ids):]]
+        end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))  # (what follows EOS is filling)
+        new = new[:end]
+        if tokenizer is not None:
+            text = tokenizer.decode(ids + new)
+            base = tokenizer.decode(ids)
+            print((args.prompt if args.prompt is not None else base) + text[len(base):] if text.startswith(base)
+                  else text)
+        else:
+            print(" ".join(str(i) for i in ids) + " | " + " ".join(str(t) for t in new))
+    sys.stdout.flush()
+    print(f"\n[{len(out)} sequence(s) of up to {np.asarray(out).shape[1] - len(ids)} new tokens ({what}); total "
+          f"{t1 - t0:.2f} s incl. compilation]", file=sys.stderr)
     return 0
 
 

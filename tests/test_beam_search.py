@@ -158,3 +158,38 @@ def test_beam_settings_of_generation_config_json_and_errors(models, tmp_path):
 
     with pytest.raises(ConfigError, match="early_stopping='soon': must be true, false or \"never\""):
         DogeForCausalLM.from_pretrained(d)
+
+
+def test_command_line_beam_search_and_several_samples(models, capsys):
+    """`python -m doge_jax.generate --num-beams 4 --num-return-sequences 2` prints transformers' two best beams,
+    each up to its EOS; several samples are printed too (not streamed); bad values are named."""
+    from doge_jax.generate import main
+
+    d, ref, _, _ = models["dense"]
+    prompt = [5, 6, 7, 8, 9]
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
+                            max_new_tokens=10, do_sample=False, num_beams=4, num_return_sequences=2,
+                            length_penalty=0.5, eos_token_id=EOS).numpy()
+    args = ["--model", d, "--prompt-ids", *map(str, prompt), "--max-new-tokens", "10"]
+    # (--no-eos: the file has no EOS; the beams' EOS ids come from a generation config written for the test)
+    gen = json.load(open(f"{d}/generation_config.json"))
+    json.dump({**gen, "eos_token_id": EOS}, open(f"{d}/generation_config.json", "w"))
+    try:
+        assert main([*args, "--num-beams", "4", "--num-return-sequences", "2", "--length-penalty", "0.5"]) == 0
+    finally:
+        json.dump(gen, open(f"{d}/generation_config.json", "w"))
+    captured = capsys.readouterr()
+    lines = captured.out.split("\n")[:2]
+    for line, row in zip(lines, want):
+        new = [int(t) for t in row[5:]]
+        end = next((i + 1 for i, t in enumerate(new) if t in EOS), len(new))
+        assert line == "5 6 7 8 9 | " + " ".join(map(str, new[:end]))
+    assert "beam search, 4 beams: 2 sequence(s)" in captured.err
+    assert main([*args, "--do-sample", "--num-return-sequences", "3", "--seed", "3"]) == 0
+    rows = capsys.readouterr().out.split("\n")[:3]
+    assert len(set(rows)) == 3 and all(r.startswith("5 6 7 8 9 | ") for r in rows)
+    assert main([*args, "--num-beams", "2", "--num-return-sequences", "3"]) == 2
+    assert "num_return_sequences=3 > num_beams=2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--early-stopping", "soon"])
