@@ -47,10 +47,11 @@ def init_state(ids: jax.Array, num_beams: int, max_new_tokens: int, fill) -> dic
 
 
 def beam_update(state: dict, log_probs: jax.Array, step, P: int, eos: jax.Array, divisors: jax.Array,
-                never_divisor, early_stopping: bool | str, never_long: bool) -> tuple[dict, jax.Array]:
+                never_divisor, early_stopping: bool | str, never_long: bool, rng=None) -> tuple[dict, jax.Array]:
     """One step: the processed log-probabilities [B * K, V] of the running beams' next token at new-token index
     `step` (prompt length P in the state's buffers) -> (state, rows [B * K]: the running row each new beam
-    continues, for the cache)."""
+    continues, for the cache). With `rng` (beam sampling) the candidates are drawn without replacement from the
+    softmax of the scores (Gumbel top-k: the order of sequential draws) instead of taken best first."""
     running = state["running"]
     B, K, _ = running.shape
     V = log_probs.shape[-1]
@@ -58,7 +59,11 @@ def beam_update(state: dict, log_probs: jax.Array, step, P: int, eos: jax.Array,
     max_new = state["run_src"].shape[-1]
     scores = (log_probs.reshape(B, K, V) + state["run_scores"][:, :, None]).reshape(B, K * V)
 
-    top_lp, top_idx = jax.lax.top_k(scores, keep)
+    if rng is None:
+        top_lp, top_idx = jax.lax.top_k(scores, keep)
+    else:
+        top_idx = jax.lax.top_k(scores + jax.random.gumbel(rng, scores.shape), keep)[1]
+        top_lp = jnp.take_along_axis(scores, top_idx, axis=1)
     beam = top_idx // V
     tok = (top_idx % V).astype(jnp.int32)
     top_seqs = jax.lax.dynamic_update_slice_in_dim(_gather(running, beam), tok[..., None], P + step, axis=2)
@@ -101,10 +106,11 @@ def result(state: dict, num_return_sequences: int) -> tuple[jax.Array, jax.Array
     return seqs, n
 
 
-def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngram: int, skip):
+def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngram: int, skip, warp=None):
     """The logits processors on log-probabilities [B, V], in doge_jax.generate's order: no_repeat_ngram_size over
-    `hist` [B, T] up to `length`, the repetition penalty over `seen` [B, V], no EOS before min_new new tokens."""
-    from .generate import _ban_ngrams, _penalize
+    `hist` [B, T] up to `length`, the repetition penalty over `seen` [B, V], no EOS before min_new new tokens;
+    then, beam sampling, the warpers (`warp`: temperature, top_k, top_p, min_p, min_keep)."""
+    from .generate import _ban_ngrams, _filter_logits, _penalize
 
     if ngram:
         log_probs = _ban_ngrams(log_probs, hist, length, ngram, skip)
@@ -112,19 +118,22 @@ def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngr
         log_probs = _penalize(log_probs, seen, penalty)
     if eos_mask is not None:
         log_probs = jnp.where(eos_mask & (step < min_new), -jnp.inf, log_probs)
+    if warp is not None:
+        log_probs = _filter_logits(log_probs, *warp, neg=-jnp.inf)
     return log_probs
 
 
 def advance(state: dict, logits: jax.Array, step, P: int, consts: dict, early_stopping: bool | str,
-            never_long: bool, ngram: int, seen=None) -> tuple[dict, jax.Array, jax.Array | None, jax.Array]:
+            never_long: bool, ngram: int, seen=None, warp=None, rng=None
+            ) -> tuple[dict, jax.Array, jax.Array | None, jax.Array]:
     """log_softmax of the running beams' logits [B * K, V], the logits processors, one beam_update; returns
     (state, rows for the cache, `seen` following the beams, the new tokens [B * K])."""
     BK = logits.shape[0]
     hist = state["running"].reshape(BK, -1)
     lp = process(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), hist, P + step, step, seen,
-                 consts["penalty"], consts["eos_mask"], consts["min_new"], ngram, consts["skip"])
+                 consts["penalty"], consts["eos_mask"], consts["min_new"], ngram, consts["skip"], warp)
     state, rows = beam_update(state, lp, step, P, consts["eos"], consts["divisors"], consts["never_divisor"],
-                              early_stopping, never_long)
+                              early_stopping, never_long, rng)
     tok = jax.lax.dynamic_index_in_dim(state["running"], P + step, axis=2, keepdims=False).reshape(BK)
     if seen is not None:
         seen = jnp.take(seen, rows, axis=0).at[jnp.arange(BK), tok].set(True)
@@ -132,37 +141,47 @@ def advance(state: dict, logits: jax.Array, step, P: int, consts: dict, early_st
 
 
 @partial(nnx.jit, static_argnames=("max_new_tokens", "num_beams", "num_return_sequences", "early_stopping",
-                                   "never_long", "ngram"))
+                                   "never_long", "ngram", "warp"))
 def beam_search_cached(model, ids, mask, pos, cache, consts: dict, max_new_tokens: int, num_beams: int,
-                       num_return_sequences: int, early_stopping, never_long: bool, ngram: int = 0, seen=None):
+                       num_return_sequences: int, early_stopping, never_long: bool, ngram: int = 0, seen=None,
+                       warp=None, rng=None):
     """Prefill the prompt rows `ids` [B * K, P] (each row K times), then a while_loop of single-token steps on the
     beams, the cache rows following them; returns result(). `consts`: eos, fill, divisors, never_divisor,
-    penalty, eos_mask, min_new, skip (see generate)."""
+    penalty, eos_mask, min_new, skip (see generate); `warp` and `rng`: beam sampling."""
     P = ids.shape[1]
     prep = prepare_decode(model, cache.capacity)
     out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
                 layer_params=prep["states"])
     cache = DecodeCache.from_cache(out.cache, use_counters(model.config, cache.capacity))
     state = init_state(ids, num_beams, max_new_tokens, consts["fill"])
-    state, rows, seen, tok = advance(state, out.logits[:, -1], 0, P, consts, early_stopping, never_long, ngram, seen)
+    draw = None
+    if rng is not None:
+        rng, draw = jax.random.split(rng)
+    state, rows, seen, tok = advance(state, out.logits[:, -1], 0, P, consts, early_stopping, never_long, ngram, seen,
+                                     warp, draw)
     cache = cache.reorder(rows)
 
     def body(carry):
-        state, step, tok, next_pos, cache, seen = carry
+        state, step, tok, next_pos, cache, seen, rng = carry
         logits, cache = decode_step(model, prep, tok, next_pos, cache)
-        state, rows, seen, tok = advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen)
-        return state, step + 1, tok, next_pos + 1, cache.reorder(rows), seen
+        draw = None
+        if rng is not None:
+            rng, draw = jax.random.split(rng)
+        state, rows, seen, tok = advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen,
+                                         warp, draw)
+        return state, step + 1, tok, next_pos + 1, cache.reorder(rows), seen, rng
 
-    carry = (state, jnp.int32(1), tok, jnp.max(pos, axis=1) + 1, cache, seen)
+    carry = (state, jnp.int32(1), tok, jnp.max(pos, axis=1) + 1, cache, seen, rng)
     state = jax.lax.while_loop(lambda carry: carry[0]["go_on"], body, carry)[0]
     return result(state, num_return_sequences)
 
 
-_advance = jax.jit(advance, static_argnames=("P", "early_stopping", "never_long", "ngram"))
+_advance = jax.jit(advance, static_argnames=("P", "early_stopping", "never_long", "ngram", "warp"))
 
 
 def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: int, num_beams: int,
-                          num_return_sequences: int, early_stopping, never_long: bool, ngram: int = 0, seen=None):
+                          num_return_sequences: int, early_stopping, never_long: bool, ngram: int = 0, seen=None,
+                          warp=None, rng=None):
     """beam_search_cached without a cache (use_cache=False, for checking): each step runs the model over the
     whole running sequences (dense: one fixed-length buffer, later slots masked; MoE: the exact length, as
     doge_jax.generate's recompute path)."""
@@ -182,7 +201,11 @@ def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: i
             logits = _last_logits(model, seqs[:, :cur], full_mask[:, :cur], full_pos[:, :cur])
         else:  # (unwritten slots hold the fill id, maybe -1: any valid id, they are masked)
             logits = _logits_at(model, jnp.where(cols < cur, seqs, 0), full_mask & (cols < cur), full_pos, cur - 1)
-        state, _, seen, _ = _advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen)
+        draw = None
+        if rng is not None:
+            rng, draw = jax.random.split(rng)
+        state, _, seen, _ = _advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen, warp,
+                                     draw)
         if not bool(state["go_on"]):
             break
     return result(state, num_return_sequences)

@@ -49,24 +49,30 @@ PROMPT_BUCKET = 32  # dense-model prompts are left-padded to a multiple of this 
 
 
 def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None,
-                   min_p: float | None = None) -> jax.Array:
+                   min_p: float | None = None, min_keep: int = 1, neg=None) -> jax.Array:
     """Temperature, then top-k, then top-p (nucleus), then min-p on float32 logits [B, V], as transformers orders
-    them (min-p: tokens less probable than min_p times the most probable one are dropped)."""
+    them (min-p: tokens less probable than min_p times the most probable one are dropped), each keeping at least
+    `min_keep` tokens (beam sampling keeps 1 + number of EOS ids); dropped tokens get `neg` (default: float32's
+    lowest finite value)."""
     logits = logits / temperature
-    neg = jnp.finfo(logits.dtype).min
+    neg = jnp.finfo(logits.dtype).min if neg is None else neg
     if top_k is not None and top_k > 0:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+        kth = jax.lax.top_k(logits, min(max(top_k, min_keep), logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if top_p is not None and top_p < 1.0:
         order = jnp.argsort(logits, axis=-1)  # ascending
         sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
         cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        remove_sorted = (cum <= 1.0 - top_p).at[..., -1].set(False)
+        remove_sorted = (cum <= 1.0 - top_p).at[..., -min_keep:].set(False)
         remove = jnp.zeros_like(remove_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
         logits = jnp.where(remove, neg, logits)
     if min_p is not None:
         probs = jax.nn.softmax(logits, axis=-1)
-        logits = jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), neg, logits)
+        remove = probs < min_p * jnp.max(probs, axis=-1, keepdims=True)
+        if min_keep > 1:
+            top = jax.lax.top_k(probs, min(min_keep, probs.shape[-1]))[1]
+            remove = remove.at[jnp.arange(probs.shape[0])[:, None], top].set(False)
+        logits = jnp.where(remove, neg, logits)
     return logits
 
 
@@ -294,8 +300,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
             if user_on_token is not None:
                 user_on_token(step, tokens)
     if num_beams > 1:
+        warp = ((float(temperature), top_k, top_p, min_p, len(eos) + 1 if eos else 2) if do_sample else None)
         return _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
-                     early_stopping, seen, penalty, eos_mask, min_new, ngram)
+                     early_stopping, seen, penalty, eos_mask, min_new, ngram, warp,
+                     jax.random.key(seed) if do_sample else None)
     if use_cache:
         extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET
         p_ids = np.pad(ids, ((0, 0), (extra, 0)))  # masked slots: any valid id
@@ -329,7 +337,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
 
 
 def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
-          early_stopping, seen, penalty, eos_mask, min_new, ngram) -> np.ndarray:
+          early_stopping, seen, penalty, eos_mask, min_new, ngram, warp=None, rng=None) -> np.ndarray:
     """generate's beam search (doge_jax.beam): prompt rows [B * num_beams, P] -> [B * n_seq, P + n]."""
     from .beam import beam_search_cached, beam_search_recompute, length_divisors
 
@@ -344,9 +352,9 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
               "min_new": jnp.int32(min_new), "skip": jnp.int32(0)}
     seen = None if seen is None else jnp.asarray(seen)
     static = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=n_seq,
-                  early_stopping=early_stopping, never_long=never_long, ngram=ngram)
+                  early_stopping=early_stopping, never_long=never_long, ngram=ngram, warp=warp)
     if not use_cache:
-        seqs, n = beam_search_recompute(model, ids, mask, pos, consts, seen=seen, **static)
+        seqs, n = beam_search_recompute(model, ids, mask, pos, consts, seen=seen, rng=rng, **static)
         return np.asarray(seqs)[:, :P + int(n)]
     extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET  # (as generate: bucketed prompts share compiled programs)
     p_ids = np.pad(ids, ((0, 0), (extra, 0)))
@@ -355,7 +363,7 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
     cache = DogeCache.init(cfg, BK, capacity, model.model.embed_tokens.embedding[...].dtype)
     consts["skip"] = jnp.int32(extra)
     seqs, n = beam_search_cached(model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache, consts,
-                                 seen=seen, **static)
+                                 seen=seen, rng=rng, **static)
     return np.asarray(seqs)[:, extra:extra + P + int(n)]
 
 

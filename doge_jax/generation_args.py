@@ -124,9 +124,9 @@ def check_generate_kwargs(kwargs: dict) -> None:
 def beam_args(gen, num_beams, num_return_sequences, length_penalty, early_stopping, do_sample: bool,
               streamer=None) -> tuple[int, int, float, bool | str]:
     """(num_beams, num_return_sequences, length_penalty, early_stopping) of a generate call, those not given
-    (FROM_CONFIG) from the generation config `gen`, checked as transformers checks them: beam search takes
-    num_return_sequences <= num_beams and no streamer; sampling (num_beams 1) repeats each row
-    num_return_sequences times; greedy search returns one sequence per row."""
+    (FROM_CONFIG) from the generation config `gen`, checked as transformers checks them: beam search (with
+    do_sample: beam sampling) takes num_return_sequences <= num_beams and no streamer; sampling (num_beams 1)
+    repeats each row num_return_sequences times; greedy search returns one sequence per row."""
     def pick(value, name):
         return getattr(gen, name) if value is FROM_CONFIG else value
 
@@ -151,9 +151,6 @@ def beam_args(gen, num_beams, num_return_sequences, length_penalty, early_stoppi
         if n_seq > num_beams:
             raise ValueError(f"num_return_sequences={n_seq} > num_beams={num_beams}: beam search returns at most "
                              "num_beams sequences per row")
-        if do_sample:
-            raise ValueError(f"num_beams={num_beams} with do_sample=True (beam sampling): not implemented; "
-                             "do_sample=False for beam search, or num_beams=1 to sample")
         if streamer is not None:
             raise ValueError(f"num_beams={num_beams}: a streamer cannot be used with beam search (as in "
                              "transformers: the best sequences are known at the end only)")

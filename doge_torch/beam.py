@@ -21,13 +21,15 @@ def beam_search(logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 reorder: Callable[[torch.Tensor], None], ids: torch.Tensor, mask: torch.Tensor, *,
                 num_beams: int, num_return_sequences: int, max_new_tokens: int, eos: list[int], fill: int,
                 length_penalty: float, early_stopping: bool | str,
-                processors: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+                processors: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+                draw: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
     """The best num_return_sequences sequences of each prompt row, [B * num_return_sequences, P + n] (a row's
     sequences best first; shorter ones filled with `fill`, n the longest returned). `ids` / `mask` [B * num_beams, P]
     are the prompt rows, each repeated num_beams times; `logits_of(seqs [B*K, T], mask [B*K, T])` gives the float32
     next-token logits of the running sequences (one call per new token, each a token longer),
     `reorder(rows)` makes its cache follow the surviving beams, and `processors(seqs, log_probs, new)` applies the
-    logits processors to the log-probabilities (as transformers does in beam search)."""
+    logits processors to the log-probabilities (as transformers does in beam search). With `draw(scores [B, K*V], n)`
+    (beam sampling) the step's candidates are n indices drawn without replacement instead of the top n."""
     K = num_beams
     BK, P = ids.shape
     B = BK // K
@@ -56,7 +58,11 @@ def beam_search(logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         log_probs = (log_probs.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
 
         # the top `keep` continuations over all beams (beam = index // V, token = index % V)
-        top_lp, top_idx = torch.topk(log_probs, keep)
+        if draw is None:
+            top_lp, top_idx = torch.topk(log_probs, keep)
+        else:
+            top_idx = draw(log_probs, keep)
+            top_lp = log_probs.gather(1, top_idx)
         beam = top_idx // V
         top_seqs = _gather(running, beam)
         top_seqs[:, :, cur] = top_idx % V

@@ -32,26 +32,35 @@ from .decode import SLOTS, run_step, static_cache, step_function
 from .model import DogeCache, check_token_ids, token_ids_checked
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                gen: torch.Generator | None, min_p: float | None = None) -> torch.Tensor:
-    """Next token per row from float32 logits [B, V] (temperature, then top-k, then top-p, then min-p, as
-    transformers)."""
-    if not do_sample:
-        return logits.argmax(-1)
+def warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+         min_p: float | None = None, min_keep: int = 1) -> torch.Tensor:
+    """transformers' sampling warpers on float32 scores [B, V]: temperature, then top-k, then top-p, then min-p
+    (dropped tokens get -inf), each keeping at least `min_keep` tokens (beam sampling keeps 1 + number of EOS
+    ids)."""
     logits = logits / temperature
     if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        kth = torch.topk(logits, min(max(top_k, min_keep), logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, descending=False, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         remove = cum <= (1 - top_p)
-        remove[..., -1:] = False
+        remove[..., -min_keep:] = False
         logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
     if min_p is not None:  # tokens less probable than min_p times the most probable one
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+        remove = probs < min_p * probs.amax(-1, keepdim=True)
+        remove.scatter_(-1, torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices, False)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+                gen: torch.Generator | None, min_p: float | None = None) -> torch.Tensor:
+    """Next token per row from float32 logits [B, V]: the argmax, or a sample after `warp`."""
+    if not do_sample:
+        return logits.argmax(-1)
+    return torch.multinomial(warp(logits, temperature, top_k, top_p, min_p).softmax(-1), 1, generator=gen)[:, 0]
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -215,7 +224,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             logits = ban_repeated_ngrams(logits, seqs, ngram)
         if eos_cols is not None and new < min_new:  # min_new_tokens / min_length: no EOS yet
             logits = logits.index_fill(1, eos_cols, float("-inf"))
+        if do_sample and num_beams > 1:  # beam sampling: the warpers act on the log-probabilities too
+            logits = warp(logits, temperature, top_k, top_p, min_p, min_keep=len(eos) + 1 if eos else 2)
         return logits
+
+    def draw(scores: torch.Tensor, n: int) -> torch.Tensor:  # beam sampling: n of [B, K*V] without replacement
+        return torch.multinomial(scores.softmax(-1), n, generator=gen)
 
     if num_beams > 1:
         # transformers fills with the pad id, or the first EOS id where that is None or 0
@@ -223,7 +237,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         with token_ids_checked():
             return beam_search(decoder, decoder.reorder, ids, attention_mask, num_beams=num_beams,
                                num_return_sequences=n_seq, max_new_tokens=max_new_tokens, eos=eos, fill=fill,
-                               length_penalty=length_penalty, early_stopping=early_stopping, processors=processors)
+                               length_penalty=length_penalty, early_stopping=early_stopping, processors=processors,
+                               draw=draw if do_sample else None)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
     if streamer is not None:

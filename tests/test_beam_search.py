@@ -143,7 +143,6 @@ def test_beam_settings_of_generation_config_json_and_errors(models, tmp_path):
         assert np.asarray(one).shape[0] == 3, name
         for kw, msg in ((dict(num_beams=2, num_return_sequences=3), r"num_return_sequences=3 > num_beams=2"),
                         (dict(num_beams=1, num_return_sequences=2), "greedy search returns one sequence"),
-                        (dict(num_beams=2, do_sample=True), r"beam sampling\): not implemented"),
                         (dict(num_beams=0), "num_beams=0: must be an integer >= 1"),
                         (dict(early_stopping="always"), "early_stopping='always': must be True, False or "
                                                         "'never'"),
@@ -193,3 +192,59 @@ def test_command_line_beam_search_and_several_samples(models, capsys):
     assert "num_return_sequences=3 > num_beams=2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--early-stopping", "soon"])
+
+
+def test_beam_sampling(models):
+    """do_sample with num_beams (beam sampling): doge_torch draws transformers' very sequences from the same torch
+    seed (the warpers on log-probabilities keeping 1 + number of EOS ids tokens, candidates drawn without
+    replacement); doge_jax's cached loop equals its recompute path for one seed, and at a tiny temperature gives
+    beam search's sequences (its Gumbel draws follow the scores; torch.multinomial, transformers' too, draws the
+    zero-probability rest in index order there)."""
+    _, ref, tm, jm = models["dense"]
+    ids, mask = _prompts()
+    t_ids, t_mask = torch.as_tensor(ids), torch.as_tensor(mask)
+    for kw in (dict(num_beams=4, num_return_sequences=2, top_k=3, temperature=0.7, eos_token_id=EOS),
+               dict(num_beams=3, top_p=0.5, min_p=0.3, top_k=0, eos_token_id=EOS)):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            want = ref.generate(t_ids, attention_mask=t_mask, max_new_tokens=10, do_sample=True, **kw).numpy()
+        for cache in (True, False):
+            torch.manual_seed(3)
+            got = tm.generate(t_ids, t_mask, max_new_tokens=10, do_sample=True, use_cache=cache, **kw).numpy()
+            np.testing.assert_array_equal(got, want, err_msg=f"{kw} use_cache={cache}")
+        runs = [np.asarray(jm.generate(ids, mask, max_new_tokens=10, do_sample=True, seed=s, use_cache=c, **kw))
+                for s, c in ((5, True), (5, False), (6, True))]
+        np.testing.assert_array_equal(runs[0], runs[1])
+        assert runs[0].shape[0] == 3 * kw.get("num_return_sequences", 1)
+    kw = dict(num_beams=3, num_return_sequences=3, eos_token_id=EOS, max_new_tokens=10)
+    beams = np.asarray(jm.generate(ids, mask, **kw))
+    np.testing.assert_array_equal(np.asarray(jm.generate(ids, mask, do_sample=True, temperature=1e-4, top_k=0,
+                                                         **kw)), beams)
+
+
+def test_warpers_keep_min_tokens_as_transformers():
+    """The sampling warpers with min_tokens_to_keep (beam sampling's 1 + number of EOS ids): doge_jax's and
+    doge_torch's drop the tokens transformers' warpers drop."""
+    import jax.numpy as jnp
+    from transformers.generation import logits_process as lp
+
+    from doge_jax.generate import _filter_logits
+    from doge_torch.generate import warp
+
+    scores = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    for T, k, p, m, keep in ((0.7, 3, None, None, 5), (1.0, None, 0.3, None, 4), (1.3, None, None, 0.6, 3),
+                             (0.9, 8, 0.6, 0.2, 6)):
+        procs = [lp.TemperatureLogitsWarper(T)]
+        if k:
+            procs.append(lp.TopKLogitsWarper(k, min_tokens_to_keep=keep))
+        if p:
+            procs.append(lp.TopPLogitsWarper(p, min_tokens_to_keep=keep))
+        if m:
+            procs.append(lp.MinPLogitsWarper(m, min_tokens_to_keep=keep))
+        want = lp.LogitsProcessorList(procs)(None, scores.clone()).numpy()
+        got_t = warp(scores.clone(), T, k, p, m, min_keep=keep).numpy()
+        got_j = np.asarray(_filter_logits(jnp.asarray(scores.numpy()), T, k, p, m, min_keep=keep, neg=-jnp.inf))
+        for got in (got_t, got_j):
+            np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+            np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
+        assert np.isinf(want).any() and (~np.isinf(want)).sum(-1).min() >= keep
