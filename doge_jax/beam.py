@@ -109,7 +109,7 @@ def result(state: dict, num_return_sequences: int) -> tuple[jax.Array, jax.Array
 def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngram: int, skip, warp=None):
     """The logits processors on log-probabilities [B, V], in doge_jax.generate's order: no_repeat_ngram_size over
     `hist` [B, T] up to `length`, the repetition penalty over `seen` [B, V], no EOS before min_new new tokens;
-    then, beam sampling, the warpers (`warp`: temperature, top_k, top_p, min_p, min_keep)."""
+    then, beam sampling, the warpers (`warp`: temperature, top_k, top_p, min_p, min_keep, cutoffs)."""
     from .generate import _ban_ngrams, _filter_logits, _penalize
 
     if ngram:
@@ -119,7 +119,8 @@ def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngr
     if eos_mask is not None:
         log_probs = jnp.where(eos_mask & (step < min_new), -jnp.inf, log_probs)
     if warp is not None:
-        log_probs = _filter_logits(log_probs, *warp, neg=-jnp.inf)
+        temperature, top_k, top_p, min_p, min_keep, cutoffs = warp
+        log_probs = _filter_logits(log_probs, temperature, top_k, top_p, min_p, min_keep, -jnp.inf, cutoffs)
     return log_probs
 
 

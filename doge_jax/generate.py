@@ -29,6 +29,7 @@ from .generation_args import (
     call_generation_config,
     check_mask_values,
     check_sampling,
+    cutoff_args,
     eos_ids,
     inferred_pad,
     length_and_penalty,
@@ -49,11 +50,11 @@ PROMPT_BUCKET = 32  # dense-model prompts are left-padded to a multiple of this 
 
 
 def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top_p: float | None,
-                   min_p: float | None = None, min_keep: int = 1, neg=None) -> jax.Array:
-    """Temperature, then top-k, then top-p (nucleus), then min-p on float32 logits [B, V], as transformers orders
-    them (min-p: tokens less probable than min_p times the most probable one are dropped), each keeping at least
-    `min_keep` tokens (beam sampling keeps 1 + number of EOS ids); dropped tokens get `neg` (default: float32's
-    lowest finite value)."""
+                   min_p: float | None = None, min_keep: int = 1, neg=None, cutoffs=None) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus), then min-p, then `cutoffs` (typical_p, epsilon, eta:
+    generation_args.cutoff_args) on float32 logits [B, V], as transformers orders them (min-p: tokens less probable
+    than min_p times the most probable one are dropped), each keeping at least `min_keep` tokens (beam sampling
+    keeps 1 + number of EOS ids); dropped tokens get `neg` (default: float32's lowest finite value)."""
     logits = logits / temperature
     neg = jnp.finfo(logits.dtype).min if neg is None else neg
     if top_k is not None and top_k > 0:
@@ -73,6 +74,29 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int | None, top
             top = jax.lax.top_k(probs, min(min_keep, probs.shape[-1]))[1]
             remove = remove.at[jnp.arange(probs.shape[0])[:, None], top].set(False)
         logits = jnp.where(remove, neg, logits)
+    typical, eps, eta = cutoffs or (None, None, None)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    if typical is not None:  # tokens whose surprise is closest to the entropy, up to `typical` probability mass
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        ent = -jnp.nansum(logp * jnp.exp(logp), axis=-1, keepdims=True)
+        shifted = jnp.abs(-logp - ent)
+        order = jnp.argsort(shifted, axis=-1, stable=True)
+        shifted = jnp.take_along_axis(shifted, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
+        last = jnp.minimum(jnp.sum(cum < typical, axis=-1, keepdims=True), shifted.shape[-1] - 1)
+        remove_sorted = (shifted > jnp.take_along_axis(shifted, last, axis=-1)).at[..., :min_keep].set(False)
+        logits = jnp.where(jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted), neg, logits)
+    for cut, scale_by_entropy in ((eps, False), (eta, True)):
+        if cut is None:
+            continue
+        probs = jax.nn.softmax(logits, axis=-1)
+        threshold = jnp.float32(cut)
+        if scale_by_entropy:  # eta: min(eta, sqrt(eta) * exp(-entropy))
+            norm = jnp.maximum(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True), jnp.finfo(jnp.float32).min)
+            ent = -jnp.sum(norm * jax.nn.softmax(norm, axis=-1), axis=-1, keepdims=True)
+            threshold = jnp.minimum(threshold, jnp.sqrt(threshold) * jnp.exp(-ent))
+        kth = jax.lax.top_k(logits, min(min_keep, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where((probs < threshold) & (logits < kth), neg, logits)
     return logits
 
 
@@ -117,7 +141,7 @@ def _seen_tokens(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarr
 
 
 def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, min_p=None, seen=None, penalty=None,
-                eos_mask=None, block_eos=None):
+                eos_mask=None, block_eos=None, cutoffs=None):
     logits = logits.astype(jnp.float32)
     if seen is not None:  # a logits processor: before the sampling filters, and for greedy too (transformers)
         logits = _penalize(logits, seen, penalty)
@@ -125,7 +149,7 @@ def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, min_p=N
         logits = jnp.where(block_eos & eos_mask, -jnp.inf, logits)
     if not do_sample:
         return _argmax(logits)
-    return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p, min_p),
+    return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p, min_p, cutoffs=cutoffs),
                                   axis=-1).astype(jnp.int32)
 
 
@@ -139,10 +163,10 @@ def _emit(step, tokens):
 
 
 @partial(nnx.jit, static_argnames=("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "stream",
-                                   "ngram"))
+                                   "ngram", "cutoffs"))
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
                      temperature: float, top_k, top_p, min_p=None, stream: bool = False, seen=None, penalty=None,
-                     eos_mask=None, min_new=None, ngram: int = 0, skip=0):
+                     eos_mask=None, min_new=None, ngram: int = 0, skip=0, cutoffs=None):
     """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps). `seen`
     [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on; `eos_mask` [V] and `min_new` keep
     EOS out of the first min_new new tokens; `ngram` turns no_repeat_ngram_size on, over the prompt from slot
@@ -161,7 +185,7 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
     else:
         sub = rng
     tok = _next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen, penalty, eos_mask,
-                      None if eos_mask is None else 0 < min_new)
+                      None if eos_mask is None else 0 < min_new, cutoffs)
     rows = jnp.arange(B)
     if seen is not None:
         seen = seen.at[rows, tok].set(True)
@@ -185,7 +209,7 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         if do_sample:  # greedy decoding needs no random numbers (threefry is ~40 ops per step)
             rng, sub = jax.random.split(rng)
         new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, min_p, seen,
-                          penalty, eos_mask, None if eos_mask is None else step < min_new)
+                          penalty, eos_mask, None if eos_mask is None else step < min_new, cutoffs)
         new = jnp.where(done, pad, new)
         if seen is not None:
             seen = seen.at[rows, new].set(True)
@@ -213,7 +237,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
              max_length=None, min_p=FROM_CONFIG, streamer=None, no_repeat_ngram_size=FROM_CONFIG,
              num_beams=FROM_CONFIG, num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG,
-             early_stopping=FROM_CONFIG) -> np.ndarray:
+             early_stopping=FROM_CONFIG, typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG,
+             eta_cutoff=FROM_CONFIG) -> np.ndarray:
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Arguments not given come from `generation_config` (see generation_args.call_generation_config), else
     `model.generation_config` (generation_config.json; else transformers' defaults: greedy, temperature 1, top_k 50,
@@ -223,7 +248,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     token, and the new ones) are divided by it where positive and multiplied where negative, greedy or sampled.
     `min_new_tokens` (and generation_config.json's `min_length`, a total) keep EOS from being chosen before that
     many new tokens, as transformers. `no_repeat_ngram_size` n: no n-gram twice in a row (prompt and its padding
-    included, as transformers reads input_ids). `num_beams` > 1: transformers' beam search (doge_jax.beam, one
+    included, as transformers reads input_ids). `typical_p`, `epsilon_cutoff`, `eta_cutoff`: transformers' sampling
+    warpers (after min_p). `num_beams` > 1: transformers' beam search (doge_jax.beam, one
     compiled loop; with `length_penalty` and `early_stopping`), returning the best `num_return_sequences` sequences
     of each row, best first; sampling with num_return_sequences n repeats each row n times, as transformers.
 
@@ -241,6 +267,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
     min_p = float(min_p) if do_sample and min_p is not None else None  # (a static argument: greedy ignores it)
     ngram = ngram_arg(gcfg, no_repeat_ngram_size)
+    cutoffs = cutoff_args(gcfg, typical_p, epsilon_cutoff, eta_cutoff, do_sample)
     num_beams, n_seq, length_penalty, early_stopping = beam_args(gcfg, num_beams, num_return_sequences,
                                                                  length_penalty, early_stopping, do_sample, streamer)
     if num_beams > 1 and on_token is not None:
@@ -300,7 +327,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
             if user_on_token is not None:
                 user_on_token(step, tokens)
     if num_beams > 1:
-        warp = ((float(temperature), top_k, top_p, min_p, len(eos) + 1 if eos else 2) if do_sample else None)
+        warp = (float(temperature), top_k, top_p, min_p, len(eos) + 1 if eos else 2, cutoffs) if do_sample else None
         return _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
                      early_stopping, seen, penalty, eos_mask, min_new, ngram, warp,
                      jax.random.key(seed) if do_sample else None)
@@ -321,7 +348,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
                                           seen=None if seen is None else jnp.asarray(seen),
                                           penalty=jnp.float32(penalty),
                                           eos_mask=None if eos_mask is None else jnp.asarray(eos_mask),
-                                          min_new=jnp.int32(min_new), ngram=ngram, skip=jnp.int32(extra))
+                                          min_new=jnp.int32(min_new), ngram=ngram, skip=jnp.int32(extra),
+                                          cutoffs=cutoffs)
             out = np.asarray(out)
             steps = int(steps)
         finally:
@@ -330,7 +358,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     else:
         result = _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample,
                                      float(temperature), top_k, top_p, on_token, seen, penalty, eos_mask, min_new,
-                                     min_p, ngram)
+                                     min_p, ngram, cutoffs)
     if streamer is not None:
         streamer.end()
     return result
@@ -368,7 +396,8 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,
-                        on_token=None, seen=None, penalty=1.0, eos_mask=None, min_new=0, min_p=None, ngram=0):
+                        on_token=None, seen=None, penalty=1.0, eos_mask=None, min_new=0, min_p=None, ngram=0,
+                        cutoffs=None):
     """No cache: run the whole sequence every step. Dense models use one fixed-length buffer (future slots are
     masked, and causality makes them invisible); CDMoE routing mixes positions (spec §3.8), so MoE runs exact
     lengths (one compile each)."""
@@ -394,7 +423,7 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
             logits = _ban_ngrams(logits, jnp.asarray(buf), cur, ngram)
         rng, sub = jax.random.split(rng)
         tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen,
-                                     jnp.float32(penalty), eos_mask, jnp.bool_(n < min_new)))
+                                     jnp.float32(penalty), eos_mask, jnp.bool_(n < min_new), cutoffs))
         tok = np.where(done, pad, tok)
         if seen is not None:
             seen = seen.at[np.arange(B), tok].set(True)
@@ -476,6 +505,12 @@ def _main(argv=None) -> int:
                     "(default: generation_config.json's, else none)")
     ap.add_argument("--min-p", type=float, default=None, help="when sampling: drop tokens less likely than this "
                     "times the most likely one, in [0, 1] (default: generation_config.json's, else none)")
+    ap.add_argument("--typical-p", type=float, default=None, help="when sampling: typical sampling, in (0, 1] "
+                    "(default: generation_config.json's, else none)")
+    ap.add_argument("--epsilon-cutoff", type=float, default=None, help="when sampling: drop tokens less likely "
+                    "than this, in (0, 1) (default: generation_config.json's, else none)")
+    ap.add_argument("--eta-cutoff", type=float, default=None, help="when sampling: eta sampling, in (0, 1) "
+                    "(default: generation_config.json's, else none)")
     ap.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty: > 0, "
                     "1 for none; greedy or sampled (default: generation_config.json's, else 1)")
     ap.add_argument("--no-repeat-ngram-size", type=int, default=None, help="no n-gram of this size twice, prompt "
@@ -577,12 +612,16 @@ def _main(argv=None) -> int:
         min_new_arg(gen, FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens, len(ids))
         beams = beam_args(gen, *[FROM_CONFIG if v is None else v for v in (
             args.num_beams, args.num_return_sequences, args.length_penalty)], early, do_sample)
+        cutoffs = [FROM_CONFIG if v is None else v for v in (args.typical_p, args.epsilon_cutoff, args.eta_cutoff)]
+        cutoff_args(gen, *cutoffs, do_sample)
     except ValueError as e:
         msg = str(e)
         fix = ("--max-new-tokens N sets the length" if "max_length" in msg else
                "--no-repeat-ngram-size / --min-new-tokens set it" if "min_new_tokens=" in msg or "ngram" in msg else
                "--num-beams / --num-return-sequences / --length-penalty / --early-stopping set it"
                if any(k in msg for k in ("num_beams", "num_return_sequences", "length_penalty", "early_stopping"))
+               else "--typical-p / --epsilon-cutoff / --eta-cutoff set it"
+               if any(k in msg for k in ("typical_p", "epsilon_cutoff", "eta_cutoff"))
                else "--greedy decodes greedily")
         return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; {fix})")
     if args.do_sample is None and do_sample:
@@ -598,7 +637,7 @@ def _main(argv=None) -> int:
               "positions past it were not trained", file=sys.stderr)
     if beams[0] > 1 or beams[1] > 1:  # several sequences, or beams known at the end only: no streaming
         return _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature, top_k, top_p, min_p,
-                                max_new_tokens, penalty)
+                                max_new_tokens, penalty, cutoffs)
     new: list[int] = []
     times: list[float] = []
     out = sys.stdout
@@ -660,7 +699,8 @@ def _main(argv=None) -> int:
                      eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,
                      min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
                      no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
-                     else args.no_repeat_ngram_size)
+                     else args.no_repeat_ngram_size, typical_p=cutoffs[0], epsilon_cutoff=cutoffs[1],
+                     eta_cutoff=cutoffs[2])
     except Exception:  # noqa: BLE001 - the callback's exception, wrapped by JAX
         if not stopped:
             raise
@@ -696,7 +736,7 @@ def _main(argv=None) -> int:
 
 
 def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature, top_k, top_p, min_p,
-                     max_new_tokens, penalty) -> int:
+                     max_new_tokens, penalty, cutoffs) -> int:
     """The command line with beam search or several sequences: generate them all, then print each (up to and
     including its EOS) on its own line: the prompt text and continuation, or `prompt ids | new ids`."""
     import sys
@@ -714,7 +754,8 @@ def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature,
                        min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
                        no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
                        else args.no_repeat_ngram_size, num_beams=num_beams, num_return_sequences=n_seq,
-                       length_penalty=length_penalty, early_stopping=early_stopping)
+                       length_penalty=length_penalty, early_stopping=early_stopping, typical_p=cutoffs[0],
+                       epsilon_cutoff=cutoffs[1], eta_cutoff=cutoffs[2])
     t1 = time.perf_counter()
     eos = [] if args.no_eos else eos_ids(None, model.generation_config)
     for row in np.asarray(out):

@@ -79,9 +79,8 @@ _NOT_IMPLEMENTED = {"logits_processor", "stopping_criteria", "prefix_allowed_tok
                     "force_words_ids", "constraints", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
                     "guidance_scale", "exponential_decay_length_penalty", "forced_bos_token_id",
                     "forced_eos_token_id", "remove_invalid_values", "penalty_alpha", "top_h", "stop_strings",
-                    "watermarking_config", "token_healing", "epsilon_cutoff", "eta_cutoff", "typical_p",
-                    "diversity_penalty", "num_beam_groups", "encoder_repetition_penalty",
-                    "encoder_no_repeat_ngram_size", "dola_layers", "max_time"}
+                    "watermarking_config", "token_healing", "diversity_penalty", "num_beam_groups",
+                    "encoder_repetition_penalty", "encoder_no_repeat_ngram_size", "dola_layers", "max_time"}
 # ... and those that change nothing here: ids generate does not read, a softmax
 # renormalisation that keeps every token's rank and probability
 _NO_EFFECT_HERE = {"low_memory", "renormalize_logits", "bos_token_id", "trust_remote_code"}
@@ -108,17 +107,42 @@ def check_generate_kwargs(kwargs: dict) -> None:
             raise TypeError(f"generate() got an unexpected keyword argument {k!r}")
         if (v is None or v is False or (k in _NO_EFFECT_VALUES and v == _NO_EFFECT_VALUES[k])
                 or (isinstance(v, list | dict) and not v) or k in _NO_EFFECT_HERE
-                or (k == "guidance_scale" and v == 1)  # transformers' own no-op values
-                or (k in ("epsilon_cutoff", "eta_cutoff") and not 0 < v < 1)):
+                or (k == "guidance_scale" and v == 1)):  # transformers' own no-op values
             continue
         if k in _OTHER_OUTPUTS:
             raise ValueError(f"{k}={v!r}: not supported; generate returns the token ids (prompt + new tokens) only")
         if k in _NEUTRAL_FIELDS and k not in _NOT_IMPLEMENTED:  # settings that do not change the tokens
             continue
         raise ValueError(f"{k}={v!r}: not implemented by this generate (it would change transformers' output); "
-                         "supported: greedy or sampled decoding with temperature, top_k, top_p, min_p, "
+                         "supported: greedy or sampled decoding with temperature, top_k, top_p, min_p, typical_p, "
+                         "epsilon_cutoff, eta_cutoff, "
                          "repetition_penalty, no_repeat_ngram_size, min_new_tokens / min_length, EOS and streamer; "
                          "beam search (num_beams, num_return_sequences, length_penalty, early_stopping)")
+
+
+def cutoff_args(gen, typical_p, epsilon_cutoff, eta_cutoff, do_sample: bool
+                ) -> tuple[float | None, float | None, float | None] | None:
+    """transformers' typical_p / epsilon_cutoff / eta_cutoff sampling warpers of a generate call (FROM_CONFIG: the
+    generation config's), as (typical_p, epsilon, eta) with None for each one off, or None when all are (or when
+    greedy). As in transformers: typical_p acts below 1 and must be > 0; a cutoff acts strictly inside (0, 1)."""
+    def pick(value, name):
+        return getattr(gen, name) if value is FROM_CONFIG else value
+
+    values = {"typical_p": pick(typical_p, "typical_p"), "epsilon_cutoff": pick(epsilon_cutoff, "epsilon_cutoff"),
+              "eta_cutoff": pick(eta_cutoff, "eta_cutoff")}
+    for name, v in values.items():
+        if v is not None and (isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.number)
+                              or v != v):
+            raise ValueError(f"{name}={v!r}: must be a number (None: off)")
+    typ, eps, eta = values.values()
+    if not do_sample:
+        return None
+    if typ is not None and typ < 1.0 and not typ > 0.0:
+        raise ValueError(f"typical_p={typ!r}: must be in (0, 1] (1 or None: off)")
+    out = (float(typ) if typ is not None and typ < 1.0 else None,
+           float(eps) if eps is not None and 0.0 < eps < 1.0 else None,
+           float(eta) if eta is not None and 0.0 < eta < 1.0 else None)
+    return None if out == (None, None, None) else out
 
 
 def beam_args(gen, num_beams, num_return_sequences, length_penalty, early_stopping, do_sample: bool,
@@ -247,14 +271,13 @@ _NEUTRAL_FIELDS = {"transformers_version", "_from_model_config", "use_cache", "c
                    "target_lookbehind", "assistant_early_exit", "prompt_lookup_num_tokens", "max_matching_ngram_size",
                    "dola_layers"}
 _IMPLEMENTED = {"max_length"}  # (the others generate implements are GenerationConfig fields, not `extra`)
-_NO_EFFECT_VALUES = {"num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-                     "eta_cutoff": 0.0, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
+_NO_EFFECT_VALUES = {"num_beam_groups": 1, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
                      "encoder_no_repeat_ngram_size": 0}
 
 
 def unsupported_fields(gen) -> dict:
     """The fields of a generation config (generation_config.json's) that would change transformers' output and
-    that generate does not implement (beam search, bad_words_ids, typical_p, ...); generate warns,
+    that generate does not implement (group beam search, bad_words_ids, ...); generate warns,
     naming them."""
     extra = getattr(gen, "extra", None) or {}
 

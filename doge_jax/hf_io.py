@@ -512,7 +512,8 @@ def generation_config_from_dict(gen: dict, cfg: DogeConfig, where: str) -> Gener
 
 def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
                            max_new_tokens, min_new_tokens, min_length, no_repeat_ngram_size, num_beams,
-                           num_return_sequences, length_penalty, early_stopping) -> None:
+                           num_return_sequences, length_penalty, early_stopping, typical_p, epsilon_cutoff,
+                           eta_cutoff) -> None:
     """generation_config.json's generate settings have the types generate takes. Their values are checked when
     generate uses them, as transformers does (a greedy call never looks at temperature)."""
     def number(v):
@@ -529,6 +530,10 @@ def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, 
         bad = f"top_p={top_p!r}: must be a number or null"
     elif min_p is not None and not number(min_p):
         bad = f"min_p={min_p!r}: must be a number or null"
+    elif any(v is not None and not number(v) for v in (typical_p, epsilon_cutoff, eta_cutoff)):
+        name, v = next((n, v) for n, v in (("typical_p", typical_p), ("epsilon_cutoff", epsilon_cutoff),
+                                           ("eta_cutoff", eta_cutoff)) if v is not None and not number(v))
+        bad = f"{name}={v!r}: must be a number or null"
     elif not number(repetition_penalty):
         bad = f"repetition_penalty={repetition_penalty!r}: must be a number"
     elif not number(length_penalty):

@@ -604,7 +604,8 @@ class DogeForCausalLM(nnx.Module):
                  on_token=None, repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None,
                  num_beams=FROM_CONFIG, num_return_sequences=FROM_CONFIG, generation_config=None, min_p=FROM_CONFIG,
                  streamer=None, no_repeat_ngram_size=FROM_CONFIG, length_penalty=FROM_CONFIG,
-                 early_stopping=FROM_CONFIG, **kwargs):
+                 early_stopping=FROM_CONFIG, typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG,
+                 eta_cutoff=FROM_CONFIG, **kwargs):
         """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate); transformers'
         `max_length` counts the prompt too (num_beams > 1: beam search); `streamer` as transformers'
         (TextStreamer: put() the prompt, then each new token, then end()). transformers arguments this generate
@@ -620,7 +621,8 @@ class DogeForCausalLM(nnx.Module):
                         generation_config=generation_config,
                         max_length=max_length, streamer=streamer, no_repeat_ngram_size=no_repeat_ngram_size,
                         num_beams=num_beams, num_return_sequences=num_return_sequences,
-                        length_penalty=length_penalty, early_stopping=early_stopping)
+                        length_penalty=length_penalty, early_stopping=early_stopping,
+                        typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,

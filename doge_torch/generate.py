@@ -15,6 +15,7 @@ from doge_jax.generation_args import (
     call_generation_config,
     check_mask_values,
     check_sampling,
+    cutoff_args,
     eos_ids,
     inferred_pad,
     length_and_penalty,
@@ -33,10 +34,10 @@ from .model import DogeCache, check_token_ids, token_ids_checked
 
 
 def warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-         min_p: float | None = None, min_keep: int = 1) -> torch.Tensor:
-    """transformers' sampling warpers on float32 scores [B, V]: temperature, then top-k, then top-p, then min-p
-    (dropped tokens get -inf), each keeping at least `min_keep` tokens (beam sampling keeps 1 + number of EOS
-    ids)."""
+         min_p: float | None = None, min_keep: int = 1, cutoffs=None) -> torch.Tensor:
+    """transformers' sampling warpers on float32 scores [B, V]: temperature, then top-k, then top-p, then min-p,
+    then `cutoffs` (typical_p, epsilon, eta: generation_args.cutoff_args) (dropped tokens get -inf), each keeping
+    at least `min_keep` tokens (beam sampling keeps 1 + number of EOS ids)."""
     logits = logits / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(max(top_k, min_keep), logits.shape[-1]), dim=-1).values[..., -1:]
@@ -52,15 +53,39 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: flo
         remove = probs < min_p * probs.amax(-1, keepdim=True)
         remove.scatter_(-1, torch.topk(probs, min(min_keep, probs.shape[-1]), dim=-1).indices, False)
         logits = logits.masked_fill(remove, float("-inf"))
+    typical, eps, eta = cutoffs or (None, None, None)
+    if typical is not None:  # tokens whose surprise is closest to the entropy, up to `typical` probability mass
+        logp = logits.log_softmax(-1)
+        ent = -(logp * logp.exp()).nansum(-1, keepdim=True)
+        shifted, order = torch.sort((-logp - ent).abs(), dim=-1)
+        cum = logits.gather(-1, order).softmax(-1).cumsum(-1)
+        last = (cum < typical).sum(-1, keepdim=True).clamp(max=shifted.shape[-1] - 1)
+        remove = shifted > shifted.gather(-1, last)
+        remove[..., :min_keep] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    for cut, scale_by_entropy in ((eps, False), (eta, True)):
+        if cut is None:
+            continue
+        probs = logits.softmax(-1)
+        if scale_by_entropy:  # eta: min(eta, sqrt(eta) * exp(-entropy)) (torch's Categorical entropy)
+            norm = (logits - logits.logsumexp(-1, keepdim=True)).clamp(min=torch.finfo(logits.dtype).min)
+            ent = -(norm * norm.softmax(-1)).sum(-1, keepdim=True)
+            c = torch.tensor(cut, dtype=torch.float32, device=logits.device)
+            threshold = torch.minimum(c, c.sqrt() * torch.exp(-ent))
+        else:
+            threshold = cut
+        kth = torch.topk(logits, min(min_keep, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill((probs < threshold) & (logits < kth), float("-inf"))
     return logits
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                gen: torch.Generator | None, min_p: float | None = None) -> torch.Tensor:
+                gen: torch.Generator | None, min_p: float | None = None, cutoffs=None) -> torch.Tensor:
     """Next token per row from float32 logits [B, V]: the argmax, or a sample after `warp`."""
     if not do_sample:
         return logits.argmax(-1)
-    return torch.multinomial(warp(logits, temperature, top_k, top_p, min_p).softmax(-1), 1, generator=gen)[:, 0]
+    return torch.multinomial(warp(logits, temperature, top_k, top_p, min_p, cutoffs=cutoffs).softmax(-1), 1,
+                             generator=gen)[:, 0]
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -130,15 +155,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
              max_length=None, cache_implementation: str | None = None, min_p=FROM_CONFIG,
              streamer=None, no_repeat_ngram_size=FROM_CONFIG, num_beams=FROM_CONFIG,
-             num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG, early_stopping=FROM_CONFIG
-             ) -> torch.Tensor:
+             num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG, early_stopping=FROM_CONFIG,
+             typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG, eta_cutoff=FROM_CONFIG) -> torch.Tensor:
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
     transformers' defaults: greedy, temperature 1, top_k 50, no top-p / min-p, no repetition penalty; 20 new tokens, or
     max_length, the call's or the config's, as doge_jax.generate); sampling draws from torch's global generator
     as transformers does (`torch.manual_seed(s)` before the call gives transformers' tokens; successive calls
     differ), or with `seed` from a generator of its own on the model's device, seeded by it (the same tokens).
-    `repetition_penalty`, `min_new_tokens` and `no_repeat_ngram_size` as transformers (see doge_jax.generate).
+    `repetition_penalty`, `min_new_tokens`, `no_repeat_ngram_size` and the `typical_p` / `epsilon_cutoff` /
+    `eta_cutoff` sampling warpers as transformers (see doge_jax.generate).
     `cache_implementation` as transformers': None / "dynamic" (a cache growing by one slot per token, eager), or
     "static": after the eager prefill, the tokens are decoded in a preallocated cache by one torch.compile'd step
     of fixed shapes (doge_torch.decode; CUDA graphs on CUDA), the first call compiling it. A transformers
@@ -159,6 +185,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                                                  max_positions=cfg.max_position_embeddings)
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
     ngram = ngram_arg(gcfg, no_repeat_ngram_size)
+    cutoffs = cutoff_args(gcfg, typical_p, epsilon_cutoff, eta_cutoff, do_sample)
     num_beams, n_seq, length_penalty, early_stopping = beam_args(gcfg, num_beams, num_return_sequences,
                                                                  length_penalty, early_stopping, do_sample, streamer)
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
@@ -225,7 +252,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if eos_cols is not None and new < min_new:  # min_new_tokens / min_length: no EOS yet
             logits = logits.index_fill(1, eos_cols, float("-inf"))
         if do_sample and num_beams > 1:  # beam sampling: the warpers act on the log-probabilities too
-            logits = warp(logits, temperature, top_k, top_p, min_p, min_keep=len(eos) + 1 if eos else 2)
+            logits = warp(logits, temperature, top_k, top_p, min_p, min_keep=len(eos) + 1 if eos else 2,
+                          cutoffs=cutoffs)
         return logits
 
     def draw(scores: torch.Tensor, n: int) -> torch.Tensor:  # beam sampling: n of [B, K*V] without replacement
@@ -246,7 +274,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     with token_ids_checked():
         for _ in range(max_new_tokens):
             logits = processors(ids, decoder(ids, attention_mask), ids.shape[1] - P)
-            nxt = sample_next(logits, do_sample, temperature, top_k, top_p, gen, min_p)
+            nxt = sample_next(logits, do_sample, temperature, top_k, top_p, gen, min_p, cutoffs)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], 1)

@@ -221,30 +221,3 @@ def test_beam_sampling(models):
     np.testing.assert_array_equal(np.asarray(jm.generate(ids, mask, do_sample=True, temperature=1e-4, top_k=0,
                                                          **kw)), beams)
 
-
-def test_warpers_keep_min_tokens_as_transformers():
-    """The sampling warpers with min_tokens_to_keep (beam sampling's 1 + number of EOS ids): doge_jax's and
-    doge_torch's drop the tokens transformers' warpers drop."""
-    import jax.numpy as jnp
-    from transformers.generation import logits_process as lp
-
-    from doge_jax.generate import _filter_logits
-    from doge_torch.generate import warp
-
-    scores = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
-    for T, k, p, m, keep in ((0.7, 3, None, None, 5), (1.0, None, 0.3, None, 4), (1.3, None, None, 0.6, 3),
-                             (0.9, 8, 0.6, 0.2, 6)):
-        procs = [lp.TemperatureLogitsWarper(T)]
-        if k:
-            procs.append(lp.TopKLogitsWarper(k, min_tokens_to_keep=keep))
-        if p:
-            procs.append(lp.TopPLogitsWarper(p, min_tokens_to_keep=keep))
-        if m:
-            procs.append(lp.MinPLogitsWarper(m, min_tokens_to_keep=keep))
-        want = lp.LogitsProcessorList(procs)(None, scores.clone()).numpy()
-        got_t = warp(scores.clone(), T, k, p, m, min_keep=keep).numpy()
-        got_j = np.asarray(_filter_logits(jnp.asarray(scores.numpy()), T, k, p, m, min_keep=keep, neg=-jnp.inf))
-        for got in (got_t, got_j):
-            np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
-            np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
-        assert np.isinf(want).any() and (~np.isinf(want)).sum(-1).min() >= keep
