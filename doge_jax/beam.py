@@ -97,13 +97,12 @@ def beam_update(state: dict, log_probs: jax.Array, step, P: int, eos: jax.Array,
              "improvable": improvable, "run_src": run_src, "src": src, "go_on": go_on}, rows)
 
 
-def result(state: dict, num_return_sequences: int) -> tuple[jax.Array, jax.Array]:
-    """(the best num_return_sequences sequences of each row [B * n, P + max_new_tokens], how many new tokens the
-    longest of them has)."""
-    B, _, L = state["seqs"].shape
-    seqs = state["seqs"][:, :num_return_sequences].reshape(B * num_return_sequences, L)
-    n = jnp.max(jnp.sum(state["src"][:, :num_return_sequences] >= 0, axis=-1))
-    return seqs, n
+def result(seqs, src, num_return_sequences: int) -> tuple[np.ndarray, int]:
+    """(the best num_return_sequences finished sequences of each row [B * n, P + max_new_tokens], how many new
+    tokens the longest of them has) from the state's `seqs` and `src` (on the host: one compiled search serves
+    every num_return_sequences)."""
+    seqs, src = np.asarray(seqs)[:, :num_return_sequences], np.asarray(src)[:, :num_return_sequences]
+    return seqs.reshape(-1, seqs.shape[-1]), int((src >= 0).sum(-1).max())
 
 
 def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngram: int, skip, warp=None):
@@ -141,14 +140,13 @@ def advance(state: dict, logits: jax.Array, step, P: int, consts: dict, early_st
     return state, rows, seen, tok
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "num_beams", "num_return_sequences", "early_stopping",
-                                   "never_long", "ngram", "warp"))
+@partial(nnx.jit, static_argnames=("max_new_tokens", "num_beams", "early_stopping", "never_long", "ngram", "warp"))
 def beam_search_cached(model, ids, mask, pos, cache, consts: dict, max_new_tokens: int, num_beams: int,
-                       num_return_sequences: int, early_stopping, never_long: bool, ngram: int = 0, seen=None,
-                       warp=None, rng=None):
+                       early_stopping, never_long: bool, ngram: int = 0, seen=None, warp=None, rng=None):
     """Prefill the prompt rows `ids` [B * K, P] (each row K times), then a while_loop of single-token steps on the
-    beams, the cache rows following them; returns result(). `consts`: eos, fill, divisors, never_divisor,
-    penalty, eos_mask, min_new, skip (see generate); `warp` and `rng`: beam sampling."""
+    beams, the cache rows following them; returns the finished sequences and their sources (see result()).
+    `consts`: eos, fill, divisors, never_divisor, penalty, eos_mask, min_new, skip (see generate); `warp` and `rng`:
+    beam sampling."""
     P = ids.shape[1]
     prep = prepare_decode(model, cache.capacity)
     out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
@@ -174,15 +172,14 @@ def beam_search_cached(model, ids, mask, pos, cache, consts: dict, max_new_token
 
     carry = (state, jnp.int32(1), tok, jnp.max(pos, axis=1) + 1, cache, seen, rng)
     state = jax.lax.while_loop(lambda carry: carry[0]["go_on"], body, carry)[0]
-    return result(state, num_return_sequences)
+    return state["seqs"], state["src"]
 
 
 _advance = jax.jit(advance, static_argnames=("P", "early_stopping", "never_long", "ngram", "warp"))
 
 
 def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: int, num_beams: int,
-                          num_return_sequences: int, early_stopping, never_long: bool, ngram: int = 0, seen=None,
-                          warp=None, rng=None):
+                          early_stopping, never_long: bool, ngram: int = 0, seen=None, warp=None, rng=None):
     """beam_search_cached without a cache (use_cache=False, for checking): each step runs the model over the
     whole running sequences (dense: one fixed-length buffer, later slots masked; MoE: the exact length, as
     doge_jax.generate's recompute path)."""
@@ -209,4 +206,4 @@ def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: i
                                      draw)
         if not bool(state["go_on"]):
             break
-    return result(state, num_return_sequences)
+    return state["seqs"], state["src"]

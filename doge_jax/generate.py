@@ -26,6 +26,7 @@ from .generation_args import (
     _is_int,
     as_array,
     beam_args,
+    beam_fill,
     call_generation_config,
     check_mask_values,
     check_sampling,
@@ -288,7 +289,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     if B == 0:
         raise ValueError(f"input_ids shape {ids.shape}: expected at least one row")
     eos = eos_ids(eos_token_id, gcfg)
-    pad = output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
+    # (beam search fills with any id, as transformers; generated rows feed the pad back: it must be a token)
+    pad = beam_fill(pad_token_id, gcfg, eos) if num_beams > 1 else output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
     if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
         infer = inferred_pad(pad_token_id, gcfg, eos)
         mask = ids != infer if infer is not None and (ids == infer).any() else np.ones((B, P), bool)
@@ -367,32 +369,32 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
 def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
           early_stopping, seen, penalty, eos_mask, min_new, ngram, warp=None, rng=None) -> np.ndarray:
     """generate's beam search (doge_jax.beam): prompt rows [B * num_beams, P] -> [B * n_seq, P + n]."""
-    from .beam import beam_search_cached, beam_search_recompute, length_divisors
+    from .beam import beam_search_cached, beam_search_recompute, length_divisors, result
 
     cfg = model.config
     BK, P = ids.shape
     never_long = early_stopping == "never" and length_penalty > 0.0  # (transformers' heuristic: the longest output)
     consts = {"eos": jnp.asarray(eos if eos else [-1], jnp.int32),
-              "fill": jnp.int32((pad or eos[0]) if eos else -1),  # transformers': pad id, else (None or 0) EOS
+              "fill": jnp.int32(pad),  # (generation_args.beam_fill)
               "divisors": jnp.asarray(length_divisors(max_new_tokens, length_penalty)),
               "never_divisor": jnp.float32(np.float32(float(max_new_tokens) ** length_penalty)),
               "penalty": jnp.float32(penalty), "eos_mask": None if eos_mask is None else jnp.asarray(eos_mask),
               "min_new": jnp.int32(min_new), "skip": jnp.int32(0)}
     seen = None if seen is None else jnp.asarray(seen)
-    static = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=n_seq,
-                  early_stopping=early_stopping, never_long=never_long, ngram=ngram, warp=warp)
+    static = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping,
+                  never_long=never_long, ngram=ngram, warp=warp)
     if not use_cache:
-        seqs, n = beam_search_recompute(model, ids, mask, pos, consts, seen=seen, rng=rng, **static)
-        return np.asarray(seqs)[:, :P + int(n)]
+        seqs, n = result(*beam_search_recompute(model, ids, mask, pos, consts, seen=seen, rng=rng, **static), n_seq)
+        return seqs[:, :P + n]
     extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET  # (as generate: bucketed prompts share compiled programs)
     p_ids = np.pad(ids, ((0, 0), (extra, 0)))
     p_mask, p_pos = np.pad(mask, ((0, 0), (extra, 0))), np.pad(pos, ((0, 0), (extra, 0)))
     capacity = -(-(P + extra + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET
     cache = DogeCache.init(cfg, BK, capacity, model.model.embed_tokens.embedding[...].dtype)
     consts["skip"] = jnp.int32(extra)
-    seqs, n = beam_search_cached(model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache, consts,
-                                 seen=seen, rng=rng, **static)
-    return np.asarray(seqs)[:, extra:extra + P + int(n)]
+    seqs, n = result(*beam_search_cached(model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache,
+                                         consts, seen=seen, rng=rng, **static), n_seq)
+    return seqs[:, extra:extra + P + n]
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,

@@ -382,6 +382,17 @@ def check_mask_values(mask: np.ndarray) -> None:
         raise ValueError(f"attention_mask values must be 0 or 1, got {bad[:5].tolist()}")
 
 
+def beam_fill(pad_token_id, gen, eos: list[int]) -> int:
+    """What beam search writes after a finished sequence's EOS, as transformers: the pad id (the call's, else the
+    generation config's, else the first EOS id), or the first EOS id where that is 0; -1 without EOS ids (then
+    every sequence runs to the length limit and nothing is filled). Never fed to the model: any integer."""
+    pad = pad_id(pad_token_id)
+    pad = gen.pad_token_id if pad is None else pad
+    if not eos:
+        return -1
+    return (eos[0] if pad is None else pad) or eos[0]
+
+
 def output_pad(pad_token_id, gen, eos: list[int], V: int) -> int:
     """The id written after a row's EOS: pad_token_id, else the generation config's pad id, else the first EOS
     id in [0, V), else 0. An explicit pad id must be a token of the vocabulary V (it is fed back like any

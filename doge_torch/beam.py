@@ -12,6 +12,13 @@ import torch
 NEG = -1.0e9  # transformers' "never pick this" score (added, not assigned: scores keep their order among equals)
 
 
+def _topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk over the last axis with ties to the lower index (a stable sort), as doge_jax's lax.top_k: the two
+    packages agree where scores tie (torch.topk, and so transformers, orders ties as it happens to)."""
+    values, idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], idx[..., :k]
+
+
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, K, ...] -> x[b, idx[b, j], ...] for idx [B, J]."""
     return x.gather(1, idx.view(*idx.shape, *([1] * (x.ndim - 2))).expand(*idx.shape, *x.shape[2:]))
@@ -59,7 +66,7 @@ def beam_search(logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
         # the top `keep` continuations over all beams (beam = index // V, token = index % V)
         if draw is None:
-            top_lp, top_idx = torch.topk(log_probs, keep)
+            top_lp, top_idx = _topk(log_probs, keep)
         else:
             top_idx = draw(log_probs, keep)
             top_lp = log_probs.gather(1, top_idx)
@@ -72,7 +79,7 @@ def beam_search(logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
         # the best K that did not end run on
         run_lp = top_lp + ends.float() * NEG
-        nxt = torch.topk(run_lp, K).indices
+        nxt = _topk(run_lp, K)[1]
         running, run_scores, run_src = _gather(top_seqs, nxt), _gather(run_lp, nxt), _gather(top_src, nxt)
 
         # those of the best K that ended compete for the finished places
@@ -81,7 +88,7 @@ def beam_search(logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         fin_lp = fin_lp + (finished.all(-1, keepdim=True) & (early_stopping is True)).float() * NEG
         fin_lp = fin_lp + (~improvable).float() * NEG
         fin_lp = fin_lp + (~just) * NEG
-        best = torch.topk(torch.cat([scores, fin_lp], 1), K).indices
+        best = _topk(torch.cat([scores, fin_lp], 1), K)[1]
         seqs = _gather(torch.cat([seqs, top_seqs], 1), best)
         scores = _gather(torch.cat([scores, fin_lp], 1), best)
         src = _gather(torch.cat([src, top_src], 1), best)

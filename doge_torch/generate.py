@@ -12,6 +12,7 @@ from doge_jax.generation_args import (
     RIGHT_PADDED,
     as_array,
     beam_args,
+    beam_fill,
     call_generation_config,
     check_mask_values,
     check_sampling,
@@ -211,7 +212,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch >= 1, length >= 1] (or "
                          "[length])")
     eos = eos_ids(eos_token_id, gcfg)
-    pad = output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
+    # (beam search fills with any id, as transformers; generated rows feed the pad back: it must be a token)
+    pad = beam_fill(pad_token_id, gcfg, eos) if num_beams > 1 else output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
     device = input_ids.device
     if seed is not None and (not isinstance(seed, int | np.integer) or isinstance(seed, bool)
                              or not 0 <= seed < 2**64):
@@ -260,11 +262,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         return torch.multinomial(scores.softmax(-1), n, generator=gen)
 
     if num_beams > 1:
-        # transformers fills with the pad id, or the first EOS id where that is None or 0
-        fill = (pad or eos[0]) if eos else -1
         with token_ids_checked():
             return beam_search(decoder, decoder.reorder, ids, attention_mask, num_beams=num_beams,
-                               num_return_sequences=n_seq, max_new_tokens=max_new_tokens, eos=eos, fill=fill,
+                               num_return_sequences=n_seq, max_new_tokens=max_new_tokens, eos=eos, fill=pad,
                                length_penalty=length_penalty, early_stopping=early_stopping, processors=processors,
                                draw=draw if do_sample else None)
     done = torch.zeros(B, dtype=torch.bool, device=device)

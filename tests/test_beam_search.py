@@ -45,7 +45,11 @@ CASES = [  # (model, max_new_tokens, generate arguments)
     ("dense", 10, dict(num_beams=3, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=4,
                        eos_token_id=EOS)),
     ("dense", 1, dict(num_beams=2)),
+    ("dense", 10, dict(num_beams=3, eos_token_id=[200, *EOS])),  # fill: the first EOS id, out of the vocabulary
+    ("dense", 10, dict(num_beams=3, eos_token_id=EOS, pad_token_id=-1)),  # a fill id only: any integer
     ("expiry", 12, dict(num_beams=4, num_return_sequences=3, eos_token_id=EOS)),
+    ("expiry", 12, dict(num_beams=3, length_penalty=-10.0, eos_token_id=EOS)),  # scores under the -1e9 sentinel
+    ("moe1", 8, dict(num_beams=4, num_return_sequences=4)),
     ("moe", 8, dict(num_beams=3, num_return_sequences=2, eos_token_id=EOS)),
 ]
 
@@ -55,20 +59,22 @@ def test_beam_search_equals_transformers(models, case):
     """length_penalty (fractional too: the float64 power rounded once, as transformers divides), early_stopping
     True / False / "never", several EOS ids (beams end at different lengths; pad id 0 fills with the first EOS, as
     transformers does), the logits processors on log-probabilities, left padding, a CDMoE model; no cache gives the
-    same. Past keep_window (cache rows reordered with their keep-window counters) the beams repeat tokens, whose
-    layer-0 dt tie and transformers' torch.topk orders ties arbitrarily: there doge_torch's and doge_jax's paths
-    (lower index wins) must agree with each other."""
+    same. Where transformers' torch.topk orders ties as it happens to, doge_torch's and doge_jax's paths (lower
+    index wins) must agree with each other: past keep_window (cache rows reordered with their keep-window counters)
+    the beams repeat tokens, whose layer-0 dt tie; a length_penalty that sinks finished scores to the -1e9 sentinel
+    ties them there; a one-row MoE prompt's beams are identical rows, whose CDMoE router scores tie (transformers
+    pairs them in its [2, N, K] reshape, spec §3.8)."""
     name, new, kw = CASES[case]
-    _, ref, tm, jm = models[name]
-    ids, mask = _prompts()
+    _, ref, tm, jm = models["moe" if name == "moe1" else name]
+    ids, mask = _prompts() if name != "moe1" else (_prompts()[0][:1], _prompts()[1][:1])
     with torch.no_grad():
-        if name == "expiry":
+        if name in ("expiry", "moe1") or kw.get("length_penalty", 1) < -5:
             want = tm.generate(torch.as_tensor(ids), torch.as_tensor(mask), max_new_tokens=new, **kw).numpy()
         else:
             want = ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), max_new_tokens=new,
                                 do_sample=False, **kw).numpy()
     n = kw.get("num_return_sequences", 1)
-    assert want.shape[0] == 3 * n and len({tuple(r) for r in want}) > 1
+    assert want.shape[0] == len(ids) * n and len({tuple(r) for r in want}) > 1
     t_ids, t_mask = torch.as_tensor(ids), torch.as_tensor(mask)
     got = {"torch": tm.generate(t_ids, t_mask, max_new_tokens=new, **kw).numpy(),
            "torch no cache": tm.generate(t_ids, t_mask, max_new_tokens=new, use_cache=False, **kw).numpy(),
@@ -77,6 +83,9 @@ def test_beam_search_equals_transformers(models, case):
     if case == 0:
         got["torch static"] = tm.generate(t_ids, t_mask, max_new_tokens=new, cache_implementation="static",
                                           **kw).numpy()
+    if name == "moe1":  # (a CDMoE model's cached decoding is not its full-sequence forward, spec §3.8: the tied
+        # one-row beams part there; each way, the two packages agree)
+        np.testing.assert_array_equal(got.pop("jax no cache"), got.pop("torch no cache"))
     for which, out in got.items():
         np.testing.assert_array_equal(out, want, err_msg=which)
 
@@ -221,3 +230,38 @@ def test_beam_sampling(models):
     np.testing.assert_array_equal(np.asarray(jm.generate(ids, mask, do_sample=True, temperature=1e-4, top_k=0,
                                                          **kw)), beams)
 
+
+
+def test_one_compiled_search_serves_every_num_return_sequences(models, monkeypatch):
+    """num_return_sequences only picks the returned rows: doge_jax's compiled search is not traced again for
+    another value (it recompiled the whole loop)."""
+    import doge_jax.beam as beam
+
+    _, _, _, jm = models["dense"]
+    ids, mask = _prompts()
+    traces, real = [], beam.beam_update
+    monkeypatch.setattr(beam, "beam_update", lambda *a, **k: traces.append(1) or real(*a, **k))
+    one = np.asarray(jm.generate(ids, mask, max_new_tokens=11, num_beams=3, eos_token_id=EOS))
+    first = len(traces)
+    three = np.asarray(jm.generate(ids, mask, max_new_tokens=11, num_beams=3, num_return_sequences=3,
+                                   eos_token_id=EOS))
+    assert first > 0 and len(traces) == first
+    np.testing.assert_array_equal(three[::3, :one.shape[1]], one)
+
+
+def test_command_line_takes_beams_from_generation_config_json(models, tmp_path, capsys):
+    """A generation_config.json with num_beams 3 (or num_return_sequences 2 with sampling): the command line runs
+    the search and prints the sequences (the token stream cannot carry beams: it crashed)."""
+    from doge_jax.generate import main
+
+    d = str(tmp_path / "m")
+    shutil.copytree(models["dense"][0], d)
+    args = ["--model", d, "--prompt-ids", "5", "6", "7", "--max-new-tokens", "6"]
+    for gen, rows in (({"num_beams": 3, "num_return_sequences": 2}, 2),
+                      ({"do_sample": True, "num_return_sequences": 2}, 2), ({"num_beams": 3}, 1)):
+        json.dump(gen, open(f"{d}/generation_config.json", "w"))
+        assert main(args) == 0, gen
+        out = capsys.readouterr().out.strip().split("\n")
+        assert len(out) == rows and all(line.startswith("5 6 7 | ") for line in out), (gen, out)
+    want = np.asarray(DogeForCausalLM.from_pretrained(d).generate(np.array([[5, 6, 7]]), max_new_tokens=6))
+    assert out[0] == "5 6 7 | " + " ".join(map(str, want[0, 3:]))
