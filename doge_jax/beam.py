@@ -97,12 +97,21 @@ def beam_update(state: dict, log_probs: jax.Array, step, P: int, eos: jax.Array,
              "improvable": improvable, "run_src": run_src, "src": src, "go_on": go_on}, rows)
 
 
-def result(seqs, src, num_return_sequences: int) -> tuple[np.ndarray, int]:
-    """(the best num_return_sequences finished sequences of each row [B * n, P + max_new_tokens], how many new
-    tokens the longest of them has) from the state's `seqs` and `src` (on the host: one compiled search serves
-    every num_return_sequences)."""
-    seqs, src = np.asarray(seqs)[:, :num_return_sequences], np.asarray(src)[:, :num_return_sequences]
-    return seqs.reshape(-1, seqs.shape[-1]), int((src >= 0).sum(-1).max())
+def result(out: tuple, num_return_sequences: int, skip: int = 0) -> dict:
+    """generate's fields from a search's (seqs, src, scores, recorded scores, recorded logits, steps): the best
+    num_return_sequences finished sequences of each row [B * n, P + new] (`skip` leading bucket-padding slots
+    dropped), their scores, transformers' beam_indices [B * n, new] and the recorded steps (on the host: one
+    compiled search serves every num_return_sequences)."""
+    seqs, src, scores, rec_s, rec_l, steps = out
+    k = num_return_sequences
+    seqs, src = np.asarray(seqs)[:, :k], np.asarray(src)[:, :k]
+    n, steps = int((src >= 0).sum(-1).max()), int(steps)
+    P = seqs.shape[-1] - src.shape[-1]
+    return {"sequences": seqs.reshape(-1, seqs.shape[-1])[:, skip:P + n],
+            "sequences_scores": np.asarray(scores)[:, :k].reshape(-1),
+            "beam_indices": src.reshape(-1, src.shape[-1])[:, :n],
+            "scores": None if rec_s is None else tuple(np.asarray(rec_s[:steps])),
+            "logits": None if rec_l is None else tuple(np.asarray(rec_l[:steps]))}
 
 
 def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngram: int, skip, warp=None):
@@ -125,9 +134,10 @@ def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngr
 
 def advance(state: dict, logits: jax.Array, step, P: int, consts: dict, early_stopping: bool | str,
             never_long: bool, ngram: int, seen=None, warp=None, rng=None
-            ) -> tuple[dict, jax.Array, jax.Array | None, jax.Array]:
+            ) -> tuple[dict, jax.Array, jax.Array | None, jax.Array, jax.Array]:
     """log_softmax of the running beams' logits [B * K, V], the logits processors, one beam_update; returns
-    (state, rows for the cache, `seen` following the beams, the new tokens [B * K])."""
+    (state, rows for the cache, `seen` following the beams, the new tokens [B * K], the processed
+    log-probabilities: what transformers records as the step's scores)."""
     BK = logits.shape[0]
     hist = state["running"].reshape(BK, -1)
     lp = process(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), hist, P + step, step, seen,
@@ -137,14 +147,16 @@ def advance(state: dict, logits: jax.Array, step, P: int, consts: dict, early_st
     tok = jax.lax.dynamic_index_in_dim(state["running"], P + step, axis=2, keepdims=False).reshape(BK)
     if seen is not None:
         seen = jnp.take(seen, rows, axis=0).at[jnp.arange(BK), tok].set(True)
-    return state, rows, seen, tok
+    return state, rows, seen, tok, lp
 
 
-@partial(nnx.jit, static_argnames=("max_new_tokens", "num_beams", "early_stopping", "never_long", "ngram", "warp"))
+@partial(nnx.jit, static_argnames=("max_new_tokens", "num_beams", "early_stopping", "never_long", "ngram", "warp",
+                                   "record"))
 def beam_search_cached(model, ids, mask, pos, cache, consts: dict, max_new_tokens: int, num_beams: int,
-                       early_stopping, never_long: bool, ngram: int = 0, seen=None, warp=None, rng=None):
+                       early_stopping, never_long: bool, ngram: int = 0, seen=None, warp=None, rng=None,
+                       record=(False, False)):
     """Prefill the prompt rows `ids` [B * K, P] (each row K times), then a while_loop of single-token steps on the
-    beams, the cache rows following them; returns the finished sequences and their sources (see result()).
+    beams, the cache rows following them; returns what result() takes (`record`: the steps' scores, logits).
     `consts`: eos, fill, divisors, never_divisor, penalty, eos_mask, min_new, skip (see generate); `warp` and `rng`:
     beam sampling."""
     P = ids.shape[1]
@@ -153,33 +165,39 @@ def beam_search_cached(model, ids, mask, pos, cache, consts: dict, max_new_token
                 layer_params=prep["states"])
     cache = DecodeCache.from_cache(out.cache, use_counters(model.config, cache.capacity))
     state = init_state(ids, num_beams, max_new_tokens, consts["fill"])
-    draw = None
-    if rng is not None:
-        rng, draw = jax.random.split(rng)
-    state, rows, seen, tok = advance(state, out.logits[:, -1], 0, P, consts, early_stopping, never_long, ngram, seen,
-                                     warp, draw)
-    cache = cache.reorder(rows)
+    logits = out.logits[:, -1]
+    shape = (max_new_tokens,) + logits.shape
+    recs = tuple(jnp.zeros(shape, jnp.float32) if on else None for on in record)
 
-    def body(carry):
-        state, step, tok, next_pos, cache, seen, rng = carry
-        logits, cache = decode_step(model, prep, tok, next_pos, cache)
+    def step_on(state, logits, step, cache, seen, rng, recs):
         draw = None
         if rng is not None:
             rng, draw = jax.random.split(rng)
-        state, rows, seen, tok = advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen,
-                                         warp, draw)
-        return state, step + 1, tok, next_pos + 1, cache.reorder(rows), seen, rng
+        state, rows, seen, tok, lp = advance(state, logits, step, P, consts, early_stopping, never_long, ngram,
+                                             seen, warp, draw)
+        recs = tuple(None if r is None else r.at[step].set(x.astype(jnp.float32))
+                     for r, x in zip(recs, (lp, logits)))
+        return state, cache.reorder(rows), seen, rng, recs, tok
 
-    carry = (state, jnp.int32(1), tok, jnp.max(pos, axis=1) + 1, cache, seen, rng)
-    state = jax.lax.while_loop(lambda carry: carry[0]["go_on"], body, carry)[0]
-    return state["seqs"], state["src"]
+    state, cache, seen, rng, recs, tok = step_on(state, logits, 0, cache, seen, rng, recs)
+
+    def body(carry):
+        state, step, tok, next_pos, cache, seen, rng, recs = carry
+        logits, cache = decode_step(model, prep, tok, next_pos, cache)
+        state, cache, seen, rng, recs, tok = step_on(state, logits, step, cache, seen, rng, recs)
+        return state, step + 1, tok, next_pos + 1, cache, seen, rng, recs
+
+    carry = (state, jnp.int32(1), tok, jnp.max(pos, axis=1) + 1, cache, seen, rng, recs)
+    state, steps, *_, recs = jax.lax.while_loop(lambda carry: carry[0]["go_on"], body, carry)
+    return state["seqs"], state["src"], state["scores"], recs[0], recs[1], steps
 
 
 _advance = jax.jit(advance, static_argnames=("P", "early_stopping", "never_long", "ngram", "warp"))
 
 
 def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: int, num_beams: int,
-                          early_stopping, never_long: bool, ngram: int = 0, seen=None, warp=None, rng=None):
+                          early_stopping, never_long: bool, ngram: int = 0, seen=None, warp=None, rng=None,
+                          record=(False, False)):
     """beam_search_cached without a cache (use_cache=False, for checking): each step runs the model over the
     whole running sequences (dense: one fixed-length buffer, later slots masked; MoE: the exact length, as
     doge_jax.generate's recompute path)."""
@@ -192,6 +210,7 @@ def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: i
     full_pos = jnp.asarray(np.concatenate([pos, pos.max(axis=1, keepdims=True) + 1 + np.arange(max_new_tokens)],
                                           axis=1).astype(np.int32))
     cols = jnp.arange(L)
+    recs: tuple[list, list] = ([], [])
     for step in range(max_new_tokens):
         cur = P + step
         seqs = state["running"].reshape(BK, L)
@@ -202,8 +221,11 @@ def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: i
         draw = None
         if rng is not None:
             rng, draw = jax.random.split(rng)
-        state, _, seen, _ = _advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen, warp,
-                                     draw)
+        state, _, seen, _, lp = _advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen,
+                                         warp, draw)
+        recs[0].append(lp)
+        recs[1].append(logits.astype(jnp.float32))
         if not bool(state["go_on"]):
             break
-    return state["seqs"], state["src"]
+    stacked = tuple(jnp.stack(r) if on else None for r, on in zip(recs, record))
+    return state["seqs"], state["src"], state["scores"], stacked[0], stacked[1], len(recs[0])

@@ -364,7 +364,8 @@ SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p
 GENERATION_DEFAULTS = {**SAMPLING_DEFAULTS, "repetition_penalty": 1.0, "max_new_tokens": None, "min_new_tokens": None,
                        "min_length": None, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
                        "length_penalty": 1.0, "early_stopping": False, "typical_p": None, "epsilon_cutoff": None,
-                       "eta_cutoff": None}
+                       "eta_cutoff": None, "return_dict_in_generate": False, "output_scores": False,
+                       "output_logits": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,7 +374,7 @@ class GenerationConfig:
     (generation_config.json's ids, else config.json's; its do_sample / temperature / top_k / top_p / min_p /
     repetition_penalty / max_new_tokens / min_new_tokens / min_length / no_repeat_ngram_size, and beam search's
     num_beams / num_return_sequences / length_penalty / early_stopping, the typical_p / epsilon_cutoff / eta_cutoff
-    sampling warpers). The model's own pad
+    sampling warpers; return_dict_in_generate / output_scores / output_logits). The model's own pad
     id (embedding pad row, label masking) stays config.json's. `extra` holds the file's other fields as read
     (written back by save_pretrained; generate warns about those that would change transformers' output). Frozen:
     replace it (`dataclasses.replace`) rather than assign its fields."""
@@ -398,6 +399,9 @@ class GenerationConfig:
     typical_p: float | None = None
     epsilon_cutoff: float | None = None
     eta_cutoff: float | None = None
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
     # (not part of equality or the hash: the config is a static attribute of the model, and extra fields never
     # change what the model computes)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)

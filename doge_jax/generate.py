@@ -36,6 +36,7 @@ from .generation_args import (
     length_and_penalty,
     min_new_arg,
     ngram_arg,
+    output_args,
     output_pad,
     penalty_start,
     prompt_length,
@@ -44,6 +45,7 @@ from .generation_args import (
     warn_unsupported,
 )
 from .model import DogeCache, check_token_ids
+from .model_output import GenerateOutput
 
 CLI_MAX_NEW_TOKENS = 128  # the command line's default when generation_config.json sets no max_new_tokens
 CAPACITY_BUCKET = 128  # cache capacity is rounded up to this, so prompt lengths share compiled programs
@@ -142,16 +144,23 @@ def _seen_tokens(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarr
 
 
 def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, min_p=None, seen=None, penalty=None,
-                eos_mask=None, block_eos=None, cutoffs=None):
+                eos_mask=None, block_eos=None, cutoffs=None) -> tuple[jax.Array, jax.Array]:
+    """(next token per row, the step's scores: the logits after the processors and, sampling, the warpers)."""
     logits = logits.astype(jnp.float32)
     if seen is not None:  # a logits processor: before the sampling filters, and for greedy too (transformers)
         logits = _penalize(logits, seen, penalty)
     if eos_mask is not None:  # min_new_tokens / min_length: no EOS yet (transformers' processors)
         logits = jnp.where(block_eos & eos_mask, -jnp.inf, logits)
     if not do_sample:
-        return _argmax(logits)
-    return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p, min_p, cutoffs=cutoffs),
-                                  axis=-1).astype(jnp.int32)
+        return _argmax(logits), logits
+    logits = _filter_logits(logits, temperature, top_k, top_p, min_p, cutoffs=cutoffs)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32), logits
+
+
+def _recorded(scores: jax.Array) -> jax.Array:
+    """A step's scores as transformers records them: the warpers' dropped tokens at -inf (_filter_logits marks them
+    with float32's lowest value)."""
+    return jnp.where(scores == jnp.finfo(jnp.float32).min, -jnp.inf, scores)
 
 
 _STREAM_SINK = [None]  # the Python callable that receives streamed tokens (set by `generate(..., on_token=)`)
@@ -164,11 +173,12 @@ def _emit(step, tokens):
 
 
 @partial(nnx.jit, static_argnames=("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "stream",
-                                   "ngram", "cutoffs"))
+                                   "ngram", "cutoffs", "record"))
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
                      temperature: float, top_k, top_p, min_p=None, stream: bool = False, seen=None, penalty=None,
-                     eos_mask=None, min_new=None, ngram: int = 0, skip=0, cutoffs=None):
-    """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps). `seen`
+                     eos_mask=None, min_new=None, ngram: int = 0, skip=0, cutoffs=None, record=(False, False)):
+    """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps, the steps'
+    scores [N, B, V] if record[0], raw logits [N, B, V] if record[1] (else None)). `seen`
     [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on; `eos_mask` [V] and `min_new` keep
     EOS out of the first min_new new tokens; `ngram` turns no_repeat_ngram_size on, over the prompt from slot
     `skip` on (the prompt as given: the bucket padding is not transformers' input) and the new tokens."""
@@ -179,14 +189,21 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
     out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
                 layer_params=prep["states"])
     logits, cache = out.logits[:, -1], DecodeCache.from_cache(out.cache, use_counters(model.config, cache.capacity))
+    V = logits.shape[-1]
+    rec_s = jnp.zeros((max_new_tokens, B, V), jnp.float32) if record[0] else None
+    rec_l = jnp.zeros((max_new_tokens, B, V), jnp.float32) if record[1] else None
+    if record[1]:
+        rec_l = rec_l.at[0].set(logits.astype(jnp.float32))
     if ngram:
         logits = _ban_ngrams(logits, hist, P, ngram, skip)
     if do_sample:
         rng, sub = jax.random.split(rng)
     else:
         sub = rng
-    tok = _next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen, penalty, eos_mask,
-                      None if eos_mask is None else 0 < min_new, cutoffs)
+    tok, scores = _next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen, penalty, eos_mask,
+                              None if eos_mask is None else 0 < min_new, cutoffs)
+    if record[0]:
+        rec_s = rec_s.at[0].set(_recorded(scores))
     rows = jnp.arange(B)
     if seen is not None:
         seen = seen.at[rows, tok].set(True)
@@ -203,14 +220,18 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, tok, next_pos, cache, done, rng, out, seen, hist = carry
+        step, tok, next_pos, cache, done, rng, out, seen, hist, rec_s, rec_l = carry
         logits, cache = decode_step(model, prep, tok, next_pos, cache)
+        if record[1]:
+            rec_l = rec_l.at[step].set(logits.astype(jnp.float32))
         if ngram:
             logits = _ban_ngrams(logits, hist, P + step, ngram, skip)
         if do_sample:  # greedy decoding needs no random numbers (threefry is ~40 ops per step)
             rng, sub = jax.random.split(rng)
-        new = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, min_p, seen,
-                          penalty, eos_mask, None if eos_mask is None else step < min_new, cutoffs)
+        new, scores = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, min_p,
+                                  seen, penalty, eos_mask, None if eos_mask is None else step < min_new, cutoffs)
+        if record[0]:
+            rec_s = rec_s.at[step].set(_recorded(scores))
         new = jnp.where(done, pad, new)
         if seen is not None:
             seen = seen.at[rows, new].set(True)
@@ -220,11 +241,11 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         if stream:
             jax.debug.callback(_emit, step, new, ordered=True)
         done = done | jnp.isin(new, eos)
-        return step + 1, new, next_pos + 1, cache, done, rng, out, seen, hist
+        return step + 1, new, next_pos + 1, cache, done, rng, out, seen, hist, rec_s, rec_l
 
-    step, *_, out, _, _ = jax.lax.while_loop(cond, body,
-                                             (jnp.int32(1), tok, next_pos, cache, done, rng, out, seen, hist))
-    return out, step
+    carry = (jnp.int32(1), tok, next_pos, cache, done, rng, out, seen, hist, rec_s, rec_l)
+    step, *_, out, _, _, rec_s, rec_l = jax.lax.while_loop(cond, body, carry)
+    return out, step, rec_s, rec_l
 
 
 @nnx.jit
@@ -239,7 +260,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
              max_length=None, min_p=FROM_CONFIG, streamer=None, no_repeat_ngram_size=FROM_CONFIG,
              num_beams=FROM_CONFIG, num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG,
              early_stopping=FROM_CONFIG, typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG,
-             eta_cutoff=FROM_CONFIG) -> np.ndarray:
+             eta_cutoff=FROM_CONFIG, return_dict_in_generate=FROM_CONFIG, output_scores=FROM_CONFIG,
+             output_logits=FROM_CONFIG):
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Arguments not given come from `generation_config` (see generation_args.call_generation_config), else
     `model.generation_config` (generation_config.json; else transformers' defaults: greedy, temperature 1, top_k 50,
@@ -253,6 +275,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     warpers (after min_p). `num_beams` > 1: transformers' beam search (doge_jax.beam, one
     compiled loop; with `length_penalty` and `early_stopping`), returning the best `num_return_sequences` sequences
     of each row, best first; sampling with num_return_sequences n repeats each row n times, as transformers.
+    `return_dict_in_generate`: a GenerateOutput (doge_jax.model_output) as transformers' (numpy arrays; with
+    `output_scores` each step's processed scores, with `output_logits` its raw logits, as tuples of [rows, V]).
 
     `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached);
     a transformers `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it.
@@ -269,6 +293,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     min_p = float(min_p) if do_sample and min_p is not None else None  # (a static argument: greedy ignores it)
     ngram = ngram_arg(gcfg, no_repeat_ngram_size)
     cutoffs = cutoff_args(gcfg, typical_p, epsilon_cutoff, eta_cutoff, do_sample)
+    as_dict, *record = output_args(gcfg, return_dict_in_generate, output_scores, output_logits)
+    record = tuple(record)
     num_beams, n_seq, length_penalty, early_stopping = beam_args(gcfg, num_beams, num_return_sequences,
                                                                  length_penalty, early_stopping, do_sample, streamer)
     if num_beams > 1 and on_token is not None:
@@ -330,9 +356,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
                 user_on_token(step, tokens)
     if num_beams > 1:
         warp = (float(temperature), top_k, top_p, min_p, len(eos) + 1 if eos else 2, cutoffs) if do_sample else None
-        return _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
-                     early_stopping, seen, penalty, eos_mask, min_new, ngram, warp,
-                     jax.random.key(seed) if do_sample else None)
+        out = _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
+                    early_stopping, seen, penalty, eos_mask, min_new, ngram, warp,
+                    jax.random.key(seed) if do_sample else None, record)
+        if not as_dict:
+            return out["sequences"]
+        if not record[0]:  # (as transformers: the final scores with output_scores only)
+            out["sequences_scores"] = None
+        return GenerateOutput(**out)
     if use_cache:
         extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET
         p_ids = np.pad(ids, ((0, 0), (extra, 0)))  # masked slots: any valid id
@@ -342,7 +373,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
         cache = DogeCache.init(cfg, B, capacity, dtype)
         _STREAM_SINK[0] = on_token
         try:
-            out, steps = _generate_cached(model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache,
+            out, steps, rec_s, rec_l = _generate_cached(
+                                          model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache,
                                           eos_arr, jnp.int32(pad), jax.random.key(seed),
                                           max_new_tokens=max_new_tokens, do_sample=do_sample,
                                           temperature=float(temperature), top_k=top_k, top_p=top_p, min_p=min_p,
@@ -351,24 +383,27 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
                                           penalty=jnp.float32(penalty),
                                           eos_mask=None if eos_mask is None else jnp.asarray(eos_mask),
                                           min_new=jnp.int32(min_new), ngram=ngram, skip=jnp.int32(extra),
-                                          cutoffs=cutoffs)
+                                          cutoffs=cutoffs, record=record)
             out = np.asarray(out)
             steps = int(steps)
         finally:
             _STREAM_SINK[0] = None
         result = np.concatenate([ids, out[:, :steps]], axis=1)
+        scores, logits = (None if r is None else tuple(np.asarray(r[:steps])) for r in (rec_s, rec_l))
     else:
-        result = _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample,
-                                     float(temperature), top_k, top_p, on_token, seen, penalty, eos_mask, min_new,
-                                     min_p, ngram, cutoffs)
+        result, scores, logits = _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample,
+                                                     float(temperature), top_k, top_p, on_token, seen, penalty,
+                                                     eos_mask, min_new, min_p, ngram, cutoffs, record)
     if streamer is not None:
         streamer.end()
-    return result
+    return GenerateOutput(sequences=result, scores=scores, logits=logits) if as_dict else result
 
 
 def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
-          early_stopping, seen, penalty, eos_mask, min_new, ngram, warp=None, rng=None) -> np.ndarray:
-    """generate's beam search (doge_jax.beam): prompt rows [B * num_beams, P] -> [B * n_seq, P + n]."""
+          early_stopping, seen, penalty, eos_mask, min_new, ngram, warp=None, rng=None,
+          record=(False, False)) -> dict:
+    """generate's beam search (doge_jax.beam): prompt rows [B * num_beams, P] -> the GenerateOutput fields
+    (sequences [B * n_seq, P + n], ...)."""
     from .beam import beam_search_cached, beam_search_recompute, length_divisors, result
 
     cfg = model.config
@@ -382,27 +417,27 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
               "min_new": jnp.int32(min_new), "skip": jnp.int32(0)}
     seen = None if seen is None else jnp.asarray(seen)
     static = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping,
-                  never_long=never_long, ngram=ngram, warp=warp)
+                  never_long=never_long, ngram=ngram, warp=warp, record=record)
     if not use_cache:
-        seqs, n = result(*beam_search_recompute(model, ids, mask, pos, consts, seen=seen, rng=rng, **static), n_seq)
-        return seqs[:, :P + n]
+        out = result(beam_search_recompute(model, ids, mask, pos, consts, seen=seen, rng=rng, **static), n_seq)
+        return out
     extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET  # (as generate: bucketed prompts share compiled programs)
     p_ids = np.pad(ids, ((0, 0), (extra, 0)))
     p_mask, p_pos = np.pad(mask, ((0, 0), (extra, 0))), np.pad(pos, ((0, 0), (extra, 0)))
     capacity = -(-(P + extra + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET
     cache = DogeCache.init(cfg, BK, capacity, model.model.embed_tokens.embedding[...].dtype)
     consts["skip"] = jnp.int32(extra)
-    seqs, n = result(*beam_search_cached(model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache,
-                                         consts, seen=seen, rng=rng, **static), n_seq)
-    return seqs[:, extra:extra + P + n]
+    return result(beam_search_cached(model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache,
+                                     consts, seen=seen, rng=rng, **static), n_seq, skip=extra)
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,
                         on_token=None, seen=None, penalty=1.0, eos_mask=None, min_new=0, min_p=None, ngram=0,
-                        cutoffs=None):
+                        cutoffs=None, record=(False, False)):
     """No cache: run the whole sequence every step. Dense models use one fixed-length buffer (future slots are
     masked, and causality makes them invisible); CDMoE routing mixes positions (spec §3.8), so MoE runs exact
-    lengths (one compile each)."""
+    lengths (one compile each). Returns (prompt + new tokens, the steps' scores, raw logits: tuples if recorded)."""
+    rec_s, rec_l = [], []
     B, P = ids.shape
     rng = jax.random.key(seed)
     seen = None if seen is None else jnp.asarray(seen)  # on the device once, updated there
@@ -421,11 +456,16 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
                                   jnp.asarray(buf_pos[:, :cur]))
         else:
             logits = _logits_at(model, jnp.asarray(buf), jnp.asarray(buf_mask), jnp.asarray(buf_pos), cur - 1)
+        if record[1]:
+            rec_l.append(np.asarray(logits, np.float32))
         if ngram:
             logits = _ban_ngrams(logits, jnp.asarray(buf), cur, ngram)
         rng, sub = jax.random.split(rng)
-        tok = np.asarray(_next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen,
-                                     jnp.float32(penalty), eos_mask, jnp.bool_(n < min_new), cutoffs))
+        tok, scores = _next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen,
+                                  jnp.float32(penalty), eos_mask, jnp.bool_(n < min_new), cutoffs)
+        tok = np.asarray(tok)
+        if record[0]:
+            rec_s.append(np.asarray(_recorded(scores)))
         tok = np.where(done, pad, tok)
         if seen is not None:
             seen = seen.at[np.arange(B), tok].set(True)
@@ -435,7 +475,7 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
         done |= np.isin(tok, eos)
         if done.all():
             break
-    return buf[:, : P + n + 1]
+    return buf[:, : P + n + 1], tuple(rec_s) if record[0] else None, tuple(rec_l) if record[1] else None
 
 
 @nnx.jit

@@ -61,13 +61,12 @@ def call_generation_config(model, given=None):
     asked = [k for k in _OTHER_OUTPUTS if fields.get(k)]
     if asked:  # (silently ignored, a caller would index a tensor as a GenerateOutput)
         raise ValueError(f"generation_config {asked[0]}=True: not supported; generate returns the token ids "
-                         "(prompt + new tokens) only")
+                         "(prompt + new tokens), with return_dict_in_generate also output_scores / output_logits")
     return generation_config_from_dict({**model.generation_config.to_dict(), **fields}, model.config,
                                        "generation_config")
 
 
-_OTHER_OUTPUTS = ("return_dict_in_generate", "output_scores", "output_logits", "output_hidden_states",
-                  "output_attentions")
+_OTHER_OUTPUTS = ("output_hidden_states", "output_attentions")  # (return_dict_in_generate's scores and logits: taken)
 DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call nor generation_config.json sets it
 
 
@@ -110,7 +109,8 @@ def check_generate_kwargs(kwargs: dict) -> None:
                 or (k == "guidance_scale" and v == 1)):  # transformers' own no-op values
             continue
         if k in _OTHER_OUTPUTS:
-            raise ValueError(f"{k}={v!r}: not supported; generate returns the token ids (prompt + new tokens) only")
+            raise ValueError(f"{k}={v!r}: not supported; generate returns the token ids (prompt + new tokens), with "
+                             "return_dict_in_generate also output_scores / output_logits")
         if k in _NEUTRAL_FIELDS and k not in _NOT_IMPLEMENTED:  # settings that do not change the tokens
             continue
         raise ValueError(f"{k}={v!r}: not implemented by this generate (it would change transformers' output); "
@@ -118,6 +118,17 @@ def check_generate_kwargs(kwargs: dict) -> None:
                          "epsilon_cutoff, eta_cutoff, "
                          "repetition_penalty, no_repeat_ngram_size, min_new_tokens / min_length, EOS and streamer; "
                          "beam search (num_beams, num_return_sequences, length_penalty, early_stopping)")
+
+
+def output_args(gen, return_dict_in_generate, output_scores, output_logits) -> tuple[bool, bool, bool]:
+    """(return a GenerateOutput, with the processed scores, with the raw logits) of a generate call, FROM_CONFIG
+    from the generation config: transformers' return_dict_in_generate / output_scores / output_logits (the scores
+    and logits only with return_dict_in_generate, as there)."""
+    values = {"return_dict_in_generate": return_dict_in_generate, "output_scores": output_scores,
+              "output_logits": output_logits}
+    values = {k: getattr(gen, k) if v is FROM_CONFIG else bool(v is not None and v) for k, v in values.items()}
+    as_dict = bool(values["return_dict_in_generate"])
+    return as_dict, as_dict and bool(values["output_scores"]), as_dict and bool(values["output_logits"])
 
 
 def cutoff_args(gen, typical_p, epsilon_cutoff, eta_cutoff, do_sample: bool
@@ -263,10 +274,9 @@ def penalty_start(mask: np.ndarray) -> np.ndarray:
 # generation_config.json fields that never change transformers' output tokens, and values of others that do not
 # either (a hand-written file, or an older transformers' full dump, may spell them out; False / {} / [] are unset)
 _NEUTRAL_FIELDS = {"transformers_version", "_from_model_config", "use_cache", "cache_implementation", "cache_config",
-                   "return_dict_in_generate", "output_attentions", "output_hidden_states", "output_scores",
-                   "output_logits", "decoder_start_token_id", "compile_config", "disable_compile",
-                   "trust_remote_code", "max_time", "streamer", "return_legacy_cache", "generation_kwargs",
-                   "max_cache_len", "prefill_chunk_size", "is_assistant", "num_assistant_tokens",
+                   "output_attentions", "output_hidden_states", "decoder_start_token_id", "compile_config",
+                   "disable_compile", "trust_remote_code", "max_time", "streamer", "return_legacy_cache",
+                   "generation_kwargs", "max_cache_len", "prefill_chunk_size", "is_assistant", "num_assistant_tokens",
                    "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
                    "target_lookbehind", "assistant_early_exit", "prompt_lookup_num_tokens", "max_matching_ngram_size",
                    "dola_layers"}

@@ -513,15 +513,18 @@ def generation_config_from_dict(gen: dict, cfg: DogeConfig, where: str) -> Gener
 def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
                            max_new_tokens, min_new_tokens, min_length, no_repeat_ngram_size, num_beams,
                            num_return_sequences, length_penalty, early_stopping, typical_p, epsilon_cutoff,
-                           eta_cutoff) -> None:
+                           eta_cutoff, return_dict_in_generate, output_scores, output_logits) -> None:
     """generation_config.json's generate settings have the types generate takes. Their values are checked when
     generate uses them, as transformers does (a greedy call never looks at temperature)."""
     def number(v):
         return isinstance(v, int | float) and not isinstance(v, bool)
 
     bad = None
-    if not isinstance(do_sample, bool):
-        bad = f"do_sample={do_sample!r}: must be true or false"
+    flags = (("do_sample", do_sample), ("return_dict_in_generate", return_dict_in_generate),
+             ("output_scores", output_scores), ("output_logits", output_logits))
+    wrong = next(((n, v) for n, v in flags if not isinstance(v, bool)), None)
+    if wrong:
+        bad = f"{wrong[0]}={wrong[1]!r}: must be true or false"
     elif not number(temperature):
         bad = f"temperature={temperature!r}: must be a number"
     elif top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):

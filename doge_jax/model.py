@@ -605,7 +605,8 @@ class DogeForCausalLM(nnx.Module):
                  num_beams=FROM_CONFIG, num_return_sequences=FROM_CONFIG, generation_config=None, min_p=FROM_CONFIG,
                  streamer=None, no_repeat_ngram_size=FROM_CONFIG, length_penalty=FROM_CONFIG,
                  early_stopping=FROM_CONFIG, typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG,
-                 eta_cutoff=FROM_CONFIG, **kwargs):
+                 eta_cutoff=FROM_CONFIG, return_dict_in_generate=FROM_CONFIG, output_scores=FROM_CONFIG,
+                 output_logits=FROM_CONFIG, **kwargs):
         """Prompt + new tokens, as transformers' generate returns them (see doge_jax.generate); transformers'
         `max_length` counts the prompt too (num_beams > 1: beam search); `streamer` as transformers'
         (TextStreamer: put() the prompt, then each new token, then end()). transformers arguments this generate
@@ -622,7 +623,9 @@ class DogeForCausalLM(nnx.Module):
                         max_length=max_length, streamer=streamer, no_repeat_ngram_size=no_repeat_ngram_size,
                         num_beams=num_beams, num_return_sequences=num_return_sequences,
                         length_penalty=length_penalty, early_stopping=early_stopping,
-                        typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff)
+                        typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+                        return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
+                        output_logits=output_logits)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,

@@ -3,6 +3,7 @@ JAX-free (doge_torch uses it too)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 # transformers' MoeCausalLMOutputWithPast order (its DogeForCausalLM output); doge_jax's cache is `cache`
@@ -31,8 +32,10 @@ class OutputAccess:
     """As transformers' ModelOutput (an ordered dict of the fields that are set, not None, in its order): indexing
     by position or name, keys / values / items, iteration over the names, `in`."""
 
+    _order = ORDER
+
     def keys(self) -> list[str]:
-        return [n for n in ORDER if getattr(self, n, None) is not None]
+        return [n for n in self._order if getattr(self, n, None) is not None]
 
     def values(self) -> list[Any]:
         return [getattr(self, n) for n in self.keys()]
@@ -54,7 +57,25 @@ class OutputAccess:
 
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
-            if getattr(self, key, None) is None or key not in ORDER:
+            if getattr(self, key, None) is None or key not in self._order:
                 raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
+
+
+@dataclasses.dataclass
+class GenerateOutput(OutputAccess):
+    """What generate returns with return_dict_in_generate, as transformers' GenerateDecoderOnlyOutput /
+    GenerateBeamDecoderOnlyOutput: the token ids (prompt + new tokens), with output_scores the processed scores of
+    each step (tuple of [rows, V]: after the logits processors and, sampling, the warpers; beam search: the
+    log-probabilities of each running beam) and, beam search, each returned sequence's final score; with
+    output_logits the raw logits of each step; beam search: beam_indices [rows, n] (the running row each new token
+    came from, -1 past the sequence's end). Arrays of the package's kind (torch tensors / numpy arrays)."""
+
+    _order = ("sequences", "sequences_scores", "scores", "logits", "beam_indices")
+
+    sequences: Any = None
+    sequences_scores: Any = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    beam_indices: Any = None

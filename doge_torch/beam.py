@@ -29,14 +29,18 @@ def beam_search(logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 num_beams: int, num_return_sequences: int, max_new_tokens: int, eos: list[int], fill: int,
                 length_penalty: float, early_stopping: bool | str,
                 processors: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
-                draw: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
-    """The best num_return_sequences sequences of each prompt row, [B * num_return_sequences, P + n] (a row's
-    sequences best first; shorter ones filled with `fill`, n the longest returned). `ids` / `mask` [B * num_beams, P]
-    are the prompt rows, each repeated num_beams times; `logits_of(seqs [B*K, T], mask [B*K, T])` gives the float32
-    next-token logits of the running sequences (one call per new token, each a token longer),
-    `reorder(rows)` makes its cache follow the surviving beams, and `processors(seqs, log_probs, new)` applies the
-    logits processors to the log-probabilities (as transformers does in beam search). With `draw(scores [B, K*V], n)`
-    (beam sampling) the step's candidates are n indices drawn without replacement instead of the top n."""
+                draw: Callable[[torch.Tensor, int], torch.Tensor] | None = None, record_scores: bool = False,
+                record_logits: bool = False) -> dict:
+    """{"sequences": the best num_return_sequences sequences of each prompt row, [B * num_return_sequences, P + n]
+    (a row's sequences best first; shorter ones filled with `fill`, n the longest returned), "sequences_scores"
+    [B * num_return_sequences], "beam_indices" [B * num_return_sequences, n] (transformers'), and with
+    record_scores / record_logits the tuples of each step's processed log-probabilities / raw logits [B*K, V]}.
+    `ids` / `mask` [B * num_beams, P] are the prompt rows, each repeated num_beams times; `logits_of(seqs [B*K, T],
+    mask [B*K, T])` gives the float32 next-token logits of the running sequences (one call per new token, each a
+    token longer), `reorder(rows)` makes its cache follow the surviving beams, and `processors(seqs, log_probs, new)`
+    applies the logits processors to the log-probabilities (as transformers does in beam search). With
+    `draw(scores [B, K*V], n)` (beam sampling) the step's candidates are n indices drawn without replacement instead
+    of the top n."""
     K = num_beams
     BK, P = ids.shape
     B = BK // K
@@ -58,9 +62,15 @@ def beam_search(logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     src = run_src.clone()
     offset = torch.arange(B, device=dev)[:, None] * K
     cur = P
+    all_scores, all_logits = [], []
     while True:
         flat = running[:, :, :cur].reshape(BK, cur)
-        log_probs = processors(flat, torch.log_softmax(logits_of(flat, mask), dim=-1), cur - P)
+        logits = logits_of(flat, mask)
+        log_probs = processors(flat, torch.log_softmax(logits, dim=-1), cur - P)
+        if record_scores:
+            all_scores.append(log_probs)
+        if record_logits:
+            all_logits.append(logits)
         V = log_probs.shape[-1]
         log_probs = (log_probs.view(B, K, V) + run_scores[:, :, None]).view(B, K * V)
 
@@ -109,4 +119,8 @@ def beam_search(logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 
     seqs, src = seqs[:, :num_return_sequences], src[:, :num_return_sequences]
     n = int((src >= 0).sum(-1).max())
-    return seqs.reshape(B * num_return_sequences, max_length)[:, :P + n]
+    return {"sequences": seqs.reshape(B * num_return_sequences, max_length)[:, :P + n],
+            "sequences_scores": scores[:, :num_return_sequences].reshape(-1),
+            "beam_indices": src.reshape(B * num_return_sequences, -1)[:, :n],
+            "scores": tuple(all_scores) if record_scores else None,
+            "logits": tuple(all_logits) if record_logits else None}

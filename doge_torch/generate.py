@@ -22,12 +22,14 @@ from doge_jax.generation_args import (
     length_and_penalty,
     min_new_arg,
     ngram_arg,
+    output_args,
     output_pad,
     penalty_start,
     prompt_length,
     sampling_args,
     warn_unsupported,
 )
+from doge_jax.model_output import GenerateOutput
 
 from .beam import beam_search
 from .decode import SLOTS, run_step, static_cache, step_function
@@ -157,7 +159,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              max_length=None, cache_implementation: str | None = None, min_p=FROM_CONFIG,
              streamer=None, no_repeat_ngram_size=FROM_CONFIG, num_beams=FROM_CONFIG,
              num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG, early_stopping=FROM_CONFIG,
-             typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG, eta_cutoff=FROM_CONFIG) -> torch.Tensor:
+             typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG, eta_cutoff=FROM_CONFIG,
+             return_dict_in_generate=FROM_CONFIG, output_scores=FROM_CONFIG, output_logits=FROM_CONFIG):
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
     transformers' defaults: greedy, temperature 1, top_k 50, no top-p / min-p, no repetition penalty; 20 new tokens, or
@@ -172,7 +175,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it.
     `num_beams` > 1: transformers' beam search (doge_torch.beam; with `length_penalty`, `early_stopping`), returning
     the best `num_return_sequences` sequences of each row; sampling with num_return_sequences n repeats each row n
-    times (transformers' rows and, from the same seed, its tokens)."""
+    times (transformers' rows and, from the same seed, its tokens). `return_dict_in_generate`: a GenerateOutput
+    (doge_jax.model_output) as transformers' (with `output_scores` / `output_logits`)."""
     if cache_implementation not in (None, "dynamic", "static"):
         raise ValueError(f"cache_implementation={cache_implementation!r}: None, 'dynamic' or 'static'")
     static = cache_implementation == "static"
@@ -187,6 +191,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
     ngram = ngram_arg(gcfg, no_repeat_ngram_size)
     cutoffs = cutoff_args(gcfg, typical_p, epsilon_cutoff, eta_cutoff, do_sample)
+    as_dict, record_scores, record_logits = output_args(gcfg, return_dict_in_generate, output_scores, output_logits)
     num_beams, n_seq, length_penalty, early_stopping = beam_args(gcfg, num_beams, num_return_sequences,
                                                                  length_penalty, early_stopping, do_sample, streamer)
     warn_unsupported(gcfg, source="generation_config" if generation_config is not None
@@ -263,18 +268,32 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     if num_beams > 1:
         with token_ids_checked():
-            return beam_search(decoder, decoder.reorder, ids, attention_mask, num_beams=num_beams,
-                               num_return_sequences=n_seq, max_new_tokens=max_new_tokens, eos=eos, fill=pad,
-                               length_penalty=length_penalty, early_stopping=early_stopping, processors=processors,
-                               draw=draw if do_sample else None)
+            out = beam_search(decoder, decoder.reorder, ids, attention_mask, num_beams=num_beams,
+                              num_return_sequences=n_seq, max_new_tokens=max_new_tokens, eos=eos, fill=pad,
+                              length_penalty=length_penalty, early_stopping=early_stopping, processors=processors,
+                              draw=draw if do_sample else None, record_scores=record_scores,
+                              record_logits=record_logits)
+        if not as_dict:
+            return out["sequences"]
+        if not record_scores:  # (as transformers: the final scores with output_scores only)
+            out["sequences_scores"] = None
+        return GenerateOutput(**out)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=device)
+    all_scores: list[torch.Tensor] = []
+    all_logits: list[torch.Tensor] = []
     if streamer is not None:
         streamer.put(ids.cpu())
     with token_ids_checked():
         for _ in range(max_new_tokens):
-            logits = processors(ids, decoder(ids, attention_mask), ids.shape[1] - P)
-            nxt = sample_next(logits, do_sample, temperature, top_k, top_p, gen, min_p, cutoffs)
+            logits = decoder(ids, attention_mask)
+            scores = processors(ids, logits, ids.shape[1] - P)
+            if do_sample:  # the warpers: what transformers records as the step's scores
+                scores = warp(scores, temperature, top_k, top_p, min_p, cutoffs=cutoffs)
+            all_scores.append(scores) if record_scores else None
+            all_logits.append(logits) if record_logits else None
+            nxt = (torch.multinomial(scores.softmax(-1), 1, generator=gen)[:, 0] if do_sample
+                   else scores.argmax(-1))
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             ids = torch.cat([ids, nxt[:, None]], 1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], 1)
@@ -286,4 +305,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 break
     if streamer is not None:
         streamer.end()
+    if as_dict:
+        return GenerateOutput(sequences=ids, scores=tuple(all_scores) if record_scores else None,
+                              logits=tuple(all_logits) if record_logits else None)
     return ids

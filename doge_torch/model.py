@@ -1047,7 +1047,8 @@ class DogeForCausalLM(nn.Module):
                  cache_implementation: str | None = None, min_p=FROM_CONFIG, streamer=None,
                  no_repeat_ngram_size=FROM_CONFIG, length_penalty=FROM_CONFIG,
                  early_stopping=FROM_CONFIG, typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG,
-                 eta_cutoff=FROM_CONFIG, **kwargs) -> torch.Tensor:
+                 eta_cutoff=FROM_CONFIG, return_dict_in_generate=FROM_CONFIG, output_scores=FROM_CONFIG,
+                 output_logits=FROM_CONFIG, **kwargs):
         """Prompt + new tokens (see doge_torch.generate); transformers' `max_length` counts the prompt too
         (num_beams > 1: beam search); `streamer` as transformers'. transformers arguments this
         generate does not implement are refused by name where they would change the output."""
@@ -1064,7 +1065,9 @@ class DogeForCausalLM(nn.Module):
                         no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams,
                         num_return_sequences=num_return_sequences, length_penalty=length_penalty,
                         early_stopping=early_stopping,
-                        typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff)
+                        typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+                        return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
+                        output_logits=output_logits)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,

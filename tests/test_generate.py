@@ -503,9 +503,9 @@ def test_generation_config_argument_as_transformers(tmp_path):
             m.generate(conv(ids), generation_config={"eos_token_id": 500})
         with pytest.raises(ConfigError, match=r"generation_config: temperature='hot'"):  # ours is checked too
             m.generate(conv(ids), generation_config=dataclasses.replace(jm.generation_config, temperature="hot"))
-        with pytest.raises(ValueError, match=r"generation_config return_dict_in_generate=True: not supported"):
+        with pytest.raises(ValueError, match=r"generation_config output_hidden_states=True: not supported"):
             m.generate(conv(ids), generation_config=transformers.GenerationConfig(return_dict_in_generate=True,
-                                                                                  output_scores=True))
+                                                                                  output_hidden_states=True))
         with pytest.raises(TypeError, match="generation_config: expected a transformers or doge_jax "
                                             "GenerationConfig or a dict, got str"):
             m.generate(conv(ids), generation_config="greedy")
@@ -1173,8 +1173,8 @@ def test_streamer_and_transformers_arguments(tmp_path):
             return_dict_in_generate=False, synced_gpus=False)
         with pytest.raises(ValueError, match="bad_words_ids=\\[\\[5\\]\\]: not implemented by this generate"):
             run(None, bad_words_ids=[[5]])
-        with pytest.raises(ValueError, match="output_scores=True: not supported; generate returns the token ids"):
-            run(None, output_scores=True)
+        with pytest.raises(ValueError, match="output_attentions=True: not supported; generate returns the token"):
+            run(None, output_attentions=True)
         with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_token'"):
             run(None, max_new_token=3)
         # no effect at these values in transformers either (beam-only settings, its own no-op values)
