@@ -28,6 +28,7 @@ from .generation_args import (
     beam_args,
     beam_fill,
     call_generation_config,
+    check_beam_vocab,
     check_mask_values,
     check_sampling,
     cutoff_args,
@@ -316,6 +317,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
         raise ValueError(f"input_ids shape {ids.shape}: expected at least one row")
     eos = eos_ids(eos_token_id, gcfg)
     # (beam search fills with any id, as transformers; generated rows feed the pad back: it must be a token)
+    check_beam_vocab(num_beams, eos, cfg.vocab_size)
     pad = beam_fill(pad_token_id, gcfg, eos) if num_beams > 1 else output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
     if attention_mask is None:  # as transformers: inferred from the pad id where the prompt holds it
         infer = inferred_pad(pad_token_id, gcfg, eos)
@@ -582,6 +584,12 @@ def _main(argv=None) -> int:
                        args.min_p)
         if args.repetition_penalty is not None:
             length_and_penalty(None, 1, args.repetition_penalty)
+        from .config import GenerationConfig
+
+        # the values of the flags alone (the file's, and what needs sampling, once the model is loaded)
+        cutoff_args(GenerationConfig(), args.typical_p, args.epsilon_cutoff, args.eta_cutoff, True)
+        if args.num_beams and args.num_return_sequences and args.num_beams > 1:
+            beam_args(GenerationConfig(), args.num_beams, args.num_return_sequences, 1.0, False, False)
     except ValueError as e:
         ap.error(str(e))
     if args.min_new_tokens is not None and args.min_new_tokens < 0:
@@ -667,9 +675,12 @@ def _main(argv=None) -> int:
                else "--greedy decodes greedily")
         return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; {fix})")
     if args.do_sample is None and do_sample:
-        print(f"note: sampling, as the model's generation_config.json says (temperature {temperature}, top_k "
-              f"{top_k}, top_p {top_p}" + ("" if min_p is None else f", min_p {min_p}")
-              + "); --greedy for greedy decoding", file=sys.stderr)
+        more = cutoff_args(gen, *cutoffs, do_sample) or (None, None, None)
+        more = "".join(f", {k} {v}" for k, v in zip(("typical_p", "epsilon_cutoff", "eta_cutoff"), more)
+                       if v is not None)
+        print(f"note: {'beam ' if beams[0] > 1 else ''}sampling, as the model's generation_config.json says "
+              f"(temperature {temperature}, top_k {top_k}, top_p {top_p}" + ("" if min_p is None else f", min_p "
+              f"{min_p}") + more + "); --greedy for greedy decoding", file=sys.stderr)
     ignored = unsupported_message(gen)
     if ignored:  # said here, before the output, instead of as generate's warning in the middle of the stream
         print(f"note: {ignored}", file=sys.stderr)

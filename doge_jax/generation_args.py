@@ -144,7 +144,7 @@ def cutoff_args(gen, typical_p, epsilon_cutoff, eta_cutoff, do_sample: bool
     for name, v in values.items():
         if v is not None and (isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.number)
                               or v != v):
-            raise ValueError(f"{name}={v!r}: must be a number (None: off)")
+            raise ValueError(f"{name}={v!r}: must be a number, not NaN (None: off)")
     typ, eps, eta = values.values()
     if not do_sample:
         return None
@@ -390,6 +390,15 @@ def check_mask_values(mask: np.ndarray) -> None:
     if mask.size and not np.isin(mask, (0, 1)).all():
         bad = mask[~np.isin(mask, (0, 1))]
         raise ValueError(f"attention_mask values must be 0 or 1, got {bad[:5].tolist()}")
+
+
+def check_beam_vocab(num_beams: int, eos: list[int], vocab_size: int) -> None:
+    """Beam search keeps (1 + number of EOS ids, at least 2) candidates per beam each step: the vocabulary must hold
+    that many tokens (transformers fails deep inside top-k)."""
+    per_beam = max(2, 1 + len(eos))
+    if num_beams > 1 and per_beam > vocab_size:
+        raise ValueError(f"num_beams={num_beams} with {len(eos)} EOS id(s): beam search keeps {per_beam} candidates "
+                         f"per beam each step, more than the vocabulary's {vocab_size} tokens")
 
 
 def beam_fill(pad_token_id, gen, eos: list[int]) -> int:

@@ -14,6 +14,7 @@ from doge_jax.generation_args import (
     beam_args,
     beam_fill,
     call_generation_config,
+    check_beam_vocab,
     check_mask_values,
     check_sampling,
     cutoff_args,
@@ -218,6 +219,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                          "[length])")
     eos = eos_ids(eos_token_id, gcfg)
     # (beam search fills with any id, as transformers; generated rows feed the pad back: it must be a token)
+    check_beam_vocab(num_beams, eos, cfg.vocab_size)
     pad = beam_fill(pad_token_id, gcfg, eos) if num_beams > 1 else output_pad(pad_token_id, gcfg, eos, cfg.vocab_size)
     device = input_ids.device
     if seed is not None and (not isinstance(seed, int | np.integer) or isinstance(seed, bool)

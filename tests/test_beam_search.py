@@ -156,7 +156,9 @@ def test_beam_settings_of_generation_config_json_and_errors(models, tmp_path):
                         (dict(early_stopping="always"), "early_stopping='always': must be True, False or "
                                                         "'never'"),
                         (dict(length_penalty="long"), "length_penalty='long': must be a number"),
-                        (dict(streamer=transformers.TextStreamer(None)), "streamer cannot be used with beam")):
+                        (dict(streamer=transformers.TextStreamer(None)), "streamer cannot be used with beam"),
+                        (dict(num_beams=2, eos_token_id=list(range(200))),
+                         "keeps 201 candidates per beam each step, more than the vocabulary's 128 tokens")):
             with pytest.raises(ValueError, match=msg):
                 m.generate(conv(ids), conv(mask), max_new_tokens=3, **kw)
     with pytest.raises(ValueError, match="on_token cannot be used with beam search"):
@@ -197,10 +199,12 @@ def test_command_line_beam_search_and_several_samples(models, capsys):
     assert main([*args, "--do-sample", "--num-return-sequences", "3", "--seed", "3"]) == 0
     rows = capsys.readouterr().out.split("\n")[:3]
     assert len(set(rows)) == 3 and all(r.startswith("5 6 7 8 9 | ") for r in rows)
-    assert main([*args, "--num-beams", "2", "--num-return-sequences", "3"]) == 2
-    assert "num_return_sequences=3 > num_beams=2" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main([*args, "--early-stopping", "soon"])
+    for flags, msg in ((["--num-beams", "2", "--num-return-sequences", "3"], "num_return_sequences=3 > num_beams=2"),
+                       (["--early-stopping", "soon"], "invalid choice: 'soon'"),
+                       (["--do-sample", "--typical-p", "0"], "typical_p=0.0: must be in (0, 1]")):
+        with pytest.raises(SystemExit) as exit_info:  # the flags' own values: a usage error before the model loads
+            main([*args, *flags])
+        assert exit_info.value.code == 2 and msg in capsys.readouterr().err, flags
 
 
 def test_beam_sampling(models):

@@ -126,5 +126,7 @@ def test_typical_and_cutoff_sampling_as_transformers(model_dir, tmp_path, capsys
     assert main([*args, "--epsilon-cutoff", "0.999"]) == 0
     greedy3 = np.asarray(jm.generate(np.array([[5, 6, 7]]), max_new_tokens=4))[0, 3:]
     assert capsys.readouterr().out.split("|")[1].split() == [str(t) for t in greedy3]
-    assert main([*args, "--typical-p", "0"]) == 2
-    assert "typical_p=0.0: must be in (0, 1]" in capsys.readouterr().err
+    json.dump({"do_sample": True, "eta_cutoff": 0.001, "typical_p": 0.5}, open(f"{d}/generation_config.json", "w"))
+    assert main(["--model", d, "--prompt-ids", "5", "6", "7", "--max-new-tokens", "4"]) == 0
+    assert "note: sampling, as the model's generation_config.json says (temperature 1.0, top_k 50, top_p None, " \
+           "typical_p 0.5, eta_cutoff 0.001)" in capsys.readouterr().err
