@@ -156,6 +156,32 @@ def cutoff_args(gen, typical_p, epsilon_cutoff, eta_cutoff, do_sample: bool
     return None if out == (None, None, None) else out
 
 
+def transition_scores(sequences, scores, beam_indices, normalize_logits: bool, vocab_size: int) -> np.ndarray:
+    """transformers' compute_transition_scores on numpy arrays: the score of each generated token [rows, steps]
+    (its step's `scores` entry, following `beam_indices` for beam search; log-softmaxed over the vocabulary first
+    with normalize_logits; 0 past a beam's end)."""
+    scores = [np.asarray(s, np.float32) for s in scores]
+    sequences = np.asarray(sequences)
+    n = len(scores)
+    if beam_indices is None:
+        beam_indices = np.broadcast_to(np.arange(scores[0].shape[0])[:, None], (scores[0].shape[0], n))
+    beam_indices = np.asarray(beam_indices).astype(np.int64)
+    stacked = np.stack(scores).reshape(n, -1).T  # [rows * V, steps]
+    if normalize_logits:
+        x = stacked.reshape(-1, vocab_size, n)
+        top = np.max(x, axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            x = x - top - np.log(np.sum(np.exp(x - top), axis=1, keepdims=True))
+        stacked = x.reshape(-1, n)
+    ended = beam_indices < 0
+    length = int((~ended).sum(-1).max())
+    rows = np.where(ended, 0, beam_indices)[:, :length]
+    ended = ended[:, :length]
+    idx = sequences[:, sequences.shape[-1] - length:] + rows * vocab_size
+    out = np.take_along_axis(stacked[:, :length], idx, axis=0)
+    return np.where(ended, np.float32(0), out)
+
+
 def beam_args(gen, num_beams, num_return_sequences, length_penalty, early_stopping, do_sample: bool,
               streamer=None) -> tuple[int, int, float, bool | str]:
     """(num_beams, num_return_sequences, length_penalty, early_stopping) of a generate call, those not given

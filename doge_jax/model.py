@@ -627,6 +627,14 @@ class DogeForCausalLM(nnx.Module):
                         return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
                         output_logits=output_logits)
 
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False
+                                  ) -> np.ndarray:
+        """transformers' compute_transition_scores for a GenerateOutput (generate with return_dict_in_generate and
+        output_scores): each generated token's score [rows, steps] (beam search: pass out.beam_indices)."""
+        from .generation_args import transition_scores
+
+        return transition_scores(sequences, scores, beam_indices, normalize_logits, self.config.vocab_size)
+
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,
                         config: DogeConfig | None = None) -> DogeForCausalLM:

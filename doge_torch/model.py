@@ -1069,6 +1069,19 @@ class DogeForCausalLM(nn.Module):
                         return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
                         output_logits=output_logits)
 
+    def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False
+                                  ) -> torch.Tensor:
+        """transformers' compute_transition_scores for a GenerateOutput (generate with return_dict_in_generate and
+        output_scores): each generated token's score [rows, steps] (beam search: pass out.beam_indices)."""
+        from doge_jax.generation_args import transition_scores
+
+        def host(x):
+            return x.detach().cpu().numpy() if torch.is_tensor(x) else x
+
+        out = transition_scores(host(sequences), [host(s.float() if torch.is_tensor(s) else s) for s in scores],
+                                host(beam_indices), normalize_logits, self.config.vocab_size)
+        return torch.from_numpy(out).to(scores[0].device)
+
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | str | None = None, variant: str | None = None,
                         config: DogeConfig | None = None, *, torch_dtype: torch.dtype | str | None = None,

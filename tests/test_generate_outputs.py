@@ -79,12 +79,23 @@ def test_generate_output_fields_as_transformers(models, kw):
         if "num_beams" not in kw:
             for i, s in enumerate(out.scores):
                 assert np.isfinite(s[np.arange(3), out.sequences[:, 9 + i]]).all() and np.isinf(s).any()
-    if kw.get("output_scores") and "num_beams" in kw:
+    if kw.get("output_scores"):  # transformers' compute_transition_scores, and the models' own
         torch.manual_seed(0)
         ours = tm.generate(t_ids, t_mask, max_new_tokens=8, return_dict_in_generate=True, **kw)
-        np.testing.assert_allclose(
-            ref.compute_transition_scores(ours.sequences, ours.scores, ours.beam_indices).numpy(),
-            ref.compute_transition_scores(want.sequences, want.scores, want.beam_indices).numpy(), atol=2e-5)
+        beams = ours.beam_indices if "num_beams" in kw else None
+        for norm in (False, True):
+            expected = ref.compute_transition_scores(want.sequences, want.scores, getattr(want, "beam_indices", None),
+                                                     normalize_logits=norm).numpy()
+            np.testing.assert_allclose(ref.compute_transition_scores(ours.sequences, ours.scores, beams,
+                                                                     normalize_logits=norm).numpy(), expected,
+                                       atol=2e-5)
+            got = tm.compute_transition_scores(ours.sequences, ours.scores, beams, normalize_logits=norm)
+            assert isinstance(got, torch.Tensor)
+            np.testing.assert_allclose(got.numpy(), expected, atol=2e-5)
+            if not kw.get("do_sample"):
+                j = jm.generate(ids, mask, max_new_tokens=8, return_dict_in_generate=True, **kw)
+                np.testing.assert_allclose(jm.compute_transition_scores(j.sequences, j.scores, j.beam_indices,
+                                                                        normalize_logits=norm), expected, atol=2e-5)
     plain = np.asarray(jm.generate(ids, mask, max_new_tokens=8, **{k: v for k, v in kw.items()
                                                                    if not k.startswith("output_")}))
     assert isinstance(plain, np.ndarray)
