@@ -114,11 +114,12 @@ def result(out: tuple, num_return_sequences: int, skip: int = 0) -> dict:
             "logits": None if rec_l is None else tuple(np.asarray(rec_l[:steps]))}
 
 
-def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngram: int, skip, warp=None):
+def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngram: int, skip, warp=None,
+            rules=None):
     """The logits processors on log-probabilities [B, V], in doge_jax.generate's order: no_repeat_ngram_size over
     `hist` [B, T] up to `length`, the repetition penalty over `seen` [B, V], no EOS before min_new new tokens;
     then, beam sampling, the warpers (`warp`: temperature, top_k, top_p, min_p, min_keep, cutoffs)."""
-    from .generate import _ban_ngrams, _filter_logits, _penalize
+    from .generate import _apply_rules, _ban_ngrams, _filter_logits, _penalize
 
     if ngram:
         log_probs = _ban_ngrams(log_probs, hist, length, ngram, skip)
@@ -126,6 +127,8 @@ def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngr
         log_probs = _penalize(log_probs, seen, penalty)
     if eos_mask is not None:
         log_probs = jnp.where(eos_mask & (step < min_new), -jnp.inf, log_probs)
+    if rules is not None:
+        log_probs = _apply_rules(log_probs, hist, length, step, rules, skip)
     if warp is not None:
         temperature, top_k, top_p, min_p, min_keep, cutoffs = warp
         log_probs = _filter_logits(log_probs, temperature, top_k, top_p, min_p, min_keep, -jnp.inf, cutoffs)
@@ -133,7 +136,7 @@ def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngr
 
 
 def advance(state: dict, logits: jax.Array, step, P: int, consts: dict, early_stopping: bool | str,
-            never_long: bool, ngram: int, seen=None, warp=None, rng=None
+            never_long: bool, ngram: int, seen=None, warp=None, rng=None, rules=None
             ) -> tuple[dict, jax.Array, jax.Array | None, jax.Array, jax.Array]:
     """log_softmax of the running beams' logits [B * K, V], the logits processors, one beam_update; returns
     (state, rows for the cache, `seen` following the beams, the new tokens [B * K], the processed
@@ -141,7 +144,7 @@ def advance(state: dict, logits: jax.Array, step, P: int, consts: dict, early_st
     BK = logits.shape[0]
     hist = state["running"].reshape(BK, -1)
     lp = process(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), hist, P + step, step, seen,
-                 consts["penalty"], consts["eos_mask"], consts["min_new"], ngram, consts["skip"], warp)
+                 consts["penalty"], consts["eos_mask"], consts["min_new"], ngram, consts["skip"], warp, rules)
     state, rows = beam_update(state, lp, step, P, consts["eos"], consts["divisors"], consts["never_divisor"],
                               early_stopping, never_long, rng)
     tok = jax.lax.dynamic_index_in_dim(state["running"], P + step, axis=2, keepdims=False).reshape(BK)
@@ -151,10 +154,10 @@ def advance(state: dict, logits: jax.Array, step, P: int, consts: dict, early_st
 
 
 @partial(nnx.jit, static_argnames=("max_new_tokens", "num_beams", "early_stopping", "never_long", "ngram", "warp",
-                                   "record"))
+                                   "record", "rules"))
 def beam_search_cached(model, ids, mask, pos, cache, consts: dict, max_new_tokens: int, num_beams: int,
                        early_stopping, never_long: bool, ngram: int = 0, seen=None, warp=None, rng=None,
-                       record=(False, False)):
+                       record=(False, False), rules=None):
     """Prefill the prompt rows `ids` [B * K, P] (each row K times), then a while_loop of single-token steps on the
     beams, the cache rows following them; returns what result() takes (`record`: the steps' scores, logits).
     `consts`: eos, fill, divisors, never_divisor, penalty, eos_mask, min_new, skip (see generate); `warp` and `rng`:
@@ -174,7 +177,7 @@ def beam_search_cached(model, ids, mask, pos, cache, consts: dict, max_new_token
         if rng is not None:
             rng, draw = jax.random.split(rng)
         state, rows, seen, tok, lp = advance(state, logits, step, P, consts, early_stopping, never_long, ngram,
-                                             seen, warp, draw)
+                                             seen, warp, draw, rules)
         recs = tuple(None if r is None else r.at[step].set(x.astype(jnp.float32))
                      for r, x in zip(recs, (lp, logits)))
         return state, cache.reorder(rows), seen, rng, recs, tok
@@ -192,12 +195,12 @@ def beam_search_cached(model, ids, mask, pos, cache, consts: dict, max_new_token
     return state["seqs"], state["src"], state["scores"], recs[0], recs[1], steps
 
 
-_advance = jax.jit(advance, static_argnames=("P", "early_stopping", "never_long", "ngram", "warp"))
+_advance = jax.jit(advance, static_argnames=("P", "early_stopping", "never_long", "ngram", "warp", "rules"))
 
 
 def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: int, num_beams: int,
                           early_stopping, never_long: bool, ngram: int = 0, seen=None, warp=None, rng=None,
-                          record=(False, False)):
+                          record=(False, False), rules=None):
     """beam_search_cached without a cache (use_cache=False, for checking): each step runs the model over the
     whole running sequences (dense: one fixed-length buffer, later slots masked; MoE: the exact length, as
     doge_jax.generate's recompute path)."""
@@ -222,7 +225,7 @@ def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: i
         if rng is not None:
             rng, draw = jax.random.split(rng)
         state, _, seen, _, lp = _advance(state, logits, step, P, consts, early_stopping, never_long, ngram, seen,
-                                         warp, draw)
+                                         warp, draw, rules)
         recs[0].append(lp)
         recs[1].append(logits.astype(jnp.float32))
         if not bool(state["go_on"]):

@@ -365,7 +365,11 @@ GENERATION_DEFAULTS = {**SAMPLING_DEFAULTS, "repetition_penalty": 1.0, "max_new_
                        "min_length": None, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
                        "length_penalty": 1.0, "early_stopping": False, "typical_p": None, "epsilon_cutoff": None,
                        "eta_cutoff": None, "return_dict_in_generate": False, "output_scores": False,
-                       "output_logits": False}
+                       "output_logits": False, "bad_words_ids": None, "suppress_tokens": None,
+                       "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                       "exponential_decay_length_penalty": None, "remove_invalid_values": None}
+TOKEN_RULE_FIELDS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                     "forced_eos_token_id", "exponential_decay_length_penalty", "remove_invalid_values")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,7 +378,8 @@ class GenerationConfig:
     (generation_config.json's ids, else config.json's; its do_sample / temperature / top_k / top_p / min_p /
     repetition_penalty / max_new_tokens / min_new_tokens / min_length / no_repeat_ngram_size, and beam search's
     num_beams / num_return_sequences / length_penalty / early_stopping, the typical_p / epsilon_cutoff / eta_cutoff
-    sampling warpers; return_dict_in_generate / output_scores / output_logits). The model's own pad
+    sampling warpers; return_dict_in_generate / output_scores / output_logits; the TOKEN_RULE_FIELDS processors).
+    The model's own pad
     id (embedding pad row, label masking) stays config.json's. `extra` holds the file's other fields as read
     (written back by save_pretrained; generate warns about those that would change transformers' output). Frozen:
     replace it (`dataclasses.replace`) rather than assign its fields."""
@@ -402,13 +407,25 @@ class GenerationConfig:
     return_dict_in_generate: bool = False
     output_scores: bool = False
     output_logits: bool = False
+    bad_words_ids: tuple | None = None
+    suppress_tokens: tuple | None = None
+    begin_suppress_tokens: tuple | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | tuple | None = None
+    exponential_decay_length_penalty: tuple | None = None
+    remove_invalid_values: bool | None = None
     # (not part of equality or the hash: the config is a static attribute of the model, and extra fields never
     # change what the model computes)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
-    def __post_init__(self) -> None:  # EOS ids as a tuple: the config is a static (hashed) attribute of the model
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    def __post_init__(self) -> None:  # lists as tuples: the config is a static (hashed) attribute of the model
+        def frozen(x):
+            return tuple(frozen(i) for i in x) if isinstance(x, list | tuple) else x
+
+        for k in ("eos_token_id", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id",
+                  "exponential_decay_length_penalty"):
+            if isinstance(getattr(self, k), list | tuple):
+                object.__setattr__(self, k, frozen(getattr(self, k)))
 
     @classmethod
     def from_config(cls, cfg: DogeConfig) -> GenerationConfig:

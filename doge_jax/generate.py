@@ -41,7 +41,9 @@ from .generation_args import (
     output_pad,
     penalty_start,
     prompt_length,
+    rule_values,
     sampling_args,
+    token_rules,
     unsupported_message,
     warn_unsupported,
 )
@@ -135,6 +137,35 @@ def _ban_ngrams(logits: jax.Array, hist: jax.Array, length, n: int, skip=0) -> j
     return jnp.where(hits > 0, -jnp.inf, logits)
 
 
+def _apply_rules(scores: jax.Array, hist, length, step, rules, skip=0) -> jax.Array:
+    """generation_args.TokenRules on float32 scores [B, V] of new-token index `step`, as doge_torch.apply_rules;
+    `hist` [B, T] holds the rows' tokens [skip, length) (the bad words' prefixes are matched on its end)."""
+    neg = -jnp.inf
+    if rules.bad_single:
+        scores = scores.at[:, jnp.asarray(rules.bad_single)].set(neg)
+    for prefix, tok in rules.bad_multi:
+        m = len(prefix)
+        last = jax.lax.dynamic_slice_in_dim(hist, jnp.maximum(length - m, 0), m, axis=1)
+        hit = jnp.all(last == jnp.asarray(prefix, hist.dtype), axis=-1) & (length - skip >= m)
+        scores = scores.at[:, tok].set(jnp.where(hit, neg, scores[:, tok]))
+    for at, forced in rules.forced:
+        scores = jnp.where(step == at, jnp.full_like(scores, neg).at[:, jnp.asarray(forced)].set(0.0), scores)
+    if rules.remove_invalid:
+        big = jnp.finfo(scores.dtype)
+        scores = jnp.clip(jnp.where(jnp.isnan(scores), 0.0, scores), big.min, big.max)
+    if rules.decay:
+        e = jnp.asarray(rules.eos)
+        at = scores[:, e]
+        bonus = jnp.where(jnp.isfinite(at), jnp.abs(at) * jnp.asarray(rules.decay, jnp.float32)[step], 0.0)
+        scores = scores.at[:, e].set(at + bonus)
+    if rules.suppress:
+        scores = scores.at[:, jnp.asarray(rules.suppress)].set(neg)
+    if rules.begin_suppress:
+        begun = scores.at[:, jnp.asarray(rules.begin_suppress)].set(neg)
+        scores = jnp.where(step == rules.begin_step, begun, scores)
+    return scores
+
+
 def _seen_tokens(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarray:
     """[B, V] bool: the tokens of each prompt row from its first attended token on (penalty_start)."""
     B, P = ids.shape
@@ -145,13 +176,17 @@ def _seen_tokens(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarr
 
 
 def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, min_p=None, seen=None, penalty=None,
-                eos_mask=None, block_eos=None, cutoffs=None) -> tuple[jax.Array, jax.Array]:
-    """(next token per row, the step's scores: the logits after the processors and, sampling, the warpers)."""
+                eos_mask=None, block_eos=None, cutoffs=None, rules=None, hist=None, length=None, step=None,
+                skip=0) -> tuple[jax.Array, jax.Array]:
+    """(next token per row, the step's scores: the logits after the processors and, sampling, the warpers).
+    `rules` (generation_args.TokenRules) reads `hist` [B, T] (tokens [skip, length)) at new-token index `step`."""
     logits = logits.astype(jnp.float32)
     if seen is not None:  # a logits processor: before the sampling filters, and for greedy too (transformers)
         logits = _penalize(logits, seen, penalty)
     if eos_mask is not None:  # min_new_tokens / min_length: no EOS yet (transformers' processors)
         logits = jnp.where(block_eos & eos_mask, -jnp.inf, logits)
+    if rules is not None:
+        logits = _apply_rules(logits, hist, length, step, rules, skip)
     if not do_sample:
         return _argmax(logits), logits
     logits = _filter_logits(logits, temperature, top_k, top_p, min_p, cutoffs=cutoffs)
@@ -174,17 +209,19 @@ def _emit(step, tokens):
 
 
 @partial(nnx.jit, static_argnames=("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "stream",
-                                   "ngram", "cutoffs", "record"))
+                                   "ngram", "cutoffs", "record", "rules"))
 def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens: int, do_sample: bool,
                      temperature: float, top_k, top_p, min_p=None, stream: bool = False, seen=None, penalty=None,
-                     eos_mask=None, min_new=None, ngram: int = 0, skip=0, cutoffs=None, record=(False, False)):
+                     eos_mask=None, min_new=None, ngram: int = 0, skip=0, cutoffs=None, record=(False, False),
+                     rules=None):
     """Prefill, then a while_loop of single-token steps; returns (new tokens [B, N], number of steps, the steps'
     scores [N, B, V] if record[0], raw logits [N, B, V] if record[1] (else None)). `seen`
     [B, V] (the prompt's tokens) and `penalty` turn the repetition penalty on; `eos_mask` [V] and `min_new` keep
     EOS out of the first min_new new tokens; `ngram` turns no_repeat_ngram_size on, over the prompt from slot
     `skip` on (the prompt as given: the bucket padding is not transformers' input) and the new tokens."""
     B, P = ids.shape
-    hist = jnp.pad(ids, ((0, 0), (0, max_new_tokens))) if ngram else None  # prompt, then the new tokens
+    keep_hist = bool(ngram or (rules is not None and rules.bad_multi))
+    hist = jnp.pad(ids, ((0, 0), (0, max_new_tokens))) if keep_hist else None  # prompt, then the new tokens
     # Built once per call, outside the loop: joined q/k/v and gate/up weights, the RoPE table (decode.py).
     prep = prepare_decode(model, cache.capacity)
     out = model(ids, attention_mask=mask, position_ids=pos, cache=cache.unstacked(), logits_to_keep=1,
@@ -202,13 +239,13 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
     else:
         sub = rng
     tok, scores = _next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen, penalty, eos_mask,
-                              None if eos_mask is None else 0 < min_new, cutoffs)
+                              None if eos_mask is None else 0 < min_new, cutoffs, rules, hist, P, 0, skip)
     if record[0]:
         rec_s = rec_s.at[0].set(_recorded(scores))
     rows = jnp.arange(B)
     if seen is not None:
         seen = seen.at[rows, tok].set(True)
-    if ngram:
+    if keep_hist:
         hist = hist.at[:, P].set(tok)
     done = jnp.isin(tok, eos)
     if stream:
@@ -230,13 +267,14 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
         if do_sample:  # greedy decoding needs no random numbers (threefry is ~40 ops per step)
             rng, sub = jax.random.split(rng)
         new, scores = _next_token(logits, sub if do_sample else rng, do_sample, temperature, top_k, top_p, min_p,
-                                  seen, penalty, eos_mask, None if eos_mask is None else step < min_new, cutoffs)
+                                  seen, penalty, eos_mask, None if eos_mask is None else step < min_new, cutoffs,
+                                  rules, hist, P + step, step, skip)
         if record[0]:
             rec_s = rec_s.at[step].set(_recorded(scores))
         new = jnp.where(done, pad, new)
         if seen is not None:
             seen = seen.at[rows, new].set(True)
-        if ngram:
+        if keep_hist:
             hist = hist.at[:, P + step].set(new)
         out = out.at[:, step].set(new)
         if stream:
@@ -262,7 +300,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
              num_beams=FROM_CONFIG, num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG,
              early_stopping=FROM_CONFIG, typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG,
              eta_cutoff=FROM_CONFIG, return_dict_in_generate=FROM_CONFIG, output_scores=FROM_CONFIG,
-             output_logits=FROM_CONFIG):
+             output_logits=FROM_CONFIG, **processors):
     """Prompt + up to max_new_tokens new tokens [B, P + n]; finished rows are padded (pad id, else EOS).
     Arguments not given come from `generation_config` (see generation_args.call_generation_config), else
     `model.generation_config` (generation_config.json; else transformers' defaults: greedy, temperature 1, top_k 50,
@@ -278,6 +316,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     of each row, best first; sampling with num_return_sequences n repeats each row n times, as transformers.
     `return_dict_in_generate`: a GenerateOutput (doge_jax.model_output) as transformers' (numpy arrays; with
     `output_scores` each step's processed scores, with `output_logits` its raw logits, as tuples of [rows, V]).
+    `processors`: transformers' bad_words_ids, suppress_tokens, begin_suppress_tokens, forced_bos_token_id,
+    forced_eos_token_id, exponential_decay_length_penalty, remove_invalid_values (generation_args.token_rules).
 
     `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached);
     a transformers `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it.
@@ -338,6 +378,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     pos = np.where(mask, np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     seen = _seen_tokens(ids, mask, cfg.vocab_size) if penalty != 1.0 else None  # transformers: no-op at 1.0
     min_new = min_new_arg(gcfg, min_new_tokens, P)
+    rules = token_rules(gcfg, rule_values(processors), eos, P, cfg.vocab_size, max_new_tokens)
     eos_in = [e for e in eos if 0 <= e < cfg.vocab_size]
     eos_mask = np.isin(np.arange(cfg.vocab_size), eos_in) if min_new and eos_in else None
     eos_arr = jnp.asarray(eos if eos else [-1], jnp.int32)
@@ -360,7 +401,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
         warp = (float(temperature), top_k, top_p, min_p, len(eos) + 1 if eos else 2, cutoffs) if do_sample else None
         out = _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
                     early_stopping, seen, penalty, eos_mask, min_new, ngram, warp,
-                    jax.random.key(seed) if do_sample else None, record)
+                    jax.random.key(seed) if do_sample else None, record, rules)
         if not as_dict:
             return out["sequences"]
         if not record[0]:  # (as transformers: the final scores with output_scores only)
@@ -385,7 +426,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
                                           penalty=jnp.float32(penalty),
                                           eos_mask=None if eos_mask is None else jnp.asarray(eos_mask),
                                           min_new=jnp.int32(min_new), ngram=ngram, skip=jnp.int32(extra),
-                                          cutoffs=cutoffs, record=record)
+                                          cutoffs=cutoffs, record=record, rules=rules)
             out = np.asarray(out)
             steps = int(steps)
         finally:
@@ -395,7 +436,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     else:
         result, scores, logits = _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample,
                                                      float(temperature), top_k, top_p, on_token, seen, penalty,
-                                                     eos_mask, min_new, min_p, ngram, cutoffs, record)
+                                                     eos_mask, min_new, min_p, ngram, cutoffs, record, rules)
     if streamer is not None:
         streamer.end()
     return GenerateOutput(sequences=result, scores=scores, logits=logits) if as_dict else result
@@ -403,7 +444,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
 
 def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
           early_stopping, seen, penalty, eos_mask, min_new, ngram, warp=None, rng=None,
-          record=(False, False)) -> dict:
+          record=(False, False), rules=None) -> dict:
     """generate's beam search (doge_jax.beam): prompt rows [B * num_beams, P] -> the GenerateOutput fields
     (sequences [B * n_seq, P + n], ...)."""
     from .beam import beam_search_cached, beam_search_recompute, length_divisors, result
@@ -419,7 +460,7 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
               "min_new": jnp.int32(min_new), "skip": jnp.int32(0)}
     seen = None if seen is None else jnp.asarray(seen)
     static = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping,
-                  never_long=never_long, ngram=ngram, warp=warp, record=record)
+                  never_long=never_long, ngram=ngram, warp=warp, record=record, rules=rules)
     if not use_cache:
         out = result(beam_search_recompute(model, ids, mask, pos, consts, seen=seen, rng=rng, **static), n_seq)
         return out
@@ -435,7 +476,7 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,
                         on_token=None, seen=None, penalty=1.0, eos_mask=None, min_new=0, min_p=None, ngram=0,
-                        cutoffs=None, record=(False, False)):
+                        cutoffs=None, record=(False, False), rules=None):
     """No cache: run the whole sequence every step. Dense models use one fixed-length buffer (future slots are
     masked, and causality makes them invisible); CDMoE routing mixes positions (spec §3.8), so MoE runs exact
     lengths (one compile each). Returns (prompt + new tokens, the steps' scores, raw logits: tuples if recorded)."""
@@ -464,7 +505,8 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
             logits = _ban_ngrams(logits, jnp.asarray(buf), cur, ngram)
         rng, sub = jax.random.split(rng)
         tok, scores = _next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen,
-                                  jnp.float32(penalty), eos_mask, jnp.bool_(n < min_new), cutoffs)
+                                  jnp.float32(penalty), eos_mask, jnp.bool_(n < min_new), cutoffs, rules,
+                                  jnp.asarray(buf), cur, n)
         tok = np.asarray(tok)
         if record[0]:
             rec_s.append(np.asarray(_recorded(scores)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 RIGHT_PADDED = ("a prompt row ends in padding (attention_mask 0 at the end): new tokens follow the padding; pad "
@@ -74,10 +76,9 @@ DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call n
 # _NEUTRAL_FIELDS / _NO_EFFECT_VALUES): passed to generate with an effect, refused by name
 _NOT_IMPLEMENTED = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                     "assistant_model", "assistant_tokenizer", "tokenizer", "negative_prompt_ids",
-                    "negative_prompt_attention_mask", "custom_generate", "use_model_defaults", "bad_words_ids",
-                    "force_words_ids", "constraints", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
-                    "guidance_scale", "exponential_decay_length_penalty", "forced_bos_token_id",
-                    "forced_eos_token_id", "remove_invalid_values", "penalty_alpha", "top_h", "stop_strings",
+                    "negative_prompt_attention_mask", "custom_generate", "use_model_defaults",
+                    "force_words_ids", "constraints", "sequence_bias",
+                    "guidance_scale", "penalty_alpha", "top_h", "stop_strings",
                     "watermarking_config", "token_healing", "diversity_penalty", "num_beam_groups",
                     "encoder_repetition_penalty", "encoder_no_repeat_ngram_size", "dola_layers", "max_time"}
 # ... and those that change nothing here: ids generate does not read, a softmax
@@ -118,6 +119,101 @@ def check_generate_kwargs(kwargs: dict) -> None:
                          "epsilon_cutoff, eta_cutoff, "
                          "repetition_penalty, no_repeat_ngram_size, min_new_tokens / min_length, EOS and streamer; "
                          "beam search (num_beams, num_return_sequences, length_penalty, early_stopping)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRules:
+    """transformers' other logits processors of a generate call, in its order after min_new_tokens (hashable: a
+    static argument of doge_jax's compiled loops). Steps count new tokens from 0; the prompt has P tokens."""
+
+    bad_single: tuple[int, ...] = ()  # bad_words_ids of one token: never chosen
+    bad_multi: tuple[tuple[tuple[int, ...], int], ...] = ()  # (prefix, token): not chosen right after the prefix
+    forced: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (step, ids): the only choices at that step (forced BOS
+    # where the row holds one token: a one-token prompt's step 0; forced EOS: the last step)
+    remove_invalid: bool = False  # NaN -> 0, +-inf -> float32's max / min
+    decay: tuple[float, ...] = ()  # exponential_decay_length_penalty: per step, factor ** (step - start) - 1
+    eos: tuple[int, ...] = ()  # (the EOS ids the decay raises)
+    suppress: tuple[int, ...] = ()  # suppress_tokens: never chosen
+    begin_suppress: tuple[int, ...] = ()  # begin_suppress_tokens: not chosen at step begin_step
+    begin_step: int = 0
+
+    @property
+    def history(self) -> int:
+        """How many earlier tokens the rules read (the longest bad-words prefix)."""
+        return max((len(p) for p, _ in self.bad_multi), default=0)
+
+
+def rule_values(given: dict) -> dict:
+    """generate's **processors as token_rules' values: each TOKEN_RULE_FIELDS name, FROM_CONFIG where not given;
+    another name is Python's TypeError for an unexpected keyword argument."""
+    from .config import TOKEN_RULE_FIELDS
+
+    unknown = [k for k in given if k not in TOKEN_RULE_FIELDS]
+    if unknown:
+        raise TypeError(f"generate() got an unexpected keyword argument {unknown[0]!r}")
+    return {k: given.get(k, FROM_CONFIG) for k in TOKEN_RULE_FIELDS}
+
+
+def pop_rule_values(kwargs: dict) -> dict:
+    """The TOKEN_RULE_FIELDS arguments among a model.generate call's **kwargs, popped."""
+    from .config import TOKEN_RULE_FIELDS
+
+    return {k: kwargs.pop(k) for k in TOKEN_RULE_FIELDS if k in kwargs}
+
+
+def token_rules(gen, values: dict, eos: list[int], prompt_len: int, vocab_size: int,
+                max_new_tokens: int) -> TokenRules | None:
+    """The TokenRules of a generate call: `values` maps bad_words_ids, suppress_tokens, begin_suppress_tokens,
+    forced_bos_token_id, forced_eos_token_id, exponential_decay_length_penalty, remove_invalid_values to the call's
+    values (FROM_CONFIG: the generation config's), checked (token ids in the vocabulary); None when none acts."""
+    v = {k: getattr(gen, k) if x is FROM_CONFIG else x for k, x in values.items()}
+
+    def ids(name, value, nested=False) -> tuple:
+        items = value if isinstance(value, list | tuple) else [value]
+        if nested and (not items or any(not isinstance(x, list | tuple) or not x for x in items)):
+            raise ValueError(f"{name}={value!r}: a non-empty list of non-empty lists of token ids")
+        flat = [t for x in items for t in x] if nested else items
+        bad = [t for t in flat if not _is_int(t) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name}={value!r}: token ids must be integers in [0, vocab_size={vocab_size}), got "
+                             f"{bad[0]!r}")
+        return tuple(tuple(int(t) for t in x) for x in items) if nested else tuple(int(t) for t in items)
+
+    rules = {}
+    if v["bad_words_ids"] is not None:  # (transformers drops a bad word that is one EOS id)
+        words = [w for w in ids("bad_words_ids", v["bad_words_ids"], nested=True) if not (len(w) == 1 and w[0] in eos)]
+        rules["bad_single"] = tuple(sorted({w[0] for w in words if len(w) == 1}))
+        rules["bad_multi"] = tuple((w[:-1], w[-1]) for w in words if len(w) > 1)
+    forced = []
+    if v["forced_bos_token_id"] is not None:
+        bos = ids("forced_bos_token_id", v["forced_bos_token_id"])
+        if prompt_len == 1:
+            forced.append((0, bos[:1]))
+    if v["forced_eos_token_id"] is not None:
+        forced.append((max_new_tokens - 1, ids("forced_eos_token_id", v["forced_eos_token_id"])))
+    rules["forced"] = tuple(forced)
+    rv = v["remove_invalid_values"]
+    if rv is not None and not isinstance(rv, bool | np.bool_):
+        raise ValueError(f"remove_invalid_values={rv!r}: must be True or False")
+    rules["remove_invalid"] = bool(rv)
+    decay = v["exponential_decay_length_penalty"]
+    if decay is not None:
+        if (not isinstance(decay, list | tuple) or len(decay) != 2 or not _is_int(decay[0])
+                or isinstance(decay[1], bool) or not isinstance(decay[1], int | float | np.number)):
+            raise ValueError(f"exponential_decay_length_penalty={decay!r}: (start_index, decay_factor)")
+        start, factor = int(decay[0]), float(decay[1])
+        if eos:  # (Python's float power rounded once to float32, as transformers' scalar multiplies its scores)
+            rules["decay"] = tuple(float(np.float32(factor ** (s - start) - 1)) if s > start else 0.0
+                                   for s in range(max_new_tokens))
+            rules["eos"] = tuple(e for e in eos if 0 <= e < vocab_size)
+    if v["suppress_tokens"] is not None:
+        rules["suppress"] = ids("suppress_tokens", v["suppress_tokens"])
+    if v["begin_suppress_tokens"] is not None:
+        rules["begin_suppress"] = ids("begin_suppress_tokens", v["begin_suppress_tokens"])
+        # transformers: the first new token, one later where a one-token prompt gets the forced BOS first
+        rules["begin_step"] = 0 if prompt_len > 1 or v["forced_bos_token_id"] is None else 1
+    out = TokenRules(**rules)
+    return None if out == TokenRules(remove_invalid=False) else out
 
 
 def output_args(gen, return_dict_in_generate, output_scores, output_logits) -> tuple[bool, bool, bool]:

@@ -513,7 +513,8 @@ def generation_config_from_dict(gen: dict, cfg: DogeConfig, where: str) -> Gener
 def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
                            max_new_tokens, min_new_tokens, min_length, no_repeat_ngram_size, num_beams,
                            num_return_sequences, length_penalty, early_stopping, typical_p, epsilon_cutoff,
-                           eta_cutoff, return_dict_in_generate, output_scores, output_logits) -> None:
+                           eta_cutoff, return_dict_in_generate, output_scores, output_logits, remove_invalid_values,
+                           **token_rules) -> None:
     """generation_config.json's generate settings have the types generate takes. Their values are checked when
     generate uses them, as transformers does (a greedy call never looks at temperature)."""
     def number(v):
@@ -523,7 +524,13 @@ def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, 
     flags = (("do_sample", do_sample), ("return_dict_in_generate", return_dict_in_generate),
              ("output_scores", output_scores), ("output_logits", output_logits))
     wrong = next(((n, v) for n, v in flags if not isinstance(v, bool)), None)
-    if wrong:
+    if remove_invalid_values is not None and not isinstance(remove_invalid_values, bool):
+        wrong = ("remove_invalid_values", remove_invalid_values)
+    shapes = next(((n, v) for n, v in token_rules.items() if v is not None and not isinstance(v, int | list | tuple)
+                   or isinstance(v, bool)), None)  # (ids themselves are checked when generate uses them)
+    if shapes:
+        bad = f"{shapes[0]}={shapes[1]!r}: must be a token id or a list"
+    elif wrong:
         bad = f"{wrong[0]}={wrong[1]!r}: must be true or false"
     elif not number(temperature):
         bad = f"temperature={temperature!r}: must be a number"

@@ -16,7 +16,7 @@ from flax import nnx
 
 from .attention import MaskInfo, attention
 from .config import DogeConfig, GenerationConfig
-from .generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs
+from .generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs, pop_rule_values
 from .model_output import OutputAccess, hidden_state_selection
 
 
@@ -614,6 +614,7 @@ class DogeForCausalLM(nnx.Module):
         from .generate import generate
 
         generation_config = call_min_length(self, generation_config, kwargs)  # (transformers' total length)
+        processors = pop_rule_values(kwargs)
         check_generate_kwargs(kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
@@ -625,7 +626,7 @@ class DogeForCausalLM(nnx.Module):
                         length_penalty=length_penalty, early_stopping=early_stopping,
                         typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
                         return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
-                        output_logits=output_logits)
+                        output_logits=output_logits, **processors)
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False
                                   ) -> np.ndarray:

@@ -27,7 +27,9 @@ from doge_jax.generation_args import (
     output_pad,
     penalty_start,
     prompt_length,
+    rule_values,
     sampling_args,
+    token_rules,
     warn_unsupported,
 )
 from doge_jax.model_output import GenerateOutput
@@ -90,6 +92,39 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
         return logits.argmax(-1)
     return torch.multinomial(warp(logits, temperature, top_k, top_p, min_p, cutoffs=cutoffs).softmax(-1), 1,
                              generator=gen)[:, 0]
+
+
+def apply_rules(scores: torch.Tensor, ids: torch.Tensor, step: int, rules) -> torch.Tensor:
+    """generation_args.TokenRules on float32 scores [B, V] of new-token index `step` (`ids` [B, L] the rows so far,
+    prompt and padding included), in transformers' order: bad words, forced BOS / EOS, NaN/inf removal, the EOS
+    length bonus, suppressed tokens."""
+    dev, inf = scores.device, float("inf")
+    if rules.bad_single:
+        scores = scores.index_fill(1, torch.tensor(rules.bad_single, device=dev), -inf)
+    for prefix, tok in rules.bad_multi:
+        if len(prefix) <= ids.shape[1]:
+            hit = (ids[:, -len(prefix):] == torch.tensor(prefix, device=dev)).all(-1)
+            scores = scores.clone()
+            scores[:, tok] = scores[:, tok].masked_fill(hit, -inf)
+    for at, forced in rules.forced:
+        if step == at:
+            scores = torch.full_like(scores, -inf)
+            scores[:, list(forced)] = 0.0
+    if rules.remove_invalid:
+        big = torch.finfo(scores.dtype)
+        scores = torch.where(scores != scores, 0.0, scores)
+        scores = scores.clamp(big.min, big.max)
+    if rules.decay and rules.decay[step]:
+        e = torch.tensor(rules.eos, device=dev)
+        at = scores[:, e]
+        bonus = torch.zeros_like(scores)
+        bonus[:, e] = (at.abs() * rules.decay[step]).masked_fill(~torch.isfinite(at), 0.0)
+        scores = scores + bonus
+    if rules.suppress:
+        scores = scores.index_fill(1, torch.tensor(rules.suppress, device=dev), -inf)
+    if rules.begin_suppress and step == rules.begin_step:
+        scores = scores.index_fill(1, torch.tensor(rules.begin_suppress, device=dev), -inf)
+    return scores
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -161,7 +196,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              streamer=None, no_repeat_ngram_size=FROM_CONFIG, num_beams=FROM_CONFIG,
              num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG, early_stopping=FROM_CONFIG,
              typical_p=FROM_CONFIG, epsilon_cutoff=FROM_CONFIG, eta_cutoff=FROM_CONFIG,
-             return_dict_in_generate=FROM_CONFIG, output_scores=FROM_CONFIG, output_logits=FROM_CONFIG):
+             return_dict_in_generate=FROM_CONFIG, output_scores=FROM_CONFIG, output_logits=FROM_CONFIG,
+             **processors):
     """Prompt + up to max_new_tokens new tokens per row; finished rows are padded (pad id, else EOS). Arguments
     not given come from `generation_config`, else `model.generation_config` (generation_config.json; else
     transformers' defaults: greedy, temperature 1, top_k 50, no top-p / min-p, no repetition penalty; 20 new tokens, or
@@ -177,7 +213,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     `num_beams` > 1: transformers' beam search (doge_torch.beam; with `length_penalty`, `early_stopping`), returning
     the best `num_return_sequences` sequences of each row; sampling with num_return_sequences n repeats each row n
     times (transformers' rows and, from the same seed, its tokens). `return_dict_in_generate`: a GenerateOutput
-    (doge_jax.model_output) as transformers' (with `output_scores` / `output_logits`)."""
+    (doge_jax.model_output) as transformers' (with `output_scores` / `output_logits`). `processors`: transformers'
+    bad_words_ids, suppress_tokens, begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
+    exponential_decay_length_penalty, remove_invalid_values (generation_args.token_rules)."""
     if cache_implementation not in (None, "dynamic", "static"):
         raise ValueError(f"cache_implementation={cache_implementation!r}: None, 'dynamic' or 'static'")
     static = cache_implementation == "static"
@@ -248,6 +286,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     start = torch.as_tensor(penalty_start(attention_mask.cpu().numpy()), device=device)
     P = ids.shape[1]
     min_new = min_new_arg(gcfg, min_new_tokens, P)
+    rules = token_rules(gcfg, rule_values(processors), eos, P, cfg.vocab_size, max_new_tokens)
     eos_in = [e for e in eos if 0 <= e < cfg.vocab_size]
     eos_cols = torch.tensor(eos_in, dtype=torch.long, device=device) if min_new and eos_in else None
     decoder = _Decoder(model, use_cache, static, -(-(P + max_new_tokens) // SLOTS) * SLOTS)  # (slots rounded
@@ -260,6 +299,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             logits = ban_repeated_ngrams(logits, seqs, ngram)
         if eos_cols is not None and new < min_new:  # min_new_tokens / min_length: no EOS yet
             logits = logits.index_fill(1, eos_cols, float("-inf"))
+        if rules is not None:
+            logits = apply_rules(logits, seqs, new, rules)
         if do_sample and num_beams > 1:  # beam sampling: the warpers act on the log-probabilities too
             logits = warp(logits, temperature, top_k, top_p, min_p, min_keep=len(eos) + 1 if eos else 2,
                           cutoffs=cutoffs)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from doge_jax.config import DogeConfig, GenerationConfig
-from doge_jax.generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs
+from doge_jax.generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs, pop_rule_values
 from doge_jax.model_output import OutputAccess, hidden_state_selection
 from doge_torch.loss import IGNORE, causal_lm_loss, causal_lm_loss_fused
 from doge_torch.triton_attention import dma_triton, triton_available, use_sparse
@@ -1055,6 +1055,7 @@ class DogeForCausalLM(nn.Module):
         from .generate import generate
 
         generation_config = call_min_length(self, generation_config, kwargs)  # (transformers' total length)
+        processors = pop_rule_values(kwargs)
         check_generate_kwargs(kwargs)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
@@ -1067,7 +1068,7 @@ class DogeForCausalLM(nn.Module):
                         early_stopping=early_stopping,
                         typical_p=typical_p, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
                         return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
-                        output_logits=output_logits)
+                        output_logits=output_logits, **processors)
 
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False
                                   ) -> torch.Tensor:
