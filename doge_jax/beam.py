@@ -110,8 +110,8 @@ def result(out: tuple, num_return_sequences: int, skip: int = 0) -> dict:
     return {"sequences": seqs.reshape(-1, seqs.shape[-1])[:, skip:P + n],
             "sequences_scores": np.asarray(scores)[:, :k].reshape(-1),
             "beam_indices": src.reshape(-1, src.shape[-1])[:, :n],
-            "scores": None if rec_s is None else tuple(np.asarray(rec_s[:steps])),
-            "logits": None if rec_l is None else tuple(np.asarray(rec_l[:steps]))}
+            "scores": None if rec_s is None else tuple(np.asarray(rec_s)[:steps]),
+            "logits": None if rec_l is None else tuple(np.asarray(rec_l)[:steps])}
 
 
 def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngram: int, skip, warp=None,

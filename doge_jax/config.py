@@ -410,7 +410,7 @@ class GenerationConfig:
     bad_words_ids: tuple | None = None
     suppress_tokens: tuple | None = None
     begin_suppress_tokens: tuple | None = None
-    forced_bos_token_id: int | None = None
+    forced_bos_token_id: int | tuple | None = None
     forced_eos_token_id: int | tuple | None = None
     exponential_decay_length_penalty: tuple | None = None
     remove_invalid_values: bool | None = None
@@ -422,8 +422,8 @@ class GenerationConfig:
         def frozen(x):
             return tuple(frozen(i) for i in x) if isinstance(x, list | tuple) else x
 
-        for k in ("eos_token_id", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id",
-                  "exponential_decay_length_penalty"):
+        for k in ("eos_token_id", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+                  "forced_eos_token_id", "exponential_decay_length_penalty"):
             if isinstance(getattr(self, k), list | tuple):
                 object.__setattr__(self, k, frozen(getattr(self, k)))
 

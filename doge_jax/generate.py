@@ -189,14 +189,9 @@ def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, min_p=N
         logits = _apply_rules(logits, hist, length, step, rules, skip)
     if not do_sample:
         return _argmax(logits), logits
-    logits = _filter_logits(logits, temperature, top_k, top_p, min_p, cutoffs=cutoffs)
+    logits = _filter_logits(logits, temperature, top_k, top_p, min_p, neg=-jnp.inf, cutoffs=cutoffs)  # (as
+    # transformers' warpers: the step's scores record dropped tokens at -inf)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32), logits
-
-
-def _recorded(scores: jax.Array) -> jax.Array:
-    """A step's scores as transformers records them: the warpers' dropped tokens at -inf (_filter_logits marks them
-    with float32's lowest value)."""
-    return jnp.where(scores == jnp.finfo(jnp.float32).min, -jnp.inf, scores)
 
 
 _STREAM_SINK = [None]  # the Python callable that receives streamed tokens (set by `generate(..., on_token=)`)
@@ -241,7 +236,7 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
     tok, scores = _next_token(logits, sub, do_sample, temperature, top_k, top_p, min_p, seen, penalty, eos_mask,
                               None if eos_mask is None else 0 < min_new, cutoffs, rules, hist, P, 0, skip)
     if record[0]:
-        rec_s = rec_s.at[0].set(_recorded(scores))
+        rec_s = rec_s.at[0].set(scores)
     rows = jnp.arange(B)
     if seen is not None:
         seen = seen.at[rows, tok].set(True)
@@ -270,7 +265,7 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
                                   seen, penalty, eos_mask, None if eos_mask is None else step < min_new, cutoffs,
                                   rules, hist, P + step, step, skip)
         if record[0]:
-            rec_s = rec_s.at[step].set(_recorded(scores))
+            rec_s = rec_s.at[step].set(scores)
         new = jnp.where(done, pad, new)
         if seen is not None:
             seen = seen.at[rows, new].set(True)
@@ -432,7 +427,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
         finally:
             _STREAM_SINK[0] = None
         result = np.concatenate([ids, out[:, :steps]], axis=1)
-        scores, logits = (None if r is None else tuple(np.asarray(r[:steps])) for r in (rec_s, rec_l))
+        scores, logits = (None if r is None else tuple(np.asarray(r)[:steps]) for r in (rec_s, rec_l))
     else:
         result, scores, logits = _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample,
                                                      float(temperature), top_k, top_p, on_token, seen, penalty,
@@ -509,7 +504,7 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
                                   jnp.asarray(buf), cur, n)
         tok = np.asarray(tok)
         if record[0]:
-            rec_s.append(np.asarray(_recorded(scores)))
+            rec_s.append(np.asarray(scores))
         tok = np.where(done, pad, tok)
         if seen is not None:
             seen = seen.at[np.arange(B), tok].set(True)
@@ -795,7 +790,7 @@ def _main(argv=None) -> int:
                      min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
                      no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
                      else args.no_repeat_ngram_size, typical_p=cutoffs[0], epsilon_cutoff=cutoffs[1],
-                     eta_cutoff=cutoffs[2])
+                     eta_cutoff=cutoffs[2], return_dict_in_generate=False)
     except Exception:  # noqa: BLE001 - the callback's exception, wrapped by JAX
         if not stopped:
             raise
@@ -850,7 +845,7 @@ def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature,
                        no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
                        else args.no_repeat_ngram_size, num_beams=num_beams, num_return_sequences=n_seq,
                        length_penalty=length_penalty, early_stopping=early_stopping, typical_p=cutoffs[0],
-                       epsilon_cutoff=cutoffs[1], eta_cutoff=cutoffs[2])
+                       epsilon_cutoff=cutoffs[1], eta_cutoff=cutoffs[2], return_dict_in_generate=False)
     t1 = time.perf_counter()
     eos = [] if args.no_eos else eos_ids(None, model.generation_config)
     for row in np.asarray(out):

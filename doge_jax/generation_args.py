@@ -169,7 +169,11 @@ def token_rules(gen, values: dict, eos: list[int], prompt_len: int, vocab_size: 
     v = {k: getattr(gen, k) if x is FROM_CONFIG else x for k, x in values.items()}
 
     def ids(name, value, nested=False) -> tuple:
+        if hasattr(value, "tolist"):  # a numpy array or torch tensor
+            value = value.tolist()
         items = value if isinstance(value, list | tuple) else [value]
+        if not items:
+            raise ValueError(f"{name}={value!r}: a token id or a non-empty list of them")
         if nested and (not items or any(not isinstance(x, list | tuple) or not x for x in items)):
             raise ValueError(f"{name}={value!r}: a non-empty list of non-empty lists of token ids")
         flat = [t for x in items for t in x] if nested else items
@@ -188,7 +192,7 @@ def token_rules(gen, values: dict, eos: list[int], prompt_len: int, vocab_size: 
     if v["forced_bos_token_id"] is not None:
         bos = ids("forced_bos_token_id", v["forced_bos_token_id"])
         if prompt_len == 1:
-            forced.append((0, bos[:1]))
+            forced.append((0, bos))
     if v["forced_eos_token_id"] is not None:
         forced.append((max_new_tokens - 1, ids("forced_eos_token_id", v["forced_eos_token_id"])))
     rules["forced"] = tuple(forced)
@@ -202,10 +206,18 @@ def token_rules(gen, values: dict, eos: list[int], prompt_len: int, vocab_size: 
                 or isinstance(decay[1], bool) or not isinstance(decay[1], int | float | np.number)):
             raise ValueError(f"exponential_decay_length_penalty={decay!r}: (start_index, decay_factor)")
         start, factor = int(decay[0]), float(decay[1])
-        if eos:  # (Python's float power rounded once to float32, as transformers' scalar multiplies its scores)
-            rules["decay"] = tuple(float(np.float32(factor ** (s - start) - 1)) if s > start else 0.0
-                                   for s in range(max_new_tokens))
-            rules["eos"] = tuple(e for e in eos if 0 <= e < vocab_size)
+        in_vocab = tuple(e for e in eos if 0 <= e < vocab_size)
+        if in_vocab:  # (no EOS id to raise, e.g. --no-eos: nothing to do)
+            def bonus(n: int) -> float:  # Python's float power rounded once to float32, as transformers' scalar
+                try:  # multiplies its scores (past float32's range: inf, as that cast gives)
+                    v = factor ** n - 1
+                except OverflowError:
+                    v = float("inf")
+                with np.errstate(over="ignore"):
+                    return float(np.float32(v))
+
+            rules["decay"] = tuple(bonus(s - start) if s > start else 0.0 for s in range(max_new_tokens))
+            rules["eos"] = in_vocab
     if v["suppress_tokens"] is not None:
         rules["suppress"] = ids("suppress_tokens", v["suppress_tokens"])
     if v["begin_suppress_tokens"] is not None:

@@ -186,13 +186,13 @@ def test_cli_takes_the_files_max_length(model_dir, tmp_path, capsys):
     assert "max_length=3 (the generation config's): must be an int above the prompt's 3 tokens" in (
         capsys.readouterr().err)
     # a field generate ignores: one note before the output (its warning used to land inside the streamed tokens)
-    json.dump({**gen, "guidance_scale": 1.5}, open(path, "w"))
+    json.dump({**gen, "diversity_penalty": 0.5}, open(path, "w"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main(["--model", str(d), "--prompt-ids", "5", "6", "7", "--max-new-tokens", "3", "--no-eos"]) == 0
     got = capsys.readouterr()
     assert len(got.out.split("|")[1].split()) == 3
-    assert got.err.startswith("note: the model's generation_config.json sets guidance_scale=1.5: not implemented")
+    assert got.err.startswith("note: the model's generation_config.json sets diversity_penalty=0.5: not implemented")
 
 
 def test_cli_prompt_ids_with_a_tokenizer_and_metaspace_stream(model_dir, tmp_path, capsys):
@@ -513,9 +513,9 @@ def test_generation_config_argument_as_transformers(tmp_path):
             m.generate(conv(ids), generation_config={"max_length": 6})
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            m.generate(conv(ids), generation_config={"guidance_scale": 1.5, "do_sample": False}, max_new_tokens=2)
-        assert [str(x.message) for x in w if "guidance_scale" in str(x.message)] == [
-            "generation_config sets guidance_scale=1.5: not implemented by this generate, ignored (transformers' "
+            m.generate(conv(ids), generation_config={"diversity_penalty": 0.5, "do_sample": False}, max_new_tokens=2)
+        assert [str(x.message) for x in w if "diversity_penalty" in str(x.message)] == [
+            "generation_config sets diversity_penalty=0.5: not implemented by this generate, ignored (transformers' "
             "output may differ)"]
         beams = m.generate(conv(ids), generation_config={"num_beams": 3, "num_return_sequences": 2, "do_sample": False},
                            max_new_tokens=2)  # (beam search: tests/test_beam_search.py)
@@ -961,7 +961,7 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
 
     # generation_config.json: repetition_penalty and max_new_tokens are defaults; other fields warned about, kept
     gen = {"bos_token_id": 0, "eos_token_id": 1, "repetition_penalty": 1.5, "max_new_tokens": 14,
-           "guidance_scale": 1.5, "num_beams": 1, "transformers_version": "5.23.0", "use_cache": True,
+           "diversity_penalty": 0.5, "num_beams": 1, "transformers_version": "5.23.0", "use_cache": True,
            "max_length": 20, "is_assistant": False, "return_legacy_cache": True, "generation_kwargs": {}}
     json.dump(gen, open(f"{d}/generation_config.json", "w"))
     ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
@@ -972,7 +972,7 @@ def test_repetition_penalty_and_length_as_transformers(tmp_path, capsys):
             warnings.simplefilter("always")
             out = np.asarray(m.generate(conv(ids[:1])))  # the file's penalty and length
         assert [str(w.message) for w in caught] == [
-            "the model's generation_config.json sets guidance_scale=1.5: not implemented by this generate, "
+            "the model's generation_config.json sets diversity_penalty=0.5: not implemented by this generate, "
             "ignored (transformers' output may differ)"], name
         np.testing.assert_array_equal(out, hf_row0(ref, ids, 1.5, 14), err_msg=name)
         assert np.asarray(m.generate(conv(ids[:1]), max_new_tokens=3, repetition_penalty=1.0)).shape == (1, 9)

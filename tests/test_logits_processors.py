@@ -116,3 +116,49 @@ def test_processors_from_generation_config_json(models, tmp_path):
                          (dict(remove_invalid_values="yes"), "must be True or False")):
             with pytest.raises(ValueError, match=msg):
                 m.generate(conv(ids), max_new_tokens=2, **bad)
+
+
+def test_processor_edge_cases(models, tmp_path, capsys):
+    """The review's cases: the EOS bonus with no EOS id in the vocabulary (--no-eos) is a no-op, not a crash; a
+    bonus past float32's range is inf, as transformers' cast (not an OverflowError up front); an empty forced-EOS
+    list is refused, named; several forced-BOS ids, and ids given as arrays, as transformers; with
+    remove_invalid_values the recorded scores hold float32's lowest value where transformers has it; the command
+    line with return_dict_in_generate in the file prints the sequences."""
+    d, ref, tm, jm = models
+    ids = np.random.default_rng(0).integers(0, 128, (2, 6))
+    t_ids = torch.as_tensor(ids)
+    plain = np.asarray(jm.generate(ids, max_new_tokens=6, eos_token_id=-1))
+    for m, conv in ((tm, torch.as_tensor), (jm, np.asarray)):
+        np.testing.assert_array_equal(np.asarray(m.generate(conv(ids), max_new_tokens=6, eos_token_id=-1,
+                                                            exponential_decay_length_penalty=(1, 1.5))), plain)
+        with pytest.raises(ValueError, match=r"forced_eos_token_id=\[\]: a token id or a non-empty list"):
+            m.generate(conv(ids), max_new_tokens=2, forced_eos_token_id=[])
+    kw = dict(max_new_tokens=40, eos_token_id=[5], exponential_decay_length_penalty=(0, 1e10))
+    with torch.no_grad():
+        want = ref.generate(t_ids, attention_mask=torch.ones_like(t_ids), do_sample=False, **kw).numpy()
+    np.testing.assert_array_equal(tm.generate(t_ids, **kw).numpy(), want)
+    np.testing.assert_array_equal(np.asarray(jm.generate(ids, **kw)), want)
+    one = np.array([[3]])
+    kw = dict(max_new_tokens=4, forced_bos_token_id=[11, 12], suppress_tokens=np.array([36, 44]),
+              return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        want = ref.generate(torch.as_tensor(one), attention_mask=torch.ones(1, 1, dtype=torch.long),
+                            do_sample=False, **kw)
+    for out in (tm.generate(torch.as_tensor(one), **kw), jm.generate(one, **kw)):
+        np.testing.assert_array_equal(np.asarray(out.sequences), want.sequences.numpy())
+        np.testing.assert_array_equal(np.asarray(out.scores[0]), want.scores[0].numpy())  # 0 at both BOS ids
+    kw = dict(max_new_tokens=5, eos_token_id=[5, 9], min_new_tokens=3, remove_invalid_values=True,
+              return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        want = ref.generate(t_ids, attention_mask=torch.ones_like(t_ids), do_sample=False, **kw)
+    for out in (tm.generate(t_ids, **kw), jm.generate(ids, **kw), jm.generate(ids, use_cache=False, **kw)):
+        for a, b in zip(out.scores, want.scores):
+            np.testing.assert_allclose(np.asarray(a), b.numpy(), atol=2e-5)  # (finite: float32's lowest at EOS)
+    from doge_jax.generate import main
+
+    d2 = str(tmp_path / "m")
+    shutil.copytree(d, d2)
+    json.dump({"return_dict_in_generate": True, "output_scores": True}, open(f"{d2}/generation_config.json", "w"))
+    for flags in (["--num-beams", "2"], ["--do-sample", "--num-return-sequences", "2"], []):
+        assert main(["--model", d2, "--prompt-ids", "3", "14", "15", "--max-new-tokens", "4", *flags]) == 0
+        assert capsys.readouterr().out.startswith("3 14 15 | ")
