@@ -119,8 +119,10 @@ def process(log_probs, hist, length, step, seen, penalty, eos_mask, min_new, ngr
     """The logits processors on log-probabilities [B, V], in doge_jax.generate's order: no_repeat_ngram_size over
     `hist` [B, T] up to `length`, the repetition penalty over `seen` [B, V], no EOS before min_new new tokens;
     then, beam sampling, the warpers (`warp`: temperature, top_k, top_p, min_p, min_keep, cutoffs)."""
-    from .generate import _apply_rules, _ban_ngrams, _filter_logits, _penalize
+    from .generate import _apply_bias, _apply_rules, _ban_ngrams, _filter_logits, _penalize
 
+    if rules is not None:  # sequence_bias: transformers' first processor
+        log_probs = _apply_bias(log_probs, hist, length, rules, skip)
     if ngram:
         log_probs = _ban_ngrams(log_probs, hist, length, ngram, skip)
     if seen is not None:

@@ -367,9 +367,11 @@ GENERATION_DEFAULTS = {**SAMPLING_DEFAULTS, "repetition_penalty": 1.0, "max_new_
                        "eta_cutoff": None, "return_dict_in_generate": False, "output_scores": False,
                        "output_logits": False, "bad_words_ids": None, "suppress_tokens": None,
                        "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-                       "exponential_decay_length_penalty": None, "remove_invalid_values": None}
-TOKEN_RULE_FIELDS = ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
-                     "forced_eos_token_id", "exponential_decay_length_penalty", "remove_invalid_values")
+                       "exponential_decay_length_penalty": None, "remove_invalid_values": None,
+                       "sequence_bias": None}
+TOKEN_RULE_FIELDS = ("sequence_bias", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                     "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+                     "remove_invalid_values")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,17 +416,20 @@ class GenerationConfig:
     forced_eos_token_id: int | tuple | None = None
     exponential_decay_length_penalty: tuple | None = None
     remove_invalid_values: bool | None = None
+    sequence_bias: tuple | None = None
     # (not part of equality or the hash: the config is a static attribute of the model, and extra fields never
     # change what the model computes)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:  # lists as tuples: the config is a static (hashed) attribute of the model
         def frozen(x):
+            if isinstance(x, dict):  # (sequence_bias as a dict {ids: bias}: its pairs)
+                return tuple((frozen(k), v) for k, v in x.items())
             return tuple(frozen(i) for i in x) if isinstance(x, list | tuple) else x
 
         for k in ("eos_token_id", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
-                  "forced_eos_token_id", "exponential_decay_length_penalty"):
-            if isinstance(getattr(self, k), list | tuple):
+                  "forced_eos_token_id", "exponential_decay_length_penalty", "sequence_bias"):
+            if isinstance(getattr(self, k), list | tuple | dict):
                 object.__setattr__(self, k, frozen(getattr(self, k)))
 
     @classmethod

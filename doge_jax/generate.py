@@ -137,6 +137,24 @@ def _ban_ngrams(logits: jax.Array, hist: jax.Array, length, n: int, skip=0) -> j
     return jnp.where(hits > 0, -jnp.inf, logits)
 
 
+def _apply_bias(scores: jax.Array, hist, length, rules, skip=0) -> jax.Array:
+    """transformers' sequence_bias on float32 scores [B, V], as doge_torch.apply_bias (prefixes matched on the end
+    of `hist` [B, T]'s tokens [skip, length))."""
+    if not (rules.bias_single or rules.bias_multi):
+        return scores
+    bias = jnp.zeros_like(scores)
+    if rules.bias_single:
+        row = jnp.zeros(scores.shape[-1], scores.dtype).at[jnp.asarray([t for t, _ in rules.bias_single])].set(
+            jnp.asarray([b for _, b in rules.bias_single], scores.dtype))
+        bias = bias + row
+    for prefixes, toks, values in rules.bias_groups:
+        m = len(prefixes[0])
+        last = jax.lax.dynamic_slice_in_dim(hist, jnp.maximum(length - m, 0), m, axis=1)
+        hit = jnp.all(last[:, None, :] == jnp.asarray(prefixes, hist.dtype), axis=-1) & (length - skip >= m)
+        bias = bias.at[:, jnp.asarray(toks)].add(jnp.where(hit, jnp.asarray(values, scores.dtype), 0.0))
+    return scores + bias
+
+
 def _apply_rules(scores: jax.Array, hist, length, step, rules, skip=0) -> jax.Array:
     """generation_args.TokenRules on float32 scores [B, V] of new-token index `step`, as doge_torch.apply_rules;
     `hist` [B, T] holds the rows' tokens [skip, length) (the bad words' prefixes are matched on its end)."""
@@ -181,6 +199,8 @@ def _next_token(logits, rng, do_sample: bool, temperature, top_k, top_p, min_p=N
     """(next token per row, the step's scores: the logits after the processors and, sampling, the warpers).
     `rules` (generation_args.TokenRules) reads `hist` [B, T] (tokens [skip, length)) at new-token index `step`."""
     logits = logits.astype(jnp.float32)
+    if rules is not None:  # sequence_bias: transformers' first processor
+        logits = _apply_bias(logits, hist, length, rules, skip)
     if seen is not None:  # a logits processor: before the sampling filters, and for greedy too (transformers)
         logits = _penalize(logits, seen, penalty)
     if eos_mask is not None:  # min_new_tokens / min_length: no EOS yet (transformers' processors)
@@ -215,7 +235,7 @@ def _generate_cached(model, ids, mask, pos, cache, eos, pad, rng, max_new_tokens
     EOS out of the first min_new new tokens; `ngram` turns no_repeat_ngram_size on, over the prompt from slot
     `skip` on (the prompt as given: the bucket padding is not transformers' input) and the new tokens."""
     B, P = ids.shape
-    keep_hist = bool(ngram or (rules is not None and rules.bad_multi))
+    keep_hist = bool(ngram or (rules is not None and rules.history))
     hist = jnp.pad(ids, ((0, 0), (0, max_new_tokens))) if keep_hist else None  # prompt, then the new tokens
     # Built once per call, outside the loop: joined q/k/v and gate/up weights, the RoPE table (decode.py).
     prep = prepare_decode(model, cache.capacity)

@@ -77,7 +77,7 @@ DEFAULT_MAX_NEW_TOKENS = 20  # generate's max_new_tokens when neither the call n
 _NOT_IMPLEMENTED = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                     "assistant_model", "assistant_tokenizer", "tokenizer", "negative_prompt_ids",
                     "negative_prompt_attention_mask", "custom_generate", "use_model_defaults",
-                    "force_words_ids", "constraints", "sequence_bias",
+                    "force_words_ids", "constraints",
                     "guidance_scale", "penalty_alpha", "top_h", "stop_strings",
                     "watermarking_config", "token_healing", "diversity_penalty", "num_beam_groups",
                     "encoder_repetition_penalty", "encoder_no_repeat_ngram_size", "dola_layers", "max_time"}
@@ -126,6 +126,8 @@ class TokenRules:
     """transformers' other logits processors of a generate call, in its order after min_new_tokens (hashable: a
     static argument of doge_jax's compiled loops). Steps count new tokens from 0; the prompt has P tokens."""
 
+    bias_single: tuple[tuple[int, float], ...] = ()  # sequence_bias of one token: (token, bias), added first
+    bias_multi: tuple[tuple[tuple[int, ...], int, float], ...] = ()  # (prefix, token, bias) right after the prefix
     bad_single: tuple[int, ...] = ()  # bad_words_ids of one token: never chosen
     bad_multi: tuple[tuple[tuple[int, ...], int], ...] = ()  # (prefix, token): not chosen right after the prefix
     forced: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (step, ids): the only choices at that step (forced BOS
@@ -140,7 +142,16 @@ class TokenRules:
     @property
     def history(self) -> int:
         """How many earlier tokens the rules read (the longest bad-words prefix)."""
-        return max((len(p) for p, _ in self.bad_multi), default=0)
+        return max([len(p) for p, _ in self.bad_multi] + [len(p) for p, _, _ in self.bias_multi], default=0)
+
+    @property
+    def bias_groups(self) -> tuple:
+        """bias_multi grouped by prefix length, in transformers' order: ((prefixes, tokens, biases), ...)."""
+        groups: dict[int, list] = {}
+        for prefix, tok, b in self.bias_multi:
+            groups.setdefault(len(prefix), []).append((prefix, tok, b))
+        return tuple((tuple(p for p, _, _ in g), tuple(t for _, t, _ in g), tuple(b for _, _, b in g))
+                     for g in groups.values())
 
 
 def rule_values(given: dict) -> dict:
@@ -184,6 +195,19 @@ def token_rules(gen, values: dict, eos: list[int], prompt_len: int, vocab_size: 
         return tuple(tuple(int(t) for t in x) for x in items) if nested else tuple(int(t) for t in items)
 
     rules = {}
+    if v["sequence_bias"] is not None:  # [[ids, bias], ...] or {tuple(ids): bias}, as transformers
+        given = v["sequence_bias"]
+        pairs = list(given.items()) if isinstance(given, dict) else given
+        if not isinstance(pairs, list | tuple) or not pairs or any(
+                not isinstance(x, list | tuple) or len(x) != 2 or not isinstance(x[0], list | tuple)
+                or hasattr(x[0], "tolist") or isinstance(x[1], bool)
+                or not isinstance(x[1], int | float | np.number) for x in pairs):
+            raise ValueError(f"sequence_bias={given!r}: a non-empty list of [token ids, bias] pairs (or a dict "
+                             "{tuple of ids: bias})")
+        seqs = ids("sequence_bias", [list(x[0]) for x in pairs], nested=True)
+        table = dict(zip(seqs, (float(x[1]) for x in pairs)))  # (a repeated sequence: the last bias)
+        rules["bias_single"] = tuple((k[0], b) for k, b in table.items() if len(k) == 1)
+        rules["bias_multi"] = tuple((k[:-1], k[-1], b) for k, b in table.items() if len(k) > 1)
     if v["bad_words_ids"] is not None:  # (transformers drops a bad word that is one EOS id)
         words = [w for w in ids("bad_words_ids", v["bad_words_ids"], nested=True) if not (len(w) == 1 and w[0] in eos)]
         rules["bad_single"] = tuple(sorted({w[0] for w in words if len(w) == 1}))

@@ -526,8 +526,9 @@ def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, 
     wrong = next(((n, v) for n, v in flags if not isinstance(v, bool)), None)
     if remove_invalid_values is not None and not isinstance(remove_invalid_values, bool):
         wrong = ("remove_invalid_values", remove_invalid_values)
-    shapes = next(((n, v) for n, v in token_rules.items() if v is not None and not isinstance(v, int | list | tuple)
-                   or isinstance(v, bool)), None)  # (ids themselves are checked when generate uses them)
+    shapes = next(((n, v) for n, v in token_rules.items()
+                   if v is not None and not isinstance(v, int | list | tuple | dict) or isinstance(v, bool)),
+                  None)  # (ids themselves are checked when generate uses them)
     if shapes:
         bad = f"{shapes[0]}={shapes[1]!r}: must be a token id or a list"
     elif wrong:

@@ -94,6 +94,27 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
                              generator=gen)[:, 0]
 
 
+def apply_bias(scores: torch.Tensor, ids: torch.Tensor, rules) -> torch.Tensor:
+    """transformers' sequence_bias (generation_args.TokenRules) on float32 scores [B, V], its first processor: one
+    bias row (single tokens, then each prefix-length group's matches added), then added to the scores."""
+    if not (rules.bias_single or rules.bias_multi):
+        return scores
+    dev = scores.device
+    bias = torch.zeros_like(scores)
+    if rules.bias_single:
+        row = torch.zeros(scores.shape[-1], device=dev)
+        row[[t for t, _ in rules.bias_single]] = torch.tensor([b for _, b in rules.bias_single], device=dev)
+        bias += row
+    for prefixes, toks, values in rules.bias_groups:
+        m = len(prefixes[0])
+        if m > ids.shape[1]:
+            continue
+        hit = (ids[:, None, -m:] == torch.tensor(prefixes, device=dev)).all(-1)
+        bias.index_add_(1, torch.tensor(toks, device=dev),
+                        torch.where(hit, torch.tensor(values, device=dev), 0.0).to(bias.dtype))
+    return scores + bias
+
+
 def apply_rules(scores: torch.Tensor, ids: torch.Tensor, step: int, rules) -> torch.Tensor:
     """generation_args.TokenRules on float32 scores [B, V] of new-token index `step` (`ids` [B, L] the rows so far,
     prompt and padding included), in transformers' order: bad words, forced BOS / EOS, NaN/inf removal, the EOS
@@ -293,6 +314,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     # up, so that other lengths reuse the compiled step)
 
     def processors(seqs: torch.Tensor, logits: torch.Tensor, new: int) -> torch.Tensor:
+        if rules is not None:  # sequence_bias: transformers' first processor
+            logits = apply_bias(logits, seqs, rules)
         if penalty != 1.0:  # a logits processor: before sampling, greedy too (transformers; none at 1.0)
             logits = penalize(logits, seqs, start, penalty)
         if ngram:

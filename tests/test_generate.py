@@ -1171,9 +1171,8 @@ def test_streamer_and_transformers_arguments(tmp_path):
         # what transformers callers pass with no effect is accepted; the rest is named
         run(None, logits_processor=None, stopping_criteria=None, output_scores=False, no_repeat_ngram_size=0,
             return_dict_in_generate=False, synced_gpus=False)
-        with pytest.raises(ValueError, match="sequence_bias=\\[\\[\\[5\\], 1.0\\]\\]: not implemented by this "
-                                             "generate"):
-            run(None, sequence_bias=[[[5], 1.0]])
+        with pytest.raises(ValueError, match="guidance_scale=1.5: not implemented by this generate"):
+            run(None, guidance_scale=1.5)
         with pytest.raises(ValueError, match="output_attentions=True: not supported; generate returns the token"):
             run(None, output_attentions=True)
         with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_token'"):

@@ -1,4 +1,4 @@
-"""transformers' remaining logits processors in both packages: bad_words_ids (one token and sequences),
+"""transformers' remaining logits processors in both packages: sequence_bias, bad_words_ids (one token and sequences),
 suppress_tokens, begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id, exponential_decay_length_penalty,
 remove_invalid_values: transformers' very tokens, as generate arguments and from generation_config.json."""
 
@@ -34,6 +34,8 @@ CASES = [
     dict(exponential_decay_length_penalty=(2, 1.7), eos_token_id=EOS),
     dict(remove_invalid_values=True, min_new_tokens=4, eos_token_id=EOS, no_repeat_ngram_size=2),
     dict(bad_words_ids=[[50], [24, 85]], num_beams=3, eos_token_id=EOS, forced_eos_token_id=5),
+    dict(sequence_bias=[[[19], -5.0], [[56], 3.0], [[24, 85], -4.0], [[85, 106], 6.0], [[81, 65, 34], 7.5]]),
+    dict(sequence_bias={(50,): -10.0, (3, 27): 2.0}, num_beams=3, eos_token_id=EOS),
 ]
 
 
@@ -97,7 +99,7 @@ def test_processors_from_generation_config_json(models, tmp_path):
     d = str(tmp_path / "m")
     shutil.copytree(models[0], d)
     gen = {"bad_words_ids": [[50], [24, 85]], "suppress_tokens": [35], "forced_eos_token_id": 7,
-           "exponential_decay_length_penalty": [2, 1.5], "eos_token_id": EOS}
+           "exponential_decay_length_penalty": [2, 1.5], "eos_token_id": EOS, "sequence_bias": [[[19], -2.5]]}
     json.dump(gen, open(f"{d}/generation_config.json", "w"))
     ref = transformers.DogeForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
     ids = np.random.default_rng(0).integers(0, 128, (3, 9))
@@ -113,7 +115,10 @@ def test_processors_from_generation_config_json(models, tmp_path):
         for bad, msg in ((dict(bad_words_ids=[5]), "a non-empty list of non-empty lists"),
                          (dict(suppress_tokens=[500]), r"token ids must be integers in \[0, vocab_size=128\)"),
                          (dict(exponential_decay_length_penalty=3), r"\(start_index, decay_factor\)"),
-                         (dict(remove_invalid_values="yes"), "must be True or False")):
+                         (dict(remove_invalid_values="yes"), "must be True or False"),
+                         (dict(sequence_bias=[[5, 1.0]]), r"a non-empty list of \[token ids, bias\] pairs"),
+                         (dict(sequence_bias=[[[500], 1.0]]), r"token ids must be integers in \[0, vocab_size"),
+                         (dict(sequence_bias=[[[5], "x"]]), r"a non-empty list of \[token ids, bias\] pairs")):
             with pytest.raises(ValueError, match=msg):
                 m.generate(conv(ids), max_new_tokens=2, **bad)
 
