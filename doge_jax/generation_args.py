@@ -116,9 +116,11 @@ def check_generate_kwargs(kwargs: dict) -> None:
             continue
         raise ValueError(f"{k}={v!r}: not implemented by this generate (it would change transformers' output); "
                          "supported: greedy or sampled decoding with temperature, top_k, top_p, min_p, typical_p, "
-                         "epsilon_cutoff, eta_cutoff, "
-                         "repetition_penalty, no_repeat_ngram_size, min_new_tokens / min_length, EOS and streamer; "
-                         "beam search (num_beams, num_return_sequences, length_penalty, early_stopping)")
+                         "epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size, min_new_tokens / "
+                         "min_length, sequence_bias, bad_words_ids, suppress_tokens, begin_suppress_tokens, "
+                         "forced_bos/eos_token_id, exponential_decay_length_penalty, remove_invalid_values, EOS and "
+                         "streamer; beam search (num_beams, num_return_sequences, length_penalty, early_stopping); "
+                         "return_dict_in_generate with output_scores / output_logits")
 
 
 @dataclasses.dataclass(frozen=True)
