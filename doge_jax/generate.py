@@ -810,7 +810,7 @@ def _main(argv=None) -> int:
                      min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
                      no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
                      else args.no_repeat_ngram_size, typical_p=cutoffs[0], epsilon_cutoff=cutoffs[1],
-                     eta_cutoff=cutoffs[2], return_dict_in_generate=False)
+                     eta_cutoff=cutoffs[2], return_dict_in_generate=False, num_beams=1, num_return_sequences=1)
     except Exception:  # noqa: BLE001 - the callback's exception, wrapped by JAX
         if not stopped:
             raise
@@ -832,12 +832,7 @@ def _main(argv=None) -> int:
     out.write("\n")  # the output ends its line (a shell prompt or the next log line starts on its own)
     out.flush()
     t1 = time.perf_counter()
-    if tokenizer is not None:  # a tokenizer smaller than the model's vocabulary (a padded vocab_size) shows nothing
-        unknown = sorted({i for i in ids + new if tokenizer.id_to_token(i) is None})
-        if unknown:
-            print(f"note: token id(s) {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not in the tokenizer's "
-                  f"vocabulary ({tokenizer.get_vocab_size()} tokens; the model has {model.config.vocab_size}): "
-                  "they decode to nothing", file=sys.stderr)
+    _note_unknown_ids(tokenizer, ids + new, model.config.vocab_size)
     n = len(new)
     rate = f"decoding {(n - 1) / (times[-1] - times[0]):.1f} tokens/s; " if n > 1 and times[-1] > times[0] else ""
     print(f"\n[{n} new tokens; first token after {times[0] - t0:.2f} s (prompt {len(ids)} tokens, incl. "
@@ -845,33 +840,73 @@ def _main(argv=None) -> int:
     return 0
 
 
+def _note_unknown_ids(tokenizer, ids: list[int], vocab_size: int) -> None:
+    """A note naming ids the tokenizer lacks (a tokenizer smaller than the model's padded vocab_size): they decode
+    to nothing."""
+    import sys
+
+    if tokenizer is None:
+        return
+    unknown = sorted({i for i in ids if tokenizer.id_to_token(i) is None})
+    if unknown:
+        print(f"note: token id(s) {unknown[:10]}{' ...' if len(unknown) > 10 else ''} are not in the tokenizer's "
+              f"vocabulary ({tokenizer.get_vocab_size()} tokens; the model has {vocab_size}): they decode to "
+              "nothing", file=sys.stderr)
+
+
 def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature, top_k, top_p, min_p,
                      max_new_tokens, penalty, cutoffs) -> int:
     """The command line with beam search or several sequences: generate them all, then print each (up to and
-    including its EOS) on its own line: the prompt text and continuation, or `prompt ids | new ids`."""
+    including its EOS) on its own line: the prompt text and continuation, or `prompt ids | new ids`. The search
+    runs in a worker thread, so that Ctrl-C ends the process at once (exit 130) instead of after the compiled
+    search."""
+    import os
     import sys
+    import threading
     import time
 
     num_beams, n_seq, length_penalty, early_stopping = beams
-    what = f"beam search, {num_beams} beams" if num_beams > 1 else "sampling"
+    what = (f"beam {'sampling' if do_sample else 'search'}, {num_beams} beams" if num_beams > 1 else "sampling")
     print(f"note: {what}: {n_seq} sequence(s), printed when done (not streamed)", file=sys.stderr)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*" + re.escape(UNSUPPORTED))  # (noted before)
-        out = generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
-                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       seed=args.seed, eos_token_id=-1 if args.no_eos else None, repetition_penalty=penalty,
-                       min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
-                       no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
-                       else args.no_repeat_ngram_size, num_beams=num_beams, num_return_sequences=n_seq,
-                       length_penalty=length_penalty, early_stopping=early_stopping, typical_p=cutoffs[0],
-                       epsilon_cutoff=cutoffs[1], eta_cutoff=cutoffs[2], return_dict_in_generate=False)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*" + re.escape(UNSUPPORTED))  # (noted before)
+                result["out"] = generate(
+                    model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
+                    do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    seed=args.seed, eos_token_id=-1 if args.no_eos else None, repetition_penalty=penalty,
+                    min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
+                    no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
+                    else args.no_repeat_ngram_size, num_beams=num_beams, num_return_sequences=n_seq,
+                    length_penalty=length_penalty, early_stopping=early_stopping, typical_p=cutoffs[0],
+                    epsilon_cutoff=cutoffs[1], eta_cutoff=cutoffs[2], return_dict_in_generate=False)
+        except BaseException as e:  # noqa: BLE001 - raised again in the main thread
+            result["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:  # the compiled search cannot be stopped: leave it, and the process, now
+        print("\ninterrupted", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)
+    if "error" in result:
+        raise result["error"]
+    out = result["out"]
     t1 = time.perf_counter()
     eos = [] if args.no_eos else eos_ids(None, model.generation_config)
+    shown = list(ids)
     for row in np.asarray(out):
         new = [int(t) for t in row[len(ids):]]
         end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))  # (what follows EOS is filling)
         new = new[:end]
+        shown += new
         if tokenizer is not None:
             text = tokenizer.decode(ids + new)
             base = tokenizer.decode(ids)
@@ -880,6 +915,7 @@ def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature,
         else:
             print(" ".join(str(i) for i in ids) + " | " + " ".join(str(t) for t in new))
     sys.stdout.flush()
+    _note_unknown_ids(tokenizer, shown, model.config.vocab_size)
     print(f"\n[{len(out)} sequence(s) of up to {np.asarray(out).shape[1] - len(ids)} new tokens ({what}); total "
           f"{t1 - t0:.2f} s incl. compilation]", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ cache) and doge_jax (compiled cached loop, and the recompute path), on tie-free 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 
@@ -269,3 +270,34 @@ def test_command_line_takes_beams_from_generation_config_json(models, tmp_path, 
         assert len(out) == rows and all(line.startswith("5 6 7 | ") for line in out), (gen, out)
     want = np.asarray(DogeForCausalLM.from_pretrained(d).generate(np.array([[5, 6, 7]]), max_new_tokens=6))
     assert out[0] == "5 6 7 | " + " ".join(map(str, want[0, 3:]))
+
+
+def test_command_line_ctrl_c_during_beam_search_and_the_files_beams_overridden(models, tmp_path):
+    """Ctrl-C during a long beam search ends the command line at once (exit 130; the compiled search cannot see
+    the signal: it ran to the end), and `--num-beams 1` streams greedily where generation_config.json sets beams
+    (it crashed: the stream's callback met the file's num_beams)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d = str(tmp_path / "m")
+    shutil.copytree(models["dense"][0], d)
+    json.dump({"num_beams": 4}, open(f"{d}/generation_config.json", "w"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [sys.executable, "-m", "doge_jax.generate", "--model", d, "--prompt-ids", "3", "4"]
+    done = subprocess.run([*args, "--max-new-tokens", "5", "--num-beams", "1"], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and len(done.stdout.split("|")[1].split()) == 5, done.stderr[-2000:]
+    proc = subprocess.Popen([*args, "--max-new-tokens", "100000", "--no-eos"], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = ""
+    while "beam search, 4 beams" not in line:  # the beam-search note: the search starts
+        line = proc.stderr.readline()
+        assert line, "no beam-search note"
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.perf_counter()
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and time.perf_counter() - t0 < 20, err[-2000:]
+    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err[-2000:]
