@@ -291,13 +291,17 @@ def test_command_line_ctrl_c_during_beam_search_and_the_files_beams_overridden(m
     assert done.returncode == 0 and len(done.stdout.split("|")[1].split()) == 5, done.stderr[-2000:]
     proc = subprocess.Popen([*args, "--max-new-tokens", "100000", "--no-eos"], cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    line = ""
-    while "beam search, 4 beams" not in line:  # the beam-search note: the search starts
-        line = proc.stderr.readline()
-        assert line, "no beam-search note"
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
-    t0 = time.perf_counter()
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and time.perf_counter() - t0 < 20, err[-2000:]
-    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err[-2000:]
+    try:  # (a failed check must not leave a 100000-token search running)
+        line = ""
+        while "beam search, 4 beams" not in line:  # the beam-search note: the search starts
+            line = proc.stderr.readline()
+            assert line, "no beam-search note"
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.perf_counter()
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 130 and time.perf_counter() - t0 < 20, err[-2000:]
+        assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
