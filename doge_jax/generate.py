@@ -26,6 +26,7 @@ from .generation_args import (
     _is_int,
     as_array,
     beam_args,
+    beam_candidates,
     beam_fill,
     call_generation_config,
     check_beam_vocab,
@@ -413,7 +414,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
             if user_on_token is not None:
                 user_on_token(step, tokens)
     if num_beams > 1:
-        warp = (float(temperature), top_k, top_p, min_p, len(eos) + 1 if eos else 2, cutoffs) if do_sample else None
+        warp = (float(temperature), top_k, top_p, min_p, beam_candidates(eos), cutoffs) if do_sample else None
         out = _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams, n_seq, length_penalty,
                     early_stopping, seen, penalty, eos_mask, min_new, ngram, warp,
                     jax.random.key(seed) if do_sample else None, record, rules)
@@ -477,8 +478,7 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
     static = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping,
                   never_long=never_long, ngram=ngram, warp=warp, record=record, rules=rules)
     if not use_cache:
-        out = result(beam_search_recompute(model, ids, mask, pos, consts, seen=seen, rng=rng, **static), n_seq)
-        return out
+        return result(beam_search_recompute(model, ids, mask, pos, consts, seen=seen, rng=rng, **static), n_seq)
     extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET  # (as generate: bucketed prompts share compiled programs)
     p_ids = np.pad(ids, ((0, 0), (extra, 0)))
     p_mask, p_pos = np.pad(mask, ((0, 0), (extra, 0))), np.pad(pos, ((0, 0), (extra, 0)))

@@ -552,10 +552,16 @@ def check_mask_values(mask: np.ndarray) -> None:
         raise ValueError(f"attention_mask values must be 0 or 1, got {bad[:5].tolist()}")
 
 
+def beam_candidates(eos: list[int]) -> int:
+    """Candidates beam search keeps per beam each step (1 + number of EOS ids, at least 2: enough for every beam to
+    go on if the best all end), and the tokens beam sampling's warpers keep (transformers' min_tokens_to_keep)."""
+    return max(2, 1 + len(eos))
+
+
 def check_beam_vocab(num_beams: int, eos: list[int], vocab_size: int) -> None:
-    """Beam search keeps (1 + number of EOS ids, at least 2) candidates per beam each step: the vocabulary must hold
-    that many tokens (transformers fails deep inside top-k)."""
-    per_beam = max(2, 1 + len(eos))
+    """Beam search keeps beam_candidates(eos) candidates per beam each step: the vocabulary must hold that many
+    tokens (transformers fails deep inside top-k)."""
+    per_beam = beam_candidates(eos)
     if num_beams > 1 and per_beam > vocab_size:
         raise ValueError(f"num_beams={num_beams} with {len(eos)} EOS id(s): beam search keeps {per_beam} candidates "
                          f"per beam each step, more than the vocabulary's {vocab_size} tokens")

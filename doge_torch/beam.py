@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from doge_jax.generation_args import beam_candidates
+
 NEG = -1.0e9  # transformers' "never pick this" score (added, not assigned: scores keep their order among equals)
 
 
@@ -46,7 +48,7 @@ def beam_search(logits_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     B = BK // K
     dev = ids.device
     max_length = P + max_new_tokens
-    keep = max(2, 1 + len(eos)) * K  # candidates per step: enough for K unfinished ones if the best all end
+    keep = beam_candidates(eos) * K  # candidates per step: enough for K unfinished ones if the best all end
     top_k_mask = torch.arange(keep, device=dev) < K  # only the best K candidates may enter the finished set
     eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
 

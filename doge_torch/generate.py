@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ from doge_jax.generation_args import (
     RIGHT_PADDED,
     as_array,
     beam_args,
+    beam_candidates,
     beam_fill,
     call_generation_config,
     check_beam_vocab,
@@ -85,13 +87,10 @@ def warp(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: flo
     return logits
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-                gen: torch.Generator | None, min_p: float | None = None, cutoffs=None) -> torch.Tensor:
-    """Next token per row from float32 logits [B, V]: the argmax, or a sample after `warp`."""
-    if not do_sample:
-        return logits.argmax(-1)
-    return torch.multinomial(warp(logits, temperature, top_k, top_p, min_p, cutoffs=cutoffs).softmax(-1), 1,
-                             generator=gen)[:, 0]
+@functools.lru_cache(maxsize=256)
+def _const(values: tuple, device: torch.device) -> torch.Tensor:
+    """A rule's ids / biases as a tensor on `device`, made once (not copied to the device again each step)."""
+    return torch.tensor(values, device=device)
 
 
 def apply_bias(scores: torch.Tensor, ids: torch.Tensor, rules) -> torch.Tensor:
@@ -103,15 +102,14 @@ def apply_bias(scores: torch.Tensor, ids: torch.Tensor, rules) -> torch.Tensor:
     bias = torch.zeros_like(scores)
     if rules.bias_single:
         row = torch.zeros(scores.shape[-1], device=dev)
-        row[[t for t, _ in rules.bias_single]] = torch.tensor([b for _, b in rules.bias_single], device=dev)
+        row[[t for t, _ in rules.bias_single]] = _const(tuple(b for _, b in rules.bias_single), dev)
         bias += row
     for prefixes, toks, values in rules.bias_groups:
         m = len(prefixes[0])
         if m > ids.shape[1]:
             continue
-        hit = (ids[:, None, -m:] == torch.tensor(prefixes, device=dev)).all(-1)
-        bias.index_add_(1, torch.tensor(toks, device=dev),
-                        torch.where(hit, torch.tensor(values, device=dev), 0.0).to(bias.dtype))
+        hit = (ids[:, None, -m:] == _const(prefixes, dev)).all(-1)
+        bias.index_add_(1, _const(toks, dev), torch.where(hit, _const(values, dev), 0.0).to(bias.dtype))
     return scores + bias
 
 
@@ -121,10 +119,10 @@ def apply_rules(scores: torch.Tensor, ids: torch.Tensor, step: int, rules) -> to
     length bonus, suppressed tokens."""
     dev, inf = scores.device, float("inf")
     if rules.bad_single:
-        scores = scores.index_fill(1, torch.tensor(rules.bad_single, device=dev), -inf)
+        scores = scores.index_fill(1, _const(rules.bad_single, dev), -inf)
     for prefix, tok in rules.bad_multi:
         if len(prefix) <= ids.shape[1]:
-            hit = (ids[:, -len(prefix):] == torch.tensor(prefix, device=dev)).all(-1)
+            hit = (ids[:, -len(prefix):] == _const(prefix, dev)).all(-1)
             scores = scores.clone()
             scores[:, tok] = scores[:, tok].masked_fill(hit, -inf)
     for at, forced in rules.forced:
@@ -136,15 +134,15 @@ def apply_rules(scores: torch.Tensor, ids: torch.Tensor, step: int, rules) -> to
         scores = torch.where(scores != scores, 0.0, scores)
         scores = scores.clamp(big.min, big.max)
     if rules.decay and rules.decay[step]:
-        e = torch.tensor(rules.eos, device=dev)
+        e = _const(rules.eos, dev)
         at = scores[:, e]
         bonus = torch.zeros_like(scores)
         bonus[:, e] = (at.abs() * rules.decay[step]).masked_fill(~torch.isfinite(at), 0.0)
         scores = scores + bonus
     if rules.suppress:
-        scores = scores.index_fill(1, torch.tensor(rules.suppress, device=dev), -inf)
+        scores = scores.index_fill(1, _const(rules.suppress, dev), -inf)
     if rules.begin_suppress and step == rules.begin_step:
-        scores = scores.index_fill(1, torch.tensor(rules.begin_suppress, device=dev), -inf)
+        scores = scores.index_fill(1, _const(rules.begin_suppress, dev), -inf)
     return scores
 
 
@@ -325,8 +323,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if rules is not None:
             logits = apply_rules(logits, seqs, new, rules)
         if do_sample and num_beams > 1:  # beam sampling: the warpers act on the log-probabilities too
-            logits = warp(logits, temperature, top_k, top_p, min_p, min_keep=len(eos) + 1 if eos else 2,
-                          cutoffs=cutoffs)
+            logits = warp(logits, temperature, top_k, top_p, min_p, min_keep=beam_candidates(eos), cutoffs=cutoffs)
         return logits
 
     def draw(scores: torch.Tensor, n: int) -> torch.Tensor:  # beam sampling: n of [B, K*V] without replacement

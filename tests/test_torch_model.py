@@ -339,7 +339,8 @@ def test_generation_eos_matches_transformers(use_cache):
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 10, 0.9), (1.3, None, 0.5), (1.0, 5, None), (0.5, 0, 1.0)])
 def test_sampling_distribution_matches_transformers_warpers(monkeypatch, temperature, top_k, top_p):
-    """do_sample: the distribution handed to multinomial equals transformers' temperature -> top-k -> top-p."""
+    """do_sample: the distribution generate hands to multinomial (warp's softmax) equals transformers'
+    temperature -> top-k -> top-p."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         TemperatureLogitsWarper,
@@ -347,7 +348,7 @@ def test_sampling_distribution_matches_transformers_warpers(monkeypatch, tempera
         TopPLogitsWarper,
     )
 
-    from doge_torch.generate import sample_next
+    from doge_torch.generate import warp
 
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
     seen = {}
@@ -358,7 +359,8 @@ def test_sampling_distribution_matches_transformers_warpers(monkeypatch, tempera
         return real(probs, n, generator=generator)
 
     monkeypatch.setattr(torch, "multinomial", spy)
-    tok = sample_next(logits, True, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    tok = torch.multinomial(warp(logits, temperature, top_k, top_p).softmax(-1), 1,
+                            generator=torch.Generator().manual_seed(0))[:, 0]
     procs = [TemperatureLogitsWarper(temperature)]
     if top_k:
         procs.append(TopKLogitsWarper(top_k))
