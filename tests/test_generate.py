@@ -119,21 +119,29 @@ def test_cli_ctrl_c_stops_the_stream_at_once(model_dir):
     import time
 
     proc = _cli_stream(model_dir)
-    proc.stdout.read(40)  # the prompt and the first tokens: the loop runs
-    proc.send_signal(signal.SIGINT)
-    t0 = time.perf_counter()
-    err = proc.communicate(timeout=120)[1].decode()
-    assert proc.returncode == 130 and time.perf_counter() - t0 < 30, err[-2000:]
-    assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err[-2000:]
+    try:
+        proc.stdout.read(40)  # the prompt and the first tokens: the loop runs
+        proc.send_signal(signal.SIGINT)
+        t0 = time.perf_counter()
+        err = proc.communicate(timeout=120)[1].decode()
+        assert proc.returncode == 130 and time.perf_counter() - t0 < 30, err[-2000:]
+        assert err.rstrip().endswith("interrupted") and "Traceback" not in err, err[-2000:]
+    finally:
+        proc.kill()  # (a failed check must not leave a 100000-token stream running)
+        proc.wait()
 
 
 def test_cli_output_closed_by_its_reader_is_quiet(model_dir):
     """`... | head -c 20`: the reader goes away; a quiet exit 141 (SIGPIPE's), not two tracebacks and exit 1."""
     proc = _cli_stream(model_dir)
-    proc.stdout.read(20)
-    proc.stdout.close()
-    err = proc.communicate(timeout=120)[1].decode()
-    assert proc.returncode == 141 and "Traceback" not in err and "Error" not in err, err[-2000:]
+    try:
+        proc.stdout.read(20)
+        proc.stdout.close()
+        err = proc.communicate(timeout=120)[1].decode()
+        assert proc.returncode == 141 and "Traceback" not in err and "Error" not in err, err[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_cli_prompt_ids_and_missing_tokenizer(model_dir, tmp_path, capsys):
