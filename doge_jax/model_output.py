@@ -30,7 +30,7 @@ def hidden_state_selection(flag, n: int) -> set[int] | None:
 
 class OutputAccess:
     """As transformers' ModelOutput (an ordered dict of the fields that are set, not None, in its order): indexing
-    by position or name, keys / values / items, iteration over the names, `in`."""
+    by position or name, keys / values / items / get, iteration over the names, `in`."""
 
     _order = ORDER
 
@@ -42,6 +42,10 @@ class OutputAccess:
 
     def items(self) -> list[tuple[str, Any]]:
         return [(n, getattr(self, n)) for n in self.keys()]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The field `key` if it is set, else `default` (dict.get, as a ModelOutput)."""
+        return getattr(self, key) if key in self.keys() else default
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(self.values())

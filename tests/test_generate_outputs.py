@@ -113,6 +113,7 @@ def test_return_dict_from_generation_config_json(models, tmp_path):
                     (doge_torch.DogeForCausalLM.from_pretrained(d), torch.as_tensor)):
         out = m.generate(conv(ids), max_new_tokens=3)
         assert list(out.keys()) == ["sequences", "scores"] and len(out.scores) == 3
+        assert out.get("scores") is out.scores and out.get("logits") is None and out.get("logits", 1) == 1
         assert np.asarray(m.generate(conv(ids), max_new_tokens=3, return_dict_in_generate=False)).shape == (1, 7)
         m.save_pretrained(str(tmp_path / "saved"))
         assert json.load(open(tmp_path / "saved" / "generation_config.json")) == gen

@@ -1043,6 +1043,8 @@ def test_transformers_style_arguments_and_outputs(tmp_path, monkeypatch):
         assert len(out.to_tuple()) == len(ref.to_tuple()) == 3  # loss, logits, cache
         with pytest.raises(KeyError):
             out["aux_loss"]  # None: absent, as in a ModelOutput
+        assert out.get("logits") is out.logits and out.get("aux_loss") is ref.get("aux_loss") is None
+        assert out.get("aux_loss", 7) == ref.get("aux_loss", 7) == 7  # dict.get on the fields that are set
         tup = ours(ids, labels=ids, return_dict=False)
         assert isinstance(tup, tuple) and abs(float(tup[0]) - float(ref[0])) <= TOL
         assert max_abs_diff(ours(ids.to(torch.uint8)).logits.numpy(), ref.logits.numpy()) <= TOL
