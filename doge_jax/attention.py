@@ -520,12 +520,18 @@ def fold_bias_v(v, dt, valid=None):
     return va, ok
 
 
+def platform() -> str:
+    """The backend the attention paths are chosen for (jax.default_backend()); benchmarks/hlo_traffic.py replaces it
+    to trace the GPU paths on a machine without one."""
+    return jax.default_backend()
+
+
 def _causal_attention_v(q, k, va):
     """Causal attention with values wider than queries and keys (q [B, S, H, D], k [B, T, G, D], va [B, T, G, Dv];
     scale D**-0.5): cuDNN's fused kernel in 16-bit on a GPU (through JAX's cuDNN wrapper, which allows Dv != D where
     jax.nn.dot_product_attention does not), else XLA with q and k zero-padded to Dv."""
     D, Dv = q.shape[-1], va.shape[-1]
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             from jax._src.cudnn.fused_attention_stablehlo import MaskType
             from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
@@ -578,7 +584,7 @@ def _fused_qk(q, k, v, dt, valid, w):
     args = tuple(x.transpose(0, 2, 1, 3) for x in (qa, ka, va))  # BNTH -> BTNH
     kwargs = dict(is_causal=True, scale=1.0, local_window_size=None if w is None else (w - 1, 0))
     o = None
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         # implementation=None always means XLA in this JAX; ask for cuDNN's flash kernel explicitly and fall back
         # to XLA when it refuses the shapes (it checks them at trace time).
         try:
@@ -638,7 +644,7 @@ def choose_impl(impl: str, S: int, T: int, keep_window: int, mask: MaskInfo, dro
         return impl
     if not blockwise_supported(T, keep_window, mask) or S * T <= AUTO_DENSE_MAX:
         return "reference"
-    if (backend or jax.default_backend()) == "gpu":
+    if (backend or platform()) == "gpu":
         if fused_supported(S, T, keep_window, mask):
             return "fused"
         # beyond the keep window the Pallas kernels: H200, bf16, forward+backward at 8k / 16k keys 1.67x / 1.05x
