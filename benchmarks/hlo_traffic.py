@@ -12,6 +12,7 @@ the same names).
   python benchmarks/hlo_traffic.py                              # Doge-160M, 16 x 2048 tokens, as gpu_check
   python benchmarks/hlo_traffic.py --fold v --loss-chunk 4096   # compare a variant
   python benchmarks/hlo_traffic.py --hlo jax_step_hlo.txt.gz    # a real GPU's compile (gpu_check --sections profile)
+  python benchmarks/hlo_traffic.py --hlo jax_step_hlo.txt.gz --trace jax_step.xplane.pb.gz   # + measured times
   python benchmarks/hlo_traffic.py --cpu --config configs/tiny.yaml --rows 2 --seq 128   # the CPU compile (tests)
 
 Byte model: each kernel reads each operand once and writes its result once (no cache reuse, no re-reads inside a
@@ -301,32 +302,69 @@ def gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.1f} MiB"
 
 
-def report(ks: list[Kernel], bandwidth: float, top: int) -> str:
-    """Markdown tables: by area, by kind, and the `top` kernel groups outside matmuls and attention."""
+def trace_times(path: str, ks: list[Kernel]) -> tuple[dict[str, float], int, float]:
+    """Device seconds per step of each HLO op in a jax.profiler trace (.xplane.pb, gzipped too) of the same
+    compiled step: the GPU planes' "XLA Ops" line, divided by the steps traced (the number of times the kernels
+    outside loops ran). Also the steps and the traced op time per step that no kernel of `ks` accounts for."""
+    from jax.profiler import ProfileData
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = ProfileData.from_serialized_xspace(f.read())
+    total: dict[str, float] = collections.defaultdict(float)
+    count: collections.Counter = collections.Counter()
+    for plane in data.planes:
+        if plane.name.lower().startswith("/device:gpu"):
+            for line in plane.lines:
+                if line.name.lower() == "xla ops":
+                    for e in line.events:
+                        total[e.name] += e.duration_ns / 1e9
+                        count[e.name] += 1
+    if not total:
+        sys.exit(f"error: {path}: no \"XLA Ops\" line on a GPU plane (a jax.profiler trace of the step on a GPU?)")
+    once = collections.Counter(count[k.name] for k in ks if k.launches == 1 and count[k.name])
+    steps = once.most_common(1)[0][0] if once else 1
+    names = {k.name for k in ks}
+    unmatched = sum(t for n, t in total.items() if n not in names) / steps
+    return {n: t / steps for n, t in total.items()}, steps, unmatched
+
+
+def report(ks: list[Kernel], bandwidth: float, top: int, times: dict[str, float] | None = None) -> str:
+    """Markdown tables: by area, by kind, and the `top` kernel groups outside matmuls and attention; with `times`
+    (seconds per step by kernel name, trace_times) also the measured ms and the bandwidth each achieved."""
     total = sum(k.read + k.written for k in ks)
     ms = lambda b: f"{b / bandwidth * 1e3:.2f}"  # noqa: E731
     lines = [f"{sum(k.launches for k in ks)} kernel launches, {gib(total)} read + written = {ms(total)} ms at "
-             f"{bandwidth / 1e12:g} TB/s", ""]
+             f"{bandwidth / 1e12:g} TB/s" + (f"; measured {1e3 * sum(times.get(k.name, 0.0) for k in ks):.2f} ms "
+                                              "of kernel time per step" if times else ""), ""]
+    extra_head, extra_rule = (" | measured ms | achieved TB/s", "---:|---:|") if times else ("", "")
+
+    def extra(group: list[Kernel], b: float) -> str:
+        if not times:
+            return ""
+        t = sum(times.get(k.name, 0.0) for k in group)
+        return f" {1e3 * t:.2f} | {b / t / 1e12:.2f} |" if t else " - | - |"
+
     for title, key in (("area", area), ("kind", lambda k: k.kind)):
-        groups = collections.defaultdict(lambda: [0, 0])
+        groups = collections.defaultdict(list)
         for k in ks:
-            g = groups[key(k)]
-            g[0] += k.launches
-            g[1] += k.read + k.written
-        lines += [f"| {title} | launches | bytes | share | ms |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {name} | {n} | {gib(b)} | {100 * b / max(total, 1):.1f}% | {ms(b)} |"
-                  for name, (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
+            groups[key(k)].append(k)
+        lines += [f"| {title} | launches | bytes | share | ms{extra_head} |", "|---|---:|---:|---:|---:|" + extra_rule]
+        for name, g in sorted(groups.items(), key=lambda kv: -sum(k.read + k.written for k in kv[1])):
+            b = sum(k.read + k.written for k in g)
+            lines.append(f"| {name} | {sum(k.launches for k in g)} | {gib(b)} | {100 * b / max(total, 1):.1f}% | "
+                         f"{ms(b)} |{extra(g, b)}")
         lines.append("")
     groups = collections.defaultdict(list)  # one row for the same kernel in every layer
     for k in ks:
         if k.kind not in ("matmul", "attention (cuDNN)"):
             src = f"{os.path.basename(k.frame[0])}:{k.frame[2]} {k.frame[1]}" if k.frame else "?"
             groups[(k.kind, re.sub(r"\{[^}]*\}", "", k.shape), src)].append(k)
-    lines += [f"| top {top} outside matmuls and attention | kernels | bytes each | total | ms | result |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines += [f"| top {top} outside matmuls and attention | kernels | bytes each | total | ms{extra_head} | result |",
+              "|---|---:|---:|---:|---:|" + extra_rule + "---|"]
     for (kd, shape, src), g in sorted(groups.items(), key=lambda kv: -sum(k.read + k.written for k in kv[1]))[:top]:
         b, n = sum(k.read + k.written for k in g), sum(k.launches for k in g)
-        lines.append(f"| {kd}: {src} | {n} | {gib(b / n)} | {gib(b)} | {ms(b)} | `{shape[:70]}` |")
+        lines.append(f"| {kd}: {src} | {n} | {gib(b / n)} | {gib(b)} | {ms(b)} |{extra(g, b)} `{shape[:70]}` |")
     return "\n".join(lines)
 
 
@@ -393,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hlo", help="read this optimized HLO text (.gz too) instead of compiling")
+    ap.add_argument("--trace", help="with --hlo: a jax.profiler trace (.xplane.pb, .gz too) of that compiled step on "
+                                    "a GPU (gpu_check --sections profile saves both to $OUT): measured ms and the "
+                                    "bandwidth each area achieved")
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "doge-160m.yaml"))
     ap.add_argument("--rows", type=int, default=16, help="rows of --seq tokens per step (default 16)")
     ap.add_argument("--seq", type=int, default=2048)
@@ -411,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name} must be >= 1")
     if args.loss_chunk < 0:
         ap.error("--loss-chunk must be >= 0 (0: plain logits loss)")
+    if args.trace and not args.hlo:
+        ap.error("--trace needs --hlo: the optimized HLO the traced step was compiled to")
     if args.hlo:
         opener = gzip.open if args.hlo.endswith(".gz") else open
         with opener(args.hlo, "rt") as f:
@@ -433,7 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     if module.entry not in module.computations:
         print(f"error: no ENTRY computation in {args.hlo or 'the compiled module'}", file=sys.stderr)
         return 2
-    table = report(kernels(module), args.bandwidth, args.top)
+    ks = kernels(module)
+    times = None
+    if args.trace:
+        times, steps, unmatched = trace_times(args.trace, ks)
+        what += (f"; trace {args.trace}: {steps} steps, {1e3 * unmatched:.2f} ms per step of traced ops not among "
+                 "the kernels")
+    table = report(ks, args.bandwidth, args.top, times)
     print(f"{what}\n\n{table}")
     if args.append:
         import jax

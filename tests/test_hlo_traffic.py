@@ -160,3 +160,48 @@ def test_gpu_compile_without_the_cuda_plugin_is_named(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "hlo_traffic.py"), "--rows", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--rows must be >= 1" in bad.stderr
+
+
+def test_trace_join_gives_measured_time_and_bandwidth(tmp_path):
+    """--trace: a profile of 2 steps of the hand-written module (GPU plane, "XLA Ops" line, as jax.profiler writes
+    it): per-step ms by kernel name, the steps counted from the kernels outside loops, the bandwidth achieved, and
+    the traced time no kernel accounts for (the while op spanning its body)."""
+    from jax.profiler import ProfileData
+
+    ks = ht.kernels(ht.parse_module(MODULE))
+    # ns per event: the norm 1000, the matmul 3000, the loop's kernels 100 and 50 per trip; 2 steps
+    per_event = {"loop_multiply_fusion": 1000, "custom-call.1": 3000, "loop_exp_fusion": 100, "loop_dus_fusion": 50,
+                 "while.1": 20000}
+    ids = {n: i for i, n in enumerate(per_event, 1)}
+    events, t = [], 0
+    for _ in range(2):
+        for name, n in (("loop_multiply_fusion", 1), ("custom-call.1", 1), ("while.1", 1), ("loop_exp_fusion", 32),
+                        ("loop_dus_fusion", 32)):
+            for _ in range(n):
+                ps = per_event[name] * 1000
+                events.append(f"events {{ metadata_id: {ids[name]} offset_ps: {t} duration_ps: {ps} }}")
+                t += ps
+    meta = " ".join(f"event_metadata {{ key: {i} value {{ id: {i} name: {n!r} }} }}" for n, i in ids.items())
+    text = (f'planes {{ id: 1 name: "/device:GPU:0" lines {{ id: 1 name: "XLA Ops" timestamp_ns: 0 '
+            f'{" ".join(events)} }} {meta} }}')
+    path = tmp_path / "step.xplane.pb.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(ProfileData.text_proto_to_serialized_xspace(text))
+    times, steps, unmatched = ht.trace_times(str(path), ks)
+    assert steps == 2 and unmatched == pytest.approx(20e-6)
+    assert times["loop_multiply_fusion"] == pytest.approx(1e-6) and times["loop_exp_fusion"] == pytest.approx(3.2e-6)
+    table = ht.report(ks, 4e12, 3, times)
+    norm = next(k for k in ks if k.name == "loop_multiply_fusion")
+    bw = (norm.read + norm.written) / 1e-6 / 1e12
+    assert f"| RMSNorm | 1 | {ht.gib(224)} | " in table and f"| 0.00 | {bw:.2f} |" in table, table
+    assert "measured 0.01 ms of kernel time per step" in table  # 1 + 3 + 3.2 + 1.6 us
+    with pytest.raises(SystemExit, match="no \"XLA Ops\" line"):
+        ht.trace_times(str(_empty_trace(tmp_path)), ks)
+
+
+def _empty_trace(tmp_path):
+    from jax.profiler import ProfileData
+
+    path = tmp_path / "empty.xplane.pb"
+    path.write_bytes(ProfileData.text_proto_to_serialized_xspace('planes { id: 1 name: "/host:CPU" }'))
+    return path
