@@ -34,7 +34,8 @@ Sections (one table at the end, one row per check):
   train      tokens/s and MFU of one optimizer step at seq 2048 for Doge-20M (32 rows) and Doge-160M (16 rows; with
              --probes then with the kernels, doge_torch with sdpa's cuDNN kernel first, both with the bias folded
              into the values (FUSED_FOLD = "v" in doge_jax.attention and doge_torch.model), doge_torch's loss
-             chunks as eager ops (doge_torch.loss.COMPILE_CHUNKS = False), doge_jax's layers the other way, and
+             chunks as eager ops (doge_torch.loss.COMPILE_CHUNKS = False), doge_jax's loss in 4096-token chunks
+             (train.loss_chunk; 1024 by default), doge_jax's layers the other way, and
              32 rows, as budget allows):
              doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE; layers as the
              config says, unrolled in configs/doge-*.yaml), doge_torch bf16
@@ -751,7 +752,7 @@ def train_configs(cpu: bool):
             ("Doge-160M", DogeConfig.from_yaml(os.path.join(ROOT, "configs", "doge-160m.yaml")), 2048, 16, "160m")]
 
 
-def _jax_step(cfg, seq: int, rows: int):
+def _jax_step(cfg, seq: int, rows: int, loss_chunk: int = 1024):
     """(step(params, opt_state, batch) -> (params, opt_state, metrics), params, opt_state): bf16 compute."""
     import jax
     import jax.numpy as jnp
@@ -769,7 +770,8 @@ def _jax_step(cfg, seq: int, rows: int):
         from doge_jax.train import make_steps
         from doge_jax.train_config import TrainConfig
 
-        tcfg = TrainConfig(seq_len=seq, global_batch_tokens=seq * rows, compute_dtype="bfloat16")
+        tcfg = TrainConfig(seq_len=seq, global_batch_tokens=seq * rows, compute_dtype="bfloat16",
+                           loss_chunk=loss_chunk)
         jstep = make_steps(graphdef, tx, cfg, tcfg)[0]
 
         def step(p, o, b):
@@ -786,7 +788,7 @@ def _jax_step(cfg, seq: int, rows: int):
         h = model(ids).logits
         w, vocab_major = model.head_weight()
         labels = ids if cfg.pad_token_id is None else jnp.where(ids == cfg.pad_token_id, IGNORE, ids)
-        return causal_lm_loss_chunked(h, w, labels, num_items, vocab_major, 1024)
+        return causal_lm_loss_chunked(h, w, labels, num_items, vocab_major, loss_chunk)
 
     def step(p, o, batch):
         ids = batch[0]
@@ -909,7 +911,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     ran = [0]  # framework rows that passed --train-only
 
     def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False, torch_row=True,
-            fold="qk", compiled_ce=True):
+            fold="qk", compiled_ce=True, loss_chunk=1024):
         # --train-only: a framework's row runs only if "label framework seq S x R rows" has every term (and none of
         # the ~terms)
         hf_row, jax_row, torch_row = (on and train_row_wanted(f"{label} {fw} seq {seq} x {rows} rows", only)
@@ -955,7 +957,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         else:
             with guarded(report, S, f"{label} doge_jax seq {seq} x {rows} rows"), fused_fold(fold):
                 cfg = base.replace(attention_impl="fused") if base.attention_impl == "auto" else base
-                step, params, opt_state, how = _jax_step(cfg, seq, rows)
+                step, params, opt_state, how = _jax_step(cfg, seq, rows, loss_chunk)
                 jb = jnp.asarray(batch, jnp.int32)[None]
                 holder = {"p": params, "o": opt_state}
 
@@ -1042,6 +1044,9 @@ def train_probes(one, refused, cpu: bool, tdev, label, base, seq, rows, kind) ->
     one(label + " [FlexAttention, no fold]", base, seq, rows, kind, fold="flex", jax_row=False)
     # doge_torch's loss with its per-chunk softmax and gradient as eager ops (the default compiles them on CUDA)
     one(label + " [eager loss chunks]", base, seq, rows, kind, jax_row=False, compiled_ce=False)
+    # doge_jax's loss in 4096-token chunks instead of 1024: 6.75 GiB less traffic per step (benchmarks/hlo_traffic.py,
+    # H100 compile: the chunks' dW accumulator and per-chunk launches), 512 MB of float32 logits at a time
+    one(label + " [loss_chunk 4096]", base, seq, rows, kind, torch_row=False, loss_chunk=4096)
     # doge_jax with its decoder layers the other way (scanned or unrolled: the GPU configs unroll them)
     other = "[scanned layers]" if not base.scan_layers else "[unrolled layers]"
     one(f"{label} {other}", base.replace(scan_layers=not base.scan_layers), seq, rows, kind, torch_row=False)
@@ -1679,9 +1684,9 @@ def main(argv=None) -> int:
                          "row is a FAIL; the transformers ratio is left out unless its row matches")
     ap.add_argument("--probes", action="store_true",
                     help="also the exploratory rows: Doge-160M training with the kernels, cuDNN first, the v-side "
-                         "fold, eager loss chunks, the other layer layout and 2x rows; attention block-size, "
-                         "cuDNN-first, v-side fold and full-tile-mask cells (default: the checks and targets only, "
-                         "to fit 8 minutes)")
+                         "fold, eager loss chunks, doge_jax's loss_chunk 4096, the other layer layout and 2x rows; "
+                         "attention block-size, cuDNN-first, v-side fold and full-tile-mask cells (default: the checks "
+                         "and targets only, to fit 8 minutes)")
     ap.add_argument("--kernel-smoke", choices=("triton", "pallas"), help=argparse.SUPPRESS)  # kernel_smoke's child
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma list of {', '.join(SECTIONS + OPT_IN)} (default: all but {', '.join(OPT_IN)})")
