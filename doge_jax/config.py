@@ -289,13 +289,12 @@ class DogeConfig:
         for k in names:
             if k in d:
                 out[k] = d[k]
-        # RoPE: 5.x `rope_parameters`, else legacy rope_theta/rope_scaling.
-        rp = d.get("rope_parameters")
-        if rp is None:
-            rp = dict(d.get("rope_scaling") or {})
-            if "type" in rp and "rope_type" not in rp:
-                rp["rope_type"] = rp.pop("type")
-            rp.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+        # RoPE as transformers 5.23 reads it: a non-empty legacy `rope_scaling` wins over 5.x `rope_parameters`
+        # (a context extension added to a 5.x config.json), the top-level rope_theta filling in a missing theta.
+        rp = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+        if "type" in rp and "rope_type" not in rp:
+            rp["rope_type"] = rp.pop("type")
+        rp.setdefault("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rp.get("rope_type", "default")
         out["rope_theta"] = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
         out["rope_type"] = rope_type

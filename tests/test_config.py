@@ -122,6 +122,24 @@ def test_rope_written_in_both_forms():
             assert transformers.DogeConfig(**d).rope_parameters == transformers.DogeConfig(**legacy).rope_parameters
 
 
+def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
+    """A config.json with both keys (rope_scaling added to a 5.x file to extend its context): transformers 5.23 runs
+    the rope_scaling one; so do we (the 5.x dict used to win: another RoPE past max_position_embeddings)."""
+    base = DogeConfig(**{**TINY, "rope_theta": 20000.0}).to_hf_dict()
+    cases = ({"rope_type": "dynamic", "factor": 3.0}, {"type": "dynamic", "factor": 2.0, "rope_theta": 50000.0},
+             None, {})
+    for scaling in cases:
+        d = {**base, "rope_scaling": scaling}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = transformers.DogeConfig(**d).rope_parameters
+        ours = DogeConfig.from_hf_dict(d)
+        assert (ours.rope_type, ours.rope_theta) == (theirs["rope_type"], theirs["rope_theta"]), (scaling, theirs)
+        assert ours.rope_factor == theirs.get("factor", ours.rope_factor if ours.rope_type == "default" else None)
+        if scaling:
+            assert ours.rope_type == "dynamic"
+
+
 def test_from_hf_dict_bad_rope_type():
     d = DogeConfig(**TINY).to_hf_dict()
     d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
