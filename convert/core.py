@@ -51,7 +51,9 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
         return {"files": files, "tensors": len(plan.entries), "bytes": plan.nbytes, "seconds": 0.0, "dry_run": True}
     if os.path.exists(dst) and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
-    with hf_io.atomic_output_dir(dst, overwrite=overwrite) as tmp:
+    # as save_pretrained: DST's old model files go (weights, configs), anything else in it stays (a --overwrite of
+    # a folder that also holds other files, other models or a training run's checkpoints/ must not delete them)
+    with hf_io.model_output_dir(dst, overwrite=overwrite) as tmp:
         sink = SINKS[to](plan, tmp, shard_size)
         seen = set()
         for name, arr in source.tensors():

@@ -118,6 +118,7 @@ def _file_source(path, files, kind, cfg_path, variant, side_dir) -> Source:
     if config.variant != chosen:
         resolve_variant(config.variant, detected, path, cfg_hint=cfg_path)
     legacy = detected == "legacy"
+    hf_io.check_tied_head_files(config, files, meta, legacy, path)
     refs, dropped, by_file = {}, [], {}
     for key, (fname, shape, dtype) in meta.items():
         new = rename_legacy(key) if legacy else key

@@ -59,8 +59,8 @@ def load_hf_arrays(path: str, variant: str | None = None, config: DogeConfig | N
         new = rename_legacy(k) if legacy else k
         if new is not None:
             renamed[new] = shp
-    if config.tie_word_embeddings:
-        renamed.pop("lm_head.weight", None)
+    if config.tie_word_embeddings and renamed.pop("lm_head.weight", None) is not None:
+        hf_io.check_tied_head_files(config, files, shapes, legacy, path)
     check_keys(expected_hf_shapes(config), renamed, where=path)
     L = config.num_hidden_layers
     arrays: dict[tuple[str, ...], np.ndarray] = {}

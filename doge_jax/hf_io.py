@@ -17,6 +17,8 @@ import socket
 import tempfile
 from collections.abc import Iterator
 
+import numpy as np
+
 try:
     import fcntl
 except ImportError:  # Windows: no stale-directory cleanup
@@ -406,6 +408,52 @@ def iter_torch_file(fname: str, framework: str = "np") -> Iterator[tuple[str, ob
     for name in list(sd):
         t = sd.pop(name)
         yield name, (t if framework == "pt" else torch_to_numpy(t))
+
+
+def read_named(files: list[str], keys: set[str], framework: str = "np") -> dict[str, object]:
+    """The tensors `keys` (file names) of a checkpoint's files, reading only those from safetensors files."""
+    from safetensors import safe_open
+
+    out: dict[str, object] = {}
+    for fname in files:
+        if fname.endswith((".bin", ".pt")):
+            out.update((k, t) for k, t in iter_torch_file(fname, framework) if k in keys)
+            continue
+        try:
+            with safe_open(fname, framework=framework) as f:
+                out.update((k, f.get_tensor(k)) for k in keys & set(f.keys()))
+        except Exception as e:
+            raise CheckpointError(f"{fname}: corrupt or truncated safetensors file ({e})") from None
+    return out
+
+
+def check_tied_head(config: DogeConfig, head, embed, where: str) -> None:
+    """A config that ties the head to the embedding (tie_word_embeddings) over weights whose lm_head.weight holds
+    other values is refused: dropping that head silently changes every logit (transformers keeps it, untied)."""
+    if not config.tie_word_embeddings or head is None or embed is None:
+        return
+    if tuple(head.shape) == tuple(embed.shape):
+        if hasattr(head, "float"):  # torch
+            same = bool(head.float().equal(embed.float()))
+        else:
+            same = bool(np.array_equal(np.asarray(head, np.float32), np.asarray(embed, np.float32)))
+        if same:
+            return
+    raise CheckpointError(f"{where}: lm_head.weight differs from model.embed_tokens.weight, but the config ties them "
+                          "(tie_word_embeddings: true), which would drop that head: set tie_word_embeddings to false "
+                          "in config.json to keep it")
+
+
+def check_tied_head_files(config: DogeConfig, files: list[str], keys, legacy: bool, where: str) -> None:
+    """check_tied_head on a checkpoint's files (`keys`: the tensor names in them), reading just the two tensors."""
+    if not config.tie_word_embeddings:
+        return
+    names = {k: (rename_legacy(k) if legacy else k) for k in keys}
+    wanted = {k for k, n in names.items() if n in ("lm_head.weight", "model.embed_tokens.weight")}
+    if not any(names[k] == "lm_head.weight" for k in wanted):
+        return
+    got = {names[k]: t for k, t in read_named(files, wanted).items()}
+    check_tied_head(config, got.get("lm_head.weight"), got.get("model.embed_tokens.weight"), where)
 
 
 def is_program_error(error: BaseException) -> bool:

@@ -46,7 +46,7 @@ def from_pretrained(cls, path: str, dtype=None, variant: str | None = None, conf
     config, state = load_hf_state(path, variant, config)
     expected = expected_hf_shapes(config)
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        hf_io.check_tied_head(config, state.pop("lm_head.weight", None), state.get("model.embed_tokens.weight"), path)
     check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, where=path)
     dtype = resolve_dtype(dtype)
     if dtype is None:  # as transformers: the config's dtype, else the widest floating dtype stored (never downcast)

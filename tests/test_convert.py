@@ -355,9 +355,20 @@ def test_existing_dst_dry_run_and_overwrite(tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert _run(src, dst, "--to", "torch", "--dry-run") == 0
     assert "needs --overwrite" in capsys.readouterr().out and os.listdir(dst) == ["keep.txt"]
+    # --overwrite replaces DST's model files and keeps the rest (it deleted the whole folder: other files, other
+    # models, `convert SRC . --overwrite` a working directory), as save_pretrained does
+    (dst / "model-00001-of-00002.safetensors").write_text("stale shard")
+    (dst / "params").mkdir()
+    (dst / "other_model").mkdir()
+    (dst / "other_model" / "config.json").write_text("{}")
     assert _run(src, dst, "--to", "hf", "--overwrite") == 0
-    assert sorted(os.listdir(dst)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(os.listdir(dst)) == ["config.json", "generation_config.json", "keep.txt", "model.safetensors",
+                                       "other_model"]
+    assert (dst / "keep.txt").read_text() == "x" and (dst / "other_model" / "config.json").read_text() == "{}"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".dst")]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a training run's folder is never replaced
+    assert _run(src, tmp_path / "run", "--to", "hf", "--overwrite") == 2
+    assert "holds a training run" in capsys.readouterr().err and os.listdir(tmp_path / "run") == ["checkpoints"]
     # --dry-run lists every file the run writes (the copied tokenizer files were left out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "src" / name).write_text("{}")
@@ -912,3 +923,43 @@ def test_non_float_weights_refused(tmp_path, capsys):
     assert _run(src, tmp_path / "out", "--to", "jax") == 2
     assert "non-floating-point weights: model.norm.weight (int32)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_config_over_a_separate_head_is_refused(tmp_path, capsys):
+    """config.json ties the head (tie_word_embeddings: true) but the weights hold an lm_head.weight of other values:
+    dropping it silently changed every logit (transformers keeps that head). convert (also with --config), both
+    packages' from_pretrained refuse it, naming the tensor; a head equal to the embedding is still taken."""
+    import doge_torch
+    from doge_jax import DogeForCausalLM
+    from doge_jax.hf_names import CheckpointError
+
+    untied = save_hf(make_hf_model(), tmp_path / "untied")
+    tied = save_hf(make_hf_model(tie_word_embeddings=True), tmp_path / "tied")
+    bad = tmp_path / "tiedcfg"
+    os.makedirs(bad)
+    for f in os.listdir(untied):
+        os.link(os.path.join(untied, f), bad / f) if f != "config.json" else None
+    cfg = json.load(open(os.path.join(untied, "config.json")))
+    json.dump({**cfg, "tie_word_embeddings": True}, open(bad / "config.json", "w"))
+    msg = "lm_head.weight differs from model.embed_tokens.weight, but the config ties them"
+    for argv in ([bad, tmp_path / "o1", "--to", "torch"], [untied, tmp_path / "o2", "--to", "hf", "--config",
+                                                              os.path.join(tied, "config.json")]):
+        assert _run(*argv) == 2
+        assert msg in capsys.readouterr().err and not os.path.exists(argv[1])
+    with pytest.raises(CheckpointError, match=msg):
+        DogeForCausalLM.from_pretrained(str(bad))
+    with pytest.raises(CheckpointError, match=msg):
+        doge_torch.DogeForCausalLM.from_pretrained(str(bad))
+    # the same weights with lm_head.weight = the embedding (a .bin of a tied model's state_dict holds both)
+    sd = {k: torch.as_tensor(v) for k, v in _tensors(tied).items()}
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    same = tmp_path / "same"
+    os.makedirs(same)
+    torch.save(sd, same / "pytorch_model.bin")
+    os.link(os.path.join(tied, "config.json"), same / "config.json")
+    assert _run(same, tmp_path / "o3", "--to", "hf") == 0
+    ids = unique_ids(2, 8, TINY["vocab_size"])
+    want = hf_logits(make_hf_model(tie_word_embeddings=True), ids)
+    assert max_abs_diff(np.asarray(DogeForCausalLM.from_pretrained(str(same))(ids).logits), want) <= 1e-4
+    assert max_abs_diff(doge_torch.DogeForCausalLM.from_pretrained(str(same))(torch.as_tensor(ids)).logits
+                        .detach().numpy(), want) <= 1e-4
