@@ -611,8 +611,8 @@ def _check_sampling_fields(gen_file: str, do_sample, temperature, top_k, top_p, 
 
 
 def write_generation_config(out_dir: str, gen: GenerationConfig) -> None:
-    """generation_config.json of `gen` (GenerationConfig.to_dict)."""
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+    """generation_config.json of `gen` (GenerationConfig.to_dict), whole or not at all."""
+    with atomic_file(os.path.join(out_dir, "generation_config.json")) as tmp, open(tmp, "w") as f:
         json.dump(gen.to_dict(), f, indent=2, sort_keys=True)
         f.write("\n")
 

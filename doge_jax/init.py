@@ -57,6 +57,18 @@ def checkpoint_config(path: str) -> DogeConfig:
     return hf_io.read_config(path, keys=list(hf_io.tensor_shapes(files)))
 
 
+def start_generation_config(path: str, cfg: DogeConfig):
+    """The generate settings (GenerationConfig) of the checkpoint a run starts from: its generation_config.json
+    (an HF or orbax model's, or a run's for a run or step directory), checked against the run's model `cfg`; None
+    when it has none. A fine-tuned model samples as its start did (transformers' Trainer keeps the file too)."""
+    from . import checkpoint, hf_io
+
+    where = os.path.dirname(checkpoint.resolve(path)[1]) if checkpoint.is_orbax_checkpoint(path) else path
+    if not os.path.isfile(os.path.join(where, "generation_config.json")):
+        return None
+    return hf_io.read_generation_config(where, cfg)
+
+
 def merge_config(base: DogeConfig, requested: dict[str, Any], where: str = "--init-from") -> DogeConfig:
     """`base` (the checkpoint's config) with the requested model fields (None = not requested) applied."""
     req = {k: v for k, v in requested.items() if v is not None}

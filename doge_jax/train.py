@@ -29,7 +29,16 @@ from . import init as I
 from . import sharding as S
 from .checkpoint import TrainCheckpointer, list_steps
 from .config import RUNTIME_FIELDS, ConfigError, DogeConfig
-from .hf_io import SAFE_INDEX, SAFE_SINGLE, TORCH_BIN, TORCH_INDEX, atomic_file, run_lock, torch_run_hint
+from .hf_io import (
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    TORCH_BIN,
+    TORCH_INDEX,
+    atomic_file,
+    run_lock,
+    torch_run_hint,
+    write_generation_config,
+)
 from .hf_names import CheckpointError, CheckpointWriteError
 from .loss import IGNORE, DogeTrunk, causal_lm_loss_chunked, shift_targets
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_loss
@@ -377,6 +386,12 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
         # a new run's starting weights, loaded before any file is written or data tokenized: a checkpoint that
         # does not fit the model config fails here and leaves nothing behind
         init = I.init_params(tcfg.init_from, mcfg, tcfg.seed) if tcfg.init_from and not resuming else None
+        start_gen = None  # the start checkpoint's generate settings carry over to the run (convert, generate)
+        if tcfg.init_from and not resuming:
+            try:
+                start_gen = I.start_generation_config(tcfg.init_from, mcfg)
+            except ConfigError as e:
+                log(f"warning: {e}; the run's generation_config.json is made from its token ids")
         data = C.training_data(sources, tok, mcfg.eos_token_ids[0], mcfg.vocab_size, tcfg.seq_len,
                                os.path.join(tcfg.cache_dir, "tokens"), tcfg.text_field, tcfg.val_fraction, tcfg.seed,
                                tcfg.progress)
@@ -391,6 +406,8 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
             held.enter_context(run_lock(run_dir))
         if primary:  # config.json last: it marks an established run (whose tokenizer then wins on resume)
             D.save_tokenizer(tok, mcfg, run_dir)
+            if start_gen is not None:
+                write_generation_config(run_dir, start_gen)
             with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:
                 # run: is a record (ignored when the file is read back as --config, to repeat the run)
                 yaml.safe_dump({"model": mcfg.to_dict(), "train": tcfg.to_dict(),

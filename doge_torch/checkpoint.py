@@ -110,6 +110,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         state.pop("lm_head.weight", None)
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    model.generation_config = hf_io.read_generation_config(path, model.config)  # (a run from --init-from keeps its)
     # the moments and step counts come from the checkpoint; the hyperparameters (lr, betas, eps, weight decay, fused
     # or not) stay those of this run's config and device, so a changed train: section takes effect
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]

@@ -625,6 +625,10 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
         print(f"init from {start}" + (f"; model config changes: {'; '.join(changes)}" if changes else ""),
               flush=True)
         model = init_from(start, cfg)
+        try:  # its generate settings too (written with every checkpoint): a fine-tuned model samples as it did
+            model.generation_config = hf_io.read_generation_config(start, cfg)
+        except ConfigError as e:
+            print(f"warning: {e}; the checkpoints' generation_config.json is made from the token ids", flush=True)
         print(f"initialised from {start} (fresh optimizer state)", flush=True)
     else:  # a fresh init; resuming, the checkpoint's weights are loaded below
         model = DogeForCausalLM(cfg)

@@ -6,6 +6,7 @@ checkpoint after step 1 holds exactly the initial parameters of the run."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -62,9 +63,21 @@ def test_init_from_starts_at_the_checkpoint(corpus, cache, dense, tmp_path, sour
         hf = tmp_path / "hf"
         DogeForCausalLM.from_pretrained(str(src)).save_pretrained(str(hf))
         shutil.copy(src / "tokenizer.json", hf / "tokenizer.json")
+        gen = json.load(open(hf / "generation_config.json"))  # generate settings: the run keeps them (were lost)
+        gen.update(do_sample=True, temperature=0.7, top_k=20, max_new_tokens=33, repetition_penalty=1.1)
+        json.dump(gen, open(hf / "generation_config.json", "w"))
         src = hf
     out = tmp_path / "cont"
     assert run(corpus, cache, out, "--init-from", str(src), "--train.peak_lr", "1e-3", "--train.stop_after", "1") == 0
+    if source == "hf_dir":
+        assert json.load(open(out / "generation_config.json")) == gen
+        assert DogeForCausalLM.from_pretrained(str(out)).generation_config.temperature == 0.7
+        from convert import main as convert
+
+        assert convert([str(out), str(tmp_path / "conv"), "--to", "hf"]) == 0
+        assert json.load(open(tmp_path / "conv" / "generation_config.json")) == gen
+    else:  # (the start run has no generation_config.json of its own)
+        assert not (out / "generation_config.json").exists()
     cfg, params = load_params(str(out), step=1)
     assert cfg == DogeConfig.from_json_file(dense[0] / "config.json")
     got = flat(params)

@@ -915,6 +915,9 @@ def test_cli_resume_needs_no_start_directory(tmp_path, capsys):
     data = str(tmp_path / "tokens.npy")
     start = tmp_path / "start"
     doge_torch.DogeForCausalLM(doge_torch.DogeConfig.from_yaml(cfg)).save_pretrained(str(start))
+    gen = json.loads((start / "generation_config.json").read_text())  # the start's generate settings are kept
+    gen.update(do_sample=True, temperature=0.7, top_k=20, max_new_tokens=33)  # (every checkpoint had ids only)
+    (start / "generation_config.json").write_text(json.dumps(gen))
     partial = tmp_path / "partial.yaml"  # a config with only a train: section (the model comes from the start)
     partial.write_text("train:\n" + open(cfg).read().split("train:\n", 1)[1])
     out = tmp_path / "run"
@@ -926,6 +929,7 @@ def test_cli_resume_needs_no_start_directory(tmp_path, capsys):
     assert "(step 3)" in capsys.readouterr().out
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["init_from"] == str(start) and state["global_step"] == 4
+    assert json.loads((out / "checkpoint-4" / "generation_config.json").read_text()) == gen  # (after 2 resumes)
 
 
 def test_token_stream_rows_equal_the_joined_stream():
