@@ -63,8 +63,8 @@ def resolve(path: str, step: int | None = None) -> tuple[str, str]:
     if not os.path.isdir(os.path.join(path, PARAMS)):
         raise CheckpointError(f"{path}: not an orbax checkpoint (no {PARAMS}/ or {CHECKPOINTS}/)")
     cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):  # a step directory: the config lives in the run directory
-        cfg = os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")
+    if not os.path.isfile(cfg) and os.path.basename(os.path.dirname(path)) == CHECKPOINTS:
+        cfg = os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")  # a step: the run's config
     return os.path.join(path, PARAMS), cfg
 
 
@@ -258,7 +258,14 @@ def param_metadata(path: str, step: int | None = None) -> tuple[str, str, dict[t
     tree = getattr(tree, "tree", tree)
     out = {}
     for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out[tuple(str(getattr(k, "key", k)) for k in p)] = (tuple(v.shape), v.dtype)
+        if hasattr(v, "shape"):
+            out[tuple(str(getattr(k, "key", k)) for k in p)] = (tuple(v.shape), v.dtype)
+    if not out:  # (read as a variant clash before: no q_norm -> "small_doge")
+        older = ""
+        if os.path.basename(os.path.dirname(os.path.dirname(params_dir))) == CHECKPOINTS:
+            older = "; an older step of the run may be intact (--step, or convert RUN/checkpoints/STEP)"
+        raise CheckpointError(f"{params_dir}: no parameters in its orbax metadata (an incomplete or damaged "
+                              f"checkpoint){older}")
     return params_dir, cfg_path, out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -963,3 +964,26 @@ def test_tied_config_over_a_separate_head_is_refused(tmp_path, capsys):
     assert max_abs_diff(np.asarray(DogeForCausalLM.from_pretrained(str(same))(ids).logits), want) <= 1e-4
     assert max_abs_diff(doge_torch.DogeForCausalLM.from_pretrained(str(same))(torch.as_tensor(ids)).logits
                         .detach().numpy(), want) <= 1e-4
+
+
+def test_damaged_orbax_checkpoint_and_missing_config_are_named(tmp_path, capsys):
+    """An orbax model whose params/ lost _METADATA read as a native/small_doge clash ("Leave out --variant"); a run
+    whose newest step is damaged now also points to --step; an orbax model without config.json named the parent
+    folder's config.json."""
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    assert _run(src, tmp_path / "jx", "--to", "jax") == 0
+    os.remove(tmp_path / "jx" / "params" / "_METADATA")
+    capsys.readouterr()
+    assert _run(tmp_path / "jx", tmp_path / "o", "--to", "hf") == 2
+    err = capsys.readouterr().err
+    assert "jx/params: no parameters in its orbax metadata" in err and "variant" not in err and "--step" not in err
+    step = tmp_path / "run" / "checkpoints" / "7"  # a run's damaged newest step
+    shutil.copytree(tmp_path / "jx", step)
+    os.rename(step / "config.json", tmp_path / "run" / "config.json")
+    assert _run(tmp_path / "run", tmp_path / "o", "--to", "hf") == 2
+    assert "an older step of the run may be intact (--step" in capsys.readouterr().err
+    assert _run(src, tmp_path / "jx2", "--to", "jax") == 0
+    os.remove(tmp_path / "jx2" / "config.json")
+    capsys.readouterr()
+    assert _run(tmp_path / "jx2", tmp_path / "o", "--to", "hf") == 2
+    assert f"{tmp_path / 'jx2' / 'config.json'}: config not found" in capsys.readouterr().err
