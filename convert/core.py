@@ -7,6 +7,8 @@ import signal
 import sys
 import time
 
+import numpy as np
+
 from doge_jax import hf_io
 from doge_jax.hf_names import CheckpointError
 
@@ -55,14 +57,19 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
     # a folder that also holds other files, other models or a training run's checkpoints/ must not delete them)
     with hf_io.model_output_dir(dst, overwrite=overwrite) as tmp:
         sink = SINKS[to](plan, tmp, shard_size)
-        seen = set()
+        seen, overflowed = set(), []
         for name, arr in source.tensors():
             e = plan.entries.get(name)
             if e is None:
                 continue  # tied lm_head, dropped legacy keys
             if tuple(arr.shape) != e.shape:
                 raise CheckpointError(f"{source.path}: {e.src}: shape {arr.shape}, expected {e.shape}")
-            sink.put(name, cast(arr, e.dtype))
+            with np.errstate(over="ignore"):  # (said once below, naming the tensors, not as numpy's warning)
+                out = cast(arr, e.dtype)
+            if out is not arr and np.isinf(out).any() and (np.isinf(out) & ~np.isinf(arr)).any():
+                overflowed.append(name)
+            sink.put(name, out)
+            del out
             seen.add(name)
             del arr
             _check_stop()
@@ -73,6 +80,9 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
         _chmod_like_mkdir(tmp)
         _check_stop()  # (the last chance to leave nothing: DST is renamed into place next)
     secs = time.perf_counter() - t0
+    if overflowed:
+        log(f"warning: {len(overflowed)} tensor(s) hold values beyond {dtype}'s range, now inf: "
+            f"{', '.join(overflowed[:5])}{' ...' if len(overflowed) > 5 else ''} (keep a wider --dtype for them)")
     log(f"wrote {dst} ({to}: {len(plan.entries)} tensors, {plan.nbytes / 1e6:.1f} MB, {plan.dtype_name}) "
         f"in {secs:.1f} s")
     return {"files": files, "tensors": len(plan.entries), "bytes": plan.nbytes, "seconds": secs, "dry_run": False}

@@ -987,3 +987,22 @@ def test_damaged_orbax_checkpoint_and_missing_config_are_named(tmp_path, capsys)
     capsys.readouterr()
     assert _run(tmp_path / "jx2", tmp_path / "o", "--to", "hf") == 2
     assert f"{tmp_path / 'jx2' / 'config.json'}: config not found" in capsys.readouterr().err
+
+
+def test_float16_overflow_is_named(tmp_path, capsys):
+    """--dtype float16 of a weight beyond 65504: one warning naming the tensor (was numpy's RuntimeWarning from
+    convert/plan.py only); the conversion still writes what torch's .to(float16) would (inf)."""
+    hf = make_hf_model()
+    with torch.no_grad():
+        hf.model.norm.weight[3] = 1e5
+    src = save_hf(hf, tmp_path / "src")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow RuntimeWarning would fail here
+        assert _run(src, tmp_path / "f16", "--to", "hf", "--dtype", "float16") == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 tensor(s) hold values beyond float16's range, now inf: model.norm.weight" in err, err
+    assert np.isinf(_tensors(tmp_path / "f16")["model.norm.weight"][3])
+    assert _run(src, tmp_path / "bf16", "--to", "hf", "--dtype", "bfloat16") == 0
+    assert "warning" not in capsys.readouterr().err
