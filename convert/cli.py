@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             ValueError) as e:  # bad input (the source, DST, a flag): exit 2, as train and generate
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader went away (`--dry-run | head`): quietly, as SIGPIPE would end it
+        return 141
     except OSError as e:  # the write failed (disk full, permissions): exit 1
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1006,3 +1006,21 @@ def test_float16_overflow_is_named(tmp_path, capsys):
     assert np.isinf(_tensors(tmp_path / "f16")["model.norm.weight"][3])
     assert _run(src, tmp_path / "bf16", "--to", "hf", "--dtype", "bfloat16") == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_dry_run_into_a_closed_pipe_is_quiet(tmp_path, monkeypatch, capsys):
+    """`convert ... --dry-run | head -2` on a big model: the reader goes away; exit 141 (SIGPIPE's) without a word,
+    as generate does (was "error: [Errno 32] Broken pipe", exit 1)."""
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    capsys.readouterr()
+
+    class ClosedPipe:
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert _run(src, tmp_path / "o", "--to", "jax", "--dry-run") == 141
+    assert capsys.readouterr().err == "" and not os.path.exists(tmp_path / "o")
