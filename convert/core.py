@@ -38,6 +38,8 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
     t0 = time.perf_counter()
     dst = os.path.abspath(dst)
     _check_apart(src, dst, overwrite)
+    if os.path.isdir(dst) and not os.path.islink(dst) and not os.listdir(dst):
+        overwrite = True  # an empty folder made for the output (`mkdir DST` first): nothing in it to lose
     source = open_source(src, config=config, variant=variant, step=step)
     plan = build_plan(source, to, dtype)
     files = output_files(plan, shard_size)
