@@ -16,7 +16,7 @@ def test_headdim_probe_cpu_smoke():
                            "--no-append"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| torch") or line.startswith("| jax")]
-    assert len(rows) == 12 and not any("refused" in r for r in rows), proc.stdout[-3000:]
+    assert len(rows) == 14 and not any("refused" in r for r in rows), proc.stdout[-3000:]
     assert "cpu-smoke" in proc.stdout
     for r in rows:
         f_ms, b_ms = (float(c) for c in r.strip("|").split("|")[1:3])
