@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing written", file=sys.stderr)
         return 130
+    except SystemExit as e:  # SIGTERM, acted on between tensors (core._check_stop)
+        if e.code == 128 + signal.SIGTERM:
+            print("error: terminated (SIGTERM); nothing written", file=sys.stderr)
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)

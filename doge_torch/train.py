@@ -378,7 +378,7 @@ def init_from(path: str, cfg) -> DogeForCausalLM:
 
     _, state = load_hf_state(path, config=cfg)
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        hf_io.check_tied_head(cfg, state.pop("lm_head.weight", None), state.get("model.embed_tokens.weight"), path)
     expected = expected_hf_shapes(cfg)
     to_moe = cfg.is_moe and not any(is_new_moe_param(k) for k in state)
     if to_moe:

@@ -534,8 +534,8 @@ def test_killed_mid_write_leaves_no_dst(tmp_path, sig):
     if sig != signal.SIGKILL:  # a catchable signal also removes the temporary directory
         assert not [n for n in os.listdir(tmp_path) if n.startswith(".dst")]
         assert p.returncode == 128 + sig
-        if sig == signal.SIGINT:
-            assert "interrupted; nothing written" in p.stderr.read()
+        why = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"  # (SIGTERM: said nothing)
+        assert f"error: {why}; nothing written" in p.stderr.read()
     else:  # SIGKILL cannot be caught: the next write to the same place removes what the dead writer left
         assert [n for n in os.listdir(tmp_path) if n.startswith(".dst.tmp-")]
         live = tmp_path / f".dst.tmp-{socket.gethostname()}.{os.getpid()}-x"
@@ -954,6 +954,10 @@ def test_tied_config_over_a_separate_head_is_refused(tmp_path, capsys):
         DogeForCausalLM.from_pretrained(str(bad))
     with pytest.raises(CheckpointError, match=msg):
         doge_torch.DogeForCausalLM.from_pretrained(str(bad))
+    from doge_torch.train import init_from  # (doge_torch.train --init-from; doge_jax.train's goes through the above)
+
+    with pytest.raises(CheckpointError, match=msg):
+        init_from(str(bad), _cfg(bad))
     # the same weights with lm_head.weight = the embedding (a .bin of a tied model's state_dict holds both)
     sd = {k: torch.as_tensor(v) for k, v in _tensors(tied).items()}
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
