@@ -289,6 +289,9 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
         print(f"note: --name given: the run directory is runs_dir/name, not {path}'s out_dir {train['out_dir']!r}",
               file=sys.stderr)
         train["out_dir"] = None
+    if {"name", "out_dir"} <= given:  # (the name only picks runs_dir/name; it was ignored without a word)
+        name = next(v for s, k, v in overrides if (s, k) == ("train", "name"))
+        print(f"note: --out_dir given: --name {name} has no effect (it only picks runs_dir/NAME)", file=sys.stderr)
     for key in model:
         if key not in MODEL_FIELDS:
             raise _unknown("model", key, MODEL_FIELDS)

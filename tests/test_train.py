@@ -797,11 +797,13 @@ def test_8_device_run_twice_with_a_warm_compilation_cache(corpus, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_names_and_paths_stay_strings(corpus, tmp_path):
+def test_names_and_paths_stay_strings(corpus, tmp_path, capsys):
     """YAML turns `7` and `2024-05-01` into an int and a date; string fields keep them as text (before: a
-    TypeError); a --data path holding `=` (Hive style) is a path, not an override."""
+    TypeError); a --data path holding `=` (Hive style) is a path, not an override. --name beside --out_dir does
+    nothing: a note says so (it was ignored without a word)."""
     _, t = load_configs(None, parse_overrides(["--name", "7", "--out_dir", "123", "--train.tokenizer", "2024-05-01"]))
     assert (t.name, t.out_dir, t.tokenizer) == ("7", "123", "2024-05-01")
+    assert "note: --out_dir given: --name 7 has no effect" in capsys.readouterr().err
     hive = tmp_path / "lang=en"
     hive.mkdir()
     ov = parse_overrides(["--data", str(hive), "b.txt", "train.seed=3", "--name", "x"])
