@@ -60,12 +60,21 @@ def checkpoint_config(path: str) -> DogeConfig:
 def start_generation_config(path: str, cfg: DogeConfig):
     """The generate settings (GenerationConfig) of the checkpoint a run starts from: its generation_config.json
     (an HF or orbax model's, or a run's for a run or step directory), checked against the run's model `cfg`; None
-    when it has none. A fine-tuned model samples as its start did (transformers' Trainer keeps the file too)."""
+    when it has none. A fine-tuned model samples as its start did (transformers' Trainer keeps the file too). When
+    the run changes a token id (--model.eos_token_id, a new tokenizer's), the ids are the run's."""
+    import dataclasses
+
     from . import checkpoint, hf_io
+    from .config import SPECIAL_IDS, GenerationConfig
 
     where = os.path.dirname(checkpoint.resolve(path)[1]) if checkpoint.is_orbax_checkpoint(path) else path
     if not os.path.isfile(os.path.join(where, "generation_config.json")):
         return None
+    start = checkpoint_config(path)
+    if any(getattr(start, k) != getattr(cfg, k) for k in SPECIAL_IDS):
+        run_ids = GenerationConfig.from_config(cfg)
+        gen = hf_io.read_generation_config(where, start)
+        return dataclasses.replace(gen, **{k: getattr(run_ids, k) for k in SPECIAL_IDS})
     return hf_io.read_generation_config(where, cfg)
 
 

@@ -8,6 +8,7 @@ renamed into place, so a kill leaves the previous checkpoints and no half-writte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from doge_jax import hf_io
+from doge_jax.config import SPECIAL_IDS
 from doge_jax.hf_names import CheckpointError, CheckpointWriteError
 
 from .io import write_model
@@ -110,7 +112,11 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         state.pop("lm_head.weight", None)
     device = next(model.parameters()).device
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
-    model.generation_config = hf_io.read_generation_config(path, model.config)  # (a run from --init-from keeps its)
+    # (a run from --init-from keeps its start's settings; ids the file lacks, a run made before its config had
+    # them, come from the model config, as a fresh run's would)
+    gen = hf_io.read_generation_config(path, model.config)
+    model.generation_config = dataclasses.replace(
+        gen, **{k: getattr(model.config, k) for k in SPECIAL_IDS if getattr(gen, k) is None})
     # the moments and step counts come from the checkpoint; the hyperparameters (lr, betas, eps, weight decay, fused
     # or not) stay those of this run's config and device, so a changed train: section takes effect
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]

@@ -626,7 +626,9 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
               flush=True)
         model = init_from(start, cfg)
         try:  # its generate settings too (written with every checkpoint): a fine-tuned model samples as it did
-            model.generation_config = hf_io.read_generation_config(start, cfg)
+            from doge_jax.init import start_generation_config
+
+            model.generation_config = start_generation_config(start, cfg) or model.generation_config
         except ConfigError as e:
             print(f"warning: {e}; the checkpoints' generation_config.json is made from the token ids", flush=True)
         print(f"initialised from {start} (fresh optimizer state)", flush=True)

@@ -341,3 +341,25 @@ def test_init_from_in_a_config_file_expands_the_home_directory(tmp_path, monkeyp
     cfg_file.write_text("train:\n  init_from: ~/ckpt\n  seq_len: 16\n")
     cfg, tc = load_configs(str(cfg_file), [])
     assert tc.init_from == str(tmp_path / "ckpt") and cfg.hidden_size == 32
+
+
+def test_start_generation_config_keeps_settings_and_takes_changed_ids(tmp_path):
+    """--init-from carries the start's generation_config.json (sampling settings, its own EOS list); when the run
+    changes a token id (--model.eos_token_id, another tokenizer's), the ids are the run's: the start's EOS would
+    end generation on the old token."""
+    import json
+
+    from doge_jax.init import start_generation_config
+
+    cfg = DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                     pad_token_id=2)
+    DogeForCausalLM(cfg, rngs=nnx.Rngs(0)).save_pretrained(str(tmp_path / "m"))
+    json.dump({"bos_token_id": 0, "eos_token_id": [1, 5], "pad_token_id": 2, "do_sample": True, "temperature": 0.7},
+              open(tmp_path / "m" / "generation_config.json", "w"))
+    same = start_generation_config(str(tmp_path / "m"), cfg)
+    assert (same.eos_token_id, same.temperature, same.do_sample) == ((1, 5), 0.7, True)
+    moved = start_generation_config(str(tmp_path / "m"), cfg.replace(eos_token_id=7))
+    assert (moved.bos_token_id, moved.eos_token_id, moved.pad_token_id, moved.temperature) == (0, 7, 2, 0.7)
+    os.remove(tmp_path / "m" / "generation_config.json")
+    assert start_generation_config(str(tmp_path / "m"), cfg) is None

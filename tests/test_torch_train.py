@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import TINY_MOE, make_hf_model, random_ids, save_hf, unique_ids
+from conftest import TINY, TINY_MOE, make_hf_model, random_ids, save_hf, unique_ids
 from flax import nnx
 
 import doge_jax
@@ -1166,3 +1166,23 @@ def test_cli_takes_field_overrides_as_doge_jax(tmp_path, capsys):
         with pytest.raises((SystemExit, ConfigError)) as e:
             main(["--data", str(tmp_path / "tokens.npy"), "--device", "cpu", *bad])
         assert why in (str(e.value) if isinstance(e.value, ConfigError) else capsys.readouterr().err)
+
+
+def test_resume_fills_the_ids_a_checkpoints_generation_config_lacks(tmp_path):
+    """A checkpoint of a run whose config had no token ids (filled from the tokenizer on resume) holds a
+    generation_config.json without them: load() takes the file's settings and the model config's ids (it took the
+    file as is, and every later checkpoint lost its EOS)."""
+    from doge_torch import checkpoint
+    from doge_torch.optim import make_optimizer, wsd_scheduler
+
+    cfg = doge_torch.DogeConfig(**{**TINY, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2})
+    model = doge_torch.DogeForCausalLM(cfg)
+    opt = make_optimizer(model, 1e-3)
+    sched = wsd_scheduler(opt, 1, 1, 4)
+    path = checkpoint.save(str(tmp_path), 1, model, opt, sched, {}, keep=2)
+    (tmp_path / "checkpoint-1" / "generation_config.json").write_text('{"do_sample": true, "top_k": 7}')
+    fresh = doge_torch.DogeForCausalLM(cfg)
+    fresh_opt = make_optimizer(fresh, 1e-3)
+    checkpoint.load(path, fresh, fresh_opt, wsd_scheduler(fresh_opt, 1, 1, 4))
+    gen = fresh.generation_config
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id, gen.do_sample, gen.top_k) == (0, 1, 2, True, 7)
