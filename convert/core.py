@@ -38,8 +38,6 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
     t0 = time.perf_counter()
     dst = os.path.abspath(dst)
     _check_apart(src, dst, overwrite)
-    if os.path.isdir(dst) and not os.path.islink(dst) and not os.listdir(dst):
-        overwrite = True  # an empty folder made for the output (`mkdir DST` first): nothing in it to lose
     source = open_source(src, config=config, variant=variant, step=step)
     plan = build_plan(source, to, dtype)
     files = output_files(plan, shard_size)
@@ -54,7 +52,8 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
         print("dry run: nothing written")
         return {"files": files, "tensors": len(plan.entries), "bytes": plan.nbytes, "seconds": 0.0, "dry_run": True}
     if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+        empty = os.path.isdir(dst) and not os.listdir(dst)  # (`mkdir DST` first: still a folder that gets replaced)
+        raise FileExistsError(f"{dst} exists{' (an empty folder)' if empty else ''}; pass --overwrite to replace it")
     # as save_pretrained: DST's old model files go (weights, configs), anything else in it stays (a --overwrite of
     # a folder that also holds other files, other models or a training run's checkpoints/ must not delete them)
     with hf_io.model_output_dir(dst, overwrite=overwrite) as tmp:

@@ -356,9 +356,10 @@ def test_existing_dst_dry_run_and_overwrite(tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert _run(src, dst, "--to", "torch", "--dry-run") == 0
     assert "needs --overwrite" in capsys.readouterr().out and os.listdir(dst) == ["keep.txt"]
-    empty = tmp_path / "empty"  # a folder made for the output takes it without --overwrite (nothing to lose)
+    empty = tmp_path / "empty"  # a folder made for the output: still --overwrite (it is replaced, not filled)
     empty.mkdir()
-    assert _run(src, empty, "--to", "hf") == 0 and "model.safetensors" in os.listdir(empty)
+    assert _run(src, empty, "--to", "hf") == 2 and "exists (an empty folder); pass --overwrite" in \
+        capsys.readouterr().err
     # --overwrite replaces DST's model files and keeps the rest (it deleted the whole folder: other files, other
     # models, `convert SRC . --overwrite` a working directory), as save_pretrained does
     (dst / "model-00001-of-00002.safetensors").write_text("stale shard")
