@@ -55,8 +55,10 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
         empty = os.path.isdir(dst) and not os.listdir(dst)  # (`mkdir DST` first: still a folder that gets replaced)
         raise FileExistsError(f"{dst} exists{' (an empty folder)' if empty else ''}; pass --overwrite to replace it")
     # as save_pretrained: DST's old model files go (weights, configs), anything else in it stays (a --overwrite of
-    # a folder that also holds other files, other models or a training run's checkpoints/ must not delete them)
-    with hf_io.model_output_dir(dst, overwrite=overwrite) as tmp:
+    # a folder that also holds other files, other models or a training run's checkpoints/ must not delete them);
+    # the tokenizer files go too: they belong to the old model (SRC's own are copied when it has them)
+    keep = lambda name: hf_io._not_model_file(name) and name not in hf_io.SIDE_FILES  # noqa: E731
+    with hf_io.model_output_dir(dst, overwrite=overwrite, keep=keep) as tmp:
         sink = SINKS[to](plan, tmp, shard_size)
         seen, overflowed = set(), []
         for name, arr in source.tensors():

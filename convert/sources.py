@@ -150,6 +150,11 @@ def _orbax_source(path, config, variant, step) -> Source:
     chosen = resolve_variant(variant, detected, path, cfg_hint=None)
     if cfg.variant != chosen:
         resolve_variant(cfg.variant, detected, path, cfg_hint=config or cfg_path)
+    if cfg.tie_word_embeddings and ("lm_head", "kernel") in meta:  # an untied model's head under a tied config
+        head, emb = (checkpoint.read_param(params_dir, p) for p in (("lm_head", "kernel"),
+                                                                    ("model", "embed_tokens", "embedding")))
+        hf_io.check_tied_head(cfg, head.T, emb, path)
+        del head, emb
     refs = {}
     for fpath, (shape, dtype) in meta.items():
         for i, name, transpose in _unstack(fpath, shape):

@@ -171,14 +171,14 @@ def _not_model_file(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def model_output_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
+def model_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=_not_model_file) -> Iterator[str]:
     """atomic_output_dir for model saves (HF or orbax), as transformers' save_pretrained behaves: the directory's
     other files (tokenizer, README) stay, its old weight files go. A training run directory is refused: its
     checkpoints/ would win over the saved weights in from_pretrained (and replacing it would delete the run)."""
     if os.path.isdir(os.path.join(os.fspath(path), "checkpoints")):
         raise FileExistsError(f"{os.fspath(path)} holds a training run (checkpoints/); save the model to another "
                               "directory (a run's step converts with python -m convert RUN DST --to hf)")
-    with atomic_output_dir(path, overwrite=overwrite, keep=_not_model_file) as tmp:
+    with atomic_output_dir(path, overwrite=overwrite, keep=keep) as tmp:
         yield tmp
 
 
@@ -383,7 +383,7 @@ def iter_tensors(files: list[str], framework: str = "np") -> Iterator[tuple[str,
             raise CheckpointError(f"{fname}: corrupt or truncated safetensors file ({e})") from None
 
 
-def iter_torch_file(fname: str, framework: str = "np") -> Iterator[tuple[str, object]]:
+def iter_torch_file(fname: str, framework: str = "np", only: set[str] | None = None) -> Iterator[tuple[str, object]]:
     """(name, tensor) of a PyTorch state-dict file, memory-mapped and released one tensor at a time; numpy arrays
     (bfloat16 bit-exact) for framework "np", torch tensors for "pt"."""
     try:
@@ -407,7 +407,8 @@ def iter_torch_file(fname: str, framework: str = "np") -> Iterator[tuple[str, ob
                               f"{type(sd[bad]).__name__}{hint}")
     for name in list(sd):
         t = sd.pop(name)
-        yield name, (t if framework == "pt" else torch_to_numpy(t))
+        if only is None or name in only:  # (`only`: the others are never converted)
+            yield name, (t if framework == "pt" else torch_to_numpy(t))
 
 
 def read_named(files: list[str], keys: set[str], framework: str = "np") -> dict[str, object]:
@@ -417,7 +418,7 @@ def read_named(files: list[str], keys: set[str], framework: str = "np") -> dict[
     out: dict[str, object] = {}
     for fname in files:
         if fname.endswith((".bin", ".pt")):
-            out.update((k, t) for k, t in iter_torch_file(fname, framework) if k in keys)
+            out.update(iter_torch_file(fname, framework, only=keys))
             continue
         try:
             with safe_open(fname, framework=framework) as f:
@@ -432,16 +433,29 @@ def check_tied_head(config: DogeConfig, head, embed, where: str) -> None:
     other values is refused: dropping that head silently changes every logit (transformers keeps it, untied)."""
     if not config.tie_word_embeddings or head is None or embed is None:
         return
-    if tuple(head.shape) == tuple(embed.shape):
-        if hasattr(head, "float"):  # torch
-            same = bool(head.float().equal(embed.float()))
-        else:
-            same = bool(np.array_equal(np.asarray(head, np.float32), np.asarray(embed, np.float32)))
-        if same:
-            return
+    if tuple(head.shape) == tuple(embed.shape) and _equal_rows(head, embed):
+        return
     raise CheckpointError(f"{where}: lm_head.weight differs from model.embed_tokens.weight, but the config ties them "
                           "(tie_word_embeddings: true), which would drop that head: set tie_word_embeddings to false "
                           "in config.json to keep it")
+
+
+def _equal_rows(a, b, rows: int = 4096) -> bool:
+    """Equal values (torch or numpy, any float dtypes), compared a block of rows at a time: a bf16 [65536, 2048]
+    table pair is not copied to float32 whole."""
+    for i in range(0, a.shape[0], rows):
+        x, y = a[i:i + rows], b[i:i + rows]
+        if hasattr(x, "float"):  # torch
+            same = _torch_equal(x, y)
+        else:
+            same = bool(np.array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32)))
+        if not same:
+            return False
+    return True
+
+
+def _torch_equal(x, y) -> bool:
+    return bool(x.equal(y)) if x.dtype == y.dtype else bool(x.float().equal(y.float()))
 
 
 def check_tied_head_files(config: DogeConfig, files: list[str], keys, legacy: bool, where: str) -> None:

@@ -366,6 +366,7 @@ def test_existing_dst_dry_run_and_overwrite(tmp_path, capsys):
     (dst / "params").mkdir()
     (dst / "other_model").mkdir()
     (dst / "other_model" / "config.json").write_text("{}")
+    (dst / "tokenizer.json").write_text("{}")  # the old model's tokenizer goes with it (src has none)
     assert _run(src, dst, "--to", "hf", "--overwrite") == 0
     assert sorted(os.listdir(dst)) == ["config.json", "generation_config.json", "keep.txt", "model.safetensors",
                                        "other_model"]
@@ -953,6 +954,10 @@ def test_tied_config_over_a_separate_head_is_refused(tmp_path, capsys):
         assert msg in capsys.readouterr().err and not os.path.exists(argv[1])
     with pytest.raises(CheckpointError, match=msg):
         DogeForCausalLM.from_pretrained(str(bad))
+    assert _run(untied, tmp_path / "jx", "--to", "jax") == 0  # an orbax source too (its head was dropped)
+    capsys.readouterr()
+    assert _run(tmp_path / "jx", tmp_path / "o4", "--to", "hf", "--config", os.path.join(tied, "config.json")) == 2
+    assert msg in capsys.readouterr().err
     with pytest.raises(CheckpointError, match=msg):
         doge_torch.DogeForCausalLM.from_pretrained(str(bad))
     from doge_torch.train import init_from  # (doge_torch.train --init-from; doge_jax.train's goes through the above)
