@@ -238,12 +238,9 @@ class Kernel:
 def kernels(module: Module) -> list[Kernel]:
     """Every kernel the entry computation launches (loop bodies once per known trip), with its bytes."""
     shapes = {i.name: i.shape for body in module.computations.values() for i in body}
-    out, todo, seen = [], [(module.entry, 1)], set()
-    while todo:
+    out, todo = [], [(module.entry, 1)]
+    while todo:  # (HLO has no recursion: a computation called from two places counts at both)
         comp, times = todo.pop()
-        if comp in seen:
-            continue
-        seen.add(comp)
         for ins in module.computations.get(comp, []):
             if ins.op in FREE or ins.op.endswith(("-done", "-update")):
                 continue
@@ -251,7 +248,8 @@ def kernels(module: Module) -> list[Kernel]:
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
                 for sub in re.findall(r"(?:body|to_apply|calls)=%([\w.\-]+)", ins.attrs):
                     todo.append((sub, times * (int(trips.group(1)) if trips else 1)))
-                # a conditional: the branch lax.cond runs when its predicate holds (the path doge_jax expects)
+                # a conditional: the branch lax.cond runs when its predicate holds (the path doge_jax expects;
+                # a many-way lax.switch is not modelled: its last branch counts)
                 branch = re.search(r"true_computation=%([\w.\-]+)", ins.attrs)
                 cases = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)  # (lax.cond's as [false, true])
                 cases = re.findall(r"%([\w.\-]+)", cases.group(1)) if cases else []

@@ -79,6 +79,21 @@ metadata={op_name="exp" stack_frame_id=3}
   ROOT %constant.3 = pred[] constant(true)
 }
 
+%on_true (p.3: f32[8]) -> f32[8] {
+  %p.3 = f32[8]{0} parameter(0)
+  ROOT %loop_true_fusion = f32[8]{0} fusion(%p.3), kind=kLoop, calls=%fused_neg
+}
+
+%on_false (p.4: f32[8]) -> f32[8] {
+  %p.4 = f32[8]{0} parameter(0)
+  ROOT %loop_false_fusion = f32[8]{0} fusion(%p.4), kind=kLoop, calls=%fused_neg
+}
+
+%fused_neg (param_0.8: f32[8]) -> f32[8] {
+  %param_0.8 = f32[8]{0} parameter(0)
+  ROOT %negate.1 = f32[8]{0} negate(%param_0.8)
+}
+
 ENTRY %main (Arg_0.1: bf16[4,8], Arg_1.2: f32[8], Arg_2.3: f32[64,8], Arg_3.4: bf16[8,16]) -> f32[64,8] {
   %Arg_0.1 = bf16[4,8]{1,0} parameter(0)
   %Arg_1.2 = f32[8]{0} parameter(1)
@@ -92,6 +107,11 @@ custom_call_target="__cublas$lt$matmul", metadata={op_name="dot" stack_frame_id=
   %tuple.2 = (s32[], f32[64,8]{1,0}, f32[64,8]{1,0}) tuple(%constant.4, %Arg_2.3, %Arg_2.3)
   %while.1 = (s32[], f32[64,8]{1,0}, f32[64,8]{1,0}) while(%tuple.2), condition=%cond, body=%body, \
 backend_config={"known_trip_count":{"n":"32"}}
+  %pred.1 = pred[] constant(true)
+  %cond.1 = f32[8]{0} conditional(%pred.1, %Arg_1.2, %Arg_1.2), true_computation=%on_true, \
+false_computation=%on_false
+  %index.1 = s32[] constant(1)
+  %cond.2 = f32[8]{0} conditional(%index.1, %Arg_1.2, %Arg_1.2), branch_computations={%on_false, %on_true}
   ROOT %gte.3 = f32[64,8]{1,0} get-tuple-element(%while.1), index=2
 }
 """
@@ -101,7 +121,12 @@ def test_byte_model_on_a_hand_written_module():
     module = ht.parse_module(MODULE)
     assert module.entry == "main"
     ks = {k.name: k for k in ht.kernels(module)}
-    assert set(ks) == {"loop_multiply_fusion", "custom-call.1", "loop_exp_fusion", "loop_dus_fusion"}
+    # of each conditional the branch lax.cond takes when its predicate holds (true_computation, or the last of
+    # branch_computations: lax.cond's [false, true]); here both name on_true: counted at each
+    names = [k.name for k in ht.kernels(module)]
+    assert names.count("loop_true_fusion") == 2 and "loop_false_fusion" not in names, names
+    assert set(ks) == {"loop_multiply_fusion", "custom-call.1", "loop_exp_fusion", "loop_dus_fusion",
+                       "loop_true_fusion"}
     norm = ks["loop_multiply_fusion"]  # reads bf16[4,8] + f32[8], writes f32[4,8]
     assert (norm.read, norm.written, norm.launches, norm.kind) == (64 + 32, 128, 1, "elementwise")
     # the root's frame (model.py RMSNorm), not the fusion's own (train.py)
