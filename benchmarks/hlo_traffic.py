@@ -3,10 +3,10 @@
 Compiles the step (exactly what benchmarks/gpu_check.py times: `doge_jax.train.make_steps`, bf16 compute, the
 fused attention path) for an H100 (sm_90) on this machine through the CUDA plugin's compiler ("deviceless" AOT: no
 driver, no device), then reads the optimized HLO: for every kernel it launches, the bytes it reads (its operands;
-only the slice of an operand it only slices) and writes (its result), summed by model area and by kind, with the
-time each would take at a given bandwidth. Nothing here is timed: it says where the bytes go, so a change to the
-model can be judged on a CPU machine before a GPU confirms it (gpu_check's profile shows the kernels' times under
-the same names).
+only the slice of an operand it only slices, also through a convert) and writes (its result), summed by model area
+and by kind, with the time each would take at a given bandwidth. Nothing here is timed: it says where the bytes
+go, so a change to the model can be judged on a CPU machine before a GPU confirms it (gpu_check's profile shows the
+kernels' times under the same names).
 
   pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the compiler (~3 GB of wheels)
   python benchmarks/hlo_traffic.py                              # Doge-160M, 16 x 2048 tokens, as gpu_check
@@ -216,6 +216,9 @@ def _operand_bytes(module: Module, ins: Instr, shapes: dict[str, str]) -> list[i
                 total += shape_bytes(u.shape)
             elif u.op == "bitcast":
                 total += read(u.name, size, depth + 1)
+            elif u.op == "convert" and shape_bytes(u.shape):  # a converted stack sliced: the slice's source bytes
+                converted = shape_bytes(u.shape)
+                total += read(u.name, converted, depth + 1) * size // converted
             else:
                 return size
         return min(total, size)

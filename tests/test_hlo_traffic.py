@@ -79,6 +79,15 @@ metadata={op_name="exp" stack_frame_id=3}
   ROOT %constant.3 = pred[] constant(true)
 }
 
+%fused_layer_cast (param_0.9: f32[24,8], param_1.10: s32[]) -> bf16[1,8] {
+  %param_0.9 = f32[24,8]{1,0} parameter(0)
+  %convert.2 = bf16[24,8]{1,0} convert(%param_0.9)
+  %param_1.10 = s32[] parameter(1)
+  %constant.5 = s32[] constant(0)
+  ROOT %dynamic-slice.2 = bf16[1,8]{1,0} dynamic-slice(%convert.2, %param_1.10, %constant.5), \
+dynamic_slice_sizes={1,8}
+}
+
 %on_true (p.3: f32[8]) -> f32[8] {
   %p.3 = f32[8]{0} parameter(0)
   ROOT %loop_true_fusion = f32[8]{0} fusion(%p.3), kind=kLoop, calls=%fused_neg
@@ -94,7 +103,11 @@ metadata={op_name="exp" stack_frame_id=3}
   ROOT %negate.1 = f32[8]{0} negate(%param_0.8)
 }
 
-ENTRY %main (Arg_0.1: bf16[4,8], Arg_1.2: f32[8], Arg_2.3: f32[64,8], Arg_3.4: bf16[8,16]) -> f32[64,8] {
+ENTRY %main (Arg_0.1: bf16[4,8], Arg_1.2: f32[8], Arg_2.3: f32[64,8], Arg_3.4: bf16[8,16], Arg_4.5: f32[24,8]) \
+-> f32[64,8] {
+  %Arg_4.5 = f32[24,8]{1,0} parameter(4)
+  %layer.1 = s32[] constant(3)
+  %loop_layer_fusion = bf16[1,8]{1,0} fusion(%Arg_4.5, %layer.1), kind=kLoop, calls=%fused_layer_cast
   %Arg_0.1 = bf16[4,8]{1,0} parameter(0)
   %Arg_1.2 = f32[8]{0} parameter(1)
   %Arg_2.3 = f32[64,8]{1,0} parameter(2)
@@ -126,7 +139,9 @@ def test_byte_model_on_a_hand_written_module():
     names = [k.name for k in ht.kernels(module)]
     assert names.count("loop_true_fusion") == 2 and "loop_false_fusion" not in names, names
     assert set(ks) == {"loop_multiply_fusion", "custom-call.1", "loop_exp_fusion", "loop_dus_fusion",
-                       "loop_true_fusion"}
+                       "loop_true_fusion", "loop_layer_fusion"}
+    # one layer of a stacked float32 parameter, cast then sliced: its f32 row (32 bytes) + the index, not the stack
+    assert (ks["loop_layer_fusion"].read, ks["loop_layer_fusion"].written) == (32 + 4, 16)
     norm = ks["loop_multiply_fusion"]  # reads bf16[4,8] + f32[8], writes f32[4,8]
     assert (norm.read, norm.written, norm.launches, norm.kind) == (64 + 32, 128, 1, "elementwise")
     # the root's frame (model.py RMSNorm), not the fusion's own (train.py)
