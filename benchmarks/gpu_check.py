@@ -35,7 +35,8 @@ Sections (one table at the end, one row per check):
              --probes then with the kernels, doge_torch with sdpa's cuDNN kernel first, both with the bias folded
              into the values (FUSED_FOLD = "v" in doge_jax.attention and doge_torch.model), doge_torch's loss
              chunks as eager ops (doge_torch.loss.COMPILE_CHUNKS = False), doge_jax's loss in 4096-token chunks
-             (train.loss_chunk; 1024 by default), doge_jax's layers the other way, and
+             (train.loss_chunk; 1024 by default), doge_jax's byte-saving variants (fewer_bytes), doge_jax's layers
+             the other way, and
              32 rows, as budget allows):
              doge_jax bf16 compute with fused attention (make_steps, donated buffers, chunked CE; layers as the
              config says, unrolled in configs/doge-*.yaml), doge_torch bf16
@@ -911,7 +912,7 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
     ran = [0]  # framework rows that passed --train-only
 
     def one(label, base, seq, rows, kind, jax_row=True, sdpa_backends=None, hf_row=False, torch_row=True,
-            fold="qk", compiled_ce=True, loss_chunk=1024):
+            fold="qk", compiled_ce=True, loss_chunk=1024, fewer=False):
         # --train-only: a framework's row runs only if "label framework seq S x R rows" has every term (and none of
         # the ~terms)
         hf_row, jax_row, torch_row = (on and train_row_wanted(f"{label} {fw} seq {seq} x {rows} rows", only)
@@ -955,7 +956,8 @@ def section_train(report: Report, budget: Budget, cpu: bool, tdev, peak: float, 
         elif budget.left() < (5 if cpu else 40):
             report.add(S, f"{label} doge_jax", "budget", status="SKIP")
         else:
-            with guarded(report, S, f"{label} doge_jax seq {seq} x {rows} rows"), fused_fold(fold):
+            with guarded(report, S, f"{label} doge_jax seq {seq} x {rows} rows"), fused_fold(fold), \
+                    fewer_bytes(fewer):
                 cfg = base.replace(attention_impl="fused") if base.attention_impl == "auto" else base
                 step, params, opt_state, how = _jax_step(cfg, seq, rows, loss_chunk)
                 jb = jnp.asarray(batch, jnp.int32)[None]
@@ -1047,6 +1049,9 @@ def train_probes(one, refused, cpu: bool, tdev, label, base, seq, rows, kind) ->
     # doge_jax's loss in 4096-token chunks instead of 1024: 6.75 GiB less traffic per step (benchmarks/hlo_traffic.py,
     # H100 compile: the chunks' dW accumulator and per-chunk launches), 512 MB of float32 logits at a time
     one(label + " [loss_chunk 4096]", base, seq, rows, kind, torch_row=False, loss_chunk=4096)
+    # doge_jax's byte-saving variants together (-15.7 GiB per step by hlo_traffic.py: v not padded for the fold's
+    # cuDNN call, the CE's logsumexp in one pass, gate and up as one matmul; see fewer_bytes)
+    one(label + " [fewer bytes]", base, seq, rows, kind, torch_row=False, fewer=True)
     # doge_jax with its decoder layers the other way (scanned or unrolled: the GPU configs unroll them)
     other = "[scanned layers]" if not base.scan_layers else "[unrolled layers]"
     one(f"{label} {other}", base.replace(scan_layers=not base.scan_layers), seq, rows, kind, torch_row=False)
@@ -1071,6 +1076,17 @@ def fused_fold(fold: str):
     from doge_jax import attention
 
     with mock.patch.object(attention, "FUSED_FOLD", fold), mock.patch.object(doge_torch.model, "FUSED_FOLD", fold):
+        yield
+
+
+@contextlib.contextmanager
+def fewer_bytes(on: bool):
+    """doge_jax's byte-saving variants (attention.FUSED_V_UNPADDED, loss.ONE_PASS_LSE, model.FUSED_GATE_UP; off by
+    default) on while inside (read when the step is traced)."""
+    from doge_jax import attention, loss, model
+
+    with mock.patch.object(attention, "FUSED_V_UNPADDED", on), mock.patch.object(loss, "ONE_PASS_LSE", on), \
+            mock.patch.object(model, "FUSED_GATE_UP", on):
         yield
 
 
@@ -1684,7 +1700,8 @@ def main(argv=None) -> int:
                          "row is a FAIL; the transformers ratio is left out unless its row matches")
     ap.add_argument("--probes", action="store_true",
                     help="also the exploratory rows: Doge-160M training with the kernels, cuDNN first, the v-side "
-                         "fold, eager loss chunks, doge_jax's loss_chunk 4096, the other layer layout and 2x rows; "
+                         "fold, eager loss chunks, doge_jax's loss_chunk 4096 and fewer-bytes variants, the other "
+                         "layer layout and 2x rows; "
                          "attention block-size, cuDNN-first, v-side fold and full-tile-mask cells (default: the checks "
                          "and targets only, to fit 8 minutes)")
     ap.add_argument("--kernel-smoke", choices=("triton", "pallas"), help=argparse.SUPPRESS)  # kernel_smoke's child

@@ -11,6 +11,7 @@ kernels' times under the same names).
   pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the compiler (~3 GB of wheels)
   python benchmarks/hlo_traffic.py                              # Doge-160M, 16 x 2048 tokens, as gpu_check
   python benchmarks/hlo_traffic.py --fold v --loss-chunk 4096   # compare a variant
+  python benchmarks/hlo_traffic.py --fewer-bytes                # doge_jax's byte-saving variants on
   python benchmarks/hlo_traffic.py --hlo jax_step_hlo.txt.gz    # a real GPU's compile (gpu_check --sections profile)
   python benchmarks/hlo_traffic.py --hlo jax_step_hlo.txt.gz --trace jax_step.xplane.pb.gz   # + measured times
   python benchmarks/hlo_traffic.py --cpu --config configs/tiny.yaml --rows 2 --seq 128   # the CPU compile (tests)
@@ -286,7 +287,7 @@ def area(k: Kernel) -> str:
         return "optimizer"
     if func.startswith("RMSNorm."):
         return "RMSNorm"
-    if func.startswith("DogeMLP.") or func in ("silu",) or func.startswith(("DogeCDMoE.", "DogeMoE")):
+    if func.startswith(("DogeMLP.", "DogeCDMoE.", "DogeMoE")) or func in ("silu", "fused_linears"):
         return "MLP"
     if base in ("attention.py", "pallas_attention.py"):
         return "attention: bias fold, padding"
@@ -384,7 +385,8 @@ def pretend_gpu() -> None:
     cudnn.is_cuda_compute_capability_equal = lambda c: (9, 0) == version(c)
 
 
-def compile_step(config: str, rows: int, seq: int, fold: str, loss_chunk: int, cpu: bool) -> str:
+def compile_step(config: str, rows: int, seq: int, fold: str, loss_chunk: int, cpu: bool,
+                 fewer_bytes: bool = False) -> str:
     """The optimized HLO text of doge_jax's bf16 training step (fused attention) for an H100 (or this CPU)."""
     import jax
     import jax.numpy as jnp
@@ -405,7 +407,7 @@ def compile_step(config: str, rows: int, seq: int, fold: str, loss_chunk: int, c
                      f"with  pip install \"jax[cuda12]=={jax.__version__}\"  or use --cpu")
         mesh = topologies.make_mesh(topo, (1,), ("x",))
         pretend_gpu()
-    from doge_jax import attention
+    from doge_jax import attention, loss, model
     from doge_jax.config import DogeConfig
     from doge_jax.loss import DogeTrunk
     from doge_jax.optim import decay_mask, make_optimizer
@@ -413,6 +415,7 @@ def compile_step(config: str, rows: int, seq: int, fold: str, loss_chunk: int, c
     from doge_jax.train_config import TrainConfig
 
     attention.FUSED_FOLD = fold
+    attention.FUSED_V_UNPADDED = loss.ONE_PASS_LSE = model.FUSED_GATE_UP = fewer_bytes
     cfg = DogeConfig.from_yaml(config).replace(attention_impl="fused")
     graphdef, state = nnx.split(nnx.eval_shape(lambda: DogeTrunk(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     params = nnx.to_pure_dict(state)
@@ -440,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--fold", choices=("qk", "v"), default="qk", help="the fused path's bias fold (FUSED_FOLD)")
     ap.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk (tokens per CE chunk)")
+    ap.add_argument("--fewer-bytes", action="store_true",
+                    help="doge_jax's byte-saving variants on (attention.FUSED_V_UNPADDED, loss.ONE_PASS_LSE, "
+                         "model.FUSED_GATE_UP)")
     ap.add_argument("--gemm", choices=("triton", "cublas"), default="cublas",
                     help="matmuls as XLA's Triton GEMM fusions or cuBLAS calls (no autotuning without a device)")
     ap.add_argument("--cpu", action="store_true", help="compile for this CPU instead (no CUDA plugin needed)")
@@ -465,9 +471,11 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # (the CUDA plugin is asked for a compiler, not a device)
         t0 = time.perf_counter()
-        text = compile_step(args.config, args.rows, args.seq, args.fold, args.loss_chunk, args.cpu)
+        text = compile_step(args.config, args.rows, args.seq, args.fold, args.loss_chunk, args.cpu,
+                            args.fewer_bytes)
         what = (f"{os.path.relpath(args.config, ROOT)}, {args.rows} x {args.seq} tokens, bf16, fused attention "
-                f"(fold {args.fold}), loss_chunk {args.loss_chunk}, "
+                f"(fold {args.fold}), loss_chunk {args.loss_chunk}, " + ("fewer-bytes variants, " if args.fewer_bytes
+                                                                         else "")
                 + ("this CPU" if args.cpu else f"H100 (sm_90), deviceless compile, {args.gemm} matmuls")
                 + f"; compiled in {time.perf_counter() - t0:.0f}s")
     if args.save:

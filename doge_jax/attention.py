@@ -465,12 +465,13 @@ def pad_bias(dtype) -> float:
     return max(_PAD_BIAS, float(jnp.finfo(dtype).min) / 2)
 
 
-def fold_bias(q, k, v, dt, valid=None):
+def fold_bias(q, k, v, dt, valid=None, pad_v: bool = True):
     """Fold the per-key bias into one extra head dimension (design.md §3): q' = [q * scale, 1, 0...],
     k' = [k, b, 0...], v' = [v, 0...], padded to a multiple of 8, so that q'.k' = q.k * scale + b_j and plain
     causal attention with scale 1 computes DMA (gradients included: dk'[..., D] is d(dt)). b = dt, or a large
     negative number for padding keys (`valid` [B, T] bool). q [B, H, S, D]; k, v [B, G, T, D]; dt [B, n, T] with
-    n = G or H (kv heads are repeated to the query heads when n = H > G). Returns (q', k', v')."""
+    n = G or H (kv heads are repeated to the query heads when n = H > G). Returns (q', k', v'); pad_v=False: v'
+    is v (for a kernel that takes values narrower than q' and k': v's extra columns are zeros, o'[..., :D] the same)."""
     B, H, S, D = q.shape
     G, T = k.shape[1], k.shape[2]
     if dt.shape[1] != G:
@@ -483,7 +484,7 @@ def fold_bias(q, k, v, dt, valid=None):
     qa = jnp.concatenate([q * jnp.asarray(D ** -0.5, q.dtype), jnp.ones((B, H, S, 1), q.dtype),
                           jnp.zeros((B, H, S, pad), q.dtype)], axis=-1)
     ka = jnp.concatenate([k, b[..., None], jnp.zeros((B, G, T, pad), k.dtype)], axis=-1)
-    va = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, pad + 1)))
+    va = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, pad + 1))) if pad_v else v
     return qa, ka, va
 
 
@@ -491,6 +492,11 @@ def fold_bias(q, k, v, dt, valid=None):
 # 192-wide kernels, whose backward took 4.5x the forward on an H200) or "v" (`fold_bias_v`: weights on the values,
 # q and k stay at D). "v" is not yet timed on a GPU (benchmarks/headdim_probe.py; gpu_check's "[v-side fold]" row).
 FUSED_FOLD = "qk"
+# The "qk" fold on a GPU without padding v to q' and k's width (cuDNN takes d_v 128 with d_qk 136, through JAX's
+# cuDNN wrapper; cuDNN >= 9.10 on Hopper): no v padding, no o[..., :D] slice, no padded dO: 7.2 GiB less traffic per
+# Doge-160M step by benchmarks/hlo_traffic.py. Off until a GPU times it (gpu_check --probes "[fewer bytes]"; a
+# refusal at trace time falls back to the padded call). Read when traced.
+FUSED_V_UNPADDED = False
 # the "v" fold's weights exp(b - max b) stay far from underflow while the keys' bias spans at most this much (any
 # batch row or head beyond it: the "qk" fold runs for the whole call; lax.cond, whose predicate XLA's GPU
 # conditional reads on the host: a sync per call)
@@ -580,6 +586,17 @@ def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
 def _fused_qk(q, k, v, dt, valid, w):
     """The "qk" fold's attention: [B, H, S, D]."""
     B, H, S, D = q.shape
+    if FUSED_V_UNPADDED and platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        qa, ka, va = fold_bias(q, k, v, dt, valid, pad_v=False)
+        try:
+            from jax._src.cudnn.fused_attention_stablehlo import MaskType
+            from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+            o = cudnn_attention(*(x.transpose(0, 2, 1, 3) for x in (qa, ka, va)), scale=1.0,
+                                mask_type=MaskType.CAUSAL, qkv_layout="BTNH", sliding_window_length=w)
+            return o.transpose(0, 2, 1, 3)
+        except (ImportError, ValueError, NotImplementedError, TypeError, RuntimeError):
+            pass
     qa, ka, va = fold_bias(q, k, v, dt, valid)
     args = tuple(x.transpose(0, 2, 1, 3) for x in (qa, ka, va))  # BNTH -> BTNH
     kwargs = dict(is_causal=True, scale=1.0, local_window_size=None if w is None else (w - 1, 0))
