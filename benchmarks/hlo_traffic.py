@@ -8,7 +8,7 @@ and by kind, with the time each would take at a given bandwidth. Nothing here is
 go, so a change to the model can be judged on a CPU machine before a GPU confirms it (gpu_check's profile shows the
 kernels' times under the same names).
 
-  pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the compiler (~3 GB of wheels)
+  pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the compiler (~6 GB installed)
   python benchmarks/hlo_traffic.py                              # Doge-160M, 16 x 2048 tokens, as gpu_check
   python benchmarks/hlo_traffic.py --fold v --loss-chunk 4096   # compare a variant
   python benchmarks/hlo_traffic.py --fewer-bytes                # doge_jax's byte-saving variants on
