@@ -87,11 +87,12 @@ def _deterministic():
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_xla_compilations(tmp_path_factory):
-    """XLA's persistent compilation cache for the in-process JAX tests, shared by the pytest-xdist workers of one
-    run: many tests compile the very same tiny programs (measured: ~20% less CPU time for the JAX model and
-    generation tests). Set in-process only, never in the environment of the subprocesses tests start: on a
-    simulated multi-device CPU, executables read back from the cache deadlock (doge_jax.train.setup_compilation_cache).
-    """
+    """XLA's persistent compilation cache for the in-process JAX tests, one per pytest-xdist worker: many tests
+    compile the very same tiny programs (measured: ~20% less CPU time for the JAX model and generation tests). Set
+    in-process only, never in the environment of the subprocesses tests start: on a simulated multi-device CPU,
+    executables read back from the cache deadlock (doge_jax.train.setup_compilation_cache). Not shared by the two
+    workers: two CI runs of 2026-11-30 segfaulted in JAX's cache (a write, then a read: deserialize_executable) in a
+    worker's doge_jax training step while the directory was shared; the cause is not known."""
     if "jax" not in sys.modules:  # (no collected test module uses JAX)
         yield
         return
@@ -101,12 +102,10 @@ def _shared_xla_compilations(tmp_path_factory):
     if jax.device_count() > 1:
         yield
         return
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the run's directory, above each worker's own
+    root = tmp_path_factory.getbasetemp()  # (the worker's own directory under xdist)
     jax.config.update("jax_compilation_cache_dir", str(root / "xla-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
-    jax.config.update("jax_compilation_cache_max_size", 2**31)  # (eviction on: the file lock two workers need)
+    jax.config.update("jax_compilation_cache_max_size", 2**31)  # (bounded; reads and writes under its file lock)
     compilation_cache.reset_cache()  # (in case something compiled before: the cache is decided once)
     yield
 
