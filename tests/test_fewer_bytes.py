@@ -17,8 +17,9 @@ from doge_jax.config import DogeConfig
 
 
 def _grads(fn, *args):
+    """(value, grads) of fn, compiled afresh (the flags are read when traced; op by op took ~15 s a test)."""
     with jax.default_matmul_precision("highest"):
-        return jax.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
+        return jax.jit(jax.value_and_grad(lambda *a: fn(*a), argnums=tuple(range(len(args)))))(*args)
 
 
 def test_one_pass_logsumexp(monkeypatch):
