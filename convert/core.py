@@ -57,8 +57,7 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
     # as save_pretrained: DST's old model files go (weights, configs), anything else in it stays (a --overwrite of
     # a folder that also holds other files, other models or a training run's checkpoints/ must not delete them);
     # the tokenizer files go too: they belong to the old model (SRC's own are copied when it has them)
-    keep = lambda name: hf_io._not_model_file(name) and name not in hf_io.SIDE_FILES  # noqa: E731
-    with hf_io.model_output_dir(dst, overwrite=overwrite, keep=keep) as tmp:
+    with hf_io.model_output_dir(dst, overwrite=overwrite, replace_side_files=True) as tmp:
         sink = SINKS[to](plan, tmp, shard_size)
         seen, overflowed = set(), []
         for name, arr in source.tensors():

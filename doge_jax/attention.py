@@ -532,19 +532,30 @@ def platform() -> str:
     return jax.default_backend()
 
 
+def _cudnn_causal(q, k, v, scale: float, window: int | None = None):
+    """cuDNN's fused causal attention (q [B, S, H, Dqk], k [B, T, G, Dqk], v [B, T, G, Dv]) through JAX's cuDNN
+    wrapper, which takes Dv != Dqk where jax.nn.dot_product_attention does not; None off a GPU, outside 16-bit, or
+    where the wrapper refuses the shapes at trace time."""
+    if platform() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return None
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType
+        from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+        return cudnn_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL, qkv_layout="BTNH",
+                               sliding_window_length=window)
+    except (ImportError, ValueError, NotImplementedError, TypeError, RuntimeError):
+        return None
+
+
 def _causal_attention_v(q, k, va):
     """Causal attention with values wider than queries and keys (q [B, S, H, D], k [B, T, G, D], va [B, T, G, Dv];
     scale D**-0.5): cuDNN's fused kernel in 16-bit on a GPU (through JAX's cuDNN wrapper, which allows Dv != D where
     jax.nn.dot_product_attention does not), else XLA with q and k zero-padded to Dv."""
     D, Dv = q.shape[-1], va.shape[-1]
-    if platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        try:
-            from jax._src.cudnn.fused_attention_stablehlo import MaskType
-            from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
-
-            return cudnn_attention(q, k, va, scale=D ** -0.5, mask_type=MaskType.CAUSAL, qkv_layout="BTNH")
-        except (ImportError, ValueError, NotImplementedError, TypeError, RuntimeError):
-            pass
+    o = _cudnn_causal(q, k, va, D ** -0.5)
+    if o is not None:
+        return o
     z = ((0, 0),) * 3 + ((0, Dv - D),)
     return jax.nn.dot_product_attention(jnp.pad(q, z), jnp.pad(k, z), va, is_causal=True, scale=D ** -0.5)
 
@@ -586,17 +597,11 @@ def attention_fused(q, k, v, dt, mask: MaskInfo, keep_window: int) -> jax.Array:
 def _fused_qk(q, k, v, dt, valid, w):
     """The "qk" fold's attention: [B, H, S, D]."""
     B, H, S, D = q.shape
-    if FUSED_V_UNPADDED and platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if FUSED_V_UNPADDED:
         qa, ka, va = fold_bias(q, k, v, dt, valid, pad_v=False)
-        try:
-            from jax._src.cudnn.fused_attention_stablehlo import MaskType
-            from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
-
-            o = cudnn_attention(*(x.transpose(0, 2, 1, 3) for x in (qa, ka, va)), scale=1.0,
-                                mask_type=MaskType.CAUSAL, qkv_layout="BTNH", sliding_window_length=w)
+        o = _cudnn_causal(*(x.transpose(0, 2, 1, 3) for x in (qa, ka, va)), 1.0, w)
+        if o is not None:
             return o.transpose(0, 2, 1, 3)
-        except (ImportError, ValueError, NotImplementedError, TypeError, RuntimeError):
-            pass
     qa, ka, va = fold_bias(q, k, v, dt, valid)
     args = tuple(x.transpose(0, 2, 1, 3) for x in (qa, ka, va))  # BNTH -> BTNH
     kwargs = dict(is_causal=True, scale=1.0, local_window_size=None if w is None else (w - 1, 0))

@@ -171,13 +171,16 @@ def _not_model_file(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def model_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=_not_model_file) -> Iterator[str]:
+def model_output_dir(path: str | os.PathLike, overwrite: bool = True, replace_side_files: bool = False
+                     ) -> Iterator[str]:
     """atomic_output_dir for model saves (HF or orbax), as transformers' save_pretrained behaves: the directory's
-    other files (tokenizer, README) stay, its old weight files go. A training run directory is refused: its
+    other files (tokenizer, README) stay, its old weight files go; replace_side_files: its tokenizer files and
+    generation_config.json go too (convert: they belong to the old model). A training run directory is refused: its
     checkpoints/ would win over the saved weights in from_pretrained (and replacing it would delete the run)."""
     if os.path.isdir(os.path.join(os.fspath(path), "checkpoints")):
         raise FileExistsError(f"{os.fspath(path)} holds a training run (checkpoints/); save the model to another "
                               "directory (a run's step converts with python -m convert RUN DST --to hf)")
+    keep = (lambda name: _not_model_file(name) and name not in SIDE_FILES) if replace_side_files else _not_model_file
     with atomic_output_dir(path, overwrite=overwrite, keep=keep) as tmp:
         yield tmp
 
