@@ -212,8 +212,11 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None
 
     overwrite=False: `path` must not exist, also at the end (a writer that finished meanwhile is not replaced).
     keep: a predicate on the names in an existing `path`; the entries it accepts and the block did not write are
-    carried into the new directory (hard links), as transformers' save_pretrained leaves a tokenizer in place."""
+    carried into the new directory (hard links), as transformers' save_pretrained leaves a tokenizer in place.
+    A `path` that is a symbolic link to a directory stays a link: the directory it points to is replaced."""
     path = os.path.abspath(os.fspath(path))
+    if os.path.islink(path) and os.path.isdir(path):  # replace the linked directory, not the link (which would
+        path = os.path.realpath(path)  # become a real folder and leave the old weights behind it)
     parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)

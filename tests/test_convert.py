@@ -692,6 +692,23 @@ def test_no_overwrite_never_replaces(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["new", "out"]
 
 
+def test_overwrite_through_a_symlink_replaces_its_target(tmp_path):
+    """DST a symbolic link to a model folder: --overwrite writes the folder it points to and the link stays (before:
+    the link became a real folder and the old weights stayed where it pointed, read by everything else using them)."""
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    target = tmp_path / "store" / "model"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"old weights")
+    (target / "README.md").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    assert _run(src, link, "--to", "hf", "--overwrite") == 0
+    assert link.is_symlink() and os.path.realpath(link) == str(target)
+    assert (target / "README.md").read_text() == "mine"
+    assert (target / "model.safetensors").read_bytes() == (tmp_path / "src" / "model.safetensors").read_bytes()
+    assert sorted(os.listdir(tmp_path / "store")) == ["model"]  # no leftover temporary folders
+
+
 def test_torch_from_pretrained_keeps_the_recorded_dtype(tmp_path):
     """dtype=None: the config's dtype (as transformers), else the widest stored; before, the first tensor's dtype
     (here bf16) silently downcast float32 weights."""
