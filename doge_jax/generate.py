@@ -309,8 +309,8 @@ def _last_logits(model, ids, mask, pos):
 
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
-             temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=None,
-             seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None, on_token=None,
+             temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG, eos_token_id=FROM_CONFIG,
+             seed: int = 0, use_cache: bool = True, pad_token_id=FROM_CONFIG, on_token=None,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
              max_length=None, min_p=FROM_CONFIG, streamer=None, no_repeat_ngram_size=FROM_CONFIG,
              num_beams=FROM_CONFIG, num_return_sequences=FROM_CONFIG, length_penalty=FROM_CONFIG,
@@ -338,7 +338,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
     `on_token(step, tokens [B])` is called as each token is made (from inside the compiled loop when cached);
     a transformers `streamer` gets put(prompt ids), put(each new token [B]) and end(), as transformers calls it.
     Dense models left-pad the prompt to a multiple of PROMPT_BUCKET (masked, so the function is unchanged) to
-    share compiled programs; CDMoE routing mixes positions (spec §3.8), so MoE prompts keep their exact length.
+    share compiled programs; CDMoE routing mixes positions (spec §3.8), so MoE prompts keep their exact length, as
+    do prompts with an all-padding row (prompt_bucket_padding).
     `use_cache=False` recomputes the whole sequence each step (one compile per length; for checking only)."""
     cfg = model.config
     gcfg = call_generation_config(model, generation_config)
@@ -424,7 +425,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, 
             out["sequences_scores"] = None
         return GenerateOutput(**out)
     if use_cache:
-        extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET
+        extra = prompt_bucket_padding(cfg, mask)
         p_ids = np.pad(ids, ((0, 0), (extra, 0)))  # masked slots: any valid id
         p_mask, p_pos = np.pad(mask, ((0, 0), (extra, 0))), np.pad(pos, ((0, 0), (extra, 0)))
         capacity = -(-(P + extra + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET
@@ -479,7 +480,7 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
                   never_long=never_long, ngram=ngram, warp=warp, record=record, rules=rules)
     if not use_cache:
         return result(beam_search_recompute(model, ids, mask, pos, consts, seen=seen, rng=rng, **static), n_seq)
-    extra = 0 if cfg.is_moe else -P % PROMPT_BUCKET  # (as generate: bucketed prompts share compiled programs)
+    extra = prompt_bucket_padding(cfg, mask)  # (as generate: bucketed prompts share compiled programs)
     p_ids = np.pad(ids, ((0, 0), (extra, 0)))
     p_mask, p_pos = np.pad(mask, ((0, 0), (extra, 0))), np.pad(pos, ((0, 0), (extra, 0)))
     capacity = -(-(P + extra + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET
@@ -487,6 +488,16 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
     consts["skip"] = jnp.int32(extra)
     return result(beam_search_cached(model, jnp.asarray(p_ids), jnp.asarray(p_mask), jnp.asarray(p_pos), cache,
                                      consts, seen=seen, rng=rng, **static), n_seq, skip=extra)
+
+
+def prompt_bucket_padding(cfg, mask: np.ndarray) -> int:
+    """Masked slots to put before the prompt [B, P] so that its length is a multiple of PROMPT_BUCKET: none for MoE
+    models (CDMoE routing mixes positions, spec §3.8), nor when a row's prompt is all padding: such a row's queries
+    see no key, and their attention is the mean over every existing slot (transformers' uniform rows, spec §3.6),
+    which the padding slots would join."""
+    if cfg.is_moe or not mask.any(axis=1).all():
+        return 0
+    return -mask.shape[1] % PROMPT_BUCKET
 
 
 def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, do_sample, temperature, top_k, top_p,
@@ -806,7 +817,7 @@ def _main(argv=None) -> int:
             generate(model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      seed=args.seed,
-                     eos_token_id=-1 if args.no_eos else None, on_token=on_token, repetition_penalty=penalty,
+                     eos_token_id=-1 if args.no_eos else FROM_CONFIG, on_token=on_token, repetition_penalty=penalty,
                      min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
                      no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
                      else args.no_repeat_ngram_size, typical_p=cutoffs[0], epsilon_cutoff=cutoffs[1],
@@ -878,7 +889,7 @@ def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature,
                 result["out"] = generate(
                     model, np.asarray([ids]), np.ones((1, len(ids)), bool), max_new_tokens=max_new_tokens,
                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    seed=args.seed, eos_token_id=-1 if args.no_eos else None, repetition_penalty=penalty,
+                    seed=args.seed, eos_token_id=-1 if args.no_eos else FROM_CONFIG, repetition_penalty=penalty,
                     min_new_tokens=FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens,
                     no_repeat_ngram_size=FROM_CONFIG if args.no_repeat_ngram_size is None
                     else args.no_repeat_ngram_size, num_beams=num_beams, num_return_sequences=n_seq,
@@ -900,7 +911,7 @@ def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature,
         raise result["error"]
     out = result["out"]
     t1 = time.perf_counter()
-    eos = [] if args.no_eos else eos_ids(None, model.generation_config)
+    eos = [] if args.no_eos else eos_ids(FROM_CONFIG, model.generation_config)
     shown = list(ids)
     for row in np.asarray(out):
         new = [int(t) for t in row[len(ids):]]

@@ -511,9 +511,10 @@ def _ids(value, name: str) -> list[int]:
 
 
 def eos_ids(eos_token_id, gen) -> list[int]:
-    """The EOS ids generation stops at: eos_token_id (an id or ids: list, array, tensor), else the model's
-    generation config's (`gen`); [] for none. Non-integer ids raise (5.5 is not an id)."""
-    eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
+    """The EOS ids generation stops at: eos_token_id (an id or ids: list, array, tensor), FROM_CONFIG the model's
+    generation config's (`gen`); [] for none (an explicit None too, as transformers). Non-integer ids raise (5.5 is
+    not an id)."""
+    eos = gen.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id
     return [] if eos is None else _ids(eos, "eos_token_id")
 
 
@@ -528,10 +529,10 @@ def pad_id(pad_token_id) -> int | None:
 
 
 def inferred_pad(pad_token_id, gen, eos: list[int]) -> int | None:
-    """The pad id transformers' generate infers a missing attention_mask from (pad_token_id, else the generation
-    config's; None when there is none or it is an EOS id, as transformers then keeps every token). A prompt
-    holding it gets attention_mask = (ids != pad)."""
-    pad = pad_id(pad_token_id) if pad_token_id is not None else gen.pad_token_id
+    """The pad id transformers' generate infers a missing attention_mask from (pad_token_id, FROM_CONFIG the
+    generation config's; None when there is none or it is an EOS id, as transformers then keeps every token). A
+    prompt holding it gets attention_mask = (ids != pad)."""
+    pad = gen.pad_token_id if pad_token_id is FROM_CONFIG else pad_id(pad_token_id)
     return None if pad is None or int(pad) in eos else int(pad)
 
 
@@ -568,25 +569,25 @@ def check_beam_vocab(num_beams: int, eos: list[int], vocab_size: int) -> None:
 
 
 def beam_fill(pad_token_id, gen, eos: list[int]) -> int:
-    """What beam search writes after a finished sequence's EOS, as transformers: the pad id (the call's, else the
-    generation config's, else the first EOS id), or the first EOS id where that is 0; -1 without EOS ids (then
-    every sequence runs to the length limit and nothing is filled). Never fed to the model: any integer."""
-    pad = pad_id(pad_token_id)
-    pad = gen.pad_token_id if pad is None else pad
+    """What beam search writes after a finished sequence's EOS, as transformers: the pad id (the call's,
+    FROM_CONFIG the generation config's; where that is None, the first EOS id), or the first EOS id where that is 0;
+    -1 without EOS ids (then every sequence runs to the length limit and nothing is filled). Never fed to the
+    model: any integer."""
+    pad = gen.pad_token_id if pad_token_id is FROM_CONFIG else pad_id(pad_token_id)
     if not eos:
         return -1
     return (eos[0] if pad is None else pad) or eos[0]
 
 
 def output_pad(pad_token_id, gen, eos: list[int], V: int) -> int:
-    """The id written after a row's EOS: pad_token_id, else the generation config's pad id, else the first EOS
-    id in [0, V), else 0. An explicit pad id must be a token of the vocabulary V (it is fed back like any
-    generated token)."""
-    pad_token_id = pad_id(pad_token_id)
-    if pad_token_id is not None:
+    """The id written after a row's EOS: pad_token_id (FROM_CONFIG: the generation config's pad id), where that is
+    None the first EOS id in [0, V) (as transformers sets pad to EOS), else 0. An explicit pad id must be a token of
+    the vocabulary V (it is fed back like any generated token)."""
+    if pad_token_id is FROM_CONFIG:
+        if gen.pad_token_id is not None:
+            return gen.pad_token_id
+    elif (pad_token_id := pad_id(pad_token_id)) is not None:
         if not 0 <= int(pad_token_id) < V:
             raise ValueError(f"pad_token_id={pad_token_id}: must be in [0, vocab_size={V})")
         return int(pad_token_id)
-    if gen.pad_token_id is not None:
-        return gen.pad_token_id
     return next((e for e in eos if 0 <= e < V), 0)

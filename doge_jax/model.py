@@ -628,7 +628,7 @@ class DogeForCausalLM(nnx.Module):
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
-                 eos_token_id=None, seed: int = 0, use_cache: bool = True, pad_token_id: int | None = None,
+                 eos_token_id=FROM_CONFIG, seed: int = 0, use_cache: bool = True, pad_token_id=FROM_CONFIG,
                  on_token=None, repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None,
                  num_beams=FROM_CONFIG, num_return_sequences=FROM_CONFIG, generation_config=None, min_p=FROM_CONFIG,
                  streamer=None, no_repeat_ngram_size=FROM_CONFIG, length_penalty=FROM_CONFIG,

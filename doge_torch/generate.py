@@ -209,7 +209,7 @@ class _Decoder:
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens=FROM_CONFIG,
              do_sample=FROM_CONFIG, temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
-             eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
+             eos_token_id=FROM_CONFIG, seed: int | None = None, use_cache: bool = True, pad_token_id=FROM_CONFIG,
              repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, generation_config=None,
              max_length=None, cache_implementation: str | None = None, min_p=FROM_CONFIG,
              streamer=None, no_repeat_ngram_size=FROM_CONFIG, num_beams=FROM_CONFIG,

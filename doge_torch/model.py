@@ -1041,7 +1041,7 @@ class DogeForCausalLM(nn.Module):
     # generation and checkpoint I/O live in their own modules; bound here for the expected API
     def generate(self, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
-                 eos_token_id=None, seed: int | None = None, use_cache: bool = True, pad_token_id: int | None = None,
+                 eos_token_id=FROM_CONFIG, seed: int | None = None, use_cache: bool = True, pad_token_id=FROM_CONFIG,
                  repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams=FROM_CONFIG,
                  num_return_sequences=FROM_CONFIG, generation_config=None,
                  cache_implementation: str | None = None, min_p=FROM_CONFIG, streamer=None,

@@ -711,6 +711,22 @@ def test_batch1_single_kv_head_greedy_matches_transformers(tmp_path):
     np.testing.assert_array_equal(model.generate(ids, max_new_tokens=24), ref)
 
 
+def test_all_padding_prompt_row_as_transformers(tmp_path):
+    """A row whose prompt is all padding (mask zeros): its queries see no key, so their attention is the mean over
+    every slot (transformers' uniform rows). The cached generate padded such prompts to the 32-token bucket, and the
+    padding slots joined that mean: other tokens than transformers', silently (greedy and beams)."""
+    hf = make_hf_model(seed=5)
+    model = DogeForCausalLM.from_pretrained(save_hf(hf, tmp_path / "m"))
+    ids = unique_ids(2, 5, 128, seed=6)
+    mask = np.array([[0] * 5, [1] * 5])
+    for beams in (1, 2):
+        with torch.no_grad():
+            ref = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
+                              num_beams=beams, max_new_tokens=6, pad_token_id=0).numpy()
+        np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, num_beams=beams, max_new_tokens=6),
+                                      ref)
+
+
 def test_generate_loop_has_no_cache_copies():
     """The compiled decode loop updates the caches in place (a degenerate [B, G] cache layout made XLA copy the
     value cache three times per layer and step)."""
@@ -879,6 +895,33 @@ def test_prompt_padding_without_a_mask_is_inferred_as_transformers(tmp_path):
     np.testing.assert_array_equal(tm.generate(torch.as_tensor(ids), eos_token_id=torch.tensor([1]), max_new_tokens=5,
                                               attention_mask=torch.as_tensor(ids != 0).bfloat16()).numpy(), want)
     np.testing.assert_array_equal(jm.generate(ids, eos_token_id=np.array(1), max_new_tokens=5), want)
+
+
+def test_explicit_none_pad_and_eos_as_transformers(tmp_path):
+    """pad_token_id=None / eos_token_id=None given in the call are transformers' None, not "the file's" (as the
+    sampling arguments): pad None is the first EOS id (no mask inferred from the file's pad id, rows filled with
+    EOS after it), EOS None stops nowhere. Before, both fell back to generation_config.json: other tokens."""
+    import doge_torch
+
+    hf = make_hf_model(seed=7, pad_token_id=0, eos_token_id=1)
+    ids = unique_ids(2, 7, 128, seed=9)
+    ids[ids < 2] = 77 + np.arange((ids < 2).sum())
+    ids[0, :3] = 0  # the file's pad id leading row 0
+    with torch.no_grad():
+        free = hf.generate(torch.as_tensor(ids), do_sample=False, max_new_tokens=6, eos_token_id=None,
+                           pad_token_id=None).numpy()
+    eos = int(free[0, 9])  # row 0's third new token (EOS from here on: row 0 ends early, is filled)
+    hf.generation_config.eos_token_id = eos
+    path = save_hf(hf, tmp_path / "m")
+    jm, tm = DogeForCausalLM.from_pretrained(path), doge_torch.DogeForCausalLM.from_pretrained(path)
+    for kw in (dict(pad_token_id=None), dict(eos_token_id=None), dict(pad_token_id=None, eos_token_id=None), {}):
+        with torch.no_grad():
+            want = hf.generate(torch.as_tensor(ids), do_sample=False, max_new_tokens=6, **kw).numpy()
+        np.testing.assert_array_equal(jm.generate(ids, max_new_tokens=6, **kw), want, err_msg=str(kw))
+        np.testing.assert_array_equal(tm.generate(ids, max_new_tokens=6, **kw).numpy(), want, err_msg=str(kw))
+        if kw == dict(pad_token_id=None):
+            assert (want[0, 10:] == eos).all() and not (want[1, 7:] == eos).all(), want  # filled with EOS
+            assert not np.array_equal(want, free)  # (the file's pad id would have masked row 0's zeros)
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
