@@ -28,6 +28,7 @@ from . import data as D
 from . import init as I
 from . import sharding as S
 from .checkpoint import TrainCheckpointer, list_steps
+from .closed_pipe import discard_output, guarded_output, output_closed
 from .config import RUNTIME_FIELDS, ConfigError, DogeConfig
 from .hf_io import (
     SAFE_INDEX,
@@ -492,9 +493,18 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
         stop_signal.append(signum)
         first_at.append(time.monotonic())
 
+    def on_closed_pipe(signum, frame):  # the log's reader is gone (closed_pipe): a stop, as SIGTERM's
+        discard_output()  # (XLA's C++ logs write without Python's guard)
+        if not stop_signal:
+            stop_signal.append(signum)
+            first_at.append(time.monotonic())
+
     if sys.modules["threading"].current_thread() is sys.modules["threading"].main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             handlers[s] = signal.signal(s, on_signal)
+        handlers[signal.SIGPIPE] = signal.signal(signal.SIGPIPE, on_closed_pipe)
+        if output_closed():  # (during start-up)
+            on_closed_pipe(signal.SIGPIPE, None)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=tcfg.num_training_steps, initial=step, desc="train", unit="step",
@@ -650,6 +660,11 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
 
 
 def main(argv: list[str] | None = None) -> int:
+    with guarded_output():  # a closed log pipe stops the run with a checkpoint (exit 141)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         S.init_distributed()  # multi-host (JAX_COORDINATOR_ADDRESS / SLURM) before anything touches a device
         with S.all_or_none("reading the configuration"):  # host-local files: --config, --init-from's config
@@ -670,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if result.status != "interrupted":
         return 0
-    return 128 + (result.signal or signal.SIGINT)  # as the shell reports the signal: 130 Ctrl-C, 143 SIGTERM
+    return 128 + (result.signal or signal.SIGINT)  # as the shell reports the signal: 130 Ctrl-C, 143 SIGTERM, 141
+    # a closed output pipe
 
 
 if __name__ == "__main__":

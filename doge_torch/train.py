@@ -39,6 +39,7 @@ import torch
 
 from doge_jax import data as D
 from doge_jax import hf_io
+from doge_jax.closed_pipe import EXIT_CLOSED_PIPE, discard_output, guarded_output, output_closed
 from doge_jax.config import ConfigError
 from doge_jax.hf_names import CheckpointError, CheckpointWriteError
 from doge_jax.train_config import BARE_OVERRIDE, DEFAULT_CONFIG, SIGTERM_REPEAT_S, load_configs, parse_overrides
@@ -828,10 +829,19 @@ def _stop_on_signals(enabled: bool) -> Iterator[list]:
             print(f"{name}: stopping after this step (with a checkpoint)", file=sys.stderr, flush=True)
             stop.extend([name, 128 + signum, time.monotonic()])
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    def closed_pipe(signum, frame):  # the log's reader is gone (doge_jax.closed_pipe): a stop, as SIGTERM's
+        discard_output()
+        if not stop:
+            stop.extend(["a closed output pipe", EXIT_CLOSED_PIPE, time.monotonic()])
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE)}
     for s, h in previous.items():
-        if h is not signal.SIG_IGN:  # an ignored signal stays ignored (background jobs)
+        if s == signal.SIGPIPE:  # (Python ignores it; a write then raises BrokenPipeError)
+            signal.signal(s, closed_pipe)
+        elif h is not signal.SIG_IGN:  # an ignored signal stays ignored (background jobs)
             signal.signal(s, handler)
+    if output_closed():  # (during start-up)
+        closed_pipe(signal.SIGPIPE, None)
     try:
         yield stop
     finally:
@@ -872,6 +882,11 @@ def _unreadable_names(path: str | None, out: str, config_is_damage: bool = False
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """`python -m doge_torch.train`: main() with bad input reported as one `error:` line (exit 2)."""
+    with guarded_output():  # a closed log pipe stops the run with a checkpoint (exit 141)
+        return _cli(argv)
+
+
+def _cli(argv: Sequence[str] | None) -> int:
     try:
         main(argv)
     except CheckpointWriteError as e:  # a failed write, not bad input (exit 1, as convert's)

@@ -844,6 +844,27 @@ def test_cli_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert steps == list(range(1, stopped + 3))
 
 
+def test_cli_closed_output_pipe_stops_with_a_checkpoint(tmp_path):
+    """Its output's reader gone (`... | head`, a dead tee): a stop as SIGTERM's, with a checkpoint, exit 141 (128 +
+    SIGPIPE). Before: a BrokenPipeError ended the run, no checkpoint."""
+    cfg = _small_run_config(tmp_path)
+    text = open(cfg).read().replace("num_training_steps: 8", "num_training_steps: 100000")
+    open(cfg, "w").write(text.replace("checkpoint_every: 2", "checkpoint_every: 100000"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "doge_torch.train", "--config", cfg, "--data", str(tmp_path / "tokens.npy"),
+           "--device", "cpu", "--out", str(out), "--log-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step "):
+                break
+        proc.stdout.close()
+        assert proc.wait(timeout=120) == 141
+    finally:
+        proc.kill()
+    assert len(list(out.glob("checkpoint-*"))) == 1
+
+
 def test_cli_resume_applies_new_settings_and_survives_leftovers(tmp_path, capsys):
     """On resume the moments come from the checkpoint but the train: hyperparameters are the config's (a doubled
     peak_lr takes effect, as in a run started with it); a metrics line cut short by a kill, and a killed checkpoint

@@ -603,6 +603,30 @@ def test_sigterm_saves_a_checkpoint(corpus, cache, tmp_path):
     assert len(steps) == 1 and steps[0] >= 1
 
 
+def test_closed_log_pipe_stops_with_a_checkpoint(corpus, cache, tmp_path):
+    """The log's reader gone (`train ... 2>&1 | head`, a dead tee) is a stop as SIGTERM's: a checkpoint, exit 141
+    (128 + SIGPIPE); the same command resumes. Before: exit 1, no checkpoint, nothing said."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "doge_jax.train", *TINY_ARGS, "--data", corpus, "--out_dir", str(out),
+            "--train.cache_dir", cache, "--train.num_training_steps", "100000", "--train.num_decay_steps", "2",
+            "--train.checkpoint_every", "100000", "--train.eval_every", "0", "--train.log_every", "1"]
+    proc = subprocess.Popen(args, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stderr:
+            if "compiled the train step" in line:
+                break
+        proc.stderr.close()
+        assert proc.wait(timeout=120) == 141
+    finally:
+        proc.kill()
+    (stopped,) = list_steps(str(out))
+    assert stopped >= 1
+    assert run(corpus, cache, out, "--train.num_training_steps", "100000", "--train.num_decay_steps", "2",
+               "--train.stop_after", str(stopped + 1), "--train.checkpoint_every", "100000",
+               "--train.eval_every", "0") == 0
+    assert list_steps(str(out))[-1] == stopped + 1
+
+
 _SLOW_STOP_SAVE = """import sys, time
 from doge_jax import train as T
 from doge_jax.checkpoint import TrainCheckpointer
