@@ -39,6 +39,8 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
     dst = os.path.abspath(dst)
     _check_apart(src, dst, overwrite)
     source = open_source(src, config=config, variant=variant, step=step)
+    for note in source.notes:
+        log(note)
     plan = build_plan(source, to, dtype)
     files = output_files(plan, shard_size)
     if plan.config.variant != "native" and to in ("hf", "torch"):

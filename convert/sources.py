@@ -38,6 +38,7 @@ class Source:
     dropped: list[str]  # source keys that have no current name (legacy router bias)
     side_dir: str | None  # where generation_config.json / tokenizer files may be
     _stream: object = None  # () -> iterator of (current HF name, array)
+    notes: list[str] = dataclasses.field(default_factory=list)  # said before converting
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         return self._stream()
@@ -55,15 +56,56 @@ def load_config_file(path: str, variant: str | None) -> DogeConfig:
     return DogeConfig.from_hf_dict(read_json(path), variant=variant)
 
 
+def _unset_ids_filled(source: Source, config: str | None, own: str | None) -> Source:
+    """A --config in our YAML leaves bos/eos/pad_token_id null (the trainers fill them from the tokenizer): the unset
+    ones come from the source's own config.json `own`, else from the tokenizer beside it, with a note (they were
+    dropped silently: a converted model that never stops at EOS)."""
+    cfg = source.config
+    unset = [f"{k}_token_id" for k in ("bos", "eos", "pad") if getattr(cfg, f"{k}_token_id") is None]
+    if not config or not config.endswith((".yaml", ".yml")) or not unset:
+        return source
+    found, where = {}, None
+    if own and os.path.isfile(own):
+        try:
+            theirs = DogeConfig.from_hf_dict(read_json(own), variant=cfg.variant)
+        except (ValueError, OSError, CheckpointError):  # (ConfigError is a ValueError) a broken one: --config's reason
+            theirs = None
+        if theirs is not None:
+            found, where = {k: getattr(theirs, k) for k in unset if getattr(theirs, k) is not None}, own
+    tok_file = os.path.join(source.side_dir or "", "tokenizer.json")
+    if not found and source.side_dir and os.path.isfile(tok_file):
+        from tokenizers import Tokenizer
+
+        from doge_jax import data
+
+        try:
+            filled, _ = data.with_special_ids(cfg, Tokenizer.from_file(tok_file), source.side_dir)
+        except Exception:  # noqa: BLE001 - an unreadable tokenizer: nothing to take (the tokenizers library's own)
+            filled = cfg
+        found, where = {k: getattr(filled, k) for k in unset if getattr(filled, k) is not None}, tok_file
+    if found:
+        source.config = cfg.replace(**found)
+        source.notes.append(f"note: {config} leaves {', '.join(found)} unset; taken from {where}: "
+                            + ", ".join(f"{k}={v}" for k, v in found.items()))
+    return source
+
+
 def open_source(src: str, config: str | None = None, variant: str | None = None, step: int | None = None) -> Source:
     """Detect SRC's format (HF directory, orbax checkpoint, or a single state-dict file) and open it."""
+    source, own = _open(src, config, variant, step)
+    return _unset_ids_filled(source, config, own)
+
+
+def _open(src: str, config: str | None, variant: str | None, step: int | None) -> tuple[Source, str | None]:
+    """(the source, the config.json it would use without --config)."""
     from doge_jax import checkpoint
 
     src = os.path.abspath(src)
     if not os.path.exists(src):
         raise CheckpointError(f"{src}: no such file or directory")
     if os.path.isdir(src) and checkpoint.is_orbax_checkpoint(src):
-        return _orbax_source(src, config, variant, step)
+        source = _orbax_source(src, config, variant, step)
+        return source, checkpoint.resolve(src, step)[1]
     if step is not None:
         raise CheckpointError(f"{src}: --step only applies to a training run directory")
     if os.path.isfile(src):
@@ -81,9 +123,11 @@ def open_source(src: str, config: str | None = None, variant: str | None = None,
             side = os.path.dirname(src)
         else:
             side = os.path.dirname(os.path.abspath(cfg_path))
-        return _file_source(src, [src], kind, cfg_path, variant, side)
+        own = os.path.join(os.path.dirname(src), "config.json")
+        return _file_source(src, [src], kind, cfg_path, variant, side), own
     files, kind = _hf_files(src)
-    return _file_source(src, files, f"HF directory ({kind})", config or os.path.join(src, "config.json"), variant, src)
+    own = os.path.join(src, "config.json")
+    return _file_source(src, files, f"HF directory ({kind})", config or own, variant, src), own
 
 
 def _hf_files(path: str) -> tuple[list[str], str]:

@@ -195,6 +195,41 @@ def test_pytorch_bin_and_state_dict_file_sources(tmp_path, capsys):
         assert (tmp_path / "d" / name).read_text() == (pt.parent / name).read_text(), name
 
 
+def test_yaml_config_without_token_ids_keeps_the_models(tmp_path, capsys):
+    """--config in our YAML (configs/*.yaml leave bos/eos/pad_token_id null: the trainers take the tokenizer's):
+    the unset ids come from SRC's own config.json, else from the tokenizer beside the weights, with a note. They
+    were dropped silently: config.json and generation_config.json without EOS, a model that never stops."""
+    import dataclasses
+
+    import yaml
+    from tokenizers import Tokenizer, models
+
+    hf = make_hf_model(bos_token_id=3, eos_token_id=4, pad_token_id=5)
+    src = save_hf(hf, tmp_path / "src")
+    model = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(_cfg(src)).items()}
+    model.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    yml = tmp_path / "m.yaml"
+    yml.write_text(yaml.safe_dump({"model": model}))
+    assert _run(src, tmp_path / "a", "--to", "hf", "--config", yml) == 0
+    cfg = json.load(open(tmp_path / "a" / "config.json"))
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (3, 4, 5)
+    assert json.load(open(tmp_path / "a" / "generation_config.json"))["eos_token_id"] == 4
+    assert "leaves bos_token_id, eos_token_id, pad_token_id unset; taken from" in capsys.readouterr().err
+    # a bare weights file with no config.json beside it: the tokenizer there names them
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    os.link(os.path.join(src, "model.safetensors"), loose / "model.safetensors")
+    vocab = {f"t{i}": i for i in range(128)} | {"<s>": 7, "</s>": 8, "<pad>": 9}
+    vocab = {k: v for k, v in vocab.items() if k not in ("t7", "t8", "t9")}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(loose / "tokenizer.json"))
+    model["eos_token_id"] = 4  # one the config does set stays
+    yml.write_text(yaml.safe_dump({"model": model}))
+    assert _run(loose / "model.safetensors", tmp_path / "b", "--to", "hf", "--config", yml) == 0
+    cfg = json.load(open(tmp_path / "b" / "config.json"))
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (7, 4, 9)
+    assert "leaves bos_token_id, pad_token_id unset; taken from" in capsys.readouterr().err
+
+
 def test_mixed_layer_dtypes_are_widened_not_rounded(tmp_path, capsys):
     """A checkpoint whose layers hold one tensor in different dtypes (layer 0's A bfloat16, the others float32):
     --to jax and doge_jax.from_pretrained stack each tensor in one array, which took the first layer's dtype and
