@@ -64,7 +64,8 @@ def is_pretokenized(path: str) -> bool:
 
 
 def split_weight(entry: Any) -> tuple[str, float | None]:
-    """One `train.data` entry -> (path, mixture weight or None): "PATH:WEIGHT", {path, weight} or a plain path."""
+    """One `train.data` entry -> (path, mixture weight or None): "PATH:WEIGHT", {path, weight} or a plain path (an
+    existing path ending in ":NUMBER" is a path)."""
     if isinstance(entry, dict):
         extra = set(entry) - {"path", "weight"}
         if "path" not in entry or extra:
@@ -73,7 +74,7 @@ def split_weight(entry: Any) -> tuple[str, float | None]:
     else:
         path, weight = str(entry), None
         head, sep, tail = path.rpartition(":")
-        if sep and head:
+        if sep and head and not os.path.exists(os.path.expanduser(path)):  # (an existing "c:2" is a path)
             try:
                 path, weight = head, float(tail)
             except ValueError:

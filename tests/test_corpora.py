@@ -55,7 +55,7 @@ def test_parquet_and_jsonl_documents(files, tmp_path):
     assert str(files / "part1.parquet") in D.resolve_paths([str(files)])
 
 
-def test_parse_sources(files):
+def test_parse_sources(files, tmp_path):
     p0, p1, js = str(files / "part0.parquet"), str(files / "part1.parquet"), str(files / "rows.jsonl")
     (one,) = C.parse_sources([p0, js])  # no weights: one source, plain concatenation (as before)
     assert one.weight is None and one.paths == sorted([p0, js])
@@ -68,6 +68,12 @@ def test_parse_sources(files):
     for w in (0, float("inf"), float("nan")):
         with pytest.raises(D.DataError, match="weight must be a finite number > 0"):
             C.parse_sources([{"path": p0, "weight": w}])
+    # an existing path that ends in ":NUMBER" is that path (it was read as PATH:WEIGHT: "data path ... does not exist")
+    odd = tmp_path / "run:2"
+    odd.mkdir()
+    (odd / "a.txt").write_text("some text")
+    (whole,) = C.parse_sources([str(odd)])
+    assert whole.weight is None and whole.paths == [str(odd / "a.txt")]
 
 
 def test_packed_and_mixed_rows():
