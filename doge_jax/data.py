@@ -174,8 +174,29 @@ def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
         elif path.endswith((".jsonl", ".json")):
             yield from _iter_jsonl(path, text_field)
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
+            with open(path, "rb") as f:
+                yield _text_of(path, f.read())
+
+
+_WARNED: set[str] = set()
+
+
+def _text_of(path: str, raw: bytes) -> str:
+    """A text file's bytes as text (UTF-8, undecodable bytes replaced); a warning, once per file, where they are not
+    UTF-8 or hold NUL bytes: binary data named as text (a UTF-16 file, an executable called x.py) is trained on."""
+    try:
+        text, bad = raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    nul = raw.count(b"\0")
+    if (bad or nul) and path not in _WARNED:
+        _WARNED.add(path)
+        what = [f"{bad} byte sequence(s) that are not UTF-8 (replaced by U+FFFD)"] if bad else []
+        what += [f"{nul} NUL byte(s)"] if nul else []
+        print(f"warning: {path}: {' and '.join(what)}: binary data or another encoding? It is read as text",
+              file=sys.stderr, flush=True)
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # (text mode's universal newlines, as before)
 
 
 def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:

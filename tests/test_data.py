@@ -229,3 +229,20 @@ def test_fingerprint_sees_a_file_replaced_with_its_mtime_kept(tmp_path):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert D.corpus_fingerprint([str(f)], "x") != before
     assert D.corpus_fingerprint([str(f)], "text", "12") != D.corpus_fingerprint([str(f)], "text1", "2")
+
+
+def test_binary_or_non_utf8_text_file_warns_once(tmp_path, capsys):
+    """A file named as text that holds NUL bytes or bytes that are not UTF-8 (a UTF-16 file, an executable called
+    x.py) is read as before (undecodable bytes replaced, universal newlines) but no longer silently: one warning
+    naming it, once per process. Clean UTF-8 (a literal U+FFFD too) says nothing."""
+    cases = {"utf16.txt": "two words\r\n".encode("utf-16"), "clean.txt": "héllo \ufffd\r\nworld\r".encode()}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+    for name in cases:
+        path = str(tmp_path / name)
+        for _ in range(2):
+            (doc,) = D.iter_documents([path])
+            assert doc == open(path, encoding="utf-8", errors="replace").read()
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "utf16.txt: 2 byte sequence(s) that are not UTF-8" in err
+    assert "NUL byte(s)" in err and "clean.txt" not in err
