@@ -660,6 +660,9 @@ def _main(argv=None) -> int:
             beam_args(GenerationConfig(), args.num_beams, args.num_return_sequences, 1.0, False, False)
     except ValueError as e:
         ap.error(str(e))
+    for flag, v in (("--epsilon-cutoff", args.epsilon_cutoff), ("--eta-cutoff", args.eta_cutoff)):
+        if v is not None and not 0.0 < v < 1.0:  # (the API, as transformers, takes such a value as "off")
+            ap.error(f"{flag} {v}: must be in (0, 1) (leave it out for none)")
     if args.min_new_tokens is not None and args.min_new_tokens < 0:
         ap.error(f"--min-new-tokens {args.min_new_tokens}: must be >= 0")
     if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 0:
@@ -706,7 +709,10 @@ def _main(argv=None) -> int:
     try:  # (before the tokenizer's absence: a wrong --model is the thing to report then)
         model = DogeForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     except (CheckpointError, ConfigError, OSError, ValueError) as e:
-        return fail(f"--model {args.model}: {e}")
+        msg = str(e)
+        for named in (args.model, os.path.abspath(args.model)):  # (an error starting with the path: not twice)
+            msg = msg.removeprefix(f"{named.rstrip(os.sep)}: ")
+        return fail(f"--model {args.model}: {msg}")
     if args.prompt is not None and tokenizer is None:
         return fail(f"no tokenizer.json in {tok_path!r}: pass --tokenizer PATH, or give the prompt as --prompt-ids")
     ids = tokenizer.encode(args.prompt).ids if args.prompt is not None else args.prompt_ids

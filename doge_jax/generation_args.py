@@ -97,10 +97,16 @@ def call_min_length(model, generation_config, kwargs: dict):
     return dataclasses.replace(call_generation_config(model, generation_config), min_length=min_length)
 
 
-def check_generate_kwargs(kwargs: dict) -> None:
+def check_generate_kwargs(kwargs: dict, input_ids=0) -> None:
     """The transformers generate() arguments a model's generate does not take: accepted where they change nothing
     (None, False, transformers' no-op values), refused by name otherwise (a ValueError, not a bare TypeError);
-    anything else is Python's TypeError for an unexpected keyword argument."""
+    anything else is Python's TypeError for an unexpected keyword argument. `input_ids` None: refused, naming
+    inputs_embeds where it was given (transformers generates from embeddings; these generate from token ids)."""
+    if kwargs.get("inputs_embeds") is not None:
+        raise ValueError("inputs_embeds: not supported by this generate; pass the prompt's token ids as input_ids")
+    if input_ids is None:
+        raise ValueError("input_ids: required (the prompt's token ids)")
+    kwargs.pop("inputs_embeds", None)
     for k, v in kwargs.items():
         known = k in _NOT_IMPLEMENTED or k in _NEUTRAL_FIELDS or k in _NO_EFFECT_VALUES or k in _NO_EFFECT_HERE
         if not known:

@@ -626,7 +626,7 @@ class DogeForCausalLM(nnx.Module):
             return jax.lax.dot_general(x, emb, (((x.ndim - 1,), (1,)), ((), ())))
         return self.lm_head(x)
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=FROM_CONFIG, seed: int = 0, use_cache: bool = True, pad_token_id=FROM_CONFIG,
                  on_token=None, repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None,
@@ -643,7 +643,7 @@ class DogeForCausalLM(nnx.Module):
 
         generation_config = call_min_length(self, generation_config, kwargs)  # (transformers' total length)
         processors = pop_rule_values(kwargs)
-        check_generate_kwargs(kwargs)
+        check_generate_kwargs(kwargs, input_ids)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
                         seed=seed, use_cache=use_cache, pad_token_id=pad_token_id, on_token=on_token,

@@ -1039,7 +1039,7 @@ class DogeForCausalLM(nn.Module):
         return out.to_tuple() if return_dict is False else out
 
     # generation and checkpoint I/O live in their own modules; bound here for the expected API
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens=FROM_CONFIG, do_sample=FROM_CONFIG,
                  temperature=FROM_CONFIG, top_k=FROM_CONFIG, top_p=FROM_CONFIG,
                  eos_token_id=FROM_CONFIG, seed: int | None = None, use_cache: bool = True, pad_token_id=FROM_CONFIG,
                  repetition_penalty=FROM_CONFIG, min_new_tokens=FROM_CONFIG, max_length=None, num_beams=FROM_CONFIG,
@@ -1056,7 +1056,7 @@ class DogeForCausalLM(nn.Module):
 
         generation_config = call_min_length(self, generation_config, kwargs)  # (transformers' total length)
         processors = pop_rule_values(kwargs)
-        check_generate_kwargs(kwargs)
+        check_generate_kwargs(kwargs, input_ids)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
                         seed=seed,

@@ -262,6 +262,7 @@ def test_cli_rejects_bad_input_in_one_line(model_dir, tmp_path, capsys):
         assert main(["--model", model, *argv]) == 2
         err = capsys.readouterr().err
         assert want in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert err.count(model) == 1 or model == model_dir, err  # (was "--model P: P: no config.json")
     assert main(["--model", model_dir, "--prompt-ids", "5", "--max-new-tokens", "64"]) == 0
     assert "> max_position_embeddings" in capsys.readouterr().err
 
@@ -286,7 +287,10 @@ def test_cli_prompt_holding_the_pad_id_is_not_padding(tmp_path, capsys):
 def test_cli_rejects_bad_arguments_cleanly(model_dir, capsys):
     for argv, want in ((["--prompt-ids", "5", "--max-new-tokens", "0"], "max_new_tokens=0: must be an integer >= 1"),
                        (["--prompt-ids", "5", "--do-sample", "--temperature", "0"], "temperature=0.0: must be > 0"),
-                       (["--prompt-ids", "5", "--do-sample", "--top-k", "-3"], "top_k=-3")):
+                       (["--prompt-ids", "5", "--do-sample", "--top-k", "-3"], "top_k=-3"),
+                       # (ran with the warper off, silently, where --help says "in (0, 1)")
+                       (["--prompt-ids", "5", "--do-sample", "--epsilon-cutoff", "1.5"], "--epsilon-cutoff 1.5: must"),
+                       (["--prompt-ids", "5", "--do-sample", "--eta-cutoff", "0"], "--eta-cutoff 0.0: must be in")):
         with pytest.raises(SystemExit) as e:
             main(["--model", model_dir, *argv])
         assert e.value.code == 2 and want in capsys.readouterr().err
@@ -946,7 +950,10 @@ def test_bad_generate_arguments_are_named(model_dir, framework):
                          (dict(input_ids=[[]]), "input_ids shape (1, 0)"),  # (torch: was "dtype torch.float64")
                          (dict(input_ids=[[3, 4, 5], [6, 7]]), "input_ids: rows of different lengths; left-pad"),
                          (dict(input_ids=ids, attention_mask=[[1, 1, 1, 1, 1], [1]]),
-                          "attention_mask: rows of different lengths")):
+                          "attention_mask: rows of different lengths"),
+                         # (a TypeError "missing 1 required positional argument" before)
+                         (dict(inputs_embeds=np.zeros((1, 5, 64), np.float32)), "inputs_embeds: not supported"),
+                         (dict(attention_mask=conv(np.ones_like(ids))), "input_ids: required")):
         with pytest.raises(ValueError, match=want.replace("(", r"\(").replace(")", r"\)")):
             model.generate(max_new_tokens=2, **kwargs)
     with pytest.raises(ValueError, match=r"input_ids shape \(5,\): expected \[batch >= 1, seq >= 1\]"):
