@@ -253,16 +253,17 @@ RESUME_NOTED = ("data", "seq_len", "global_batch_tokens", "grad_accum", "peak_lr
                 "compute_dtype", "loss_chunk")
 
 
-def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
+def check_run_config(run_dir: str, tcfg: TrainConfig) -> str | None:
     """The run directory is not a saved model, and settings that decide what is resumed (the starting checkpoint,
-    the optimizer-state layout) do not change on resume."""
+    the optimizer-state layout) do not change on resume. Returns the warning about the settings a resume changes
+    (said once the resume is known to go ahead), if any."""
     saved = [f for f in (SAFE_SINGLE, SAFE_INDEX, TORCH_BIN, TORCH_INDEX) if os.path.isfile(os.path.join(run_dir, f))]
     if saved:
         raise ConfigError(f"{run_dir} holds a saved model ({saved[0]}); a run there would shadow it (doge_jax loads "
                           "a run directory's checkpoints first): use another --out_dir, or --init-from it")
     old = read_run_record(run_dir)
     if old is None:
-        return
+        return None
     before, now = old.get("init_from"), tcfg.init_from
     # without --init-from a re-run just resumes; a run records its start as an absolute path (older runs: as typed)
     same = now is None or before == now or (before and os.path.abspath(before) == os.path.abspath(now))
@@ -283,7 +284,8 @@ def check_run_config(run_dir: str, tcfg: TrainConfig) -> None:
         changed = [f"{k} {old[k]!r} -> {new[k]!r}" for k in RESUME_NOTED if k in old and old[k] != new.get(k)
                    and not (k == "data" and same_data)]
         if changed:
-            log(f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}")
+            return f"warning: resuming {run_dir} with changed settings: {'; '.join(changed)}"
+    return None
 
 
 @contextlib.contextmanager
@@ -379,11 +381,13 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
                               f"has one (re-tokenize one: python -m doge_jax.data --tokenizer {pretok[0]} ...)")
         if tcfg.tokenizer is None and pretok:  # pre-tokenized data carries its tokenizer
             tcfg = dataclasses.replace(tcfg, tokenizer=pretok[0])
-        check_run_config(run_dir, tcfg)
+        changed = check_run_config(run_dir, tcfg)
         setup_compilation_cache(tcfg.cache_dir)
         primary = jax.process_index() == 0  # the host that writes the run directory's files (orbax: every host)
         tok, mcfg = prepare_tokenizer(mcfg, tcfg, paths, run_dir)
         check_same_model(run_dir, mcfg)
+        if changed:  # (after the model check: a refused resume does not first warn about its settings)
+            log(changed)
         # a new run's starting weights, loaded before any file is written or data tokenized: a checkpoint that
         # does not fit the model config fails here and leaves nothing behind
         init = I.init_params(tcfg.init_from, mcfg, tcfg.seed) if tcfg.init_from and not resuming else None
