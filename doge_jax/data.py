@@ -131,8 +131,10 @@ def resolve_paths(specs: list[str] | str, exclude: list[str] | tuple[str, ...] =
     binary = next((p for p in out if not p.lower().endswith(_TEXT_EXT + (".json",)) and _is_binary(p)), None)
     if binary is not None:  # (its bytes were tokenized as one text document)
         hint = {".npy": "; .npy token arrays are read by python -m doge_torch.train; for doge_jax.train pre-tokenize "
-                        "the text with python -m doge_jax.data and pass its output directory",
-                ".bin": "; a python -m doge_jax.data shard: pass its directory"}.get(os.path.splitext(binary)[1], "")
+                        "the text with python -m doge_jax.data and pass its output directory"}.get(
+            os.path.splitext(binary)[1], "")
+        if binary.endswith((".train.bin", ".val.bin")):  # (the shard names python -m doge_jax.data writes)
+            hint = "; a python -m doge_jax.data shard: pass its directory"
         raise DataError(f"data path {binary!r}: a binary file (NUL bytes), not text{hint}")
     return sorted(dict.fromkeys(os.path.abspath(p) for p in out))
 

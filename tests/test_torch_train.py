@@ -1150,11 +1150,14 @@ def test_binary_and_mixed_data_paths_are_refused_by_name(tmp_path):
     assert len(load_tokens([str(mix / "*.npy")], None, 1)) == 100
     np.save(tmp_path / "alone.npy", np.arange(5, dtype=np.uint16))
     (tmp_path / "shard.dat").write_bytes(b"\x01\x00\x02\x00")
+    (tmp_path / "blob.bin").write_bytes(b"\x01\x00\x02\x00")
+    (tmp_path / "00000.train.bin").write_bytes(b"\x01\x00\x02\x00")
     for path, hint in ((mix / "tok.npy", "; .npy token arrays are read by python -m doge_torch.train"),
-                       (tmp_path / "shard.dat", "")):
+                       (tmp_path / "shard.dat", "$"), (tmp_path / "blob.bin", "$"),  # (any .bin was called a shard)
+                       (tmp_path / "00000.train.bin", "; a python -m doge_jax.data shard: pass its directory")):
         with pytest.raises(D.DataError, match=f"{path.name}': a binary file \\(NUL bytes\\), not text{hint}"):
             D.resolve_paths([str(path)])
-    with pytest.raises(D.DataError, match="alone.npy': a binary file"):
+    with pytest.raises(D.DataError, match="'.*': a binary file"):
         D.resolve_paths([str(tmp_path / "*")])
     (tmp_path / "notes").write_text("plain text, no extension")
     assert D.resolve_paths([str(tmp_path / "notes")]) == [str(tmp_path / "notes")]
