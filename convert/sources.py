@@ -58,35 +58,42 @@ def load_config_file(path: str, variant: str | None) -> DogeConfig:
 
 def _unset_ids_filled(source: Source, config: str | None, own: str | None) -> Source:
     """A --config in our YAML leaves bos/eos/pad_token_id null (the trainers fill them from the tokenizer): the unset
-    ones come from the source's own config.json `own`, else from the tokenizer beside it, with a note (they were
-    dropped silently: a converted model that never stops at EOS)."""
+    ones come from the source's own config.json `own`, the rest from the tokenizer beside it, with a note (they were
+    dropped silently: a converted model that never stops at EOS). An id the model cannot hold is an error."""
     cfg = source.config
     unset = [f"{k}_token_id" for k in ("bos", "eos", "pad") if getattr(cfg, f"{k}_token_id") is None]
     if not config or not config.endswith((".yaml", ".yml")) or not unset:
         return source
-    found, where = {}, None
+    found: dict = {}
+    notes = []
     if own and os.path.isfile(own):
         try:
             theirs = DogeConfig.from_hf_dict(read_json(own), variant=cfg.variant)
         except (ValueError, OSError, CheckpointError):  # (ConfigError is a ValueError) a broken one: --config's reason
             theirs = None
-        if theirs is not None:
-            found, where = {k: getattr(theirs, k) for k in unset if getattr(theirs, k) is not None}, own
+        got = {} if theirs is None else {k: getattr(theirs, k) for k in unset if getattr(theirs, k) is not None}
+        if got:
+            found.update(got)
+            notes.append(f"from {own}: " + ", ".join(f"{k}={v}" for k, v in got.items()))
+    rest = [k for k in unset if k not in found]
     tok_file = os.path.join(source.side_dir or "", "tokenizer.json")
-    if not found and source.side_dir and os.path.isfile(tok_file):
+    if rest and source.side_dir and os.path.isfile(tok_file):
         from tokenizers import Tokenizer
 
         from doge_jax import data
 
         try:
-            filled, _ = data.with_special_ids(cfg, Tokenizer.from_file(tok_file), source.side_dir)
-        except Exception:  # noqa: BLE001 - an unreadable tokenizer: nothing to take (the tokenizers library's own)
-            filled = cfg
-        found, where = {k: getattr(filled, k) for k in unset if getattr(filled, k) is not None}, tok_file
+            ids = data.special_ids(Tokenizer.from_file(tok_file), source.side_dir)
+        except Exception:  # noqa: BLE001 - an unreadable tokenizer has nothing to give (the tokenizers library's own)
+            ids = {}
+        got = {k: ids[k[:-len("_token_id")]] for k in rest if ids.get(k[:-len("_token_id")]) is not None}
+        if got:
+            found.update(got)
+            notes.append(f"from {tok_file}: " + ", ".join(f"{k}={v}" for k, v in got.items()))
     if found:
-        source.config = cfg.replace(**found)
-        source.notes.append(f"note: {config} leaves {', '.join(found)} unset; taken from {where}: "
-                            + ", ".join(f"{k}={v}" for k, v in found.items()))
+        source.config = cfg.replace(**found)  # (an id outside the vocabulary: ConfigError naming it)
+        source.notes.append(f"note: {config} leaves {', '.join(k for k in unset if k in found)} unset; taken "
+                            + "; ".join(notes))
     return source
 
 

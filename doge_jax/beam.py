@@ -204,9 +204,9 @@ def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: i
                           early_stopping, never_long: bool, ngram: int = 0, seen=None, warp=None, rng=None,
                           record=(False, False), rules=None):
     """beam_search_cached without a cache (use_cache=False, for checking): each step runs the model over the
-    whole running sequences (dense: one fixed-length buffer, later slots masked; MoE: the exact length, as
-    doge_jax.generate's recompute path)."""
-    from .generate import _last_logits, _logits_at
+    whole running sequences (dense: one fixed-length buffer, later slots masked; MoE or a prompt row that is all
+    padding: the exact length, as doge_jax.generate's recompute path)."""
+    from .generate import _last_logits, _logits_at, exact_length_needed
 
     BK, P = ids.shape
     L = P + max_new_tokens
@@ -216,10 +216,11 @@ def beam_search_recompute(model, ids, mask, pos, consts: dict, max_new_tokens: i
                                           axis=1).astype(np.int32))
     cols = jnp.arange(L)
     recs: tuple[list, list] = ([], [])
+    exact = exact_length_needed(model.config, np.asarray(mask))
     for step in range(max_new_tokens):
         cur = P + step
         seqs = state["running"].reshape(BK, L)
-        if model.config.is_moe:
+        if exact:
             logits = _last_logits(model, seqs[:, :cur], full_mask[:, :cur], full_pos[:, :cur])
         else:  # (unwritten slots hold the fill id, maybe -1: any valid id, they are masked)
             logits = _logits_at(model, jnp.where(cols < cur, seqs, 0), full_mask & (cols < cur), full_pos, cur - 1)

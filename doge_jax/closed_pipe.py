@@ -1,5 +1,8 @@
 """A trainer's log pipe closing under it (`train ... | head`, a dead `tee` or log collector) stops the run as SIGTERM
-does, with a checkpoint, instead of a BrokenPipeError ending it without one. No JAX here: doge_torch.train uses it."""
+does, with a checkpoint, instead of a BrokenPipeError ending it without one. No JAX here: doge_torch.train uses it.
+
+While `guarded_output()` is active, a write to a closed stdout or stderr discards that stream's output from then on
+(its file descriptor points at /dev/null) and is recorded; the trainers check `output_closed()` after each step."""
 
 from __future__ import annotations
 
@@ -9,9 +12,9 @@ import signal
 import sys
 from collections.abc import Iterator
 
-# the exit status a run stopped by a closed pipe reports, as the shell reports a process ended by SIGPIPE
+# the exit status of a run stopped by a closed pipe, as the shell reports a process ended by SIGPIPE
 EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
-_CLOSED: list[bool] = []  # a guarded stream found its pipe closed (before a trainer's handler was there, maybe)
+_CLOSED: list[str] = []  # the guarded streams ("stdout", "stderr") found closed
 
 
 def output_closed() -> bool:
@@ -19,31 +22,27 @@ def output_closed() -> bool:
     return bool(_CLOSED)
 
 
-def discard_output() -> None:
-    """Point file descriptors 1 and 2 at /dev/null: every later write (Python's streams, tqdm, warnings, XLA's C++
-    logs) succeeds and goes nowhere."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            with contextlib.suppress(OSError):
-                os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-
-
 class _Guarded:
-    """A text stream whose writes to a closed pipe discard the output from then on and raise SIGPIPE in this
-    process (a trainer's handler turns it into a stop; where none is installed it is ignored, Python's default)."""
+    """A text stream whose writes to a closed pipe send it to /dev/null from then on, and record that."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, stream, name: str):
+        self._stream, self._name = stream, name
 
     def _closed(self) -> None:
-        _CLOSED.append(True)
-        discard_output()
-        signal.raise_signal(signal.SIGPIPE)
+        _CLOSED.append(self._name)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:  # (the descriptor, so that tqdm, warnings and C++ logs writing to it are quiet too)
+            os.dup2(devnull, self._stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass  # a stream without a descriptor: its own writes are dropped below
+        finally:
+            os.close(devnull)
 
     def write(self, s: str) -> int:
+        if self._name in _CLOSED:
+            with contextlib.suppress(OSError, ValueError):
+                return self._stream.write(s)
+            return len(s)
         try:
             return self._stream.write(s)
         except BrokenPipeError:
@@ -55,6 +54,9 @@ class _Guarded:
             self._stream.flush()
         except BrokenPipeError:
             self._closed()
+        except (OSError, ValueError):
+            if self._name not in _CLOSED:
+                raise
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
@@ -63,9 +65,12 @@ class _Guarded:
 @contextlib.contextmanager
 def guarded_output() -> Iterator[None]:
     """While active, sys.stdout and sys.stderr survive their pipe closing (see _Guarded); the streams are put back
-    after."""
+    after. A stream that is None (its descriptor was closed at start-up) stays None: print() skips it."""
     old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Guarded(sys.stdout), _Guarded(sys.stderr)
+    if sys.stdout is not None:
+        sys.stdout = _Guarded(sys.stdout, "stdout")
+    if sys.stderr is not None:
+        sys.stderr = _Guarded(sys.stderr, "stderr")
     try:
         yield
     finally:

@@ -490,12 +490,17 @@ def _beam(model, ids, mask, pos, use_cache, eos, pad, max_new_tokens, num_beams,
                                      consts, seen=seen, rng=rng, **static), n_seq, skip=extra)
 
 
+def exact_length_needed(cfg, mask: np.ndarray) -> bool:
+    """Whether a forward over the prompt [B, P] must see exactly its P slots, no masked extra ones (bucket padding,
+    the recompute paths' future slots): MoE (CDMoE routing mixes positions, spec §3.8), or a row that is all
+    padding (its queries see no key: their attention is the mean over every existing slot, spec §3.6)."""
+    return cfg.is_moe or not mask.any(axis=1).all()
+
+
 def prompt_bucket_padding(cfg, mask: np.ndarray) -> int:
     """Masked slots to put before the prompt [B, P] so that its length is a multiple of PROMPT_BUCKET: none for MoE
-    models (CDMoE routing mixes positions, spec §3.8), nor when a row's prompt is all padding: such a row's queries
-    see no key, and their attention is the mean over every existing slot (transformers' uniform rows, spec §3.6),
-    which the padding slots would join."""
-    if cfg.is_moe or not mask.any(axis=1).all():
+    models, nor when a row's prompt is all padding (exact_length_needed)."""
+    if exact_length_needed(cfg, mask):
         return 0
     return -mask.shape[1] % PROMPT_BUCKET
 
@@ -518,9 +523,10 @@ def _generate_recompute(model, ids, mask, pos, eos, pad, seed, max_new_tokens, d
     buf_mask = np.zeros((B, total), bool)
     buf_pos = np.zeros((B, total), np.int32)
     buf[:, :P], buf_mask[:, :P], buf_pos[:, :P] = ids, mask, pos
+    exact = exact_length_needed(model.config, mask)
     for n in range(max_new_tokens):
         cur = P + n
-        if model.config.is_moe:
+        if exact:
             logits = _last_logits(model, jnp.asarray(buf[:, :cur]), jnp.asarray(buf_mask[:, :cur]),
                                   jnp.asarray(buf_pos[:, :cur]))
         else:

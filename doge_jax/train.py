@@ -28,7 +28,7 @@ from . import data as D
 from . import init as I
 from . import sharding as S
 from .checkpoint import TrainCheckpointer, list_steps
-from .closed_pipe import discard_output, guarded_output, output_closed
+from .closed_pipe import guarded_output, output_closed
 from .config import RUNTIME_FIELDS, ConfigError, DogeConfig
 from .hf_io import (
     SAFE_INDEX,
@@ -497,18 +497,9 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
         stop_signal.append(signum)
         first_at.append(time.monotonic())
 
-    def on_closed_pipe(signum, frame):  # the log's reader is gone (closed_pipe): a stop, as SIGTERM's
-        discard_output()  # (XLA's C++ logs write without Python's guard)
-        if not stop_signal:
-            stop_signal.append(signum)
-            first_at.append(time.monotonic())
-
     if sys.modules["threading"].current_thread() is sys.modules["threading"].main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             handlers[s] = signal.signal(s, on_signal)
-        handlers[signal.SIGPIPE] = signal.signal(signal.SIGPIPE, on_closed_pipe)
-        if output_closed():  # (during start-up)
-            on_closed_pipe(signal.SIGPIPE, None)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=tcfg.num_training_steps, initial=step, desc="train", unit="step",
@@ -589,6 +580,9 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
             if pending is not None:
                 read_back(*pending)
             # (after the wait above, so a signal that arrived during it is in this vote)
+            if output_closed() and not stop_signal:  # the log's reader is gone (closed_pipe): a stop as SIGTERM's
+                stop_signal.append(signal.SIGPIPE)
+                first_at.append(time.monotonic())
             vote = S.any_process(bool(stop_signal)) if multi_host else None
             pending = (step, out, vote)
             done = step == tcfg.num_training_steps

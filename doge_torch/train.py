@@ -39,7 +39,7 @@ import torch
 
 from doge_jax import data as D
 from doge_jax import hf_io
-from doge_jax.closed_pipe import EXIT_CLOSED_PIPE, discard_output, guarded_output, output_closed
+from doge_jax.closed_pipe import EXIT_CLOSED_PIPE, guarded_output, output_closed
 from doge_jax.config import ConfigError
 from doge_jax.hf_names import CheckpointError, CheckpointWriteError
 from doge_jax.train_config import BARE_OVERRIDE, DEFAULT_CONFIG, SIGTERM_REPEAT_S, load_configs, parse_overrides
@@ -769,6 +769,8 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
                 if pending is not None:
                     read_back(pending)
                 pending = m
+                if output_closed() and not stop and args.out:  # the log's reader is gone (doge_jax.closed_pipe)
+                    stop.extend(["a closed output pipe", EXIT_CLOSED_PIPE, time.monotonic()])
                 stopping = bool(stop)  # read once: a signal arriving below waits for the next step
                 evaluating = val is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0)
                                                   or step + 1 == max_steps)
@@ -829,19 +831,10 @@ def _stop_on_signals(enabled: bool) -> Iterator[list]:
             print(f"{name}: stopping after this step (with a checkpoint)", file=sys.stderr, flush=True)
             stop.extend([name, 128 + signum, time.monotonic()])
 
-    def closed_pipe(signum, frame):  # the log's reader is gone (doge_jax.closed_pipe): a stop, as SIGTERM's
-        discard_output()
-        if not stop:
-            stop.extend(["a closed output pipe", EXIT_CLOSED_PIPE, time.monotonic()])
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     for s, h in previous.items():
-        if s == signal.SIGPIPE:  # (Python ignores it; a write then raises BrokenPipeError)
-            signal.signal(s, closed_pipe)
-        elif h is not signal.SIG_IGN:  # an ignored signal stays ignored (background jobs)
+        if h is not signal.SIG_IGN:  # an ignored signal stays ignored (background jobs)
             signal.signal(s, handler)
-    if output_closed():  # (during start-up)
-        closed_pipe(signal.SIGPIPE, None)
     try:
         yield stop
     finally:

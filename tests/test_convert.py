@@ -228,6 +228,22 @@ def test_yaml_config_without_token_ids_keeps_the_models(tmp_path, capsys):
     cfg = json.load(open(tmp_path / "b" / "config.json"))
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (7, 4, 9)
     assert "leaves bos_token_id, pad_token_id unset; taken from" in capsys.readouterr().err
+    # a config.json beside the weights with some of them: those, the rest from the tokenizer
+    own = json.load(open(os.path.join(src, "config.json")))
+    own.update(bos_token_id=None, pad_token_id=6)
+    json.dump(own, open(loose / "config.json", "w"))
+    model["eos_token_id"] = None
+    yml.write_text(yaml.safe_dump({"model": model}))
+    assert _run(loose / "model.safetensors", tmp_path / "c", "--to", "hf", "--config", yml) == 0
+    cfg = json.load(open(tmp_path / "c" / "config.json"))
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (7, 4, 6)
+    # ids the model cannot hold: an error naming them, not a silent drop
+    vocab["<pad>"] = 200
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(loose / "tokenizer.json"))
+    os.remove(loose / "config.json")
+    capsys.readouterr()
+    assert _run(loose / "model.safetensors", tmp_path / "d", "--to", "hf", "--config", yml) == 2
+    assert "pad_token_id" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_mixed_layer_dtypes_are_widened_not_rounded(tmp_path, capsys):

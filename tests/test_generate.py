@@ -726,9 +726,13 @@ def test_all_padding_prompt_row_as_transformers(tmp_path):
     for beams in (1, 2):
         with torch.no_grad():
             ref = hf.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), do_sample=False,
-                              num_beams=beams, max_new_tokens=6, pad_token_id=0).numpy()
-        np.testing.assert_array_equal(model.generate(ids, attention_mask=mask, num_beams=beams, max_new_tokens=6),
-                                      ref)
+                              num_beams=beams, max_new_tokens=3, pad_token_id=0, output_scores=True,
+                              return_dict_in_generate=True)
+        for cache in (True, False):  # (without the cache the future slots of the fixed buffer joined that mean)
+            out = model.generate(ids, attention_mask=mask, num_beams=beams, max_new_tokens=3, use_cache=cache,
+                                 output_scores=True, return_dict_in_generate=True)
+            np.testing.assert_array_equal(out.sequences, ref.sequences.numpy(), err_msg=f"{beams} {cache}")
+            np.testing.assert_allclose(out.scores[0], ref.scores[0].numpy(), atol=2e-5, err_msg=f"{beams} {cache}")
 
 
 def test_generate_loop_has_no_cache_copies():

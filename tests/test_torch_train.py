@@ -853,16 +853,19 @@ def test_cli_closed_output_pipe_stops_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "doge_torch.train", "--config", cfg, "--data", str(tmp_path / "tokens.npy"),
            "--device", "cpu", "--out", str(out), "--log-every", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
             if line.startswith("step "):
                 break
         proc.stdout.close()
+        err = proc.stderr.read()
         assert proc.wait(timeout=120) == 141
     finally:
         proc.kill()
-    assert len(list(out.glob("checkpoint-*"))) == 1
+    (ckpt,) = out.glob("checkpoint-*")
+    # stderr, still open, says so (only the closed stream is discarded)
+    assert f"stopped by a closed output pipe after step {ckpt.name.split('-')[1]}" in err, err
 
 
 def test_cli_resume_applies_new_settings_and_survives_leftovers(tmp_path, capsys):

@@ -629,6 +629,16 @@ def test_closed_log_pipe_stops_with_a_checkpoint(corpus, cache, tmp_path):
     assert list_steps(str(out))[-1] == stopped + 1
 
 
+def test_output_guard_with_a_stream_closed_at_start():
+    """A trainer started with stdout closed (`>&-`: Python's sys.stdout is None) prints as before (print() skips a
+    None stream); the guard wrapped None and every print raised AttributeError."""
+    code = ("import sys\nfrom doge_jax.closed_pipe import guarded_output, output_closed\n"
+            "with guarded_output():\n    print('to nowhere')\n    print('said', output_closed(), file=sys.stderr)\n")
+    proc = subprocess.run(["sh", "-c", 'exec "$0" -c "$1" >&-', sys.executable, code], cwd=REPO,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr.strip() == "said False", proc.stderr
+
+
 _SLOW_STOP_SAVE = """import sys, time
 from doge_jax import train as T
 from doge_jax.checkpoint import TrainCheckpointer
