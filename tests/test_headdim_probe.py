@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # ~17 s of CPU for a GPU probe (the default suite is at its ~15-minute budget)
 def test_headdim_probe_cpu_smoke():
     results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     before = open(results).read()
