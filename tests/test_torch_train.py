@@ -817,17 +817,22 @@ def test_cli_resume_refuses_another_start_or_model(tmp_path):
         main(["--config", str(theta), "--data", data, "--device", "cpu", "--out", out])
 
 
+def _long_run_command(tmp_path, out, log_every: str) -> list[str]:
+    """The command of a doge_torch.train run that goes on until stopped (no checkpoint before the stop's)."""
+    cfg = _small_run_config(tmp_path)
+    text = open(cfg).read().replace("num_training_steps: 8", "num_training_steps: 100000")
+    open(cfg, "w").write(text.replace("checkpoint_every: 2", "checkpoint_every: 100000"))
+    return [sys.executable, "-m", "doge_torch.train", "--config", cfg, "--data", str(tmp_path / "tokens.npy"),
+            "--device", "cpu", "--out", str(out), "--log-every", log_every]
+
+
 def test_cli_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     """SIGTERM (a scheduler's preemption) stops the run after its current step with a checkpoint, exit 143; the
     same command then continues from there."""
     import signal
 
-    cfg = _small_run_config(tmp_path)
-    text = open(cfg).read().replace("num_training_steps: 8", "num_training_steps: 100000")
-    open(cfg, "w").write(text.replace("checkpoint_every: 2", "checkpoint_every: 100000"))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "doge_torch.train", "--config", cfg, "--data", str(tmp_path / "tokens.npy"),
-           "--device", "cpu", "--out", str(out), "--log-every", "100000"]
+    cmd = _long_run_command(tmp_path, out, "100000")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("step "):  # step 1 is always printed
@@ -847,12 +852,8 @@ def test_cli_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
 def test_cli_closed_output_pipe_stops_with_a_checkpoint(tmp_path):
     """Its output's reader gone (`... | head`, a dead tee): a stop as SIGTERM's, with a checkpoint, exit 141 (128 +
     SIGPIPE). Before: a BrokenPipeError ended the run, no checkpoint."""
-    cfg = _small_run_config(tmp_path)
-    text = open(cfg).read().replace("num_training_steps: 8", "num_training_steps: 100000")
-    open(cfg, "w").write(text.replace("checkpoint_every: 2", "checkpoint_every: 100000"))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "doge_torch.train", "--config", cfg, "--data", str(tmp_path / "tokens.npy"),
-           "--device", "cpu", "--out", str(out), "--log-every", "1"]
+    cmd = _long_run_command(tmp_path, out, "1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
