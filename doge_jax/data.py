@@ -379,7 +379,8 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
     if cdir and os.path.isfile(os.path.join(cdir, "done")):
         return (np.load(os.path.join(cdir, "train.npy"), mmap_mode="r"),
                 np.load(os.path.join(cdir, "val.npy"), mmap_mode="r"))
-    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
+    # (the EOS id is the model config's: a large model vocabulary's id with a small tokenizer overflowed uint16)
+    dtype = np.uint16 if max(tok.get_vocab_size(), eos_id + 1) <= 65536 else np.uint32
     docs: list[np.ndarray] = []
     bar = _progress(total=len(paths), desc="tokenizing", unit="file", enabled=progress)
     batch: list[str] = []

@@ -108,6 +108,11 @@ def test_bpe_special_ids_and_eos_per_document(corpus, tmp_path):
     # every document's tokens are followed by exactly one EOS
     first = tok.encode(open(files[0]).read()).ids
     assert train[: len(first) + 1].tolist() == first + [1]
+    # a config's EOS id beyond uint16 with a small tokenizer (configs/doge-40m-moe.yaml's 128001): kept exactly
+    # (it was an OverflowError traceback)
+    big, _ = D.tokenize_corpus(files, tok, 128001, None, val_fraction=0.0, progress=False)
+    assert big.dtype == np.uint32 and int(np.sum(big == 128001)) == n_docs and big[: len(first) + 1].tolist() == (
+        first + [128001])
 
 
 def test_validation_split_and_cache(corpus, tmp_path):

@@ -433,10 +433,10 @@ def test_override_styles_and_help():
         T.main(["--help"])
 
 
-def _tiny_setup(compute_dtype="float32", grad_accum=1, rows=4, loss_chunk=1024):
+def _tiny_setup(compute_dtype="float32", grad_accum=1, rows=4, loss_chunk=1024, **model):
     cfg = DogeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                     keep_window_size=32, tie_word_embeddings=False, pad_token_id=2, eos_token_id=1)
+                     keep_window_size=32, tie_word_embeddings=False, pad_token_id=2, eos_token_id=1, **model)
     tcfg = TrainConfig(seq_len=16, grad_accum=grad_accum, global_batch_tokens=16 * rows, compute_dtype=compute_dtype,
                        loss_chunk=loss_chunk, num_training_steps=10, num_warmup_steps=0, num_decay_steps=0)
     graphdef, state = nnx.split(DogeTrunk(cfg, rngs=nnx.Rngs(0)), nnx.Param)
@@ -491,6 +491,27 @@ def test_grad_accumulation_equals_big_batch():
     per_micro = [causal_lm_loss(model.head_logits(model(ids[i:i + 2]).logits), jnp.asarray(labels[i:i + 2]))
                  for i in (0, 2)]
     assert abs(float(np.mean(per_micro)) - float(ref)) > 1e-3  # vs the 1e-6 agreement above
+
+
+def test_moe_aux_loss_is_added_in_every_micro_batch():
+    """With grad_accum, the router aux loss of each micro-batch is added unscaled (transformers' Trainer, spec §6.2;
+    README says so): the step's loss is the token-mean CE of all rows plus coef x the sum of the micro-batches'
+    aux losses, not coef x one aux of the whole step."""
+    moe = dict(is_moe=True, num_experts=16, num_experts_per_tok=2, output_router_logits=True,
+               router_aux_loss_coef=0.5)
+    cfg, tcfg, graphdef, params, tx = _tiny_setup(**moe)
+    ids = np.random.default_rng(1).integers(3, 64, (4, 16)).astype(np.int32)
+    loss_big, _ = T.make_steps(graphdef, tx, cfg, tcfg)[1](params, ids[None], 0)
+    _, tcfg2, *_ = _tiny_setup(grad_accum=2, rows=2, **moe)
+    loss_acc, _ = T.make_steps(graphdef, tx, cfg, tcfg2)[1](params, ids.reshape(2, 2, 16), 0)
+    model = nnx.merge(graphdef, params)
+    # (CDMoE routing mixes the rows of a batch, spec §3.8: each micro-batch's own forward; equal halves of the
+    # step's targets, so the token mean is the mean of the two)
+    ce, aux = zip(*[(float(causal_lm_loss(model.head_logits(o.logits), jnp.asarray(x))), float(o.aux_loss))
+                    for x in (ids, ids[:2], ids[2:]) for o in [model(x)]])
+    np.testing.assert_allclose(float(loss_big), ce[0] + 0.5 * aux[0], rtol=1e-6)
+    np.testing.assert_allclose(float(loss_acc), (ce[1] + ce[2]) / 2 + 0.5 * (aux[1] + aux[2]), rtol=1e-6)
+    assert abs(float(loss_acc) - float(loss_big)) > 0.1  # (the two readings are far apart here)
 
 
 @pytest.mark.parametrize("vocab_major", [False, True])
