@@ -59,7 +59,8 @@ class UnmatchedParameter(ValueError):
 def make_mesh(mesh_cfg: dict | None = None, devices: list | None = None) -> Mesh:
     """Mesh with axes ("data", "fsdp") from a config dict such as {"data": -1, "fsdp": 1} (the default).
 
-    One axis may be -1: it takes all the devices the other leaves. The product must equal the device count.
+    One axis may be -1: it takes all the devices the other leaves; a missing "data" is -1 (unless fsdp is), a missing
+    "fsdp" 1. The product must equal the device count.
     Devices are laid out in `jax.devices()` order (process-major), "fsdp" the inner axis, so an fsdp group stays
     within one host whenever fsdp divides the devices per host; "data" then spans hosts.
     """
@@ -69,7 +70,8 @@ def make_mesh(mesh_cfg: dict | None = None, devices: list | None = None) -> Mesh
     unknown = sorted(set(cfg) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"mesh.{unknown[0]}: unknown mesh axis (the axes are {', '.join(MESH_AXES)})")
-    sizes = {a: cfg.get(a, 1) for a in MESH_AXES}
+    # an axis left out: 1, except "data" beside a fixed fsdp, which takes the remaining devices ({fsdp: 4} on 8)
+    sizes = {"data": cfg.get("data", 1 if cfg.get("fsdp") == -1 else -1), "fsdp": cfg.get("fsdp", 1)}
     for a, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
             raise ValueError(f"mesh.{a}: must be a positive integer or -1 (all remaining devices), got {v!r}")

@@ -75,6 +75,7 @@ def rules(out: str) -> None:
             report[f"{kind}/{name}"] = rows
     report["mesh_default"] = dict(S.make_mesh(None).shape)
     report["mesh_fsdp_auto"] = dict(S.make_mesh({"fsdp": -1}).shape)
+    report["mesh_fsdp_only"] = dict(S.make_mesh({"fsdp": 4}).shape)
     mesh = S.make_mesh({"data": 2, "fsdp": 4})
     try:
         S.shard_batch(np.zeros((6, 4), np.int32), mesh)

@@ -179,6 +179,7 @@ def test_shardings_on_8_devices(rules_report, kind, mesh, fsdp):
 def test_mesh_and_batch_on_8_devices(rules_report):
     assert rules_report["mesh_default"] == {"data": 8, "fsdp": 1}
     assert rules_report["mesh_fsdp_auto"] == {"data": 1, "fsdp": 8}
+    assert rules_report["mesh_fsdp_only"] == {"data": 2, "fsdp": 4}  # (data was 1: refused, 4 of 8 devices)
     assert rules_report["batch_spec"] == "P(('data', 'fsdp'), None)"
     assert "global batch of 6 rows does not divide over the 8 devices of mesh data=2 x fsdp=4" in \
         rules_report["batch_error"]
