@@ -59,6 +59,13 @@ def has_type(v: Any, annotation: str) -> bool:
     return (isinstance(v, list) and "list" in kinds) or (isinstance(v, dict) and "dict" in kinds)
 
 
+def as_model_option(error: Exception) -> str:
+    """A ConfigError's text for a trainer's command line: "DogeConfig.FIELD=..." as the option's name, "model.FIELD"
+    (as train.FIELD errors read); other messages (a checkpoint's config.json, named by its path) as they are."""
+    msg = str(error)
+    return "model." + msg[len("DogeConfig."):] if msg.startswith("DogeConfig.") else msg
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON object from a file; unreadable or malformed files give a ConfigError naming the file."""
     try:

@@ -29,7 +29,7 @@ from . import init as I
 from . import sharding as S
 from .checkpoint import TrainCheckpointer, list_steps
 from .closed_pipe import guarded_output, output_closed
-from .config import RUNTIME_FIELDS, ConfigError, DogeConfig
+from .config import RUNTIME_FIELDS, ConfigError, DogeConfig, as_model_option
 from .hf_io import (
     SAFE_INDEX,
     SAFE_SINGLE,
@@ -672,7 +672,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ConfigError, D.DataError, CheckpointError, S.OtherHostFailed, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_model_option(e)}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)

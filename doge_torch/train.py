@@ -40,7 +40,7 @@ import torch
 from doge_jax import data as D
 from doge_jax import hf_io
 from doge_jax.closed_pipe import EXIT_CLOSED_PIPE, guarded_output, output_closed
-from doge_jax.config import ConfigError
+from doge_jax.config import ConfigError, as_model_option
 from doge_jax.hf_names import CheckpointError, CheckpointWriteError
 from doge_jax.train_config import BARE_OVERRIDE, DEFAULT_CONFIG, SIGTERM_REPEAT_S, load_configs, parse_overrides
 
@@ -886,7 +886,7 @@ def _cli(argv: Sequence[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_model_option(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # during start-up, or a second Ctrl-C (the first one saves a checkpoint first)
         print("\ninterrupted: stopped at once, without a new checkpoint (with --out, a re-run resumes from the newest, "

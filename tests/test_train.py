@@ -370,7 +370,7 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     (["--train.bogus", "1"], "unknown config key train.bogus"),
     (["optim.lr=1"], "unknown config section 'optim'"),
     (["--train.seq_len", "0"], "train.seq_len=0"),
-    (["--model.hidden_size", "33"], "DogeConfig.hidden_size=33"),
+    (["--model.hidden_size", "33"], "error: model.hidden_size=33"),  # (was "DogeConfig.hidden_size", not an option)
     (["--train.peak_lr", "fast"], "train.peak_lr='fast'"),
     (["--train.seq_len", "128"], "train.seq_len=128 > model.max_position_embeddings=64"),
     (["--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
@@ -391,7 +391,8 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     (["--train.peak_flops", "nan"], "train.peak_flops=nan: must be > 0 and finite"),
     (["--train.peak_flops", "0"], "train.peak_flops=0.0: must be > 0 and finite"),
     (["--train.seed", "4294967296"], "train.seed=4294967296: must be < 2**32"),  # (grain raised a traceback)
-    (["--model.initializer_range", "nan"], "DogeConfig.initializer_range=nan: must be finite and >= 0"),
+    (["--model.initializer_range", "nan"], "model.initializer_range=nan: must be finite and >= 0"),
+    (["--model.remat", "foo"], "error: model.remat='foo'"),
     # an option where a value belongs (it was taken as the value, and the real value as an unknown argument)
     (["--train.peak_lr", "--train.seed", "3"], "--train.peak_lr: missing value (the next argument, --train.seed, "
                                                 "is an option)"),
