@@ -61,7 +61,7 @@ def _unset_ids_filled(source: Source, config: str | None, own: str | None) -> So
     ones come from the source's own config.json `own`, the rest from the tokenizer beside it, with a note (they were
     dropped silently: a converted model that never stops at EOS). An id the model cannot hold is an error."""
     cfg = source.config
-    unset = [f"{k}_token_id" for k in ("bos", "eos", "pad") if getattr(cfg, f"{k}_token_id") is None]
+    unset = [k for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is None]
     if not config or not config.endswith((".yaml", ".yml")) or not unset:
         return source
     found: dict = {}
@@ -86,7 +86,7 @@ def _unset_ids_filled(source: Source, config: str | None, own: str | None) -> So
             ids = data.special_ids(Tokenizer.from_file(tok_file), source.side_dir)
         except Exception:  # noqa: BLE001 - an unreadable tokenizer has nothing to give (the tokenizers library's own)
             ids = {}
-        got = {k: ids[k[:-len("_token_id")]] for k in rest if ids.get(k[:-len("_token_id")]) is not None}
+        got = {k: ids[k.split("_")[0]] for k in rest if ids.get(k.split("_")[0]) is not None}
         if got:
             found.update(got)
             notes.append(f"from {tok_file}: " + ", ".join(f"{k}={v}" for k, v in got.items()))
@@ -112,7 +112,7 @@ def _open(src: str, config: str | None, variant: str | None, step: int | None) -
         raise CheckpointError(f"{src}: no such file or directory")
     if os.path.isdir(src) and checkpoint.is_orbax_checkpoint(src):
         source = _orbax_source(src, config, variant, step)
-        return source, checkpoint.resolve(src, step)[1]
+        return source, os.path.join(source.side_dir, "config.json")  # (the run's or model's, beside its params)
     if step is not None:
         raise CheckpointError(f"{src}: --step only applies to a training run directory")
     if os.path.isfile(src):

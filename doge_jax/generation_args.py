@@ -97,7 +97,7 @@ def call_min_length(model, generation_config, kwargs: dict):
     return dataclasses.replace(call_generation_config(model, generation_config), min_length=min_length)
 
 
-def check_generate_kwargs(kwargs: dict, input_ids=0) -> None:
+def check_generate_kwargs(kwargs: dict, input_ids) -> None:
     """The transformers generate() arguments a model's generate does not take: accepted where they change nothing
     (None, False, transformers' no-op values), refused by name otherwise (a ValueError, not a bare TypeError);
     anything else is Python's TypeError for an unexpected keyword argument. `input_ids` None: refused, naming

@@ -683,8 +683,8 @@ def _main(argv: list[str] | None) -> int:
         return 130
     if result.status != "interrupted":
         return 0
-    return 128 + (result.signal or signal.SIGINT)  # as the shell reports the signal: 130 Ctrl-C, 143 SIGTERM, 141
-    # a closed output pipe
+    # as the shell reports the signal: 130 Ctrl-C, 143 SIGTERM, 141 a closed output pipe (SIGPIPE)
+    return 128 + (result.signal or signal.SIGINT)
 
 
 if __name__ == "__main__":

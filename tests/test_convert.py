@@ -215,6 +215,11 @@ def test_yaml_config_without_token_ids_keeps_the_models(tmp_path, capsys):
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (3, 4, 5)
     assert json.load(open(tmp_path / "a" / "generation_config.json"))["eos_token_id"] == 4
     assert "leaves bos_token_id, eos_token_id, pad_token_id unset; taken from" in capsys.readouterr().err
+    # an orbax source: its config.json beside params/
+    assert _run(src, tmp_path / "j", "--to", "jax") == 0
+    assert _run(tmp_path / "j", tmp_path / "j2", "--to", "hf", "--config", yml) == 0
+    cfg = json.load(open(tmp_path / "j2" / "config.json"))
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (3, 4, 5)
     # a bare weights file with no config.json beside it: the tokenizer there names them
     loose = tmp_path / "loose"
     loose.mkdir()
