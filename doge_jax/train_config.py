@@ -190,8 +190,10 @@ def _unknown(section: str, key: str, names) -> ConfigError:
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
     """['--model.x', 'v', 'train.y=w', '--train.z=u'] -> [(section, key, yaml value)]. `--data a b` feeds
-    train.data; `--name N` and `--out_dir D` are shorthands."""
+    train.data (`--data a --data b` = `--data a b`: the shorthand adds up; --train.data replaces); `--name N` and
+    `--out_dir D` are shorthands."""
     out: list[tuple[str, str, Any]] = []
+    data_at = None  # index in `out` of the --data shorthand's list, which later --data's extend
     i = 0
     shorthands = {"data": "train.data", "name": "train.name", "out_dir": "train.out_dir", "out-dir": "train.out_dir",
                   "init-from": "train.init_from", "init_from": "train.init_from"}
@@ -200,6 +202,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
         key, value = (a[2:] if a.startswith("--") else a), None
         if "=" in key:
             key, value = key.split("=", 1)
+        shorthand = key in shorthands
         key = shorthands.get(key, key)
         if "." not in key:
             raise ConfigError(f"unknown argument {a!r}: overrides are --model.FIELD VALUE or --train.FIELD VALUE "
@@ -221,7 +224,11 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
                     except yaml.YAMLError:
                         parsed = None
                     given = parsed if isinstance(parsed, list) else given
-                out.append(("train", "data", given))
+                if shorthand and data_at is not None:
+                    out[data_at][2].extend(given)
+                else:
+                    data_at = len(out) if shorthand else None
+                    out.append(("train", "data", list(given)))
                 i = j
                 continue
             nxt = args[i + 1] if i + 1 < len(args) else None
@@ -237,6 +244,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
             parsed = value if isinstance(value, list) else yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"{a} {value!r}: not a YAML value ({str(e).splitlines()[0]})") from None
+        if (section, field) == ("train", "data"):
+            data_at = None  # --train.data=X replaces what came before; a later --data starts anew
         out.append((section, field, parsed))
     return out
 

@@ -507,7 +507,7 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     ap.add_argument("--config", help="YAML with model: and train: sections (configs/*.yaml; default "
                     "configs/tiny.yaml); any field of it is also an option: --train.FIELD VALUE, --model.FIELD "
                     "VALUE (or FIELD=VALUE), as in doge_jax.train")
-    ap.add_argument("--data", nargs="+",
+    ap.add_argument("--data", nargs="+", action="extend",
                     help=".npy token files, python -m doge_jax.data directories, or text data as doge_jax.train reads "
                     "it (.txt/.jsonl/.parquet files, directories, globs) with --tokenizer (default: the config's "
                     "train.data)")

@@ -682,6 +682,10 @@ def test_cli_data_and_tokenizer_from_the_config(tmp_path, capsys):
     assert "train.data entry" in capsys.readouterr().err
     assert cli(["--config", str(cfg), "--data", f"{tmp_path / 'a.txt'}:0.5", "--device", "cpu"]) == 2
     assert "--data entry" in (err := capsys.readouterr()).err and "a mixture weight" in err.err
+    # --data given twice adds up, as in doge_jax.train (it kept only the last: the weighted entry goes unseen)
+    assert cli(["--config", str(cfg), "--data", f"{tmp_path / 'a.txt'}:0.5", "--data", str(tmp_path / "a.txt"),
+                "--device", "cpu"]) == 2
+    assert "a mixture weight" in capsys.readouterr().err
     assert cli(["--config", "configs/tiny.yaml", "--device", "cpu"]) == 2
     assert "no training data" in capsys.readouterr().err
 

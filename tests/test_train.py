@@ -1065,6 +1065,17 @@ def test_run_directory_is_not_a_file_nor_in_a_runs_checkpoints(corpus, cache, tm
     assert parse_overrides(["--data", "[ab]"]) == [("train", "data", ["[ab]"])]
 
 
+def test_repeated_data_option_adds_up():
+    """`--data a --data b` trains on both (it kept only b); --train.data replaces what came before."""
+    assert load_configs(None, parse_overrides(["--data", "a.txt", "b/",
+                        "--train.seed", "1", "--data", "[c.txt, d/]", "--data", "e:2"]))[1].data == \
+        ["a.txt", "b/", "c.txt", "d/", "e:2"]
+    for replace in (["--train.data", "x.txt"], ["--train.data=x.txt"], ["train.data=x.txt"]):
+        ov = parse_overrides(["--data", "a.txt", *replace, "--data", "b.txt"])
+        assert load_configs(None, ov)[1].data == ["b.txt"], replace
+        assert load_configs(None, parse_overrides(["--data", "a.txt", *replace]))[1].data in (["x.txt"], "x.txt")
+
+
 # ---- failed writes during a run ---------------------------------------------------------------------------------
 
 _FILE_SIZE_LIMIT = """import resource, signal, sys
