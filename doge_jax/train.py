@@ -236,7 +236,10 @@ def make_mesh(tcfg: TrainConfig):
     try:
         mesh = S.make_mesh(tcfg.mesh)
     except ValueError as e:
-        raise ConfigError(f"train.{e}") from None
+        hint = ""
+        if "are available" in str(e):  # e.g. a run recorded on 8 devices resumed on 1: say how on the command line
+            hint = f"; --train.mesh '{{data: -1}}' runs data parallel on every device ({jax.device_count()} here)"
+        raise ConfigError(f"train.{e}{hint}") from None
     R = tcfg.rows_per_micro
     if R % mesh.size or R % jax.process_count():
         hosts = jax.process_count()

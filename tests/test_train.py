@@ -377,7 +377,10 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     (["--data", "/nonexistent/data.txt"], "data path '/nonexistent/data.txt' does not exist"),
     (["--train.tokenizer", "/nonexistent"], "tokenizer '/nonexistent'"),
     (["stray"], "unknown argument 'stray'"),
-    (["--train.mesh", "{data: 3}"], "train.mesh.data: data=3 x fsdp=1 = 3 devices, but 1 are available"),
+    # (with how to say "every device" on the command line: a run recorded on 8 devices, resumed on 1)
+    (["--train.mesh", "{data: 3}"], "train.mesh.data: data=3 x fsdp=1 = 3 devices, but 1 are available (the "
+     "product must equal the device count; use -1 for one axis); --train.mesh '{data: -1}' runs data parallel on "
+     "every device (1 here)"),
     (["--train.mesh", "{tensor: 2}"], "train.mesh={'tensor': 2}: must be a mapping"),
     # optimizer fields (before: accepted; a negative clip norm ascends the gradient)
     (["--train.max_grad_norm", "-1"], "train.max_grad_norm=-1.0: must be > 0"),
