@@ -219,6 +219,11 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None
         path = os.path.realpath(path)  # become a real folder and leave the old weights behind it)
     parent = os.path.dirname(path)
     try:
+        above = parent
+        while not os.path.lexists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if os.path.lexists(above) and not os.path.isdir(above):  # (makedirs says "File exists")
+            raise NotADirectoryError(f"{path}: cannot write there ({above} is a file, not a directory)")
         os.makedirs(parent, exist_ok=True)
         remove_stale(parent, os.path.basename(path))  # first: it may put a killed writer's previous output back
         if os.path.lexists(path) and not os.path.isdir(path):  # (transformers refuses a file too)
@@ -229,7 +234,9 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None
     except OSError as e:
         if e.filename is None:  # ours, above: already names the path
             raise
-        raise type(e)(e.errno, f"{path}: cannot write there ({e.strerror})") from None
+        err = type(e)(f"{path}: cannot write there ({e.strerror})")  # (no "[Errno N]" in front of the message)
+        err.errno = e.errno
+        raise err from None
     tmp_lock = _lock(tmp)
     umask = os.umask(0)
     os.umask(umask)

@@ -724,6 +724,10 @@ def test_dst_containing_the_source_refused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("notes")
     assert _run(src, tmp_path / "notes.txt", "--to", "hf", "--overwrite") == 2
     assert "is a file, not a directory" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "notes"
+    # a file on DST's path names that file (before: "[Errno 17] ...: cannot write there (File exists)")
+    assert _run(src, tmp_path / "notes.txt" / "a" / "out", "--to", "hf") == 2
+    err = capsys.readouterr().err
+    assert f"cannot write there ({tmp_path / 'notes.txt'} is a file, not a directory)" in err and "Errno" not in err
 
 
 def test_no_overwrite_never_replaces(tmp_path):
