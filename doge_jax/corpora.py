@@ -10,10 +10,11 @@ source i contributes int(T * w_i / sum(w)) rows, its first rows in order, repeat
 same way (from each source's held-out documents) and sampled with a seeded permutation.
 
 Pre-tokenization: `python -m doge_jax.data --data ... --tokenizer TOK --out DIR` writes one shard per input file
-(`NNNNN.train.bin`, `NNNNN.val.bin`: raw uint16/uint32 tokens, EOS after every document; documents held out for
-validation by a seeded coin per document) in parallel over files, with a progress bar; a shard is finished when its
-`NNNNN.json` exists (written last, atomically), so an interrupted run resumes where it stopped. `corpus.json` (the
-manifest) is written when every shard is done; the trainer reads the shards with np.memmap.
+(`NNNNN.train.bin`, `NNNNN.val.bin`: raw uint16/uint32 tokens, EOS after every document; a document is held out
+for validation by a seeded hash of its text, data.held_out) in parallel over files, with a progress bar; a shard is
+finished when its `NNNNN.json` exists (written last, atomically), so an interrupted run resumes where it stopped
+(finished shards are found by their key, the file and the settings, and renumbered when files were added).
+`corpus.json` (the manifest) is written when every shard is done; the trainer reads the shards with np.memmap.
 """
 
 from __future__ import annotations
@@ -245,6 +246,21 @@ def _write_atomic_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _renumber(out: str, done: dict[int, dict]) -> None:
+    """Give the reused shards `done` ({new number: record}) their new numbers, through temporary names (one shard's
+    new number may be another's old one); an interruption leaves temporaries that the next run removes and redoes."""
+    moves = {i: meta for i, meta in done.items() if meta["train"] != f"{i:05d}.train.bin"}
+    for i, meta in moves.items():
+        for k in ("train", "val"):
+            os.replace(os.path.join(out, meta[k]), os.path.join(out, f"{meta[k]}.tmp-move-{i:05d}"))
+        os.remove(os.path.join(out, meta["train"].split(".")[0] + ".json"))  # (the record: no longer true there)
+    for i, meta in moves.items():
+        for k in ("train", "val"):
+            os.replace(os.path.join(out, f"{meta[k]}.tmp-move-{i:05d}"), os.path.join(out, f"{i:05d}.{k}.bin"))
+        meta.update(train=f"{i:05d}.train.bin", val=f"{i:05d}.val.bin")
+        _write_atomic_json(os.path.join(out, f"{i:05d}.json"), meta)
+
+
 def _shard_job(job: tuple) -> dict:
     """Tokenize one file into NNNNN.{train,val}.bin + NNNNN.json (a worker process)."""
     index, path, out, text_field, val_fraction, seed, eos_id, dtype, key = job
@@ -254,20 +270,19 @@ def _shard_job(job: tuple) -> dict:
     tmp = {k: f"{v}.tmp-{os.getpid()}" for k, v in files.items()}
     counts = {"train": 0, "val": 0}
     docs, max_id = 0, -1
-    rng = np.random.default_rng([seed, index])
     try:
         with open(tmp["train"], "wb") as ft, open(tmp["val"], "wb") as fv:
             batch: list[str] = []
 
             def flush():
                 nonlocal docs, max_id
-                for enc in tok.encode_batch(batch):
+                for text, enc in zip(batch, tok.encode_batch(batch)):
                     ids = enc.ids
                     if not ids or ids[-1] != eos_id:
                         ids = ids + [eos_id]
                     a = np.asarray(ids, dtype)
                     max_id = max(max_id, int(a.max()))
-                    split = "val" if rng.random() < val_fraction else "train"
+                    split = "val" if D.held_out(D.document_key(text, seed), val_fraction) else "train"
                     a.tofile(fv if split == "val" else ft)
                     counts[split] += len(a)
                     docs += 1
@@ -377,20 +392,27 @@ def _write_shards(paths: list[str], tok, ids: dict, out: str, tok_file: str, tex
             os.remove(os.path.join(out, f))
     dtype = "uint16" if tok.get_vocab_size() <= 65536 else "uint32"
     sha = tokenizer_sha(tok)
+    # finished shards by key (the file and the settings, not its place in the input list): a file added before the
+    # others moves their shards to their new numbers instead of tokenizing them again
+    finished = {}
+    for f in os.listdir(out):
+        if _SIDE_FILE.fullmatch(f):
+            try:
+                with open(os.path.join(out, f)) as fh:
+                    meta = json.load(fh)
+            except (OSError, ValueError):  # a damaged record: the shard is made again
+                continue
+            if isinstance(meta, dict) and _shard_intact(out, meta, dtype):
+                finished.setdefault(meta.get("key"), meta)
     jobs, done = [], {}
     for i, p in enumerate(paths):
-        key = D.corpus_fingerprint([p], sha, text_field, f"{val_fraction}:{seed}:{i}", f"eos {ids['eos']}", dtype)
-        side = os.path.join(out, f"{i:05d}.json")
-        if os.path.isfile(side):
-            try:
-                with open(side) as f:
-                    meta = json.load(f)
-            except (OSError, ValueError):  # a damaged record: the shard is made again
-                meta = {}
-            if meta.get("key") == key and _shard_intact(out, meta, dtype):
-                done[i] = meta
-                continue
-        jobs.append((i, p, out, text_field, val_fraction, seed, ids["eos"], dtype, key))
+        key = D.corpus_fingerprint([p], sha, text_field, f"{val_fraction}:{seed}", f"eos {ids['eos']}", dtype,
+                                   "split by hash")
+        if key in finished:
+            done[i] = finished.pop(key)
+        else:
+            jobs.append((i, p, out, text_field, val_fraction, seed, ids["eos"], dtype, key))
+    _renumber(out, done)
     bar = D._progress(total=len(paths), desc="pre-tokenizing", unit="file", enabled=progress)
     bar.update(len(done))
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))

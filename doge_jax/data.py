@@ -354,10 +354,26 @@ def with_special_ids(cfg, tok, tokenizer_dir: str | None = None):
 
 
 # ---- tokenization + cache ------------------------------------------------------------------------------------------
-def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Bool [n_docs]: True for held-out validation documents, a seeded choice of round(n_docs * val_fraction) of
-    them; at least one while that one is within 10x the asked fraction (1 of 10 documents at val_fraction 0.01),
-    never all. Fewer documents hold out none (before: 1 of 2 files, half the corpus)."""
+def document_key(text: str, seed: int) -> int:
+    """A seeded 64-bit hash of a document's text, which decides its side of the validation split: a document keeps
+    its side whatever other documents come or go (a split by position reshuffled when a file was added, moving
+    held-out documents into training on resume), and identical documents share a side."""
+    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=seed.to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little")
+
+
+def held_out(key: int, val_fraction: float) -> bool:
+    """One document's validation coin from its document_key (pre-tokenized shards, written file by file)."""
+    return key / 2.0**64 < val_fraction
+
+
+def split_documents(keys: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Bool [n_docs]: True for held-out validation documents, the round(n_docs * val_fraction) with the smallest
+    document_key (ties: the earlier one); at least one while that one is within 10x the asked fraction (1 of 10
+    documents at val_fraction 0.01), never all. Fewer documents hold out none (before: 1 of 2 files, half the
+    corpus). Added or removed documents move at most one other document each between the sides."""
+    keys = np.asarray(keys, np.uint64)
+    n_docs = len(keys)
     is_val = np.zeros(n_docs, bool)
     if val_fraction <= 0 or n_docs < 2:
         return is_val
@@ -365,7 +381,7 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     if n_val == 0 and n_docs * val_fraction * 10 >= 1:
         n_val = 1
     n_val = min(n_docs - 1, n_val)
-    is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+    is_val[np.argsort(keys, kind="stable")[:n_val]] = True
     return is_val
 
 
@@ -374,7 +390,7 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
                     batch_docs: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(train tokens, validation tokens): flat arrays of all documents, EOS appended to each (unless it already
     ends with EOS), validation documents held out. Cached under cache_dir (keyed by files, tokenizer, split)."""
-    key = corpus_fingerprint(paths, tok.to_str(), text_field, str(eos_id), f"{val_fraction}:{seed}")
+    key = corpus_fingerprint(paths, tok.to_str(), text_field, str(eos_id), f"{val_fraction}:{seed}", "split by hash")
     cdir = os.path.join(os.path.expanduser(cache_dir), key) if cache_dir else None
     if cdir and os.path.isfile(os.path.join(cdir, "done")):
         return (np.load(os.path.join(cdir, "train.npy"), mmap_mode="r"),
@@ -382,15 +398,17 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
     # (the EOS id is the model config's: a large model vocabulary's id with a small tokenizer overflowed uint16)
     dtype = np.uint16 if max(tok.get_vocab_size(), eos_id + 1) <= 65536 else np.uint32
     docs: list[np.ndarray] = []
+    keys: list[int] = []
     bar = _progress(total=len(paths), desc="tokenizing", unit="file", enabled=progress)
     batch: list[str] = []
 
     def flush():
-        for enc in tok.encode_batch(batch):
+        for text, enc in zip(batch, tok.encode_batch(batch)):
             ids = enc.ids
             if not ids or ids[-1] != eos_id:
                 ids = ids + [eos_id]
             docs.append(np.asarray(ids, dtype))
+            keys.append(document_key(text, seed))
         batch.clear()
 
     for path in paths:
@@ -403,7 +421,7 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
     bar.close()
     if not docs:
         raise DataError("the corpus holds no document")
-    is_val = split_documents(len(docs), val_fraction, seed)
+    is_val = split_documents(np.asarray(keys, np.uint64), val_fraction)
     if val_fraction > 0 and not is_val.any():
         print(f"warning: no validation documents: {len(docs)} document(s) x val_fraction {val_fraction} is too few "
               "to hold one out (raise val_fraction or add documents)", file=sys.stderr)

@@ -213,6 +213,19 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig, mesh=None, par
             jax.jit(eval_step, in_shardings=(param_sh, b2), out_shardings=(rep, rep)))
 
 
+def _corpus_change(record: dict, data) -> str | None:
+    """The warning for a resumed run whose data files or token counts differ from its last start's (files added to
+    a --data directory): its rows and their order change from here on. Held-out documents keep their side (the
+    split is a hash of each document's text), but for at most one per added document."""
+    was = [record.get(k) for k in ("data_files", "train_tokens", "val_tokens")]
+    now = [data.files, data.train_tokens, data.val_tokens]
+    if None in was or was == now:
+        return None
+    return (f"warning: the data differs from the run's last start: {now[0]} files, {now[1]:,} train / {now[2]:,} val "
+            f"tokens (was {was[0]} files, {was[1]:,} / {was[2]:,}); the rest of the run reads the new rows, shuffled "
+            "anew (held-out documents stay held out, but for at most one per added document)")
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
     """True when every element of every array of `tree` is finite (one pass, on the device)."""
@@ -409,6 +422,10 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
         # micro-batch
         dataset = D.train_dataset(rows, GA, R, tcfg.seed, jax.process_index(), hosts)
         val_batches = D.val_batches(val_rows, R, tcfg.eval_batches)
+        if resuming:
+            corpus_changed = _corpus_change(read_run_record(run_dir, "run") or {}, data)
+            if corpus_changed:
+                log(corpus_changed)
         os.makedirs(run_dir, exist_ok=True)  # only now: a run that fails its checks leaves nothing behind
         if primary and not locked:  # (a new run directory)
             held.enter_context(run_lock(run_dir))

@@ -367,3 +367,41 @@ def test_pretokenize_killed_before_its_manifest_leaves_the_old_output_readable(f
         C.pretokenize([str(files / "part*.parquet")], str(files / "tokenizer.json"), out, workers=1, progress=False)
     train, _, m = C.load_pretokenized(out)  # the previous manifest and all its shards
     assert len(m["shards"]) == 3 and all(len(t) for t in train)
+
+
+def test_pretokenize_reuses_shards_when_a_file_is_added_first(files, tmp_path, monkeypatch):
+    """A file added to a pre-tokenized corpus is the only one tokenized on the re-run, even when it sorts before
+    the others (their shards are renumbered), and every document keeps its side of the split (a seeded hash of its
+    text). Before, the shard key and the per-document coin held the file's position: every shard was made again and
+    the split reshuffled (676 train / 0 val became 548 / 139)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(2):
+        shutil.copy(files / f"part{i}.parquet", d / f"b{i}.parquet")
+    tok_file = str(files / "tokenizer.json")
+    out = str(tmp_path / "tok")
+    C.pretokenize([str(d)], tok_file, out, workers=1, progress=False, val_fraction=0.2)
+    before = {s["source"]: s for s in C.read_manifest(out)["shards"]}
+    bins = {s["source"]: [open(os.path.join(out, s[k]), "rb").read() for k in ("train", "val")]
+            for s in before.values()}
+    assert all(s["val_tokens"] for s in before.values())
+    shutil.copy(files / "rows.jsonl", d / "a.jsonl")
+    tokenized, real = [], C._shard_job
+    monkeypatch.setattr(C, "_shard_job", lambda job: tokenized.append(job[1]) or real(job))
+    m = C.pretokenize([str(d)], tok_file, out, workers=1, progress=False, val_fraction=0.2)
+    assert tokenized == [str(d / "a.jsonl")]
+    assert [os.path.basename(s["source"]) for s in m["shards"]] == ["a.jsonl", "b0.parquet", "b1.parquet"]
+    for i, s in enumerate(m["shards"]):
+        assert s["train"] == f"{i:05d}.train.bin"
+        if s["source"] in bins:  # the same shard, renumbered: the same documents on each side
+            got = [open(os.path.join(out, s[k]), "rb").read() for k in ("train", "val")]
+            assert got == bins[s["source"]] and {**s, "train": "", "val": ""} == {**before[s["source"]], "train": "",
+                                                                                   "val": ""}
+    assert sorted(os.listdir(out)) == sorted(["corpus.json", "tokenizer.json", "tokenizer_config.json"]
+                                             + [f"0000{i}.{k}" for i in range(3) for k in ("json", "train.bin",
+                                                                                           "val.bin")])
+    # the same output as a fresh run over all three files
+    fresh = str(tmp_path / "fresh")
+    assert C.pretokenize([str(d)], tok_file, fresh, workers=1, progress=False, val_fraction=0.2) == m
+    for f in os.listdir(fresh):
+        assert open(os.path.join(fresh, f), "rb").read() == open(os.path.join(out, f), "rb").read(), f

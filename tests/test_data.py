@@ -130,10 +130,53 @@ def test_validation_split_and_cache(corpus, tmp_path):
     # another seed holds out other documents
     _, val3 = D.tokenize_corpus(files, tok, 1, cache, val_fraction=0.25, seed=4, progress=False)
     assert not np.array_equal(val, val3)
-    assert D.split_documents(10, 0.01, 0).sum() == 1 and D.split_documents(1, 0.5, 0).sum() == 0
+    def split(n, fraction):
+        return D.split_documents(np.random.default_rng(n).integers(0, 2**63, n, dtype=np.uint64), fraction)
+
+    assert split(10, 0.01).sum() == 1 and split(1, 0.5).sum() == 0
     # two files at the default 1%: none held out (before: one, half the corpus); 20% of 3 rounds to 1
-    assert D.split_documents(2, 0.01, 0).sum() == 0 and D.split_documents(3, 0.2, 0).sum() == 1
-    assert D.split_documents(100, 0.5, 0).sum() == 50 and D.split_documents(2, 0.9, 0).sum() == 1
+    assert split(2, 0.01).sum() == 0 and split(3, 0.2).sum() == 1
+    assert split(100, 0.5).sum() == 50 and split(2, 0.9).sum() == 1
+
+
+def _word_tokenizer():
+    """Whitespace words "0".."999" as ids 2..1001; EOS 0, anything else 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<eos>": 0, "<unk>": 1, **{str(i): i + 2 for i in range(1000)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return t
+
+
+def test_validation_split_is_stable_when_documents_are_added(tmp_path):
+    """A document's side follows a seeded hash of its text: adding documents (a file sorting first, a resumed run
+    on a grown corpus) moves at most one held-out document per added one into training. Before, the split was a
+    permutation of positions: one added file of 200 moved 14 of 20 held-out documents into training."""
+    rng = np.random.default_rng(0)
+    texts = [" ".join(map(str, rng.integers(0, 1000, 20))) for _ in range(1000)]
+    keys = np.array([D.document_key(t, 233) for t in texts], np.uint64)
+    before = {t for t, v in zip(texts, D.split_documents(keys, 0.05)) if v}
+    assert len(before) == 50
+    grown = ["new document", *texts]  # one more, first in order
+    after = {t for t, v in zip(grown, D.split_documents(
+        np.array([D.document_key(t, 233) for t in grown], np.uint64), 0.05)) if v}
+    assert len(after) == 50 and len(before - after) <= 1
+    assert D.document_key("a", 233) != D.document_key("a", 234) and D.document_key("a", 1) == D.document_key("a", 1)
+    # through tokenize_corpus: files, one added before the others
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i, t in enumerate(texts[:200]):
+        (corpus / f"d{i:03d}.txt").write_text(t)
+    tok = _word_tokenizer()
+    _, val = D.tokenize_corpus(D.resolve_paths([str(corpus)]), tok, 0, None, val_fraction=0.1, progress=False)
+    (corpus / "a_first.txt").write_text("an added document")
+    train2, val2 = D.tokenize_corpus(D.resolve_paths([str(corpus)]), tok, 0, None, val_fraction=0.1, progress=False)
+
+    def docs(a):
+        return {tuple(d) for d in np.split(np.asarray(a), np.flatnonzero(np.asarray(a) == 0) + 1) if len(d)}
+
+    assert len(docs(val)) == 20 and len(docs(val) - docs(val2)) <= 1 and not docs(val2) & docs(train2)
 
 
 def test_check_vocab():

@@ -999,6 +999,22 @@ def test_resume_with_changed_settings_warns(corpus, cache, tmp_path, capsys):
     assert "holds a run started from scratch" in err and "changed settings" not in err
 
 
+def test_resume_on_a_grown_corpus_says_so(corpus, cache, tmp_path, capsys):
+    """Files added to the --data directory between starts: the same command resumes, with a warning that gives
+    the old and new counts (it resumed without a word)."""
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    out = tmp_path / "run"
+    assert run(str(data), cache, out, "--train.stop_after", "2") == 0
+    assert run(str(data), cache, out, "--train.stop_after", "3") == 0
+    assert "the data differs" not in capsys.readouterr().err
+    (data / "aaa.txt").write_text(" ".join(["w1 w2 def"] * 50))
+    assert run(str(data), cache, out, "--train.stop_after", "4") == 0
+    err = capsys.readouterr().err
+    assert "warning: the data differs from the run's last start: 21 files" in err and "(was 20 files" in err
+    assert "changed settings" not in err
+
+
 def test_a_runs_record_resumes_it_from_another_directory(corpus, cache, tmp_path, monkeypatch, capsys):
     """`--config RUN/train_config.yaml` from another working directory started a new run there (the record's
     runs_dir and data are relative to where the run started): it resumes RUN, reading the data from there."""
