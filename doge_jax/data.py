@@ -198,14 +198,42 @@ def _text_of(path: str, raw: bytes) -> str:
         what += [f"{nul} NUL byte(s)"] if nul else []
         print(f"warning: {path}: {' and '.join(what)}: binary data or another encoding? It is read as text",
               file=sys.stderr, flush=True)
+    text = text[1:] if text.startswith("\ufeff") else text  # a UTF-8 byte-order mark is not text
     return text.replace("\r\n", "\n").replace("\r", "\n")  # (text mode's universal newlines, as before)
+
+
+def _warn_once(path: str, where: str, what: str) -> None:
+    if path not in _WARNED:
+        _WARNED.add(path)
+        print(f"warning: {where}: {what} (said once per file)", file=sys.stderr, flush=True)
+
+
+def _no_lone_surrogates(text: str, path: str, where: str) -> str:
+    """`text` with lone UTF-16 surrogates (JSON escapes such as \\ud800 without their pair, common in scraped
+    data) replaced by U+FFFD, with a warning: the tokenizer cannot take them (a TypeError traceback before)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        _warn_once(path, where, "lone UTF-16 surrogate escape(s) (\\ud800-\\udfff without their pair) replaced by "
+                   "U+FFFD")
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
     """The `text_field` of each line's JSON object; a null text is skipped (as in parquet); anything else that is
     not a string, and lines that are not JSON objects, are errors naming the file and line."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (json.loads refuses it)
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = raw.decode("utf-8", errors="replace")
+                _warn_once(path, f"{path}:{n}", "bytes that are not UTF-8, replaced by U+FFFD")
             if not line.strip():
                 continue
             try:
@@ -221,7 +249,7 @@ def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
                 continue
             if not isinstance(text, str):
                 raise DataError(f"{path}:{n}: field {text_field!r} is {type(text).__name__}, not text")
-            yield text
+            yield _no_lone_surrogates(text, path, f"{path}:{n}")
 
 
 def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
@@ -241,7 +269,11 @@ def _iter_parquet(path: str, text_field: str) -> Iterator[str]:
             if text is None:
                 continue
             if isinstance(text, bytes):  # a binary column of UTF-8 text
-                text = text.decode("utf-8", errors="replace")
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = text.decode("utf-8", errors="replace")
+                    _warn_once(path, path, f"column {text_field!r}: bytes that are not UTF-8, replaced by U+FFFD")
             if not isinstance(text, str):
                 raise DataError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text")
             yield text

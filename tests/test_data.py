@@ -294,3 +294,22 @@ def test_binary_or_non_utf8_text_file_warns_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "utf16.txt: 2 byte sequence(s) that are not UTF-8" in err
     assert "NUL byte(s)" in err and "clean.txt" not in err
+
+
+def test_jsonl_surrogates_byte_order_marks_and_bad_bytes(tmp_path, capsys):
+    """A .jsonl row with a lone surrogate escape (valid JSON, common in scraped text) crashed tokenization with a
+    TypeError traceback naming neither file nor line: now U+FFFD and one warning naming file:line. A UTF-8 byte-order
+    mark no longer fails a .jsonl at line 1 nor stays in a text file's document; bytes that are not UTF-8 in a
+    .jsonl warn as in a text file (they were replaced silently)."""
+    (tmp_path / "s.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 pair \\ud83d\\ude00 end \\udfff"}\n')
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "caf\xe9"}\n')
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello\r\n".encode())
+    docs = list(D.iter_documents([str(tmp_path / f) for f in ("s.jsonl", "bom.jsonl", "bom.txt")]))
+    assert docs == ["ok", "bad \ufffd pair \U0001f600 end \ufffd", "first", "caf\ufffd", "hello\n"]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 2
+    assert f"{tmp_path / 's.jsonl'}:2: lone UTF-16 surrogate escape(s)" in err
+    assert f"{tmp_path / 'bom.jsonl'}:2: bytes that are not UTF-8, replaced by U+FFFD" in err
+    tok = _word_tokenizer()
+    train, _ = D.tokenize_corpus([str(tmp_path / "s.jsonl")], tok, 0, None, val_fraction=0.0, progress=False)
+    assert train.tolist() == [1, 0, 1, 1, 1, 1, 1, 1, 0]  # (all unknown words: 1; EOS 0 after each document)
