@@ -229,6 +229,18 @@ def load_pretokenized(path: str, tok=None) -> tuple[list[np.ndarray], list[np.nd
     return train, val, m
 
 
+def split_note(path: str, manifest: dict, val_fraction: float) -> str | None:
+    """The note for a pre-tokenized directory whose split (made by python -m doge_jax.data) is not the run's
+    train.val_fraction: that split is used, or with val_fraction 0 its held-out documents are trained on."""
+    made = manifest.get("val_fraction")
+    if val_fraction == made or (val_fraction == 0 and not manifest.get("val_tokens")):
+        return None
+    what = ("its held-out documents are trained on too" if val_fraction == 0 else
+            "that split is used (for another, re-run python -m doge_jax.data --val-fraction F into a new --out)")
+    return (f"note: {path} was split at pre-tokenization (--val-fraction {made}); train.val_fraction "
+            f"{val_fraction:g}: {what}")
+
+
 def _shard_intact(out: str, meta: dict, dtype: str) -> bool:
     """A finished shard's two files exist with the sizes its record gives (a truncated or deleted one is made
     again by a re-run, as the trainer's size error advises)."""
@@ -479,8 +491,19 @@ def training_data(sources: list[Source], tok, eos_id: int, vocab_size: int, seq_
             if m["max_id"] >= vocab_size:
                 raise D.DataError(f"{s.pretokenized}: token id {m['max_id']} >= model vocab_size={vocab_size}")
             files += len(m["shards"])
+            note = split_note(s.pretokenized, m, val_fraction)
+            if note:
+                print(note, file=sys.stderr)
+            if val_fraction == 0:  # no validation asked for: the shards' held-out documents are trained on too
+                t, v = t + [a for a in v if len(a)], []
         else:
-            t, v = D.tokenize_corpus(s.paths, tok, eos_id, cache_dir, text_field, val_fraction, seed, progress)
+            try:
+                t, v = D.tokenize_corpus(s.paths, tok, eos_id, cache_dir, text_field, val_fraction, seed, progress)
+            except D.DataError as e:
+                if str(e) != D.NO_DOCUMENT or len(sources) == 1:
+                    raise
+                raise D.DataError(f"data source {s.spec!r} holds no document (empty files, or every text null)") \
+                    from None
             D.check_vocab(t, vocab_size, "training data")
             D.check_vocab(v, vocab_size, "validation data")
             t, v, files = [t], [v], files + len(s.paths)
@@ -496,10 +519,14 @@ def training_data(sources: list[Source], tok, eos_id: int, vocab_size: int, seq_
                             PackedRows([a for v in vals for a in v], seq_len), n_train, n_val, files)
     names = [s.spec for s in sources]
     rows = MixedRows([PackedRows(t, seq_len) for t in trains], weights, names=names)
+    unused = [f"{n} (weight {w:g})" for n, w, c in zip(names, weights, rows.counts) if w > 0 and not c]
+    if unused:  # its share of the epoch's rows rounds down to none: trained on never, without a word before
+        print(f"warning: data source(s) {', '.join(unused)} get no row of the {len(rows):,} per epoch: the weight's "
+              "share is below one row; raise it or drop the source", file=sys.stderr)
     # validation: a small source may hold out too few documents for one row; it is left out of validation only
     val_parts = [(PackedRows(v, seq_len), w, n) for v, w, n in zip(vals, weights, names)]
     short = [n for r, _, n in val_parts if not len(r)]
-    if short:
+    if short and len(short) < len(val_parts):  # (none at all: the trainer's "no validation" warning, if asked for)
         print(f"warning: no validation row of {seq_len} tokens from {', '.join(short)}; validating on the other "
               "sources", file=sys.stderr)
     val_parts = [p for p in val_parts if len(p[0])]

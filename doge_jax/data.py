@@ -39,6 +39,9 @@ _MANIFEST = "corpus.json"  # a pre-tokenized directory (doge_jax.corpora): never
 _FIELD_HINT = "set train.text_field, or --text-field for python -m doge_jax.data"
 
 
+NO_DOCUMENT = "the corpus holds no document"
+
+
 class DataError(ValueError):
     """Bad data input (missing path, empty corpus, token ids out of range); the message names it."""
 
@@ -452,7 +455,7 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
     flush()
     bar.close()
     if not docs:
-        raise DataError("the corpus holds no document")
+        raise DataError(NO_DOCUMENT)
     is_val = split_documents(np.asarray(keys, np.uint64), val_fraction)
     if val_fraction > 0 and not is_val.any():
         print(f"warning: no validation documents: {len(docs)} document(s) x val_fraction {val_fraction} is too few "

@@ -214,7 +214,7 @@ def load_tokens(files: Sequence[str], tokenizer=None, eos_token_id: int | None =
     as doge_jax.train holds them out (`val_fraction`, `seed`: the same documents); the tokenized text is cached in
     `cache_dir` (doge_jax.train's cache: a corpus is tokenized once for both). Text directory walks and globs skip
     the directories in `exclude` (the run's own --out)."""
-    from doge_jax.corpora import is_pretokenized, load_pretokenized
+    from doge_jax.corpora import is_pretokenized, load_pretokenized, split_note
 
     parts, max_ids, names, text, pre_val = [], [], [], [], []
     tok = None
@@ -261,10 +261,18 @@ def load_tokens(files: Sequence[str], tokenizer=None, eos_token_id: int | None =
             if eos_token_id is not None and manifest["eos_token_id"] != eos_token_id:
                 raise D.DataError(f"{path}: pre-tokenized with EOS id {manifest['eos_token_id']}, the model's is "
                                   f"{eos_token_id}")
+            if val is not None and split_note(path, manifest, val_fraction):
+                print(split_note(path, manifest, val_fraction), file=sys.stderr, flush=True)
             parts += train
             max_ids += [s.get("max_id") for s in manifest["shards"]]
             names += [os.path.join(path, s["train"]) for s in manifest["shards"]]
-            pre_val += held_out  # (after the text's held-out rows, as doge_jax.train orders its sources)
+            if val is not None and val_fraction == 0:  # no validation asked for: trained on, as in doge_jax.train
+                kept = [(a, s) for a, s in zip(held_out, manifest["shards"]) if len(a)]
+                parts += [a for a, _ in kept]
+                max_ids += [s.get("max_id") for _, s in kept]
+                names += [os.path.join(path, s["val"]) for _, s in kept]
+            else:
+                pre_val += held_out  # (after the text's held-out rows, as doge_jax.train orders its sources)
         elif path.endswith(".bin"):
             raise ValueError(f"{path}: a pre-tokenized shard; pass its directory (written by python -m doge_jax.data)")
         else:

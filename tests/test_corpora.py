@@ -405,3 +405,40 @@ def test_pretokenize_reuses_shards_when_a_file_is_added_first(files, tmp_path, m
     assert C.pretokenize([str(d)], tok_file, fresh, workers=1, progress=False, val_fraction=0.2) == m
     for f in os.listdir(fresh):
         assert open(os.path.join(fresh, f), "rb").read() == open(os.path.join(out, f), "rb").read(), f
+
+
+def test_mixture_and_split_messages(files, cache, tmp_path, capsys):  # noqa: F811
+    """A weighted source whose share rounds to no row warns (it was never trained on, silently); an empty source
+    is named (was "the corpus holds no document"); no "validating on the other sources" warning when nothing is
+    validated (val_fraction 0); a pre-tokenized directory split at another --val-fraction says which split is used,
+    and with train.val_fraction 0 its held-out documents are trained on (they were validated on anyway)."""
+    tok = D.load_tokenizer(str(files / "tokenizer.json"))
+    out = str(tmp_path / "tok")
+    C.pretokenize([str(files / "rows.jsonl")], str(files / "tokenizer.json"), out, workers=1, progress=False,
+                  val_fraction=0.2)
+    m = C.read_manifest(out)
+    assert m["val_tokens"] > 0
+
+    def data(specs, val_fraction):
+        return C.training_data(C.parse_sources(specs), tok, 1, 320, 32, cache, "text", val_fraction, 233, False)
+
+    capsys.readouterr()
+    d = data([out], 0.2)
+    assert d.val_tokens == m["val_tokens"] and "note:" not in capsys.readouterr().err
+    d = data([out], 0.01)
+    assert d.val_tokens == m["val_tokens"]
+    assert "was split at pre-tokenization (--val-fraction 0.2); train.val_fraction 0.01: that split is used" in \
+        capsys.readouterr().err
+    d = data([out], 0.0)
+    assert d.val_tokens == 0 and len(d.val_rows) == 0 and d.train_tokens == m["train_tokens"] + m["val_tokens"]
+    assert "train.val_fraction 0: its held-out documents are trained on too" in capsys.readouterr().err
+    # a weight too small for one row of the epoch
+    a, b = str(files / "part0.parquet"), str(files / "part1.parquet")
+    d = data([f"{a}:1", f"{b}:100000"], 0.0)
+    assert d.rows.counts[0] == 0
+    err = capsys.readouterr().err
+    assert f"warning: data source(s) {a} (weight 1) get no row of the" in err
+    assert "validating on the other sources" not in err  # (nothing is validated)
+    (tmp_path / "empty.jsonl").write_text('{"text": null}\n')
+    with pytest.raises(D.DataError, match=r"data source .*empty.jsonl. holds no document \(empty files"):
+        data([f"{a}:1", f"{tmp_path / 'empty.jsonl'}:1"], 0.0)

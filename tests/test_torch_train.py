@@ -1140,6 +1140,15 @@ def test_mixed_text_and_pretokenized_validation_rows_equal_doge_jax(tmp_path):
     _, rows = val_rows(stream, held, 16, 0.2, 10**6)
     assert len(rows) == len(want.val_rows) > 0
     np.testing.assert_array_equal(rows, np.asarray(want.val_rows))
+    # train.val_fraction 0: the directory's held-out documents are trained on in both trainers (they were
+    # validated on anyway), with a note
+    want = C.training_data(C.parse_sources(specs[:1]), tok, 1, 300, 16, cache, "text", 0.0, 7, False)
+    held = []
+    stream = load_tokens(specs[:1], tok_file, 1, val=held, val_fraction=0.0, seed=7, cache_dir=cache)
+    manifest = C.read_manifest(specs[0])
+    assert held == [] and len(stream) == want.train_tokens == manifest["train_tokens"] + manifest["val_tokens"]
+    assert len(want.rows.arrays) == 2  # its one shard's train and val tokens, in that order in both
+    np.testing.assert_array_equal(np.asarray(stream), np.concatenate(want.rows.arrays))
 
 
 def test_binary_and_mixed_data_paths_are_refused_by_name(tmp_path):
