@@ -301,6 +301,7 @@ def _shard_job(job: tuple) -> dict:
                 batch.clear()
 
             for text in D.iter_documents([path], text_field):
+                D.warn_big_document(path, text)
                 batch.append(text)
                 if len(batch) >= 256:
                     flush()

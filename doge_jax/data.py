@@ -205,6 +205,20 @@ def _text_of(path: str, raw: bytes) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")  # (text mode's universal newlines, as before)
 
 
+BIG_DOCUMENT = 16_000_000  # characters: a document this long takes gigabytes to tokenize (see warn_big_document)
+
+
+def warn_big_document(path: str, text: str) -> None:
+    """Say once per file when one document is huge: the tokenizer keeps ~150-260 bytes per character while it
+    encodes a document (measured: a 7.7 MB one-line text file peaked at 2.0 GB), so a 100 MB book dump as one
+    document can run out of memory (per worker of python -m doge_jax.data)."""
+    if len(text) >= BIG_DOCUMENT and f"{path}#big" not in _WARNED:
+        _WARNED.add(f"{path}#big")
+        print(f"warning: {path}: one document of {len(text) / 1e6:.0f}M characters; tokenizing it needs roughly "
+              f"{len(text) * 200 / 2**30:.0f} GiB of memory (about 200 bytes per character); split big text files "
+              "into several files or .jsonl rows (one document each)", file=sys.stderr, flush=True)
+
+
 def _warn_once(path: str, where: str, what: str) -> None:
     if path not in _WARNED:
         _WARNED.add(path)
@@ -448,6 +462,7 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
 
     for path in paths:
         for text in iter_documents([path], text_field):
+            warn_big_document(path, text)
             batch.append(text)
             if len(batch) >= batch_docs:
                 flush()

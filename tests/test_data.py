@@ -313,3 +313,18 @@ def test_jsonl_surrogates_byte_order_marks_and_bad_bytes(tmp_path, capsys):
     tok = _word_tokenizer()
     train, _ = D.tokenize_corpus([str(tmp_path / "s.jsonl")], tok, 0, None, val_fraction=0.0, progress=False)
     assert train.tolist() == [1, 0, 1, 1, 1, 1, 1, 1, 0]  # (all unknown words: 1; EOS 0 after each document)
+
+
+def test_a_huge_document_warns_once(tmp_path, capsys, monkeypatch):
+    """One document long enough to need gigabytes in the tokenizer (a big one-line text file) says so, once per
+    file, naming it (a 7.7 MB line peaked at 2 GB, silently); smaller ones say nothing."""
+    monkeypatch.setattr(D, "BIG_DOCUMENT", 1000)
+    (tmp_path / "big.txt").write_text("1 " * 600)
+    (tmp_path / "small.txt").write_text("1 " * 400)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "2 " * 600}) + "\n" + json.dumps({"text": "3 " * 600}))
+    paths = [str(tmp_path / f) for f in ("big.txt", "small.txt", "rows.jsonl")]
+    D.tokenize_corpus(paths, _word_tokenizer(), 0, None, val_fraction=0.0, progress=False)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 2 and "small.txt" not in err
+    assert f"warning: {paths[0]}: one document of 0M characters; tokenizing it needs roughly" in err
+    assert f"warning: {paths[2]}: one document" in err and "split big text files into several files" in err
