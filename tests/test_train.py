@@ -55,7 +55,9 @@ def cache(tmp_path_factory):
 
 
 def run(corpus, cache, out, *extra) -> int:
-    return T.main([*TINY_ARGS, "--data", corpus, "--out_dir", str(out), "--train.cache_dir", cache, *extra])
+    """doge_jax.train on `corpus`, or on the --data given in `extra` instead (repeated --data options add up)."""
+    data = [] if "--data" in extra else ["--data", corpus]
+    return T.main([*TINY_ARGS, *data, "--out_dir", str(out), "--train.cache_dir", cache, *extra])
 
 
 def _params(path):
