@@ -18,6 +18,7 @@ from .attention import MaskInfo, attention
 from .config import DogeConfig, GenerationConfig
 from .generation_args import FROM_CONFIG, call_min_length, check_generate_kwargs, pop_rule_values
 from .model_output import OutputAccess, hidden_state_selection
+from .sharding import constrain_rows
 
 
 def softplus_torch(x: jax.Array) -> jax.Array:
@@ -540,7 +541,8 @@ class DogeForCausalLM(nnx.Module):
         def body(h, xs):
             state, lcache, rng = xs
             layer = nnx.merge(graphdef, state)
-            h, lcache, router = layer(h, cos, sin, mask, lcache, start, rng)
+            h, lcache, router = layer(constrain_rows(h), cos, sin, mask, lcache, start, rng)
+            h = constrain_rows(h)
             return h, (lcache, router, h if collect else None)  # (each layer's output, when hidden states are asked)
 
         if cfg.remat != "none":

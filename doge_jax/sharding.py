@@ -15,6 +15,7 @@ The same code runs on 1 CPU, 8 simulated CPU devices (tests), one GPU or many ho
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import re
@@ -188,6 +189,30 @@ def init_opt_state(optimizer: optax.GradientTransformation, params: Any, params_
     return jax.jit(optimizer.init, out_shardings=shardings)(params), shardings
 
 
+# ---- activations ----------------------------------------------------------------------------------------------------
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("doge_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None):
+    """While a step function is traced: the model pins its [batch, ...] activations to rows split over every device
+    (`constrain_rows`). Without it XLA's propagation mixed the parameters' fsdp layout into the activations on
+    meshes with data > 1 and fsdp > 1 ("Involuntary full rematerialization": activations replicated, then split)."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """`x` [batch, ...] constrained to rows split over ("data", "fsdp") under `activation_mesh`; else `x` itself."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.size == 1 or x.shape[0] % mesh.size:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES, *[None] * (x.ndim - 1))))
+
+
 # ---- batches --------------------------------------------------------------------------------------------------------
 def batch_sharding(mesh: Mesh, batch_axis: int = 0, ndim: int | None = None) -> NamedSharding:
     """Sharding that splits `batch_axis` over all devices (("data", "fsdp")); other axes are whole."""
@@ -234,7 +259,8 @@ def make_train_step(optimizer: optax.GradientTransformation, loss_fn: Callable[[
     the optimizer update runs shard-local.
     """
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        with activation_mesh(mesh):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         grads = jax.lax.with_sharding_constraint(grads, params_shardings)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -205,6 +206,7 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig, mesh=None, par
 
     if mesh is None:
         return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(grads_fn), jax.jit(eval_step)
+    train_step, grads_fn, eval_step = (_with_activation_mesh(f, mesh) for f in (train_step, grads_fn, eval_step))
     rep = NamedSharding(mesh, PartitionSpec())
     b3, b2 = S.batch_sharding(mesh, 1, 3), S.batch_sharding(mesh, 0, 2)
     return (jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(param_sh, opt_sh, b3, rep),
@@ -224,6 +226,16 @@ def _corpus_change(record: dict, data) -> str | None:
     return (f"warning: the data differs from the run's last start: {now[0]} files, {now[1]:,} train / {now[2]:,} val "
             f"tokens (was {was[0]} files, {was[1]:,} / {was[2]:,}); the rest of the run reads the new rows, shuffled "
             "anew (held-out documents stay held out, but for at most one per added document)")
+
+
+def _with_activation_mesh(f, mesh):
+    """`f` traced under sharding.activation_mesh(mesh) (the model pins its activations' rows to the devices)."""
+    @functools.wraps(f)
+    def traced(*args):
+        with S.activation_mesh(mesh):
+            return f(*args)
+
+    return traced
 
 
 @jax.jit
