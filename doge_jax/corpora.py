@@ -220,6 +220,8 @@ def load_pretokenized(path: str, tok=None) -> tuple[list[np.ndarray], list[np.nd
 
     def arr(name, n):
         file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise D.DataError(f"{file}: missing ({MANIFEST} lists it; re-run python -m doge_jax.data)")
         if os.path.getsize(file) != n * dtype.itemsize:
             raise D.DataError(f"{file}: size does not match {MANIFEST} (re-run python -m doge_jax.data)")
         return np.memmap(file, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
@@ -259,8 +261,9 @@ def _write_atomic_json(path: str, obj: dict) -> None:
 
 
 def _renumber(out: str, done: dict[int, dict]) -> None:
-    """Give the reused shards `done` ({new number: record}) their new numbers, through temporary names (one shard's
-    new number may be another's old one); an interruption leaves temporaries that the next run removes and redoes."""
+    """Give the finished shards `done` ({input number: record}) their input's number, through temporary names (one
+    shard's new number may be another's old one); an interruption here leaves temporaries that the next run
+    removes and redoes (the only window, just before corpus.json, where the previous one is not readable)."""
     moves = {i: meta for i, meta in done.items() if meta["train"] != f"{i:05d}.train.bin"}
     for i, meta in moves.items():
         for k in ("train", "val"):
@@ -375,17 +378,36 @@ def pretokenize(specs: list[str], tokenizer: str | None, out: str, text_field: s
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise D.DataError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+    with _out_lock(out):  # (a second run on the same --out would delete the first's temporaries, renumber its shards)
+        try:
+            return _write_shards(paths, tok, ids, out, tok_file, text_field, val_fraction, seed, workers, progress)
+        except BaseException:
+            if fresh and not any(_SIDE_FILE.fullmatch(f) for f in os.listdir(out)):  # no finished shard to go on from
+                if created:
+                    shutil.rmtree(out, ignore_errors=True)
+                else:  # an empty directory given: empty again
+                    for f in os.listdir(out):
+                        with contextlib.suppress(OSError):
+                            os.remove(os.path.join(out, f))
+            raise
+
+
+@contextlib.contextmanager
+def _out_lock(out: str):
+    """An exclusive lock on --out for the run (hf_io.run_lock, the trainers' run-directory lock)."""
+    from .config import ConfigError
+    from .hf_io import run_lock
+
+    lock = run_lock(out)
     try:
-        return _write_shards(paths, tok, ids, out, tok_file, text_field, val_fraction, seed, workers, progress)
-    except BaseException:
-        if fresh and not any(_SIDE_FILE.fullmatch(f) for f in os.listdir(out)):  # no finished shard to go on from
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-            else:  # an empty directory given: empty again
-                for f in os.listdir(out):
-                    with contextlib.suppress(OSError):
-                        os.remove(os.path.join(out, f))
-        raise
+        lock.__enter__()
+    except ConfigError:
+        raise D.DataError(f"--out {out} is in use: another python -m doge_jax.data run is writing it; wait for it "
+                          "to end, or use another --out") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _write_shards(paths: list[str], tok, ids: dict, out: str, tok_file: str, text_field: str, val_fraction: float,
@@ -407,8 +429,11 @@ def _write_shards(paths: list[str], tok, ids: dict, out: str, tok_file: str, tex
     sha = tokenizer_sha(tok)
     # finished shards by key (the file and the settings, not its place in the input list): a file added before the
     # others moves their shards to their new numbers instead of tokenizing them again
-    finished = {}
+    finished, numbers = {}, {-1}
     for f in os.listdir(out):
+        m = _SHARD_FILE.fullmatch(f)
+        if m:
+            numbers.add(int(m.group(1)))
         if _SIDE_FILE.fullmatch(f):
             try:
                 with open(os.path.join(out, f)) as fh:
@@ -417,15 +442,21 @@ def _write_shards(paths: list[str], tok, ids: dict, out: str, tok_file: str, tex
                 continue
             if isinstance(meta, dict) and _shard_intact(out, meta, dtype):
                 finished.setdefault(meta.get("key"), meta)
-    jobs, done = [], {}
+    # New shards are written under free numbers (their own where no file has it, else past every existing one and
+    # every input's), so the previous corpus.json stays readable until this run has made every shard; they get their
+    # final numbers at the end.
+    jobs, done, final_of = [], {}, {}
+    scratch = max(max(numbers) + 1, len(paths))
     for i, p in enumerate(paths):
         key = D.corpus_fingerprint([p], sha, text_field, f"{val_fraction}:{seed}", f"eos {ids['eos']}", dtype,
                                    "split by hash")
         if key in finished:
             done[i] = finished.pop(key)
-        else:
-            jobs.append((i, p, out, text_field, val_fraction, seed, ids["eos"], dtype, key))
-    _renumber(out, done)
+            continue
+        number = i if i not in numbers else scratch
+        scratch += number != i
+        final_of[number] = i
+        jobs.append((number, p, out, text_field, val_fraction, seed, ids["eos"], dtype, key))
     bar = D._progress(total=len(paths), desc="pre-tokenizing", unit="file", enabled=progress)
     bar.update(len(done))
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
@@ -439,7 +470,7 @@ def _write_shards(paths: list[str], tok, ids: dict, out: str, tok_file: str, tex
         tokens = 0
         try:
             for meta in results:
-                done[int(meta["train"].split(".")[0])] = meta  # NNNNN.train.bin (more digits past 99999)
+                done[final_of[int(meta["train"].split(".")[0])]] = meta  # NNNNN.train.bin (more digits past 99999)
                 tokens += meta["train_tokens"] + meta["val_tokens"]
                 bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
                 bar.update(1)
@@ -455,6 +486,7 @@ def _write_shards(paths: list[str], tok, ids: dict, out: str, tok_file: str, tex
             pool.close()
             pool.join()
     bar.close()
+    _renumber(out, done)
     shards = [done[i] for i in range(len(paths))]
     manifest = {"format": FORMAT, "dtype": dtype, "tokenizer_sha": sha, "eos_token_id": ids["eos"],
                 "vocab_size": tok.get_vocab_size(), "text_field": text_field, "val_fraction": val_fraction,

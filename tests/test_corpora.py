@@ -442,3 +442,62 @@ def test_mixture_and_split_messages(files, cache, tmp_path, capsys):  # noqa: F8
     (tmp_path / "empty.jsonl").write_text('{"text": null}\n')
     with pytest.raises(D.DataError, match=r"data source .*empty.jsonl. holds no document \(empty files"):
         data([f"{a}:1", f"{tmp_path / 'empty.jsonl'}:1"], 0.0)
+
+
+def test_failed_or_interrupted_rerun_keeps_the_previous_output_readable(files, tmp_path, monkeypatch):
+    """A re-run whose added file fails (a bad row) or that is interrupted leaves the previous corpus.json and its
+    shards readable (the finished shards were renumbered before the new file was tokenized: the old manifest then
+    named moved files); the next run reuses what finished; a missing shard is a DataError naming it."""
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(2):
+        shutil.copy(files / f"part{i}.parquet", d / f"b{i}.parquet")
+    tok_file = str(files / "tokenizer.json")
+    out = str(tmp_path / "tok")
+    C.pretokenize([str(d)], tok_file, out, workers=1, progress=False)
+    before = [np.asarray(a).copy() for a in C.load_pretokenized(out)[0]]
+    (d / "a.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(D.DataError, match="a.jsonl:2: not a JSON line"):
+        C.pretokenize([str(d)], tok_file, out, workers=1, progress=False)
+    assert [np.asarray(a).tolist() for a in C.load_pretokenized(out)[0]] == [a.tolist() for a in before]
+    # interrupted after the first new shard of two: the old output is readable, the finished one is reused
+    (d / "a.jsonl").write_text('{"text": "fine"}\n')
+    shutil.copy(files / "rows.jsonl", d / "c.jsonl")
+    tokenized, real = [], C._shard_job
+
+    def job(j):
+        if tokenized:
+            raise KeyboardInterrupt
+        tokenized.append(j[1])
+        return real(j)
+
+    monkeypatch.setattr(C, "_shard_job", job)
+    with pytest.raises(KeyboardInterrupt):
+        C.pretokenize([str(d)], tok_file, out, workers=1, progress=False)
+    assert [np.asarray(a).tolist() for a in C.load_pretokenized(out)[0]] == [a.tolist() for a in before]
+    tokenized.clear()
+    monkeypatch.setattr(C, "_shard_job", lambda j: tokenized.append(j[1]) or real(j))
+    m = C.pretokenize([str(d)], tok_file, out, workers=1, progress=False)
+    assert tokenized == [str(d / "c.jsonl")]
+    assert [os.path.basename(s["source"]) for s in m["shards"]] == ["a.jsonl", "b0.parquet", "b1.parquet",
+                                                                     "c.jsonl"]
+    fresh = str(tmp_path / "fresh")
+    assert C.pretokenize([str(d)], tok_file, fresh, workers=1, progress=False) == m
+    assert sorted(os.listdir(out)) == sorted(os.listdir(fresh))
+    os.remove(os.path.join(out, "00003.val.bin"))
+    with pytest.raises(D.DataError, match=r"00003.val.bin: missing \(corpus.json lists it; re-run"):
+        C.load_pretokenized(out)
+
+
+def test_pretokenize_out_in_use_is_refused(files, tmp_path):
+    """A second python -m doge_jax.data on an --out another run is writing is refused, touching nothing (it would
+    delete the first run's temporaries and renumber its shards)."""
+    from doge_jax.hf_io import run_lock
+
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "00000.train.bin.tmp-123").write_bytes(b"another run's")
+    with run_lock(str(out)), pytest.raises(D.DataError, match="is in use: another python -m doge_jax.data run"):
+        C.pretokenize([str(files / "rows.jsonl")], str(files / "tokenizer.json"), str(out), workers=1,
+                      progress=False)
+    assert os.listdir(out) == ["00000.train.bin.tmp-123"]
