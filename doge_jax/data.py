@@ -412,25 +412,24 @@ def document_key(text: str, seed: int) -> int:
 
 
 def held_out(key: int, val_fraction: float) -> bool:
-    """One document's validation coin from its document_key (pre-tokenized shards, written file by file)."""
-    return key / 2.0**64 < val_fraction
+    """A document's validation coin from its document_key: below val_fraction of the 64-bit range."""
+    return key < int(val_fraction * 2.0**64)
 
 
 def split_documents(keys: np.ndarray, val_fraction: float) -> np.ndarray:
-    """Bool [n_docs]: True for held-out validation documents, the round(n_docs * val_fraction) with the smallest
-    document_key (ties: the earlier one); at least one while that one is within 10x the asked fraction (1 of 10
-    documents at val_fraction 0.01), never all. Fewer documents hold out none (before: 1 of 2 files, half the
-    corpus). Added or removed documents move at most one other document each between the sides."""
+    """Bool [n_docs]: True for held-out validation documents, those whose document_key is held_out (about
+    val_fraction of them; a document's side never depends on the others, and identical documents share it). At
+    least one (those with the smallest key) while that is within 10x the asked fraction (1 of 10 documents at
+    val_fraction 0.01), never all (those with the largest key train). Fewer documents hold out none."""
     keys = np.asarray(keys, np.uint64)
     n_docs = len(keys)
-    is_val = np.zeros(n_docs, bool)
     if val_fraction <= 0 or n_docs < 2:
-        return is_val
-    n_val = round(n_docs * val_fraction)
-    if n_val == 0 and n_docs * val_fraction * 10 >= 1:
-        n_val = 1
-    n_val = min(n_docs - 1, n_val)
-    is_val[np.argsort(keys, kind="stable")[:n_val]] = True
+        return np.zeros(n_docs, bool)
+    is_val = keys < np.uint64(min(int(val_fraction * 2.0**64), 2**64 - 1))
+    if not is_val.any() and n_docs * val_fraction * 10 >= 1:
+        is_val = keys == keys.min()
+    if is_val.all():
+        is_val = keys != keys.max()
     return is_val
 
 
@@ -439,7 +438,8 @@ def tokenize_corpus(paths: list[str], tok, eos_id: int, cache_dir: str | None, t
                     batch_docs: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(train tokens, validation tokens): flat arrays of all documents, EOS appended to each (unless it already
     ends with EOS), validation documents held out. Cached under cache_dir (keyed by files, tokenizer, split)."""
-    key = corpus_fingerprint(paths, tok.to_str(), text_field, str(eos_id), f"{val_fraction}:{seed}", "split by hash")
+    key = corpus_fingerprint(paths, tok.to_str(), text_field, str(eos_id), f"{val_fraction}:{seed}",
+                             "split by hash: threshold")
     cdir = os.path.join(os.path.expanduser(cache_dir), key) if cache_dir else None
     if cdir and os.path.isfile(os.path.join(cdir, "done")):
         return (np.load(os.path.join(cdir, "train.npy"), mmap_mode="r"),

@@ -217,15 +217,15 @@ def make_steps(graphdef, tx, mcfg: DogeConfig, tcfg: TrainConfig, mesh=None, par
 
 def _corpus_change(record: dict, data) -> str | None:
     """The warning for a resumed run whose data files or token counts differ from its last start's (files added to
-    a --data directory): its rows and their order change from here on. Held-out documents keep their side (the
-    split is a hash of each document's text), but for at most one per added document."""
+    a --data directory): its rows and their order change from here on. Every document keeps its side of the
+    validation split (a hash of its text)."""
     was = [record.get(k) for k in ("data_files", "train_tokens", "val_tokens")]
     now = [data.files, data.train_tokens, data.val_tokens]
     if None in was or was == now:
         return None
     return (f"warning: the data differs from the run's last start: {now[0]} files, {now[1]:,} train / {now[2]:,} val "
             f"tokens (was {was[0]} files, {was[1]:,} / {was[2]:,}); the rest of the run reads the new rows, shuffled "
-            "anew (held-out documents stay held out, but for at most one per added document)")
+            "anew (every document keeps its side of the validation split)")
 
 
 def _with_activation_mesh(f, mesh):
