@@ -207,8 +207,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
         if "." not in key:
             raise ConfigError(f"unknown argument {a!r}: overrides are --model.FIELD VALUE or --train.FIELD VALUE "
                               "(see --help)")
-        if value is None:
-            if key == "train.data":  # a list: every following non-option argument
+        if key == "train.data" and (value is None or shorthand):
+            if value is not None:  # --data=PATH, data=PATH: that one entry (added up as --data PATH)
+                j, given = i + 1, [value]
+            else:  # a list: every following non-option argument
                 j = i + 1
                 # until the next option or a bare override (`train.X=...`, `name=...`; paths may hold `=`)
                 while j < len(args) and not args[j].startswith("--") and not BARE_OVERRIDE.match(args[j]):
@@ -216,21 +218,22 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
                 if j == i + 1:
                     raise ConfigError(f"{a}: missing value")
                 given = args[i + 1:j]
-                # a YAML list, as the help says: [] or [a, b] (a lone "[ab]" stays a glob's character class)
-                if len(given) == 1 and (given[0].strip() == "[]" or (given[0].lstrip().startswith("[")
-                                                                      and "," in given[0])):
-                    try:
-                        parsed = yaml.safe_load(given[0])
-                    except yaml.YAMLError:
-                        parsed = None
-                    given = parsed if isinstance(parsed, list) else given
-                if shorthand and data_at is not None:
-                    out[data_at][2].extend(given)
-                else:
-                    data_at = len(out) if shorthand else None
-                    out.append(("train", "data", list(given)))
-                i = j
-                continue
+            # a YAML list, as the help says: [] or [a, b] (a lone "[ab]" stays a glob's character class)
+            if len(given) == 1 and (given[0].strip() == "[]" or (given[0].lstrip().startswith("[")
+                                                                  and "," in given[0])):
+                try:
+                    parsed = yaml.safe_load(given[0])
+                except yaml.YAMLError:
+                    parsed = None
+                given = parsed if isinstance(parsed, list) else given
+            if shorthand and data_at is not None:
+                out[data_at][2].extend(given)
+            else:
+                data_at = len(out) if shorthand else None
+                out.append(("train", "data", list(given)))
+            i = j
+            continue
+        if value is None:
             nxt = args[i + 1] if i + 1 < len(args) else None
             if nxt is None or (nxt.startswith("--") and ("." in nxt or nxt[2:].split("=")[0] in shorthands)):
                 raise ConfigError(f"{a}: missing value" + (f" (the next argument, {nxt}, is an option)" if nxt else ""))

@@ -1091,6 +1091,9 @@ def test_repeated_data_option_adds_up():
     assert load_configs(None, parse_overrides(["--data", "a.txt", "b/",
                         "--train.seed", "1", "--data", "[c.txt, d/]", "--data", "e:2"]))[1].data == \
         ["a.txt", "b/", "c.txt", "d/", "e:2"]
+    for forms in (["--data=a", "--data", "b"], ["--data", "a", "--data=b"], ["--data", "a", "data=b"],
+                  ["data=a", "data=b"]):  # the = forms of the shorthand add up too (they replaced)
+        assert load_configs(None, parse_overrides(forms))[1].data == ["a", "b"], forms
     for replace in (["--train.data", "x.txt"], ["--train.data=x.txt"], ["train.data=x.txt"]):
         ov = parse_overrides(["--data", "a.txt", *replace, "--data", "b.txt"])
         assert load_configs(None, ov)[1].data == ["b.txt"], replace
