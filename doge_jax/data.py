@@ -183,7 +183,7 @@ def iter_documents(paths: list[str], text_field: str = "text") -> Iterator[str]:
                 yield _text_of(path, f.read())
 
 
-_WARNED: set[str] = set()
+_WARNED: set = set()
 
 
 def _text_of(path: str, raw: bytes) -> str:
@@ -220,8 +220,8 @@ def warn_big_document(path: str, text: str) -> None:
 
 
 def _warn_once(path: str, where: str, what: str) -> None:
-    if path not in _WARNED:
-        _WARNED.add(path)
+    if (path, what) not in _WARNED:  # (once per file and kind: bad bytes do not hide a surrogate after them)
+        _WARNED.add((path, what))
         print(f"warning: {where}: {what} (said once per file)", file=sys.stderr, flush=True)
 
 
@@ -243,7 +243,8 @@ def _iter_jsonl(path: str, text_field: str) -> Iterator[str]:
     """The `text_field` of each line's JSON object; a null text is skipped (as in parquet); anything else that is
     not a string, and lines that are not JSON objects, are errors naming the file and line."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        # lines end at \n, \r\n or a lone \r (text mode's universal newlines, as read before)
+        for n, raw in enumerate((part for chunk in f for part in chunk.splitlines()), 1):
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (json.loads refuses it)
                 raw = raw[3:]
             try:

@@ -318,6 +318,11 @@ def test_jsonl_surrogates_byte_order_marks_and_bad_bytes(tmp_path, capsys):
     assert err.count("warning:") == 2
     assert f"{tmp_path / 's.jsonl'}:2: lone UTF-16 surrogate escape(s)" in err
     assert f"{tmp_path / 'bom.jsonl'}:2: bytes that are not UTF-8, replaced by U+FFFD" in err
+    # lines ended by a lone CR (read as lines before), and both kinds of trouble in one file: both said
+    (tmp_path / "cr.jsonl").write_bytes(b'{"text": "a"}\r{"text": "b\xff"}\r\n\r{"text": "\\udc00"}\r')
+    assert list(D.iter_documents([str(tmp_path / "cr.jsonl")])) == ["a", "b\ufffd", "\ufffd"]
+    err = capsys.readouterr().err
+    assert "cr.jsonl:2: bytes that are not UTF-8" in err and "cr.jsonl:4: lone UTF-16 surrogate" in err
     tok = _word_tokenizer()
     train, _ = D.tokenize_corpus([str(tmp_path / "s.jsonl")], tok, 0, None, val_fraction=0.0, progress=False)
     assert train.tolist() == [1, 0, 1, 1, 1, 1, 1, 1, 0]  # (all unknown words: 1; EOS 0 after each document)
