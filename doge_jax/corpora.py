@@ -580,13 +580,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, help="without --tokenizer: train a byte-level BPE of this size")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--text-field", default="text", help="jsonl field / parquet column (default: text)")
-    ap.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
-    ap.add_argument("--seed", type=int, default=233, help="seed of the validation split")
+    ap.add_argument("--val-fraction", type=float, default=0.01,
+                    help="fraction of documents held out for validation (default: 0.01)")
+    ap.add_argument("--seed", type=int, default=233, help="seed of the validation split (default: 233, as "
+                    "train.seed)")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if not 0.0 <= a.val_fraction < 1.0:  # as train.val_fraction (2 held out every document, -0.5 none)
         ap.error(f"--val-fraction {a.val_fraction}: must be in [0, 1)")
+    if not 0 <= a.seed < 2**32:  # as train.seed (a negative one was a traceback)
+        ap.error(f"--seed {a.seed}: must be in [0, 2**32)")
     if a.workers is not None and a.workers < 1:
         ap.error(f"--workers {a.workers}: must be >= 1")
     if a.vocab_size is not None and a.vocab_size < 1:

@@ -206,6 +206,12 @@ def _carry_over(old: str, new: str, keep) -> None:
             _link_or_copy(src, dst)
 
 
+def _not_a_dir(path: str) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a broken symbolic link (to {os.readlink(path)}), not a directory"
+    return "a file, not a directory"
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None) -> Iterator[str]:
     """Yield a temporary directory that replaces `path` only if the block finishes without an exception.
@@ -223,11 +229,11 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None
         while not os.path.lexists(above) and os.path.dirname(above) != above:
             above = os.path.dirname(above)
         if os.path.lexists(above) and not os.path.isdir(above):  # (makedirs says "File exists")
-            raise NotADirectoryError(f"{path}: cannot write there ({above} is a file, not a directory)")
+            raise NotADirectoryError(f"{path}: cannot write there ({above} is {_not_a_dir(above)})")
         os.makedirs(parent, exist_ok=True)
         remove_stale(parent, os.path.basename(path))  # first: it may put a killed writer's previous output back
         if os.path.lexists(path) and not os.path.isdir(path):  # (transformers refuses a file too)
-            raise NotADirectoryError(f"{path} is a file, not a directory; nothing replaced (a model is a directory)")
+            raise NotADirectoryError(f"{path} is {_not_a_dir(path)}; nothing replaced (a model is a directory)")
         if os.path.lexists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (or --overwrite) to replace it")
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_owner()}-", dir=parent)
@@ -272,8 +278,8 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = True, keep=None
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and path not in str(e):  # a writer's "[Errno 28] No space left on device"
             why = e.strerror if e.errno is not None and e.strerror else str(e)
-            named = type(e)(e.errno, f"writing {path} failed: {why}") if e.errno is not None else \
-                type(e)(f"writing {path} failed: {why}")
+            named = type(e)(f"writing {path} failed: {why}")  # (no "[Errno N]" in front of the message)
+            named.errno = e.errno
             raise named from e
         raise
     finally:

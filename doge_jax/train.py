@@ -263,7 +263,8 @@ def make_mesh(tcfg: TrainConfig):
     except ValueError as e:
         hint = ""
         if "are available" in str(e):  # e.g. a run recorded on 8 devices resumed on 1: say how on the command line
-            hint = f"; --train.mesh '{{data: -1}}' runs data parallel on every device ({jax.device_count()} here)"
+            hint = (f"; --train.mesh '{{data: -1}}' runs data parallel on every device ({jax.device_count()} here), "
+                    "'{fsdp: -1}' shards the parameters over them")
         raise ConfigError(f"train.{e}{hint}") from None
     R = tcfg.rows_per_micro
     if R % mesh.size or R % jax.process_count():

@@ -527,7 +527,7 @@ def test_torch_target_full_disk_exits_1(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     out = os.path.abspath(tmp_path / "out")
-    assert r.stderr.strip().splitlines()[-1] == f"error: [Errno 28] writing {out} failed: No space left on device"
+    assert r.stderr.strip().splitlines()[-1] == f"error: writing {out} failed: No space left on device"
     assert "terminate" not in r.stderr and "Traceback" not in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
@@ -724,6 +724,9 @@ def test_dst_containing_the_source_refused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("notes")
     assert _run(src, tmp_path / "notes.txt", "--to", "hf", "--overwrite") == 2
     assert "is a file, not a directory" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "notes"
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")  # (was "is a file")
+    assert _run(src, tmp_path / "dangling", "--to", "hf", "--overwrite") == 2
+    assert f"dangling is a broken symbolic link (to {tmp_path / 'gone'}), not a directory" in capsys.readouterr().err
     # a file on DST's path names that file (before: "[Errno 17] ...: cannot write there (File exists)")
     assert _run(src, tmp_path / "notes.txt" / "a" / "out", "--to", "hf") == 2
     err = capsys.readouterr().err

@@ -167,6 +167,7 @@ def test_pretokenize_arguments_and_a_damaged_manifest_are_named(files, cache, tm
 
     for flag, value, said in (("--val-fraction", "2", "--val-fraction 2.0: must be in [0, 1)"),
                               ("--val-fraction", "-0.5", "must be in [0, 1)"),
+                              ("--seed", "-1", "--seed -1: must be in [0, 2**32)"),  # (a traceback)
                               ("--vocab-size", "10", "a byte-level BPE of 10 tokens: it needs at least 259")):
         proc = _pretokenize("--data", files / "rows.jsonl", "--out", tmp_path / "x", flag, value,
                             *(["--tokenizer", files / "tokenizer.json"] if flag != "--vocab-size" else []))
