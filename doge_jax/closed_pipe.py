@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import stat
 import sys
 from collections.abc import Iterator
 
@@ -17,8 +19,16 @@ EXIT_CLOSED_PIPE = 128 + signal.SIGPIPE
 _CLOSED: list[str] = []  # the guarded streams ("stdout", "stderr") found closed
 
 
+_GUARDED: list = []  # the active _Guarded streams
+
+
 def output_closed() -> bool:
-    """Whether a guarded stdout/stderr found its pipe closed in this process."""
+    """Whether a guarded stdout/stderr found its pipe closed in this process: by a write, or (without one, so a
+    reader gone during start-up stops the run after its first step, not after the first line it prints) by
+    polling a pipe's write end, which reports an error once its reader has closed (POSIX poll)."""
+    for g in _GUARDED:
+        if g._name not in _CLOSED and g._reader_gone():
+            g._closed()
     return bool(_CLOSED)
 
 
@@ -37,6 +47,17 @@ class _Guarded:
             pass  # a stream without a descriptor: its own writes are dropped below
         finally:
             os.close(devnull)
+
+    def _reader_gone(self) -> bool:
+        try:
+            fd = self._stream.fileno()
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return False
+            poller = select.poll()
+            poller.register(fd, 0)  # (no events asked for: an error or hang-up is reported anyway)
+            return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+        except (OSError, ValueError, AttributeError):  # no descriptor, no poll (Windows)
+            return False
 
     def write(self, s: str) -> int:
         if self._name in _CLOSED:
@@ -71,7 +92,11 @@ def guarded_output() -> Iterator[None]:
         sys.stdout = _Guarded(sys.stdout, "stdout")
     if sys.stderr is not None:
         sys.stderr = _Guarded(sys.stderr, "stderr")
+    guarded = [s for s in (sys.stdout, sys.stderr) if isinstance(s, _Guarded)]
+    _GUARDED.extend(guarded)
     try:
         yield
     finally:
         sys.stdout, sys.stderr = old
+        for g in guarded:
+            _GUARDED.remove(g)

@@ -656,6 +656,28 @@ def test_closed_log_pipe_stops_with_a_checkpoint(corpus, cache, tmp_path):
     assert list_steps(str(out))[-1] == stopped + 1
 
 
+def test_closed_pipe_is_seen_without_a_write(monkeypatch):
+    """A pipe whose reader went away is seen by output_closed() before anything is written to it (doge_torch.train
+    printed nothing between steps 1 and 2, so a reader gone during start-up stopped it after step 2, not 1); the
+    stream goes to /dev/null from then on."""
+    from doge_jax import closed_pipe
+
+    r, w = os.pipe()
+    stream = os.fdopen(w, "w")
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        with closed_pipe.guarded_output():
+            assert not closed_pipe.output_closed()
+            print("read", flush=True)
+            assert os.read(r, 100) == b"read\n" and not closed_pipe.output_closed()
+            os.close(r)
+            assert closed_pipe.output_closed() and closed_pipe._CLOSED == ["stdout"]
+            print("to /dev/null now", flush=True)
+    finally:
+        closed_pipe._CLOSED.clear()  # (module state: the other trainer tests in this process must not stop)
+        stream.close()
+
+
 def test_output_guard_with_a_stream_closed_at_start():
     """A trainer started with stdout closed (`>&-`: Python's sys.stdout is None) prints as before (print() skips a
     None stream); the guard wrapped None and every print raised AttributeError."""
