@@ -27,6 +27,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -541,7 +542,15 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     # a bare override (train.seed=7) as the option it stands for: it ends --data's list, as in doge_jax.train, and
     # keeps its place among the overrides (the last one wins)
     argv = [f"--{a}" if BARE_OVERRIDE.match(a) else a for a in (sys.argv[1:] if argv is None else argv)]
+    # argparse takes an option-like argument with a space ('--train.mesh={fsdp: 2}') for a value of --data: such
+    # overrides go through it as space-free stand-ins
+    standins = {}
+    for i, a in enumerate(argv):
+        if re.match(r"--(model|train)\.[^=\s]+=", a) and re.search(r"\s", a):
+            standins[f"{a.split('=', 1)[0]}=@{i}"] = a
+            argv[i] = f"{a.split('=', 1)[0]}=@{i}"
     args, rest = ap.parse_known_args(argv)
+    rest = [standins.get(a, a) for a in rest]
     try:  # --train.FIELD / --model.FIELD overrides, as doge_jax.train takes them
         overrides = parse_overrides(rest)
     except ConfigError as e:

@@ -1199,6 +1199,11 @@ def test_cli_takes_field_overrides_as_doge_jax(tmp_path, capsys):
     assert "peak_lr 0.003 -> 0.001" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="model.hidden_size=64: the run's newest .*a resumed run keeps its model"):
         main([*small, "--model.hidden_size", "64"])
+    # an = override with a space in its value after --data is an override (argparse took it for a data path)
+    with pytest.raises(ConfigError, match="model.hidden_size=64: the run's newest"):
+        main([*small, "--model.hidden_size= 64"])
+    main([*small, "--max-steps", "3", "--train.mesh={fsdp: 2}"])
+    assert "does not use train.mesh={'fsdp': 2}" in capsys.readouterr().out
     for bad, why in ((["--train.num_trainig_steps", "3"], "did you mean train.num_training_steps"),
                      (["--foo", "3"], "unknown argument '--foo': overrides are --model.FIELD VALUE"),
                      (["--train.seq_len"], "--train.seq_len: missing value"),
