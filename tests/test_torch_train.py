@@ -1201,8 +1201,8 @@ def test_cli_takes_field_overrides_as_doge_jax(tmp_path, capsys):
         main([*small, "--model.hidden_size", "64"])
     # an = override with a space in its value after --data is an override (argparse took it for a data path)
     with pytest.raises(ConfigError, match="model.hidden_size=64: the run's newest"):
-        main([*small, "--model.hidden_size= 64"])
-    main([*small, "--max-steps", "3", "--train.mesh={fsdp: 2}"])
+        main([*small[:2], "--model.hidden_size= 64", *small[2:]])
+    main([*small[:2], "--train.mesh={fsdp: 2}", *small[2:], "--max-steps", "3"])
     assert "does not use train.mesh={'fsdp': 2}" in capsys.readouterr().out
     for bad, why in ((["--train.num_trainig_steps", "3"], "did you mean train.num_training_steps"),
                      (["--foo", "3"], "unknown argument '--foo': overrides are --model.FIELD VALUE"),
