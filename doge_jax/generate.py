@@ -656,6 +656,9 @@ def _main(argv=None) -> int:
         check_sampling(args.do_sample is True, 1.0 if args.temperature is None else args.temperature, args.top_k,
                        args.top_p, CLI_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
                        args.min_p)
+        # a flag typed out of its range is a mistake also when decoding greedily (which ignores it), as the cutoff
+        # flags below are (the API, as transformers, ignores such values when greedy)
+        check_sampling(True, 1.0, args.top_k, args.top_p, 1, args.min_p)
         if args.repetition_penalty is not None:
             length_and_penalty(None, 1, args.repetition_penalty)
         from .config import GenerationConfig
@@ -925,12 +928,15 @@ def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature,
     t1 = time.perf_counter()
     eos = [] if args.no_eos else eos_ids(FROM_CONFIG, model.generation_config)
     shown = list(ids)
-    for row in np.asarray(out):
+    rows = np.asarray(out)
+    for k, row in enumerate(rows):
         new = [int(t) for t in row[len(ids):]]
         end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))  # (what follows EOS is filling)
         new = new[:end]
         shown += new
         if tokenizer is not None:
+            if len(rows) > 1:  # (a text may hold newlines: one line per sequence would not tell them apart)
+                print(f"=== {k + 1}/{len(rows)} ===")
             text = tokenizer.decode(ids + new)
             base = tokenizer.decode(ids)
             print((args.prompt if args.prompt is not None else base) + text[len(base):] if text.startswith(base)

@@ -218,6 +218,12 @@ def test_cli_prompt_ids_with_a_tokenizer_and_metaspace_stream(model_dir, tmp_pat
     assert out.rstrip("\n") == tok.decode(ids) and out.startswith("w5 w6 w7 w")
     assert main(["--model", str(d), "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--no-eos"]) == 0
     assert capsys.readouterr().out.rstrip("\n") == tok.decode(ids)
+    # several texts (which may hold newlines) each after a header line; one alone has none
+    assert main(["--model", str(d), "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--no-eos", "--do-sample",
+                 "--num-return-sequences", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "=== 1/2 ===" and lines[2] == "=== 2/2 ===" and len(lines) == 4
+    assert lines[1].startswith("w5 w6 w7 w") and lines[3].startswith("w5 w6 w7 w")
 
 
 def test_tokenizer_of_a_step_directory_only(model_dir, tmp_path, capsys):
@@ -290,7 +296,11 @@ def test_cli_rejects_bad_arguments_cleanly(model_dir, capsys):
                        (["--prompt-ids", "5", "--do-sample", "--top-k", "-3"], "top_k=-3"),
                        # (ran with the warper off, silently, where --help says "in (0, 1)")
                        (["--prompt-ids", "5", "--do-sample", "--epsilon-cutoff", "1.5"], "--epsilon-cutoff 1.5: must"),
-                       (["--prompt-ids", "5", "--do-sample", "--eta-cutoff", "0"], "--eta-cutoff 0.0: must be in")):
+                       (["--prompt-ids", "5", "--do-sample", "--eta-cutoff", "0"], "--eta-cutoff 0.0: must be in"),
+                       # typed out of range also when greedy (which ignores them): ran, silently
+                       (["--prompt-ids", "5", "--top-p", "2"], "top_p=2.0: must be in (0, 1]"),
+                       (["--prompt-ids", "5", "--min-p", "3"], "min_p=3.0: must be in [0, 1]"),
+                       (["--prompt-ids", "5", "--top-k", "-1"], "top_k=-1: must be an integer >= 0")):
         with pytest.raises(SystemExit) as e:
             main(["--model", model_dir, *argv])
         assert e.value.code == 2 and want in capsys.readouterr().err
