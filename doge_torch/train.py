@@ -756,7 +756,7 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
             moved = f"; checkpoint-{implicated} holds the weights that gave it: moved to {folder}"
         good = checkpoint.steps(args.out) if args.out else []
         where = checkpoint.path_of(args.out, good[-1]) if good else "none saved"
-        raise SystemExit(f"{what}{moved}; stopped without saving; last good checkpoint: {where}")
+        raise Diverged(f"{what}{moved}; stopped without saving; last good checkpoint: {where}")
 
     def validate(step: int) -> None:
         loss, ppl = evaluate(model, val, rows, cfg.pad_token_id, autocast)
@@ -896,9 +896,17 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return _cli(argv)
 
 
+class Diverged(SystemExit):
+    """A non-finite loss, gradient norm, val_loss or weights: the run stopped without saving (its message says
+    where the last good checkpoint is). The command line exits 3, as doge_jax.train."""
+
+
 def _cli(argv: Sequence[str] | None) -> int:
     try:
         main(argv)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except CheckpointWriteError as e:  # a failed write, not bad input (exit 1, as convert's)
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -382,6 +382,12 @@ def test_cli_stops_at_the_first_non_finite_loss(tmp_path):
              for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lines = [x for x in lines if "loss" in x]  # (not the validation records)
     assert lines[-1]["step"] == first_bad - 1 >= 1 and "last good checkpoint: none saved" in str(exc.value)
+    # the command line: one error line, exit 3 as doge_jax.train (was exit 1, the bare message)
+    proc = subprocess.run([sys.executable, "-m", "doge_torch.train", "--config", str(cfg), "--data",
+                           str(tmp_path / "tokens.npy"), "--max-steps", "8", "--device", "cpu"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: non-finite loss/grad norm at step")
 
 
 def test_cli_an_update_that_overflows_is_never_resumed_from(tmp_path):
