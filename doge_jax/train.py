@@ -483,6 +483,12 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
         it.set_state(data_state)
         log(f"resumed from checkpoint step {step}")
     else:
+        earlier = os.path.join(run_dir, "metrics.jsonl")
+        if primary and os.path.isfile(earlier) and os.path.getsize(earlier):  # (a start that saved no checkpoint)
+            aside = " (its diverged checkpoints are in diverged_checkpoints/)" if os.path.isdir(
+                os.path.join(run_dir, "diverged_checkpoints")) else ""
+            log(f"note: {run_dir} holds no checkpoint to resume from: an earlier start saved none{aside}; starting "
+                "over from step 0 (its metrics.jsonl records are replaced)")
         if tcfg.init_from:
             params, init = (init if init is not None else I.init_params(tcfg.init_from, mcfg, tcfg.seed)), None
             log(f"initialised from {tcfg.init_from} (fresh optimizer state)")

@@ -366,7 +366,7 @@ def test_cli_reads_each_loss_one_step_behind(tmp_path, capsys, monkeypatch):
     assert set(lines[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_sec"}  # doge_jax's metric names
 
 
-def test_cli_stops_at_the_first_non_finite_loss(tmp_path):
+def test_cli_stops_at_the_first_non_finite_loss(tmp_path, capsys):
     tokens = np.random.default_rng(1).integers(0, 4096, size=20_000).astype(np.uint16)
     np.save(tmp_path / "tokens.npy", tokens)
     cfg = tmp_path / "tiny.yaml"
@@ -388,6 +388,11 @@ def test_cli_stops_at_the_first_non_finite_loss(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: non-finite loss/grad norm at step")
+    # a re-run (a sane lr) starts over and says so (it did silently, replacing the metrics)
+    cfg.write_text(cfg.read_text().replace("peak_lr: 1.0e30", "peak_lr: 3.0e-3"))
+    main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--device", "cpu",
+          "--out", str(tmp_path / "run")])
+    assert "holds no checkpoint to resume from: an earlier start saved none" in capsys.readouterr().err
 
 
 def test_cli_an_update_that_overflows_is_never_resumed_from(tmp_path):

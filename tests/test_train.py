@@ -283,6 +283,10 @@ def test_nan_loss_stops_and_keeps_last_good(corpus, cache, tmp_path, capsys):
     assert "last good checkpoint: none in" in err and list_steps(str(out)) == []
     rows = read_metrics(str(out))
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    # the same command with a sane lr starts over, and says so (it did silently, replacing those metrics)
+    assert run(corpus, cache, out, "--train.stop_after", "1") == 0
+    assert ("holds no checkpoint to resume from: an earlier start saved none (its diverged checkpoints are in "
+            "diverged_checkpoints/); starting over from step 0") in capsys.readouterr().err
 
 
 def test_metrics_read_one_step_behind(corpus, cache, tmp_path, monkeypatch):
