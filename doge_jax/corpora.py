@@ -214,8 +214,9 @@ def load_pretokenized(path: str, tok=None) -> tuple[list[np.ndarray], list[np.nd
     """(train arrays, val arrays, manifest) of a pre-tokenized directory, memory-mapped."""
     m = read_manifest(path)
     if tok is not None and m["tokenizer_sha"] != tokenizer_sha(tok):
-        raise D.DataError(f"{path}: pre-tokenized with another tokenizer than the run's (use its tokenizer.json: "
-                          f"--train.tokenizer {path})")
+        raise D.DataError(f"{path}: pre-tokenized with another tokenizer than the run's (--train.tokenizer, else "
+                          "the --init-from model's or the resumed run's); pre-tokenize with that one, or train with "
+                          f"this directory's: --train.tokenizer {path}")
     dtype = np.dtype(m["dtype"])
 
     def arr(name, n):

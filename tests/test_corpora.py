@@ -216,6 +216,12 @@ def test_mixture_of_two_tokenizers_is_refused_by_name(files, cache, tmp_path, ca
                  "--out_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "were tokenized with different tokenizers" in err and str(tmp_path / "b") in err, err
+    # one directory against the run's own tokenizer: which tokenizer that is, and both ways out
+    want = (r"b: pre-tokenized with another tokenizer than the run's \(--train.tokenizer, else the --init-from "
+            r"model's or the resumed run's\); pre-tokenize with that one, or train with this directory's: "
+            r"--train.tokenizer .*b$")
+    with pytest.raises(D.DataError, match=want):
+        C.load_pretokenized(str(tmp_path / "b"), D.load_tokenizer(str(files / "tokenizer.json")))
 
 
 def test_unfinished_pretokenization_and_short_mixture_sources(files, cache, tmp_path, capsys):  # noqa: F811
