@@ -19,8 +19,10 @@ def hidden_state_selection(flag, n: int) -> set[int] | None:
     if flag is True:
         return set(range(n))
     picks = [flag] if isinstance(flag, int) else list(flag) if isinstance(flag, list | tuple) else None
-    if picks is None or not picks or any(isinstance(i, bool) or not isinstance(i, int) for i in picks):
+    if picks is None or any(isinstance(i, bool) or not isinstance(i, int) for i in picks):
         raise ValueError(f"output_hidden_states={flag!r}: expected a bool, an int or a list of ints")
+    if not picks:
+        raise ValueError(f"output_hidden_states={flag!r}: an empty list selects no hidden state (False for none)")
     bad = [i for i in picks if not -n <= i < n]
     if bad:
         raise ValueError(f"output_hidden_states={flag!r}: index {bad[0]} out of range for {n} hidden states (the "

@@ -844,7 +844,7 @@ def test_hidden_states_as_transformers(tmp_path, case):
     for m, conv in ((model, np.asarray), (tm, torch.as_tensor)):
         for bad, msg in ((4, r"output_hidden_states=4: index 4 out of range for 4 hidden states"),
                          ("all", r"output_hidden_states='all': expected a bool, an int or a list of ints"),
-                         ([], r"expected a bool, an int or a list of ints")):
+                         ([], r"output_hidden_states=\[\]: an empty list selects no hidden state \(False for none\)")):
             with pytest.raises(ValueError, match=msg):
                 m(conv(ids), output_hidden_states=bad)
 
