@@ -827,6 +827,8 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
         model.save_pretrained(final)
         if tok is not None:  # the tokenizer goes with the model (python -m doge_jax.generate --model OUT/final)
             D.save_tokenizer(tok, model.config, final)
+        at = done if resume and done >= max_steps else max_steps
+        print(f"saved {final} (the model at step {at})", flush=True)
     return history
 
 

@@ -322,6 +322,7 @@ def test_cli_three_steps_npy(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 3] and set(lines[-1]) == {"step", "val_loss", "val_ppl"}
     assert "stopped after step 3 of 400" in proc.stdout and (out / "checkpoint-3" / "optimizer.pt").is_file()
+    assert f"saved {out / 'final'} (the model at step 3)" in proc.stdout  # (written, unsaid)
     model = doge_torch.DogeForCausalLM.from_pretrained(str(out / "final"))
     assert model.config.vocab_size == 4096
 
