@@ -1195,7 +1195,8 @@ def test_min_p_as_transformers(tmp_path, capsys):
     with pytest.raises(SystemExit):  # with --do-sample: checked before the model loads
         main(["--model", str(tmp_path / "saved"), "--prompt-ids", "5", "--min-p", "2", "--do-sample"])
     assert "min_p=2.0: must be in [0, 1]" in capsys.readouterr().err
-    assert main(["--model", str(tmp_path / "saved"), "--prompt-ids", "5", "--min-p", "2"]) == 2  # (the file samples)
+    with pytest.raises(SystemExit):  # without it too (the file samples; greedy would ignore it, but it is a typo)
+        main(["--model", str(tmp_path / "saved"), "--prompt-ids", "5", "--min-p", "2"])
     assert "min_p=2.0: must be in [0, 1]" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "saved"), "--prompt-ids", "5", "6", "--max-new-tokens", "3",
                  "--min-p", "1"]) == 0
