@@ -376,18 +376,23 @@ def test_pretokenize_killed_before_its_manifest_leaves_the_old_output_readable(f
     assert len(m["shards"]) == 3 and all(len(t) for t in train)
 
 
+def _two_file_corpus(files, tmp_path, **kw) -> tuple:
+    """(directory d of b0.parquet and b1.parquet, the tokenizer file, OUT): d pre-tokenized into OUT."""
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(2):
+        shutil.copy(files / f"part{i}.parquet", d / f"b{i}.parquet")
+    tok_file, out = str(files / "tokenizer.json"), str(tmp_path / "tok")
+    C.pretokenize([str(d)], tok_file, out, workers=1, progress=False, **kw)
+    return d, tok_file, out
+
+
 def test_pretokenize_reuses_shards_when_a_file_is_added_first(files, tmp_path, monkeypatch):
     """A file added to a pre-tokenized corpus is the only one tokenized on the re-run, even when it sorts before
     the others (their shards are renumbered), and every document keeps its side of the split (a seeded hash of its
     text). Before, the shard key and the per-document coin held the file's position: every shard was made again and
     the split reshuffled (676 train / 0 val became 548 / 139)."""
-    d = tmp_path / "d"
-    d.mkdir()
-    for i in range(2):
-        shutil.copy(files / f"part{i}.parquet", d / f"b{i}.parquet")
-    tok_file = str(files / "tokenizer.json")
-    out = str(tmp_path / "tok")
-    C.pretokenize([str(d)], tok_file, out, workers=1, progress=False, val_fraction=0.2)
+    d, tok_file, out = _two_file_corpus(files, tmp_path, val_fraction=0.2)
     before = {s["source"]: s for s in C.read_manifest(out)["shards"]}
     bins = {s["source"]: [open(os.path.join(out, s[k]), "rb").read() for k in ("train", "val")]
             for s in before.values()}
@@ -455,13 +460,7 @@ def test_failed_or_interrupted_rerun_keeps_the_previous_output_readable(files, t
     """A re-run whose added file fails (a bad row) or that is interrupted leaves the previous corpus.json and its
     shards readable (the finished shards were renumbered before the new file was tokenized: the old manifest then
     named moved files); the next run reuses what finished; a missing shard is a DataError naming it."""
-    d = tmp_path / "d"
-    d.mkdir()
-    for i in range(2):
-        shutil.copy(files / f"part{i}.parquet", d / f"b{i}.parquet")
-    tok_file = str(files / "tokenizer.json")
-    out = str(tmp_path / "tok")
-    C.pretokenize([str(d)], tok_file, out, workers=1, progress=False)
+    d, tok_file, out = _two_file_corpus(files, tmp_path)
     before = [np.asarray(a).copy() for a in C.load_pretokenized(out)[0]]
     (d / "a.jsonl").write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(D.DataError, match="a.jsonl:2: not a JSON line"):
