@@ -261,20 +261,44 @@ def _write_atomic_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+_MOVING = re.compile(r"(\d{5,})\.json\.tmp-move-(\d{5,})")  # a shard's record on its way to a new number
+
+
 def _renumber(out: str, done: dict[int, dict]) -> None:
     """Give the finished shards `done` ({input number: record}) their input's number, through temporary names (one
-    shard's new number may be another's old one); an interruption here leaves temporaries that the next run
-    removes and redoes (the only window, just before corpus.json, where the previous one is not readable)."""
+    shard's new number may be another's old one). An interruption here (the only window, just before corpus.json,
+    where the previous one is not readable) is finished by the next run (_finish_moves)."""
     moves = {i: meta for i, meta in done.items() if meta["train"] != f"{i:05d}.train.bin"}
+    for i, meta in moves.items():  # first every moving file to a temporary name, its record last
+        for name in (meta["train"], meta["val"], meta["train"].split(".")[0] + ".json"):
+            os.replace(os.path.join(out, name), os.path.join(out, f"{name}.tmp-move-{i:05d}"))
     for i, meta in moves.items():
-        for k in ("train", "val"):
-            os.replace(os.path.join(out, meta[k]), os.path.join(out, f"{meta[k]}.tmp-move-{i:05d}"))
-        os.remove(os.path.join(out, meta["train"].split(".")[0] + ".json"))  # (the record: no longer true there)
-    for i, meta in moves.items():
-        for k in ("train", "val"):
-            os.replace(os.path.join(out, f"{meta[k]}.tmp-move-{i:05d}"), os.path.join(out, f"{i:05d}.{k}.bin"))
-        meta.update(train=f"{i:05d}.train.bin", val=f"{i:05d}.val.bin")
-        _write_atomic_json(os.path.join(out, f"{i:05d}.json"), meta)
+        _finish_move(out, f"{meta['train'].split('.')[0]}.json.tmp-move-{i:05d}", i, meta)
+
+
+def _finish_move(out: str, record: str, i: int, meta: dict) -> None:
+    for k in ("train", "val"):
+        moving = os.path.join(out, f"{meta[k]}.tmp-move-{i:05d}")
+        if os.path.exists(moving):
+            os.replace(moving, os.path.join(out, f"{i:05d}.{k}.bin"))
+    meta.update(train=f"{i:05d}.train.bin", val=f"{i:05d}.val.bin")
+    _write_atomic_json(os.path.join(out, f"{i:05d}.json"), meta)
+    os.remove(os.path.join(out, record))
+
+
+def _finish_moves(out: str) -> None:
+    """Complete the renumbering an interrupted run left half done (its shards are then reused, not redone)."""
+    for f in sorted(os.listdir(out)):
+        m = _MOVING.fullmatch(f)
+        if m:
+            try:
+                with open(os.path.join(out, f)) as fh:
+                    meta = json.load(fh)
+            except (OSError, ValueError):
+                meta = None
+            if isinstance(meta, dict) and isinstance(meta.get("train"), str) and isinstance(meta.get("val"), str):
+                _finish_move(out, f, int(m.group(2)), meta)
+            # (else it goes with the other temporaries: that shard is made again)
 
 
 def _shard_job(job: tuple) -> dict:
@@ -423,6 +447,7 @@ def _write_shards(paths: list[str], tok, ids: dict, out: str, tok_file: str, tex
     # resumed run read them from here
     _write_atomic_json(os.path.join(out, "tokenizer_config.json"),
                        {f"{k}_token": tok.id_to_token(i) for k, i in ids.items() if i is not None})
+    _finish_moves(out)
     for f in os.listdir(out):  # partial shard files of an interrupted run
         if ".tmp-" in f:
             os.remove(os.path.join(out, f))

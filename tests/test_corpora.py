@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -507,3 +508,32 @@ def test_pretokenize_out_in_use_is_refused(files, tmp_path):
         C.pretokenize([str(files / "rows.jsonl")], str(files / "tokenizer.json"), str(out), workers=1,
                       progress=False)
     assert os.listdir(out) == ["00000.train.bin.tmp-123"]
+
+
+def test_an_interrupted_renumbering_is_finished_by_the_next_run(files, tmp_path, monkeypatch):
+    """Killed while renumbering (a file added first moves the others' shards): the next run completes the moves and
+    reuses every shard (the moved shards' temporaries were deleted and the files tokenized again)."""
+    d, tok_file, out = _two_file_corpus(files, tmp_path)
+    shutil.copy(files / "rows.jsonl", d / "a.jsonl")
+    writes, real_write = [], C._write_atomic_json
+
+    def write(path, obj):
+        if re.fullmatch(r"\d{5}\.json", os.path.basename(path)):
+            writes.append(path)
+            if len(writes) == 2:  # the job's record, then the first renumbered one
+                raise KeyboardInterrupt
+        real_write(path, obj)
+
+    monkeypatch.setattr(C, "_write_atomic_json", write)
+    with pytest.raises(KeyboardInterrupt):
+        C.pretokenize([str(d)], tok_file, out, workers=1, progress=False)
+    assert any(".tmp-move-" in f for f in os.listdir(out))
+    monkeypatch.setattr(C, "_write_atomic_json", real_write)
+    tokenized, real_job = [], C._shard_job
+    monkeypatch.setattr(C, "_shard_job", lambda j: tokenized.append(j[1]) or real_job(j))
+    m = C.pretokenize([str(d)], tok_file, out, workers=1, progress=False)
+    assert tokenized == [] and not any(".tmp" in f for f in os.listdir(out))
+    fresh = str(tmp_path / "fresh")
+    assert C.pretokenize([str(d)], tok_file, fresh, workers=1, progress=False) == m
+    for f in os.listdir(fresh):
+        assert open(os.path.join(fresh, f), "rb").read() == open(os.path.join(out, f), "rb").read(), f
