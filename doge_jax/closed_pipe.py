@@ -54,8 +54,8 @@ class _Guarded:
             if not stat.S_ISFIFO(os.fstat(fd).st_mode):
                 return False
             poller = select.poll()
-            poller.register(fd, 0)  # (no events asked for: an error or hang-up is reported anyway)
-            return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+            poller.register(fd, select.POLLOUT)  # (asked for: some kernels report only what is registered)
+            return any(ev & select.POLLERR for _, ev in poller.poll(0))  # (POLLHUP: a read end's writers gone)
         except (OSError, ValueError, AttributeError):  # no descriptor, no poll (Windows)
             return False
 

@@ -656,8 +656,9 @@ def _main(argv=None) -> int:
         check_sampling(args.do_sample is True, 1.0 if args.temperature is None else args.temperature, args.top_k,
                        args.top_p, CLI_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
                        args.min_p)
-        # a flag typed out of its range is a mistake also when decoding greedily (which ignores it), as the cutoff
-        # flags below are (the API, as transformers, ignores such values when greedy)
+        # top-k / top-p / min-p typed out of range are mistakes also when decoding greedily (which ignores them), as
+        # the cutoff flags below are (the API, as transformers, ignores such values when greedy; a temperature of 0
+        # or below with greedy decoding is a common way of asking for it, and is let through)
         check_sampling(True, 1.0, args.top_k, args.top_p, 1, args.min_p)
         if args.repetition_penalty is not None:
             length_and_penalty(None, 1, args.repetition_penalty)
@@ -883,7 +884,8 @@ def _note_unknown_ids(tokenizer, ids: list[int], vocab_size: int) -> None:
 def _print_sequences(model, ids, tokenizer, args, beams, do_sample, temperature, top_k, top_p, min_p,
                      max_new_tokens, penalty, cutoffs) -> int:
     """The command line with beam search or several sequences: generate them all, then print each (up to and
-    including its EOS) on its own line: the prompt text and continuation, or `prompt ids | new ids`. The search
+    including its EOS): `prompt ids | new ids` on its own line, or the prompt text and continuation after a
+    `=== k/n ===` line when there are several (a text may hold newlines). The search
     runs in a worker thread, so that Ctrl-C ends the process at once (exit 130) instead of after the compiled
     search."""
     import os

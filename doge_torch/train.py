@@ -542,13 +542,15 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     # a bare override (train.seed=7) as the option it stands for: it ends --data's list, as in doge_jax.train, and
     # keeps its place among the overrides (the last one wins)
     argv = [f"--{a}" if BARE_OVERRIDE.match(a) else a for a in (sys.argv[1:] if argv is None else argv)]
-    # argparse takes an option-like argument with a space ('--train.mesh={fsdp: 2}') for a value of --data: such
-    # overrides go through it as space-free stand-ins
+    # argparse takes an option-like argument with a space ('--train.mesh={fsdp: 2}', '--out_dir=my runs') for a value
+    # of --data: such overrides go through it as space-free stand-ins (holding a NUL, which no argument can)
     standins = {}
+    known = {o for action in ap._actions for o in action.option_strings}
     for i, a in enumerate(argv):
-        if re.match(r"--(model|train)\.[^=\s]+=", a) and re.search(r"\s", a):
-            standins[f"{a.split('=', 1)[0]}=@{i}"] = a
-            argv[i] = f"{a.split('=', 1)[0]}=@{i}"
+        key = a.split("=", 1)[0]
+        if a.startswith("--") and "=" in a and key not in known and re.search(r"\s", a):
+            standins[f"{key}=\0{i}"] = a
+            argv[i] = f"{key}=\0{i}"
     args, rest = ap.parse_known_args(argv)
     rest = [standins.get(a, a) for a in rest]
     try:  # --train.FIELD / --model.FIELD overrides, as doge_jax.train takes them

@@ -1216,6 +1216,9 @@ def test_cli_takes_field_overrides_as_doge_jax(tmp_path, capsys):
         main([*small[:2], "--model.hidden_size= 64", *small[2:]])
     main([*small[:2], "--train.mesh={fsdp: 2}", *small[2:], "--max-steps", "3"])
     assert "does not use train.mesh={'fsdp': 2}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a shorthand too (was "data path '--out_dir=my runs' does not exist")
+        main([*small[:2], "--out_dir=my runs", *small[2:]])
+    assert "train.out_dir (or --out_dir / --name): doge_jax.train's run directory" in capsys.readouterr().err
     for bad, why in ((["--train.num_trainig_steps", "3"], "did you mean train.num_training_steps"),
                      (["--foo", "3"], "unknown argument '--foo': overrides are --model.FIELD VALUE"),
                      (["--train.seq_len"], "--train.seq_len: missing value"),
