@@ -345,10 +345,34 @@ def load_tokenizer(path: str):
         raise DataError(f"tokenizer {file!r}: not a readable tokenizer.json ({e})") from None
 
 
-def save_tokenizer(tok, cfg, out_dir: str) -> None:
-    """tokenizer.json + tokenizer_config.json (naming the special tokens of `cfg`) in `out_dir`, so transformers'
-    AutoTokenizer loads it. Readers (another host of a run) may be reading them: each file is replaced whole, and
-    tokenizer_config.json (read once tokenizer.json exists) is written first."""
+_OWN_TOKENIZER_KEYS = ("tokenizer_class", "model_max_length", "bos_token", "eos_token", "pad_token")
+
+
+def tokenizer_extras(src: str | None) -> dict:
+    """What a saved copy of the tokenizer from `src` (an HF tokenizer directory, or the directory of a tokenizer.json)
+    keeps besides the tokens: its tokenizer_config.json's other fields (chat_template, padding_side, ...) and a
+    chat_template.jinja as the chat_template field (a chat model lost its template going through a trainer)."""
+    if not src:
+        return {}
+    d = src if os.path.isdir(src) else os.path.dirname(src)
+    try:
+        with open(os.path.join(d, "tokenizer_config.json")) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        raw = {}
+    extras = {k: v for k, v in raw.items() if k not in _OWN_TOKENIZER_KEYS} if isinstance(raw, dict) else {}
+    jinja = os.path.join(d, "chat_template.jinja")
+    if "chat_template" not in extras and os.path.isfile(jinja):
+        with open(jinja) as f:
+            extras["chat_template"] = f.read()
+    return extras
+
+
+def save_tokenizer(tok, cfg, out_dir: str, extras: dict | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json (naming the special tokens of `cfg`, plus `extras`: tokenizer_extras of
+    where the tokenizer came from) in `out_dir`, so transformers' AutoTokenizer loads it. Readers (another host of
+    a run) may be reading them: each file is replaced whole, and tokenizer_config.json (read once tokenizer.json
+    exists) is written first."""
     from .hf_io import atomic_file
 
     names = {k: tok.id_to_token(getattr(cfg, f"{k}_token_id")) for k in ("bos", "pad")
@@ -356,7 +380,8 @@ def save_tokenizer(tok, cfg, out_dir: str) -> None:
     if cfg.eos_token_ids:
         names["eos"] = tok.id_to_token(cfg.eos_token_ids[0])
     with atomic_file(os.path.join(out_dir, "tokenizer_config.json")) as tmp, open(tmp, "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings,
+        json.dump({**(extras or {}), "tokenizer_class": "PreTrainedTokenizerFast",
+                   "model_max_length": cfg.max_position_embeddings,
                    **{f"{k}_token": v for k, v in names.items() if v is not None}}, f, indent=2)
     with atomic_file(os.path.join(out_dir, "tokenizer.json")) as tmp:
         try:

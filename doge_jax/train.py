@@ -88,9 +88,9 @@ def setup_compilation_cache(cache_dir: str) -> None:
 
 
 def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run_dir: str):
-    """(tokenizer, model config with bos/eos/pad filled in); nothing is written (D.save_tokenizer does, once the run
-    has passed its checks). An existing run's tokenizer.json wins on resume; a different --train.tokenizer is
-    refused."""
+    """(tokenizer, model config with bos/eos/pad filled in, D.tokenizer_extras of its source); nothing is written
+    (D.save_tokenizer does, once the run has passed its checks). An existing run's tokenizer.json wins on resume; a
+    different --train.tokenizer is refused."""
     saved = os.path.join(run_dir, "tokenizer.json")
     if os.path.isfile(saved) and os.path.isfile(os.path.join(run_dir, "config.json")):  # an established run
         tok, src = D.load_tokenizer(saved), run_dir
@@ -122,7 +122,7 @@ def prepare_tokenizer(mcfg: DogeConfig, tcfg: TrainConfig, paths: list[str], run
         raise ConfigError("model.eos_token_id: the tokenizer has no known EOS token; set --model.eos_token_id")
     if tok.get_vocab_size() > mcfg.vocab_size:
         log(f"warning: tokenizer vocabulary {tok.get_vocab_size()} > model vocab_size {mcfg.vocab_size}")
-    return tok, mcfg
+    return tok, mcfg, D.tokenizer_extras(src)
 
 
 def check_same_model(run_dir: str, mcfg: DogeConfig) -> None:
@@ -413,7 +413,7 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
         changed = check_run_config(run_dir, tcfg)
         setup_compilation_cache(tcfg.cache_dir)
         primary = jax.process_index() == 0  # the host that writes the run directory's files (orbax: every host)
-        tok, mcfg = prepare_tokenizer(mcfg, tcfg, paths, run_dir)
+        tok, mcfg, tok_extras = prepare_tokenizer(mcfg, tcfg, paths, run_dir)
         check_same_model(run_dir, mcfg)
         if changed:  # (after the model check: a refused resume does not first warn about its settings)
             log(changed)
@@ -443,7 +443,7 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
         if primary and not locked:  # (a new run directory)
             held.enter_context(run_lock(run_dir))
         if primary:  # config.json last: it marks an established run (whose tokenizer then wins on resume)
-            D.save_tokenizer(tok, mcfg, run_dir)
+            D.save_tokenizer(tok, mcfg, run_dir, tok_extras)
             if start_gen is not None:
                 write_generation_config(run_dir, start_gen)
             with atomic_file(os.path.join(run_dir, "train_config.yaml")) as tmp, open(tmp, "w") as f:

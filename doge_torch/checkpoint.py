@@ -58,17 +58,18 @@ def path_of(out_dir: str, step: int) -> str:
 
 
 def save(out_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler: torch.optim.lr_scheduler.LRScheduler, run: dict[str, Any], keep: int, tokenizer=None) -> str:
-    """Write OUT/checkpoint-`step` atomically (with the run's `tokenizer`, if any: the checkpoint is a model
-    directory generate and --init-from read whole, and a resume checks it), then remove all but the `keep` newest
-    checkpoints."""
+         scheduler: torch.optim.lr_scheduler.LRScheduler, run: dict[str, Any], keep: int, tokenizer=None,
+         tokenizer_extras: dict | None = None) -> str:
+    """Write OUT/checkpoint-`step` atomically (with the run's `tokenizer`, if any, and its tokenizer_config extras:
+    the checkpoint is a model directory generate and --init-from read whole, and a resume checks it), then remove
+    all but the `keep` newest checkpoints."""
     path = path_of(out_dir, step)
     # what killed writes left (a checkpoint of a step that is not saved again would keep its temporary for good)
     for name in {m.group(1) for m in map(_LEFTOVER.match, os.listdir(out_dir) if os.path.isdir(out_dir) else [])
                  if m}:
         hf_io.remove_stale(out_dir, name)
     try:
-        _write(path, model, optimizer, scheduler, run, step, tokenizer)
+        _write(path, model, optimizer, scheduler, run, step, tokenizer, tokenizer_extras)
     except Exception as e:  # noqa: BLE001 - torch.save's zip writer raises RuntimeError, safetensors and tokenizers
         # their own plain exceptions; a program error (TypeError, ...) stays what it is
         if isinstance(e, CheckpointError | CheckpointWriteError) or hf_io.is_program_error(e):
@@ -80,7 +81,8 @@ def save(out_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim
     return path
 
 
-def _write(path: str, model, optimizer, scheduler, run: dict[str, Any], step: int, tokenizer) -> None:
+def _write(path: str, model, optimizer, scheduler, run: dict[str, Any], step: int, tokenizer,
+           tokenizer_extras: dict | None = None) -> None:
     with hf_io.atomic_output_dir(path, overwrite=True) as tmp:
         write_model(tmp, model)
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -94,7 +96,7 @@ def _write(path: str, model, optimizer, scheduler, run: dict[str, Any], step: in
         if tokenizer is not None:
             from doge_jax.data import save_tokenizer
 
-            save_tokenizer(tokenizer, model.config, tmp)
+            save_tokenizer(tokenizer, model.config, tmp, tokenizer_extras)
 
 
 def read_state(path: str) -> dict[str, Any]:

@@ -628,6 +628,13 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
         tok_src = tokenizer_source(data_paths, tokenizer, start)
         if tok_src:
             tok = load_tokenizer_arg(tok_src) if tokenizer else D.load_tokenizer(tok_src)
+        from doge_jax.init import find_tokenizer
+
+        start_tok = start and tok is not None and tok_src != start and find_tokenizer(start)
+        if start_tok and D.load_tokenizer(start_tok).get_vocab() != tok.get_vocab():  # (as doge_jax.train says)
+            print(f"warning: --tokenizer {tok_src} is not the tokenizer of {start} ({start_tok}/tokenizer.json): "
+                  "the checkpoint's embeddings belong to that one", file=sys.stderr, flush=True)
+    tok_extras = D.tokenizer_extras(tok_src) if tok is not None else {}
     if tok is not None:
         # a config without special ids gets the tokenizer's, as in doge_jax.train (a run resumed from before
         # doge_torch did this gets them now, and its data its EOS: the token count change is said on resume)
@@ -777,7 +784,7 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
         if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):  # (one sync)
             diverged(f"non-finite weights after step {step} (its loss and grad norm were finite; the update "
                      "overflowed)")
-        path = checkpoint.save(args.out, step, model, optimizer, scheduler, run, tc.keep_checkpoints, tok)
+        path = checkpoint.save(args.out, step, model, optimizer, scheduler, run, tc.keep_checkpoints, tok, tok_extras)
         print(f"saved {path}", flush=True)
 
     pending = None
@@ -828,7 +835,7 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
         final = os.path.join(args.out, "final")
         model.save_pretrained(final)
         if tok is not None:  # the tokenizer goes with the model (python -m doge_jax.generate --model OUT/final)
-            D.save_tokenizer(tok, model.config, final)
+            D.save_tokenizer(tok, model.config, final, tok_extras)
         at = done if resume and done >= max_steps else max_steps
         print(f"saved {final} (the model at step {at})", flush=True)
     return history

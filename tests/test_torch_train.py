@@ -3,6 +3,7 @@ float32 run equal to the same run in doge_jax (issue 6 item 5), and the command-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -1247,3 +1248,38 @@ def test_resume_fills_the_ids_a_checkpoints_generation_config_lacks(tmp_path):
     checkpoint.load(path, fresh, fresh_opt, wsd_scheduler(fresh_opt, 1, 1, 4))
     gen = fresh.generation_config
     assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id, gen.do_sample, gen.top_k) == (0, 1, 2, True, 7)
+
+
+def test_cli_init_from_keeps_the_tokenizer_settings_and_warns_on_another(tmp_path, capsys):
+    """--init-from a chat model: the run's checkpoints and OUT/final keep its tokenizer_config.json settings
+    (chat_template, padding_side) and its chat_template.jinja (as the chat_template field); they kept only the
+    special tokens, so the template was lost. Another --tokenizer than the checkpoint's is said, as doge_jax.train
+    says it (it was silent)."""
+    import transformers
+
+    text = open("doge_torch/optim.py").read()
+    (tmp_path / "a.txt").write_text(text)
+    start = tmp_path / "start"
+    start.mkdir()
+    _bpe([text], ["<unk>", "<|end_of_text|>"], start / "tokenizer.json")
+    cfg = dataclasses.replace(doge_torch.DogeConfig.from_yaml("configs/tiny.yaml"), vocab_size=300,
+                              num_hidden_layers=1, eos_token_id=1)
+    doge_torch.DogeForCausalLM(cfg).save_pretrained(str(start))
+    (start / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|end_of_text|>", "padding_side": "left"}))
+    (start / "chat_template.jinja").write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    small = tmp_path / "small.yaml"
+    small.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
+                     .replace("global_batch_tokens: 4096", "global_batch_tokens: 64") + "  val_fraction: 0.0\n")
+    args = ["--config", str(small), "--data", str(tmp_path / "a.txt"), "--max-steps", "1", "--device", "cpu",
+            "--init-from", str(start), "--model.vocab_size", "300", "--model.num_hidden_layers", "1"]
+    main([*args, "--out", str(tmp_path / "run")])
+    for d in (tmp_path / "run" / "final", tmp_path / "run" / "checkpoint-1"):
+        t = transformers.AutoTokenizer.from_pretrained(str(d))
+        assert t.padding_side == "left" and "<{{ m['content'] }}>" in t.chat_template, d
+        assert t.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<hi>"
+    assert "is not the tokenizer of" not in capsys.readouterr().err
+    _bpe([text[::-1]], ["<unk>", "<|end_of_text|>"], tmp_path / "other.json")
+    main([*args, "--tokenizer", str(tmp_path / "other.json"), "--out", str(tmp_path / "run2")])
+    assert (f"warning: --tokenizer {tmp_path / 'other.json'} is not the tokenizer of {start} ({start}/tokenizer.json)"
+            ": the checkpoint's embeddings belong to that one") in capsys.readouterr().err

@@ -1027,6 +1027,30 @@ def test_resume_with_changed_settings_warns(corpus, cache, tmp_path, capsys):
     assert "holds a run started from scratch" in err and "changed settings" not in err
 
 
+def test_init_from_keeps_the_tokenizer_settings(corpus, cache, tmp_path):
+    """--init-from a model whose tokenizer_config.json has a chat template and padding side (or a
+    chat_template.jinja): the run keeps them (it kept only the special tokens), and so does a resume."""
+    import transformers
+
+    start = tmp_path / "start"
+    assert run(corpus, cache, start, "--train.stop_after", "1") == 0
+    extra = {"padding_side": "left", "chat_template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"}
+    tc = json.load(open(start / "tokenizer_config.json"))
+    json.dump({**tc, **extra}, open(start / "tokenizer_config.json", "w"))
+    out = tmp_path / "run"
+    assert run(corpus, cache, out, "--init-from", str(start), "--train.stop_after", "1") == 0
+    assert run(corpus, cache, out, "--init-from", str(start), "--train.stop_after", "2") == 0  # (a resume)
+    t = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert t.padding_side == "left" and t.apply_chat_template([{"role": "user", "content": "x"}],
+                                                              tokenize=False) == "[x]"
+    # a chat_template.jinja beside the tokenizer: its text becomes the chat_template field
+    json.dump({**tc, "padding_side": "left"}, open(start / "tokenizer_config.json", "w"))
+    (start / "chat_template.jinja").write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    assert run(corpus, cache, tmp_path / "run2", "--init-from", str(start), "--train.stop_after", "1") == 0
+    got = json.load(open(tmp_path / "run2" / "tokenizer_config.json"))
+    assert got["chat_template"].startswith("{% for m in messages %}<") and got["padding_side"] == "left"
+
+
 def test_resume_on_a_grown_corpus_says_so(corpus, cache, tmp_path, capsys):
     """Files added to the --data directory between starts: the same command resumes, with a warning that gives
     the old and new counts (it resumed without a word)."""
