@@ -114,7 +114,10 @@ def _open(src: str, config: str | None, variant: str | None, step: int | None) -
         source = _orbax_source(src, config, variant, step)
         return source, os.path.join(source.side_dir, "config.json")  # (the run's or model's, beside its params)
     if step is not None:
-        raise CheckpointError(f"{src}: --step only applies to a training run directory")
+        torch_run = os.path.isdir(os.path.join(src, f"checkpoint-{step}"))
+        raise CheckpointError(f"{src}: --step only applies to a doge_jax.train run directory" + (
+            f"; it is a doge_torch.train run: pass its checkpoint directory, {os.path.join(src, f'checkpoint-{step}')}"
+            if torch_run else hf_io.torch_run_hint(src)))
     if os.path.isfile(src):
         if not src.endswith((".pt", ".bin", ".pth", ".safetensors")):
             raise CheckpointError(f"{src}: expected a .pt/.bin/.pth state dict or a .safetensors file")

@@ -59,7 +59,8 @@ def resolve(path: str, step: int | None = None) -> tuple[str, str]:
             raise CheckpointError(f"{path}: no checkpoint for step {step} (have {steps})")
         return os.path.join(path, CHECKPOINTS, str(step), PARAMS), os.path.join(path, "config.json")
     if step is not None:
-        raise CheckpointError(f"{path}: --step/step only applies to a training run directory")
+        raise CheckpointError(f"{path}: a step only applies to a doge_jax.train run directory (one holding "
+                              f"{CHECKPOINTS}/)")
     if not os.path.isdir(os.path.join(path, PARAMS)):
         raise CheckpointError(f"{path}: not an orbax checkpoint (no {PARAMS}/ or {CHECKPOINTS}/)")
     cfg = os.path.join(path, "config.json")

@@ -339,6 +339,15 @@ def test_training_run_and_step_dirs(tmp_path, capsys):
             assert np.array_equal(np.asarray(a), w), (d, path)
     assert _run(run, tmp_path / "x", "--to", "hf", "--step", "15") == 2
     assert "no checkpoint for step 15 (have [10, 20])" in capsys.readouterr().err
+    # a doge_torch.train run directory: its checkpoint-N directory named (it said "only applies to a training run")
+    trun = tmp_path / "trun"
+    for d in ("checkpoint-5", "checkpoint-10", "final"):
+        (trun / d).mkdir(parents=True)
+    assert _run(trun, tmp_path / "y", "--to", "jax", "--step", "5") == 2
+    assert (f"--step only applies to a doge_jax.train run directory; it is a doge_torch.train run: pass its "
+            f"checkpoint directory, {trun / 'checkpoint-5'}") in capsys.readouterr().err
+    assert _run(trun, tmp_path / "y", "--to", "jax", "--step", "7") == 2
+    assert "pass one of its model directories, final/ or checkpoint-10/" in capsys.readouterr().err
 
 
 # ---- variants ----------------------------------------------------------------------------------------------------
