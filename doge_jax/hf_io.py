@@ -366,8 +366,17 @@ def weight_files(path: str) -> list[str]:
         return _index_shards(path, TORCH_INDEX)
     orbax = any(os.path.isdir(os.path.join(path, d)) for d in ("checkpoints", "params"))
     hint = (f"; it is a doge_jax (orbax) checkpoint: convert it first (python -m convert {path} OUT --to hf)"
-            if orbax else torch_run_hint(path))
+            if orbax else torch_run_hint(path) or _orbax_steps_hint(path))
     raise CheckpointError(f"{path}: no {SAFE_SINGLE}, {SAFE_INDEX}, {TORCH_BIN} or {TORCH_INDEX} found{hint}")
+
+
+def _orbax_steps_hint(path: str) -> str:
+    """For a doge_jax run's checkpoints/ folder (steps as numbered directories): what to pass instead; else ''."""
+    steps = sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n, "params")))
+    if os.path.basename(path) != "checkpoints" or not steps:
+        return ""
+    return (f"; it is a doge_jax.train run's checkpoints/ folder: pass the run, {os.path.dirname(path)}, or one "
+            f"step, {os.path.join(path, str(steps[-1]))} (doge_torch: convert it first)")
 
 
 def torch_run_hint(path: str) -> str:

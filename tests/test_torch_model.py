@@ -454,6 +454,10 @@ def test_from_pretrained_names_what_the_path_is(tmp_path):
     (tmp_path / "run" / "config.json").write_bytes((tmp_path / "hf" / "config.json").read_bytes())
     with pytest.raises(CheckpointError, match=r"doge_jax \(orbax\) checkpoint: convert it first"):
         DogeForCausalLM.from_pretrained(str(tmp_path / "run"))
+    (tmp_path / "run" / "checkpoints" / "7" / "params").mkdir(parents=True)  # its checkpoints/ folder: named
+    with pytest.raises(CheckpointError, match=r"checkpoints: no model.safetensors.*; it is a doge_jax.train run's "
+                       r"checkpoints/ folder: pass the run, .*run, or one step, .*checkpoints/7 \(doge_torch: "):
+        DogeForCausalLM.from_pretrained(str(tmp_path / "run" / "checkpoints"))
     with pytest.raises(ValueError, match="torch.int8: a model's weights are floating point"):
         DogeForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.int8)
     # save_pretrained onto a file refuses and keeps it, as transformers does (before: replaced by the model)
