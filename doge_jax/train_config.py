@@ -341,8 +341,8 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
         requested = {k: model[k] for k in keys}
         if resumed:  # the run's config (no need for its start checkpoint), and its start should nothing restore
             run_dir, started = resumed
-            print(f"resuming {run_dir} (started with --init-from {started}): the model config is the run's",
-                  file=sys.stderr)
+            print(f"[doge_jax.train] resuming {run_dir} (started with --init-from {started}): the model config is the "
+                  "run's", file=sys.stderr)
             base = DogeConfig.from_json_file(os.path.join(run_dir, "config.json"))
             return merge_config(base, requested, f"the run's ({run_dir})"), dataclasses.replace(tcfg, init_from=started)
         return merge_config(checkpoint_config(tcfg.init_from), requested, where), tcfg
