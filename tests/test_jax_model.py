@@ -244,10 +244,12 @@ def test_gradients_match_doge_torch(tmp_path, case):
     The gradients of A and dt_proj.bias are ill-conditioned: they sum dL/dbias over keys, and those sum to zero
     in every query row (softmax), so float32 rounding alone moves them by 1e-5..1e-3 relative, depending on the
     order of operations. Every parameter is therefore held to 1e-4 against doge_torch float32, or, where float32
-    itself cannot resolve 1e-4, to no more than 3x the float32 error against the float64 truth of the same
-    algorithm in torch: doge_jax here runs its reference attention (transformers' op order, what `auto` picks at
-    these sizes on CPU), so the yardstick is doge_torch's eager reference path (doge_torch's default folded-bias
-    sdpa is a different, sometimes more accurate, rounding of the same function).
+    itself cannot resolve 1e-4, to no more than 3x torch's float32 error against the float64 truth. doge_jax here
+    runs its reference attention (transformers' op order, what `auto` picks at these sizes on CPU); torch's error
+    is the larger of its two float32 paths': the one compared against (the default folded-bias sdpa) and the eager
+    reference path. Either alone can be the lucky one: on an AVX2 machine (no AVX-512) layer 0's A gradient was
+    1.6e-5 from the truth on the reference path, 6.4e-5 on sdpa and 4.6e-5 in doge_jax, so doge_jax and sdpa,
+    both within float32's reach, differed by 1.1e-4.
     The float64 test below holds every parameter, A included, to 1e-4."""
     import doge_torch
 
@@ -263,7 +265,7 @@ def test_gradients_match_doge_torch(tmp_path, case):
     for k, g in t32.items():
         rel = _rel(ours[k], g)
         if rel > 1e-4:
-            torch_err = _rel(ref32[k], t64[k])
+            torch_err = max(_rel(ref32[k], t64[k]), _rel(g, t64[k]))
             assert torch_err > 3e-5 and _rel(ours[k], t64[k]) <= 3 * torch_err, (k, rel, torch_err)
             loose.append(k)
     assert all(k.endswith((".A", ".dt_proj.bias")) for k in loose), loose
