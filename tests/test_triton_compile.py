@@ -1,6 +1,10 @@
 """doge_torch's Triton kernels compile for Hopper (sm_90) with their default launch configs, dense and sparse:
 within the shared memory a block may have; in bf16 (with and without a sliding window) no register spills and wgmma
-matrix instructions (benchmarks/triton_compile_check.py: Triton's compiler and the wheel's ptxas, no GPU)."""
+matrix instructions (benchmarks/triton_compile_check.py: Triton's compiler and the wheel's ptxas, no GPU).
+
+Slow tests (`-m slow`): ~50 s of CPU alone and up to ~150 s next to the rest of the suite on a 2-core machine,
+for a property only a kernel or launch-config change can move (the kernels' results are checked in Triton's and
+Pallas' interpreters by the default suite)."""
 
 import os
 import subprocess
@@ -9,6 +13,8 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
