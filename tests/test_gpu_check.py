@@ -97,6 +97,39 @@ def test_probe_rows_only_with_the_flag(monkeypatch):
     assert probed == ["tiny (as Doge-160M)"]  # the train probes: only with the flag, on the last config
 
 
+def test_attention_core_rows_at_every_size_come_first(monkeypatch):
+    """The attention section times the causal baselines and each framework's default DMA path at every T before any
+    other row: a budget that runs out after those still measures every size (an H200 run spent the section on the
+    16k comparisons and skipped 2k, 8k and 32k)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "time_fn", lambda fn, reps, warmup=1: 1e-3)
+
+    class Cells(gpu_check.Budget):  # room for `n` cells (one left() check each), then none
+        def __init__(self, n):
+            super().__init__(600)
+            self.n = n
+
+        def left(self):
+            self.n -= 1
+            return 600 if self.n >= 0 else 0
+
+    report = gpu_check.Report("cpu-fallback")
+    gpu_check.section_attention(report, Cells(10), True, torch.device("cpu"))
+    ran = [r[1] for r in report.rows if r[-1] != "SKIP"]
+    skipped = [r[1] for r in report.rows if r[-1] == "SKIP"]
+    assert len(ran) == 10 and skipped, (ran, skipped)
+    for T in (256, 128):  # (the CPU sizes: 2 keep_windows, and one)
+        at = [n for n in ran if n.startswith(f"T={T} ")]
+        assert any(gpu_check.BASELINE_DEFAULT in n for n in at), at
+        assert any("jax causal" in n for n in at), at
+        assert any("doge_torch DMA" in n for n in at) and any("doge_jax DMA" in n for n in at), at
+    assert not any("blockwise" in n or "dense" in n or "eager" in n for n in ran), ran  # comparisons: after
+
+
 def test_device_events_reads_kernels_from_gpu_stream_lines():
     """The profile's GPU branch on a synthetic GPU trace: kernels only from the "Stream #" lines (not CUPTI's
     overhead line nor the derived "Async XLA Ops"), HLO ops from "XLA Ops"; a trace without kernels names its
