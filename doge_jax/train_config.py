@@ -257,7 +257,33 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
                  resume_runs: bool = False) -> tuple[DogeConfig, TrainConfig]:
     """(model config, train config) from a YAML file (model: + train:) plus command-line overrides. `where` names
     train.init_from's checkpoint in errors. `resume_runs` (doge_jax.train): a command without --init-from that
-    resumes a doge_jax run started with one takes that run's model config and its recorded init_from."""
+    resumes a doge_jax run started with one takes that run's model config and its recorded init_from. An error
+    about a value the YAML file set (not a command-line override) names the file."""
+    try:
+        return _load_configs(config_path, overrides, where, resume_runs)
+    except ConfigError as e:
+        raise _naming_the_file(e, config_path or DEFAULT_CONFIG, overrides) from None
+
+
+def _naming_the_file(e: ConfigError, path: str, overrides: list[tuple[str, str, Any]]) -> ConfigError:
+    """`e` with "(set in PATH)" added when the field it names ("train.X=...", "DogeConfig.X=...") has its value
+    from the config file rather than from an override."""
+    m = re.match(r"(train|model|DogeConfig)\.(\w+)=", str(e))
+    if not m:
+        return e
+    section = "train" if m[1] == "train" else "model"
+    if any((s, k) == (section, m[2]) for s, k, _ in overrides):
+        return e
+    try:
+        with open(path) as f:
+            settings = (yaml.safe_load(f) or {}).get(section) or {}
+    except Exception:  # (it was read once already: an error here only means no file to name)
+        return e
+    return ConfigError(f"{e} (set in {path})") if isinstance(settings, dict) and m[2] in settings else e
+
+
+def _load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]], where: str,
+                  resume_runs: bool) -> tuple[DogeConfig, TrainConfig]:
     path = config_path or DEFAULT_CONFIG
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")

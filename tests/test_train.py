@@ -413,6 +413,26 @@ def test_startup_errors_name_the_problem(corpus, cache, tmp_path, capsys, args, 
     assert not os.path.isdir(tmp_path / "run" / "checkpoints")
 
 
+def test_config_file_errors_name_the_file(tmp_path):
+    """A bad value the --config file set names that file (a long YAML under command-line overrides: which one said
+    it?); one given on the command line does not."""
+    from doge_jax.config import ConfigError
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  num_attention_heads: 3\ntrain:\n  peak_lr: -1\n  seed: x\n")
+    cases = [([("train", "seed", 1)], f"train.peak_lr=-1.0: must be > 0 and finite (set in {path})"),
+             ([], f"train.seed='x': expected int (set in {path})"),
+             ([("train", "seed", 1), ("train", "peak_lr", 1e-3)],
+              f"DogeConfig.hidden_size=64: must be a multiple of num_attention_heads=3 (set in {path})")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as e:
+            load_configs(str(path), overrides)
+        assert str(e.value) == message
+    with pytest.raises(ConfigError) as e:  # the command line's value: no file to name
+        load_configs(str(path), [("train", "seed", 1), ("train", "peak_lr", -2.0)])
+    assert str(e.value) == "train.peak_lr=-2.0: must be > 0 and finite"
+
+
 def test_token_ids_checked_against_vocab(corpus, cache, tmp_path, capsys):
     from doge_jax import data as D
 
