@@ -105,7 +105,16 @@ def parse_sources(specs: list, exclude: list[str] | tuple[str, ...] = ()) -> lis
     if not any(weighted):
         raw = [s for s in sources if s.pretokenized is None]
         merged = [Source(", ".join(s.spec for s in raw), sorted(dict.fromkeys(p for s in raw for p in s.paths)))]
-        sources = (merged if raw else []) + [s for s in sources if s.pretokenized is not None]
+        pre, seen = {}, set()
+        for s in sources:  # a path given twice is read once (text files are merged: so is a pre-tokenized directory)
+            key = s.pretokenized or os.path.abspath(os.path.expanduser(s.spec))
+            if key in seen:
+                print(f"note: data path {s.spec!r} given twice: read once (a mixture, PATH:WEIGHT, reads a source "
+                      "more often)", file=sys.stderr)
+            seen.add(key)
+            if s.pretokenized is not None:
+                pre.setdefault(s.pretokenized, s)
+        sources = (merged if raw else []) + list(pre.values())
     return sources
 
 

@@ -243,7 +243,13 @@ def load_tokens(files: Sequence[str], tokenizer=None, eos_token_id: int | None =
                               f"other files ({os.path.basename(others[0])}); "
                               "pass them as separate paths")
         expanded += hits or [path]
-    for path in expanded:
+    seen = set()
+    for path in expanded:  # a file or directory given twice is read once, as doge_jax.train reads it
+        key = os.path.abspath(path)
+        if key in seen:
+            print(f"note: data path {path!r} given twice: read once", file=sys.stderr)
+            continue
+        seen.add(key)
         if not glob.has_magic(path) and not os.path.exists(path):
             raise D.DataError(f"data path {path!r} does not exist")
         if path.endswith(".npy"):

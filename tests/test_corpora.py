@@ -225,6 +225,20 @@ def test_mixture_of_two_tokenizers_is_refused_by_name(files, cache, tmp_path, ca
         C.load_pretokenized(str(tmp_path / "b"), D.load_tokenizer(str(files / "tokenizer.json")))
 
 
+def test_a_path_given_twice_is_read_once(files, tmp_path, capsys):
+    """Without weights a path given twice is read once, a pre-tokenized directory as text files (it was read twice,
+    text once), with a note; a mixture may name a source twice."""
+    out = tmp_path / "tok"
+    assert _pretokenize("--data", files / "part0.parquet", "--tokenizer", files / "tokenizer.json", "--out", out,
+                        "--workers", "1").returncode == 0
+    js = str(files / "rows.jsonl")
+    text, pre = C.parse_sources([str(out), js, str(out) + "/", js])
+    assert text.paths == [js] and pre.pretokenized == str(out)
+    err = capsys.readouterr().err
+    assert f"note: data path {str(out) + '/'!r} given twice: read once" in err and err.count("given twice") == 2, err
+    assert len(C.parse_sources([f"{js}:1", f"{js}:2"])) == 2
+
+
 def test_unfinished_pretokenization_and_short_mixture_sources(files, cache, tmp_path, capsys):  # noqa: F811
     """An interrupted `python -m doge_jax.data` output (no corpus.json) is refused, not read as text (its
     tokenizer.json and shard metadata); a mixture source with too few documents for a validation row is left out

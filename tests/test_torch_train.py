@@ -554,7 +554,7 @@ def test_cli_init_from_applies_the_config_files_model_fields(tmp_path, capsys):
               str(tmp_path / "dense")])
 
 
-def test_cli_reads_data_as_doge_jax_does(tmp_path):
+def test_cli_reads_data_as_doge_jax_does(tmp_path, capsys):
     """.jsonl rows are documents (not raw JSON text), a python -m doge_jax.data directory gives its token shards,
     a lone .bin shard is refused, moe_freeze_steps (doge_jax only) is refused, and OUT/final gets the tokenizer."""
 
@@ -584,6 +584,13 @@ def test_cli_reads_data_as_doge_jax_does(tmp_path):
     np.save(tmp_path / "npys" / "b.npy", want[50:])
     np.testing.assert_array_equal(load_tokens([str(tmp_path / "npys")]), want)  # a directory of .npy files
     np.testing.assert_array_equal(load_tokens([str(tmp_path / "npys" / "*.npy")]), want)  # a glob of them
+    # a file or directory given twice is read once, as doge_jax.train reads it (the .npy files were read twice)
+    a = str(tmp_path / "npys" / "a.npy")
+    capsys.readouterr()
+    np.testing.assert_array_equal(load_tokens([a, str(tmp_path / "npys"), a]), want)
+    np.testing.assert_array_equal(load_tokens([str(tmp_path / "pre"), str(tmp_path / "pre") + "/"]), pre)
+    err = capsys.readouterr().err
+    assert f"note: data path {a!r} given twice: read once" in err and err.count("given twice") == 3, err
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(open("configs/tiny.yaml").read().replace("seq_len: 256", "seq_len: 32")
                    .replace("global_batch_tokens: 4096", "global_batch_tokens: 64")
