@@ -174,7 +174,17 @@ def init_params(path: str, cfg: DogeConfig, seed: int) -> dict:
     unused = sorted(set(src) - used)
     if unused:
         raise CheckpointError(f"--init-from {path}: parameters not used by the model config: {', '.join(unused[:20])}")
+    upcast_note(path, {str(x.dtype) for x in src.values()})
     return params
+
+
+def upcast_note(path: str, dtypes: set[str]) -> None:
+    """Say that a checkpoint stored in 16-bit floats is trained (and saved) in float32, as the recipe keeps its
+    parameters (both trainers)."""
+    low = sorted(d.replace("torch.", "") for d in dtypes if d.replace("torch.", "") in ("bfloat16", "float16"))
+    if low:
+        print(f"note: --init-from {path} holds {' and '.join(low)} weights: they are trained, and saved, as float32 "
+              "(python -m convert --dtype bfloat16 casts a saved model back)", file=sys.stderr)
 
 
 # ---- MoE warm-up: train only the new MoE parameters for the first N steps --------------------------------------------

@@ -388,7 +388,7 @@ def init_from(path: str, cfg) -> DogeForCausalLM:
     """A float32 model of `cfg` (the checkpoint's config with the requested fields) with the weights of the HF
     directory `path`; dense -> MoE: the new router/expert tables keep their fresh init (spec §7)."""
     from doge_jax.hf_names import check_keys, expected_hf_shapes
-    from doge_jax.init import is_new_moe_param
+    from doge_jax.init import is_new_moe_param, upcast_note
 
     from .io import load_hf_state
 
@@ -402,6 +402,7 @@ def init_from(path: str, cfg) -> DogeForCausalLM:
     check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, where=path)
     model = DogeForCausalLM(cfg)  # fresh float32 init from the seeded global generator
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=not to_moe)
+    upcast_note(path, {str(v.dtype) for v in state.values()})
     return model
 
 

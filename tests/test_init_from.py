@@ -363,3 +363,26 @@ def test_start_generation_config_keeps_settings_and_takes_changed_ids(tmp_path):
     assert (moved.bos_token_id, moved.eos_token_id, moved.pad_token_id, moved.temperature) == (0, 7, 2, 0.7)
     os.remove(tmp_path / "m" / "generation_config.json")
     assert start_generation_config(str(tmp_path / "m"), cfg) is None
+
+
+def test_a_16_bit_start_is_said_to_train_as_float32(tmp_path, capsys):
+    """--init-from a bfloat16 checkpoint: both trainers train (and save) float32 parameters, and say so; a float32
+    checkpoint gets no note."""
+    import torch
+    from conftest import make_hf_model, save_hf
+
+    import doge_torch.train as TT
+    from doge_jax.init import checkpoint_config, init_params
+
+    f32 = save_hf(make_hf_model(), tmp_path / "f32")
+    bf16 = save_hf(make_hf_model().to(torch.bfloat16), tmp_path / "bf16")
+    for path, noted in ((f32, False), (bf16, True)):
+        cfg = checkpoint_config(path)
+        params = init_params(path, cfg, 0)
+        assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+        model = TT.init_from(path, cfg)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        err = capsys.readouterr().err
+        note = (f"note: --init-from {path} holds bfloat16 weights: they are trained, and saved, as float32 (python -m "
+                "convert --dtype bfloat16 casts a saved model back)")
+        assert err.count(note) == (2 if noted else 0) and ("--init-from" in err) == noted, err
