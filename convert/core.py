@@ -88,7 +88,7 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
         log(f"warning: {len(overflowed)} tensor(s) hold values beyond {dtype}'s range, now inf: "
             f"{', '.join(overflowed[:5])}{' ...' if len(overflowed) > 5 else ''} (keep a wider --dtype for them)")
     log(f"wrote {dst} ({to}: {len(plan.entries)} tensors, {plan.nbytes / 1e6:.1f} MB, {plan.dtype_name}) "
-        f"in {secs:.1f} s")
+        f"from the {source.kind} in {secs:.1f} s")
     return {"files": files, "tensors": len(plan.entries), "bytes": plan.nbytes, "seconds": secs, "dry_run": False}
 
 

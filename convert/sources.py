@@ -229,7 +229,7 @@ def _orbax_source(path, config, variant, step) -> Source:
     kind = "orbax model checkpoint" if os.path.isdir(os.path.join(path, checkpoint.PARAMS)) else \
         f"orbax training run (step {step}; optimizer state dropped)"
     if os.path.basename(os.path.dirname(path)) == checkpoint.CHECKPOINTS:
-        kind = "orbax training-run step directory (optimizer state dropped)"
+        kind = f"orbax training-run step directory (step {os.path.basename(path)}; optimizer state dropped)"
     return Source(kind, path, cfg, detected, refs, [], os.path.dirname(cfg_path), stream)
 
 

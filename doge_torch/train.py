@@ -443,7 +443,13 @@ def data_args(args: argparse.Namespace, tc) -> tuple[list[str], str | None]:
     from doge_jax.corpora import split_weight
 
     if args.data is None and not tc.data:
-        raise ConfigError("no training data: pass --data PATH... or set train.data in the config")
+        if not (args.tokenizer or tc.tokenizer or getattr(args, "init_from", None) or tc.init_from):
+            raise ConfigError("no training data: pass --data PATH... or set train.data in the config (with a "
+                              "tokenizer, --tokenizer or --init-from's, this Python's standard-library sources are "
+                              "the default, as in doge_jax.train)")
+        print("note: no --data: training on this Python's standard-library sources (as doge_jax.train does)",
+              flush=True)
+        return D.default_corpus(), args.tokenizer or tc.tokenizer
     if args.data is not None and tc.data:
         print("note: --data replaces the config's train.data", flush=True)
     where = "--data" if args.data is not None else "train.data"
@@ -656,8 +662,6 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
         from doge_jax.init import checkpoint_config, config_changes
 
         changes = config_changes(checkpoint_config(start), cfg)
-        print(f"init from {start}" + (f"; model config changes: {'; '.join(changes)}" if changes else ""),
-              flush=True)
         model = init_from(start, cfg)
         try:  # its generate settings too (written with every checkpoint): a fine-tuned model samples as it did
             from doge_jax.init import start_generation_config
@@ -665,7 +669,8 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
             model.generation_config = start_generation_config(start, cfg) or model.generation_config
         except ConfigError as e:
             print(f"warning: {e}; the checkpoints' generation_config.json is made from the token ids", flush=True)
-        print(f"initialised from {start} (fresh optimizer state)", flush=True)
+        print(f"initialised from {start} (fresh optimizer state)"
+              + (f"; model config changes: {'; '.join(changes)}" if changes else ""), flush=True)
     else:  # a fresh init; resuming, the checkpoint's weights are loaded below
         model = DogeForCausalLM(cfg)
     model = model.to(device).train()

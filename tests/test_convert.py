@@ -325,9 +325,16 @@ def test_training_run_and_step_dirs(tmp_path, capsys):
                      r"model\.layers\.\{0\.\.1\}\.self_attn\.k_proj\.weight  \(transposed\)", out), out
     assert re.search(r"embed_tokens\.embedding \[128, 64\] float32\n\s+-> model\.embed_tokens\.weight\n", out)
     assert not os.path.exists(tmp_path / "latest")
+    capsys.readouterr()
     assert _run(run, tmp_path / "latest", "--to", "hf") == 0
     assert _run(run, tmp_path / "s10", "--to", "torch", "--step", "10") == 0
     assert _run(run / "checkpoints" / "10", tmp_path / "s10dir", "--to", "hf") == 0
+    # the line it ends with says which step it converted (a run holds several)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wrote ")]
+    assert [re.sub(r" in [0-9.]+ s$", "", line.split(") from the ")[1]) for line in said] == [
+        "orbax training run (step 20; optimizer state dropped)",
+        "orbax training run (step 10; optimizer state dropped)",
+        "orbax training-run step directory (step 10; optimizer state dropped)"], said
     _assert_bit_equal(_tensors(src), _tensors(tmp_path / "s10dir"))
     for d, step in ((tmp_path / "latest", 20), (tmp_path / "s10", 10)):
         got = flat_params(DogeForCausalLM.from_pretrained(str(d)))

@@ -529,7 +529,8 @@ def test_cli_init_from_applies_the_config_files_model_fields(tmp_path, capsys):
     main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--init-from",
           str(tmp_path / "dense"), "--out", str(tmp_path / "run"), "--device", "cpu"])
     out = capsys.readouterr().out  # said as doge_jax.train says it
-    assert f"init from {tmp_path / 'dense'}; model config changes: is_moe False -> True" in out
+    assert (f"initialised from {tmp_path / 'dense'} (fresh optimizer state); model config changes: is_moe False "
+            "-> True") in out
     assert f"initialised from {tmp_path / 'dense'} (fresh optimizer state)" in out
     got = doge_torch.DogeForCausalLM.from_pretrained(str(tmp_path / "run" / "final"))
     assert got.config.is_moe and got.config.num_experts == 16
@@ -708,6 +709,19 @@ def test_cli_data_and_tokenizer_from_the_config(tmp_path, capsys):
     assert "a mixture weight" in capsys.readouterr().err
     assert cli(["--config", "configs/tiny.yaml", "--device", "cpu"]) == 2
     assert "no training data" in capsys.readouterr().err
+    # with a tokenizer (--tokenizer, --init-from's), no data is the stdlib sources, as doge_jax.train trains on (the
+    # README's Quickstart continues its tiny run this way; it failed with "no training data")
+    import argparse
+
+    from doge_jax.data import default_corpus
+    from doge_jax.train_config import load_configs
+    from doge_torch.train import data_args
+
+    _, tc = load_configs("configs/tiny.yaml", [])
+    for given in ({"tokenizer": str(tmp_path / "tokenizer.json")}, {"init_from": str(tmp_path)}):
+        args = argparse.Namespace(**{"data": None, "tokenizer": None, "init_from": None, **given})
+        assert data_args(args, tc) == (default_corpus(), given.get("tokenizer"))
+        assert "no --data: training on this Python's standard-library sources" in capsys.readouterr().out
 
 
 def test_bad_token_files_are_named(tmp_path):
