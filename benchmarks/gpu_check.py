@@ -157,6 +157,16 @@ def guarded(report: Report, section: str, check: str):
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
+def save_entry(entry: str, results: str, out: str | None) -> list[str]:
+    """Append the RESULTS.md entry to `results` and, when `out` (the device tool's $OUT, the only folder that comes
+    back from the GPU machine) is a directory, to out/gpu_check_results.md; the paths written."""
+    paths = [results] + ([os.path.join(out, "gpu_check_results.md")] if out and os.path.isdir(out) else [])
+    for path in paths:
+        with open(path, "a") as f:
+            f.write(entry)
+    return paths
+
+
 def tiny_parity_config():
     from doge_jax.config import DogeConfig
 
@@ -1170,6 +1180,7 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
             try:
                 with guarded(report, S, f"T={T} {name}"):
                     times[name] = time_fn(fn, reps)
+                    row(T, name)  # said at once: a later fault or kill must not lose it
             finally:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -1339,20 +1350,24 @@ def section_attention(report: Report, budget: Budget, cpu: bool, tdev, probes: b
                      probe=True)
         jax.clear_caches()
 
-    for core_pass in (True, False):
-        for T in sizes:
-            one(T, core_pass)
-    for T, times in times_at.items():
+    def row(T, name):
+        """The table row of a timed cell, as a ratio to that size's baseline (a core cell: timed first)."""
+        times = times_at[T]
+        sec = times[name]
         base = times.get(BASELINE) or times.get(BASELINE_DEFAULT)
         what = "causal flash" if BASELINE in times else "causal sdpa"
-        for name, sec in times.items():
-            ratio = f", {sec / base:.2f}x {what}" if base else ""
-            target, status = "", "-"
-            if T == 16384 and "DMA" in name and base:
-                target = f"<= {TARGET_DMA_16K}x"
-                status = "MET" if sec / base <= TARGET_DMA_16K else "MISSED"
-            report.add(S, f"T={T} {name} fwd+bwd", f"{1e3 * sec:.2f} ms{ratio}", target,
-                       "-" if cpu else status)
+        ratio = f", {sec / base:.2f}x {what}" if base else ""
+        target, status = "", "-"
+        if T == 16384 and "DMA" in name and base:
+            target = f"<= {TARGET_DMA_16K}x"
+            status = "MET" if sec / base <= TARGET_DMA_16K else "MISSED"
+        report.add(S, f"T={T} {name} fwd+bwd", f"{1e3 * sec:.2f} ms{ratio}", target, "-" if cpu else status)
+
+    for core_pass in (True, False):
+        for T in sizes:
+            # (a failure outside the cells, e.g. the inputs at 32k, is that size's row: the other sizes still run)
+            with guarded(report, S, f"T={T} {'core rows' if core_pass else 'comparisons'}"):
+                one(T, core_pass)
 
 
 # ---- (d) generation -----------------------------------------------------------------------------------------------
@@ -1805,13 +1820,12 @@ def main(argv=None) -> int:
           f"{'FAILED' if report.failed() else 'all checks passed'}"
           + (f" ({skipped} row{'s' if skipped > 1 else ''} SKIP: not run)" if skipped else ""))
     if (gpu or args.append) and not args.no_append:
-        path = os.path.join(ROOT, "benchmarks", "RESULTS.md")
-        with open(path, "a") as f:
-            f.write(f"\n{title}\n\nbenchmarks/gpu_check.py, total {total:.0f}s ({timing}). Targets (issue 7): "
-                    "Doge-160M >= 40% MFU, Doge-20M >= 400k tokens/s, DMA fwd+bwd at 16k <= 1.5x causal flash. MFU = "
-                    "6N_matmul + 6LHDS FLOPs/token over the card's bf16 peak (doge_jax.metrics).\n\n"
-                    f"{table}\n")
-        print(f"appended to {path}")
+        entry = (f"\n{title}\n\nbenchmarks/gpu_check.py, total {total:.0f}s ({timing}). Targets (issue 7): "
+                 "Doge-160M >= 40% MFU, Doge-20M >= 400k tokens/s, DMA fwd+bwd at 16k <= 1.5x causal flash. MFU = "
+                 "6N_matmul + 6LHDS FLOPs/token over the card's bf16 peak (doge_jax.metrics).\n\n"
+                 f"{table}\n")
+        for path in save_entry(entry, os.path.join(ROOT, "benchmarks", "RESULTS.md"), os.environ.get("OUT")):
+            print(f"appended to {path}")
     return 1 if report.failed() else 0
 
 

@@ -120,6 +120,20 @@ def test_attention_core_rows_at_every_size_come_first(monkeypatch):
     report = gpu_check.Report("cpu-fallback")
     gpu_check.section_attention(report, Cells(10), True, torch.device("cpu"))
     ran = [r[1] for r in report.rows if r[-1] != "SKIP"]
+    # each row is in the table once timed (they were added after both passes: a fault lost the section's timings)
+    calls = []
+
+    def faulty(fn, reps, warmup=1):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return 1e-3
+
+    monkeypatch.setattr(gpu_check, "time_fn", faulty)
+    faulted = gpu_check.Report("cpu-fallback")
+    gpu_check.section_attention(faulted, Cells(10), True, torch.device("cpu"))
+    statuses = [r[-1] for r in faulted.rows if r[-1] != "SKIP"]
+    assert statuses == ["-"] * 4 + ["ERROR"] + ["-"] * 5, faulted.rows
     skipped = [r[1] for r in report.rows if r[-1] == "SKIP"]
     assert len(ran) == 10 and skipped, (ran, skipped)
     for T in (256, 128):  # (the CPU sizes: 2 keep_windows, and one)
@@ -128,6 +142,22 @@ def test_attention_core_rows_at_every_size_come_first(monkeypatch):
         assert any("jax causal" in n for n in at), at
         assert any("doge_torch DMA" in n for n in at) and any("doge_jax DMA" in n for n in at), at
     assert not any("blockwise" in n or "dense" in n or "eager" in n for n in ran), ran  # comparisons: after
+
+
+def test_results_entry_also_lands_in_out(tmp_path):
+    """The RESULTS.md entry is also appended under $OUT, the one folder the device tool brings back (the append
+    to the GPU machine's copy of RESULTS.md was lost with the machine)."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import gpu_check
+
+    results, out = tmp_path / "RESULTS.md", tmp_path / "out"
+    results.write_text("# earlier\n")
+    assert gpu_check.save_entry("\n## run 1\n", str(results), None) == [str(results)]
+    out.mkdir()
+    assert gpu_check.save_entry("\n## run 2\n", str(results), str(out)) == [str(results),
+                                                                            str(out / "gpu_check_results.md")]
+    assert results.read_text() == "# earlier\n\n## run 1\n\n## run 2\n"
+    assert (out / "gpu_check_results.md").read_text() == "\n## run 2\n"
 
 
 def test_device_events_reads_kernels_from_gpu_stream_lines():
