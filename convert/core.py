@@ -68,7 +68,7 @@ def convert(src: str, dst: str, to: str, *, dtype: str | None = None, variant: s
                 continue  # tied lm_head, dropped legacy keys
             if tuple(arr.shape) != e.shape:
                 raise CheckpointError(f"{source.path}: {e.src}: shape {arr.shape}, expected {e.shape}")
-            with np.errstate(over="ignore"):  # (said once below, naming the tensors, not as numpy's warning)
+            with np.errstate(over="ignore", invalid="ignore"):  # (overflow: said below; a NaN stays NaN, as in torch)
                 out = cast(arr, e.dtype)
             if out is not arr and np.isinf(out).any() and (np.isinf(out) & ~np.isinf(arr)).any():
                 overflowed.append(name)

@@ -163,6 +163,7 @@ def load_params(path: str, step: int | None = None, dtype=None) -> tuple[DogeCon
     params_dir, cfg_path = resolve(path, step)
     cfg = read_config(cfg_path)
     target = abstract_params(cfg)
+    _quiet_failed_io_leftovers()
     try:
         with ocp.StandardCheckpointer() as ckptr:
             with _quiet_absl():
@@ -249,6 +250,7 @@ def param_metadata(path: str, step: int | None = None) -> tuple[str, str, dict[t
     import orbax.checkpoint as ocp
 
     params_dir, cfg_path = resolve(path, step)
+    _quiet_failed_io_leftovers()  # (a damaged checkpoint's reads report into orbax's closed event loop afterwards)
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             with _quiet_absl():
@@ -282,6 +284,7 @@ def read_param(params_dir: str, path: tuple[str, ...]):
     import numpy as np
     import orbax.checkpoint as ocp
 
+    _quiet_failed_io_leftovers()
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
             out = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
@@ -354,8 +357,9 @@ ITEMS = ("params", "opt_state", "data", "meta")
 
 def _short(error: BaseException) -> str:
     """An error's first line, without tensorstore's "See full TensorStore details: <bound method ...>" tail."""
-    first = (str(error).splitlines() or [""])[0]
-    return re.sub(r"[;.]?\s*See full TensorStore details.*$", "", first)[:200]
+    first = re.sub(r"[;.]?\s*See full TensorStore details.*$", "", (str(error).splitlines() or [""])[0])
+    # (the cause ends the line, after TensorStore's paths: "...: File too large [os_error_code='27']")
+    return first if len(first) <= 200 else f"{first[:110]} ... {first[-85:]}"
 
 
 def _warn(msg: str) -> None:
