@@ -735,7 +735,9 @@ def test_dst_containing_the_source_refused(tmp_path, capsys):
     assert "DST is inside the source" in capsys.readouterr().err and sorted(os.listdir(run)) == before
     assert _run(src, os.path.join(src, "jax"), "--to", "jax") == 0  # a new directory inside it is fine
     # ... but not inside a training run's checkpoints/: RUN/checkpoints/500 became the run's newest "step"
-    for source in (run, run / "checkpoints" / "10"):
+    shutil.copytree(src, run / "exported")  # a model kept in the run's folder (README: the run "holds the source")
+    before = sorted(os.listdir(run))
+    for source in (run, run / "checkpoints" / "10", run / "exported", src):
         assert _run(source, run / "checkpoints" / "500", "--to", "jax") == 2
         assert "inside the training run's checkpoints/" in capsys.readouterr().err and sorted(os.listdir(run)) == before
     assert _run(run, run / "export", "--to", "hf") == 0  # elsewhere in the run it cannot pass for a step
