@@ -124,6 +124,8 @@ class TrainConfig:
             bad("val_fraction", "must be in [0, 1)")
         if not 0 < self.peak_lr < math.inf:
             bad("peak_lr", "must be > 0 and finite")
+        if self.peak_lr > 3.4028234663852886e38:  # (optimizers keep it in float32: torch's Adam raised a traceback)
+            bad("peak_lr", "must be at most float32's largest value, 3.4e38")
         if not 0 < self.max_grad_norm < math.inf:
             bad("max_grad_norm", "must be > 0 and finite (torch's clipping rule; a negative norm ascends)")
         if not 0 <= self.weight_decay < math.inf:

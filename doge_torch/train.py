@@ -437,13 +437,17 @@ def check_out_dir(out: str) -> None:
                           "doge_torch.train run; use a new or empty directory (to start from that model: --init-from)")
 
 
-def data_args(args: argparse.Namespace, tc) -> tuple[list[str], str | None]:
-    """(data paths, tokenizer): --data / --tokenizer, else the config's train.data / train.tokenizer. Mixture weights
-    are doge_jax.train's and refused here."""
+def data_args(args: argparse.Namespace, tc, run_tok: str | None = None) -> tuple[list[str], str | None]:
+    """(data paths, tokenizer): --data / --tokenizer, else the config's train.data / train.tokenizer; no data with a
+    tokenizer (--tokenizer, the resumed run's `run_tok`, the --init-from checkpoint's) is the stdlib sources. Mixture
+    weights are doge_jax.train's and refused here."""
     from doge_jax.corpora import split_weight
+    from doge_jax.init import find_tokenizer
 
     if args.data is None and not tc.data:
-        if not (args.tokenizer or tc.tokenizer or getattr(args, "init_from", None) or tc.init_from):
+        start = getattr(args, "init_from", None) or tc.init_from
+        if not (args.tokenizer or tc.tokenizer or (run_tok and os.path.isfile(run_tok))
+                or (start and find_tokenizer(start))):
             raise ConfigError("no training data: pass --data PATH... or set train.data in the config (with a "
                               "tokenizer, --tokenizer or --init-from's, this Python's standard-library sources are "
                               "the default, as in doge_jax.train)")
@@ -592,10 +596,12 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     # uses the recipe fields (batch, schedule, optimizer, seed), the checkpoint fields and compute_dtype
     # with --init-from the model config is the checkpoint's, with the --config file's model: fields applied on top
     # where shapes allow (dense -> MoE included), as in doge_jax.train
+    locked = False
     if args.out:
         check_out_dir(args.out)
         if os.path.isdir(args.out):  # before its checkpoints are read: another trainer may be rotating them
             held.enter_context(hf_io.run_lock(args.out))
+            locked = True
     have = checkpoint.steps(args.out) if args.out else []
     resume = checkpoint.path_of(args.out, have[-1]) if have else None
     with _unreadable_names(resume, args.out):
@@ -619,7 +625,8 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     if unused:
         print(f"note: doge_torch.train does not use train.{', train.'.join(unused)} (doge_jax.train settings)",
               flush=True)
-    data_paths, tokenizer = data_args(args, tc)
+    run_tok = os.path.join(resume, "tokenizer.json") if resume else None
+    data_paths, tokenizer = data_args(args, tc, run_tok)
     seq_len, grad_accum, rows = tc.seq_len, tc.grad_accum, tc.rows_per_micro
     steps = tc.num_training_steps
     max_steps = min(steps, args.max_steps or steps, tc.stop_after or steps)
@@ -630,7 +637,6 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch has no CUDA device (torch {torch.__version__})")
     start = tc.init_from  # --init-from, or train.init_from in the config file
-    run_tok = os.path.join(resume, "tokenizer.json") if resume else None
     tok = None
     if run_tok and os.path.isfile(run_tok):  # the run's own (checkpoints carry it): a resume keeps its token ids
         tok_src, tok = resume, D.load_tokenizer(run_tok)
@@ -719,8 +725,8 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
 
     metrics_file = None
     if args.out:
-        if not os.path.isdir(args.out):
-            os.makedirs(args.out)
+        if not locked:  # (OUT may have appeared since: another trainer's, made while this one started up)
+            os.makedirs(args.out, exist_ok=True)
             held.enter_context(hf_io.run_lock(args.out))  # one trainer per run directory
         mpath = os.path.join(args.out, "metrics.jsonl")
         if resume and os.path.isfile(mpath):  # the steps after the checkpoint are done again: cut them
@@ -845,9 +851,13 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
               flush=True)
     if args.out:
         final = os.path.join(args.out, "final")
-        model.save_pretrained(final)
-        if tok is not None:  # the tokenizer goes with the model (python -m doge_jax.generate --model OUT/final)
-            D.save_tokenizer(tok, model.config, final, tok_extras)
+        try:
+            model.save_pretrained(final)
+            if tok is not None:  # the tokenizer goes with the model (python -m doge_jax.generate --model OUT/final)
+                D.save_tokenizer(tok, model.config, final, tok_extras)
+        except OSError as e:  # a failed write (full disk), not bad input: exit 1, as a checkpoint's
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointWriteError.of("the final model", final, first) from e
         at = done if resume and done >= max_steps else max_steps
         print(f"saved {final} (the model at step {at})", flush=True)
     return history

@@ -722,6 +722,15 @@ def test_cli_data_and_tokenizer_from_the_config(tmp_path, capsys):
         args = argparse.Namespace(**{"data": None, "tokenizer": None, "init_from": None, **given})
         assert data_args(args, tc) == (default_corpus(), given.get("tokenizer"))
         assert "no --data: training on this Python's standard-library sources" in capsys.readouterr().out
+    # a resumed run's own tokenizer counts (its re-run without --tokenizer said "no training data"); a checkpoint
+    # without one does not (it went on to "text data needs --tokenizer" after the note)
+    bare = argparse.Namespace(data=None, tokenizer=None, init_from=None)
+    assert data_args(bare, tc, str(tmp_path / "tokenizer.json")) == (default_corpus(), None)
+    (tmp_path / "no_tok").mkdir()
+    for args, run_tok in ((bare, str(tmp_path / "no_tok" / "tokenizer.json")),
+                          (argparse.Namespace(data=None, tokenizer=None, init_from=str(tmp_path / "no_tok")), None)):
+        with pytest.raises(ConfigError, match="no training data"):
+            data_args(args, tc, run_tok)
 
 
 def test_bad_token_files_are_named(tmp_path):
@@ -1135,6 +1144,30 @@ def test_cli_failed_checkpoint_write_is_one_line_exit_1(tmp_path):
     assert sorted(os.listdir(out)) == ["metrics.jsonl"]
 
 
+def test_cli_failed_final_write_is_exit_1_and_a_rerun_writes_it(tmp_path, capsys, monkeypatch):
+    """OUT/final that cannot be written (a full disk) is a failed write, exit 1 (it was exit 2, bad input), and the
+    same command run again writes it."""
+    import errno
+
+    import doge_torch.model as TM
+    from doge_torch.train import cli
+
+    out, save = tmp_path / "run", TM.DogeForCausalLM.save_pretrained
+
+    def full(self, path, *a, **k):
+        if os.path.basename(path) == "final":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, path, *a, **k)
+
+    monkeypatch.setattr(TM.DogeForCausalLM, "save_pretrained", full)
+    assert cli([*_tiny_npy_run(tmp_path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: writing the final model into {out / 'final'} failed (") and "No space" in err, err
+    monkeypatch.setattr(TM.DogeForCausalLM, "save_pretrained", save)
+    assert cli([*_tiny_npy_run(tmp_path), "--out", str(out)]) == 0
+    assert "saved" in capsys.readouterr().out and (out / "final" / "model.safetensors").is_file()
+
+
 def test_cli_a_second_trainer_on_a_run_is_refused(tmp_path, capsys):
     """Two trainers on one --out overwrote each other's checkpoints and garbled metrics.jsonl: --out is locked."""
     from doge_jax.hf_io import run_lock
@@ -1146,6 +1179,25 @@ def test_cli_a_second_trainer_on_a_run_is_refused(tmp_path, capsys):
         assert cli([*_tiny_npy_run(tmp_path), "--out", str(out)]) == 2
     assert "is in use: another trainer holds its lock" in capsys.readouterr().err
     assert os.listdir(out) == []
+    # ... also when the other trainer made --out while this one started up (it checked before: no directory, no
+    # lock taken, and both trained into it)
+    import contextlib
+
+    import doge_torch.train as TT
+
+    late, other = tmp_path / "late", contextlib.ExitStack()
+    data_args = TT.data_args
+
+    def made_meanwhile(*args):  # (while this one reads its data)
+        os.makedirs(late)
+        other.enter_context(run_lock(str(late)))
+        return data_args(*args)
+
+    with other, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TT, "data_args", made_meanwhile)
+        assert cli([*_tiny_npy_run(tmp_path), "--out", str(late)]) == 2
+    assert "is in use: another trainer holds its lock" in capsys.readouterr().err
+    assert os.listdir(late) == []
 
 
 def test_mixed_text_and_pretokenized_validation_rows_equal_doge_jax(tmp_path):

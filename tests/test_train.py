@@ -392,6 +392,7 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     (["--train.max_grad_norm", "-1"], "train.max_grad_norm=-1.0: must be > 0"),
     (["--train.adam_b1", "1.5"], "train.adam_b1=1.5: must be in [0, 1)"),
     (["--train.peak_lr", "inf"], "train.peak_lr=inf: must be > 0 and finite"),
+    (["--train.peak_lr", "1e39"], "train.peak_lr=1e+39: must be at most float32's largest value"),
     (["--train.min_lr_ratio", "5"], "train.min_lr_ratio=5.0: must be in [0, 1]"),
     (["--train.weight_decay", "-10"], "train.weight_decay=-10.0: must be >= 0"),
     (["--train.adam_eps", "0"], "train.adam_eps=0.0: must be > 0"),
