@@ -100,8 +100,12 @@ def _write(path: str, model, optimizer, scheduler, run: dict[str, Any], step: in
 
 
 def read_state(path: str) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json (a ValueError, read as damage, when it does not hold a JSON object)."""
     with open(os.path.join(path, STATE)) as f:
-        return json.load(f)
+        state = json.load(f)
+    if not isinstance(state, dict):
+        raise ValueError(f"{STATE} holds {type(state).__name__}, not an object")
+    return state
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -819,6 +819,13 @@ def test_cli_unreadable_checkpoint_is_one_error_naming_it(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: the run's newest checkpoint") and "checkpoint-3" in err[0] \
             and "resume from the one before" in err[0] and "weights_only" not in err[0], err
         (out / "checkpoint-3" / name).write_bytes(good)
+    # a record that parses but is not an object: damage too (it was an AttributeError traceback)
+    good = (out / "checkpoint-3" / "trainer_state.json").read_bytes()
+    (out / "checkpoint-3" / "trainer_state.json").write_text("[]")
+    assert cli(argv + ["--max-steps", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the run's newest checkpoint") and "not an object" in err[0], err
+    (out / "checkpoint-3" / "trainer_state.json").write_bytes(good)
     # not damage: out of memory while moving the state to the device, or a programming error, passes through
     from doge_torch import checkpoint as ck
 
