@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -99,15 +100,6 @@ def _chmod_like_mkdir(path: str) -> None:
     os.chmod(path, 0o777 & ~umask)
 
 
-def _ancestors(path: str) -> list[str]:
-    """The directories above `path`, nearest first."""
-    out = []
-    while os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-        out.append(path)
-    return out
-
-
 def _check_apart(src: str, dst: str, overwrite: bool) -> None:
     """DST must not be the source, contain it (replacing DST would delete it), or be an existing part of it."""
     s, d = os.path.realpath(src), os.path.realpath(dst)
@@ -124,7 +116,7 @@ def _check_apart(src: str, dst: str, overwrite: bool) -> None:
     if run is None and os.path.basename(os.path.dirname(s)) == "checkpoints":  # SRC is a step directory
         run = os.path.dirname(os.path.dirname(s))
     steps_dir = os.path.join(run, "checkpoints") if run is not None else None
-    for anc in (d, *_ancestors(d)):  # any run's checkpoints/ (a source inside the run's folder too)
+    for anc in (d, *map(str, pathlib.Path(d).parents)):  # any run's checkpoints/ (a source in the run's folder too)
         if os.path.basename(anc) == "checkpoints" and os.path.isfile(os.path.join(os.path.dirname(anc),
                                                                                    "config.json")):
             run, steps_dir = os.path.dirname(anc), anc

@@ -181,7 +181,7 @@ def init_params(path: str, cfg: DogeConfig, seed: int) -> dict:
 def upcast_note(path: str, dtypes: set[str]) -> None:
     """Say that a checkpoint stored in 16-bit floats is trained (and saved) in float32, as the recipe keeps its
     parameters (both trainers)."""
-    low = sorted(d.replace("torch.", "") for d in dtypes if d.replace("torch.", "") in ("bfloat16", "float16"))
+    low = sorted({d.removeprefix("torch.") for d in dtypes} & {"bfloat16", "float16"})
     if low:
         print(f"note: --init-from {path} holds {' and '.join(low)} weights: they are trained, and saved, as float32 "
               "(python -m convert --dtype bfloat16 casts a saved model back)", file=sys.stderr)
