@@ -113,7 +113,7 @@ def test_attention_core_rows_at_every_size_come_first(monkeypatch):
             super().__init__(600)
             self.n = n
 
-        def left(self):
+        def left(self, core=False):
             self.n -= 1
             return 600 if self.n >= 0 else 0
 
@@ -142,6 +142,51 @@ def test_attention_core_rows_at_every_size_come_first(monkeypatch):
         assert any("jax causal" in n for n in at), at
         assert any("doge_torch DMA" in n for n in at) and any("doge_jax DMA" in n for n in at), at
     assert not any("blockwise" in n or "dense" in n or "eager" in n for n in ran), ran  # comparisons: after
+
+
+def test_core_rows_run_when_the_section_share_is_spent(monkeypatch):
+    """A section that ran over its share costs the later sections their extra rows, not the rows issue 7 asks for:
+    with the section's share spent but not the whole budget, the attention core rows and the train target rows run,
+    the attention comparisons and the --probes rows are budget SKIPs (timings and steps faked: which rows run is the
+    point). Each section's share used to gate every row, so one slow section turned later targets into SKIPs."""
+    import types
+
+    import torch
+
+    import doge_torch.train
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "time_fn", lambda fn, reps, warmup=1: 1e-3)
+    monkeypatch.setattr(gpu_check, "time_queued", lambda fn, steps, warmup=1: 1e-3)
+    monkeypatch.setattr(gpu_check, "hf_train_rate", lambda *a: (1e3, "faked"))
+    monkeypatch.setattr(gpu_check, "_jax_step", lambda *a: (lambda p, o, b: (p, o, {"loss": 1.0}), 0, 0, "faked"))
+    opt = types.SimpleNamespace(defaults={})
+    monkeypatch.setattr(gpu_check, "torch_train_setup", lambda *a: (None, None, opt))
+    monkeypatch.setattr(doge_torch.train, "train_step", lambda *a, **k: {"loss": torch.tensor(1.0)})
+
+    def spent():
+        budget = gpu_check.Budget(600)
+        budget.start(0.0, 1.0)  # this section's share: nothing
+        assert budget.left() <= 0 < budget.left(core=True)
+        return budget
+
+    report = gpu_check.Report("cpu-fallback")
+    gpu_check.section_attention(report, spent(), True, torch.device("cpu"), probes=True)
+    gpu_check.section_train(report, spent(), True, torch.device("cpu"), 1e12, "all", (), probes=True)
+    ran = [r[1] for r in report.rows if r[-1] != "SKIP"]
+    skipped = [r[1] for r in report.rows if r[-1] == "SKIP"]
+    assert all(r[3] == "budget" for r in report.rows if r[-1] == "SKIP"), report.rows
+    for T in (256, 128):  # every size's core rows
+        at = [n for n in ran if n.startswith(f"T={T} ")]
+        assert any(gpu_check.BASELINE_DEFAULT in n for n in at) and any("jax causal" in n for n in at), at
+        assert any("doge_torch DMA" in n for n in at) and any("doge_jax DMA" in n for n in at), at
+    assert any("blockwise" in n for n in skipped) and not any("blockwise" in n for n in ran), (ran, skipped)
+    train = [n for n in ran if not n.startswith("T=")]
+    for fw in ("transformers", "doge_jax", "doge_torch"):  # the target rows (one config on the CPU), each framework
+        assert any(n.startswith(f"tiny (as Doge-160M) {fw}") for n in train), (fw, train)
+    assert not any("[" in n for n in train) and any("[" in n for n in skipped), (train, skipped)
 
 
 def test_results_entry_also_lands_in_out(tmp_path):
