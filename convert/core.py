@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import signal
 import sys
 import time
@@ -116,11 +115,9 @@ def _check_apart(src: str, dst: str, overwrite: bool) -> None:
     if run is None and os.path.basename(os.path.dirname(s)) == "checkpoints":  # SRC is a step directory
         run = os.path.dirname(os.path.dirname(s))
     steps_dir = os.path.join(run, "checkpoints") if run is not None else None
-    for anc in (d, *map(str, pathlib.Path(d).parents)):  # any run's checkpoints/ (a source in the run's folder too)
-        if os.path.basename(anc) == "checkpoints" and os.path.isfile(os.path.join(os.path.dirname(anc),
-                                                                                   "config.json")):
-            run, steps_dir = os.path.dirname(anc), anc
-            break
+    other = hf_io.run_holding(d)  # any run's checkpoints/ (a source in the run's folder too)
+    if other is not None:
+        run, steps_dir = other, os.path.join(other, "checkpoints")
     if steps_dir is not None and os.path.commonpath([steps_dir, d]) == steps_dir:
         raise FileExistsError(f"{dst}: DST is inside the training run's checkpoints/ ({run}); a model there could "
                               "pass for one of its steps (and be loaded as its newest); write to another directory")

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -170,6 +171,20 @@ def _not_model_file(name: str) -> bool:
     return MODEL_FILES.fullmatch(name) is None
 
 
+def run_holding(path: str | os.PathLike) -> str | None:
+    """The doge_jax training run whose checkpoints/ is `path` or holds it, else None. A run: checkpoints/ beside a
+    config.json, with train_config.yaml there or step directories (digits) in it (a project folder's own
+    checkpoints/my-model is not one)."""
+    p = pathlib.Path(os.path.realpath(path))
+    for below, anc in zip((None, p, *p.parents), (p, *p.parents)):
+        if anc.name != "checkpoints" or not (anc.parent / "config.json").is_file():
+            continue
+        steps = anc.is_dir() and any(n.isdigit() for n in os.listdir(anc))
+        if (anc.parent / "train_config.yaml").is_file() or steps or (below is not None and below.name.isdigit()):
+            return str(anc.parent)
+    return None
+
+
 @contextlib.contextmanager
 def model_output_dir(path: str | os.PathLike, overwrite: bool = True, replace_side_files: bool = False
                      ) -> Iterator[str]:
@@ -180,6 +195,10 @@ def model_output_dir(path: str | os.PathLike, overwrite: bool = True, replace_si
     if os.path.isdir(os.path.join(os.fspath(path), "checkpoints")):
         raise FileExistsError(f"{os.fspath(path)} holds a training run (checkpoints/); save the model to another "
                               "directory (a run's step converts with python -m convert RUN DST --to hf)")
+    run = run_holding(path)
+    if run is not None:
+        raise FileExistsError(f"{os.fspath(path)} is inside the training run's checkpoints/ ({run}): a model saved "
+                              "there would replace one of its steps or pass for one; save it to another directory")
     keep = (lambda name: _not_model_file(name) and name not in SIDE_FILES) if replace_side_files else _not_model_file
     with atomic_output_dir(path, overwrite=overwrite, keep=keep) as tmp:
         yield tmp

@@ -717,6 +717,18 @@ def test_saving_a_model_into_a_training_run_is_refused(tmp_path):
         with pytest.raises(FileExistsError, match="holds a training run"):
             save(str(run))
         assert sorted(os.listdir(run)) == before
+        # nor into its checkpoints/ or a step there (a save into a step replaced its params/: the step was lost)
+        for where in (run / "checkpoints", run / "checkpoints" / "20", run / "checkpoints" / "40"):
+            with pytest.raises(FileExistsError, match=r"inside the training run's checkpoints/"):
+                save(str(where))
+            assert sorted(os.listdir(run)) == before and not (run / "checkpoints" / "40").exists()
+        assert sorted(os.listdir(run / "checkpoints" / "20")) == ["opt_state", "params"]
+    # a project folder with a config.json and its own checkpoints/ of saved models is not a run
+    proj = tmp_path / "project"
+    (proj / "checkpoints").mkdir(parents=True)
+    (proj / "config.json").write_text("{}")
+    DogeForCausalLM.from_pretrained(src).save_pretrained(str(proj / "checkpoints" / "my-model"))
+    assert (proj / "checkpoints" / "my-model" / "model.safetensors").is_file()
 
 
 def test_dst_containing_the_source_refused(tmp_path, capsys):
