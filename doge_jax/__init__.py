@@ -7,12 +7,12 @@ itself is loaded lazily.
 
 from .config import ConfigError, DogeConfig
 
-__all__ = ["DogeConfig", "ConfigError", "DogeForCausalLM"]
+__all__ = ["DogeConfig", "ConfigError", "DogeForCausalLM", "DogeCache"]
 
 
 def __getattr__(name: str):
-    if name == "DogeForCausalLM":
-        from .model import DogeForCausalLM
+    if name in ("DogeForCausalLM", "DogeCache"):
+        from . import model
 
-        return DogeForCausalLM
+        return getattr(model, name)
     raise AttributeError(name)

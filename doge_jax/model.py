@@ -385,6 +385,30 @@ def load_balancing_loss(router_logits: jax.Array, cfg: DogeConfig, attention_mas
     return jnp.sum(f * p_mean) * E
 
 
+def check_logits_to_keep(logits_to_keep, S: int) -> None:
+    """An array of positions must index the S positions (JAX would clamp an out-of-range index silently; torch
+    raises). No-op on traced values and ints (an int n keeps the last n, as transformers)."""
+    if isinstance(logits_to_keep, (int, jax.core.Tracer)) and not isinstance(logits_to_keep, bool):
+        return
+    a = np.asarray(logits_to_keep)
+    if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"logits_to_keep: an int (the last n positions) or integer positions, got {a.dtype}")
+    bad = a[(a < -S) | (a >= S)]
+    if bad.size:
+        raise ValueError(f"logits_to_keep: position {int(bad.reshape(-1)[0])} out of range for {S} positions "
+                         f"(-{S}..{S - 1})")
+
+
+def check_num_items(n) -> None:
+    """num_items_in_batch (the label count the loss sum is divided by) must be > 0 when known (0 gave an inf loss, a
+    negative count a negative one). No-op on traced values."""
+    if n is None or isinstance(n, jax.core.Tracer):
+        return
+    v = np.asarray(n)
+    if v.size != 1 or np.iscomplexobj(v) or not float(v.reshape(())) > 0:
+        raise ValueError(f"num_items_in_batch={n!r}: the number of label tokens the loss sum is divided by, > 0")
+
+
 def check_token_ids(input_ids, vocab_size: int) -> None:
     """Token ids outside [0, vocab) raise (JAX would clamp the gather silently). No-op on traced values."""
     if isinstance(input_ids, jax.core.Tracer):
@@ -482,6 +506,9 @@ class DogeForCausalLM(nnx.Module):
             if x.ndim != 3 or 0 in x.shape[:2] or x.shape[2] != cfg.hidden_size:
                 raise ValueError(f"inputs_embeds shape {tuple(x.shape)}: expected [batch >= 1, seq >= 1, "
                                  f"hidden_size={cfg.hidden_size}]")
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise ValueError(f"inputs_embeds dtype {x.dtype}: expected floating point vectors (token ids go in "
+                                 "input_ids)")
             B, S = x.shape[:2]
         else:
             check_token_ids(input_ids, cfg.vocab_size)
@@ -494,6 +521,8 @@ class DogeForCausalLM(nnx.Module):
             # spec §9.14: as torch's Embedding(padding_idx), the lookup gives the pad row no gradient (the pad row
             # starts at zero, where RMSNorm's gradient is ~1/sqrt(eps): it swamped the clipping norm)
             x = jnp.where((input_ids == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
+        check_logits_to_keep(logits_to_keep, S)
+        check_num_items(num_items_in_batch)
         start = cache.index if cache is not None else 0
         if cache is not None and cache.key_mask.shape[0] != B:
             raise ValueError(f"cache for batch {cache.key_mask.shape[0]}, input batch {B}: DogeCache.init(config, "
@@ -668,9 +697,15 @@ class DogeForCausalLM(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype=None, variant: str | None = None,
-                        config: DogeConfig | None = None) -> DogeForCausalLM:
+                        config: DogeConfig | None = None, *, torch_dtype=None) -> DogeForCausalLM:
+        """A local HF directory or orbax checkpoint (doge_jax.hf.from_pretrained); `torch_dtype` is transformers'
+        older name for `dtype`."""
         from .hf import from_pretrained
 
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise ValueError("pass dtype or its older name torch_dtype, not both")
+            dtype = torch_dtype
         return from_pretrained(path, dtype=dtype, variant=variant, config=config)
 
     def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", overwrite: bool = True) -> None:

@@ -832,6 +832,16 @@ def _resized_rows(w: nn.Parameter, n: int, mean_resizing: bool, std: float, head
     return nn.Parameter(new, requires_grad=w.requires_grad)
 
 
+def check_num_items(n) -> None:
+    """num_items_in_batch (the label count the loss sum is divided by) must be > 0 where its value is known without
+    a device sync: a Python number or a CPU tensor (0 gave an inf loss, a negative count a negative one)."""
+    if n is None or torch.compiler.is_compiling() or (isinstance(n, torch.Tensor) and n.device.type != "cpu"):
+        return
+    v = n.detach() if isinstance(n, torch.Tensor) else torch.as_tensor(n)
+    if v.numel() != 1 or v.is_complex() or not bool(v.reshape(()) > 0):
+        raise ValueError(f"num_items_in_batch={n!r}: the number of label tokens the loss sum is divided by, > 0")
+
+
 class DogeForCausalLM(nn.Module):
     """The Doge causal LM. `model(input_ids, attention_mask=None, logits_to_keep=0).logits`."""
 
@@ -925,8 +935,13 @@ class DogeForCausalLM(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return self.config.remat != "none"
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """As transformers': exclude_embeddings leaves out every nn.Embedding's weight (the token embedding, tied
+        lm_head included, and a CDMoE layer's expert embeddings)."""
+        skip = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, nn.Embedding)} if exclude_embeddings \
+            else set()
+        return sum(p.numel() for n, p in self.named_parameters()
+                   if n not in skip and (p.requires_grad or not only_trainable))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: DogeCache | None = None,
@@ -956,6 +971,10 @@ class DogeForCausalLM(nn.Module):
                             f"got {type(past_key_values).__name__}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        check_num_items(num_items_in_batch)
+        if input_ids is not None and not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: a torch.Tensor [batch, seq], got {type(input_ids).__name__} "
+                            "(torch.as_tensor(ids); generate takes lists too)")
         if input_ids is not None:
             if input_ids.ndim != 2 or 0 in input_ids.shape:
                 raise ValueError(f"input_ids shape {tuple(input_ids.shape)}: expected [batch >= 1, seq >= 1]")

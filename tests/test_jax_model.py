@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -607,6 +608,16 @@ def test_labels_checked_and_logits_to_keep_positions(tmp_path):
         want = hf(input_ids=torch.as_tensor(ids), logits_to_keep=torch.as_tensor(keep)).logits.numpy()
     got = np.asarray(model(ids, logits_to_keep=keep).logits)
     assert got.shape == want.shape == (2, 3, 128) and max_abs_diff(got, want) <= 1e-5
+    # positions outside the sequence raise, as in torch (JAX's gather clamped them: position 11's logits for 12)
+    for bad, msg in (([12], "position 12 out of range for 12 positions"), ([0, -13], "position -13 out of range"),
+                     (np.array([1.0]), "integer positions, got float64")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            model(ids, logits_to_keep=bad)
+    np.testing.assert_array_equal(np.asarray(model(ids, logits_to_keep=[-1]).logits), got[:, -1:])
+    # a label count of 0 or below (the loss sum's divisor) raises: it gave an inf or a negative loss
+    for n in (0, -1, np.int32(0)):
+        with pytest.raises(ValueError, match="num_items_in_batch=.*> 0"):
+            model(ids, labels=ids, num_items_in_batch=n)
     pos = [list(range(12))] * 2
     np.testing.assert_array_equal(np.asarray(model(ids, position_ids=pos).logits), np.asarray(model(ids).logits))
 
@@ -642,6 +653,13 @@ def test_transformers_style_arguments_and_outputs(tmp_path):
     path = save_hf(make_hf_model(), tmp_path / "m")
     model = DogeForCausalLM.from_pretrained(path)
     assert DogeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).model.norm.weight.dtype == jnp.bfloat16
+    # transformers' older name for dtype (was a TypeError), and the cache class at the package's top, as doge_torch's
+    assert DogeForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).model.norm.weight.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="dtype or its older name torch_dtype, not both"):
+        DogeForCausalLM.from_pretrained(path, dtype="float32", torch_dtype=torch.bfloat16)
+    import doge_jax
+
+    assert doge_jax.DogeCache is DogeCache and doge_jax.DogeForCausalLM is DogeForCausalLM
     ids = unique_ids(2, 12, TINY["vocab_size"])
     out = model(ids, labels=ids)
     assert out[0] is out.loss and out["logits"] is out.logits and len(out.to_tuple()) == 2
@@ -885,6 +903,8 @@ def test_inputs_embeds_as_transformers(tmp_path):
             m(attention_mask=conv(mask))
         with pytest.raises(ValueError, match=r"inputs_embeds shape \(2, 72, 3\): expected \[batch >= 1, seq >= 1, "):
             m(inputs_embeds=conv(emb[..., :3]))
+    with pytest.raises(ValueError, match="inputs_embeds dtype int32: expected floating point"):  # (was a scan error)
+        model(inputs_embeds=looked_up.astype(np.int32))
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -229,6 +229,13 @@ def test_labels_and_logits_to_keep_as_transformers():
     with torch.no_grad():
         a, b = hf(input_ids=ids, logits_to_keep=keep).logits, ours(ids, logits_to_keep=keep).logits
     assert a.shape == b.shape == (2, 3, TINY["vocab_size"]) and max_abs_diff(a.numpy(), b.numpy()) <= TOL
+    # a label count of 0 or below (the loss sum's divisor) raises where it is known without a device sync
+    for n in (0, -1, torch.tensor(0)):
+        for return_logits in (True, False):
+            with pytest.raises(ValueError, match="num_items_in_batch=.*> 0"):
+                ours(ids, labels=ids, num_items_in_batch=n, return_logits=return_logits)
+    with pytest.raises(TypeError, match="input_ids: a torch.Tensor"):  # (was AttributeError: 'list' ... 'ndim')
+        ours(ids.tolist())
 
 
 def test_keep_window_ties_keep_lower_index():
@@ -287,6 +294,8 @@ def test_moe_aux_loss(masked, experts):
     coef = hf.config.router_aux_loss_coef
     assert abs(b.loss.item() - (no_aux.loss.item() + coef * b.aux_loss.item())) <= TOL
     assert max_abs_diff(a.logits, b.logits) <= TOL
+    # transformers' count without embeddings leaves out the expert embeddings too (they are nn.Embedding there)
+    assert ours.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
@@ -1066,6 +1075,7 @@ def test_transformers_style_arguments_and_outputs(tmp_path, monkeypatch):
     assert ours.device == torch.device("cpu") and ours.dtype == torch.float32
     assert ours.get_input_embeddings() is ours.model.embed_tokens
     assert ours.get_output_embeddings().weight is ours.lm_weight() and ours.num_parameters() == hf.num_parameters()
+    assert ours.num_parameters(exclude_embeddings=True) == hf.num_parameters(exclude_embeddings=True)
     four = ours.generate(ids[:, :5], max_new_tokens=4)
     assert torch.equal(ours.generate(ids[:, :5], max_length=9), four)
     assert torch.equal(ours.generate(ids[:, :5], max_length=9, max_new_tokens=None), four)  # None: not given
