@@ -39,16 +39,20 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
 
 
 def parse_size(size: int | str) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"bad size {size!r}: use e.g. 5GB, 500MB or a byte count")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
+    """'5GB', '500MB', '2GiB' or a byte count (> 0) -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"bad size {size!r}: use e.g. 5GB, 500MB or a byte count")
+        unit = (m.group(2) or "B").upper()
+        mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+        n = int(float(m.group(1)) * mult)
+    if n < 1:
+        raise ValueError(f"bad size {size!r}: a shard must hold at least one byte (use e.g. 5GB or 500MB)")
+    return n
 
 
 def _owner() -> str:

@@ -86,9 +86,9 @@ def make_mesh(mesh_cfg: dict | None = None, devices: list | None = None) -> Mesh
                              f"product {fixed}")
         sizes[auto[0]] = n // fixed
     elif fixed != n:
-        field = "fsdp" if sizes["fsdp"] != 1 else "data"
-        raise ValueError(f"mesh.{field}: data={sizes['data']} x fsdp={sizes['fsdp']} = {fixed} devices, but "
-                         f"{n} are available (the product must equal the device count; use -1 for one axis)")
+        have = f"{n} device is" if n == 1 else f"{n} devices are"
+        raise ValueError(f"mesh: data={sizes['data']} x fsdp={sizes['fsdp']} = {fixed} devices, but {have} "
+                         "available (the product must equal the device count; use -1 for one axis)")
     return Mesh(np.asarray(devices, dtype=object).reshape(sizes["data"], sizes["fsdp"]), MESH_AXES)
 
 

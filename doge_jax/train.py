@@ -262,7 +262,7 @@ def make_mesh(tcfg: TrainConfig):
         mesh = S.make_mesh(tcfg.mesh)
     except ValueError as e:
         hint = ""
-        if "are available" in str(e):  # e.g. a run recorded on 8 devices resumed on 1: say how on the command line
+        if " available (" in str(e):  # e.g. a run recorded on 8 devices resumed on 1: say how on the command line
             hint = (f"; --train.mesh '{{data: -1}}' runs data parallel on every device ({jax.device_count()} here), "
                     "'{fsdp: -1}' shards the parameters over them")
         raise ConfigError(f"train.{e}{hint}") from None

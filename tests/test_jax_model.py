@@ -310,6 +310,11 @@ def test_sharded_save_roundtrip(tmp_path):
     again = DogeForCausalLM.from_pretrained(out)
     for k, a in flat_params(model).items():
         assert np.array_equal(np.asarray(a), np.asarray(flat_params(again)[k])), k
+    # a shard size below one byte is refused (0 and -1 wrote one shard per tensor), as a malformed one is
+    for bad in (0, -1, "0MB", "lots"):
+        with pytest.raises(ValueError, match="bad size"):
+            model.save_pretrained(str(tmp_path / "bad"), max_shard_size=bad)
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_bf16_load(tmp_path):

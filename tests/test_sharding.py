@@ -110,8 +110,8 @@ def test_rules_fallbacks():
 
 
 @pytest.mark.parametrize("cfg, msg", [
-    ({"data": 2, "fsdp": 2}, r"mesh\.fsdp: data=2 x fsdp=2 = 4 devices, but 8 are available"),
-    ({"data": 4}, r"mesh\.data: data=4 x fsdp=1 = 4 devices, but 8 are available"),
+    ({"data": 2, "fsdp": 2}, r"mesh: data=2 x fsdp=2 = 4 devices, but 8 devices are available"),
+    ({"data": 4}, r"mesh: data=4 x fsdp=1 = 4 devices, but 8 devices are available"),
     ({"data": 3, "fsdp": -1}, r"mesh\.fsdp: -1 needs the device count 8 to be a multiple of .* 3"),
     ({"data": -1, "fsdp": -1}, r"mesh\.fsdp: only one mesh axis may be -1"),
     ({"data": -1, "tensor": 2}, r"mesh\.tensor: unknown mesh axis"),

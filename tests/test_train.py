@@ -384,7 +384,7 @@ def test_nan_found_between_checkpoints_names_its_step(corpus, cache, tmp_path, c
     (["--train.tokenizer", "/nonexistent"], "tokenizer '/nonexistent'"),
     (["stray"], "unknown argument 'stray'"),
     # (with how to say "every device" on the command line: a run recorded on 8 devices, resumed on 1)
-    (["--train.mesh", "{data: 3}"], "train.mesh.data: data=3 x fsdp=1 = 3 devices, but 1 are available (the "
+    (["--train.mesh", "{data: 3}"], "train.mesh: data=3 x fsdp=1 = 3 devices, but 1 device is available (the "
      "product must equal the device count; use -1 for one axis); --train.mesh '{data: -1}' runs data parallel on "
      "every device (1 here), '{fsdp: -1}' shards the parameters over them"),
     (["--train.mesh", "{tensor: 2}"], "train.mesh={'tensor': 2}: must be a mapping"),
