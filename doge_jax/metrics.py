@@ -193,6 +193,12 @@ def plot_loss(run_dir: str) -> str:
     ax.legend()
     fig.tight_layout()
     out = os.path.join(run_dir, "loss.png")
-    fig.savefig(out)
-    plt.close(fig)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:  # written aside and renamed: an interrupted or failed write leaves the old plot, not half a file
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out

@@ -691,6 +691,8 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
             plot_loss(run_dir)
         except OSError as e:  # (the run itself is done: its checkpoints are on disk)
             log(f"warning: writing {os.path.join(run_dir, 'loss.png')} failed ({e})")
+        except KeyboardInterrupt:  # a (second) Ctrl-C while plotting: the run's outcome stands, only the plot is lost
+            log(f"warning: {os.path.join(run_dir, 'loss.png')} not written (interrupted); the run is as said above")
     if status == "finished":
         log(f"finished {step} steps; run directory {run_dir}")
     return TrainResult(status, step, run_dir, None if val is None else val[0], stop_signal[0] if stop_signal else None)

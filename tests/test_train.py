@@ -64,6 +64,36 @@ def _params(path):
     return jax.tree.leaves(load_params(str(path))[1])
 
 
+def test_ctrl_c_while_plotting_keeps_the_runs_outcome(corpus, cache, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C that lands after the last checkpoint, while loss.png is drawn, loses only the plot: the run's exit and
+    message stand (it said "stopped at once, without a new checkpoint" after "checkpoint saved"); the plot is written
+    aside and renamed, so an interrupted write leaves the old loss.png whole."""
+    import matplotlib.figure
+
+    from doge_jax.metrics import plot_loss
+
+    def interrupted(run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "plot_loss", interrupted)
+    out = tmp_path / "run"
+    assert run(corpus, cache, out) == 0
+    err = capsys.readouterr().err
+    assert "loss.png not written (interrupted)" in err and "stopped at once" not in err, err[-2000:]
+    assert list_steps(str(out)) == [2, 4, 6] and not (out / "loss.png").exists()
+    plot_loss(str(out))
+    before = (out / "loss.png").read_bytes()
+
+    def half_then_interrupt(self, fname, **kw):
+        open(fname, "wb").write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        plot_loss(str(out))
+    assert (out / "loss.png").read_bytes() == before and not [n for n in os.listdir(out) if ".tmp-" in n]
+
+
 def test_end_to_end_artifacts(corpus, cache, tmp_path):
     out = tmp_path / "run"
     assert run(corpus, cache, out) == 0
