@@ -79,7 +79,9 @@ def split_weight(entry: Any) -> tuple[str, float | None]:
             try:
                 path, weight = head, float(tail)
             except ValueError:
-                pass
+                if os.path.exists(os.path.expanduser(head)):  # PATH:WEIGHT with a mistyped weight
+                    raise D.DataError(f"data entry {entry!r}: the weight {tail!r} is not a number (PATH:WEIGHT, "
+                                      "e.g. data/web:0.7)") from None
     if weight is not None:
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
             raise D.DataError(f"data entry {entry!r}: the weight must be a finite number > 0")
@@ -622,14 +624,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    bad = None  # a bad value: one error line, as doge_jax.train's (not argparse's usage block)
     if not 0.0 <= a.val_fraction < 1.0:  # as train.val_fraction (2 held out every document, -0.5 none)
-        ap.error(f"--val-fraction {a.val_fraction}: must be in [0, 1)")
-    if not 0 <= a.seed < 2**32:  # as train.seed (a negative one was a traceback)
-        ap.error(f"--seed {a.seed}: must be in [0, 2**32)")
-    if a.workers is not None and a.workers < 1:
-        ap.error(f"--workers {a.workers}: must be >= 1")
-    if a.vocab_size is not None and a.vocab_size < 1:
-        ap.error(f"--vocab-size {a.vocab_size}: must be >= 1")
+        bad = f"--val-fraction {a.val_fraction}: must be in [0, 1)"
+    elif not 0 <= a.seed < 2**32:  # as train.seed (a negative one was a traceback)
+        bad = f"--seed {a.seed}: must be in [0, 2**32)"
+    elif a.workers is not None and a.workers < 1:
+        bad = f"--workers {a.workers}: must be >= 1"
+    elif a.vocab_size is not None and a.vocab_size < D.MIN_BPE_VOCAB:
+        bad = (f"--vocab-size {a.vocab_size}: a byte-level BPE needs at least {D.MIN_BPE_VOCAB} tokens (256 bytes + "
+               f"{len(D.SPECIAL_TOKENS)} special tokens)")
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     try:
         m = pretokenize(a.data, a.tokenizer, a.out, a.text_field, a.val_fraction, a.seed, a.workers,
                         not a.no_progress, a.vocab_size)

@@ -279,7 +279,7 @@ def make_mesh(tcfg: TrainConfig):
 RESUME_NOTED = ("data", "seq_len", "global_batch_tokens", "grad_accum", "peak_lr", "num_training_steps",
                 "num_warmup_steps", "num_decay_steps", "warmup_type", "decay_type", "min_lr_ratio", "weight_decay",
                 "adam_b1", "adam_b2", "adam_eps", "max_grad_norm", "seed", "val_fraction", "text_field",
-                "compute_dtype", "loss_chunk")
+                "compute_dtype", "loss_chunk", "moe_freeze_steps")
 
 
 def check_run_config(run_dir: str, tcfg: TrainConfig) -> str | None:
@@ -388,6 +388,10 @@ def _train(mcfg: DogeConfig, tcfg: TrainConfig, config_path: str | None, held: c
                               "(model.is_moe true)")
         mesh = make_mesh(tcfg)
         resuming = bool(list_steps(run_dir))  # (its weights come from its checkpoint: init_from is not read)
+        if tcfg.moe_freeze_steps and not tcfg.init_from and not resuming:
+            log(f"warning: train.moe_freeze_steps={tcfg.moe_freeze_steps} without --init-from: the first "
+                f"{tcfg.moe_freeze_steps} steps train only the routers and experts of a randomly initialised model "
+                "(the dense -> MoE recipe starts from a dense checkpoint: --init-from DIR)")
         if tcfg.init_from and not resuming:
             base = I.checkpoint_config(tcfg.init_from)
             changes = I.config_changes(base, mcfg)

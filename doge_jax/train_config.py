@@ -270,7 +270,8 @@ def load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]],
 def _naming_the_file(e: ConfigError, path: str, overrides: list[tuple[str, str, Any]]) -> ConfigError:
     """`e` with "(set in PATH)" added when the field it names ("train.X=...", "DogeConfig.X=...") has its value
     from the config file rather than from an override."""
-    m = re.match(r"(train|model|DogeConfig)\.(\w+)=", str(e))
+    m = re.match(r"(train|model|DogeConfig)\.(\w+)=", str(e)) or re.match(r"unknown config key (train|model)\.(\w+)",
+                                                                          str(e))
     if not m:
         return e
     section = "train" if m[1] == "train" else "model"

@@ -66,6 +66,9 @@ def test_parse_sources(files, tmp_path):
     assert g.paths == [p0, p1] and g.weight == 2.0
     with pytest.raises(D.DataError, match="has no weight"):
         C.parse_sources([f"{p0}:0.7", js])
+    for specs in ([f"{p0}:0.7", f"{js}:abc"], [f"{js}:abc"]):  # a mistyped weight (was "has no weight" / "no path")
+        with pytest.raises(D.DataError, match=r"the weight 'abc' is not a number \(PATH:WEIGHT"):
+            C.parse_sources(specs)
     for w in (0, float("inf"), float("nan")):
         with pytest.raises(D.DataError, match="weight must be a finite number > 0"):
             C.parse_sources([{"path": p0, "weight": w}])
@@ -169,10 +172,14 @@ def test_pretokenize_arguments_and_a_damaged_manifest_are_named(files, cache, tm
     for flag, value, said in (("--val-fraction", "2", "--val-fraction 2.0: must be in [0, 1)"),
                               ("--val-fraction", "-0.5", "must be in [0, 1)"),
                               ("--seed", "-1", "--seed -1: must be in [0, 2**32)"),  # (a traceback)
-                              ("--vocab-size", "10", "a byte-level BPE of 10 tokens: it needs at least 259")):
+                              ("--vocab-size", "10", "--vocab-size 10: a byte-level BPE needs at least 259"),
+                              ("--vocab-size", "0", "--vocab-size 0: a byte-level BPE needs at least 259"),
+                              ("--workers", "0", "--workers 0: must be >= 1")):
         proc = _pretokenize("--data", files / "rows.jsonl", "--out", tmp_path / "x", flag, value,
                             *(["--tokenizer", files / "tokenizer.json"] if flag != "--vocab-size" else []))
         assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+        # one error line, as doge_jax.train's (argparse printed its usage block first)
+        assert proc.stderr.strip().splitlines() == [f"error: {proc.stderr.split('error: ', 1)[1].strip()}"], proc.stderr
         assert not (tmp_path / "x").exists()
     with pytest.raises(D.DataError, match="needs at least 259"):
         D.train_bpe([str(files / "rows.jsonl")], 100)

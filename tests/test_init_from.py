@@ -209,6 +209,10 @@ def test_dense_to_moe_init_and_freeze(corpus, cache, dense, tmp_path, capsys):  
     f3 = flat(load_params(str(out), step=3)[1])
     for k in f3:
         assert not np.array_equal(f3[k], f2[k]), k
+    # a changed freeze length is named on resume, as the schedule's fields are (it was not; the
+    # last use of this run: the newest keep_checkpoints steps stay)
+    assert run(corpus, cache, out, *args[:-1], "3", "--train.stop_after", "4") == 0
+    assert "changed settings: moe_freeze_steps 2 -> 3" in capsys.readouterr().err
 
 
 def test_freeze_needs_moe(corpus, cache, tmp_path, capsys):  # noqa: F811
@@ -219,6 +223,10 @@ def test_freeze_needs_moe(corpus, cache, tmp_path, capsys):  # noqa: F811
                "--model.num_experts_per_tok", "4", "--train.moe_freeze_steps", "6") == 2
     assert "error: train.moe_freeze_steps=6: must be < num_training_steps=6" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+    # without --init-from it freezes a random model's dense parts: allowed, with a warning (a forgotten --init-from?)
+    assert run(corpus, cache, tmp_path / "z", "--model.is_moe", "true", "--model.num_experts", "16",
+               "--model.num_experts_per_tok", "4", "--train.moe_freeze_steps", "2", "--train.stop_after", "1") == 0
+    assert "warning: train.moe_freeze_steps=2 without --init-from" in capsys.readouterr().err
 
 
 def test_run_dir_must_match_its_start_and_not_be_a_saved_model(corpus, cache, dense, tmp_path, capsys,  # noqa: F811

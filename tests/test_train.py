@@ -462,6 +462,11 @@ def test_config_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError) as e:  # the command line's value: no file to name
         load_configs(str(path), [("train", "seed", 1), ("train", "peak_lr", -2.0)])
     assert str(e.value) == "train.peak_lr=-2.0: must be > 0 and finite"
+    typo = tmp_path / "typo.yaml"  # an unknown key the file holds is named with the file too (it was not)
+    typo.write_text("model:\n  hidden_size: 64\ntrain:\n  peak_lrr: 1e-3\n")
+    with pytest.raises(ConfigError, match=re.escape("unknown config key train.peak_lrr (did you mean train.peak_lr")
+                       + r".*" + re.escape(f"(set in {typo})")):
+        load_configs(str(typo), [])
 
 
 def test_token_ids_checked_against_vocab(corpus, cache, tmp_path, capsys):
