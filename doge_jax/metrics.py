@@ -82,8 +82,11 @@ class MetricsLogger:
         self.file = self.tb = None
         if not enabled:
             return
-        self._truncate_after(resume_step)
-        self.file = open(self.path, "a")
+        try:  # (a metrics.jsonl that cannot be opened or rewritten: the same warning as a failed write)
+            self._truncate_after(resume_step)
+            self.file = open(self.path, "a")
+        except OSError as e:
+            self.warn(f"opening {self.path} failed ({e}); metrics.jsonl is off for the rest of the run")
         try:
             from tensorboardX import SummaryWriter
 

@@ -1305,6 +1305,14 @@ def test_metrics_and_tensorboard_failures_do_not_stop_a_run(tmp_path):
     m.log({"step": 401, "loss": 1.0})
     assert len(said) == 2 and "metrics.jsonl is off" in said[1] and "No space left" in said[1], said
     m.close()
+    # one that cannot be opened at start-up (here a directory in its place) is the same warning, not an error
+    blocked = tmp_path / "blocked"
+    (blocked / "metrics.jsonl").mkdir(parents=True)
+    said.clear()
+    m = MetricsLogger(str(blocked), resume_step=0, warn=said.append)
+    m.log({"step": 1, "loss": 1.0})
+    assert len(said) == 1 and "opening" in said[0] and "metrics.jsonl is off" in said[0], said
+    m.close()
 
 
 def test_a_second_trainer_on_a_run_is_refused(corpus, cache, tmp_path, capsys):
