@@ -89,8 +89,9 @@ def merge_config(base: DogeConfig, requested: dict[str, Any], where: str = "--in
     for f in SHAPE_FIELDS:
         if f in req and _effective(merged, f) != _effective(base, f):
             if f == "vocab_size" and where == "--init-from":
-                way = ("to add or drop tokens, resize the checkpoint first: DogeForCausalLM.from_pretrained(CKPT)"
-                       ".resize_token_embeddings(N), .save_pretrained(NEW), then --init-from NEW")
+                way = ("to add or drop tokens, resize the checkpoint first: m = DogeForCausalLM.from_pretrained(CKPT); "
+                       "m.resize_token_embeddings(N); m.save_pretrained(NEW); then --init-from NEW with the new "
+                       "tokenizer (its tokenizer.json in NEW, or --train.tokenizer)")
             raise ConfigError(f"model.{f}={req[f]!r}: {where} checkpoint has {f}={_effective(base, f)!r}; changing "
                               f"it would change parameter shapes ({way})")
     merged = merged.replace(**{f: getattr(base, f) for f in SHAPE_FIELDS})  # same shapes: keep the stored form

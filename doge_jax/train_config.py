@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, DogeConfig, has_type
+from .hf_names import CheckpointError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
 
@@ -374,7 +375,12 @@ def _load_configs(config_path: str | None, overrides: list[tuple[str, str, Any]]
                   "run's", file=sys.stderr)
             base = DogeConfig.from_json_file(os.path.join(run_dir, "config.json"))
             return merge_config(base, requested, f"the run's ({run_dir})"), dataclasses.replace(tcfg, init_from=started)
-        return merge_config(checkpoint_config(tcfg.init_from), requested, where), tcfg
+        try:
+            start = checkpoint_config(tcfg.init_from)
+        except CheckpointError as e:  # (which option: a data folder given to --init-from said only "no ... found")
+            raise CheckpointError(str(e) if "--init-from" in str(e) else
+                                  f"--init-from {tcfg.init_from!r}: not a checkpoint ({e})") from None
+        return merge_config(start, requested, where), tcfg
     return DogeConfig.from_dict(model), tcfg
 
 
@@ -425,13 +431,12 @@ def read_run_record(run_dir: str, section: str = "train") -> dict[str, Any] | No
 
 def _resumed_init_run(tcfg: TrainConfig) -> tuple[str, str] | None:
     """(run directory, its recorded init_from) when the command resumes a run started with --init-from without
-    passing it again: the run's own config.json is then the model config."""
-    from .checkpoint import list_steps  # (doge_jax.train only: doge_torch's imports stay JAX-free)
-
+    passing it again: the run's own config.json is then the model config (also before its first checkpoint: the
+    run then starts again from the recorded init_from)."""
     if tcfg.init_from:
         return None
     run_dir = tcfg.run_dir
-    if not (list_steps(run_dir) and os.path.isfile(os.path.join(run_dir, "config.json"))):
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
         return None
     started = (read_run_record(run_dir) or {}).get("init_from")
     return (run_dir, started) if started else None

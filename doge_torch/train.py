@@ -744,8 +744,10 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> list[dict[s
         elif os.path.isfile(mpath) and os.path.getsize(mpath):  # a start that saved no checkpoint (it diverged)
             aside = " (its diverged checkpoints are in diverged_checkpoints/)" if os.path.isdir(
                 os.path.join(args.out, "diverged_checkpoints")) else ""
+            how = f"from {start}" if start else "from scratch (a run started with --init-from needs it again)"
             print(f"note: {args.out} holds no checkpoint to resume from: an earlier start saved none{aside}; "
-                  "starting over from step 0 (its metrics.jsonl records are replaced)", file=sys.stderr, flush=True)
+                  f"starting over from step 0, {how} (its metrics.jsonl records are replaced)", file=sys.stderr,
+                  flush=True)
         metrics_file = open(mpath, "a" if resume else "w")
     history = []
     t_last = time.perf_counter()

@@ -100,6 +100,10 @@ def test_init_from_refuses_shape_changes(corpus, cache, dense, tmp_path, capsys)
     assert "model.intermediate_size=96: --init-from checkpoint has intermediate_size=64" in capsys.readouterr().err
     assert run(corpus, cache, tmp_path / "y", "--init-from", str(tmp_path / "nope")) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    # a folder that is no checkpoint (a data folder, --data and --init-from swapped) names the option too
+    assert run(corpus, cache, tmp_path / "y", "--init-from", corpus) == 2
+    assert f"error: --init-from {corpus!r}: not a checkpoint ({corpus}: no model.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_merge_config_rules(capsys):
@@ -118,7 +122,8 @@ def test_merge_config_rules(capsys):
                          ("tie_word_embeddings", True), ("num_key_value_heads", 2)):
         with pytest.raises(ConfigError, match=f"model.{field}="):
             merge_config(base, {field: value})
-    with pytest.raises(ConfigError, match=r"resize the checkpoint first: .*resize_token_embeddings\(N\)"):
+    with pytest.raises(ConfigError, match=r"resize the checkpoint first: m = .*; m.resize_token_embeddings\(N\); "
+                       r"m.save_pretrained\(NEW\); then --init-from NEW with the new tokenizer"):
         merge_config(base, {"vocab_size": 65})
     moe = merge_config(base, {"is_moe": True, "num_experts": 16, "num_experts_per_tok": 4})
     assert (moe.is_moe, moe.num_experts, moe.num_experts_per_tok) == (True, 16, 4)
@@ -303,6 +308,12 @@ def test_resume_without_init_from_takes_the_runs_model(corpus, cache, dense, tmp
     shutil.move(tmp_path / "cont" / "checkpoints", tmp_path / "aside")  # then the run's first command again
     assert T.main([*base, "--init-from", str(dense[0]), "--train.stop_after", "1"]) == 0
     assert f"initialised from {dense[0]}" in capsys.readouterr().err
+    # ... or the command without --init-from: the run starts again from the recorded one (it was refused as "a
+    # different model config": the run has no checkpoint yet, as after a first step that diverged)
+    shutil.move(tmp_path / "cont" / "checkpoints", tmp_path / "aside2")
+    assert T.main([*base, "--train.stop_after", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "the model config is the run's" in err and f"initialised from {dense[0]}" in err, err[-2000:]
     # doge_torch.train and other load_configs callers never look at a doge_jax run (runs/<config name>)
     from doge_jax.train_config import load_configs
 

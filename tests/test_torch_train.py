@@ -394,7 +394,10 @@ def test_cli_stops_at_the_first_non_finite_loss(tmp_path, capsys):
     cfg.write_text(cfg.read_text().replace("peak_lr: 1.0e30", "peak_lr: 3.0e-3"))
     main(["--config", str(cfg), "--data", str(tmp_path / "tokens.npy"), "--max-steps", "1", "--device", "cpu",
           "--out", str(tmp_path / "run")])
-    assert "holds no checkpoint to resume from: an earlier start saved none" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no checkpoint to resume from: an earlier start saved none" in err
+    # (no checkpoint holds the first start's --init-from: the note says that one needs it again)
+    assert "starting over from step 0, from scratch (a run started with --init-from needs it again)" in err, err
 
 
 def test_cli_an_update_that_overflows_is_never_resumed_from(tmp_path):
