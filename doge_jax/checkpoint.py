@@ -33,8 +33,17 @@ CHECKPOINTS = "checkpoints"
 
 
 def is_orbax_checkpoint(path: str) -> bool:
-    """True for a model-only checkpoint, a training run directory or one of its step directories."""
-    return (os.path.isdir(os.path.join(path, PARAMS)) or os.path.isdir(os.path.join(path, CHECKPOINTS)))
+    """True for a model-only checkpoint, a training run directory or one of its step directories (also one that
+    lacks params/: resolve names it)."""
+    return (os.path.isdir(os.path.join(path, PARAMS)) or os.path.isdir(os.path.join(path, CHECKPOINTS))
+            or _step_dir(path))
+
+
+def _step_dir(path: str) -> bool:
+    """RUN/checkpoints/<digits>, finished or not."""
+    path = os.path.abspath(path)
+    return (os.path.isdir(path) and os.path.basename(path).isdigit()
+            and os.path.basename(os.path.dirname(path)) == CHECKPOINTS)
 
 
 def list_steps(run_dir: str) -> list[int]:
@@ -55,6 +64,11 @@ def resolve(path: str, step: int | None = None) -> tuple[str, str]:
             raise CheckpointError(f"{path}: training run has no finished checkpoint")
         if step is None:
             step = steps[-1]
+            ck = os.path.join(path, CHECKPOINTS)
+            newer = sorted(int(n) for n in os.listdir(ck) if n.isdigit() and int(n) > step)
+            if newer:  # (orbax renames a finished save into place: a step folder without params/ is damage)
+                warnings.warn(f"{path}: step {newer[-1]} has no {PARAMS}/ (damaged or unfinished): loading step "
+                              f"{step}, the newest finished one", stacklevel=2)
         elif step not in steps:
             raise CheckpointError(f"{path}: no checkpoint for step {step} (have {steps})")
         return os.path.join(path, CHECKPOINTS, str(step), PARAMS), os.path.join(path, "config.json")
@@ -62,6 +76,10 @@ def resolve(path: str, step: int | None = None) -> tuple[str, str]:
         raise CheckpointError(f"{path}: a step only applies to a doge_jax.train run directory (one holding "
                               f"{CHECKPOINTS}/)")
     if not os.path.isdir(os.path.join(path, PARAMS)):
+        if _step_dir(path):
+            run = os.path.dirname(os.path.dirname(path))
+            raise CheckpointError(f"{path}: a training step without {PARAMS}/ (damaged or unfinished); the run's "
+                                  f"finished steps: {list_steps(run) or 'none'}")
         raise CheckpointError(f"{path}: not an orbax checkpoint (no {PARAMS}/ or {CHECKPOINTS}/)")
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg) and os.path.basename(os.path.dirname(path)) == CHECKPOINTS:

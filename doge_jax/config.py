@@ -450,3 +450,21 @@ class GenerationConfig:
                     if (v := getattr(self, k)) is not None})
         out.update({k: v for k, d in GENERATION_DEFAULTS.items() if (v := getattr(self, k)) != d})
         return out
+
+
+def _frozen_field(how: str):
+    """__setattr__ for a frozen config: dataclasses' FrozenInstanceError, saying how to change the field instead
+    (transformers users assign `model.config.x` / `model.generation_config.x`)."""
+    def refuse(self, name, value):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen; "
+                                              + how.format(name=name))
+    return refuse
+
+
+DogeConfig.__setattr__ = _frozen_field(
+    "make a changed copy, config.replace({name}=...) (runtime fields such as attention_impl: "
+    "doge_jax.model.with_attention_impl / doge_torch.model.with_attention_impl)")
+GenerationConfig.__setattr__ = _frozen_field(
+    "assign a changed copy, model.generation_config = dataclasses.replace(model.generation_config, {name}=...), "
+    "or pass {name}= to generate")
+

@@ -673,6 +673,8 @@ def _main(argv=None) -> int:
     for flag, v in (("--epsilon-cutoff", args.epsilon_cutoff), ("--eta-cutoff", args.eta_cutoff)):
         if v is not None and not 0.0 < v < 1.0:  # (the API, as transformers, takes such a value as "off")
             ap.error(f"{flag} {v}: must be in (0, 1) (leave it out for none)")
+    if args.typical_p is not None and not 0.0 < args.typical_p <= 1.0:  # (the API takes one above 1 as "off")
+        ap.error(f"--typical-p {args.typical_p}: must be in (0, 1] (1 or left out: none)")
     if args.min_new_tokens is not None and args.min_new_tokens < 0:
         ap.error(f"--min-new-tokens {args.min_new_tokens}: must be >= 0")
     if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 0:
@@ -744,8 +746,11 @@ def _main(argv=None) -> int:
         check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens, min_p)
         ngram_arg(gen, FROM_CONFIG if args.no_repeat_ngram_size is None else args.no_repeat_ngram_size)
         min_new_arg(gen, FROM_CONFIG if args.min_new_tokens is None else args.min_new_tokens, len(ids))
+        # --num-beams 1 (greedy) also drops the file's num_return_sequences, which greedy search cannot return
+        n_seq = 1 if args.num_beams == 1 and args.num_return_sequences is None and not do_sample else (
+            args.num_return_sequences)
         beams = beam_args(gen, *[FROM_CONFIG if v is None else v for v in (
-            args.num_beams, args.num_return_sequences, args.length_penalty)], early, do_sample)
+            args.num_beams, n_seq, args.length_penalty)], early, do_sample)
         cutoffs = [FROM_CONFIG if v is None else v for v in (args.typical_p, args.epsilon_cutoff, args.eta_cutoff)]
         cutoff_args(gen, *cutoffs, do_sample)
     except ValueError as e:
@@ -757,7 +762,22 @@ def _main(argv=None) -> int:
                else "--typical-p / --epsilon-cutoff / --eta-cutoff set it"
                if any(k in msg for k in ("typical_p", "epsilon_cutoff", "eta_cutoff"))
                else "--greedy decodes greedily")
-        return fail(f"{e} (the model's generation_config.json: {model.generation_config.to_dict()}; {fix})")
+        # the file named only for the settings of the message that it sets (a flag's own value: the flag's fix)
+        from .config import GenerationConfig
+
+        plain = GenerationConfig().to_dict()
+        in_file = {k: v for k, v in gen.to_dict().items() if re.search(rf"\b{k}\b", msg) and plain.get(k) != v}
+        return fail(f"{e} ({f'the model generation_config.json sets {in_file}; ' if in_file else ''}{fix})")
+    # flags that do nothing here (transformers warns too: a --temperature without --do-sample is likely a forgotten
+    # --do-sample)
+    for used, why, flags in ((do_sample, "decoding is greedy (--do-sample samples)", (
+            ("--temperature", args.temperature), ("--top-k", args.top_k), ("--top-p", args.top_p),
+            ("--min-p", args.min_p), ("--typical-p", args.typical_p), ("--epsilon-cutoff", args.epsilon_cutoff),
+            ("--eta-cutoff", args.eta_cutoff))), (beams[0] > 1, "no beam search (--num-beams N > 1)", (
+            ("--length-penalty", args.length_penalty), ("--early-stopping", args.early_stopping)))):
+        unused = [flag for flag, v in flags if v is not None]
+        if unused and not used:
+            print(f"note: {', '.join(unused)} not used: {why}", file=sys.stderr)
     if args.do_sample is None and do_sample:
         more = cutoff_args(gen, *cutoffs, do_sample) or (None, None, None)
         more = "".join(f", {k} {v}" for k, v in zip(("typical_p", "epsilon_cutoff", "eta_cutoff"), more)
@@ -963,6 +983,14 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:  # the output's reader went away (`| head`): no traceback, as SIGPIPE would end it
         return 141
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # (the decode cache and buffers hold prompt + max new tokens per row: an absurd --max-new-tokens)
+        first = str(e).splitlines()[0][:300]
+        print(f"error: out of device memory ({first}); a smaller --max-new-tokens (or --num-beams / "
+              "--num-return-sequences) needs less", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -270,6 +270,22 @@ def test_command_line_takes_beams_from_generation_config_json(models, tmp_path, 
         assert len(out) == rows and all(line.startswith("5 6 7 | ") for line in out), (gen, out)
     want = np.asarray(DogeForCausalLM.from_pretrained(d).generate(np.array([[5, 6, 7]]), max_new_tokens=6))
     assert out[0] == "5 6 7 | " + " ".join(map(str, want[0, 3:]))
+    # --num-beams 1 decodes greedily also where the file asks for 2 sequences (it failed: greedy returns one), and
+    # an error a flag causes does not dump the file (it printed all of generation_config.json)
+    json.dump({"num_beams": 3, "num_return_sequences": 2}, open(f"{d}/generation_config.json", "w"))
+    assert main([*args, "--num-beams", "1"]) == 0
+    greedy = np.asarray(DogeForCausalLM.from_pretrained(d).generate(np.array([[5, 6, 7]]), max_new_tokens=6,
+                                                                    num_beams=1, num_return_sequences=1))
+    assert capsys.readouterr().out.strip() == "5 6 7 | " + " ".join(map(str, greedy[0, 3:]))
+    json.dump({"num_return_sequences": 2}, open(f"{d}/generation_config.json", "w"))
+    assert main(args) == 2  # the file's own bad setting: the file named, with that setting only
+    err = capsys.readouterr().err
+    assert "num_return_sequences=2: greedy search" in err and "the model generation_config.json sets " \
+        "{'num_return_sequences': 2}" in err, err
+    json.dump({}, open(f"{d}/generation_config.json", "w"))
+    assert main([*args, "--num-return-sequences", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "num_return_sequences=2: greedy search" in err and "generation_config.json" not in err, err
 
 
 def test_command_line_ctrl_c_during_beam_search_and_the_files_beams_overridden(models, tmp_path):

@@ -701,6 +701,26 @@ def test_save_pretrained_keeps_other_files(tmp_path):
                                                     "params", "tokenizer.json", "tokenizer_config.json"]
 
 
+def test_a_step_without_params_is_named(tmp_path, capsys):
+    """A run whose newest step folder lost its params/ loads the newest finished step with a warning naming the
+    skipped one (it loaded step 10 silently); that step folder itself is named as such (it said "no
+    model.safetensors ... found"), also by convert."""
+    from doge_jax import DogeForCausalLM
+    from doge_jax.hf_names import CheckpointError
+
+    src = save_hf(make_hf_model(), tmp_path / "src")
+    run, trees = _training_run(tmp_path, src)
+    shutil.rmtree(run / "checkpoints" / "20" / "params")
+    with pytest.warns(UserWarning, match=r"step 20 has no params/ \(damaged or unfinished\): loading step 10"):
+        m = DogeForCausalLM.from_pretrained(str(run))
+    np.testing.assert_array_equal(np.asarray(m.model.norm.weight[...]), trees[10]["model"]["norm"]["weight"])
+    with pytest.raises(CheckpointError, match=r"a training step without params/ \(damaged or unfinished\); the "
+                                              r"run's finished steps: \[10\]"):
+        DogeForCausalLM.from_pretrained(str(run / "checkpoints" / "20"))
+    assert _run(run / "checkpoints" / "20", tmp_path / "out", "--to", "hf") == 2
+    assert "a training step without params/" in capsys.readouterr().err
+
+
 def test_saving_a_model_into_a_training_run_is_refused(tmp_path):
     """A run's checkpoints/ would stay and win over the saved weights in from_pretrained (and replacing the
     directory would delete the run): every model save refuses it."""

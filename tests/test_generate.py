@@ -297,6 +297,7 @@ def test_cli_rejects_bad_arguments_cleanly(model_dir, capsys):
                        # (ran with the warper off, silently, where --help says "in (0, 1)")
                        (["--prompt-ids", "5", "--do-sample", "--epsilon-cutoff", "1.5"], "--epsilon-cutoff 1.5: must"),
                        (["--prompt-ids", "5", "--do-sample", "--eta-cutoff", "0"], "--eta-cutoff 0.0: must be in"),
+                       (["--prompt-ids", "5", "--do-sample", "--typical-p", "1.5"], "--typical-p 1.5: must be in"),
                        # typed out of range also when greedy (which ignores them): ran, silently
                        (["--prompt-ids", "5", "--top-p", "2"], "top_p=2.0: must be in (0, 1]"),
                        (["--prompt-ids", "5", "--min-p", "3"], "min_p=3.0: must be in [0, 1]"),
@@ -304,8 +305,31 @@ def test_cli_rejects_bad_arguments_cleanly(model_dir, capsys):
         with pytest.raises(SystemExit) as e:
             main(["--model", model_dir, *argv])
         assert e.value.code == 2 and want in capsys.readouterr().err
-    # greedy ignores the temperature, as transformers does
-    assert main(["--model", model_dir, "--prompt-ids", "5", "--temperature", "0", "--max-new-tokens", "2"]) == 0
+    # greedy ignores the temperature, as transformers does, and says which flags it did not use (it was silent)
+    assert main(["--model", model_dir, "--prompt-ids", "5", "--temperature", "0", "--top-k", "5", "--length-penalty",
+                 "2", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --temperature, --top-k not used: decoding is greedy (--do-sample samples)" in err, err
+    assert "note: --length-penalty not used: no beam search" in err, err
+
+
+def test_cli_out_of_memory_is_one_line(monkeypatch, capsys):
+    """An absurd --max-new-tokens (its cache did not fit: 128 GB for 1e9 tokens here) ends in one error line naming
+    the flag, exit 1 (it was a JaxRuntimeError traceback); other runtime errors pass through."""
+    import jax
+
+    import doge_jax.generate as G
+
+    def oom(argv):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 128000016384 bytes.")
+
+    monkeypatch.setattr(G, "_main", oom)
+    assert G.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of device memory (RESOURCE_EXHAUSTED") and "--max-new-tokens" in err, err
+    monkeypatch.setattr(G, "_main", lambda argv: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: x")))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        G.main([])
 
 
 def test_generate_input_checks_and_pads(model_dir):

@@ -665,6 +665,25 @@ def test_transformers_style_arguments_and_outputs(tmp_path):
     import doge_jax
 
     assert doge_jax.DogeCache is DogeCache and doge_jax.DogeForCausalLM is DogeForCausalLM
+    # transformers users assign config fields: the frozen configs' error says what to do instead (both packages)
+    import dataclasses
+
+    import doge_torch
+
+    tm = doge_torch.DogeForCausalLM.from_pretrained(path)
+    for m in (model, tm):
+        with pytest.raises(dataclasses.FrozenInstanceError, match=re.escape(
+                "GenerationConfig is frozen; assign a changed copy, model.generation_config = "
+                "dataclasses.replace(model.generation_config, max_new_tokens=...)")):
+            m.generation_config.max_new_tokens = 3
+        with pytest.raises(dataclasses.FrozenInstanceError, match=re.escape("config.replace(use_cache=...)")):
+            m.config.use_cache = False
+    before = model.generation_config
+    model.generation_config = dataclasses.replace(before, max_new_tokens=3)  # ... which works
+    tm.generation_config = dataclasses.replace(tm.generation_config, max_new_tokens=3)
+    assert model.generate(np.array([[5, 6]])).shape == (1, 5)
+    assert tuple(tm.generate(torch.tensor([[5, 6]])).shape) == (1, 5)
+    model.generation_config = before
     ids = unique_ids(2, 12, TINY["vocab_size"])
     out = model(ids, labels=ids)
     assert out[0] is out.loss and out["logits"] is out.logits and len(out.to_tuple()) == 2
